@@ -1,0 +1,332 @@
+"""The broker's own services: ``distill.jobs`` (durable jobs, dispatched to worker services as
+MDP requests) and ``distill.artifacts`` (the content-addressed store, in chunks).
+
+Both are policy over the stores in ``jobstore.py`` and ``artifact_store.py``; the socket loop
+calls them through ``Broker.internal`` (requests) and ``Broker.jobs`` (worker replies, lost
+workers, timers).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from distill.broker.artifact_store import ArtifactStore, OffsetMismatch
+from distill.broker.broker import Broker, ok_body
+from distill.broker.jobstore import JobRecord, JobStore
+from distill.broker.registry import JobOrigin, WorkerEntry
+from distill.shared import protocol as P
+from distill.shared.codec import pack, unpack_map
+from distill.shared.errors import DecodeError, JobError
+from distill.shared.logs import get_logger
+
+log = get_logger("broker.jobs")
+
+CANCEL_REPEAT_S = 1.0  # a running job's cancel is re-announced until the worker stops
+RESCAN_S = 1.0  # look for newly dispatchable jobs at least this often
+MAX_WAIT_S = 300.0
+
+
+def _field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    value = msg.get(name, default)
+    if value is ...:
+        raise DecodeError(f"missing field {name!r}")
+    if value is not None and not isinstance(value, kind):
+        raise DecodeError(f"field {name!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+class JobService:
+    def __init__(self, broker: Broker, store: JobStore) -> None:
+        self.broker = broker
+        self.store = store
+        self.in_registry: set[str] = set()  # job ids with a request queued or held by a worker
+        self.waiters: dict[str, list[tuple[bytes, float]]] = {}
+        self.pending_progress: dict[str, dict[str, Any]] = {}
+        self.pending_metrics: list[tuple[str, dict[str, Any]]] = []
+        self._dirty = True
+        self._next_scan = 0.0
+        self._next_cancel_repeat = 0.0
+        self._announced_final: set[str] = set()  # finished jobs already announced
+        for record in store.requeue_running("the broker restarted while the job was running"):
+            log.info("job_requeued_after_restart", job=record.id, status=record.status)
+
+    # --- requests ----------------------------------------------------------------------------
+    def serve(self, identity: bytes, body: list[bytes]) -> list[bytes] | None:
+        msg = unpack_map(body[0])
+        op = msg.get("op")
+        handler = {
+            "submit": self._submit, "get": self._get, "list": self._list, "cancel": self._cancel,
+            "retry": self._retry, "checkpoint": self._checkpoint, "counts": self._counts,
+        }.get(op)  # type: ignore[arg-type]
+        if op == "wait":
+            return self._wait(identity, msg)
+        if handler is None:
+            raise DecodeError(f"distill.jobs has no op {op!r} (ops: submit, get, list, cancel, "
+                              "retry, wait, checkpoint, counts)")
+        return ok_body(handler(msg))
+
+    def _submit(self, msg: dict[str, Any]) -> dict[str, Any]:
+        service = _field(msg, "service", str)
+        params = _field(msg, "params", dict, {}) or {}
+        depends_on = _field(msg, "depends_on", list, []) or []
+        max_attempts = _field(msg, "max_attempts", int, 3) or 3
+        timeout_s = _field(msg, "timeout_s", (int, float), None)
+        record = self.store.submit(service, params, depends_on=depends_on, max_attempts=max_attempts,
+                                   timeout_s=timeout_s)
+        self._announce(record)
+        self._dirty = True
+        return record.to_dict()
+
+    def _get(self, msg: dict[str, Any]) -> dict[str, Any]:
+        with_metrics = bool(msg.get("metrics", True))
+        return self.store.get(_field(msg, "id", str), with_metrics=with_metrics).to_dict(with_metrics=with_metrics)
+
+    def _list(self, msg: dict[str, Any]) -> dict[str, Any]:
+        records = self.store.list(status=_field(msg, "status", str, None),
+                                  service=_field(msg, "service", str, None),
+                                  limit=_field(msg, "limit", int, 200) or 200)
+        return {"jobs": [r.to_dict(with_metrics=False) for r in records]}
+
+    def _counts(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return self.store.counts()
+
+    def _cancel(self, msg: dict[str, Any]) -> dict[str, Any]:
+        job_id = _field(msg, "id", str)
+        record = self.store.request_cancel(job_id, _field(msg, "reason", str, None) or "cancelled by user")
+        if record.status == "cancelled":
+            self._drop_queued(job_id)
+            self._finished(record)
+            for dep in self._cascaded(record):
+                self._drop_queued(dep.id)
+                self._finished(dep)
+        elif record.status == "running":
+            self._announce_cancel(job_id)
+        return record.to_dict(with_metrics=False)
+
+    def _retry(self, msg: dict[str, Any]) -> dict[str, Any]:
+        record = self.store.retry(_field(msg, "id", str))
+        self._announce(record)
+        self._dirty = True
+        return record.to_dict(with_metrics=False)
+
+    def _checkpoint(self, msg: dict[str, Any]) -> dict[str, Any]:
+        job_id, sha = _field(msg, "id", str), _field(msg, "sha256", str)
+        self.store.set_checkpoint(job_id, sha)
+        return {"id": job_id, "checkpoint": sha}
+
+    def _wait(self, identity: bytes, msg: dict[str, Any]) -> list[bytes] | None:
+        job_id = _field(msg, "id", str)
+        timeout_s = min(float(_field(msg, "timeout_s", (int, float), 30.0) or 30.0), MAX_WAIT_S)
+        record = self.store.get(job_id, with_metrics=False)
+        if record.finished:
+            return ok_body(record.to_dict(with_metrics=False))
+        self.waiters.setdefault(job_id, []).append((identity, time.monotonic() + timeout_s))
+        return None
+
+    # --- events ------------------------------------------------------------------------------
+    def on_event(self, topic: str, event: dict[str, Any]) -> None:
+        if not topic.startswith("job."):
+            return
+        job_id = topic[4:]
+        if event.get("type") == "progress":
+            fields = {k: v for k, v in event.items() if k not in ("topic", "seq", "broker_ts", "job")}
+            self.pending_progress[job_id] = fields
+        elif event.get("type") == "metrics" and isinstance(event.get("row"), dict):
+            self.pending_metrics.append((job_id, event["row"]))
+
+    def _flush_events(self) -> None:
+        if not self.pending_progress and not self.pending_metrics:
+            return
+        with self.store.batch():
+            for job_id, fields in self.pending_progress.items():
+                try:
+                    self.store.record_progress(job_id, fields)
+                except JobError:
+                    pass  # an event for a job this broker does not know
+            for job_id, row in self.pending_metrics:
+                try:
+                    self.store.append_metrics(job_id, row)
+                except JobError:
+                    pass
+        self.pending_progress.clear()
+        self.pending_metrics.clear()
+
+    # --- dispatch and results (JobHooks) -----------------------------------------------------
+    def tick(self, now: float) -> None:
+        self._flush_events()
+        if self._dirty or now >= self._next_scan:
+            self._dirty = False
+            self._next_scan = now + RESCAN_S
+            self._dispatch_ready()
+        if now >= self._next_cancel_repeat:
+            self._next_cancel_repeat = now + CANCEL_REPEAT_S
+            for record in self.store.list(status="running", limit=10_000):
+                if record.cancel_requested:
+                    self._announce_cancel(record.id)
+            for record in self.store.overdue(time.time()):
+                self._announce_cancel(record.id)
+                self._after_failure(self.store.fail_attempt(record.id, f"timed out after {record.timeout_s:g} s"))
+        self._expire_waiters(now)
+
+    def _dispatch_ready(self) -> None:
+        for record in self.store.dispatchable():
+            if record.id in self.in_registry:
+                continue
+            body = {"job": {"id": record.id, "service": record.service, "params": record.params,
+                            "attempt": record.attempts + 1, "previous_errors": record.attempt_errors,
+                            "deps": self.store.deps_results(record.id), "checkpoint": record.checkpoint}}
+            self.in_registry.add(record.id)
+            self.broker.submit_internal(record.service.encode(), [pack(body)], record.id)
+
+    def on_dispatched(self, job_id: str, worker: WorkerEntry) -> None:
+        try:
+            record = self.store.mark_running(job_id, worker.worker_id)
+        except JobError as e:  # cancelled between queueing and dispatch: stop it at once
+            log.info("job_dispatch_stale", job=job_id, reason=str(e))
+            self._announce_cancel(job_id)
+            return
+        self._announce(record)
+
+    def on_reply(self, job_id: str, frames: list[bytes], worker: WorkerEntry) -> None:
+        self.in_registry.discard(job_id)
+        try:
+            reply = unpack_map(frames[0], "job reply")
+        except DecodeError as e:
+            reply = {"ok": False, "error": {"message": f"worker sent a malformed reply: {e}"}}
+        try:
+            if reply.get("ok") is True:
+                result = reply.get("result")
+                record = self.store.mark_succeeded(job_id, result if isinstance(result, dict) else {"value": result},
+                                                   worker=worker.worker_id)
+            elif reply.get("cancelled"):
+                record = self.store.mark_cancelled(job_id, self.store.get(job_id, with_metrics=False).cancel_reason
+                                                   or "cancelled")
+            else:
+                message = str((reply.get("error") or {}).get("message", "unknown error"))
+                record = self.store.fail_attempt(job_id, f"attempt on {worker.meta.get('host', '?')}: {message}",
+                                                 worker=worker.worker_id)
+        except JobError as e:  # late reply for a job already timed out, cancelled or reassigned
+            log.info("job_reply_ignored", job=job_id, reason=str(e))
+            return
+        if record.status == "succeeded":
+            self._finished(record)
+        else:
+            self._after_failure(record)
+        self._dirty = True
+
+    def on_lost(self, job_id: str, reason: str) -> None:
+        self.in_registry.discard(job_id)
+        self._dirty = True
+        try:
+            record = self.store.get(job_id, with_metrics=False)
+            if record.status != "running":
+                return
+            record = self.store.fail_attempt(job_id, f"worker lost: {reason}")
+        except JobError:
+            return
+        self._after_failure(record)
+        self._dirty = True
+
+    def _after_failure(self, record: JobRecord) -> None:
+        if record.status == "queued":
+            self._announce(record)  # back in the queue for another attempt
+        else:
+            self._finished(record)
+            for dep in self._cascaded(record):
+                self._drop_queued(dep.id)
+                self._finished(dep)
+
+    def _cascaded(self, record: JobRecord) -> list[JobRecord]:
+        return [r for r in self.store.list(status="cancelled", limit=10_000)
+                if r.cancelled_by == record.id and r.id not in self._announced_final]
+
+    # --- announcements -----------------------------------------------------------------------
+    def _finished(self, record: JobRecord) -> None:
+        self._announced_final.add(record.id)
+        self._announce(record)
+        for identity, _ in self.waiters.pop(record.id, []):
+            self.broker.reply_later(identity, P.SERVICE_JOBS, ok_body(record.to_dict(with_metrics=False)))
+
+    def _announce(self, record: JobRecord) -> None:
+        if not record.finished:
+            self._announced_final.discard(record.id)
+        self.broker.publish(f"job.{record.id}", {
+            "type": "status", "job": record.id, "service": record.service, "status": record.status,
+            "attempts": record.attempts, "worker": record.worker, "error": record.error,
+            "result": record.result})
+
+    def _announce_cancel(self, job_id: str) -> None:
+        self.broker.publish("control.cancel", {"type": "cancel", "job": job_id})
+
+    def _drop_queued(self, job_id: str) -> None:
+        removed = self.broker.registry.cancel_queued(
+            lambda r: isinstance(r.origin, JobOrigin) and r.origin.job_id == job_id)
+        if removed:
+            self.in_registry.discard(job_id)
+
+    def _expire_waiters(self, now: float) -> None:
+        for job_id in list(self.waiters):
+            keep = []
+            for identity, deadline in self.waiters[job_id]:
+                if deadline <= now:
+                    record = self.store.get(job_id, with_metrics=False)
+                    self.broker.reply_later(identity, P.SERVICE_JOBS,
+                                            ok_body({**record.to_dict(with_metrics=False), "wait_timed_out": True}))
+                else:
+                    keep.append((identity, deadline))
+            if keep:
+                self.waiters[job_id] = keep
+            else:
+                del self.waiters[job_id]
+
+
+class ArtifactService:
+    def __init__(self, store: ArtifactStore, jobs: JobService) -> None:
+        self.store = store
+        self.jobs = jobs
+
+    def serve(self, identity: bytes, body: list[bytes]) -> list[bytes]:
+        msg = unpack_map(body[0])
+        op = msg.get("op")
+        if op == "put_begin":
+            offset = self.store.begin_put(_field(msg, "sha256", str), _field(msg, "size", int),
+                                          kind=_field(msg, "kind", str), name=_field(msg, "name", str),
+                                          job=_field(msg, "job", str, None))
+            return ok_body({"offset": offset})
+        if op == "put_chunk":
+            try:
+                offset = self.store.put_chunk(_field(msg, "sha256", str), _field(msg, "offset", int),
+                                              _field(msg, "data", bytes))
+            except OffsetMismatch as e:
+                return [pack({"ok": False, "error": {"code": "offset_mismatch", "message": str(e),
+                                                     "expected": e.expected}})]
+            return ok_body({"offset": offset})
+        if op == "put_finish":
+            return ok_body(self.store.finish_put(_field(msg, "sha256", str)).to_dict())
+        if op == "get":
+            sha, offset = _field(msg, "sha256", str), _field(msg, "offset", int)
+            data = self.store.read_chunk(sha, offset, _field(msg, "length", int, P.ARTIFACT_CHUNK_BYTES))
+            return ok_body({"offset": offset, "data": data})
+        if op == "stat":
+            return ok_body(self.store.stat(_field(msg, "sha256", str)).to_dict())
+        if op == "list":
+            records = self.store.list(kind=_field(msg, "kind", str, None), job=_field(msg, "job", str, None))
+            return ok_body({"artifacts": [r.to_dict() for r in records]})
+        if op == "delete":
+            self.store.delete(_field(msg, "sha256", str), in_use=self.jobs.store.referenced_artifacts())
+            return ok_body({})
+        raise DecodeError(f"distill.artifacts has no op {op!r} (ops: put_begin, put_chunk, put_finish, "
+                          "get, stat, list, delete)")
+
+
+def attach_services(broker: Broker) -> None:
+    data_dir = Path(broker.config.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    jobs = JobService(broker, JobStore(data_dir / "jobs.sqlite3"))
+    artifacts = ArtifactService(ArtifactStore(data_dir / "artifacts"), jobs)
+    broker.jobs = jobs
+    broker.internal[P.SERVICE_JOBS] = jobs.serve
+    broker.internal[P.SERVICE_ARTIFACTS] = artifacts.serve
+    broker.event_listeners.append(jobs.on_event)

@@ -1,0 +1,69 @@
+"""Workers die and brokers restart; requests and registrations survive."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.conftest import Cluster, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_request_held_by_killed_worker_completes_on_another(cluster: Cluster) -> None:
+    cluster.start_broker(request_timeout_s=20)
+    first = cluster.start_worker("sleep")
+    second = cluster.start_worker("sleep")
+    result: dict = {}
+
+    def ask() -> None:
+        with cluster.client(timeout_s=30) as client:
+            result.update(client.request("distill.sleep", {"seconds": 1.5, "value": "done"}))
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    busy = wait_until(
+        lambda: [w for w in cluster.worker_list() if w["state"] == "busy"],
+        5,
+        what="a worker to take the request",
+    )
+    victim = first if busy[0]["pid"] == first.pid else second
+    survivor = second if victim is first else first
+    victim.kill9()
+    thread.join(30)
+    assert result == {"value": "done", "pid": survivor.pid}
+
+
+def test_long_handler_keeps_heartbeating(cluster: Cluster) -> None:
+    # 2 s of work is ~10 heartbeat intervals and ~3x the liveness window: a worker that blocked
+    # its socket loop would be declared dead and the request redelivered (or failed).
+    cluster.start_broker()
+    worker = cluster.start_worker("sleep")
+    with cluster.client(timeout_s=20) as client:
+        assert client.request("distill.sleep", {"seconds": 2.0, "value": 1}) == {
+            "value": 1,
+            "pid": worker.pid,
+        }
+        listed = cluster.worker_list()
+        assert len(listed) == 1 and listed[0]["meta"]["registrations"] == 0
+
+
+def test_workers_register_again_after_broker_restart(cluster: Cluster) -> None:
+    cluster.start_broker()
+    workers = [cluster.start_worker("echo"), cluster.start_worker("sleep")]
+    assert cluster.broker is not None
+    cluster.broker.stop()
+    time.sleep(1.0)  # long enough for the workers to notice the broker is gone
+    cluster.start_broker()
+    started = time.monotonic()
+    wait_until(
+        lambda: {w["pid"] for w in cluster.worker_list()} == {w.pid for w in workers},
+        10,
+        what="workers to register again",
+    )
+    assert time.monotonic() - started < 10
+    assert all(w.alive() for w in workers)
+    with cluster.client() as client:
+        assert client.ping() > 0

@@ -1,0 +1,184 @@
+"""Shared fixtures: real brokers and workers as processes on loopback, with short heartbeats."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PERCUSSION = (REPO / ".." / "shared" / "data" / "percussion").resolve()
+HEARTBEAT_S = 0.2  # tests use short heartbeats so that death is noticed in under a second
+LIVENESS = 3
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.05,
+               what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port_block() -> int:
+    """A base port P with P, P+1, P+2 free (MDP, events out, events in)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + 2 < 65535 and all(_port_free(base + i) for i in range(3)):
+            return base
+    raise RuntimeError("no free block of three ports")
+
+
+class Proc:
+    """A distill CLI subprocess in its own process group; stopped and reaped at teardown."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115  (open for the process lifetime)
+        full_env = {**os.environ, "DISTILL_LOG_JSON": "1", **(env or {})}
+        self.popen = subprocess.Popen([sys.executable, "-m", "distill.shared.cli", *args],
+                                      stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+                                      start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill9(self) -> None:
+        self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait()
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+        return self.popen.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Cluster:
+    """A broker and workers as real processes, on a free block of loopback ports."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.port = free_port_block()
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.data_dir = tmp / "broker"
+        self.cache_dir = tmp / "cache"
+        self.broker: Proc | None = None
+        self.workers: list[Proc] = []
+        self._n = 0
+
+    def start_broker(self, request_timeout_s: float = 10.0) -> Proc:
+        self.broker = Proc(["broker", "--port", str(self.port), "--data-dir", str(self.data_dir),
+                            "--heartbeat-s", str(HEARTBEAT_S), "--liveness", str(LIVENESS),
+                            "--request-timeout-s", str(request_timeout_s)],
+                           self.tmp / f"broker-{self._next()}.log")
+        from distill.shared.client import Client
+
+        with Client(self.endpoint, timeout_s=0.5) as c:
+            wait_until(lambda: _answers(c), 20, what="broker to answer")
+        return self.broker
+
+    def start_worker(self, service: str, *, wait: bool = True, device: str = "cpu",
+                     env: dict[str, str] | None = None) -> Proc:
+        n = self._next()
+        proc = Proc(["worker", service, "--broker", self.endpoint, "--device", device, "--threads", "1",
+                     "--heartbeat-s", str(HEARTBEAT_S), "--liveness", str(LIVENESS)],
+                    self.tmp / f"worker-{service}-{n}.log",
+                    env={"DISTILL_CACHE": str(self.cache_dir / f"w{n}"), **(env or {})})
+        self.workers.append(proc)
+        if wait:
+            wait_until(lambda: any(w["pid"] == proc.pid for w in self.worker_list()), 60,
+                       what=f"{service} worker to register")
+        return proc
+
+    def worker_list(self) -> list[dict[str, Any]]:
+        from distill.shared.client import Client
+        from distill.shared.errors import RequestTimeout
+
+        try:
+            with Client(self.endpoint, timeout_s=2) as c:
+                return list(c.workers()["workers"])
+        except RequestTimeout:
+            return []
+
+    def client(self, timeout_s: float = 10.0) -> Any:
+        from distill.shared.client import Client
+
+        return Client(self.endpoint, timeout_s=timeout_s)
+
+    def _next(self) -> int:
+        self._n += 1
+        return self._n
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+        if self.broker is not None:
+            self.broker.stop()
+
+
+def _answers(client: Any) -> bool:
+    from distill.shared.errors import RequestTimeout
+
+    try:
+        client.mmi_service("echo")
+        return True
+    except RequestTimeout:
+        client.close()
+        return False
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop()
+        for p in [c.broker, *c.workers]:
+            if p is not None and p.popen.returncode not in (0, -15, -9, None):
+                print(f"--- {p.args[0]} log ---\n{p.log()[-4000:]}")
+
+
+@pytest.fixture
+def percussion() -> Path:
+    if not PERCUSSION.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"percussion data not found at {PERCUSSION}")
+        pytest.skip(f"percussion data not found at {PERCUSSION}")
+    return PERCUSSION

@@ -1,0 +1,47 @@
+"""Client errors and the event subscription (snapshot, then stream, no gap, no duplicate)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import zmq
+from distill.shared.client import Client, Subscription, events_endpoint
+from distill.shared.codec import pack
+from distill.shared.errors import RequestTimeout, UnknownService
+
+from tests.conftest import Cluster
+
+pytestmark = pytest.mark.integration
+
+
+def test_unknown_service_and_dead_broker_give_clear_errors(cluster: Cluster) -> None:
+    cluster.start_broker(request_timeout_s=30)
+    with cluster.client(timeout_s=0.5) as client, pytest.raises(UnknownService, match="no worker for service 'nobody'"):
+        client.request("nobody", {"op": "x"})
+    with Client("tcp://127.0.0.1:9", timeout_s=0.3) as client, pytest.raises(RequestTimeout, match="no broker answered"):
+        client.request("echo", {"x": 1})
+
+
+def test_subscription_snapshot_then_stream(cluster: Cluster) -> None:
+    cluster.start_broker()
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.connect(events_endpoint(cluster.endpoint, "in"))
+    time.sleep(0.3)  # PUB slow joiner: the broker's XSUB subscription must arrive first
+    for i in range(5):
+        pub.send_multipart([b"job.a", pack({"type": "progress", "i": i})])
+    pub.send_multipart([b"job.b", pack({"type": "progress", "i": 100})])
+    pub.send_multipart([b"job.a", b"\xc1garbage"])  # dropped by the broker, not fatal
+    time.sleep(0.3)
+    with Subscription(cluster.endpoint, ["job.a"]) as sub:
+        first = sub.next(timeout_s=2)
+        assert first is not None and first["topic"] == "job.a" and first["i"] == 4  # latest state
+        assert sub.next(timeout_s=0.3) is None  # the snapshot holds just the latest
+        for i in range(5, 205):
+            pub.send_multipart([b"job.a", pack({"type": "progress", "i": i})])
+            pub.send_multipart([b"job.b", pack({"type": "progress", "i": -i})])
+        seen = [sub.next(timeout_s=5) for _ in range(200)]
+        assert [e["i"] for e in seen if e] == list(range(5, 205))
+        seqs = [e["seq"] for e in seen if e]
+        assert seqs == sorted(set(seqs)) and seqs[0] > first["seq"]
+    pub.close(linger=0)

@@ -1,0 +1,125 @@
+"""Turn a worker service module into a runtime handler.
+
+A service module defines ``SERVICE`` (its MDP name) and ``run_job(ctx) -> dict`` for jobs the
+broker dispatches; it may also define ``handle_request(ctx, body) -> dict`` for short direct
+requests (the code editor's decode, for instance). Replies are ``{"ok": true, "result": …}``,
+or ``{"ok": false, "error": {code, message}}`` (plus ``"cancelled": true`` when cancelled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from distill.shared import protocol as P
+from distill.shared.artifacts import ArtifactClient
+from distill.shared.codec import pack, unpack_map
+from distill.shared.errors import DecodeError, DistillError, JobCancelled
+from distill.workers.context import JobInfo
+from distill.workers.runtime import Delivery, Executor
+
+
+class RuntimeJobContext:
+    """The JobContext a handler gets (see workers/context.py for the contract)."""
+
+    def __init__(self, info: JobInfo, delivery: Delivery, executor: Executor, device: str) -> None:
+        self.info = info
+        self.device = device
+        self._delivery = delivery
+        self._executor = executor
+        self._artifacts: ArtifactClient | None = None
+
+    @property
+    def artifacts(self) -> ArtifactClient:
+        if self._artifacts is None:
+            self._artifacts = ArtifactClient(self._executor.client)
+        return self._artifacts
+
+    @property
+    def topic(self) -> str:
+        return f"job.{self.info.job_id}"
+
+    @property
+    def cancelled(self) -> bool:
+        return self._delivery.cancel.is_set()
+
+    def check_cancel(self) -> None:
+        if self._delivery.cancel.is_set():
+            raise JobCancelled(f"job {self.info.job_id} was cancelled")
+
+    def progress(self, fraction: float | None = None, **fields: Any) -> None:
+        self._executor.publish(self.topic, {"type": "progress", "job": self.info.job_id,
+                                            "fraction": fraction, **fields})
+
+    def metrics(self, **values: Any) -> None:
+        self._executor.publish(self.topic, {"type": "metrics", "job": self.info.job_id, "row": values})
+
+    def event(self, type: str, **fields: Any) -> None:
+        self._executor.publish(self.topic, {**fields, "type": type, "job": self.info.job_id})
+
+    def save_checkpoint(self, data: bytes, *, name: str) -> str:
+        sha = self.artifacts.put_bytes(data, kind="checkpoint", name=name, job=self.info.job_id)
+        self._executor.client.request(P.SERVICE_JOBS, {"op": "checkpoint", "id": self.info.job_id,
+                                                        "sha256": sha})
+        self.info.checkpoint = sha
+        self.event("checkpoint", artifact=sha, name=name)
+        return sha
+
+    def load_checkpoint(self) -> bytes | None:
+        if self.info.checkpoint is None:
+            return None
+        return self.artifacts.get_bytes(self.info.checkpoint)
+
+
+def parse_job(msg: dict[str, Any]) -> JobInfo:
+    job = msg.get("job")
+    if not isinstance(job, dict) or not isinstance(job.get("id"), str):
+        raise DecodeError("job dispatch needs a 'job' map with an 'id'")
+    params = job.get("params") or {}
+    if not isinstance(params, dict):
+        raise DecodeError("job params must be a map")
+    return JobInfo(job_id=job["id"], service=str(job.get("service", "")), params=params,
+                   attempt=int(job.get("attempt", 1)),
+                   previous_errors=list(job.get("previous_errors") or []),
+                   deps=dict(job.get("deps") or {}), checkpoint=job.get("checkpoint"))
+
+
+def error_reply(e: BaseException, *, cancelled: bool = False) -> list[bytes]:
+    code = getattr(e, "code", None) or type(e).__name__
+    body: dict[str, Any] = {"ok": False, "error": {"code": code, "message": str(e)}}
+    if cancelled:
+        body["cancelled"] = True
+    return [pack(body)]
+
+
+def module_handler(module: ModuleType, device: str) -> Callable[[Delivery, Executor], list[bytes]]:
+    run_job = getattr(module, "run_job", None)
+    handle_request = getattr(module, "handle_request", None)
+    raw = bool(getattr(module, "RAW", False))
+
+    def handle(delivery: Delivery, executor: Executor) -> list[bytes]:
+        if raw and delivery.job_id is None:
+            return list(delivery.body)
+        try:
+            msg = unpack_map(delivery.body[0], "request body")
+            if delivery.job_id is not None:
+                if run_job is None:
+                    raise DistillError(f"service {module.SERVICE} runs no jobs")
+                info = parse_job(msg)
+                result = run_job(RuntimeJobContext(info, delivery, executor, device))
+            else:
+                if handle_request is None:
+                    raise DistillError(f"service {module.SERVICE} takes jobs only "
+                                       "(submit through distill.jobs)")
+                info = JobInfo(job_id="", service=module.SERVICE, params={})
+                result = handle_request(RuntimeJobContext(info, delivery, executor, device), msg)
+            return [pack({"ok": True, "result": result})]
+        except JobCancelled as e:
+            return error_reply(e, cancelled=True)
+        except DecodeError as e:
+            return error_reply(e)
+        except DistillError as e:
+            return error_reply(e)
+
+    return handle
