@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import zmq
+
 from distill.broker.events import EventHub
 from distill.broker.registry import (
     MAX_REDELIVERIES,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+
 from distill.shared import protocol as P
 from distill.shared.errors import DistillError
 
@@ -141,9 +142,10 @@ def ping(broker: str = BrokerOpt, count: int = typer.Option(3, help="Round trips
 
 
 def _register_subcommands() -> None:
-    from distill.shared import cli_jobs
+    from distill.shared import cli_data, cli_jobs
 
     cli_jobs.register(app, BrokerOpt, fail, print_table, human_bytes)
+    cli_data.register(app, BrokerOpt, fail, print_table)
 
 
 _register_subcommands()

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import zmq
+
 from distill.shared import protocol as P
 from distill.shared.codec import pack, unpack, unpack_map
 from distill.shared.errors import DecodeError, RequestError, RequestTimeout, UnknownService

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+
 from distill.shared.errors import DecodeError
 from distill.shared.protocol import MAX_MESSAGE_BYTES
 

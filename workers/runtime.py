@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+
 from distill.shared import protocol as P
 from distill.shared.codec import pack, unpack_map
 from distill.shared.errors import DecodeError

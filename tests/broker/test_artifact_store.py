@@ -9,11 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from distill.broker.artifact_store import ArtifactStore, OffsetMismatch
 from distill.shared import codec
 from distill.shared.errors import ArtifactError
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 class FakeClock:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from distill.shared.artifact_cache import ArtifactCache
 from distill.shared.artifacts import ArtifactClient
 from distill.shared.errors import ArtifactError, RequestError
 from distill.shared.jobs import JobsClient
-
 from tests.conftest import Cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

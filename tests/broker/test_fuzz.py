@@ -8,12 +8,12 @@ from collections.abc import Iterator
 
 import pytest
 import zmq
-from distill.broker.broker import Broker, BrokerConfig
-from distill.shared import protocol as P
-from distill.shared.codec import pack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from distill.broker.broker import Broker, BrokerConfig
+from distill.shared import protocol as P
+from distill.shared.codec import pack
 from tests.conftest import free_port_block, wait_until
 
 pytestmark = pytest.mark.integration

@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 import pytest
+
 from distill.shared.client import Subscription
 from distill.shared.jobs import JobsClient
-
 from tests.conftest import Cluster, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

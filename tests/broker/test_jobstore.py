@@ -8,12 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from distill.broker.jobstore import JOB_STATUSES, MAX_REASON_CHARS, JobStore
-from distill.shared import codec
-from distill.shared.errors import JobError
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from distill.broker.jobstore import JOB_STATUSES, MAX_REASON_CHARS, JobStore
+from distill.shared import codec
+from distill.shared.errors import JobError
 
 SHA_A = "a" * 64
 SHA_B = "0123456789abcdef" * 4

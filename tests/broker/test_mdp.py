@@ -7,8 +7,8 @@ import time
 
 import pytest
 import zmq
-from distill.shared.codec import pack, unpack
 
+from distill.shared.codec import pack, unpack
 from tests.conftest import Cluster, wait_until
 
 pytestmark = pytest.mark.integration

@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from distill.shared.artifact_cache import ArtifactCache, is_sha256, require_sha256
 from distill.shared.errors import ArtifactError
 

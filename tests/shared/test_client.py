@@ -6,10 +6,10 @@ import time
 
 import pytest
 import zmq
+
 from distill.shared.client import Client, Subscription, events_endpoint
 from distill.shared.codec import pack
 from distill.shared.errors import RequestTimeout, UnknownService
-
 from tests.conftest import Cluster
 
 pytestmark = pytest.mark.integration
@@ -45,3 +45,28 @@ def test_subscription_snapshot_then_stream(cluster: Cluster) -> None:
         seqs = [e["seq"] for e in seen if e]
         assert seqs == sorted(set(seqs)) and seqs[0] > first["seq"]
     pub.close(linger=0)
+
+
+async def test_async_client_requests_and_subscribes(cluster: Cluster) -> None:
+    import asyncio
+
+    from distill.shared.aclient import AsyncClient
+    from distill.shared.jobs import JobsClient
+
+    cluster.start_broker()
+    cluster.start_worker("echo")
+    async with AsyncClient(cluster.endpoint) as ac:
+        assert await ac.request_raw("echo", [b"a", b"b"]) == [b"a", b"b"]
+        assert await ac.mmi_service("echo") is True
+        with pytest.raises(UnknownService):
+            await ac.request("nobody.here", {"x": 1}, timeout_s=0.3)
+        with cluster.client() as c:
+            job = JobsClient(c).submit("distill.sleep", {})  # queued: announces a status event
+        events = ac.subscribe([f"job.{job['id']}"])
+        first = await asyncio.wait_for(events.__anext__(), 5)
+        assert first["type"] == "status" and first["status"] == "queued"
+        with cluster.client() as c:
+            JobsClient(c).cancel(job["id"])
+        second = await asyncio.wait_for(events.__anext__(), 5)
+        assert second["status"] == "cancelled" and second["seq"] > first["seq"]
+        await events.aclose()

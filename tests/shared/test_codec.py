@@ -4,10 +4,11 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from distill.shared.codec import ALLOWED_DTYPES, NDARRAY_EXT, pack, unpack, unpack_map
-from distill.shared.errors import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from distill.shared.codec import ALLOWED_DTYPES, NDARRAY_EXT, pack, unpack, unpack_map
+from distill.shared.errors import DecodeError
 
 
 @pytest.mark.parametrize("dtype", sorted(ALLOWED_DTYPES))

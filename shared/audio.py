@@ -1,0 +1,434 @@
+"""Audio in and out: decode anything soundfile reads, make it model-ready, write WAV/FLAC.
+
+Reading goes through soundfile (libsndfile: WAV, FLAC, OGG, MP3, AIFF and more), never through
+``torchaudio.load``, which routes through torchcodec in torchaudio >= 2.9. Every way a file can
+be unusable raises :class:`AudioError` with the file's name and the reason in words.
+
+The path from file to model input, in :func:`prepare_audio`:
+
+1. decode to float32 ``(channels, frames)`` and reject non-finite samples, absurd rates and
+   files too short to hold a sound;
+2. downmix to mono (mean of channels, so a stereo file keeps its level);
+3. reject files whose peak is below the silence threshold (dBFS);
+4. trim leading and trailing silence: samples more than ``threshold`` dB below the file's own
+   peak, keeping a few milliseconds before the onset so attacks stay whole;
+5. resample to the model rate with ``torchaudio.functional.resample``;
+6. normalise the peak to -1 dBFS (see :func:`normalise` for why peak and not RMS).
+
+Chunking (:func:`cut_chunks`) works on the last axis of any tensor, audio or log-mel frames.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+from distill.shared.errors import AudioError
+
+MIN_SAMPLE_RATE = 1000  # below this nothing audible survives; it is a broken header
+MAX_SAMPLE_RATE = 768_000  # the highest rate real converters run at
+MIN_DURATION_S = 0.001  # under 1 ms holds no pitch or timbre at any FFT size we use
+# Decoding allocates what the header promises: refuse more than 4 GiB of float32 (about 3 hours
+# of 48 kHz stereo) rather than let a corrupt header exhaust the worker's memory.
+MAX_DECODED_SAMPLES = 2**30
+DEFAULT_SILENCE_THRESHOLD_DB = -60.0
+DEFAULT_PEAK_DB = -1.0  # 1 dB of headroom keeps resampled or augmented audio off full scale
+ONSET_MARGIN_S = 0.005  # kept before the first loud sample: the very start of an attack
+TAIL_MARGIN_S = 0.010  # kept after the last loud sample: the end of a decay
+AUDIO_EXTENSIONS = frozenset(
+    {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc",
+     ".caf", ".w64", ".rf64", ".au", ".snd"}
+)  # fmt: skip
+
+Normalisation = Literal["peak", "rms", "none"]
+AudioSource = bytes | bytearray | memoryview | str | Path
+
+
+@dataclass(frozen=True)
+class DecodedAudio:
+    """A file as read: ``samples`` is float32 ``(channels, frames)`` at ``sample_rate``."""
+
+    name: str
+    samples: np.ndarray  # (channels, frames) float32
+    sample_rate: int
+    format: str  # soundfile's format name, e.g. "FLAC"
+    subtype: str  # e.g. "PCM_24"
+
+    @property
+    def channels(self) -> int:
+        return int(self.samples.shape[0])
+
+    @property
+    def frames(self) -> int:
+        return int(self.samples.shape[1])
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.sample_rate
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:4096]
+    if not head or b"\x00" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    printable = sum(ch.isprintable() or ch in "\r\n\t" for ch in text)
+    return printable >= 0.95 * len(text)
+
+
+def _undecodable_reason(data: bytes, err: Exception) -> str:
+    if _looks_like_text(data):
+        return "not audio: it is a text file"
+    detail = _lib_reason(err)
+    if "malformed" in detail:
+        return f"corrupt or truncated ({detail})"
+    return f"not an audio format soundfile can read ({detail})"
+
+
+_SHORT_CHUNK = re.compile(r"(?:data|SSND) : (\d+) \(should be (\d+)\)")
+# Streaming writers leave these in the size field and never come back to fix it; the data that
+# follows is whole, and libsndfile reads all of it.
+_PLACEHOLDER_SIZES = frozenset({0xFFFFFFFF, 0x7FFFFFFF})
+
+
+def _truncation(f: sf.SoundFile, frames_read: int) -> str | None:
+    """Why a decoded file looks truncated, or None. libsndfile clips a short data chunk silently
+    and only says so in its log; compressed formats decode fewer frames than their header says."""
+    m = _SHORT_CHUNK.search(f.extra_info)
+    if m:
+        promised, held = int(m.group(1)), int(m.group(2))
+        if held < promised and promised not in _PLACEHOLDER_SIZES:
+            return f"truncated: header promises {promised} data bytes, file holds {held}"
+    declared = f.frames
+    # MP3 frame counts are estimates from the bitrate; allow them 10%.
+    slack = 0.1 * declared if f.format == "MP3" else 0
+    if declared > 0 and frames_read < declared - slack:
+        return f"truncated: header promises {declared} frames, only {frames_read} decode"
+    return None
+
+
+def _decode(src: BinaryIO | str, name: str, data: bytes | None) -> DecodedAudio:
+    try:
+        with sf.SoundFile(src) as f:
+            if f.frames * f.channels > MAX_DECODED_SAMPLES:
+                raise AudioError(
+                    f"{name}: too long to decode at once ({f.frames} frames x {f.channels} "
+                    f"channels at {f.samplerate} Hz; the limit is {MAX_DECODED_SAMPLES} samples)"
+                )
+            try:
+                block = f.read(dtype="float32", always_2d=True)  # (frames, channels)
+            except (sf.LibsndfileError, RuntimeError) as e:
+                raise AudioError(f"{name}: truncated or corrupt: {_lib_reason(e)}") from e
+            problem = _truncation(f, len(block))
+            rate, fmt, subtype = int(f.samplerate), str(f.format), str(f.subtype)
+    except sf.LibsndfileError as e:
+        raw = data if data is not None else _head_of(src)
+        raise AudioError(f"{name}: {_undecodable_reason(raw, e)}") from e
+    if problem:
+        raise AudioError(f"{name}: {problem}")
+    samples = np.ascontiguousarray(block.T)  # (channels, frames)
+    return DecodedAudio(name=name, samples=samples, sample_rate=rate, format=fmt, subtype=subtype)
+
+
+def _lib_reason(e: Exception) -> str:
+    """libsndfile's own words, without the "Error opening <object at 0x...>:" preamble."""
+    text = str(e)
+    if text.startswith("Error opening") and ": " in text:
+        text = text.rsplit(": ", 1)[-1]
+    return text.replace("Error : ", "").strip().rstrip(".") or type(e).__name__
+
+
+def _head_of(src: BinaryIO | str) -> bytes:
+    try:
+        with open(src, "rb") as fh:  # type: ignore[arg-type]
+            return fh.read(4096)
+    except (OSError, TypeError):
+        return b""
+
+
+def read_audio(source: AudioSource, *, name: str | None = None) -> DecodedAudio:
+    """Decode a file from bytes or a path, at its own rate and channel count.
+
+    Raises AudioError for: an empty file, a file soundfile cannot read (e.g. text named .wav),
+    a truncated file, no samples, NaN/inf samples, a rate outside 1 kHz..768 kHz, and a file
+    shorter than 1 ms or 2 samples.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        name = name or path.name
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise AudioError(f"{name}: cannot open: {e.strerror or e}") from e
+        if size == 0:
+            raise AudioError(f"{name}: empty file (0 bytes)")
+        decoded = _decode(str(path), name, None)
+    else:
+        data = bytes(source)
+        name = name or "<bytes>"
+        if not data:
+            raise AudioError(f"{name}: empty file (0 bytes)")
+        decoded = _decode(io.BytesIO(data), name, data)
+    _validate_decoded(decoded)
+    return decoded
+
+
+def _validate_decoded(d: DecodedAudio) -> None:
+    if not MIN_SAMPLE_RATE <= d.sample_rate <= MAX_SAMPLE_RATE:
+        raise AudioError(
+            f"{d.name}: sample rate {d.sample_rate} Hz is outside "
+            f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz (a broken header?)"
+        )
+    if d.frames == 0 or d.channels == 0:
+        raise AudioError(f"{d.name}: no audio samples in the file")
+    if d.frames < 2 or d.duration_s < MIN_DURATION_S:
+        raise AudioError(
+            f"{d.name}: too short to be a sound ({d.frames} sample(s), "
+            f"{d.duration_s * 1000:.3f} ms; the minimum is 2 samples and {MIN_DURATION_S * 1000:g} ms)"
+        )
+    finite = np.isfinite(d.samples)
+    if not finite.all():
+        bad = int(d.samples.size - finite.sum())
+        raise AudioError(f"{d.name}: {bad} sample(s) are NaN or infinite")
+
+
+# --- making it model-ready ------------------------------------------------------------------------
+
+
+def to_mono(samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``(channels, frames) -> (frames,)`` by averaging, which keeps a stereo file's level."""
+    x = torch.as_tensor(samples, dtype=torch.float32)
+    return x.mean(dim=0) if x.ndim == 2 else x
+
+
+def db_to_amplitude(db: float) -> float:
+    return float(10.0 ** (db / 20.0))
+
+
+def peak_db(audio: torch.Tensor) -> float:
+    peak = float(audio.abs().max()) if audio.numel() else 0.0
+    return 20.0 * math.log10(peak) if peak > 0 else -math.inf
+
+
+def trim_silence(
+    audio: torch.Tensor,
+    sample_rate: int,
+    threshold_db: float = DEFAULT_SILENCE_THRESHOLD_DB,
+) -> torch.Tensor:
+    """Cut leading and trailing samples quieter than ``threshold_db`` below the peak.
+
+    ``(samples,) -> (samples',)``. Relative to the file's own peak, so a quiet recording loses
+    as much of its tail as a loud one. Keeps ``ONSET_MARGIN_S`` before the first loud sample
+    and ``TAIL_MARGIN_S`` after the last. An all-zero input is returned unchanged.
+    """
+    if threshold_db >= 0:
+        raise ValueError(f"threshold_db must be negative, got {threshold_db}")
+    level = audio.abs()
+    peak = float(level.max()) if audio.numel() else 0.0
+    if peak == 0.0:
+        return audio
+    loud = torch.nonzero(level >= peak * db_to_amplitude(threshold_db)).squeeze(-1)
+    first, last = int(loud[0]), int(loud[-1])
+    start = max(0, first - round(ONSET_MARGIN_S * sample_rate))
+    stop = min(audio.shape[-1], last + 1 + round(TAIL_MARGIN_S * sample_rate))
+    return audio[start:stop]
+
+
+def resample(audio: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
+    """``(..., samples) -> (..., samples * new / orig)`` with a windowed-sinc filter."""
+    if orig_rate == new_rate:
+        return audio
+    g = math.gcd(orig_rate, new_rate)  # smaller polyphase kernels for e.g. 44100 -> 48000
+    return torchaudio.functional.resample(audio, orig_rate // g, new_rate // g)
+
+
+def normalise(
+    audio: torch.Tensor, mode: Normalisation = "peak", target_db: float = DEFAULT_PEAK_DB
+) -> torch.Tensor:
+    """Scale a file to a standard level.
+
+    ``"peak"`` (the default) sets the peak to ``target_db`` dBFS. Peak, not RMS, because these
+    collections are mostly one-shots whose crest factors differ by 20 dB and more: RMS levelling
+    would push a snare's transient far past full scale (clipping it, or needing a limiter that
+    changes its sound), while peak levelling never clips and keeps each file's dynamics intact.
+    ``"rms"`` sets the RMS to ``target_db`` dBFS but lowers the gain where the peak would pass
+    0 dBFS. ``"none"`` leaves the level alone.
+    """
+    if mode == "none":
+        return audio
+    peak = float(audio.abs().max()) if audio.numel() else 0.0
+    if peak == 0.0:
+        return audio
+    target = db_to_amplitude(target_db)
+    if mode == "peak":
+        gain = target / peak
+    elif mode == "rms":
+        rms = float(audio.pow(2).mean().sqrt())
+        gain = min(target / rms, 1.0 / peak)
+    else:
+        raise ValueError(f"normalisation must be 'peak', 'rms' or 'none', got {mode!r}")
+    return audio * gain
+
+
+def prepare_audio(
+    decoded: DecodedAudio,
+    sample_rate: int,
+    *,
+    silence_threshold_db: float = DEFAULT_SILENCE_THRESHOLD_DB,
+    normalisation: Normalisation = "peak",
+) -> torch.Tensor:
+    """A decoded file to model-ready mono float32 audio ``(samples,)`` at ``sample_rate``.
+
+    Raises AudioError when the whole file is quieter than ``silence_threshold_db`` dBFS.
+    """
+    mono = to_mono(decoded.samples)  # (frames,)
+    level = peak_db(mono)
+    if level < silence_threshold_db:
+        shown = "-inf" if level == -math.inf else f"{level:.1f}"
+        raise AudioError(
+            f"{decoded.name}: all silent (peak {shown} dBFS is below the "
+            f"{silence_threshold_db:g} dBFS silence threshold)"
+        )
+    trimmed = trim_silence(mono, decoded.sample_rate, silence_threshold_db)
+    audio = resample(trimmed, decoded.sample_rate, sample_rate)
+    return normalise(audio, normalisation).contiguous()
+
+
+def load_audio(
+    source: AudioSource,
+    sample_rate: int,
+    *,
+    name: str | None = None,
+    silence_threshold_db: float = DEFAULT_SILENCE_THRESHOLD_DB,
+    normalisation: Normalisation = "peak",
+) -> torch.Tensor:
+    """:func:`read_audio` then :func:`prepare_audio`: a file to mono ``(samples,)``."""
+    decoded = read_audio(source, name=name)
+    return prepare_audio(
+        decoded, sample_rate, silence_threshold_db=silence_threshold_db, normalisation=normalisation
+    )
+
+
+# --- lengths and chunks ---------------------------------------------------------------------------
+
+
+def pad_to_length(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad the last axis at the end up to ``length``; longer input is returned as is."""
+    short = length - x.shape[-1]
+    return torch.nn.functional.pad(x, (0, short)) if short > 0 else x
+
+
+def chunk_starts(total: int, chunk_len: int, hop: int) -> list[int]:
+    """Start offsets of chunks that cover ``[0, total)``: every ``hop``, plus one aligned to
+    the end when the regular grid would leave a tail uncovered. ``total < chunk_len`` gives
+    ``[0]`` (that one chunk is padded)."""
+    if chunk_len < 1 or hop < 1:
+        raise ValueError(f"chunk_len and hop must be positive, got {chunk_len}, {hop}")
+    if total <= chunk_len:
+        return [0]
+    starts = list(range(0, total - chunk_len + 1, hop))
+    if starts[-1] + chunk_len < total:
+        starts.append(total - chunk_len)
+    return starts
+
+
+def cut_chunks(x: torch.Tensor, chunk_len: int, hop: int) -> torch.Tensor:
+    """Overlapping chunks along the last axis: ``(..., T) -> (n, ..., chunk_len)``.
+
+    Input shorter than one chunk is zero-padded to one chunk (pad audio *before* a log-mel so
+    padding is silence, not zeros in the log domain).
+    """
+    x = pad_to_length(x, chunk_len)
+    starts = chunk_starts(x.shape[-1], chunk_len, hop)
+    return torch.stack([x[..., s : s + chunk_len] for s in starts])  # (n, ..., chunk_len)
+
+
+# --- folders and writing --------------------------------------------------------------------------
+
+
+def scan_folder(folder: str | Path) -> list[Path]:
+    """Every regular file under ``folder`` (recursively), sorted, except hidden ones.
+
+    Non-audio files (a README, a licence) are *included*: the dataset decodes by content, not by
+    name, and lists each one in its manifest as skipped with the reason ("not audio: it is a
+    text file"), so the person sees every file of theirs accounted for. Hidden files and
+    folders (``.DS_Store``, ``._x.wav`` AppleDouble forks, ``.git``) are OS or tool metadata,
+    not the person's sounds, and are left out.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise AudioError(f"{folder}: not a folder")
+    found = []
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        found.append(p)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def is_audio_name(name: str) -> bool:
+    """Whether a file name has an audio extension (a hint for UIs; decoding decides)."""
+    return Path(name).suffix.lower() in AUDIO_EXTENSIONS
+
+
+_WRITE_SUBTYPES = {"WAV": "PCM_24", "FLAC": "PCM_24"}
+_METADATA_KEYS = frozenset({"title", "copyright", "software", "artist", "comment", "date",
+                            "album", "license", "tracknumber", "genre"})  # fmt: skip
+
+
+def write_audio(
+    target: str | Path | BinaryIO,
+    audio: np.ndarray | torch.Tensor,
+    sample_rate: int,
+    format: Literal["WAV", "FLAC"] = "WAV",
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write ``(samples,)`` or ``(channels, samples)`` audio as 24-bit WAV or FLAC.
+
+    ``metadata`` keys are soundfile's string fields (title, software, comment, artist, date,
+    ...); Distill puts the model id, seed and sampling parameters there so that any generated
+    file can be generated again. Samples outside [-1, 1] are clipped (PCM cannot hold them).
+    """
+    if format not in _WRITE_SUBTYPES:
+        raise AudioError(f"cannot write format {format!r}; use 'WAV' or 'FLAC'")
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"cannot write at {sample_rate} Hz")
+    x = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+    if x.ndim not in (1, 2) or x.shape[-1] == 0:
+        raise AudioError(f"audio to write must be (samples,) or (channels, samples), got {x.shape}")
+    if not np.isfinite(x).all():
+        raise AudioError("audio to write holds NaN or infinite samples")
+    frames = np.clip(x.T if x.ndim == 2 else x, -1.0, 1.0).astype(np.float32)  # (samples, ch)
+    meta = dict(metadata or {})
+    unknown = sorted(set(meta) - _METADATA_KEYS)
+    if unknown:
+        raise AudioError(f"unknown metadata keys {unknown}; known: {sorted(_METADATA_KEYS)}")
+    kwargs: dict[str, Any] = {"format": format, "subtype": _WRITE_SUBTYPES[format]}
+    with sf.SoundFile(target, "w", sample_rate, frames.shape[1] if frames.ndim == 2 else 1,
+                      **kwargs) as f:  # fmt: skip
+        for key, value in meta.items():
+            setattr(f, key, str(value))
+        f.write(frames)
+
+
+def read_metadata(source: str | Path | bytes) -> dict[str, str]:
+    """The string metadata soundfile reads from a file (title, software, comment, ...)."""
+    src: Any = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    with sf.SoundFile(src) as f:
+        return {k: v for k, v in f.copy_metadata().items() if v}

@@ -1,0 +1,100 @@
+"""``distill.preprocess``: a folder of sounds (as artifacts) in, one dataset artifact out.
+
+Job params::
+
+    {"files": [{"name": str, "sha256": str}, ...],   # the uploaded sounds, in folder order
+     "mel_config": {...},                              # optional; MelConfig defaults
+     "seed": int,                                      # optional; the train/val split seed (0)
+     "silence_threshold_db": float,                    # optional; -60 dBFS
+     "val_fraction": float}                            # optional; 0.1
+
+The work is :func:`distill.shared.dataset.build_dataset`; this module only fetches files one at
+a time (so a 500-file job never holds every file in memory), reports progress per file, checks
+for cancellation per file, and stores the result. Every file appears in the returned manifest,
+used or skipped with its reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any, overload
+
+from distill.shared.dataset import ManifestRow, build_dataset
+from distill.shared.errors import JobError
+from distill.shared.mel import MelConfig
+from distill.workers.context import JobContext
+
+SERVICE = "distill.preprocess"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _ArtifactFiles(Sequence[tuple[str, bytes]]):
+    """The job's files as ``(name, bytes)``, fetched from the artifact store when indexed."""
+
+    def __init__(self, ctx: JobContext, refs: list[tuple[str, str]]) -> None:
+        self._ctx = ctx
+        self._refs = refs
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[str, bytes]: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[tuple[str, bytes]]: ...
+    def __getitem__(self, i: int | slice) -> tuple[str, bytes] | Sequence[tuple[str, bytes]]:
+        if isinstance(i, slice):
+            return _ArtifactFiles(self._ctx, self._refs[i])
+        self._ctx.check_cancel()
+        name, sha = self._refs[i]
+        return name, self._ctx.artifacts.get_bytes(sha)
+
+
+def _file_refs(params: dict[str, Any]) -> list[tuple[str, str]]:
+    files = params.get("files")
+    if not isinstance(files, list) or not files:
+        raise JobError("preprocess: params.files must be a non-empty list of {name, sha256}")
+    refs = []
+    for k, f in enumerate(files):
+        name = f.get("name") if isinstance(f, dict) else None
+        sha = f.get("sha256") if isinstance(f, dict) else None
+        if not isinstance(name, str) or not isinstance(sha, str) or not _SHA256.match(sha):
+            raise JobError(f"preprocess: params.files[{k}] must be {{name: str, sha256: hex}}")
+        refs.append((name, sha))
+    return refs
+
+
+def run_job(ctx: JobContext) -> dict[str, Any]:
+    params = ctx.info.params
+    refs = _file_refs(params)
+    cfg = MelConfig.from_dict(params.get("mel_config") or {})
+
+    def progress(done: int, total: int, row: ManifestRow) -> None:
+        ctx.progress(done / total, file=row.name, status=row.status, reason=row.reason,
+                     done=done, total=total)  # fmt: skip
+        ctx.check_cancel()
+
+    ds = build_dataset(
+        _ArtifactFiles(ctx, refs),
+        cfg,
+        seed=int(params.get("seed", 0)),
+        val_fraction=float(params.get("val_fraction", 0.1)),
+        silence_threshold_db=float(params.get("silence_threshold_db", -60.0)),
+        progress=progress,
+    )
+    ok = [r for r in ds.manifest if r.status == "ok"]
+    sha = ctx.artifacts.put_bytes(
+        ds.to_bytes(), kind="dataset", name=f"dataset-{len(ok)}-files.npz", job=ctx.info.job_id
+    )
+    return {
+        "dataset": sha,
+        "files_ok": len(ok),
+        "files_skipped": len(ds.manifest) - len(ok),
+        "chunks": int(ds.mels.shape[0]),
+        "train_files": sum(r.split == "train" for r in ds.manifest),
+        "val_files": sum(r.split == "val" for r in ds.manifest),
+        "manifest": [asdict(r) for r in ds.manifest],
+        "mel_config": cfg.to_dict(),
+    }
