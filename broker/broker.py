@@ -31,6 +31,7 @@ from distill.shared import protocol as P
 from distill.shared.codec import pack, unpack_map
 from distill.shared.errors import DecodeError, DistillError
 from distill.shared.logs import get_logger
+from distill.shared.messages import Reply, WorkerMeta
 
 log = get_logger("broker")
 
@@ -69,11 +70,11 @@ class BrokerConfig:
 
 
 def error_body(code: str, message: str) -> list[bytes]:
-    return [pack({"ok": False, "error": {"code": code, "message": message}})]
+    return [Reply.failure(code, message).encode()]
 
 
 def ok_body(result: Any) -> list[bytes]:
-    return [pack({"ok": True, "result": result})]
+    return [Reply.success(result).encode()]
 
 
 class Broker:
@@ -280,7 +281,8 @@ class Broker:
         meta: dict[str, Any] = {}
         if len(rest) == 2:
             try:
-                meta = unpack_map(rest[1], "READY metadata")
+                known = WorkerMeta.decode(rest[1])  # validates the fields we read
+                meta = {**unpack_map(rest[1]), **known.to_map()}
             except DecodeError as e:
                 log.warning("worker_metadata_ignored", reason=str(e))
         entry = self.registry.register(identity, service, meta, now)

@@ -20,6 +20,7 @@ from distill.shared import protocol as P
 from distill.shared.codec import pack, unpack_map
 from distill.shared.errors import DecodeError, JobError
 from distill.shared.logs import get_logger
+from distill.shared.messages import JobDispatch, JobSubmit
 
 log = get_logger("broker.jobs")
 
@@ -68,13 +69,9 @@ class JobService:
         return ok_body(handler(msg))
 
     def _submit(self, msg: dict[str, Any]) -> dict[str, Any]:
-        service = _field(msg, "service", str)
-        params = _field(msg, "params", dict, {}) or {}
-        depends_on = _field(msg, "depends_on", list, []) or []
-        max_attempts = _field(msg, "max_attempts", int, 3) or 3
-        timeout_s = _field(msg, "timeout_s", (int, float), None)
-        record = self.store.submit(service, params, depends_on=depends_on, max_attempts=max_attempts,
-                                   timeout_s=timeout_s)
+        req = JobSubmit.from_map({k: v for k, v in msg.items() if k != "op" and v is not None})
+        record = self.store.submit(req.service, req.params, depends_on=req.depends_on,
+                                   max_attempts=req.max_attempts, timeout_s=req.timeout_s)
         self._announce(record)
         self._dirty = True
         return record.to_dict()
@@ -174,11 +171,11 @@ class JobService:
         for record in self.store.dispatchable():
             if record.id in self.in_registry:
                 continue
-            body = {"job": {"id": record.id, "service": record.service, "params": record.params,
-                            "attempt": record.attempts + 1, "previous_errors": record.attempt_errors,
-                            "deps": self.store.deps_results(record.id), "checkpoint": record.checkpoint}}
+            dispatch = JobDispatch(id=record.id, service=record.service, params=record.params,
+                                   attempt=record.attempts + 1, previous_errors=record.attempt_errors,
+                                   deps=self.store.deps_results(record.id), checkpoint=record.checkpoint)
             self.in_registry.add(record.id)
-            self.broker.submit_internal(record.service.encode(), [pack(body)], record.id)
+            self.broker.submit_internal(record.service.encode(), [pack({"job": dispatch.to_map()})], record.id)
 
     def on_dispatched(self, job_id: str, worker: WorkerEntry) -> None:
         try:

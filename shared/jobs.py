@@ -63,6 +63,8 @@ class JobsClient:
         """Call ``on_event`` for each event of the job (snapshot first) until it ends."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with Subscription(self.client.endpoint, [f"job.{job_id}"]) as sub:
+            while (event := sub.next(timeout_s=0)) is not None:  # the snapshot: latest state
+                on_event(event)
             record = self.get(job_id, metrics=False)
             while record["status"] not in FINISHED:
                 if deadline is not None and time.monotonic() > deadline:

@@ -14,8 +14,9 @@ from typing import Any
 
 from distill.shared import protocol as P
 from distill.shared.artifacts import ArtifactClient
-from distill.shared.codec import pack, unpack_map
+from distill.shared.codec import unpack_map
 from distill.shared.errors import DecodeError, DistillError, JobCancelled
+from distill.shared.messages import JobDispatch, Reply
 from distill.workers.context import JobInfo
 from distill.workers.runtime import Delivery, Executor
 
@@ -74,23 +75,16 @@ class RuntimeJobContext:
 
 def parse_job(msg: dict[str, Any]) -> JobInfo:
     job = msg.get("job")
-    if not isinstance(job, dict) or not isinstance(job.get("id"), str):
-        raise DecodeError("job dispatch needs a 'job' map with an 'id'")
-    params = job.get("params") or {}
-    if not isinstance(params, dict):
-        raise DecodeError("job params must be a map")
-    return JobInfo(job_id=job["id"], service=str(job.get("service", "")), params=params,
-                   attempt=int(job.get("attempt", 1)),
-                   previous_errors=list(job.get("previous_errors") or []),
-                   deps=dict(job.get("deps") or {}), checkpoint=job.get("checkpoint"))
+    if not isinstance(job, dict):
+        raise DecodeError("job dispatch needs a 'job' map")
+    d = JobDispatch.from_map(job)
+    return JobInfo(job_id=d.id, service=d.service, params=d.params, attempt=d.attempt,
+                   previous_errors=list(d.previous_errors), deps=dict(d.deps), checkpoint=d.checkpoint)
 
 
 def error_reply(e: BaseException, *, cancelled: bool = False) -> list[bytes]:
     code = getattr(e, "code", None) or type(e).__name__
-    body: dict[str, Any] = {"ok": False, "error": {"code": code, "message": str(e)}}
-    if cancelled:
-        body["cancelled"] = True
-    return [pack(body)]
+    return [Reply.failure(code, str(e), cancelled=cancelled).encode()]
 
 
 def module_handler(module: ModuleType, device: str) -> Callable[[Delivery, Executor], list[bytes]]:
@@ -114,7 +108,7 @@ def module_handler(module: ModuleType, device: str) -> Callable[[Delivery, Execu
                                        "(submit through distill.jobs)")
                 info = JobInfo(job_id="", service=module.SERVICE, params={})
                 result = handle_request(RuntimeJobContext(info, delivery, executor, device), msg)
-            return [pack({"ok": True, "result": result})]
+            return [Reply.success(result).encode()]
         except JobCancelled as e:
             return error_reply(e, cancelled=True)
         except DecodeError as e:

@@ -164,3 +164,39 @@ def test_waits_from_several_clients(cluster: Cluster) -> None:
     for t in threads:
         t.join(40)
     assert results == ["succeeded"] * 3
+
+
+def test_cli_jobs_ls_show_watch_cancel_retry(cluster: Cluster) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cluster.start_broker()
+    cluster.start_worker("sleep")
+    env = {**os.environ, "DISTILL_BROKER": cluster.endpoint}
+
+    def distill(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "distill.shared.cli", *args], capture_output=True,
+                              text=True, env=env, timeout=60)
+
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+        ok = jobs.submit("distill.sleep", {"sleep_s": 0.6, "steps": 3, "value": "x"})
+        watched = distill("jobs", "watch", ok["id"])
+        assert watched.returncode == 0 and f"{ok['id']}: succeeded" in watched.stdout
+        assert "100.0%" in watched.stderr  # the progress bar was drawn from events
+        bad = jobs.submit("distill.sleep", {"fail": "boom"}, max_attempts=1)
+        assert distill("jobs", "watch", bad["id"]).returncode == 1
+        listed = distill("jobs", "ls").stdout
+        assert ok["id"] in listed and bad["id"] in listed and "failed" in listed
+        shown = distill("jobs", "show", bad["id"]).stdout
+        assert "attempt 1: attempt on" in shown and "boom" in shown
+        retried = distill("jobs", "retry", bad["id"])
+        assert retried.returncode == 0 and "queued" in retried.stdout
+        assert jobs.wait(bad["id"], timeout_s=30)["status"] == "failed"
+        long = jobs.submit("distill.sleep", {"sleep_s": 30, "steps": 100})
+        wait_until(lambda: jobs.get(long["id"])["status"] == "running", 10, what="job to start")
+        assert "cancel requested" in distill("jobs", "cancel", long["id"]).stdout
+        assert jobs.wait(long["id"], timeout_s=10)["status"] == "cancelled"
+        missing = distill("jobs", "show", "j-doesnotexist")
+        assert missing.returncode != 0 and "no job" in missing.stderr
