@@ -175,10 +175,16 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                 print(f"--- {p.args[0]} log ---\n{p.log()[-4000:]}")
 
 
-@pytest.fixture
-def percussion() -> Path:
+def percussion_dir() -> Path:
+    """The shared CC0 percussion set beside the repository (``<repo>/../shared/data``).
+    Missing data skips a test on a developer's machine and fails it in CI."""
     if not PERCUSSION.is_dir():
         if os.environ.get("CI"):
             pytest.fail(f"percussion data not found at {PERCUSSION}")
         pytest.skip(f"percussion data not found at {PERCUSSION}")
     return PERCUSSION
+
+
+@pytest.fixture
+def percussion() -> Path:
+    return percussion_dir()

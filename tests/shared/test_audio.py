@@ -28,16 +28,11 @@ from distill.shared.audio import (
     write_audio,
 )
 from distill.shared.errors import AudioError
+from tests.conftest import percussion_dir
 
 SR = 48000
 
 
-def percussion_dir() -> Path:
-    """The shared CC0 percussion set, beside the repository (``<repo>/../shared/data``)."""
-    path = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "percussion"
-    if not path.is_dir():
-        pytest.skip(f"percussion data not found at {path.resolve()}")
-    return path.resolve()
 
 
 def sine(freq: float, seconds: float, rate: int = SR, amp: float = 0.5) -> np.ndarray:

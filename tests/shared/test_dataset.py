@@ -24,17 +24,12 @@ from distill.shared.dataset import (
 )
 from distill.shared.errors import ConfigError, DatasetError
 from distill.shared.mel import MelConfig
+from tests.conftest import percussion_dir
 
 CFG = MelConfig()
 SR = 48000
 
 
-def percussion_dir() -> Path:
-    """The shared CC0 percussion set, beside the repository (``<repo>/../shared/data``)."""
-    path = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "percussion"
-    if not path.is_dir():
-        pytest.skip(f"percussion data not found at {path.resolve()}")
-    return path.resolve()
 
 
 def read_folder(folder: Path) -> list[tuple[str, bytes]]:

@@ -6,7 +6,6 @@ import dataclasses
 import math
 import statistics
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,16 +21,11 @@ from distill.shared.mel import (
     mel_to_audio,
     spectral_convergence,
 )
+from tests.conftest import percussion_dir
 
 CFG = MelConfig()
 
 
-def percussion_dir() -> Path:
-    """The shared CC0 percussion set, beside the repository (``<repo>/../shared/data``)."""
-    path = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "percussion"
-    if not path.is_dir():
-        pytest.skip(f"percussion data not found at {path.resolve()}")
-    return path.resolve()
 
 
 def tone(freq: float, seconds: float = 0.5, amp: float = 0.5) -> torch.Tensor:
