@@ -67,3 +67,26 @@ def test_workers_register_again_after_broker_restart(cluster: Cluster) -> None:
     assert all(w.alive() for w in workers)
     with cluster.client() as client:
         assert client.ping() > 0
+
+
+def test_request_of_dead_worker_expires_when_no_other_worker_comes(cluster: Cluster) -> None:
+    from distill.shared.errors import RequestError
+
+    cluster.start_broker(request_timeout_s=1.5)
+    only = cluster.start_worker("sleep")
+    errors: list[RequestError] = []
+
+    def ask() -> None:
+        with cluster.client(timeout_s=30) as client:
+            try:
+                client.request("distill.sleep", {"seconds": 10})
+            except RequestError as e:
+                errors.append(e)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    wait_until(lambda: [w for w in cluster.worker_list() if w["state"] == "busy"], 5, what="busy worker")
+    only.kill9()
+    thread.join(30)
+    assert len(errors) == 1 and errors[0].code in ("expired", "unknown_service")
+    assert "no worker for service 'distill.sleep'" in str(errors[0])
