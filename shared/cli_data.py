@@ -111,6 +111,23 @@ def follow_training(c: Any, job_id: str) -> dict[str, Any]:
     return record
 
 
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``["channels=256", "dilations=[1,3]", "schedule=cosine"]`` -> a dict; values are JSON
+    where they parse as JSON, strings otherwise."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise DistillError(f"setting {item!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
 def register(app: typer.Typer, broker_opt: Any, fail: Any, print_table: Any) -> None:
     dataset = typer.Typer(help="Turn a folder of sounds into a dataset; inspect it.", no_args_is_help=True)
     app.add_typer(dataset, name="dataset")
@@ -178,6 +195,8 @@ def register(app: typer.Typer, broker_opt: Any, fail: Any, print_table: Any) -> 
         codebook_size: int = typer.Option(None, help="Codes per level (default: chosen from the data)."),
         levels: int = typer.Option(None, help="RVQ levels (default: chosen from the data)."),
         seed: int = typer.Option(None, help="Training seed."),
+        model_opt: list[str] = typer.Option([], "--model-opt", help="Model setting KEY=VALUE (repeatable), e.g. channels=256."),
+        train_opt: list[str] = typer.Option([], "--train-opt", help="Training setting KEY=VALUE (repeatable), e.g. patience=20."),
         detach: bool = typer.Option(False, "--detach", help="Submit and print the job id; do not follow."),
     ) -> None:
         """Train a model stage on a dataset, with a live progress line."""
@@ -185,10 +204,12 @@ def register(app: typer.Typer, broker_opt: Any, fail: Any, print_table: Any) -> 
 
         if stage != "vqvae":
             fail(f"unknown stage {stage!r} (available: vqvae)")
-        model = {k: v for k, v in {"codebook_size": codebook_size, "levels": levels}.items() if v is not None}
-        train_cfg = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items()
-                     if v is not None}
         try:
+            model = {**parse_settings(model_opt), **{k: v for k, v in
+                     {"codebook_size": codebook_size, "levels": levels}.items() if v is not None}}
+            train_cfg = {**parse_settings(train_opt), **{k: v for k, v in
+                         {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items()
+                         if v is not None}}
             with _client(broker) as c:
                 sha, producer = resolve_dataset(c, dataset_ref)
                 params: dict[str, Any] = {"model": model, "train": train_cfg}

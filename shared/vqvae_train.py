@@ -1,0 +1,624 @@
+"""Training the RVQ-VAE: a plain PyTorch loop with named phases and a hooks object.
+
+One epoch is: batch (shuffle, augment) -> step (forward, loss, NaN check, backward, clip, Adam)
+-> cancel check (every step) -> metrics (validation, codebook health) -> checkpoint -> preview.
+Everything the worker does with the results (publish metrics, store checkpoints and previews)
+goes through :class:`TrainHooks`, so the loop runs the same in a job, a test and a benchmark.
+
+Determinism: the data order and augmentation draw from generators seeded by (seed, epoch); the
+quantizer dropout and dead-code replacement draw from torch's global RNG, whose state (with
+numpy's and Python's) is in every checkpoint. So on the CPU a run resumed from a checkpoint
+ends with the same weights as one that never stopped. Threads are the caller's business
+(``torch.set_num_threads``), never set here.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from distill.shared.dataset import Dataset
+from distill.shared.errors import ConfigError, DatasetError, JobError, ModelFormatError
+from distill.shared.mel import MelConfig
+from distill.shared.models.vqvae import VQVAE, VQVAEConfig, resolve_config
+
+try:  # written alongside this module; training runs without it (no augmentation)
+    from distill.shared.augment import AugmentConfig, augment_mel
+except ImportError:  # pragma: no cover - depends on the tree
+    AugmentConfig = None  # type: ignore[assignment,misc]
+    augment_mel = None  # type: ignore[assignment]
+
+FORMAT_VERSION = 1  # checkpoints and weights artifacts written by this module
+MIN_STEPS_PER_EPOCH = 8  # a 5-file collection still gets a few optimiser steps per epoch
+KMEANS_MAX_VECTORS = 65536  # latents pooled for codebook init; more only slows k-means
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train; travels in checkpoints. Reasons beside the defaults."""
+
+    epochs: int = 300  # upper bound; early stopping usually ends small collections sooner
+    batch_size: int = 16  # small batches: more updates per second on CPU for 1-s chunks
+    lr: float = 2e-3  # Adam; the warmup makes this safe for the residual stacks
+    lr_min_ratio: float = 0.05  # cosine decays to lr x this at the last epoch
+    warmup_steps: int = 100  # linear warmup: the first steps see k-means-initialised codes
+    schedule: str = "cosine"  # "cosine" or "constant" (after warmup)
+    grad_clip: float = 1.0  # global norm; guards the first steps after dead-code swaps
+    patience: int = 40  # epochs without a better validation loss before stopping; 0 = never
+    seed: int = 0  # everything random in the run derives from it
+    preview_every: int = 25  # epochs between audio previews; 0 = none
+    preview_chunks: int = 2  # validation chunks per preview
+    max_rollbacks: int = 2  # NaN/inf rollbacks allowed; the next one fails the job
+    augment: bool = False  # mel augmentation (distill.shared.augment) of training batches
+    augment_gain: bool = True  # the AugmentConfig switches used when augment is on
+    augment_time_shift: bool = True
+    augment_noise: bool = False  # noise adds texture the reconstruction then has to invent
+    augment_pitch_shift: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
+            (0 <= self.lr_min_ratio <= 1, "lr_min_ratio must be in [0, 1]"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.schedule in ("cosine", "constant"), "schedule must be cosine or constant"),
+            (self.grad_clip > 0, "grad_clip must be > 0"),
+            (self.patience >= 0 and self.seed >= 0, "patience and seed must be >= 0"),
+            (self.preview_every >= 0 and self.preview_chunks >= 1, "bad preview settings"),
+            (self.max_rollbacks >= 0, "max_rollbacks must be >= 0"),
+        ]
+        for ok, why in checks:
+            if not ok:
+                raise ConfigError(f"TrainConfig: {why}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """From a plain dict; unknown keys or wrong types raise ConfigError."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"TrainConfig: expected a map, got {type(d).__name__}")
+        types = {f.name: str(f.type) for f in fields(cls)}
+        unknown = sorted(set(d) - set(types))
+        if unknown:
+            raise ConfigError(f"TrainConfig: unknown keys {unknown}")
+        for key, value in d.items():
+            if not _type_ok(value, types[key]):
+                raise ConfigError(f"TrainConfig: {key} must be {types[key]}, got {value!r}")
+        return cls(**{k: float(v) if types[k] == "float" else v for k, v in d.items()})
+
+
+def _type_ok(value: Any, type_name: str) -> bool:
+    if type_name == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return {"int": isinstance(value, int), "float": isinstance(value, (int, float)),
+            "str": isinstance(value, str)}.get(type_name, False)  # fmt: skip
+
+
+def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning rate at optimiser step ``step`` (0-based): linear warmup then cosine/constant."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    span = max(1, total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.lr * config.lr_min_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks and result
+
+
+class TrainHooks(Protocol):
+    """What the loop reports to (a job context, a test, a benchmark)."""
+
+    def check_cancel(self) -> None:
+        """Raise (e.g. JobCancelled) to stop; called before every step."""
+        ...
+
+    def on_epoch(self, metrics: dict[str, Any]) -> None:
+        """One row of metrics (plain msgpack-able values) after each epoch."""
+        ...
+
+    def save_checkpoint(self, data: bytes) -> None:
+        """Store a checkpoint (bytes from torch.save); called after every epoch."""
+        ...
+
+    def load_checkpoint(self) -> bytes | None:
+        """The last stored checkpoint of this run, or None for a fresh start."""
+        ...
+
+    def on_preview(self, epoch: int, mels: Tensor, recon: Tensor, names: list[str]) -> None:
+        """True and reconstructed log-mel chunks (n, M, T) on the CPU, with their file names."""
+        ...
+
+
+class NullHooks:
+    """Hooks that keep nothing: for benchmarks and quick experiments."""
+
+    def check_cancel(self) -> None:
+        return None
+
+    def on_epoch(self, metrics: dict[str, Any]) -> None:
+        return None
+
+    def save_checkpoint(self, data: bytes) -> None:
+        return None
+
+    def load_checkpoint(self) -> bytes | None:
+        return None
+
+    def on_preview(self, epoch: int, mels: Tensor, recon: Tensor, names: list[str]) -> None:
+        return None
+
+
+@dataclass
+class TrainResult:
+    model: VQVAE  # with the weights of the best validation epoch, in eval mode
+    model_config: VQVAEConfig
+    train_config: TrainConfig
+    chosen: dict[str, Any]  # {"codebook_size", "levels", "why"}
+    epochs: int  # epochs run
+    best_val_loss: float
+    best_epoch: int
+    stopped: str  # "epochs" or "early_stopping"
+    metrics: dict[str, Any]  # the last epoch's row
+
+
+class _Diverged(Exception):
+    """A non-finite loss: roll back to the last checkpoint."""
+
+
+@dataclass
+class _State:
+    """What changes as training runs (the model and optimiser aside)."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps taken
+    best_val: float = math.inf
+    best_epoch: int = 0
+    best_state: dict[str, Tensor] | None = None
+    lr_scale: float = 1.0  # halved by every NaN rollback
+    rollbacks: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+class VQVAETrainer:
+    """Trains one VQVAE on one dataset; ``run()`` once. Resumes from ``hooks.load_checkpoint``."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        model_config: VQVAEConfig,
+        train_config: TrainConfig,
+        hooks: TrainHooks,
+        *,
+        device: str = "cpu",
+    ) -> None:
+        train_idx, val_idx = dataset.train_indices(), dataset.val_indices()
+        if len(train_idx) == 0:
+            raise DatasetError("the dataset has no training chunks")
+        if model_config.n_mels != dataset.mel_config.n_mels:
+            raise ConfigError(
+                f"model n_mels {model_config.n_mels} != dataset n_mels {dataset.mel_config.n_mels}"
+            )
+        self.dataset, self.hooks, self.device = dataset, hooks, torch.device(device)
+        mels = torch.from_numpy(dataset.mels)  # (N, M, T)
+        self.train_mels = mels[torch.from_numpy(train_idx)].to(self.device)  # (N_train, M, T)
+        self.val_mels = mels[torch.from_numpy(val_idx)].to(self.device)  # (N_val, M, T)
+        self.val_names = [dataset.manifest[int(dataset.chunk_file[i])].name for i in val_idx]
+        n_files = len(dataset.files_in_split("train"))
+        self.model_config, why = resolve_config(model_config, n_files)
+        self.chosen = {"codebook_size": self.model_config.codebook_size,
+                       "levels": self.model_config.levels, "why": why}  # fmt: skip
+        self.train_config = train_config
+        self.state = _State()
+        self.model: VQVAE | None = None
+        self.optimizer: torch.optim.Adam | None = None
+        self.last_checkpoint: bytes | None = None
+
+    # -- run ------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train to the last epoch or early stop; raises JobError after too many NaN rollbacks."""
+        with torch.random.fork_rng(devices=self._cuda_devices()):  # leave the caller's RNG be
+            self._start()
+            metrics: dict[str, Any] = {}
+            stopped = "epochs"
+            while self.state.epoch < self.train_config.epochs:
+                try:
+                    metrics = self._epoch()
+                except _Diverged as e:
+                    self._rollback(str(e))
+                    continue
+                if self._should_stop():
+                    stopped = "early_stopping"
+                    break
+            return self._result(metrics, stopped)
+
+    def _start(self) -> None:
+        data = self.hooks.load_checkpoint()
+        if data is not None:
+            self._restore(data)
+            self.last_checkpoint = data
+            return
+        torch.manual_seed(self.train_config.seed)
+        np.random.seed(self.train_config.seed)
+        random.seed(self.train_config.seed)
+        self.model = VQVAE(self.model_config).to(self.device)
+        self._init_model_(self.model)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.train_config.lr)
+        self._checkpoint()  # epoch 0: the point a NaN in the first epoch rolls back to
+
+    @torch.no_grad()
+    def _init_model_(self, model: VQVAE) -> None:
+        """Normalisation from the training chunks, then codebooks by k-means over their latents."""
+        x = self.train_mels  # (N, M, T)
+        model.set_normalisation_(x.mean(dim=(0, 2)), x.std(dim=(0, 2)))
+        latents = torch.cat([model.encode_latents(b) for b in x.split(64)])  # (N, T', D)
+        pooled = latents.reshape(-1, latents.shape[-1])  # (N * T', D)
+        if len(pooled) > KMEANS_MAX_VECTORS:
+            g = torch.Generator().manual_seed(self.train_config.seed)
+            pooled = pooled[torch.randperm(len(pooled), generator=g)[:KMEANS_MAX_VECTORS]]
+        per_batch = min(self.train_config.batch_size, len(x)) * latents.shape[1]
+        model.kmeans_init_(pooled, per_batch, seed=self.train_config.seed)
+
+    def _should_stop(self) -> bool:
+        patience = self.train_config.patience
+        return patience > 0 and self.state.epoch - self.state.best_epoch >= patience
+
+    # -- batch ----------------------------------------------------------------------------------
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n, bs = len(self.train_mels), min(self.train_config.batch_size, len(self.train_mels))
+        return max(math.ceil(n / bs), MIN_STEPS_PER_EPOCH)
+
+    def _batches(self, epoch: int) -> Iterator[Tensor]:
+        """Full batches (B, M, T) for ``epoch``, shuffled by a generator seeded by the epoch."""
+        cfg, n = self.train_config, len(self.train_mels)
+        bs = min(cfg.batch_size, n)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        need = self.steps_per_epoch * bs
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])
+        for i in range(self.steps_per_epoch):
+            x = self.train_mels[order[i * bs : (i + 1) * bs].to(self.device)]  # (B, M, T)
+            yield self._augment(x, g)
+
+    def _augment(self, x: Tensor, g: torch.Generator) -> Tensor:
+        cfg = self.train_config
+        if not cfg.augment or augment_mel is None:
+            return x
+        aug = AugmentConfig(gain=cfg.augment_gain, time_shift=cfg.augment_time_shift,
+                            noise=cfg.augment_noise, pitch_shift=cfg.augment_pitch_shift)  # fmt: skip
+        return augment_mel(x, self.dataset.mel_config, aug, g)
+
+    # -- step -----------------------------------------------------------------------------------
+
+    def _step(self, x: Tensor, totals: dict[str, Any]) -> None:
+        """One optimiser step on batch x (B, M, T); accumulates loss sums and code counts."""
+        model, opt = self._model(), self._optimizer()
+        lr = lr_at(self.train_config, self.state.step, self._total_steps()) * self.state.lr_scale
+        for group in opt.param_groups:
+            group["lr"] = lr
+        out = model(x)
+        recon = model.reconstruction_loss(x, out.recon)
+        loss = recon + out.commit_loss
+        if not torch.isfinite(loss):
+            raise _Diverged(f"loss was {float(loss)} at step {self.state.step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), self.train_config.grad_clip)
+        opt.step()
+        self.state.step += 1
+        totals["loss"] += loss.item() * len(x)
+        totals["recon"] += recon.item() * len(x)
+        totals["commit"] += out.commit_loss.item() * len(x)
+        totals["items"] += len(x)
+        totals["usage"] += _code_counts(out.codes, model.rvq.codebook_size)
+        totals["lr"] = lr
+
+    def _total_steps(self) -> int:
+        return self.train_config.epochs * self.steps_per_epoch
+
+    # -- epoch ----------------------------------------------------------------------------------
+
+    def _epoch(self) -> dict[str, Any]:
+        model = self._model()
+        model.train()
+        epoch = self.state.epoch + 1
+        totals: dict[str, Any] = {"loss": 0.0, "recon": 0.0, "commit": 0.0, "items": 0, "lr": 0.0,
+                                  "usage": torch.zeros(model.rvq.num_quantizers,
+                                                       model.rvq.codebook_size, dtype=torch.long)}  # fmt: skip
+        started = time.perf_counter()
+        for x in self._batches(epoch):
+            self.hooks.check_cancel()
+            self._step(x, totals)
+        seconds = time.perf_counter() - started
+        val_loss, val_l1 = self._validate()
+        if not math.isfinite(val_loss):
+            raise _Diverged(f"validation loss was {val_loss} after epoch {epoch}")
+        self.state.epoch = epoch
+        self._track_best(val_loss)
+        metrics = self._metrics(totals, val_loss, val_l1, seconds)
+        self._checkpoint()
+        self.hooks.on_epoch(metrics)
+        self._preview(epoch)
+        return metrics
+
+    @torch.no_grad()
+    def _validate(self) -> tuple[float, float]:
+        """Validation loss and log-mel L1 (training chunks when there is no validation split)."""
+        model = self._model()
+        model.eval()
+        mels = self.val_mels if len(self.val_mels) else self.train_mels
+        loss = l1 = 0.0
+        for x in mels.split(64):
+            recon = model(x).recon  # (b, M, T)
+            loss += float(model.reconstruction_loss(x, recon)) * len(x)
+            l1 += float((recon - x).abs().mean()) * len(x)
+        model.train()
+        return loss / len(mels), l1 / len(mels)
+
+    def _track_best(self, val_loss: float) -> None:
+        if val_loss < self.state.best_val:
+            self.state.best_val, self.state.best_epoch = val_loss, self.state.epoch
+            self.state.best_state = {k: v.detach().cpu().clone()
+                                     for k, v in self._model().state_dict().items()}  # fmt: skip
+
+    def _metrics(
+        self, totals: dict[str, Any], val_loss: float, val_l1: float, seconds: float
+    ) -> dict[str, Any]:
+        usage: Tensor = totals["usage"]  # (Q, K)
+        n, steps = max(totals["items"], 1), self.steps_per_epoch
+        remaining = self.train_config.epochs - self.state.epoch
+        return {
+            "epoch": self.state.epoch,
+            "epochs": self.train_config.epochs,
+            "step": self.state.step,
+            "train_loss": totals["loss"] / n,
+            "train_recon": totals["recon"] / n,
+            "commit_loss": totals["commit"] / n,
+            "val_recon": val_loss,
+            "val_l1": val_l1,
+            "validated_on": "val" if len(self.val_mels) else "train",
+            "best_val": self.state.best_val,
+            "best_epoch": self.state.best_epoch,
+            "utilisation": ((usage > 0).sum(dim=1).float() / usage.shape[1]).tolist(),
+            "perplexity": _perplexity(usage),
+            "dead_codes": self._model().dead_codes(),
+            "usage": usage.tolist(),  # (Q, K) code counts this epoch, for a heatmap
+            "lr": totals["lr"],
+            "epoch_s": seconds,
+            "steps_per_s": steps / max(seconds, 1e-9),
+            "eta_s": seconds * remaining,
+            "rollbacks": self.state.rollbacks,
+        }
+
+    def _preview(self, epoch: int) -> None:
+        every = self.train_config.preview_every
+        if every == 0 or epoch % every != 0:
+            return
+        pool, names = (self.val_mels, self.val_names) if len(self.val_mels) else (
+            self.train_mels, ["train"] * len(self.train_mels))  # fmt: skip
+        n = min(self.train_config.preview_chunks, len(pool))
+        model = self._model()
+        model.eval()
+        with torch.no_grad():
+            recon = model(pool[:n]).recon  # (n, M, T)
+        model.train()
+        self.hooks.on_preview(epoch, pool[:n].cpu(), recon.cpu(), names[:n])
+
+    def _result(self, metrics: dict[str, Any], stopped: str) -> TrainResult:
+        model = self._model()
+        if self.state.best_state is not None:
+            model.load_state_dict(self.state.best_state)
+        model.eval()
+        return TrainResult(model=model, model_config=self.model_config,
+                           train_config=self.train_config, chosen=self.chosen,
+                           epochs=self.state.epoch, best_val_loss=self.state.best_val,
+                           best_epoch=self.state.best_epoch, stopped=stopped,
+                           metrics=metrics)  # fmt: skip
+
+    def _model(self) -> VQVAE:
+        assert self.model is not None, "run() builds the model"
+        return self.model
+
+    def _optimizer(self) -> torch.optim.Adam:
+        assert self.optimizer is not None, "run() builds the optimiser"
+        return self.optimizer
+
+    def _cuda_devices(self) -> list[torch.device]:
+        return [self.device] if self.device.type == "cuda" else []
+
+    # -- checkpoint / rollback ------------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        s, model = self.state, self._model()
+        payload = {
+            "format_version": FORMAT_VERSION,
+            "kind": "vqvae-checkpoint",
+            "model_config": self.model_config.to_dict(),
+            "train_config": self.train_config.to_dict(),
+            "mel_config": self.dataset.mel_config.to_dict(),
+            "chosen": self.chosen,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": self._optimizer().state_dict(),
+            "scheduler": {"kind": self.train_config.schedule, "lr_scale": s.lr_scale},
+            "step": s.step,
+            "epoch": s.epoch,
+            "rng": _rng_state(self._cuda_devices()),
+            "best_val": s.best_val,
+            "best_epoch": s.best_epoch,
+            "best_state_dict": s.best_state,
+            "rollbacks": s.rollbacks,
+        }
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        self.last_checkpoint = buf.getvalue()
+        self.hooks.save_checkpoint(self.last_checkpoint)
+
+    def _restore(self, data: bytes) -> None:
+        """Model, optimiser, counters and RNG from a checkpoint; its configs win over ours."""
+        ckpt = read_checkpoint(data)
+        self.model_config = VQVAEConfig.from_dict(ckpt["model_config"])
+        self.train_config = TrainConfig.from_dict(ckpt["train_config"])
+        self.chosen = dict(ckpt["chosen"])
+        self.model = VQVAE(self.model_config).to(self.device)
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.train_config.lr)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.state = _State(
+            epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), best_val=float(ckpt["best_val"]),
+            best_epoch=int(ckpt["best_epoch"]), best_state=ckpt["best_state_dict"],
+            lr_scale=float(ckpt["scheduler"]["lr_scale"]), rollbacks=int(ckpt["rollbacks"]),
+        )  # fmt: skip
+        _set_rng_state(ckpt["rng"], self._cuda_devices())
+
+    def _rollback(self, reason: str) -> None:
+        """Back to the last checkpoint with half the learning rate; fail after max_rollbacks."""
+        rollbacks = self.state.rollbacks + 1
+        if rollbacks > self.train_config.max_rollbacks or self.last_checkpoint is None:
+            raise JobError(
+                f"training diverged {rollbacks} times ({reason}), even after halving the "
+                f"learning rate {rollbacks - 1} time(s); try a lower lr or check the dataset"
+            )
+        lr_scale = self.state.lr_scale * 0.5
+        self._restore(self.last_checkpoint)
+        self.state.rollbacks, self.state.lr_scale = rollbacks, lr_scale
+        self._checkpoint()  # the halved rate survives a crash
+
+
+def train_vqvae(
+    dataset: Dataset,
+    model_config: VQVAEConfig,
+    train_config: TrainConfig,
+    hooks: TrainHooks,
+    *,
+    device: str = "cpu",
+) -> TrainResult:
+    """Train (or resume, when ``hooks.load_checkpoint()`` returns one) and return the result."""
+    return VQVAETrainer(dataset, model_config, train_config, hooks, device=device).run()
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: codebook statistics, RNG state, checkpoint and weights bytes
+
+
+def _code_counts(codes: Tensor, codebook_size: int) -> Tensor:
+    """Counts (Q, K) of each code per level in codes (B, Q, T'); -1 (dropped) not counted."""
+    per_level = codes.transpose(0, 1).reshape(codes.shape[1], -1).cpu()  # (Q, B * T')
+    return torch.stack([torch.bincount(row[row >= 0], minlength=codebook_size)
+                        for row in per_level])  # fmt: skip
+
+
+def _perplexity(usage: Tensor) -> list[float]:
+    """exp(entropy) of each level's code distribution (Q, K): K when uniform, 1 when collapsed."""
+    p = usage.double() / usage.sum(dim=1, keepdim=True).clamp_min(1)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=1)
+    return entropy.exp().tolist()
+
+
+def _rng_state(cuda_devices: list[torch.device]) -> dict[str, Any]:
+    """torch, CUDA, numpy and Python RNG states as tensors and plain values (weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    version, py_state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [torch.cuda.get_rng_state(d) for d in cuda_devices],
+        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": int(version), "state": [int(v) for v in py_state],
+                   "gauss": None if gauss is None else float(gauss)},
+    }  # fmt: skip
+
+
+def _set_rng_state(rng: dict[str, Any], cuda_devices: list[torch.device]) -> None:
+    torch.set_rng_state(rng["torch"])
+    for device, state in zip(cuda_devices, rng.get("cuda", []), strict=False):
+        torch.cuda.set_rng_state(state, device)
+    n = rng["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached"]))
+    p = rng["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def _load(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or truncated files
+        raise ModelFormatError(f"{what} is corrupt or truncated: {type(e).__name__}: {e}") from e
+    if not isinstance(obj, dict) or not isinstance(obj.get("format_version"), int):
+        raise ModelFormatError(f"{what} has no format_version: not a Distill file")
+    version = obj["format_version"]
+    if version > FORMAT_VERSION or version < 1:
+        raise ModelFormatError(
+            f"{what} has format_version {version}; this Distill reads 1..{FORMAT_VERSION} "
+            "(a newer version needs a newer Distill)"
+        )
+    return obj
+
+
+def read_checkpoint(data: bytes) -> dict[str, Any]:
+    """A training checkpoint's contents; ModelFormatError when corrupt, foreign or newer."""
+    ckpt = _load(data, "checkpoint")
+    missing = {"model_config", "train_config", "state_dict", "optimizer", "rng", "epoch"} - set(
+        ckpt
+    )
+    if ckpt.get("kind") != "vqvae-checkpoint" or missing:
+        raise ModelFormatError(f"not a VQ-VAE checkpoint (kind {ckpt.get('kind')!r}, "
+                               f"missing {sorted(missing)})")  # fmt: skip
+    return ckpt
+
+
+def weights_to_bytes(
+    model: VQVAE, mel_config: MelConfig, summary: dict[str, Any] | None = None
+) -> bytes:
+    """The trained model as an artifact (kind "vqvae"): configs, weights, codebooks, summary."""
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "kind": "vqvae",
+        "model_config": model.config.to_dict(),
+        "mel_config": mel_config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "summary": summary or {},
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def weights_from_bytes(data: bytes) -> tuple[VQVAE, MelConfig, dict[str, Any]]:
+    """Load what :func:`weights_to_bytes` wrote; the model comes back in eval mode on the CPU."""
+    obj = _load(data, "VQ-VAE weights")
+    if obj.get("kind") != "vqvae":
+        raise ModelFormatError(f"not VQ-VAE weights (kind {obj.get('kind')!r})")
+    try:
+        model = VQVAE(VQVAEConfig.from_dict(obj["model_config"]))
+        model.load_state_dict(obj["state_dict"])
+        mel_config = MelConfig.from_dict(obj["mel_config"])
+    except (KeyError, RuntimeError, ConfigError) as e:
+        raise ModelFormatError(f"VQ-VAE weights do not match their config: {e}") from e
+    return model.eval(), mel_config, dict(obj.get("summary", {}))

@@ -1,0 +1,111 @@
+"""``distill.train.vqvae``: a dataset artifact in, trained RVQ-VAE weights out.
+
+Job params::
+
+    {"dataset": sha256,          # a dataset artifact (distill.preprocess's result)
+     "model": {...},             # optional VQVAEConfig overrides; codebook size/levels left
+                                 # out are chosen from the dataset size
+     "train": {...}}             # optional TrainConfig overrides
+
+The training is :class:`distill.shared.vqvae_train.VQVAETrainer`; this module only adapts the
+job context to its hooks: metrics and progress per epoch, a checkpoint artifact per epoch (a
+retried job resumes from the last one), and Griffin-Lim audio previews of validation chunks.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any
+
+from torch import Tensor
+
+from distill.shared.dataset import Dataset
+from distill.shared.errors import JobError
+from distill.shared.mel import MelConfig, mel_to_audio
+from distill.shared.models.vqvae import VQVAEConfig
+from distill.shared.vqvae_train import TrainConfig, VQVAETrainer, weights_to_bytes
+from distill.workers.context import JobContext
+
+try:
+    from distill.shared.audio import write_audio
+except ImportError:  # pragma: no cover - depends on the tree
+    write_audio = None  # type: ignore[assignment]
+
+SERVICE = "distill.train.vqvae"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class JobHooks:
+    """TrainHooks over a JobContext."""
+
+    def __init__(self, ctx: JobContext, mel_config: MelConfig) -> None:
+        self.ctx, self.mel_config = ctx, mel_config
+
+    def check_cancel(self) -> None:
+        self.ctx.check_cancel()
+
+    def on_epoch(self, metrics: dict[str, Any]) -> None:
+        self.ctx.metrics(**metrics)
+        brief = {k: metrics[k] for k in ("epoch", "epochs", "train_recon", "val_recon", "eta_s")}
+        self.ctx.progress(metrics["epoch"] / metrics["epochs"], **brief)
+
+    def save_checkpoint(self, data: bytes) -> None:
+        self.ctx.save_checkpoint(data, name=f"vqvae-{self.ctx.info.job_id}.ckpt")
+
+    def load_checkpoint(self) -> bytes | None:
+        return self.ctx.load_checkpoint()
+
+    def on_preview(self, epoch: int, mels: Tensor, recon: Tensor, names: list[str]) -> None:
+        for i, name in enumerate(names):
+            for which, mel in (("original", mels[i]), ("reconstruction", recon[i])):
+                wav = _wav_bytes(mel_to_audio(mel, self.mel_config), self.mel_config.sample_rate)
+                sha = self.ctx.artifacts.put_bytes(
+                    wav, kind="preview", name=f"epoch{epoch:04d}-{i}-{which}.wav",
+                    job=self.ctx.info.job_id,
+                )  # fmt: skip
+                self.ctx.event("preview", artifact=sha, epoch=epoch, chunk=i, file=name,
+                               which=which)  # fmt: skip
+
+
+def _wav_bytes(audio: Tensor, sample_rate: int) -> bytes:
+    buf = io.BytesIO()
+    if write_audio is not None:
+        write_audio(buf, audio, sample_rate, format="WAV")
+    else:  # pragma: no cover - depends on the tree
+        import soundfile
+
+        soundfile.write(buf, audio.clamp(-1, 1).numpy(), sample_rate, format="WAV")
+    return buf.getvalue()
+
+
+def _params(params: dict[str, Any]) -> tuple[str, VQVAEConfig, TrainConfig]:
+    sha = params.get("dataset")
+    if not isinstance(sha, str) or not _SHA256.match(sha):
+        raise JobError("train.vqvae: params.dataset must be a dataset artifact id (sha256 hex)")
+    model, train = params.get("model") or {}, params.get("train") or {}
+    return sha, VQVAEConfig.from_dict(model), TrainConfig.from_dict(train)
+
+
+def run_job(ctx: JobContext) -> dict[str, Any]:
+    sha, model_config, train_config = _params(ctx.info.params)
+    dataset = Dataset.from_bytes(ctx.artifacts.get_bytes(sha))
+    hooks = JobHooks(ctx, dataset.mel_config)
+    trainer = VQVAETrainer(dataset, model_config, train_config, hooks, device=ctx.device)
+    result = trainer.run()
+    summary = {"dataset": sha, "epochs": result.epochs, "best_epoch": result.best_epoch,
+               "best_val_loss": result.best_val_loss, "chosen": result.chosen}  # fmt: skip
+    weights = weights_to_bytes(result.model, dataset.mel_config, summary)
+    model_sha = ctx.artifacts.put_bytes(weights, kind="vqvae", name="vqvae.pt", job=ctx.info.job_id)
+    metrics = {k: v for k, v in result.metrics.items() if k != "usage"}
+    return {
+        "model": model_sha,
+        "config": result.model_config.to_dict(),
+        "train_config": result.train_config.to_dict(),
+        "chosen": result.chosen,
+        "epochs": result.epochs,
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "stopped": result.stopped,
+        "metrics": metrics,
+    }
