@@ -60,12 +60,13 @@ class JobService:
         handler = {
             "submit": self._submit, "get": self._get, "list": self._list, "cancel": self._cancel,
             "retry": self._retry, "checkpoint": self._checkpoint, "counts": self._counts,
+            "metrics": self._metrics,
         }.get(op)  # type: ignore[arg-type]
         if op == "wait":
             return self._wait(identity, msg)
         if handler is None:
             raise DecodeError(f"distill.jobs has no op {op!r} (ops: submit, get, list, cancel, "
-                              "retry, wait, checkpoint, counts)")
+                              "retry, wait, checkpoint, metrics, counts)")
         return ok_body(handler(msg))
 
     def _submit(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -113,6 +114,14 @@ class JobService:
         self.store.set_checkpoint(job_id, sha)
         return {"id": job_id, "checkpoint": sha}
 
+    def _metrics(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """A metric row sent as a request: stored before the reply, so no row is ever lost to
+        the event stream's best-effort delivery; then published for live viewers."""
+        job_id, row = _field(msg, "id", str), _field(msg, "row", dict)
+        self.store.append_metrics(job_id, row)
+        self.broker.publish(f"job.{job_id}", {"type": "metrics", "job": job_id, "row": row, "recorded": True})
+        return {"id": job_id}
+
     def _wait(self, identity: bytes, msg: dict[str, Any]) -> list[bytes] | None:
         job_id = _field(msg, "id", str)
         timeout_s = min(float(_field(msg, "timeout_s", (int, float), 30.0) or 30.0), MAX_WAIT_S)
@@ -130,7 +139,8 @@ class JobService:
         if event.get("type") == "progress":
             fields = {k: v for k, v in event.items() if k not in ("topic", "seq", "broker_ts", "job")}
             self.pending_progress[job_id] = fields
-        elif event.get("type") == "metrics" and isinstance(event.get("row"), dict):
+        elif (event.get("type") == "metrics" and isinstance(event.get("row"), dict)
+              and not event.get("recorded")):  # rows sent as requests are stored already
             self.pending_metrics.append((job_id, event["row"]))
 
     def _flush_events(self) -> None:

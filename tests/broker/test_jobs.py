@@ -133,8 +133,9 @@ def test_metric_history_is_kept_for_late_viewers(cluster: Cluster) -> None:
         job = jobs.submit("distill.sleep", {"sleep_s": 1.0, "steps": 10})
         assert jobs.wait(job["id"], timeout_s=30)["status"] == "succeeded"
         # events are flushed to the table on the broker's next tick
-        record: dict[str, Any] = wait_until(lambda: (r := jobs.get(job["id"])) and len(r["metrics"]) == 10 and r,
-                                            5, what="metric history")
+        record: dict[str, Any] = wait_until(
+            lambda: (r := jobs.get(job["id"])) and len(r["metrics"]) == 10 and r["progress"]["fraction"] == 1.0 and r,
+            5, what="metric history and latest progress")
     assert [row["step"] for row in record["metrics"]] == list(range(1, 11))
     assert record["progress"]["fraction"] == 1.0
 
