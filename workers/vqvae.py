@@ -87,8 +87,20 @@ def _params(params: dict[str, Any]) -> tuple[str, VQVAEConfig, TrainConfig]:
     return sha, VQVAEConfig.from_dict(model), TrainConfig.from_dict(train)
 
 
+def _with_dataset_from_deps(ctx: JobContext) -> dict[str, Any]:
+    """``distill train <preprocess job>`` submits before the dataset exists: the job depends on
+    the preprocess job and takes the dataset from its result."""
+    params = dict(ctx.info.params)
+    if "dataset" not in params:
+        found = [r["dataset"] for r in ctx.info.deps.values() if isinstance(r, dict) and "dataset" in r]
+        if len(found) != 1:
+            raise JobError("train.vqvae: give params.dataset, or depend on exactly one preprocess job")
+        params["dataset"] = found[0]
+    return params
+
+
 def run_job(ctx: JobContext) -> dict[str, Any]:
-    sha, model_config, train_config = _params(ctx.info.params)
+    sha, model_config, train_config = _params(_with_dataset_from_deps(ctx))
     dataset = Dataset.from_bytes(ctx.artifacts.get_bytes(sha))
     hooks = JobHooks(ctx, dataset.mel_config)
     trainer = VQVAETrainer(dataset, model_config, train_config, hooks, device=ctx.device)

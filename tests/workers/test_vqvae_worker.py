@@ -91,3 +91,22 @@ def test_cli_train_with_live_progress(cluster: Cluster, percussion: Path, tmp_pa
     assert out.returncode == 0, out.stderr
     assert "epoch 3/3" in out.stderr and "util" in out.stderr
     assert "model " in out.stdout
+
+
+def test_pipeline_from_sound_files_to_model(cluster: Cluster, percussion: Path, tmp_path: Path) -> None:
+    """Upload files, preprocess, train: the training job depends on the preprocess job and
+    takes the dataset from its result."""
+    cluster.start_broker()
+    cluster.start_worker("preprocess")
+    cluster.start_worker("vqvae")
+    with cluster.client(timeout_s=30) as c:
+        ac = ArtifactClient(c, cache=ArtifactCache(tmp_path / "cache"))
+        files = [{"name": n, "sha256": ac.put_file(percussion / n, kind="audio", name=n)} for n in FILES]
+        jobs = JobsClient(c)
+        prep = jobs.submit("distill.preprocess", {"files": files})
+        train = jobs.submit("distill.train.vqvae", {"model": TINY_MODEL, "train": {**TINY_TRAIN, "epochs": 2}},
+                            depends_on=[prep["id"]])
+        record = jobs.wait(train["id"], timeout_s=300)
+        assert record["status"] == "succeeded", record["error"]
+        assert record["result"]["chosen"]["codebook_size"] == 16
+        assert ac.stat(record["result"]["model"])["kind"] == "vqvae"
