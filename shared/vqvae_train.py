@@ -326,7 +326,7 @@ class VQVAETrainer:
         recon = model.reconstruction_loss(x, out.recon)
         loss = recon + out.commit_loss
         if not torch.isfinite(loss):
-            raise _Diverged(f"loss was {float(loss)} at step {self.state.step}")
+            raise _Diverged(f"loss was {loss.item()} at step {self.state.step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), self.train_config.grad_clip)

@@ -131,7 +131,8 @@ def choose_codebook(n_files: int) -> tuple[int, int, str]:
     if n_files < 20:
         size, levels, band = 64, (2 if n_files < 10 else 3), "5-20"
     elif n_files < 100:
-        size, levels, band = (128, 3) if n_files < 50 else (256, 4), "20-100"
+        size, levels = (128, 3) if n_files < 50 else (256, 4)
+        band = "20-100"
     else:
         size, levels, band = (256 if n_files < 250 else 512), (4 if n_files < 150 else 6), "100-500"
     why = (
@@ -183,8 +184,28 @@ def kmeans(
                 break
             centroids[empty] = x[far]
             dist[far] = 0.0
+    centroids = _separate_duplicates(centroids, _jitter_scale(x), generator)
     _, assign = _nearest(x, centroids)
     return centroids, torch.bincount(assign, minlength=k)
+
+
+def _jitter_scale(x: Tensor) -> Tensor:
+    return x.std().clamp_min(1e-6) * 1e-2
+
+
+def _separate_duplicates(
+    centroids: Tensor, scale: Tensor, generator: torch.Generator | None
+) -> Tensor:
+    """Jitter all but one of any equal centroids (points repeated in the data can split a
+    cluster in two: cdist's matrix-product form is inexact near zero distance)."""
+    _, group = torch.unique(centroids, dim=0, return_inverse=True)  # (k,)
+    seen: set[int] = set()
+    for i, g in enumerate(group.tolist()):
+        if g in seen:
+            noise = torch.randn(centroids.shape[1], generator=generator, dtype=centroids.dtype)
+            centroids[i] = centroids[i] + noise * scale
+        seen.add(g)
+    return centroids
 
 
 def _nearest(x: Tensor, centroids: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
@@ -202,7 +223,7 @@ def _kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator | None) -> T
     first = int(torch.randint(len(x), (1,), generator=generator))
     centroids = [x[first]]
     d2 = (x - x[first]).square().sum(1)  # (N,)
-    scale = x.std().clamp_min(1e-6) * 1e-3
+    scale = _jitter_scale(x)
     for _ in range(1, k):
         if float(d2.sum()) <= 0:  # fewer distinct points than codes
             pick = int(torch.randint(len(x), (1,), generator=generator))
@@ -240,39 +261,64 @@ def _stack(config: VQVAEConfig) -> list[nn.Module]:
 
 
 class Encoder(nn.Module):
-    """Normalised log-mel (B, M, T) -> latents (B, D, T / downsample)."""
+    """Normalised log-mel (B, M, T) -> latents (B, D, T / downsample).
+
+    A linear path (a 1x1 conv, initialised orthogonal) plus a residual conv stack whose output
+    starts at zero: at initialisation the encoder-decoder pair is an exact linear
+    autoencoder, and training only has to learn what makes latents quantizable.
+    """
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()
-        c = config.channels
+        c, s = config.channels, config.downsample
         stride_convs = [nn.Conv1d(c, c, 4, stride=2, padding=1) for _ in range(_n_strides(config))]
+        self.linear = nn.Conv1d(config.n_mels, config.latent_dim, s, stride=s, bias=False)
         self.net = nn.Sequential(
             nn.Conv1d(config.n_mels, c, 7, padding=3),
             *stride_convs,
             *_stack(config),
-            nn.Conv1d(c, config.latent_dim, 1),
+            _zero(nn.Conv1d(c, config.latent_dim, 1)),
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return self.linear(x) + self.net(x)
 
 
 class Decoder(nn.Module):
-    """Latents (B, D, T') -> normalised log-mel (B, M, T' * downsample)."""
+    """Latents (B, D, T') -> normalised log-mel (B, M, T' * downsample); mirrors the encoder."""
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()
-        c = config.channels
+        c, s = config.channels, config.downsample
         ups = [nn.ConvTranspose1d(c, c, 4, stride=2, padding=1) for _ in range(_n_strides(config))]
+        self.linear = nn.ConvTranspose1d(config.latent_dim, config.n_mels, s, stride=s, bias=False)
         self.net = nn.Sequential(
             nn.Conv1d(config.latent_dim, c, 7, padding=3),
             *_stack(config),
             *ups,
-            nn.Conv1d(c, config.n_mels, 7, padding=3),
+            _zero(nn.Conv1d(c, config.n_mels, 7, padding=3)),
         )
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.net(z)
+        return self.linear(z) + self.net(z)
+
+
+def _zero(conv: nn.Conv1d) -> nn.Conv1d:
+    nn.init.zeros_(conv.weight)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+def _tie_linear_paths_(encoder: Encoder, decoder: Decoder) -> None:
+    """Orthogonal encoder projection W (D, M * s) and decoder W^T: an exact linear autoencoder
+    when D >= M * s, an orthogonal projection otherwise."""
+    weight = encoder.linear.weight  # (D, M, s)
+    with torch.no_grad():
+        q = torch.empty(weight.shape[0], weight.shape[1] * weight.shape[2])
+        nn.init.orthogonal_(q)
+        weight.copy_(q.reshape(weight.shape))
+        decoder.linear.weight.copy_(weight)  # ConvTranspose1d (D, M, s) computes W^T z
 
 
 def _n_strides(config: VQVAEConfig) -> int:
@@ -302,6 +348,7 @@ class VQVAE(nn.Module):
         self.register_buffer("mel_std", torch.ones(config.n_mels))  # (M,)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        _tie_linear_paths_(self.encoder, self.decoder)
         self.rvq = ResidualVQ(
             dim=config.latent_dim,
             num_quantizers=config.levels,
