@@ -26,16 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from distill.shared.augment import AugmentConfig, augment_mel
 from distill.shared.dataset import Dataset
 from distill.shared.errors import ConfigError, DatasetError, JobError, ModelFormatError
 from distill.shared.mel import MelConfig
 from distill.shared.models.vqvae import VQVAE, VQVAEConfig, resolve_config
-
-try:  # written alongside this module; training runs without it (no augmentation)
-    from distill.shared.augment import AugmentConfig, augment_mel
-except ImportError:  # pragma: no cover - depends on the tree
-    AugmentConfig = None  # type: ignore[assignment,misc]
-    augment_mel = None  # type: ignore[assignment]
 
 FORMAT_VERSION = 1  # checkpoints and weights artifacts written by this module
 MIN_STEPS_PER_EPOCH = 8  # a 5-file collection still gets a few optimiser steps per epoch
@@ -99,7 +94,8 @@ class TrainConfig:
         for key, value in d.items():
             if not _type_ok(value, types[key]):
                 raise ConfigError(f"TrainConfig: {key} must be {types[key]}, got {value!r}")
-        return cls(**{k: float(v) if types[k] == "float" else v for k, v in d.items()})
+        kwargs: dict[str, Any] = {k: float(v) if types[k] == "float" else v for k, v in d.items()}
+        return cls(**kwargs)
 
 
 def _type_ok(value: Any, type_name: str) -> bool:
@@ -308,7 +304,7 @@ class VQVAETrainer:
 
     def _augment(self, x: Tensor, g: torch.Generator) -> Tensor:
         cfg = self.train_config
-        if not cfg.augment or augment_mel is None:
+        if not cfg.augment:
             return x
         aug = AugmentConfig(gain=cfg.augment_gain, time_shift=cfg.augment_time_shift,
                             noise=cfg.augment_noise, pitch_shift=cfg.augment_pitch_shift)  # fmt: skip
@@ -542,7 +538,7 @@ def _perplexity(usage: Tensor) -> list[float]:
 
 def _rng_state(cuda_devices: list[torch.device]) -> dict[str, Any]:
     """torch, CUDA, numpy and Python RNG states as tensors and plain values (weights_only)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     version, py_state, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),

@@ -20,17 +20,13 @@ from typing import Any
 
 from torch import Tensor
 
+from distill.shared.audio import write_audio
 from distill.shared.dataset import Dataset
 from distill.shared.errors import JobError
 from distill.shared.mel import MelConfig, mel_to_audio
 from distill.shared.models.vqvae import VQVAEConfig
 from distill.shared.vqvae_train import TrainConfig, VQVAETrainer, weights_to_bytes
 from distill.workers.context import JobContext
-
-try:
-    from distill.shared.audio import write_audio
-except ImportError:  # pragma: no cover - depends on the tree
-    write_audio = None  # type: ignore[assignment]
 
 SERVICE = "distill.train.vqvae"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -70,12 +66,7 @@ class JobHooks:
 
 def _wav_bytes(audio: Tensor, sample_rate: int) -> bytes:
     buf = io.BytesIO()
-    if write_audio is not None:
-        write_audio(buf, audio, sample_rate, format="WAV")
-    else:  # pragma: no cover - depends on the tree
-        import soundfile
-
-        soundfile.write(buf, audio.clamp(-1, 1).numpy(), sample_rate, format="WAV")
+    write_audio(buf, audio, sample_rate, format="WAV")
     return buf.getvalue()
 
 

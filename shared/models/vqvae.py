@@ -247,9 +247,7 @@ class ResidualBlock(nn.Module):
         super().__init__()
         pad = dilation * (kernel_size - 1) // 2
         self.conv = nn.Conv1d(channels, channels, kernel_size, dilation=dilation, padding=pad)
-        self.mix = nn.Conv1d(channels, channels, 1)
-        nn.init.zeros_(self.mix.weight)  # starts as identity (SkipInit): a linear AE to refine
-        nn.init.zeros_(self.mix.bias)
+        self.mix = _zero(nn.Conv1d(channels, channels, 1))  # the block starts as identity
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.mix(F.gelu(self.conv(F.gelu(x))))
@@ -261,27 +259,21 @@ def _stack(config: VQVAEConfig) -> list[nn.Module]:
 
 
 class Encoder(nn.Module):
-    """Normalised log-mel (B, M, T) -> latents (B, D, T / downsample).
-
-    A linear path (a 1x1 conv, initialised orthogonal) plus a residual conv stack whose output
-    starts at zero: at initialisation the encoder-decoder pair is an exact linear
-    autoencoder, and training only has to learn what makes latents quantizable.
-    """
+    """Normalised log-mel (B, M, T) -> latents (B, D, T / downsample)."""
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()
-        c, s = config.channels, config.downsample
+        c = config.channels
         stride_convs = [nn.Conv1d(c, c, 4, stride=2, padding=1) for _ in range(_n_strides(config))]
-        self.linear = nn.Conv1d(config.n_mels, config.latent_dim, s, stride=s, bias=False)
         self.net = nn.Sequential(
             nn.Conv1d(config.n_mels, c, 7, padding=3),
             *stride_convs,
             *_stack(config),
-            _zero(nn.Conv1d(c, config.latent_dim, 1)),
+            nn.Conv1d(c, config.latent_dim, 1),
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear(x) + self.net(x)
+        return self.net(x)
 
 
 class Decoder(nn.Module):
@@ -289,18 +281,17 @@ class Decoder(nn.Module):
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()
-        c, s = config.channels, config.downsample
+        c = config.channels
         ups = [nn.ConvTranspose1d(c, c, 4, stride=2, padding=1) for _ in range(_n_strides(config))]
-        self.linear = nn.ConvTranspose1d(config.latent_dim, config.n_mels, s, stride=s, bias=False)
         self.net = nn.Sequential(
             nn.Conv1d(config.latent_dim, c, 7, padding=3),
             *_stack(config),
             *ups,
-            _zero(nn.Conv1d(c, config.n_mels, 7, padding=3)),
+            nn.Conv1d(c, config.n_mels, 7, padding=3),
         )
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.linear(z) + self.net(z)
+        return self.net(z)
 
 
 def _zero(conv: nn.Conv1d) -> nn.Conv1d:
@@ -308,17 +299,6 @@ def _zero(conv: nn.Conv1d) -> nn.Conv1d:
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
     return conv
-
-
-def _tie_linear_paths_(encoder: Encoder, decoder: Decoder) -> None:
-    """Orthogonal encoder projection W (D, M * s) and decoder W^T: an exact linear autoencoder
-    when D >= M * s, an orthogonal projection otherwise."""
-    weight = encoder.linear.weight  # (D, M, s)
-    with torch.no_grad():
-        q = torch.empty(weight.shape[0], weight.shape[1] * weight.shape[2])
-        nn.init.orthogonal_(q)
-        weight.copy_(q.reshape(weight.shape))
-        decoder.linear.weight.copy_(weight)  # ConvTranspose1d (D, M, s) computes W^T z
 
 
 def _n_strides(config: VQVAEConfig) -> int:
@@ -339,6 +319,9 @@ class VQVAEOutput:
 class VQVAE(nn.Module):
     """RVQ-VAE over log-mel chunks. ``config`` must be resolved (see ``resolve_config``)."""
 
+    mel_mean: Tensor  # (M,) buffers: the training set's per-bin log-mel statistics
+    mel_std: Tensor
+
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()
         if config.codebook_size is None or config.levels is None:
@@ -348,7 +331,6 @@ class VQVAE(nn.Module):
         self.register_buffer("mel_std", torch.ones(config.n_mels))  # (M,)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        _tie_linear_paths_(self.encoder, self.decoder)
         self.rvq = ResidualVQ(
             dim=config.latent_dim,
             num_quantizers=config.levels,
@@ -453,24 +435,23 @@ class VQVAE(nn.Module):
     # -- losses and codebook state ------------------------------------------------------------
 
     def reconstruction_loss(self, mel: Tensor, recon: Tensor) -> Tensor:
-        """L1 on normalised log-mel + spectral_weight x a loudness-weighted log error.
+        """L1 on normalised log-mel + spectral_weight x spectral convergence of the mel magnitude.
 
-        The L1 treats every bin alike (quiet tails matter to the ear). The second term is the
-        spectral convergence of exp(log-mel) to first order: for small errors
-        ||e^x' - e^x|| / ||e^x|| ~ sqrt(sum e^2x (x' - x)^2 / sum e^2x). Written in the log
-        domain it weighs loud bins as decoded audio's spectral convergence does, without the
-        exploding gradients of exp() on an untrained decoder's output.
+        The L1 treats every bin alike (quiet tails matter to the ear); spectral convergence
+        ||e^x' - e^x|| / ||e^x|| per chunk weighs loud bins as the figure for decoded audio
+        does. Magnitudes are taken relative to each chunk's peak and the estimate capped at
+        e^3 times it (linearly above, so an overshoot still feels a gradient): an untrained
+        decoder's wild output cannot overflow.
         """
         err = recon - mel  # (B, M, T)
         l1 = (err.abs() / self.mel_std[:, None]).mean()
         if self.config.spectral_weight == 0:
             return l1
-        # Weighted by the louder of target and estimate: an estimate loud where the target is
-        # quiet costs spectral convergence as much as the reverse.
-        louder = torch.maximum(mel, recon.detach()) - mel.amax(dim=(1, 2), keepdim=True)
-        power = (2 * louder.clamp(max=1.0)).exp()  # (B, M, T)
-        weighted = (power * err.square()).sum(dim=(1, 2)) / power.sum(dim=(1, 2))  # (B,)
-        return l1 + self.config.spectral_weight * weighted.clamp_min(1e-12).sqrt().mean()
+        peak = mel.amax(dim=(1, 2), keepdim=True)  # (B, 1, 1)
+        target = (mel - peak).exp()  # (B, M, T), max 1
+        estimate = _capped_exp(recon - peak, cap=3.0)
+        sc = (estimate - target).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1)  # (B,)
+        return l1 + self.config.spectral_weight * sc.mean()
 
     @torch.no_grad()
     def kmeans_init_(self, latents: Tensor, batch_vectors: int, seed: int = 0) -> None:
@@ -486,7 +467,7 @@ class VQVAE(nn.Module):
         for vq in self.rvq.layers:
             centroids, counts = kmeans(residual, self.rvq.codebook_size, generator=generator)
             size = (counts.float() * batch_vectors / len(residual)).clamp_min(floor)  # (K,)
-            book = vq._codebook
+            book = _book(vq)
             book.embed.data.copy_(centroids[None].to(book.embed))  # (1, K, D)
             book.cluster_size.data.copy_(size[None].to(book.cluster_size))  # (1, K)
             book.embed_avg.data.copy_((centroids * size[:, None])[None].to(book.embed_avg))
@@ -496,9 +477,20 @@ class VQVAE(nn.Module):
 
     def codebooks(self) -> Tensor:
         """Codebook vectors (Q, K, D)."""
-        return torch.stack([vq._codebook.embed[0] for vq in self.rvq.layers])
+        return torch.stack([_book(vq).embed[0] for vq in self.rvq.layers])
 
     def dead_codes(self) -> list[int]:
         """Per level, codes whose EMA use per batch is below the dead-code threshold."""
         threshold = self.config.dead_code_threshold
-        return [int((vq._codebook.cluster_size < threshold).sum()) for vq in self.rvq.layers]
+        return [int((_book(vq).cluster_size < threshold).sum()) for vq in self.rvq.layers]
+
+
+def _capped_exp(x: Tensor, cap: float) -> Tensor:
+    """exp(x) up to x = cap, then its tangent line: finite, and never without a gradient."""
+    edge = math.exp(cap)
+    return torch.where(x <= cap, x.clamp(max=cap).exp(), edge * (1 + x - cap))
+
+
+def _book(vq: nn.Module) -> Any:
+    """The library's EMA codebook of one level (embed, embed_avg, cluster_size, initted)."""
+    return vq._codebook

@@ -1,0 +1,171 @@
+"""Benchmark: train the default RVQ-VAE on the percussion set and measure what it reconstructs.
+
+    /work/venv/bin/python bench/vqvae.py --minutes 3
+
+Prints, on the validation files and on a sample of training files (whole files, medians):
+
+- log-mel L1 of the reconstructed mel against the true mel (the model's own error);
+- spectral convergence and log-mel L1 of the decoded audio (Griffin-Lim from the reconstructed
+  mel) against the original, beside the same for Griffin-Lim of the true mel: the floor
+  (NOTES.md: the bar is 1.25x the floor on training files and 1.5x on held-back ones);
+- the same spectral convergence decoding only the first k levels (progressive reconstruction);
+- codebook utilisation per level, epoch time, and the training throughput of the real loop
+  (validation, metrics and a serialised checkpoint every epoch) as a ratio to a bare PyTorch
+  loop over the same model and batches in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill.shared.audio import load_audio, scan_folder
+from distill.shared.dataset import Dataset, build_dataset
+from distill.shared.mel import MelConfig, log_mel, log_mel_l1, mel_to_audio, spectral_convergence
+from distill.shared.models.vqvae import VQVAE, VQVAEConfig
+from distill.shared.vqvae_train import TrainConfig, VQVAETrainer
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "percussion"
+
+
+class TimingHooks:
+    """Real hooks' work without a broker: keep the checkpoint bytes, time each epoch."""
+
+    def __init__(self) -> None:
+        self.times: list[tuple[int, float]] = []  # (step, perf_counter) at each epoch's end
+        self.metrics: list[dict[str, Any]] = []
+        self.checkpoint_bytes = 0
+
+    def check_cancel(self) -> None:
+        return None
+
+    def on_epoch(self, metrics: dict[str, Any]) -> None:
+        self.times.append((metrics["step"], time.perf_counter()))
+        self.metrics.append(metrics)
+        print(f"  epoch {metrics['epoch']:3d}  train {metrics['train_recon']:.4f}  "
+              f"val {metrics['val_recon']:.4f}  val L1 {metrics['val_l1']:.3f}  "
+              f"{metrics['epoch_s']:.1f} s", flush=True)  # fmt: skip
+
+    def save_checkpoint(self, data: bytes) -> None:
+        self.checkpoint_bytes = len(data)
+
+    def load_checkpoint(self) -> bytes | None:
+        return None
+
+    def on_preview(self, epoch: int, mels: torch.Tensor, recon: torch.Tensor,
+                   names: list[str]) -> None:  # fmt: skip
+        return None
+
+
+def bare_steps_per_s(trainer: VQVAETrainer, steps: int) -> float:
+    """A plain loop (forward, loss, backward, clip, Adam) over the trainer's own batches."""
+    torch.manual_seed(0)
+    model = VQVAE(trainer.model_config)
+    trainer._init_model_(model)
+    opt = torch.optim.Adam(model.parameters(), lr=trainer.train_config.lr)
+    batches = [x for epoch in range(1, 100) for x in trainer._batches(epoch)][: steps + 3]
+    started = 0.0
+    for i, x in enumerate(batches):
+        if i == 3:  # the first steps pay one-off costs (einx graph solving, allocations)
+            started = time.perf_counter()
+        out = model(x)
+        loss = model.reconstruction_loss(x, out.recon) + out.commit_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.train_config.grad_clip)
+        opt.step()
+    return steps / (time.perf_counter() - started)
+
+
+@torch.no_grad()
+def evaluate(model: VQVAE, paths: list[Path], cfg: MelConfig, levels: int | None = None
+             ) -> dict[str, float]:  # fmt: skip
+    """Medians over whole files of the model's mel L1 and decoded audio vs the floor."""
+    rows: dict[str, list[float]] = {k: [] for k in ("mel_l1", "sc", "sc_floor", "l1", "l1_floor")}
+    for path in paths:
+        audio = load_audio(path, cfg.sample_rate)  # as the dataset prepared it
+        mel = log_mel(audio, cfg)  # (M, T)
+        codes = model.encode(mel[None])
+        recon = model.decode_codes(codes, levels)[0, :, : mel.shape[-1]]  # (M, T)
+        decoded = mel_to_audio(recon, cfg, length=audio.shape[-1])
+        floor = mel_to_audio(mel, cfg, length=audio.shape[-1])
+        rows["mel_l1"].append(float((recon - mel).abs().mean()))
+        rows["sc"].append(float(spectral_convergence(audio, decoded, cfg)))
+        rows["sc_floor"].append(float(spectral_convergence(audio, floor, cfg)))
+        rows["l1"].append(float(log_mel_l1(audio, decoded, cfg)))
+        rows["l1_floor"].append(float(log_mel_l1(audio, floor, cfg)))
+    return {k: statistics.median(v) for k, v in rows.items()}
+
+
+def split_paths(ds: Dataset, folder: Path, n_train: int) -> tuple[list[Path], list[Path]]:
+    val = [folder / r.name for r in ds.files_in_split("val")]
+    train = [folder / r.name for r in ds.files_in_split("train")]
+    step = max(1, len(train) // n_train)
+    return val, train[::step][:n_train]
+
+
+def plan_epochs(trainer: VQVAETrainer, bare: float, minutes: float) -> int:
+    """Epochs that fit the budget, guessing the real loop at 85% of the bare loop's speed."""
+    epoch_s = trainer.steps_per_epoch / (0.85 * bare)
+    return max(2, int(minutes * 60 / epoch_s))
+
+
+def report(name: str, m: dict[str, float], bar: float) -> None:
+    ratio = m["sc"] / m["sc_floor"]
+    print(f"{name:>10}: mel L1 {m['mel_l1']:.3f} | decoded SC {m['sc']:.3f} vs floor "
+          f"{m['sc_floor']:.3f} = {ratio:.2f}x (bar {bar}x: {'met' if ratio <= bar else 'not met'})"
+          f" | decoded log-mel L1 {m['l1']:.3f} vs floor {m['l1_floor']:.3f}")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=3.0, help="training budget")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-files", type=int, default=13, help="training files to evaluate")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)  # deliberate: the bench owns the process
+    torch.set_flush_denormal(True)
+
+    cfg = MelConfig()
+    paths = scan_folder(args.data)
+    ds = build_dataset([(p.name, p.read_bytes()) for p in paths], cfg, seed=0)
+    print(f"dataset: {len(ds.files_in_split('train'))} train / {len(ds.files_in_split('val'))} "
+          f"val files, {len(ds.train_indices())} / {len(ds.val_indices())} chunks")  # fmt: skip
+
+    probe = VQVAETrainer(ds, VQVAEConfig(), TrainConfig(), TimingHooks())
+    bare = bare_steps_per_s(probe, steps=30)
+    epochs = plan_epochs(probe, bare, args.minutes)
+    train_config = TrainConfig(epochs=epochs, preview_every=0)
+    print(f"model: {probe.model_config}\nchosen: {probe.chosen['why']}\ntrain: {train_config}")
+
+    hooks = TimingHooks()
+    started = time.perf_counter()
+    result = VQVAETrainer(ds, VQVAEConfig(), train_config, hooks).run()
+    wall = time.perf_counter() - started
+    (s0, t0), (s1, t1) = hooks.times[0], hooks.times[-1]
+    real = (s1 - s0) / (t1 - t0)
+    last = hooks.metrics[-1]
+
+    val_paths, train_paths = split_paths(ds, args.data, args.train_files)
+    print(f"\n{result.epochs} epochs, {last['step']} steps in {wall:.0f} s "
+          f"(best epoch {result.best_epoch}); epoch {statistics.median(m['epoch_s'] for m in hooks.metrics):.2f} s")
+    print(f"throughput: real loop {real:.2f} steps/s (validation, metrics, "
+          f"{hooks.checkpoint_bytes / 1e6:.1f} MB checkpoint each epoch) vs bare loop "
+          f"{bare:.2f} steps/s = {real / bare:.2f}x")  # fmt: skip
+    print("utilisation per level:", [round(u, 2) for u in last["utilisation"]],
+          "perplexity:", [round(p) for p in last["perplexity"]], "dead:", last["dead_codes"])
+    report("val", evaluate(result.model, val_paths, cfg), 1.5)
+    report("train", evaluate(result.model, train_paths, cfg), 1.25)
+    for k in range(1, result.model_config.levels or 1):
+        m = evaluate(result.model, val_paths, cfg, levels=k)
+        print(f"  val, first {k} level(s): decoded SC {m['sc']:.3f} ({m['sc'] / m['sc_floor']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
