@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 import numpy as np
@@ -194,6 +194,7 @@ class _State:
     best_state: dict[str, Tensor] | None = None
     lr_scale: float = 1.0  # halved by every NaN rollback
     rollbacks: int = 0
+    last_metrics: dict[str, Any] = field(default_factory=dict)  # the last epoch's row
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,18 +241,17 @@ class VQVAETrainer:
         """Train to the last epoch or early stop; raises JobError after too many NaN rollbacks."""
         with torch.random.fork_rng(devices=self._cuda_devices()):  # leave the caller's RNG be
             self._start()
-            metrics: dict[str, Any] = {}
             stopped = "epochs"
             while self.state.epoch < self.train_config.epochs:
                 try:
-                    metrics = self._epoch()
+                    self._epoch()
                 except _Diverged as e:
                     self._rollback(str(e))
                     continue
                 if self._should_stop():
                     stopped = "early_stopping"
                     break
-            return self._result(metrics, stopped)
+            return self._result(self.state.last_metrics, stopped)
 
     def _start(self) -> None:
         data = self.hooks.load_checkpoint()
@@ -358,6 +358,7 @@ class VQVAETrainer:
         self.state.epoch = epoch
         self._track_best(val_loss)
         metrics = self._metrics(totals, val_loss, val_l1, seconds)
+        self.state.last_metrics = metrics
         self._checkpoint()
         self.hooks.on_epoch(metrics)
         self._preview(epoch)
@@ -469,6 +470,7 @@ class VQVAETrainer:
             "best_epoch": s.best_epoch,
             "best_state_dict": s.best_state,
             "rollbacks": s.rollbacks,
+            "last_metrics": s.last_metrics,
         }
         buf = io.BytesIO()
         torch.save(payload, buf)
@@ -489,6 +491,7 @@ class VQVAETrainer:
             epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), best_val=float(ckpt["best_val"]),
             best_epoch=int(ckpt["best_epoch"]), best_state=ckpt["best_state_dict"],
             lr_scale=float(ckpt["scheduler"]["lr_scale"]), rollbacks=int(ckpt["rollbacks"]),
+            last_metrics=dict(ckpt.get("last_metrics", {})),
         )  # fmt: skip
         _set_rng_state(ckpt["rng"], self._cuda_devices())
 

@@ -435,23 +435,24 @@ class VQVAE(nn.Module):
     # -- losses and codebook state ------------------------------------------------------------
 
     def reconstruction_loss(self, mel: Tensor, recon: Tensor) -> Tensor:
-        """L1 on normalised log-mel + spectral_weight x spectral convergence of the mel magnitude.
+        """L1 on normalised log-mel + spectral_weight x a loudness-weighted L1.
 
-        The L1 treats every bin alike (quiet tails matter to the ear); spectral convergence
-        ||e^x' - e^x|| / ||e^x|| per chunk weighs loud bins as the figure for decoded audio
-        does. Magnitudes are taken relative to each chunk's peak and the estimate capped at
-        e^3 times it (linearly above, so an overshoot still feels a gradient): an untrained
-        decoder's wild output cannot overflow.
+        The plain L1 treats every bin alike (quiet tails matter to the ear). The second term
+        weighs each bin's log error by its power relative to the chunk's peak, as spectral
+        convergence of decoded audio does (||e^x' - e^x||^2 ~ sum e^2x (x' - x)^2), using the
+        louder of target and estimate so that a loud estimate of a quiet bin costs too. It stays
+        in the log domain: measured, exp() of an untrained decoder's output made training
+        unstable at useful learning rates.
         """
         err = recon - mel  # (B, M, T)
         l1 = (err.abs() / self.mel_std[:, None]).mean()
         if self.config.spectral_weight == 0:
             return l1
         peak = mel.amax(dim=(1, 2), keepdim=True)  # (B, 1, 1)
-        target = (mel - peak).exp()  # (B, M, T), max 1
-        estimate = _capped_exp(recon - peak, cap=3.0)
-        sc = (estimate - target).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1)  # (B,)
-        return l1 + self.config.spectral_weight * sc.mean()
+        louder = torch.maximum(mel, recon.detach()) - peak
+        power = (2 * louder.clamp(max=1.0)).exp()  # (B, M, T), ~1 at the peak
+        weighted = (power * err.abs()).sum(dim=(1, 2)) / power.sum(dim=(1, 2))  # (B,)
+        return l1 + self.config.spectral_weight * weighted.mean()
 
     @torch.no_grad()
     def kmeans_init_(self, latents: Tensor, batch_vectors: int, seed: int = 0) -> None:
@@ -483,12 +484,6 @@ class VQVAE(nn.Module):
         """Per level, codes whose EMA use per batch is below the dead-code threshold."""
         threshold = self.config.dead_code_threshold
         return [int((_book(vq).cluster_size < threshold).sum()) for vq in self.rvq.layers]
-
-
-def _capped_exp(x: Tensor, cap: float) -> Tensor:
-    """exp(x) up to x = cap, then its tangent line: finite, and never without a gradient."""
-    edge = math.exp(cap)
-    return torch.where(x <= cap, x.clamp(max=cap).exp(), edge * (1 + x - cap))
 
 
 def _book(vq: nn.Module) -> Any:

@@ -169,6 +169,9 @@ def test_resuming_from_a_checkpoint_equals_an_uninterrupted_run(dataset: Dataset
     same = [{k: v for k, v in m.items() if k not in drop} for m in (whole.metrics[-1],
                                                                      resumed_hooks.metrics[-1])]
     assert same[0] == same[1]
+    finished = run(dataset, RecordingHooks(start_from=resumed_hooks.checkpoints[-1]),
+                   dataclasses.replace(FAST, epochs=4))  # a retry after the last epoch
+    assert finished.epochs == 4 and finished.metrics["epoch"] == 4
 
 
 def test_a_nan_rolls_back_with_half_the_learning_rate(dataset: Dataset) -> None:
