@@ -17,6 +17,7 @@ Prints, on the validation files and on a sample of training files (whole files, 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -128,6 +129,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-files", type=int, default=13, help="training files to evaluate")
+    ap.add_argument("--model", type=json.loads, default={}, help='VQVAEConfig overrides, JSON: {"channels": 256}')
+    ap.add_argument("--train", type=json.loads, default={}, help='TrainConfig overrides, JSON: {"lr": 1e-3}')
     args = ap.parse_args()
     torch.set_num_threads(args.threads)  # deliberate: the bench owns the process
     torch.set_flush_denormal(True)
@@ -138,15 +141,16 @@ def main() -> None:
     print(f"dataset: {len(ds.files_in_split('train'))} train / {len(ds.files_in_split('val'))} "
           f"val files, {len(ds.train_indices())} / {len(ds.val_indices())} chunks")  # fmt: skip
 
-    probe = VQVAETrainer(ds, VQVAEConfig(), TrainConfig(), TimingHooks())
+    model_config = VQVAEConfig.from_dict(args.model)
+    probe = VQVAETrainer(ds, model_config, TrainConfig.from_dict(args.train), TimingHooks())
     bare = bare_steps_per_s(probe, steps=30)
     epochs = plan_epochs(probe, bare, args.minutes)
-    train_config = TrainConfig(epochs=epochs, preview_every=0)
+    train_config = TrainConfig.from_dict({**args.train, "epochs": epochs, "preview_every": 0})
     print(f"model: {probe.model_config}\nchosen: {probe.chosen['why']}\ntrain: {train_config}")
 
     hooks = TimingHooks()
     started = time.perf_counter()
-    result = VQVAETrainer(ds, VQVAEConfig(), train_config, hooks).run()
+    result = VQVAETrainer(ds, model_config, train_config, hooks).run()
     wall = time.perf_counter() - started
     (s0, t0), (s1, t1) = hooks.times[0], hooks.times[-1]
     real = (s1 - s0) / (t1 - t0)
