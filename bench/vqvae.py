@@ -1,6 +1,7 @@
 """Benchmark: train the default RVQ-VAE on the percussion set and measure what it reconstructs.
 
-    /work/venv/bin/python bench/vqvae.py --minutes 3
+    /work/venv/bin/python bench/vqvae.py --minutes 4
+    /work/venv/bin/python bench/vqvae.py --minutes 4 --model '{"spectral_weight": 0.5}'
 
 Prints, on the validation files and on a sample of training files (whole files, medians):
 

@@ -468,7 +468,8 @@ class VQVAETrainer:
             "rng": _rng_state(self._cuda_devices()),
             "best_val": s.best_val,
             "best_epoch": s.best_epoch,
-            "best_state_dict": s.best_state,
+            # the best weights, unless they are this epoch's (then state_dict holds them)
+            "best_state_dict": None if s.best_epoch == s.epoch else s.best_state,
             "rollbacks": s.rollbacks,
             "last_metrics": s.last_metrics,
         }
@@ -487,9 +488,12 @@ class VQVAETrainer:
         self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.train_config.lr)
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        best_state = ckpt["best_state_dict"]
+        if best_state is None and int(ckpt["best_epoch"]) == int(ckpt["epoch"]) > 0:
+            best_state = {k: v.clone() for k, v in ckpt["state_dict"].items()}
         self.state = _State(
             epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), best_val=float(ckpt["best_val"]),
-            best_epoch=int(ckpt["best_epoch"]), best_state=ckpt["best_state_dict"],
+            best_epoch=int(ckpt["best_epoch"]), best_state=best_state,
             lr_scale=float(ckpt["scheduler"]["lr_scale"]), rollbacks=int(ckpt["rollbacks"]),
             last_metrics=dict(ckpt.get("last_metrics", {})),
         )  # fmt: skip
