@@ -1,0 +1,351 @@
+"""Exported audio: WAV or FLAC through soundfile, never clipped, with what regenerates it.
+
+:func:`export_audio` writes a file whose format follows its suffix (``.wav`` or ``.flac``). If
+the peak is above full scale less :data:`HEADROOM_DB`, the whole signal is scaled down and the
+gain is reported: integer formats would otherwise wrap or clip, and float files clip in every
+player that converts them. Non-finite samples are refused, naming the file.
+
+Metadata travels in the file's own tags: ``title``, ``software`` (``distill <version>``) and
+``comment``, a compact JSON object that holds what regenerates the file::
+
+    {"distill_export": 1, "kind": "generate", "model": "<model id>", "data": {...}}
+
+``data`` is the kind's own plain dict (sampling parameters with their seed for ``generate``, an
+edit session for ``edit``); this module only carries it.
+
+Tag limits (libsndfile 1.2.2, measured): a WAV (RIFF ``LIST/INFO``) comment of up to 2045 bytes
+round-trips; a longer one is silently dropped, and one of ~60 kB makes a file that libsndfile
+cannot open again. FLAC (Vorbis comment) kept 1 MB intact. So a comment is stored in the first
+form that fits: plain JSON; ``distill-z1:`` + base64 of the zlib-compressed JSON; and, in WAV
+only, a short JSON stub ``{"distill_export": 1, ..., "chunk": "dstl"}`` with the full JSON in
+a ``dstl`` RIFF chunk after the audio (readers skip chunks they do not know). libsndfile also
+appends `` (libsndfile-x.y.z)`` to the software tag; it is kept as read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import os
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from distill.shared.errors import AudioError
+
+EXPORT_FORMAT_VERSION = 1  # the version of the comment's JSON layout this module writes and reads
+HEADROOM_DB = 0.1  # peaks are kept this far under full scale: inter-sample overs stay rare
+MAX_CHANNELS = 8  # more than this is almost surely a (samples, channels) array passed by mistake
+WAV_COMMENT_LIMIT = 2045  # bytes; measured with libsndfile 1.2.2, longer comments vanish
+FLAC_COMMENT_LIMIT = 1_000_000  # bytes; measured intact, and far above any edit history
+COMPRESSED_PREFIX = "distill-z1:"
+CHUNK_ID = b"dstl"  # the RIFF chunk holding a comment too long for the WAV INFO tag
+MARKER = "distill_export"
+
+Subtype = Literal["PCM_16", "PCM_24", "FLOAT"]
+CommentStorage = Literal["plain", "compressed", "chunk"]
+SUBTYPES: tuple[str, ...] = ("PCM_16", "PCM_24", "FLOAT")
+FORMATS = {".wav": "WAV", ".flac": "FLAC"}
+
+
+class ExportError(AudioError):
+    """Audio could not be exported, or an exported file's metadata could not be read.
+
+    ``reason`` is a short machine-readable code: ``bad_audio``, ``bad_format``, ``write_failed``,
+    ``unreadable``, ``no_metadata``, ``malformed``, ``too_new``.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ExportMetadata:
+    """What regenerates an exported file.
+
+    ``kind`` names the recipe (``generate``, ``edit``, ...), ``model_id`` the model file's hash,
+    ``data`` the recipe's plain JSON-able dict. ``software`` is filled in on reading only.
+    """
+
+    kind: str
+    model_id: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    title: str = ""
+    software: str = ""
+
+    def comment_dict(self) -> dict[str, Any]:
+        return {
+            MARKER: EXPORT_FORMAT_VERSION,
+            "kind": self.kind,
+            "model": self.model_id,
+            "data": dict(self.data),
+        }
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_audio` wrote; ``gain_db`` is 0.0 unless the audio was scaled down."""
+
+    path: Path
+    format: str  # "WAV" or "FLAC"
+    subtype: str
+    sample_rate: int
+    channels: int
+    frames: int
+    peak: float  # of the input, before any gain
+    gain_db: float  # <= 0.0
+    comment_storage: CommentStorage
+
+
+def distill_version() -> str:
+    try:
+        return importlib_metadata.version("distill")
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"  # running from a source tree that was never installed
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def _format_for(path: Path, subtype: str) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ExportError(
+            f"{path.name}: cannot export to '{path.suffix}'; use .wav or .flac", "bad_format"
+        )
+    if subtype not in SUBTYPES:
+        raise ExportError(
+            f"{path.name}: unknown subtype {subtype!r}; use one of {SUBTYPES}", "bad_format"
+        )
+    if fmt == "FLAC" and subtype == "FLOAT":
+        raise ExportError(
+            f"{path.name}: FLAC holds integer samples only; use PCM_16 or PCM_24, "
+            "or a .wav file for FLOAT",
+            "bad_format",
+        )
+    return fmt
+
+
+def _as_frames(audio: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    """(samples,) or (channels, samples) -> float64 (samples, channels), checked."""
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().cpu().numpy()
+    array = np.asarray(audio)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ExportError(f"{name}: audio must be floating point, got {array.dtype}", "bad_audio")
+    if array.ndim == 1:
+        array = array[None, :]  # (1, samples)
+    if array.ndim != 2 or array.shape[1] == 0:
+        raise ExportError(
+            f"{name}: audio must be (samples,) or (channels, samples) with at least "
+            f"one sample, got shape {tuple(np.asarray(audio).shape)}",
+            "bad_audio",
+        )
+    if array.shape[0] > MAX_CHANNELS:
+        raise ExportError(
+            f"{name}: {array.shape[0]} channels (shape {array.shape}); pass "
+            "(channels, samples), not (samples, channels)",
+            "bad_audio",
+        )
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise ExportError(
+            f"{name}: audio holds {bad} non-finite samples (NaN or inf); nothing was written",
+            "bad_audio",
+        )
+    return array.T.astype(np.float64)  # (samples, channels)
+
+
+def _gain_for(peak: float) -> float:
+    ceiling = 10.0 ** (-HEADROOM_DB / 20.0)
+    return ceiling / peak if peak > ceiling else 1.0
+
+
+def _encode_comment(
+    meta: ExportMetadata, fmt: str, name: str
+) -> tuple[str, bytes | None, CommentStorage]:
+    """(comment tag, RIFF chunk payload or None, storage) for the first form that fits."""
+    try:
+        text = json.dumps(
+            meta.comment_dict(),
+            separators=(",", ":"),
+            sort_keys=True,
+            ensure_ascii=True,
+            allow_nan=False,
+        )
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"{name}: metadata is not plain JSON data: {e}", "bad_format") from e
+    limit = WAV_COMMENT_LIMIT if fmt == "WAV" else FLAC_COMMENT_LIMIT
+    if len(text) <= limit:
+        return text, None, "plain"
+    packed = COMPRESSED_PREFIX + base64.b64encode(zlib.compress(text.encode(), 9)).decode()
+    if len(packed) <= limit:
+        return packed, None, "compressed"
+    if fmt == "WAV":
+        stub = {
+            MARKER: EXPORT_FORMAT_VERSION,
+            "kind": meta.kind,
+            "model": meta.model_id,
+            "chunk": CHUNK_ID.decode(),
+        }
+        return json.dumps(stub, separators=(",", ":"), sort_keys=True), text.encode(), "chunk"
+    raise ExportError(
+        f"{name}: metadata is {len(text)} bytes, over the {limit}-byte limit even compressed",
+        "bad_format",
+    )
+
+
+def _append_riff_chunk(path: Path, chunk_id: bytes, payload: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(0, os.SEEK_END)
+        f.write(chunk_id + struct.pack("<I", len(payload)) + payload)
+        if len(payload) % 2:
+            f.write(b"\0")  # RIFF chunks are word-aligned
+        end = f.tell()
+        if end - 8 > 0xFFFFFFFF:
+            raise ExportError(f"{path.name}: file too large for RIFF", "write_failed")
+        f.seek(4)
+        f.write(struct.pack("<I", end - 8))  # the RIFF size covers everything after it
+
+
+def export_audio(
+    path: str | Path,
+    audio: np.ndarray | torch.Tensor,
+    sample_rate: int,
+    *,
+    subtype: Subtype = "PCM_24",
+    metadata: ExportMetadata,
+) -> ExportReport:
+    """Write ``audio`` ((samples,) or (channels, samples), float) to a WAV or FLAC file.
+
+    Written to a temporary file beside ``path`` and renamed, so a failure leaves no half file.
+    """
+    path = Path(path)
+    fmt = _format_for(path, subtype)
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
+        raise ExportError(
+            f"{path.name}: sample rate must be a positive integer, got {sample_rate!r}", "bad_audio"
+        )
+    frames = _as_frames(audio, path.name)  # (samples, channels)
+    peak = float(np.abs(frames).max())
+    gain = _gain_for(peak)
+    comment, chunk, storage = _encode_comment(metadata, fmt, path.name)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with sf.SoundFile(tmp, "w", sample_rate, frames.shape[1], subtype=subtype, format=fmt) as f:
+            if metadata.title:  # libsndfile refuses an empty string ("bad string")
+                f.title = metadata.title
+            f.software = f"distill {distill_version()}"
+            f.comment = comment
+            f.write((frames * gain).astype(np.float32 if subtype == "FLOAT" else np.float64))
+        if chunk is not None:
+            _append_riff_chunk(tmp, CHUNK_ID, chunk)
+        os.replace(tmp, path)
+    except (OSError, sf.LibsndfileError) as e:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"{path.name}: could not write: {e}", "write_failed") from e
+    return ExportReport(
+        path=path,
+        format=fmt,
+        subtype=subtype,
+        sample_rate=sample_rate,
+        channels=frames.shape[1],
+        frames=frames.shape[0],
+        peak=peak,
+        gain_db=20.0 * math.log10(gain),
+        comment_storage=storage,
+    )
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def _read_riff_chunk(path: Path, chunk_id: bytes) -> bytes | None:
+    data = path.read_bytes()
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos = 12
+    while pos + 8 <= len(data):
+        cid, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
+        if cid == chunk_id:
+            payload = data[pos + 8 : pos + 8 + size]
+            return payload if len(payload) == size else None
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _decode_comment(path: Path, comment: str) -> dict[str, Any]:
+    name = path.name
+    if comment.startswith(COMPRESSED_PREFIX):
+        try:
+            comment = zlib.decompress(
+                base64.b64decode(comment[len(COMPRESSED_PREFIX) :], validate=True)
+            ).decode()
+        except (binascii.Error, zlib.error, UnicodeDecodeError) as e:
+            raise ExportError(f"{name}: Distill metadata is corrupt: {e}", "malformed") from e
+    try:
+        parsed = json.loads(comment)
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict) or MARKER not in parsed:
+        raise ExportError(
+            f"{name}: has no Distill metadata (its comment tag is not Distill's)", "no_metadata"
+        )
+    if "chunk" in parsed:
+        payload = _read_riff_chunk(path, CHUNK_ID)
+        if payload is None:
+            raise ExportError(
+                f"{name}: Distill metadata points to a '{CHUNK_ID.decode()}' chunk "
+                "that is missing or cut short (was the file re-saved?)",
+                "malformed",
+            )
+        return _decode_comment(path, payload.decode("ascii", errors="replace"))
+    return parsed
+
+
+def _check_comment(name: str, parsed: dict[str, Any]) -> None:
+    version = parsed[MARKER]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ExportError(f"{name}: Distill metadata has a bad version {version!r}", "malformed")
+    if version > EXPORT_FORMAT_VERSION:
+        raise ExportError(
+            f"{name}: Distill metadata version {version} is newer than this "
+            f"Distill reads ({EXPORT_FORMAT_VERSION}); upgrade Distill",
+            "too_new",
+        )
+    for key, kind in (("kind", str), ("model", str), ("data", dict)):
+        if not isinstance(parsed.get(key), kind):
+            raise ExportError(
+                f"{name}: Distill metadata field '{key}' is missing or not a {kind.__name__}",
+                "malformed",
+            )
+
+
+def read_export_metadata(path: str | Path) -> ExportMetadata:
+    """The metadata :func:`export_audio` wrote into ``path``; :class:`ExportError` otherwise."""
+    path = Path(path)
+    try:
+        with sf.SoundFile(path) as f:
+            comment, title, software = f.comment or "", f.title or "", f.software or ""
+    except (OSError, sf.LibsndfileError, RuntimeError) as e:
+        raise ExportError(f"{path.name}: not a readable audio file: {e}", "unreadable") from e
+    parsed = _decode_comment(path, comment)
+    _check_comment(path.name, parsed)
+    return ExportMetadata(
+        kind=parsed["kind"],
+        model_id=parsed["model"],
+        data=parsed["data"],
+        title=title,
+        software=software,
+    )
