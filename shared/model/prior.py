@@ -1,0 +1,370 @@
+"""The prior: a small LSTM over RVQ code grids, predicting each step's codes coarse to fine.
+
+Shapes: B batch, Q levels (coarse to fine), K codes per level, T code steps, E embedding width,
+H LSTM width. A code grid is ``(B, Q, T)`` int64 with every code in ``0..K-1``; the RVQ-VAE's
+"no code" (-1, from quantizer dropout) is not valid input here.
+
+Step t reads the codes of step t-1 (their per-level embeddings summed; a learned start vector at
+t = 0) and its LSTM output predicts the Q codes of step t, level by level: level q's logits come
+from ``head_q(relu(proj(h_t) + sum_{j<q} cond_j[code_j,t]))``, so a finer level sees the codes
+already chosen at the coarser levels of the same step (teacher forcing in training, its own
+draws when sampling). The context is a running sum, so sampling adds one embedding per level.
+
+The step API (``Prior.stepper()``: ``begin``/``advance``/``head_context``/``level_logits``/
+``condition``) carries the LSTM state, so sampling runs for any number of steps;
+``distill.shared.model.sampling`` drives it. It runs the LSTM maths with ``torch.lstm_cell`` on
+the weights of the ``nn.LSTM`` (measured in ``PriorStepper``). The weights stay in the standard ``nn.LSTM`` layout, so the state_dict is
+an ordinary one and training uses the full-sequence ``nn.LSTM``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.shared.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+_BOUNDS: dict[str, tuple[float, float]] = {  # inclusive ranges that fit real machines
+    "levels": (1, 16),
+    "codebook_size": (2, 8192),
+    "embed_dim": (1, 4096),
+    "hidden": (1, 4096),
+    "layers": (1, 8),
+    "dropout": (0.0, 0.9),
+}
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Everything that fixes the prior's architecture; travels with the weights. Never mutated."""
+
+    levels: int = 4  # must equal the RVQ-VAE's levels (Q); 4 is its mid-size default
+    codebook_size: int = 256  # must equal the RVQ-VAE's codebook size (K)
+    embed_dim: int = 128  # code embeddings and head width; K <= 512 codes fit in 128 dims
+    hidden: int = 256  # LSTM width: ~10x real time sampling on a CPU core at batch 1 (512: ~6x)
+    layers: int = 1  # one layer: small datasets overfit a second one, and it halves sampling
+    dropout: float = 0.2  # on embeddings, between layers and on the LSTM output; small data
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = float if f.name == "dropout" else int
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"PriorConfig: {f.name} must be a number, got {value!r}")
+            if expected is int and not isinstance(value, int):
+                raise ConfigError(f"PriorConfig: {f.name} must be an int, got {value!r}")
+            low, high = _BOUNDS[f.name]
+            if not low <= value <= high:
+                raise ConfigError(
+                    f"PriorConfig: {f.name} must be in {low:g}..{high:g}, got {value!r}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PriorConfig:
+        """Build from a plain dict (msgpack, JSON); unknown keys, wrong types -> ConfigError."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"PriorConfig: expected a map, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"PriorConfig: unknown keys {unknown}")
+        kwargs = dict(d)
+        if isinstance(kwargs.get("dropout"), int) and not isinstance(kwargs["dropout"], bool):
+            kwargs["dropout"] = float(kwargs["dropout"])  # JSON writes 0.0 as 0
+        return cls(**kwargs)
+
+
+# (code steps below which the band applies, hidden, embed_dim, layers, dropout, reason)
+_SIZE_BANDS: list[tuple[float, int, int, int, float, str]] = [
+    (20_000, 128, 64, 1, 0.3, "under ~3.5 minutes of codes at 94 steps/s"),
+    (200_000, 256, 128, 1, 0.2, "under ~35 minutes of codes at 94 steps/s"),
+    (1_000_000, 512, 128, 2, 0.1, "under ~3 hours of codes at 94 steps/s"),
+    (math.inf, 768, 192, 2, 0.1, "hours of codes"),
+]
+
+
+def choose_prior_config(
+    levels: int, codebook_size: int, n_train_steps: int
+) -> tuple[PriorConfig, str]:
+    """A prior sized for ``n_train_steps`` training code steps (all chunks), and why.
+
+    An LSTM of width H holds ~4H(E+H) weights; on a few thousand steps a wide one memorises
+    chunks instead of learning what follows what, so small data gets a narrow LSTM with more
+    dropout, and a second layer only once there are hours of codes.
+    """
+    if n_train_steps < 0:
+        raise ConfigError(f"choose_prior_config: n_train_steps must be >= 0, got {n_train_steps}")
+    _, hidden, embed, layers, dropout, band = next(b for b in _SIZE_BANDS if n_train_steps < b[0])
+    config = PriorConfig(levels, codebook_size, embed, hidden, layers, dropout)
+    n_params = prior_parameter_count(config)
+    why = (
+        f"{n_train_steps} training code steps x {levels} levels ({band}): LSTM {layers} x "
+        f"{hidden}, embeddings {embed}, dropout {dropout:g} ({n_params / 1e6:.2f} M weights, "
+        f"{n_params / max(1, n_train_steps * levels):.1f} per training code) keeps it from "
+        f"memorising the chunks while leaving room to learn what follows what."
+    )
+    return config, why
+
+
+def prior_parameter_count(config: PriorConfig) -> int:
+    """Weights in a ``Prior(config)``, without building it."""
+    q, k, e, h = config.levels, config.codebook_size, config.embed_dim, config.hidden
+    lstm = 4 * h * (e + h + 2) + (config.layers - 1) * 4 * h * (2 * h + 2)
+    return (q * k * e) + e + lstm + (h * e + e) + ((q - 1) * k * e) + q * k * (e + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class PriorOutput:
+    logits: Tensor  # (B, T, Q, K): level q's logits at step t, given codes < t and levels < q
+    loss: Tensor  # () mean cross-entropy in nats over every code of the grid
+
+
+@dataclass
+class PriorState:
+    """The LSTM state between steps; the top layer's ``h`` predicts the next step's codes."""
+
+    h: tuple[Tensor, ...]  # per layer (B, H)
+    c: tuple[Tensor, ...]  # per layer (B, H)
+
+
+class Prior(nn.Module):
+    """LSTM prior over code grids (B, Q, T); see the module docstring for the factorisation."""
+
+    offsets: Tensor  # (Q,) buffer: q * K, level q's first row in the embedding tables
+
+    def __init__(self, config: PriorConfig) -> None:
+        super().__init__()
+        self.config = config
+        q, k, e, h = config.levels, config.codebook_size, config.embed_dim, config.hidden
+        self.input_embed = nn.Embedding(q * k, e)  # row q*K + code: level q's embedding
+        self.start = nn.Parameter(torch.randn(e) * 0.02)  # the input at t = 0
+        self.lstm = nn.LSTM(
+            e, h, num_layers=config.layers, batch_first=True,
+            dropout=config.dropout if config.layers > 1 else 0.0,
+        )  # fmt: skip
+        self.proj = nn.Linear(h, e)
+        self.cond_embed = nn.Embedding((q - 1) * k, e)  # levels 0..Q-2 condition finer ones
+        self.head_weight = nn.Parameter(torch.randn(q, k, e) / math.sqrt(e))  # (Q, K, E)
+        self.head_bias = nn.Parameter(torch.zeros(q, k))  # (Q, K)
+        self.drop = nn.Dropout(config.dropout)
+        self.register_buffer("offsets", torch.arange(q) * k, persistent=False)  # (Q,)
+
+    # ---- training ----------------------------------------------------------------------------
+
+    def check_codes(self, codes: Tensor) -> None:
+        """Raise ValueError unless ``codes`` is a (B, Q, T) integer grid of codes 0..K-1."""
+        q, k = self.config.levels, self.config.codebook_size
+        if codes.dim() != 3 or codes.shape[1] != q:
+            raise ValueError(f"prior: codes must be (B, {q}, T), got {tuple(codes.shape)}")
+        if codes.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"prior: codes must be integers, got {codes.dtype}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
+            raise ValueError(
+                f"prior: codes must be in 0..{k - 1} (no -1 'no code' entries), "
+                f"got {int(codes.min())}..{int(codes.max())}"
+            )
+
+    def _step_inputs(self, codes: Tensor) -> Tensor:
+        """Summed code embeddings of each step, (B, Q, T) -> (B, T, E)."""
+        idx = (codes.long() + self.offsets[None, :, None]).transpose(1, 2)  # (B, T, Q)
+        return self.input_embed(idx).sum(2)  # (B, T, E)
+
+    def _conditioning(self, codes: Tensor) -> Tensor:
+        """Per level, the sum of the coarser levels' condition embeddings: (B, T, Q, E)."""
+        b, q, t = codes.shape
+        context = torch.zeros(b, t, q, self.config.embed_dim, device=codes.device)
+        if q > 1:
+            idx = (codes[:, :-1].long() + self.offsets[None, :-1, None]).transpose(1, 2)
+            context[:, :, 1:] = self.cond_embed(idx).cumsum(2)  # (B, T, Q-1, E)
+        return context
+
+    def forward(self, codes: Tensor) -> PriorOutput:
+        """Teacher-forced logits (B, T, Q, K) for a grid ``codes`` (B, Q, T), and the loss."""
+        self.check_codes(codes)
+        b, _, t = codes.shape
+        steps = self._step_inputs(codes)  # (B, T, E)
+        start = self.start.expand(b, 1, -1)  # (B, 1, E)
+        x = self.drop(torch.cat([start, steps[:, :-1]], dim=1))  # (B, T, E): step t-1's codes
+        out, _ = self.lstm(x)  # (B, T, H)
+        u = self.proj(self.drop(out)).unsqueeze(2) + self._conditioning(codes)  # (B, T, Q, E)
+        logits = torch.einsum("btqe,qke->btqk", F.relu(u), self.head_weight) + self.head_bias
+        loss = F.cross_entropy(
+            logits.reshape(b * t * self.config.levels, -1),  # (B*T*Q, K)
+            codes.long().transpose(1, 2).reshape(-1),  # (B*T*Q,)
+        )
+        return PriorOutput(logits=logits, loss=loss)
+
+    @torch.no_grad()
+    def nll_bits(self, codes: Tensor) -> Tensor:
+        """Mean negative log-likelihood of ``codes`` (B, Q, T) in bits per code (eval mode)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(codes).loss / math.log(2)
+        finally:
+            self.train(was_training)
+
+    # ---- step API (sampling) -----------------------------------------------------------------
+
+    def begin_lstm(self, batch: int, prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The LSTM state (h, c), each (layers, B, H), that predicts step 0, or the step after
+        ``prefix`` (B or 1, Q, T0).
+
+        The prefix runs through the full-sequence LSTM in one call (fast at any length).
+        """
+        device = self.start.device
+        x = self.start.expand(batch, 1, -1)  # (B, 1, E)
+        if prefix is not None:
+            self.check_codes(prefix)
+            if prefix.shape[0] not in (1, batch):
+                raise ValueError(f"prior: prefix batch must be 1 or {batch}, got {prefix.shape[0]}")
+            steps = self._step_inputs(prefix.to(device)).expand(batch, -1, -1)  # (B, T0, E)
+            x = torch.cat([x, steps], dim=1)  # (B, T0 + 1, E)
+        _, (h, c) = self.lstm(x)  # (layers, B, H) each
+        return h, c
+
+    def stepper(self) -> PriorStepper:
+        """The step API over this model's current weights (take a new one after changing them)."""
+        return PriorStepper(self)
+
+
+class PriorStepper:
+    """One step at a time: the views of the weights are taken once, not at every step.
+
+    ``advance`` runs ``torch.lstm_cell`` (one fused op per layer, no oneDNN) on the nn.LSTM's
+    own weights. Measured (bench/prior.py, Q 4, K 256, H 256, batch 1, one thread, per step of
+    the whole sampling loop): step-by-step ``nn.LSTM`` with oneDNN on 0.61 ms, off 0.39 ms;
+    ``lstm_cell`` with the weight views taken once 0.19 ms.
+    """
+
+    def __init__(self, prior: Prior) -> None:
+        self.prior = prior
+        lstm, k = prior.lstm, prior.config.codebook_size
+        self.cells = [
+            tuple(getattr(lstm, f"{name}_l{i}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            for i in range(prior.config.layers)
+        ]  # fmt: skip
+        self.input_table, self.offsets = prior.input_embed.weight, prior.offsets  # (Q*K, E), (Q,)
+        self.proj_weight, self.proj_bias = prior.proj.weight.t(), prior.proj.bias  # (H, E), (E,)
+        self.heads = [
+            (prior.head_weight[q].t(), prior.head_bias[q]) for q in range(prior.config.levels)
+        ]
+        self.cond_tables = [
+            prior.cond_embed.weight[q * k : (q + 1) * k] for q in range(prior.config.levels - 1)
+        ]
+
+    def begin(self, batch: int, prefix: Tensor | None = None) -> PriorState:
+        """See ``Prior.begin``; the state in the per-layer form the steps use."""
+        h, c = self.prior.begin_lstm(batch, prefix)  # (layers, B, H) each
+        return PriorState(h=tuple(h.unbind(0)), c=tuple(c.unbind(0)))
+
+    def advance(self, state: PriorState, codes: Tensor) -> PriorState:
+        """Feed one step's chosen codes (B, Q); the new state predicts the step after them."""
+        x = F.embedding_bag(codes + self.offsets, self.input_table, mode="sum")  # (B, E)
+        hs, cs = [], []
+        for (w_ih, w_hh, b_ih, b_hh), h, c in zip(self.cells, state.h, state.c, strict=True):
+            x, c = torch.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+            hs.append(x)
+            cs.append(c)
+        return PriorState(h=tuple(hs), c=tuple(cs))
+
+    def head_context(self, state: PriorState) -> Tensor:
+        """The level-0 context (B, E) of the step that ``state`` predicts."""
+        return torch.addmm(self.proj_bias, state.h[-1], self.proj_weight)
+
+    def level_logits(self, context: Tensor, level: int) -> Tensor:
+        """Logits (B, K) of ``level`` given its context (B, E)."""
+        weight, bias = self.heads[level]
+        return torch.addmm(bias, F.relu(context), weight)
+
+    def condition(self, context: Tensor, level: int, codes: Tensor) -> Tensor:
+        """The context of ``level + 1`` once ``level`` chose ``codes`` (B,)."""
+        return context + F.embedding(codes, self.cond_tables[level])
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines on the same codes
+
+
+def _grids(codes: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """A (B, Q, T) tensor or a sequence of (Q, T) / (B, Q, T) tensors as a list of (Q, T)."""
+    items = [codes] if isinstance(codes, Tensor) else list(codes)
+    out: list[Tensor] = []
+    for item in items:
+        if item.dim() == 2:
+            out.append(item.long())
+        elif item.dim() == 3:
+            out.extend(g.long() for g in item)
+        else:
+            raise ValueError(
+                f"baseline: codes must be (Q, T) or (B, Q, T), got {tuple(item.shape)}"
+            )
+    if not out or len({g.shape[0] for g in out}) != 1:
+        raise ValueError("baseline: need at least one grid, all with the same number of levels")
+    return out
+
+
+def _check_range(grids: list[Tensor], k: int) -> None:
+    for g in grids:
+        if g.numel() and (int(g.min()) < 0 or int(g.max()) >= k):
+            raise ValueError(f"baseline: codes must be in 0..{k - 1}")
+
+
+def unigram_bits(
+    train_codes: Tensor | Sequence[Tensor], val_codes: Tensor | Sequence[Tensor], k: int
+) -> float:
+    """Mean bits per validation code under per-level code frequencies of the training codes.
+
+    Add-one (Laplace) smoothing, so a code never seen in training costs log2(N + K) bits.
+    """
+    train, val = _grids(train_codes), _grids(val_codes)
+    _check_range(train + val, k)
+    q = train[0].shape[0]
+    counts = torch.ones(q, k, dtype=torch.float64)  # (Q, K), add-one
+    for g in train:
+        counts.scatter_add_(1, g, torch.ones_like(g, dtype=torch.float64))
+    log_p = (counts / counts.sum(1, keepdim=True)).log2()  # (Q, K)
+    total = sum(float(-log_p.gather(1, g).sum()) for g in val)
+    return total / sum(g.numel() for g in val)
+
+
+def bigram_bits(
+    train_codes: Tensor | Sequence[Tensor], val_codes: Tensor | Sequence[Tensor], k: int
+) -> float:
+    """Mean bits per validation code under per-level P(code_t | code_t-1) from the training codes.
+
+    Add-one smoothing on each row; the first step of each grid (no previous code) is scored by
+    the add-one unigram, as the prior scores it from its start vector.
+    """
+    train, val = _grids(train_codes), _grids(val_codes)
+    _check_range(train + val, k)
+    q = train[0].shape[0]
+    pairs = torch.ones(q, k * k, dtype=torch.float64)  # (Q, K*K): row prev*K + next, add-one
+    first = torch.ones(q, k, dtype=torch.float64)  # (Q, K)
+    for g in train:
+        first.scatter_add_(1, g, torch.ones_like(g, dtype=torch.float64))
+        idx = g[:, :-1] * k + g[:, 1:]  # (Q, T-1)
+        pairs.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+    pairs = pairs.view(q, k, k)  # (Q, K prev, K next)
+    log_pair = (pairs / pairs.sum(2, keepdim=True)).log2().view(q, k * k)
+    log_first = (first / first.sum(1, keepdim=True)).log2()
+    total = 0.0
+    for g in val:
+        total -= float(log_first.gather(1, g[:, :1]).sum())
+        total -= float(log_pair.gather(1, g[:, :-1] * k + g[:, 1:]).sum())
+    return total / sum(g.numel() for g in val)

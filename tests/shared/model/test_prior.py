@@ -1,0 +1,208 @@
+"""The prior (distill.shared.model.prior): config, shapes, teacher forcing, baselines."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from distill.shared.errors import ConfigError
+from distill.shared.model.prior import (
+    Prior,
+    PriorConfig,
+    bigram_bits,
+    choose_prior_config,
+    prior_parameter_count,
+    unigram_bits,
+)
+
+TINY = PriorConfig(levels=2, codebook_size=8, embed_dim=16, hidden=32, layers=1, dropout=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and the suite shares two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def train(prior: Prior, codes: torch.Tensor, steps: int, lr: float = 1e-2) -> None:
+    opt = torch.optim.Adam(prior.parameters(), lr=lr)
+    prior.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        prior(codes).loss.backward()
+        opt.step()
+    prior.eval()
+
+
+def markov_codes(batch: int, steps: int, k: int, seed: int) -> torch.Tensor:
+    """Level 0 follows a sparse random Markov chain; level 1 is a function of level 0 plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randint(0, k, (k, 2), generator=gen)  # two likely successors per code
+    out = torch.zeros(batch, 2, steps, dtype=torch.long)
+    out[:, 0, 0] = torch.randint(0, k, (batch,), generator=gen)
+    for t in range(1, steps):
+        pick = torch.randint(0, 2, (batch,), generator=gen)
+        out[:, 0, t] = table[out[:, 0, t - 1], pick]
+    out[:, 1] = (out[:, 0] * 3 + 1) % k
+    return out
+
+
+# ---- config ------------------------------------------------------------------------------------
+
+
+def test_config_round_trip() -> None:
+    config = PriorConfig(levels=6, codebook_size=512, embed_dim=64, hidden=384, layers=2)
+    assert PriorConfig.from_dict(config.to_dict()) == config
+    assert PriorConfig.from_dict({**config.to_dict(), "dropout": 0}).dropout == 0.0
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        ({"hidden": 5000}, "hidden"),
+        ({"levels": 0}, "levels"),
+        ({"levels": 17}, "levels"),
+        ({"codebook_size": 9000}, "codebook_size"),
+        ({"dropout": 0.95}, "dropout"),
+        ({"layers": "2"}, "layers"),
+        ({"hidden": 256.0}, "hidden"),
+        ({"embed_dim": True}, "embed_dim"),
+        ({"colour": 1}, "colour"),
+    ],
+)
+def test_config_rejects(bad: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        PriorConfig.from_dict({**TINY.to_dict(), **bad})
+
+
+def test_config_rejects_non_map() -> None:
+    with pytest.raises(ConfigError, match="map"):
+        PriorConfig.from_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_choose_prior_config_grows_with_data() -> None:
+    small, why_small = choose_prior_config(4, 256, 5_000)
+    large, _ = choose_prior_config(4, 256, 2_000_000)
+    assert (small.levels, small.codebook_size) == (4, 256)
+    assert small.hidden < large.hidden and small.dropout > large.dropout
+    assert "5000 training code steps" in why_small and "dropout" in why_small
+    with pytest.raises(ConfigError, match="n_train_steps"):
+        choose_prior_config(4, 256, -1)
+
+
+def test_parameter_count_matches_model() -> None:
+    for config in (TINY, PriorConfig(levels=3, codebook_size=64, layers=2)):
+        assert prior_parameter_count(config) == sum(p.numel() for p in Prior(config).parameters())
+
+
+# ---- model -------------------------------------------------------------------------------------
+
+
+def test_forward_shapes_and_finite_loss() -> None:
+    prior = Prior(TINY)
+    codes = torch.randint(0, 8, (3, 2, 11))
+    out = prior(codes)
+    assert out.logits.shape == (3, 11, 2, 8)
+    assert torch.isfinite(out.loss)
+    assert float(prior.nll_bits(codes)) == pytest.approx(float(out.loss.detach()) / math.log(2))
+    assert prior.training  # nll_bits restores the mode
+
+
+def test_state_dict_is_standard_lstm_layout() -> None:
+    keys = set(Prior(TINY).state_dict())
+    assert {"lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0"} <= keys
+    assert "offsets" not in keys  # derived from the config, not stored
+
+
+@pytest.mark.parametrize(
+    ("codes", "match"),
+    [
+        (torch.full((1, 2, 4), -1), "no code"),
+        (torch.full((1, 2, 4), 8), r"0\.\.7"),
+        (torch.zeros(1, 3, 4, dtype=torch.long), r"\(B, 2, T\)"),
+        (torch.zeros(1, 2, 4), "integers"),
+    ],
+)
+def test_rejects_invalid_codes(codes: torch.Tensor, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Prior(TINY)(codes)
+
+
+def test_logits_are_causal() -> None:
+    """Changing step t changes no logits before t, and level 1 of step t only from level 1 on."""
+    prior = Prior(TINY).eval()
+    codes = torch.randint(0, 8, (1, 2, 9))
+    changed = codes.clone()
+    changed[0, 0, 5] = (codes[0, 0, 5] + 1) % 8
+    with torch.no_grad():
+        a, b = prior(codes).logits, prior(changed).logits
+    assert torch.equal(a[:, :5], b[:, :5])
+    assert torch.equal(a[:, 5, 0], b[:, 5, 0])  # level 0 of step 5 does not see its own code
+    assert not torch.equal(a[:, 5, 1], b[:, 5, 1])  # level 1 sees level 0 of the same step
+
+
+def test_teacher_forcing_conditions_fine_levels_on_coarse() -> None:
+    """Level 1 = f(level 0) of the same step, level 0 random: on fresh sequences level 1 costs
+    ~0 bits (the mapping was learnt) while level 0 stays near its 3 bits."""
+    gen = torch.Generator().manual_seed(0)
+
+    def grid() -> torch.Tensor:
+        coarse = torch.randint(0, 8, (32, 1, 32), generator=gen)
+        return torch.cat([coarse, (coarse * 5 + 3) % 8], dim=1)  # (32, 2, 32)
+
+    prior = Prior(dataclasses.replace(TINY, dropout=0.3))  # dropout: learn the rule, not the data
+    torch.manual_seed(0)
+    train(prior, grid(), steps=150)
+    codes = grid()
+    with torch.no_grad():
+        logits = prior(codes).logits  # (B, T, Q, K)
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 8), codes.transpose(1, 2).reshape(-1), reduction="none"
+    ).view(32, 32, 2) / math.log(2)  # (B, T, Q) bits
+    assert float(nll[..., 1].mean()) < 0.1
+    assert float(nll[..., 0].mean()) > 2.5  # level 0 is random on fresh data: ~3 bits
+
+
+@pytest.mark.slow
+def test_trained_prior_beats_unigram_on_markov_codes() -> None:
+    k = 16
+    config = PriorConfig(levels=2, codebook_size=k, embed_dim=32, hidden=64, dropout=0.2)
+    train_codes = markov_codes(16, 50, k, seed=1)  # 800 steps
+    val_codes = markov_codes(24, 50, k, seed=1)[16:]  # the same chain, other sequences
+    prior = Prior(config)
+    torch.manual_seed(0)
+    train(prior, train_codes, steps=120, lr=3e-3)  # before it overfits 800 steps
+    prior_bits = float(prior.nll_bits(val_codes))
+    unigram = unigram_bits(train_codes, val_codes, k)
+    bigram = bigram_bits(train_codes, val_codes, k)
+    assert prior_bits < unigram - 1.0, (prior_bits, unigram, bigram)
+    assert prior_bits < bigram, (prior_bits, unigram, bigram)  # the chain is ~0.5 bits per code
+
+
+# ---- baselines ---------------------------------------------------------------------------------
+
+
+def test_unigram_uniform_codes_cost_log2_k() -> None:
+    codes = torch.arange(8).repeat(2, 1).unsqueeze(0)  # (1, 2, 8): every code once per level
+    assert unigram_bits(codes, codes, 8) == pytest.approx(3.0)
+
+
+def test_bigram_learns_a_cycle() -> None:
+    cycle = (torch.arange(400) % 4).repeat(2, 1)  # (2, 400): 0 1 2 3 0 1 ...
+    bits = bigram_bits([cycle], [cycle], 4)
+    assert bits < 0.1 < unigram_bits([cycle], [cycle], 4) == pytest.approx(2.0, abs=0.01)
+
+
+def test_baselines_reject_bad_codes() -> None:
+    good = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"0\.\.3"):
+        unigram_bits([good], [good - 1], 4)
+    with pytest.raises(ValueError, match="levels"):
+        bigram_bits([good], [torch.zeros(3, 5, dtype=torch.long)], 4)
