@@ -320,6 +320,8 @@ def _grids(codes: Tensor | Sequence[Tensor]) -> list[Tensor]:
 
 
 def _check_range(grids: list[Tensor], k: int) -> None:
+    if len({g.shape[0] for g in grids}) != 1:
+        raise ValueError("baseline: training and validation codes need the same number of levels")
     for g in grids:
         if g.numel() and (int(g.min()) < 0 or int(g.max()) >= k):
             raise ValueError(f"baseline: codes must be in 0..{k - 1}")

@@ -12,6 +12,9 @@ bench/prior.py has the figures) and calls the prior's step API, which runs the L
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -37,20 +40,21 @@ class SamplingParams:
     seed: int = 0  # same seed + same device -> same codes
 
     def __post_init__(self) -> None:
-        checks = [
-            ("temperature", float, self.temperature > 0 and self.temperature <= 100,
-             "must be > 0 and <= 100"),
-            ("top_k", int, self.top_k >= 0, "must be >= 0 (0 = off)"),
-            ("top_p", float, 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)"),
-            ("seed", int, 0 <= self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}"),
-        ]  # fmt: skip
-        for name, kind, ok, why in checks:
+        for name, kind in (("temperature", float), ("top_k", int), ("top_p", float), ("seed", int)):
             value = getattr(self, name)
-            wrong_kind = isinstance(value, bool) or not isinstance(value, (int, float))
-            if wrong_kind or (kind is int and not isinstance(value, int)):
+            if isinstance(value, bool) or not isinstance(
+                value, (int, float) if kind is float else int
+            ):
                 raise ConfigError(f"SamplingParams: {name} must be {kind.__name__}, got {value!r}")
+        checks = [
+            ("temperature", 0 < self.temperature <= 100, "must be > 0 and <= 100"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)"),
+            ("seed", 0 <= self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}"),
+        ]
+        for name, ok, why in checks:
             if not ok:
-                raise ConfigError(f"SamplingParams: {name} {why}, got {value!r}")
+                raise ConfigError(f"SamplingParams: {name} {why}, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,6 +131,16 @@ def _draw_steps(
     return torch.stack(columns, 2)  # (B, Q, steps)
 
 
+@contextmanager
+def _onednn_off() -> Iterator[None]:
+    """oneDNN off for the step loop: measured 0.43 -> 0.19 ms per step (Q 4, K 256, H 256, batch
+    1). Torch warns about Intel-GPU TF32 whenever the flags are set; that warning is noise here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+
+
 def _generator(prior: Prior, seed: int) -> torch.Generator:
     return torch.Generator(device=prior.start.device).manual_seed(seed)
 
@@ -150,7 +164,7 @@ def sample(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"sample: steps must be a non-negative int, got {steps!r}")
     gen = _generator(prior, params.seed)
-    with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=False):
+    with torch.inference_mode(), _onednn_off():
         was_training = prior.training
         prior.eval()
         try:

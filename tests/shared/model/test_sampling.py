@@ -1,0 +1,225 @@
+"""Sampling from the prior (distill.shared.model.sampling): params, determinism, prefix, regions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from distill.shared.errors import ConfigError
+from distill.shared.model.prior import Prior, PriorConfig
+from distill.shared.model.sampling import NOISE_CHUNK_STEPS, SamplingParams, resample_region, sample
+
+TINY = PriorConfig(levels=3, codebook_size=16, embed_dim=16, hidden=32, layers=2, dropout=0.0)
+WINDOW = 12  # the longest sequence the tiny priors are trained on
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def prior() -> Prior:
+    torch.manual_seed(0)
+    return Prior(TINY).eval()  # untrained: near-uniform, so draws differ from seed to seed
+
+
+@pytest.fixture(scope="module")
+def cyclic_prior() -> Prior:
+    """A prior trained to certainty on a cycle of 5 steps: codes (t % 5, 2t % 7, (t + 3) % 5)."""
+    config = PriorConfig(levels=3, codebook_size=8, embed_dim=16, hidden=32, dropout=0.0)
+    t = torch.arange(40)
+    one = torch.stack([t % 5, (2 * (t % 5)) % 7, (t + 3) % 5])  # (3, 40)
+    codes = torch.stack([one.roll(-s, 1)[:, :WINDOW] for s in range(5)])  # (5, 3, WINDOW)
+    torch.manual_seed(0)
+    model = Prior(config)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        model(codes).loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def cycle_continues(codes: torch.Tensor, first: int | None) -> bool:
+    """Whether codes (B, 3, T) are the cycle from step ``first`` (None: from any phase, the
+    phase read from the first code, which a prior without a prefix cannot know)."""
+    if first is None:
+        return all(cycle_continues(item[None], int(item[0, 0])) for item in codes)
+    t = torch.arange(first, first + codes.shape[2]) % 5
+    want = torch.stack([t, (2 * t) % 7, (t + 3) % 5])  # (3, T)
+    return bool((codes == want).all())
+
+
+# ---- params ------------------------------------------------------------------------------------
+
+
+def test_params_round_trip() -> None:
+    params = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, seed=12345)
+    assert SamplingParams.from_dict(params.to_dict()) == params
+    assert SamplingParams.from_dict({"temperature": 1, "top_p": 1}).temperature == 1.0
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"seed": -3}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"beam": 4}, "beam"),
+    ],
+)
+def test_params_reject(bad: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        SamplingParams.from_dict(bad)
+
+
+# ---- sample ------------------------------------------------------------------------------------
+
+
+def test_shapes_and_range(prior: Prior) -> None:
+    codes = sample(prior, batch=3, steps=7, params=SamplingParams())
+    assert codes.shape == (3, 3, 7) and codes.dtype == torch.long
+    assert int(codes.min()) >= 0 and int(codes.max()) < 16
+    assert sample(prior, batch=2, steps=0, params=SamplingParams()).shape == (2, 3, 0)
+
+
+def test_same_seed_same_codes_other_seed_differs(prior: Prior) -> None:
+    state = torch.random.get_rng_state()
+    a = sample(prior, batch=2, steps=30, params=SamplingParams(seed=7))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is not used
+    assert torch.equal(a, sample(prior, batch=2, steps=30, params=SamplingParams(seed=7)))
+    assert not torch.equal(a, sample(prior, batch=2, steps=30, params=SamplingParams(seed=8)))
+
+
+def test_batch_items_are_independent_draws(prior: Prior) -> None:
+    codes = sample(prior, batch=4, steps=20, params=SamplingParams(seed=1))
+    assert len({tuple(item.flatten().tolist()) for item in codes}) == 4
+
+
+def test_length_past_training_window(cyclic_prior: Prior) -> None:
+    steps = 3 * NOISE_CHUNK_STEPS + 5  # far past WINDOW, across noise chunks
+    codes = sample(cyclic_prior, batch=2, steps=steps, params=SamplingParams(top_k=1))
+    assert codes.shape == (2, 3, steps)
+    assert cycle_continues(codes, None)
+
+
+def greedy(prior: Prior, steps: int) -> torch.Tensor:
+    """Argmax at every level of every step, through the prior's step API."""
+    stepper = prior.stepper()
+    with torch.no_grad():
+        state = stepper.begin(1)
+        columns = []
+        for t in range(steps):
+            if t:
+                state = stepper.advance(state, columns[-1])
+            context = stepper.head_context(state)
+            codes = []
+            for level in range(prior.config.levels):
+                codes.append(stepper.level_logits(context, level).argmax(-1))
+                if level + 1 < prior.config.levels:
+                    context = stepper.condition(context, level, codes[-1])
+            columns.append(torch.stack(codes, 1))
+    return torch.stack(columns, 2)  # (1, Q, steps)
+
+
+def test_top_k_one_is_greedy_and_small_top_p_too(prior: Prior) -> None:
+    want = greedy(prior, 25)
+    for seed in (0, 1):
+        assert torch.equal(
+            sample(prior, batch=1, steps=25, params=SamplingParams(top_k=1, seed=seed)), want
+        )
+        assert torch.equal(
+            sample(prior, batch=1, steps=25, params=SamplingParams(top_p=1e-6, seed=seed)), want
+        )
+
+
+def test_low_temperature_approaches_greedy(prior: Prior) -> None:
+    cold = sample(prior, batch=1, steps=25, params=SamplingParams(temperature=1e-4, seed=3))
+    assert torch.equal(cold, greedy(prior, 25))
+
+
+def test_top_k_keeps_draws_among_the_k_likeliest(prior: Prior) -> None:
+    """With top_k=2 the level-0 code of step 0 is always one of the two likeliest."""
+    stepper = prior.stepper()
+    with torch.no_grad():
+        logits = stepper.level_logits(stepper.head_context(stepper.begin(1)), 0)  # (1, K)
+    allowed = set(logits.topk(2).indices.flatten().tolist())
+    firsts = {int(sample(prior, batch=1, steps=1, params=SamplingParams(top_k=2, seed=s))[0, 0, 0])
+              for s in range(30)}  # fmt: skip
+    assert firsts <= allowed and len(firsts) == 2
+
+
+def test_prefix_continues_the_cycle(cyclic_prior: Prior) -> None:
+    t = torch.arange(7)
+    prefix = torch.stack([t % 5, (2 * (t % 5)) % 7, (t + 3) % 5]).unsqueeze(0)  # (1, 3, 7)
+    new = sample(cyclic_prior, batch=3, steps=20, params=SamplingParams(seed=5), prefix=prefix)
+    assert new.shape == (3, 3, 20)  # only the new steps
+    assert cycle_continues(new, 7)
+
+
+def test_prefix_must_match_batch(prior: Prior) -> None:
+    with pytest.raises(ValueError, match="prefix batch"):
+        sample(
+            prior,
+            batch=3,
+            steps=2,
+            params=SamplingParams(),
+            prefix=torch.zeros(2, 3, 4, dtype=torch.long),
+        )
+
+
+def test_bad_arguments(prior: Prior) -> None:
+    with pytest.raises(ValueError, match="batch"):
+        sample(prior, batch=0, steps=2, params=SamplingParams())
+    with pytest.raises(ValueError, match="steps"):
+        sample(prior, batch=1, steps=-1, params=SamplingParams())
+
+
+# ---- resample_region ---------------------------------------------------------------------------
+
+
+def test_resample_region_keeps_outside(prior: Prior) -> None:
+    codes = sample(prior, batch=2, steps=30, params=SamplingParams(seed=11))
+    before = codes.clone()
+    out = resample_region(prior, codes, 10, 20, SamplingParams(seed=12))
+    assert torch.equal(codes, before)  # the input is not changed
+    assert torch.equal(out[:, :, :10], codes[:, :, :10])
+    assert torch.equal(out[:, :, 20:], codes[:, :, 20:])
+    assert not torch.equal(out[:, :, 10:20], codes[:, :, 10:20])
+    assert torch.equal(out, resample_region(prior, codes, 10, 20, SamplingParams(seed=12)))
+
+
+def test_resample_region_follows_what_comes_before(cyclic_prior: Prior) -> None:
+    t = torch.arange(30)
+    codes = torch.stack([t % 5, (2 * (t % 5)) % 7, (t + 3) % 5]).unsqueeze(0)  # (1, 3, 30)
+    damaged = codes.clone()
+    damaged[:, :, 12:18] = 0
+    assert torch.equal(
+        resample_region(cyclic_prior, damaged, 12, 18, SamplingParams(seed=2)), codes
+    )
+
+
+@pytest.mark.parametrize(("t0", "t1"), [(5, 5), (6, 2), (-1, 3), (0, 31), (2.0, 4)])
+def test_resample_region_rejects_bad_regions(prior: Prior, t0: object, t1: object) -> None:
+    codes = torch.zeros(1, 3, 30, dtype=torch.long)
+    with pytest.raises(ValueError, match="t0 < t1 <= 30"):
+        resample_region(prior, codes, t0, t1, SamplingParams())  # type: ignore[arg-type]
+
+
+def test_resample_region_rejects_missing_codes(prior: Prior) -> None:
+    codes = torch.zeros(1, 3, 30, dtype=torch.long)
+    codes[0, 2, 4] = -1
+    with pytest.raises(ValueError, match="no code"):
+        resample_region(prior, codes, 10, 20, SamplingParams())
