@@ -5,16 +5,13 @@ Pure functions of the model (the inference worker calls them). Randomness comes 
 the same device gives the same codes, and the global RNG is never touched. The items of one
 batch are independent draws (each draw is Gumbel-max with its own noise).
 
-The loop runs under ``torch.inference_mode`` with oneDNN off (it allocates on every step;
-bench/prior.py has the figures) and calls the prior's step API, which runs the LSTM maths with
-``torch.lstm_cell`` on the ``nn.LSTM`` weights; ``_draw_steps`` has the measured choices.
+The loop runs under ``torch.inference_mode`` and calls the prior's step API, which runs the LSTM
+maths with ``torch.lstm_cell`` on the ``nn.LSTM`` weights (no oneDNN in the loop, so its switch
+is left alone); ``_draw_steps`` and ``PriorStepper`` have the measured choices.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -101,7 +98,8 @@ def _draw_steps(
 ) -> Tensor:
     """Draw ``steps`` steps from ``state``: (B, Q, steps).
 
-    Measured (bench/prior.py's loop variants; Q 4, K 256, H 256, batch 1, one thread, per step):
+    Measured while choosing (variants of this loop timed side by side; Q 4, K 256, H 256, batch 1,
+    one thread, per step; bench/prior.py keeps the shipped loop against the plain baseline):
     torch.multinomial per level and writing each code into the output grid 0.34 ms; Gumbel-max
     with noise drawn for NOISE_CHUNK_STEPS steps at once and codes kept in lists 0.19 ms (the
     choice); the same loop under torch.jit.script 0.14 ms, not taken: TorchScript is deprecated
@@ -131,16 +129,6 @@ def _draw_steps(
     return torch.stack(columns, 2)  # (B, Q, steps)
 
 
-@contextmanager
-def _onednn_off() -> Iterator[None]:
-    """oneDNN off for the step loop: measured 0.43 -> 0.19 ms per step (Q 4, K 256, H 256, batch
-    1). Torch warns about Intel-GPU TF32 whenever the flags are set; that warning is noise here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
-        with torch.backends.mkldnn.flags(enabled=False):
-            yield
-
-
 def _generator(prior: Prior, seed: int) -> torch.Generator:
     return torch.Generator(device=prior.start.device).manual_seed(seed)
 
@@ -164,7 +152,7 @@ def sample(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"sample: steps must be a non-negative int, got {steps!r}")
     gen = _generator(prior, params.seed)
-    with torch.inference_mode(), _onednn_off():
+    with torch.inference_mode():
         was_training = prior.training
         prior.eval()
         try:
