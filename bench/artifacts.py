@@ -21,9 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import free_port_block, spawn, stop, wait_for  # noqa: E402
 
-from distill.shared.artifact_cache import ArtifactCache  # noqa: E402
-from distill.shared.artifacts import ArtifactClient  # noqa: E402
-from distill.shared.client import Client  # noqa: E402
+from distill.shared.bus.artifacts import ArtifactClient  # noqa: E402
+from distill.shared.bus.cache import ArtifactCache  # noqa: E402
+from distill.shared.bus.client import Client  # noqa: E402
 
 MiB = 1024 * 1024
 

@@ -22,8 +22,8 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_of, free_port_block, spawn, stop, wait_for  # noqa: E402
 
-from distill.shared import protocol as P  # noqa: E402
-from distill.shared.client import Client  # noqa: E402
+from distill.shared.bus import protocol as P  # noqa: E402
+from distill.shared.bus.client import Client  # noqa: E402
 
 PAYLOAD = b"x" * 100
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from distill.shared.audio import pad_to_length, prepare_audio, read_audio, scan_folder
-from distill.shared.dataset import build_dataset
-from distill.shared.mel import MelConfig, log_mel
+from distill.shared.audio.dataset import build_dataset
+from distill.shared.audio.io import pad_to_length, prepare_audio, read_audio, scan_folder
+from distill.shared.audio.mel import MelConfig, log_mel
 
 DEFAULT_FOLDER = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "percussion"
 

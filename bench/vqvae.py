@@ -26,11 +26,13 @@ from typing import Any
 
 import torch
 
-from distill.shared.audio import load_audio, scan_folder
-from distill.shared.dataset import Dataset, build_dataset
-from distill.shared.mel import MelConfig, log_mel, log_mel_l1, mel_to_audio, spectral_convergence
-from distill.shared.models.vqvae import VQVAE, VQVAEConfig
-from distill.shared.vqvae_train import TrainConfig, VQVAETrainer
+from distill.shared.audio.dataset import Dataset, build_dataset
+from distill.shared.audio.io import load_audio, scan_folder
+from distill.shared.audio.mel import MelConfig, log_mel
+from distill.shared.audio.metrics import log_mel_l1, spectral_convergence
+from distill.shared.audio.phase import mel_to_audio
+from distill.shared.model.vqvae import VQVAE, VQVAEConfig
+from distill.shared.train.vqvae import TrainConfig, VQVAETrainer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "percussion"
 

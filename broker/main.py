@@ -1,4 +1,6 @@
-"""Start the broker process: bind, attach the job and artifact services, loop until stopped."""
+"""Start the broker process: build the socket loop, attach the services it hosts, loop until
+stopped. This module is where the loop and the services meet; neither imports the other's
+assembly."""
 
 from __future__ import annotations
 
@@ -6,19 +8,33 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
-from distill.broker.broker import Broker, BrokerConfig
+from distill.broker.loop import Broker, BrokerConfig
+from distill.broker.services.artifacts import ArtifactService
+from distill.broker.services.events import EventsService
+from distill.broker.services.jobs import JobService
+from distill.broker.services.workers import WorkersService
+from distill.broker.store.artifacts import ArtifactStore
+from distill.broker.store.journal import JobStore
+from distill.shared.bus import protocol as P
 from distill.shared.logs import configure, get_logger
 
 
 def build_broker(config: BrokerConfig) -> Broker:
-    """A broker with every internal service attached (jobs and artifacts when present)."""
+    """A broker with every service it hosts attached: jobs, artifacts, workers, events."""
     broker = Broker(config)
-    try:
-        from distill.broker.services import attach_services
-    except ImportError:  # pragma: no cover - during bring-up only
-        return broker
-    attach_services(broker)
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    jobs = JobService(broker, JobStore(data_dir / "jobs.sqlite3"))
+    artifacts = ArtifactService(ArtifactStore(data_dir / "artifacts"),
+                                in_use=jobs.store.referenced_artifacts)
+    broker.jobs = jobs
+    broker.event_listeners.append(jobs.on_event)
+    broker.internal[P.SERVICE_JOBS] = jobs.serve
+    broker.internal[P.SERVICE_ARTIFACTS] = artifacts.serve
+    broker.internal[P.SERVICE_WORKERS] = WorkersService(broker.registry).serve
+    broker.internal[P.SERVICE_EVENTS] = EventsService(broker.hub).serve
     return broker
 
 
@@ -35,3 +51,8 @@ def run_broker(config: BrokerConfig, stop: threading.Event | None = None) -> Non
     log.info("broker_started", data_dir=str(config.data_dir))
     broker.run(stop)
     log.info("broker_stopped")
+
+
+def main(**options: Any) -> None:
+    """The ``distill broker`` entry point: ``options`` are :class:`BrokerConfig` fields."""
+    run_broker(BrokerConfig(**options))

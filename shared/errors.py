@@ -1,18 +1,67 @@
-"""One error hierarchy for all of Distill.
+"""One error hierarchy for all of Distill, and the stable codes errors cross the wire as.
 
 Every error a user can see names the thing it is about and the reason. Bad data from the wire
 or from a file is an error value (one of these), never an ``assert``.
+
+An error reply is ``{"ok": false, "error": {"code": CODE, "message": ...}}`` where CODE is one
+of :data:`ERROR_CODES` (the README's table lists the same). Senders take the code from
+:func:`code_of`; receivers compare against the constants below, never against Python class
+names, so renaming a class never changes the protocol.
 """
 
 from __future__ import annotations
 
+# --- wire codes --------------------------------------------------------------------------------
+BAD_REQUEST = "bad_request"
+INTERNAL = "internal"
+EXPIRED = "expired"
+WORKER_LOST = "worker_lost"
+CANCELLED = "cancelled"
+OFFSET_MISMATCH = "offset_mismatch"
+JOB = "job"
+ARTIFACT = "artifact"
+AUDIO = "audio"
+DATASET = "dataset"
+MODEL_FORMAT = "model_format"
+CONFIG = "config"
+DEVICE = "device"
+ERROR = "error"
+# Raised on the client side only (never sent by a peer):
+TIMEOUT = "timeout"
+UNKNOWN_SERVICE = "unknown_service"
+BAD_REPLY = "bad_reply"
+
+ERROR_CODES: dict[str, str] = {
+    BAD_REQUEST: "the request could not be decoded, lacks a field, or names an unknown op",
+    INTERNAL: "a bug in the broker or a worker handler; the message holds the exception",
+    EXPIRED: "no worker took the request within the broker's request timeout",
+    WORKER_LOST: "the workers holding the request died, more times than a request is redelivered",
+    CANCELLED: "the job was cancelled (the reply also carries cancelled: true)",
+    OFFSET_MISMATCH: "an artifact chunk arrived at the wrong offset (the error holds expected)",
+    JOB: "a job could not be submitted, found, or changed",
+    ARTIFACT: "an artifact could not be stored, found or read (bad id, hash mismatch, in use)",
+    AUDIO: "an audio file could not be used",
+    DATASET: "a dataset could not be built or loaded",
+    MODEL_FORMAT: "a checkpoint or model file is corrupt, truncated, or of a newer version",
+    CONFIG: "a configuration value is out of range or inconsistent",
+    DEVICE: "the requested device is not usable on the worker's machine",
+    ERROR: "any other Distill error",
+    TIMEOUT: "(client side) no reply within the client's timeout",
+    UNKNOWN_SERVICE: "(client side) no worker for the service is registered with the broker",
+    BAD_REPLY: "(client side) a reply that does not match its request",
+}
+
 
 class DistillError(Exception):
-    """Base of every error Distill raises on purpose."""
+    """Base of every error Distill raises on purpose. ``code`` is its wire code."""
+
+    code: str = ERROR
 
 
 class ProtocolError(DistillError):
     """A peer broke the wire protocol (MDP/0.1 framing, message schema)."""
+
+    code = BAD_REQUEST
 
 
 class DecodeError(ProtocolError):
@@ -20,9 +69,9 @@ class DecodeError(ProtocolError):
 
 
 class RequestError(DistillError):
-    """A request could not be answered; ``code`` is a short machine-readable reason."""
+    """A request could not be answered; ``code`` is one of :data:`ERROR_CODES`."""
 
-    def __init__(self, message: str, code: str = "error") -> None:
+    def __init__(self, message: str, code: str = ERROR) -> None:
         super().__init__(message)
         self.code = code
 
@@ -31,43 +80,66 @@ class RequestTimeout(RequestError):
     """No reply came back before the client's timeout (after its retries)."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, code="timeout")
+        super().__init__(message, code=TIMEOUT)
 
 
 class UnknownService(RequestError):
     """The broker has no such service and no worker registered for it."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, code="unknown_service")
+        super().__init__(message, code=UNKNOWN_SERVICE)
 
 
 class JobError(DistillError):
     """A job could not be submitted, found, or finished."""
 
+    code = JOB
+
 
 class JobCancelled(JobError):
     """Raised inside a handler by ``ctx.check_cancel()`` when the job was cancelled."""
+
+    code = CANCELLED
 
 
 class ArtifactError(DistillError):
     """An artifact could not be stored, found or read (hash mismatch, unknown id, in use)."""
 
+    code = ARTIFACT
+
 
 class AudioError(DistillError):
     """An audio file could not be used; the message says which file and why."""
+
+    code = AUDIO
 
 
 class DatasetError(DistillError):
     """A dataset could not be built or loaded."""
 
+    code = DATASET
+
 
 class ModelFormatError(DistillError):
     """A checkpoint or model file is corrupt, truncated, or of an unknown/newer version."""
+
+    code = MODEL_FORMAT
 
 
 class ConfigError(DistillError):
     """A configuration value is out of range or inconsistent."""
 
+    code = CONFIG
+
 
 class DeviceError(DistillError):
     """A requested device (cuda, cuda:N, mps) is not usable on this machine."""
+
+    code = DEVICE
+
+
+def code_of(error: BaseException) -> str:
+    """The wire code for an error: its own for a Distill error, ``internal`` for anything else."""
+    if isinstance(error, DistillError):
+        return error.code
+    return INTERNAL

@@ -107,7 +107,7 @@ class Cluster:
                             "--heartbeat-s", str(HEARTBEAT_S), "--liveness", str(LIVENESS),
                             "--request-timeout-s", str(request_timeout_s)],
                            self.tmp / f"broker-{self._next()}.log")
-        from distill.shared.client import Client
+        from distill.shared.bus.client import Client
 
         with Client(self.endpoint, timeout_s=0.5) as c:
             wait_until(lambda: _answers(c), 20, what="broker to answer")
@@ -127,7 +127,7 @@ class Cluster:
         return proc
 
     def worker_list(self) -> list[dict[str, Any]]:
-        from distill.shared.client import Client
+        from distill.shared.bus.client import Client
         from distill.shared.errors import RequestTimeout
 
         try:
@@ -137,7 +137,7 @@ class Cluster:
             return []
 
     def client(self, timeout_s: float = 10.0) -> Any:
-        from distill.shared.client import Client
+        from distill.shared.bus.client import Client
 
         return Client(self.endpoint, timeout_s=timeout_s)
 

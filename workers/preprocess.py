@@ -8,7 +8,7 @@ Job params::
      "silence_threshold_db": float,                    # optional; -60 dBFS
      "val_fraction": float}                            # optional; 0.1
 
-The work is :func:`distill.shared.dataset.build_dataset`; this module only fetches files one at
+The work is :func:`distill.shared.audio.dataset.build_dataset`; this module only fetches files one at
 a time (so a 500-file job never holds every file in memory), reports progress per file, checks
 for cancellation per file, and stores the result. Every file appears in the returned manifest,
 used or skipped with its reason.
@@ -16,18 +16,17 @@ used or skipped with its reason.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, overload
 
-from distill.shared.dataset import ManifestRow, build_dataset
+from distill.shared.audio.dataset import ManifestRow, build_dataset
+from distill.shared.audio.mel import MelConfig
 from distill.shared.errors import JobError
-from distill.shared.mel import MelConfig
-from distill.workers.context import JobContext
+from distill.shared.ids import is_sha256
+from distill.workers.runtime.context import JobContext
 
 SERVICE = "distill.preprocess"
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class _ArtifactFiles(Sequence[tuple[str, bytes]]):
@@ -60,7 +59,7 @@ def _file_refs(params: dict[str, Any]) -> list[tuple[str, str]]:
     for k, f in enumerate(files):
         name = f.get("name") if isinstance(f, dict) else None
         sha = f.get("sha256") if isinstance(f, dict) else None
-        if not isinstance(name, str) or not isinstance(sha, str) or not _SHA256.match(sha):
+        if not isinstance(name, str) or not is_sha256(sha):
             raise JobError(f"preprocess: params.files[{k}] must be {{name: str, sha256: hex}}")
         refs.append((name, sha))
     return refs

@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from distill.workers.context import JobContext
+from distill.workers.runtime.context import JobContext
 
 SERVICE = "distill.sleep"
 USES_TORCH = False

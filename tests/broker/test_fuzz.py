@@ -11,9 +11,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distill.broker.broker import Broker, BrokerConfig
-from distill.shared import protocol as P
-from distill.shared.codec import pack
+from distill.broker.loop import Broker, BrokerConfig
+from distill.shared.bus import protocol as P
+from distill.shared.bus.codec import pack
 from tests.conftest import free_port_block, wait_until
 
 pytestmark = pytest.mark.integration
@@ -127,7 +127,7 @@ def test_broker_survives_and_forgets_the_garbage(live_broker: tuple[Broker, str]
         10,
         what="registry to empty",
     )
-    from distill.shared.client import Client
+    from distill.shared.bus.client import Client
 
     with Client(endpoint, timeout_s=5) as client:
         assert client.mmi_service("echo") is False

@@ -8,10 +8,10 @@ import time
 import pytest
 import zmq
 
-from distill.shared.codec import pack, unpack
+from distill.shared.bus.codec import pack, unpack
 from tests.conftest import Cluster, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # spawns broker and worker processes
 
 MDPC, MDPW = b"MDPC01", b"MDPW01"
 

@@ -1,0 +1,70 @@
+"""Event stamping and the latest-state cache (the Clone pattern's server side).
+
+Workers publish ``[topic, msgpack map]``; the broker stamps each event with a sequence number
+and the broker's time, remembers the latest event per (topic, type) for late joiners, and
+republishes. Pure policy: the socket loop moves the frames.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any
+
+from distill.shared.bus.codec import pack, unpack_map
+from distill.shared.errors import DecodeError
+
+MAX_TOPIC_BYTES = 255
+MAX_EVENT_BYTES = 1024 * 1024
+MAX_LATEST = 20_000  # (topic, type) pairs kept for snapshots; the oldest are dropped beyond
+
+
+class EventHub:
+    def __init__(self) -> None:
+        self.seq = 0
+        self._latest: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+
+    def parse(self, frames: list[bytes]) -> tuple[str, dict[str, Any]]:
+        """Validate a published event; raise DecodeError for anything malformed."""
+        if len(frames) != 2:
+            raise DecodeError(f"an event has 2 frames (topic, body), got {len(frames)}")
+        raw_topic, body = frames
+        if not raw_topic or len(raw_topic) > MAX_TOPIC_BYTES:
+            raise DecodeError("event topic must be 1..255 bytes")
+        try:
+            topic = raw_topic.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DecodeError("event topic is not utf-8") from e
+        if len(body) > MAX_EVENT_BYTES:
+            raise DecodeError(f"event body of {len(body)} bytes is over {MAX_EVENT_BYTES}")
+        event = unpack_map(body, "event body")
+        if not isinstance(event.get("type", ""), str):
+            raise DecodeError("event type must be a string")
+        return topic, event
+
+    def stamp(self, topic: str, event: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
+        """Give the event the next sequence number; remember it; return it and its frames."""
+        self.seq += 1
+        stamped = dict(event)
+        stamped["seq"] = self.seq
+        stamped["topic"] = topic
+        stamped["type"] = str(event.get("type", "event"))
+        stamped["broker_ts"] = time.time()
+        key = (topic, stamped["type"])
+        self._latest[key] = stamped
+        self._latest.move_to_end(key)
+        while len(self._latest) > MAX_LATEST:
+            self._latest.popitem(last=False)
+        return stamped, [topic.encode(), pack(stamped)]
+
+    def forget(self, topic: str) -> None:
+        for key in [k for k in self._latest if k[0] == topic]:
+            del self._latest[key]
+
+    def snapshot(self, prefixes: list[str]) -> dict[str, Any]:
+        """Latest events whose topic starts with any prefix (all for ``[""]``), and the seq."""
+        events = [
+            e for (topic, _), e in self._latest.items() if any(topic.startswith(p) for p in prefixes)
+        ]
+        events.sort(key=lambda e: e["seq"])
+        return {"seq": self.seq, "events": events}

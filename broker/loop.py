@@ -1,0 +1,414 @@
+"""The broker's socket loop: MDP/0.1 (RFC 7) on one ROUTER for clients and workers, MMI
+(RFC 8), heartbeats both ways, and the event stream (XSUB in, stamped, XPUB out).
+
+The loop only moves frames. Bookkeeping lives in :class:`~distill.broker.registry.Registry`
+(workers, requests) and :class:`~distill.broker.hub.EventHub` (sequence numbers, latest
+state); the services the broker hosts (``broker/services/``) are attached to
+:attr:`Broker.internal` and :attr:`Broker.jobs` by ``broker/main.py``, and this loop calls
+them. Nothing a peer sends can stop the loop: every malformed frame sequence is dropped or
+answered with an error reply.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import zmq
+
+from distill.broker.hub import EventHub
+from distill.broker.registry import (
+    MAX_REDELIVERIES,
+    ClientOrigin,
+    JobOrigin,
+    Registry,
+    Request,
+    WorkerEntry,
+)
+from distill.broker.services.common import error_body
+from distill.shared.bus import protocol as P
+from distill.shared.bus.codec import pack, unpack_map
+from distill.shared.bus.messages import WorkerMeta
+from distill.shared.errors import (
+    BAD_REQUEST,
+    EXPIRED,
+    INTERNAL,
+    WORKER_LOST,
+    DecodeError,
+    DistillError,
+    code_of,
+)
+from distill.shared.logs import get_logger
+
+log = get_logger("broker")
+
+InternalHandler = Callable[[bytes, list[bytes]], "list[bytes] | None"]
+
+
+class JobHooks(Protocol):
+    """What the loop calls on the job manager (``services.jobs.JobService``)."""
+
+    def on_dispatched(self, job_id: str, worker: WorkerEntry) -> None: ...
+    def on_reply(self, job_id: str, frames: list[bytes], worker: WorkerEntry) -> None: ...
+    def on_lost(self, job_id: str, reason: str) -> None: ...
+    def tick(self, now: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = P.DEFAULT_HOST  # loopback unless told: the broker has no auth of its own
+    port: int = P.PORT_MDP  # events go out on port + 1 (XPUB) and come in on port + 2 (XSUB)
+    heartbeat_interval_s: float = P.HEARTBEAT_INTERVAL_S
+    heartbeat_liveness: int = P.HEARTBEAT_LIVENESS
+    request_timeout_s: float = P.REQUEST_TIMEOUT_S
+    max_message_bytes: int = P.MAX_MESSAGE_BYTES
+    data_dir: Path = field(default_factory=lambda: Path.home() / ".local/share/distill/broker")
+
+    @property
+    def events_out_port(self) -> int:
+        return self.port + (P.PORT_EVENTS_OUT - P.PORT_MDP)
+
+    @property
+    def events_in_port(self) -> int:
+        return self.port + (P.PORT_EVENTS_IN - P.PORT_MDP)
+
+    def endpoint(self, port: int) -> str:
+        return f"tcp://{self.host}:{port}"
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.ctx = context or zmq.Context.instance()
+        self.registry = Registry(config.heartbeat_interval_s * config.heartbeat_liveness)
+        self.hub = EventHub()
+        self.internal: dict[bytes, InternalHandler] = {}  # service name -> handler
+        self.jobs: JobHooks | None = None
+        self.event_listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self.dropped = 0  # malformed messages dropped or refused, for tests and stats
+        self._next_heartbeat = 0.0
+        self._next_scan = 0.0
+        self._sockets_open = False
+
+    # --- sockets -----------------------------------------------------------------------------
+    def bind(self) -> None:
+        c = self.config
+        self.router = self.ctx.socket(zmq.ROUTER)
+        # Options apply only to later bind/connect calls: set them first.
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.MAXMSGSIZE, c.max_message_bytes)
+        self.router.setsockopt(zmq.SNDHWM, P.SOCKET_HWM)
+        self.router.setsockopt(zmq.RCVHWM, P.SOCKET_HWM)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(c.endpoint(c.port))
+        self.xsub = self.ctx.socket(zmq.XSUB)
+        self.xsub.setsockopt(zmq.MAXMSGSIZE, c.max_message_bytes)
+        self.xsub.setsockopt(zmq.RCVHWM, P.SOCKET_HWM)
+        self.xsub.setsockopt(zmq.LINGER, 0)
+        self.xsub.bind(c.endpoint(c.events_in_port))
+        self.xsub.send(b"\x01")  # subscribe to everything workers publish
+        self.xpub = self.ctx.socket(zmq.XPUB)
+        self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscribe, for hello handshakes
+        self.xpub.setsockopt(zmq.SNDHWM, P.SOCKET_HWM)
+        self.xpub.setsockopt(zmq.LINGER, 0)
+        self.xpub.bind(c.endpoint(c.events_out_port))
+        self.poller = zmq.Poller()
+        for sock in (self.router, self.xsub, self.xpub):
+            self.poller.register(sock, zmq.POLLIN)
+        self._sockets_open = True
+        log.info("broker_bound", mdp=c.endpoint(c.port), events_out=c.endpoint(c.events_out_port),
+                 events_in=c.endpoint(c.events_in_port))
+
+    def close(self) -> None:
+        if self._sockets_open:
+            for sock in (self.router, self.xsub, self.xpub):
+                sock.close(linger=0)
+            self._sockets_open = False
+
+    # --- loop --------------------------------------------------------------------------------
+    def run(self, stop: threading.Event | None = None) -> None:
+        if not self._sockets_open:
+            self.bind()
+        self.publish("broker", {"type": "started", "pid": __import__("os").getpid()})
+        try:
+            while stop is None or not stop.is_set():
+                self.step(timeout_ms=100)
+        finally:
+            self.close()
+
+    def step(self, timeout_ms: int = 100) -> None:
+        """One iteration: read what is ready, then run the timers."""
+        events = dict(self.poller.poll(timeout_ms))
+        if self.router in events:
+            self._drain(self.router, self._on_router)
+        if self.xsub in events:
+            self._drain(self.xsub, self._on_event_in)
+        if self.xpub in events:
+            self._drain(self.xpub, self._on_subscription)
+        self._timers(time.monotonic())
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list[bytes]], None], limit: int = 1000) -> None:
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                handle(frames)
+            except Exception as e:  # the loop must survive anything a peer sends
+                self.dropped += 1
+                log.warning("message_dropped", reason=repr(e), frames=len(frames))
+
+    def _timers(self, now: float) -> None:
+        # Expiry scans run a few times per heartbeat interval, not on every message: under load
+        # the loop turns thousands of times a second.
+        if now >= self._next_scan:
+            self._next_scan = now + min(0.05, self.config.heartbeat_interval_s / 4)
+            for worker in self.registry.expired_workers(now):
+                log.warning("worker_expired", worker=worker.worker_id,
+                            service=worker.service.decode(errors="replace"))
+                self._remove_worker(worker.identity, "worker stopped heartbeating", disconnect=False)
+            for request in self.registry.expire_requests(now):
+                self._fail_request(request, EXPIRED, self._expiry_message(request))
+            if self.jobs is not None:
+                self.jobs.tick(now)
+        if now >= self._next_heartbeat:
+            for identity in list(self.registry.workers):
+                self._send_worker(identity, [P.W_HEARTBEAT])
+            self._next_heartbeat = now + self.config.heartbeat_interval_s
+
+    def _expiry_message(self, request: Request) -> str:
+        name = request.service.decode(errors="replace")
+        if not self.registry.has_workers(request.service):
+            return f"no worker for service {name!r} came within {self.config.request_timeout_s:g} s"
+        return f"service {name!r} did not take the request within {self.config.request_timeout_s:g} s"
+
+    # --- ROUTER ------------------------------------------------------------------------------
+    def _on_router(self, frames: list[bytes]) -> None:
+        if len(frames) < 3 or len(frames) > P.MAX_FRAMES + 3 or frames[1] != b"":
+            self.dropped += 1
+            return
+        identity, header = frames[0], frames[2]
+        if header == P.MDPC:
+            self._on_client(identity, frames[3:])
+        elif header == P.MDPW:
+            self._on_worker(identity, frames[3:])
+        else:
+            self.dropped += 1
+
+    def _on_client(self, identity: bytes, frames: list[bytes]) -> None:
+        if not frames or not frames[0] or len(frames[0]) > P.MAX_SERVICE_NAME_BYTES:
+            self.dropped += 1  # no usable service frame: nothing to address a reply to
+            return
+        service, body = frames[0], frames[1:]
+        if not body:
+            self.dropped += 1
+            self._send_client(identity, service, error_body(BAD_REQUEST, "MDP request has no body frame"))
+            return
+        if service.startswith(P.MMI_PREFIX):
+            self._send_client(identity, service, [self._mmi(service, body)])
+        elif service in self.internal:
+            self._serve_internal(identity, service, body)
+        else:
+            now = time.monotonic()
+            request = self.registry.new_request(
+                service, body, ClientOrigin(identity), now, self.config.request_timeout_s)
+            self.registry.enqueue(request)
+            self._dispatch(service)
+
+    def _mmi(self, service: bytes, body: list[bytes]) -> bytes:
+        if service != P.MMI_SERVICE:
+            return P.MMI_NOT_IMPLEMENTED
+        asked = body[0]
+        found = asked in self.internal or self.registry.has_workers(asked)
+        return P.MMI_FOUND if found else P.MMI_NOT_FOUND
+
+    def _serve_internal(self, identity: bytes, service: bytes, body: list[bytes]) -> None:
+        try:
+            reply = self.internal[service](identity, body)
+        except DecodeError as e:
+            self.dropped += 1
+            reply = error_body(code_of(e), str(e))
+        except DistillError as e:
+            reply = error_body(code_of(e), str(e))
+        except Exception as e:
+            log.exception("internal_service_error", service=service.decode(errors="replace"))
+            reply = error_body(INTERNAL, f"{type(e).__name__}: {e}")
+        if reply is not None:  # None: the handler answers later (long poll)
+            self._send_client(identity, service, reply)
+
+    # --- workers -----------------------------------------------------------------------------
+    def _on_worker(self, identity: bytes, frames: list[bytes]) -> None:
+        if not frames or frames[0] not in P.WORKER_COMMANDS:
+            self.dropped += 1
+            if identity in self.registry.workers:
+                self._remove_worker(identity, "sent an invalid command", disconnect=True)
+            return
+        command, rest = frames[0], frames[1:]
+        now = time.monotonic()
+        registered = identity in self.registry.workers
+        if command == P.W_READY:
+            self._on_ready(identity, rest, registered, now)
+        elif not registered:
+            # RFC 7: any command other than READY from an unknown peer gets DISCONNECT.
+            if command != P.W_DISCONNECT:
+                self._send_worker(identity, [P.W_DISCONNECT])
+        elif command == P.W_REPLY:
+            self.registry.touch(identity, now)
+            self._on_reply(identity, rest)
+        elif command == P.W_HEARTBEAT:
+            self.registry.touch(identity, now)
+        elif command == P.W_DISCONNECT:
+            self._remove_worker(identity, "worker disconnected", disconnect=False)
+        else:  # REQUEST is broker -> worker only
+            self.dropped += 1
+            self._remove_worker(identity, "sent REQUEST to the broker", disconnect=True)
+
+    def _on_ready(self, identity: bytes, rest: list[bytes], registered: bool, now: float) -> None:
+        if registered:  # RFC 7: a second READY is a protocol error
+            self._remove_worker(identity, "sent READY twice", disconnect=True)
+            return
+        service = rest[0] if rest else b""
+        if (not service or len(service) > P.MAX_SERVICE_NAME_BYTES or len(rest) > 2
+                or service.startswith(P.MMI_PREFIX) or service in self.internal):
+            self.dropped += 1
+            self._send_worker(identity, [P.W_DISCONNECT])
+            return
+        meta: dict[str, Any] = {}
+        if len(rest) == 2:
+            try:
+                known = WorkerMeta.decode(rest[1])  # validates the fields we read
+                meta = {**unpack_map(rest[1]), **known.to_map()}
+            except DecodeError as e:
+                log.warning("worker_metadata_ignored", reason=str(e))
+        entry = self.registry.register(identity, service, meta, now)
+        log.info("worker_ready", worker=entry.worker_id, service=service.decode(errors="replace"),
+                 host=meta.get("host"), device=meta.get("device"))
+        self.publish(f"worker.{entry.worker_id}", {"type": "ready", **entry.describe(now)})
+        self._dispatch(service)
+
+    def _on_reply(self, identity: bytes, rest: list[bytes]) -> None:
+        worker = self.registry.workers[identity]
+        if worker.current is None:
+            self.dropped += 1  # a reply to nothing (late, or invented): drop it
+            return
+        if len(rest) < 3 or rest[1] != b"" or rest[0] != worker.current.reply_address:
+            self.dropped += 1
+            self._remove_worker(identity, "sent a malformed REPLY", disconnect=True)
+            return
+        request = self.registry.complete(identity)
+        assert request is not None
+        body = rest[2:]
+        if isinstance(request.origin, ClientOrigin):
+            self._send_client(request.origin.identity, request.service, body)
+        else:
+            if self.jobs is not None:
+                self.jobs.on_reply(request.origin.job_id, body, worker)
+            # Worker state events for jobs only: short direct requests would flood the stream.
+            self.publish(f"worker.{worker.worker_id}", {"type": "idle", **worker.describe(time.monotonic())})
+        self._dispatch(worker.service)
+
+    def _remove_worker(self, identity: bytes, reason: str, *, disconnect: bool) -> None:
+        entry = self.registry.workers.get(identity)
+        if disconnect:
+            self._send_worker(identity, [P.W_DISCONNECT])
+        request = self.registry.remove(identity)
+        if entry is not None:
+            self.publish(f"worker.{entry.worker_id}", {"type": "gone", "reason": reason,
+                                                        "service": entry.service.decode(errors="replace")})
+        if request is not None:
+            self._redeliver(request, reason)
+
+    def _redeliver(self, request: Request, reason: str) -> None:
+        """A worker died holding ``request``: give it to the next worker, or fail it."""
+        if isinstance(request.origin, JobOrigin):
+            if self.jobs is not None:
+                self.jobs.on_lost(request.origin.job_id, reason)
+            return
+        if request.deliveries >= MAX_REDELIVERIES:
+            self._fail_request(request, WORKER_LOST,
+                               f"{request.deliveries} workers of {request.service.decode(errors='replace')!r} "
+                               f"were lost while holding this request (last: {reason})")
+            return
+        request.deadline = time.monotonic() + self.config.request_timeout_s
+        self.registry.enqueue(request, front=True)
+        self._dispatch(request.service)
+
+    def _fail_request(self, request: Request, code: str, message: str) -> None:
+        if isinstance(request.origin, ClientOrigin):
+            self._send_client(request.origin.identity, request.service, error_body(code, message))
+        elif self.jobs is not None:
+            self.jobs.on_lost(request.origin.job_id, message)
+
+    # --- dispatch ----------------------------------------------------------------------------
+    def submit_internal(self, service: bytes, body: list[bytes], job_id: str) -> Request:
+        """Queue a request on behalf of a job (no deadline: it waits for a worker)."""
+        request = self.registry.new_request(service, body, JobOrigin(job_id), time.monotonic(), None)
+        self.registry.enqueue(request)
+        self._dispatch(service)
+        return request
+
+    def _dispatch(self, service: bytes) -> None:
+        for worker, request in self.registry.dispatch(service, time.monotonic()):
+            sent = self._send_worker(worker.identity,
+                                     [P.W_REQUEST, request.reply_address, b"", *request.body])
+            if sent and isinstance(request.origin, JobOrigin):
+                job = request.origin.job_id
+                if self.jobs is not None:
+                    self.jobs.on_dispatched(job, worker)
+                self.publish(f"worker.{worker.worker_id}",
+                             {"type": "busy", "request": request.id, "job": job,
+                              "service": service.decode(errors="replace")})
+
+    # --- sending -----------------------------------------------------------------------------
+    def _send(self, frames: list[bytes]) -> bool:
+        try:
+            self.router.send_multipart(frames, zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:  # EHOSTUNREACH (peer gone) or EAGAIN (peer not reading)
+            log.info("send_failed", peer=frames[0].hex(), reason=e.strerror)
+            return False
+
+    def _send_worker(self, identity: bytes, frames: list[bytes]) -> bool:
+        ok = self._send([identity, b"", P.MDPW, *frames])
+        if not ok and identity in self.registry.workers and frames[0] != P.W_DISCONNECT:
+            self._remove_worker(identity, "unreachable", disconnect=False)
+        return ok
+
+    def _send_client(self, identity: bytes, service: bytes, body: list[bytes]) -> bool:
+        return self._send([identity, b"", P.MDPC, service, *body])
+
+    def reply_later(self, identity: bytes, service: bytes, body: list[bytes]) -> bool:
+        """For internal services that answer after returning None (long polls)."""
+        return self._send_client(identity, service, body)
+
+    # --- events ------------------------------------------------------------------------------
+    def _on_event_in(self, frames: list[bytes]) -> None:
+        try:
+            topic, event = self.hub.parse(frames)
+        except DecodeError:
+            self.dropped += 1
+            return
+        self.publish(topic, event)
+
+    def publish(self, topic: str, event: dict[str, Any]) -> dict[str, Any]:
+        stamped, frames = self.hub.stamp(topic, event)
+        for listener in self.event_listeners:
+            listener(topic, stamped)
+        if self._sockets_open:
+            try:
+                self.xpub.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # a slow subscriber; it can resync from a snapshot
+        return stamped
+
+    def _on_subscription(self, frames: list[bytes]) -> None:
+        # XPUB delivers b"\x01topic" / b"\x00topic". A subscriber that subscribes to
+        # "hello.<token>" is told its subscriptions are live (see client.Subscription).
+        msg = frames[0] if frames else b""
+        if msg[:1] == b"\x01" and msg[1:].startswith(b"hello."):
+            self.xpub.send_multipart([msg[1:], pack({"type": "hello", "seq": self.hub.seq})])

@@ -1,0 +1,57 @@
+"""``distill.artifacts``: the content-addressed store, in chunks (policy over
+:mod:`distill.broker.store.artifacts`).
+
+Ops (one msgpack map per request): ``put_begin {sha256, size, kind, name, job}`` → ``{offset}``
+(an interrupted put resumes there); ``put_chunk {sha256, offset, data}`` → ``{offset}``;
+``put_finish {sha256}`` → record; ``get {sha256, offset, length}`` → ``{offset, data}``;
+``stat``, ``list {kind?, job?}``, ``delete``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from distill.broker.services.common import field, ok_body
+from distill.broker.store.artifacts import ArtifactStore, OffsetMismatch
+from distill.shared.bus import protocol as P
+from distill.shared.bus.codec import pack, unpack_map
+from distill.shared.errors import OFFSET_MISMATCH, DecodeError
+
+
+class ArtifactService:
+    def __init__(self, store: ArtifactStore, in_use: Callable[[], set[str]]) -> None:
+        self.store = store
+        self.in_use = in_use  # artifacts a queued or running job needs: refused to delete
+
+    def serve(self, identity: bytes, body: list[bytes]) -> list[bytes]:
+        msg = unpack_map(body[0])
+        op = msg.get("op")
+        if op == "put_begin":
+            offset = self.store.begin_put(field(msg, "sha256", str), field(msg, "size", int),
+                                          kind=field(msg, "kind", str), name=field(msg, "name", str),
+                                          job=field(msg, "job", str, None))
+            return ok_body({"offset": offset})
+        if op == "put_chunk":
+            try:
+                offset = self.store.put_chunk(field(msg, "sha256", str), field(msg, "offset", int),
+                                              field(msg, "data", bytes))
+            except OffsetMismatch as e:
+                return [pack({"ok": False, "error": {"code": OFFSET_MISMATCH, "message": str(e),
+                                                     "expected": e.expected}})]
+            return ok_body({"offset": offset})
+        if op == "put_finish":
+            return ok_body(self.store.finish_put(field(msg, "sha256", str)).to_dict())
+        if op == "get":
+            sha, offset = field(msg, "sha256", str), field(msg, "offset", int)
+            data = self.store.read_chunk(sha, offset, field(msg, "length", int, P.ARTIFACT_CHUNK_BYTES))
+            return ok_body({"offset": offset, "data": data})
+        if op == "stat":
+            return ok_body(self.store.stat(field(msg, "sha256", str)).to_dict())
+        if op == "list":
+            records = self.store.list(kind=field(msg, "kind", str, None), job=field(msg, "job", str, None))
+            return ok_body({"artifacts": [r.to_dict() for r in records]})
+        if op == "delete":
+            self.store.delete(field(msg, "sha256", str), in_use=self.in_use())
+            return ok_body({})
+        raise DecodeError(f"distill.artifacts has no op {op!r} (ops: put_begin, put_chunk, put_finish, "
+                          "get, stat, list, delete)")

@@ -1,0 +1,287 @@
+"""``distill.jobs``: durable jobs, dispatched to worker services as MDP requests.
+
+Policy over the job journal (:mod:`distill.broker.store.journal`). The socket loop calls it
+through its internal-service table (requests) and its job hooks (worker replies, lost workers,
+timers); it reaches the loop only through :class:`JobHost`, never by importing it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+from distill.broker.registry import JobOrigin, Registry, Request, WorkerEntry
+from distill.broker.services.common import field, ok_body
+from distill.broker.store.journal import JobRecord, JobStore
+from distill.shared.bus import protocol as P
+from distill.shared.bus.codec import pack, unpack_map
+from distill.shared.bus.messages import JobDispatch, JobSubmit
+from distill.shared.errors import DecodeError, JobError
+from distill.shared.logs import get_logger
+
+log = get_logger("broker.jobs")
+
+CANCEL_REPEAT_S = 1.0  # a running job's cancel is re-announced until the worker stops
+RESCAN_S = 1.0  # look for newly dispatchable jobs at least this often
+MAX_WAIT_S = 300.0
+
+
+class JobHost(Protocol):
+    """What the job service needs from the broker loop."""
+
+    registry: Registry
+
+    def publish(self, topic: str, event: dict[str, Any]) -> dict[str, Any]: ...
+    def submit_internal(self, service: bytes, body: list[bytes], job_id: str) -> Request: ...
+    def reply_later(self, identity: bytes, service: bytes, body: list[bytes]) -> bool: ...
+
+
+class JobService:
+    def __init__(self, broker: JobHost, store: JobStore) -> None:
+        self.broker = broker
+        self.store = store
+        self.in_registry: set[str] = set()  # job ids with a request queued or held by a worker
+        self.waiters: dict[str, list[tuple[bytes, float]]] = {}
+        self.pending_progress: dict[str, dict[str, Any]] = {}
+        self.pending_metrics: list[tuple[str, dict[str, Any]]] = []
+        self._dirty = True
+        self._next_scan = 0.0
+        self._next_cancel_repeat = 0.0
+        self._announced_final: set[str] = set()  # finished jobs already announced
+        for record in store.requeue_running("the broker restarted while the job was running"):
+            log.info("job_requeued_after_restart", job=record.id, status=record.status)
+
+    # --- requests ----------------------------------------------------------------------------
+    def serve(self, identity: bytes, body: list[bytes]) -> list[bytes] | None:
+        msg = unpack_map(body[0])
+        op = msg.get("op")
+        handler = {
+            "submit": self._submit, "get": self._get, "list": self._list, "cancel": self._cancel,
+            "retry": self._retry, "checkpoint": self._checkpoint, "counts": self._counts,
+            "metrics": self._metrics,
+        }.get(op)  # type: ignore[arg-type]
+        if op == "wait":
+            return self._wait(identity, msg)
+        if handler is None:
+            raise DecodeError(f"distill.jobs has no op {op!r} (ops: submit, get, list, cancel, "
+                              "retry, wait, checkpoint, metrics, counts)")
+        return ok_body(handler(msg))
+
+    def _submit(self, msg: dict[str, Any]) -> dict[str, Any]:
+        req = JobSubmit.from_map({k: v for k, v in msg.items() if k != "op" and v is not None})
+        record = self.store.submit(req.service, req.params, depends_on=req.depends_on,
+                                   max_attempts=req.max_attempts, timeout_s=req.timeout_s)
+        self._announce(record)
+        self._dirty = True
+        return record.to_dict()
+
+    def _get(self, msg: dict[str, Any]) -> dict[str, Any]:
+        with_metrics = bool(msg.get("metrics", True))
+        return self.store.get(field(msg, "id", str), with_metrics=with_metrics).to_dict(with_metrics=with_metrics)
+
+    def _list(self, msg: dict[str, Any]) -> dict[str, Any]:
+        records = self.store.list(status=field(msg, "status", str, None),
+                                  service=field(msg, "service", str, None),
+                                  limit=field(msg, "limit", int, 200) or 200)
+        return {"jobs": [r.to_dict(with_metrics=False) for r in records]}
+
+    def _counts(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return self.store.counts()
+
+    def _cancel(self, msg: dict[str, Any]) -> dict[str, Any]:
+        job_id = field(msg, "id", str)
+        record = self.store.request_cancel(job_id, field(msg, "reason", str, None) or "cancelled by user")
+        if record.status == "cancelled":
+            self._drop_queued(job_id)
+            self._finished(record)
+            for dep in self._cascaded(record):
+                self._drop_queued(dep.id)
+                self._finished(dep)
+        elif record.status == "running":
+            self._announce_cancel(job_id)
+        return record.to_dict(with_metrics=False)
+
+    def _retry(self, msg: dict[str, Any]) -> dict[str, Any]:
+        record = self.store.retry(field(msg, "id", str))
+        self._announce(record)
+        self._dirty = True
+        return record.to_dict(with_metrics=False)
+
+    def _checkpoint(self, msg: dict[str, Any]) -> dict[str, Any]:
+        job_id, sha = field(msg, "id", str), field(msg, "sha256", str)
+        self.store.set_checkpoint(job_id, sha)
+        return {"id": job_id, "checkpoint": sha}
+
+    def _metrics(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """A metric row sent as a request: stored before the reply, so no row is ever lost to
+        the event stream's best-effort delivery; then published for live viewers."""
+        job_id, row = field(msg, "id", str), field(msg, "row", dict)
+        self.store.append_metrics(job_id, row)
+        self.broker.publish(f"job.{job_id}", {"type": "metrics", "job": job_id, "row": row, "recorded": True})
+        return {"id": job_id}
+
+    def _wait(self, identity: bytes, msg: dict[str, Any]) -> list[bytes] | None:
+        job_id = field(msg, "id", str)
+        timeout_s = min(float(field(msg, "timeout_s", (int, float), 30.0) or 30.0), MAX_WAIT_S)
+        record = self.store.get(job_id, with_metrics=False)
+        if record.finished:
+            return ok_body(record.to_dict(with_metrics=False))
+        self.waiters.setdefault(job_id, []).append((identity, time.monotonic() + timeout_s))
+        return None
+
+    # --- events ------------------------------------------------------------------------------
+    def on_event(self, topic: str, event: dict[str, Any]) -> None:
+        if not topic.startswith("job."):
+            return
+        job_id = topic[4:]
+        if event.get("type") == "progress":
+            fields = {k: v for k, v in event.items() if k not in ("topic", "seq", "broker_ts", "job")}
+            self.pending_progress[job_id] = fields
+        elif (event.get("type") == "metrics" and isinstance(event.get("row"), dict)
+              and not event.get("recorded")):  # rows sent as requests are stored already
+            self.pending_metrics.append((job_id, event["row"]))
+
+    def _flush_events(self) -> None:
+        if not self.pending_progress and not self.pending_metrics:
+            return
+        with self.store.batch():
+            for job_id, fields in self.pending_progress.items():
+                try:
+                    self.store.record_progress(job_id, fields)
+                except JobError:
+                    pass  # an event for a job this broker does not know
+            for job_id, row in self.pending_metrics:
+                try:
+                    self.store.append_metrics(job_id, row)
+                except JobError:
+                    pass
+        self.pending_progress.clear()
+        self.pending_metrics.clear()
+
+    # --- dispatch and results (JobHooks) -----------------------------------------------------
+    def tick(self, now: float) -> None:
+        self._flush_events()
+        if self._dirty or now >= self._next_scan:
+            self._dirty = False
+            self._next_scan = now + RESCAN_S
+            self._dispatch_ready()
+        if now >= self._next_cancel_repeat:
+            self._next_cancel_repeat = now + CANCEL_REPEAT_S
+            for record in self.store.list(status="running", limit=10_000):
+                if record.cancel_requested:
+                    self._announce_cancel(record.id)
+            for record in self.store.overdue(time.time()):
+                self._announce_cancel(record.id)
+                self._after_failure(self.store.fail_attempt(record.id, f"timed out after {record.timeout_s:g} s"))
+        self._expire_waiters(now)
+
+    def _dispatch_ready(self) -> None:
+        for record in self.store.dispatchable():
+            if record.id in self.in_registry:
+                continue
+            dispatch = JobDispatch(id=record.id, service=record.service, params=record.params,
+                                   attempt=record.attempts + 1, previous_errors=record.attempt_errors,
+                                   deps=self.store.deps_results(record.id), checkpoint=record.checkpoint)
+            self.in_registry.add(record.id)
+            self.broker.submit_internal(record.service.encode(), [pack({"job": dispatch.to_map()})], record.id)
+
+    def on_dispatched(self, job_id: str, worker: WorkerEntry) -> None:
+        try:
+            record = self.store.mark_running(job_id, worker.worker_id)
+        except JobError as e:  # cancelled between queueing and dispatch: stop it at once
+            log.info("job_dispatch_stale", job=job_id, reason=str(e))
+            self._announce_cancel(job_id)
+            return
+        self._announce(record)
+
+    def on_reply(self, job_id: str, frames: list[bytes], worker: WorkerEntry) -> None:
+        self.in_registry.discard(job_id)
+        try:
+            reply = unpack_map(frames[0], "job reply")
+        except DecodeError as e:
+            reply = {"ok": False, "error": {"message": f"worker sent a malformed reply: {e}"}}
+        try:
+            if reply.get("ok") is True:
+                result = reply.get("result")
+                record = self.store.mark_succeeded(job_id, result if isinstance(result, dict) else {"value": result},
+                                                   worker=worker.worker_id)
+            elif reply.get("cancelled"):
+                record = self.store.mark_cancelled(job_id, self.store.get(job_id, with_metrics=False).cancel_reason
+                                                   or "cancelled")
+            else:
+                message = str((reply.get("error") or {}).get("message", "unknown error"))
+                record = self.store.fail_attempt(job_id, f"attempt on {worker.meta.get('host', '?')}: {message}",
+                                                 worker=worker.worker_id)
+        except JobError as e:  # late reply for a job already timed out, cancelled or reassigned
+            log.info("job_reply_ignored", job=job_id, reason=str(e))
+            return
+        if record.status == "succeeded":
+            self._finished(record)
+        else:
+            self._after_failure(record)
+        self._dirty = True
+
+    def on_lost(self, job_id: str, reason: str) -> None:
+        self.in_registry.discard(job_id)
+        self._dirty = True
+        try:
+            record = self.store.get(job_id, with_metrics=False)
+            if record.status != "running":
+                return
+            record = self.store.fail_attempt(job_id, f"worker lost: {reason}")
+        except JobError:
+            return
+        self._after_failure(record)
+        self._dirty = True
+
+    def _after_failure(self, record: JobRecord) -> None:
+        if record.status == "queued":
+            self._announce(record)  # back in the queue for another attempt
+        else:
+            self._finished(record)
+            for dep in self._cascaded(record):
+                self._drop_queued(dep.id)
+                self._finished(dep)
+
+    def _cascaded(self, record: JobRecord) -> list[JobRecord]:
+        return [r for r in self.store.list(status="cancelled", limit=10_000)
+                if r.cancelled_by == record.id and r.id not in self._announced_final]
+
+    # --- announcements -----------------------------------------------------------------------
+    def _finished(self, record: JobRecord) -> None:
+        self._announced_final.add(record.id)
+        self._announce(record)
+        for identity, _ in self.waiters.pop(record.id, []):
+            self.broker.reply_later(identity, P.SERVICE_JOBS, ok_body(record.to_dict(with_metrics=False)))
+
+    def _announce(self, record: JobRecord) -> None:
+        if not record.finished:
+            self._announced_final.discard(record.id)
+        self.broker.publish(f"job.{record.id}", {
+            "type": "status", "job": record.id, "service": record.service, "status": record.status,
+            "attempts": record.attempts, "worker": record.worker, "error": record.error,
+            "result": record.result})
+
+    def _announce_cancel(self, job_id: str) -> None:
+        self.broker.publish("control.cancel", {"type": "cancel", "job": job_id})
+
+    def _drop_queued(self, job_id: str) -> None:
+        removed = self.broker.registry.cancel_queued(
+            lambda r: isinstance(r.origin, JobOrigin) and r.origin.job_id == job_id)
+        if removed:
+            self.in_registry.discard(job_id)
+
+    def _expire_waiters(self, now: float) -> None:
+        for job_id in list(self.waiters):
+            keep = []
+            for identity, deadline in self.waiters[job_id]:
+                if deadline <= now:
+                    record = self.store.get(job_id, with_metrics=False)
+                    self.broker.reply_later(identity, P.SERVICE_JOBS,
+                                            ok_body({**record.to_dict(with_metrics=False), "wait_timed_out": True}))
+                else:
+                    keep.append((identity, deadline))
+            if keep:
+                self.waiters[job_id] = keep
+            else:
+                del self.waiters[job_id]

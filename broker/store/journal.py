@@ -1,0 +1,799 @@
+"""The broker's durable job table, in SQLite: policy and persistence, no sockets.
+
+Every method that changes a job commits before it returns (outside :meth:`JobStore.batch`), so
+the broker can acknowledge a submit, a cancel or a result knowing that a restart loses none of
+it. Dependencies, attempts, cancels (with their cascade to dependents) and retries are policy
+kept here, where they are tested without a socket.
+
+Durability. The database runs in WAL mode. Job state changes (submit, dispatch, results,
+failures, cancels, retries) commit with ``synchronous=FULL``: the WAL is fsynced at each
+commit, so an acknowledged change survives a power cut, not only a broker crash. Progress and
+metric rows commit with ``synchronous=NORMAL``: they are written to the WAL but not fsynced,
+which keeps a training run's stream of events cheap; they survive a broker crash, a power cut
+may lose the last few, and the next FULL commit (the WAL is append-only) makes them durable
+too. The setting is per connection and switches between transactions at no I/O cost.
+
+Threading. One connection, opened with ``check_same_thread=False`` and guarded by a lock, so
+the store may be created on one thread and used from another (tests run the broker loop in a
+thread); the broker is expected to call it from one thread, and calls never overlap.
+
+Storage. Params, results, progress and metric rows are msgpack (``distill.shared.bus.codec``:
+the wire's own format and array allow-list, never pickle). Dependencies and metric rows have
+their own tables, so appending a metric is one INSERT and progress is one UPDATE; wrapping a
+drained burst of events in :meth:`JobStore.batch` makes it one commit for all of them.
+
+Metric history is loaded only where asked for: :meth:`JobStore.get` loads it by default,
+:meth:`JobStore.list` and :meth:`JobStore.dispatchable` only with ``with_metrics=True``, and the
+records that state-changing methods return never carry it (``metrics_loaded`` says which).
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill.shared.bus import codec
+from distill.shared.errors import DecodeError, JobError
+from distill.shared.ids import is_sha256
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+SCHEMA_VERSION = 1
+MAX_ATTEMPTS_LIMIT = 100  # a typo such as 1000 would keep a broken job cycling for days
+MAX_SERVICE_NAME_CHARS = 255
+MAX_REASON_CHARS = 2_000  # a reason is a message, not a log: a whole traceback is clipped
+_EMPTY_LIST = codec.pack([])  # attempt_errors of a new job
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- submission order: "oldest first" without clock ties
+    id TEXT NOT NULL UNIQUE,
+    service TEXT NOT NULL,
+    params BLOB NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    attempt_budget INTEGER NOT NULL,        -- max_attempts as submitted; a retry grants it again
+    worker TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    result BLOB,
+    error TEXT,
+    attempt_errors BLOB NOT NULL,
+    progress BLOB,
+    checkpoint TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    cancel_reason TEXT,
+    cancelled_by TEXT,                      -- the dependency whose failure cancelled this job
+    timeout_s REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, service, seq);
+CREATE TABLE IF NOT EXISTS job_deps (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    dep_id TEXT NOT NULL REFERENCES jobs (id),
+    pos INTEGER NOT NULL,
+    PRIMARY KEY (job_id, dep_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS job_deps_by_dep ON job_deps (dep_id);
+CREATE TABLE IF NOT EXISTS job_metrics (
+    n INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    row BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS job_metrics_by_job ON job_metrics (job_id, n);
+"""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job as stored. ``attempts`` counts dispatches: while running it is the attempt number."""
+
+    id: str
+    service: str
+    params: dict[str, Any]
+    status: str
+    attempts: int
+    max_attempts: int
+    worker: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    depends_on: list[str]
+    result: dict[str, Any] | None
+    error: str | None
+    attempt_errors: list[str]  # one reason per failed attempt, in order
+    progress: dict[str, Any] | None  # latest progress event fields
+    metrics: list[dict[str, Any]]  # metric history rows, in order (see metrics_loaded)
+    checkpoint: str | None  # sha256 of the last registered checkpoint
+    cancel_requested: bool
+    timeout_s: float | None
+    cancel_reason: str | None = None  # why a cancel was requested (running jobs)
+    cancelled_by: str | None = None  # the dependency that caused this job's cancellation
+    metrics_loaded: bool = True  # False: ``metrics`` was not read (it is [] here)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+    def to_dict(self, *, with_metrics: bool = True) -> dict[str, Any]:
+        """A msgpack-able map; ``metrics`` is included only if asked for and loaded."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "service": self.service,
+            "params": self.params,
+            "status": self.status,
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "worker": self.worker,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "depends_on": list(self.depends_on),
+            "result": self.result,
+            "error": self.error,
+            "attempt_errors": list(self.attempt_errors),
+            "progress": self.progress,
+            "checkpoint": self.checkpoint,
+            "cancel_requested": self.cancel_requested,
+            "timeout_s": self.timeout_s,
+            "cancel_reason": self.cancel_reason,
+            "cancelled_by": self.cancelled_by,
+        }
+        if with_metrics and self.metrics_loaded:
+            out["metrics"] = list(self.metrics)
+        return out
+
+
+# --- small helpers ------------------------------------------------------------------------------
+
+
+def _new_job_id() -> str:
+    return "j-" + secrets.token_hex(5)
+
+
+def _pack_map(value: Any, what: str) -> bytes:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise JobError(f"{what} must be a map with string keys, got {type(value).__name__}")
+    try:
+        return codec.pack(value)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise JobError(f"{what} cannot be stored: {e}") from e
+
+
+def _unpack(blob: bytes | None) -> Any:
+    if blob is None:
+        return None
+    try:
+        return codec.unpack(blob, max_bytes=max(len(blob), 1))
+    except DecodeError as e:  # only a corrupted database gets here
+        raise JobError(f"job table holds an undecodable value: {e}") from e
+
+
+def _clip(reason: object) -> str:
+    text = str(reason)
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
+
+
+def _dependency_reason(dep_id: str, status: str, error: str | None) -> str:
+    return f"dependency {dep_id} {status}: {error}" if error else f"dependency {dep_id} {status}"
+
+
+def _final_error(errors: Sequence[str]) -> str:
+    listed = "; ".join(f"attempt {i}: {reason}" for i, reason in enumerate(errors, 1))
+    return f"failed after {len(errors)} attempt{'s' if len(errors) != 1 else ''}: {listed}"
+
+
+def _collect_sha256(value: Any, into: set[str]) -> None:
+    """Every sha256 hex string anywhere inside ``value`` (maps: keys and values, lists)."""
+    if isinstance(value, str):
+        if is_sha256(value):
+            into.add(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _collect_sha256(k, into)
+            _collect_sha256(v, into)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _collect_sha256(item, into)
+
+
+def _check_submit_args(
+    service: str, depends_on: Sequence[str], max_attempts: int, timeout_s: float | None
+) -> list[str]:
+    if not isinstance(service, str) or not 0 < len(service) <= MAX_SERVICE_NAME_CHARS:
+        raise JobError(f"service must be a name of 1..{MAX_SERVICE_NAME_CHARS} characters")
+    if isinstance(depends_on, str) or not all(isinstance(d, str) for d in depends_on):
+        raise JobError("depends_on must be a list of job ids")
+    if (
+        isinstance(max_attempts, bool)
+        or not isinstance(max_attempts, int)
+        or not 1 <= max_attempts <= MAX_ATTEMPTS_LIMIT
+    ):
+        raise JobError(f"max_attempts must be an integer in 1..{MAX_ATTEMPTS_LIMIT}")
+    if timeout_s is not None and (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, (int, float))
+        or not math.isfinite(timeout_s)
+        or timeout_s <= 0
+    ):
+        raise JobError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    return list(dict.fromkeys(depends_on))  # drop repeats, keep order
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+
+class JobStore:
+    """The durable job table. See the module docstring for durability and threading."""
+
+    def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._synchronous: str | None = None
+        self._batch_depth = 0  # > 0 inside batch(): calls become savepoints of one transaction
+        self._batch_durable = False
+        try:
+            self._open_schema()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open_schema(self) -> None:
+        self._db.execute("PRAGMA journal_mode=WAL")  # ":memory:" stays in "memory" mode
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise JobError(
+                f"job table has schema version {version}; this Distill reads up to "
+                f"{SCHEMA_VERSION} (written by a newer Distill?)"
+            )
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._synchronous = "FULL"
+        # One script, one transaction: a half-created schema is never left behind.
+        self._db.executescript(
+            f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> JobStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- transactions ---
+
+    @contextmanager
+    def _write(
+        self, *, durable: bool = True, one_statement: bool = False
+    ) -> Iterator[sqlite3.Connection]:
+        """One write transaction, committed (FULL or NORMAL, see module doc) when the block ends.
+
+        Inside :meth:`batch` it is a savepoint of the batch's transaction instead, so that a
+        failing call is undone on its own; a block of ``one_statement`` needs none (a statement
+        is atomic) and skips its cost, which matters for the frequent events.
+        """
+        with self._lock:
+            if self._batch_depth and one_statement and not durable:
+                yield self._db
+                return
+            if self._batch_depth:
+                yield from self._savepoint(durable)
+                return
+            self._set_synchronous(durable)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._commit()
+
+    def _savepoint(self, durable: bool) -> Iterator[sqlite3.Connection]:
+        self._db.execute("SAVEPOINT call")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK TO call")
+            self._db.execute("RELEASE call")
+            raise
+        self._db.execute("RELEASE call")
+        self._batch_durable |= durable
+
+    def _set_synchronous(self, durable: bool) -> None:
+        synchronous = "FULL" if durable else "NORMAL"
+        if synchronous != self._synchronous:
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._synchronous = synchronous
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group many calls into one transaction, committed when the block ends.
+
+        For draining a burst of progress and metric events: one commit instead of one each.
+        Calls inside are not committed when they return, so acknowledge nothing from inside a
+        batch; if any call inside changed a job's state, the WAL is fsynced after the commit
+        (as a FULL commit would). A call that raises is undone alone: catch it and go on. An
+        exception that leaves the block rolls the whole batch back.
+        """
+        with self._lock:
+            if self._batch_depth:  # nested: part of the outer batch
+                self._batch_depth += 1
+                try:
+                    yield
+                finally:
+                    self._batch_depth -= 1
+                return
+            self._set_synchronous(False)
+            self._db.execute("BEGIN IMMEDIATE")
+            self._batch_depth, self._batch_durable = 1, False
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            finally:
+                self._batch_depth = 0
+            self._commit()
+            if self._batch_durable:
+                self._sync_barrier()
+
+    def _sync_barrier(self) -> None:
+        """fsync the WAL now, making every earlier commit durable.
+
+        SQLite refuses to change ``synchronous`` inside a transaction, so a batch commits with
+        NORMAL; this rewrites one header field (a one-page write) under FULL, and the fsync of
+        the append-only WAL covers the batch's frames before it.
+        """
+        self._set_synchronous(True)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _commit(self) -> None:
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:  # disk full, I/O error: never leave a transaction open
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise JobError(f"job table write failed: {e}") from e
+
+    # --- reading ---
+
+    def _row(self, job_id: str) -> sqlite3.Row:
+        row = None
+        if isinstance(job_id, str):
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobError(f"no job {job_id}")
+        return row
+
+    def _deps_of(self, ids: Sequence[str]) -> dict[str, builtins.list[str]]:
+        deps: dict[str, builtins.list[str]] = {i: [] for i in ids}
+        for start in range(0, len(ids), 500):  # stay well under SQLite's bound-parameter limit
+            batch = ids[start : start + 500]
+            marks = ",".join("?" * len(batch))
+            rows = self._db.execute(
+                f"SELECT job_id, dep_id FROM job_deps WHERE job_id IN ({marks}) "
+                "ORDER BY job_id, pos",
+                batch,
+            )
+            for job_id, dep_id in rows:
+                deps[job_id].append(dep_id)
+        return deps
+
+    def _metrics_of(self, job_id: str) -> builtins.list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT row FROM job_metrics WHERE job_id = ? ORDER BY n", (job_id,)
+        )
+        return [_unpack(blob) for (blob,) in rows]
+
+    def _records(self, rows: Sequence[sqlite3.Row], with_metrics: bool) -> builtins.list[JobRecord]:
+        deps = self._deps_of([r["id"] for r in rows])
+        return [self._record(r, deps[r["id"]], with_metrics) for r in rows]
+
+    def _record(self, row: sqlite3.Row, deps: builtins.list[str], with_metrics: bool) -> JobRecord:
+        return JobRecord(
+            id=row["id"],
+            service=row["service"],
+            params=_unpack(row["params"]),
+            status=row["status"],
+            attempts=row["attempts"],
+            max_attempts=row["max_attempts"],
+            worker=row["worker"],
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            depends_on=deps,
+            result=_unpack(row["result"]),
+            error=row["error"],
+            attempt_errors=list(_unpack(row["attempt_errors"])),
+            progress=_unpack(row["progress"]),
+            metrics=self._metrics_of(row["id"]) if with_metrics else [],
+            checkpoint=row["checkpoint"],
+            cancel_requested=bool(row["cancel_requested"]),
+            timeout_s=row["timeout_s"],
+            cancel_reason=row["cancel_reason"],
+            cancelled_by=row["cancelled_by"],
+            metrics_loaded=with_metrics,
+        )
+
+    def _load(self, job_id: str, with_metrics: bool = False) -> JobRecord:
+        with self._lock:
+            return self._records([self._row(job_id)], with_metrics)[0]
+
+    def get(self, job_id: str, *, with_metrics: bool = True) -> JobRecord:
+        """The job ``job_id``; unknown -> :class:`JobError` ``"no job <id>"``."""
+        return self._load(job_id, with_metrics)
+
+    def list(
+        self,
+        *,
+        status: str | None = None,
+        service: str | None = None,
+        limit: int = 200,
+        with_metrics: bool = False,
+    ) -> builtins.list[JobRecord]:
+        """Jobs, newest first, optionally of one status and/or service."""
+        if status is not None and status not in JOB_STATUSES:
+            raise JobError(f"unknown job status {status!r}; one of {', '.join(JOB_STATUSES)}")
+        where, args = [], []
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        if service is not None:
+            where.append("service = ?")
+            args.append(service)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ?", (*args, max(0, limit))
+            ).fetchall()
+            return self._records(rows, with_metrics)
+
+    def dispatchable(
+        self, service: str | None = None, *, with_metrics: bool = False
+    ) -> builtins.list[JobRecord]:
+        """Queued jobs whose dependencies have all succeeded, oldest first."""
+        clause, args = ("AND j.service = ?", (service,)) if service is not None else ("", ())
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT j.* FROM jobs j WHERE j.status = 'queued' "
+                f"{clause} AND NOT EXISTS ("
+                "  SELECT 1 FROM job_deps d JOIN jobs p ON p.id = d.dep_id"
+                "  WHERE d.job_id = j.id AND p.status != 'succeeded'"
+                ") ORDER BY j.seq",
+                args,
+            ).fetchall()
+            return self._records(rows, with_metrics)
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs in each status (every status present, zero included)."""
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+            found = dict(rows.fetchall())
+        return {s: found.get(s, 0) for s in JOB_STATUSES}
+
+    def deps_results(self, job_id: str) -> dict[str, dict[str, Any]]:
+        """Each dependency's result, by dependency id. All of them must have succeeded."""
+        with self._lock:
+            self._row(job_id)
+            rows = self._db.execute(
+                "SELECT p.id, p.status, p.result FROM job_deps d JOIN jobs p ON p.id = d.dep_id "
+                "WHERE d.job_id = ? ORDER BY d.pos",
+                (job_id,),
+            ).fetchall()
+        out: dict[str, dict[str, Any]] = {}
+        for dep_id, status, result in rows:
+            if status != "succeeded":
+                raise JobError(f"job {job_id}: dependency {dep_id} is {status}, not succeeded")
+            out[dep_id] = _unpack(result) or {}
+        return out
+
+    def overdue(self, now: float) -> builtins.list[JobRecord]:
+        """Running jobs whose ``timeout_s`` has passed at time ``now`` (the broker's clock)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE status = 'running' AND timeout_s IS NOT NULL "
+                "AND started_at + timeout_s <= ? ORDER BY seq",
+                (now,),
+            ).fetchall()
+            return self._records(rows, False)
+
+    def referenced_artifacts(self) -> set[str]:
+        """Artifacts that queued or running jobs still need, so must not be deleted.
+
+        That is every sha256 string anywhere in their params, their last checkpoint (a retry
+        resumes from it), and the results of their dependencies (which they will consume).
+        """
+        found: set[str] = set()
+        with self._lock:
+            active = self._db.execute(
+                "SELECT params, checkpoint FROM jobs WHERE status IN ('queued', 'running')"
+            ).fetchall()
+            dep_results = self._db.execute(
+                "SELECT DISTINCT p.id, p.result FROM jobs j "
+                "JOIN job_deps d ON d.job_id = j.id JOIN jobs p ON p.id = d.dep_id "
+                "WHERE j.status IN ('queued', 'running') AND p.result IS NOT NULL"
+            ).fetchall()
+        for params, checkpoint in active:
+            _collect_sha256(_unpack(params), found)
+            if checkpoint is not None:
+                found.add(checkpoint)
+        for _, result in dep_results:
+            _collect_sha256(_unpack(result), found)
+        return found
+
+    # --- submitting ---
+
+    def submit(
+        self,
+        service: str,
+        params: dict[str, Any],
+        *,
+        depends_on: Sequence[str] = (),
+        max_attempts: int = 3,
+        timeout_s: float | None = None,
+    ) -> JobRecord:
+        """Store a new job. It is queued, or cancelled at once if a dependency already failed."""
+        deps = _check_submit_args(service, depends_on, max_attempts, timeout_s)
+        packed = _pack_map(params, "params")
+        with self._write() as db:
+            blocker = self._first_blocker(db, deps)
+            job_id = _new_job_id()
+            while db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
+                job_id = _new_job_id()
+            timeout = None if timeout_s is None else float(timeout_s)
+            db.execute(
+                "INSERT INTO jobs (id, service, params, status, max_attempts, attempt_budget,"
+                " created_at, attempt_errors, timeout_s) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    service,
+                    packed,
+                    max_attempts,
+                    max_attempts,
+                    self._clock(),
+                    _EMPTY_LIST,
+                    timeout,
+                ),
+            )
+            db.executemany(
+                "INSERT INTO job_deps (job_id, dep_id, pos) VALUES (?, ?, ?)",
+                [(job_id, dep, pos) for pos, dep in enumerate(deps)],
+            )
+            if blocker is not None:
+                self._cancel_row(db, job_id, blocker[1], cancelled_by=blocker[0])
+        return self._load(job_id)
+
+    def _first_blocker(self, db: sqlite3.Connection, deps: Sequence[str]) -> tuple[str, str] | None:
+        """(dep id, reason) for the first dependency already failed or cancelled; unknown ids raise."""
+        blocker = None
+        for dep in deps:
+            row = db.execute("SELECT status, error FROM jobs WHERE id = ?", (dep,)).fetchone()
+            if row is None:
+                raise JobError(f"cannot depend on job {dep}: no such job")
+            if blocker is None and row["status"] in ("failed", "cancelled"):
+                blocker = (dep, _dependency_reason(dep, row["status"], row["error"]))
+        return blocker
+
+    # --- state changes ---
+
+    def _running_row(self, job_id: str, worker: str | None, action: str) -> sqlite3.Row:
+        row = self._row(job_id)
+        if row["status"] != "running":
+            raise JobError(f"cannot {action} job {job_id}: it is {row['status']}, not running")
+        if worker is not None and row["worker"] != worker:
+            raise JobError(
+                f"cannot {action} job {job_id}: it runs on {row['worker']}, not on {worker}"
+            )
+        return row
+
+    def mark_running(self, job_id: str, worker: str) -> JobRecord:
+        """Dispatch a queued job to ``worker``: one more attempt starts now."""
+        with self._write() as db:
+            row = self._row(job_id)
+            if row["status"] != "queued":
+                raise JobError(f"cannot start job {job_id}: it is {row['status']}, not queued")
+            db.execute(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, worker = ?,"
+                " started_at = ? WHERE id = ?",
+                (worker, self._clock(), job_id),
+            )
+        return self._load(job_id)
+
+    def mark_succeeded(
+        self, job_id: str, result: dict[str, Any], *, worker: str | None = None
+    ) -> JobRecord:
+        """A running job finished; ``worker``, if given, must be the one it was dispatched to."""
+        packed = _pack_map(result, "result")
+        with self._write() as db:
+            self._running_row(job_id, worker, "complete")
+            db.execute(
+                "UPDATE jobs SET status = 'succeeded', result = ?, error = NULL,"
+                " finished_at = ? WHERE id = ?",
+                (packed, self._clock(), job_id),
+            )
+        return self._load(job_id)
+
+    def fail_attempt(self, job_id: str, reason: str, *, worker: str | None = None) -> JobRecord:
+        """This attempt failed: queue again while attempts remain, else fail the job for good.
+
+        A job whose cancel was requested ends cancelled instead of running again.
+        """
+        with self._write() as db:
+            row = self._running_row(job_id, worker, "fail")
+            self._fail_row(db, row, reason)
+        return self._load(job_id)
+
+    def _fail_row(self, db: sqlite3.Connection, row: sqlite3.Row, reason: str) -> None:
+        job_id = row["id"]
+        errors = [*_unpack(row["attempt_errors"]), _clip(reason)]
+        db.execute(
+            "UPDATE jobs SET attempt_errors = ?, cancel_requested = 0 WHERE id = ?",
+            (codec.pack(errors), job_id),
+        )
+        if row["cancel_requested"]:
+            self._cancel_row(db, job_id, row["cancel_reason"] or "cancelled")
+        elif row["attempts"] < row["max_attempts"]:
+            db.execute("UPDATE jobs SET status = 'queued', worker = NULL WHERE id = ?", (job_id,))
+        else:
+            error = _final_error(errors)
+            db.execute(
+                "UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
+                (error, self._clock(), job_id),
+            )
+            self._cascade_cancel(db, job_id, _dependency_reason(job_id, "failed", error))
+
+    def request_cancel(self, job_id: str, reason: str = "cancelled by user") -> JobRecord:
+        """Queued: cancelled now (with its dependents). Running: flagged, the worker stops it.
+
+        A finished job is left as it is.
+        """
+        with self._write() as db:
+            row = self._row(job_id)
+            if row["status"] == "queued":
+                self._cancel_row(db, job_id, reason)
+            elif row["status"] == "running":
+                db.execute(
+                    "UPDATE jobs SET cancel_requested = 1, cancel_reason = ? WHERE id = ?",
+                    (_clip(reason), job_id),
+                )
+        return self._load(job_id)
+
+    def mark_cancelled(self, job_id: str, reason: str) -> JobRecord:
+        """End a queued or running job as cancelled (with its dependents); finished: unchanged."""
+        with self._write() as db:
+            row = self._row(job_id)
+            if row["status"] not in FINISHED_STATUSES:
+                self._cancel_row(db, job_id, reason)
+        return self._load(job_id)
+
+    def _cancel_row(
+        self, db: sqlite3.Connection, job_id: str, reason: str, *, cancelled_by: str | None = None
+    ) -> None:
+        reason = _clip(reason)
+        db.execute(
+            "UPDATE jobs SET status = 'cancelled', error = ?, finished_at = ?, cancel_requested = 0,"
+            " cancelled_by = ? WHERE id = ?",
+            (reason, self._clock(), cancelled_by, job_id),
+        )
+        self._cascade_cancel(db, job_id, _dependency_reason(job_id, "cancelled", reason))
+
+    def _cascade_cancel(self, db: sqlite3.Connection, root_id: str, reason: str) -> None:
+        """Cancel every queued job that depends, directly or not, on ``root_id``.
+
+        Each gets ``reason`` (which names ``root_id``, the cause) and ``cancelled_by`` = its
+        direct dependency, so that retrying the cause re-queues the same tree. Dependents are
+        never running: a job is dispatched only after its dependencies succeeded, for good.
+        """
+        frontier = [root_id]
+        now = self._clock()
+        while frontier:
+            parent = frontier.pop()
+            children = db.execute(
+                "SELECT j.id FROM job_deps d JOIN jobs j ON j.id = d.job_id "
+                "WHERE d.dep_id = ? AND j.status = 'queued'",
+                (parent,),
+            ).fetchall()
+            for (child,) in children:
+                db.execute(
+                    "UPDATE jobs SET status = 'cancelled', error = ?, finished_at = ?,"
+                    " cancelled_by = ? WHERE id = ?",
+                    (reason, now, parent, child),
+                )
+                frontier.append(child)
+
+    def retry(self, job_id: str) -> JobRecord:
+        """Queue a failed or cancelled job again with a fresh attempt budget (history kept).
+
+        Dependents cancelled because of it are queued again too. A job cancelled because of a
+        dependency that is still failed or cancelled cannot be retried: retry that one.
+        """
+        with self._write() as db:
+            row = self._row(job_id)
+            if row["status"] not in ("failed", "cancelled"):
+                raise JobError(f"cannot retry job {job_id}: it is {row['status']}")
+            blocker = self._first_blocker(db, self._deps_of([job_id])[job_id])
+            if blocker is not None:
+                raise JobError(f"cannot retry job {job_id}: {blocker[1]}; retry {blocker[0]}")
+            self._requeue_row(db, row)
+            self._requeue_dependents(db, job_id)
+        return self._load(job_id)
+
+    def _requeue_row(self, db: sqlite3.Connection, row: sqlite3.Row) -> None:
+        db.execute(
+            "UPDATE jobs SET status = 'queued', max_attempts = ?, error = NULL, result = NULL,"
+            " finished_at = NULL, worker = NULL, cancel_requested = 0, cancel_reason = NULL,"
+            " cancelled_by = NULL WHERE id = ?",
+            (row["attempts"] + row["attempt_budget"], row["id"]),
+        )
+
+    def _requeue_dependents(self, db: sqlite3.Connection, root_id: str) -> None:
+        frontier = [root_id]
+        while frontier:
+            parent = frontier.pop()
+            children = db.execute(
+                "SELECT * FROM jobs WHERE status = 'cancelled' AND cancelled_by = ? ORDER BY seq",
+                (parent,),
+            ).fetchall()
+            for child in children:
+                blocker = self._first_blocker(db, self._deps_of([child["id"]])[child["id"]])
+                if blocker is None:
+                    self._requeue_row(db, child)
+                    frontier.append(child["id"])
+                else:  # still blocked by another dependency: make *that* one its cause
+                    db.execute(
+                        "UPDATE jobs SET error = ?, cancelled_by = ? WHERE id = ?",
+                        (blocker[1], blocker[0], child["id"]),
+                    )
+
+    def requeue_running(self, reason: str) -> builtins.list[JobRecord]:
+        """On broker start: every job left running counts a failed attempt (see fail_attempt)."""
+        with self._write() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE status = 'running' ORDER BY seq").fetchall()
+            for row in rows:
+                self._fail_row(db, row, reason)
+        return [self._load(row["id"]) for row in rows]
+
+    # --- frequent, cheap updates ---
+
+    def record_progress(self, job_id: str, progress: dict[str, Any]) -> None:
+        """Replace the job's latest progress (one UPDATE, not fsynced: see module doc)."""
+        packed = _pack_map(progress, "progress")
+        with self._write(durable=False, one_statement=True) as db:
+            if db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (packed, job_id)).rowcount:
+                return
+        raise JobError(f"no job {job_id}")
+
+    def append_metrics(self, job_id: str, row: dict[str, Any]) -> None:
+        """Append one metric row to the job's history (one INSERT, not fsynced)."""
+        packed = _pack_map(row, "metrics row")
+        try:
+            with self._write(durable=False, one_statement=True) as db:
+                db.execute("INSERT INTO job_metrics (job_id, row) VALUES (?, ?)", (job_id, packed))
+        except sqlite3.IntegrityError:  # the foreign key: no such job
+            raise JobError(f"no job {job_id}") from None
+
+    def set_checkpoint(self, job_id: str, sha256: str) -> None:
+        """Register the job's latest checkpoint artifact (a retry resumes from it)."""
+        if not is_sha256(sha256):
+            raise JobError(f"checkpoint of job {job_id} must be a sha256 hex id, got {sha256!r}")
+        with self._write() as db:
+            if db.execute("UPDATE jobs SET checkpoint = ? WHERE id = ?", (sha256, job_id)).rowcount:
+                return
+        raise JobError(f"no job {job_id}")

@@ -1,0 +1,353 @@
+"""The dataset: log-mel chunks of a person's sounds, plus a manifest that accounts for every file.
+
+Every input file gets one :class:`ManifestRow`, used or skipped, with the reason it was skipped:
+nothing is dropped silently (RAVE's most common small-data trouble). Files shorter than one
+chunk are padded with silence, never dropped. The train/validation split is by *file*, seeded,
+and independent of the order the files arrive in.
+
+On disk (and as an artifact) a dataset is an ``.npz`` written by numpy and read with
+``allow_pickle=False``; it holds ``format_version``, ``meta`` (the manifest, mel config and seed
+as UTF-8 JSON in a uint8 array), ``mels`` and ``chunk_file``. Nothing in it is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.shared.audio.io import (
+    DecodedAudio,
+    cut_chunks,
+    pad_to_length,
+    prepare_audio,
+    read_audio,
+)
+from distill.shared.audio.mel import MelConfig, log_mel
+from distill.shared.errors import AudioError, ConfigError, DatasetError
+
+FORMAT_VERSION = 1
+MIN_FILES_FOR_VALIDATION = 5  # below this every usable file trains: each one is precious
+_ARRAY_KEYS = frozenset({"format_version", "meta", "mels", "chunk_file"})
+
+ProgressFn = Callable[[int, int, "ManifestRow"], None]
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One input file, used or not. ``duration_s``/``sample_rate``/``channels`` describe the file
+    as it was read (before trimming or resampling); they are 0 when it could not be decoded."""
+
+    name: str
+    sha256: str
+    status: str  # "ok" | "skipped"
+    reason: str | None  # why it was skipped; None when ok
+    duration_s: float
+    sample_rate: int
+    channels: int
+    chunks: int  # log-mel chunks this file contributed
+    split: str | None  # "train" | "val" | None when skipped
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ManifestRow:
+        names = {f.name for f in fields(cls)}
+        if not isinstance(d, dict) or set(d) != names:
+            raise DatasetError(f"manifest row has keys {sorted(d) if isinstance(d, dict) else d!r}")
+        return cls(**d)
+
+
+@dataclass
+class Dataset:
+    mel_config: MelConfig
+    mels: np.ndarray  # (N, n_mels, chunk_frames) float32 log-mel chunks
+    chunk_file: np.ndarray  # (N,) int32 index into manifest
+    manifest: list[ManifestRow]
+    seed: int
+
+    def __post_init__(self) -> None:
+        _check_consistent(self)
+
+    def _chunks_of_split(self, split: str) -> np.ndarray:
+        in_split = np.array([row.split == split for row in self.manifest], dtype=bool)
+        if len(self.chunk_file) == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(in_split[self.chunk_file])
+
+    def train_indices(self) -> np.ndarray:
+        """Chunk indices (into ``mels``) of the files in the training split."""
+        return self._chunks_of_split("train")
+
+    def val_indices(self) -> np.ndarray:
+        """Chunk indices (into ``mels``) of the files in the validation split."""
+        return self._chunks_of_split("val")
+
+    def files_in_split(self, split: str) -> list[ManifestRow]:
+        return [row for row in self.manifest if row.split == split]
+
+    def to_bytes(self) -> bytes:
+        meta = {
+            "mel_config": self.mel_config.to_dict(),
+            "manifest": [asdict(row) for row in self.manifest],
+            "seed": self.seed,
+        }
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            format_version=np.array(FORMAT_VERSION, dtype=np.int64),
+            meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
+            mels=np.ascontiguousarray(self.mels, dtype=np.float32),
+            chunk_file=np.ascontiguousarray(self.chunk_file, dtype=np.int32),
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, b: bytes) -> Dataset:
+        """Load what :meth:`to_bytes` wrote; anything corrupt, truncated or newer is a DatasetError."""
+        arrays = _read_npz(b)
+        version = _read_version(arrays["format_version"])
+        if version > FORMAT_VERSION:
+            raise DatasetError(
+                f"dataset format_version {version} is newer than this Distill reads "
+                f"({FORMAT_VERSION}); upgrade Distill"
+            )
+        meta = _read_meta(arrays["meta"])
+        try:
+            cfg = MelConfig.from_dict(meta["mel_config"])
+            manifest = [ManifestRow.from_dict(r) for r in meta["manifest"]]
+            seed = int(meta["seed"])
+        except (KeyError, TypeError, ValueError, ConfigError) as e:
+            raise DatasetError(f"dataset metadata is invalid: {e}") from e
+        mels, chunk_file = arrays["mels"], arrays["chunk_file"]
+        if mels.dtype != np.float32 or chunk_file.dtype != np.int32:
+            raise DatasetError(f"dataset arrays have dtypes {mels.dtype}, {chunk_file.dtype}")
+        return cls(mel_config=cfg, mels=mels, chunk_file=chunk_file, manifest=manifest, seed=seed)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (temp file then rename), so a crash never leaves half a dataset."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(self.to_bytes())
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Dataset:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise DatasetError(f"cannot read dataset {path}: {e}") from e
+        return cls.from_bytes(data)
+
+
+# --- serialisation helpers -----------------------------------------------------------------------
+
+
+def _read_npz(b: bytes) -> dict[str, np.ndarray]:
+    try:
+        loaded = np.load(io.BytesIO(b), allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
+            raise DatasetError("not a Distill dataset: a single array, not an .npz archive")
+        with loaded as npz:
+            keys = set(npz.files)
+            if not keys >= _ARRAY_KEYS:
+                raise DatasetError(f"not a Distill dataset: arrays {sorted(keys)}")
+            return {k: npz[k] for k in _ARRAY_KEYS}
+    except DatasetError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError,
+            NotImplementedError, RuntimeError) as e:  # fmt: skip
+        raise DatasetError(f"dataset is corrupt or truncated: {type(e).__name__}: {e}") from e
+
+
+def _read_version(a: np.ndarray) -> int:
+    if a.shape != () or a.dtype.kind not in "iu":
+        raise DatasetError(f"dataset format_version is malformed ({a.dtype}{a.shape})")
+    return int(a)
+
+
+def _read_meta(a: np.ndarray) -> dict[str, Any]:
+    if a.dtype != np.uint8 or a.ndim != 1:
+        raise DatasetError(f"dataset metadata is malformed ({a.dtype}{a.shape})")
+    try:
+        meta = json.loads(a.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"dataset metadata is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise DatasetError("dataset metadata is not a JSON object")
+    return meta
+
+
+def _check_consistent(ds: Dataset) -> None:
+    cfg = ds.mel_config
+    want = (cfg.n_mels, cfg.chunk_frames)
+    if ds.mels.ndim != 3 or ds.mels.shape[1:] != want:
+        raise DatasetError(f"mels must be (N, {want[0]}, {want[1]}), got {ds.mels.shape}")
+    if ds.chunk_file.shape != (ds.mels.shape[0],):
+        raise DatasetError(f"chunk_file must be ({ds.mels.shape[0]},), got {ds.chunk_file.shape}")
+    n_files = len(ds.manifest)
+    if len(ds.chunk_file) and (ds.chunk_file.min() < 0 or ds.chunk_file.max() >= n_files):
+        raise DatasetError(f"chunk_file indexes outside the manifest's {n_files} rows")
+    counts = np.bincount(ds.chunk_file.astype(np.int64), minlength=n_files)
+    for i, row in enumerate(ds.manifest):
+        if row.chunks != counts[i]:
+            raise DatasetError(
+                f"manifest says {row.name} has {row.chunks} chunks, found {counts[i]}"
+            )
+
+
+# --- building ------------------------------------------------------------------------------------
+
+
+def _skipped(name: str, sha: str, reason: str, info: DecodedAudio | None = None) -> ManifestRow:
+    return ManifestRow(
+        name=name,
+        sha256=sha,
+        status="skipped",
+        reason=reason,
+        duration_s=info.duration_s if info else 0.0,
+        sample_rate=info.sample_rate if info else 0,
+        channels=info.channels if info else 0,
+        chunks=0,
+        split=None,
+    )
+
+
+def file_chunks(
+    decoded: DecodedAudio, cfg: MelConfig, *, silence_threshold_db: float = -60.0
+) -> np.ndarray:
+    """One decoded file to its log-mel chunks ``(n, n_mels, chunk_frames)`` float32.
+
+    Short files are padded with silence to one chunk; long files are cut into chunks that
+    overlap by ``cfg.chunk_overlap``, the last one aligned to the end so no audio is lost.
+    Raises AudioError when the file is unusable (silent, too short).
+    """
+    audio = prepare_audio(decoded, cfg.sample_rate, silence_threshold_db=silence_threshold_db)
+    audio = pad_to_length(audio, cfg.chunk_samples)  # (samples,) with samples >= chunk_samples
+    with torch.no_grad():
+        mel = log_mel(audio, cfg)  # (n_mels, frames), frames >= chunk_frames
+    chunks = cut_chunks(mel, cfg.chunk_frames, cfg.chunk_hop_frames)  # (n, n_mels, chunk_frames)
+    return chunks.numpy().astype(np.float32, copy=False)
+
+
+def split_files(shas: Sequence[str], *, seed: int, val_fraction: float) -> list[str]:
+    """Assign "train"/"val" to usable files, by file, seeded, independent of input order.
+
+    With 5 or more files at least one (and about ``val_fraction`` of them) validates; with
+    fewer, all train. At least one file always trains.
+    """
+    n = len(shas)
+    n_val = 0 if n < MIN_FILES_FOR_VALIDATION else min(n - 1, max(1, round(n * val_fraction)))
+    order = sorted(range(n), key=lambda i: shas[i])  # fixed order before the seeded shuffle
+    perm = np.random.default_rng(seed).permutation(n)
+    val = {order[int(p)] for p in perm[:n_val]}
+    return ["val" if i in val else "train" for i in range(n)]
+
+
+def _check_build_args(seed: int, val_fraction: float) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+
+
+def _reason(e: AudioError, name: str) -> str:
+    """The error's reason without the file name it starts with (the row already names it)."""
+    return str(e).removeprefix(f"{name}: ")
+
+
+def _process_file(
+    name: str, sha: str, data: bytes, cfg: MelConfig, silence_threshold_db: float
+) -> tuple[ManifestRow, np.ndarray | None]:
+    try:
+        decoded = read_audio(data, name=name)
+    except AudioError as e:
+        return _skipped(name, sha, _reason(e, name)), None
+    try:
+        chunks = file_chunks(decoded, cfg, silence_threshold_db=silence_threshold_db)
+    except AudioError as e:
+        return _skipped(name, sha, _reason(e, name), decoded), None
+    row = ManifestRow(
+        name=name,
+        sha256=sha,
+        status="ok",
+        reason=None,
+        duration_s=decoded.duration_s,
+        sample_rate=decoded.sample_rate,
+        channels=decoded.channels,
+        chunks=len(chunks),
+        split=None,  # decided once every file is known
+    )
+    return row, chunks
+
+
+def build_dataset(
+    files: Sequence[tuple[str, bytes]],
+    mel_config: MelConfig,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    silence_threshold_db: float = -60.0,
+    progress: ProgressFn | None = None,
+) -> Dataset:
+    """Decode, trim, resample, normalise and chunk every file; split by file; account for all.
+
+    ``files`` is read once, in order, one item at a time (a lazy sequence keeps memory flat).
+    ``progress(done, total, row)`` runs after each file. Raises DatasetError naming every file
+    and its reason when no file is usable.
+    """
+    _check_build_args(seed, val_fraction)
+    rows: list[ManifestRow] = []
+    per_file: list[np.ndarray | None] = []
+    first_by_sha: dict[str, int] = {}
+    total = len(files)
+    for i in range(total):
+        name, data = files[i]
+        sha = hashlib.sha256(data).hexdigest()
+        if sha in first_by_sha:
+            orig = rows[first_by_sha[sha]]
+            row = replace(
+                _skipped(name, sha, f"duplicate of {orig.name}"),
+                duration_s=orig.duration_s,
+                sample_rate=orig.sample_rate,
+                channels=orig.channels,
+            )
+            chunks = None
+        else:
+            first_by_sha[sha] = i
+            row, chunks = _process_file(name, sha, data, mel_config, silence_threshold_db)
+        rows.append(row)
+        per_file.append(chunks)
+        if progress is not None:
+            progress(i + 1, total, row)
+    return _assemble(rows, per_file, mel_config, seed=seed, val_fraction=val_fraction)
+
+
+def _assemble(
+    rows: list[ManifestRow],
+    per_file: list[np.ndarray | None],
+    cfg: MelConfig,
+    *,
+    seed: int,
+    val_fraction: float,
+) -> Dataset:
+    usable = [i for i, c in enumerate(per_file) if c is not None]
+    if not usable:
+        listing = "; ".join(f"{r.name}: {r.reason}" for r in rows) or "no files were given"
+        raise DatasetError(f"no usable audio among {len(rows)} file(s): {listing}")
+    splits = split_files([rows[i].sha256 for i in usable], seed=seed, val_fraction=val_fraction)
+    for i, split in zip(usable, splits, strict=True):
+        rows[i] = replace(rows[i], split=split)
+    chunk_arrays = [c for c in per_file if c is not None]
+    mels = np.concatenate(chunk_arrays, axis=0)  # (N, n_mels, chunk_frames)
+    chunk_file = np.concatenate(
+        [np.full(len(c), i, dtype=np.int32) for i, c in zip(usable, chunk_arrays, strict=True)]
+    )  # (N,)
+    return Dataset(mel_config=cfg, mels=mels, chunk_file=chunk_file, manifest=rows, seed=seed)

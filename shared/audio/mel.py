@@ -1,0 +1,223 @@
+"""Log-mel features and the inverse mel filterbank (log-mel back to a linear magnitude).
+
+One frozen :class:`MelConfig` travels with every dataset and model, and the same
+:func:`log_mel` runs in preprocessing, training and inference, so features never drift apart. Phase reconstruction (Griffin-Lim) is in
+:mod:`distill.shared.audio.phase`, the metrics that compare two sounds in
+:mod:`distill.shared.audio.metrics`.
+
+Fixed choices that are not in the config (changing one would change every feature):
+
+- magnitude mel (``power=1``) and natural log with a floor, as HiFi-GAN and most neural
+  vocoders expect, so a learned vocoder can later replace Griffin-Lim on the same features;
+- Slaney mel scale and Slaney area normalisation (librosa's defaults), so features match
+  librosa-based tools;
+- centred frames with *zero* padding at the edges rather than torchaudio's reflect padding:
+  reflecting a trimmed drum hit mirrors its attack into a ghost pre-onset frame, and zero
+  padding also removes torchaudio's failure on inputs shorter than ``n_fft / 2``.
+
+Shapes: audio is ``(..., samples)``; a log-mel is ``(..., n_mels, frames)`` with
+``frames = samples // hop_length + 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torchaudio
+
+from distill.shared.configs import config_from_dict, is_int, is_number
+from distill.shared.errors import ConfigError
+
+MEL_SCALE = "slaney"
+MEL_NORM = "slaney"
+MIN_SAMPLE_RATE = 1000
+MAX_SAMPLE_RATE = 768_000
+
+
+@dataclass(frozen=True)
+class MelConfig:
+    """Everything that decides what a log-mel frame means. Never changes for a model."""
+
+    # 48 kHz: the rate most people record and export at; resampling everything to one rate
+    # keeps one model valid for all of a person's files.
+    sample_rate: int = 48000
+    # 2048 at 48 kHz = 43 ms windows: ~23 Hz bins resolve low drums and bass notes.
+    n_fft: int = 2048
+    # 512 = 10.7 ms per frame (4x overlap), fine enough for drum transients, and Griffin-Lim
+    # needs at least 4x overlap to reconstruct phase well.
+    hop_length: int = 512
+    # 128 mels: enough detail for timbre while staying a small image for the conv encoder.
+    n_mels: int = 128
+    # 0 Hz: keep the sub-bass that kicks and field recordings carry.
+    f_min: float = 0.0
+    # None = Nyquist: keep cymbal and hi-hat air up to the top.
+    f_max: float | None = None
+    # 1e-5 (-100 dB): below anything a 24-bit recording holds after normalisation; the same
+    # floor HiFi-GAN uses, so log values stay in a familiar range (about -11.5 .. +5).
+    log_floor: float = 1e-5
+    # 94 frames = 1.0 s at 48 kHz / 512: long enough for a whole one-shot and its decay.
+    chunk_frames: int = 94
+    # 50% overlap between chunks of long files: every moment appears at two chunk positions,
+    # which doubles the data for small collections at no recording cost.
+    chunk_overlap: float = 0.5
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def n_freqs(self) -> int:
+        return self.n_fft // 2 + 1
+
+    @property
+    def chunk_samples(self) -> int:
+        """Samples whose centred STFT gives exactly ``chunk_frames`` frames."""
+        return (self.chunk_frames - 1) * self.hop_length
+
+    @property
+    def chunk_hop_frames(self) -> int:
+        """Frames between the starts of two consecutive chunks of a long file."""
+        return max(1, round(self.chunk_frames * (1.0 - self.chunk_overlap)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MelConfig:
+        """Build from a plain dict; missing keys take defaults, unknown keys are an error."""
+        return config_from_dict(cls, d, "mel_config")
+
+
+def _validate(c: MelConfig) -> None:
+    for name in ("sample_rate", "n_fft", "hop_length", "n_mels", "chunk_frames"):
+        v = getattr(c, name)
+        if not is_int(v) or v < 1:
+            raise ConfigError(f"mel_config.{name} must be a positive integer, got {v!r}")
+    for name in ("f_min", "log_floor", "chunk_overlap"):
+        if not is_number(getattr(c, name)):
+            raise ConfigError(
+                f"mel_config.{name} must be a finite number, got {getattr(c, name)!r}"
+            )
+    if not MIN_SAMPLE_RATE <= c.sample_rate <= MAX_SAMPLE_RATE:
+        raise ConfigError(
+            f"mel_config.sample_rate {c.sample_rate} is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz"
+        )
+    if c.n_fft < 16:
+        raise ConfigError(f"mel_config.n_fft must be at least 16, got {c.n_fft}")
+    if c.hop_length > c.n_fft:
+        raise ConfigError(f"mel_config.hop_length {c.hop_length} exceeds n_fft {c.n_fft}")
+    if c.n_mels > c.n_fft // 2 + 1:
+        raise ConfigError(
+            f"mel_config.n_mels {c.n_mels} exceeds n_fft // 2 + 1 = {c.n_fft // 2 + 1}"
+        )
+    if c.chunk_frames < 2:
+        raise ConfigError(f"mel_config.chunk_frames must be at least 2, got {c.chunk_frames}")
+    nyquist = c.sample_rate / 2
+    if not 0.0 <= c.f_min < nyquist:
+        raise ConfigError(f"mel_config.f_min {c.f_min} must be in [0, {nyquist}) Hz")
+    if c.f_max is not None and (not is_number(c.f_max) or not c.f_min < c.f_max <= nyquist):
+        raise ConfigError(f"mel_config.f_max {c.f_max!r} must be in (f_min, {nyquist}] Hz or None")
+    if not 0.0 < c.log_floor < 1.0:
+        raise ConfigError(f"mel_config.log_floor must be in (0, 1), got {c.log_floor}")
+    if not 0.0 <= c.chunk_overlap < 1.0:
+        raise ConfigError(f"mel_config.chunk_overlap must be in [0, 1), got {c.chunk_overlap}")
+
+
+# --- cached transforms ---------------------------------------------------------------------------
+# Building a mel filterbank and window costs milliseconds per call; keyed per (config, device) so
+# training and inference on many short chunks pay it once. The cached modules hold only constant
+# buffers, so sharing them across threads is safe.
+
+
+@lru_cache(maxsize=32)
+def _spectrogram(cfg: MelConfig, device: str) -> torchaudio.transforms.Spectrogram:
+    return torchaudio.transforms.Spectrogram(
+        n_fft=cfg.n_fft, hop_length=cfg.hop_length, power=1.0, center=True, pad_mode="constant"
+    ).to(device)
+
+
+@lru_cache(maxsize=32)
+def _mel_scale(cfg: MelConfig, device: str) -> torchaudio.transforms.MelScale:
+    return torchaudio.transforms.MelScale(
+        n_mels=cfg.n_mels,
+        sample_rate=cfg.sample_rate,
+        f_min=cfg.f_min,
+        f_max=cfg.f_max,
+        n_stft=cfg.n_freqs,
+        norm=MEL_NORM,
+        mel_scale=MEL_SCALE,
+    ).to(device)
+
+
+@lru_cache(maxsize=32)
+def _inverse_mel_scale(cfg: MelConfig, device: str) -> torchaudio.transforms.InverseMelScale:
+    return torchaudio.transforms.InverseMelScale(
+        n_stft=cfg.n_freqs,
+        n_mels=cfg.n_mels,
+        sample_rate=cfg.sample_rate,
+        f_min=cfg.f_min,
+        f_max=cfg.f_max,
+        norm=MEL_NORM,
+        mel_scale=MEL_SCALE,
+    ).to(device)
+
+
+def _hz_to_mel_slaney(hz: torch.Tensor) -> torch.Tensor:
+    """Slaney's mel scale: linear below 1 kHz (3 mels per 200 Hz), logarithmic above."""
+    log_step = math.log(6.4) / 27.0
+    linear = hz * 3.0 / 200.0
+    return torch.where(
+        hz < 1000.0, linear, 15.0 + torch.log(hz.clamp_min(1e-9) / 1000.0) / log_step
+    )
+
+
+def _mel_to_hz_slaney(mel: torch.Tensor) -> torch.Tensor:
+    log_step = math.log(6.4) / 27.0
+    return torch.where(mel < 15.0, mel * 200.0 / 3.0, 1000.0 * torch.exp(log_step * (mel - 15.0)))
+
+
+def mel_center_frequencies(cfg: MelConfig) -> torch.Tensor:
+    """Centre frequency in Hz of each mel band, ``(n_mels,)``, strictly increasing."""
+    f_max = cfg.f_max if cfg.f_max is not None else cfg.sample_rate / 2
+    lo, hi = _hz_to_mel_slaney(torch.tensor([cfg.f_min, f_max], dtype=torch.float64))
+    points = torch.linspace(float(lo), float(hi), cfg.n_mels + 2, dtype=torch.float64)
+    return _mel_to_hz_slaney(points[1:-1]).float()  # band k peaks at point k + 1
+
+
+# --- features ------------------------------------------------------------------------------------
+
+
+def as_float_audio(audio: torch.Tensor) -> torch.Tensor:
+    if audio.ndim < 1 or audio.shape[-1] < 1:
+        raise ValueError(
+            f"audio must have at least one sample on its last axis, got {tuple(audio.shape)}"
+        )
+    return audio if audio.is_floating_point() else audio.float()
+
+
+def magnitude_spectrogram(audio: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
+    """Linear STFT magnitude: ``(..., samples) -> (..., n_freqs, frames)``."""
+    audio = as_float_audio(audio)
+    return _spectrogram(cfg, str(audio.device))(audio)
+
+
+def log_mel(audio: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
+    """Log-mel of audio at ``cfg.sample_rate``: ``(..., samples) -> (..., n_mels, frames)``.
+
+    Any length of at least one sample works (short input is zero-padded by the centred STFT).
+    """
+    spec = magnitude_spectrogram(audio, cfg)  # (..., n_freqs, frames)
+    mel = _mel_scale(cfg, str(spec.device))(spec)  # (..., n_mels, frames)
+    return torch.log(torch.clamp(mel, min=cfg.log_floor))
+
+
+def mel_to_linear(logmel: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
+    """Least-squares inverse of the mel filterbank: ``(..., n_mels, frames) -> (..., n_freqs,
+    frames)`` linear STFT magnitude (no phase)."""
+    if logmel.ndim < 2 or logmel.shape[-2] != cfg.n_mels:
+        raise ValueError(f"expected (..., {cfg.n_mels}, frames), got {tuple(logmel.shape)}")
+    mel = torch.exp(logmel.float())  # (..., n_mels, frames)
+    return _inverse_mel_scale(cfg, str(logmel.device))(mel)  # (..., n_freqs, frames)

@@ -1,0 +1,166 @@
+"""asyncio client (zmq.asyncio): the same requests and subscriptions as the blocking client, on
+the same core (:mod:`distill.shared.bus.core`), for the TUI and for scripts that already run
+an event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from distill.shared.bus import protocol as P
+from distill.shared.bus.codec import pack, unpack
+from distill.shared.bus.core import (
+    ReplyLedger,
+    broker_endpoint,
+    configure_dealer,
+    decode_reply,
+    events_endpoint,
+    is_expiry,
+    needs_service_check,
+    reply_body,
+    request_frames,
+    service_bytes,
+    service_text,
+    timeout_error,
+    unknown_service,
+)
+from distill.shared.errors import DecodeError, RequestError, RequestTimeout
+
+
+class AsyncClient:
+    """The asyncio face of the client core: one request at a time per socket (a lock), the
+    same reply matching, options and error mapping as the blocking :class:`Client`."""
+
+    def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, retries: int = 0,
+                 context: zmq.asyncio.Context | None = None) -> None:
+        self.endpoint = broker_endpoint(endpoint)
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.ctx = context or zmq.asyncio.Context.instance()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._ledger = ReplyLedger()
+        self._lock = asyncio.Lock()
+
+    def _sock(self) -> zmq.asyncio.Socket:
+        if not self._ledger.clean:  # an earlier call was cancelled with its reply owed
+            self._reset()
+        if self._socket is None:
+            self._socket = self.ctx.socket(zmq.DEALER)
+            configure_dealer(self._socket)
+            self._socket.connect(self.endpoint)
+        return self._socket
+
+    def _reset(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        self._ledger.reset()
+
+    def close(self) -> None:
+        self._reset()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def request_raw(self, service: str | bytes, frames: list[bytes], *, timeout_s: float | None = None,
+                          retries: int | None = None) -> list[bytes]:
+        """Send frames untouched and return the reply's frames (for echo and MMI)."""
+        name = service_bytes(service)
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        attempts = 1 + (self.retries if retries is None else retries)
+        async with self._lock:
+            for _ in range(attempts):
+                sock = self._sock()
+                await sock.send_multipart(request_frames(name, frames))
+                self._ledger.sent()
+                try:
+                    body = await asyncio.wait_for(self._recv(sock, name), timeout)
+                except asyncio.TimeoutError:
+                    self._reset()  # Lazy Pirate: a fresh socket drops any late reply
+                    continue
+                self._ledger.received()
+                return body
+        raise await self._timeout_error(service_text(name), timeout, attempts)
+
+    async def _recv(self, sock: zmq.asyncio.Socket, name: bytes) -> list[bytes]:
+        while True:
+            body = reply_body(list(await sock.recv_multipart()), name)
+            if body is not None:
+                return body
+
+    async def _timeout_error(self, name: str, timeout: float, attempts: int) -> RequestError:
+        known: bool | None = True
+        if needs_service_check(name):
+            try:
+                known = await self.mmi_service(name, timeout_s=min(timeout, 2.0))
+            except RequestTimeout:
+                known = None
+        return timeout_error(name, self.endpoint, timeout, attempts, known)
+
+    async def request(self, service: str | bytes, body: dict[str, Any], *, timeout_s: float | None = None,
+                      retries: int | None = None) -> Any:
+        """Send one msgpack body; return the reply's result or raise its error."""
+        name = service_text(service)
+        frames = await self.request_raw(service, [pack(body)], timeout_s=timeout_s, retries=retries)
+        try:
+            return decode_reply(frames, name)
+        except RequestError as e:
+            if is_expiry(e) and needs_service_check(name) and not await self.mmi_service(name):
+                raise unknown_service(name, self.endpoint) from None
+            raise
+
+    async def mmi_service(self, name: str, *, timeout_s: float | None = None) -> bool:
+        reply = await self.request_raw(P.MMI_SERVICE, [name.encode()], timeout_s=timeout_s, retries=0)
+        return reply == [P.MMI_FOUND]
+
+    async def subscribe(self, topics: list[str], *, timeout_s: float = 10.0) -> AsyncIterator[dict[str, Any]]:
+        """Snapshot, then stream: every event on ``topics`` once, in sequence order."""
+        sub = self.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        prefixes = topics or [""]
+        for topic in prefixes:
+            sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        hello = f"hello.{uuid.uuid4().hex}".encode()
+        sub.setsockopt(zmq.SUBSCRIBE, hello)
+        sub.connect(events_endpoint(self.endpoint))
+        try:
+            await asyncio.wait_for(_await_topic(sub, hello), timeout_s)
+            sub.setsockopt(zmq.UNSUBSCRIBE, hello)
+            snap = await self.request(P.SERVICE_EVENTS, {"op": "snapshot", "prefixes": prefixes})
+            last = int(snap["seq"])
+            for event in snap["events"]:
+                yield event
+            while True:
+                frames = await sub.recv_multipart()
+                if len(frames) != 2 or frames[0].startswith(b"hello."):
+                    continue
+                try:
+                    event = unpack(frames[1])
+                except DecodeError:
+                    continue
+                if isinstance(event, dict) and event.get("seq", 0) > last:
+                    last = event["seq"]
+                    yield event
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"the broker's event port at {self.endpoint} did not answer") from None
+        finally:
+            sub.close(linger=0)
+
+
+async def _await_topic(sub: zmq.asyncio.Socket, topic: bytes) -> None:
+    start = time.monotonic()
+    while True:
+        frames = await sub.recv_multipart()
+        if frames and frames[0] == topic:
+            return
+        if time.monotonic() - start > 3600:  # pragma: no cover - wait_for bounds this
+            return

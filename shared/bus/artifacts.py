@@ -1,0 +1,137 @@
+"""Client side of ``distill.artifacts``: chunked, resumable put; credit-based chunked get into
+a local cache by hash. Used by the CLI, scripts and workers alike.
+
+Ops (one msgpack map per request): ``put_begin {sha256, size, kind, name, job}`` → ``{offset}``
+(the bytes the broker already has: an interrupted put resumes there); ``put_chunk {sha256,
+offset, data}`` → ``{offset}``; ``put_finish {sha256}`` → record; ``get {sha256, offset,
+length}`` → ``{offset, data}``; ``stat``, ``list {kind?, job?}``, ``delete``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from distill.shared.bus import protocol as P
+from distill.shared.bus.cache import ArtifactCache
+from distill.shared.bus.client import Client
+from distill.shared.errors import ArtifactError
+from distill.shared.ids import require_sha256, sha256_file
+
+SERVICE = P.SERVICE_ARTIFACTS.decode()
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+class ArtifactClient:
+    def __init__(self, client: Client, cache: ArtifactCache | None = None,
+                 chunk_bytes: int = P.ARTIFACT_CHUNK_BYTES, credit: int = P.ARTIFACT_CREDIT) -> None:
+        self.client = client
+        self.cache = cache or ArtifactCache()
+        self.chunk_bytes = chunk_bytes
+        self.credit = credit
+
+    # --- put ---------------------------------------------------------------------------------
+    def put_bytes(self, data: bytes, *, kind: str, name: str, job: str | None = None) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        self._put(sha, len(data), lambda off, n: data[off:off + n], kind=kind, name=name, job=job)
+        return sha
+
+    def put_file(self, path: Path, *, kind: str, name: str, job: str | None = None,
+                 progress: Progress | None = None) -> str:
+        path = Path(path)
+        sha = sha256_file(path)
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            self._put(sha, size, lambda off, n: _read_at(f, off, n), kind=kind, name=name, job=job,
+                      progress=progress)
+        return sha
+
+    def _put(self, sha: str, size: int, read: Callable[[int, int], bytes], *, kind: str, name: str,
+             job: str | None, progress: Progress | None = None) -> None:
+        begin = {"op": "put_begin", "sha256": sha, "size": size, "kind": kind, "name": name, "job": job}
+        offset = int(self.client.request(SERVICE, begin)["offset"])
+        if progress:
+            progress(offset, size)
+        if offset < size:
+            offsets = range(offset, size, self.chunk_bytes)
+            bodies = ({"op": "put_chunk", "sha256": sha, "offset": off,
+                       "data": read(off, self.chunk_bytes)} for off in offsets)
+            for result in self.client.pipeline(SERVICE, bodies, window=self.credit):
+                if progress:
+                    progress(int(result["offset"]), size)
+        self.client.request(SERVICE, {"op": "put_finish", "sha256": sha})
+
+    # --- get ---------------------------------------------------------------------------------
+    def stat(self, sha256: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.client.request(SERVICE, {"op": "stat", "sha256": require_sha256(sha256)})
+        return result
+
+    def iter_chunks(self, sha256: str, size: int) -> Iterator[bytes]:
+        """Chunks in order, with ``credit`` chunk requests in flight."""
+        bodies = ({"op": "get", "sha256": sha256, "offset": off, "length": self.chunk_bytes}
+                  for off in range(0, size, self.chunk_bytes))
+        expected = 0
+        for result in self.client.pipeline(SERVICE, bodies, window=self.credit):
+            if int(result["offset"]) != expected:
+                raise ArtifactError(f"artifact {sha256}: chunk at {result['offset']} arrived, "
+                                    f"expected {expected}")
+            expected += len(result["data"])
+            yield result["data"]
+
+    def get_file(self, sha256: str, progress: Progress | None = None) -> Path:
+        """Fetch into the local cache (once); returns the cached file's path."""
+        require_sha256(sha256)
+        if self.cache.has(sha256):
+            return self.cache.path_for(sha256)
+        size = int(self.stat(sha256)["size"])
+        writer = self.cache.open_writer(sha256)
+        try:
+            done = 0
+            for chunk in self.iter_chunks(sha256, size):
+                writer.write(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, size)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        return self.cache.path_for(sha256)
+
+    def download(self, sha256: str, out: Path, progress: Progress | None = None) -> Path:
+        """Stream an artifact from the broker to ``out`` (no cache), verifying its hash."""
+        require_sha256(sha256)
+        size = int(self.stat(sha256)["size"])
+        out = Path(out)
+        tmp = out.with_name(f".{out.name}.part")
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in self.iter_chunks(sha256, size):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    if progress:
+                        progress(f.tell(), size)
+            if digest.hexdigest() != sha256:
+                raise ArtifactError(f"artifact {sha256}: downloaded bytes hash to {digest.hexdigest()}")
+            tmp.replace(out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return out
+
+    def get_bytes(self, sha256: str) -> bytes:
+        return self.get_file(sha256).read_bytes()
+
+    def list(self, *, kind: str | None = None, job: str | None = None) -> list[dict[str, Any]]:
+        result = self.client.request(SERVICE, {"op": "list", "kind": kind, "job": job})
+        return list(result["artifacts"])
+
+    def delete(self, sha256: str) -> None:
+        self.client.request(SERVICE, {"op": "delete", "sha256": require_sha256(sha256)})
+
+
+def _read_at(f: BinaryIO, offset: int, n: int) -> bytes:
+    f.seek(offset)
+    return f.read(n)

@@ -1,0 +1,267 @@
+"""Blocking MDP/0.1 client, and the event subscription (snapshot, then stream).
+
+``Client.request`` sends one request and waits for its reply, retrying with a fresh socket on
+timeout (the Lazy Pirate pattern); ``Client.pipeline`` keeps several in flight. Socket setup,
+reply matching and error mapping are the shared core's (:mod:`distill.shared.bus.core`). Replies from Distill services are msgpack maps
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"code", "message"}}``; the latter
+raise :class:`RequestError`. ``request_raw`` moves frames untouched (for echo and MMI).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import zmq
+
+from distill.shared.bus import protocol as P
+from distill.shared.bus.codec import pack, unpack
+from distill.shared.bus.core import (
+    ReplyLedger,
+    broker_endpoint,
+    configure_dealer,
+    decode_reply,
+    events_endpoint,
+    is_expiry,
+    needs_service_check,
+    reply_body,
+    request_frames,
+    service_bytes,
+    service_text,
+    timeout_error,
+    unknown_service,
+)
+from distill.shared.errors import BAD_REPLY, DecodeError, RequestError, RequestTimeout
+
+__all__ = ["Client", "Subscription", "broker_endpoint", "events_endpoint"]
+
+
+class Client:
+    """A blocking client on one DEALER socket (see :mod:`distill.shared.bus.core` for how
+    replies are matched and why a socket is replaced)."""
+
+    def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, retries: int = 0,
+                 context: zmq.Context | None = None) -> None:
+        self.endpoint = broker_endpoint(endpoint)
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.ctx = context or zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self._ledger = ReplyLedger()
+
+    # --- socket ------------------------------------------------------------------------------
+    @property
+    def socket(self) -> zmq.Socket:
+        if self._socket is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            configure_dealer(sock)
+            sock.connect(self.endpoint)
+            self._socket = sock
+        return self._socket
+
+    def _reset(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        self._ledger.reset()
+
+    def _begin_call(self) -> None:
+        """A call starts: drop a socket on which an earlier call left replies owed."""
+        if not self._ledger.clean:
+            self._reset()
+
+    def close(self) -> None:
+        self._reset()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- requests ----------------------------------------------------------------------------
+    def _send(self, service: bytes, frames: list[bytes]) -> None:
+        self.socket.send_multipart(request_frames(service, frames))
+        self._ledger.sent()
+
+    def _recv(self, service: bytes, timeout_s: float) -> list[bytes]:
+        """Receive the next reply for ``service`` within ``timeout_s``, or raise RequestTimeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self.socket.poll(remaining_ms, zmq.POLLIN):
+                raise RequestTimeout(f"no reply from {service_text(service)!r} at "
+                                     f"{self.endpoint} within {timeout_s:g} s")
+            body = reply_body(self.socket.recv_multipart(), service)
+            if body is not None:
+                self._ledger.received()
+                return body
+            # a malformed message or one for another service: not a reply to this request
+
+    def request_raw(self, service: str | bytes, frames: list[bytes], *, timeout_s: float | None = None,
+                    retries: int | None = None) -> list[bytes]:
+        """Send frames untouched and return the reply's frames (for echo and MMI)."""
+        name = service_bytes(service)
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        attempts = 1 + (self.retries if retries is None else retries)
+        for _ in range(attempts):
+            self._begin_call()
+            self._send(name, frames)
+            try:
+                return self._recv(name, timeout)
+            except RequestTimeout:
+                self._reset()  # Lazy Pirate: a fresh socket drops any late reply
+            except BaseException:
+                self._reset()
+                raise
+        raise self._timeout_error(service_text(name), timeout, attempts)
+
+    def _timeout_error(self, name: str, timeout: float, attempts: int) -> RequestError:
+        known: bool | None = True
+        if needs_service_check(name):
+            try:
+                known = self.mmi_service(name, timeout_s=min(timeout, 2.0))
+            except RequestTimeout:
+                known = None
+        return timeout_error(name, self.endpoint, timeout, attempts, known)
+
+    def request(self, service: str | bytes, body: dict[str, Any], *, timeout_s: float | None = None,
+                retries: int | None = None) -> Any:
+        """Send one msgpack body; return the reply's result or raise its error."""
+        name = service_text(service)
+        frames = self.request_raw(service, [pack(body)], timeout_s=timeout_s, retries=retries)
+        try:
+            return decode_reply(frames, name)
+        except RequestError as e:
+            if is_expiry(e) and needs_service_check(name) and not self.mmi_service(name):
+                raise unknown_service(name, self.endpoint) from None
+            raise
+
+    def pipeline(self, service: str, bodies: Iterable[dict[str, Any]], *, window: int = P.ARTIFACT_CREDIT,
+                 timeout_s: float | None = None) -> Iterator[Any]:
+        """Send requests with up to ``window`` in flight (credit-based flow control); yield
+        results in order. Only for services that answer in order (the broker's own).
+
+        An error reply, a timeout, or a consumer that stops early ends the pipeline with
+        replies still owed; the next call then starts on a fresh socket."""
+        name = service_bytes(service)
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        self._begin_call()
+        pending = 0
+        source = iter(bodies)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and pending < window:
+                    try:
+                        body = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    self._send(name, [pack(body)])
+                    pending += 1
+                if pending == 0:
+                    return
+                frames = self._recv(name, timeout)
+                pending -= 1
+                yield decode_reply(frames, service)
+        finally:
+            if not self._ledger.clean:
+                self._reset()
+
+    # --- conveniences ------------------------------------------------------------------------
+    def mmi_service(self, name: str, *, timeout_s: float | None = None) -> bool:
+        reply = self.request_raw(P.MMI_SERVICE, [name.encode()], timeout_s=timeout_s, retries=0)
+        return reply == [P.MMI_FOUND]
+
+    def workers(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(P.SERVICE_WORKERS, {"op": "list"})
+        return result
+
+    def ping(self, *, timeout_s: float = 5.0) -> float:
+        """Round trip to the echo service; returns seconds."""
+        start = time.perf_counter()
+        token = uuid.uuid4().bytes
+        reply = self.request_raw(P.SERVICE_ECHO, [token], timeout_s=timeout_s)
+        if reply != [token]:
+            raise RequestError(f"echo returned {reply!r}, expected {[token]!r}", code=BAD_REPLY)
+        return time.perf_counter() - start
+
+
+class Subscription:
+    """Snapshot-then-stream (the Clone pattern): every event on the topics, once, in order.
+
+    Subscribes first, proves the subscription is live with a hello round trip through the
+    broker's XPUB, asks for the snapshot, then yields the snapshot's events followed by stream
+    events newer than the snapshot's sequence number: no gap, no duplicate.
+    """
+
+    def __init__(self, endpoint: str | None, topics: list[str], *, events: str | None = None,
+                 context: zmq.Context | None = None, timeout_s: float = 10.0) -> None:
+        self.ctx = context or zmq.Context.instance()
+        self.client = Client(endpoint, timeout_s=timeout_s, context=self.ctx)
+        self.topics = topics or [""]
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, P.SOCKET_HWM)
+        for topic in self.topics:
+            self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        hello = f"hello.{uuid.uuid4().hex}"
+        self.sub.setsockopt(zmq.SUBSCRIBE, hello.encode())
+        self.sub.connect(events or events_endpoint(self.client.endpoint))
+        self._await_hello(hello, timeout_s)
+        self.sub.setsockopt(zmq.UNSUBSCRIBE, hello.encode())
+        snap = self.client.request(P.SERVICE_EVENTS, {"op": "snapshot", "prefixes": self.topics})
+        self.snapshot_seq: int = snap["seq"]
+        self.last_seq = self.snapshot_seq
+        self._pending: list[dict[str, Any]] = list(snap["events"])
+
+    def _await_hello(self, hello: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = int((deadline - time.monotonic()) * 1000)
+            if remaining <= 0 or not self.sub.poll(remaining):
+                raise RequestTimeout("the broker's event port did not answer the subscription")
+            topic, _ = self.sub.recv_multipart()
+            if topic == hello.encode():
+                return
+            # earlier stream events are covered by the snapshot that follows
+
+    def next(self, timeout_s: float | None = None) -> dict[str, Any] | None:
+        """The next event, or None if none arrives within ``timeout_s`` (None: wait forever)."""
+        if self._pending:
+            return self._pending.pop(0)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            remaining = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            if not self.sub.poll(remaining):
+                return None
+            frames = self.sub.recv_multipart()
+            if len(frames) != 2 or frames[0].startswith(b"hello."):
+                continue
+            try:
+                event = unpack(frames[1])
+            except DecodeError:
+                continue
+            if not isinstance(event, dict) or event.get("seq", 0) <= self.last_seq:
+                continue  # already in the snapshot, or a duplicate
+            self.last_seq = event["seq"]
+            return event
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            event = self.next()
+            if event is not None:
+                yield event
+
+    def close(self) -> None:
+        self.sub.close(linger=0)
+        self.client.close()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

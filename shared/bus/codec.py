@@ -1,0 +1,115 @@
+"""msgpack bodies with numpy arrays (and torch tensors) as an ext type. Never pickle.
+
+An array travels as ext type 1 holding a msgpack array ``[dtype, shape, raw bytes]``; only the
+dtypes in ``ALLOWED_DTYPES`` decode, so a peer cannot make us build object arrays. Every decode
+failure is a :class:`DecodeError` naming what was wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from distill.shared.bus.protocol import MAX_MESSAGE_BYTES
+from distill.shared.errors import DecodeError
+
+NDARRAY_EXT = 1
+ALLOWED_DTYPES = frozenset(
+    {
+        "bool",
+        "uint8",
+        "int8",
+        "uint16",
+        "int16",
+        "uint32",
+        "int32",
+        "uint64",
+        "int64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
+    }
+)
+MAX_ARRAY_DIMS = 8
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return _pack_array(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if type(obj).__module__.startswith("torch") and hasattr(obj, "detach"):
+        return _pack_array(obj.detach().cpu().numpy())
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__} in a Distill message")
+
+
+def _pack_array(arr: np.ndarray) -> msgpack.ExtType:
+    dtype = arr.dtype.name
+    if dtype not in ALLOWED_DTYPES:
+        raise TypeError(f"array dtype {dtype!r} is not allowed on the wire")
+    arr = np.ascontiguousarray(arr)
+    payload = msgpack.packb([dtype, list(arr.shape), arr.tobytes()], use_bin_type=True)
+    return msgpack.ExtType(NDARRAY_EXT, payload)
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code != NDARRAY_EXT:
+        raise DecodeError(f"unknown msgpack ext type {code}")
+    try:
+        dtype, shape, raw = msgpack.unpackb(data, raw=False)
+    except Exception as e:
+        raise DecodeError(f"malformed array ext: {e}") from e
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+        raise DecodeError(f"array dtype {dtype!r} is not allowed")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_ARRAY_DIMS
+        or not all(isinstance(n, int) and n >= 0 for n in shape)
+    ):
+        raise DecodeError(f"malformed array shape {shape!r}")
+    if not isinstance(raw, bytes):
+        raise DecodeError("array payload is not bytes")
+    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if expected != len(raw):
+        raise DecodeError(f"array of {dtype}{tuple(shape)} needs {expected} bytes, got {len(raw)}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+
+
+def pack(obj: Any) -> bytes:
+    """Encode a body (maps, lists, str, bytes, numbers, arrays) to msgpack bytes."""
+    return msgpack.packb(obj, default=_default, use_bin_type=True)
+
+
+def unpack(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
+    """Decode msgpack bytes; any malformation raises :class:`DecodeError`."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DecodeError(f"body must be bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise DecodeError(f"body of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            ext_hook=_ext_hook,
+            strict_map_key=False,
+        )
+    except DecodeError:
+        raise
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise DecodeError(f"body is not valid msgpack: {e}") from e
+
+
+def unpack_map(data: bytes, what: str = "body") -> dict[str, Any]:
+    """Decode a body that must be a msgpack map with string keys."""
+    obj = unpack(data)
+    if not isinstance(obj, dict):
+        raise DecodeError(f"{what} must be a map, got {type(obj).__name__}")
+    if not all(isinstance(k, str) for k in obj):
+        raise DecodeError(f"{what} keys must be strings")
+    return obj

@@ -1,0 +1,141 @@
+"""The client core that the blocking and the asyncio clients share: endpoints, socket setup and
+options, frame building, reply matching and error mapping. No I/O happens here: each face
+sends and receives in its own way and asks the core what the frames mean.
+
+Reply matching. MDP/0.1 replies carry no request id, and a DEALER socket delivers replies in
+the order the broker sends them, so a reply is matched to its request by service name and
+order. That is only sound while no earlier reply is still owed on the socket: a call that
+ends before all its replies came back (a timeout, an error reply in the middle of a pipeline,
+a consumer that stops iterating) would leave them to be read by the next call. The core
+therefore counts the replies owed (:class:`ReplyLedger`) and a face opens a fresh socket for
+any call that finds the count above zero, so a stale reply is never taken for a new one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+
+from distill.shared.bus import protocol as P
+from distill.shared.bus.codec import unpack_map
+from distill.shared.errors import (
+    CANCELLED,
+    EXPIRED,
+    DecodeError,
+    RequestError,
+    RequestTimeout,
+    UnknownService,
+)
+
+
+def broker_endpoint(host_or_endpoint: str | None = None, port: int = P.PORT_MDP) -> str:
+    """Accept ``tcp://host:port``, ``host:port`` or ``host``."""
+    if not host_or_endpoint:
+        return f"tcp://{P.DEFAULT_HOST}:{port}"
+    if "://" in host_or_endpoint:
+        return host_or_endpoint
+    if ":" in host_or_endpoint:
+        return f"tcp://{host_or_endpoint}"
+    return f"tcp://{host_or_endpoint}:{port}"
+
+
+def events_endpoint(mdp_endpoint: str, direction: str = "out") -> str:
+    """The broker's event port beside an MDP endpoint: by convention MDP port + 1 for events
+    out (XPUB, what subscribers read) and + 2 for events in (XSUB, where workers publish)."""
+    base, port = mdp_endpoint.rsplit(":", 1)
+    offset = {"out": P.PORT_EVENTS_OUT - P.PORT_MDP, "in": P.PORT_EVENTS_IN - P.PORT_MDP}[direction]
+    return f"{base}:{int(port) + offset}"
+
+
+def configure_dealer(sock: zmq.Socket) -> None:
+    """Options every client DEALER gets, set before it connects (they apply to later connects)."""
+    sock.setsockopt(zmq.LINGER, 0)  # a closed client never blocks its process on exit
+    sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)  # a peer cannot make us buffer more
+    sock.setsockopt(zmq.SNDHWM, P.SOCKET_HWM)
+    sock.setsockopt(zmq.RCVHWM, P.SOCKET_HWM)
+
+
+def service_bytes(service: str | bytes) -> bytes:
+    return service.encode() if isinstance(service, str) else service
+
+
+def service_text(service: str | bytes) -> str:
+    return service.decode(errors="replace") if isinstance(service, bytes) else service
+
+
+def request_frames(service: bytes, body: list[bytes]) -> list[bytes]:
+    """An MDP/0.1 client request as a DEALER sends it (the empty delimiter first)."""
+    return [b"", P.MDPC, service, *body]
+
+
+def reply_body(msg: list[bytes], service: bytes) -> list[bytes] | None:
+    """The body of a reply from ``service``, or None for anything else (to be skipped)."""
+    if len(msg) >= 3 and msg[0] == b"" and msg[1] == P.MDPC and msg[2] == service:
+        return list(msg[3:])
+    return None
+
+
+def decode_reply(frames: list[bytes], service: str) -> Any:
+    """Unpack a Distill service reply; raise RequestError (with its wire code) for errors."""
+    if not frames:
+        raise DecodeError(f"empty reply from {service!r}")
+    reply = unpack_map(frames[0], f"reply from {service!r}")
+    if reply.get("ok") is True:
+        return reply.get("result")
+    err = reply.get("error") or {}
+    code = str(err.get("code", "error"))
+    message = str(err.get("message", "unknown error"))
+    if reply.get("cancelled"):
+        code = CANCELLED
+    raise RequestError(f"{service}: {message}", code=code)
+
+
+def unknown_service(service: str, endpoint: str) -> UnknownService:
+    return UnknownService(f"no worker for service {service!r} is registered with the broker "
+                          f"at {endpoint}")
+
+
+def timeout_error(service: str, endpoint: str, timeout_s: float, attempts: int,
+                  known: bool | None) -> RequestError:
+    """What a request that got no reply raises, given what ``mmi.service`` said about its
+    service afterwards (``known`` is None when the broker did not answer that either)."""
+    if known is None:
+        return RequestTimeout(f"no broker answered at {endpoint} "
+                              f"(request to {service!r}, {attempts} attempt(s))")
+    if known is False:
+        return unknown_service(service, endpoint)
+    return RequestTimeout(f"no reply from {service!r} within {timeout_s:g} s "
+                          f"({attempts} attempt(s), broker {endpoint})")
+
+
+def needs_service_check(service: str) -> bool:
+    """Whether a failed request to ``service`` is worth an ``mmi.service`` question."""
+    return not service.startswith("mmi.")
+
+
+def is_expiry(error: RequestError) -> bool:
+    """The broker expired the request: maybe because no worker for the service exists."""
+    return error.code == EXPIRED
+
+
+class ReplyLedger:
+    """Counts the replies owed on one socket; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.owed = 0
+
+    def sent(self) -> None:
+        self.owed += 1
+
+    def received(self) -> None:
+        self.owed -= 1
+
+    @property
+    def clean(self) -> bool:
+        """True when no reply to an earlier request can still arrive on the socket."""
+        return self.owed == 0
+
+    def reset(self) -> None:
+        """The socket was closed: whatever was owed will never arrive on the next one."""
+        self.owed = 0

@@ -1,0 +1,5 @@
+"""``python -m distill.shared.cli``: the same as the ``distill`` console script."""
+
+from distill.shared.cli.main import main
+
+main()

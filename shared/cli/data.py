@@ -1,0 +1,118 @@
+"""``distill dataset add|show``: from a folder of sounds to a dataset."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from distill.shared.cli.common import BrokerOpt, client, fail, print_table
+from distill.shared.errors import DistillError
+
+
+def upload_folder(ac: Any, folder: Path, *, quiet: bool = False) -> list[dict[str, str]]:
+    """Upload every file of a folder as an audio artifact; returns ``[{name, sha256}]``.
+
+    Non-audio files go too: the preprocess job lists each one in the manifest with its reason,
+    so every file in the folder is accounted for."""
+    from distill.shared.audio.io import scan_folder
+
+    paths = scan_folder(folder)
+    if not paths:
+        raise DistillError(f"{folder}: no files in this folder")
+    files = []
+    for i, path in enumerate(paths, 1):
+        name = path.relative_to(folder).as_posix()
+        if not quiet:
+            sys.stderr.write(f"\ruploading {i}/{len(paths)} {name[:60]:<60}")
+            sys.stderr.flush()
+        files.append({"name": name, "sha256": ac.put_file(path, kind="audio", name=name)})
+    if not quiet:
+        sys.stderr.write("\n")
+    return files
+
+
+def resolve_dataset(c: Any, ref: str) -> tuple[str, str | None]:
+    """A dataset reference -> (dataset artifact sha, producing job id or None). ``ref`` is a
+    dataset artifact id (or unique prefix), or the id of the preprocess job that makes it."""
+    from distill.shared.bus.artifacts import ArtifactClient
+    from distill.shared.bus.jobs import JobsClient
+    from distill.shared.cli.jobs import resolve_artifact
+
+    if ref.startswith("j-"):
+        record = JobsClient(c).get(ref, metrics=False)
+        if record["service"] != "distill.preprocess":
+            raise DistillError(f"job {ref} is a {record['service']} job, not a preprocess job")
+        sha = (record.get("result") or {}).get("dataset")
+        return sha or "", ref
+    return resolve_artifact(ArtifactClient(c), ref), None
+
+
+def print_manifest(rows: list[dict[str, Any]]) -> None:
+    table = [[r["name"][:40], r["status"], r.get("split") or "-", f"{r['duration_s']:.2f}s",
+              r["sample_rate"] or "-", r["channels"] or "-", r["chunks"], r.get("reason") or ""]
+             for r in rows]
+    print_table(["file", "status", "split", "duration", "rate", "ch", "chunks", "reason"], table)
+    ok = sum(r["status"] == "ok" for r in rows)
+    typer.echo(f"{ok} of {len(rows)} files used, {len(rows) - ok} skipped")
+
+
+def register(app: typer.Typer) -> None:
+    dataset = typer.Typer(help="Turn a folder of sounds into a dataset; inspect it.", no_args_is_help=True)
+    app.add_typer(dataset, name="dataset")
+
+    @dataset.command("add")
+    def dataset_add(
+        folder: Path = typer.Argument(..., exists=True, file_okay=False, help="A folder of sounds."),
+        broker: str = BrokerOpt,
+        seed: int = typer.Option(0, help="Seed of the train/validation split (by file)."),
+        val_fraction: float = typer.Option(0.1, help="Share of files held out for validation."),
+        silence_db: float = typer.Option(-60.0, help="Trim threshold for leading/trailing silence (dBFS)."),
+        sample_rate: int = typer.Option(48000, help="Model sample rate."),
+    ) -> None:
+        """Upload FOLDER and preprocess it into a dataset (every file accounted for)."""
+        from distill.shared.bus.artifacts import ArtifactClient
+        from distill.shared.bus.jobs import JobsClient
+
+        try:
+            with client(broker, timeout_s=60.0) as c:
+                files = upload_folder(ArtifactClient(c), folder)
+                params = {"files": files, "seed": seed, "val_fraction": val_fraction,
+                          "silence_threshold_db": silence_db, "mel_config": {"sample_rate": sample_rate}}
+                job = JobsClient(c).submit("distill.preprocess", params)
+                typer.echo(f"preprocess job {job['id']}: {len(files)} files")
+                from distill.shared.cli.train import follow_training
+
+                record = follow_training(c, job["id"])
+        except DistillError as e:
+            fail(str(e))
+        if record["status"] != "succeeded":
+            fail(f"preprocess job {job['id']} {record['status']}: {record.get('error')}")
+        result = record["result"]
+        print_manifest(result["manifest"])
+        typer.echo(f"dataset {result['dataset']}  ({result['chunks']} chunks; "
+                   f"{result['train_files']} train / {result['val_files']} validation files)")
+
+    @dataset.command("show")
+    def dataset_show(ref: str = typer.Argument(..., help="Dataset id (or prefix), or its preprocess job id."),
+                     broker: str = BrokerOpt) -> None:
+        """Print a dataset's manifest: every file, used or skipped with its reason."""
+        from distill.shared.audio.dataset import Dataset
+        from distill.shared.bus.artifacts import ArtifactClient
+
+        try:
+            with client(broker, timeout_s=60.0) as c:
+                sha, _ = resolve_dataset(c, ref)
+                if not sha:
+                    fail(f"{ref}: the preprocess job has not produced a dataset (yet)")
+                ds = Dataset.from_bytes(ArtifactClient(c).get_bytes(sha))
+        except DistillError as e:
+            fail(str(e))
+        from dataclasses import asdict
+
+        print_manifest([asdict(r) for r in ds.manifest])
+        cfg = ds.mel_config
+        typer.echo(f"dataset {sha}: {len(ds.mels)} chunks of {cfg.chunk_frames} frames, "
+                   f"{cfg.sample_rate} Hz, {cfg.n_mels} mels, hop {cfg.hop_length}")

@@ -1,0 +1,228 @@
+"""``distill jobs …`` and ``distill artifacts …``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from distill.shared.cli.common import BrokerOpt, client, fail, human_bytes, print_table
+from distill.shared.errors import DistillError
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = time.time() - ts
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago"
+
+
+def progress_line(event: dict[str, Any], width: int = 30) -> str:
+    """One line for a progress or metrics event: a bar and the interesting fields."""
+    fraction = event.get("fraction")
+    bar = ""
+    if isinstance(fraction, (int, float)):
+        done = int(max(0.0, min(1.0, fraction)) * width)
+        bar = f"[{'#' * done}{'.' * (width - done)}] {fraction * 100:5.1f}%"
+    skip = {"type", "job", "fraction", "seq", "topic", "broker_ts", "ts", "worker", "row"}
+    fields = {k: v for k, v in event.items() if k not in skip}
+    if isinstance(event.get("row"), dict):
+        fields.update(event["row"])
+    text = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items() if not isinstance(v, (list, dict)))
+    return f"{bar} {text}".strip()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def register(app: typer.Typer) -> None:
+    jobs = typer.Typer(help="Submit, list, follow, cancel and retry jobs.", no_args_is_help=True)
+    artifacts = typer.Typer(help="The broker's content-addressed artifact store.", no_args_is_help=True)
+    app.add_typer(jobs, name="jobs")
+    app.add_typer(artifacts, name="artifacts")
+
+    @jobs.command("ls")
+    def jobs_ls(broker: str = BrokerOpt, status: str = typer.Option(None, help="queued, running, …"),
+                service: str = typer.Option(None), limit: int = typer.Option(50)) -> None:
+        """List jobs, newest first."""
+        from distill.shared.bus.jobs import JobsClient
+
+        try:
+            with client(broker) as c:
+                records = JobsClient(c).list(status=status, service=service, limit=limit)
+        except DistillError as e:
+            fail(str(e))
+        rows = []
+        for r in records:
+            frac = (r.get("progress") or {}).get("fraction")
+            rows.append([r["id"], r["service"], r["status"], f"{r['attempts']}/{r['max_attempts']}",
+                         f"{frac * 100:.0f}%" if isinstance(frac, (int, float)) else "-", _ago(r["created_at"]),
+                         (r.get("error") or "")[:50]])
+        print_table(["id", "service", "status", "attempts", "progress", "created", "error"], rows)
+
+    @jobs.command("show")
+    def jobs_show(job_id: str, broker: str = BrokerOpt) -> None:
+        """Everything about one job: params, result, errors per attempt, metric history size."""
+        from distill.shared.bus.jobs import JobsClient
+
+        try:
+            with client(broker) as c:
+                r = JobsClient(c).get(job_id)
+        except DistillError as e:
+            fail(str(e))
+        for key in ("id", "service", "status", "attempts", "max_attempts", "worker", "depends_on",
+                    "checkpoint", "error"):
+            typer.echo(f"{key:>13}: {r.get(key)}")
+        for key in ("created_at", "started_at", "finished_at"):
+            ts = r.get(key)
+            typer.echo(f"{key:>13}: {datetime.fromtimestamp(ts).isoformat(' ', 'seconds') if ts else '-'}")
+        typer.echo(f"{'params':>13}: {r.get('params')}")
+        for i, err in enumerate(r.get("attempt_errors") or [], 1):
+            typer.echo(f"{'attempt ' + str(i):>13}: {err}")
+        if r.get("progress"):
+            typer.echo(f"{'progress':>13}: {progress_line(r['progress'])}")
+        typer.echo(f"{'metrics':>13}: {len(r.get('metrics') or [])} rows")
+        typer.echo(f"{'result':>13}: {r.get('result')}")
+
+    @jobs.command("cancel")
+    def jobs_cancel(job_id: str, broker: str = BrokerOpt) -> None:
+        """Cancel a queued job at once, or a running one at its next step."""
+        from distill.shared.bus.jobs import JobsClient
+
+        try:
+            with client(broker) as c:
+                r = JobsClient(c).cancel(job_id)
+        except DistillError as e:
+            fail(str(e))
+        typer.echo(f"{r['id']}: {r['status']}{' (cancel requested)' if r['cancel_requested'] else ''}")
+
+    @jobs.command("retry")
+    def jobs_retry(job_id: str, broker: str = BrokerOpt) -> None:
+        """Queue a failed or cancelled job again (and the dependents it took down)."""
+        from distill.shared.bus.jobs import JobsClient
+
+        try:
+            with client(broker) as c:
+                r = JobsClient(c).retry(job_id)
+        except DistillError as e:
+            fail(str(e))
+        typer.echo(f"{r['id']}: {r['status']}")
+
+    @jobs.command("watch")
+    def jobs_watch(job_id: str, broker: str = BrokerOpt) -> None:
+        """Follow a job live (progress bar from the event stream) until it ends."""
+        try:
+            record = watch_job(broker, job_id)
+        except DistillError as e:
+            fail(str(e))
+        if record["status"] != "succeeded":
+            raise typer.Exit(1)
+
+    @artifacts.command("ls")
+    def artifacts_ls(broker: str = BrokerOpt, kind: str = typer.Option(None), job: str = typer.Option(None)) -> None:
+        """List stored artifacts."""
+        from distill.shared.bus.artifacts import ArtifactClient
+
+        try:
+            with client(broker) as c:
+                items = ArtifactClient(c).list(kind=kind, job=job)
+        except DistillError as e:
+            fail(str(e))
+        rows = [[a["sha256"][:16], a["kind"], a["name"], human_bytes(a["size"]), a.get("job") or "-",
+                 _ago(a["created_at"])] for a in items]
+        print_table(["id", "kind", "name", "size", "job", "created"], rows)
+
+    @artifacts.command("put")
+    def artifacts_put(path: Path, broker: str = BrokerOpt, kind: str = typer.Option("file"),
+                      name: str = typer.Option(None)) -> None:
+        """Upload a file (resumes an interrupted upload); prints its id."""
+        from distill.shared.bus.artifacts import ArtifactClient
+
+        try:
+            with client(broker, timeout_s=60) as c:
+                sha = ArtifactClient(c).put_file(path, kind=kind, name=name or path.name,
+                                                 progress=_bytes_progress("put"))
+        except (DistillError, OSError) as e:
+            fail(str(e))
+        sys.stderr.write("\n")
+        typer.echo(sha)
+
+    @artifacts.command("get")
+    def artifacts_get(artifact: str, out: Path = typer.Argument(...), broker: str = BrokerOpt) -> None:
+        """Download an artifact (full 64-hex id or a unique prefix) to OUT."""
+        from distill.shared.bus.artifacts import ArtifactClient
+
+        try:
+            with client(broker, timeout_s=60) as c:
+                ac = ArtifactClient(c)
+                sha = resolve_artifact(ac, artifact)
+                ac.download(sha, out, progress=_bytes_progress("get"))
+        except (DistillError, OSError) as e:
+            fail(str(e))
+        sys.stderr.write("\n")
+        typer.echo(f"{out} ({human_bytes(out.stat().st_size)})")
+
+    @artifacts.command("rm")
+    def artifacts_rm(artifact: str, broker: str = BrokerOpt) -> None:
+        """Delete an artifact (refused while a queued or running job needs it)."""
+        from distill.shared.bus.artifacts import ArtifactClient
+
+        try:
+            with client(broker) as c:
+                ac = ArtifactClient(c)
+                ac.delete(resolve_artifact(ac, artifact))
+        except DistillError as e:
+            fail(str(e))
+
+
+def resolve_artifact(ac: Any, ref: str) -> str:
+    from distill.shared.errors import ArtifactError
+    from distill.shared.ids import is_sha256
+
+    if is_sha256(ref):
+        return ref
+    matches = [a["sha256"] for a in ac.list() if a["sha256"].startswith(ref.lower())]
+    if len(matches) != 1:
+        raise ArtifactError(f"{ref!r} matches {len(matches)} artifacts; give more of the id")
+    return str(matches[0])
+
+
+def _bytes_progress(verb: str) -> Any:
+    def show(done: int, total: int) -> None:
+        pct = 100.0 * done / total if total else 100.0
+        sys.stderr.write(f"\r{verb} {done / 2**20:8.1f} / {total / 2**20:.1f} MiB {pct:5.1f}%")
+        sys.stderr.flush()
+
+    return show
+
+
+def watch_job(broker: str | None, job_id: str, *, quiet: bool = False) -> dict[str, Any]:
+    """Draw a live progress line for a job until it ends; returns its final record."""
+    from distill.shared.bus.jobs import JobsClient
+
+    def on_event(event: dict[str, Any]) -> None:
+        if quiet:
+            return
+        if event.get("type") in ("progress", "metrics"):
+            line = progress_line(event)
+            width = 118
+            sys.stderr.write("\r" + line[:width].ljust(width))
+            sys.stderr.flush()
+        elif event.get("type") == "status":
+            sys.stderr.write(f"\n{job_id}: {event.get('status')}")
+            sys.stderr.flush()
+
+    with client(broker) as c:
+        record = JobsClient(c).follow(job_id, on_event)
+    if not quiet:
+        sys.stderr.write("\n")
+    status = record["status"]
+    typer.echo(f"{job_id}: {status}" + (f" — {record['error']}" if record.get("error") else ""))
+    return record

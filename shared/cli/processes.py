@@ -1,0 +1,116 @@
+"""``distill broker``, ``distill worker``, ``distill up``, and the two commands that look at
+the running processes: ``distill workers`` and ``distill ping``.
+
+The broker and the workers depend on ``shared/``, never the other way: their code is reached
+through :data:`ENTRY_POINTS`, module paths imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from distill.shared.bus import protocol as P
+from distill.shared.cli.common import BrokerOpt, client, data_home, fail, print_table
+from distill.shared.errors import DistillError
+
+# "module:function" of each process's entry point (keyword arguments as the commands pass them).
+ENTRY_POINTS: dict[str, str] = {
+    "broker": "distill.broker.main:main",
+    "worker": "distill.workers.runtime.main:run_worker",
+}
+
+
+def entry_point(name: str) -> Callable[..., Any]:
+    module, _, function = ENTRY_POINTS[name].partition(":")
+    entry: Callable[..., Any] = getattr(importlib.import_module(module), function)
+    return entry
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(broker)
+    app.command()(worker)
+    app.command()(up)
+    app.command()(workers)
+    app.command()(ping)
+
+
+def broker(
+    host: str = typer.Option(P.DEFAULT_HOST, help="Interface to bind (0.0.0.0 for all: other machines)."),
+    port: int = typer.Option(P.PORT_MDP, help="MDP port; events use port+1 (out) and port+2 (in)."),
+    data_dir: Path = typer.Option(None, help="Job table and artifact store (default: $DISTILL_HOME/broker)."),
+    heartbeat_s: float = typer.Option(P.HEARTBEAT_INTERVAL_S, help="Heartbeat interval."),
+    liveness: int = typer.Option(P.HEARTBEAT_LIVENESS, help="Missed heartbeats before a peer is dead."),
+    request_timeout_s: float = typer.Option(P.REQUEST_TIMEOUT_S, help="How long a request waits for a worker."),
+) -> None:
+    """Run the broker: routes requests, owns the job table and the artifact store."""
+    entry_point("broker")(host=host, port=port, data_dir=data_dir or data_home() / "broker",
+                          heartbeat_interval_s=heartbeat_s, heartbeat_liveness=liveness,
+                          request_timeout_s=request_timeout_s)
+
+
+def worker(
+    service: str = typer.Argument(..., help="echo, sleep, preprocess, vqvae"),
+    broker: str = BrokerOpt,
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    threads: int = typer.Option(None, help="torch threads (default: all cores)."),
+    heartbeat_s: float = typer.Option(P.HEARTBEAT_INTERVAL_S, help="Heartbeat interval."),
+    liveness: int = typer.Option(P.HEARTBEAT_LIVENESS, help="Missed heartbeats before the broker is dead."),
+) -> None:
+    """Run one worker process for SERVICE, pinned to one device."""
+    try:
+        entry_point("worker")(service, broker=broker, device=device, threads=threads,
+                              heartbeat_interval_s=heartbeat_s, liveness=liveness)
+    except DistillError as e:
+        fail(str(e))
+
+
+def up(
+    host: str = typer.Option(P.DEFAULT_HOST, help="Interface the broker binds."),
+    port: int = typer.Option(P.PORT_MDP, help="MDP port (events on port+1, port+2)."),
+    data_dir: Path = typer.Option(None, help="Broker data (default: $DISTILL_HOME/broker)."),
+    services: str = typer.Option(None, help="Comma-separated worker services (default: all)."),
+    device: str = typer.Option(None, help="Device for the model workers (default: auto)."),
+    check: bool = typer.Option(False, "--check", help="Start, do a round trip, shut down."),
+) -> None:
+    """A broker and one worker of each service on this machine. Ctrl-C stops them all."""
+    from distill.shared.cli.supervisor import Supervisor
+
+    try:
+        sup = Supervisor(host=host, port=port, data_dir=data_dir or data_home() / "broker",
+                         services=services.split(",") if services else None, device=device)
+        sys.exit(sup.run(check=check))
+    except DistillError as e:
+        fail(str(e))
+
+
+def workers(broker: str = BrokerOpt) -> None:
+    """List the workers registered with the broker."""
+    try:
+        with client(broker, timeout_s=5) as c:
+            info = c.workers()
+    except DistillError as e:
+        fail(str(e))
+    rows = [[w["service"], w["host"], w["pid"], w["device"], w["state"], w["current_job"] or "-",
+             f"{w['last_heartbeat_age_s']:.1f}s"] for w in info["workers"]]
+    print_table(["service", "host", "pid", "device", "state", "job", "heartbeat"], rows)
+    queued = {k: v for k, v in info["queued"].items() if v}
+    if queued:
+        typer.echo("queued requests: " + ", ".join(f"{k}={v}" for k, v in queued.items()))
+
+
+def ping(broker: str = BrokerOpt, count: int = typer.Option(3, help="Round trips."),
+         timeout_s: float = typer.Option(5.0, help="Per round trip.")) -> None:
+    """Round trips through the broker to an echo worker."""
+    try:
+        with client(broker) as c:
+            for i in range(count):
+                rtt = c.ping(timeout_s=timeout_s)
+                typer.echo(f"echo reply from {c.endpoint}: seq={i + 1} time={rtt * 1000:.2f} ms")
+    except DistillError as e:
+        fail(str(e))

@@ -1,0 +1,141 @@
+"""``distill up``: one broker and one worker per service on this machine, as child processes.
+
+Children die with the supervisor (PR_SET_PDEATHSIG on Linux, plus SIGTERM then SIGKILL on the
+way out), a child that crashes is restarted with backoff, and Ctrl-C leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill.shared.bus.client import Client, broker_endpoint
+from distill.shared.errors import DistillError, RequestTimeout
+from distill.shared.logs import configure, get_logger
+from distill.shared.services import threads_for, up_services, worker_service
+
+log = get_logger("up")
+SHUTDOWN_GRACE_S = 10.0
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the supervisor's own shutdown still stops the children
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started: list[float] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        self.started.append(time.monotonic())
+
+
+class Supervisor:
+    def __init__(self, *, host: str, port: int, data_dir: Path, services: list[str] | None,
+                 device: str | None) -> None:
+        self.endpoint = broker_endpoint(f"{host if host != '0.0.0.0' else '127.0.0.1'}:{port}")
+        py = [sys.executable, "-m", "distill.shared.cli"]
+        self.children = [Child("broker", py + ["broker", "--host", host, "--port", str(port),
+                                               "--data-dir", str(data_dir)])]
+        self.services = [worker_service(name) for name in services or up_services()]
+        for spec in self.services:
+            default = spec.up_device or "cpu"
+            # --device moves the model workers; echo and preprocess stay on the CPU.
+            dev = default if device is None or default == "cpu" else device
+            argv = py + ["worker", spec.cli_name, "--broker", self.endpoint, "--device", dev]
+            threads = threads_for(spec, os.cpu_count() or 1)
+            if threads:
+                argv += ["--threads", str(threads)]
+            self.children.append(Child(spec.cli_name, argv))
+        self._stopping = False
+
+    def run(self, *, check: bool = False) -> int:
+        configure("up")
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        try:
+            for child in self.children:
+                child.start()
+            self._wait_ready(timeout_s=120.0)
+            if check:
+                return self._check()
+            while not self._stopping:
+                self._watch()
+                time.sleep(0.2)
+            return 0
+        finally:
+            self.shutdown()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stopping = True
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        wanted = {spec.service for spec in self.services}
+        deadline = time.monotonic() + timeout_s
+        with Client(self.endpoint, timeout_s=1.0) as client:
+            while not self._stopping and time.monotonic() < deadline:
+                try:
+                    registered = {w["service"] for w in client.workers()["workers"]}
+                except RequestTimeout:
+                    registered = set()
+                if wanted <= registered:
+                    print(f"distill up: broker {self.endpoint}, workers: {', '.join(sorted(wanted))}",
+                          flush=True)
+                    return
+                self._watch()
+                time.sleep(0.2)
+        if not self._stopping:
+            raise DistillError(f"workers did not all register with {self.endpoint} within {timeout_s:g} s")
+
+    def _check(self) -> int:
+        with Client(self.endpoint, timeout_s=5.0) as client:
+            rtt = client.ping()
+            print(f"distill up --check: echo round trip {rtt * 1000:.2f} ms through {self.endpoint}",
+                  flush=True)
+            for w in client.workers()["workers"]:
+                print(f"  {w['service']:<22} {w['device']:<8} pid {w['pid']}", flush=True)
+        return 0
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.proc is None or child.proc.poll() is None or self._stopping:
+                continue
+            if child.next_start == 0.0:
+                delay = RESTART_BACKOFF_S[min(child.restarts, len(RESTART_BACKOFF_S) - 1)]
+                child.next_start = now + delay
+                log.warning("child_exited", child=child.name, code=child.proc.returncode, restart_in_s=delay)
+            elif now >= child.next_start:
+                child.restarts += 1
+                child.next_start = 0.0
+                child.start()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        live = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for proc in reversed(live):  # workers first, broker last
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,88 @@
+"""Model-file formats: training checkpoints and trained RVQ-VAE weights, as bytes.
+
+Both are ``torch.save`` maps of tensors, numbers, strings, lists and dicts, read back with
+``torch.load(weights_only=True)`` (never a pickle of arbitrary objects). Each carries a
+``format_version`` and a ``kind``; an unknown kind, a newer version, a truncated or corrupt
+file raises :class:`ModelFormatError`.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+
+from distill.shared.audio.mel import MelConfig
+from distill.shared.errors import ConfigError, ModelFormatError
+from distill.shared.model.vqvae import VQVAE, VQVAEConfig
+
+FORMAT_VERSION = 1  # checkpoints and weights written by this Distill
+CHECKPOINT_KIND = "vqvae-checkpoint"
+WEIGHTS_KIND = "vqvae"
+
+
+def checkpoint_to_bytes(payload: dict[str, Any]) -> bytes:
+    """A training checkpoint (the trainer's state map) as bytes, stamped with version and kind."""
+    buf = io.BytesIO()
+    torch.save({**payload, "format_version": FORMAT_VERSION, "kind": CHECKPOINT_KIND}, buf)
+    return buf.getvalue()
+
+
+def _load(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or truncated files
+        raise ModelFormatError(f"{what} is corrupt or truncated: {type(e).__name__}: {e}") from e
+    if not isinstance(obj, dict) or not isinstance(obj.get("format_version"), int):
+        raise ModelFormatError(f"{what} has no format_version: not a Distill file")
+    version = obj["format_version"]
+    if version > FORMAT_VERSION or version < 1:
+        raise ModelFormatError(
+            f"{what} has format_version {version}; this Distill reads 1..{FORMAT_VERSION} "
+            "(a newer version needs a newer Distill)"
+        )
+    return obj
+
+
+def read_checkpoint(data: bytes) -> dict[str, Any]:
+    """A training checkpoint's contents; ModelFormatError when corrupt, foreign or newer."""
+    ckpt = _load(data, "checkpoint")
+    missing = {"model_config", "train_config", "state_dict", "optimizer", "rng", "epoch"} - set(
+        ckpt
+    )
+    if ckpt.get("kind") != CHECKPOINT_KIND or missing:
+        raise ModelFormatError(f"not a VQ-VAE checkpoint (kind {ckpt.get('kind')!r}, "
+                               f"missing {sorted(missing)})")  # fmt: skip
+    return ckpt
+
+
+def weights_to_bytes(
+    model: VQVAE, mel_config: MelConfig, summary: dict[str, Any] | None = None
+) -> bytes:
+    """The trained model as an artifact (kind "vqvae"): configs, weights, codebooks, summary."""
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "kind": WEIGHTS_KIND,
+        "model_config": model.config.to_dict(),
+        "mel_config": mel_config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "summary": summary or {},
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def weights_from_bytes(data: bytes) -> tuple[VQVAE, MelConfig, dict[str, Any]]:
+    """Load what :func:`weights_to_bytes` wrote; the model comes back in eval mode on the CPU."""
+    obj = _load(data, "VQ-VAE weights")
+    if obj.get("kind") != WEIGHTS_KIND:
+        raise ModelFormatError(f"not VQ-VAE weights (kind {obj.get('kind')!r})")
+    try:
+        model = VQVAE(VQVAEConfig.from_dict(obj["model_config"]))
+        model.load_state_dict(obj["state_dict"])
+        mel_config = MelConfig.from_dict(obj["mel_config"])
+    except (KeyError, RuntimeError, ConfigError) as e:
+        raise ModelFormatError(f"VQ-VAE weights do not match their config: {e}") from e
+    return model.eval(), mel_config, dict(obj.get("summary", {}))

@@ -1,0 +1,82 @@
+"""k-means over pooled latents, for initialising RVQ codebooks: k-means++ seeding, then Lloyd.
+
+Shapes: N points of dimension D, k centroids.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def kmeans(
+    x: Tensor, k: int, *, iters: int = 20, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """k-means++ then Lloyd on ``x`` (N, D); returns centroids (k, D) and member counts (k,).
+
+    No two centroids are equal: with fewer distinct points than ``k`` the extra centroids are
+    jittered copies of points (they start empty and dead-code replacement recycles them).
+    """
+    centroids = _kmeans_plus_plus(x, k, generator)  # (k, D)
+    for _ in range(iters):
+        dist, assign = nearest(x, centroids)  # (N,), (N,)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        updated = sums / counts.clamp_min(1).unsqueeze(1).to(x.dtype)
+        centroids = torch.where((counts > 0).unsqueeze(1), updated, centroids)
+        for empty in torch.nonzero(counts == 0).flatten().tolist():
+            far = int(dist.argmax())
+            if dist[far] <= 0:  # every point sits on a centroid: keep the jittered one
+                break
+            centroids[empty] = x[far]
+            dist[far] = 0.0
+    centroids = _separate_duplicates(centroids, _jitter_scale(x), generator)
+    _, assign = nearest(x, centroids)
+    return centroids, torch.bincount(assign, minlength=k)
+
+
+def _jitter_scale(x: Tensor) -> Tensor:
+    return x.std().clamp_min(1e-6) * 1e-2
+
+
+def _separate_duplicates(
+    centroids: Tensor, scale: Tensor, generator: torch.Generator | None
+) -> Tensor:
+    """Jitter all but one of any equal centroids (points repeated in the data can split a
+    cluster in two: cdist's matrix-product form is inexact near zero distance)."""
+    _, group = torch.unique(centroids, dim=0, return_inverse=True)  # (k,)
+    seen: set[int] = set()
+    for i, g in enumerate(group.tolist()):
+        if g in seen:
+            noise = torch.randn(centroids.shape[1], generator=generator, dtype=centroids.dtype)
+            centroids[i] = centroids[i] + noise * scale
+        seen.add(g)
+    return centroids
+
+
+def nearest(x: Tensor, centroids: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
+    """Squared distance to, and index of, each point's nearest centroid; chunked for memory."""
+    dists, idx = [], []
+    for part in x.split(chunk):
+        d = torch.cdist(part, centroids).square()  # (n, k)
+        best = d.min(dim=1)
+        dists.append(best.values)
+        idx.append(best.indices)
+    return torch.cat(dists), torch.cat(idx)
+
+
+def _kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+    first = int(torch.randint(len(x), (1,), generator=generator))
+    centroids = [x[first]]
+    d2 = (x - x[first]).square().sum(1)  # (N,)
+    scale = _jitter_scale(x)
+    for _ in range(1, k):
+        if float(d2.sum()) <= 0:  # fewer distinct points than codes
+            pick = int(torch.randint(len(x), (1,), generator=generator))
+            noise = torch.randn(x.shape[1], generator=generator, dtype=x.dtype) * scale
+            centroids.append(x[pick] + noise)
+            continue
+        pick = int(torch.multinomial(d2, 1, generator=generator))
+        centroids.append(x[pick])
+        d2 = torch.minimum(d2, (x - x[pick]).square().sum(1))
+    return torch.stack(centroids)  # (k, D)

@@ -1,0 +1,1 @@
+"""Training: the generic loop pieces (hooks, schedule, RNG state, codebook statistics) and the trainers."""

@@ -1,0 +1,203 @@
+"""Jobs end to end: a real broker, real workers, kill -9, restarts, pipelines, cancel."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from distill.shared.bus.client import Subscription
+from distill.shared.bus.jobs import JobsClient
+from tests.conftest import Cluster, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def statuses(jobs: JobsClient) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in jobs.list(limit=10_000):
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return counts
+
+
+def test_200_jobs_survive_a_killed_worker_and_a_killed_broker(cluster: Cluster) -> None:
+    cluster.start_broker()
+    workers = [cluster.start_worker("sleep") for _ in range(3)]
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+        ids = [jobs.submit("distill.sleep", {"sleep_s": 0.05, "value": i}, max_attempts=5)["id"]
+               for i in range(200)]
+        wait_until(lambda: statuses(jobs).get("succeeded", 0) >= 40, 60, what="40 jobs done")
+        workers[0].kill9()
+        wait_until(lambda: statuses(jobs).get("succeeded", 0) >= 100, 60, what="100 jobs done")
+    assert cluster.broker is not None
+    cluster.broker.kill9()
+    time.sleep(0.5)
+    cluster.start_broker()
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+        wait_until(lambda: statuses(jobs) == {"succeeded": 200}, 120, interval_s=0.5,
+                   what="all 200 jobs to succeed")
+        records = jobs.list(limit=10_000)
+    assert sorted(r["id"] for r in records) == sorted(ids)  # none lost, none duplicated
+    assert sorted(r["result"]["value"] for r in records) == list(range(200))
+    survivors = {w.pid for w in workers[1:]}
+    assert {r["result"]["pid"] for r in records} <= {workers[0].pid} | survivors
+
+
+def test_pipeline_runs_in_order_and_passes_results(cluster: Cluster) -> None:
+    cluster.start_broker()
+    cluster.start_worker("sleep")
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+        a = jobs.submit("distill.sleep", {"value": "a"})
+        b = jobs.submit("distill.sleep", {"value": "b"}, depends_on=[a["id"]])
+        d = jobs.submit("distill.sleep", {"value": "c"}, depends_on=[b["id"]])
+        final = jobs.wait(d["id"], timeout_s=60)
+        assert final["status"] == "succeeded"
+        rb, rc = jobs.get(b["id"]), jobs.get(d["id"])
+        assert rb["result"]["deps"] == {a["id"]: jobs.get(a["id"])["result"]}
+        assert rc["result"]["deps"][b["id"]]["value"] == "b"
+        assert jobs.get(a["id"])["finished_at"] <= rb["started_at"] <= rb["finished_at"] <= rc["started_at"]
+
+
+def test_failed_first_stage_cancels_the_rest_naming_it(cluster: Cluster) -> None:
+    cluster.start_broker()
+    cluster.start_worker("sleep")
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+        a = jobs.submit("distill.sleep", {"fail": "bad input file"}, max_attempts=2)
+        b = jobs.submit("distill.sleep", {"value": 2}, depends_on=[a["id"]])
+        d = jobs.submit("distill.sleep", {"value": 3}, depends_on=[b["id"]])
+        ra = jobs.wait(a["id"], timeout_s=60)
+        assert ra["status"] == "failed" and len(ra["attempt_errors"]) == 2
+        assert all("bad input file" in e for e in ra["attempt_errors"])
+        for dep in (b, d):
+            r = jobs.wait(dep["id"], timeout_s=10)
+            assert r["status"] == "cancelled" and a["id"] in r["error"], r
+
+
+def test_retried_attempt_knows_it_is_a_retry(cluster: Cluster) -> None:
+    cluster.start_broker()
+    cluster.start_worker("sleep")
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+        job = jobs.submit("distill.sleep", {"fail_attempts": 1, "value": 1}, max_attempts=3)
+        r = jobs.wait(job["id"], timeout_s=60)
+        assert r["status"] == "succeeded" and r["result"]["attempt"] == 2
+        assert r["attempt_errors"] == [r["attempt_errors"][0]] and "fail attempt 1" in r["attempt_errors"][0]
+
+
+def test_cancel_running_job_stops_within_one_step(cluster: Cluster) -> None:
+    cluster.start_broker()
+    cluster.start_worker("sleep")
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+        job = jobs.submit("distill.sleep", {"sleep_s": 60, "steps": 200})  # 0.3 s a step
+        steps_seen: list[int] = []
+        with Subscription(c.endpoint, [f"job.{job['id']}"]) as sub:
+            cancelled_at = None
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                event = sub.next(timeout_s=1)
+                if event is None:
+                    continue
+                if event["type"] == "progress":
+                    steps_seen.append(event["step"])
+                    if event["step"] == 3 and cancelled_at is None:
+                        cancelled_at = 3
+                        assert jobs.cancel(job["id"])["cancel_requested"] is True
+                if event["type"] == "status" and event["status"] == "cancelled":
+                    break
+        final = jobs.get(job["id"])
+    assert final["status"] == "cancelled"
+    assert max(steps_seen) <= 3 + 1, steps_seen
+
+
+def test_cancel_queued_job_ends_at_once(cluster: Cluster) -> None:
+    cluster.start_broker()  # no worker for the service: the job stays queued
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+        job = jobs.submit("distill.sleep", {"value": 1})
+        assert jobs.cancel(job["id"])["status"] == "cancelled"
+        assert jobs.wait(job["id"], timeout_s=5)["status"] == "cancelled"
+
+
+def test_metric_history_is_kept_for_late_viewers(cluster: Cluster) -> None:
+    cluster.start_broker()
+    cluster.start_worker("sleep")
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+        job = jobs.submit("distill.sleep", {"sleep_s": 1.0, "steps": 10})
+        assert jobs.wait(job["id"], timeout_s=30)["status"] == "succeeded"
+        # events are flushed to the table on the broker's next tick
+        record: dict[str, Any] = wait_until(
+            lambda: (r := jobs.get(job["id"])) and len(r["metrics"]) == 10 and r["progress"]["fraction"] == 1.0 and r,
+            5, what="metric history and latest progress")
+    assert [row["step"] for row in record["metrics"]] == list(range(1, 11))
+    assert record["progress"]["fraction"] == 1.0
+
+
+def test_long_poll_wait_times_out_with_current_state(cluster: Cluster) -> None:
+    cluster.start_broker()
+    with cluster.client() as c:
+        job = JobsClient(c).submit("distill.sleep", {})
+        r = c.request("distill.jobs", {"op": "wait", "id": job["id"], "timeout_s": 0.3})
+        assert r["status"] == "queued" and r["wait_timed_out"] is True
+
+
+def test_waits_from_several_clients(cluster: Cluster) -> None:
+    cluster.start_broker()
+    cluster.start_worker("sleep")
+    with cluster.client() as c:
+        job = JobsClient(c).submit("distill.sleep", {"sleep_s": 0.5})
+    results: list[str] = []
+
+    def waiter() -> None:
+        with cluster.client() as c2:
+            results.append(JobsClient(c2).wait(job["id"], timeout_s=30)["status"])
+
+    threads = [threading.Thread(target=waiter) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    assert results == ["succeeded"] * 3
+
+
+def test_cli_jobs_ls_show_watch_cancel_retry(cluster: Cluster) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cluster.start_broker()
+    cluster.start_worker("sleep")
+    env = {**os.environ, "DISTILL_BROKER": cluster.endpoint}
+
+    def distill(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "distill.shared.cli", *args], capture_output=True,
+                              text=True, env=env, timeout=60)
+
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+        ok = jobs.submit("distill.sleep", {"sleep_s": 0.6, "steps": 3, "value": "x"})
+        watched = distill("jobs", "watch", ok["id"])
+        assert watched.returncode == 0 and f"{ok['id']}: succeeded" in watched.stdout
+        assert "100.0%" in watched.stderr  # the progress bar was drawn from events
+        bad = jobs.submit("distill.sleep", {"fail": "boom"}, max_attempts=1)
+        assert distill("jobs", "watch", bad["id"]).returncode == 1
+        listed = distill("jobs", "ls").stdout
+        assert ok["id"] in listed and bad["id"] in listed and "failed" in listed
+        shown = distill("jobs", "show", bad["id"]).stdout
+        assert "attempt 1: attempt on" in shown and "boom" in shown
+        retried = distill("jobs", "retry", bad["id"])
+        assert retried.returncode == 0 and "queued" in retried.stdout
+        assert jobs.wait(bad["id"], timeout_s=30)["status"] == "failed"
+        long = jobs.submit("distill.sleep", {"sleep_s": 30, "steps": 100})
+        wait_until(lambda: jobs.get(long["id"])["status"] == "running", 10, what="job to start")
+        assert "cancel requested" in distill("jobs", "cancel", long["id"]).stdout
+        assert jobs.wait(long["id"], timeout_s=10)["status"] == "cancelled"
+        missing = distill("jobs", "show", "j-doesnotexist")
+        assert missing.returncode != 0 and "no job" in missing.stderr

@@ -1,0 +1,343 @@
+"""Behaviour of the broker's content-addressed artifact store (real files under tmp_path)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distill.broker.store.artifacts import ArtifactStore, OffsetMismatch
+from distill.shared.bus import codec
+from distill.shared.errors import ArtifactError
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 5_000.0
+
+    def __call__(self) -> float:
+        self.now += 1.0  # every record gets a distinct, increasing time
+        return self.now
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store(root: Path) -> Iterator[ArtifactStore]:
+    with ArtifactStore(root, clock=FakeClock()) as s:
+        yield s
+
+
+DATA = bytes(range(256)) * 40  # 10 240 bytes
+DATA_SHA = sha(DATA)
+
+
+def test_chunked_put_then_read_back(store: ArtifactStore, root: Path) -> None:
+    offset = store.begin_put(DATA_SHA, len(DATA), kind="audio", name="kick.wav", job=None)
+    assert offset == 0
+    for start in range(0, len(DATA), 4096):
+        offset = store.put_chunk(DATA_SHA, offset, DATA[start : start + 4096])
+    assert offset == len(DATA)
+    record = store.finish_put(DATA_SHA)
+
+    assert (record.sha256, record.size, record.kind, record.name, record.job) == (
+        DATA_SHA,
+        len(DATA),
+        "audio",
+        "kick.wav",
+        None,
+    )
+    assert store.stat(DATA_SHA) == record
+    assert store.path_of(DATA_SHA) == root / "objects" / DATA_SHA[:2] / DATA_SHA[2:]
+    assert store.path_of(DATA_SHA).read_bytes() == DATA
+    assert b"".join(store.read_chunk(DATA_SHA, o, 3000) for o in range(0, len(DATA), 3000)) == DATA
+    assert store.read_chunk(DATA_SHA, len(DATA), 10) == b""
+    assert list((root / "partial").iterdir()) == []
+    assert codec.unpack(codec.pack(record.to_dict())) == record.to_dict()
+
+
+def test_resume_after_a_cut_off_upload_in_a_new_store(root: Path) -> None:
+    first = ArtifactStore(root)
+    first.begin_put(DATA_SHA, len(DATA), kind="dataset", name="drums", job="j-0123456789")
+    offset = first.put_chunk(DATA_SHA, 0, DATA[:3000])
+    offset = first.put_chunk(DATA_SHA, offset, DATA[3000:7000])
+    first.close()  # the broker restarts; the client reconnects
+
+    second = ArtifactStore(root)
+    assert second.uploads()[0]["received"] == 7000
+    resumed = second.begin_put(DATA_SHA, len(DATA), kind="dataset", name="drums", job=None)
+    assert resumed == 7000
+    assert second.put_chunk(DATA_SHA, resumed, DATA[resumed:]) == len(DATA)
+    record = second.finish_put(DATA_SHA)
+    assert record.job == "j-0123456789"  # metadata from the first begin
+    assert second.read_chunk(DATA_SHA, 0, len(DATA)) == DATA
+    second.close()
+
+
+def test_chunk_at_the_wrong_offset_names_the_expected_one(store: ArtifactStore) -> None:
+    store.begin_put(DATA_SHA, len(DATA), kind="audio", name="a", job=None)
+    store.put_chunk(DATA_SHA, 0, DATA[:100])
+    with pytest.raises(OffsetMismatch, match="expected offset 100") as info:
+        store.put_chunk(DATA_SHA, 0, DATA[:100])  # a duplicate, e.g. a resent chunk
+    assert info.value.expected == 100
+    with pytest.raises(ArtifactError, match="expected offset 100"):
+        store.put_chunk(DATA_SHA, 200, DATA[200:300])  # a gap
+    assert store.put_chunk(DATA_SHA, 100, DATA[100:]) == len(DATA)
+
+
+def test_chunk_past_the_declared_size_is_refused(store: ArtifactStore) -> None:
+    store.begin_put(DATA_SHA, 10, kind="audio", name="a", job=None)
+    with pytest.raises(ArtifactError, match="past its declared size 10"):
+        store.put_chunk(DATA_SHA, 0, DATA[:11])
+
+
+def test_hash_mismatch_discards_the_upload(store: ArtifactStore, root: Path) -> None:
+    claimed = sha(b"something else entirely")
+    store.begin_put(claimed, len(DATA), kind="audio", name="a", job=None)
+    store.put_chunk(claimed, 0, DATA)
+    with pytest.raises(ArtifactError, match=f"hash to {DATA_SHA}"):
+        store.finish_put(claimed)
+    assert store.uploads() == []
+    assert list((root / "partial").iterdir()) == []
+    assert list((root / "objects").rglob("*")) == []
+    with pytest.raises(ArtifactError, match="no artifact"):
+        store.stat(claimed)
+    assert store.begin_put(claimed, len(DATA), kind="audio", name="a", job=None) == 0
+
+
+def test_hash_mismatch_is_caught_after_a_restart_too(root: Path) -> None:
+    claimed = "0" * 64
+    with ArtifactStore(root) as first:
+        first.begin_put(claimed, 4, kind="audio", name="a", job=None)
+        first.put_chunk(claimed, 0, b"ab")
+    with ArtifactStore(root) as second:
+        second.put_chunk(claimed, 2, b"cd")
+        with pytest.raises(ArtifactError, match="upload discarded"):
+            second.finish_put(claimed)
+
+
+def test_finish_of_an_incomplete_upload_is_refused(store: ArtifactStore) -> None:
+    store.begin_put(DATA_SHA, len(DATA), kind="audio", name="a", job=None)
+    store.put_chunk(DATA_SHA, 0, DATA[:10])
+    with pytest.raises(ArtifactError, match=f"incomplete: 10 of {len(DATA)} bytes"):
+        store.finish_put(DATA_SHA)
+
+
+def test_put_of_a_present_artifact_is_a_no_op(store: ArtifactStore) -> None:
+    first = store.put_bytes(DATA, "audio", "kick.wav")
+    assert store.begin_put(DATA_SHA, len(DATA), kind="x", name="y", job="j-1") == len(DATA)
+    assert store.finish_put(DATA_SHA) == first
+    assert store.put_bytes(DATA, kind="model", name="other") == first
+    assert store.list() == [first]
+    assert store.put_chunk(DATA_SHA, 0, DATA) == len(DATA)  # nothing left to send
+    with pytest.raises(ArtifactError, match=f"stored with {len(DATA)} bytes, not 5"):
+        store.begin_put(DATA_SHA, 5, kind="audio", name="a", job=None)
+
+
+def test_empty_artifact(store: ArtifactStore) -> None:
+    empty = sha(b"")
+    assert store.begin_put(empty, 0, kind="audio", name="silence", job=None) == 0
+    assert store.finish_put(empty).size == 0
+    assert store.read_chunk(empty, 0, 10) == b""
+
+
+def test_put_file_streams_a_local_file(store: ArtifactStore, tmp_path: Path) -> None:
+    path = tmp_path / "model.distill"
+    path.write_bytes(DATA * 300)  # ~3 MiB: several protocol chunks
+    record = store.put_file(path, "model", "model.distill", job="j-aaaaaaaaaa")
+    assert record.sha256 == sha(DATA * 300)
+    assert store.path_of(record.sha256).read_bytes() == DATA * 300
+
+
+def test_metadata_survives_restart(root: Path) -> None:
+    with ArtifactStore(root) as first:
+        a = first.put_bytes(b"one", "audio", "a.wav", "j-1111111111")
+        b = first.put_bytes(b"two", "checkpoint", "step-100", "j-2222222222")
+    with ArtifactStore(root) as second:
+        assert second.list() == [a, b]
+        assert second.list(kind="checkpoint") == [b]
+        assert second.list(job="j-1111111111") == [a]
+        assert second.stat(a.sha256) == a
+
+
+def test_a_crash_between_rename_and_metadata_commit_is_repaired(root: Path) -> None:
+    with ArtifactStore(root) as first:
+        first.begin_put(DATA_SHA, len(DATA), kind="audio", name="a", job=None)
+        first.put_chunk(DATA_SHA, 0, DATA)
+    # What the crash leaves: the object renamed in, the upload row still present.
+    final = root / "objects" / DATA_SHA[:2] / DATA_SHA[2:]
+    final.parent.mkdir(parents=True)
+    os.replace(root / "partial" / DATA_SHA, final)
+    with ArtifactStore(root) as second:
+        assert second.stat(DATA_SHA).size == len(DATA)
+        assert second.uploads() == []
+
+
+def test_orphan_partial_files_are_removed_on_open(root: Path) -> None:
+    ArtifactStore(root).close()
+    orphan = root / "partial" / ("9" * 64)
+    orphan.write_bytes(b"left over")
+    ArtifactStore(root).close()
+    assert not orphan.exists()
+
+
+def test_delete_is_refused_while_in_use(store: ArtifactStore) -> None:
+    record = store.put_bytes(DATA, "checkpoint", "step-1")
+    path = store.path_of(record.sha256)
+    with pytest.raises(ArtifactError, match="in use"):
+        store.delete(record.sha256, in_use={record.sha256})
+    assert path.exists()
+    store.delete(record.sha256, in_use={"f" * 64})
+    assert not path.exists()
+    with pytest.raises(ArtifactError, match="no artifact"):
+        store.stat(record.sha256)
+    with pytest.raises(ArtifactError, match="no artifact"):
+        store.delete(record.sha256, in_use=set())
+
+
+def test_quota_refuses_uploads_that_do_not_fit(root: Path) -> None:
+    with ArtifactStore(root, max_bytes=100) as store:
+        store.put_bytes(b"x" * 60, "audio", "a")
+        store.begin_put("1" * 64, 30, kind="audio", name="b", job=None)  # promised: 90 of 100
+        with pytest.raises(ArtifactError, match="store is full"):
+            store.begin_put(sha(b"y" * 20), 20, kind="audio", name="c", job=None)
+        assert store.used_bytes() == 90
+
+
+BAD_IDS = [
+    "../../etc/passwd",
+    "../" * 21 + "a",
+    "/" + "a" * 63,
+    DATA_SHA.upper(),
+    DATA_SHA[:63],
+    DATA_SHA + "0",
+    DATA_SHA[:63] + "\n",
+    DATA_SHA[:63] + "g",
+    "",
+    None,
+    12345,
+    DATA_SHA.encode(),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS, ids=repr)
+def test_bad_ids_are_refused_before_touching_disk(
+    store: ArtifactStore, root: Path, tmp_path: Path, bad: object
+) -> None:
+    store.put_bytes(DATA, "audio", "a")
+    before = files_under(tmp_path)
+    calls = [
+        lambda: store.begin_put(bad, 10, kind="audio", name="a", job=None),
+        lambda: store.put_chunk(bad, 0, b"x"),
+        lambda: store.finish_put(bad),
+        lambda: store.stat(bad),
+        lambda: store.read_chunk(bad, 0, 10),
+        lambda: store.delete(bad, in_use=set()),
+        lambda: store.path_of(bad),
+    ]
+    for call in calls:
+        with pytest.raises(ArtifactError, match="64 lowercase hex"):
+            call()
+    assert files_under(tmp_path) == before
+    assert store.read_chunk(DATA_SHA, 0, 4) == DATA[:4]
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "job"),
+    [
+        ("", "a", None),
+        ("k" * 65, "a", None),
+        ("audio", "n" * 256, None),
+        ("audio", "evil\x1b[2Jname", None),
+        ("audio", "a", "j" * 65),
+        (3, "a", None),
+    ],
+)
+def test_bad_metadata_is_refused(
+    store: ArtifactStore, kind: object, name: object, job: object
+) -> None:
+    with pytest.raises(ArtifactError):
+        store.begin_put(DATA_SHA, 10, kind=kind, name=name, job=job)
+    assert store.uploads() == []
+
+
+def test_read_chunk_bounds(store: ArtifactStore) -> None:
+    store.put_bytes(DATA, "audio", "a")
+    with pytest.raises(ArtifactError, match="outside"):
+        store.read_chunk(DATA_SHA, len(DATA) + 1, 10)
+    with pytest.raises(ArtifactError, match="outside"):
+        store.read_chunk(DATA_SHA, -1, 10)
+    with pytest.raises(ArtifactError, match="read length"):
+        store.read_chunk(DATA_SHA, 0, 0)
+
+
+# --- put/resume invariants ----------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.binary(max_size=3000),
+    cuts=st.lists(st.integers(0, 3000), max_size=6),
+    restarts=st.lists(st.booleans(), min_size=7, max_size=7),
+    stale=st.lists(st.booleans(), min_size=7, max_size=7),
+)
+def test_any_chunking_with_restarts_stores_exactly_the_bytes(
+    data: bytes, cuts: list[int], restarts: list[bool], stale: list[bool]
+) -> None:
+    """Whatever the chunk boundaries, restarts and stale resends, begin_put reports exactly the
+    bytes received, every out-of-place chunk is refused, and the stored artifact is the data."""
+    digest = sha(data)
+    bounds = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        store = ArtifactStore(root)
+        offset = store.begin_put(digest, len(data), kind="audio", name="x", job=None)
+        assert offset == 0
+        for i, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
+            if restarts[i]:
+                store.close()
+                store = ArtifactStore(root)
+                offset = store.begin_put(digest, len(data), kind="audio", name="x", job=None)
+                assert offset == start
+            if stale[i] and start > 0:
+                with pytest.raises(OffsetMismatch) as info:
+                    store.put_chunk(digest, start - 1, data[start - 1 : end])
+                assert info.value.expected == start
+            offset = store.put_chunk(digest, offset, data[start:end])
+            assert offset == end
+        record = store.finish_put(digest)
+        assert record.size == len(data)
+        assert store.path_of(digest).read_bytes() == data
+        assert store.begin_put(digest, len(data), kind="audio", name="x", job=None) == len(data)
+        assert store.uploads() == []
+        store.close()
+
+
+def test_two_uploaders_of_the_same_content_share_one_upload(store: ArtifactStore) -> None:
+    """Content addressing: any uploader's bytes at an offset are the same bytes."""
+    a = store.begin_put(DATA_SHA, len(DATA), kind="audio", name="a", job=None)
+    a = store.put_chunk(DATA_SHA, a, DATA[:4000])
+    b = store.begin_put(DATA_SHA, len(DATA), kind="audio", name="a", job=None)
+    assert b == 4000  # the second uploader resumes where the first stands
+    b = store.put_chunk(DATA_SHA, b, DATA[b:])
+    store.finish_put(DATA_SHA)
+    assert store.put_chunk(DATA_SHA, a, DATA[a:]) == len(DATA)  # the first one is told: done
+    assert store.finish_put(DATA_SHA).size == len(DATA)
+    assert store.path_of(DATA_SHA).read_bytes() == DATA

@@ -1,0 +1,599 @@
+"""Behaviour of the broker's durable job table (no sockets, no wall-clock time)."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from distill.broker.store.journal import JOB_STATUSES, MAX_REASON_CHARS, JobStore
+from distill.shared.bus import codec
+from distill.shared.errors import JobError
+
+SHA_A = "a" * 64
+SHA_B = "0123456789abcdef" * 4
+SHA_C = "c" * 64
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(clock: FakeClock) -> Iterator[JobStore]:
+    with JobStore(":memory:", clock=clock) as s:
+        yield s
+
+
+def run_to_success(store: JobStore, job_id: str, result: dict, worker: str = "w1") -> None:
+    store.mark_running(job_id, worker)
+    store.mark_succeeded(job_id, result)
+
+
+def run_to_failure(store: JobStore, job_id: str, reasons: list[str]) -> None:
+    for reason in reasons:
+        store.mark_running(job_id, "w1")
+        store.fail_attempt(job_id, reason)
+
+
+# --- basics -------------------------------------------------------------------------------------
+
+
+def test_submit_then_get_returns_a_queued_job(store: JobStore, clock: FakeClock) -> None:
+    job = store.submit("distill.preprocess", {"files": [SHA_A], "sr": 48_000}, timeout_s=60)
+    assert re.fullmatch(r"j-[0-9a-f]{10}", job.id)
+    got = store.get(job.id)
+    assert got.to_dict(with_metrics=False) == job.to_dict()
+    assert (got.metrics, got.metrics_loaded, job.metrics_loaded) == ([], True, False)
+    assert got.status == "queued"
+    assert got.params == {"files": [SHA_A], "sr": 48_000}
+    assert (got.attempts, got.max_attempts) == (0, 3)
+    assert got.created_at == clock.now
+    assert got.timeout_s == 60.0
+    assert codec.unpack(codec.pack(got.to_dict())) == got.to_dict()
+
+
+def test_ids_are_unique(store: JobStore) -> None:
+    ids = {store.submit("s", {}).id for _ in range(200)}
+    assert len(ids) == 200
+
+
+def test_unknown_job_is_a_job_error(store: JobStore) -> None:
+    with pytest.raises(JobError, match="no job j-missing"):
+        store.get("j-missing")
+    for call in (
+        lambda: store.mark_running("j-missing", "w"),
+        lambda: store.request_cancel("j-missing"),
+        lambda: store.record_progress("j-missing", {"step": 1}),
+        lambda: store.append_metrics("j-missing", {"loss": 1.0}),
+        lambda: store.set_checkpoint("j-missing", SHA_A),
+        lambda: store.deps_results("j-missing"),
+    ):
+        with pytest.raises(JobError, match="no job j-missing"):
+            call()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"service": "", "params": {}},
+        {"service": "s", "params": ["not", "a", "map"]},
+        {"service": "s", "params": {1: "int key"}},
+        {"service": "s", "params": {"x": object()}},
+        {"service": "s", "params": {}, "max_attempts": 0},
+        {"service": "s", "params": {}, "max_attempts": 10_000},
+        {"service": "s", "params": {}, "timeout_s": -1},
+        {"service": "s", "params": {}, "timeout_s": float("nan")},
+        {"service": "s", "params": {}, "depends_on": "j-notalist"},
+    ],
+)
+def test_bad_submissions_are_refused_and_store_nothing(store: JobStore, kwargs: dict) -> None:
+    with pytest.raises(JobError):
+        store.submit(**kwargs)
+    assert store.list() == []
+
+
+def test_unknown_dependency_is_refused_and_stores_nothing(store: JobStore) -> None:
+    a = store.submit("s", {})
+    with pytest.raises(JobError, match="j-nope"):
+        store.submit("s", {}, depends_on=[a.id, "j-nope"])
+    assert [j.id for j in store.list()] == [a.id]
+
+
+def test_list_filters_newest_first_and_limits(store: JobStore) -> None:
+    a = store.submit("distill.preprocess", {})
+    b = store.submit("distill.infer", {})
+    c = store.submit("distill.infer", {})
+    store.mark_running(c.id, "w1")
+    assert [j.id for j in store.list()] == [c.id, b.id, a.id]
+    assert [j.id for j in store.list(service="distill.infer")] == [c.id, b.id]
+    assert [j.id for j in store.list(status="queued")] == [b.id, a.id]
+    assert [j.id for j in store.list(limit=1)] == [c.id]
+    assert store.counts() == {
+        "queued": 2,
+        "running": 1,
+        "succeeded": 0,
+        "failed": 0,
+        "cancelled": 0,
+    }
+    with pytest.raises(JobError, match="unknown job status"):
+        store.list(status="paused")
+
+
+# --- durability ---------------------------------------------------------------------------------
+
+
+def test_everything_survives_close_and_reopen(tmp_path: Path, clock: FakeClock) -> None:
+    db = tmp_path / "jobs.sqlite3"
+    with JobStore(db, clock=clock) as store:
+        a = store.submit("distill.preprocess", {"files": [SHA_A]}, max_attempts=2)
+        b = store.submit("distill.train.vqvae", {"epochs": 3}, depends_on=[a.id], timeout_s=9.5)
+        c = store.submit("distill.infer", {"n": 1})
+        run_to_success(store, a.id, {"dataset": SHA_B, "files": 1})
+        store.mark_running(b.id, "w2")
+        store.record_progress(b.id, {"fraction": 0.5, "step": 10})
+        for epoch in range(3):
+            store.append_metrics(b.id, {"epoch": epoch, "loss": 1.0 / (epoch + 1)})
+        store.set_checkpoint(b.id, SHA_C)
+        store.fail_attempt(b.id, "worker w2 missed its heartbeats")
+        store.request_cancel(c.id)
+        before = {j.id: j.to_dict() for j in store.list(with_metrics=True)}
+    with JobStore(db, clock=clock) as reopened:
+        after = {j.id: j.to_dict() for j in reopened.list(with_metrics=True)}
+        assert after == before
+        assert reopened.get(b.id).metrics[2] == {"epoch": 2, "loss": 1.0 / 3}
+        assert reopened.get(b.id).attempt_errors == ["worker w2 missed its heartbeats"]
+        assert [j.id for j in reopened.dispatchable()] == [b.id]
+
+
+def test_database_uses_wal(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    JobStore(path).close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    JobStore(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute("PRAGMA user_version=99")
+    raw.close()
+    with pytest.raises(JobError, match="newer Distill"):
+        JobStore(path)
+
+
+# --- attempts -----------------------------------------------------------------------------------
+
+
+def test_failed_attempts_requeue_until_max_attempts_then_fail_with_each_reason(
+    store: JobStore,
+) -> None:
+    job = store.submit("distill.train.vqvae", {}, max_attempts=3)
+    store.mark_running(job.id, "w1")
+    again = store.fail_attempt(job.id, "CUDA out of memory")
+    assert (again.status, again.attempts, again.worker) == ("queued", 1, None)
+    assert [j.id for j in store.dispatchable()] == [job.id]
+
+    store.mark_running(job.id, "w2")
+    store.fail_attempt(job.id, "worker w2 missed its heartbeats")
+    store.mark_running(job.id, "w3")
+    final = store.fail_attempt(job.id, "NaN loss at step 12")
+
+    assert final.status == "failed"
+    assert final.attempts == 3
+    assert final.attempt_errors == [
+        "CUDA out of memory",
+        "worker w2 missed its heartbeats",
+        "NaN loss at step 12",
+    ]
+    assert final.error is not None
+    for reason in final.attempt_errors:
+        assert reason in final.error
+    assert "3 attempts" in final.error
+    assert store.dispatchable() == []
+
+
+def test_long_reasons_are_clipped(store: JobStore) -> None:
+    job = store.submit("s", {}, max_attempts=1)
+    store.mark_running(job.id, "w1")
+    failed = store.fail_attempt(job.id, "Traceback (most recent call last):\n" * 1000)
+    assert len(failed.attempt_errors[0]) <= MAX_REASON_CHARS
+    assert failed.attempt_errors[0].startswith("Traceback")
+
+
+def test_mark_running_counts_attempts_and_records_the_worker(
+    store: JobStore, clock: FakeClock
+) -> None:
+    job = store.submit("s", {})
+    clock.now = 1_010.0
+    running = store.mark_running(job.id, "worker-7")
+    assert (running.status, running.attempts, running.worker) == ("running", 1, "worker-7")
+    assert running.started_at == 1_010.0
+    with pytest.raises(JobError, match="not queued"):
+        store.mark_running(job.id, "worker-8")
+
+
+def test_results_only_from_the_running_worker(store: JobStore, clock: FakeClock) -> None:
+    job = store.submit("s", {})
+    with pytest.raises(JobError, match="not running"):
+        store.mark_succeeded(job.id, {"ok": True})
+    store.mark_running(job.id, "w1")
+    with pytest.raises(JobError, match="not on w2"):
+        store.mark_succeeded(job.id, {"ok": True}, worker="w2")
+    with pytest.raises(JobError, match="not on w2"):
+        store.fail_attempt(job.id, "late reply", worker="w2")
+    clock.now = 1_050.0
+    done = store.mark_succeeded(job.id, {"ok": True}, worker="w1")
+    assert (done.status, done.result, done.finished_at) == ("succeeded", {"ok": True}, 1_050.0)
+    with pytest.raises(JobError, match="succeeded"):
+        store.fail_attempt(job.id, "too late")
+
+
+# --- dependencies -------------------------------------------------------------------------------
+
+
+def pipeline(store: JobStore) -> tuple[str, str, str]:
+    a = store.submit("distill.preprocess", {"files": [SHA_A]})
+    b = store.submit("distill.train.vqvae", {"epochs": 5}, depends_on=[a.id])
+    c = store.submit("distill.train.prior", {"epochs": 5}, depends_on=[b.id, a.id])
+    return a.id, b.id, c.id
+
+
+def test_pipeline_dispatches_in_dependency_order_and_passes_results(store: JobStore) -> None:
+    a, b, c = pipeline(store)
+    assert store.get(c).depends_on == [b, a]
+    assert [j.id for j in store.dispatchable()] == [a]
+
+    run_to_success(store, a, {"dataset": SHA_B})
+    assert [j.id for j in store.dispatchable()] == [b]
+    assert store.dispatchable("distill.train.prior") == []
+    assert store.deps_results(b) == {a: {"dataset": SHA_B}}
+
+    run_to_success(store, b, {"model": SHA_C})
+    assert [j.id for j in store.dispatchable("distill.train.prior")] == [c]
+    assert store.deps_results(c) == {b: {"model": SHA_C}, a: {"dataset": SHA_B}}
+
+
+def test_deps_results_refuses_unfinished_dependencies(store: JobStore) -> None:
+    a, b, _ = pipeline(store)
+    with pytest.raises(JobError, match=f"dependency {a} is queued"):
+        store.deps_results(b)
+
+
+def test_final_failure_cancels_the_whole_pipeline_naming_the_cause(store: JobStore) -> None:
+    a, b, c = pipeline(store)
+    run_to_failure(store, a, ["bad audio", "bad audio", "bad audio"])
+    assert store.get(a).status == "failed"
+    for dependent in (b, c):
+        job = store.get(dependent)
+        assert job.status == "cancelled"
+        assert job.error is not None
+        assert job.error.startswith(f"dependency {a} failed: ")
+        assert "bad audio" in job.error
+    assert store.dispatchable() == []
+
+
+def test_submitting_after_a_dependency_failed_creates_a_cancelled_job(store: JobStore) -> None:
+    a = store.submit("s", {}, max_attempts=1)
+    run_to_failure(store, a.id, ["boom"])
+    late = store.submit("t", {}, depends_on=[a.id])
+    assert late.status == "cancelled"
+    assert late.error is not None and f"dependency {a.id} failed" in late.error
+    assert late.cancelled_by == a.id
+
+
+def test_retry_requeues_the_job_and_the_dependents_it_cancelled(store: JobStore) -> None:
+    a, b, c = pipeline(store)
+    run_to_failure(store, a, ["disk full"] * 3)
+    late = store.submit("distill.infer", {}, depends_on=[c])
+    assert late.status == "cancelled"
+
+    retried = store.retry(a)
+    assert (retried.status, retried.error, retried.attempts) == ("queued", None, 3)
+    assert retried.max_attempts == 6  # a fresh budget of the 3 it was submitted with
+    assert retried.attempt_errors == ["disk full"] * 3  # history kept
+    for dependent in (b, c, late.id):
+        job = store.get(dependent)
+        assert (job.status, job.error, job.cancelled_by) == ("queued", None, None)
+    assert [j.id for j in store.dispatchable()] == [a]
+
+    store.mark_running(a, "w1")
+    again = store.fail_attempt(a, "disk full again")
+    assert again.status == "queued"  # the new budget allows more attempts
+
+
+def test_retry_leaves_user_cancelled_dependents_alone(store: JobStore) -> None:
+    a, b, c = pipeline(store)
+    store.request_cancel(b, "not this one")
+    run_to_failure(store, a, ["x"] * 3)
+    store.retry(a)
+    assert store.get(b).status == "cancelled"
+    assert store.get(c).status == "cancelled"  # still blocked by b, cancelled by the user
+
+
+def test_retry_of_a_job_blocked_by_its_dependency_is_refused(store: JobStore) -> None:
+    a, b, _ = pipeline(store)
+    run_to_failure(store, a, ["x"] * 3)
+    with pytest.raises(JobError, match=f"retry {a}"):
+        store.retry(b)
+
+
+def test_retry_refuses_jobs_that_are_not_failed_or_cancelled(store: JobStore) -> None:
+    job = store.submit("s", {})
+    with pytest.raises(JobError, match="queued"):
+        store.retry(job.id)
+
+
+def test_dependent_of_two_failures_comes_back_only_when_both_are_retried(
+    store: JobStore,
+) -> None:
+    a = store.submit("s", {}, max_attempts=1)
+    b = store.submit("s", {}, max_attempts=1)
+    c = store.submit("t", {}, depends_on=[a.id, b.id])
+    run_to_failure(store, a.id, ["x"])
+    run_to_failure(store, b.id, ["y"])
+    store.retry(a.id)
+    blocked = store.get(c.id)
+    assert (blocked.status, blocked.cancelled_by) == ("cancelled", b.id)
+    assert blocked.error is not None and f"dependency {b.id} failed" in blocked.error
+    store.retry(b.id)
+    assert store.get(c.id).status == "queued"
+
+
+# --- cancel -------------------------------------------------------------------------------------
+
+
+def test_cancel_of_a_queued_job_is_immediate_and_cascades(store: JobStore) -> None:
+    a, b, c = pipeline(store)
+    cancelled = store.request_cancel(a, "changed my mind")
+    assert (cancelled.status, cancelled.error) == ("cancelled", "changed my mind")
+    for dependent in (b, c):
+        job = store.get(dependent)
+        assert job.status == "cancelled"
+        assert job.error == f"dependency {a} cancelled: changed my mind"
+
+
+def test_cancel_of_a_running_job_is_a_request_the_worker_honours(store: JobStore) -> None:
+    a, b, _ = pipeline(store)
+    store.mark_running(a, "w1")
+    flagged = store.request_cancel(a)
+    assert (flagged.status, flagged.cancel_requested) == ("running", True)
+    assert store.get(b).status == "queued"
+
+    done = store.mark_cancelled(a, "cancelled by user")
+    assert (done.status, done.cancel_requested, done.error) == (
+        "cancelled",
+        False,
+        "cancelled by user",
+    )
+    assert store.get(b).status == "cancelled"
+
+
+def test_a_failure_after_a_cancel_request_ends_cancelled_not_requeued(store: JobStore) -> None:
+    job = store.submit("s", {}, max_attempts=5)
+    store.mark_running(job.id, "w1")
+    store.request_cancel(job.id, "stop please")
+    ended = store.fail_attempt(job.id, "KeyboardInterrupt")
+    assert (ended.status, ended.error) == ("cancelled", "stop please")
+    assert ended.attempt_errors == ["KeyboardInterrupt"]
+
+
+def test_cancel_leaves_finished_jobs_unchanged(store: JobStore) -> None:
+    job = store.submit("s", {})
+    run_to_success(store, job.id, {"ok": 1})
+    assert store.request_cancel(job.id).status == "succeeded"
+    assert store.mark_cancelled(job.id, "late").status == "succeeded"
+
+
+# --- restart, progress, metrics, timeouts -------------------------------------------------------
+
+
+def test_requeue_running_counts_a_failed_attempt(store: JobStore) -> None:
+    fresh = store.submit("s", {}, max_attempts=2)
+    last_try = store.submit("s", {}, max_attempts=1)
+    queued = store.submit("s", {})
+    store.mark_running(fresh.id, "w1")
+    store.mark_running(last_try.id, "w2")
+
+    touched = store.requeue_running("broker restarted")
+    assert {j.id for j in touched} == {fresh.id, last_try.id}
+    assert store.get(fresh.id).status == "queued"
+    assert store.get(fresh.id).attempt_errors == ["broker restarted"]
+    failed = store.get(last_try.id)
+    assert failed.status == "failed"
+    assert failed.error is not None and "broker restarted" in failed.error
+    assert store.get(queued.id).attempts == 0
+    assert store.requeue_running("again") == []
+
+
+def test_progress_is_replaced_and_metrics_are_appended_in_order(store: JobStore) -> None:
+    job = store.submit("s", {})
+    store.mark_running(job.id, "w1")
+    for step in range(50):
+        store.record_progress(job.id, {"step": step, "fraction": step / 50})
+        store.append_metrics(job.id, {"step": step, "loss": 100.0 - step})
+    got = store.get(job.id)
+    assert got.progress == {"step": 49, "fraction": 49 / 50}
+    assert [row["step"] for row in got.metrics] == list(range(50))
+    assert "metrics" in got.to_dict()
+    assert "metrics" not in got.to_dict(with_metrics=False)
+
+    listed = store.list()[0]
+    assert (listed.metrics, listed.metrics_loaded) == ([], False)
+    assert "metrics" not in listed.to_dict()
+    assert len(store.list(with_metrics=True)[0].metrics) == 50
+
+
+def test_checkpoint_must_be_a_sha256(store: JobStore) -> None:
+    job = store.submit("s", {})
+    store.set_checkpoint(job.id, SHA_A)
+    assert store.get(job.id).checkpoint == SHA_A
+    with pytest.raises(JobError, match="sha256"):
+        store.set_checkpoint(job.id, "../../etc/passwd")
+
+
+def test_overdue_uses_the_time_it_is_given(store: JobStore, clock: FakeClock) -> None:
+    short = store.submit("s", {}, timeout_s=10)
+    untimed = store.submit("s", {})
+    store.mark_running(short.id, "w1")
+    store.mark_running(untimed.id, "w2")
+    assert store.overdue(clock.now + 9.9) == []
+    assert [j.id for j in store.overdue(clock.now + 10)] == [short.id]
+
+
+# --- artifacts in use ---------------------------------------------------------------------------
+
+
+def test_referenced_artifacts_covers_what_unfinished_jobs_need(store: JobStore) -> None:
+    nested = {"inputs": [{"audio": SHA_A}, "A" * 64, "a" * 63], SHA_B: "as a key too"}
+    a = store.submit("distill.preprocess", {"dataset_name": "drums"})
+    b = store.submit("distill.train.vqvae", nested, depends_on=[a.id])
+    done = store.submit("distill.infer", {"model": "f" * 64})
+    run_to_success(store, done.id, {"audio": "e" * 64})
+    assert store.referenced_artifacts() == {SHA_A, SHA_B}
+
+    run_to_success(store, a.id, {"dataset": SHA_C})  # b will read this dataset
+    store.set_checkpoint(b.id, "d" * 64)
+    assert store.referenced_artifacts() == {SHA_A, SHA_B, SHA_C, "d" * 64}
+
+    run_to_success(store, b.id, {})
+    assert store.referenced_artifacts() == set()
+
+
+# --- invariants under any sequence of operations ------------------------------------------------
+
+
+class JobTableMachine(RuleBasedStateMachine):
+    """Random submits, dispatches, failures, cancels and retries keep the table consistent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = JobStore(":memory:")
+        self.ids: list[str] = []
+
+    def teardown(self) -> None:
+        self.store.close()
+
+    def _pick(self, data: st.DataObject) -> str | None:
+        return data.draw(st.sampled_from(self.ids)) if self.ids else None
+
+    @rule(data=st.data(), n_deps=st.integers(0, 2), max_attempts=st.integers(1, 3))
+    def submit(self, data: st.DataObject, n_deps: int, max_attempts: int) -> None:
+        deps = [d for _ in range(n_deps) if (d := self._pick(data)) is not None]
+        job = self.store.submit("s", {}, depends_on=deps, max_attempts=max_attempts)
+        self.ids.append(job.id)
+
+    @rule(data=st.data())
+    def dispatch_then_finish(self, data: st.DataObject) -> None:
+        ready = self.store.dispatchable()
+        if not ready:
+            return
+        job = data.draw(st.sampled_from(ready))
+        self.store.mark_running(job.id, "w")
+        outcome = data.draw(st.sampled_from(["succeed", "fail", "cancel", "keep running"]))
+        if outcome == "succeed":
+            self.store.mark_succeeded(job.id, {"n": 1})
+        elif outcome == "fail":
+            self.store.fail_attempt(job.id, "boom")
+        elif outcome == "cancel":
+            self.store.request_cancel(job.id)
+
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        if (job_id := self._pick(data)) is not None:
+            self.store.request_cancel(job_id)
+
+    @rule(data=st.data())
+    def retry(self, data: st.DataObject) -> None:
+        job_id = self._pick(data)
+        if job_id is None:
+            return
+        try:
+            self.store.retry(job_id)
+        except JobError:
+            assert self.store.get(job_id).status not in ("failed", "cancelled") or any(
+                self.store.get(d).status in ("failed", "cancelled")
+                for d in self.store.get(job_id).depends_on
+            )
+
+    @rule()
+    def restart(self) -> None:
+        self.store.requeue_running("restart")
+
+    @invariant()
+    def table_is_consistent(self) -> None:
+        jobs = {j.id: j for j in self.store.list(limit=10_000)}
+        for job in jobs.values():
+            assert job.status in JOB_STATUSES
+            assert job.attempts <= job.max_attempts
+            assert len(job.attempt_errors) <= job.attempts
+            if job.status in ("queued", "running"):
+                # nothing waits on a dependency that will never succeed
+                assert all(jobs[d].status not in ("failed", "cancelled") for d in job.depends_on)
+            if job.status == "running":
+                assert all(jobs[d].status == "succeeded" for d in job.depends_on)
+        for ready in self.store.dispatchable():
+            assert ready.status == "queued"
+            assert all(jobs[d].status == "succeeded" for d in ready.depends_on)
+
+
+JobTableMachine.TestCase.settings = settings(
+    max_examples=60,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_job_table_invariants = JobTableMachine.TestCase
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+
+def test_a_batch_commits_its_events_together(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    with JobStore(path) as store:
+        job = store.submit("s", {})
+        store.mark_running(job.id, "w1")
+        with store.batch():
+            for step in range(100):
+                store.record_progress(job.id, {"step": step})
+                store.append_metrics(job.id, {"step": step})
+            with pytest.raises(JobError, match="no job j-gone"):
+                store.append_metrics("j-gone", {"step": 0})  # undone alone
+            store.set_checkpoint(job.id, SHA_A)  # a durable change makes the batch durable
+    with JobStore(path) as reopened:
+        got = reopened.get(job.id)
+        assert got.progress == {"step": 99}
+        assert len(got.metrics) == 100
+        assert got.checkpoint == SHA_A
+
+
+def test_an_exception_leaving_a_batch_rolls_it_back(store: JobStore) -> None:
+    job = store.submit("s", {})
+    with pytest.raises(RuntimeError), store.batch():
+        store.record_progress(job.id, {"step": 1})
+        with store.batch():  # nested batches join the outer one
+            store.append_metrics(job.id, {"step": 1})
+        raise RuntimeError("socket loop stopped")
+    got = store.get(job.id)
+    assert (got.progress, got.metrics) == (None, [])
+    store.record_progress(job.id, {"step": 2})  # the store is usable afterwards
+    assert store.get(job.id).progress == {"step": 2}

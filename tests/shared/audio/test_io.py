@@ -1,0 +1,278 @@
+"""Reading, preparing, chunking and writing audio (distill.shared.audio.io)."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from distill.shared.audio.io import (
+    chunk_starts,
+    cut_chunks,
+    load_audio,
+    normalise,
+    pad_to_length,
+    peak_db,
+    prepare_audio,
+    read_audio,
+    read_metadata,
+    resample,
+    scan_folder,
+    to_mono,
+    trim_silence,
+    write_audio,
+)
+from distill.shared.errors import AudioError
+from tests.conftest import percussion_dir
+
+SR = 48000
+
+
+
+
+def sine(freq: float, seconds: float, rate: int = SR, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(round(seconds * rate)) / rate
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def encode(
+    audio: np.ndarray, rate: int = SR, fmt: str = "WAV", subtype: str | None = None
+) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, audio, rate, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def dominant_hz(audio: torch.Tensor, rate: int) -> float:
+    spectrum = torch.fft.rfft(audio * torch.hann_window(len(audio))).abs()
+    return float(spectrum.argmax()) * rate / len(audio)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype"),
+    [
+        ("WAV", "PCM_16"),
+        ("WAV", "PCM_24"),
+        ("WAV", "FLOAT"),
+        ("FLAC", "PCM_24"),
+        ("OGG", "VORBIS"),
+        ("MP3", "MPEG_LAYER_III"),
+        ("AIFF", "PCM_16"),
+    ],
+)
+def test_every_format_reads_to_model_ready_mono(fmt: str, subtype: str) -> None:
+    stereo = np.stack([sine(440, 0.5, 44100), sine(440, 0.5, 44100)], axis=1)  # (frames, 2)
+    decoded = read_audio(encode(stereo, 44100, fmt, subtype), name=f"x.{fmt.lower()}")
+    assert (decoded.sample_rate, decoded.channels, decoded.format) == (44100, 2, fmt)
+    assert decoded.samples.dtype == np.float32 and decoded.samples.shape[0] == 2
+    audio = prepare_audio(decoded, SR)
+    assert audio.ndim == 1 and audio.dtype == torch.float32
+    assert peak_db(audio) == pytest.approx(-1.0, abs=0.01)  # peak-normalised to -1 dBFS
+    assert dominant_hz(audio, SR) == pytest.approx(440, abs=5)
+
+
+def test_reads_from_a_path_too(tmp_path: Path) -> None:
+    path = tmp_path / "tone.flac"
+    sf.write(path, sine(1000, 0.25, 96000), 96000, subtype="PCM_24")
+    decoded = read_audio(path)
+    assert decoded.name == "tone.flac" and decoded.sample_rate == 96000
+    assert decoded.duration_s == pytest.approx(0.25)
+
+
+def test_real_percussion_files_at_every_rate_and_width() -> None:
+    seen = set()
+    for path in scan_folder(percussion_dir()):
+        if path.suffix != ".flac":
+            continue
+        info = sf.info(path)
+        key = (info.samplerate, info.channels, info.subtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        audio = load_audio(path, SR)
+        expected = info.frames * SR / info.samplerate
+        assert 0 < len(audio) <= expected + 1, path.name  # trimmed, never longer
+        assert torch.isfinite(audio).all()
+    assert {44100, 96000, 192000} <= {rate for rate, _, _ in seen}
+    assert {1, 2} <= {channels for _, channels, _ in seen}
+
+
+def _bad_inputs() -> dict[str, tuple[bytes, str]]:
+    tone = sine(440, 1.0)
+    return {
+        "empty": (b"", "empty file"),
+        "text named .wav": (b"kick drum, take 3\n" * 40, "text file"),
+        "random bytes": (np.random.default_rng(0).bytes(3000), "not an audio format"),
+        "truncated wav": (encode(tone)[:40000], "truncated"),
+        "truncated flac": (encode(tone, fmt="FLAC")[:20000], "truncated"),
+        "truncated aiff": (encode(tone, fmt="AIFF")[:20000], "truncated"),
+        "nan": (encode(np.array([0.1, np.nan] * 200, np.float32), subtype="FLOAT"), "NaN"),
+        "inf": (encode(np.array([0.1, -np.inf] * 200, np.float32), subtype="FLOAT"), "infinite"),
+        "rate too low": (encode(tone[:900], 900), "sample rate 900 Hz"),
+        "rate too high": (encode(tone, 800_000), "sample rate 800000 Hz"),
+        "one sample": (encode(tone[:1]), "too short"),
+        "no samples": (encode(np.zeros(0, np.float32)), "no audio samples"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+def test_bad_input_raises_audio_error_naming_file_and_reason(case: str) -> None:
+    data, reason = _bad_inputs()[case]
+    with pytest.raises(AudioError, match=reason) as info:
+        read_audio(data, name=case)
+    assert str(info.value).startswith(f"{case}: ")
+
+
+def test_all_silent_file_is_refused_at_the_threshold() -> None:
+    silent = read_audio(encode(np.zeros(SR, np.float32)), name="silence.wav")
+    with pytest.raises(AudioError, match="all silent"):
+        prepare_audio(silent, SR)
+    hiss = read_audio(encode(sine(1000, 0.5, amp=10 ** (-70 / 20))), name="hiss.wav")
+    with pytest.raises(AudioError, match="all silent"):
+        prepare_audio(hiss, SR, silence_threshold_db=-60)
+    assert len(prepare_audio(hiss, SR, silence_threshold_db=-80)) > 0
+
+
+def test_streaming_wav_with_placeholder_size_is_whole_not_truncated() -> None:
+    data = bytearray(encode(sine(440, 0.1)))
+    at = data.find(b"data")
+    data[at + 4 : at + 8] = (0xFFFFFFFF).to_bytes(4, "little")
+    assert read_audio(bytes(data)).frames == 4800
+
+
+# --- preparing -------------------------------------------------------------------------------
+
+
+def test_resample_keeps_pitch_and_duration() -> None:
+    x = torch.from_numpy(sine(1000, 1.0, 44100))
+    y = resample(x, 44100, SR)
+    assert len(y) == SR
+    assert dominant_hz(y, SR) == pytest.approx(1000, abs=2)
+    assert resample(x, 44100, 44100) is x
+
+
+def test_downmix_averages_channels() -> None:
+    left = sine(300, 0.1)
+    assert torch.allclose(to_mono(np.stack([left, left])), torch.from_numpy(left))
+    assert to_mono(np.stack([left, -left])).abs().max() == 0  # phase-cancelled: silence
+    cancelled = read_audio(encode(np.stack([left, -left], axis=1)), name="phase.wav")
+    with pytest.raises(AudioError, match="all silent"):
+        prepare_audio(cancelled, SR)
+
+
+def test_trim_cuts_silence_and_keeps_margins() -> None:
+    body = torch.from_numpy(sine(500, 0.2))
+    x = torch.cat([torch.zeros(SR // 2), body, torch.zeros(SR)])
+    y = trim_silence(x, SR, -60)
+    # 5 ms kept before the onset (the sine's first sample is 0, its second is loud) and 10 ms
+    # after the last loud sample
+    assert len(body) <= len(y) <= len(body) + round(0.016 * SR)
+    assert torch.equal(trim_silence(torch.zeros(100), SR), torch.zeros(100))
+
+
+def test_trim_threshold_is_configurable() -> None:
+    loud = torch.from_numpy(sine(500, 0.2))
+    tail = torch.from_numpy(sine(500, 0.5, amp=0.5 * 10 ** (-40 / 20)))  # 40 dB down
+    x = torch.cat([loud, tail, torch.zeros(SR // 4)])
+    assert len(trim_silence(x, SR, -30)) < len(loud) + SR // 50  # tail counts as silence
+    assert len(trim_silence(x, SR, -60)) > len(loud) + len(tail) - SR // 50  # tail kept
+
+
+def test_normalise_peak_and_rms() -> None:
+    x = torch.from_numpy(sine(200, 0.5, amp=0.1))
+    assert peak_db(normalise(x, "peak")) == pytest.approx(-1.0, abs=1e-3)
+    y = normalise(x, "rms", target_db=-20.0)
+    rms_db = 20 * math.log10(float(y.pow(2).mean().sqrt()))
+    assert rms_db == pytest.approx(-20.0, abs=0.01)
+    spiky = torch.zeros(SR)
+    spiky[100] = 0.5  # a click: RMS levelling would need +40 dB and clip it
+    assert float(normalise(spiky, "rms", -20.0).abs().max()) <= 1.0
+    assert torch.equal(normalise(x, "none"), x)
+
+
+def test_short_file_is_kept_and_padded() -> None:
+    decoded = read_audio(encode(sine(2000, 0.002)), name="tick.wav")  # 96 samples
+    audio = prepare_audio(decoded, SR)
+    assert 0 < len(audio) <= 96
+    padded = pad_to_length(audio, 47616)
+    assert len(padded) == 47616 and torch.equal(padded[: len(audio)], audio)
+
+
+# --- chunking --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("total", "expected"), [(10, [0]), (94, [0]), (95, [0, 1]),
+                                                 (200, [0, 47, 94, 106])])  # fmt: skip
+def test_chunk_starts_cover_everything(total: int, expected: list[int]) -> None:
+    starts = chunk_starts(total, 94, 47)
+    assert starts == expected
+    covered = set().union(*(range(s, s + 94) for s in starts))
+    assert set(range(total)) <= covered
+
+
+def test_cut_chunks_shapes_and_content() -> None:
+    x = torch.arange(2 * 200, dtype=torch.float32).reshape(2, 200)  # (channels, T)
+    chunks = cut_chunks(x, 94, 47)
+    assert chunks.shape == (4, 2, 94)
+    assert torch.equal(chunks[-1], x[:, -94:])  # the last chunk ends where the input ends
+    short = cut_chunks(torch.ones(10), 94, 47)
+    assert short.shape == (1, 94) and short[0, 10:].abs().sum() == 0
+
+
+# --- folders and writing ---------------------------------------------------------------------
+
+
+def test_scan_folder_lists_every_file_but_hidden_ones(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".git").mkdir()
+    for rel in ["b.wav", "a.flac", "notes.txt", "sub/c.mp3", ".DS_Store", "._b.wav", ".git/x"]:
+        (tmp_path / rel).write_bytes(b"x")
+    names = [p.relative_to(tmp_path).as_posix() for p in scan_folder(tmp_path)]
+    assert names == ["a.flac", "b.wav", "notes.txt", "sub/c.mp3"]
+    with pytest.raises(AudioError, match="not a folder"):
+        scan_folder(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC"])
+def test_write_audio_round_trips_with_metadata(fmt: str, tmp_path: Path) -> None:
+    x = sine(440, 0.5)
+    meta = {"title": "kick #7", "software": "distill 0.1", "comment": "model=ab12 seed=7 t=0.9"}
+    buf = io.BytesIO()
+    write_audio(buf, x, SR, fmt, meta)  # type: ignore[arg-type,unused-ignore]
+    path = tmp_path / f"out.{fmt.lower()}"
+    write_audio(path, torch.from_numpy(np.stack([x, x])), SR, fmt, meta)  # type: ignore[arg-type,unused-ignore]
+    for source in (buf.getvalue(), path):
+        got = read_metadata(source)
+        assert got["title"] == meta["title"] and got["comment"] == meta["comment"]
+        assert got["software"].startswith(meta["software"])  # libsndfile appends its version
+    back = read_audio(buf.getvalue())
+    assert np.abs(back.samples[0] - x).max() < 1e-5  # 24-bit
+    assert read_audio(path).channels == 2
+
+
+def test_write_audio_refuses_bad_input() -> None:
+    with pytest.raises(AudioError, match="format"):
+        write_audio(io.BytesIO(), sine(440, 0.1), SR, "MP3")  # type: ignore[arg-type,unused-ignore]
+    with pytest.raises(AudioError, match="NaN"):
+        write_audio(io.BytesIO(), np.array([0.0, np.nan], np.float32), SR)
+    with pytest.raises(AudioError, match="metadata"):
+        write_audio(io.BytesIO(), sine(440, 0.1), SR, metadata={"seed": "1"})
+
+
+def test_a_header_promising_too_much_is_refused_before_decoding() -> None:
+    data = bytearray(encode(sine(440, 0.1), fmt="FLAC"))
+    # STREAMINFO (34 bytes after "fLaC" and a 4-byte block header) ends with a 36-bit sample
+    # count followed by a 128-bit MD5: claim 2**36 - 1 samples
+    info = int.from_bytes(data[8:42], "big")
+    info |= ((1 << 36) - 1) << 128
+    data[8:42] = info.to_bytes(34, "big")
+    with pytest.raises(AudioError, match="too long to decode"):
+        read_audio(bytes(data), name="huge.flac")

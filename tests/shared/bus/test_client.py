@@ -1,0 +1,72 @@
+"""Client errors and the event subscription (snapshot, then stream, no gap, no duplicate)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import zmq
+
+from distill.shared.bus.client import Client, Subscription, events_endpoint
+from distill.shared.bus.codec import pack
+from distill.shared.errors import RequestTimeout, UnknownService
+from tests.conftest import Cluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # spawns broker and worker processes
+
+
+def test_unknown_service_and_dead_broker_give_clear_errors(cluster: Cluster) -> None:
+    cluster.start_broker(request_timeout_s=30)
+    with cluster.client(timeout_s=0.5) as client, pytest.raises(UnknownService, match="no worker for service 'nobody'"):
+        client.request("nobody", {"op": "x"})
+    with Client("tcp://127.0.0.1:9", timeout_s=0.3) as client, pytest.raises(RequestTimeout, match="no broker answered"):
+        client.request("echo", {"x": 1})
+
+
+def test_subscription_snapshot_then_stream(cluster: Cluster) -> None:
+    cluster.start_broker()
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.connect(events_endpoint(cluster.endpoint, "in"))
+    time.sleep(0.3)  # PUB slow joiner: the broker's XSUB subscription must arrive first
+    for i in range(5):
+        pub.send_multipart([b"job.a", pack({"type": "progress", "i": i})])
+    pub.send_multipart([b"job.b", pack({"type": "progress", "i": 100})])
+    pub.send_multipart([b"job.a", b"\xc1garbage"])  # dropped by the broker, not fatal
+    time.sleep(0.3)
+    with Subscription(cluster.endpoint, ["job.a"]) as sub:
+        first = sub.next(timeout_s=2)
+        assert first is not None and first["topic"] == "job.a" and first["i"] == 4  # latest state
+        assert sub.next(timeout_s=0.3) is None  # the snapshot holds just the latest
+        for i in range(5, 205):
+            pub.send_multipart([b"job.a", pack({"type": "progress", "i": i})])
+            pub.send_multipart([b"job.b", pack({"type": "progress", "i": -i})])
+        seen = [sub.next(timeout_s=5) for _ in range(200)]
+        assert [e["i"] for e in seen if e] == list(range(5, 205))
+        seqs = [e["seq"] for e in seen if e]
+        assert seqs == sorted(set(seqs)) and seqs[0] > first["seq"]
+    pub.close(linger=0)
+
+
+async def test_async_client_requests_and_subscribes(cluster: Cluster) -> None:
+    import asyncio
+
+    from distill.shared.bus.aclient import AsyncClient
+    from distill.shared.bus.jobs import JobsClient
+
+    cluster.start_broker()
+    cluster.start_worker("echo")
+    async with AsyncClient(cluster.endpoint) as ac:
+        assert await ac.request_raw("echo", [b"a", b"b"]) == [b"a", b"b"]
+        assert await ac.mmi_service("echo") is True
+        with pytest.raises(UnknownService):
+            await ac.request("nobody.here", {"x": 1}, timeout_s=0.3)
+        with cluster.client() as c:
+            job = JobsClient(c).submit("distill.sleep", {})  # queued: announces a status event
+        events = ac.subscribe([f"job.{job['id']}"])
+        first = await asyncio.wait_for(events.__anext__(), 5)
+        assert first["type"] == "status" and first["status"] == "queued"
+        with cluster.client() as c:
+            JobsClient(c).cancel(job["id"])
+        second = await asyncio.wait_for(events.__anext__(), 5)
+        assert second["status"] == "cancelled" and second["seq"] > first["seq"]
+        await events.aclose()

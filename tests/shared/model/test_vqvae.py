@@ -1,0 +1,198 @@
+"""The RVQ-VAE model (distill.shared.model.vqvae): config, shapes, codes, k-means init."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+import torch
+from vector_quantize_pytorch import VectorQuantize
+
+from distill.shared.errors import ConfigError
+from distill.shared.model.kmeans import kmeans
+from distill.shared.model.vqvae import (
+    VQVAE,
+    VQVAEConfig,
+    choose_codebook,
+    resolve_config,
+)
+
+TINY = VQVAEConfig(channels=32, latent_dim=16, blocks=2, codebook_size=16, levels=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and the suite shares two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(**overrides: object) -> VQVAE:
+    torch.manual_seed(0)
+    return VQVAE(dataclasses.replace(TINY, **overrides))
+
+
+def fake_mels(batch: int = 4, frames: int = 94) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(batch, 128, frames, generator=g) * 3 - 5  # (B, M, T) log-mel-like
+
+
+# -- config -----------------------------------------------------------------------------------
+
+
+def test_config_round_trips_through_a_plain_dict() -> None:
+    cfg = VQVAEConfig(codebook_size=64, levels=2, dilations=(1, 2), downsample=2)
+    d = cfg.to_dict()
+    assert d["dilations"] == [1, 2] and isinstance(d["codebook_size"], int)
+    assert VQVAEConfig.from_dict(d) == cfg
+    assert VQVAEConfig.from_dict({}) == VQVAEConfig()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"channelz": 3},  # unknown key
+        {"channels": "wide"},  # wrong type
+        {"levels": True},  # a bool is not an int
+        {"levels": 0},  # out of range
+        {"codebook_size": 1},
+        {"dilations": [1, "2"]},
+        {"downsample": 3},
+        {"ema_decay": 1.0},
+        {"rotation_trick": 1},
+        {"quantizer_dropout": 1.5},
+    ],
+)
+def test_config_from_dict_rejects_bad_input(bad: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        VQVAEConfig.from_dict(bad)
+
+
+def test_config_from_dict_rejects_a_non_map() -> None:
+    with pytest.raises(ConfigError):
+        VQVAEConfig.from_dict([1, 2])
+
+
+@pytest.mark.parametrize(
+    ("files", "size", "levels"),
+    [(5, 64, 2), (15, 64, 3), (30, 128, 3), (60, 256, 4), (120, 512, 6), (400, 512, 6)],  # fmt: skip
+)
+def test_codebook_sizes_follow_the_dataset_size(files: int, size: int, levels: int) -> None:
+    got_size, got_levels, why = choose_codebook(files)
+    assert (got_size, got_levels) == (size, levels)
+    assert str(files) in why and str(size) in why
+
+
+def test_resolve_config_keeps_what_the_user_set() -> None:
+    cfg, why = resolve_config(VQVAEConfig(codebook_size=32), 120)
+    assert (cfg.codebook_size, cfg.levels) == (32, 6)
+    assert "set by the user" in why
+    same, why = resolve_config(VQVAEConfig(codebook_size=8, levels=1), 120)
+    assert (same.codebook_size, same.levels) == (8, 1) and "set by the user" in why
+    with pytest.raises(ConfigError):
+        VQVAE(VQVAEConfig())  # unresolved: no codebook size yet
+
+
+# -- shapes and codes -------------------------------------------------------------------------
+
+
+def test_forward_keeps_the_mel_shape_and_gives_codes_per_level() -> None:
+    model = tiny_model().eval()
+    x = fake_mels()
+    out = model(x)
+    assert out.recon.shape == x.shape
+    assert out.codes.shape == (4, 3, 94) and out.codes.dtype == torch.long
+    assert int(out.codes.min()) >= 0 and int(out.codes.max()) < 16
+    assert float(out.commit_loss) == 0.0  # no commitment loss outside training
+    assert torch.equal(model.encode(x), out.codes)
+
+
+def test_quantizer_dropout_drops_trailing_levels_per_item() -> None:
+    model = tiny_model(quantizer_dropout=1.0).train()
+    out = model(fake_mels(batch=16))
+    dropped = out.codes[:, :, 0] == -1  # (B, Q)
+    assert dropped.any() and not dropped[:, 0].any()  # the first level is always kept
+    for item in dropped:  # dropped levels form a suffix: keep the first k, drop the rest
+        k = int((~item).sum())
+        assert not item[:k].any() and item[k:].all()
+    assert (out.codes == -1).all(dim=2).eq(dropped).all()  # whole items, not single frames
+    assert out.commit_loss.requires_grad
+
+
+def test_decode_codes_matches_forward_and_coarser_levels_differ() -> None:
+    model = tiny_model().eval()
+    x = fake_mels()
+    codes = model.encode(x)
+    full = model.decode_codes(codes)
+    assert torch.allclose(full, model(x).recon, atol=1e-5)
+    coarse = model.decode_codes(codes, levels=1)
+    assert coarse.shape == full.shape and not torch.allclose(coarse, full)
+    assert torch.allclose(model.decode_codes(codes[:, :1]), coarse)  # fewer rows = first levels
+    with pytest.raises(ConfigError):
+        model.decode_codes(codes, levels=4)
+
+
+def test_time_downsampling_gives_fewer_code_steps_and_the_full_length_back() -> None:
+    model = tiny_model(downsample=2).eval()
+    x = fake_mels(frames=93)  # odd: padded inside, cropped on the way out
+    out = model(x)
+    assert out.codes.shape == (4, 3, 47)
+    assert out.recon.shape == x.shape
+    assert model.decode_codes(out.codes).shape[-1] == 94
+
+
+def test_normalisation_travels_in_the_state_dict() -> None:
+    model = tiny_model()
+    model.set_normalisation_(torch.full((128,), -4.0), torch.full((128,), 2.0))
+    other = tiny_model()
+    other.load_state_dict(model.state_dict())
+    assert float(other.mel_mean[0]) == -4.0 and float(other.mel_std[0]) == 2.0
+
+
+def test_reconstruction_loss_is_zero_for_a_perfect_reconstruction() -> None:
+    model = tiny_model()
+    x = fake_mels()
+    assert float(model.reconstruction_loss(x, x)) == pytest.approx(0.0, abs=1e-5)
+    assert float(model.reconstruction_loss(x, x + 0.5)) > float(model.reconstruction_loss(x, x + 0.1))
+
+
+# -- k-means init -----------------------------------------------------------------------------
+
+
+def test_kmeans_finds_distinct_centroids_even_with_few_distinct_points() -> None:
+    g = torch.Generator().manual_seed(0)
+    distinct = torch.randn(10, 8, generator=g)
+    x = distinct.repeat(30, 1)  # 300 vectors, only 10 distinct (silence frames look like this)
+    centroids, counts = kmeans(x, 16, generator=g)
+    assert torch.unique(centroids, dim=0).shape[0] == 16
+    assert int(counts.sum()) == 300 and int((counts > 0).sum()) == 10
+
+
+def test_library_kmeans_on_a_small_first_batch_duplicates_codes() -> None:
+    """Why Distill initialises codebooks itself: the library's init sees one small batch."""
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=8, codebook_size=32, kmeans_init=True).train()
+    vq(torch.randn(1, 10, 8))  # a first batch of 10 vectors for 32 codes
+    assert torch.unique(vq.codebook, dim=0).shape[0] < 32
+
+
+def test_kmeans_init_writes_distinct_codebooks_and_consistent_ema_buffers() -> None:
+    model = tiny_model(codebook_size=32, levels=2, dead_code_threshold=1.0)
+    x = fake_mels(batch=2)  # 188 latent vectors for 32 codes
+    with torch.no_grad():
+        latents = model.encode_latents(x).reshape(-1, 16)  # (B * T, D)
+    model.kmeans_init_(latents, batch_vectors=188, seed=0)
+    books = model.codebooks()  # (Q, K, D)
+    for q in range(2):
+        assert torch.unique(books[q], dim=0).shape[0] == 32
+        book = model.rvq.layers[q]._codebook
+        assert bool(book.initted)
+        size = book.cluster_size[0]  # (K,)
+        assert float(size.min()) >= 1.0  # no code starts below the dead-code threshold
+        assert torch.allclose(book.embed_avg[0] / size[:, None], book.embed[0], atol=1e-5)
+    assert sum(model.dead_codes()) == 0
+    # the second level quantizes residuals: its codes are smaller than the first level's
+    assert books[1].norm(dim=1).mean() < books[0].norm(dim=1).mean()

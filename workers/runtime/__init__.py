@@ -1,0 +1,1 @@
+"""The worker runtime: MDP/0.1 worker side, heartbeats, the handler thread, the job context, process start-up."""

@@ -1,0 +1,74 @@
+"""Start a worker process for one service: resolve the device once, configure threads and
+logging, register with the broker, serve until stopped (SIGINT/SIGTERM)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import threading
+from types import ModuleType
+from typing import Any
+
+from distill.shared.bus import protocol as P
+from distill.shared.bus.core import broker_endpoint, events_endpoint
+from distill.shared.devices import describe_device, resolve_device
+from distill.shared.errors import ConfigError
+from distill.shared.logs import configure, get_logger
+from distill.shared.services import worker_service
+from distill.workers.runtime.mdp import WorkerRuntime
+from distill.workers.runtime.service import module_handler
+
+
+def load_service(name: str) -> ModuleType:
+    """The worker module of a CLI service name (see ``distill.shared.services``)."""
+    spec = worker_service(name)
+    module = importlib.import_module(spec.module)
+    if spec.service != module.SERVICE:
+        raise ConfigError(f"{spec.module} serves {module.SERVICE!r}, but the service registry "
+                          f"says {spec.cli_name!r} is {spec.service!r}")
+    return module
+
+
+def versions() -> dict[str, Any]:
+    import zmq
+
+    out: dict[str, Any] = {"pyzmq": zmq.pyzmq_version(), "libzmq": zmq.zmq_version()}
+    try:
+        from importlib.metadata import version
+
+        out["distill"] = version("distill")
+    except Exception:
+        pass
+    return out
+
+
+def run_worker(name: str, *, broker: str | None = None, device: str = "cpu", threads: int | None = None,
+               heartbeat_interval_s: float = P.HEARTBEAT_INTERVAL_S,
+               liveness: int = P.HEARTBEAT_LIVENESS, stop: threading.Event | None = None) -> None:
+    module = load_service(name)
+    configure("worker", f"{name}-{os.getpid()}")
+    log = get_logger("worker")
+    resolved = resolve_device(device)
+    meta: dict[str, Any] = {**describe_device(resolved), "versions": versions()}
+    if getattr(module, "USES_TORCH", True):
+        import torch
+
+        # Deliberate: a worker owns the cores it is given; several workers on one box split them.
+        torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+        meta["versions"]["torch"] = torch.__version__
+        meta["threads"] = torch.get_num_threads()
+    endpoint = broker_endpoint(broker)
+    runtime = WorkerRuntime(
+        module.SERVICE, module_handler(module, resolved), broker=endpoint,
+        events_in=events_endpoint(endpoint, "in"), events_out=events_endpoint(endpoint, "out"),
+        device=resolved,
+        heartbeat_interval_s=heartbeat_interval_s, liveness=liveness, meta=meta,
+        inline=list if getattr(module, "RAW", False) else None)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    log.info("worker_starting", service=module.SERVICE, device=resolved)
+    runtime.run(stop)
+    log.info("worker_stopped", service=module.SERVICE)

@@ -1,0 +1,115 @@
+"""``distill.train.vqvae``: a dataset artifact in, trained RVQ-VAE weights out.
+
+Job params::
+
+    {"dataset": sha256,          # a dataset artifact (distill.preprocess's result)
+     "model": {...},             # optional VQVAEConfig overrides; codebook size/levels left
+                                 # out are chosen from the dataset size
+     "train": {...}}             # optional TrainConfig overrides
+
+The training is :class:`distill.shared.train.vqvae.VQVAETrainer`; this module only adapts the
+job context to its hooks: metrics and progress per epoch, a checkpoint artifact per epoch (a
+retried job resumes from the last one), and Griffin-Lim audio previews of validation chunks.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from torch import Tensor
+
+from distill.shared.audio.dataset import Dataset
+from distill.shared.audio.io import write_audio
+from distill.shared.audio.mel import MelConfig
+from distill.shared.audio.phase import mel_to_audio
+from distill.shared.errors import JobError
+from distill.shared.ids import is_sha256
+from distill.shared.model.formats import weights_to_bytes
+from distill.shared.model.vqvae import VQVAEConfig
+from distill.shared.train.vqvae import TrainConfig, VQVAETrainer
+from distill.workers.runtime.context import JobContext
+
+SERVICE = "distill.train.vqvae"
+
+
+class JobHooks:
+    """TrainHooks over a JobContext."""
+
+    def __init__(self, ctx: JobContext, mel_config: MelConfig) -> None:
+        self.ctx, self.mel_config = ctx, mel_config
+
+    def check_cancel(self) -> None:
+        self.ctx.check_cancel()
+
+    def on_epoch(self, metrics: dict[str, Any]) -> None:
+        self.ctx.metrics(**metrics)
+        brief = {k: metrics[k] for k in ("epoch", "epochs", "train_recon", "val_recon", "eta_s")}
+        self.ctx.progress(metrics["epoch"] / metrics["epochs"], **brief)
+
+    def save_checkpoint(self, data: bytes) -> None:
+        self.ctx.save_checkpoint(data, name=f"vqvae-{self.ctx.info.job_id}.ckpt")
+
+    def load_checkpoint(self) -> bytes | None:
+        return self.ctx.load_checkpoint()
+
+    def on_preview(self, epoch: int, mels: Tensor, recon: Tensor, names: list[str]) -> None:
+        for i, name in enumerate(names):
+            for which, mel in (("original", mels[i]), ("reconstruction", recon[i])):
+                wav = _wav_bytes(mel_to_audio(mel, self.mel_config), self.mel_config.sample_rate)
+                sha = self.ctx.artifacts.put_bytes(
+                    wav, kind="preview", name=f"epoch{epoch:04d}-{i}-{which}.wav",
+                    job=self.ctx.info.job_id,
+                )  # fmt: skip
+                self.ctx.event("preview", artifact=sha, epoch=epoch, chunk=i, file=name,
+                               which=which)  # fmt: skip
+
+
+def _wav_bytes(audio: Tensor, sample_rate: int) -> bytes:
+    buf = io.BytesIO()
+    write_audio(buf, audio, sample_rate, format="WAV")
+    return buf.getvalue()
+
+
+def _params(params: dict[str, Any]) -> tuple[str, VQVAEConfig, TrainConfig]:
+    sha = params.get("dataset")
+    if not is_sha256(sha):
+        raise JobError("train.vqvae: params.dataset must be a dataset artifact id (sha256 hex)")
+    model, train = params.get("model") or {}, params.get("train") or {}
+    return sha, VQVAEConfig.from_dict(model), TrainConfig.from_dict(train)
+
+
+def _with_dataset_from_deps(ctx: JobContext) -> dict[str, Any]:
+    """``distill train <preprocess job>`` submits before the dataset exists: the job depends on
+    the preprocess job and takes the dataset from its result."""
+    params = dict(ctx.info.params)
+    if "dataset" not in params:
+        found = [r["dataset"] for r in ctx.info.deps.values() if isinstance(r, dict) and "dataset" in r]
+        if len(found) != 1:
+            raise JobError("train.vqvae: give params.dataset, or depend on exactly one preprocess job")
+        params["dataset"] = found[0]
+    return params
+
+
+def run_job(ctx: JobContext) -> dict[str, Any]:
+    sha, model_config, train_config = _params(_with_dataset_from_deps(ctx))
+    dataset = Dataset.from_bytes(ctx.artifacts.get_bytes(sha))
+    hooks = JobHooks(ctx, dataset.mel_config)
+    trainer = VQVAETrainer(dataset, model_config, train_config, hooks, device=ctx.device)
+    result = trainer.run()
+    summary = {"dataset": sha, "epochs": result.epochs, "best_epoch": result.best_epoch,
+               "best_val_loss": result.best_val_loss, "chosen": result.chosen}  # fmt: skip
+    weights = weights_to_bytes(result.model, dataset.mel_config, summary)
+    model_sha = ctx.artifacts.put_bytes(weights, kind="vqvae", name="vqvae.pt", job=ctx.info.job_id)
+    metrics = {k: v for k, v in result.metrics.items() if k != "usage"}
+    return {
+        "model": model_sha,
+        "config": result.model_config.to_dict(),
+        "train_config": result.train_config.to_dict(),
+        "chosen": result.chosen,
+        "epochs": result.epochs,
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "stopped": result.stopped,
+        "metrics": metrics,
+    }
