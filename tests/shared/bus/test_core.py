@@ -1,0 +1,109 @@
+"""The client core: reply matching after a failed pipeline, error codes, socket hygiene."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from distill.broker.loop import BrokerConfig
+from distill.broker.main import build_broker
+from distill.shared.bus.artifacts import ArtifactClient
+from distill.shared.bus.cache import ArtifactCache
+from distill.shared.bus.client import Client
+from distill.shared.bus.codec import pack
+from distill.shared.bus.core import ReplyLedger, decode_reply
+from distill.shared.errors import ARTIFACT, CANCELLED, RequestError
+from tests.conftest import free_port_block
+
+pytestmark = pytest.mark.integration
+
+SERVICE = "distill.artifacts"
+CHUNK = 1000
+
+
+@pytest.fixture
+def endpoint(tmp_path: Path) -> Iterator[str]:
+    """A broker (jobs and artifacts attached) looping in a thread of this process."""
+    port = free_port_block()
+    broker = build_broker(BrokerConfig(port=port, data_dir=tmp_path / "broker"))
+    broker.bind()
+    stop = threading.Event()
+    thread = threading.Thread(target=broker.run, args=(stop,), daemon=True)
+    thread.start()
+    yield f"tcp://127.0.0.1:{port}"
+    stop.set()
+    thread.join(5)
+
+
+def _put(client: Client, tmp_path: Path, data: bytes) -> str:
+    store = ArtifactClient(client, ArtifactCache(tmp_path / "cache"), chunk_bytes=CHUNK)
+    return store.put_bytes(data, kind="file", name="data")
+
+
+def test_failed_pipeline_leaves_no_stale_reply_for_the_next_request(endpoint: str, tmp_path: Path) -> None:
+    data = bytes(range(256)) * 40  # 10 chunks of 1000 bytes (the last one short)
+    with Client(endpoint, timeout_s=5) as client:
+        sha = _put(client, tmp_path, data)
+        bodies = [{"op": "get", "sha256": sha, "offset": off, "length": CHUNK}
+                  for off in range(0, len(data), CHUNK)]
+        bodies[1] = {"op": "get", "sha256": "f" * 64, "offset": 0, "length": CHUNK}  # unknown
+        results = client.pipeline(SERVICE, bodies, window=4)
+        assert next(results)["offset"] == 0
+        with pytest.raises(RequestError) as failed:  # chunks 2, 3 and 4 are still in flight
+            next(results)
+        assert failed.value.code == ARTIFACT
+        # The next request gets its own reply, not chunk 2's.
+        stat = client.request(SERVICE, {"op": "stat", "sha256": sha})
+        assert stat["sha256"] == sha and stat["size"] == len(data)
+        again = list(client.pipeline(SERVICE, [{"op": "get", "sha256": sha, "offset": 5 * CHUNK,
+                                                "length": CHUNK}]))
+        assert again == [{"offset": 5 * CHUNK, "data": data[5 * CHUNK : 6 * CHUNK]}]
+
+
+def test_abandoned_pipeline_leaves_no_stale_reply(endpoint: str, tmp_path: Path) -> None:
+    data = b"x" * (8 * CHUNK)
+    with Client(endpoint, timeout_s=5) as client:
+        sha = _put(client, tmp_path, data)
+        bodies = ({"op": "get", "sha256": sha, "offset": off, "length": CHUNK}
+                  for off in range(0, len(data), CHUNK))
+        for result in client.pipeline(SERVICE, bodies, window=4):
+            assert result["offset"] == 0
+            break  # the consumer stops with three replies owed
+        assert client.request(SERVICE, {"op": "stat", "sha256": sha})["size"] == len(data)
+
+
+def test_get_file_still_streams_after_a_failed_get(endpoint: str, tmp_path: Path) -> None:
+    data = bytes(range(256)) * 30
+    with Client(endpoint, timeout_s=5) as client:
+        store = ArtifactClient(client, ArtifactCache(tmp_path / "cache"), chunk_bytes=CHUNK)
+        sha = store.put_bytes(data, kind="file", name="data")
+        with pytest.raises(RequestError):
+            list(store.iter_chunks("e" * 64, len(data)))
+        assert store.get_bytes(sha) == data
+        assert hashlib.sha256(store.get_bytes(sha)).hexdigest() == sha
+
+
+def test_decode_reply_carries_the_wire_code() -> None:
+    assert decode_reply([pack({"ok": True, "result": {"a": 1}})], "s") == {"a": 1}
+    with pytest.raises(RequestError, match="s: gone") as e:
+        decode_reply([pack({"ok": False, "error": {"code": ARTIFACT, "message": "gone"}})], "s")
+    assert e.value.code == ARTIFACT
+    with pytest.raises(RequestError) as e:
+        decode_reply([pack({"ok": False, "cancelled": True, "error": {"code": "job",
+                                                                      "message": "stop"}})], "s")
+    assert e.value.code == CANCELLED
+
+
+def test_reply_ledger_counts_owed_replies() -> None:
+    ledger = ReplyLedger()
+    assert ledger.clean
+    ledger.sent()
+    ledger.sent()
+    ledger.received()
+    assert not ledger.clean
+    ledger.reset()
+    assert ledger.clean
