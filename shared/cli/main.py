@@ -1,12 +1,12 @@
 """The ``distill`` command line: processes (broker, worker, up), the cluster (workers, ping),
-jobs, artifacts, datasets and training. Every client command takes ``--broker`` (or
+jobs, artifacts, datasets, training and model files. Every client command takes ``--broker`` (or
 ``$DISTILL_BROKER``), so the same commands work against a broker on another machine."""
 
 from __future__ import annotations
 
 import typer
 
-from distill.shared.cli import data, jobs, processes, train
+from distill.shared.cli import data, jobs, model, processes, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill: train generative audio models on your own sounds.")
@@ -15,6 +15,7 @@ processes.register(app)
 jobs.register(app)
 data.register(app)
 train.register(app)
+model.register(app)
 
 
 def main() -> None:

@@ -1,8 +1,17 @@
-"""``distill train``: train a model stage on a dataset, with a live progress line."""
+"""``distill train``: from a folder of sounds (or a dataset) to a ``.distill`` model file.
+
+One pipeline of jobs joined by ``depends_on``: preprocess (when given a folder) -> train.vqvae ->
+train.prior. The jobs are submitted at once, so they run without this terminal; the command
+then follows each stage in turn with a live line, and at the end downloads the prior job's model
+artifact to ``NAME.distill``. Ctrl-C detaches: the jobs go on, and it prints how to follow,
+cancel and later fetch them.
+"""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -10,13 +19,49 @@ import typer
 from distill.shared.cli.common import BrokerOpt, client, fail
 from distill.shared.errors import DistillError
 
+SERVICES = {"preprocess": "distill.preprocess", "vqvae": "distill.train.vqvae",
+            "prior": "distill.train.prior"}  # fmt: skip
+STAGE_CHOICES = ("all", "vqvae", "prior")
+# How `--minutes N` is shared out: the workers' CPU default budgets (RVQ-VAE 8 min, prior 3 min)
+# in proportion. The prior can only be as good as the codes it learns, and an epoch of the
+# small LSTM costs a fraction of an RVQ-VAE epoch. Preprocessing takes seconds: not budgeted.
+BUDGET_SHARE = {"vqvae": 0.7, "prior": 0.3}
+LINE_WIDTH = 150
 
-def register(app: typer.Typer) -> None:
-    app.command()(train)
+
+# --- the live line --------------------------------------------------------------------------------
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _number(row: dict[str, Any], *keys: str) -> float | None:
+    for key in keys:
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _bits_parts(row: dict[str, Any]) -> list[str]:
+    """The prior's figures: train/val bits per code beside the unigram and bigram baselines."""
+    parts = []
+    for label, keys in (("train", ("train_bits", "train_nll_bits", "train_nll")),
+                        ("val", ("val_bits", "val_nll_bits", "val_nll")),
+                        ("unigram", ("unigram_bits", "unigram")),
+                        ("bigram", ("bigram_bits", "bigram"))):  # fmt: skip
+        value = _number(row, *keys)
+        if value is not None:
+            parts.append(f"{label} {value:.3f}")
+    if parts:
+        parts[-1] += " bits/code"
+    return parts
 
 
 def train_line(event: dict[str, Any]) -> str | None:
-    """The live line for a training job: epoch, losses, codebook use, ETA."""
+    """The live line for a training job: epoch, losses or bits per code, codebook use, ETA."""
     from distill.shared.cli.jobs import progress_line
 
     row = event.get("row") if event.get("type") == "metrics" else None
@@ -25,9 +70,12 @@ def train_line(event: dict[str, Any]) -> str | None:
     parts = []
     if "epoch" in row:
         parts.append(f"epoch {row['epoch']}" + (f"/{row['epochs']}" if "epochs" in row else ""))
-    for key in ("train_loss", "val_loss", "train_recon", "val_recon", "commit_loss", "lr"):
+    for key in ("train_loss", "val_loss", "train_recon", "val_recon", "commit_loss"):
         if isinstance(row.get(key), (int, float)):
             parts.append(f"{key} {row[key]:.4g}")
+    parts += _bits_parts(row)
+    if isinstance(row.get("lr"), (int, float)):
+        parts.append(f"lr {row['lr']:.3g}")
     util = row.get("utilisation") or row.get("utilization")
     if isinstance(util, list):
         parts.append("util " + " ".join(f"{u:.2f}" for u in util))
@@ -38,28 +86,28 @@ def train_line(event: dict[str, Any]) -> str | None:
     return "  ".join(parts)
 
 
-def _duration(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def follow_training(c: Any, job_id: str) -> dict[str, Any]:
+    """Follows a job with the live line on stderr until it ends; returns its record."""
     from distill.shared.bus.jobs import JobsClient
 
     def on_event(event: dict[str, Any]) -> None:
         if event.get("type") == "status":
             sys.stderr.write(f"\n{job_id}: {event.get('status')}")
         elif event.get("type") == "preview":
-            sys.stderr.write(f"\npreview: artifact {str(event.get('artifact'))[:16]} ({event.get('name', '')})\n")
+            sys.stderr.write(f"\npreview: artifact {str(event.get('artifact'))[:16]} "
+                             f"({event.get('name', '')})\n")  # fmt: skip
         else:
             line = train_line(event)
             if line:
-                sys.stderr.write("\r" + line[:150].ljust(150))
+                sys.stderr.write("\r" + line[:LINE_WIDTH].ljust(LINE_WIDTH))
         sys.stderr.flush()
 
     record = JobsClient(c).follow(job_id, on_event)
     sys.stderr.write("\n")
     return record
+
+
+# --- settings -------------------------------------------------------------------------------------
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:
@@ -70,7 +118,7 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise DistillError(f"setting {item!r} is not KEY=VALUE")
         try:
             out[key.strip()] = json.loads(raw)
@@ -79,49 +127,300 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def stage_train_settings(items: list[str], shortcuts: dict[str, Any],
+                         minutes: float | None, stages: list[str]) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """TrainConfig overrides per training stage.
+
+    ``--train-opt K=V`` goes to every stage, ``--train-opt vqvae.K=V`` / ``prior.K=V`` to one;
+    the shortcut options (``--epochs`` ...) go to every stage; ``--minutes`` is shared out by
+    :data:`BUDGET_SHARE` over the stages that run (one stage gets all of it), unless a stage's
+    own ``minutes`` is set.
+    """
+    per_stage: dict[str, dict[str, Any]] = {s: {} for s in stages}
+    for key, value in parse_settings(items).items():
+        prefix, dot, rest = key.partition(".")
+        if dot and prefix in BUDGET_SHARE:
+            if prefix in per_stage:
+                per_stage[prefix][rest] = value
+        elif dot:
+            raise DistillError(f"--train-opt {key}: the prefix must be vqvae. or prior.")
+        else:
+            for settings in per_stage.values():
+                settings.setdefault(key, value)
+    if minutes is not None:
+        if minutes <= 0:
+            raise DistillError(f"--minutes must be > 0, got {minutes:g}")
+        total_share = sum(BUDGET_SHARE[s] for s in stages)
+        for s in stages:
+            per_stage[s].setdefault("minutes", round(minutes * BUDGET_SHARE[s] / total_share, 3))
+    for settings in per_stage.values():
+        for key, value in shortcuts.items():
+            if value is not None:
+                settings[key] = value
+    return per_stage
+
+
+# --- the pipeline ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # preprocess, vqvae, prior
+    job_id: str
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What ``distill train`` was asked for, settings parsed."""
+
+    source: str | None  # a folder, a dataset id (or prefix), a preprocess job id; None: --vqvae's
+    stage: str  # "all", "vqvae" or "prior"
+    vqvae_ref: str | None  # --vqvae: an RVQ-VAE job or weights artifact (for --stage prior)
+    name: str  # the model's name: NAME.distill
+    vqvae_model: dict[str, Any] = field(default_factory=dict)
+    prior_model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, dict[str, Any]] = field(default_factory=dict)  # per stage
+
+
+def model_name(source: str | None, vqvae_ref: str | None) -> str:
+    """NAME for NAME.distill: the folder's name, else a short form of the id it came from."""
+    if source and Path(source).is_dir():
+        return Path(source).resolve().name or "model"
+    ref = source or vqvae_ref or "model"
+    return f"model-{ref.removeprefix('j-')[:12]}"
+
+
+def _dataset_source(c: Any, source: str, stages: list[Stage]) -> tuple[str, str | None]:
+    """(dataset sha or "", the job that makes it or None); a folder is uploaded and preprocessed."""
+    from distill.shared.bus.artifacts import ArtifactClient
+    from distill.shared.bus.jobs import JobsClient
+    from distill.shared.cli.data import resolve_dataset, upload_folder
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return resolve_dataset(c, source)
+    files = upload_folder(ArtifactClient(c), folder)
+    job = JobsClient(c).submit(SERVICES["preprocess"], {"files": files})
+    stages.append(Stage("preprocess", job["id"]))
+    return "", job["id"]
+
+
+def _vqvae_source(c: Any, ref: str) -> tuple[str, str | None, str]:
+    """``--vqvae`` -> (weights sha or "", the RVQ-VAE job still to finish or None, its dataset
+    sha or "")."""
+    from distill.shared.bus.artifacts import ArtifactClient
+    from distill.shared.bus.jobs import JobsClient
+    from distill.shared.cli.jobs import resolve_artifact
+
+    if not ref.startswith("j-"):
+        sha = resolve_artifact(ArtifactClient(c), ref)
+        kind = ArtifactClient(c).stat(sha).get("kind")
+        if kind != "vqvae":
+            raise DistillError(
+                f"--vqvae {ref}: artifact {sha[:16]} is a {kind!r}, not RVQ-VAE weights"
+            )
+        return sha, None, ""
+    record = JobsClient(c).get(ref, metrics=False)
+    if record["service"] != SERVICES["vqvae"]:
+        raise DistillError(f"--vqvae {ref}: a {record['service']} job, not an RVQ-VAE job")
+    if record["status"] in ("queued", "running"):
+        return "", ref, ""
+    if record["status"] != "succeeded":
+        raise DistillError(f"--vqvae {ref}: the job {record['status']}: {record.get('error')}")
+    result = record.get("result") or {}
+    return str(result.get("model") or ""), None, str(result.get("dataset") or "")
+
+
+def _prior_params(c: Any, req: TrainRequest, stages: list[Stage], dataset: str,
+                  producer: str | None) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+    """The prior job's params and dependencies. What is known now goes in the params; the rest
+    the worker takes from its dependencies' results (the RVQ-VAE job's names both)."""
+    params: dict[str, Any] = {
+        "prior": req.prior_model,
+        "train": req.train["prior"],
+        "name": req.name,
+    }
+    if req.stage == "all":
+        return params, [stages[-1].job_id]
+    if not req.vqvae_ref:
+        raise DistillError(
+            "--stage prior needs --vqvae JOB|ARTIFACT: the RVQ-VAE whose codes it learns"
+        )
+    weights, vqvae_job, vqvae_dataset = _vqvae_source(c, req.vqvae_ref)
+    if req.source is None:
+        if not (vqvae_job or vqvae_dataset):
+            raise DistillError("--vqvae names weights: give the dataset (a folder, dataset id or "
+                               "preprocess job) the prior should learn")  # fmt: skip
+        dataset, producer = vqvae_dataset, None
+    if producer and vqvae_job:
+        # both results would name a dataset: settle which one here by waiting for the preprocess
+        record = follow_stage(c, stages[-1] if stages else Stage("preprocess", producer), 1, 1)
+        dataset, producer = str((record.get("result") or {}).get("dataset") or ""), None
+    deps = [j for j in (producer, vqvae_job) if j]
+    params |= {k: v for k, v in (("vqvae", weights), ("dataset", dataset)) if v}
+    return params, deps
+
+
+def submit_pipeline(c: Any, req: TrainRequest) -> list[Stage]:
+    """Submits the jobs ``req`` asks for, joined by depends_on; returns them in order."""
+    from distill.shared.bus.jobs import JobsClient
+
+    jobs, stages = JobsClient(c), []
+    dataset, producer = _dataset_source(c, req.source, stages) if req.source else ("", None)
+    if req.stage in ("all", "vqvae"):
+        params: dict[str, Any] = {"model": req.vqvae_model, "train": req.train["vqvae"]}
+        if dataset:  # else the job takes it from its preprocess dependency's result
+            params["dataset"] = dataset
+        job = jobs.submit(SERVICES["vqvae"], params, depends_on=[producer] if producer else [])
+        stages.append(Stage("vqvae", job["id"]))
+    if req.stage in ("all", "prior"):
+        params, deps = _prior_params(c, req, stages, dataset, producer)
+        job = jobs.submit(SERVICES["prior"], params, depends_on=deps)
+        stages.append(Stage("prior", job["id"]))
+    return stages
+
+
+def warn_missing_workers(c: Any, stages: list[Stage]) -> None:
+    for stage in stages:
+        if not c.mmi_service(SERVICES[stage.name]):
+            sys.stderr.write(f"note: no {SERVICES[stage.name]} worker is registered; job "
+                             f"{stage.job_id} waits until one is (`distill up`, or `distill "
+                             f"worker {stage.name}`)\n")  # fmt: skip
+
+
+def follow_stage(c: Any, stage: Stage, index: int, count: int) -> dict[str, Any]:
+    sys.stderr.write(f"[{index}/{count}] {stage.name}  job {stage.job_id}\n")
+    sys.stderr.flush()
+    return follow_training(c, stage.job_id)
+
+
+def stage_outcome(stage: Stage, result: dict[str, Any]) -> str:
+    """One line for a finished stage."""
+    if stage.name == "preprocess":
+        return (f"dataset {str(result.get('dataset'))[:16]}: {result.get('chunks')} chunks, "
+                f"{result.get('train_files')} train / {result.get('val_files')} validation files")  # fmt: skip
+    chosen = result.get("chosen") or {}
+    why = f" ({chosen['why']})" if chosen.get("why") else ""
+    if stage.name == "vqvae":
+        return (f"RVQ-VAE {chosen.get('codebook_size')} codes x {chosen.get('levels')} levels"
+                f"{why}; best validation loss {result.get('best_val_loss')}")  # fmt: skip
+    metrics, base = result.get("metrics") or {}, result.get("baselines") or {}
+    bits = "  ".join(_bits_parts({**base, **metrics}))
+    return f"prior {bits}{why}"
+
+
+class StageFailed(DistillError):
+    pass
+
+
+def cascade_report(c: Any, stages: list[Stage], failed: int, record: dict[str, Any]) -> str:
+    """Why a stage ended, and what became of the stages after it."""
+    from distill.shared.bus.jobs import JobsClient
+
+    lines = [f"stage {stages[failed].name} (job {record['id']}) {record['status']}: "
+             f"{record.get('error') or 'no reason given'}"]  # fmt: skip
+    for later in stages[failed + 1 :]:
+        r = JobsClient(c).get(later.job_id, metrics=False)
+        lines.append(f"  then {later.name} (job {later.job_id}) {r['status']}"
+                     + (f": {r['error']}" if r.get("error") else ""))  # fmt: skip
+    return "\n".join(lines)
+
+
+def follow_pipeline(c: Any, stages: list[Stage]) -> dict[str, Any]:
+    """Follows each stage in turn; returns the last stage's record, StageFailed otherwise."""
+    record: dict[str, Any] = {}
+    for i, stage in enumerate(stages):
+        record = follow_stage(c, stage, i + 1, len(stages))
+        if record["status"] != "succeeded":
+            raise StageFailed(cascade_report(c, stages, i, record))
+        typer.echo(f"{stage.name}: {stage_outcome(stage, record.get('result') or {})}", err=True)
+    return record
+
+
+def detach_message(stages: list[Stage], out: Path) -> str:
+    if not stages:
+        return "interrupted before any job was submitted"
+    first, last = stages[0], stages[-1]
+    lines = ["detached: the jobs run on without this terminal.",
+             "  follow: " + "; ".join(f"distill jobs watch {s.job_id}  ({s.name})" for s in stages),
+             f"  cancel: distill jobs cancel {first.job_id}  (the stages waiting on it are "
+             "cancelled with it; cancel a later one if the first has finished)"]  # fmt: skip
+    if last.name == "prior":
+        lines.append(
+            f"  fetch:  distill model pull {last.job_id} -o {out}  (once it has succeeded)"
+        )
+    return "\n".join(lines)
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(train)
+
+
+def _finish(c: Any, stages: list[Stage], record: dict[str, Any], out: Path) -> None:
+    from distill.shared.cli.model import fetch_model, print_model_summary
+
+    if stages[-1].name != "prior":
+        result = record.get("result") or {}
+        typer.echo(f"RVQ-VAE weights: artifact {result.get('model')} (job {stages[-1].job_id}); "
+                   f"train a prior on them: distill train DATASET --stage prior --vqvae "
+                   f"{stages[-1].job_id}")  # fmt: skip
+        return
+    path = fetch_model(c, record, out)
+    print_model_summary(path)
+    typer.echo(f"wrote {path.resolve()}")
+
+
 def train(
-    dataset_ref: str = typer.Argument(..., metavar="DATASET", help="Dataset id (or prefix) or preprocess job id."),
+    source: str = typer.Argument(None, metavar="SOURCE",
+                                 help="A folder of sounds, a dataset id (or prefix), or a "
+                                      "preprocess job id. Optional with --stage prior --vqvae JOB."),
     broker: str = BrokerOpt,
-    stage: str = typer.Option("vqvae", help="Which model to train: vqvae."),
-    epochs: int = typer.Option(None, help="Maximum epochs (early stopping may end sooner)."),
+    out: Path = typer.Option(None, "-o", "--output", help="The model file (default: NAME.distill here, NAME from the folder)."),
+    stage: str = typer.Option("all", help="all (preprocess -> vqvae -> prior), vqvae, or prior."),
+    vqvae: str = typer.Option(None, "--vqvae", help="For --stage prior: the RVQ-VAE job or weights artifact."),
+    minutes: float = typer.Option(None, help="Training budget in minutes, shared 70/30 between the RVQ-VAE and the prior (default: each worker's own)."),
+    epochs: int = typer.Option(None, help="Maximum epochs per stage (early stopping may end sooner)."),
     batch_size: int = typer.Option(None, help="Chunks per batch."),
     lr: float = typer.Option(None, help="Peak learning rate."),
-    codebook_size: int = typer.Option(None, help="Codes per level (default: chosen from the data)."),
-    levels: int = typer.Option(None, help="RVQ levels (default: chosen from the data)."),
+    codebook_size: int = typer.Option(None, help="RVQ-VAE codes per level (default: chosen from the data)."),
+    levels: int = typer.Option(None, help="RVQ-VAE levels (default: chosen from the data)."),
     seed: int = typer.Option(None, help="Training seed."),
-    model_opt: list[str] = typer.Option([], "--model-opt", help="Model setting KEY=VALUE (repeatable), e.g. channels=256."),
-    train_opt: list[str] = typer.Option([], "--train-opt", help="Training setting KEY=VALUE (repeatable), e.g. patience=20."),
-    detach: bool = typer.Option(False, "--detach", help="Submit and print the job id; do not follow."),
-) -> None:
-    """Train a model stage on a dataset, with a live progress line."""
-    from distill.shared.bus.jobs import JobsClient
-    from distill.shared.cli.data import resolve_dataset
-
-    if stage != "vqvae":
-        fail(f"unknown stage {stage!r} (available: vqvae)")
+    vqvae_opt: list[str] = typer.Option([], "--vqvae-opt", "--model-opt", help="RVQ-VAE setting KEY=VALUE (repeatable), e.g. channels=256."),
+    prior_opt: list[str] = typer.Option([], "--prior-opt", help="Prior setting KEY=VALUE (repeatable), e.g. hidden=128."),
+    train_opt: list[str] = typer.Option([], "--train-opt", help="Training setting KEY=VALUE for every stage, or vqvae.KEY=VALUE / prior.KEY=VALUE for one (repeatable)."),
+    detach: bool = typer.Option(False, "--detach", help="Submit, print the job ids, do not follow."),
+) -> None:  # fmt: skip
+    """Train a model: SOURCE -> preprocess -> RVQ-VAE -> prior -> NAME.distill, live progress."""
+    if stage not in STAGE_CHOICES:
+        fail(f"unknown stage {stage!r} (available: {', '.join(STAGE_CHOICES)})")
+    if source is None and not (stage == "prior" and vqvae):
+        fail("give SOURCE: a folder of sounds, a dataset id or a preprocess job id")
+    if vqvae and stage != "prior":
+        fail("--vqvae goes with --stage prior")
+    name = out.stem if out is not None else model_name(source, vqvae)
+    out = out if out is not None else Path(f"{name}.distill")
+    stages: list[Stage] = []
     try:
-        model = {**parse_settings(model_opt), **{k: v for k, v in
-                 {"codebook_size": codebook_size, "levels": levels}.items() if v is not None}}
-        train_cfg = {**parse_settings(train_opt), **{k: v for k, v in
-                     {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items()
-                     if v is not None}}
+        vqvae_model = {**parse_settings(vqvae_opt), **{k: v for k, v in
+                       {"codebook_size": codebook_size, "levels": levels}.items() if v is not None}}  # fmt: skip
+        run = ["vqvae", "prior"] if stage == "all" else [stage]
+        shortcuts = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
+        req = TrainRequest(source=source, stage=stage, vqvae_ref=vqvae, name=name,
+                           vqvae_model=vqvae_model, prior_model=parse_settings(prior_opt),
+                           train=stage_train_settings(train_opt, shortcuts, minutes, run))  # fmt: skip
         with client(broker, timeout_s=60.0) as c:
-            sha, producer = resolve_dataset(c, dataset_ref)
-            params: dict[str, Any] = {"model": model, "train": train_cfg}
-            if sha:  # else the job takes the dataset from its preprocess dependency's result
-                params["dataset"] = sha
-            job = JobsClient(c).submit("distill.train.vqvae", params,
-                                       depends_on=[producer] if producer else [])
-            typer.echo(f"training job {job['id']} (stage {stage})")
+            stages = submit_pipeline(c, req)
+            typer.echo("jobs: " + " -> ".join(f"{s.name} {s.job_id}" for s in stages))
             if detach:
                 return
-            record = follow_training(c, job["id"])
-    except DistillError as e:
+            warn_missing_workers(c, stages)
+            record = follow_pipeline(c, stages)
+            _finish(c, stages, record, out)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n" + detach_message(stages, out) + "\n")
+        raise typer.Exit(130) from None
+    except (DistillError, OSError) as e:
         fail(str(e))
-    if record["status"] != "succeeded":
-        fail(f"training job {job['id']} {record['status']}: {record.get('error')}")
-    result = record["result"] or {}
-    chosen = result.get("chosen") or {}
-    if chosen.get("why"):
-        typer.echo(f"codebooks: {chosen.get('codebook_size')} codes x {chosen.get('levels')} levels — {chosen['why']}")
-    typer.echo(f"model {result.get('model')}  (best validation loss {result.get('best_val_loss')})")

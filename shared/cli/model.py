@@ -1,0 +1,128 @@
+"""``distill model show|pull``: look inside a ``.distill`` file; fetch a finished pipeline's model.
+
+A pipeline (``distill train DIR``) is three jobs: preprocess -> train.vqvae -> train.prior. Its
+model is the ``model`` artifact of the prior job; ``pull`` takes the prior job's id or the id of
+any job before it in the pipeline and finds the prior job that depends on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from distill.shared.cli.common import BrokerOpt, client, fail
+from distill.shared.errors import DistillError
+
+PRIOR_SERVICE = "distill.train.prior"
+VQVAE_SERVICE = "distill.train.vqvae"
+PREPROCESS_SERVICE = "distill.preprocess"
+
+
+def print_model_summary(path: Path) -> None:
+    """The summary of a ``.distill`` file as a two-column table (``describe_model``'s rows)."""
+    from distill.shared.model.modelfile import describe_model, read_model_file
+
+    rows = [("file", str(path)), *describe_model(read_model_file(path))]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key:>{width}}  {value}")
+
+
+def _dependents(jobs: Any, job_id: str, service: str) -> list[dict[str, Any]]:
+    """Jobs of ``service`` that depend on ``job_id``, newest first."""
+    return [
+        r for r in jobs.list(service=service, limit=1000) if job_id in (r.get("depends_on") or [])
+    ]
+
+
+def find_model_job(jobs: Any, job_id: str) -> dict[str, Any]:
+    """The prior job of the pipeline ``job_id`` belongs to (``job_id`` itself if it is one)."""
+    record: dict[str, Any] = jobs.get(job_id, metrics=False)
+    if record["service"] == PREPROCESS_SERVICE:
+        after = _dependents(jobs, job_id, VQVAE_SERVICE)
+        if not after:
+            raise DistillError(f"job {job_id} is a preprocess job with no RVQ-VAE job after it, "
+                               "so no model")  # fmt: skip
+        record = after[0]
+    if record["service"] == VQVAE_SERVICE:
+        after = _dependents(jobs, record["id"], PRIOR_SERVICE)
+        if not after:
+            raise DistillError(f"job {record['id']} trained an RVQ-VAE and no prior job depends on "
+                               "it, so there is no .distill model yet: train one with `distill "
+                               f"train DATASET --stage prior --vqvae {record['id']}`")  # fmt: skip
+        record = after[0]
+    if record["service"] != PRIOR_SERVICE:
+        raise DistillError(f"job {job_id} is a {record['service']} job, which makes no model")
+    return record
+
+
+def model_artifact(record: dict[str, Any]) -> str:
+    """The model artifact id of a finished prior job; a clear error when it has none."""
+    job_id, status = record["id"], record["status"]
+    if status in ("queued", "running"):
+        raise DistillError(f"job {job_id} is {status}: the model is not made yet (follow it with "
+                           f"`distill jobs watch {job_id}`)")  # fmt: skip
+    if status != "succeeded":
+        raise DistillError(f"job {job_id} {status}, so it has no model: {record.get('error')}")
+    sha = (record.get("result") or {}).get("model")
+    if not isinstance(sha, str) or not sha:
+        raise DistillError(f"job {job_id} succeeded but its result names no model artifact")
+    return sha
+
+
+def default_model_path(record: dict[str, Any]) -> Path:
+    name = (record.get("result") or {}).get("name") or (record.get("params") or {}).get("name")
+    return Path(f"{name or record['id']}.distill")
+
+
+def fetch_model(c: Any, record: dict[str, Any], out: Path | None) -> Path:
+    """Downloads a finished prior job's model to ``out`` (default NAME.distill here) and checks
+    that it reads as a model file; returns the path."""
+    from distill.shared.bus.artifacts import ArtifactClient
+    from distill.shared.model.modelfile import read_model_file
+
+    sha = model_artifact(record)
+    path = out if out is not None else default_model_path(record)
+    ArtifactClient(c).download(sha, path)
+    read_model_file(path)  # a broken store or a mix-up shows here, not at the user's next step
+    return path
+
+
+def register(app: typer.Typer) -> None:
+    model = typer.Typer(
+        help="Inspect a .distill model file; fetch a trained one.", no_args_is_help=True
+    )
+    app.add_typer(model, name="model")
+
+    @model.command("show")
+    def model_show(
+        path: Path = typer.Argument(..., metavar="FILE", help="A .distill file."),
+    ) -> None:
+        """Print a model file's summary: sizes, codebooks, metrics, baselines, training files."""
+        try:
+            print_model_summary(path)
+        except (DistillError, OSError) as e:
+            fail(str(e))
+
+    @model.command("pull")
+    def model_pull(
+        job_id: str = typer.Argument(
+            ..., metavar="JOB", help="The prior job, or any job of its pipeline."
+        ),
+        out: Path = typer.Option(
+            None, "-o", "--output", help="Where to write (default: NAME.distill here)."
+        ),
+        broker: str = BrokerOpt,
+    ) -> None:
+        """Fetch the .distill model of a finished pipeline (or prior job)."""
+        from distill.shared.bus.jobs import JobsClient
+
+        try:
+            with client(broker, timeout_s=60.0) as c:
+                path = fetch_model(c, find_model_job(JobsClient(c), job_id), out)
+            print_model_summary(path)
+        except (DistillError, OSError) as e:
+            fail(str(e))
+        typer.echo(f"wrote {path}")

@@ -1,0 +1,206 @@
+"""`distill model show` on good and bad files, `distill model pull`'s job lookup, and the parts of
+`distill train` that need no cluster: settings per stage, the live line, the detach message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import safetensors.torch
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+from distill.shared.cli.main import app
+from distill.shared.cli.model import find_model_job, model_artifact
+from distill.shared.cli.train import (
+    Stage,
+    detach_message,
+    model_name,
+    stage_train_settings,
+    train_line,
+)
+from distill.shared.errors import DistillError
+from distill.shared.model.modelfile import FORMAT_VERSION, METADATA_KEY, save_model
+from tests.shared.model.test_modelfile import _rewrite_header, _tensor_span, _tiny_model
+
+torch.set_num_threads(1)
+
+
+def show(path: Path) -> Any:
+    return CliRunner().invoke(app, ["model", "show", str(path)])
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    path = tmp_path / "drums.distill"
+    save_model(path, _tiny_model())
+    return path
+
+
+def test_show_prints_the_summary_table(model_path: Path) -> None:
+    out = show(model_path)
+    assert out.exit_code == 0, out.stderr
+    rows = dict(line.strip().split("  ", 1) for line in out.stdout.splitlines())
+    assert rows["file"].strip() == str(model_path)
+    assert rows["kind"].strip() == "vqvae+prior"
+    assert rows["rvq-vae"].strip().startswith("2 levels x 16 codes")
+    assert rows["prior"].strip().startswith("LSTM 1 x 16")
+    assert rows["files"].strip() == "2: a.wav, b.wav"
+    assert "unigram_bits 7.9" in rows["baselines"]
+
+
+def _flip_tensor_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    start, _ = _tensor_span(bytes(data), "vqvae.rvq.layers.0._codebook.embed")
+    data[start + 3] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+BAD_FILES = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-100]), "truncated"),
+    "tampered tensor": (_flip_tensor_byte, "does not match its checksum"),
+    "tampered header": (
+        lambda p: _rewrite_header(p, lambda h: h["summary"].update(epochs=9)),
+        "header's checksum",
+    ),  # fmt: skip
+    "newer version": (
+        lambda p: _rewrite_header(p, lambda h: h.update(format_version=FORMAT_VERSION + 1)),
+        "upgrade Distill",
+    ),  # fmt: skip
+    "wav renamed": (
+        lambda p: sf.write(p, np.zeros(4800), 48000, format="WAV"),
+        "not a safetensors file",
+    ),  # fmt: skip
+    "other safetensors": (
+        lambda p: safetensors.torch.save_file({"w": torch.zeros(3)}, p),
+        "without a Distill header",
+    ),  # fmt: skip
+    "other format": (
+        lambda p: safetensors.torch.save_file(
+            {"w": torch.zeros(3)}, p, metadata={METADATA_KEY: json.dumps({"format": "x"})}
+        ),
+        "format is not",
+    ),  # fmt: skip
+    "empty": (lambda p: p.write_bytes(b""), "empty"),
+    "missing": (lambda p: p.unlink(), "no such file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_show_on_a_bad_file_prints_one_line(model_path: Path, case: str) -> None:
+    spoil, expected = BAD_FILES[case]
+    spoil(model_path)
+    out = show(model_path)
+    assert out.exit_code == 1 and out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: drums.distill: "), out.stderr
+    assert expected in lines[0] and "Traceback" not in out.stderr
+
+
+def test_show_on_a_directory(tmp_path: Path) -> None:
+    out = show(tmp_path)
+    assert out.exit_code == 1 and out.stderr.startswith("error: ") and "not a file" in out.stderr
+
+
+# --- model pull: which job holds the model --------------------------------------------------------
+
+
+class FakeJobs:
+    """The two JobsClient calls find_model_job makes, over a fixed job table."""
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = {r["id"]: r for r in records}
+
+    def get(self, job_id: str, *, metrics: bool = True) -> dict[str, Any]:
+        if job_id not in self.records:
+            raise DistillError(f"no job {job_id}")
+        return self.records[job_id]
+
+    def list(self, *, service: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        return [r for r in reversed(self.records.values()) if r["service"] == service][:limit]
+
+
+def _job(job_id: str, service: str, deps: list[str], status: str = "succeeded",
+         result: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    return {"id": job_id, "service": f"distill.{service}", "depends_on": deps, "status": status,
+            "result": result, "error": None, "params": {}}  # fmt: skip
+
+
+PIPELINE = [_job("j-prep", "preprocess", []), _job("j-vq", "train.vqvae", ["j-prep"]),
+            _job("j-prior", "train.prior", ["j-vq"], result={"model": "ab" * 32, "name": "drums"})]  # fmt: skip
+
+
+@pytest.mark.parametrize("given", ["j-prep", "j-vq", "j-prior"])
+def test_pull_finds_the_prior_job_from_any_stage(given: str) -> None:
+    record = find_model_job(FakeJobs(PIPELINE), given)
+    assert record["id"] == "j-prior" and model_artifact(record) == "ab" * 32
+
+
+def test_pull_refuses_jobs_without_a_model() -> None:
+    lone = FakeJobs([_job("j-vq", "train.vqvae", []), _job("j-s", "sleep", [])])
+    with pytest.raises(DistillError, match="no prior job depends on it"):
+        find_model_job(lone, "j-vq")
+    with pytest.raises(DistillError, match="distill.sleep job, which makes no model"):
+        find_model_job(lone, "j-s")
+    for status, match in (("running", "is running: the model is not made yet"),
+                          ("failed", "failed, so it has no model"),
+                          ("succeeded", "names no model artifact")):  # fmt: skip
+        with pytest.raises(DistillError, match=match):
+            model_artifact(_job("j-p", "train.prior", [], status=status, result={}))
+
+
+# --- distill train without a cluster --------------------------------------------------------------
+
+
+def test_train_settings_per_stage_and_budget_split() -> None:
+    items = ["patience=5", "prior.epochs=7", "vqvae.lr=0.01"]
+    got = stage_train_settings(items, {"seed": 3, "batch_size": None}, 10.0, ["vqvae", "prior"])
+    assert got == {"vqvae": {"patience": 5, "lr": 0.01, "minutes": 7.0, "seed": 3},
+                   "prior": {"patience": 5, "epochs": 7, "minutes": 3.0, "seed": 3}}  # fmt: skip
+    assert stage_train_settings([], {}, 4.0, ["prior"]) == {"prior": {"minutes": 4.0}}
+    own = stage_train_settings(["prior.minutes=1"], {}, 10.0, ["vqvae", "prior"])
+    assert own["prior"]["minutes"] == 1 and own["vqvae"]["minutes"] == 7.0
+    with pytest.raises(DistillError, match="prefix must be vqvae. or prior."):
+        stage_train_settings(["decoder.lr=1"], {}, None, ["vqvae"])
+    with pytest.raises(DistillError, match="not KEY=VALUE"):
+        stage_train_settings(["lr"], {}, None, ["vqvae"])
+    with pytest.raises(DistillError, match="--minutes must be > 0"):
+        stage_train_settings([], {}, 0.0, ["vqvae"])
+
+
+def test_model_name_from_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "my drums").mkdir()
+    assert model_name(str(tmp_path / "my drums"), None) == "my drums"
+    assert model_name(str(tmp_path / "my drums") + "/", None) == "my drums"
+    assert model_name("3f2a" * 16, None) == "model-3f2a3f2a3f2a"
+    assert model_name(None, "j-0123456789abcdef") == "model-0123456789ab"
+
+
+def test_prior_live_line() -> None:
+    row = {"epoch": 4, "epochs": 50, "train_bits": 5.1234, "val_bits": 5.5, "unigram_bits": 7.25,
+           "bigram_bits": 6.5, "eta_s": 75.0}  # fmt: skip
+    line = train_line({"type": "metrics", "row": row})
+    assert line == ("epoch 4/50  train 5.123  val 5.500  unigram 7.250  bigram 6.500 bits/code  "
+                    "eta 1m15s")  # fmt: skip
+
+
+def test_detach_message_names_follow_cancel_and_pull() -> None:
+    stages = [Stage("preprocess", "j-a"), Stage("vqvae", "j-b"), Stage("prior", "j-c")]
+    text = detach_message(stages, Path("drums.distill"))
+    assert "distill jobs watch j-a" in text and "distill jobs watch j-c" in text
+    assert "distill jobs cancel j-a" in text
+    assert "distill model pull j-c -o drums.distill" in text
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["train", "x", "--stage", "decoder"], "unknown stage 'decoder'"),
+    (["train", "--stage", "vqvae"], "give SOURCE"),
+    (["train", "x", "--vqvae", "j-1"], "--vqvae goes with --stage prior"),
+])  # fmt: skip
+def test_train_argument_errors(args: list[str], expected: str) -> None:
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 1 and expected in out.stderr and "Traceback" not in out.stderr
