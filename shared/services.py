@@ -35,6 +35,7 @@ WORKER_SERVICES: dict[str, WorkerService] = {
                       "cpu", "one"),
         WorkerService("vqvae", P.SERVICE_VQVAE.decode(), "distill.workers.train_vqvae", "auto",
                       "rest"),
+        WorkerService("infer", "distill.infer", "distill.workers.infer", "auto", "rest"),
     )
 }
 

@@ -1,0 +1,278 @@
+"""Inference on a loaded :class:`DistillModel`: sample, encode, decode, blend, resample, count.
+
+Pure functions of the model, shared by the inference worker (``distill.infer``) and the CLI
+(``distill generate/encode/decode/regenerate``), so both make the same audio from the same
+request. Inputs from outside (a request, a file) are checked here and refused with a
+:class:`BadInput` naming the field and the reason; lengths are bounded by :data:`MAX_SECONDS`.
+
+Audio is mono float32 at the model's sample rate, ``(samples,)`` or ``(B, samples)``; code grids
+are int64 ``(Q, T)`` (``-1``: no code at this level); log-mels ``(n_mels, frames)``.
+Generation is prior sampling -> RVQ-VAE decode -> phase (:mod:`distill.shared.audio.phase`):
+the same model, seed, count, length and quality on the same device give the same samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.shared.audio.io import resample, to_mono
+from distill.shared.audio.mel import log_mel
+from distill.shared.audio.phase import QUALITY_PRESETS, mel_to_audio_quality
+from distill.shared.errors import BAD_REQUEST, DistillError
+from distill.shared.model.codes import CodeGridError, EditSession, edit_from_dict
+from distill.shared.model.modelfile import DistillModel
+from distill.shared.model.sampling import SamplingParams
+from distill.shared.model.sampling import resample_region as prior_resample_region
+from distill.shared.model.sampling import sample as prior_sample
+
+# 60 s: ten times the longest sound in a percussion collection, and ~1 GB of working memory
+# at batch 16 in the decoder; a 10-hour request is refused instead of swapping the worker.
+MAX_SECONDS = 60.0
+MAX_COUNT = 256  # sounds per generate call; the worker answers up to 16 directly (see infer.py)
+# Sounds decoded together: bounds memory at any count, and fixes how a batch is split, so the
+# same request decodes the same way whether it came as a request, a job or a regenerate.
+RENDER_BATCH = 16
+
+
+class BadInput(DistillError):
+    """A request's field is missing, of the wrong type or out of range; says which and why."""
+
+    code = BAD_REQUEST
+
+
+@dataclass(frozen=True)
+class Generated:
+    audio: np.ndarray  # (B, samples) float32
+    codes: np.ndarray  # (B, Q, T) int64, the prime's steps included
+    sample_rate: int
+
+
+# --- checking inputs -----------------------------------------------------------------------------
+
+
+def check_number(value: object, name: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadInput(f"{name} must be a finite number, got {value!r}")
+    if not low <= float(value) <= high:
+        raise BadInput(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def check_int(value: object, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise BadInput(f"{name} must be an integer, got {value!r}")
+    if not low <= int(value) <= high:
+        raise BadInput(f"{name} must be in [{low}, {high}], got {int(value)}")
+    return int(value)
+
+
+def check_quality(value: object) -> str:
+    if value not in QUALITY_PRESETS:
+        raise BadInput(f"quality must be one of {sorted(QUALITY_PRESETS)}, got {value!r}")
+    return str(value)
+
+
+def steps_for(model: DistillModel, seconds: float) -> int:
+    """Code steps for ``seconds`` of audio (at least one)."""
+    check_number(seconds, "seconds", 0.0, MAX_SECONDS)
+    per_second = model.mel_config.sample_rate / model.mel_config.hop_length
+    return max(1, round(seconds * per_second / model.vqvae.config.downsample))
+
+
+def model_audio(model: DistillModel, audio: object, sample_rate: object) -> torch.Tensor:
+    """Audio from outside -> mono float32 ``(samples,)`` at the model's rate, bounded."""
+    if not isinstance(audio, np.ndarray) or audio.ndim not in (1, 2) or audio.size == 0:
+        shape = getattr(audio, "shape", type(audio).__name__)
+        raise BadInput(f"audio must be a non-empty float array (samples,) or (channels, "
+                       f"samples), got {shape}")  # fmt: skip
+    if not np.issubdtype(audio.dtype, np.floating) or not np.isfinite(audio).all():
+        raise BadInput(f"audio must be finite floating point samples, got dtype {audio.dtype}")
+    rate = check_int(sample_rate, "sample_rate", 1000, 768_000)
+    if audio.shape[-1] > MAX_SECONDS * rate:
+        raise BadInput(f"audio is {audio.shape[-1] / rate:.1f} s long; at most {MAX_SECONDS:g} s")
+    mono = to_mono(torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)))
+    return resample(mono, rate, model.mel_config.sample_rate).contiguous()  # (samples,)
+
+
+def check_grid(model: DistillModel, codes: object, name: str = "codes") -> torch.Tensor:
+    """A (Q, T) grid from outside -> LongTensor (1, Q, T) on the model's device, checked."""
+    q, k = model.vqvae.config.levels, model.vqvae.config.codebook_size
+    assert q is not None and k is not None  # a loaded model's config is resolved
+    array = np.asarray(codes) if isinstance(codes, (np.ndarray, list)) else None
+    if array is None or array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise BadInput(f"{name} must be an integer grid (levels, steps), got "
+                       f"{getattr(array, 'shape', type(codes).__name__)}")  # fmt: skip
+    if array.shape[0] != q:
+        raise BadInput(f"{name} has {array.shape[0]} levels; this model has {q}")
+    max_steps = steps_for(model, MAX_SECONDS)
+    if not 1 <= array.shape[1] <= max_steps:
+        raise BadInput(f"{name} has {array.shape[1]} steps; 1..{max_steps} ({MAX_SECONDS:g} s)")
+    bad = (array < -1) | (array >= k)
+    if bad.any():
+        level, t = (int(i) for i in np.argwhere(bad)[0])
+        raise BadInput(f"{name}: code {int(array[level, t])} at level {level}, step {t} is "
+                       f"outside 0..{k - 1} (or -1 for none)")  # fmt: skip
+    return torch.from_numpy(array.astype(np.int64))[None].to(_device(model))  # (1, Q, T)
+
+
+def sampling_params(d: Mapping[str, Any]) -> SamplingParams:
+    try:
+        return SamplingParams.from_dict(dict(d))
+    except DistillError as e:
+        raise BadInput(str(e)) from e
+
+
+def _device(model: DistillModel) -> torch.device:
+    return model.vqvae.mel_mean.device
+
+
+def _prior(model: DistillModel) -> Any:
+    if model.prior is None:
+        raise BadInput("this model has no prior (an RVQ-VAE only): it cannot generate or resample")
+    return model.prior
+
+
+# --- the operations ------------------------------------------------------------------------------
+
+
+def render(model: DistillModel, codes: torch.Tensor, quality: str, levels: int | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Codes (B, Q, T) -> audio (B, samples) float32 and log-mel (B, M, frames) float32."""
+    with torch.inference_mode():
+        mel = model.vqvae.decode_codes(codes, levels)  # (B, M, frames)
+        audio = mel_to_audio_quality(mel, model.mel_config, quality)  # (B, samples)
+    return audio.cpu().numpy().astype(np.float32), mel.cpu().numpy().astype(np.float32)
+
+
+def encode(model: DistillModel, audio: torch.Tensor) -> np.ndarray:
+    """Mono audio (samples,) at the model's rate -> codes (Q, T) int64."""
+    with torch.inference_mode():
+        mel = log_mel(audio.to(_device(model)), model.mel_config)[None]  # (1, M, frames)
+        return model.vqvae.encode(mel)[0].cpu().numpy().astype(np.int64)  # (Q, T)
+
+
+def decode(model: DistillModel, codes: object, levels: int | None, quality: str
+           ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """A (Q, T) grid -> audio (samples,) and log-mel (M, frames) from its first ``levels``."""
+    grid = check_grid(model, codes)
+    q = grid.shape[1]
+    k = q if levels is None else check_int(levels, "levels", 1, q)
+    audio, mel = render(model, grid, quality, k)
+    return audio[0], mel[0]
+
+
+def generate(model: DistillModel, *, count: int, seconds: float, params: SamplingParams,
+             quality: str, prime: object = None,
+             on_batch: Callable[[int, int], None] | None = None) -> Generated:  # fmt: skip
+    """``count`` new sounds of ``seconds`` each (continuing ``prime``, a (Q, T0) grid, if
+    given). Sound i depends on (model, params.seed, count, seconds, prime, quality):
+    regenerate with the same values and take item i. ``on_batch(done, count)`` is called
+    after each batch of :data:`RENDER_BATCH` sounds is decoded (progress, cancellation)."""
+    prior = _prior(model)
+    count = check_int(count, "count", 1, MAX_COUNT)
+    steps = steps_for(model, seconds)
+    prefix = None if prime is None else check_grid(model, prime, "prime")
+    if prefix is not None and bool((prefix < 0).any()):
+        raise BadInput("prime must hold a code at every level and step (no -1)")
+    if prefix is not None and prefix.shape[2] + steps > steps_for(model, MAX_SECONDS):
+        raise BadInput(f"prime plus seconds exceeds {MAX_SECONDS:g} s")
+    new = prior_sample(prior, batch=count, steps=steps, params=params, prefix=prefix)  # (B,Q,S)
+    codes = new if prefix is None else torch.cat([prefix.expand(count, -1, -1), new], 2)
+    parts = []
+    for start in range(0, count, RENDER_BATCH):
+        parts.append(render(model, codes[start : start + RENDER_BATCH], quality)[0])
+        if on_batch is not None:
+            on_batch(start + len(parts[-1]), count)
+    return Generated(np.concatenate(parts), codes.cpu().numpy(), model.mel_config.sample_rate)
+
+
+def progressive(model: DistillModel, audio: torch.Tensor, quality: str
+                ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Codes (Q, T) of ``audio`` and its reconstructions (Q, samples) from k = 1..Q levels."""
+    codes = encode(model, audio)
+    grid = torch.from_numpy(codes)[None].to(_device(model))  # (1, Q, T)
+    q = codes.shape[0]
+    outs = [render(model, grid, quality, k)[0][0] for k in range(1, q + 1)]
+    return codes, np.stack(outs)
+
+
+def blend(model: DistillModel, a: torch.Tensor, b: torch.Tensor, amount: float, quality: str
+          ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Encoder outputs of a and b interpolated by ``amount`` (0: a, 1: b), quantised again.
+
+    The shorter sound is padded with silence to the longer one's length. Returns codes (Q, T)
+    and audio (samples,); at amount 0 and 1 they equal ``decode(encode(a or b))``.
+    """
+    amount = check_number(amount, "amount", 0.0, 1.0)
+    n = max(a.shape[-1], b.shape[-1])
+    pair = torch.stack([torch.nn.functional.pad(x, (0, n - x.shape[-1])) for x in (a, b)])
+    with torch.inference_mode():
+        mels = log_mel(pair.to(_device(model)), model.mel_config)  # (2, M, frames)
+        z = model.vqvae.encode_latents(mels)  # (2, T, D)
+        mixed = torch.lerp(z[0:1], z[1:2], amount)  # (1, T, D); exact at 0 and 1
+        _, codes, _ = model.vqvae.quantize(mixed)  # (1, Q, T)
+    audio, _ = render(model, codes, quality)
+    return codes[0].cpu().numpy(), audio[0]
+
+
+def resample_region(model: DistillModel, codes: object, t0: int, t1: int,
+                    params: SamplingParams, quality: str) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Steps [t0, t1) of a full grid drawn again by the prior; codes (Q, T) and audio."""
+    prior = _prior(model)
+    grid = check_grid(model, codes)
+    if bool((grid < 0).any()):
+        raise BadInput("resample_region needs a code at every level and step (no -1)")
+    t0 = check_int(t0, "t0", 0, grid.shape[2] - 1)
+    t1 = check_int(t1, "t1", t0 + 1, grid.shape[2])
+    new = prior_resample_region(prior, grid, t0, t1, params)  # (1, Q, T)
+    audio, _ = render(model, new, quality)
+    return new[0].cpu().numpy(), audio[0]
+
+
+def codebook_usage(model: DistillModel, mels: np.ndarray, batch: int = 64) -> dict[str, Any]:
+    """Per-level code counts over log-mel chunks (N, M, T): usage, entropy, dead codes."""
+    q, k = model.vqvae.config.levels, model.vqvae.config.codebook_size
+    assert q is not None and k is not None
+    counts = np.zeros((q, k), dtype=np.int64)
+    with torch.inference_mode():
+        for start in range(0, len(mels), batch):
+            chunk = torch.from_numpy(mels[start : start + batch]).to(_device(model))
+            codes = model.vqvae.encode(chunk).cpu().numpy()  # (B, Q, T)
+            for level in range(q):
+                counts[level] += np.bincount(codes[:, level].ravel(), minlength=k)
+    levels = []
+    for row in counts:
+        p = row / max(1, int(row.sum()))
+        entropy = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
+        levels.append({"usage": row, "entropy_bits": entropy, "perplexity": 2.0**entropy,
+                       "dead": np.flatnonzero(row == 0).astype(np.int64),
+                       "used": int((row > 0).sum())})  # fmt: skip
+    return {"levels": levels, "codes_counted": int(counts[0].sum()), "codebook_size": k}
+
+
+def edit_session(model: DistillModel, session: object, action: object, edit: object
+                 ) -> EditSession:  # fmt: skip
+    """The session after ``action`` ("apply" with ``edit``, "undo", "redo" or "none")."""
+    try:
+        current = EditSession.from_dict(session)
+        if current.base.codebook_size != model.vqvae.config.codebook_size:
+            raise BadInput(f"the session's grid has {current.base.codebook_size} codes per "
+                           f"level; this model has {model.vqvae.config.codebook_size}")  # fmt: skip
+        if action == "apply":
+            current.apply(edit_from_dict(edit))
+        elif action == "undo":
+            current.undo()
+        elif action == "redo":
+            current.redo()
+        elif action != "none":
+            raise BadInput(f"action must be apply, undo, redo or none, got {action!r}")
+    except CodeGridError as e:
+        raise BadInput(str(e)) from e
+    check_grid(model, current.grid.codes, "the edited grid")
+    return current

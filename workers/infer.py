@@ -1,0 +1,257 @@
+"""``distill.infer``: a trained ``.distill`` model made to sound — generate, encode, decode, edit.
+
+Request schema (a direct MDP request to ``distill.infer``; one msgpack map)
+-------------------------------------------------------------------------
+Every request is ``{"op": OP, "model": MODEL, ...}``. ``MODEL`` is the model's **artifact id**
+(sha256 hex of the ``.distill`` file in the artifact store: upload it first with
+``ArtifactClient.put_file(path, kind="model", name=...)``, a no-op when it is already there).
+Audio travels as float32 ndarrays (mono, the model's sample rate, given in every reply as
+``sample_rate``); code grids as int64 ndarrays ``(Q, T)``, ``-1`` meaning "no code at this
+level". ``quality`` (optional everywhere audio comes back) picks the phase reconstruction:
+``"preview"`` (Griffin-Lim 2 iterations from a phase-vocoder start: the editor's coarse
+preview), ``"fast"`` (8 iterations; the default), ``"best"`` (32; for export).
+Every reply also holds ``model_id`` (the model's own hash, what exported files record).
+
+=================  ==============================================  =============================
+op                 params                                          result
+=================  ==============================================  =============================
+generate           count (1..16, default 1), seconds (<= 60),      audio (count, samples) f32,
+                   temperature, top_k, top_p, seed (sampling:      codes (count, Q, T) i64,
+                   see SamplingParams), prime: (Q, T0) codes to    params {the sampling params,
+                   continue (optional), quality                    count, seconds}, sample_rate
+encode             audio (samples,) or (channels, samples) float,  codes (Q, T) i64, levels,
+                   sample_rate (resampled to the model's)          codebook_size, sample_rate
+decode             codes (Q, T) (exactly the model's Q levels),    audio (samples,) f32,
+                   levels (1..Q: decode the first k; default Q),   mel (n_mels, frames) f32,
+                   quality                                         sample_rate
+progressive        audio, sample_rate, quality                     codes (Q, T), audio (Q,
+                                                                   samples): row k-1 decodes the
+                                                                   first k levels
+blend              a, b (audio), sample_rate, amount (0: a, 1: b), codes (Q, T), audio
+                   quality; the shorter is padded with silence
+resample_region    codes (Q, T), t0, t1 (steps [t0, t1) drawn      codes (Q, T), audio
+                   again by the prior), temperature, top_k,
+                   top_p, seed, quality
+codebook           dataset (a dataset artifact id)                 levels: [{usage (K,) i64,
+                                                                   entropy_bits, perplexity,
+                                                                   used, dead (i64 ids)}],
+                                                                   codes_counted, codebook_size
+edit               session (an EditSession dict: base grid,        session (the new dict),
+                   edits, undone; see shared/model/codes.py),      codes (Q, T), audio, mel,
+                   action ("apply" with edit, "undo", "redo",      sample_rate, can_undo,
+                   "none": just decode), edit (an edit dict, e.g.  can_redo
+                   {"op": "reverse", "region": [l0, l1, t0, t1]}),
+                   levels, quality (default "preview")
+=================  ==============================================  =============================
+
+Limits: sounds and grids up to :data:`~distill.shared.model.inference.MAX_SECONDS` (60 s);
+``count`` up to 16 as a request. Errors are the usual ``{"ok": false, "error": {code, message}}``:
+``bad_request`` for a missing, mistyped or out-of-range field (a code outside 0..K-1, a grid
+with the wrong number of levels, a 10-hour length, an unknown op), ``model_format`` for a corrupt
+model file, ``artifact`` for an unknown artifact id. The worker keeps serving after any of them.
+
+Jobs (``distill.jobs`` submit to service ``distill.infer``) run long batches:
+``{"op": "generate", "model", "count" (1..256), "seconds", sampling params, "quality",
+"format": "wav"|"flac"}`` stores each sound as an exported file (artifact kind ``audio``, with
+regenerable metadata), publishes progress per batch of 16, and returns ``{"sounds": [{"index",
+"artifact", "name", "seed"}], "model_id", "params", "sample_rate"}``.
+
+Models are cached per worker by artifact id (LRU, :data:`MODEL_CACHE_SIZE`): a second request
+on the same model loads nothing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill.shared.audio.dataset import Dataset
+from distill.shared.audio.export import ExportMetadata, export_audio
+from distill.shared.ids import is_sha256
+from distill.shared.model import inference as inf
+from distill.shared.model.modelfile import DistillModel, load_model
+from distill.workers.runtime.context import JobContext
+
+SERVICE = "distill.infer"
+MODEL_CACHE_SIZE = 4  # a few models: the editor's and a comparison; each is 10-50 MB
+MAX_DIRECT_COUNT = 16  # more sounds than this go as a job (one request should answer in seconds)
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
+
+
+class ModelCache:
+    """Loaded models by artifact id, least recently used dropped first. Thread-safe."""
+
+    def __init__(self, size: int = MODEL_CACHE_SIZE) -> None:
+        self.size = size
+        self.loads = 0  # how many times a model was read from disk (tests and the bench)
+        self._models: OrderedDict[tuple[str, str], DistillModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, sha: str, device: str, path_of: Callable[[str], Path]) -> DistillModel:
+        key = (sha, device)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+        model = load_model(path_of(sha), device)
+        with self._lock:
+            self.loads += 1
+            self._models[key] = model
+            while len(self._models) > self.size:
+                self._models.popitem(last=False)
+        return model
+
+
+CACHE = ModelCache()
+
+
+def _model(ctx: JobContext, body: dict[str, Any]) -> DistillModel:
+    sha = body.get("model")
+    if not is_sha256(sha):
+        raise inf.BadInput(f"model must be a model artifact id (sha256 hex), got {sha!r}")
+    return CACHE.get(str(sha), ctx.device, ctx.artifacts.get_file)
+
+
+def _sampling(body: dict[str, Any]) -> Any:
+    return inf.sampling_params({k: body[k] for k in SAMPLING_KEYS if k in body})
+
+
+def _quality(body: dict[str, Any], default: str = "fast") -> str:
+    return inf.check_quality(body.get("quality", default))
+
+
+def _generate(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
+    count = inf.check_int(body.get("count", 1), "count", 1, MAX_DIRECT_COUNT)
+    params = _sampling(body)
+    seconds = inf.check_number(body.get("seconds", 2.0), "seconds", 0.0, inf.MAX_SECONDS)
+    out = inf.generate(model, count=count, seconds=seconds, params=params,
+                       quality=_quality(body), prime=body.get("prime"))  # fmt: skip
+    return {"audio": out.audio, "codes": out.codes, "sample_rate": out.sample_rate,
+            "params": {**params.to_dict(), "count": count, "seconds": seconds}}  # fmt: skip
+
+
+def _encode(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
+    codes = inf.encode(model, inf.model_audio(model, body.get("audio"), body.get("sample_rate")))
+    return {"codes": codes, "levels": codes.shape[0],
+            "codebook_size": model.vqvae.config.codebook_size,
+            "sample_rate": model.mel_config.sample_rate}  # fmt: skip
+
+
+def _decode(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
+    audio, mel = inf.decode(model, body.get("codes"), body.get("levels"), _quality(body))
+    return {"audio": audio, "mel": mel, "sample_rate": model.mel_config.sample_rate}
+
+
+def _progressive(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
+    audio = inf.model_audio(model, body.get("audio"), body.get("sample_rate"))
+    codes, outs = inf.progressive(model, audio, _quality(body))
+    return {"codes": codes, "audio": outs, "sample_rate": model.mel_config.sample_rate}
+
+
+def _blend(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
+    a = inf.model_audio(model, body.get("a"), body.get("sample_rate"))
+    b = inf.model_audio(model, body.get("b"), body.get("sample_rate"))
+    codes, audio = inf.blend(model, a, b, body.get("amount", 0.5), _quality(body))  # type: ignore[arg-type]
+    return {"codes": codes, "audio": audio, "sample_rate": model.mel_config.sample_rate}
+
+
+def _resample_region(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
+    codes, audio = inf.resample_region(model, body.get("codes"), body.get("t0"),  # type: ignore[arg-type]
+                                       body.get("t1"), _sampling(body), _quality(body))  # type: ignore[arg-type]  # fmt: skip
+    return {"codes": codes, "audio": audio, "sample_rate": model.mel_config.sample_rate}
+
+
+def _codebook(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
+    sha = body.get("dataset")
+    if not is_sha256(sha):
+        raise inf.BadInput(f"dataset must be a dataset artifact id (sha256 hex), got {sha!r}")
+    dataset = Dataset.from_bytes(ctx.artifacts.get_bytes(str(sha)))
+    if dataset.mel_config != model.mel_config:
+        raise inf.BadInput("the dataset's mel settings differ from the model's")
+    return inf.codebook_usage(model, dataset.mels)
+
+
+def _edit(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
+    session = inf.edit_session(model, body.get("session"), body.get("action", "none"),
+                               body.get("edit"))  # fmt: skip
+    audio, mel = inf.decode(model, session.grid.codes, body.get("levels"),
+                            _quality(body, "preview"))  # fmt: skip
+    return {"session": session.to_dict(), "codes": session.grid.codes, "audio": audio,
+            "mel": mel, "sample_rate": model.mel_config.sample_rate,
+            "can_undo": bool(session.history), "can_redo": bool(session.redo_stack)}  # fmt: skip
+
+
+OPS: dict[str, Callable[[JobContext, DistillModel, dict[str, Any]], dict[str, Any]]] = {
+    "generate": _generate,
+    "encode": _encode,
+    "decode": _decode,
+    "progressive": _progressive,
+    "blend": _blend,
+    "resample_region": _resample_region,
+    "codebook": _codebook,
+    "edit": _edit,
+}
+
+
+def handle_request(ctx: JobContext, body: dict[str, Any]) -> dict[str, Any]:
+    op = body.get("op")
+    handler = OPS.get(op) if isinstance(op, str) else None
+    if handler is None:
+        raise inf.BadInput(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    model = _model(ctx, body)
+    return {**handler(ctx, model, body), "model_id": model.model_id}
+
+
+# --- jobs: long batches -------------------------------------------------------------------------
+
+
+def export_bytes(audio: np.ndarray, sample_rate: int, fmt: str, meta: ExportMetadata,
+                 subtype: str) -> bytes:  # fmt: skip
+    """An exported file (with its metadata) as bytes, through a temporary file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"sound.{fmt}"
+        export_audio(path, audio, sample_rate, subtype=subtype, metadata=meta)  # type: ignore[arg-type]
+        return path.read_bytes()
+
+
+def generate_metadata(model_id: str, params: dict[str, Any], index: int, title: str
+                      ) -> ExportMetadata:  # fmt: skip
+    """The metadata of generated sound ``index``: what ``distill regenerate`` needs."""
+    return ExportMetadata(kind="generate", model_id=model_id, title=title,
+                          data={**params, "index": index})  # fmt: skip
+
+
+def run_job(ctx: JobContext) -> dict[str, Any]:
+    body = dict(ctx.info.params)
+    if body.get("op") != "generate":
+        raise inf.BadInput(f"infer jobs run op 'generate' only, got {body.get('op')!r}")
+    model = _model(ctx, body)
+    count = inf.check_int(body.get("count", 1), "count", 1, inf.MAX_COUNT)
+    seconds = inf.check_number(body.get("seconds", 2.0), "seconds", 0.0, inf.MAX_SECONDS)
+    fmt = body.get("format", "wav")
+    if fmt not in ("wav", "flac"):
+        raise inf.BadInput(f"format must be 'wav' or 'flac', got {fmt!r}")
+    params, quality = _sampling(body), _quality(body, "best")
+
+    def on_batch(done: int, total: int) -> None:
+        ctx.check_cancel()
+        ctx.progress(done / total, done=done, total=total)
+
+    out = inf.generate(model, count=count, seconds=seconds, params=params, quality=quality,
+                       on_batch=on_batch)  # fmt: skip
+    recipe = {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality}
+    sounds = []
+    for i, audio in enumerate(out.audio):
+        name = f"gen-{params.seed}-{i:03d}.{fmt}"
+        meta = generate_metadata(model.model_id, recipe, i, name)
+        data = export_bytes(audio, out.sample_rate, fmt, meta, "FLOAT" if fmt == "wav" else "PCM_24")
+        sha = ctx.artifacts.put_bytes(data, kind="audio", name=name, job=ctx.info.job_id)
+        sounds.append({"index": i, "artifact": sha, "name": name, "seed": params.seed})
+    return {"sounds": sounds, "model_id": model.model_id, "params": recipe,
+            "sample_rate": out.sample_rate}  # fmt: skip
