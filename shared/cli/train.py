@@ -414,6 +414,7 @@ def train(
         with client(broker, timeout_s=60.0) as c:
             stages = submit_pipeline(c, req)
             typer.echo("jobs: " + " -> ".join(f"{s.name} {s.job_id}" for s in stages))
+            sys.stdout.flush()  # a script reading the ids through a pipe gets them now
             if detach:
                 return
             warn_missing_workers(c, stages)
