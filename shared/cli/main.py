@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from distill.shared.cli import data, jobs, model, processes, train
+from distill.shared.cli import data, jobs, model, processes, train, tui
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill: train generative audio models on your own sounds.")
@@ -15,6 +15,7 @@ processes.register(app)
 jobs.register(app)
 data.register(app)
 train.register(app)
+tui.register(app)
 model.register(app)
 
 

@@ -1,0 +1,150 @@
+"""The Distill terminal UI: one app, one mode per screen (dashboard, dataset, training), a
+link to the broker that polls and follows the event stream, and a refresh tick that hands
+events to the screens in batches.
+
+Run it with ``distill tui [--broker tcp://HOST:5555] [--serve]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding, BindingType
+from textual.message import Message
+from textual.screen import Screen
+
+from distill.shared.bus.aclient import AsyncClient
+from distill.tui.link import BrokerLink, LinkConfig
+from distill.tui.messages import ClusterPolled, ConnectionChanged, EventsArrived
+from distill.tui.screens.base import DistillScreen
+from distill.tui.screens.dashboard import DashboardScreen
+from distill.tui.screens.dataset import DatasetScreen
+from distill.tui.screens.help import HelpScreen
+from distill.tui.screens.training import TrainingScreen
+
+REFRESH_HZ = 20.0  # how often buffered events reach the screens: smooth, and at most 20 batches/s
+
+
+class DistillApp(App[None]):
+    TITLE = "Distill"
+    CSS_PATH = "app.tcss"
+    MODES: ClassVar[dict[str, Any]] = {
+        "dashboard": DashboardScreen,
+        "dataset": DatasetScreen,
+        "training": TrainingScreen,
+    }
+    BINDINGS: ClassVar[list[BindingType]] = [
+        # Letters while no text field has focus (escape leaves one); F-keys always.
+        Binding("d,f2", "switch_mode('dashboard')", "Dashboard"),
+        Binding("s,f3", "switch_mode('dataset')", "Dataset"),
+        Binding("t,f4", "switch_mode('training')", "Training"),
+        Binding("question_mark,f1", "help", "Help", key_display="?"),
+        Binding("escape", "leave_field", "Leave field", show=False),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, broker: str | None = None, *, connect: bool = True,
+                 link_config: LinkConfig | None = None) -> None:
+        super().__init__()
+        self.link = BrokerLink(broker, link_config)
+        self.endpoint = self.link.endpoint
+        self.connect = connect
+        # Requests the screens make (submit, cancel, get): longer timeout than the poll's.
+        self.client = AsyncClient(self.endpoint, timeout_s=30.0)
+        self.connected: bool | None = None
+        self.cluster_workers: list[dict[str, Any]] = []
+        self.cluster_queued: dict[str, int] = {}
+        self.cluster_jobs: list[dict[str, Any]] = []
+        self.screens_listening: list[DistillScreen] = []
+        self.events_delivered = 0  # events handed to screens (the bench reads this)
+
+    def on_mount(self) -> None:
+        self.sub_title = self.endpoint
+        self.switch_mode("dashboard")
+        if self.connect:
+            self._poll()
+            self._subscribe()
+            self.set_interval(1.0 / REFRESH_HZ, self.flush_events)
+
+    def on_unmount(self) -> None:
+        self.link.close()
+        self.client.close()
+
+    # --- the link -------------------------------------------------------------------------
+    @work(group="poll", exclusive=True)
+    async def _poll(self) -> None:
+        await self.link.poll_forever(self._on_connection, self._on_poll)
+
+    @work(group="events", exclusive=True)
+    async def _subscribe(self) -> None:
+        await self.link.subscribe_forever()
+
+    def _on_connection(self, connected: bool, detail: str) -> None:
+        was = self.connected
+        if connected and was is False:
+            self._subscribe()  # exclusive: the old subscription is cancelled (see link.py)
+        self.set_connection(connected, detail)
+
+    def _on_poll(self, workers: list[dict[str, Any]], queued: dict[str, int],
+                 jobs: list[dict[str, Any]]) -> None:
+        self.set_cluster(workers, queued, jobs)
+
+    # --- state the screens read ----------------------------------------------------------
+    def set_connection(self, connected: bool, detail: str = "") -> None:
+        """Record the broker's state and tell every screen (tests feed this directly)."""
+        self.connected = connected
+        self.sub_title = f"{self.endpoint} — {'connected' if connected else 'DISCONNECTED'}"
+        self.broadcast(lambda: ConnectionChanged(connected, self.endpoint, detail))
+
+    def set_cluster(self, workers: list[dict[str, Any]], queued: dict[str, int],
+                    jobs: list[dict[str, Any]]) -> None:
+        self.cluster_workers, self.cluster_queued, self.cluster_jobs = workers, queued, jobs
+        self.broadcast(lambda: ClusterPolled(workers, queued, jobs))
+
+    def deliver_events(self, events: list[dict[str, Any]], dropped: int = 0) -> None:
+        self.events_delivered += len(events)
+        self.broadcast(lambda: EventsArrived(events, dropped))
+
+    def flush_events(self) -> None:
+        events, dropped = self.link.events.take()
+        if events or dropped:
+            self.deliver_events(events, dropped)
+
+    def broadcast(self, make: Any) -> None:
+        """Post a fresh message to every screen that listens (one instance per screen:
+        Textual messages carry per-delivery state)."""
+        for screen in list(self.screens_listening):
+            message: Message = make()
+            screen.post_message(message)
+
+    # --- navigation ---------------------------------------------------------------------
+    def action_leave_field(self) -> None:
+        self.screen.set_focus(None)
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def open_training(self, job_id: str) -> None:
+        self.switch_mode("training")
+        screen = self.screen
+        if isinstance(screen, TrainingScreen):
+            screen.show_job(job_id)
+
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Dashboard", "Workers, jobs and the event log",
+                            lambda: self.switch_mode("dashboard"))
+        yield SystemCommand("Dataset", "Upload and preprocess a folder of sounds",
+                            lambda: self.switch_mode("dataset"))
+        yield SystemCommand("Training", "Start, follow, cancel and retry training",
+                            lambda: self.switch_mode("training"))
+        yield SystemCommand("Help", "Keys and screens", self.action_help)
+
+
+
+def run(broker: str | None = None) -> None:
+    """Run the app in this terminal (the ``distill tui`` command)."""
+    DistillApp(broker).run()

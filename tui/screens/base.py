@@ -1,0 +1,29 @@
+"""What every Distill screen shares: it listens to the app's cluster messages while mounted,
+and shows the connection state in its header."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
+from textual.screen import Screen
+
+if TYPE_CHECKING:
+    from distill.tui.app import DistillApp
+
+
+class DistillScreen(Screen[None]):
+    @property
+    def distill(self) -> DistillApp:
+        return cast("DistillApp", self.app)
+
+    def on_mount(self) -> None:
+        # Textual calls this for the base class as well as the subclass's own on_mount.
+        if self not in self.distill.screens_listening:
+            self.distill.screens_listening.append(self)
+
+    def on_unmount(self) -> None:
+        if self in self.distill.screens_listening:
+            self.distill.screens_listening.remove(self)
+
+    def notify_error(self, what: str, error: Any) -> None:
+        self.notify(f"{what}: {error}", severity="error", timeout=8)

@@ -1,0 +1,97 @@
+"""The dashboard: is the broker there, which workers serve what, which jobs run, what
+happens (the event log)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual import on
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import DataTable, Footer, Header, RichLog, Static
+
+from distill.tui.format import ago, event_line, job_progress, short_job
+from distill.tui.messages import ClusterPolled, ConnectionChanged, EventsArrived
+from distill.tui.screens.base import DistillScreen
+
+LOG_LINES = 500  # the log is a window on the stream; the job records hold the history
+
+
+class DashboardScreen(DistillScreen):
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("connecting…", id="connection")
+        with Vertical(id="tables"):
+            yield DataTable(id="workers", cursor_type="row", zebra_stripes=True)
+            yield DataTable(id="jobs", cursor_type="row", zebra_stripes=True)
+        yield RichLog(id="events", max_lines=LOG_LINES, markup=False, wrap=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        workers = self.query_one("#workers", DataTable)
+        workers.border_title = "workers"
+        workers.add_columns("service", "host", "device", "state", "job", "heartbeat")
+        jobs = self.query_one("#jobs", DataTable)
+        jobs.border_title = "jobs"
+        jobs.add_columns("id", "kind", "status", "progress", "ETA")
+        self.query_one("#events", RichLog).border_title = "events"
+        app = self.distill
+        if app.connected is not None:
+            self._show_connection(app.connected, "")
+        self._fill(app.cluster_workers, app.cluster_queued, app.cluster_jobs)
+
+    @on(ConnectionChanged)
+    def _connection(self, message: ConnectionChanged) -> None:
+        self._show_connection(message.connected, message.detail)
+
+    def _show_connection(self, connected: bool, detail: str) -> None:
+        box = self.query_one("#connection", Static)
+        box.set_class(connected, "connected")
+        box.set_class(not connected, "disconnected")
+        if connected:
+            box.update(f"● connected to {self.distill.endpoint}")
+        else:
+            box.update(f"✖ disconnected from {self.distill.endpoint} — retrying"
+                       + (f" ({detail[:60]})" if detail else ""))
+
+    @on(ClusterPolled)
+    def _polled(self, message: ClusterPolled) -> None:
+        self._fill(message.workers, message.queued, message.jobs)
+
+    def _fill(self, workers: list[dict[str, Any]], queued: dict[str, int],
+              jobs: list[dict[str, Any]]) -> None:
+        table = self.query_one("#workers", DataTable)
+        rows = [(w.get("service", "?"), w.get("host") or "-", w.get("device") or "-",
+                 w.get("state", "?"), short_job(w.get("current_job")),
+                 ago(w.get("last_heartbeat_age_s"))) for w in workers]
+        _replace_rows(table, rows, [str(w.get("id")) for w in workers])
+        waiting = sum(queued.values())
+        table.border_subtitle = f"{len(workers)} workers, {waiting} requests queued"
+        jtable = self.query_one("#jobs", DataTable)
+        jrows = [(j["id"], j.get("service", "?").removeprefix("distill."), j.get("status", "?"),
+                  *job_progress(j)) for j in jobs]
+        _replace_rows(jtable, jrows, [j["id"] for j in jobs])
+
+    @on(EventsArrived)
+    def _events(self, message: EventsArrived) -> None:
+        log = self.query_one("#events", RichLog)
+        lines = [line for line in map(event_line, message.events[-LOG_LINES:]) if line]
+        if message.dropped:
+            lines.append(f"… {message.dropped} events not shown (too many at once)")
+        if lines:
+            log.write("\n".join(lines))
+
+    @on(DataTable.RowSelected, "#jobs")
+    def _open_job(self, message: DataTable.RowSelected) -> None:
+        if message.row_key.value:
+            self.distill.open_training(str(message.row_key.value))
+
+
+def _replace_rows(table: DataTable[Any], rows: list[tuple[Any, ...]], keys: list[str]) -> None:
+    """Refill a table in place, keeping the cursor on the same row index."""
+    row = table.cursor_row
+    table.clear()
+    for key, cells in zip(keys, rows, strict=True):
+        table.add_row(*cells, key=key)
+    if rows:
+        table.move_cursor(row=min(max(row, 0), len(rows) - 1), animate=False)

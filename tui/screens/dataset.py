@@ -1,0 +1,124 @@
+"""The dataset screen: choose a folder on this machine, upload it and preprocess it with
+progress, then read the manifest: every file, used or skipped with its reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal
+from textual.widgets import Button, DataTable, Footer, Header, Input, Label, ProgressBar, Static
+
+from distill.tui.screens.base import DistillScreen
+
+
+class DatasetScreen(DistillScreen):
+    AUTO_FOCUS = "#manifest"  # letters stay navigation keys until a field is chosen
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("u", "upload", "Upload + preprocess"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(classes="form row"):
+            yield Label("folder")
+            yield Input(placeholder="~/sounds/drums", id="folder")
+            yield Button("Upload", id="upload", variant="primary")
+        yield Static("choose a folder of sounds on this machine", id="dataset-status",
+                     classes="status-line")
+        yield ProgressBar(id="progress", total=1.0, show_eta=False)
+        yield DataTable(id="manifest", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="summary", classes="status-line")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one("#manifest", DataTable)
+        table.border_title = "manifest"
+        table.add_columns("file", "status", "split", "seconds", "chunks", "reason")
+
+    # --- actions ---------------------------------------------------------------------------
+    def action_upload(self) -> None:
+        raw = self.query_one("#folder", Input).value.strip()
+        if not raw:
+            self.notify("type the folder to upload first", severity="warning")
+            return
+        folder = Path(raw).expanduser()
+        if not folder.is_dir():
+            self.notify(f"{folder}: not a folder on this machine", severity="error")
+            return
+        self.query_one("#manifest", DataTable).clear()
+        self.upload(folder)
+
+    @on(Button.Pressed, "#upload")
+    @on(Input.Submitted, "#folder")
+    def _upload_pressed(self) -> None:
+        self.action_upload()
+
+    @work(thread=True, exclusive=True, group="dataset")
+    def upload(self, folder: Path) -> None:
+        """Upload every file, submit the preprocess job, follow it: blocking calls, so in a
+        thread; the screen gets each step through ``call_from_thread``."""
+        from distill.shared.audio.io import scan_folder
+        from distill.shared.bus.artifacts import ArtifactClient
+        from distill.shared.bus.client import Client
+        from distill.shared.bus.jobs import JobsClient
+        from distill.shared.errors import DistillError
+
+        call = self.app.call_from_thread
+        try:
+            paths = scan_folder(folder)
+            if not paths:
+                raise DistillError(f"{folder}: no files in this folder")
+            with Client(self.distill.endpoint, timeout_s=60.0) as c:
+                store, jobs = ArtifactClient(c), JobsClient(c)
+                files = []
+                for i, path in enumerate(paths):
+                    name = path.relative_to(folder).as_posix()
+                    call(self.show_step, f"uploading {i + 1}/{len(paths)}: {name}", i / len(paths))
+                    files.append({"name": name, "sha256": store.put_file(path, kind="audio", name=name)})
+                job = jobs.submit("distill.preprocess", {"files": files})
+                call(self.show_step, f"preprocess job {job['id']}: queued", 0.0)
+                record = jobs.follow(job["id"], lambda e: call(self.show_event, job["id"], e))
+        except (DistillError, OSError) as e:
+            call(self.show_step, f"failed: {e}", None)
+            return
+        call(self.show_record, record)
+
+    # --- what the worker shows ---------------------------------------------------------------
+    def show_step(self, text: str, fraction: float | None) -> None:
+        self.query_one("#dataset-status", Static).update(text)
+        if fraction is not None:
+            self.query_one("#progress", ProgressBar).update(total=1.0, progress=fraction)
+
+    def show_event(self, job_id: str, event: dict[str, Any]) -> None:
+        if event.get("type") == "progress":
+            done, total = event.get("done"), event.get("total")
+            status = f"{event.get('status', '')} {event.get('reason') or ''}".strip()
+            self.show_step(f"preprocess job {job_id}: {done}/{total} {event.get('file', '')} {status}",
+                           float(event.get("fraction") or 0.0))
+        elif event.get("type") == "status":
+            self.show_step(f"preprocess job {job_id}: {event.get('status')}", None)
+
+    def show_record(self, record: dict[str, Any]) -> None:
+        if record.get("status") != "succeeded":
+            self.show_step(f"preprocess job {record['id']} {record['status']}: {record.get('error')}", None)
+            return
+        result = record.get("result") or {}
+        self.show_step(f"preprocess job {record['id']}: succeeded", 1.0)
+        self.show_manifest(result.get("manifest") or [], result)
+
+    def show_manifest(self, rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
+        table = self.query_one("#manifest", DataTable)
+        table.clear()
+        for r in rows:
+            table.add_row(r["name"][:32], r["status"], r.get("split") or "-",
+                          f"{float(r.get('duration_s') or 0):.2f}", r.get("chunks", 0),
+                          r.get("reason") or "")
+        ok = sum(r["status"] == "ok" for r in rows)
+        dataset = result.get("dataset") or "-"
+        self.query_one("#summary", Static).update(
+            f"{ok} of {len(rows)} files used, {len(rows) - ok} skipped — dataset {dataset}")
+        self.last_dataset = dataset

@@ -1,0 +1,45 @@
+"""The help screen: every screen and its keys."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Markdown
+
+HELP = """\
+# Distill
+
+| key | where | what |
+|---|---|---|
+| `d` `s` `t` (`f2` `f3` `f4`) | everywhere | dashboard, dataset, training |
+| `escape` | in a field | leave it (letters become keys again) |
+| `ctrl+p` | everywhere | command palette |
+| `?` `f1` | everywhere | this help |
+| `q` | everywhere | quit |
+| `enter` | dashboard jobs | open the job on the training screen |
+| `u` | dataset | upload the folder and preprocess it |
+| `n` | training | start training with the form's settings |
+| `c` / `r` | training | cancel / retry the job shown |
+| `p` | training previews | play the selected preview |
+| `tab` | everywhere | next field |
+
+The UI talks to the broker only through its requests and event stream: it works the same
+over SSH or against a broker on another machine (`--broker tcp://HOST:5555`).
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,q,question_mark", "dismiss", "Close"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help"):
+            yield Markdown(HELP)
+
+    async def action_dismiss(self, result: None = None) -> None:
+        self.dismiss(result)

@@ -1,0 +1,340 @@
+"""The training screen: start a run; follow one (loss curves, per-level utilisation and
+perplexity, the codebook usage heatmap, ETA); cancel or retry it; list and play its previews.
+
+Opening a job draws its whole history from the job record first, then follows the event
+stream: rows that arrive while the record loads are merged by epoch, and when the app had to
+drop events (a burst over the per-tick cap) the record is read again."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.widgets import (
+    Button,
+    DataTable,
+    Footer,
+    Header,
+    Input,
+    Label,
+    ProgressBar,
+    Select,
+    Static,
+    TabbedContent,
+    TabPane,
+)
+
+from distill.shared.bus import protocol as P
+from distill.shared.errors import DistillError
+from distill.shared.ids import is_sha256
+from distill.tui.format import duration
+from distill.tui.messages import EventsArrived
+from distill.tui.playback import play_artifact
+from distill.tui.screens.base import DistillScreen
+from distill.tui.widgets.curves import LossCurves
+from distill.tui.widgets.heatmap import CodebookHeatmap
+
+TRAINING_SERVICES = ("distill.train.vqvae", "distill.train.prior")
+RELOAD_AFTER_DROP_S = 2.0  # after dropped events, re-read the record at most this often
+STAGES = [("RVQ-VAE (vqvae)", "vqvae")]
+
+
+class TrainingScreen(DistillScreen):
+    AUTO_FOCUS = "Tabs"  # letters stay navigation keys until a field is chosen
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("n", "start", "Start"),
+        Binding("c", "cancel", "Cancel job"),
+        Binding("r", "retry", "Retry job"),
+        Binding("p", "play", "Play preview"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.job_id: str | None = None
+        self.record: dict[str, Any] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.previews: list[dict[str, Any]] = []
+        self.loading = False
+        self.pending: list[dict[str, Any]] = []  # stream events that came while loading
+        self.last_reload = 0.0
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("no job: start one (Start tab) or pick one on the dashboard", id="job-line")
+        yield ProgressBar(id="train-progress", total=1.0, show_eta=False)
+        with TabbedContent(initial="tab-curves"):
+            with TabPane("Curves", id="tab-curves"):
+                yield LossCurves(id="curves")
+            with TabPane("Codebooks", id="tab-codebooks"), Vertical():
+                yield DataTable(id="levels", cursor_type="none", zebra_stripes=True)
+                yield CodebookHeatmap(id="heatmap")
+            with TabPane("Previews", id="tab-previews"):
+                yield DataTable(id="previews", cursor_type="row", zebra_stripes=True)
+            with TabPane("Start", id="tab-start"):
+                yield from self._form()
+        yield Footer()
+
+    def _form(self) -> ComposeResult:
+        with Vertical(classes="form"):
+            with Horizontal(classes="row"):
+                yield Label("dataset")
+                yield Input(placeholder="dataset id (or prefix) or preprocess job id", id="dataset")
+            with Horizontal(classes="row opts"):
+                yield Select(STAGES, value="vqvae", allow_blank=False, id="stage")
+                yield Label("epochs")
+                yield Input(placeholder="auto", id="epochs", type="integer")
+                yield Label("codes")
+                yield Input(placeholder="auto", id="codebook-size", type="integer")
+                yield Label("levels")
+                yield Input(placeholder="auto", id="levels-opt", type="integer")
+            yield Button("Start training", id="start", variant="primary")
+
+    def on_mount(self) -> None:
+        levels = self.query_one("#levels", DataTable)
+        levels.add_columns("level", "utilisation", "perplexity", "dead codes")
+        previews = self.query_one("#previews", DataTable)
+        previews.add_columns("epoch", "chunk", "which", "file", "artifact")
+        self.query_one("#curves", LossCurves).set_rows([])
+
+    def on_screen_resume(self) -> None:
+        dataset = getattr(self.distill, "last_dataset", None)
+        box = self.query_one("#dataset", Input)
+        if dataset and not box.value:
+            box.value = dataset
+
+    # --- showing a job ----------------------------------------------------------------------
+    def show_job(self, job_id: str) -> None:
+        """Follow ``job_id``: its whole history from the record, then the stream."""
+        self.job_id = job_id
+        self.record, self.rows, self.previews, self.pending = {"id": job_id}, [], [], []
+        self.loading = True
+        self._draw_all()
+        self.load_history(job_id)
+
+    @work(group="history", exclusive=True)
+    async def load_history(self, job_id: str) -> None:
+        client = self.distill.client
+        try:
+            record = await client.request(P.SERVICE_JOBS, {"op": "get", "id": job_id, "metrics": True})
+            listed = await client.request(P.SERVICE_ARTIFACTS, {"op": "list", "kind": "preview", "job": job_id})
+        except DistillError as e:
+            self.loading = False
+            self.notify_error(f"job {job_id}", e)
+            return
+        if job_id != self.job_id:
+            return
+        self.apply_history(record, listed.get("artifacts") or [])
+
+    def apply_history(self, record: dict[str, Any], previews: list[dict[str, Any]]) -> None:
+        """The job record (with every metric row) and its preview artifacts; then whatever the
+        stream brought meanwhile."""
+        self.loading = False
+        self.record = {k: v for k, v in record.items() if k != "metrics"}
+        self.rows = [r for r in record.get("metrics") or [] if isinstance(r, dict)]
+        self.previews = [_preview_from_artifact(a) for a in previews]
+        pending, self.pending = self.pending, []
+        self._apply_events(pending)
+        self._draw_all()
+
+    @on(EventsArrived)
+    def _events(self, message: EventsArrived) -> None:
+        if self.job_id is None:
+            return
+        mine = [e for e in message.events if e.get("job") == self.job_id]
+        if self.loading:
+            self.pending.extend(mine)
+            return
+        if message.dropped and time.monotonic() - self.last_reload > RELOAD_AFTER_DROP_S:
+            self.last_reload = time.monotonic()
+            self.pending = []
+            self.loading = True
+            self.load_history(self.job_id)
+            return
+        if mine and self._apply_events(mine):
+            self._draw_all()
+
+    def _apply_events(self, events: list[dict[str, Any]]) -> bool:
+        changed = False
+        for event in events:
+            kind = event.get("type")
+            if kind == "metrics" and isinstance(event.get("row"), dict):
+                changed |= self._add_row(event["row"])
+            elif kind == "progress":
+                self.record["progress"] = event
+                changed = True
+            elif kind == "status":
+                self.record.update(status=event.get("status"), error=event.get("error"),
+                                   attempts=event.get("attempts"), result=event.get("result"))
+                changed = True
+            elif kind == "preview":
+                self.previews.append(event)
+                changed = True
+        return changed
+
+    def _add_row(self, row: dict[str, Any]) -> bool:
+        epoch = row.get("epoch")
+        if isinstance(epoch, int):
+            # A resumed attempt repeats epochs: its rows replace the older ones from there on.
+            self.rows = [r for r in self.rows if not (isinstance(r.get("epoch"), int) and r["epoch"] >= epoch)]
+        self.rows.append(row)
+        return True
+
+    # --- drawing ------------------------------------------------------------------------------
+    def _draw_all(self) -> None:
+        self._draw_line()
+        self.query_one("#curves", LossCurves).set_rows(self.rows)
+        self._draw_levels()
+        self._draw_previews()
+
+    def _draw_line(self) -> None:
+        rec = self.record
+        if not self.job_id:
+            return
+        last = self.rows[-1] if self.rows else {}
+        progress = rec.get("progress") or {}
+        epoch = last.get("epoch", progress.get("epoch"))
+        epochs = last.get("epochs", progress.get("epochs"))
+        parts = [f"job {self.job_id}", str(rec.get("service", "")).removeprefix("distill."),
+                 str(rec.get("status", "loading…" if self.loading else "?"))]
+        if epoch is not None:
+            parts.append(f"epoch {epoch}" + (f"/{epochs}" if epochs else ""))
+        if rec.get("status") == "running":
+            parts.append(f"ETA {duration(last.get('eta_s', progress.get('eta_s')))}")
+        if rec.get("error"):
+            parts.append(str(rec["error"])[:80])
+        self.query_one("#job-line", Static).update("  ".join(p for p in parts if p))
+        fraction = progress.get("fraction")
+        if rec.get("status") == "succeeded":
+            fraction = 1.0
+        if isinstance(fraction, (int, float)):
+            self.query_one("#train-progress", ProgressBar).update(total=1.0, progress=fraction)
+
+    def _draw_levels(self) -> None:
+        table = self.query_one("#levels", DataTable)
+        table.clear()
+        last = next((r for r in reversed(self.rows) if "utilisation" in r or "usage" in r), None)
+        heatmap = self.query_one("#heatmap", CodebookHeatmap)
+        if last is None:
+            heatmap.set_usage([], None)
+            return
+        util, ppl, dead = last.get("utilisation") or [], last.get("perplexity") or [], last.get("dead_codes") or []
+        for i in range(max(len(util), len(ppl))):
+            table.add_row(f"L{i + 1}", _pct(util, i), _num(ppl, i), _num(dead, i))
+        usage = next((r["usage"] for r in reversed(self.rows) if isinstance(r.get("usage"), list)), [])
+        heatmap.set_usage(usage, last.get("epoch"))
+
+    def _draw_previews(self) -> None:
+        table = self.query_one("#previews", DataTable)
+        if table.row_count == len(self.previews):
+            return
+        table.clear()
+        for i, p in enumerate(self.previews):
+            table.add_row(p.get("epoch", "-"), p.get("chunk", "-"), p.get("which", "-"),
+                          str(p.get("file", ""))[:28], str(p.get("artifact", ""))[:12], key=str(i))
+
+    # --- actions ------------------------------------------------------------------------------
+    def action_start(self) -> None:
+        dataset = self.query_one("#dataset", Input).value.strip()
+        if not dataset:
+            self.notify("give a dataset id or a preprocess job id first", severity="warning")
+            return
+        options = {key: int(v) for key, v in (
+            ("epochs", self.query_one("#epochs", Input).value),
+            ("codebook_size", self.query_one("#codebook-size", Input).value),
+            ("levels", self.query_one("#levels-opt", Input).value)) if v.strip()}
+        self.start_training(dataset, options)
+
+    @on(Button.Pressed, "#start")
+    def _start_pressed(self) -> None:
+        self.action_start()
+
+    @work(group="actions")
+    async def start_training(self, dataset: str, options: dict[str, int]) -> None:
+        model = {k: options[k] for k in ("codebook_size", "levels") if k in options}
+        train = {"epochs": options["epochs"]} if "epochs" in options else {}
+        params: dict[str, Any] = {"model": model, "train": train}
+        depends_on: list[str] = []
+        client = self.distill.client
+        try:
+            if dataset.startswith("j-"):
+                depends_on = [dataset]  # the job takes the dataset from its dependency's result
+            else:
+                params["dataset"] = await _resolve_dataset(client, dataset)
+            job = await client.request(P.SERVICE_JOBS, {
+                "op": "submit", "service": "distill.train.vqvae", "params": params,
+                "depends_on": depends_on, "max_attempts": 3, "timeout_s": None})
+        except DistillError as e:
+            self.notify_error("start training", e)
+            return
+        self.notify(f"training job {job['id']} submitted")
+        self.query_one(TabbedContent).active = "tab-curves"
+        self.show_job(job["id"])
+
+    async def _job_op(self, op: str) -> None:
+        if not self.job_id:
+            self.notify("no job shown", severity="warning")
+            return
+        try:
+            record = await self.distill.client.request(P.SERVICE_JOBS, {"op": op, "id": self.job_id})
+        except DistillError as e:
+            self.notify_error(f"{op} {self.job_id}", e)
+            return
+        self.record.update({k: v for k, v in record.items() if k != "metrics"})
+        self._draw_line()
+        self.notify(f"{self.job_id}: {record['status']}"
+                    + (" (cancel requested)" if record.get("cancel_requested") else ""))
+
+    @work(group="actions")
+    async def action_cancel(self) -> None:
+        await self._job_op("cancel")
+
+    @work(group="actions")
+    async def action_retry(self) -> None:
+        await self._job_op("retry")
+
+    def action_play(self) -> None:
+        table = self.query_one("#previews", DataTable)
+        if not self.previews or table.cursor_row < 0:
+            self.notify("no preview selected", severity="warning")
+            return
+        preview = self.previews[min(table.cursor_row, len(self.previews) - 1)]
+        self.play(str(preview.get("artifact")))
+
+    @work(thread=True, group="play")
+    def play(self, sha256: str) -> None:
+        message = play_artifact(self.distill.endpoint, sha256)
+        self.app.call_from_thread(self.notify, message)
+
+
+async def _resolve_dataset(client: Any, ref: str) -> str:
+    if is_sha256(ref):
+        return ref
+    listed = await client.request(P.SERVICE_ARTIFACTS, {"op": "list", "kind": "dataset", "job": None})
+    matches = [a["sha256"] for a in listed["artifacts"] if a["sha256"].startswith(ref.lower())]
+    if len(matches) != 1:
+        raise DistillError(f"{ref!r} matches {len(matches)} datasets; give more of the id")
+    return str(matches[0])
+
+
+def _preview_from_artifact(a: dict[str, Any]) -> dict[str, Any]:
+    """A preview artifact as the stream describes one (its name is epochNNNN-CHUNK-WHICH.wav)."""
+    stem = str(a.get("name", "")).removesuffix(".wav")
+    head, _, which = stem.rpartition("-")
+    epoch, _, chunk = head.partition("-")
+    return {"artifact": a.get("sha256"), "epoch": int(epoch[5:]) if epoch[5:].isdigit() else "-",
+            "chunk": int(chunk) if chunk.isdigit() else "-", "which": which or "-",
+            "file": a.get("name", "")}
+
+
+def _pct(values: list[Any], i: int) -> str:
+    return f"{values[i] * 100:.0f}%" if i < len(values) and isinstance(values[i], (int, float)) else "-"
+
+
+def _num(values: list[Any], i: int) -> str:
+    if i >= len(values) or not isinstance(values[i], (int, float)):
+        return "-"
+    return f"{values[i]:.1f}" if isinstance(values[i], float) else str(values[i])
