@@ -7,10 +7,15 @@ state); the services the broker hosts (``broker/services/``) are attached to
 :attr:`Broker.internal` and :attr:`Broker.jobs` by ``broker/main.py``, and this loop calls
 them. Nothing a peer sends can stop the loop: every malformed frame sequence is dropped or
 answered with an error reply.
+
+With :attr:`BrokerConfig.security` set, all three sockets are CURVE servers behind a ZAP
+authenticator (``broker/access.py``): each message then carries its peer's public key
+(``User-Id``), and the loop asks the key ring for that key's roles before acting on it.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +24,20 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from distill.broker.access import (
+    DOMAIN_EVENTS_IN,
+    DOMAIN_EVENTS_OUT,
+    DOMAIN_MDP,
+    KeyRing,
+    Limits,
+    OutstandingCounter,
+    check_exposure,
+    make_curve_server,
+    may_publish,
+    start_authenticator,
+)
 from distill.broker.hub import EventHub
 from distill.broker.registry import (
     MAX_REDELIVERIES,
@@ -33,8 +51,10 @@ from distill.broker.services.common import error_body
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
 from distill.shared.bus.messages import WorkerMeta
+from distill.shared.bus.security import ROLE_WORKER, BrokerSecurity
 from distill.shared.errors import (
     BAD_REQUEST,
+    ERROR,
     EXPIRED,
     INTERNAL,
     WORKER_LOST,
@@ -47,6 +67,9 @@ from distill.shared.logs import get_logger
 log = get_logger("broker")
 
 InternalHandler = Callable[[bytes, list[bytes]], "list[bytes] | None"]
+KEYRING_CHECK_S = 1.0  # how often the loop looks for changes in the allowed keys folder
+HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 class JobHooks(Protocol):
@@ -60,13 +83,16 @@ class JobHooks(Protocol):
 
 @dataclass(frozen=True)
 class BrokerConfig:
-    host: str = P.DEFAULT_HOST  # loopback unless told: the broker has no auth of its own
+    host: str = P.DEFAULT_HOST  # loopback unless told: without CURVE anyone who reaches it may act
     port: int = P.PORT_MDP  # events go out on port + 1 (XPUB) and come in on port + 2 (XSUB)
     heartbeat_interval_s: float = P.HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = P.HEARTBEAT_LIVENESS
     request_timeout_s: float = P.REQUEST_TIMEOUT_S
     max_message_bytes: int = P.MAX_MESSAGE_BYTES
     data_dir: Path = field(default_factory=lambda: Path.home() / ".local/share/distill/broker")
+    security: BrokerSecurity | None = None  # CURVE + roles on all sockets; None: plain
+    insecure: bool = False  # allow a non-loopback host without CURVE (warned on every start)
+    limits: Limits = Limits()
 
     @property
     def events_out_port(self) -> int:
@@ -92,12 +118,26 @@ class Broker:
         self.dropped = 0  # malformed messages dropped or refused, for tests and stats
         self._next_heartbeat = 0.0
         self._next_scan = 0.0
+        self._next_keyring = 0.0
         self._sockets_open = False
+        self.keyring = KeyRing(config.security.allowed_dir) if config.security else None
+        self.auth: Any = None
+        self.outstanding = OutstandingCounter(config.limits.max_outstanding)
+        self._owners: dict[int, bytes] = {}  # request id -> owner, for the outstanding count
+        self._worker_keys: dict[bytes, bytes] = {}  # worker identity -> its public key
+        # The key (or, without CURVE, the socket identity) of the peer whose message is being
+        # handled now: what internal services charge quotas to.
+        self.current_owner = b""
 
     # --- sockets -----------------------------------------------------------------------------
     def bind(self) -> None:
         c = self.config
+        check_exposure(c.host, secure=c.security is not None, insecure=c.insecure)
+        if self.keyring is not None:
+            self.keyring.refresh()
+            self.auth = start_authenticator(self.ctx, self.keyring)
         self.router = self.ctx.socket(zmq.ROUTER)
+        self._secure(self.router, DOMAIN_MDP)
         # Options apply only to later bind/connect calls: set them first.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, c.max_message_bytes)
@@ -106,12 +146,14 @@ class Broker:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.bind(c.endpoint(c.port))
         self.xsub = self.ctx.socket(zmq.XSUB)
+        self._secure(self.xsub, DOMAIN_EVENTS_IN)
         self.xsub.setsockopt(zmq.MAXMSGSIZE, c.max_message_bytes)
         self.xsub.setsockopt(zmq.RCVHWM, P.SOCKET_HWM)
         self.xsub.setsockopt(zmq.LINGER, 0)
         self.xsub.bind(c.endpoint(c.events_in_port))
         self.xsub.send(b"\x01")  # subscribe to everything workers publish
         self.xpub = self.ctx.socket(zmq.XPUB)
+        self._secure(self.xpub, DOMAIN_EVENTS_OUT)
         self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscribe, for hello handshakes
         self.xpub.setsockopt(zmq.SNDHWM, P.SOCKET_HWM)
         self.xpub.setsockopt(zmq.LINGER, 0)
@@ -119,21 +161,37 @@ class Broker:
         self.poller = zmq.Poller()
         for sock in (self.router, self.xsub, self.xpub):
             self.poller.register(sock, zmq.POLLIN)
+        # Handshake failures (no CURVE, a wrong server key, a refused key) never reach the
+        # loop as messages; the monitors make them visible in the log.
+        self.monitors = {sock.get_monitor_socket(HANDSHAKE_FAILURES): name for sock, name in
+                         ((self.router, "mdp"), (self.xsub, "events_in"), (self.xpub, "events_out"))}
+        for monitor in self.monitors:
+            self.poller.register(monitor, zmq.POLLIN)
         self._sockets_open = True
         log.info("broker_bound", mdp=c.endpoint(c.port), events_out=c.endpoint(c.events_out_port),
-                 events_in=c.endpoint(c.events_in_port))
+                 events_in=c.endpoint(c.events_in_port), curve=c.security is not None)
+
+    def _secure(self, sock: zmq.Socket, domain: str) -> None:
+        if self.config.security is not None:
+            make_curve_server(sock, self.config.security, domain)
 
     def close(self) -> None:
         if self._sockets_open:
             for sock in (self.router, self.xsub, self.xpub):
+                sock.disable_monitor()
                 sock.close(linger=0)
+            for monitor in self.monitors:
+                monitor.close(linger=0)
             self._sockets_open = False
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
 
     # --- loop --------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:
         if not self._sockets_open:
             self.bind()
-        self.publish("broker", {"type": "started", "pid": __import__("os").getpid()})
+        self.publish("broker", {"type": "started", "pid": os.getpid()})
         try:
             while stop is None or not stop.is_set():
                 self.step(timeout_ms=100)
@@ -149,21 +207,61 @@ class Broker:
             self._drain(self.xsub, self._on_event_in)
         if self.xpub in events:
             self._drain(self.xpub, self._on_subscription)
+        for monitor, name in self.monitors.items():
+            if monitor in events:
+                self._on_monitor(monitor, name)
         self._timers(time.monotonic())
 
-    def _drain(self, sock: zmq.Socket, handle: Callable[[list[bytes]], None], limit: int = 1000) -> None:
+    def _receive(self, sock: zmq.Socket) -> tuple[list[bytes], bytes | None]:
+        """One message and, with CURVE, its sender's public key (z85) from the ZAP User-Id."""
+        if self.keyring is None:
+            return sock.recv_multipart(zmq.NOBLOCK), None
+        parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        key = parts[-1].get("User-Id")  # every frame of a message carries its session's metadata
+        return [p.bytes for p in parts], str(key).encode() if key else None
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list[bytes], bytes | None], None],
+               limit: int = 1000) -> None:
         for _ in range(limit):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames, key = self._receive(sock)
             except zmq.Again:
                 return
             try:
-                handle(frames)
+                handle(frames, key)
             except Exception as e:  # the loop must survive anything a peer sends
                 self.dropped += 1
                 log.warning("message_dropped", reason=repr(e), frames=len(frames))
 
+    def _on_monitor(self, monitor: zmq.Socket, name: str) -> None:
+        while monitor.poll(0):
+            try:
+                event = recv_monitor_message(monitor)
+            except (zmq.ZMQError, ValueError) as e:  # a malformed monitor message: only a log line lost
+                log.info("monitor_message_unreadable", socket=name, reason=str(e))
+                return
+            kind, value = int(event["event"]), int(event["value"])
+            reason = "refused by ZAP" if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH else (
+                f"protocol error {value}" if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                else zmq.strerror(value))
+            log.warning("handshake_failed", socket=name, reason=reason,
+                        endpoint=bytes(event.get("endpoint") or b"").decode(errors="replace"))
+
+    def _check_keyring(self, now: float) -> None:
+        """Pick up a changed allowed folder; disconnect workers whose key lost the worker role."""
+        if self.keyring is None or now < self._next_keyring:
+            return
+        self._next_keyring = now + KEYRING_CHECK_S
+        if not self.keyring.refresh():
+            return
+        for identity, key in list(self._worker_keys.items()):
+            if ROLE_WORKER not in self.keyring.roles(key):
+                log.warning("worker_key_revoked", key=key.decode(errors="replace"))
+                self._remove_worker(identity, "its key was removed from the allowed folder",
+                                    disconnect=True)
+
     def _timers(self, now: float) -> None:
+        self._check_keyring(now)
         # Expiry scans run a few times per heartbeat interval, not on every message: under load
         # the loop turns thousands of times a second.
         if now >= self._next_scan:
@@ -188,17 +286,49 @@ class Broker:
         return f"service {name!r} did not take the request within {self.config.request_timeout_s:g} s"
 
     # --- ROUTER ------------------------------------------------------------------------------
-    def _on_router(self, frames: list[bytes]) -> None:
+    def _roles(self, key: bytes | None) -> frozenset[str] | None:
+        """The sender's roles with CURVE (empty: revoked since its handshake); None without."""
+        if self.keyring is None:
+            return None
+        return self.keyring.roles(key) if key else frozenset()
+
+    def _on_router(self, frames: list[bytes], key: bytes | None = None) -> None:
         if len(frames) < 3 or len(frames) > P.MAX_FRAMES + 3 or frames[1] != b"":
             self.dropped += 1
             return
         identity, header = frames[0], frames[2]
+        roles = self._roles(key)
+        if roles is not None and not roles:
+            self.dropped += 1
+            log.warning("message_refused", key=(key or b"").decode(errors="replace"),
+                        reason="key no longer allowed")
+            if identity in self.registry.workers:
+                self._remove_worker(identity, "its key was removed from the allowed folder",
+                                    disconnect=True)
+            return
+        self.current_owner = key or identity
         if header == P.MDPC:
             self._on_client(identity, frames[3:])
         elif header == P.MDPW:
+            if (roles is not None and ROLE_WORKER not in roles
+                    and identity not in self.registry.workers):
+                self._refuse_worker(identity, key, frames[3:])
+                return
             self._on_worker(identity, frames[3:])
+            if key is not None and identity in self.registry.workers:
+                self._worker_keys[identity] = key  # to disconnect it if the key is revoked
         else:
             self.dropped += 1
+
+    def _refuse_worker(self, identity: bytes, key: bytes | None, frames: list[bytes]) -> None:
+        """A client key tried to act as a worker: never registered, told to go away."""
+        self.dropped += 1
+        if frames[:1] == [P.W_READY]:
+            log.warning("worker_refused", key=(key or b"").decode(errors="replace"),
+                        service=(frames[1] if len(frames) > 1 else b"").decode(errors="replace"),
+                        reason="not a worker key")
+        if frames[:1] != [P.W_DISCONNECT]:
+            self._send([identity, b"", P.MDPW, P.W_DISCONNECT])
 
     def _on_client(self, identity: bytes, frames: list[bytes]) -> None:
         if not frames or not frames[0] or len(frames[0]) > P.MAX_SERVICE_NAME_BYTES:
@@ -214,11 +344,24 @@ class Broker:
         elif service in self.internal:
             self._serve_internal(identity, service, body)
         else:
+            owner = self.current_owner
+            if not self.outstanding.admit(owner):
+                self._send_client(identity, service, error_body(
+                    ERROR, f"too many requests in flight: this client already has "
+                           f"{self.outstanding.limit} requests queued or running on workers "
+                           "(wait for replies before sending more)"))
+                return
             now = time.monotonic()
             request = self.registry.new_request(
                 service, body, ClientOrigin(identity), now, self.config.request_timeout_s)
+            self._owners[request.id] = owner
             self.registry.enqueue(request)
             self._dispatch(service)
+
+    def _release(self, request: Request) -> None:
+        owner = self._owners.pop(request.id, None)
+        if owner is not None:
+            self.outstanding.release(owner)
 
     def _mmi(self, service: bytes, body: list[bytes]) -> bytes:
         if service != P.MMI_SERVICE:
@@ -304,6 +447,7 @@ class Broker:
         assert request is not None
         body = rest[2:]
         if isinstance(request.origin, ClientOrigin):
+            self._release(request)
             self._send_client(request.origin.identity, request.service, body)
         else:
             if self.jobs is not None:
@@ -314,6 +458,7 @@ class Broker:
 
     def _remove_worker(self, identity: bytes, reason: str, *, disconnect: bool) -> None:
         entry = self.registry.workers.get(identity)
+        self._worker_keys.pop(identity, None)
         if disconnect:
             self._send_worker(identity, [P.W_DISCONNECT])
         request = self.registry.remove(identity)
@@ -340,6 +485,7 @@ class Broker:
 
     def _fail_request(self, request: Request, code: str, message: str) -> None:
         if isinstance(request.origin, ClientOrigin):
+            self._release(request)
             self._send_client(request.origin.identity, request.service, error_body(code, message))
         elif self.jobs is not None:
             self.jobs.on_lost(request.origin.job_id, message)
@@ -387,11 +533,22 @@ class Broker:
         return self._send_client(identity, service, body)
 
     # --- events ------------------------------------------------------------------------------
-    def _on_event_in(self, frames: list[bytes]) -> None:
+    def _on_event_in(self, frames: list[bytes], key: bytes | None = None) -> None:
+        roles = self._roles(key)
+        if roles is not None and ROLE_WORKER not in roles:
+            self.dropped += 1  # the ZAP handshake passed it, but its key was removed since
+            log.warning("event_refused", key=(key or b"").decode(errors="replace"),
+                        reason="not a worker key")
+            return
         try:
             topic, event = self.hub.parse(frames)
         except DecodeError:
             self.dropped += 1
+            return
+        if not may_publish(topic):
+            self.dropped += 1
+            log.warning("event_refused", topic=topic, key=(key or b"").decode(errors="replace"),
+                        reason="only the broker publishes on this topic")
             return
         self.publish(topic, event)
 
@@ -406,7 +563,7 @@ class Broker:
                 pass  # a slow subscriber; it can resync from a snapshot
         return stamped
 
-    def _on_subscription(self, frames: list[bytes]) -> None:
+    def _on_subscription(self, frames: list[bytes], key: bytes | None = None) -> None:
         # XPUB delivers b"\x01topic" / b"\x00topic". A subscriber that subscribes to
         # "hello.<token>" is told its subscriptions are live (see client.Subscription).
         msg = frames[0] if frames else b""

@@ -5,6 +5,9 @@ Ops (one msgpack map per request): ``put_begin {sha256, size, kind, name, job}``
 (an interrupted put resumes there); ``put_chunk {sha256, offset, data}`` → ``{offset}``;
 ``put_finish {sha256}`` → record; ``get {sha256, offset, length}`` → ``{offset, data}``;
 ``stat``, ``list {kind?, job?}``, ``delete``.
+
+New uploads are charged to the uploading key's quota (:mod:`distill.broker.services.quota`);
+``owner_of`` names that key for the request being served.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from distill.broker.services.common import field, ok_body
+from distill.broker.services.quota import ArtifactQuota
 from distill.broker.store.artifacts import ArtifactStore, OffsetMismatch
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
@@ -19,15 +23,22 @@ from distill.shared.errors import OFFSET_MISMATCH, DecodeError
 
 
 class ArtifactService:
-    def __init__(self, store: ArtifactStore, in_use: Callable[[], set[str]]) -> None:
+    def __init__(self, store: ArtifactStore, in_use: Callable[[], set[str]],
+                 quota: ArtifactQuota | None = None,
+                 owner_of: Callable[[], str] = lambda: "anonymous") -> None:
         self.store = store
         self.in_use = in_use  # artifacts a queued or running job needs: refused to delete
+        self.quota = quota
+        self.owner_of = owner_of  # the key of the peer whose request is being served
 
     def serve(self, identity: bytes, body: list[bytes]) -> list[bytes]:
         msg = unpack_map(body[0])
         op = msg.get("op")
         if op == "put_begin":
-            offset = self.store.begin_put(field(msg, "sha256", str), field(msg, "size", int),
+            sha, size = field(msg, "sha256", str), field(msg, "size", int)
+            if self.quota is not None and not self.store.has(sha):
+                self.quota.charge(self.owner_of(), sha, size)
+            offset = self.store.begin_put(sha, size,
                                           kind=field(msg, "kind", str), name=field(msg, "name", str),
                                           job=field(msg, "job", str, None))
             return ok_body({"offset": offset})
@@ -51,7 +62,10 @@ class ArtifactService:
             records = self.store.list(kind=field(msg, "kind", str, None), job=field(msg, "job", str, None))
             return ok_body({"artifacts": [r.to_dict() for r in records]})
         if op == "delete":
-            self.store.delete(field(msg, "sha256", str), in_use=self.in_use())
+            sha = field(msg, "sha256", str)
+            self.store.delete(sha, in_use=self.in_use())
+            if self.quota is not None:
+                self.quota.forget(sha)
             return ok_body({})
         raise DecodeError(f"distill.artifacts has no op {op!r} (ops: put_begin, put_chunk, put_finish, "
                           "get, stat, list, delete)")

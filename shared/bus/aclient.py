@@ -30,16 +30,19 @@ from distill.shared.bus.core import (
     timeout_error,
     unknown_service,
 )
+from distill.shared.bus.security import AUTO, SecurityArg, apply_client, resolve
 from distill.shared.errors import DecodeError, RequestError, RequestTimeout
 
 
 class AsyncClient:
     """The asyncio face of the client core: one request at a time per socket (a lock), the
-    same reply matching, options and error mapping as the blocking :class:`Client`."""
+    same reply matching, options, keys (``security``) and error mapping as the blocking
+    :class:`Client`."""
 
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, retries: int = 0,
-                 context: zmq.asyncio.Context | None = None) -> None:
+                 context: zmq.asyncio.Context | None = None, security: SecurityArg = AUTO) -> None:
         self.endpoint = broker_endpoint(endpoint)
+        self.security = resolve(security)
         self.timeout_s = timeout_s
         self.retries = retries
         self.ctx = context or zmq.asyncio.Context.instance()
@@ -52,7 +55,7 @@ class AsyncClient:
             self._reset()
         if self._socket is None:
             self._socket = self.ctx.socket(zmq.DEALER)
-            configure_dealer(self._socket)
+            configure_dealer(self._socket, self.security)
             self._socket.connect(self.endpoint)
         return self._socket
 
@@ -126,6 +129,7 @@ class AsyncClient:
         """Snapshot, then stream: every event on ``topics`` once, in sequence order."""
         sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
+        apply_client(sub, self.security)
         prefixes = topics or [""]
         for topic in prefixes:
             sub.setsockopt(zmq.SUBSCRIBE, topic.encode())

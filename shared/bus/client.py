@@ -5,6 +5,10 @@ timeout (the Lazy Pirate pattern); ``Client.pipeline`` keeps several in flight. 
 reply matching and error mapping are the shared core's (:mod:`distill.shared.bus.core`). Replies from Distill services are msgpack maps
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"code", "message"}}``; the latter
 raise :class:`RequestError`. ``request_raw`` moves frames untouched (for echo and MMI).
+
+``security`` (both classes): CURVE keys for a broker on another machine. The default, AUTO,
+finds them in ``$DISTILL_BROKER_KEY``/``$DISTILL_KEY`` or the keys config file
+(:mod:`distill.shared.bus.security`); None forces a plain connection.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from distill.shared.bus.core import (
     timeout_error,
     unknown_service,
 )
+from distill.shared.bus.security import AUTO, SecurityArg, apply_client, resolve
 from distill.shared.errors import BAD_REPLY, DecodeError, RequestError, RequestTimeout
 
 __all__ = ["Client", "Subscription", "broker_endpoint", "events_endpoint"]
@@ -43,11 +48,12 @@ class Client:
     replies are matched and why a socket is replaced)."""
 
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, retries: int = 0,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, security: SecurityArg = AUTO) -> None:
         self.endpoint = broker_endpoint(endpoint)
         self.timeout_s = timeout_s
         self.retries = retries
         self.ctx = context or zmq.Context.instance()
+        self.security = resolve(security)
         self._socket: zmq.Socket | None = None
         self._ledger = ReplyLedger()
 
@@ -56,7 +62,7 @@ class Client:
     def socket(self) -> zmq.Socket:
         if self._socket is None:
             sock = self.ctx.socket(zmq.DEALER)
-            configure_dealer(sock)
+            configure_dealer(sock, self.security)
             sock.connect(self.endpoint)
             self._socket = sock
         return self._socket
@@ -199,11 +205,13 @@ class Subscription:
     """
 
     def __init__(self, endpoint: str | None, topics: list[str], *, events: str | None = None,
-                 context: zmq.Context | None = None, timeout_s: float = 10.0) -> None:
+                 context: zmq.Context | None = None, timeout_s: float = 10.0,
+                 security: SecurityArg = AUTO) -> None:
         self.ctx = context or zmq.Context.instance()
-        self.client = Client(endpoint, timeout_s=timeout_s, context=self.ctx)
+        self.client = Client(endpoint, timeout_s=timeout_s, context=self.ctx, security=security)
         self.topics = topics or [""]
         self.sub = self.ctx.socket(zmq.SUB)
+        apply_client(self.sub, self.client.security)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, P.SOCKET_HWM)
         for topic in self.topics:

@@ -19,6 +19,7 @@ import zmq
 
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import unpack_map
+from distill.shared.bus.security import ClientSecurity, apply_client
 from distill.shared.errors import (
     CANCELLED,
     EXPIRED,
@@ -48,8 +49,10 @@ def events_endpoint(mdp_endpoint: str, direction: str = "out") -> str:
     return f"{base}:{int(port) + offset}"
 
 
-def configure_dealer(sock: zmq.Socket) -> None:
-    """Options every client DEALER gets, set before it connects (they apply to later connects)."""
+def configure_dealer(sock: zmq.Socket, security: ClientSecurity | None = None) -> None:
+    """Options every client DEALER gets, set before it connects (they apply to later connects);
+    CURVE when ``security`` is given."""
+    apply_client(sock, security)
     sock.setsockopt(zmq.LINGER, 0)  # a closed client never blocks its process on exit
     sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)  # a peer cannot make us buffer more
     sock.setsockopt(zmq.SNDHWM, P.SOCKET_HWM)

@@ -32,7 +32,30 @@ def entry_point(name: str) -> Callable[..., Any]:
     return entry
 
 
+BrokerKeyOpt = typer.Option(None, "--broker-key", envvar="DISTILL_BROKER_KEY",
+                            help="The broker's public key file (broker.key) for CURVE.")
+KeyOpt = typer.Option(None, "--key", envvar="DISTILL_KEY",
+                      help="This process's key pair (NAME.key_secret) for CURVE.")
+
+
+def parse_bytes(text: str | None) -> int | None:
+    """``500M``, ``20G``, ``1.5T`` or a plain number of bytes; None stays None."""
+    if not text:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    scale = units.get(text[-1].upper(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        fail(f"not a size: {text!r} (examples: 500M, 20G)")
+    return int(value)
+
+
 def register(app: typer.Typer) -> None:
+    from distill.shared.cli import keys
+
+    # `distill keys` lives beside the process commands that use the keys.
+    app.add_typer(keys.app, name="keys")
     app.command()(broker)
     app.command()(worker)
     app.command()(up)
@@ -47,11 +70,24 @@ def broker(
     heartbeat_s: float = typer.Option(P.HEARTBEAT_INTERVAL_S, help="Heartbeat interval."),
     liveness: int = typer.Option(P.HEARTBEAT_LIVENESS, help="Missed heartbeats before a peer is dead."),
     request_timeout_s: float = typer.Option(P.REQUEST_TIMEOUT_S, help="How long a request waits for a worker."),
+    secret_key: Path = typer.Option(None, envvar="DISTILL_BROKER_SECRET_KEY",
+                                    help="The broker's key pair (broker.key_secret): CURVE on."),
+    allowed: Path = typer.Option(None, envvar="DISTILL_ALLOWED_KEYS",
+                                 help="Allowed public keys: clients/ and workers/ subfolders."),
+    insecure: bool = typer.Option(False, "--insecure", envvar="DISTILL_INSECURE",
+                                  help="Allow a non-loopback --host without CURVE (warned)."),
+    max_outstanding: int = typer.Option(None, help="Requests one client may have on workers (default 64)."),
+    artifact_quota: str = typer.Option(None, help="Artifact bytes per key, e.g. 20G (default: none)."),
 ) -> None:
     """Run the broker: routes requests, owns the job table and the artifact store."""
-    entry_point("broker")(host=host, port=port, data_dir=data_dir or data_home() / "broker",
-                          heartbeat_interval_s=heartbeat_s, heartbeat_liveness=liveness,
-                          request_timeout_s=request_timeout_s)
+    try:
+        entry_point("broker")(host=host, port=port, data_dir=data_dir or data_home() / "broker",
+                              heartbeat_interval_s=heartbeat_s, heartbeat_liveness=liveness,
+                              request_timeout_s=request_timeout_s, secret_key=secret_key,
+                              allowed=allowed, insecure=insecure, max_outstanding=max_outstanding,
+                              artifact_quota_bytes=parse_bytes(artifact_quota))
+    except DistillError as e:
+        fail(str(e))
 
 
 def worker(
@@ -61,11 +97,14 @@ def worker(
     threads: int = typer.Option(None, help="torch threads (default: all cores)."),
     heartbeat_s: float = typer.Option(P.HEARTBEAT_INTERVAL_S, help="Heartbeat interval."),
     liveness: int = typer.Option(P.HEARTBEAT_LIVENESS, help="Missed heartbeats before the broker is dead."),
+    broker_key: Path = BrokerKeyOpt,
+    key: Path = KeyOpt,
 ) -> None:
     """Run one worker process for SERVICE, pinned to one device."""
     try:
         entry_point("worker")(service, broker=broker, device=device, threads=threads,
-                              heartbeat_interval_s=heartbeat_s, liveness=liveness)
+                              heartbeat_interval_s=heartbeat_s, liveness=liveness,
+                              broker_key=broker_key, key=key)
     except DistillError as e:
         fail(str(e))
 
@@ -77,9 +116,25 @@ def up(
     services: str = typer.Option(None, help="Comma-separated worker services (default: all)."),
     device: str = typer.Option(None, help="Device for the model workers (default: auto)."),
     check: bool = typer.Option(False, "--check", help="Start, do a round trip, shut down."),
+    keys: Path = typer.Option(None, help="A `distill keys generate` folder: CURVE for all (the "
+                                         "workers and this command use its worker key)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without CURVE."),
 ) -> None:
     """A broker and one worker of each service on this machine. Ctrl-C stops them all."""
+    import os
+
+    from distill.shared.bus import security as S
     from distill.shared.cli.supervisor import Supervisor
+
+    # The children inherit the environment: that is how the keys reach them.
+    if keys is not None:
+        k = keys.expanduser()
+        os.environ.update({S.ENV_BROKER_SECRET_KEY: str(k / "broker.key_secret"),
+                           S.ENV_ALLOWED_KEYS: str(k / "allowed"),
+                           S.ENV_BROKER_KEY: str(k / "broker.key"),
+                           S.ENV_KEY: str(k / "worker.key_secret")})
+    if insecure:
+        os.environ[S.ENV_INSECURE] = "1"
 
     try:
         sup = Supervisor(host=host, port=port, data_dir=data_dir or data_home() / "broker",

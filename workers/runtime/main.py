@@ -7,11 +7,13 @@ import importlib
 import os
 import signal
 import threading
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from distill.shared.bus import protocol as P
 from distill.shared.bus.core import broker_endpoint, events_endpoint
+from distill.shared.bus.security import client_security
 from distill.shared.devices import describe_device, resolve_device
 from distill.shared.errors import ConfigError
 from distill.shared.logs import configure, get_logger
@@ -45,7 +47,11 @@ def versions() -> dict[str, Any]:
 
 def run_worker(name: str, *, broker: str | None = None, device: str = "cpu", threads: int | None = None,
                heartbeat_interval_s: float = P.HEARTBEAT_INTERVAL_S,
-               liveness: int = P.HEARTBEAT_LIVENESS, stop: threading.Event | None = None) -> None:
+               liveness: int = P.HEARTBEAT_LIVENESS, stop: threading.Event | None = None,
+               broker_key: Path | None = None, key: Path | None = None) -> None:
+    """Serve ``name`` until stopped. ``broker_key``/``key``: CURVE keys (else from the
+    environment or the keys config file; none: a plain connection)."""
+    security = client_security(broker_key, key)
     module = load_service(name)
     configure("worker", f"{name}-{os.getpid()}")
     log = get_logger("worker")
@@ -64,11 +70,11 @@ def run_worker(name: str, *, broker: str | None = None, device: str = "cpu", thr
         events_in=events_endpoint(endpoint, "in"), events_out=events_endpoint(endpoint, "out"),
         device=resolved,
         heartbeat_interval_s=heartbeat_interval_s, liveness=liveness, meta=meta,
-        inline=list if getattr(module, "RAW", False) else None)
+        inline=list if getattr(module, "RAW", False) else None, security=security)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-    log.info("worker_starting", service=module.SERVICE, device=resolved)
+    log.info("worker_starting", service=module.SERVICE, device=resolved, curve=security is not None)
     runtime.run(stop)
     log.info("worker_stopped", service=module.SERVICE)

@@ -26,6 +26,7 @@ import zmq
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
 from distill.shared.bus.messages import Reply
+from distill.shared.bus.security import ClientSecurity, apply_client
 from distill.shared.errors import DecodeError, code_of
 from distill.shared.logs import get_logger
 
@@ -74,7 +75,7 @@ class Executor:
             from distill.shared.bus.client import Client
 
             self._client = Client(self.runtime.broker, timeout_s=60.0, retries=2,
-                                  context=self.runtime.ctx)
+                                  context=self.runtime.ctx, security=self.runtime.security)
         return self._client
 
 
@@ -86,8 +87,11 @@ class WorkerRuntime:
                  inline: Callable[[list[bytes]], list[bytes]] | None = None,
                  events_out: str, device: str = "cpu", heartbeat_interval_s: float = P.HEARTBEAT_INTERVAL_S,
                  liveness: int = P.HEARTBEAT_LIVENESS, meta: dict[str, Any] | None = None,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, security: ClientSecurity | None = None) -> None:
         self.service = service
+        # CURVE keys for all four sockets (MDP, events in, control, the executor's client); the
+        # broker must list this key in allowed/workers/ or the worker never registers.
+        self.security = security
         self.handler = handler
         # A handler that does no compute (echo) may answer in the loop itself, saving two
         # thread hand-offs per request; everything else runs on the executor thread.
@@ -113,6 +117,7 @@ class WorkerRuntime:
         executor.pub = self.ctx.socket(zmq.PUB)
         executor.pub.setsockopt(zmq.LINGER, 1000)
         executor.pub.setsockopt(zmq.SNDHWM, P.SOCKET_HWM)
+        apply_client(executor.pub, self.security)
         executor.pub.connect(self.events_in)
         pair = self.ctx.socket(zmq.PAIR)
         pair.connect(self._pair_addr)
@@ -147,6 +152,7 @@ class WorkerRuntime:
         control = self.ctx.socket(zmq.SUB)
         control.setsockopt(zmq.LINGER, 0)
         control.setsockopt(zmq.SUBSCRIBE, b"control.")
+        apply_client(control, self.security)
         control.connect(self.events_out)
         try:
             self._loop(stop, pair, control)
@@ -167,6 +173,7 @@ class WorkerRuntime:
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        apply_client(self.dealer, self.security)
         self.dealer.connect(self.broker)
         meta = {**self.meta, "registrations": self.registrations}
         self._send([P.W_READY, self.service.encode(), pack(meta)])

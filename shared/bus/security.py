@@ -1,0 +1,217 @@
+"""CURVE keys: making them, loading them, and where a process finds its own.
+
+Keys are pyzmq ``zmq.auth`` certificates: ``NAME.key`` holds a public key (safe to copy to
+any machine), ``NAME.key_secret`` holds the public and the secret key (mode 0600, never
+copied off the machine it belongs to). ``distill keys generate DIR`` lays out::
+
+    DIR/broker.key, broker.key_secret        the broker's pair; broker.key goes to every peer
+    DIR/client.key, client.key_secret        a client pair (the UI, the CLI, scripts)
+    DIR/worker.key, worker.key_secret        a worker pair
+    DIR/allowed/clients/client.key           public keys the broker lets in as clients
+    DIR/allowed/workers/worker.key           public keys the broker lets in as workers
+
+A process that connects to the broker finds its keys, first match wins, in: explicit
+arguments (the ``--broker-key``/``--key`` flags), the environment (``DISTILL_BROKER_KEY``,
+``DISTILL_KEY``), then the config file ``$XDG_CONFIG_HOME/distill/keys.json`` (default
+``~/.config/distill/keys.json``)::
+
+    {"broker_key": "~/keys/broker.key", "key": "~/keys/client.key_secret",
+     "broker": {"secret_key": "~/keys/broker.key_secret", "allowed": "~/keys/allowed"}}
+
+With none of them a client connects without CURVE (what a loopback broker expects).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+
+from distill.shared.errors import ConfigError
+
+ENV_BROKER_KEY = "DISTILL_BROKER_KEY"  # a client's or worker's copy of broker.key
+ENV_KEY = "DISTILL_KEY"  # this process's own NAME.key_secret
+ENV_BROKER_SECRET_KEY = "DISTILL_BROKER_SECRET_KEY"  # the broker's broker.key_secret
+ENV_ALLOWED_KEYS = "DISTILL_ALLOWED_KEYS"  # the broker's allowed folder (clients/, workers/)
+ENV_INSECURE = "DISTILL_INSECURE"  # "1": the broker may bind a public address without CURVE
+ENV_CONFIG = "DISTILL_KEYS_CONFIG"  # another keys.json than the one in the config folder
+
+ROLE_CLIENT = "client"
+ROLE_WORKER = "worker"
+ROLE_DIRS = {ROLE_CLIENT: "clients", ROLE_WORKER: "workers"}  # role -> allowed/ sub-folder
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """What a connecting socket (client, worker, subscriber, publisher) needs for CURVE."""
+
+    server_key: bytes  # the broker's public key, z85
+    public_key: bytes  # this process's public key, z85
+    secret_key: bytes  # this process's secret key, z85
+
+    def apply(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE client. Call before connect: options apply to later connects."""
+        sock.curve_serverkey = self.server_key
+        sock.curve_publickey = self.public_key
+        sock.curve_secretkey = self.secret_key
+
+
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """The broker's pair and its allowed folder: what CURVE on the three sockets needs."""
+
+    public_key: bytes
+    secret_key: bytes
+    allowed_dir: Path  # holds clients/ and workers/, each of NAME.key public keys
+
+
+def apply_client(sock: zmq.Socket, security: ClientSecurity | None) -> None:
+    """CURVE on ``sock`` when ``security`` is given; plain otherwise."""
+    if security is not None:
+        security.apply(sock)
+
+
+# --- key files ---------------------------------------------------------------------------------
+def load_public_key(path: Path) -> bytes:
+    """The public key in a ``NAME.key`` (or ``NAME.key_secret``) certificate file."""
+    public, _ = _load(path)
+    return public
+
+
+def load_key_pair(path: Path) -> tuple[bytes, bytes]:
+    """(public, secret) from a ``NAME.key_secret`` file; refuse one that others can read."""
+    public, secret = _load(path)
+    if secret is None:
+        raise ConfigError(f"{path} holds no secret key: give the NAME.key_secret file, "
+                          "not the public NAME.key")
+    if os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"secret key {path} is readable by other users: chmod 600 {path}")
+    return public, secret
+
+
+def _load(path: Path) -> tuple[bytes, bytes | None]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"key file {path} does not exist (make keys with `distill keys generate DIR`)")
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"key file {path} is not a ZeroMQ certificate: {e}") from e
+    if public is None:
+        raise ConfigError(f"key file {path} holds no public key")
+    return public, secret
+
+
+def generate_keys(directory: Path, clients: list[str], workers: list[str]) -> list[Path]:
+    """Write the broker pair, one pair per client and worker name, and the allowed folder.
+
+    Refuses to overwrite: replacing a key pair silently would lock out every peer that holds
+    the old one. Returns the files written."""
+    directory = Path(directory).expanduser()
+    names = ["broker", *clients, *workers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"key names must be distinct (and not 'broker'): {names}")
+    existing = [directory / f"{n}.key_secret" for n in names if (directory / f"{n}.key_secret").exists()]
+    if existing:
+        raise ConfigError(f"{existing[0]} already exists: remove it or choose another folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    written: list[Path] = []
+    for name in names:
+        public, secret = zmq.auth.create_certificates(directory, name)
+        Path(secret).chmod(0o600)
+        Path(public).chmod(0o644)
+        written += [Path(public), Path(secret)]
+    for role, group in ((ROLE_CLIENT, clients), (ROLE_WORKER, workers)):
+        folder = directory / "allowed" / ROLE_DIRS[role]
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in group:
+            target = folder / f"{name}.key"
+            target.write_bytes((directory / f"{name}.key").read_bytes())
+            written.append(target)
+    return written
+
+
+# --- where a process finds its keys --------------------------------------------------------------
+def config_path() -> Path:
+    if os.environ.get(ENV_CONFIG):
+        return Path(os.environ[ENV_CONFIG]).expanduser()
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "distill" / "keys.json"
+
+
+def read_config() -> dict[str, Any]:
+    """The keys config file as a map ({} when there is none)."""
+    path = config_path()
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"keys config {path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"keys config {path} must hold a JSON object")
+    return data
+
+
+def _setting(explicit: str | Path | None, env: str, config: dict[str, Any], key: str) -> Path | None:
+    value = explicit or os.environ.get(env) or config.get(key)
+    return Path(str(value)).expanduser() if value else None
+
+
+def client_security(broker_key: str | Path | None = None,
+                    key: str | Path | None = None) -> ClientSecurity | None:
+    """The CURVE settings of a connecting process: arguments, then environment, then the config
+    file. None when no broker key is configured anywhere (a plain loopback broker)."""
+    config = read_config()
+    server_path = _setting(broker_key, ENV_BROKER_KEY, config, "broker_key")
+    pair_path = _setting(key, ENV_KEY, config, "key")
+    if server_path is None and pair_path is None:
+        return None
+    if server_path is None or pair_path is None:
+        missing = "the broker's public key (--broker-key, $DISTILL_BROKER_KEY)" if server_path is None \
+            else "this machine's key pair (--key, $DISTILL_KEY)"
+        raise ConfigError(f"CURVE needs both keys; {missing} is not set (see {config_path()})")
+    public, secret = load_key_pair(pair_path)
+    return ClientSecurity(load_public_key(server_path), public, secret)
+
+
+def broker_security(secret_key: str | Path | None = None,
+                    allowed: str | Path | None = None) -> BrokerSecurity | None:
+    """The broker's CURVE settings from arguments, environment, or the config file's
+    ``broker`` section; None when no secret key is configured."""
+    config = read_config().get("broker") or {}
+    pair_path = _setting(secret_key, ENV_BROKER_SECRET_KEY, config, "secret_key")
+    allowed_dir = _setting(allowed, ENV_ALLOWED_KEYS, config, "allowed")
+    if pair_path is None and allowed_dir is None:
+        return None
+    if pair_path is None or allowed_dir is None:
+        missing = "--secret-key" if pair_path is None else "--allowed"
+        raise ConfigError(f"CURVE on the broker needs a secret key and an allowed folder; {missing} "
+                          "is not set")
+    if not allowed_dir.is_dir():
+        raise ConfigError(f"allowed keys folder {allowed_dir} does not exist")
+    public, secret = load_key_pair(pair_path)
+    return BrokerSecurity(public, secret, allowed_dir)
+
+
+class Auto(enum.Enum):
+    """The default of a client's ``security`` argument: find the keys with client_security()."""
+
+    AUTO = "auto"
+
+
+AUTO = Auto.AUTO
+SecurityArg = ClientSecurity | Auto | None
+
+
+def resolve(security: SecurityArg) -> ClientSecurity | None:
+    """``AUTO`` -> what :func:`client_security` finds; anything else as given."""
+    return client_security() if isinstance(security, Auto) else security

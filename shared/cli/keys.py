@@ -1,0 +1,39 @@
+"""``distill keys generate DIR``: CURVE key pairs for the broker, clients and workers, and the
+broker's allowed folder (see :mod:`distill.shared.bus.security` for the layout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from distill.shared.cli.common import fail
+from distill.shared.errors import DistillError
+
+app = typer.Typer(no_args_is_help=True, help="CURVE keys for running across machines.")
+
+
+@app.command()
+def generate(
+    directory: Path = typer.Argument(..., help="Folder for the keys (created, mode 700)."),
+    client: list[str] = typer.Option(["client"], "--client", help="Client key names (repeat)."),
+    worker: list[str] = typer.Option(["worker"], "--worker", help="Worker key names (repeat)."),
+) -> None:
+    """Write the broker's key pair, one pair per client and worker, and DIR/allowed/."""
+    from distill.shared.bus.security import generate_keys
+
+    try:
+        written = generate_keys(directory, client, worker)
+    except DistillError as e:
+        fail(str(e))
+    for path in written:
+        typer.echo(str(path))
+    d = directory.expanduser().resolve()
+    typer.echo(f"""
+broker machine:  distill broker --host 0.0.0.0 --secret-key {d}/broker.key_secret --allowed {d}/allowed
+worker machine:  copy broker.key and {worker[0]}.key_secret, then
+                 distill worker SERVICE --broker tcp://BROKER:5555 --broker-key broker.key --key {worker[0]}.key_secret
+client machine:  copy broker.key and {client[0]}.key_secret, then
+                 export DISTILL_BROKER_KEY=~/keys/broker.key DISTILL_KEY=~/keys/{client[0]}.key_secret
+Secret keys (*.key_secret) never leave the machine that uses them; to lock a key out, delete
+its file from {d}/allowed/ (the broker notices without a restart).""")

@@ -1,0 +1,107 @@
+"""Roles from the allowed folder (re-read when it changes), the bind policy, per-client limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distill.broker.access import (
+    DOMAIN_EVENTS_IN,
+    DOMAIN_EVENTS_OUT,
+    DOMAIN_MDP,
+    KeyRing,
+    OutstandingCounter,
+    RoleCallback,
+    check_exposure,
+    may_publish,
+)
+from distill.broker.services.quota import ArtifactQuota
+from distill.shared.bus.security import generate_keys, load_public_key
+from distill.shared.errors import ArtifactError, ConfigError
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    generate_keys(tmp_path / "keys", ["laptop"], ["gpu"])
+    return tmp_path / "keys"
+
+
+def test_roles_come_from_the_folders_and_both_is_allowed(keys: Path) -> None:
+    (keys / "allowed" / "workers" / "laptop.key").write_bytes((keys / "laptop.key").read_bytes())
+    ring = KeyRing(keys / "allowed")
+    assert ring.refresh()
+    assert ring.roles(load_public_key(keys / "laptop.key")) == {"client", "worker"}
+    assert ring.roles(load_public_key(keys / "gpu.key")) == {"worker"}
+    assert ring.roles(load_public_key(keys / "broker.key")) == frozenset()
+    assert not ring.refresh()  # nothing changed: nothing re-read
+
+
+def test_deleting_a_key_file_revokes_it_without_a_restart(keys: Path) -> None:
+    ring = KeyRing(keys / "allowed")
+    ring.refresh()
+    laptop = load_public_key(keys / "laptop.key")
+    (keys / "allowed" / "clients" / "laptop.key").unlink()
+    assert ring.refresh()
+    assert ring.roles(laptop) == frozenset()
+
+
+def test_a_broken_key_file_is_skipped_not_fatal(keys: Path) -> None:
+    (keys / "allowed" / "clients" / "junk.key").write_text("not a certificate")
+    ring = KeyRing(keys / "allowed")
+    ring.refresh()
+    assert ring.roles(load_public_key(keys / "laptop.key")) == {"client"}
+
+
+def test_only_worker_keys_pass_the_events_in_handshake(keys: Path) -> None:
+    ring = KeyRing(keys / "allowed")
+    check = RoleCallback(ring)
+    laptop, gpu = load_public_key(keys / "laptop.key"), load_public_key(keys / "gpu.key")
+    assert check.callback(DOMAIN_MDP, laptop) and check.callback(DOMAIN_EVENTS_OUT, laptop)
+    assert not check.callback(DOMAIN_EVENTS_IN, laptop)
+    assert check.callback(DOMAIN_EVENTS_IN, gpu) and check.callback(DOMAIN_MDP, gpu)
+    assert not check.callback(DOMAIN_MDP, load_public_key(keys / "broker.key"))
+    assert check.rejected == 2
+
+
+def test_control_and_broker_topics_are_the_broker_s_own() -> None:
+    assert not may_publish("control.cancel") and not may_publish("broker")
+    assert may_publish("job.abc") and may_publish("worker.w1") and may_publish("brokerage")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "gpu-box"])
+def test_a_public_address_without_curve_is_refused_with_how_to_make_keys(host: str) -> None:
+    with pytest.raises(ConfigError, match="distill keys generate"):
+        check_exposure(host, secure=False, insecure=False)
+    check_exposure(host, secure=True, insecure=False)
+    check_exposure(host, secure=False, insecure=True)  # allowed, with a warning
+
+
+def test_loopback_needs_no_keys() -> None:
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
+        check_exposure(host, secure=False, insecure=False)
+
+
+def test_outstanding_requests_are_counted_per_owner() -> None:
+    counter = OutstandingCounter(2)
+    assert counter.admit(b"a") and counter.admit(b"a")
+    assert not counter.admit(b"a")
+    assert counter.admit(b"b")
+    counter.release(b"a")
+    assert counter.admit(b"a") and counter.count(b"a") == 2
+
+
+def test_artifact_quota_is_per_key_persistent_and_freed_by_delete(tmp_path: Path) -> None:
+    quota = ArtifactQuota(tmp_path / "quota.json", 100)
+    quota.charge("k1", "a" * 64, 60)
+    quota.charge("k1", "a" * 64, 60)  # a resumed upload is charged once
+    with pytest.raises(ArtifactError, match="artifact quota exceeded for key k1: it stores 60 of 100"):
+        quota.charge("k1", "b" * 64, 41)
+    quota.charge("k2", "b" * 64, 41)  # another key has its own quota
+    again = ArtifactQuota(tmp_path / "quota.json", 100)
+    assert again.usage("k1") == 60 and again.usage("k2") == 41
+    again.forget("a" * 64)
+    again.charge("k1", "b" * 64, 41)
+    assert again.usage("k1") == 41
+    with pytest.raises(ArtifactError, match="negative size"):
+        again.charge("k1", "c" * 64, -5)
