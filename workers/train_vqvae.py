@@ -5,11 +5,17 @@ Job params::
     {"dataset": sha256,          # a dataset artifact (distill.preprocess's result)
      "model": {...},             # optional VQVAEConfig overrides; codebook size/levels left
                                  # out are chosen from the dataset size
-     "train": {...}}             # optional TrainConfig overrides
+     "train": {...}}             # optional TrainConfig overrides; "minutes" absent: the
+                                 # device's default budget (DEFAULT_MINUTES), 0: epochs only
 
 The training is :class:`distill.shared.train.vqvae.VQVAETrainer`; this module only adapts the
-job context to its hooks: metrics and progress per epoch, a checkpoint artifact per epoch (a
-retried job resumes from the last one), and Griffin-Lim audio previews of validation chunks.
+job context to its hooks: metrics and progress per epoch, checkpoint artifacts paced by
+``checkpoint_every_s`` (a retried job resumes from the last one), and Griffin-Lim audio
+previews of validation chunks.
+
+Result: ``{"model": weights sha256 (kind "vqvae"), "dataset": sha256, "config", "train_config",
+"chosen", "epochs", "best_epoch", "best_val_loss", "stopped", "metrics", "budget"}``; ``budget``
+says the minutes, where they came from and why, the planned last epoch and the steps made.
 """
 
 from __future__ import annotations
@@ -27,10 +33,15 @@ from distill.shared.errors import JobError
 from distill.shared.ids import is_sha256
 from distill.shared.model.formats import weights_to_bytes
 from distill.shared.model.vqvae import VQVAEConfig
+from distill.shared.train.loop import with_default_budget
 from distill.shared.train.vqvae import TrainConfig, VQVAETrainer
 from distill.workers.runtime.context import JobContext
 
 SERVICE = "distill.train.vqvae"
+# Minutes per device kind when the job does not say: the CPU default model reaches its quality
+# plateau on a ~100-file collection in about eight minutes of two cores; a GPU makes the same
+# steps several times faster, MPS about twice.
+DEFAULT_MINUTES = {"cpu": 8.0, "cuda": 3.0, "mps": 4.0}
 
 
 class JobHooks:
@@ -71,12 +82,17 @@ def _wav_bytes(audio: Tensor, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
-def _params(params: dict[str, Any]) -> tuple[str, VQVAEConfig, TrainConfig]:
+def _params(
+    params: dict[str, Any], device: str
+) -> tuple[str, VQVAEConfig, TrainConfig, dict[str, Any]]:
     sha = params.get("dataset")
     if not is_sha256(sha):
         raise JobError("train.vqvae: params.dataset must be a dataset artifact id (sha256 hex)")
     model, train = params.get("model") or {}, params.get("train") or {}
-    return sha, VQVAEConfig.from_dict(model), TrainConfig.from_dict(train)
+    if not isinstance(train, dict):
+        raise JobError("train.vqvae: params.train must be a map of TrainConfig settings")
+    train, budget_note = with_default_budget(train, device, DEFAULT_MINUTES, "RVQ-VAE")
+    return sha, VQVAEConfig.from_dict(model), TrainConfig.from_dict(train), budget_note
 
 
 def _with_dataset_from_deps(ctx: JobContext) -> dict[str, Any]:
@@ -84,15 +100,19 @@ def _with_dataset_from_deps(ctx: JobContext) -> dict[str, Any]:
     the preprocess job and takes the dataset from its result."""
     params = dict(ctx.info.params)
     if "dataset" not in params:
-        found = [r["dataset"] for r in ctx.info.deps.values() if isinstance(r, dict) and "dataset" in r]
+        found = [
+            r["dataset"] for r in ctx.info.deps.values() if isinstance(r, dict) and "dataset" in r
+        ]
         if len(found) != 1:
-            raise JobError("train.vqvae: give params.dataset, or depend on exactly one preprocess job")
+            raise JobError(
+                "train.vqvae: give params.dataset, or depend on exactly one preprocess job"
+            )
         params["dataset"] = found[0]
     return params
 
 
 def run_job(ctx: JobContext) -> dict[str, Any]:
-    sha, model_config, train_config = _params(_with_dataset_from_deps(ctx))
+    sha, model_config, train_config, budget_note = _params(_with_dataset_from_deps(ctx), ctx.device)
     dataset = Dataset.from_bytes(ctx.artifacts.get_bytes(sha))
     hooks = JobHooks(ctx, dataset.mel_config)
     trainer = VQVAETrainer(dataset, model_config, train_config, hooks, device=ctx.device)
@@ -104,6 +124,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     metrics = {k: v for k, v in result.metrics.items() if k != "usage"}
     return {
         "model": model_sha,
+        "dataset": sha,
         "config": result.model_config.to_dict(),
         "train_config": result.train_config.to_dict(),
         "chosen": result.chosen,
@@ -112,4 +133,5 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         "best_val_loss": result.best_val_loss,
         "stopped": result.stopped,
         "metrics": metrics,
+        "budget": {**result.budget, **budget_note},
     }

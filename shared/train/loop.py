@@ -1,20 +1,107 @@
-"""What every Distill trainer shares: the hooks it reports through, the learning-rate schedule,
-RNG state for checkpoints, and codebook statistics.
+"""What every Distill trainer shares: the loop itself (epochs, steps, validation, metrics,
+checkpoints, NaN rollback, cancel, early stopping, best-by-validation, RNG state, resume, the
+time budget), the learning-rate schedule, and codebook statistics.
 
-A trainer is a plain PyTorch loop with named phases (batch, step, metrics, checkpoint, preview,
-cancel check). Everything it does with its results (publish metrics, store checkpoints and
-previews) goes through :class:`TrainHooks`, so it runs the same in a job, a test and a benchmark.
+A trainer subclasses :class:`Trainer` and supplies what differs: how to build and initialise
+its model, its batches, the loss of one step, its validation, its part of each metrics row and
+what its checkpoint holds beside the loop's state. One epoch is: batch -> cancel check -> step
+(lr, forward, loss, NaN check, backward, clip, Adam) for every batch -> validate -> metrics ->
+checkpoint (paced) -> hooks.on_epoch -> after_epoch (previews). Everything the loop does with
+its results goes through :class:`TrainHooks`, so it runs the same in a job, a test and a bench.
+
+Time budget. With ``minutes > 0`` the run is fitted to the budget once: at the end of the first
+epoch that ends past the warmup, the loop measures the wall seconds per epoch of this attempt
+(steps, validation, checkpoints and hooks together; the attempt's first epoch is left out when
+a later one exists, as it pays one-off allocation costs) and plans the last epoch as the one
+that fits in what is left of the budget (at least one more, at most ``epochs``). The cosine is
+then stretched over exactly those epochs, so the run stops when the budget is spent and the
+learning rate has reached its floor together. Until the fit, the cosine runs over the
+``epochs`` upper bound (at most one epoch of steps past the warmup, where it has barely moved).
+The fit is made once, not every step, so a run's schedule is one curve; it is stored in the
+checkpoint, and a resumed run keeps it and the seconds already spent.
+
+Checkpoints are paced by time: at most one per ``checkpoint_every_s`` (0: after every epoch),
+and always at the start (the point a NaN in the first epoch rolls back to), after a rollback,
+and at the end of the run.
+
+Determinism: a trainer's data order draws from generators seeded by (seed, epoch); what draws
+from torch's global RNG is restored with it from every checkpoint, so on the CPU a run resumed
+from a checkpoint ends with the same weights as one that never stopped. Threads are the
+caller's business (``torch.set_num_threads``), never set here.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from typing import Any, Protocol
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from distill.shared.configs import require
+from distill.shared.errors import JobError, ModelFormatError
+from distill.shared.model.formats import checkpoint_to_bytes, read_checkpoint
+
+MAX_BUDGET_MINUTES = 7 * 24 * 60  # a week: past that a budget is a typo
+
+M = TypeVar("M", bound=nn.Module)
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The loop's settings, shared by every trainer's config (which adds its own fields and may
+    change these defaults). Travels in checkpoints. Reasons beside the defaults."""
+
+    epochs: int = 300  # upper bound; early stopping or the time budget usually end sooner
+    batch_size: int = 16  # small batches: more updates per second on a CPU
+    lr: float = 2e-3  # Adam's peak rate; the warmup makes it safe for fresh weights
+    lr_min_ratio: float = 0.05  # the cosine decays to lr x this at the last step
+    warmup_steps: int = 100  # linear warmup: the first steps see freshly initialised weights
+    schedule: str = "cosine"  # "cosine" or "constant" (after warmup)
+    grad_clip: float = 1.0  # global norm; guards against one bad batch
+    patience: int = 40  # epochs without a better validation loss before stopping; 0 = never
+    seed: int = 0  # everything random in the run derives from it
+    max_rollbacks: int = 2  # NaN/inf rollbacks allowed; the next one fails the job
+    minutes: float = 0.0  # time budget (module docstring); 0 = epochs only, deterministic
+    checkpoint_every_s: float = 60.0  # at most one checkpoint a minute: writing ~100 MB after
+    # every few-second epoch costs a fifth of the run; 0 = after every epoch
+
+    def loop_checks(self) -> list[tuple[bool, str]]:
+        """The loop's checks; a subclass adds its own and passes all of them to ``require``."""
+        return [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
+            (0 <= self.lr_min_ratio <= 1, "lr_min_ratio must be in [0, 1]"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.schedule in ("cosine", "constant"), "schedule must be cosine or constant"),
+            (self.grad_clip > 0, "grad_clip must be > 0"),
+            (self.patience >= 0 and self.seed >= 0, "patience and seed must be >= 0"),
+            (self.max_rollbacks >= 0, "max_rollbacks must be >= 0"),
+            (0 <= self.minutes <= MAX_BUDGET_MINUTES,
+             f"minutes must be in 0..{MAX_BUDGET_MINUTES} (0 = no budget)"),
+            (0 <= self.checkpoint_every_s <= 86400, "checkpoint_every_s must be in 0..86400"),
+        ]  # fmt: skip
+
+    def __post_init__(self) -> None:
+        require(self.loop_checks(), type(self).__name__)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule and budget
 
 
 class LRSchedule(Protocol):
@@ -42,6 +129,26 @@ def lr_at(config: LRSchedule, step: int, total_steps: int) -> float:
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def fit_epochs(done: int, epoch_s: float, remaining_s: float, max_epochs: int) -> int:
+    """The planned last epoch of a budgeted run: ``done`` plus the whole epochs of ``epoch_s``
+    seconds that fit in ``remaining_s`` (at least one, so the cosine gets to decay), capped at
+    ``max_epochs``."""
+    fitting = math.floor(max(remaining_s, 0.0) / max(epoch_s, 1e-9))
+    return min(max_epochs, done + max(1, fitting))
+
+
+def measured_epoch_s(walls: list[float]) -> float:
+    """Seconds per epoch from this attempt's whole-epoch wall times; the first is left out
+    when a later one exists (it pays one-off allocation and cache costs)."""
+    assert walls, "measure at least one epoch"
+    kept = walls[1:] if len(walls) > 1 else walls
+    return sum(kept) / len(kept)
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks
+
+
 class TrainHooks(Protocol):
     """What the loop reports to (a job context, a test, a benchmark)."""
 
@@ -54,7 +161,7 @@ class TrainHooks(Protocol):
         ...
 
     def save_checkpoint(self, data: bytes) -> None:
-        """Store a checkpoint (bytes from torch.save); called after every epoch."""
+        """Store a checkpoint (bytes from torch.save); paced by ``checkpoint_every_s``."""
         ...
 
     def load_checkpoint(self) -> bytes | None:
@@ -83,6 +190,370 @@ class NullHooks:
 
     def on_preview(self, epoch: int, mels: Tensor, recon: Tensor, names: list[str]) -> None:
         return None
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+class Diverged(Exception):
+    """A non-finite loss: roll back to the last checkpoint."""
+
+
+@dataclass
+class LoopState:
+    """What changes as training runs (the model and optimiser aside); all of it checkpointed."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps taken
+    best_val: float = math.inf
+    best_epoch: int = 0
+    best_state: dict[str, Tensor] | None = None
+    lr_scale: float = 1.0  # halved by every NaN rollback
+    rollbacks: int = 0
+    last_metrics: dict[str, Any] = field(default_factory=dict)  # the last epoch's row
+    planned_epochs: int = 0  # the budget's planned last epoch; 0 until fitted (or no budget)
+    fit_epoch_s: float = 0.0  # the seconds per epoch the fit used
+    fit_at_epoch: int = 0  # epochs completed when it was made
+
+
+@dataclass
+class LoopResult(Generic[M]):
+    model: M  # with the weights of the best validation epoch, in eval mode
+    epochs: int  # epochs run
+    best_val: float
+    best_epoch: int
+    stopped: str  # "epochs", "budget" or "early_stopping"
+    metrics: dict[str, Any]  # the last epoch's row
+    budget: dict[str, Any]  # minutes, planned_epochs, steps, spent_s, stopped, why
+
+
+class Trainer(ABC, Generic[M]):
+    """The loop; a subclass supplies the model, batches, loss, validation and its metrics.
+
+    ``run_loop()`` once; it resumes from ``hooks.load_checkpoint()`` when that returns bytes.
+    ``clock`` (seconds, monotonic) times epochs, the budget and checkpoint pacing; tests pass a
+    fake one.
+    """
+
+    kind: ClassVar[str]  # which trainer wrote a checkpoint: "vqvae", "prior"
+
+    def __init__(self, train_config: LoopConfig, hooks: TrainHooks, *, device: str = "cpu",
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.train_config = train_config
+        self.hooks, self.device, self.clock = hooks, torch.device(device), clock
+        self.state = LoopState()
+        self.model: M | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.last_checkpoint: bytes | None = None
+        self._checkpointed_epoch = -1  # the epoch of last_checkpoint
+        self._last_checkpoint_at = -math.inf  # clock() when it was written
+        self._spent_before = 0.0  # budget seconds spent by earlier attempts (from the checkpoint)
+        self._started_at = 0.0  # clock() when this attempt (or the last rollback) started
+        self._epoch_walls: list[float] = []  # this attempt's whole-epoch wall seconds
+        self._epoch_mark: float | None = None  # clock() at the start of the running epoch
+        self._lr = 0.0
+
+    # -- what a trainer supplies ----------------------------------------------------------------
+
+    @abstractmethod
+    def build_model(self) -> M:
+        """A fresh model on ``self.device``, initialised (from data if need be)."""
+
+    @property
+    @abstractmethod
+    def steps_per_epoch(self) -> int: ...
+
+    @abstractmethod
+    def batches(self, epoch: int) -> Iterator[Any]:
+        """The batches of ``epoch`` (1-based), ``steps_per_epoch`` of them, seeded by it."""
+
+    @abstractmethod
+    def new_totals(self) -> dict[str, Any]:
+        """Empty per-epoch accumulators for ``step_loss``."""
+
+    @abstractmethod
+    def step_loss(self, batch: Any, totals: dict[str, Any]) -> Tensor:
+        """Forward ``batch``, return the loss to minimise; add what the metrics need to totals."""
+
+    @abstractmethod
+    def validate(self) -> tuple[float, dict[str, Any]]:
+        """The validation loss (lower is better; picks the best epoch) and more values."""
+
+    @abstractmethod
+    def epoch_metrics(self, totals: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
+        """The trainer's part of an epoch's metrics row; ``validation`` is what ``validate``
+        returned, with the loss under "val_loss"."""
+
+    @abstractmethod
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint holds beside the loop's state: at least "model_config" and
+        "train_config" (plain dicts)."""
+
+    @abstractmethod
+    def restore_model(self, ckpt: dict[str, Any]) -> M:
+        """Configs from a checkpoint (they win over the constructor's; set ``train_config``),
+        and the model with the checkpoint's weights, on ``self.device``."""
+
+    def build_optimizer(self, model: M) -> torch.optim.Optimizer:
+        return torch.optim.Adam(model.parameters(), lr=self.train_config.lr)
+
+    def after_epoch(self, epoch: int) -> None:
+        """After the metrics and checkpoint of ``epoch`` (audio previews, say)."""
+        return None
+
+    # -- run ------------------------------------------------------------------------------------
+
+    def run_loop(self) -> LoopResult[M]:
+        """Train to the planned last epoch or early stop; JobError after too many NaN rollbacks."""
+        with torch.random.fork_rng(devices=self._cuda_devices()):  # leave the caller's RNG be
+            self._start()
+            stopped = self._stop_reason()
+            while stopped is None:
+                try:
+                    self._epoch()
+                except Diverged as e:
+                    self._rollback(str(e))
+                    continue
+                stopped = self._stop_reason()
+            if self._checkpointed_epoch != self.state.epoch:
+                self._checkpoint()  # always at the end, whatever the pacing
+            return self._result(stopped)
+
+    def _start(self) -> None:
+        self._started_at = self.clock()
+        data = self.hooks.load_checkpoint()
+        if data is not None:
+            self._restore(data)
+            self.last_checkpoint, self._checkpointed_epoch = data, self.state.epoch
+            self._last_checkpoint_at = self.clock()
+            return
+        cfg = self.train_config
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model = self.build_model()
+        self.optimizer = self.build_optimizer(self.model)
+        self._checkpoint()  # epoch 0: the point a NaN in the first epoch rolls back to
+
+    def _stop_reason(self) -> str | None:
+        s, cfg = self.state, self.train_config
+        if cfg.patience > 0 and s.epoch - s.best_epoch >= cfg.patience:
+            return "early_stopping"
+        if s.epoch >= self.planned_epochs:
+            return "budget" if self.planned_epochs < cfg.epochs else "epochs"
+        return None
+
+    @property
+    def planned_epochs(self) -> int:
+        """The last epoch: fitted to the budget, else the ``epochs`` upper bound."""
+        return self.state.planned_epochs or self.train_config.epochs
+
+    def spent_s(self) -> float:
+        """Seconds of the budget spent, over every attempt of this run."""
+        return self._spent_before + self.clock() - self._started_at
+
+    # -- budget ---------------------------------------------------------------------------------
+
+    def _mark_epoch_start(self) -> None:
+        now = self.clock()
+        if self._epoch_mark is not None:
+            self._epoch_walls.append(now - self._epoch_mark)
+        self._epoch_mark = now
+
+    def _fit_budget(self) -> None:
+        """Once, at the start of the first epoch after the warmup that has a measured epoch."""
+        s, cfg = self.state, self.train_config
+        if cfg.minutes <= 0 or s.planned_epochs or s.step < cfg.warmup_steps:
+            return
+        if not self._epoch_walls:
+            return
+        epoch_s = measured_epoch_s(self._epoch_walls)
+        remaining = cfg.minutes * 60 - self.spent_s()
+        s.planned_epochs = fit_epochs(s.epoch, epoch_s, remaining, cfg.epochs)
+        s.fit_epoch_s, s.fit_at_epoch = epoch_s, s.epoch
+
+    def budget_summary(self, stopped: str) -> dict[str, Any]:
+        s, cfg = self.state, self.train_config
+        if cfg.minutes <= 0:
+            why = f"no time budget: up to {cfg.epochs} epochs"
+        elif s.planned_epochs:
+            why = (f"{cfg.minutes:g} min budget: {s.fit_epoch_s:.2f} s per epoch measured after "
+                   f"the warmup (at epoch {s.fit_at_epoch}) -> the schedule ends at epoch "
+                   f"{s.planned_epochs} (upper bound {cfg.epochs})")  # fmt: skip
+        else:
+            why = f"{cfg.minutes:g} min budget; the run ended before the warmup did, unfitted"
+        return {"minutes": cfg.minutes, "planned_epochs": self.planned_epochs, "steps": s.step,
+                "spent_s": round(self.spent_s(), 3), "stopped": stopped, "why": why}  # fmt: skip
+
+    # -- step -----------------------------------------------------------------------------------
+
+    def _step(self, batch: Any, totals: dict[str, Any]) -> None:
+        """One optimiser step: lr, loss, NaN check, backward, clip, Adam."""
+        model, opt, s = self._model(), self._optimizer(), self.state
+        lr = lr_at(self.train_config, s.step, self.planned_epochs * self.steps_per_epoch)
+        lr *= s.lr_scale
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = self.step_loss(batch, totals)
+        if not torch.isfinite(loss):
+            raise Diverged(f"loss was {loss.item()} at step {s.step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), self.train_config.grad_clip)
+        opt.step()
+        s.step += 1
+        self._lr = lr
+
+    # -- epoch ----------------------------------------------------------------------------------
+
+    def _epoch(self) -> None:
+        self._mark_epoch_start()
+        self._fit_budget()
+        self._model().train()
+        epoch = self.state.epoch + 1
+        totals = self.new_totals()
+        started = self.clock()
+        for batch in self.batches(epoch):
+            self.hooks.check_cancel()
+            self._step(batch, totals)
+        seconds = self.clock() - started
+        val_loss, validation = self.validate()
+        if not math.isfinite(val_loss):
+            raise Diverged(f"validation loss was {val_loss} after epoch {epoch}")
+        self.state.epoch = epoch
+        self._track_best(val_loss)
+        validation = {**validation, "val_loss": val_loss}
+        metrics = {**self._loop_metrics(seconds), **self.epoch_metrics(totals, validation)}
+        self.state.last_metrics = metrics
+        if self._checkpoint_due():
+            self._checkpoint()
+        self.hooks.on_epoch(metrics)
+        self.after_epoch(epoch)
+
+    def _track_best(self, val_loss: float) -> None:
+        s = self.state
+        if val_loss < s.best_val:
+            s.best_val, s.best_epoch = val_loss, s.epoch
+            s.best_state = {k: v.detach().cpu().clone()
+                            for k, v in self._model().state_dict().items()}  # fmt: skip
+
+    def _loop_metrics(self, seconds: float) -> dict[str, Any]:
+        s = self.state
+        per_epoch = self._epoch_walls[-1] if self._epoch_walls else seconds
+        return {
+            "epoch": s.epoch,
+            "epochs": self.planned_epochs,
+            "step": s.step,
+            "best_val": s.best_val,
+            "best_epoch": s.best_epoch,
+            "lr": self._lr,
+            "epoch_s": seconds,  # the steps alone
+            "steps_per_s": self.steps_per_epoch / max(seconds, 1e-9),
+            "eta_s": per_epoch * (self.planned_epochs - s.epoch),
+            "spent_s": self.spent_s(),
+            "rollbacks": s.rollbacks,
+        }
+
+    def _result(self, stopped: str) -> LoopResult[M]:
+        model, s = self._model(), self.state
+        if s.best_state is not None:
+            model.load_state_dict(s.best_state)
+        model.eval()
+        return LoopResult(model=model, epochs=s.epoch, best_val=s.best_val,
+                          best_epoch=s.best_epoch, stopped=stopped, metrics=s.last_metrics,
+                          budget=self.budget_summary(stopped))  # fmt: skip
+
+    def _model(self) -> M:
+        assert self.model is not None, "run_loop() builds the model"
+        return self.model
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        assert self.optimizer is not None, "run_loop() builds the optimiser"
+        return self.optimizer
+
+    def _cuda_devices(self) -> list[torch.device]:
+        return [self.device] if self.device.type == "cuda" else []
+
+    # -- checkpoint / rollback ------------------------------------------------------------------
+
+    def _checkpoint_due(self) -> bool:
+        every = self.train_config.checkpoint_every_s
+        return every == 0 or self.clock() - self._last_checkpoint_at >= every
+
+    def _checkpoint(self) -> None:
+        s, model = self.state, self._model()
+        payload = {
+            **self.checkpoint_state(),
+            "trainer": self.kind,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": self._optimizer().state_dict(),
+            "scheduler": {
+                "kind": self.train_config.schedule,
+                "lr_scale": s.lr_scale,
+                "planned_epochs": s.planned_epochs,
+                "fit_epoch_s": s.fit_epoch_s,
+                "fit_at_epoch": s.fit_at_epoch,
+            },
+            "step": s.step,
+            "epoch": s.epoch,
+            "rng": rng_state(self._cuda_devices()),
+            "best_val": s.best_val,
+            "best_epoch": s.best_epoch,
+            # the best weights, unless they are this epoch's (then state_dict holds them)
+            "best_state_dict": None if s.best_epoch == s.epoch else s.best_state,
+            "rollbacks": s.rollbacks,
+            "last_metrics": s.last_metrics,
+            "spent_s": self.spent_s(),
+        }
+        self.last_checkpoint = checkpoint_to_bytes(payload)
+        self._checkpointed_epoch, self._last_checkpoint_at = s.epoch, self.clock()
+        self.hooks.save_checkpoint(self.last_checkpoint)
+
+    def _restore(self, data: bytes) -> None:
+        """Model, optimiser, counters and RNG from a checkpoint; its configs win over ours."""
+        ckpt = read_checkpoint(data)
+        trainer = ckpt.get("trainer", "vqvae")  # the RVQ-VAE's checkpoints predate the field
+        if trainer != self.kind:
+            raise ModelFormatError(f"the checkpoint is the {trainer} trainer's, not the "
+                                   f"{self.kind} trainer's")  # fmt: skip
+        self.model = self.restore_model(ckpt)
+        self.optimizer = self.build_optimizer(self.model)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        best_state = ckpt["best_state_dict"]
+        if best_state is None and int(ckpt["best_epoch"]) == int(ckpt["epoch"]) > 0:
+            best_state = {k: v.clone() for k, v in ckpt["state_dict"].items()}
+        sched = ckpt["scheduler"]
+        self.state = LoopState(
+            epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), best_val=float(ckpt["best_val"]),
+            best_epoch=int(ckpt["best_epoch"]), best_state=best_state,
+            lr_scale=float(sched["lr_scale"]), rollbacks=int(ckpt["rollbacks"]),
+            last_metrics=dict(ckpt.get("last_metrics", {})),
+            planned_epochs=int(sched.get("planned_epochs", 0)),
+            fit_epoch_s=float(sched.get("fit_epoch_s", 0.0)),
+            fit_at_epoch=int(sched.get("fit_at_epoch", 0)),
+        )  # fmt: skip
+        self._spent_before, self._started_at = float(ckpt.get("spent_s", 0.0)), self.clock()
+        self._epoch_mark = None  # a partial epoch is no measure of one
+        set_rng_state(ckpt["rng"], self._cuda_devices())
+
+    def _rollback(self, reason: str) -> None:
+        """Back to the last checkpoint with half the learning rate; fail after max_rollbacks."""
+        rollbacks = self.state.rollbacks + 1
+        if rollbacks > self.train_config.max_rollbacks or self.last_checkpoint is None:
+            raise JobError(
+                f"training diverged {rollbacks} times ({reason}), even after halving the "
+                f"learning rate {rollbacks - 1} time(s); try a lower lr or check the dataset"
+            )
+        lr_scale, spent = self.state.lr_scale * 0.5, self.spent_s()
+        self._restore(self.last_checkpoint)
+        self.state.rollbacks, self.state.lr_scale = rollbacks, lr_scale
+        self._spent_before, self._started_at = spent, self.clock()  # time lost still counts
+        self._checkpoint()  # the halved rate survives a crash
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics and RNG state
 
 
 def code_counts(codes: Tensor, codebook_size: int) -> Tensor:
@@ -122,3 +593,21 @@ def set_rng_state(rng: dict[str, Any], cuda_devices: list[torch.device]) -> None
     np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached"]))
     p = rng["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def with_default_budget(
+    train_params: dict[str, Any], device: str, defaults: dict[str, float], stage: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Training params with "minutes" set to the device's default budget when absent, and a
+    note of where the budget came from ({"source": "params" | "default", "why_minutes"}).
+
+    ``defaults`` maps a device kind ("cpu", "cuda", "mps") to minutes; unknown kinds take the
+    CPU's. An explicit "minutes" (0 included: epochs only) is the person's choice and is kept.
+    """
+    if "minutes" in train_params:
+        return train_params, {"source": "params",
+                              "why_minutes": f"{train_params['minutes']} min from the job's params"}  # fmt: skip
+    kind = device.split(":")[0]
+    minutes = defaults.get(kind, defaults["cpu"])
+    why = f"the default {stage} budget on {kind}: {minutes:g} min (set train.minutes to change it)"
+    return {**train_params, "minutes": minutes}, {"source": "default", "why_minutes": why}

@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 FILES = ["bd_808.flac", "bd_haus.flac", "sn_dub.flac", "hat_bdu.flac", "drum_cymbal_open.flac",
          "tabla_na.flac", "elec_blip.flac", "perc_bell.flac"]
 TINY_MODEL = {"channels": 32, "latent_dim": 16, "blocks": 1, "codebook_size": 16, "levels": 2}
-TINY_TRAIN = {"batch_size": 8, "preview_every": 0, "patience": 0, "warmup_steps": 4}
+TINY_TRAIN = {"batch_size": 8, "preview_every": 0, "patience": 0, "warmup_steps": 4,
+              "checkpoint_every_s": 0}
 
 
 def put_dataset(c: Any, percussion: Path, tmp_path: Path) -> str:
@@ -110,3 +111,8 @@ def test_pipeline_from_sound_files_to_model(cluster: Cluster, percussion: Path, 
         assert record["status"] == "succeeded", record["error"]
         assert record["result"]["chosen"]["codebook_size"] == 16
         assert ac.stat(record["result"]["model"])["kind"] == "vqvae"
+        result = record["result"]
+        assert result["dataset"] == jobs.get(prep["id"])["result"]["dataset"]
+        budget = result["budget"]  # no minutes in the params: the CPU default, fitted
+        assert (budget["source"], budget["minutes"], budget["steps"]) == ("default", 8.0, result["metrics"]["step"])
+        assert budget["planned_epochs"] == 2 and budget["stopped"] == "epochs"
