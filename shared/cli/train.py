@@ -305,8 +305,12 @@ def stage_outcome(stage: Stage, result: dict[str, Any]) -> str:
         return (f"RVQ-VAE {chosen.get('codebook_size')} codes x {chosen.get('levels')} levels"
                 f"{why}; best validation loss {result.get('best_val_loss')}")  # fmt: skip
     metrics, base = result.get("metrics") or {}, result.get("baselines") or {}
+    best = _number(result, "best_val_bits")
+    best_text = (
+        f"best val {best:.3f} (epoch {result.get('best_epoch')}); " if best is not None else ""
+    )
     bits = "  ".join(_bits_parts({**base, **metrics}))
-    return f"prior {bits}{why}"
+    return f"prior {best_text}last epoch {bits}; stopped: {result.get('stopped')}{why}"
 
 
 class StageFailed(DistillError):
@@ -364,9 +368,10 @@ def _finish(c: Any, stages: list[Stage], record: dict[str, Any], out: Path) -> N
 
     if stages[-1].name != "prior":
         result = record.get("result") or {}
-        typer.echo(f"RVQ-VAE weights: artifact {result.get('model')} (job {stages[-1].job_id}); "
-                   f"train a prior on them: distill train DATASET --stage prior --vqvae "
-                   f"{stages[-1].job_id}")  # fmt: skip
+        job_id = stages[-1].job_id
+        typer.echo(f"model {result.get('model')}  (RVQ-VAE weights of job {job_id}, best "
+                   f"validation loss {result.get('best_val_loss')})\nnext, a prior on its codes: "
+                   f"distill train --stage prior --vqvae {job_id}")  # fmt: skip
         return
     path = fetch_model(c, record, out)
     print_model_summary(path)
