@@ -1,0 +1,38 @@
+"""distill.infer through a real broker and worker: upload, decode twice, a bad request, recovery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distill.shared.bus.artifacts import ArtifactClient
+from distill.shared.bus.cache import ArtifactCache
+from distill.shared.errors import BAD_REQUEST, RequestError
+from distill.shared.model.modelfile import save_model
+from tests.conftest import Cluster
+from tests.workers.test_infer import Q, tiny_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_requests_through_the_broker(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_broker()
+    cluster.start_worker("infer")
+    path = tmp_path / "tiny.distill"
+    model_id = save_model(path, tiny_model())
+    with cluster.client(timeout_s=60) as c:
+        sha = ArtifactClient(c, cache=ArtifactCache(tmp_path / "cache")).put_file(
+            path, kind="model", name=path.name)
+        codes = np.random.default_rng(0).integers(0, 16, (Q, 30))
+        first = c.request("distill.infer", {"op": "decode", "model": sha, "codes": codes})
+        assert first["model_id"] == model_id and first["audio"].dtype == np.float32
+        with pytest.raises(RequestError, match="levels") as info:
+            c.request("distill.infer", {"op": "decode", "model": sha, "codes": codes[:2]})
+        assert info.value.code == BAD_REQUEST
+        again = c.request("distill.infer", {"op": "decode", "model": sha, "codes": codes})
+        assert np.array_equal(again["audio"], first["audio"])
+        gen = c.request("distill.infer", {"op": "generate", "model": sha, "count": 2,
+                                          "seconds": 0.2, "seed": 1})  # fmt: skip
+        assert gen["audio"].shape[0] == 2 and np.isfinite(gen["audio"]).all()
