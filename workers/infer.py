@@ -250,7 +250,9 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     for i, audio in enumerate(out.audio):
         name = f"gen-{params.seed}-{i:03d}.{fmt}"
         meta = generate_metadata(model.model_id, recipe, i, name)
-        data = export_bytes(audio, out.sample_rate, fmt, meta, "FLOAT" if fmt == "wav" else "PCM_24")
+        data = export_bytes(
+            audio, out.sample_rate, fmt, meta, "FLOAT" if fmt == "wav" else "PCM_24"
+        )
         sha = ctx.artifacts.put_bytes(data, kind="audio", name=name, job=ctx.info.job_id)
         sounds.append({"index": i, "artifact": sha, "name": name, "seed": params.seed})
     return {"sounds": sounds, "model_id": model.model_id, "params": recipe,

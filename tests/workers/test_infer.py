@@ -41,7 +41,11 @@ def one_thread() -> Iterator[None]:
 def tiny_model(with_prior: bool = True) -> DistillModel:
     torch.manual_seed(0)
     vqvae = VQVAE(VQVAEConfig(channels=16, latent_dim=8, blocks=1, codebook_size=K, levels=Q))
-    prior = Prior(PriorConfig(levels=Q, codebook_size=K, embed_dim=8, hidden=16)) if with_prior else None
+    prior = (
+        Prior(PriorConfig(levels=Q, codebook_size=K, embed_dim=8, hidden=16))
+        if with_prior
+        else None
+    )
     return DistillModel(mel_config=MelConfig(), vqvae=vqvae.eval(),
                         prior=None if prior is None else prior.eval(), summary={"test": True})  # fmt: skip
 

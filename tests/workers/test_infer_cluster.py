@@ -24,7 +24,8 @@ def test_requests_through_the_broker(cluster: Cluster, tmp_path: Path) -> None:
     model_id = save_model(path, tiny_model())
     with cluster.client(timeout_s=60) as c:
         sha = ArtifactClient(c, cache=ArtifactCache(tmp_path / "cache")).put_file(
-            path, kind="model", name=path.name)
+            path, kind="model", name=path.name
+        )
         codes = np.random.default_rng(0).integers(0, 16, (Q, 30))
         first = c.request("distill.infer", {"op": "decode", "model": sha, "codes": codes})
         assert first["model_id"] == model_id and first["audio"].dtype == np.float32
