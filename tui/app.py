@@ -60,6 +60,7 @@ class DistillApp(App[None]):
         self.cluster_jobs: list[dict[str, Any]] = []
         self.screens_listening: list[DistillScreen] = []
         self.events_delivered = 0  # events handed to screens (the bench reads this)
+        self.last_dataset: str | None = None  # the dataset screen sets it; the training form reads it
 
     def on_mount(self) -> None:
         self.sub_title = self.endpoint
@@ -127,8 +128,8 @@ class DistillApp(App[None]):
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
-    def open_training(self, job_id: str) -> None:
-        self.switch_mode("training")
+    async def open_training(self, job_id: str) -> None:
+        await self.switch_mode("training")  # the screen is mounted once this returns
         screen = self.screen
         if isinstance(screen, TrainingScreen):
             screen.show_job(job_id)

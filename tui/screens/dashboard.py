@@ -82,9 +82,9 @@ class DashboardScreen(DistillScreen):
             log.write("\n".join(lines))
 
     @on(DataTable.RowSelected, "#jobs")
-    def _open_job(self, message: DataTable.RowSelected) -> None:
+    async def _open_job(self, message: DataTable.RowSelected) -> None:
         if message.row_key.value:
-            self.distill.open_training(str(message.row_key.value))
+            await self.distill.open_training(str(message.row_key.value))
 
 
 def _replace_rows(table: DataTable[Any], rows: list[tuple[Any, ...]], keys: list[str]) -> None:

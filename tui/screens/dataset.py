@@ -121,4 +121,4 @@ class DatasetScreen(DistillScreen):
         dataset = result.get("dataset") or "-"
         self.query_one("#summary", Static).update(
             f"{ok} of {len(rows)} files used, {len(rows) - ok} skipped — dataset {dataset}")
-        self.last_dataset = dataset
+        self.distill.last_dataset = result.get("dataset")

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import (
     Button,
     DataTable,
@@ -79,7 +79,7 @@ class TrainingScreen(DistillScreen):
         yield Footer()
 
     def _form(self) -> ComposeResult:
-        with Vertical(classes="form"):
+        with VerticalScroll(classes="form"):
             with Horizontal(classes="row"):
                 yield Label("dataset")
                 yield Input(placeholder="dataset id (or prefix) or preprocess job id", id="dataset")
@@ -91,6 +91,12 @@ class TrainingScreen(DistillScreen):
                 yield Input(placeholder="auto", id="codebook-size", type="integer")
                 yield Label("levels")
                 yield Input(placeholder="auto", id="levels-opt", type="integer")
+            with Horizontal(classes="row"):
+                yield Label("model")
+                yield Input(placeholder="KEY=VALUE … e.g. channels=128 blocks=2", id="model-opts")
+            with Horizontal(classes="row"):
+                yield Label("train")
+                yield Input(placeholder="KEY=VALUE … e.g. batch_size=16 patience=20", id="train-opts")
             yield Button("Start training", id="start", variant="primary")
 
     def on_mount(self) -> None:
@@ -101,7 +107,7 @@ class TrainingScreen(DistillScreen):
         self.query_one("#curves", LossCurves).set_rows([])
 
     def on_screen_resume(self) -> None:
-        dataset = getattr(self.distill, "last_dataset", None)
+        dataset = self.distill.last_dataset
         box = self.query_one("#dataset", Input)
         if dataset and not box.value:
             box.value = dataset
@@ -242,20 +248,28 @@ class TrainingScreen(DistillScreen):
         if not dataset:
             self.notify("give a dataset id or a preprocess job id first", severity="warning")
             return
+        from distill.shared.cli.train import parse_settings
+
         options = {key: int(v) for key, v in (
             ("epochs", self.query_one("#epochs", Input).value),
             ("codebook_size", self.query_one("#codebook-size", Input).value),
             ("levels", self.query_one("#levels-opt", Input).value)) if v.strip()}
-        self.start_training(dataset, options)
+        try:
+            model = parse_settings(self.query_one("#model-opts", Input).value.split())
+            train = parse_settings(self.query_one("#train-opts", Input).value.split())
+        except DistillError as e:
+            self.notify_error("settings", e)
+            return
+        model.update({k: options[k] for k in ("codebook_size", "levels") if k in options})
+        train.update({"epochs": options["epochs"]} if "epochs" in options else {})
+        self.start_training(dataset, model, train)
 
     @on(Button.Pressed, "#start")
     def _start_pressed(self) -> None:
         self.action_start()
 
     @work(group="actions")
-    async def start_training(self, dataset: str, options: dict[str, int]) -> None:
-        model = {k: options[k] for k in ("codebook_size", "levels") if k in options}
-        train = {"epochs": options["epochs"]} if "epochs" in options else {}
+    async def start_training(self, dataset: str, model: dict[str, Any], train: dict[str, Any]) -> None:
         params: dict[str, Any] = {"model": model, "train": train}
         depends_on: list[str] = []
         client = self.distill.client

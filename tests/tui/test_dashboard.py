@@ -1,0 +1,98 @@
+"""The dashboard against a real broker: it lists the workers, shows the events, says
+"disconnected" when the broker stops and recovers by itself when it comes back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from textual.widgets import DataTable, RichLog, Static
+
+from distill.shared.bus import protocol as P
+from distill.tui.app import DistillApp
+from distill.tui.link import EventBuffer, LinkConfig
+from tests.conftest import Cluster
+from tests.tui.conftest import until
+
+
+def connection_text(app: DistillApp) -> str:
+    return str(app.screen.query_one("#connection", Static).render())
+
+
+def table_column(app: DistillApp, selector: str, column: int) -> list[str]:
+    table = app.screen.query_one(selector, DataTable)
+    return [str(table.get_row_at(i)[column]) for i in range(table.row_count)]
+
+
+def test_a_stopped_broker_is_noticed_within_one_heartbeat_by_design() -> None:
+    cfg = LinkConfig()
+    # A poll that gets no answer costs its timeout plus an mmi.service question as long.
+    assert cfg.poll_s + 2 * cfg.poll_timeout_s < P.HEARTBEAT_INTERVAL_S
+
+
+def test_event_buffer_caps_batches_and_counts_what_it_dropped() -> None:
+    buf = EventBuffer(capacity=10, batch=4)
+    for i in range(15):
+        buf.add({"seq": i})
+    batch, dropped = buf.take()
+    assert [e["seq"] for e in batch] == [5, 6, 7, 8] and dropped == 5
+    batch, dropped = buf.take()
+    assert [e["seq"] for e in batch] == [9, 10, 11, 12] and dropped == 0
+    assert buf.received == 15 and len(buf) == 2
+
+
+@pytest.mark.slow
+async def test_dashboard_lists_workers_and_jobs(module_cluster: Cluster) -> None:
+    module_cluster.start_broker()
+    module_cluster.start_worker("echo")
+    module_cluster.start_worker("sleep")
+    with module_cluster.client() as c:
+        job = c.request(P.SERVICE_JOBS, {"op": "submit", "service": "distill.sleep",
+                                         "params": {"seconds": 0.2}})
+    app = DistillApp(module_cluster.endpoint)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: "connected to" in connection_text(app), what="connected")
+        await until(pilot, lambda: sorted(table_column(app, "#workers", 0)) == ["distill.sleep", "echo"],
+                    what="both workers listed")
+        await until(pilot, lambda: job["id"] in table_column(app, "#jobs", 0), what="the job listed")
+        log = app.screen.query_one("#events", RichLog)
+        await until(pilot, lambda: any(job["id"] in line.text for line in log.lines),
+                    what="the job's events in the log")
+
+
+@pytest.mark.slow
+async def test_disconnected_then_recovers_by_itself(cluster: Cluster) -> None:
+    cluster.start_broker()
+    cluster.start_worker("echo")
+    app = DistillApp(cluster.endpoint)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: table_column(app, "#workers", 0) == ["echo"], what="worker listed")
+        assert cluster.broker is not None
+        cluster.broker.stop()
+        await until(pilot, lambda: "disconnected" in connection_text(app), what="disconnected shown")
+        assert app.connected is False
+        # The screen still answers keys while the broker is away.
+        await pilot.press("question_mark")
+        assert type(app.screen).__name__ == "HelpScreen"
+        await pilot.press("escape")
+        cluster.start_broker()
+        await until(pilot, lambda: "connected to" in connection_text(app), what="reconnected")
+        await until(pilot, lambda: table_column(app, "#workers", 0) == ["echo"], 30,
+                    what="the worker registered again")
+        events: list[dict[str, Any]] = []
+        app.screens_listening.append(_Recorder(events))  # type: ignore[arg-type]
+        with cluster.client() as c:
+            c.request(P.SERVICE_JOBS, {"op": "submit", "service": "distill.sleep", "params": {}})
+        await until(pilot, lambda: any(e.get("type") == "status" for e in events), 30,
+                    what="events flow again after the restart")
+
+
+class _Recorder:
+    """Stands in for a screen: keeps the events the app hands out."""
+
+    def __init__(self, sink: list[dict[str, Any]]) -> None:
+        self.sink = sink
+
+    def post_message(self, message: Any) -> bool:
+        self.sink.extend(getattr(message, "events", []))
+        return True
