@@ -254,7 +254,10 @@ def _prior_params(c: Any, req: TrainRequest, stages: list[Stage], dataset: str,
         dataset, producer = vqvae_dataset, None
     if producer and vqvae_job:
         # both results would name a dataset: settle which one here by waiting for the preprocess
-        record = follow_stage(c, stages[-1] if stages else Stage("preprocess", producer), 1, 1)
+        prep = stages[-1] if stages else Stage("preprocess", producer)
+        record = follow_stage(c, prep, 1, 1)
+        if record["status"] != "succeeded":
+            raise StageFailed(cascade_report(c, [prep], 0, record))
         dataset, producer = str((record.get("result") or {}).get("dataset") or ""), None
     deps = [j for j in (producer, vqvae_job) if j]
     params |= {k: v for k, v in (("vqvae", weights), ("dataset", dataset)) if v}
@@ -265,7 +268,8 @@ def submit_pipeline(c: Any, req: TrainRequest) -> list[Stage]:
     """Submits the jobs ``req`` asks for, joined by depends_on; returns them in order."""
     from distill.shared.bus.jobs import JobsClient
 
-    jobs, stages = JobsClient(c), []
+    jobs = JobsClient(c)
+    stages: list[Stage] = []
     dataset, producer = _dataset_source(c, req.source, stages) if req.source else ("", None)
     if req.stage in ("all", "vqvae"):
         params: dict[str, Any] = {"model": req.vqvae_model, "train": req.train["vqvae"]}
