@@ -220,13 +220,6 @@ def export_bytes(audio: np.ndarray, sample_rate: int, fmt: str, meta: ExportMeta
         return path.read_bytes()
 
 
-def generate_metadata(model_id: str, params: dict[str, Any], index: int, title: str
-                      ) -> ExportMetadata:  # fmt: skip
-    """The metadata of generated sound ``index``: what ``distill regenerate`` needs."""
-    return ExportMetadata(kind="generate", model_id=model_id, title=title,
-                          data={**params, "index": index})  # fmt: skip
-
-
 def run_job(ctx: JobContext) -> dict[str, Any]:
     body = dict(ctx.info.params)
     if body.get("op") != "generate":
@@ -245,15 +238,16 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
 
     out = inf.generate(model, count=count, seconds=seconds, params=params, quality=quality,
                        on_batch=on_batch)  # fmt: skip
-    recipe = {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality}
     sounds = []
     for i, audio in enumerate(out.audio):
         name = f"gen-{params.seed}-{i:03d}.{fmt}"
-        meta = generate_metadata(model.model_id, recipe, i, name)
+        recipe = inf.generate_recipe(params, count=count, seconds=seconds, quality=quality, index=i)
+        meta = ExportMetadata(kind="generate", model_id=model.model_id, title=name, data=recipe)
         data = export_bytes(
             audio, out.sample_rate, fmt, meta, "FLOAT" if fmt == "wav" else "PCM_24"
         )
         sha = ctx.artifacts.put_bytes(data, kind="audio", name=name, job=ctx.info.job_id)
         sounds.append({"index": i, "artifact": sha, "name": name, "seed": params.seed})
+    recipe = {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality}
     return {"sounds": sounds, "model_id": model.model_id, "params": recipe,
             "sample_rate": out.sample_rate}  # fmt: skip

@@ -276,3 +276,44 @@ def edit_session(model: DistillModel, session: object, action: object, edit: obj
         raise BadInput(str(e)) from e
     check_grid(model, current.grid.codes, "the edited grid")
     return current
+
+
+# --- recipes: what an exported file records, and replaying it ------------------------------------
+
+RECIPE_KINDS = ("generate", "decode", "edit")
+
+
+def generate_recipe(params: SamplingParams, *, count: int, seconds: float, quality: str,
+                    index: int) -> dict[str, Any]:  # fmt: skip
+    """What regenerates sound ``index`` of a generate call (an export's metadata ``data``)."""
+    return {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality,
+            "index": index}  # fmt: skip
+
+
+def decode_recipe(codes: np.ndarray, levels: int | None, quality: str) -> dict[str, Any]:
+    return {"codes": np.asarray(codes).tolist(), "levels": levels, "quality": quality}
+
+
+def replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarray:
+    """The audio (samples,) a recipe of ``kind`` describes, made again on ``model``."""
+    if kind not in RECIPE_KINDS:
+        raise BadInput(f"cannot regenerate a '{kind}' export (known: {', '.join(RECIPE_KINDS)})")
+    try:
+        quality = check_quality(data["quality"])
+        if kind == "generate":
+            params = sampling_params(
+                {k: data[k] for k in ("temperature", "top_k", "top_p", "seed")}
+            )
+            count = check_int(data["count"], "count", 1, MAX_COUNT)
+            index = check_int(data["index"], "index", 0, count - 1)
+            out = generate(model, count=count, seconds=data["seconds"], params=params,
+                           quality=quality)  # fmt: skip
+            return out.audio[index]
+        if kind == "decode":
+            return decode(model, np.array(data["codes"], dtype=np.int64), data["levels"], quality)[
+                0
+            ]
+        session = edit_session(model, data["session"], "none", None)
+        return decode(model, session.grid.codes, data["levels"], quality)[0]
+    except KeyError as e:
+        raise BadInput(f"the '{kind}' recipe lacks {e}") from e

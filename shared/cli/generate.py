@@ -1,0 +1,218 @@
+"""``distill generate``, ``encode``, ``decode`` and ``regenerate``: a ``.distill`` file used here.
+
+These run in this process on the model file (no cluster needed): the same functions the
+inference worker runs (:mod:`distill.shared.model.inference`), so a sound made here and one made
+through ``distill.infer`` agree. Every exported file carries what made it (model id, seed and
+sampling parameters, or the codes), which ``distill regenerate`` reads to make it again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from distill.shared.cli.common import fail
+
+SUBTYPES = {"16": "PCM_16", "24": "PCM_24", "float": "FLOAT"}
+QualityOpt = typer.Option("best", "--quality", help="Phase quality: preview, fast or best.")
+
+
+def _load(path: Path, device: str) -> Any:
+    from distill.shared.errors import DistillError
+    from distill.shared.model.modelfile import load_model
+
+    try:
+        return load_model(path, device)
+    except DistillError as e:
+        fail(str(e))
+
+
+def _subtype(bits: str, suffix: str) -> str:
+    if bits not in SUBTYPES:
+        fail(f"--bits must be one of {', '.join(SUBTYPES)}, got {bits!r}")
+    if suffix == ".flac" and bits == "float":
+        fail("FLAC holds integer samples: use --bits 16 or 24, or --format wav")
+    return SUBTYPES[bits]
+
+
+def _describe(params: dict[str, Any]) -> str:
+    shown = ("seed", "temperature", "top_k", "top_p", "seconds", "quality")
+    return " ".join(f"{k}={params[k]}" for k in shown if k in params)
+
+
+def generate_files(model: Any, out: Path, *, count: int, seconds: float, temperature: float,
+                   top_k: int, top_p: float, seed: int, quality: str, fmt: str = "wav",
+                   bits: str = "24", prefix: str = "gen", show: bool = True) -> list[Path]:  # fmt: skip
+    """``count`` generated sounds written into ``out`` with their metadata; their paths."""
+    from distill.shared.audio.export import ExportMetadata, export_audio
+    from distill.shared.model import inference as inf
+
+    params = inf.sampling_params({"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                                  "seed": seed})  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = f".{fmt}"
+    subtype = _subtype(bits, suffix)
+    # The bar moves as each batch of 16 is decoded; sampling the codes comes before.
+    with typer.progressbar(length=count, label="generating", hidden=not show) as bar:
+        made = inf.generate(model, count=count, seconds=seconds, params=params, quality=quality,
+                            on_batch=lambda done, total: bar.update(done - bar.pos))  # fmt: skip
+    paths = []
+    for i, audio in enumerate(made.audio):
+        path = out / f"{prefix}-s{seed}-{i:03d}{suffix}"
+        recipe = inf.generate_recipe(params, count=count, seconds=seconds, quality=quality, index=i)
+        meta = ExportMetadata(
+            kind="generate", model_id=model.model_id, title=path.stem, data=recipe
+        )
+        report = export_audio(path, audio, made.sample_rate, subtype=subtype, metadata=meta)  # type: ignore[arg-type]
+        gain = f" gain {report.gain_db:.1f} dB" if report.gain_db else ""
+        if show:
+            typer.echo(f"{path}  index={i} {_describe(recipe)}{gain}")
+        paths.append(path)
+    return paths
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)
+    app.command("encode")(encode)
+    app.command("decode")(decode)
+    app.command("regenerate")(regenerate)
+
+
+def generate(
+    model_file: Path = typer.Argument(..., help="A .distill model file."),
+    count: int = typer.Option(8, "-n", "--count", help="How many sounds (1..256)."),
+    seconds: float = typer.Option(2.0, "--seconds", help="Length of each sound (<= 60)."),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    top_k: int = typer.Option(0, "--top-k", help="0: off."),
+    top_p: float = typer.Option(1.0, "--top-p", help="1: off."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("."), "-o", "--out", help="Folder for the files."),
+    fmt: str = typer.Option("wav", "--format", help="wav or flac."),
+    bits: str = typer.Option("24", "--bits", help="16, 24 or float (wav only)."),
+    quality: str = QualityOpt,
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Generate new sounds from a model; prints each file with its parameters."""
+    from distill.shared.errors import DistillError
+
+    if fmt not in ("wav", "flac"):
+        fail(f"--format must be wav or flac, got {fmt!r}")
+    model = _load(model_file, device)
+    try:
+        generate_files(model, out, count=count, seconds=seconds, temperature=temperature,
+                       top_k=top_k, top_p=top_p, seed=seed, quality=quality, fmt=fmt, bits=bits,
+                       prefix=model_file.stem)  # fmt: skip
+    except DistillError as e:
+        fail(str(e))
+
+
+def encode(
+    audio_file: Path = typer.Argument(..., help="A sound file."),
+    model_file: Path = typer.Option(..., "--model", "-m", help="A .distill model file."),
+    out: Path = typer.Option(Path("codes.npz"), "-o", "--out"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Encode a sound into a code grid (.npz: codes, codebook_size, model_id)."""
+    import numpy as np
+
+    from distill.shared.audio.io import load_audio
+    from distill.shared.errors import DistillError
+    from distill.shared.model import inference as inf
+
+    model = _load(model_file, device)
+    try:
+        audio = load_audio(audio_file, model.mel_config.sample_rate)  # as training prepares it
+        codes = inf.encode(
+            model, inf.model_audio(model, audio.numpy(), model.mel_config.sample_rate)
+        )
+    except DistillError as e:
+        fail(str(e))
+    np.savez(out, codes=codes, codebook_size=np.int64(model.vqvae.config.codebook_size),
+             model_id=np.array(model.model_id))  # fmt: skip
+    typer.echo(
+        f"{out}: {codes.shape[0]} levels x {codes.shape[1]} steps, model {model.model_id[:12]}"
+    )
+
+
+def _read_codes(path: Path, model: Any) -> Any:
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            codes, model_id = npz["codes"], str(npz["model_id"]) if "model_id" in npz else ""
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        fail(f"{path.name}: not a codes file from `distill encode` ({e})")
+    if model_id and model_id != model.model_id:
+        fail(f"{path.name} was encoded with model {model_id[:12]}, not {model.model_id[:12]} "
+             "(codes mean nothing to another model)")  # fmt: skip
+    return codes
+
+
+def decode(
+    codes_file: Path = typer.Argument(..., help="A .npz from `distill encode`."),
+    model_file: Path = typer.Option(..., "--model", "-m"),
+    out: Path = typer.Option(Path("out.wav"), "-o", "--out"),
+    levels: int | None = typer.Option(None, "--levels", help="Decode the first k levels only."),
+    bits: str = typer.Option("24", "--bits"),
+    quality: str = QualityOpt,
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Decode a code grid to a sound file."""
+    from distill.shared.audio.export import ExportMetadata, export_audio
+    from distill.shared.errors import DistillError
+    from distill.shared.model import inference as inf
+
+    model = _load(model_file, device)
+    codes = _read_codes(codes_file, model)
+    try:
+        audio, _ = inf.decode(model, codes, levels, inf.check_quality(quality))
+        meta = ExportMetadata(kind="decode", model_id=model.model_id, title=out.stem,
+                              data=inf.decode_recipe(codes, levels, quality))  # fmt: skip
+        export_audio(out, audio, model.mel_config.sample_rate,
+                     subtype=_subtype(bits, out.suffix.lower()), metadata=meta)  # type: ignore[arg-type]  # fmt: skip
+    except DistillError as e:
+        fail(str(e))
+    typer.echo(f"{out}: {audio.shape[0] / model.mel_config.sample_rate:.2f} s")
+
+
+def regenerate(
+    audio_file: Path = typer.Argument(..., help="A file Distill exported."),
+    model_file: Path = typer.Option(..., "--model", "-m"),
+    out: Path | None = typer.Option(
+        None, "-o", "--out", help="Default: FILE's name + '.regenerated'."
+    ),  # fmt: skip
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Make an exported sound again from its metadata (the same samples on the same device)."""
+    import numpy as np
+    import soundfile as sf
+
+    from distill.shared.audio.export import ExportMetadata, export_audio, read_export_metadata
+    from distill.shared.errors import DistillError
+    from distill.shared.model import inference as inf
+
+    try:
+        meta = read_export_metadata(audio_file)
+    except DistillError as e:
+        fail(str(e))
+    model = _load(model_file, device)
+    if meta.model_id != model.model_id:
+        fail(f"{audio_file.name} was made by model {meta.model_id[:12]}, but {model_file.name} "
+             f"is model {model.model_id[:12]}: pass the model that made it")  # fmt: skip
+    target = out or audio_file.with_name(f"{audio_file.stem}.regenerated{audio_file.suffix}")
+    try:
+        audio = inf.replay(model, meta.kind, meta.data)
+        subtype = sf.info(str(audio_file)).subtype
+        again = ExportMetadata(kind=meta.kind, model_id=meta.model_id, data=meta.data,
+                               title=meta.title)  # fmt: skip
+        export_audio(target, audio, model.mel_config.sample_rate, subtype=subtype, metadata=again)  # type: ignore[arg-type]
+    except DistillError as e:
+        fail(str(e))
+    same = np.array_equal(sf.read(str(audio_file))[0], sf.read(str(target))[0])
+    typer.echo(f"{target}: {'identical to' if same else 'DIFFERS from'} {audio_file.name}")
+    if not same:
+        raise typer.Exit(1)
