@@ -35,6 +35,9 @@ WORKER_SERVICES: dict[str, WorkerService] = {
                       "cpu", "one"),
         WorkerService("vqvae", P.SERVICE_VQVAE.decode(), "distill.workers.train_vqvae", "auto",
                       "rest"),
+        # the prior trains after the RVQ-VAE in a pipeline, so the two never share the cores
+        WorkerService("prior", P.SERVICE_PRIOR.decode(), "distill.workers.train_prior", "auto",
+                      "rest"),
         WorkerService("infer", "distill.infer", "distill.workers.infer", "auto", "rest"),
     )
 }

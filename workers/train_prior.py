@@ -42,4 +42,205 @@ and ``bigram_bits`` (the baselines on the same validation codes), ``best_val``, 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, cast
+
+from torch import Tensor
+
+from distill.shared.audio.dataset import Dataset
+from distill.shared.errors import JobError
+from distill.shared.ids import is_sha256
+from distill.shared.model.formats import weights_from_bytes
+from distill.shared.model.modelfile import SUFFIX, DistillModel, save_model
+from distill.shared.train.loop import with_default_budget
+from distill.shared.train.prior import (
+    CodeSet,
+    CodeStore,
+    PriorTrainConfig,
+    PriorTrainer,
+    PriorTrainResult,
+    encode_dataset,
+    load_or_encode_codes,
+)
+from distill.workers.runtime.context import JobContext
+
 SERVICE = "distill.train.prior"
+# Minutes per device kind when the job does not say: on ~100 one-shot files the prior's
+# validation NLL levels off within about three CPU minutes; a GPU gets there several times
+# sooner, MPS about twice.
+DEFAULT_MINUTES = {"cpu": 3.0, "cuda": 1.0, "mps": 1.5}
+DEFAULT_NAME = "model"
+_NAME_RE = re.compile(r"[^/\\\x00-\x1f]{1,64}")  # printable, no path separators
+
+
+class JobHooks:
+    """TrainHooks over a JobContext (the prior has no previews)."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+
+    def check_cancel(self) -> None:
+        self.ctx.check_cancel()
+
+    def on_epoch(self, metrics: dict[str, Any]) -> None:
+        self.ctx.metrics(**metrics)
+        keys = ("epoch", "epochs", "train_bits", "val_bits", "unigram_bits", "bigram_bits",
+                "eta_s")  # fmt: skip
+        self.ctx.progress(metrics["epoch"] / metrics["epochs"], **{k: metrics[k] for k in keys})
+
+    def save_checkpoint(self, data: bytes) -> None:
+        self.ctx.save_checkpoint(data, name=f"prior-{self.ctx.info.job_id}.ckpt")
+
+    def load_checkpoint(self) -> bytes | None:
+        return self.ctx.load_checkpoint()
+
+    def on_preview(self, epoch: int, mels: Tensor, recon: Tensor, names: list[str]) -> None:
+        return None
+
+
+# --- params ----------------------------------------------------------------------------------
+
+
+def _from_deps(ctx: JobContext, params: dict[str, Any]) -> tuple[str, str]:
+    """The RVQ-VAE and dataset ids: from the params, else from the dependencies' results."""
+    results = [r for r in ctx.info.deps.values() if isinstance(r, dict)]
+    vqvae = params.get("vqvae")
+    source: dict[str, Any] = {}
+    if vqvae is None:
+        found = [r for r in results if "model" in r]
+        if len(found) != 1:
+            raise JobError("train.prior: give params.vqvae, or depend on exactly one "
+                           f"distill.train.vqvae job (found {len(found)} with a model)")  # fmt: skip
+        source, vqvae = found[0], found[0]["model"]
+    dataset = params.get("dataset", source.get("dataset"))
+    if dataset is None:
+        found_ds = {r["dataset"] for r in results if "dataset" in r}
+        if len(found_ds) != 1:
+            raise JobError("train.prior: give params.dataset, or depend on a job whose result "
+                           "names the dataset")  # fmt: skip
+        dataset = found_ds.pop()
+    for key, value in (("vqvae", vqvae), ("dataset", dataset)):
+        if not is_sha256(value):
+            raise JobError(f"train.prior: {key} must be an artifact id (sha256 hex), got {value!r}")
+    return str(vqvae), str(dataset)
+
+
+def _name(params: dict[str, Any]) -> str:
+    name = params.get("name", DEFAULT_NAME)
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.strip(". ") == "":
+        raise JobError(f"train.prior: name must be 1..64 printable characters without '/', "
+                       f"got {name!r}")  # fmt: skip
+    return name
+
+
+def _maps(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    prior, train = params.get("prior") or {}, params.get("train") or {}
+    if not isinstance(prior, dict) or not isinstance(train, dict):
+        raise JobError("train.prior: params.prior and params.train must be maps of settings")
+    return prior, train
+
+
+# --- the job ---------------------------------------------------------------------------------
+
+
+def manifest_sha256(dataset: Dataset) -> str:
+    """sha256 of the dataset's manifest as canonical JSON: which files, how each was used."""
+    rows = [asdict(row) for row in dataset.manifest]
+    return hashlib.sha256(
+        json.dumps(rows, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+def _codes(ctx: JobContext, vqvae_id: str, dataset_id: str) -> tuple[CodeSet, str, dict[str, Any]]:
+    """The cached code set, or the dataset encoded by the RVQ-VAE on this worker's device."""
+    started = time.monotonic()
+
+    def encode() -> CodeSet:
+        vqvae, mel_config, _ = weights_from_bytes(ctx.artifacts.get_bytes(vqvae_id))
+        dataset = Dataset.from_bytes(ctx.artifacts.get_bytes(dataset_id))
+        if dataset.mel_config != mel_config:
+            raise JobError("train.prior: the RVQ-VAE was trained on another mel configuration "
+                           "than this dataset's")  # fmt: skip
+        return encode_dataset(vqvae, dataset, vqvae_id=vqvae_id, dataset_id=dataset_id,
+                              device=ctx.device)  # fmt: skip
+
+    # ArtifactAccess names what every handler needs; the runtime's client also lists
+    store = cast(CodeStore, ctx.artifacts)
+    codes, sha, cached = load_or_encode_codes(store, vqvae_id, dataset_id, encode,
+                                              job=ctx.info.job_id)  # fmt: skip
+    note = {"cached": cached, "seconds": round(time.monotonic() - started, 3),
+            "files": len(codes.files), "code_steps": int(codes.codes.shape[1])}  # fmt: skip
+    return codes, sha, note
+
+
+def _summary(name: str, dataset_id: str, dataset: Dataset, vqvae_summary: dict[str, Any],
+             result: PriorTrainResult) -> dict[str, Any]:  # fmt: skip
+    """The training summary the .distill file carries (``distill model show`` prints it)."""
+    metrics = {k: result.metrics.get(k) for k in ("train_bits", "val_bits", "epoch", "step")}
+    return {
+        "name": name,
+        "dataset": dataset_id,
+        "manifest_sha256": manifest_sha256(dataset),
+        "files": [row.name for row in dataset.files_in_split("train")],
+        "val_files": [row.name for row in dataset.files_in_split("val")],
+        "vqvae": {k: vqvae_summary.get(k) for k in ("epochs", "best_epoch", "best_val_loss")},
+        "prior": {
+            "epochs": result.epochs,
+            "best_epoch": result.best_epoch,
+            "best_val_bits": result.best_val_bits,
+            "stopped": result.stopped,
+            "final": metrics,
+        },  # fmt: skip
+        "baselines": result.baselines,
+    }
+
+
+def _write_model(ctx: JobContext, model: DistillModel, name: str) -> tuple[str, str]:
+    """Save the .distill file and upload it (kind "model"); (artifact id, model id)."""
+    with tempfile.TemporaryDirectory(prefix="distill-model-") as tmp:
+        path = Path(tmp) / f"{name}{SUFFIX}"
+        model_id = save_model(path, model)
+        sha = ctx.artifacts.put_file(path, kind="model", name=path.name, job=ctx.info.job_id)
+    return sha, model_id
+
+
+def run_job(ctx: JobContext) -> dict[str, Any]:
+    params = dict(ctx.info.params)
+    vqvae_id, dataset_id = _from_deps(ctx, params)
+    name = _name(params)
+    prior_overrides, train = _maps(params)
+    train, budget_note = with_default_budget(train, ctx.device, DEFAULT_MINUTES, "prior")
+    train_config = PriorTrainConfig.from_dict(train)
+    codes, codes_sha, encoding = _codes(ctx, vqvae_id, dataset_id)
+    trainer = PriorTrainer(codes, prior_overrides, train_config, JobHooks(ctx), device=ctx.device)
+    result = trainer.run()
+    vqvae, mel_config, vqvae_summary = weights_from_bytes(ctx.artifacts.get_bytes(vqvae_id))
+    dataset = Dataset.from_bytes(ctx.artifacts.get_bytes(dataset_id))
+    summary = _summary(name, dataset_id, dataset, vqvae_summary, result)
+    model = DistillModel(mel_config=mel_config, vqvae=vqvae, prior=result.model.cpu(),
+                         summary=summary)  # fmt: skip
+    model_sha, model_id = _write_model(ctx, model, name)
+    return {
+        "model": model_sha,
+        "model_id": model_id,
+        "name": name,
+        "vqvae": vqvae_id,
+        "dataset": dataset_id,
+        "codes": codes_sha,
+        "encoding": encoding,
+        "epochs": result.epochs,
+        "best_epoch": result.best_epoch,
+        "best_val_bits": result.best_val_bits,
+        "stopped": result.stopped,
+        "metrics": result.metrics,
+        "baselines": result.baselines,
+        "chosen": result.chosen,
+        "budget": {**result.budget, **budget_note},
+        "train_config": result.train_config.to_dict(),
+    }

@@ -1,0 +1,425 @@
+"""Training the prior: the dataset's sounds as RVQ code sequences, then an LSTM over them
+(:class:`distill.shared.model.prior.Prior`) on the shared loop (:mod:`distill.shared.train.loop`,
+which has the phases, checkpoints, rollback, resume, the time budget and determinism).
+
+Codes. Each usable file's log-mel is stitched back from its overlapping chunks and encoded by
+the trained RVQ-VAE in one piece (the encoder is convolutional, so a file longer than a chunk
+gives one sequence, with no seams at chunk edges): a :class:`CodeSet` of per-file sequences
+(Q, L_f), split by file as the dataset is. Encoding is done once per (RVQ-VAE, dataset) pair:
+:func:`load_or_encode_codes` keeps the code set as an artifact of kind "codes" named by both ids,
+so a retry or a second prior job finds it instead of encoding again.
+
+Training. Teacher forcing on windows of ``window`` code steps cut at random offsets of the
+training sequences each epoch (a sequence shorter than the window is one item, padded and
+masked out of the loss); validation on consecutive windows of the validation files, fixed. The
+loss is the mean cross-entropy per code; metrics are in bits per code, beside two baselines on
+the same validation windows, computed once: per-level code frequencies (unigram) and per-level
+P(code_t | code_t-1) (bigram), both from the training sequences. Early stopping and the best
+epoch follow the validation NLL.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.shared.audio.dataset import Dataset
+from distill.shared.configs import config_from_dict, require
+from distill.shared.errors import ConfigError, DatasetError, ModelFormatError
+from distill.shared.model.prior import (
+    Prior,
+    PriorConfig,
+    bigram_bits,
+    choose_prior_config,
+    unigram_bits,
+)
+from distill.shared.model.vqvae import VQVAE
+from distill.shared.train.loop import LoopConfig, Trainer, TrainHooks
+
+CODES_FORMAT_VERSION = 1
+CODES_KIND = "codes"  # the artifact kind of a cached CodeSet
+MIN_STEPS_PER_EPOCH = 4  # a handful of files still gets a few optimiser steps per epoch
+VALIDATION_BATCH = 64  # windows per validation forward pass
+
+# --------------------------------------------------------------------------------------------
+# Code sequences
+
+
+@dataclass(frozen=True)
+class CodeSet:
+    """A dataset's usable files as RVQ code sequences, concatenated; split by file."""
+
+    codes: np.ndarray  # (Q, S) int32: every file's code steps, end to end
+    offsets: np.ndarray  # (F + 1,) int64: file f is codes[:, offsets[f] : offsets[f + 1]]
+    files: list[str]  # (F,) file names, in manifest order
+    splits: list[str]  # (F,) "train" or "val"
+    codebook_size: int
+    vqvae: str  # the RVQ-VAE weights artifact that encoded them ("" when not from one)
+    dataset: str  # the dataset artifact they came from ("" when not from one)
+
+    def __post_init__(self) -> None:
+        n = len(self.files)
+        ok = (self.codes.ndim == 2 and self.offsets.shape == (n + 1,) and len(self.splits) == n
+              and int(self.offsets[0]) == 0 and int(self.offsets[-1]) == self.codes.shape[1]
+              and bool(np.all(np.diff(self.offsets) > 0)))  # fmt: skip
+        if not ok:
+            raise ModelFormatError(f"code set is inconsistent: codes {self.codes.shape}, "
+                                   f"{len(self.offsets)} offsets, {n} files")  # fmt: skip
+
+    @property
+    def levels(self) -> int:
+        return int(self.codes.shape[0])
+
+    def sequences(self, split: str) -> list[Tensor]:
+        """The code sequences (Q, L) int64 of the files in ``split``."""
+        return [torch.from_numpy(self.codes[:, self.offsets[f] : self.offsets[f + 1]]).long()
+                for f, s in enumerate(self.splits) if s == split]  # fmt: skip
+
+    def to_bytes(self) -> bytes:
+        meta = {"format_version": CODES_FORMAT_VERSION, "files": self.files,
+                "splits": self.splits, "codebook_size": self.codebook_size,
+                "vqvae": self.vqvae, "dataset": self.dataset}  # fmt: skip
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                 codes=self.codes.astype(np.int32), offsets=self.offsets.astype(np.int64))  # fmt: skip
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CodeSet:
+        """What ``to_bytes`` wrote; ModelFormatError when corrupt or newer (nothing unpickled)."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                meta = json.loads(bytes(npz["meta"]).decode())
+                codes, offsets = npz["codes"], npz["offsets"]
+        except Exception as e:  # zip, npy and JSON errors alike
+            raise ModelFormatError(f"code set is corrupt: {type(e).__name__}: {e}") from e
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        if not isinstance(version, int) or not 1 <= version <= CODES_FORMAT_VERSION:
+            raise ModelFormatError(f"code set has format_version {version!r}; this Distill "
+                                   f"reads 1..{CODES_FORMAT_VERSION}")  # fmt: skip
+        try:
+            return cls(codes=codes, offsets=offsets, files=list(meta["files"]),
+                       splits=list(meta["splits"]), codebook_size=int(meta["codebook_size"]),
+                       vqvae=str(meta["vqvae"]), dataset=str(meta["dataset"]))  # fmt: skip
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFormatError(f"code set metadata is invalid: {e}") from e
+
+
+def file_mels(dataset: Dataset) -> list[tuple[int, Tensor]]:
+    """Each usable file's whole log-mel (M, T), stitched from its overlapping chunks.
+
+    Chunks start every ``chunk_hop_frames`` except the last, which may be aligned to the file's
+    end: its offset is found where its frames equal the previous chunk's (both are slices of
+    one log-mel, so they are equal exactly).
+    """
+    cfg = dataset.mel_config
+    size, hop = cfg.chunk_frames, cfg.chunk_hop_frames
+    out = []
+    for f in np.unique(dataset.chunk_file):
+        chunks = torch.from_numpy(dataset.mels[dataset.chunk_file == f])  # (n, M, size)
+        parts = [c[:, :hop] for c in chunks[:-2]] + [chunks[max(0, len(chunks) - 2)]]
+        if len(chunks) > 1:
+            prev, last = chunks[-2], chunks[-1]
+            shift = next((d for d in range(hop, 0, -1)
+                          if torch.equal(last[:, : size - d], prev[:, d:])), size)  # fmt: skip
+            parts.append(last[:, size - shift :])  # the frames past the previous chunk's end
+        out.append((int(f), torch.cat(parts, dim=1)))  # (M, T)
+    return out
+
+
+@torch.no_grad()
+def encode_dataset(
+    vqvae: VQVAE, dataset: Dataset, *, vqvae_id: str = "", dataset_id: str = "",
+    device: str = "cpu",
+) -> CodeSet:  # fmt: skip
+    """Every usable file of ``dataset`` as a code sequence of ``vqvae`` (all levels)."""
+    if vqvae.config.n_mels != dataset.mel_config.n_mels:
+        raise ConfigError(f"RVQ-VAE n_mels {vqvae.config.n_mels} != dataset n_mels "
+                          f"{dataset.mel_config.n_mels}")  # fmt: skip
+    vqvae = vqvae.to(device).eval()
+    seqs, files, splits = [], [], []
+    for f, mel in file_mels(dataset):
+        row = dataset.manifest[f]
+        codes = vqvae.encode(mel[None].to(device))[0].cpu()  # (Q, T')
+        seqs.append(codes.numpy().astype(np.int32))
+        files.append(row.name)
+        splits.append(str(row.split))
+    if not seqs:
+        raise DatasetError("the dataset has no usable files to encode")
+    offsets = np.concatenate([[0], np.cumsum([s.shape[1] for s in seqs])]).astype(np.int64)
+    return CodeSet(codes=np.concatenate(seqs, axis=1), offsets=offsets, files=files,
+                   splits=splits, codebook_size=int(vqvae.rvq.codebook_size), vqvae=vqvae_id,
+                   dataset=dataset_id)  # fmt: skip
+
+
+class CodeStore(Protocol):
+    """The part of the artifact store the code cache needs (an ArtifactClient has it)."""
+
+    def put_bytes(self, data: bytes, *, kind: str, name: str, job: str | None = None) -> str: ...
+    def get_bytes(self, sha256: str) -> bytes: ...
+    def list(self, *, kind: str | None = None, job: str | None = None) -> list[dict[str, Any]]: ...
+
+
+def codes_artifact_name(vqvae_id: str, dataset_id: str) -> str:
+    """The cache key: one code set per (RVQ-VAE weights, dataset) pair."""
+    return f"codes-{vqvae_id}-{dataset_id}.npz"
+
+
+def load_or_encode_codes(
+    store: CodeStore, vqvae_id: str, dataset_id: str, encode: Callable[[], CodeSet],
+    *, job: str | None = None,
+) -> tuple[CodeSet, str, bool]:  # fmt: skip
+    """The cached code set of (vqvae_id, dataset_id), or ``encode()`` stored as one.
+
+    Returns (codes, artifact id, whether it came from the cache). A cached artifact that does
+    not load or names other ids is passed over and encoded again.
+    """
+    name = codes_artifact_name(vqvae_id, dataset_id)
+    for record in store.list(kind=CODES_KIND):
+        if record.get("name") != name:
+            continue
+        try:
+            codes = CodeSet.from_bytes(store.get_bytes(str(record["sha256"])))
+        except ModelFormatError:
+            continue
+        if (codes.vqvae, codes.dataset) == (vqvae_id, dataset_id):
+            return codes, str(record["sha256"]), True
+    codes = encode()
+    sha = store.put_bytes(codes.to_bytes(), kind=CODES_KIND, name=name, job=job)
+    return codes, sha, False
+
+
+# --------------------------------------------------------------------------------------------
+# Config and result
+
+
+@dataclass(frozen=True)
+class PriorTrainConfig(LoopConfig):
+    """How to train the prior: the loop's settings with the prior's defaults, plus the window.
+    Travels in checkpoints. Reasons beside the defaults."""
+
+    epochs: int = 200  # upper bound; early stopping on validation NLL ends small sets sooner
+    batch_size: int = 32  # windows per step: LSTM steps are cheap, bigger batches steadier
+    lr: float = 3e-3  # Adam; a one-layer LSTM of this size is stable here with clipping
+    warmup_steps: int = 50  # the embeddings and heads start random
+    patience: int = 10  # the validation NLL of a small set turns up within a few epochs
+    window: int = 188  # code steps per training window: 2 s at 94 steps/s, longer than a chunk
+
+    def __post_init__(self) -> None:
+        checks = [(2 <= self.window <= 100_000, "window must be in 2..100000 code steps")]
+        require(self.loop_checks() + checks, "PriorTrainConfig")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PriorTrainConfig:
+        """From a plain dict; unknown keys or wrong types raise ConfigError."""
+        return config_from_dict(cls, d, "PriorTrainConfig")
+
+
+@dataclass
+class PriorTrainResult:
+    model: Prior  # with the weights of the best validation epoch, in eval mode
+    prior_config: PriorConfig
+    train_config: PriorTrainConfig
+    chosen: dict[str, Any]  # {"prior": config dict, "why", "overridden": [keys]}
+    baselines: dict[str, Any]  # {"unigram_bits", "bigram_bits", "val_codes", "validated_on"}
+    epochs: int
+    best_val_bits: float
+    best_epoch: int
+    stopped: str  # "epochs", "budget" or "early_stopping"
+    metrics: dict[str, Any]  # the last epoch's row
+    budget: dict[str, Any]
+
+
+def resolve_prior_config(
+    codes: CodeSet, overrides: dict[str, Any]
+) -> tuple[PriorConfig, dict[str, Any]]:
+    """choose_prior_config for the training code steps, then the given overrides; and why."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"prior settings must be a map, got {type(overrides).__name__}")
+    fixed = {"levels": codes.levels, "codebook_size": codes.codebook_size}
+    for key, value in fixed.items():
+        if key in overrides and overrides[key] != value:
+            raise ConfigError(f"prior {key} must equal the RVQ-VAE's ({value}), got "
+                              f"{overrides[key]!r}")  # fmt: skip
+    steps = sum(s.shape[1] for s in codes.sequences("train"))
+    sized, why = choose_prior_config(codes.levels, codes.codebook_size, steps)
+    config = PriorConfig.from_dict({**sized.to_dict(), **overrides})
+    overridden = sorted(k for k in overrides if k not in fixed)
+    if overridden:
+        why += f" Overridden by the job: {', '.join(overridden)}."
+    return config, {"prior": config.to_dict(), "why": why, "overridden": overridden}
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+
+
+def _pad(items: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Sequences (Q, L_i) -> codes (B, Q, L_max) padded with code 0, and a mask (B, L_max)."""
+    longest = max(s.shape[1] for s in items)
+    codes = torch.zeros(len(items), items[0].shape[0], longest, dtype=torch.long)
+    mask = torch.zeros(len(items), longest, dtype=torch.bool)
+    for i, s in enumerate(items):
+        codes[i, :, : s.shape[1]], mask[i, : s.shape[1]] = s, True
+    return codes.to(device), mask.to(device)
+
+
+def masked_nats(prior: Prior, codes: Tensor, mask: Tensor) -> tuple[Tensor, int]:
+    """Summed cross-entropy (nats) of the real codes of a padded batch, and how many there are.
+
+    codes (B, Q, T), mask (B, T). The LSTM is causal, so padding after a sequence's end never
+    changes what it predicts for the real steps.
+    """
+    logits = prior(codes).logits  # (B, T, Q, K)
+    b, t, q, k = logits.shape
+    ce = F.cross_entropy(logits.reshape(-1, k), codes.transpose(1, 2).reshape(-1),
+                         reduction="none").view(b, t, q)  # fmt: skip
+    return (ce * mask[:, :, None]).sum(), int(mask.sum()) * q
+
+
+class PriorTrainer(Trainer[Prior]):
+    """Trains one prior on one code set; ``run()`` once. Resumes from ``hooks.load_checkpoint``."""
+
+    kind = "prior"
+    train_config: PriorTrainConfig
+
+    def __init__(
+        self,
+        codes: CodeSet,
+        prior_overrides: dict[str, Any],
+        train_config: PriorTrainConfig,
+        hooks: TrainHooks,
+        *,
+        device: str = "cpu",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(train_config, hooks, device=device, clock=clock)
+        self.train_seqs = codes.sequences("train")
+        if not self.train_seqs:
+            raise DatasetError("the code set has no training files")
+        val = codes.sequences("val")
+        self.validated_on = "val" if val else "train"
+        self.val_windows = self._windows_in_order(val or self.train_seqs)
+        self.prior_config, self.chosen = resolve_prior_config(codes, prior_overrides)
+        k = codes.codebook_size
+        self.baselines = {"unigram_bits": unigram_bits(self.train_seqs, self.val_windows, k),
+                          "bigram_bits": bigram_bits(self.train_seqs, self.val_windows, k),
+                          "val_codes": sum(w.numel() for w in self.val_windows),
+                          "validated_on": self.validated_on}  # fmt: skip
+
+    def run(self) -> PriorTrainResult:
+        """Train to the last epoch, the budget's end or early stop (see ``Trainer.run_loop``)."""
+        r = self.run_loop()
+        return PriorTrainResult(model=r.model, prior_config=self.prior_config,
+                                train_config=self.train_config, chosen=self.chosen,
+                                baselines=self.baselines, epochs=r.epochs,
+                                best_val_bits=r.best_val, best_epoch=r.best_epoch,
+                                stopped=r.stopped, metrics=r.metrics, budget=r.budget)  # fmt: skip
+
+    # -- model ----------------------------------------------------------------------------------
+
+    def build_model(self) -> Prior:
+        return Prior(self.prior_config).to(self.device)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"model_config": self.prior_config.to_dict(),
+                "train_config": self.train_config.to_dict(), "chosen": self.chosen}  # fmt: skip
+
+    def restore_model(self, ckpt: dict[str, Any]) -> Prior:
+        self.prior_config = PriorConfig.from_dict(ckpt["model_config"])
+        self.train_config = PriorTrainConfig.from_dict(ckpt["train_config"])
+        self.chosen = dict(ckpt["chosen"])
+        model = Prior(self.prior_config).to(self.device)
+        model.load_state_dict(ckpt["state_dict"])
+        return model
+
+    # -- batch ----------------------------------------------------------------------------------
+
+    def _windows_in_order(self, seqs: list[Tensor]) -> list[Tensor]:
+        """Consecutive windows (Q, <= window) of each sequence, the last one shorter."""
+        w = self.train_config.window
+        return [s[:, i : i + w] for s in seqs for i in range(0, s.shape[1], w)]
+
+    def _windows_at_random(self, g: torch.Generator) -> list[Tensor]:
+        """ceil(L / window) windows of each training sequence, at random offsets."""
+        w, out = self.train_config.window, []
+        for s in self.train_seqs:
+            length = s.shape[1]
+            if length <= w:
+                out.append(s)
+                continue
+            starts = torch.randint(0, length - w + 1, (math.ceil(length / w),), generator=g)
+            out.extend(s[:, int(i) : int(i) + w] for i in starts)
+        return out
+
+    @property
+    def steps_per_epoch(self) -> int:
+        w, bs = self.train_config.window, self.train_config.batch_size
+        items = sum(max(1, math.ceil(s.shape[1] / w)) for s in self.train_seqs)
+        return max(math.ceil(items / min(bs, items)), MIN_STEPS_PER_EPOCH)
+
+    def batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """(codes (B, Q, T), mask (B, T)) batches for ``epoch``, drawn by a generator seeded by it."""
+        g = torch.Generator().manual_seed(self.train_config.seed * 1_000_003 + epoch)
+        items = self._windows_at_random(g)
+        bs = min(self.train_config.batch_size, len(items))
+        need = self.steps_per_epoch * bs
+        order = torch.cat([torch.randperm(len(items), generator=g)
+                           for _ in range(math.ceil(need / len(items)))])  # fmt: skip
+        for i in range(self.steps_per_epoch):
+            yield _pad([items[int(j)] for j in order[i * bs : (i + 1) * bs]], self.device)
+
+    # -- step, validation, metrics --------------------------------------------------------------
+
+    def new_totals(self) -> dict[str, Any]:
+        return {"nats": 0.0, "codes": 0}
+
+    def step_loss(self, batch: tuple[Tensor, Tensor], totals: dict[str, Any]) -> Tensor:
+        nats, count = masked_nats(self._model(), *batch)
+        totals["nats"] += nats.item()
+        totals["codes"] += count
+        return nats / max(count, 1)
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, dict[str, Any]]:
+        """Validation NLL in bits per code (windows of the validation files, else training)."""
+        model = self._model()
+        model.eval()
+        nats, count = 0.0, 0
+        for i in range(0, len(self.val_windows), VALIDATION_BATCH):
+            batch = _pad(self.val_windows[i : i + VALIDATION_BATCH], self.device)
+            n, c = masked_nats(model, *batch)
+            nats, count = nats + float(n), count + c
+        model.train()
+        return nats / count / math.log(2), {}
+
+    def epoch_metrics(self, totals: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "train_bits": totals["nats"] / max(totals["codes"], 1) / math.log(2),
+            "val_bits": validation["val_loss"],
+            "unigram_bits": self.baselines["unigram_bits"],
+            "bigram_bits": self.baselines["bigram_bits"],
+            "validated_on": self.validated_on,
+        }
+
+
+def train_prior(
+    codes: CodeSet,
+    prior_overrides: dict[str, Any],
+    train_config: PriorTrainConfig,
+    hooks: TrainHooks,
+    *,
+    device: str = "cpu",
+) -> PriorTrainResult:
+    """Train (or resume, when ``hooks.load_checkpoint()`` returns one) and return the result."""
+    return PriorTrainer(codes, prior_overrides, train_config, hooks, device=device).run()

@@ -1,0 +1,222 @@
+"""Training the prior (distill.shared.train.prior): code sequences stitched per file, the code
+cache, sizing, and on a small percussion subset a prior whose validation NLL beats the unigram
+baseline; resume and NaN rollback through the shared loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from distill.shared.audio.dataset import Dataset, ManifestRow, build_dataset
+from distill.shared.audio.io import cut_chunks, scan_folder
+from distill.shared.audio.mel import MelConfig
+from distill.shared.errors import ConfigError, JobCancelled, ModelFormatError
+from distill.shared.model.prior import Prior
+from distill.shared.model.vqvae import VQVAEConfig
+from distill.shared.train import prior as prior_training
+from distill.shared.train.loop import NullHooks
+from distill.shared.train.prior import (
+    CODES_KIND,
+    CodeSet,
+    PriorTrainConfig,
+    PriorTrainer,
+    codes_artifact_name,
+    encode_dataset,
+    file_mels,
+    load_or_encode_codes,
+    resolve_prior_config,
+)
+from distill.shared.train.vqvae import TrainConfig, VQVAETrainer
+from tests.conftest import percussion_dir
+
+TINY_VQVAE = VQVAEConfig(channels=32, latent_dim=16, blocks=2, codebook_size=32, levels=2)
+VQVAE_TRAIN = TrainConfig(epochs=6, batch_size=8, lr=3e-3, warmup_steps=4, preview_every=0,
+                          patience=0, checkpoint_every_s=0)  # fmt: skip
+FAST = PriorTrainConfig(epochs=8, warmup_steps=10, patience=0, checkpoint_every_s=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def codes() -> CodeSet:
+    """24 percussion files (3 validate), encoded by a tiny RVQ-VAE trained for six epochs."""
+    paths = [p for p in scan_folder(percussion_dir()) if p.suffix == ".flac"][::5][:24]
+    ds = build_dataset([(p.name, p.read_bytes()) for p in paths], MelConfig(), seed=0)
+    vqvae = VQVAETrainer(ds, TINY_VQVAE, VQVAE_TRAIN, NullHooks()).run().model
+    return encode_dataset(vqvae, ds, vqvae_id="a" * 64, dataset_id="b" * 64)
+
+
+class Hooks(NullHooks):
+    def __init__(self, start_from: bytes | None = None, cancel_at_step: int | None = None,
+                 poison_at_step: int | None = None) -> None:  # fmt: skip
+        self.metrics: list[dict[str, Any]] = []
+        self.checkpoints: list[bytes] = []
+        self.start_from, self.cancel_at_step, self.poison_at_step = (start_from, cancel_at_step,
+                                                                     poison_at_step)  # fmt: skip
+        self.steps = 0
+        self.trainer: PriorTrainer | None = None
+
+    def check_cancel(self) -> None:
+        self.steps += 1
+        if self.cancel_at_step is not None and self.steps >= self.cancel_at_step:
+            raise JobCancelled("cancelled by the test")
+        if self.steps == self.poison_at_step and self.trainer is not None:
+            assert self.trainer.model is not None
+            with torch.no_grad():
+                self.trainer.model.head_bias.fill_(math.nan)
+
+    def on_epoch(self, metrics: dict[str, Any]) -> None:
+        self.metrics.append(metrics)
+
+    def save_checkpoint(self, data: bytes) -> None:
+        self.checkpoints.append(data)
+
+    def load_checkpoint(self) -> bytes | None:
+        return self.start_from
+
+
+def run(codes: CodeSet, hooks: Hooks, config: PriorTrainConfig = FAST) -> Any:
+    trainer = PriorTrainer(codes, {}, config, hooks)
+    hooks.trainer = trainer
+    return trainer.run()
+
+
+# -- code sequences ---------------------------------------------------------------------------
+
+
+def test_file_mels_stitches_overlapping_chunks_back_into_whole_files() -> None:
+    cfg, g = MelConfig(), torch.Generator().manual_seed(0)
+    lengths = [94, 141, 200, 300]  # one chunk; a regular grid; last chunk aligned to the end
+    whole = [torch.randn(cfg.n_mels, n, generator=g) for n in lengths]
+    chunks = [cut_chunks(m, cfg.chunk_frames, cfg.chunk_hop_frames) for m in whole]
+    rows = [ManifestRow(f"f{i}.wav", f"{i}" * 64, "ok", None, 1.0, 44100, 1, len(c), "train")
+            for i, c in enumerate(chunks)]  # fmt: skip
+    ds = Dataset(cfg, torch.cat(chunks).numpy(),
+                 np.concatenate([np.full(len(c), i, np.int32) for i, c in enumerate(chunks)]),
+                 rows, 0)  # fmt: skip
+    stitched = file_mels(ds)
+    assert [f for f, _ in stitched] == [0, 1, 2, 3]
+    for (_, mel), original in zip(stitched, whole, strict=True):
+        assert torch.equal(mel, original)
+
+
+def test_a_code_set_round_trips_and_bad_bytes_are_refused(
+    codes: CodeSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    back = CodeSet.from_bytes(codes.to_bytes())
+    assert np.array_equal(back.codes, codes.codes) and back.files == codes.files
+    assert (back.splits, back.vqvae, back.dataset) == (codes.splits, "a" * 64, "b" * 64)
+    assert sum(s.shape[1] for s in codes.sequences("train") + codes.sequences("val")) == (
+        codes.codes.shape[1])  # fmt: skip
+    with pytest.raises(ModelFormatError, match="corrupt"):
+        CodeSet.from_bytes(codes.to_bytes()[:100])
+    with monkeypatch.context() as m:
+        m.setattr(prior_training, "CODES_FORMAT_VERSION", 9)  # as a newer Distill writes
+        data = codes.to_bytes()
+    with pytest.raises(ModelFormatError, match="format_version 9"):
+        CodeSet.from_bytes(data)
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.items: dict[str, tuple[bytes, str, str]] = {}
+
+    def put_bytes(self, data: bytes, *, kind: str, name: str, job: str | None = None) -> str:
+        sha = f"{len(self.items):064x}"
+        self.items[sha] = (data, kind, name)
+        return sha
+
+    def get_bytes(self, sha256: str) -> bytes:
+        return self.items[sha256][0]
+
+    def list(self, *, kind: str | None = None, job: str | None = None) -> list[dict[str, Any]]:
+        return [{"sha256": s, "kind": k, "name": n} for s, (_, k, n) in self.items.items()
+                if kind is None or k == kind]  # fmt: skip
+
+
+def test_codes_are_encoded_once_per_model_and_dataset(codes: CodeSet) -> None:
+    store, calls = MemoryStore(), []
+
+    def encode() -> CodeSet:
+        calls.append(1)
+        return codes
+
+    first, sha, cached = load_or_encode_codes(store, "a" * 64, "b" * 64, encode)
+    assert not cached and store.items[sha][1:] == (
+        CODES_KIND,
+        codes_artifact_name("a" * 64, "b" * 64),
+    )
+    again, sha2, cached2 = load_or_encode_codes(store, "a" * 64, "b" * 64, encode)
+    assert cached2 and sha2 == sha and len(calls) == 1
+    assert np.array_equal(again.codes, codes.codes)
+    store.items[sha2] = (b"not a code set", CODES_KIND, store.items[sha2][2])  # damaged cache
+    _, sha3, cached3 = load_or_encode_codes(store, "a" * 64, "b" * 64, encode)
+    assert not cached3 and sha3 != sha and len(calls) == 2
+
+
+def test_the_prior_is_sized_from_the_codes_and_overrides_are_checked(codes: CodeSet) -> None:
+    config, chosen = resolve_prior_config(codes, {"hidden": 64})
+    assert (config.levels, config.codebook_size, config.hidden) == (2, 32, 64)
+    assert chosen["overridden"] == ["hidden"] and "training code steps" in chosen["why"]
+    with pytest.raises(ConfigError, match="levels must equal the RVQ-VAE's"):
+        resolve_prior_config(codes, {"levels": 3})
+    with pytest.raises(ConfigError):
+        PriorTrainConfig.from_dict({"window": 1})
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # trains a model
+def test_the_prior_beats_the_unigram_baseline_on_validation(codes: CodeSet) -> None:
+    hooks = Hooks()
+    result = run(codes, hooks)
+    assert [m["epoch"] for m in hooks.metrics] == list(range(1, 9))
+    base = result.baselines
+    assert base["validated_on"] == "val" and base["val_codes"] > 0
+    assert result.best_val_bits < base["unigram_bits"]  # it learned what follows what
+    first, last = hooks.metrics[0], hooks.metrics[-1]
+    assert last["train_bits"] < first["train_bits"] and last["val_bits"] < first["val_bits"]
+    assert last["unigram_bits"] == base["unigram_bits"] and last["bigram_bits"] > 0
+    assert result.best_val_bits == min(m["val_bits"] for m in hooks.metrics)
+    assert isinstance(result.model, Prior) and not result.model.training
+    assert len(hooks.checkpoints) == 9  # the start, then every epoch (checkpoint_every_s 0)
+
+
+@pytest.mark.slow  # trains a model
+def test_a_resumed_prior_run_equals_an_uninterrupted_one(codes: CodeSet) -> None:
+    config = dataclasses.replace(FAST, epochs=4)
+    steps = PriorTrainer(codes, {}, config, Hooks()).steps_per_epoch
+    whole = run(codes, Hooks(), config)
+    cut = Hooks(cancel_at_step=2 * steps + 2)  # inside epoch 3
+    with pytest.raises(JobCancelled):
+        run(codes, cut, config)
+    resumed_hooks = Hooks(start_from=cut.checkpoints[-1])
+    resumed = run(codes, resumed_hooks, config)
+    assert [m["epoch"] for m in resumed_hooks.metrics] == [3, 4]
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+@pytest.mark.slow  # trains a model
+def test_a_nan_in_the_prior_rolls_back_with_half_the_learning_rate(codes: CodeSet) -> None:
+    config = dataclasses.replace(FAST, epochs=2, schedule="constant", warmup_steps=0)
+    steps = PriorTrainer(codes, {}, config, Hooks()).steps_per_epoch
+    hooks = Hooks(poison_at_step=steps + 2)  # during epoch 2
+    result = run(codes, hooks, config)
+    assert [m["epoch"] for m in hooks.metrics] == [1, 2]
+    assert hooks.metrics[-1]["rollbacks"] == 1
+    assert hooks.metrics[-1]["lr"] == pytest.approx(config.lr / 2)
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
