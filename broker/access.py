@@ -49,6 +49,7 @@ class KeyRing:
         self._lock = threading.Lock()
         self._stamp: tuple[tuple[str, float, int], ...] | None = None
         self._roles: dict[bytes, frozenset[str]] = {}
+        self.version = 0  # bumped on every reload, whichever thread noticed the change
 
     def _snapshot_stamp(self) -> tuple[tuple[str, float, int], ...]:
         # A folder's mtime changes when a file is added, removed or renamed in it; the file
@@ -85,6 +86,7 @@ class KeyRing:
                         roles.setdefault(public, set()).add(role)
             self._roles = {k: frozenset(v) for k, v in roles.items()}
             self._stamp = stamp
+            self.version += 1
             log.info("allowed_keys_loaded", folder=str(self.allowed_dir),
                      clients=sum(ROLE_CLIENT in r for r in self._roles.values()),
                      workers=sum(ROLE_WORKER in r for r in self._roles.values()))

@@ -119,6 +119,7 @@ class Broker:
         self._next_heartbeat = 0.0
         self._next_scan = 0.0
         self._next_keyring = 0.0
+        self._keyring_version = 0
         self._sockets_open = False
         self.keyring = KeyRing(config.security.allowed_dir) if config.security else None
         self.auth: Any = None
@@ -217,8 +218,14 @@ class Broker:
         if self.keyring is None:
             return sock.recv_multipart(zmq.NOBLOCK), None
         parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-        key = parts[-1].get("User-Id")  # every frame of a message carries its session's metadata
-        return [p.bytes for p in parts], str(key).encode() if key else None
+        frames = [p.bytes for p in parts]
+        if sock is self.xpub:
+            return frames, None  # subscriptions need no key (and may carry no metadata)
+        try:  # every frame of a message carries its session's metadata
+            key = parts[-1].get("User-Id")
+        except zmq.ZMQError:
+            return frames, None  # no metadata: refused as a peer without a key
+        return frames, str(key).encode() if key else None
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list[bytes], bytes | None], None],
                limit: int = 1000) -> None:
@@ -252,8 +259,10 @@ class Broker:
         if self.keyring is None or now < self._next_keyring:
             return
         self._next_keyring = now + KEYRING_CHECK_S
-        if not self.keyring.refresh():
+        self.keyring.refresh()
+        if self.keyring.version == self._keyring_version:
             return
+        self._keyring_version = self.keyring.version
         for identity, key in list(self._worker_keys.items()):
             if ROLE_WORKER not in self.keyring.roles(key):
                 log.warning("worker_key_revoked", key=key.decode(errors="replace"))

@@ -200,11 +200,19 @@ class WorkerRuntime:
             now = time.monotonic()
             if self.dealer in ready:
                 reconnect = self._on_broker(self.dealer.recv_multipart())
-                broker_expiry, backoff = now + self.liveness_s, P.RECONNECT_INITIAL_S
+                broker_expiry = now + self.liveness_s
                 if reconnect:
                     self._abandon_current("broker sent DISCONNECT")
+                    # Back off: a broker that refuses this worker (a key without the worker
+                    # role) answers every READY with DISCONNECT, and must not be flooded.
+                    if stop.wait(backoff):
+                        return
+                    backoff = min(backoff * 2, P.RECONNECT_MAX_S)
                     self._connect()
                     poller = self._poller(pair, control)
+                    broker_expiry = time.monotonic() + self.liveness_s
+                else:
+                    backoff = P.RECONNECT_INITIAL_S
             if pair in ready:
                 self._on_handler_done(pair.recv_multipart())
             if control in ready:

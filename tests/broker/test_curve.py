@@ -1,0 +1,346 @@
+"""CURVE on the broker's three sockets, end to end with real processes: who gets through, who
+does not, what the broker logs, what crosses the wire, and the per-client limits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from distill.shared.bus import protocol as P
+from distill.shared.bus.artifacts import ArtifactClient
+from distill.shared.bus.client import Client, Subscription, events_endpoint
+from distill.shared.bus.codec import pack, unpack
+from distill.shared.bus.security import (
+    ClientSecurity,
+    generate_keys,
+    load_key_pair,
+    load_public_key,
+)
+from distill.shared.errors import RequestError, RequestTimeout
+from tests.conftest import HEARTBEAT_S, LIVENESS, Proc, free_port_block, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # spawns broker and worker processes
+
+MDPC, MDPW = b"MDPC01", b"MDPW01"
+KEY_ENV_NAMES = ("DISTILL_BROKER_KEY", "DISTILL_KEY", "DISTILL_BROKER_SECRET_KEY",
+                 "DISTILL_ALLOWED_KEYS", "DISTILL_INSECURE")
+
+
+class SecureCluster:
+    """A CURVE broker and workers as processes, with keys made for the test."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.keys = tmp / "keys"
+        generate_keys(self.keys, ["laptop", "stranger"], ["gpu"])
+        # "stranger" has a key pair but is not allowed: it stands for an unknown key.
+        (self.keys / "allowed" / "clients" / "stranger.key").unlink()
+        self.port = free_port_block()
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.procs: list[Proc] = []
+
+    def security(self, name: str) -> ClientSecurity:
+        public, secret = load_key_pair(self.keys / f"{name}.key_secret")
+        return ClientSecurity(load_public_key(self.keys / "broker.key"), public, secret)
+
+    def client(self, name: str = "laptop", timeout_s: float = 5.0) -> Client:
+        return Client(self.endpoint, timeout_s=timeout_s, security=self.security(name))
+
+    def start_broker(self, *extra: str) -> Proc:
+        proc = Proc(["broker", "--port", str(self.port), "--data-dir", str(self.tmp / "data"),
+                     "--heartbeat-s", str(HEARTBEAT_S), "--liveness", str(LIVENESS),
+                     "--request-timeout-s", "10", "--secret-key", str(self.keys / "broker.key_secret"),
+                     "--allowed", str(self.keys / "allowed"), *extra], self.tmp / "broker.log")
+        self.procs.append(proc)
+        self.broker = proc
+        with self.client(timeout_s=0.5) as c:
+            wait_until(lambda: _answers(c), 20, what="CURVE broker to answer")
+        return proc
+
+    def start_worker(self, service: str, key: str = "gpu") -> Proc:
+        proc = Proc(["worker", service, "--broker", self.endpoint, "--device", "cpu", "--threads", "1",
+                     "--heartbeat-s", str(HEARTBEAT_S), "--liveness", str(LIVENESS),
+                     "--broker-key", str(self.keys / "broker.key"),
+                     "--key", str(self.keys / f"{key}.key_secret")],
+                    self.tmp / f"worker-{service}-{key}.log",
+                    env={"DISTILL_CACHE": str(self.tmp / f"cache-{key}")})
+        self.procs.append(proc)
+        return proc
+
+    def services(self) -> list[str]:
+        with self.client() as c:
+            return [w["service"] for w in c.workers()["workers"]]
+
+    def broker_log(self) -> list[dict[str, Any]]:
+        lines = (self.tmp / "broker.log").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def logged(self, event: str, **fields: Any) -> bool:
+        return any(e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+                   for e in self.broker_log())
+
+
+def _answers(client: Client) -> bool:
+    try:
+        client.mmi_service("echo")
+        return True
+    except RequestTimeout:
+        client.close()
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_keys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Keys come from each test's own flags and arguments, never from the developer's setup."""
+    for name in KEY_ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DISTILL_KEYS_CONFIG", str(tmp_path / "no-keys.json"))
+
+
+@pytest.fixture
+def secure(tmp_path: Path) -> Iterator[SecureCluster]:
+    cluster = SecureCluster(tmp_path)
+    try:
+        yield cluster
+    finally:
+        for proc in reversed(cluster.procs):
+            proc.stop()
+
+
+def test_an_allowed_client_and_worker_work_and_events_flow(secure: SecureCluster) -> None:
+    secure.start_broker()
+    secure.start_worker("echo")
+    with secure.client() as client:
+        wait_until(lambda: client.mmi_service("echo"), 30, what="CURVE worker to register")
+        assert client.request_raw("echo", [b"hello"]) == [b"hello"]
+    with Subscription(secure.endpoint, ["worker."], security=secure.security("laptop")) as sub:
+        event = sub.next(timeout_s=5)
+        assert event is not None and event["topic"].startswith("worker.")
+
+
+def test_an_unknown_key_gets_nothing_and_the_broker_logs_it(secure: SecureCluster) -> None:
+    secure.start_broker()
+    with secure.client("stranger", timeout_s=1) as client, pytest.raises(RequestTimeout):
+        client.request_raw("mmi.service", [b"echo"])
+    wait_until(lambda: secure.logged("curve_key_rejected", reason="unknown key"), 5,
+               what="the rejection in the broker's log")
+
+
+def test_a_client_without_curve_gets_nothing_and_the_broker_logs_it(secure: SecureCluster) -> None:
+    secure.start_broker()
+    with Client(secure.endpoint, timeout_s=1, security=None) as client, pytest.raises(RequestTimeout):
+        client.request_raw("mmi.service", [b"echo"])
+    wait_until(lambda: secure.logged("handshake_failed", socket="mdp"), 5,
+               what="the failed handshake in the broker's log")
+
+
+def _raw_ready(secure: SecureCluster, key: str, service: bytes) -> list[list[bytes]]:
+    """Send READY for ``service`` with ``key``; return what the broker sent back in 1.5 s."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    secure.security(key).apply(sock)
+    sock.connect(secure.endpoint)
+    sock.send_multipart([b"", MDPW, b"\x01", service])
+    got: list[list[bytes]] = []
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        if sock.poll(100):
+            got.append(sock.recv_multipart())
+    sock.close()
+    ctx.term()
+    return got
+
+
+def test_a_client_key_never_registers_as_a_worker(secure: SecureCluster) -> None:
+    secure.start_broker()
+    replies = _raw_ready(secure, "laptop", b"fake.train")
+    assert [b"", MDPW, b"\x05"] in replies  # told to go away (DISCONNECT)
+    assert not any(r[2:3] == [b"\x02"] for r in replies)  # and never given a request
+    assert "fake.train" not in secure.services()
+    assert secure.logged("worker_refused", service="fake.train", reason="not a worker key")
+    # The real worker runtime with a client key fails the same way.
+    secure.start_worker("echo", key="laptop")
+    time.sleep(2)
+    assert "echo" not in secure.services()
+
+
+def test_an_unknown_worker_key_never_registers(secure: SecureCluster) -> None:
+    secure.start_broker()
+    assert _raw_ready(secure, "stranger", b"fake.train") == []  # the handshake never completes
+    assert "fake.train" not in secure.services()
+    assert secure.logged("curve_key_rejected", reason="unknown key")
+
+
+def test_a_client_cannot_publish_a_cancel(secure: SecureCluster) -> None:
+    secure.start_broker()
+    ctx = zmq.Context()
+    watcher = ctx.socket(zmq.SUB)  # what a worker listens to for cancels
+    secure.security("gpu").apply(watcher)
+    watcher.setsockopt(zmq.SUBSCRIBE, b"control.")
+    watcher.connect(events_endpoint(secure.endpoint, "out"))
+    forgers = []
+    for key in ("laptop", "gpu"):  # a client key, and even a worker key
+        pub = ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        secure.security(key).apply(pub)
+        pub.connect(events_endpoint(secure.endpoint, "in"))
+        forgers.append(pub)
+    try:
+        time.sleep(1.0)  # PUB slow joiner: let the handshakes and the broker's subscription land
+        for _ in range(5):
+            for pub in forgers:
+                pub.send_multipart([b"control.cancel", pack({"type": "cancel", "job": "victim"})])
+            time.sleep(0.1)
+        assert not watcher.poll(1000), "a forged cancel reached the workers"
+        assert secure.logged("curve_key_rejected", socket="distill.events.in", reason="not a worker key")
+        assert secure.logged("event_refused", topic="control.cancel",
+                             reason="only the broker publishes on this topic")
+    finally:
+        for sock in (watcher, *forgers):
+            sock.close(linger=0)
+        ctx.term()
+
+
+class RecordingProxy(threading.Thread):
+    """A TCP proxy between a client and the broker that keeps every byte it forwards."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target_port = target_port
+        self.recorded = bytearray()
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                with self._lock:
+                    self.recorded += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+PAYLOAD = b"distill-known-payload-" + bytes(range(48)) * 40
+
+
+def _put_and_get_through(proxy_port: int, security: ClientSecurity | None) -> None:
+    with Client(f"tcp://127.0.0.1:{proxy_port}", timeout_s=5, security=security) as c:
+        store = ArtifactClient(c)
+        sha = store.put_bytes(PAYLOAD, kind="audio", name="secret.wav")
+        assert sha == hashlib.sha256(PAYLOAD).hexdigest()
+        assert c.request(P.SERVICE_ARTIFACTS, {"op": "get", "sha256": sha, "offset": 0,
+                                               "length": len(PAYLOAD)})["data"] == PAYLOAD
+
+
+def test_the_wire_between_an_allowed_client_and_the_broker_holds_no_payload_in_clear(
+        secure: SecureCluster, tmp_path: Path) -> None:
+    secure.start_broker()
+    proxy = RecordingProxy(secure.port)
+    proxy.start()
+    try:
+        _put_and_get_through(proxy.port, secure.security("laptop"))
+        assert len(proxy.recorded) > 2 * len(PAYLOAD)  # both directions went through the proxy
+        assert PAYLOAD[:64] not in proxy.recorded and b"secret.wav" not in proxy.recorded
+    finally:
+        proxy.close()
+    # The same capture against a plain loopback broker does see the payload: the check can fail.
+    plain_port = free_port_block()
+    plain = Proc(["broker", "--port", str(plain_port), "--data-dir", str(tmp_path / "plain")],
+                 tmp_path / "plain.log")
+    secure.procs.append(plain)
+    with Client(f"tcp://127.0.0.1:{plain_port}", timeout_s=0.5, security=None) as c:
+        wait_until(lambda: _answers(c), 20, what="plain broker")
+    proxy = RecordingProxy(plain_port)
+    proxy.start()
+    try:
+        _put_and_get_through(proxy.port, None)
+        assert PAYLOAD[:64] in proxy.recorded
+    finally:
+        proxy.close()
+
+
+def test_removing_a_key_file_locks_it_out_without_a_restart(secure: SecureCluster) -> None:
+    secure.start_broker()
+    worker = secure.start_worker("echo")
+    client = secure.client(timeout_s=1)
+    try:
+        wait_until(lambda: client.mmi_service("echo"), 30, what="worker to register")
+        (secure.keys / "allowed" / "workers" / "gpu.key").unlink()
+        with secure.client() as other:
+            wait_until(lambda: not other.mmi_service("echo"), 10, what="the revoked worker to go")
+        # Removed by the loop's folder check, or at its next heartbeat, whichever comes first.
+        assert secure.logged("worker_key_revoked") or secure.logged("message_refused")
+        assert worker.alive()  # it keeps trying; its handshakes now fail
+        (secure.keys / "allowed" / "clients" / "laptop.key").unlink()
+        time.sleep(1.5)  # the loop looks at the folder once a second
+        with pytest.raises(RequestTimeout):  # the connected socket is refused from now on
+            client.request_raw("mmi.service", [b"echo"], retries=0)
+        assert secure.logged("message_refused", reason="key no longer allowed") or \
+            secure.logged("curve_key_rejected", reason="unknown key")
+    finally:
+        client.close()
+
+
+def test_too_many_outstanding_requests_get_a_clear_error(secure: SecureCluster) -> None:
+    secure.start_broker("--max-outstanding", "2")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    secure.security("laptop").apply(sock)
+    sock.connect(secure.endpoint)
+    try:
+        for i in range(3):  # no worker for "ghost": the first two wait in the queue
+            sock.send_multipart([b"", MDPC, b"ghost", pack({"i": i})])
+        assert sock.poll(5000)
+        frames = sock.recv_multipart()
+        reply = unpack(frames[3])
+        assert reply["ok"] is False and "too many requests in flight" in reply["error"]["message"]
+        with secure.client() as c:  # the broker is fine, and other services still answer
+            assert c.request(P.SERVICE_JOBS, {"op": "counts"}) is not None
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def test_an_artifact_quota_breach_is_a_clear_error(secure: SecureCluster) -> None:
+    secure.start_broker("--artifact-quota", "4K")
+    with secure.client() as c:
+        store = ArtifactClient(c)
+        store.put_bytes(b"a" * 3000, kind="audio", name="a.wav")
+        with pytest.raises(RequestError, match="artifact quota exceeded for key") as err:
+            store.put_bytes(b"b" * 3000, kind="audio", name="b.wav")
+        assert err.value.code == "artifact"
+        store.put_bytes(b"a" * 3000, kind="audio", name="a.wav")  # already stored: free
+    with secure.client("gpu") as c:  # another key, its own quota
+        ArtifactClient(c).put_bytes(b"b" * 3000, kind="audio", name="b.wav")
