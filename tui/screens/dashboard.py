@@ -14,6 +14,8 @@ from distill.tui.format import ago, event_line, job_progress, short_job
 from distill.tui.messages import ClusterPolled, ConnectionChanged, EventsArrived
 from distill.tui.screens.base import DistillScreen
 
+WORKER_COLUMNS = ("service", "host", "device", "state", "job", "heartbeat")
+JOB_COLUMNS = ("id", "kind", "status", "progress", "ETA")
 LOG_LINES = 500  # the log is a window on the stream; the job records hold the history
 
 
@@ -28,12 +30,8 @@ class DashboardScreen(DistillScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        workers = self.query_one("#workers", DataTable)
-        workers.border_title = "workers"
-        workers.add_columns("service", "host", "device", "state", "job", "heartbeat")
-        jobs = self.query_one("#jobs", DataTable)
-        jobs.border_title = "jobs"
-        jobs.add_columns("id", "kind", "status", "progress", "ETA")
+        self.query_one("#workers", DataTable).border_title = "workers"
+        self.query_one("#jobs", DataTable).border_title = "jobs"
         self.query_one("#events", RichLog).border_title = "events"
         app = self.distill
         if app.connected is not None:
@@ -64,13 +62,13 @@ class DashboardScreen(DistillScreen):
         rows = [(w.get("service", "?"), w.get("host") or "-", w.get("device") or "-",
                  w.get("state", "?"), short_job(w.get("current_job")),
                  ago(w.get("last_heartbeat_age_s"))) for w in workers]
-        _replace_rows(table, rows, [str(w.get("id")) for w in workers])
+        _replace_rows(table, WORKER_COLUMNS, rows, [str(w.get("id")) for w in workers])
         waiting = sum(queued.values())
         table.border_subtitle = f"{len(workers)} workers, {waiting} requests queued"
         jtable = self.query_one("#jobs", DataTable)
         jrows = [(j["id"], j.get("service", "?").removeprefix("distill."), j.get("status", "?"),
                   *job_progress(j)) for j in jobs]
-        _replace_rows(jtable, jrows, [j["id"] for j in jobs])
+        _replace_rows(jtable, JOB_COLUMNS, jrows, [j["id"] for j in jobs])
 
     @on(EventsArrived)
     def _events(self, message: EventsArrived) -> None:
@@ -87,10 +85,15 @@ class DashboardScreen(DistillScreen):
             await self.distill.open_training(str(message.row_key.value))
 
 
-def _replace_rows(table: DataTable[Any], rows: list[tuple[Any, ...]], keys: list[str]) -> None:
-    """Refill a table in place, keeping the cursor on the same row index."""
+def _replace_rows(table: DataTable[Any], columns: tuple[str, ...], rows: list[tuple[Any, ...]],
+                  keys: list[str]) -> None:
+    """Refill a table, keeping the cursor on the same row index. Columns are made again each
+    time with widths measured here, so that they follow the content at once (auto widths
+    only catch up when the app next goes idle)."""
     row = table.cursor_row
-    table.clear()
+    table.clear(columns=True)
+    for i, label in enumerate(columns):
+        table.add_column(label, width=max([len(label), *(len(str(r[i])) for r in rows)]))
     for key, cells in zip(keys, rows, strict=True):
         table.add_row(*cells, key=key)
     if rows:

@@ -118,7 +118,7 @@ class DatasetScreen(DistillScreen):
                           f"{float(r.get('duration_s') or 0):.2f}", r.get("chunks", 0),
                           r.get("reason") or "")
         ok = sum(r["status"] == "ok" for r in rows)
-        dataset = result.get("dataset") or "-"
+        dataset = str(result.get("dataset") or "-")
         self.query_one("#summary", Static).update(
-            f"{ok} of {len(rows)} files used, {len(rows) - ok} skipped — dataset {dataset}")
+            f"{ok} of {len(rows)} files used, {len(rows) - ok} skipped — dataset {dataset[:16]}")
         self.distill.last_dataset = result.get("dataset")
