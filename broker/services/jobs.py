@@ -7,12 +7,15 @@ timers); it reaches the loop only through :class:`JobHost`, never by importing i
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from typing import Any, Protocol
 
 from distill.broker.registry import JobOrigin, Registry, Request, WorkerEntry
 from distill.broker.services.common import field, ok_body
-from distill.broker.store.journal import JobRecord, JobStore
+from distill.broker.services.periodic import Periodic
+from distill.broker.services.retention import Retention
+from distill.broker.store.journal import MAX_METRICS_PAGE, JobRecord, JobStore, StaleAttempt
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
 from distill.shared.bus.messages import JobDispatch, JobSubmit
@@ -23,7 +26,13 @@ log = get_logger("broker.jobs")
 
 CANCEL_REPEAT_S = 1.0  # a running job's cancel is re-announced until the worker stops
 RESCAN_S = 1.0  # look for newly dispatchable jobs at least this often
+RETENTION_SWEEP_S = 60.0  # make up deletions a crash missed; the usual ones happen at once
+PREVIEW_TRIM_S = 5.0  # how soon old previews go once a job published a new one
 MAX_WAIT_S = 300.0
+MAX_LIST_JOBS = 500  # jobs per list reply
+# A list reply stops adding jobs past this many packed bytes (params may be large), well below
+# the clients' message limit; the reply then says ``truncated``.
+MAX_LIST_REPLY_BYTES = P.MAX_MESSAGE_BYTES // 4
 
 
 class JobHost(Protocol):
@@ -37,17 +46,28 @@ class JobHost(Protocol):
 
 
 class JobService:
-    def __init__(self, broker: JobHost, store: JobStore) -> None:
+    def __init__(self, broker: JobHost, store: JobStore, *,
+                 retention: Retention | None = None) -> None:
         self.broker = broker
         self.store = store
+        self.retention = retention
+        self.periodic = Periodic()  # each task guarded: one failing never stops the others
+        self.periodic.add("flush_events", 0.0, lambda now: self._flush_events())
+        self.periodic.add("dispatch_scan", 0.0, self._scan)
+        self.periodic.add("cancel_and_timeouts", CANCEL_REPEAT_S, lambda now: self._cancels())
+        self.periodic.add("expire_waiters", 0.0, self._expire_waiters)
+        if retention is not None:
+            self.periodic.add("retention_sweep", RETENTION_SWEEP_S, retention.sweep)
+            self.periodic.add("trim_previews", PREVIEW_TRIM_S, lambda now: self._trim_previews())
         self.in_registry: set[str] = set()  # job ids with a request queued or held by a worker
         self.waiters: dict[str, list[tuple[bytes, float]]] = {}
         self.pending_progress: dict[str, dict[str, Any]] = {}
         self.pending_metrics: list[tuple[str, dict[str, Any]]] = []
         self._dirty = True
         self._next_scan = 0.0
-        self._next_cancel_repeat = 0.0
+        self._previewed: set[str] = set()  # jobs that published previews since the last trim
         self._announced_final: set[str] = set()  # finished jobs already announced
+        self._attempt_of: dict[tuple[str, str], int] = {}  # (job, worker id) -> attempt it holds
         for record in store.requeue_running("the broker restarted while the job was running"):
             log.info("job_requeued_after_restart", job=record.id, status=record.status)
 
@@ -58,13 +78,13 @@ class JobService:
         handler = {
             "submit": self._submit, "get": self._get, "list": self._list, "cancel": self._cancel,
             "retry": self._retry, "checkpoint": self._checkpoint, "counts": self._counts,
-            "metrics": self._metrics,
+            "metrics": self._metrics, "metrics_page": self._metrics_page,
         }.get(op)  # type: ignore[arg-type]
         if op == "wait":
             return self._wait(identity, msg)
         if handler is None:
             raise DecodeError(f"distill.jobs has no op {op!r} (ops: submit, get, list, cancel, "
-                              "retry, wait, checkpoint, metrics, counts)")
+                              "retry, wait, checkpoint, metrics, metrics_page, counts)")
         return ok_body(handler(msg))
 
     def _submit(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -76,14 +96,39 @@ class JobService:
         return record.to_dict()
 
     def _get(self, msg: dict[str, Any]) -> dict[str, Any]:
-        with_metrics = bool(msg.get("metrics", True))
-        return self.store.get(field(msg, "id", str), with_metrics=with_metrics).to_dict(with_metrics=with_metrics)
+        """The record with ``metric_count``; with ``metrics`` (the default) also the latest
+        rows, at most one page of them from ``metrics_start`` on (the rest: ``metrics_page``)."""
+        job_id = field(msg, "id", str)
+        out = self.store.get(job_id, with_metrics=False).to_dict(with_metrics=False)
+        count = self.store.metric_count(job_id)
+        out["metric_count"] = count
+        if msg.get("metrics", True):
+            start = max(0, count - MAX_METRICS_PAGE)
+            out["metrics"] = self.store.metrics_page(job_id, start=start)
+            out["metrics_start"] = start
+        return out
+
+    def _metrics_page(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """``metrics_page {id, start, limit}`` -> ``{start, rows, count}``; ``rows`` holds at
+        most ``limit`` (capped at MAX_METRICS_PAGE) rows from index ``start``."""
+        job_id = field(msg, "id", str)
+        start = field(msg, "start", int, 0) or 0
+        limit = field(msg, "limit", int, MAX_METRICS_PAGE) or MAX_METRICS_PAGE
+        rows = self.store.metrics_page(job_id, start=start, limit=limit)
+        return {"id": job_id, "start": start, "rows": rows, "count": self.store.metric_count(job_id)}
 
     def _list(self, msg: dict[str, Any]) -> dict[str, Any]:
+        limit = min(field(msg, "limit", int, 200) or 200, MAX_LIST_JOBS)
         records = self.store.list(status=field(msg, "status", str, None),
-                                  service=field(msg, "service", str, None),
-                                  limit=field(msg, "limit", int, 200) or 200)
-        return {"jobs": [r.to_dict(with_metrics=False) for r in records]}
+                                  service=field(msg, "service", str, None), limit=limit)
+        jobs, size = [], 0
+        for record in records:
+            item = record.to_dict(with_metrics=False)
+            size += len(pack(item))
+            if size > MAX_LIST_REPLY_BYTES:
+                return {"jobs": jobs, "truncated": True}
+            jobs.append(item)
+        return {"jobs": jobs, "truncated": False}
 
     def _counts(self, msg: dict[str, Any]) -> dict[str, Any]:
         return self.store.counts()
@@ -102,21 +147,41 @@ class JobService:
         return record.to_dict(with_metrics=False)
 
     def _retry(self, msg: dict[str, Any]) -> dict[str, Any]:
-        record = self.store.retry(field(msg, "id", str))
+        job_id = field(msg, "id", str)
+        note = self._forget_lost_checkpoint(job_id)
+        record = self.store.retry(job_id)
         self._announce(record)
         self._dirty = True
-        return record.to_dict(with_metrics=False)
+        out = record.to_dict(with_metrics=False)
+        if note:
+            out["note"] = note
+        return out
+
+    def _forget_lost_checkpoint(self, job_id: str) -> str | None:
+        """A retry resumes from the job's checkpoint; if that artifact is gone (released, or
+        deleted by hand), the job starts from scratch, and the reply says so."""
+        record = self.store.get(job_id, with_metrics=False)
+        if (record.checkpoint is None or record.finished is False
+                or self.retention is None or self.retention.artifacts.has(record.checkpoint)):
+            return None
+        self.store.clear_checkpoint(job_id)
+        return f"checkpoint {record.checkpoint} is no longer stored: the job starts from scratch"
 
     def _checkpoint(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """``checkpoint {id, sha256, attempt?}``: with ``attempt``, refused unless it is the
+        running one (a worker abandoned by the broker cannot overwrite its successor's)."""
         job_id, sha = field(msg, "id", str), field(msg, "sha256", str)
-        self.store.set_checkpoint(job_id, sha)
+        previous = self.store.set_checkpoint(job_id, sha, attempt=field(msg, "attempt", int, None))
+        if previous is not None and self.retention is not None:
+            self.retention.superseded(job_id, previous)
         return {"id": job_id, "checkpoint": sha}
 
     def _metrics(self, msg: dict[str, Any]) -> dict[str, Any]:
         """A metric row sent as a request: stored before the reply, so no row is ever lost to
-        the event stream's best-effort delivery; then published for live viewers."""
+        the event stream's best-effort delivery; then published for live viewers. With
+        ``attempt``, refused unless it is the running one (no duplicate rows from a stale one)."""
         job_id, row = field(msg, "id", str), field(msg, "row", dict)
-        self.store.append_metrics(job_id, row)
+        self.store.append_metrics(job_id, row, attempt=field(msg, "attempt", int, None))
         self.broker.publish(f"job.{job_id}", {"type": "metrics", "job": job_id, "row": row, "recorded": True})
         return {"id": job_id}
 
@@ -137,6 +202,8 @@ class JobService:
         if event.get("type") == "progress":
             fields = {k: v for k, v in event.items() if k not in ("topic", "seq", "broker_ts", "job")}
             self.pending_progress[job_id] = fields
+        elif event.get("type") == "preview":
+            self._previewed.add(job_id)
         elif (event.get("type") == "metrics" and isinstance(event.get("row"), dict)
               and not event.get("recorded")):  # rows sent as requests are stored already
             self.pending_metrics.append((job_id, event["row"]))
@@ -160,25 +227,34 @@ class JobService:
 
     # --- dispatch and results (JobHooks) -----------------------------------------------------
     def tick(self, now: float) -> None:
-        self._flush_events()
+        """The loop's timer: every periodic task, each guarded (see :mod:`.periodic`)."""
+        self.periodic.tick(now)
+
+    def _scan(self, now: float) -> None:
         if self._dirty or now >= self._next_scan:
             self._dirty = False
             self._next_scan = now + RESCAN_S
             self._dispatch_ready()
-        if now >= self._next_cancel_repeat:
-            self._next_cancel_repeat = now + CANCEL_REPEAT_S
-            for record in self.store.list(status="running", limit=10_000):
-                if record.cancel_requested:
-                    self._announce_cancel(record.id)
-            for record in self.store.overdue(time.time()):
-                self._announce_cancel(record.id)
-                self._after_failure(self.store.fail_attempt(record.id, f"timed out after {record.timeout_s:g} s"))
-        self._expire_waiters(now)
+
+    def _cancels(self) -> None:
+        for job_id in self.store.cancel_pending_ids():
+            self._announce_cancel(job_id)
+        for record in self.store.overdue(time.time()):
+            self._announce_cancel(record.id)
+            self._after_failure(self.store.fail_attempt(record.id, f"timed out after {record.timeout_s:g} s"))
+
+    def _trim_previews(self) -> None:
+        jobs, self._previewed = self._previewed, set()
+        assert self.retention is not None
+        for job_id in sorted(jobs):
+            self.retention.trim_previews(job_id)
 
     def _dispatch_ready(self) -> None:
-        for record in self.store.dispatchable():
-            if record.id in self.in_registry:
+        # Ids first: only jobs not yet handed to the registry have their params decoded.
+        for job_id in self.store.dispatchable_ids():
+            if job_id in self.in_registry:
                 continue
+            record = self.store.get(job_id, with_metrics=False)
             dispatch = JobDispatch(id=record.id, service=record.service, params=record.params,
                                    attempt=record.attempts + 1, previous_errors=record.attempt_errors,
                                    deps=self.store.deps_results(record.id), checkpoint=record.checkpoint)
@@ -192,43 +268,65 @@ class JobService:
             log.info("job_dispatch_stale", job=job_id, reason=str(e))
             self._announce_cancel(job_id)
             return
+        self._attempt_of[(job_id, worker.worker_id)] = record.attempts
         self._announce(record)
 
     def on_reply(self, job_id: str, frames: list[bytes], worker: WorkerEntry) -> None:
+        """A worker's reply to a job. A reply from an attempt that is over (the job timed out,
+        was cancelled or requeued) is ignored; a result the journal cannot store fails the
+        attempt with that reason, so the job never stays running with no worker."""
         self.in_registry.discard(job_id)
+        attempt = self._attempt_of.pop((job_id, worker.worker_id), None)
         try:
             reply = unpack_map(frames[0], "job reply")
         except DecodeError as e:
             reply = {"ok": False, "error": {"message": f"worker sent a malformed reply: {e}"}}
         try:
-            if reply.get("ok") is True:
-                result = reply.get("result")
-                record = self.store.mark_succeeded(job_id, result if isinstance(result, dict) else {"value": result},
-                                                   worker=worker.worker_id)
-            elif reply.get("cancelled"):
-                record = self.store.mark_cancelled(job_id, self.store.get(job_id, with_metrics=False).cancel_reason
-                                                   or "cancelled")
-            else:
-                message = str((reply.get("error") or {}).get("message", "unknown error"))
-                record = self.store.fail_attempt(job_id, f"attempt on {worker.meta.get('host', '?')}: {message}",
-                                                 worker=worker.worker_id)
-        except JobError as e:  # late reply for a job already timed out, cancelled or reassigned
-            log.info("job_reply_ignored", job=job_id, reason=str(e))
+            record = self._record_reply(job_id, reply, worker, attempt)
+        except StaleAttempt as e:
+            log.info("job_reply_ignored", job=job_id, attempt=attempt, reason=str(e))
             return
+        except (JobError, sqlite3.Error) as e:  # refused or not committed: this attempt failed
+            log.warning("job_result_refused", job=job_id, reason=str(e))
+            try:
+                record = self.store.fail_attempt(job_id, f"the broker could not store the result: {e}",
+                                                 worker=worker.worker_id, attempt=attempt)
+            except StaleAttempt:
+                return
         if record.status == "succeeded":
             self._finished(record)
         else:
             self._after_failure(record)
         self._dirty = True
 
+    def _record_reply(self, job_id: str, reply: dict[str, Any], worker: WorkerEntry,
+                      attempt: int | None) -> JobRecord:
+        if reply.get("ok") is True:
+            result = reply.get("result")
+            return self.store.mark_succeeded(job_id, result if isinstance(result, dict) else {"value": result},
+                                             worker=worker.worker_id, attempt=attempt)
+        if reply.get("cancelled"):
+            current = self.store.get(job_id, with_metrics=False)
+            if current.status != "running" or current.worker != worker.worker_id:
+                raise StaleAttempt(f"job {job_id} is {current.status} on {current.worker}")
+            return self.store.mark_cancelled(job_id, current.cancel_reason or "cancelled")
+        message = str((reply.get("error") or {}).get("message", "unknown error"))
+        return self.store.fail_attempt(job_id, f"attempt on {worker.meta.get('host', '?')}: {message}",
+                                       worker=worker.worker_id, attempt=attempt)
+
     def on_lost(self, job_id: str, reason: str) -> None:
+        """The worker holding the job is gone. With a checkpoint the job resumes where it was,
+        so the loss is not its fault (``lost``, its own larger bound); without one, a worker
+        that dies on the job may be killed by it, so the attempt counts."""
         self.in_registry.discard(job_id)
         self._dirty = True
         try:
             record = self.store.get(job_id, with_metrics=False)
             if record.status != "running":
                 return
-            record = self.store.fail_attempt(job_id, f"worker lost: {reason}")
+            self._attempt_of.pop((job_id, record.worker or ""), None)
+            record = self.store.fail_attempt(job_id, f"worker lost: {reason}",
+                                             lost=record.checkpoint is not None)
         except JobError:
             return
         self._after_failure(record)
@@ -251,6 +349,11 @@ class JobService:
     def _finished(self, record: JobRecord) -> None:
         self._announced_final.add(record.id)
         self._announce(record)
+        if self.retention is not None:
+            try:
+                self.retention.job_finished(record)
+            except Exception:  # freeing space must never stop the announcement; the sweep retries
+                log.exception("retention_failed", job=record.id)
         for identity, _ in self.waiters.pop(record.id, []):
             self.broker.reply_later(identity, P.SERVICE_JOBS, ok_body(record.to_dict(with_metrics=False)))
 

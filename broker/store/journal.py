@@ -47,8 +47,18 @@ from distill.shared.ids import is_sha256
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: jobs.lost_attempts (losses that were not the job's fault)
 MAX_ATTEMPTS_LIMIT = 100  # a typo such as 1000 would keep a broken job cycling for days
+# Attempts lost to the system (a broker restart, a worker lost while the job resumes from its
+# checkpoint) are not the work's fault and do not use its attempts; they have their own bound,
+# larger than any max_attempts a user sets, so a night with a few hiccups still finishes, yet a
+# job that kills every worker it meets still ends.
+MAX_LOST_ATTEMPTS = 20
+MAX_PARAMS_BYTES = 256 * 1024  # params name artifacts and settings; audio travels as artifacts
+MAX_RESULT_BYTES = 1024 * 1024  # a result is a summary (ids, metrics), far below a message
+MAX_METRIC_ROW_BYTES = 16 * 1024  # one epoch's numbers; a loss curve is thousands of these
+MAX_PROGRESS_BYTES = 64 * 1024  # the latest progress line, with per-level codebook use
+MAX_METRICS_PAGE = 1_000  # rows per metrics page: ~1 MiB at the row limit's typical ~1 KiB
 MAX_SERVICE_NAME_CHARS = 255
 MAX_REASON_CHARS = 2_000  # a reason is a message, not a log: a whole traceback is clipped
 _EMPTY_LIST = codec.pack([])  # attempt_errors of a new job
@@ -75,7 +85,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     cancel_reason TEXT,
     cancelled_by TEXT,                      -- the dependency whose failure cancelled this job
-    timeout_s REAL
+    timeout_s REAL,
+    lost_attempts INTEGER NOT NULL DEFAULT 0  -- attempts lost to the system, not counted
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, service, seq);
 CREATE TABLE IF NOT EXISTS job_deps (
@@ -120,6 +131,12 @@ class JobRecord:
     cancel_reason: str | None = None  # why a cancel was requested (running jobs)
     cancelled_by: str | None = None  # the dependency that caused this job's cancellation
     metrics_loaded: bool = True  # False: ``metrics`` was not read (it is [] here)
+    lost_attempts: int = 0  # attempts lost to a broker restart or a resumable worker loss
+
+    @property
+    def counted_attempts(self) -> int:
+        """Attempts that count against ``max_attempts`` (lost ones excluded)."""
+        return self.attempts - self.lost_attempts
 
     @property
     def finished(self) -> bool:
@@ -148,6 +165,7 @@ class JobRecord:
             "timeout_s": self.timeout_s,
             "cancel_reason": self.cancel_reason,
             "cancelled_by": self.cancelled_by,
+            "lost_attempts": self.lost_attempts,
         }
         if with_metrics and self.metrics_loaded:
             out["metrics"] = list(self.metrics)
@@ -161,13 +179,20 @@ def _new_job_id() -> str:
     return "j-" + secrets.token_hex(5)
 
 
-def _pack_map(value: Any, what: str) -> bytes:
+class StaleAttempt(JobError):
+    """A write from an attempt that is no longer the job's current one (fenced off)."""
+
+
+def _pack_map(value: Any, what: str, max_bytes: int | None = None) -> bytes:
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise JobError(f"{what} must be a map with string keys, got {type(value).__name__}")
     try:
-        return codec.pack(value)
+        packed = codec.pack(value)
     except (TypeError, ValueError, OverflowError) as e:
         raise JobError(f"{what} cannot be stored: {e}") from e
+    if max_bytes is not None and len(packed) > max_bytes:
+        raise JobError(f"{what} is {len(packed)} bytes packed, over the limit of {max_bytes}")
+    return packed
 
 
 def _unpack(blob: bytes | None) -> Any:
@@ -262,9 +287,16 @@ class JobStore:
             )
         self._db.execute("PRAGMA synchronous=FULL")
         self._synchronous = "FULL"
+        # A version 1 table gains its new column in the same transaction as the version bump.
+        upgrade = (
+            "ALTER TABLE jobs ADD COLUMN lost_attempts INTEGER NOT NULL DEFAULT 0;"
+            if version == 1
+            else ""
+        )
         # One script, one transaction: a half-created schema is never left behind.
         self._db.executescript(
-            f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
+            f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{upgrade}\n"
+            f"PRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
         )
 
     def close(self) -> None:
@@ -430,6 +462,7 @@ class JobStore:
             cancel_reason=row["cancel_reason"],
             cancelled_by=row["cancelled_by"],
             metrics_loaded=with_metrics,
+            lost_attempts=row["lost_attempts"],
         )
 
     def _load(self, job_id: str, with_metrics: bool = False) -> JobRecord:
@@ -551,7 +584,7 @@ class JobStore:
     ) -> JobRecord:
         """Store a new job. It is queued, or cancelled at once if a dependency already failed."""
         deps = _check_submit_args(service, depends_on, max_attempts, timeout_s)
-        packed = _pack_map(params, "params")
+        packed = _pack_map(params, "params", MAX_PARAMS_BYTES)
         with self._write() as db:
             blocker = self._first_blocker(db, deps)
             job_id = _new_job_id()
@@ -593,13 +626,25 @@ class JobStore:
 
     # --- state changes ---
 
-    def _running_row(self, job_id: str, worker: str | None, action: str) -> sqlite3.Row:
+    def _running_row(
+        self, job_id: str, worker: str | None, action: str, attempt: int | None = None
+    ) -> sqlite3.Row:
+        """The row of a running job, fenced: a given ``worker`` or ``attempt`` must be current.
+
+        Raises :class:`StaleAttempt` for a write from an attempt that is over (the job ended,
+        was requeued, or runs elsewhere): the caller ignores it instead of failing anything.
+        """
         row = self._row(job_id)
         if row["status"] != "running":
-            raise JobError(f"cannot {action} job {job_id}: it is {row['status']}, not running")
+            raise StaleAttempt(f"cannot {action} job {job_id}: it is {row['status']}, not running")
         if worker is not None and row["worker"] != worker:
-            raise JobError(
+            raise StaleAttempt(
                 f"cannot {action} job {job_id}: it runs on {row['worker']}, not on {worker}"
+            )
+        if attempt is not None and row["attempts"] != attempt:
+            raise StaleAttempt(
+                f"cannot {action} job {job_id} for attempt {attempt}: "
+                f"attempt {row['attempts']} is the current one"
             )
         return row
 
@@ -617,12 +662,21 @@ class JobStore:
         return self._load(job_id)
 
     def mark_succeeded(
-        self, job_id: str, result: dict[str, Any], *, worker: str | None = None
+        self,
+        job_id: str,
+        result: dict[str, Any],
+        *,
+        worker: str | None = None,
+        attempt: int | None = None,
     ) -> JobRecord:
-        """A running job finished; ``worker``, if given, must be the one it was dispatched to."""
-        packed = _pack_map(result, "result")
+        """A running job finished; ``worker`` and ``attempt``, if given, must be current.
+
+        A result that cannot be stored raises :class:`JobError` (not :class:`StaleAttempt`):
+        the caller fails the attempt with that reason.
+        """
+        packed = _pack_map(result, "result", MAX_RESULT_BYTES)
         with self._write() as db:
-            self._running_row(job_id, worker, "complete")
+            self._running_row(job_id, worker, "complete", attempt)
             db.execute(
                 "UPDATE jobs SET status = 'succeeded', result = ?, error = NULL,"
                 " finished_at = ? WHERE id = ?",
@@ -630,26 +684,44 @@ class JobStore:
             )
         return self._load(job_id)
 
-    def fail_attempt(self, job_id: str, reason: str, *, worker: str | None = None) -> JobRecord:
+    def fail_attempt(
+        self,
+        job_id: str,
+        reason: str,
+        *,
+        worker: str | None = None,
+        attempt: int | None = None,
+        lost: bool = False,
+    ) -> JobRecord:
         """This attempt failed: queue again while attempts remain, else fail the job for good.
 
-        A job whose cancel was requested ends cancelled instead of running again.
+        ``lost``: the attempt was lost to the system (see :data:`MAX_LOST_ATTEMPTS`), not the
+        work's fault; it is recorded but does not use one of ``max_attempts``. A job whose
+        cancel was requested ends cancelled instead of running again.
         """
         with self._write() as db:
-            row = self._running_row(job_id, worker, "fail")
-            self._fail_row(db, row, reason)
+            row = self._running_row(job_id, worker, "fail", attempt)
+            self._fail_row(db, row, reason, lost=lost)
         return self._load(job_id)
 
-    def _fail_row(self, db: sqlite3.Connection, row: sqlite3.Row, reason: str) -> None:
+    def _fail_row(
+        self, db: sqlite3.Connection, row: sqlite3.Row, reason: str, *, lost: bool = False
+    ) -> None:
         job_id = row["id"]
-        errors = [*_unpack(row["attempt_errors"]), _clip(reason)]
+        lost_attempts = row["lost_attempts"] + (1 if lost else 0)
+        label = f"{reason} (not counted: lost {lost_attempts} of {MAX_LOST_ATTEMPTS})"
+        errors = [*_unpack(row["attempt_errors"]), _clip(label if lost else reason)]
+        # A lost attempt gives its attempt back: max_attempts counts dispatches (a retry sets
+        # it to attempts + the submitted budget), so it grows by the one that did not count.
+        max_attempts = row["max_attempts"] + (1 if lost else 0)
         db.execute(
-            "UPDATE jobs SET attempt_errors = ?, cancel_requested = 0 WHERE id = ?",
-            (codec.pack(errors), job_id),
+            "UPDATE jobs SET attempt_errors = ?, cancel_requested = 0, lost_attempts = ?,"
+            " max_attempts = ? WHERE id = ?",
+            (codec.pack(errors), lost_attempts, max_attempts, job_id),
         )
         if row["cancel_requested"]:
             self._cancel_row(db, job_id, row["cancel_reason"] or "cancelled")
-        elif row["attempts"] < row["max_attempts"]:
+        elif row["attempts"] < max_attempts and lost_attempts <= MAX_LOST_ATTEMPTS:
             db.execute("UPDATE jobs SET status = 'queued', worker = NULL WHERE id = ?", (job_id,))
         else:
             error = _final_error(errors)
@@ -763,37 +835,105 @@ class JobStore:
                     )
 
     def requeue_running(self, reason: str) -> builtins.list[JobRecord]:
-        """On broker start: every job left running counts a failed attempt (see fail_attempt)."""
+        """On broker start: every job left running lost its attempt (``fail_attempt(lost=True)``):
+        a broker restart is never the job's fault."""
         with self._write() as db:
             rows = db.execute("SELECT * FROM jobs WHERE status = 'running' ORDER BY seq").fetchall()
             for row in rows:
-                self._fail_row(db, row, reason)
+                self._fail_row(db, row, reason, lost=True)
         return [self._load(row["id"]) for row in rows]
 
     # --- frequent, cheap updates ---
 
     def record_progress(self, job_id: str, progress: dict[str, Any]) -> None:
         """Replace the job's latest progress (one UPDATE, not fsynced: see module doc)."""
-        packed = _pack_map(progress, "progress")
+        packed = _pack_map(progress, "progress", MAX_PROGRESS_BYTES)
         with self._write(durable=False, one_statement=True) as db:
             if db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (packed, job_id)).rowcount:
                 return
         raise JobError(f"no job {job_id}")
 
-    def append_metrics(self, job_id: str, row: dict[str, Any]) -> None:
-        """Append one metric row to the job's history (one INSERT, not fsynced)."""
-        packed = _pack_map(row, "metrics row")
+    def append_metrics(
+        self, job_id: str, row: dict[str, Any], *, attempt: int | None = None
+    ) -> None:
+        """Append one metric row to the job's history (one INSERT, not fsynced).
+
+        With ``attempt``, the row is refused (:class:`StaleAttempt`) unless that attempt is the
+        running one: an abandoned worker cannot add rows beside its successor's.
+        """
+        packed = _pack_map(row, "metrics row", MAX_METRIC_ROW_BYTES)
+        if attempt is not None:
+            with self._lock:
+                self._running_row(job_id, None, "record metrics of", attempt)
         try:
             with self._write(durable=False, one_statement=True) as db:
                 db.execute("INSERT INTO job_metrics (job_id, row) VALUES (?, ?)", (job_id, packed))
         except sqlite3.IntegrityError:  # the foreign key: no such job
             raise JobError(f"no job {job_id}") from None
 
-    def set_checkpoint(self, job_id: str, sha256: str) -> None:
-        """Register the job's latest checkpoint artifact (a retry resumes from it)."""
+    def set_checkpoint(self, job_id: str, sha256: str, *, attempt: int | None = None) -> str | None:
+        """Register the job's latest checkpoint artifact (a retry resumes from it).
+
+        Returns the checkpoint it supersedes (None if none, or the same one). With ``attempt``,
+        refused (:class:`StaleAttempt`) unless that attempt is the running one.
+        """
         if not is_sha256(sha256):
             raise JobError(f"checkpoint of job {job_id} must be a sha256 hex id, got {sha256!r}")
         with self._write() as db:
-            if db.execute("UPDATE jobs SET checkpoint = ? WHERE id = ?", (sha256, job_id)).rowcount:
-                return
-        raise JobError(f"no job {job_id}")
+            row = (
+                self._row(job_id)
+                if attempt is None
+                else self._running_row(job_id, None, "checkpoint", attempt)
+            )
+            db.execute("UPDATE jobs SET checkpoint = ? WHERE id = ?", (sha256, job_id))
+        previous: str | None = row["checkpoint"]
+        return previous if previous != sha256 else None
+
+    def clear_checkpoint(self, job_id: str) -> None:
+        """Forget the job's checkpoint (its artifact is gone): the next attempt starts afresh."""
+        with self._write() as db:
+            if not db.execute("UPDATE jobs SET checkpoint = NULL WHERE id = ?", (job_id,)).rowcount:
+                raise JobError(f"no job {job_id}")
+
+    def metric_count(self, job_id: str) -> int:
+        """How many metric rows the job has (what ``jobs show`` prints, without the rows)."""
+        with self._lock:
+            self._row(job_id)
+            (n,) = self._db.execute(
+                "SELECT COUNT(*) FROM job_metrics WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return int(n)
+
+    def metrics_page(
+        self, job_id: str, *, start: int = 0, limit: int = MAX_METRICS_PAGE
+    ) -> builtins.list[dict[str, Any]]:
+        """Metric rows ``start``, ``start + 1``, ... of the job (at most ``limit``, capped at
+        :data:`MAX_METRICS_PAGE`), in order; fewer than asked means the history ends there."""
+        if start < 0 or limit < 1:
+            raise JobError(f"metrics page needs start >= 0 and limit >= 1, got {start}, {limit}")
+        with self._lock:
+            self._row(job_id)
+            rows = self._db.execute(
+                "SELECT row FROM job_metrics WHERE job_id = ? ORDER BY n LIMIT ? OFFSET ?",
+                (job_id, min(limit, MAX_METRICS_PAGE), start),
+            ).fetchall()
+        return [_unpack(blob) for (blob,) in rows]
+
+    def dispatchable_ids(self) -> builtins.list[str]:
+        """Ids of :meth:`dispatchable` jobs, oldest first: no params decoded (the periodic scan)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT j.id FROM jobs j WHERE j.status = 'queued' AND NOT EXISTS ("
+                "  SELECT 1 FROM job_deps d JOIN jobs p ON p.id = d.dep_id"
+                "  WHERE d.job_id = j.id AND p.status != 'succeeded'"
+                ") ORDER BY j.seq"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def cancel_pending_ids(self) -> builtins.list[str]:
+        """Running jobs whose cancel was requested (the worker has not stopped yet)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM jobs WHERE status = 'running' AND cancel_requested = 1 ORDER BY seq"
+            ).fetchall()
+        return [r[0] for r in rows]

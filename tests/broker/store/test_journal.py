@@ -12,7 +12,15 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from distill.broker.store.journal import JOB_STATUSES, MAX_REASON_CHARS, JobStore
+from distill.broker.store.journal import (
+    JOB_STATUSES,
+    MAX_LOST_ATTEMPTS,
+    MAX_METRIC_ROW_BYTES,
+    MAX_PARAMS_BYTES,
+    MAX_REASON_CHARS,
+    JobStore,
+    StaleAttempt,
+)
 from distill.shared.bus import codec
 from distill.shared.errors import JobError
 
@@ -406,7 +414,9 @@ def test_cancel_leaves_finished_jobs_unchanged(store: JobStore) -> None:
 # --- restart, progress, metrics, timeouts -------------------------------------------------------
 
 
-def test_requeue_running_counts_a_failed_attempt(store: JobStore) -> None:
+def test_requeue_running_loses_the_attempt_without_counting_it(store: JobStore) -> None:
+    """Before: a broker restart counted as a failed attempt, so a job on its last attempt failed
+    (``last_try`` ended "failed"). Now it is lost, not counted: both are queued again."""
     fresh = store.submit("s", {}, max_attempts=2)
     last_try = store.submit("s", {}, max_attempts=1)
     queued = store.submit("s", {})
@@ -416,12 +426,38 @@ def test_requeue_running_counts_a_failed_attempt(store: JobStore) -> None:
     touched = store.requeue_running("broker restarted")
     assert {j.id for j in touched} == {fresh.id, last_try.id}
     assert store.get(fresh.id).status == "queued"
-    assert store.get(fresh.id).attempt_errors == ["broker restarted"]
-    failed = store.get(last_try.id)
-    assert failed.status == "failed"
-    assert failed.error is not None and "broker restarted" in failed.error
+    assert store.get(fresh.id).attempt_errors == ["broker restarted (not counted: lost 1 of 20)"]
+    again = store.get(last_try.id)
+    assert again.status == "queued" and again.lost_attempts == 1 and again.counted_attempts == 0
     assert store.get(queued.id).attempts == 0
     assert store.requeue_running("again") == []
+
+
+def test_lost_attempts_have_their_own_bound(store: JobStore) -> None:
+    """A job lost again and again (it kills every worker it meets) still ends, after
+    MAX_LOST_ATTEMPTS losses; a counted failure meanwhile still uses max_attempts."""
+    job = store.submit("s", {}, max_attempts=2)
+    store.mark_running(job.id, "w")
+    assert store.fail_attempt(job.id, "boom").status == "queued"  # counted: 1 of 2
+    for n in range(1, MAX_LOST_ATTEMPTS + 1):
+        store.mark_running(job.id, "w")
+        record = store.fail_attempt(job.id, "worker lost", lost=True)
+        assert record.status == "queued", n
+    store.mark_running(job.id, "w")
+    final = store.fail_attempt(job.id, "worker lost", lost=True)
+    assert final.status == "failed" and final.lost_attempts == MAX_LOST_ATTEMPTS + 1
+
+
+def test_a_version_1_table_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A job table written before lost_attempts existed opens, keeps its jobs, counts 0 lost."""
+    path = tmp_path / "jobs.sqlite3"
+    with JobStore(path) as store:
+        job = store.submit("s", {"a": 1})
+    db = sqlite3.connect(path)
+    db.executescript("ALTER TABLE jobs DROP COLUMN lost_attempts; PRAGMA user_version=1;")
+    db.close()
+    with JobStore(path) as store:
+        assert store.get(job.id).params == {"a": 1} and store.get(job.id).lost_attempts == 0
 
 
 def test_progress_is_replaced_and_metrics_are_appended_in_order(store: JobStore) -> None:
@@ -597,3 +633,62 @@ def test_an_exception_leaving_a_batch_rolls_it_back(store: JobStore) -> None:
     assert (got.progress, got.metrics) == (None, [])
     store.record_progress(job.id, {"step": 2})  # the store is usable afterwards
     assert store.get(job.id).progress == {"step": 2}
+
+
+# --- fencing by attempt, size limits, paging (issue 9) -------------------------------------------
+
+
+def test_writes_from_a_stale_attempt_are_refused(store: JobStore) -> None:
+    """Before: set_checkpoint and append_metrics took no attempt, so a worker the broker had
+    given up on overwrote its successor's checkpoint and doubled its metric rows."""
+    job = store.submit("s", {})
+    store.mark_running(job.id, "w1")
+    store.fail_attempt(job.id, "worker lost", lost=True)
+    store.mark_running(job.id, "w2")  # attempt 2 is current
+    old, new = "a" * 64, "b" * 64
+    assert store.set_checkpoint(job.id, new, attempt=2) is None
+    with pytest.raises(StaleAttempt, match="attempt 2 is the current one"):
+        store.set_checkpoint(job.id, old, attempt=1)
+    with pytest.raises(StaleAttempt):
+        store.append_metrics(job.id, {"epoch": 1}, attempt=1)
+    store.append_metrics(job.id, {"epoch": 1}, attempt=2)
+    with pytest.raises(StaleAttempt):
+        store.mark_succeeded(job.id, {"x": 1}, attempt=1)
+    record = store.get(job.id)
+    assert record.checkpoint == new and record.metrics == [{"epoch": 1}]
+    assert record.status == "running"
+    assert store.set_checkpoint(job.id, old, attempt=2) == new  # the superseded one
+
+
+def test_a_result_that_cannot_be_stored_is_a_job_error_not_a_stale_attempt(store: JobStore) -> None:
+    job = store.submit("s", {})
+    store.mark_running(job.id, "w1")
+    with pytest.raises(JobError) as caught:
+        store.mark_succeeded(job.id, {1: "non-string key"})  # type: ignore[dict-item]
+    assert not isinstance(caught.value, StaleAttempt)
+    assert store.get(job.id).status == "running"
+
+
+def test_params_and_metric_rows_have_size_limits(store: JobStore) -> None:
+    """Before: any size was stored (a 10 MB params map bloated every list reply)."""
+    with pytest.raises(JobError, match=f"over the limit of {MAX_PARAMS_BYTES}"):
+        store.submit("s", {"blob": b"x" * MAX_PARAMS_BYTES})
+    job = store.submit("s", {})
+    with pytest.raises(JobError, match=f"over the limit of {MAX_METRIC_ROW_BYTES}"):
+        store.append_metrics(job.id, {"blob": "x" * MAX_METRIC_ROW_BYTES})
+
+
+def test_metrics_are_counted_and_paged(store: JobStore) -> None:
+    job = store.submit("s", {})
+    for i in range(25):
+        store.append_metrics(job.id, {"epoch": i})
+    assert store.metric_count(job.id) == 25
+    assert [r["epoch"] for r in store.metrics_page(job.id, start=20, limit=10)] == [
+        20,
+        21,
+        22,
+        23,
+        24,
+    ]
+    assert store.metrics_page(job.id, start=25) == []
+    assert store.dispatchable_ids() == [job.id]

@@ -1,0 +1,235 @@
+"""JobService without sockets: a fake loop host, a real journal and artifact store.
+
+Each test names the behaviour before issue 9 that it would have caught.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from distill.broker.registry import Registry, Request, WorkerEntry
+from distill.broker.services.jobs import JobService
+from distill.broker.services.retention import Retention
+from distill.broker.store.artifacts import ArtifactStore
+from distill.broker.store.journal import JobStore
+from distill.shared.bus.codec import pack, unpack_map
+
+
+class FakeHost:
+    def __init__(self) -> None:
+        self.registry = Registry(10.0)
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.submitted: list[str] = []
+        self.replies: list[dict[str, Any]] = []
+
+    def publish(self, topic: str, event: dict[str, Any]) -> dict[str, Any]:
+        self.events.append((topic, event))
+        return event
+
+    def submit_internal(self, service: bytes, body: list[bytes], job_id: str) -> Request:
+        self.submitted.append(job_id)
+        return self.registry.new_request(service, body, None, 0.0, None)  # type: ignore[arg-type]
+
+    def reply_later(self, identity: bytes, service: bytes, body: list[bytes]) -> bool:
+        self.replies.append(unpack_map(body[0]))
+        return True
+
+
+def worker(name: bytes) -> WorkerEntry:
+    return WorkerEntry(
+        identity=name,
+        service=b"s",
+        meta={"host": "h"},
+        registered_at=0.0,
+        last_seen=0.0,
+        expiry=10.0,
+    )
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> tuple[FakeHost, JobService, ArtifactStore]:
+    host, journal = FakeHost(), JobStore(tmp_path / "jobs.sqlite3")
+    artifacts = ArtifactStore(tmp_path / "artifacts")
+
+    def delete(sha: str) -> None:
+        artifacts.delete(sha, in_use=journal.referenced_artifacts())
+
+    retention = Retention(journal, artifacts, delete, keep_preview_epochs=2)
+    return host, JobService(host, journal, retention=retention), artifacts
+
+
+def ok(result: Any) -> list[bytes]:
+    return [pack({"ok": True, "result": result})]
+
+
+def call(jobs: JobService, **msg: Any) -> dict[str, Any]:
+    reply = unpack_map(jobs.serve(b"c", [pack(msg)])[0])  # type: ignore[index]
+    assert reply["ok"], reply
+    return reply["result"]  # type: ignore[no-any-return]
+
+
+def start(service: JobService, w: WorkerEntry, params: dict[str, Any] | None = None) -> str:
+    job_id = call(service, op="submit", service="s", params=params or {})["id"]
+    service.on_dispatched(job_id, w)
+    return job_id
+
+
+def test_a_result_the_journal_refuses_fails_the_attempt(parts: Any) -> None:
+    """Before: mark_succeeded's JobError (non-string keys) was logged as a "late reply" and
+    dropped, leaving the job running with no worker for ever."""
+    host, service, _ = parts
+    w = worker(b"w1")
+    job_id = start(service, w)
+    service.on_reply(
+        job_id,
+        [
+            pack(
+                {"ok": True, "result": {1: "x"}},
+            )
+        ],
+        w,
+    )
+    record = service.store.get(job_id)
+    assert record.status == "queued"
+    assert "could not store the result" in record.attempt_errors[0]
+    assert "string keys" in record.attempt_errors[0]
+
+
+def test_a_failed_commit_fails_the_attempt(parts: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: an sqlite3 error (disk full) escaped on_reply; the loop dropped the message."""
+    host, service, _ = parts
+    w = worker(b"w1")
+    job_id = start(service, w)
+
+    def disk_full(*a: Any, **k: Any) -> Any:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(service.store, "mark_succeeded", disk_full)
+    service.on_reply(job_id, ok({"v": 1}), w)
+    record = service.store.get(job_id)
+    assert record.status == "queued" and "disk is full" in record.attempt_errors[0]
+
+
+def test_a_reply_from_a_stale_attempt_is_ignored(parts: Any) -> None:
+    host, service, _ = parts
+    w = worker(b"w1")
+    job_id = start(service, w)
+    service.on_lost(job_id, "heartbeat")
+    service.on_dispatched(job_id, w)  # the same worker, reconnected, holds attempt 2
+    service._attempt_of[(job_id, w.worker_id)] = 1  # the reply it sends is attempt 1's
+    service.on_reply(job_id, ok({"v": "old"}), w)
+    assert service.store.get(job_id).status == "running"
+
+
+def put(artifacts: ArtifactStore, data: bytes, kind: str, name: str, job: str) -> str:
+    return artifacts.put_bytes(data, kind=kind, name=name, job=job).sha256
+
+
+def test_superseded_checkpoints_go_and_a_finished_job_keeps_only_its_model(parts: Any) -> None:
+    """Before: every checkpoint ever uploaded stayed in the store (39 GB for one long run)."""
+    host, service, artifacts = parts
+    w = worker(b"w1")
+    job_id = start(service, w)
+    shas = [put(artifacts, f"ckpt {i}".encode(), "checkpoint", "ckpt", job_id) for i in range(3)]
+    for sha in shas:
+        call(service, op="checkpoint", id=job_id, sha256=sha, attempt=1)
+    assert [a.sha256 for a in artifacts.list(kind="checkpoint")] == [shas[-1]]
+    model = put(artifacts, b"model", "vqvae", "vqvae.pt", job_id)
+    service.on_reply(job_id, ok({"model": model}), w)
+    assert artifacts.list(kind="checkpoint") == []
+    assert [a.sha256 for a in artifacts.list(job=job_id)] == [model]
+
+
+def test_a_failed_job_keeps_its_checkpoint_and_retry_says_when_it_is_gone(parts: Any) -> None:
+    host, service, artifacts = parts
+    w = worker(b"w1")
+    job_id = call(service, op="submit", service="s", params={}, max_attempts=1)["id"]
+    service.on_dispatched(job_id, w)
+    sha = put(artifacts, b"ckpt", "checkpoint", "ckpt", job_id)
+    call(service, op="checkpoint", id=job_id, sha256=sha, attempt=1)
+    service.on_reply(job_id, [pack({"ok": False, "error": {"message": "nan loss"}})], w)
+    assert service.store.get(job_id).status == "failed" and artifacts.has(sha)
+    artifacts.delete(sha, in_use=set())
+    reply = call(service, op="retry", id=job_id)
+    assert "starts from scratch" in reply["note"] and reply["checkpoint"] is None
+
+
+def test_previews_of_old_epochs_are_trimmed(parts: Any) -> None:
+    host, service, artifacts = parts
+    job_id = start(service, worker(b"w1"))
+    for epoch in (5, 10, 15, 20):
+        for chunk in range(2):
+            put(
+                artifacts,
+                f"{epoch}-{chunk}".encode(),
+                "preview",
+                f"epoch{epoch:04d}-{chunk}-x.wav",
+                job_id,
+            )
+        service.on_event(f"job.{job_id}", {"type": "preview", "epoch": epoch})
+    service.periodic.tick(1e9)
+    names = sorted(a.name for a in artifacts.list(kind="preview"))
+    assert names == [
+        "epoch0015-0-x.wav",
+        "epoch0015-1-x.wav",
+        "epoch0020-0-x.wav",
+        "epoch0020-1-x.wav",
+    ]
+
+
+def test_a_lost_worker_with_a_checkpoint_does_not_use_an_attempt(parts: Any) -> None:
+    """Before: a worker kill -9 during a resumable training used one of its 3 attempts."""
+    host, service, artifacts = parts
+    w = worker(b"w1")
+    job_id = call(service, op="submit", service="s", params={}, max_attempts=1)["id"]
+    service.on_dispatched(job_id, w)
+    service.on_lost(job_id, "no checkpoint yet")
+    assert service.store.get(job_id).status == "failed"  # no checkpoint: counted
+    job_id = call(service, op="submit", service="s", params={}, max_attempts=1)["id"]
+    service.on_dispatched(job_id, w)
+    sha = put(artifacts, b"c", "checkpoint", "c", job_id)
+    call(service, op="checkpoint", id=job_id, sha256=sha, attempt=1)
+    service.on_lost(job_id, "killed")
+    record = service.store.get(job_id)
+    assert record.status == "queued" and record.lost_attempts == 1
+
+
+def test_a_failing_periodic_task_is_logged_and_the_others_still_run(
+    parts: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: an exception in tick (a journal flush on a full disk) escaped to the loop and
+    skipped dispatch, cancels and waiter expiry on every turn after."""
+    host, service, _ = parts
+
+    def broken() -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(service, "_flush_events", broken)
+    job_id = call(service, op="submit", service="s", params={})
+    host.submitted.clear()
+    service.tick(1.0)
+    service.tick(2.0)
+    assert host.submitted == [job_id["id"]]  # the dispatch scan still ran
+    assert service.periodic.failures("flush_events") == 2
+
+
+def test_list_and_get_replies_are_bounded(parts: Any) -> None:
+    """Before: ``get`` returned every metric row and ``list`` any number of jobs in one reply."""
+    host, service, _ = parts
+    job_id = start(service, worker(b"w1"))
+    for i in range(1_500):
+        service.store.append_metrics(job_id, {"epoch": i})
+    record = call(service, op="get", id=job_id)
+    assert record["metric_count"] == 1_500 and len(record["metrics"]) == 1_000
+    assert record["metrics_start"] == 500 and record["metrics"][0] == {"epoch": 500}
+    page = call(service, op="metrics_page", id=job_id, start=0, limit=10)
+    assert [r["epoch"] for r in page["rows"]] == list(range(10)) and page["count"] == 1_500
+    big = {"blob": "x" * 200_000}
+    for _ in range(30):
+        call(service, op="submit", service="s", params=big)
+    listed = call(service, op="list", limit=10_000)
+    assert listed["truncated"] and len(pack(listed)) < 16 * 1024 * 1024 // 4 + 300_000
