@@ -19,10 +19,22 @@ moves or is backed up as one folder, apart from the job table.
 Uploads. Chunks go straight to the partial file (never held in memory); the offset a chunk must
 start at is the partial file's length, so an upload cut off by a client, a network or a broker
 restart resumes where its bytes stop. Chunks are not fsynced: at :meth:`ArtifactStore.finish_put`
-the content is hashed (incrementally as the chunks arrived in this process, or by streaming
-the file after a restart), fsynced, and renamed into ``objects/`` with ``os.replace``; a torn
-partial file after a power cut fails that hash and is discarded. A crash between the rename and
-the metadata commit is repaired when the store opens next.
+the content is hashed (incrementally as the chunks arrived), fsynced, and renamed into
+``objects/`` with ``os.replace``; a torn partial file after a power cut fails that hash and is
+discarded. A crash between the rename and the metadata commit is repaired when the store opens
+next.
+
+Bounded work after a restart. The running hash of an upload lives in memory; after a restart
+the bytes already received are hashed again by :meth:`ArtifactStore.verify_step`, a bounded
+number of bytes per call (the broker's timer calls it), never a whole file inside one request:
+a ``put_finish`` that arrives before the hash has caught up is answered with a clear "still
+verifying" error when more than :data:`MAX_FINISH_HASH_BYTES` remain.
+
+Limits. The store holds at most ``max_bytes`` (artifacts plus the sizes uploads declared) and
+leaves at least ``min_free_bytes`` free on its disk; a ``put_begin`` past either is refused at
+once. An upload that has not advanced for ``upload_idle_s`` (its partial file's modification
+time, so the clock survives a restart) is removed by :meth:`ArtifactStore.expire_uploads` and
+its declared size released.
 
 Threading: as :mod:`distill.broker.store.journal` (one connection, a lock, any one thread at a time).
 """
@@ -32,6 +44,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -49,6 +62,8 @@ MAX_KIND_CHARS = 64
 MAX_NAME_CHARS = 255
 MAX_JOB_CHARS = 64
 MAX_READ_BYTES = MAX_MESSAGE_BYTES // 2  # a read chunk plus its envelope fits one message
+MAX_FINISH_HASH_BYTES = 64 * 1024**2  # hashed inline at finish (~0.2 s); more: verify_step
+VERIFY_STEP_BYTES = 32 * 1024**2  # re-hashed per verify_step call after a restart (~0.1 s)
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -141,17 +156,22 @@ class ArtifactStore:
         root: Path,
         *,
         max_bytes: int = 64 * 1024**3,
+        min_free_bytes: int = 0,
+        upload_idle_s: float = 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.min_free_bytes = min_free_bytes  # refuse uploads that would leave the disk below
+        self.upload_idle_s = upload_idle_s  # an upload idle this long is removed
         self._clock = clock
         self._objects = self.root / "objects"
         self._partial = self.root / "partial"
         self._objects.mkdir(parents=True, exist_ok=True)
         self._partial.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        # sha -> (hash of the bytes received in this process, how many): saves re-reading at finish
+        # sha -> (running hash of the upload's first ``covered`` bytes, covered); an upload
+        # resumed after a restart starts at 0 and catches up in verify_step
         self._digests: dict[str, tuple[Any, int]] = {}
         self._db = sqlite3.connect(
             str(self.root / "index.sqlite3"), isolation_level=None, check_same_thread=False
@@ -275,7 +295,13 @@ class ArtifactStore:
         if size > free:
             raise ArtifactError(
                 f"artifact store is full: {sha} needs {size} bytes, {max(free, 0)} of "
-                f"{self.max_bytes} are free"
+                f"{self.max_bytes} are free (setting DISTILL_STORE_MAX_BYTES)"
+            )
+        disk_free = shutil.disk_usage(self.root).free
+        if disk_free - size < self.min_free_bytes:
+            raise ArtifactError(
+                f"artifact {sha} needs {size} bytes but the disk of {self.root} has {disk_free} "
+                f"free and keeps at least {self.min_free_bytes} (setting DISTILL_STORE_MIN_FREE_BYTES)"
             )
         with self._write() as db:
             db.execute(
@@ -319,13 +345,54 @@ class ArtifactStore:
 
     def _advance_digest(self, sha: str, offset: int, data: bytes | bytearray | memoryview) -> None:
         digest, covered = self._digests.get(sha, (None, 0))
-        if offset == 0:
+        if offset == 0 or digest is None:
             digest, covered = hashlib.sha256(), 0
-        if digest is None or covered != offset:  # resumed after a restart: hash at finish
-            self._digests.pop(sha, None)
-            return
+        if covered == offset:
+            digest.update(data)
+            covered += len(data)
+        self._digests[sha] = (digest, covered)  # behind: verify_step catches it up
+
+    def _catch_up(self, sha: str, budget: int) -> int:
+        """Hash up to ``budget`` more received bytes of an upload; returns the bytes read."""
+        digest, covered = self._digests.get(sha, (None, 0))
+        if digest is None:
+            digest, covered = hashlib.sha256(), 0
+        want = min(self._received(sha) - covered, budget)
+        if want <= 0:
+            self._digests[sha] = (digest, covered)
+            return 0
+        with self._partial_path(sha).open("rb") as f:
+            f.seek(covered)
+            data = f.read(want)
         digest.update(data)
-        self._digests[sha] = (digest, offset + len(data))
+        self._digests[sha] = (digest, covered + len(data))
+        return len(data)
+
+    def verify_step(self, budget_bytes: int = VERIFY_STEP_BYTES) -> int:
+        """Re-hash at most ``budget_bytes`` of uploads whose hash is behind (after a restart);
+        returns the bytes hashed. The broker calls it from its timer."""
+        done = 0
+        with self._lock:
+            for (sha,) in self._db.execute("SELECT sha256 FROM uploads").fetchall():
+                if done >= budget_bytes:
+                    break
+                done += self._catch_up(sha, budget_bytes - done)
+        return done
+
+    def expire_uploads(self) -> builtins.list[str]:
+        """Remove uploads that have not advanced for ``upload_idle_s``; returns their ids."""
+        now, gone = self._clock(), []
+        with self._lock:
+            for row in self._db.execute("SELECT sha256, started_at FROM uploads").fetchall():
+                sha = row["sha256"]
+                try:
+                    advanced = max(row["started_at"], self._partial_path(sha).stat().st_mtime)
+                except FileNotFoundError:
+                    advanced = row["started_at"]
+                if now - advanced >= self.upload_idle_s:
+                    self._discard_upload(sha)
+                    gone.append(sha)
+        return gone
 
     def finish_put(self, sha256: str) -> ArtifactRecord:
         """Verify the upload's hash and store it; a mismatch discards it and raises."""
@@ -354,10 +421,17 @@ class ArtifactStore:
                 return self._commit_upload(db, upload)
 
     def _partial_digest(self, sha: str, received: int) -> str:
-        digest, covered = self._digests.pop(sha, (None, 0))
-        if digest is not None and covered == received:
-            return str(digest.hexdigest())
-        return sha256_file(self._partial_path(sha))
+        _, covered = self._digests.get(sha, (None, 0))
+        if received - covered > MAX_FINISH_HASH_BYTES:
+            self._catch_up(sha, MAX_FINISH_HASH_BYTES)
+            _, covered = self._digests[sha]
+            raise ArtifactError(
+                f"upload of artifact {sha} is still being verified after a broker restart "
+                f"({covered} of {received} bytes hashed); send put_finish again shortly"
+            )
+        self._catch_up(sha, received - covered)
+        digest, _ = self._digests.pop(sha)
+        return str(digest.hexdigest())
 
     def _install(self, sha: str) -> None:
         """fsync the verified partial file, rename it into objects/, fsync the directory."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -341,3 +342,59 @@ def test_two_uploaders_of_the_same_content_share_one_upload(store: ArtifactStore
     assert store.put_chunk(DATA_SHA, a, DATA[a:]) == len(DATA)  # the first one is told: done
     assert store.finish_put(DATA_SHA).size == len(DATA)
     assert store.path_of(DATA_SHA).read_bytes() == DATA
+
+
+# --- issue 9: expiry, floors, bounded hashing after a restart ------------------------------------
+
+
+def test_an_idle_upload_expires_and_releases_its_space_even_across_a_restart(root: Path) -> None:
+    """Before: an abandoned upload held its declared size for ever (no expiry existed)."""
+    now = [time.time()]
+    data = b"x" * 1000
+    with ArtifactStore(root, max_bytes=1500, upload_idle_s=3600, clock=lambda: now[0]) as store:
+        store.begin_put(sha(data), len(data), kind="audio", name="a", job=None)
+        store.put_chunk(sha(data), 0, data[:10])
+        assert store.used_bytes() == 1000
+        now[0] += 1800
+        assert store.expire_uploads() == []  # advanced 30 min ago: kept
+    now[0] += 1801  # the broker was down meanwhile
+    with ArtifactStore(root, max_bytes=1500, upload_idle_s=3600, clock=lambda: now[0]) as store:
+        assert store.expire_uploads() == [sha(data)]
+        assert store.used_bytes() == 0 and store.uploads() == []
+        assert list((root / "partial").iterdir()) == []
+
+
+def test_a_put_past_the_quota_or_the_free_space_floor_is_refused_at_begin(root: Path) -> None:
+    with ArtifactStore(root, max_bytes=100) as store:
+        with pytest.raises(ArtifactError, match="store is full.*DISTILL_STORE_MAX_BYTES"):
+            store.begin_put("a" * 64, 101, kind="audio", name="a", job=None)
+        assert store.uploads() == []
+    with (
+        ArtifactStore(root, min_free_bytes=2**62) as store,  # more than any disk has
+        pytest.raises(ArtifactError, match="DISTILL_STORE_MIN_FREE_BYTES"),
+    ):
+        store.begin_put("a" * 64, 1, kind="audio", name="a", job=None)
+
+
+def test_after_a_restart_the_hash_catches_up_in_bounded_steps(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: put_finish after a restart hashed the whole partial file in one request."""
+    import distill.broker.store.artifacts as module
+
+    monkeypatch.setattr(module, "MAX_FINISH_HASH_BYTES", 100)
+    data = os.urandom(1000)
+    with ArtifactStore(root) as store:
+        store.begin_put(sha(data), len(data), kind="audio", name="a", job=None)
+        store.put_chunk(sha(data), 0, data[:900])
+    with ArtifactStore(root) as store:
+        assert store.begin_put(sha(data), len(data), kind="audio", name="a", job=None) == 900
+        store.put_chunk(sha(data), 900, data[900:])
+        with pytest.raises(ArtifactError, match="still being verified"):
+            store.finish_put(sha(data))  # 900 bytes behind: hashes 100 of them, then refuses
+        steps = []
+        while hashed := store.verify_step(300):
+            steps.append(hashed)
+        assert max(steps) <= 300 and sum(steps) == 900  # each step bounded, all caught up
+        assert store.finish_put(sha(data)).size == 1000
+        assert store.read_chunk(sha(data), 0, 1000) == data
