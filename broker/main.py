@@ -16,23 +16,45 @@ from distill.broker.services.artifacts import ArtifactService
 from distill.broker.services.events import EventsService
 from distill.broker.services.jobs import JobService
 from distill.broker.services.quota import ArtifactQuota
+from distill.broker.services.retention import Retention
 from distill.broker.services.workers import WorkersService
 from distill.broker.store.artifacts import ArtifactStore
 from distill.broker.store.journal import JobStore
+from distill.broker.store.settings import StorageSettings
 from distill.shared.bus import protocol as P
 from distill.shared.bus.security import ENV_INSECURE, broker_security
 from distill.shared.logs import configure, get_logger
 
+UPLOAD_EXPIRY_S = 60.0  # how often idle uploads are looked for (they expire after an hour)
+VERIFY_STEP_S = 0.2  # re-hash resumed uploads in steps of VERIFY_STEP_BYTES this often
 
-def build_broker(config: BrokerConfig) -> Broker:
-    """A broker with every service it hosts attached: jobs, artifacts, workers, events."""
+
+def build_broker(config: BrokerConfig, storage: StorageSettings | None = None) -> Broker:
+    """A broker with every service it hosts attached: jobs, artifacts, workers, events.
+
+    ``storage``: the artifact store's limits and retention (default: from the environment).
+    """
+    storage = storage or StorageSettings.from_env()
     broker = Broker(config)
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    jobs = JobService(broker, JobStore(data_dir / "jobs.sqlite3"))
+    journal = JobStore(data_dir / "jobs.sqlite3")
+    store = ArtifactStore(data_dir / "artifacts", max_bytes=storage.max_bytes,
+                          min_free_bytes=storage.min_free_bytes,
+                          upload_idle_s=storage.upload_idle_s)
+    quota = ArtifactQuota(data_dir / "quota.json", config.limits.artifact_quota_bytes)
+
+    def release(sha: str) -> None:  # retention's deletions free the quota as a user's would
+        store.delete(sha, in_use=journal.referenced_artifacts())
+        quota.forget(sha)
+
+    retention = Retention(journal, store, release, keep_preview_epochs=storage.keep_preview_epochs)
+    jobs = JobService(broker, journal, retention=retention)
+    jobs.periodic.add("upload_expiry", UPLOAD_EXPIRY_S, lambda now: _expire_uploads(store, quota))
+    jobs.periodic.add("verify_resumed_uploads", VERIFY_STEP_S, lambda now: store.verify_step())
     artifacts = ArtifactService(
-        ArtifactStore(data_dir / "artifacts"), in_use=jobs.store.referenced_artifacts,
-        quota=ArtifactQuota(data_dir / "quota.json", config.limits.artifact_quota_bytes),
+        store, in_use=jobs.store.referenced_artifacts,
+        quota=quota,
         # Without CURVE there are no keys: every peer shares one "anonymous" account.
         owner_of=(lambda: broker.current_owner.decode(errors="replace")) if config.security
         else (lambda: "anonymous"))
@@ -43,6 +65,13 @@ def build_broker(config: BrokerConfig) -> Broker:
     broker.internal[P.SERVICE_WORKERS] = WorkersService(broker.registry).serve
     broker.internal[P.SERVICE_EVENTS] = EventsService(broker.hub).serve
     return broker
+
+
+def _expire_uploads(store: ArtifactStore, quota: ArtifactQuota) -> None:
+    log = get_logger("broker")
+    for sha in store.expire_uploads():
+        quota.forget(sha)  # the space it declared is free again, for its key too
+        log.info("upload_expired", artifact=sha, idle_s=store.upload_idle_s)
 
 
 def run_broker(config: BrokerConfig, stop: threading.Event | None = None) -> None:
