@@ -27,7 +27,6 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from distill.shared.bus.security import ROLE_CLIENT, ROLE_DIRS, ROLE_WORKER, BrokerSecurity
-from distill.shared.errors import ConfigError
 from distill.shared.logs import get_logger
 
 log = get_logger("broker")
@@ -131,29 +130,6 @@ def make_curve_server(sock: zmq.Socket, security: BrokerSecurity, domain: str) -
     sock.curve_server = True
     sock.curve_publickey = security.public_key
     sock.curve_secretkey = security.secret_key
-
-
-LOOPBACK_HOSTS = ("127.", "::1", "localhost")
-
-
-def is_loopback(host: str) -> bool:
-    return host.startswith(LOOPBACK_HOSTS) or host == "[::1]"
-
-
-def check_exposure(host: str, *, secure: bool, insecure: bool) -> None:
-    """Refuse to serve a non-loopback address without CURVE unless told ``insecure``."""
-    if secure or is_loopback(host):
-        return
-    if not insecure:
-        raise ConfigError(
-            f"refusing to bind {host} without CURVE: anyone who reaches the port could read "
-            "every artifact and cancel any job. Make keys with `distill keys generate "
-            "~/distill-keys`, then start the broker with --secret-key ~/distill-keys/"
-            "broker.key_secret --allowed ~/distill-keys/allowed (or pass --insecure on a "
-            "network you trust)")
-    log.warning("broker_insecure", host=host,
-                reason="bound to a non-loopback address without CURVE (--insecure): anyone who "
-                       "reaches the port can read artifacts, cancel jobs and register workers")
 
 
 def may_publish(topic: str) -> bool:

@@ -33,7 +33,6 @@ from distill.broker.access import (
     KeyRing,
     Limits,
     OutstandingCounter,
-    check_exposure,
     make_curve_server,
     may_publish,
     start_authenticator,
@@ -51,7 +50,7 @@ from distill.broker.services.common import error_body
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
 from distill.shared.bus.messages import WorkerMeta
-from distill.shared.bus.security import ROLE_WORKER, BrokerSecurity
+from distill.shared.bus.security import ROLE_WORKER, BrokerSecurity, check_exposure
 from distill.shared.errors import (
     BAD_REQUEST,
     ERROR,

@@ -35,6 +35,7 @@ import zmq
 import zmq.auth
 
 from distill.shared.errors import ConfigError
+from distill.shared.logs import get_logger
 
 ENV_BROKER_KEY = "DISTILL_BROKER_KEY"  # a client's or worker's copy of broker.key
 ENV_KEY = "DISTILL_KEY"  # this process's own NAME.key_secret
@@ -76,6 +77,29 @@ def apply_client(sock: zmq.Socket, security: ClientSecurity | None) -> None:
     """CURVE on ``sock`` when ``security`` is given; plain otherwise."""
     if security is not None:
         security.apply(sock)
+
+
+LOOPBACK_HOSTS = ("127.", "::1", "localhost")
+
+
+def is_loopback(host: str) -> bool:
+    return host.startswith(LOOPBACK_HOSTS) or host == "[::1]"
+
+
+def check_exposure(host: str, *, secure: bool, insecure: bool) -> None:
+    """Refuse to serve a non-loopback address without CURVE unless told ``insecure``."""
+    if secure or is_loopback(host):
+        return
+    if not insecure:
+        raise ConfigError(
+            f"refusing to bind {host} without CURVE: anyone who reaches the port could read "
+            "every artifact and cancel any job. Make keys with `distill keys generate "
+            "~/distill-keys`, then start the broker with --secret-key ~/distill-keys/"
+            "broker.key_secret --allowed ~/distill-keys/allowed (distill up: --keys "
+            "~/distill-keys), or pass --insecure on a network you trust")
+    get_logger("broker").warning("broker_insecure", host=host,
+                reason="bound to a non-loopback address without CURVE (--insecure): anyone who "
+                       "reaches the port can read artifacts, cancel jobs and register workers")
 
 
 # --- key files ---------------------------------------------------------------------------------

@@ -135,6 +135,10 @@ def up(
                            S.ENV_KEY: str(k / "worker.key_secret")})
     if insecure:
         os.environ[S.ENV_INSECURE] = "1"
+    try:  # refuse here, before the broker child would refuse and be restarted in a loop
+        S.check_exposure(host, secure=S.broker_security() is not None, insecure=insecure)
+    except DistillError as e:
+        fail(str(e))
 
     try:
         sup = Supervisor(host=host, port=port, data_dir=data_dir or data_home() / "broker",

@@ -13,11 +13,10 @@ from distill.broker.access import (
     KeyRing,
     OutstandingCounter,
     RoleCallback,
-    check_exposure,
     may_publish,
 )
 from distill.broker.services.quota import ArtifactQuota
-from distill.shared.bus.security import generate_keys, load_public_key
+from distill.shared.bus.security import check_exposure, generate_keys, load_public_key
 from distill.shared.errors import ArtifactError, ConfigError
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -344,3 +346,21 @@ def test_an_artifact_quota_breach_is_a_clear_error(secure: SecureCluster) -> Non
         store.put_bytes(b"a" * 3000, kind="audio", name="a.wav")  # already stored: free
     with secure.client("gpu") as c:  # another key, its own quota
         ArtifactClient(c).put_bytes(b"b" * 3000, kind="audio", name="b.wav")
+
+
+def test_the_cli_refuses_a_public_address_without_keys_and_warns_when_insecure(tmp_path: Path) -> None:
+    port = str(free_port_block())
+    refused = subprocess.run([sys.executable, "-m", "distill.shared.cli", "broker", "--host", "0.0.0.0",
+                              "--port", port, "--data-dir", str(tmp_path / "d")],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    assert "refusing to bind 0.0.0.0 without CURVE" in refused.stderr
+    assert "distill keys generate" in refused.stderr
+    insecure = Proc(["broker", "--host", "0.0.0.0", "--port", port, "--data-dir", str(tmp_path / "d"),
+                     "--insecure"], tmp_path / "insecure.log")
+    try:
+        wait_until(lambda: "broker_insecure" in insecure.log_path.read_text(), 20,
+                   what="the insecure warning")
+        assert insecure.alive()
+    finally:
+        insecure.stop()
