@@ -4,7 +4,8 @@
 Ops (one msgpack map per request): ``put_begin {sha256, size, kind, name, job}`` → ``{offset}``
 (an interrupted put resumes there); ``put_chunk {sha256, offset, data}`` → ``{offset}``;
 ``put_finish {sha256}`` → record; ``get {sha256, offset, length}`` → ``{offset, data}``;
-``stat``, ``list {kind?, job?}``, ``delete``.
+``stat``, ``list {kind?, job?, start?, limit?}`` → ``{artifacts, start, more}`` (paged),
+``usage`` (bytes by kind and job, uploads in progress), ``delete``.
 
 New uploads are charged to the uploading key's quota (:mod:`distill.broker.services.quota`);
 ``owner_of`` names that key for the request being served.
@@ -20,6 +21,10 @@ from distill.broker.store.artifacts import ArtifactStore, OffsetMismatch
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
 from distill.shared.errors import OFFSET_MISMATCH, DecodeError
+
+# Records per list reply: ~300 bytes each packed, so a page stays near 1 MiB, far below the
+# clients' message limit; ``more`` says another page follows.
+MAX_LIST_ARTIFACTS = 4_000
 
 
 class ArtifactService:
@@ -58,9 +63,16 @@ class ArtifactService:
             return ok_body({"offset": offset, "data": data})
         if op == "stat":
             return ok_body(self.store.stat(field(msg, "sha256", str)).to_dict())
-        if op == "list":
-            records = self.store.list(kind=field(msg, "kind", str, None), job=field(msg, "job", str, None))
-            return ok_body({"artifacts": [r.to_dict() for r in records]})
+        if op == "list":  # paged: at most MAX_LIST_ARTIFACTS records from ``start``
+            start = field(msg, "start", int, 0) or 0
+            limit = min(field(msg, "limit", int, MAX_LIST_ARTIFACTS) or MAX_LIST_ARTIFACTS,
+                        MAX_LIST_ARTIFACTS)
+            records = self.store.list(kind=field(msg, "kind", str, None), job=field(msg, "job", str, None),
+                                      start=start, limit=limit + 1)
+            return ok_body({"artifacts": [r.to_dict() for r in records[:limit]],
+                            "start": start, "more": len(records) > limit})
+        if op == "usage":  # what holds the space (``distill artifacts ls``)
+            return ok_body(self.store.usage())
         if op == "delete":
             sha = field(msg, "sha256", str)
             self.store.delete(sha, in_use=self.in_use())
@@ -68,4 +80,4 @@ class ArtifactService:
                 self.quota.forget(sha)
             return ok_body({})
         raise DecodeError(f"distill.artifacts has no op {op!r} (ops: put_begin, put_chunk, put_finish, "
-                          "get, stat, list, delete)")
+                          "get, stat, list, usage, delete)")

@@ -533,10 +533,41 @@ class ArtifactStore:
         except FileNotFoundError:  # deleted between the stat and the read
             raise ArtifactError(f"no artifact {record.sha256}") from None
 
+    def usage(self, top_jobs: int = 10) -> dict[str, Any]:
+        """What holds the space: totals, bytes and counts by kind, the ``top_jobs`` jobs with
+        the most bytes, and uploads in progress (declared bytes)."""
+        with self._lock:
+            kinds = self._db.execute(
+                "SELECT kind, COUNT(*), SUM(size) FROM artifacts GROUP BY kind ORDER BY 3 DESC"
+            ).fetchall()
+            jobs = self._db.execute(
+                "SELECT job, COUNT(*), SUM(size) FROM artifacts WHERE job IS NOT NULL"
+                " GROUP BY job ORDER BY 3 DESC LIMIT ?",
+                (top_jobs,),
+            ).fetchall()
+            (n_up, up_bytes) = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM uploads"
+            ).fetchone()
+        return {
+            "used_bytes": self.used_bytes(),
+            "max_bytes": self.max_bytes,
+            "min_free_bytes": self.min_free_bytes,
+            "disk_free_bytes": shutil.disk_usage(self.root).free,
+            "by_kind": [{"kind": k, "count": n, "bytes": b} for k, n, b in kinds],
+            "top_jobs": [{"job": j, "count": n, "bytes": b} for j, n, b in jobs],
+            "uploads": {"count": n_up, "bytes": up_bytes},
+        }
+
     def list(
-        self, *, kind: str | None = None, job: str | None = None
+        self,
+        *,
+        kind: str | None = None,
+        job: str | None = None,
+        start: int = 0,
+        limit: int | None = None,
     ) -> builtins.list[ArtifactRecord]:
-        """Stored artifacts, oldest first, optionally of one kind and/or job."""
+        """Stored artifacts, oldest first, optionally of one kind and/or job; ``start`` and
+        ``limit`` page through them."""
         where, args = [], []
         if kind is not None:
             where.append("kind = ?")
@@ -547,7 +578,8 @@ class ArtifactStore:
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT * FROM artifacts {clause} ORDER BY created_at, rowid", args
+                f"SELECT * FROM artifacts {clause} ORDER BY created_at, rowid LIMIT ? OFFSET ?",
+                (*args, -1 if limit is None else max(0, limit), max(0, start)),
             ).fetchall()
         return [_record(r) for r in rows]
 
