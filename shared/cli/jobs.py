@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -74,11 +75,11 @@ def register(app: typer.Typer) -> None:
 
         try:
             with client(broker) as c:
-                r = JobsClient(c).get(job_id)
+                r = JobsClient(c).get(job_id, metrics=False)  # the count, not every row
         except DistillError as e:
             fail(str(e))
-        for key in ("id", "service", "status", "attempts", "max_attempts", "worker", "depends_on",
-                    "checkpoint", "error"):
+        for key in ("id", "service", "status", "attempts", "max_attempts", "lost_attempts", "worker",
+                    "depends_on", "checkpoint", "error"):
             typer.echo(f"{key:>13}: {r.get(key)}")
         for key in ("created_at", "started_at", "finished_at"):
             ts = r.get(key)
@@ -88,7 +89,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{'attempt ' + str(i):>13}: {err}")
         if r.get("progress"):
             typer.echo(f"{'progress':>13}: {progress_line(r['progress'])}")
-        typer.echo(f"{'metrics':>13}: {len(r.get('metrics') or [])} rows")
+        typer.echo(f"{'metrics':>13}: {r.get('metric_count', 0)} rows")
         typer.echo(f"{'result':>13}: {r.get('result')}")
 
     @jobs.command("cancel")
@@ -114,6 +115,8 @@ def register(app: typer.Typer) -> None:
         except DistillError as e:
             fail(str(e))
         typer.echo(f"{r['id']}: {r['status']}")
+        if r.get("note"):  # e.g. its checkpoint is gone: it starts from scratch
+            typer.echo(f"note: {r['note']}")
 
     @jobs.command("watch")
     def jobs_watch(job_id: str, broker: str = BrokerOpt) -> None:
@@ -127,17 +130,17 @@ def register(app: typer.Typer) -> None:
 
     @artifacts.command("ls")
     def artifacts_ls(broker: str = BrokerOpt, kind: str = typer.Option(None), job: str = typer.Option(None)) -> None:
-        """List stored artifacts."""
-        from distill.shared.bus.artifacts import ArtifactClient
-
+        """List stored artifacts, then what holds the space (by kind, the largest jobs)."""
         try:
             with client(broker) as c:
-                items = ArtifactClient(c).list(kind=kind, job=job)
+                items = list(list_artifacts(c, kind=kind, job=job))
+                usage = c.request("distill.artifacts", {"op": "usage"})
         except DistillError as e:
             fail(str(e))
         rows = [[a["sha256"][:16], a["kind"], a["name"], human_bytes(a["size"]), a.get("job") or "-",
                  _ago(a["created_at"])] for a in items]
         print_table(["id", "kind", "name", "size", "job", "created"], rows)
+        print_usage(usage)
 
     @artifacts.command("put")
     def artifacts_put(path: Path, broker: str = BrokerOpt, kind: str = typer.Option("file"),
@@ -182,13 +185,39 @@ def register(app: typer.Typer) -> None:
             fail(str(e))
 
 
+def list_artifacts(c: Any, *, kind: str | None = None, job: str | None = None) -> Iterator[dict[str, Any]]:
+    """Every artifact (of a kind, of a job), fetched page by page."""
+    start = 0
+    while True:
+        page = c.request("distill.artifacts", {"op": "list", "kind": kind, "job": job, "start": start})
+        yield from page["artifacts"]
+        if not page.get("more"):
+            return
+        start += len(page["artifacts"])
+
+
+def print_usage(usage: dict[str, Any]) -> None:
+    """The store's use against its limits, bytes by kind and the jobs holding the most."""
+    typer.echo(f"\nstore: {human_bytes(usage['used_bytes'])} of {human_bytes(usage['max_bytes'])} "
+               f"(DISTILL_STORE_MAX_BYTES); disk free {human_bytes(usage['disk_free_bytes'])}, "
+               f"floor {human_bytes(usage['min_free_bytes'])} (DISTILL_STORE_MIN_FREE_BYTES)")
+    print_table(["kind", "count", "size"],
+                [[k["kind"], str(k["count"]), human_bytes(k["bytes"])] for k in usage["by_kind"]])
+    if usage["top_jobs"]:
+        print_table(["job", "count", "size"],
+                    [[j["job"], str(j["count"]), human_bytes(j["bytes"])] for j in usage["top_jobs"]])
+    uploads = usage["uploads"]
+    if uploads["count"]:
+        typer.echo(f"uploads in progress: {uploads['count']}, {human_bytes(uploads['bytes'])} declared")
+
+
 def resolve_artifact(ac: Any, ref: str) -> str:
     from distill.shared.errors import ArtifactError
     from distill.shared.ids import is_sha256
 
     if is_sha256(ref):
         return ref
-    matches = [a["sha256"] for a in ac.list() if a["sha256"].startswith(ref.lower())]
+    matches = [a["sha256"] for a in list_artifacts(ac.client) if a["sha256"].startswith(ref.lower())]
     if len(matches) != 1:
         raise ArtifactError(f"{ref!r} matches {len(matches)} artifacts; give more of the id")
     return str(matches[0])

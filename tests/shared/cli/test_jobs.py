@@ -1,0 +1,65 @@
+"""``distill jobs show``, ``jobs retry`` and ``artifacts ls`` against a broker in a thread."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from distill.broker.loop import BrokerConfig
+from distill.broker.main import build_broker
+from distill.broker.services.jobs import JobService
+from distill.broker.store.settings import StorageSettings
+from distill.shared.bus.artifacts import ArtifactClient
+from distill.shared.bus.cache import ArtifactCache
+from distill.shared.bus.client import Client
+from distill.shared.cli.main import app
+from tests.conftest import free_port_block
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[tuple[str, JobService]]:
+    port = free_port_block()
+    b = build_broker(BrokerConfig(port=port, data_dir=tmp_path / "broker"),
+                     StorageSettings(min_free_bytes=0))
+    assert isinstance(b.jobs, JobService)
+    b.bind()
+    stop = threading.Event()
+    thread = threading.Thread(target=b.run, args=(stop,), daemon=True)
+    thread.start()
+    yield f"tcp://127.0.0.1:{port}", b.jobs
+    stop.set()
+    thread.join(5)
+
+
+def test_jobs_show_prints_the_metric_count_not_one_page(broker: tuple[str, JobService]) -> None:
+    """Before: ``jobs show`` fetched every row and printed len(rows); the broker now sends at
+    most one page with ``get``, so that count would read 1000."""
+    endpoint, jobs = broker
+    with Client(endpoint) as c:
+        job_id = c.request("distill.jobs", {"op": "submit", "service": "s", "params": {}})["id"]
+    with jobs.store.batch():
+        for i in range(1_500):
+            jobs.store.append_metrics(job_id, {"epoch": i})
+    out = CliRunner().invoke(app, ["jobs", "show", job_id, "--broker", endpoint])
+    assert out.exit_code == 0, out.output
+    assert "metrics: 1500 rows" in out.output
+
+
+def test_artifacts_ls_shows_what_holds_the_space(broker: tuple[str, JobService],
+                                                 tmp_path: Path) -> None:
+    endpoint, _ = broker
+    with Client(endpoint) as c:
+        store = ArtifactClient(c, ArtifactCache(tmp_path / "cache"))
+        store.put_bytes(b"c" * 5000, kind="checkpoint", name="ckpt", job="j-1")
+        store.put_bytes(b"m" * 300, kind="vqvae", name="vqvae.pt", job="j-1")
+    out = CliRunner().invoke(app, ["artifacts", "ls", "--broker", endpoint])
+    assert out.exit_code == 0, out.output
+    assert "DISTILL_STORE_MAX_BYTES" in out.output
+    usage_part = out.output.split("store:")[1]
+    assert "checkpoint" in usage_part and "vqvae" in usage_part and "j-1" in usage_part
