@@ -8,6 +8,12 @@ succeed and a reader never sees half a file.
 
 No string from the wire becomes a path until :func:`distill.shared.ids.require_sha256`
 accepts it.
+
+Size. The cache holds at most ``max_bytes`` (``$DISTILL_CACHE_MAX_BYTES``, default 20 GiB):
+after each new artifact, the least recently used ones go first (a file's modification time is
+its last use: a hit touches it, so the order survives restarts and is shared by every worker on
+the machine). Temporary ``*.part`` files carry their writer's pid; at start, those of writers
+that are no longer running (a worker killed mid-download) are removed.
 """
 
 from __future__ import annotations
@@ -16,11 +22,45 @@ import hashlib
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 from distill.shared.errors import ArtifactError
 from distill.shared.ids import fsync_dir, require_sha256
+from distill.shared.logs import get_logger
+
+log = get_logger("cache")
+
+ENV_CACHE_MAX_BYTES = "DISTILL_CACHE_MAX_BYTES"
+# 20 GiB: a few datasets, models and the checkpoints of running jobs, on any workstation disk.
+DEFAULT_CACHE_MAX_BYTES = 20 * 1024**3
+
+
+def default_cache_max_bytes() -> int:
+    """``$DISTILL_CACHE_MAX_BYTES``, else :data:`DEFAULT_CACHE_MAX_BYTES`."""
+    raw = os.environ.get(ENV_CACHE_MAX_BYTES, "").strip()
+    if not raw:
+        return DEFAULT_CACHE_MAX_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ArtifactError(
+            f"{ENV_CACHE_MAX_BYTES}={raw!r} is not a whole number of bytes"
+        ) from None
+    if value < 0:
+        raise ArtifactError(f"{ENV_CACHE_MAX_BYTES} must be >= 0, got {value}")
+    return value
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def default_cache_root() -> Path:
@@ -39,8 +79,15 @@ class CacheWriter:
     discards the temporary file.
     """
 
-    def __init__(self, final_path: Path, tmp_path: Path, sha256: str) -> None:
+    def __init__(
+        self,
+        final_path: Path,
+        tmp_path: Path,
+        sha256: str,
+        on_commit: Callable[[], object] | None = None,
+    ) -> None:
         self.sha256 = sha256
+        self._on_commit = on_commit
         self._final = final_path
         self._tmp = tmp_path
         self._digest = hashlib.sha256()
@@ -85,6 +132,8 @@ class CacheWriter:
         self._final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._tmp, self._final)
         fsync_dir(self._final.parent)
+        if self._on_commit is not None:
+            self._on_commit()
         return self._final
 
     def abort(self) -> None:
@@ -108,12 +157,62 @@ class CacheWriter:
 
 
 class ArtifactCache:
-    """Artifacts this machine already holds, at ``<root>/<first 2 hex>/<other 62 hex>``."""
+    """Artifacts this machine already holds, at ``<root>/<first 2 hex>/<other 62 hex>``, at most
+    ``max_bytes`` of them (least recently used go first; None: ``$DISTILL_CACHE_MAX_BYTES``)."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, *, max_bytes: int | None = None) -> None:
         self.root = Path(root) if root is not None else default_cache_root()
+        self.max_bytes = default_cache_max_bytes() if max_bytes is None else max_bytes
         self._tmp_dir = self.root / "tmp"
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Delete ``*.part`` files whose writer is gone (named ``<sha>.<pid>.<token>.part``)."""
+        for part in self._tmp_dir.glob("*.part"):
+            fields = part.name.split(".")
+            pid = int(fields[1]) if len(fields) == 4 and fields[1].isdigit() else None
+            if pid is None or (pid != os.getpid() and not _pid_alive(pid)):
+                part.unlink(missing_ok=True)
+                log.info("cache_leftover_removed", file=part.name)
+
+    def _entries(self) -> list[tuple[float, int, Path]]:
+        """(last use, size, path) of every cached artifact."""
+        out = []
+        for shard in self.root.iterdir():
+            if len(shard.name) != 2 or not shard.is_dir():
+                continue  # tmp/ and anything that is not a shard
+            for path in shard.iterdir():
+                try:
+                    st = path.stat()
+                except FileNotFoundError:  # evicted by another worker meanwhile
+                    continue
+                out.append((st.st_mtime, st.st_size, path))
+        return out
+
+    def used_bytes(self) -> int:
+        return sum(size for _, size, _ in self._entries())
+
+    def evict(self, keep: Path | None = None) -> int:
+        """Remove least recently used artifacts until the cache fits ``max_bytes``; ``keep``
+        (the one just stored) stays even if it alone is larger. Returns the bytes freed."""
+        entries = sorted(self._entries())
+        total, freed = sum(size for _, size, _ in entries), 0
+        for _, size, path in entries:
+            if total - freed <= self.max_bytes:
+                break
+            if path == keep:
+                continue
+            path.unlink(missing_ok=True)
+            freed += size
+            log.info("cache_evicted", artifact=path.parent.name + path.name, size=size)
+        return freed
+
+    def _touch(self, path: Path) -> None:
+        try:
+            os.utime(path)  # a hit is a use: it moves to the back of the eviction order
+        except OSError:  # read-only file owned by someone else, or just evicted: no harm
+            pass
 
     def path_for(self, sha256: str) -> Path:
         """Where artifact ``sha256`` lives in the cache (it may not exist)."""
@@ -121,18 +220,26 @@ class ArtifactCache:
         return self.root / sha[:2] / sha[2:]
 
     def has(self, sha256: str) -> bool:
-        return self.path_for(sha256).is_file()
+        """Whether the artifact is cached; a hit counts as a use (see eviction)."""
+        path = self.path_for(sha256)
+        if not path.is_file():
+            return False
+        self._touch(path)
+        return True
 
     def open_writer(self, sha256: str) -> CacheWriter:
-        """A writer for ``sha256``; each writer has its own temporary file."""
+        """A writer for ``sha256``; each writer has its own temporary file. Committing it may
+        evict older artifacts to keep the cache within ``max_bytes``."""
         final = self.path_for(sha256)
-        tmp = self._tmp_dir / f"{sha256}.{secrets.token_hex(4)}.part"
-        return CacheWriter(final, tmp, sha256)
+        tmp = self._tmp_dir / f"{sha256}.{os.getpid()}.{secrets.token_hex(4)}.part"
+        return CacheWriter(final, tmp, sha256, on_commit=lambda: self.evict(keep=final))
 
     def read_bytes(self, sha256: str) -> bytes:
         path = self.path_for(sha256)
         try:
-            return path.read_bytes()
+            data = path.read_bytes()
+            self._touch(path)
+            return data
         except FileNotFoundError:
             raise ArtifactError(f"artifact {sha256} is not in the local cache") from None
 

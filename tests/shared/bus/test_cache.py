@@ -104,3 +104,51 @@ def test_default_root_follows_the_environment(
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert ArtifactCache().root == tmp_path / "home" / ".cache" / "distill" / "artifacts"
     assert os.path.isdir(tmp_path / "home" / ".cache" / "distill" / "artifacts" / "tmp")
+
+
+# --- issue 9: size limit, least recently used first, leftovers --------------------------------
+
+
+def _put(cache: ArtifactCache, data: bytes, last_use: float) -> str:
+    sha = cache.put_bytes(data)
+    os.utime(cache.path_for(sha), (last_use, last_use))
+    return sha
+
+
+def test_the_cache_keeps_within_its_size_evicting_the_least_recently_used(tmp_path: Path) -> None:
+    """Before: the cache grew without limit (no max_bytes, nothing ever evicted)."""
+    cache = ArtifactCache(tmp_path / "cache", max_bytes=3000)
+    a = _put(cache, b"a" * 1000, 100.0)
+    b = _put(cache, b"b" * 1000, 200.0)
+    c = _put(cache, b"c" * 1000, 300.0)
+    assert cache.has(a)  # a use: a is now the most recent, b the least
+    d = cache.put_bytes(b"d" * 1000)
+    assert not cache.has(b) and all(cache.has(x) for x in (a, c, d))
+    assert cache.used_bytes() <= 3000
+    big = cache.put_bytes(b"e" * 5000)  # larger than the cache: kept alone, for its user
+    assert cache.has(big) and cache.used_bytes() == 5000
+
+
+def test_part_leftovers_of_dead_writers_are_removed_at_start(tmp_path: Path) -> None:
+    """Before: a worker killed mid-download left its ``*.part`` in tmp/ for ever."""
+    cache = ArtifactCache(tmp_path / "cache")
+    live = cache.open_writer(DATA_SHA)  # this process: alive
+    live.write(b"x")
+    dead = cache._tmp_dir / f"{DATA_SHA}.999999999.abcd1234.part"  # no such pid
+    old_style = cache._tmp_dir / f"{DATA_SHA}.abcd1234.part"
+    for leftover in (dead, old_style):
+        leftover.write_bytes(b"half")
+    ArtifactCache(tmp_path / "cache")
+    assert not dead.exists() and not old_style.exists()
+    assert len(list(cache._tmp_dir.glob("*.part"))) == 1  # the live writer's
+    live.abort()
+
+
+def test_the_size_limit_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISTILL_CACHE_MAX_BYTES", "1234")
+    assert ArtifactCache(tmp_path / "cache").max_bytes == 1234
+    monkeypatch.setenv("DISTILL_CACHE_MAX_BYTES", "big")
+    with pytest.raises(ArtifactError, match="DISTILL_CACHE_MAX_BYTES"):
+        ArtifactCache(tmp_path / "cache")
