@@ -107,7 +107,8 @@ class AsyncClient:
                 known = await self.mmi_service(name, timeout_s=min(timeout, 2.0))
             except RequestTimeout:
                 known = None
-        return timeout_error(name, self.endpoint, timeout, attempts, known)
+        return timeout_error(name, self.endpoint, timeout, attempts, known,
+                             curve=self.security is not None)
 
     async def request(self, service: str | bytes, body: dict[str, Any], *, timeout_s: float | None = None,
                       retries: int | None = None) -> Any:
@@ -126,7 +127,8 @@ class AsyncClient:
         return reply == [P.MMI_FOUND]
 
     async def subscribe(self, topics: list[str], *, timeout_s: float = 10.0) -> AsyncIterator[dict[str, Any]]:
-        """Snapshot, then stream: every event on ``topics`` once, in sequence order."""
+        """Snapshot, then stream: every event on ``topics`` once, in sequence order; a new
+        broker epoch (a restart) brings a fresh snapshot."""
         sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         apply_client(sub, self.security)
@@ -140,7 +142,7 @@ class AsyncClient:
             await asyncio.wait_for(_await_topic(sub, hello), timeout_s)
             sub.setsockopt(zmq.UNSUBSCRIBE, hello)
             snap = await self.request(P.SERVICE_EVENTS, {"op": "snapshot", "prefixes": prefixes})
-            last = int(snap["seq"])
+            last, epoch = int(snap["seq"]), snap.get("epoch")
             for event in snap["events"]:
                 yield event
             while True:
@@ -151,7 +153,15 @@ class AsyncClient:
                     event = unpack(frames[1])
                 except DecodeError:
                     continue
-                if isinstance(event, dict) and event.get("seq", 0) > last:
+                if not isinstance(event, dict):
+                    continue
+                if epoch is not None and event.get("epoch", epoch) != epoch:
+                    # The broker restarted (its numbers start again): a fresh snapshot holds this.
+                    snap = await self.request(P.SERVICE_EVENTS, {"op": "snapshot", "prefixes": prefixes})
+                    last, epoch = int(snap["seq"]), snap.get("epoch")
+                    for event in snap["events"]:
+                        yield event
+                elif event.get("seq", 0) > last:
                     last = event["seq"]
                     yield event
         except asyncio.TimeoutError:

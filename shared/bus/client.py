@@ -131,7 +131,8 @@ class Client:
                 known = self.mmi_service(name, timeout_s=min(timeout, 2.0))
             except RequestTimeout:
                 known = None
-        return timeout_error(name, self.endpoint, timeout, attempts, known)
+        return timeout_error(name, self.endpoint, timeout, attempts, known,
+                             curve=self.security is not None)
 
     def request(self, service: str | bytes, body: dict[str, Any], *, timeout_s: float | None = None,
                 retries: int | None = None) -> Any:
@@ -201,7 +202,8 @@ class Subscription:
 
     Subscribes first, proves the subscription is live with a hello round trip through the
     broker's XPUB, asks for the snapshot, then yields the snapshot's events followed by stream
-    events newer than the snapshot's sequence number: no gap, no duplicate.
+    events newer than the snapshot's sequence number: no gap, no duplicate. An event of another
+    broker ``epoch`` (the broker restarted; its numbers start again) brings a fresh snapshot.
     """
 
     def __init__(self, endpoint: str | None, topics: list[str], *, events: str | None = None,
@@ -221,10 +223,15 @@ class Subscription:
         self.sub.connect(events or events_endpoint(self.client.endpoint))
         self._await_hello(hello, timeout_s)
         self.sub.setsockopt(zmq.UNSUBSCRIBE, hello.encode())
+        self._pending: list[dict[str, Any]] = []
+        self._take_snapshot()
+
+    def _take_snapshot(self) -> None:
         snap = self.client.request(P.SERVICE_EVENTS, {"op": "snapshot", "prefixes": self.topics})
         self.snapshot_seq: int = snap["seq"]
         self.last_seq = self.snapshot_seq
-        self._pending: list[dict[str, Any]] = list(snap["events"])
+        self.epoch: str | None = snap.get("epoch")
+        self._pending.extend(snap["events"])
 
     def _await_hello(self, hello: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -253,7 +260,14 @@ class Subscription:
                 event = unpack(frames[1])
             except DecodeError:
                 continue
-            if not isinstance(event, dict) or event.get("seq", 0) <= self.last_seq:
+            if not isinstance(event, dict):
+                continue
+            if self.epoch is not None and event.get("epoch", self.epoch) != self.epoch:
+                self._take_snapshot()  # the broker restarted: its snapshot holds this event too
+                if self._pending:
+                    return self._pending.pop(0)
+                continue
+            if event.get("seq", 0) <= self.last_seq:
                 continue  # already in the snapshot, or a duplicate
             self.last_seq = event["seq"]
             return event

@@ -100,12 +100,15 @@ def unknown_service(service: str, endpoint: str) -> UnknownService:
 
 
 def timeout_error(service: str, endpoint: str, timeout_s: float, attempts: int,
-                  known: bool | None) -> RequestError:
+                  known: bool | None, curve: bool = False) -> RequestError:
     """What a request that got no reply raises, given what ``mmi.service`` said about its
-    service afterwards (``known`` is None when the broker did not answer that either)."""
+    service afterwards (``known`` is None when the broker did not answer that either).
+    ``curve``: the client used CURVE keys, so a refused key looks the same as no broker."""
     if known is None:
+        hint = ("; with CURVE a refused key looks the same: is this key in the broker's "
+                "allowed folder, and the broker key the right one?") if curve else ""
         return RequestTimeout(f"no broker answered at {endpoint} "
-                              f"(request to {service!r}, {attempts} attempt(s))")
+                              f"(request to {service!r}, {attempts} attempt(s)){hint}")
     if known is False:
         return unknown_service(service, endpoint)
     return RequestTimeout(f"no reply from {service!r} within {timeout_s:g} s "

@@ -131,8 +131,9 @@ def test_an_allowed_client_and_worker_work_and_events_flow(secure: SecureCluster
 
 def test_an_unknown_key_gets_nothing_and_the_broker_logs_it(secure: SecureCluster) -> None:
     secure.start_broker()
-    with secure.client("stranger", timeout_s=1) as client, pytest.raises(RequestTimeout):
-        client.request_raw("mmi.service", [b"echo"])
+    with secure.client("stranger", timeout_s=1) as client, \
+            pytest.raises(RequestTimeout, match="is this key in the broker's allowed folder"):
+        client.request("distill.jobs", {"op": "counts"})
     wait_until(lambda: secure.logged("curve_key_rejected", reason="unknown key"), 5,
                what="the rejection in the broker's log")
 
@@ -173,6 +174,14 @@ def test_a_client_key_never_registers_as_a_worker(secure: SecureCluster) -> None
     # The real worker runtime with a client key fails the same way.
     secure.start_worker("echo", key="laptop")
     time.sleep(2)
+    assert "echo" not in secure.services()
+
+
+def test_a_worker_with_an_unknown_key_says_why_it_cannot_register(secure: SecureCluster) -> None:
+    secure.start_broker()
+    worker = secure.start_worker("echo", key="stranger")
+    wait_until(lambda: "broker refused this worker's key" in worker.log_path.read_text(), 30,
+               what="the worker to log the refused handshake")
     assert "echo" not in secure.services()
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
@@ -33,6 +34,8 @@ from distill.shared.logs import get_logger
 log = get_logger("worker")
 
 JOB_ADDRESS_PREFIX = b"distill.job:"
+HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 @dataclass
@@ -110,6 +113,7 @@ class WorkerRuntime:
         self._tokens = 0
         self.registrations = 0  # how many times READY was sent (reconnects + 1)
         self.dealer: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None  # handshake failures of the dealer (CURVE only)
 
     # --- executor thread ---------------------------------------------------------------------
     def _executor_main(self, ready: threading.Event) -> None:
@@ -161,6 +165,7 @@ class WorkerRuntime:
                 self._current.cancel.set()
             if self.dealer is not None:
                 self._send([P.W_DISCONNECT])
+                self._close_monitor()
                 self.dealer.close(linger=100)
             self._inbox.put(None)
             thread.join(timeout=5)
@@ -169,11 +174,15 @@ class WorkerRuntime:
 
     def _connect(self) -> None:
         if self.dealer is not None:
+            self._close_monitor()
             self.dealer.close(linger=0)
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
         apply_client(self.dealer, self.security)
+        if self.security is not None:
+            # A refused key looks like a silent broker; the monitor says why instead.
+            self.monitor = self.dealer.get_monitor_socket(HANDSHAKE_FAILURES)
         self.dealer.connect(self.broker)
         meta = {**self.meta, "registrations": self.registrations}
         self._send([P.W_READY, self.service.encode(), pack(meta)])
@@ -217,6 +226,8 @@ class WorkerRuntime:
                 self._on_handler_done(pair.recv_multipart())
             if control in ready:
                 self._on_control(control.recv_multipart())
+            if self.monitor is not None and self.monitor in ready:
+                self._on_monitor(self.monitor)
             if now >= next_heartbeat:
                 self._send([P.W_HEARTBEAT])
                 next_heartbeat = now + self.heartbeat_interval_s
@@ -233,9 +244,29 @@ class WorkerRuntime:
     def _poller(self, pair: zmq.Socket, control: zmq.Socket) -> zmq.Poller:
         poller = zmq.Poller()
         assert self.dealer is not None
-        for sock in (self.dealer, pair, control):
-            poller.register(sock, zmq.POLLIN)
+        for sock in (self.dealer, pair, control, self.monitor):
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
         return poller
+
+    def _close_monitor(self) -> None:
+        if self.monitor is not None and self.dealer is not None:
+            self.dealer.disable_monitor()
+            self.monitor.close(linger=0)
+        self.monitor = None
+
+    def _on_monitor(self, monitor: zmq.Socket) -> None:
+        while monitor.poll(0):
+            try:
+                event = recv_monitor_message(monitor)
+            except (zmq.ZMQError, ValueError):
+                return
+            log.warning("broker_handshake_failed", broker=self.broker,
+                        reason="the broker refused this worker's key: is its public key in the "
+                               "broker's allowed/workers/ folder, and --broker-key the broker's key?"
+                        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                        else f"CURVE handshake failed (zmq event {event['event']}): does the broker "
+                             "run CURVE, and is --broker-key its public key?")
 
     def _on_broker(self, frames: list[bytes]) -> bool:
         """Handle a message from the broker; True means reconnect."""
