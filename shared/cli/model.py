@@ -25,6 +25,11 @@ def print_model_summary(path: Path) -> None:
     from distill.shared.model.modelfile import describe_model, read_model_file
 
     rows = [("file", str(path)), *describe_model(read_model_file(path))]
+    seen: set[str] = set()
+    for i, (key, value) in enumerate(rows):  # the summary may repeat a key: "prior" (training)
+        if key in seen:
+            rows[i] = (f"{key} (training)", value)
+        seen.add(key)
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:>{width}}  {value}")

@@ -86,20 +86,35 @@ def train_line(event: dict[str, Any]) -> str | None:
     return "  ".join(parts)
 
 
+def line_width() -> int:
+    """Columns for the live line: a line longer than the terminal wraps, and ``\r`` then
+    rewrites only its last row."""
+    import shutil
+
+    return max(40, min(LINE_WIDTH, shutil.get_terminal_size((LINE_WIDTH + 1, 24)).columns - 1))
+
+
 def follow_training(c: Any, job_id: str) -> dict[str, Any]:
     """Follows a job with the live line on stderr until it ends; returns its record."""
     from distill.shared.bus.jobs import JobsClient
 
+    width, seen_metrics = line_width(), False
+
     def on_event(event: dict[str, Any]) -> None:
-        if event.get("type") == "status":
+        nonlocal seen_metrics
+        kind = event.get("type")
+        if kind == "status":
             sys.stderr.write(f"\n{job_id}: {event.get('status')}")
-        elif event.get("type") == "preview":
+        elif kind == "preview":
             sys.stderr.write(f"\npreview: artifact {str(event.get('artifact'))[:16]} "
                              f"({event.get('name', '')})\n")  # fmt: skip
-        else:
+        elif kind == "metrics" or (kind == "progress" and not seen_metrics):
+            # once a training job sends metric rows, its progress events (the same epoch, fewer
+            # fields) would only make the line flicker between two forms
+            seen_metrics = seen_metrics or kind == "metrics"
             line = train_line(event)
             if line:
-                sys.stderr.write("\r" + line[:LINE_WIDTH].ljust(LINE_WIDTH))
+                sys.stderr.write("\r" + line[:width].ljust(width))
         sys.stderr.flush()
 
     record = JobsClient(c).follow(job_id, on_event)
@@ -314,7 +329,7 @@ def stage_outcome(stage: Stage, result: dict[str, Any]) -> str:
         f"best val {best:.3f} (epoch {result.get('best_epoch')}); " if best is not None else ""
     )
     bits = "  ".join(_bits_parts({**base, **metrics}))
-    return f"prior {best_text}last epoch {bits}; stopped: {result.get('stopped')}{why}"
+    return f"{best_text}last epoch {bits}; stopped: {result.get('stopped')}{why}"
 
 
 class StageFailed(DistillError):
