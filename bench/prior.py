@@ -1,10 +1,25 @@
-"""Benchmark: how fast the prior samples, against a plain step-by-step nn.LSTM loop.
+"""Benchmark: the prior's quality after the default pipeline, and how fast it samples.
 
-    /work/venv/bin/python bench/prior.py --minutes 2
-    /work/venv/bin/python bench/prior.py --minutes 2 --threads 2
+    /work/venv/bin/python bench/prior.py --minutes 4 --threads 1
+    /work/venv/bin/python bench/prior.py --skip-quality --speed-minutes 2 --threads 2
 
-Prints generated seconds of codes per wall second at batch 1 and 16 for default-sized priors
-(Q 4 x K 256 and Q 6 x K 512, at 94 and 47 code steps per second), for:
+**Quality** (skipped with ``--skip-quality``): starts a broker and one preprocess, RVQ-VAE and
+prior worker (``--threads`` torch threads each) on loopback, runs ``distill train DATA --minutes
+N`` (the default pipeline, the budget shared 70/30 between the RVQ-VAE and the prior), loads the
+``.distill`` file it writes, fetches the dataset, and prints:
+
+- validation bits per code of the prior against the unigram (per-level code frequencies) and
+  bigram (per-level P(code | previous code)) baselines fitted on the training codes, computed
+  here on the validation chunks' codes, beside the figures the prior job reported (goal: at
+  least 1 bit per code better than each);
+- memorisation: the share of generated one-second code sequences (temperature 1) that match
+  some window of a training file's codes at >= 90% of positions (a position is one code: one
+  level at one step), beside the same share for the held-out validation chunks (real sounds the
+  model never saw: what chance and shared silences give). Goal <= 10%.
+
+**Speed** (skipped with ``--skip-speed``): generated seconds of codes per wall second at batch 1
+and 16 for default-sized priors (Q 4 x K 256 and Q 6 x K 512, at 94 and 47 code steps per
+second), for:
 
 - baseline: ``nn.LSTM`` called one step at a time with oneDNN on, ``torch.multinomial`` per
   level, codes written into the output grid (the obvious loop);
@@ -12,24 +27,36 @@ Prints generated seconds of codes per wall second at batch 1 and 16 for default-
 - the baseline with oneDNN off (what the oneDNN switch buys the obvious loop; ``sample()``
   does not go through oneDNN, measured: the switch changes nothing there);
 and the ratios to the baseline. Untrained weights: speed does not depend on what was learnt.
-
-The NLL-against-baselines and memorisation figures need a trained RVQ-VAE and prior on the
-percussion set: see ``quality_figures``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from distill.shared.model.prior import Prior, PriorConfig
-from distill.shared.model.sampling import SamplingParams, sample
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import free_port_block, spawn, stop, wait_for  # noqa: E402
+
+from distill.shared.audio.dataset import Dataset  # noqa: E402
+from distill.shared.model.modelfile import DistillModel, load_model  # noqa: E402
+from distill.shared.model.prior import Prior, PriorConfig, bigram_bits, unigram_bits  # noqa: E402
+from distill.shared.model.sampling import SamplingParams, sample  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "percussion"
+MATCH_SHARE = 0.9  # a generated second "is" a training window when >= 90% of its codes agree
 
 SECONDS = 2.0  # of generated codes per timed call
 
@@ -102,28 +129,140 @@ def speed_figures(budget_s: float) -> None:
                   f"{off:>17.1f}x{off / base:>7.2f}x", flush=True)  # fmt: skip
 
 
-def quality_figures() -> None:
-    """Validation bits per code against unigram and bigram, and memorisation: NOT YET MEASURED.
+# --- quality: the default pipeline through real processes ----------------------------------------
 
-    Needs the prior training worker (a trained RVQ-VAE encoding the percussion set, a prior
-    trained on its codes). Then: ``Prior.nll_bits`` on the validation codes beside
-    ``unigram_bits`` / ``bigram_bits`` on the same codes (goal: >= 1 bit per code better than
-    each), and the share of sampled one-second code sequences matching some training chunk at
-    >= 90% of positions (goal <= 10%).
-    """
-    print("quality figures (NLL vs baselines, memorisation): not measured yet -- they need a "
-          "trained RVQ-VAE + prior pipeline")  # fmt: skip
+
+def start_cluster(tmp: Path, threads: int) -> tuple[str, list[subprocess.Popen[bytes]]]:
+    """A broker and one preprocess, vqvae and prior worker on loopback, logs in ``tmp``."""
+    from distill.shared.bus.client import Client
+
+    os.environ["DISTILL_CACHE"] = str(tmp / "cache")  # the workers' artifact cache
+    port = free_port_block()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    procs = [spawn(["broker", "--port", str(port), "--data-dir", str(tmp / "broker")],
+                   tmp / "broker.log")]  # fmt: skip
+    for service in ("preprocess", "vqvae", "prior"):
+        procs.append(spawn(["worker", service, "--broker", endpoint, "--device", "cpu",
+                            "--threads", str(threads)], tmp / f"worker-{service}.log"))  # fmt: skip
+
+    def registered() -> bool:
+        try:
+            with Client(endpoint, timeout_s=2) as c:
+                return len(c.workers()["workers"]) >= 3
+        except Exception:  # the broker is still starting
+            return False
+
+    wait_for(registered, timeout_s=120)
+    return endpoint, procs
+
+
+def run_pipeline(endpoint: str, data: Path, minutes: float, out: Path) -> str:
+    """``distill train DATA --minutes N -o OUT`` (its live lines pass through); the prior job id."""
+    args = [sys.executable, "-m", "distill.shared.cli", "train", str(data), "--minutes",
+            str(minutes), "-o", str(out), "--broker", endpoint]  # fmt: skip
+    done = subprocess.run(args, stdout=subprocess.PIPE, text=True, timeout=minutes * 60 * 3 + 600)
+    print(done.stdout, flush=True)
+    if done.returncode != 0:
+        raise SystemExit(f"distill train failed ({done.returncode})")
+    found = re.search(r"prior (j-\S+)", done.stdout)
+    if not found:
+        raise SystemExit("distill train printed no prior job id")
+    return found.group(1)
+
+
+@torch.no_grad()
+def chunk_codes(model: DistillModel, ds: Dataset, indices: Any) -> torch.Tensor:
+    """Codes (N, Q, T') of the dataset's chunks ``indices``, encoded by the model's RVQ-VAE."""
+    mels = torch.from_numpy(ds.mels[indices])  # (N, M, T)
+    return torch.cat([model.vqvae.encode(mels[i : i + 64]) for i in range(0, len(mels), 64)])
+
+
+def file_windows(ds: Dataset, indices: Any, codes: torch.Tensor, steps: int) -> torch.Tensor:
+    """Every window of ``steps`` steps of each file's codes (its chunks end to end): (W, Q, S)."""
+    files = ds.chunk_file[indices]
+    windows = []
+    for f in sorted(set(files.tolist())):
+        stream = torch.cat(list(codes[files == f]), dim=1)  # (Q, L): the file's chunks in order
+        windows.append(stream.unfold(1, steps, 1).transpose(0, 1))  # (L - S + 1, Q, S)
+    return torch.cat(windows)
+
+
+def matched_share(seqs: torch.Tensor, windows: torch.Tensor) -> float:
+    """The share of ``seqs`` (N, Q, S) equal to some window (W, Q, S) at >= MATCH_SHARE of codes."""
+    hits = 0
+    for seq in seqs:
+        agree = (windows == seq).float().mean(dim=(1, 2))  # (W,)
+        hits += int(agree.max() >= MATCH_SHARE)
+    return hits / max(1, len(seqs))
+
+
+def quality_figures(endpoint: str, prior_job: str, path: Path, samples: int) -> None:
+    from distill.shared.bus.artifacts import ArtifactClient
+    from distill.shared.bus.cache import ArtifactCache
+    from distill.shared.bus.client import Client
+    from distill.shared.bus.jobs import JobsClient
+
+    with Client(endpoint, timeout_s=60) as c:
+        result = JobsClient(c).get(prior_job, metrics=False)["result"]
+        cache = ArtifactCache(path.parent / "client-cache")
+        ds = Dataset.from_bytes(ArtifactClient(c, cache=cache).get_bytes(result["dataset"]))
+    model = load_model(path)
+    assert model.prior is not None, "the pipeline wrote a model without a prior"
+    train_idx, val_idx = ds.train_indices(), ds.val_indices()
+    train_codes, val_codes = chunk_codes(model, ds, train_idx), chunk_codes(model, ds, val_idx)
+    k, steps = model.prior.config.codebook_size, train_codes.shape[-1]
+    prior_bits = float(model.prior.nll_bits(val_codes))
+    uni, bi = unigram_bits(train_codes, val_codes, k), bigram_bits(train_codes, val_codes, k)
+    print(f"\nvalidation: {len(val_idx)} chunks ({val_codes.numel()} codes, Q {val_codes.shape[1]} "
+          f"x K {k}); training: {len(train_idx)} chunks")  # fmt: skip
+    print(f"bits per code   prior {prior_bits:.3f}   unigram {uni:.3f} ({uni - prior_bits:+.3f} "
+          f"better)   bigram {bi:.3f} ({bi - prior_bits:+.3f} better)   goal: >= 1 bit better "
+          "than each")  # fmt: skip
+    print(f"  as the prior job reported: metrics {result.get('metrics')}, baselines "
+          f"{result.get('baselines')}")  # fmt: skip
+
+    windows = file_windows(ds, train_idx, train_codes, steps)
+    drawn = torch.cat([sample(model.prior, batch=min(50, samples - i), steps=steps,
+                              params=SamplingParams(seed=i)) for i in range(0, samples, 50)])  # fmt: skip
+    generated, held_out = matched_share(drawn, windows), matched_share(val_codes, windows)
+    print(f"memorisation: {generated * 100:.1f}% of {samples} generated one-second sequences "
+          f"({steps} steps) match a training window at >= {MATCH_SHARE:.0%} of codes; held-out "
+          f"validation chunks: {held_out * 100:.1f}% of {len(val_codes)} (ratio "
+          f"{generated / held_out if held_out else float('inf'):.2f}x); goal <= 10%")  # fmt: skip
+
+
+def quality(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="distill-bench-prior-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        endpoint, procs = start_cluster(tmp, args.threads)
+        try:
+            started = time.monotonic()
+            prior_job = run_pipeline(endpoint, args.data, args.minutes, tmp / "percussion.distill")
+            print(f"pipeline: {time.monotonic() - started:.0f} s wall for a {args.minutes:g}-minute "
+                  "training budget")  # fmt: skip
+            quality_figures(endpoint, prior_job, tmp / "percussion.distill", args.samples)
+        finally:
+            for proc in reversed(procs):
+                stop(proc)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--minutes", type=float, default=2.0, help="time budget for the speed runs")
+    parser.add_argument("--minutes", type=float, default=4.0,
+                        help="training budget of the pipeline (quality figures)")  # fmt: skip
+    parser.add_argument("--speed-minutes", type=float, default=2.0, help="budget of the speed runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the goal: 2 cores)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a folder of sounds")
+    parser.add_argument("--samples", type=int, default=200, help="generated seconds to check")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
-    speed_figures(args.minutes * 60)
-    quality_figures()
+    if not args.skip_speed:
+        speed_figures(args.speed_minutes * 60)
+    if not args.skip_quality:
+        quality(args)
 
 
 if __name__ == "__main__":
