@@ -1,0 +1,215 @@
+"""``distill demo``: from nothing but the installed package to a model and its sounds.
+
+Starts a private local cluster (the ``distill up`` supervisor: a broker and one preprocess,
+RVQ-VAE, prior and inference worker, on free loopback ports with their data in a temporary
+folder), trains a small model on the bundled CC0 one-shots through the same pipeline ``distill
+train DIR`` submits, then asks the inference worker for 8 new sounds (a generate job) and a
+reconstruction of each training file (encode, then decode), writes everything into
+``./distill-demo/`` beside the ``.distill`` file, and shuts the cluster down, leaving no process
+behind (also on Ctrl-C or an error).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from distill.shared.cli.common import fail
+
+DEMO_SERVICES = ["preprocess", "vqvae", "prior", "infer"]
+DEMO_SECONDS = 2.0  # each generated sound: long enough for a hit and its tail
+DEMO_COUNT = 8
+DEMO_SEED = 1
+DEMO_TEMPERATURE = 0.9  # a little below 1: fewer odd draws from a model trained for minutes
+
+
+def bundled_sounds() -> list[Path]:
+    """The bundled one-shots (FLAC), sorted by name."""
+    folder = Path(str(resources.files("distill.shared") / "assets" / "demo"))
+    return sorted(folder.glob("*.flac"))
+
+
+def _free_port_block() -> int:
+    """A port P with P, P+1 and P+2 free on loopback (MDP, events out, events in)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        try:
+            for i in range(3):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+    raise OSError("no block of 3 free loopback ports")
+
+
+def _say(message: str) -> None:
+    typer.secho(message, fg=typer.colors.CYAN, err=True)
+
+
+class DemoCluster:
+    """The supervisor's children, started and stopped from this process (no signal handlers
+    of its own: the command's ``finally`` stops them)."""
+
+    def __init__(self, home: Path, services: list[str]) -> None:
+        from distill.shared.cli.supervisor import Supervisor
+
+        os.environ["DISTILL_CACHE"] = str(home / "cache")  # the workers inherit it
+        self.supervisor = Supervisor(host="127.0.0.1", port=_free_port_block(),
+                                     data_dir=home / "broker", services=services, device="cpu")  # fmt: skip
+        self.endpoint = self.supervisor.endpoint
+
+    def __enter__(self) -> DemoCluster:
+        try:
+            for child in self.supervisor.children:
+                child.start()
+            self.supervisor._wait_ready(timeout_s=180.0)
+        except BaseException:
+            self.supervisor.shutdown()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.supervisor.shutdown()
+
+
+def train_demo_model(c: Any, sounds: Path, out: Path, minutes: float, vqvae_opt: list[str],
+                     prior_opt: list[str], train_opt: list[str]) -> tuple[Path, str]:  # fmt: skip
+    """The `distill train DIR --minutes N` pipeline; the model file and its artifact id."""
+    from distill.shared.cli.model import fetch_model, model_artifact
+    from distill.shared.cli.train import (
+        TrainRequest,
+        follow_pipeline,
+        parse_settings,
+        stage_train_settings,  # fmt: skip
+        submit_pipeline,
+    )
+
+    req = TrainRequest(source=str(sounds), stage="all", vqvae_ref=None, name="demo",
+                       vqvae_model=parse_settings(vqvae_opt), prior_model=parse_settings(prior_opt),
+                       train=stage_train_settings(train_opt, {}, minutes, ["vqvae", "prior"]))  # fmt: skip
+    stages = submit_pipeline(c, req)
+    _say("training: " + " -> ".join(f"{s.name} {s.job_id}" for s in stages))
+    record = follow_pipeline(c, stages)
+    return fetch_model(c, record, out), model_artifact(record)
+
+
+def generate_demo_sounds(
+    c: Any, model_sha: str, out: Path, count: int, seconds: float
+) -> list[Path]:
+    """A generate job on the inference worker; its exported files downloaded into ``out``."""
+    from distill.shared.bus.artifacts import ArtifactClient
+    from distill.shared.bus.jobs import JobsClient
+
+    jobs = JobsClient(c)
+    job = jobs.submit("distill.infer", {"op": "generate", "model": model_sha, "count": count,
+                                        "seconds": seconds, "seed": DEMO_SEED,
+                                        "temperature": DEMO_TEMPERATURE, "quality": "best"})  # fmt: skip
+    _say(f"generating {count} sounds of {seconds:g} s (job {job['id']})")
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("type") == "progress" and event.get("done") is not None:
+            _say(f"  decoded {event['done']}/{event['total']}")
+
+    record = jobs.follow(job["id"], on_event)
+    if record["status"] != "succeeded":
+        raise typer.BadParameter(f"generation {record['status']}: {record.get('error')}")
+    store = ArtifactClient(c)
+    out.mkdir(parents=True, exist_ok=True)
+    return [store.download(s["artifact"], out / s["name"]) for s in record["result"]["sounds"]]
+
+
+def reconstruct(c: Any, model_sha: str, sources: list[Path], out: Path) -> list[Path]:
+    """Each training file encoded and decoded by the inference worker, exported into ``out``."""
+    from distill.shared.audio.export import ExportMetadata, export_audio
+    from distill.shared.audio.io import load_audio
+    from distill.shared.model.inference import decode_recipe
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for source in sources:
+        rate = 48000
+        audio = load_audio(source, rate).numpy()  # prepared as for training
+        base = {"model": model_sha, "sample_rate": rate}
+        enc = c.request("distill.infer", {**base, "op": "encode", "audio": audio})
+        dec = c.request("distill.infer", {**base, "op": "decode", "codes": enc["codes"],
+                                          "quality": "best"})  # fmt: skip
+        path = out / f"{source.stem}.wav"
+        meta = ExportMetadata(kind="decode", model_id=dec["model_id"], title=path.stem,
+                              data=decode_recipe(enc["codes"], None, "best"))  # fmt: skip
+        export_audio(path, dec["audio"], dec["sample_rate"], subtype="PCM_24", metadata=meta)
+        paths.append(path)
+        _say(f"  reconstructed {source.name}")
+    return paths
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(demo)
+
+
+def demo(
+    minutes: float = typer.Option(4.0, help="Training budget (more: better sounds)."),
+    out: Path = typer.Option(Path("distill-demo"), "-o", "--out", help="Where everything goes."),
+    count: int = typer.Option(DEMO_COUNT, "-n", "--count", help="Sounds to generate."),
+    seconds: float = typer.Option(DEMO_SECONDS, "--seconds", help="Length of each sound."),
+    vqvae_opt: list[str] = typer.Option([], "--vqvae-opt", help="RVQ-VAE setting KEY=VALUE."),
+    prior_opt: list[str] = typer.Option([], "--prior-opt", help="Prior setting KEY=VALUE."),
+    train_opt: list[str] = typer.Option([], "--train-opt", help="Training setting KEY=VALUE."),
+) -> None:
+    """Train a small model on bundled sounds and generate with it: the first thing to run."""
+    from distill.shared.errors import DistillError
+
+    sources = bundled_sounds()
+    if not sources:
+        fail("the bundled demo sounds are missing from this installation")
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    sounds = out / "sounds"
+    sounds.mkdir(exist_ok=True)
+    for src in sources:
+        shutil.copy(src, sounds / src.name)
+    _say(f"distill demo: {len(sources)} bundled CC0 sounds -> {sounds}; training for about "
+         f"{minutes:g} min on a local cluster")  # fmt: skip
+    home = Path(tempfile.mkdtemp(prefix="distill-demo-"))
+    try:
+        with DemoCluster(home, DEMO_SERVICES) as cluster:
+            from distill.shared.bus.client import Client
+
+            with Client(cluster.endpoint, timeout_s=120.0) as c:
+                model, sha = train_demo_model(c, sounds, out / "demo.distill", minutes,
+                                              vqvae_opt, prior_opt, train_opt)  # fmt: skip
+                generated = generate_demo_sounds(c, sha, out / "generated", count, seconds)
+                _say(f"reconstructing the {len(sources)} training sounds")
+                recon = reconstruct(c, sha, sorted(sounds.glob("*.flac")), out / "reconstructed")
+        _say("cluster stopped")
+    except (DistillError, OSError, typer.BadParameter) as e:
+        fail(str(e))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    _report(out, model, generated, recon, time.monotonic() - started)
+
+
+def _report(
+    out: Path, model: Path, generated: list[Path], recon: list[Path], wall_s: float
+) -> None:
+    typer.echo(f"\ndone in {wall_s / 60:.1f} min. In {out.resolve()}:")
+    typer.echo(f"  model            {model}")
+    typer.echo(f"  generated        {len(generated)} sounds in {out / 'generated'}")
+    typer.echo(f"  reconstructions  {len(recon)} in {out / 'reconstructed'} (the training "
+               f"sounds, through the model)")  # fmt: skip
+    typer.echo(f"  training sounds  {out / 'sounds'}")
+    typer.echo("next:")
+    typer.echo(f"  distill generate {model} -n 8 --seconds 2 --seed 2 -o {out / 'more'}")
+    typer.echo(f"  distill regenerate {generated[0]} --model {model}")
+    typer.echo("  distill up            # then, in another terminal:")
+    typer.echo("  distill tui           # the terminal UI: jobs, training curves, code editor")

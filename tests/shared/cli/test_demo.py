@@ -1,0 +1,57 @@
+"""distill demo in a short configuration: a real local cluster, a tiny model, 8 sounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import soundfile as sf
+import typer
+from typer.testing import CliRunner
+
+from distill.shared.audio.export import read_export_metadata
+from distill.shared.cli import demo
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_bundled_sounds_are_small_and_licensed() -> None:
+    sounds = demo.bundled_sounds()
+    assert 6 <= len(sounds) <= 10
+    assert sum(p.stat().st_size for p in sounds) <= 2_000_000
+    note = sounds[0].parent / "LICENSE_NOTE.txt"
+    assert "CC0" in note.read_text()
+
+
+def test_demo_short_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTILL_LOG_JSON", "1")
+    app = typer.Typer()
+    demo.register(app)
+    app.command("noop")(lambda: None)  # two commands: typer keeps the "demo" name
+    out = tmp_path / "distill-demo"
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    result = CliRunner().invoke(app, [
+        "demo", "--minutes", "0.6", "-o", str(out), "--seconds", "1",
+        "--vqvae-opt", "channels=32", "--vqvae-opt", "latent_dim=16", "--vqvae-opt", "blocks=1",
+        "--prior-opt", "hidden=32", "--prior-opt", "embed_dim=16",
+        "--train-opt", "vqvae.epochs=15", "--train-opt", "prior.epochs=15",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert (out / "demo.distill").is_file() and "distill tui" in result.output
+    generated = sorted((out / "generated").glob("*.wav"))
+    assert len(generated) == 8
+    audios = [sf.read(p)[0] for p in generated]
+    for a in audios:
+        # finite and not silent: a peak above -80 dBFS (this tiny model, trained for seconds,
+        # makes quiet sounds: measured peaks -60 to -45 dBFS)
+        assert np.isfinite(a).all() and np.abs(a).max() > 1e-4
+    for i in range(8):
+        for j in range(i + 1, 8):
+            assert not np.array_equal(audios[i], audios[j])  # distinct
+    assert read_export_metadata(generated[0]).kind == "generate"
+    recon = sorted((out / "reconstructed").glob("*.wav"))
+    assert len(recon) == len(demo.bundled_sounds())
