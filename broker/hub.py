@@ -3,10 +3,17 @@
 Workers publish ``[topic, msgpack map]``; the broker stamps each event with a sequence number
 and the broker's time, remembers the latest event per (topic, type) for late joiners, and
 republishes. Pure policy: the socket loop moves the frames.
+
+Epochs. Sequence numbers start again at 1 when the broker restarts, so a number alone cannot
+tell a viewer that an event is new. Each hub draws a random ``epoch`` id when it is made and
+stamps it on every event and snapshot beside ``seq``: a subscriber that sees an epoch other
+than its snapshot's knows the broker restarted and takes a fresh snapshot, instead of dropping
+every event as already seen.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import OrderedDict
 from typing import Any
@@ -21,6 +28,7 @@ MAX_LATEST = 20_000  # (topic, type) pairs kept for snapshots; the oldest are dr
 
 class EventHub:
     def __init__(self) -> None:
+        self.epoch = secrets.token_hex(8)  # this broker run; sequence numbers are per epoch
         self.seq = 0
         self._latest: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
 
@@ -47,6 +55,7 @@ class EventHub:
         self.seq += 1
         stamped = dict(event)
         stamped["seq"] = self.seq
+        stamped["epoch"] = self.epoch
         stamped["topic"] = topic
         stamped["type"] = str(event.get("type", "event"))
         stamped["broker_ts"] = time.time()
@@ -62,9 +71,10 @@ class EventHub:
             del self._latest[key]
 
     def snapshot(self, prefixes: list[str]) -> dict[str, Any]:
-        """Latest events whose topic starts with any prefix (all for ``[""]``), and the seq."""
+        """Latest events whose topic starts with any prefix (all for ``[""]``), the seq and the
+        epoch they stand at."""
         events = [
             e for (topic, _), e in self._latest.items() if any(topic.startswith(p) for p in prefixes)
         ]
         events.sort(key=lambda e: e["seq"])
-        return {"seq": self.seq, "events": events}
+        return {"seq": self.seq, "epoch": self.epoch, "events": events}
