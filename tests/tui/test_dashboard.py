@@ -11,6 +11,7 @@ from textual.widgets import DataTable, RichLog, Static
 from distill.shared.bus import protocol as P
 from distill.tui.app import DistillApp
 from distill.tui.link import EventBuffer, LinkConfig
+from distill.tui.screens.dashboard import log_worthy
 from tests.conftest import Cluster
 from tests.tui.conftest import until
 
@@ -39,6 +40,17 @@ def test_event_buffer_caps_batches_and_counts_what_it_dropped() -> None:
     batch, dropped = buf.take()
     assert [e["seq"] for e in batch] == [9, 10, 11, 12] and dropped == 0
     assert buf.received == 15 and len(buf) == 2
+
+
+def test_the_log_keeps_the_latest_progress_of_each_topic_per_batch() -> None:
+    events = [{"topic": "job.a", "type": "progress", "fraction": f / 10} for f in range(5)]
+    events += [{"topic": "job.a", "type": "metrics", "row": {}},
+               {"topic": "job.b", "type": "progress", "fraction": 0.5},
+               {"topic": "job.a", "type": "status", "status": "running"}]
+    kept = log_worthy(events)
+    assert [(e["topic"], e["type"]) for e in kept] == [
+        ("job.a", "progress"), ("job.a", "metrics"), ("job.b", "progress"), ("job.a", "status")]
+    assert kept[0]["fraction"] == 0.4
 
 
 @pytest.mark.slow

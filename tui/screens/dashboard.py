@@ -73,7 +73,7 @@ class DashboardScreen(DistillScreen):
     @on(EventsArrived)
     def _events(self, message: EventsArrived) -> None:
         log = self.query_one("#events", RichLog)
-        lines = [line for line in map(event_line, message.events[-LOG_LINES:]) if line]
+        lines = [line for line in map(event_line, log_worthy(message.events)[-LOG_LINES:]) if line]
         if message.dropped:
             lines.append(f"… {message.dropped} events not shown (too many at once)")
         if lines:
@@ -83,6 +83,14 @@ class DashboardScreen(DistillScreen):
     async def _open_job(self, message: DataTable.RowSelected) -> None:
         if message.row_key.value:
             await self.distill.open_training(str(message.row_key.value))
+
+
+def log_worthy(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The events of one batch that get a log line: all but progress, and of a topic's
+    progress events only its latest (a fast job sends hundreds a second)."""
+    last_progress = {e.get("topic"): i for i, e in enumerate(events) if e.get("type") == "progress"}
+    return [e for i, e in enumerate(events)
+            if e.get("type") != "progress" or last_progress.get(e.get("topic")) == i]
 
 
 def _replace_rows(table: DataTable[Any], columns: tuple[str, ...], rows: list[tuple[Any, ...]],

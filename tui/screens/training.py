@@ -39,6 +39,7 @@ from distill.tui.widgets.curves import LossCurves
 from distill.tui.widgets.heatmap import CodebookHeatmap
 
 TRAINING_SERVICES = ("distill.train.vqvae", "distill.train.prior")
+PLOT_HZ = 4.0  # curves, tables and heatmap redraw at most this often (plotext is the slow part)
 RELOAD_AFTER_DROP_S = 2.0  # after dropped events, re-read the record at most this often
 STAGES = [("RVQ-VAE (vqvae)", "vqvae")]
 
@@ -61,6 +62,7 @@ class TrainingScreen(DistillScreen):
         self.loading = False
         self.pending: list[dict[str, Any]] = []  # stream events that came while loading
         self.last_reload = 0.0
+        self.stale = False  # rows or previews changed since the plots were last drawn
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -105,6 +107,7 @@ class TrainingScreen(DistillScreen):
         previews = self.query_one("#previews", DataTable)
         previews.add_columns("epoch", "chunk", "which", "file", "artifact")
         self.query_one("#curves", LossCurves).set_rows([])
+        self.set_interval(1.0 / PLOT_HZ, self._draw_if_stale)
 
     def on_screen_resume(self) -> None:
         dataset = self.distill.last_dataset
@@ -161,7 +164,8 @@ class TrainingScreen(DistillScreen):
             self.load_history(self.job_id)
             return
         if mine and self._apply_events(mine):
-            self._draw_all()
+            self._draw_line()  # cheap: every tick; the plots follow at PLOT_HZ
+            self.stale = True
 
     def _apply_events(self, events: list[dict[str, Any]]) -> bool:
         changed = False
@@ -190,7 +194,12 @@ class TrainingScreen(DistillScreen):
         return True
 
     # --- drawing ------------------------------------------------------------------------------
+    def _draw_if_stale(self) -> None:
+        if self.stale:
+            self._draw_all()
+
     def _draw_all(self) -> None:
+        self.stale = False
         self._draw_line()
         self.query_one("#curves", LossCurves).set_rows(self.rows)
         self._draw_levels()
