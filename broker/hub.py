@@ -24,6 +24,9 @@ from distill.shared.errors import DecodeError
 MAX_TOPIC_BYTES = 255
 MAX_EVENT_BYTES = 1024 * 1024
 MAX_LATEST = 20_000  # (topic, type) pairs kept for snapshots; the oldest are dropped beyond
+# A snapshot reply keeps the newest events up to this many packed bytes: well below the
+# clients' message limit even when many large events are remembered.
+MAX_SNAPSHOT_BYTES = 4 * 1024 * 1024
 
 
 class EventHub:
@@ -76,5 +79,13 @@ class EventHub:
         events = [
             e for (topic, _), e in self._latest.items() if any(topic.startswith(p) for p in prefixes)
         ]
-        events.sort(key=lambda e: e["seq"])
-        return {"seq": self.seq, "epoch": self.epoch, "events": events}
+        events.sort(key=lambda e: e["seq"], reverse=True)
+        kept, size = [], 0
+        for event in events:  # newest first, while they fit
+            size += len(pack(event))
+            if size > MAX_SNAPSHOT_BYTES:
+                break
+            kept.append(event)
+        kept.reverse()
+        return {"seq": self.seq, "epoch": self.epoch, "events": kept,
+                "truncated": len(kept) < len(events)}

@@ -122,3 +122,13 @@ def test_an_async_subscriber_follows_a_restarted_broker(running: Running) -> Non
                 task.cancel()
 
     assert asyncio.run(follow()) == "queued"
+
+
+def test_a_snapshot_reply_is_bounded_keeping_the_newest_events() -> None:
+    """Before: a snapshot held every remembered event (20,000 of up to 1 MiB each)."""
+    hub = EventHub()
+    for i in range(40):
+        hub.stamp(f"job.{i}", {"type": "progress", "blob": "x" * 200_000})
+    snap = hub.snapshot([""])
+    assert snap["truncated"] and 10 < len(snap["events"]) < 40
+    assert snap["events"][-1]["topic"] == "job.39"
