@@ -56,8 +56,9 @@ class RuntimeJobContext:
     def metrics(self, **values: Any) -> None:
         # A request, not a fire-and-forget event: the broker stores the row before it answers,
         # so the loss curve is whole even when the event stream drops something.
+        # With the attempt: the broker refuses rows from an attempt it has given up on.
         self._executor.client.request(P.SERVICE_JOBS, {"op": "metrics", "id": self.info.job_id,
-                                                        "row": values})
+                                                        "row": values, "attempt": self.info.attempt})
 
     def event(self, type: str, **fields: Any) -> None:
         self._executor.publish(self.topic, {**fields, "type": type, "job": self.info.job_id})
@@ -65,7 +66,7 @@ class RuntimeJobContext:
     def save_checkpoint(self, data: bytes, *, name: str) -> str:
         sha = self.artifacts.put_bytes(data, kind="checkpoint", name=name, job=self.info.job_id)
         self._executor.client.request(P.SERVICE_JOBS, {"op": "checkpoint", "id": self.info.job_id,
-                                                        "sha256": sha})
+                                                        "sha256": sha, "attempt": self.info.attempt})
         self.info.checkpoint = sha
         self.event("checkpoint", artifact=sha, name=name)
         return sha
