@@ -38,6 +38,13 @@ def require(checks: Iterable[tuple[bool, str]], what: str) -> None:
             raise ConfigError(f"{what}: {why}")
 
 
+def at_most(value: object, bound: int | float, name: str, why: str) -> tuple[bool, str]:
+    """A :func:`require` check that ``value`` (when a number) is at most ``bound``; the message
+    names the field, the bound and why it exists, so a refused request says what to change."""
+    ok = not is_number(value) or float(value) <= bound  # type: ignore[arg-type]
+    return ok, f"{name} {value!r} is over the limit of {bound:g} ({why})"
+
+
 def config_from_dict(cls: type[C], data: object, what: str) -> C:
     """Build config ``cls`` from a plain map: missing keys take their defaults, unknown keys and
     values of the wrong type raise :class:`ConfigError` naming ``what`` and the key."""

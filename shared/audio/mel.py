@@ -29,13 +29,17 @@ from typing import Any
 import torch
 import torchaudio
 
-from distill.shared.configs import config_from_dict, is_int, is_number
+from distill.shared.configs import at_most, config_from_dict, is_int, is_number, require
 from distill.shared.errors import ConfigError
 
 MEL_SCALE = "slaney"
 MEL_NORM = "slaney"
 MIN_SAMPLE_RATE = 1000
 MAX_SAMPLE_RATE = 768_000
+# Upper bounds, checked before anything is allocated (the reason is in each message).
+MAX_N_FFT = 16_384
+MAX_N_MELS = 512
+MAX_CHUNK_FRAMES = 2_048
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,14 @@ def _validate(c: MelConfig) -> None:
         raise ConfigError(
             f"mel_config.sample_rate {c.sample_rate} is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz"
         )
+    require(
+        [
+            at_most(c.n_fft, MAX_N_FFT, "n_fft", "0.34 s windows at 48 kHz"),
+            at_most(c.n_mels, MAX_N_MELS, "n_mels", "4x the default; the model grows with it"),
+            at_most(c.chunk_frames, MAX_CHUNK_FRAMES, "chunk_frames", "~22 s chunks at 48 kHz"),
+        ],
+        "mel_config",
+    )
     if c.n_fft < 16:
         raise ConfigError(f"mel_config.n_fft must be at least 16, got {c.n_fft}")
     if c.hop_length > c.n_fft:

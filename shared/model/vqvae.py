@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from vector_quantize_pytorch import ResidualVQ
 
-from distill.shared.configs import config_from_dict, require
+from distill.shared.audio.mel import MAX_N_MELS
+from distill.shared.configs import at_most, config_from_dict, require
 from distill.shared.errors import ConfigError
 from distill.shared.model.kmeans import kmeans, nearest
 
@@ -80,8 +81,23 @@ class VQVAEConfig:
             (self.dead_code_threshold >= 0, "dead_code_threshold must be >= 0"),
             (0.0 <= self.quantizer_dropout <= 1.0, "quantizer_dropout must be in [0, 1]"),
             (self.spectral_weight >= 0, "spectral_weight must be >= 0"),
+            *self._bounds(),
         ]
         require(checks, "VQVAEConfig")
+
+    def _bounds(self) -> list[tuple[bool, str]]:
+        """Upper bounds, checked before any tensor exists: far above what trains well on the
+        machines Distill runs on (a laptop CPU to one GPU), far below what exhausts them."""
+        return [
+            at_most(self.n_mels, MAX_N_MELS, "n_mels", "a mel image taller than any MelConfig"),
+            at_most(self.channels, 1024, "channels", "4x the default; ~16x its memory"),
+            at_most(self.latent_dim, 1024, "latent_dim", "8x the default"),
+            at_most(self.blocks, 16, "blocks", "5x the default depth"),
+            at_most(self.kernel_size, 31, "kernel_size", "reach comes from dilation"),
+            at_most(len(self.dilations), 16, "number of dilations", "one per block at most"),
+            at_most(max(self.dilations, default=1), 729, "dilation", "3^6: a 15 s reach"),
+            at_most(self.codebook_size or 0, 8192, "codebook_size", "16x the largest chosen"),
+        ]
 
     @property
     def resolved(self) -> bool:

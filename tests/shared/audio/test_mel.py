@@ -174,3 +174,15 @@ def test_griffin_lim_on_real_files_reaches_the_known_floor() -> None:
     # and the metric tells a wrong answer apart: another file's audio scores far worse
     other = load_audio(percussion_dir() / "hat_star.flac", CFG.sample_rate)
     assert float(spectral_convergence(audio, other, CFG)) > 0.8
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "bound"),
+    [("n_fft", 65536, "16384"), ("n_mels", 1000, "512"), ("chunk_frames", 100_000, "2048")],
+)
+def test_mel_settings_past_the_bounds_are_refused_naming_the_bound(
+    field: str, value: int, bound: str
+) -> None:
+    """Before: n_fft=65536 or chunk_frames=100000 were accepted and allocated on first use."""
+    with pytest.raises(ConfigError, match=f"{field} {value} is over the limit of {bound}"):
+        MelConfig.from_dict({field: value})

@@ -196,3 +196,15 @@ def test_kmeans_init_writes_distinct_codebooks_and_consistent_ema_buffers() -> N
     assert sum(model.dead_codes()) == 0
     # the second level quantizes residuals: its codes are smaller than the first level's
     assert books[1].norm(dim=1).mean() < books[0].norm(dim=1).mean()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "bound"),
+    [("channels", 4096, "1024"), ("codebook_size", 65536, "8192"), ("levels", 17, "16"),
+     ("blocks", 64, "16"), ("latent_dim", 5000, "1024")],
+)
+def test_sizes_past_the_bounds_are_refused_naming_the_bound(field: str, value: int, bound: str) -> None:
+    """Before: only lower bounds were checked; channels=4096 built a model of ~1 GB before
+    anything said no."""
+    with pytest.raises(ConfigError, match=f"{field}.*{bound}"):
+        VQVAEConfig.from_dict({field: value})
