@@ -66,7 +66,10 @@ def train_line(event: dict[str, Any]) -> str | None:
 
     row = event.get("row") if event.get("type") == "metrics" else None
     if not isinstance(row, dict):
-        return progress_line(event) if event.get("type") == "progress" else None
+        if event.get("type") != "progress":
+            return None
+        # the broker stamps its run id as "epoch" on every event: not a training epoch
+        return progress_line({k: v for k, v in event.items() if k != "epoch" or isinstance(v, int)})
     parts = []
     if "epoch" in row:
         parts.append(f"epoch {row['epoch']}" + (f"/{row['epochs']}" if "epochs" in row else ""))

@@ -204,3 +204,9 @@ def test_detach_message_names_follow_cancel_and_pull() -> None:
 def test_train_argument_errors(args: list[str], expected: str) -> None:
     out = CliRunner().invoke(app, args)
     assert out.exit_code == 1 and expected in out.stderr and "Traceback" not in out.stderr
+
+
+def test_progress_line_drops_the_brokers_run_stamp() -> None:
+    event = {"type": "progress", "fraction": 0.5, "file": "a.wav", "epoch": "b7f20ad9166c75aa"}
+    line = train_line(event)
+    assert line is not None and "file=a.wav" in line and "b7f20ad9" not in line
