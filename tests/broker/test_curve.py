@@ -3,6 +3,7 @@ does not, what the broker logs, what crosses the wire, and the per-client limits
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import socket
@@ -127,6 +128,23 @@ def test_an_allowed_client_and_worker_work_and_events_flow(secure: SecureCluster
     with Subscription(secure.endpoint, ["worker."], security=secure.security("laptop")) as sub:
         event = sub.next(timeout_s=5)
         assert event is not None and event["topic"].startswith("worker.")
+
+
+def test_the_asyncio_client_speaks_curve_too(secure: SecureCluster) -> None:
+    from distill.shared.bus.aclient import AsyncClient
+
+    secure.start_broker()
+
+    async def scenario() -> tuple[Any, dict[str, Any]]:
+        async with AsyncClient(secure.endpoint, timeout_s=5, security=secure.security("laptop")) as c:
+            counts = await c.request(P.SERVICE_JOBS, {"op": "counts"})
+            stream = c.subscribe(["broker"])
+            first = await anext(stream)
+            await stream.aclose()
+            return counts, first
+
+    counts, first = asyncio.run(scenario())
+    assert counts is not None and first["topic"] == "broker" and first["type"] == "started"
 
 
 def test_an_unknown_key_gets_nothing_and_the_broker_logs_it(secure: SecureCluster) -> None:
