@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
-import zmq
+import zmq.auth
 
 from distill.shared.bus import security as S
 from distill.shared.errors import ConfigError
