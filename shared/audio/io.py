@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,12 @@ MIN_DURATION_S = 0.001  # under 1 ms holds no pitch or timbre at any FFT size we
 # Decoding allocates what the header promises: refuse more than 4 GiB of float32 (about 3 hours
 # of 48 kHz stereo) rather than let a corrupt header exhaust the worker's memory.
 MAX_DECODED_SAMPLES = 2**30
+# Ten minutes per file by default: a sound collection holds hits, loops and recordings of
+# seconds to minutes; an hour-long file is almost always a mistake (a whole session), and
+# decoding it would hold ~1.4 GB of float32 stereo. Files past it are skipped with this reason.
+ENV_MAX_AUDIO_S = "DISTILL_MAX_AUDIO_S"
+DEFAULT_MAX_AUDIO_S = 600.0
+DECODE_BLOCK_S = 10.0  # decoded per read: the limit is checked between blocks
 DEFAULT_SILENCE_THRESHOLD_DB = -60.0
 DEFAULT_PEAK_DB = -1.0  # 1 dB of headroom keeps resampled or augmented audio off full scale
 ONSET_MARGIN_S = 0.005  # kept before the first loud sample: the very start of an attack
@@ -122,7 +129,51 @@ def _truncation(f: sf.SoundFile, frames_read: int) -> str | None:
     return None
 
 
-def _decode(src: BinaryIO | str, name: str, data: bytes | None) -> DecodedAudio:
+def max_audio_s() -> float:
+    """The longest file decoded, in seconds: ``$DISTILL_MAX_AUDIO_S``, else 600."""
+    raw = os.environ.get(ENV_MAX_AUDIO_S, "").strip()
+    if not raw:
+        return DEFAULT_MAX_AUDIO_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise AudioError(f"{ENV_MAX_AUDIO_S}={raw!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise AudioError(f"{ENV_MAX_AUDIO_S} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _too_long(name: str, limit_s: float) -> AudioError:
+    return AudioError(
+        f"{name}: longer than {limit_s:g} s, the longest file decoded (setting {ENV_MAX_AUDIO_S}); "
+        "skipped"
+    )
+
+
+def _read_blocks(f: sf.SoundFile, name: str, limit_s: float) -> np.ndarray:
+    """All frames ``(frames, channels)``, read block by block, stopping past ``limit_s``."""
+    limit_frames = int(limit_s * f.samplerate)
+    if 0 < limit_frames < f.frames and f.frames not in _PLACEHOLDER_SIZES:
+        raise _too_long(name, limit_s)  # the header says so: nothing is decoded
+    block_frames = max(1, int(DECODE_BLOCK_S * f.samplerate))
+    blocks, total = [], 0
+    while True:
+        try:
+            block = f.read(block_frames, dtype="float32", always_2d=True)  # (frames, channels)
+        except (sf.LibsndfileError, RuntimeError) as e:
+            raise AudioError(f"{name}: truncated or corrupt: {_lib_reason(e)}") from e
+        if not len(block):
+            break
+        total += len(block)
+        if total > limit_frames:  # a header that under-states the length (or none)
+            raise _too_long(name, limit_s)
+        blocks.append(block)
+    if not blocks:
+        return np.zeros((0, f.channels), dtype=np.float32)
+    return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def _decode(src: BinaryIO | str, name: str, data: bytes | None, limit_s: float) -> DecodedAudio:
     try:
         with sf.SoundFile(src) as f:
             if f.frames * f.channels > MAX_DECODED_SAMPLES:
@@ -130,10 +181,7 @@ def _decode(src: BinaryIO | str, name: str, data: bytes | None) -> DecodedAudio:
                     f"{name}: too long to decode at once ({f.frames} frames x {f.channels} "
                     f"channels at {f.samplerate} Hz; the limit is {MAX_DECODED_SAMPLES} samples)"
                 )
-            try:
-                block = f.read(dtype="float32", always_2d=True)  # (frames, channels)
-            except (sf.LibsndfileError, RuntimeError) as e:
-                raise AudioError(f"{name}: truncated or corrupt: {_lib_reason(e)}") from e
+            block = _read_blocks(f, name, limit_s)
             problem = _truncation(f, len(block))
             rate, fmt, subtype = int(f.samplerate), str(f.format), str(f.subtype)
     except sf.LibsndfileError as e:
@@ -161,13 +209,17 @@ def _head_of(src: BinaryIO | str) -> bytes:
         return b""
 
 
-def read_audio(source: AudioSource, *, name: str | None = None) -> DecodedAudio:
+def read_audio(
+    source: AudioSource, *, name: str | None = None, max_s: float | None = None
+) -> DecodedAudio:
     """Decode a file from bytes or a path, at its own rate and channel count.
 
     Raises AudioError for: an empty file, a file soundfile cannot read (e.g. text named .wav),
-    a truncated file, no samples, NaN/inf samples, a rate outside 1 kHz..768 kHz, and a file
-    shorter than 1 ms or 2 samples.
+    a truncated file, no samples, NaN/inf samples, a rate outside 1 kHz..768 kHz, a file
+    shorter than 1 ms or 2 samples, and one longer than ``max_s`` seconds (None:
+    :func:`max_audio_s`), found from its header or while reading it block by block.
     """
+    limit_s = max_audio_s() if max_s is None else max_s
     if isinstance(source, (str, Path)):
         path = Path(source)
         name = name or path.name
@@ -177,13 +229,13 @@ def read_audio(source: AudioSource, *, name: str | None = None) -> DecodedAudio:
             raise AudioError(f"{name}: cannot open: {e.strerror or e}") from e
         if size == 0:
             raise AudioError(f"{name}: empty file (0 bytes)")
-        decoded = _decode(str(path), name, None)
+        decoded = _decode(str(path), name, None, limit_s)
     else:
         data = bytes(source)
         name = name or "<bytes>"
         if not data:
             raise AudioError(f"{name}: empty file (0 bytes)")
-        decoded = _decode(io.BytesIO(data), name, data)
+        decoded = _decode(io.BytesIO(data), name, data, limit_s)
     _validate_decoded(decoded)
     return decoded
 

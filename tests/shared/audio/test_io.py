@@ -276,3 +276,36 @@ def test_a_header_promising_too_much_is_refused_before_decoding() -> None:
     data[8:42] = info.to_bytes(34, "big")
     with pytest.raises(AudioError, match="too long to decode"):
         read_audio(bytes(data), name="huge.flac")
+
+
+# --- issue 9: bounded decoding ----------------------------------------------------------------
+
+
+def _wav(path: Path, seconds: float, rate: int = 8000) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    sf.write(path, (0.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate)
+    return path
+
+
+def test_a_file_past_the_length_limit_is_skipped_without_decoding_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: any length was decoded whole into memory (up to 2^30 samples: 4 GiB)."""
+    path = _wav(tmp_path / "long.wav", 3.0)
+
+    def no_read(*a: object, **k: object) -> None:
+        raise AssertionError("decoded a file its header says is too long")
+
+    monkeypatch.setattr(sf.SoundFile, "read", no_read)
+    with pytest.raises(AudioError, match="longer than 2 s.*DISTILL_MAX_AUDIO_S.*skipped"):
+        read_audio(path, max_s=2.0)
+    monkeypatch.setenv("DISTILL_MAX_AUDIO_S", "1.5")
+    with pytest.raises(AudioError, match="longer than 1.5 s"):
+        read_audio(path)
+
+
+def test_long_files_within_the_limit_decode_by_blocks_to_the_same_samples(tmp_path: Path) -> None:
+    path = _wav(tmp_path / "ok.wav", 25.0)  # three 10 s blocks
+    decoded = read_audio(path, max_s=30.0)
+    whole, _ = sf.read(path, dtype="float32", always_2d=True)
+    np.testing.assert_array_equal(decoded.samples, whole.T)
