@@ -9,16 +9,18 @@ what its checkpoint holds beside the loop's state. One epoch is: batch -> cancel
 checkpoint (paced) -> hooks.on_epoch -> after_epoch (previews). Everything the loop does with
 its results goes through :class:`TrainHooks`, so it runs the same in a job, a test and a bench.
 
-Time budget. With ``minutes > 0`` the run is fitted to the budget once: at the end of the first
-epoch that ends past the warmup, the loop measures the wall seconds per epoch of this attempt
-(steps, validation, checkpoints and hooks together; the attempt's first epoch is left out when
-a later one exists, as it pays one-off allocation costs) and plans the last epoch as the one
-that fits in what is left of the budget (at least one more, at most ``epochs``). The cosine is
-then stretched over exactly those epochs, so the run stops when the budget is spent and the
-learning rate has reached its floor together. Until the fit, the cosine runs over the
-``epochs`` upper bound (at most one epoch of steps past the warmup, where it has barely moved).
-The fit is made once, not every step, so a run's schedule is one curve; it is stored in the
-checkpoint, and a resumed run keeps it and the seconds already spent.
+Time budget. With ``minutes > 0`` the loop plans the last epoch as the one that fits in what is
+left of the budget (at least one more, at most ``epochs``), from the wall seconds per epoch it
+measured (steps, validation, checkpoints and hooks together; the attempt's first epoch is left
+out once a later one exists, as it pays one-off allocation costs). It plans twice: once after
+the first epoch, so that progress and the schedule are known early, and once more, from epochs
+run after the warmup, at the start of the first epoch after it has ended (never again, so a
+run's schedule is one curve, not one that shifts every step). The cosine spans exactly the
+planned steps, so the run stops when the budget is spent and the learning rate has reached
+its floor together; a budget too short for the warmup gets a warmup of a quarter of the
+planned steps. Before the first plan the cosine spans the ``epochs`` upper bound (one epoch,
+mostly warmup). The plan is in the checkpoint; a resumed run keeps it and the seconds spent
+(those after the last checkpoint of a killed attempt are not counted).
 
 Checkpoints are paced by time: at most one per ``checkpoint_every_s`` (0: after every epoch),
 and always at the start (the point a NaN in the first epoch rolls back to), after a rollback,
@@ -117,14 +119,19 @@ class LRSchedule(Protocol):
     def schedule(self) -> str: ...  # "cosine" or "constant" (after warmup)
 
 
-def lr_at(config: LRSchedule, step: int, total_steps: int) -> float:
-    """Learning rate at optimiser step ``step`` (0-based): linear warmup then cosine/constant."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+def lr_at(
+    config: LRSchedule, step: int, total_steps: int, *, warmup_steps: int | None = None
+) -> float:
+    """Learning rate at optimiser step ``step`` (0-based): linear warmup then cosine/constant.
+
+    ``warmup_steps`` replaces the config's (a budget shorter than the warmup shortens it)."""
+    warmup = config.warmup_steps if warmup_steps is None else warmup_steps
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
     if config.schedule == "constant":
         return config.lr
-    span = max(1, total_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     floor = config.lr * config.lr_min_ratio
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -212,8 +219,9 @@ class LoopState:
     lr_scale: float = 1.0  # halved by every NaN rollback
     rollbacks: int = 0
     last_metrics: dict[str, Any] = field(default_factory=dict)  # the last epoch's row
-    planned_epochs: int = 0  # the budget's planned last epoch; 0 until fitted (or no budget)
-    fit_epoch_s: float = 0.0  # the seconds per epoch the fit used
+    planned_epochs: int = 0  # the budget's planned last epoch; 0 until planned (or no budget)
+    fits: int = 0  # plans made: 1 after the first epoch, 2 after the warmup (the last)
+    fit_epoch_s: float = 0.0  # the seconds per epoch the last plan used
     fit_at_epoch: int = 0  # epochs completed when it was made
 
 
@@ -362,27 +370,37 @@ class Trainer(ABC, Generic[M]):
         self._epoch_mark = now
 
     def _fit_budget(self) -> None:
-        """Once, at the start of the first epoch after the warmup that has a measured epoch."""
+        """Plan the last epoch after the first measured epoch, and once more after the warmup."""
         s, cfg = self.state, self.train_config
-        if cfg.minutes <= 0 or s.planned_epochs or s.step < cfg.warmup_steps:
+        if cfg.minutes <= 0 or s.fits >= 2 or not self._epoch_walls:
             return
-        if not self._epoch_walls:
+        after_warmup = s.step >= cfg.warmup_steps and s.epoch > s.fit_at_epoch
+        if s.fits == 1 and not after_warmup:
             return
         epoch_s = measured_epoch_s(self._epoch_walls)
         remaining = cfg.minutes * 60 - self.spent_s()
         s.planned_epochs = fit_epochs(s.epoch, epoch_s, remaining, cfg.epochs)
+        s.fits = 2 if after_warmup else 1
         s.fit_epoch_s, s.fit_at_epoch = epoch_s, s.epoch
+
+    def _warmup_steps(self) -> int:
+        """The configured warmup, or a quarter of the planned steps when the budget is shorter."""
+        cfg = self.train_config
+        if not self.state.planned_epochs:
+            return cfg.warmup_steps
+        return min(cfg.warmup_steps, self.planned_epochs * self.steps_per_epoch // 4)
 
     def budget_summary(self, stopped: str) -> dict[str, Any]:
         s, cfg = self.state, self.train_config
         if cfg.minutes <= 0:
             why = f"no time budget: up to {cfg.epochs} epochs"
         elif s.planned_epochs:
-            why = (f"{cfg.minutes:g} min budget: {s.fit_epoch_s:.2f} s per epoch measured after "
-                   f"the warmup (at epoch {s.fit_at_epoch}) -> the schedule ends at epoch "
+            when = "after the warmup" if s.fits == 2 else "before the warmup ended"
+            why = (f"{cfg.minutes:g} min budget: {s.fit_epoch_s:.2f} s per epoch measured {when} "
+                   f"(at epoch {s.fit_at_epoch}) -> the schedule ends at epoch "
                    f"{s.planned_epochs} (upper bound {cfg.epochs})")  # fmt: skip
         else:
-            why = f"{cfg.minutes:g} min budget; the run ended before the warmup did, unfitted"
+            why = f"{cfg.minutes:g} min budget; the run ended before its first epoch was measured"
         return {"minutes": cfg.minutes, "planned_epochs": self.planned_epochs, "steps": s.step,
                 "spent_s": round(self.spent_s(), 3), "stopped": stopped, "why": why}  # fmt: skip
 
@@ -391,7 +409,8 @@ class Trainer(ABC, Generic[M]):
     def _step(self, batch: Any, totals: dict[str, Any]) -> None:
         """One optimiser step: lr, loss, NaN check, backward, clip, Adam."""
         model, opt, s = self._model(), self._optimizer(), self.state
-        lr = lr_at(self.train_config, s.step, self.planned_epochs * self.steps_per_epoch)
+        total = self.planned_epochs * self.steps_per_epoch
+        lr = lr_at(self.train_config, s.step, total, warmup_steps=self._warmup_steps())
         lr *= s.lr_scale
         for group in opt.param_groups:
             group["lr"] = lr
@@ -492,6 +511,7 @@ class Trainer(ABC, Generic[M]):
                 "kind": self.train_config.schedule,
                 "lr_scale": s.lr_scale,
                 "planned_epochs": s.planned_epochs,
+                "fits": s.fits,
                 "fit_epoch_s": s.fit_epoch_s,
                 "fit_at_epoch": s.fit_at_epoch,
             },
@@ -530,6 +550,7 @@ class Trainer(ABC, Generic[M]):
             lr_scale=float(sched["lr_scale"]), rollbacks=int(ckpt["rollbacks"]),
             last_metrics=dict(ckpt.get("last_metrics", {})),
             planned_epochs=int(sched.get("planned_epochs", 0)),
+            fits=int(sched.get("fits", 0)),
             fit_epoch_s=float(sched.get("fit_epoch_s", 0.0)),
             fit_at_epoch=int(sched.get("fit_at_epoch", 0)),
         )  # fmt: skip

@@ -46,8 +46,9 @@ class Hooks:
     """Advances the clock by a second per step; keeps metrics and checkpoints; can cancel."""
 
     def __init__(self, clock: FakeClock, start_from: bytes | None = None,
-                 cancel_at_step: int | None = None) -> None:  # fmt: skip
+                 cancel_at_step: int | None = None, slow_steps: int = 0) -> None:  # fmt: skip
         self.clock, self.start_from, self.cancel_at_step = clock, start_from, cancel_at_step
+        self.slow_steps = slow_steps  # the first steps take two seconds, as a cold start does
         self.metrics: list[dict[str, Any]] = []
         self.checkpoints: list[bytes] = []
         self.steps = 0
@@ -56,7 +57,7 @@ class Hooks:
         self.steps += 1
         if self.cancel_at_step is not None and self.steps >= self.cancel_at_step:
             raise JobCancelled("cancelled by the test")
-        self.clock.now += 1.0
+        self.clock.now += 2.0 if self.steps <= self.slow_steps else 1.0
 
     def on_epoch(self, metrics: dict[str, Any]) -> None:
         self.metrics.append(metrics)
@@ -148,6 +149,26 @@ def test_a_budget_fits_the_cosine_to_the_epochs_that_fit() -> None:
     assert hooks.metrics[-1]["lr"] == pytest.approx(last_lr)
     assert last_lr == pytest.approx(BASE.lr * BASE.lr_min_ratio, rel=0.05)  # the cosine ended
     assert hooks.metrics[-1]["eta_s"] == 0
+
+
+def test_a_long_warmup_is_planned_after_one_epoch_and_replanned_once_after_it() -> None:
+    hooks = Hooks(FakeClock(), slow_steps=STEPS)  # epoch 1 takes 10 s, the others 5 s
+    config = dataclasses.replace(BASE, minutes=1.0, warmup_steps=12)
+    result = ToyTrainer(config, hooks).run_loop()
+    # epoch 2: 10 s per epoch, 50 s left -> ends at 6; epoch 4 (warmup over): 5 s per epoch
+    # (the first epoch left out), 40 s left -> ends at 3 + 8 = 11
+    assert [m["epochs"] for m in hooks.metrics] == [100, 6, 6] + [11] * 8
+    assert result.epochs == 11 and result.budget["spent_s"] == pytest.approx(60.0)
+    assert "measured after the warmup (at epoch 3)" in result.budget["why"]
+
+
+def test_a_budget_shorter_than_the_warmup_shortens_the_warmup() -> None:
+    hooks = Hooks(FakeClock())
+    config = dataclasses.replace(BASE, minutes=0.25, warmup_steps=100)  # 15 s: three epochs
+    result = ToyTrainer(config, hooks).run_loop()
+    assert (result.epochs, result.stopped) == (3, "budget")
+    assert hooks.metrics[0]["lr"] == pytest.approx(config.lr * STEPS / 100)  # still warming up
+    assert hooks.metrics[-1]["lr"] < 0.1 * config.lr  # the cosine decayed within the budget
 
 
 def test_the_epochs_bound_wins_over_a_long_budget() -> None:
