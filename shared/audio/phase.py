@@ -111,16 +111,17 @@ def griffin_lim(
     shape = spec.shape
     spec = spec.reshape(-1, shape[-2], shape[-1])  # (B, F, N)
     window = _window(cfg.n_fft, str(spec.device))
-    kwargs = {"n_fft": cfg.n_fft, "hop_length": cfg.hop_length, "window": window}
+    n_fft, hop = cfg.n_fft, cfg.hop_length
     angles = torch.polar(torch.ones_like(spec), init_phase.reshape(spec.shape))  # (B, F, N)
     previous = torch.zeros_like(angles)
     alpha = momentum / (1 + momentum)
     for _ in range(n_iter):
-        audio = torch.istft(spec * angles, length=length, **kwargs)  # (B, length)
-        rebuilt = torch.stft(audio, return_complex=True, pad_mode="constant", **kwargs)
+        audio = torch.istft(spec * angles, n_fft, hop, window=window, length=length)  # (B, L)
+        rebuilt = torch.stft(audio, n_fft, hop, window=window, return_complex=True,
+                             pad_mode="constant")  # fmt: skip
         angles = torch.sgn(rebuilt - alpha * previous)  # z / |z| in one kernel (0 stays 0)
         previous = rebuilt
-    audio = torch.istft(spec * angles, length=length, **kwargs)  # (B, length)
+    audio = torch.istft(spec * angles, n_fft, hop, window=window, length=length)  # (B, L)
     return audio.reshape(*shape[:-2], length)
 
 
