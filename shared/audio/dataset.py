@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import os
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -38,6 +40,13 @@ from distill.shared.errors import AudioError, ConfigError, DatasetError
 FORMAT_VERSION = 1
 MIN_FILES_FOR_VALIDATION = 5  # below this every usable file trains: each one is precious
 _ARRAY_KEYS = frozenset({"format_version", "meta", "mels", "chunk_file"})
+ENV_MAX_DATASET_BYTES = "DISTILL_MAX_DATASET_BYTES"
+# 4 GiB inflated: 500 files of 30 s at 128 mels are ~0.7 GB; the worker must hold it in memory.
+DEFAULT_MAX_DATASET_BYTES = 4 * 1024**3
+_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
 
 ProgressFn = Callable[[int, int, "ManifestRow"], None]
 
@@ -150,8 +159,52 @@ class Dataset:
 # --- serialisation helpers -----------------------------------------------------------------------
 
 
+def max_dataset_bytes() -> int:
+    """The largest dataset inflated: ``$DISTILL_MAX_DATASET_BYTES``, else
+    :data:`DEFAULT_MAX_DATASET_BYTES`."""
+    raw = os.environ.get(ENV_MAX_DATASET_BYTES, "").strip()
+    if not raw:
+        return DEFAULT_MAX_DATASET_BYTES
+    if not raw.isdigit():
+        raise DatasetError(f"{ENV_MAX_DATASET_BYTES}={raw!r} is not a whole number of bytes")
+    return int(raw)
+
+
+def _check_sizes(b: bytes, limit: int) -> None:
+    """Refuse an archive whose arrays would inflate past ``limit`` bytes, before inflating.
+
+    The zip directory declares each member's inflated size (zipfile never reads past it) and
+    each ``.npy`` header declares its array's shape: both are checked, so neither a zip bomb
+    nor a header that promises a huge array allocates anything.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(b)) as archive:
+            members = archive.infolist()
+            total = sum(m.file_size for m in members)
+            if total > limit:
+                raise DatasetError(
+                    f"dataset inflates to {total} bytes, over the limit of {limit} "
+                    f"(setting {ENV_MAX_DATASET_BYTES})"
+                )
+            for member in members:
+                with archive.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version not in _HEADER_READERS:
+                        raise DatasetError(f"dataset array {member.filename}: .npy {version}")
+                    shape, _, dtype = _HEADER_READERS[version](f)
+                declared = math.prod(shape) * dtype.itemsize
+                if declared > member.file_size:
+                    raise DatasetError(
+                        f"dataset array {member.filename} declares {declared} bytes in "
+                        f"{member.file_size}: corrupt"
+                    )
+    except zipfile.BadZipFile:
+        return  # not a zip: _read_npz says what it is
+
+
 def _read_npz(b: bytes) -> dict[str, np.ndarray]:
     try:
+        _check_sizes(b, max_dataset_bytes())
         loaded = np.load(io.BytesIO(b), allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
             raise DatasetError("not a Distill dataset: a single array, not an .npz archive")

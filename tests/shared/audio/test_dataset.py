@@ -291,3 +291,46 @@ def test_manifest_rows_are_frozen(small: Dataset) -> None:
     row: ManifestRow = small.manifest[0]
     with pytest.raises(dataclasses.FrozenInstanceError):
         row.status = "skipped"  # type: ignore[misc,unused-ignore]
+
+
+# --- issue 9: size check before inflating ----------------------------------------------------
+
+
+def _bomb(inflated_bytes: int) -> bytes:
+    """A deflated .npz whose mels array inflates to ``inflated_bytes`` of zeros."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, arr in (("format_version", np.array(1, dtype=np.int64)),
+                          ("meta", np.frombuffer(b"{}", dtype=np.uint8)),
+                          ("chunk_file", np.zeros(1, dtype=np.int32))):
+            with z.open(f"{name}.npy", "w") as f:
+                np.lib.format.write_array(f, arr)
+        with z.open("mels.npy", "w", force_zip64=True) as f:
+            header = {"descr": "<f4", "fortran_order": False, "shape": (inflated_bytes // 4,)}
+            np.lib.format.write_array_header_1_0(f, header)
+            zeros = bytes(1 << 20)
+            for _ in range(inflated_bytes // len(zeros)):
+                f.write(zeros)
+    return buf.getvalue()
+
+
+def test_a_dataset_that_inflates_past_the_limit_is_refused_before_inflating(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: np.load inflated every array whatever its size (a 64 MB zip bomb of a few
+    hundred KB here; the same shape at 100 GB would take the worker's memory)."""
+    data = _bomb(64 << 20)
+    assert len(data) < 1 << 20
+    monkeypatch.setenv("DISTILL_MAX_DATASET_BYTES", str(16 << 20))
+    with pytest.raises(DatasetError, match="over the limit of 16777216.*DISTILL_MAX_DATASET_BYTES"):
+        Dataset.from_bytes(data)
+
+
+def test_an_array_header_that_promises_more_than_its_member_holds_is_corrupt() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z, z.open("mels.npy", "w") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})
+        f.write(b"\0" * 16)
+    with pytest.raises(DatasetError, match="declares 4000000000000 bytes"):
+        Dataset.from_bytes(buf.getvalue())
