@@ -50,7 +50,8 @@ def build_broker(config: BrokerConfig, storage: StorageSettings | None = None) -
 
     retention = Retention(journal, store, release, keep_preview_epochs=storage.keep_preview_epochs)
     jobs = JobService(broker, journal, retention=retention)
-    jobs.periodic.add("upload_expiry", UPLOAD_EXPIRY_S, lambda now: _expire_uploads(store, quota))
+    jobs.periodic.add("upload_expiry", min(UPLOAD_EXPIRY_S, storage.upload_idle_s / 2),
+                      lambda now: _expire_uploads(store, quota))
     jobs.periodic.add("verify_resumed_uploads", VERIFY_STEP_S, lambda now: store.verify_step())
     artifacts = ArtifactService(
         store, in_use=jobs.store.referenced_artifacts,
