@@ -58,6 +58,9 @@ MAX_PARAMS_BYTES = 256 * 1024  # params name artifacts and settings; audio trave
 MAX_RESULT_BYTES = 1024 * 1024  # a result is a summary (ids, metrics), far below a message
 MAX_METRIC_ROW_BYTES = 16 * 1024  # one epoch's numbers; a loss curve is thousands of these
 MAX_PROGRESS_BYTES = 64 * 1024  # the latest progress line, with per-level codebook use
+# Queued jobs per service: a script stuck in a submit loop (or a service whose workers never
+# come) is stopped with a clear error long before the journal or the dispatch scan suffer.
+MAX_QUEUED_PER_SERVICE = 10_000
 MAX_METRICS_PAGE = 1_000  # rows per metrics page: ~1 MiB at the row limit's typical ~1 KiB
 MAX_SERVICE_NAME_CHARS = 255
 MAX_REASON_CHARS = 2_000  # a reason is a message, not a log: a whole traceback is clipped
@@ -586,6 +589,14 @@ class JobStore:
         deps = _check_submit_args(service, depends_on, max_attempts, timeout_s)
         packed = _pack_map(params, "params", MAX_PARAMS_BYTES)
         with self._write() as db:
+            (queued,) = db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND service = ?", (service,)
+            ).fetchone()
+            if queued >= MAX_QUEUED_PER_SERVICE:
+                raise JobError(
+                    f"service {service!r} already has {queued} queued jobs, the most it may hold "
+                    "(start a worker for it, or cancel some)"
+                )
             blocker = self._first_blocker(db, deps)
             job_id = _new_job_id()
             while db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():

@@ -692,3 +692,17 @@ def test_metrics_are_counted_and_paged(store: JobStore) -> None:
     ]
     assert store.metrics_page(job.id, start=25) == []
     assert store.dispatchable_ids() == [job.id]
+
+
+def test_queued_jobs_are_capped_per_service(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a service with no worker took any number of queued jobs."""
+    import distill.broker.store.journal as journal
+
+    monkeypatch.setattr(journal, "MAX_QUEUED_PER_SERVICE", 3)
+    for _ in range(3):
+        store.submit("nobody", {})
+    with pytest.raises(JobError, match="'nobody' already has 3 queued jobs"):
+        store.submit("nobody", {})
+    store.submit("other", {})  # per service
