@@ -17,7 +17,7 @@ from distill.shared.audio.dataset import Dataset, ManifestRow, build_dataset
 from distill.shared.audio.io import cut_chunks, scan_folder
 from distill.shared.audio.mel import MelConfig
 from distill.shared.errors import ConfigError, JobCancelled, ModelFormatError
-from distill.shared.model.prior import Prior
+from distill.shared.model.prior import Prior, PriorConfig
 from distill.shared.model.vqvae import VQVAEConfig
 from distill.shared.train import prior as prior_training
 from distill.shared.train.loop import NullHooks
@@ -30,6 +30,7 @@ from distill.shared.train.prior import (
     encode_dataset,
     file_mels,
     load_or_encode_codes,
+    masked_nats,
     resolve_prior_config,
 )
 from distill.shared.train.vqvae import TrainConfig, VQVAETrainer
@@ -174,6 +175,20 @@ def test_the_prior_is_sized_from_the_codes_and_overrides_are_checked(codes: Code
         resolve_prior_config(codes, {"levels": 3})
     with pytest.raises(ConfigError):
         PriorTrainConfig.from_dict({"window": 1})
+
+
+def test_padding_is_left_out_of_the_loss() -> None:
+    prior = Prior(PriorConfig(levels=2, codebook_size=8, embed_dim=8, hidden=8)).eval()
+    g = torch.Generator().manual_seed(0)
+    short, long = (torch.randint(0, 8, (2, n), generator=g) for n in (5, 9))
+    codes, mask = torch.zeros(2, 2, 9, dtype=torch.long), torch.zeros(2, 9, dtype=torch.bool)
+    codes[0, :, :5], codes[1], mask[0, :5], mask[1] = short, long, True, True
+    with torch.no_grad():
+        together, count = masked_nats(prior, codes, mask)
+        alone = [masked_nats(prior, s[None], torch.ones(1, s.shape[1], dtype=torch.bool))
+                 for s in (short, long)]  # fmt: skip
+    assert count == 2 * (5 + 9) == alone[0][1] + alone[1][1]
+    assert float(together) == pytest.approx(float(alone[0][0] + alone[1][0]), rel=1e-5)
 
 
 # -- training ---------------------------------------------------------------------------------
