@@ -54,7 +54,9 @@ def rate(sock: zmq.Socket, frames: list[bytes], in_flight: int, seconds: float) 
     done = 0
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
-        sock.recv_multipart()
+        reply = sock.recv_multipart()
+        if reply[-1] != frames[-1]:  # an error reply (a limit, an expiry) is not a round trip
+            raise RuntimeError(f"not an echo: {reply[-1][:200]!r}")
         done += 1
         sock.send_multipart(frames)
     elapsed = time.perf_counter() - start

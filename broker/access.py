@@ -142,9 +142,10 @@ class Limits:
     """Per-client limits a shared broker needs."""
 
     # Requests a client may have queued or running on workers at once; more than this is
-    # answered with an error at once. 64 leaves room for pipelines (4 in flight) and many
-    # short requests, yet one client cannot fill a queue for everyone.
-    max_outstanding: int = 64
+    # answered with an error at once. 1024 is far above what Distill's own clients keep in
+    # flight (a handful; bench/broker.py 100), yet one client cannot fill the queues, whose
+    # sockets buffer up to SOCKET_HWM (10 000) messages, for everyone.
+    max_outstanding: int = 1024
     # Bytes of artifacts each key may store; None: no quota (a private, single-user broker).
     artifact_quota_bytes: int | None = None
 

@@ -76,7 +76,7 @@ def broker(
                                  help="Allowed public keys: clients/ and workers/ subfolders."),
     insecure: bool = typer.Option(False, "--insecure", envvar="DISTILL_INSECURE",
                                   help="Allow a non-loopback --host without CURVE (warned)."),
-    max_outstanding: int = typer.Option(None, help="Requests one client may have on workers (default 64)."),
+    max_outstanding: int = typer.Option(None, help="Requests one client may have on workers (default 1024)."),
     artifact_quota: str = typer.Option(None, help="Artifact bytes per key, e.g. 20G (default: none)."),
 ) -> None:
     """Run the broker: routes requests, owns the job table and the artifact store."""
