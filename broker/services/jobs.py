@@ -79,7 +79,7 @@ class JobService:
             "submit": self._submit, "get": self._get, "list": self._list, "cancel": self._cancel,
             "retry": self._retry, "checkpoint": self._checkpoint, "counts": self._counts,
             "metrics": self._metrics, "metrics_page": self._metrics_page,
-        }.get(op)  # type: ignore[arg-type]
+        }.get(op)
         if op == "wait":
             return self._wait(identity, msg)
         if handler is None:
@@ -121,7 +121,8 @@ class JobService:
         limit = min(field(msg, "limit", int, 200) or 200, MAX_LIST_JOBS)
         records = self.store.list(status=field(msg, "status", str, None),
                                   service=field(msg, "service", str, None), limit=limit)
-        jobs, size = [], 0
+        jobs: list[dict[str, Any]] = []
+        size = 0
         for record in records:
             item = record.to_dict(with_metrics=False)
             size += len(pack(item))
