@@ -9,8 +9,9 @@ a key in both folders has both roles. Only the broker publishes ``control.*`` ev
 
 Revocation. The folder is read again whenever it changes (checked at every handshake and once
 a second by the loop), so deleting a leaked key's file locks it out without a restart: new
-handshakes fail at once, and the loop refuses the next message from a peer already connected
-with it (a registered worker is disconnected).
+handshakes fail at once, the loop refuses the next message from a peer already connected
+with it (a registered worker is disconnected), and the loop binds its event port afresh so
+that a subscriber holding it is cut off too.
 
 Policy only: the socket loop asks, this module answers.
 """
@@ -90,6 +91,10 @@ class KeyRing:
                      clients=sum(ROLE_CLIENT in r for r in self._roles.values()),
                      workers=sum(ROLE_WORKER in r for r in self._roles.values()))
             return True
+
+    def keys(self) -> frozenset[bytes]:
+        """Every allowed public key, whatever its role."""
+        return frozenset(self._roles)
 
     def roles(self, key: bytes) -> frozenset[str]:
         """The roles of a z85 public key (empty: not allowed)."""

@@ -67,6 +67,7 @@ log = get_logger("broker")
 
 InternalHandler = Callable[[bytes, list[bytes]], "list[bytes] | None"]
 KEYRING_CHECK_S = 1.0  # how often the loop looks for changes in the allowed keys folder
+REBIND_ATTEMPTS, REBIND_WAIT_S = 40, 0.025  # up to 1 s for a closed port to be free again
 HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
@@ -119,6 +120,7 @@ class Broker:
         self._next_scan = 0.0
         self._next_keyring = 0.0
         self._keyring_version = 0
+        self._known_keys: frozenset[bytes] = frozenset()  # allowed at the last folder check
         self._sockets_open = False
         self.keyring = KeyRing(config.security.allowed_dir) if config.security else None
         self.auth: Any = None
@@ -152,11 +154,7 @@ class Broker:
         self.xsub.setsockopt(zmq.LINGER, 0)
         self.xsub.bind(c.endpoint(c.events_in_port))
         self.xsub.send(b"\x01")  # subscribe to everything workers publish
-        self.xpub = self.ctx.socket(zmq.XPUB)
-        self._secure(self.xpub, DOMAIN_EVENTS_OUT)
-        self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscribe, for hello handshakes
-        self.xpub.setsockopt(zmq.SNDHWM, P.SOCKET_HWM)
-        self.xpub.setsockopt(zmq.LINGER, 0)
+        self.xpub = self._events_out_socket()
         self.xpub.bind(c.endpoint(c.events_out_port))
         self.poller = zmq.Poller()
         for sock in (self.router, self.xsub, self.xpub):
@@ -170,6 +168,49 @@ class Broker:
         self._sockets_open = True
         log.info("broker_bound", mdp=c.endpoint(c.port), events_out=c.endpoint(c.events_out_port),
                  events_in=c.endpoint(c.events_in_port), curve=c.security is not None)
+
+    def _events_out_socket(self) -> zmq.Socket:
+        xpub = self.ctx.socket(zmq.XPUB)
+        self._secure(xpub, DOMAIN_EVENTS_OUT)
+        xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscribe, for hello handshakes
+        xpub.setsockopt(zmq.SNDHWM, P.SOCKET_HWM)
+        xpub.setsockopt(zmq.LINGER, 0)
+        return xpub
+
+    def _rebind_events_out(self) -> None:
+        """Make every subscriber hand-shake again (a key was revoked).
+
+        A bound socket cannot drop one peer, and a subscriber sends nothing after subscribing,
+        so a revoked key's subscription would live as long as its TCP connection. A fresh XPUB
+        on the same port closes them all; subscribers reconnect on their own (events in the gap
+        are lost to them, as in any reconnect) and the revoked key fails its new handshake."""
+        c = self.config
+        old = self.xpub
+        for monitor, name in list(self.monitors.items()):
+            if name == "events_out":
+                self.poller.unregister(monitor)
+                old.disable_monitor()
+                monitor.close(linger=0)
+                del self.monitors[monitor]
+        self.poller.unregister(old)
+        old.close(linger=0)
+        self.xpub = self._events_out_socket()
+        for _ in range(REBIND_ATTEMPTS):  # the old socket's close completes asynchronously
+            try:
+                self.xpub.bind(c.endpoint(c.events_out_port))
+                break
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EADDRINUSE:
+                    raise
+                time.sleep(REBIND_WAIT_S)
+        else:
+            raise DistillError(f"could not bind the events port {c.events_out_port} again after "
+                               "revoking a key")
+        self.poller.register(self.xpub, zmq.POLLIN)
+        monitor = self.xpub.get_monitor_socket(HANDSHAKE_FAILURES)
+        self.monitors[monitor] = "events_out"
+        self.poller.register(monitor, zmq.POLLIN)
+        log.info("events_out_rebound", reason="a key was removed from the allowed folder")
 
     def _secure(self, sock: zmq.Socket, domain: str) -> None:
         if self.config.security is not None:
@@ -262,6 +303,10 @@ class Broker:
         if self.keyring.version == self._keyring_version:
             return
         self._keyring_version = self.keyring.version
+        allowed = self.keyring.keys()
+        if self._sockets_open and self._known_keys - allowed:
+            self._rebind_events_out()
+        self._known_keys = allowed
         for identity, key in list(self._worker_keys.items()):
             if ROLE_WORKER not in self.keyring.roles(key):
                 log.warning("worker_key_revoked", key=key.decode(errors="replace"))

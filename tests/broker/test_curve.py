@@ -341,6 +341,23 @@ def test_removing_a_key_file_locks_it_out_without_a_restart(secure: SecureCluste
         client.close()
 
 
+def test_a_revoked_key_stops_receiving_events(secure: SecureCluster) -> None:
+    secure.start_broker()
+    revoked = Subscription(secure.endpoint, ["worker."], security=secure.security("laptop"))
+    kept = Subscription(secure.endpoint, ["worker."], security=secure.security("gpu"))
+    try:
+        (secure.keys / "allowed" / "clients" / "laptop.key").unlink()
+        wait_until(lambda: secure.logged("events_out_rebound"), 10, what="the events port to rebind")
+        time.sleep(1.0)  # let the kept subscriber reconnect and subscribe again
+        secure.start_worker("echo")  # its registration is published on worker.<id>
+        event = kept.next(timeout_s=30)
+        assert event is not None and event["type"] == "ready"
+        assert revoked.next(timeout_s=2) is None
+    finally:
+        revoked.close()
+        kept.close()
+
+
 def test_too_many_outstanding_requests_get_a_clear_error(secure: SecureCluster) -> None:
     secure.start_broker("--max-outstanding", "2")
     ctx = zmq.Context()
