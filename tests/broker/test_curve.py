@@ -374,6 +374,21 @@ def test_too_many_outstanding_requests_get_a_clear_error(secure: SecureCluster) 
         assert reply["ok"] is False and "too many requests in flight" in reply["error"]["message"]
         with secure.client() as c:  # the broker is fine, and other services still answer
             assert c.request(P.SERVICE_JOBS, {"op": "counts"}) is not None
+        # Another key has its own count, and answered requests no longer count.
+        secure.start_worker("echo")
+        with secure.client("gpu", timeout_s=10) as c:
+            wait_until(lambda: c.mmi_service("echo"), 30, what="echo worker")
+        gpu = ctx.socket(zmq.DEALER)
+        gpu.setsockopt(zmq.LINGER, 0)
+        secure.security("gpu").apply(gpu)
+        gpu.connect(secure.endpoint)
+        for round_ in range(3):  # two in flight, the limit, three times over
+            for i in range(2):
+                gpu.send_multipart([b"", MDPC, b"echo", b"%d-%d" % (round_, i)])
+            for i in range(2):
+                assert gpu.poll(10_000)
+                assert gpu.recv_multipart()[-1] == b"%d-%d" % (round_, i)
+        gpu.close()
     finally:
         sock.close()
         ctx.term()
