@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
+import numpy as np
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
@@ -22,6 +23,8 @@ from distill.tui.messages import ClusterPolled, ConnectionChanged, EventsArrived
 from distill.tui.screens.base import DistillScreen
 from distill.tui.screens.dashboard import DashboardScreen
 from distill.tui.screens.dataset import DatasetScreen
+from distill.tui.screens.editor import EditorScreen
+from distill.tui.screens.generate import GenerateScreen
 from distill.tui.screens.help import HelpScreen
 from distill.tui.screens.training import TrainingScreen
 
@@ -35,12 +38,16 @@ class DistillApp(App[None]):
         "dashboard": DashboardScreen,
         "dataset": DatasetScreen,
         "training": TrainingScreen,
+        "generate": GenerateScreen,
+        "editor": EditorScreen,
     }
     BINDINGS: ClassVar[list[BindingType]] = [
         # Letters while no text field has focus (escape leaves one); F-keys always.
         Binding("d,f2", "switch_mode('dashboard')", "Dashboard"),
         Binding("s,f3", "switch_mode('dataset')", "Dataset"),
         Binding("t,f4", "switch_mode('training')", "Training"),
+        Binding("g,f5", "switch_mode('generate')", "Generate"),
+        Binding("e,f6", "switch_mode('editor')", "Editor"),
         Binding("question_mark,f1", "help", "Help", key_display="?"),
         Binding("escape", "leave_field", "Leave field", show=False),
         Binding("q", "quit", "Quit"),
@@ -61,6 +68,7 @@ class DistillApp(App[None]):
         self.screens_listening: list[DistillScreen] = []
         self.events_delivered = 0  # events handed to screens (the bench reads this)
         self.last_dataset: str | None = None  # the dataset screen sets it; the training form reads it
+        self.last_generated: tuple[list[np.ndarray], int] | None = None  # (sounds, rate): for the editor
 
     def on_mount(self) -> None:
         self.sub_title = self.endpoint
@@ -142,6 +150,10 @@ class DistillApp(App[None]):
                             lambda: self.switch_mode("dataset"))
         yield SystemCommand("Training", "Start, follow, cancel and retry training",
                             lambda: self.switch_mode("training"))
+        yield SystemCommand("Generate", "Sample new sounds from a trained model",
+                            lambda: self.switch_mode("generate"))
+        yield SystemCommand("Code editor", "Encode a sound, edit its codes, listen",
+                            lambda: self.switch_mode("editor"))
         yield SystemCommand("Help", "Keys and screens", self.action_help)
 
 

@@ -21,6 +21,7 @@ from distill.shared.bus.aclient import AsyncClient
 from distill.shared.errors import DistillError
 
 TOPICS = ["job.", "worker.", "broker"]
+SUBSCRIBE_TIMEOUT_S = 5.0  # a busy broker on a loaded machine still answers the hello and snapshot
 
 
 @dataclass(frozen=True)
@@ -100,11 +101,11 @@ class BrokerLink:
         """Follow the event stream into the buffer; start over when the stream fails. The app
         also restarts this after a reconnection, because a restarted broker numbers its events
         from the start again (and the old subscription would drop them as already seen)."""
-        client = AsyncClient(self.endpoint, timeout_s=max(2.0, self.config.poll_timeout_s))
+        client = AsyncClient(self.endpoint, timeout_s=SUBSCRIBE_TIMEOUT_S)
         try:
             while True:
                 try:
-                    async for event in client.subscribe(TOPICS, timeout_s=2.0):
+                    async for event in client.subscribe(TOPICS, timeout_s=SUBSCRIBE_TIMEOUT_S):
                         self.events.add(event)
                 except (DistillError, OSError):
                     client.close()

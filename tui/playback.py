@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from distill.shared.errors import DistillError
 
@@ -29,7 +32,10 @@ def system_player() -> list[str] | None:
 
 def play_file(path: Path) -> str:
     """Play ``path`` (blocking until it ends); returns what happened, in words."""
-    try:
+    name = player_name()
+    if name is None:
+        return f"no audio player on this machine (install sounddevice or paplay/aplay); file at {path}"
+    if name == "sounddevice":
         import sounddevice
 
         from distill.shared.audio.io import read_audio
@@ -37,15 +43,35 @@ def play_file(path: Path) -> str:
         decoded = read_audio(path)
         sounddevice.play(decoded.samples.T, decoded.sample_rate, blocking=True)  # (frames, channels)
         return f"played {path.name} (sounddevice)"
-    except (ImportError, OSError, DistillError):
-        pass  # no sounddevice, or no usable output device: try a system player
     player = system_player()
-    if player is None:
-        return f"no audio player on this machine (install sounddevice or paplay/aplay); file at {path}"
+    assert player is not None  # player_name found it
     done = subprocess.run([*player, str(path)], capture_output=True, timeout=600, check=False)
     if done.returncode != 0:
-        return f"{Path(player[0]).name} could not play {path.name}: {done.stderr.decode(errors='replace')[:120]}"
-    return f"played {path.name} ({Path(player[0]).name})"
+        return f"{name} could not play {path.name}: {done.stderr.decode(errors='replace')[:120]}"
+    return f"played {path.name} ({name})"
+
+
+def player_name() -> str | None:
+    """What plays sound here: "sounddevice", a system player's name, or None."""
+    try:
+        import sounddevice
+
+        if sounddevice.query_devices(kind="output"):
+            return "sounddevice"
+    except Exception:  # noqa: BLE001 - no module, no PortAudio, no output device: all mean "not this one"
+        pass  # no module, no PortAudio, or no output device
+    player = system_player()
+    return Path(player[0]).name if player else None
+
+
+def play_audio(audio: np.ndarray, sample_rate: int) -> str:
+    """Play a float sound (samples,) on this machine (through a temporary WAV file)."""
+    from distill.shared.audio.io import write_audio
+
+    with tempfile.TemporaryDirectory(prefix="distill-play-") as tmp:
+        path = Path(tmp) / "sound.wav"
+        write_audio(path, audio, sample_rate)
+        return play_file(path)
 
 
 def play_artifact(endpoint: str, sha256: str) -> str:

@@ -6,13 +6,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input, TabbedContent
 
 from distill.tui.app import DistillApp
 from distill.tui.screens.dataset import DatasetScreen
+from distill.tui.screens.editor import EditorScreen
+from distill.tui.screens.generate import GenerateScreen
 from distill.tui.screens.training import TrainingScreen
+from distill.tui.widgets.waveform import Waveform
 
 SIZES = [(80, 24), (160, 48)]
 ENDPOINT = "tcp://gpu-box:5555"
@@ -134,6 +138,48 @@ def test_training(snap_compare: Any, size: tuple[int, int], tab: str) -> None:
         await feed_training(pilot, tab)
 
     assert snap_compare(offline_app(), terminal_size=size, run_before=run_before)
+
+
+def fixed_sounds() -> np.ndarray:
+    t = np.linspace(0.0, 1.0, 4800, dtype=np.float32)
+    return np.stack([np.sin(2 * np.pi * 30 * t) * np.exp(-t * (2 + 3 * i)) for i in range(3)])  # (3, 4800)
+
+
+async def feed_generate(pilot: Pilot[None]) -> None:
+    await pilot.press("g")
+    screen = pilot.app.screen
+    assert isinstance(screen, GenerateScreen)
+    screen.set_models([("drums.distill", "ab" * 32)])
+    screen.show_results({"audio": fixed_sounds(), "sample_rate": 4800, "params": {"seed": 7},
+                         "model_id": "m"})
+    await settle(pilot)
+
+
+async def feed_editor(pilot: Pilot[None]) -> None:
+    await pilot.press("e")
+    screen = pilot.app.screen
+    assert isinstance(screen, EditorScreen)
+    screen.set_models([("drums.distill", "ab" * 32)])
+    screen.codebook_size = 64
+    codes = (np.arange(4 * 40).reshape(4, 40) * 7) % 64  # (Q, T)
+    for i, grid in enumerate((codes, codes[:, ::-1].copy())):
+        screen.slots[i].codes = grid
+        screen.grid(i).set_codes(grid, 64)
+    screen.query_one("#edit-wave", Waveform).show(fixed_sounds()[0], "A: bd_808.flac — encoded")
+    grid_a = screen.grid(0)
+    grid_a.focus()
+    await pilot.press("right", "right", "shift+right", "shift+down")
+    await settle(pilot)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_generate(snap_compare: Any, size: tuple[int, int]) -> None:
+    assert snap_compare(offline_app(), terminal_size=size, run_before=feed_generate)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_editor(snap_compare: Any, size: tuple[int, int]) -> None:
+    assert snap_compare(offline_app(), terminal_size=size, run_before=feed_editor)
 
 
 @pytest.mark.parametrize("size", SIZES)

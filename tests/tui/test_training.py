@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from textual.widgets import DataTable, Input, Static
+from textual.widgets import DataTable, Input, Select, Static
 
 from distill.shared.bus import protocol as P
 from distill.tui.app import DistillApp
@@ -69,6 +69,7 @@ async def test_upload_then_train_with_progress_heatmap_cancel_and_retry(cluster:
         screen = app.screen
         assert isinstance(screen, TrainingScreen)
         assert screen.query_one("#dataset", Input).value == dataset  # carried over
+        screen.query_one("#stage", Select).value = "vqvae"
         screen.query_one("#epochs", Input).value = "60"
         screen.query_one("#codebook-size", Input).value = "16"
         screen.query_one("#levels-opt", Input).value = "2"

@@ -15,7 +15,7 @@ HELP = """\
 
 | key | where | what |
 |---|---|---|
-| `d` `s` `t` (`f2` `f3` `f4`) | everywhere | dashboard, dataset, training |
+| `d` `s` `t` `g` `e` (`f2`…`f6`) | everywhere | dashboard, dataset, training, generate, editor |
 | `escape` | in a field | leave it (letters become keys again) |
 | `ctrl+p` | everywhere | command palette |
 | `?` `f1` | everywhere | this help |
@@ -25,6 +25,16 @@ HELP = """\
 | `n` | training | start training with the form's settings |
 | `c` / `r` | training | cancel / retry the job shown |
 | `p` | training previews | play the selected preview |
+| `n` | generate | sample sounds with the form's settings (or `enter` in a field) |
+| `m` | generate | refresh the list of models |
+| `p` / `x` | generate | play the selected sound here / export all to the folder |
+| `o` | editor | encode the sound named in the field (a file, or `gen:N`) into the grid |
+| arrows / shift+arrows | editor grid | move / select a region; `tab` moves to the other grid |
+| `+` `-` | editor | change the code under the cursor |
+| `y` `v` `w` | editor | copy the selection, paste at the cursor, swap it with the other grid |
+| `b` `a` `k` | editor | blend with the other sound, resample the selection with the prior, keep the first k levels (k = cursor's level) |
+| `u` `r` | editor | undo, redo |
+| `p` `x` | editor | play the coarse preview, export at full quality |
 | `tab` | everywhere | next field |
 
 The UI talks to the broker only through its requests and event stream: it works the same

@@ -30,7 +30,6 @@ from textual.widgets import (
 
 from distill.shared.bus import protocol as P
 from distill.shared.errors import DistillError
-from distill.shared.ids import is_sha256
 from distill.tui.format import duration
 from distill.tui.messages import EventsArrived
 from distill.tui.playback import play_artifact
@@ -41,7 +40,7 @@ from distill.tui.widgets.heatmap import CodebookHeatmap
 TRAINING_SERVICES = ("distill.train.vqvae", "distill.train.prior")
 PLOT_HZ = 4.0  # curves, tables and heatmap redraw at most this often (plotext is the slow part)
 RELOAD_AFTER_DROP_S = 2.0  # after dropped events, re-read the record at most this often
-STAGES = [("RVQ-VAE (vqvae)", "vqvae")]
+STAGES = [("RVQ-VAE + prior", "all"), ("RVQ-VAE only", "vqvae")]
 
 
 class TrainingScreen(DistillScreen):
@@ -63,6 +62,7 @@ class TrainingScreen(DistillScreen):
         self.pending: list[dict[str, Any]] = []  # stream events that came while loading
         self.last_reload = 0.0
         self.stale = False  # rows or previews changed since the plots were last drawn
+        self.pipeline: list[str] = []  # the jobs of the pipeline last started here, in order
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -84,9 +84,9 @@ class TrainingScreen(DistillScreen):
         with VerticalScroll(classes="form"):
             with Horizontal(classes="row"):
                 yield Label("dataset")
-                yield Input(placeholder="dataset id (or prefix) or preprocess job id", id="dataset")
+                yield Input(placeholder="dataset id (or prefix), preprocess job id, or a folder here", id="dataset")
             with Horizontal(classes="row opts"):
-                yield Select(STAGES, value="vqvae", allow_blank=False, id="stage")
+                yield Select(STAGES, value="all", allow_blank=False, id="stage")
                 yield Label("epochs")
                 yield Input(placeholder="auto", id="epochs", type="integer")
                 yield Label("codes")
@@ -180,6 +180,8 @@ class TrainingScreen(DistillScreen):
                 self.record.update(status=event.get("status"), error=event.get("error"),
                                    attempts=event.get("attempts"), result=event.get("result"))
                 changed = True
+                if event.get("status") == "succeeded":
+                    self._next_stage(str(event.get("job")))
             elif kind == "preview":
                 self.previews.append(event)
                 changed = True
@@ -192,6 +194,10 @@ class TrainingScreen(DistillScreen):
             self.rows = [r for r in self.rows if not (isinstance(r.get("epoch"), int) and r["epoch"] >= epoch)]
         self.rows.append(row)
         return True
+
+    def _next_stage(self, finished: str) -> None:
+        if finished in self.pipeline[:-1]:
+            self.call_later(self.show_job, self.pipeline[self.pipeline.index(finished) + 1])
 
     # --- drawing ------------------------------------------------------------------------------
     def _draw_if_stale(self) -> None:
@@ -271,31 +277,36 @@ class TrainingScreen(DistillScreen):
             return
         model.update({k: options[k] for k in ("codebook_size", "levels") if k in options})
         train.update({"epochs": options["epochs"]} if "epochs" in options else {})
-        self.start_training(dataset, model, train)
+        stage = str(self.query_one("#stage", Select).value)
+        self.start_training(dataset, stage, model, train)
 
     @on(Button.Pressed, "#start")
     def _start_pressed(self) -> None:
         self.action_start()
 
-    @work(group="actions")
-    async def start_training(self, dataset: str, model: dict[str, Any], train: dict[str, Any]) -> None:
-        params: dict[str, Any] = {"model": model, "train": train}
-        depends_on: list[str] = []
-        client = self.distill.client
+    @work(thread=True, group="actions")
+    def start_training(self, dataset: str, stage: str, model: dict[str, Any], train: dict[str, Any]) -> None:
+        """Submit through ``distill train``'s own pipeline function (blocking: a thread)."""
+        from distill.shared.bus.client import Client
+        from distill.shared.cli.train import TrainRequest, model_name, submit_pipeline
+
+        request = TrainRequest(source=dataset, stage=stage, vqvae_ref=None,
+                               name=model_name(dataset, None), vqvae_model=model,
+                               train={"vqvae": dict(train), "prior": {}})
         try:
-            if dataset.startswith("j-"):
-                depends_on = [dataset]  # the job takes the dataset from its dependency's result
-            else:
-                params["dataset"] = await _resolve_dataset(client, dataset)
-            job = await client.request(P.SERVICE_JOBS, {
-                "op": "submit", "service": "distill.train.vqvae", "params": params,
-                "depends_on": depends_on, "max_attempts": 3, "timeout_s": None})
+            with Client(self.distill.endpoint, timeout_s=30.0) as c:
+                stages = submit_pipeline(c, request)
         except DistillError as e:
-            self.notify_error("start training", e)
+            self.app.call_from_thread(self.notify_error, "start training", e)
             return
-        self.notify(f"training job {job['id']} submitted")
+        self.app.call_from_thread(self.follow_pipeline, [s.job_id for s in stages])
+
+    def follow_pipeline(self, job_ids: list[str]) -> None:
+        """Show the first stage; each next stage is shown when the one before succeeds."""
+        self.notify("submitted " + ", ".join(job_ids))
+        self.pipeline = list(job_ids)
         self.query_one(TabbedContent).active = "tab-curves"
-        self.show_job(job["id"])
+        self.show_job(job_ids[0])
 
     async def _job_op(self, op: str) -> None:
         if not self.job_id:
@@ -331,16 +342,6 @@ class TrainingScreen(DistillScreen):
     def play(self, sha256: str) -> None:
         message = play_artifact(self.distill.endpoint, sha256)
         self.app.call_from_thread(self.notify, message)
-
-
-async def _resolve_dataset(client: Any, ref: str) -> str:
-    if is_sha256(ref):
-        return ref
-    listed = await client.request(P.SERVICE_ARTIFACTS, {"op": "list", "kind": "dataset", "job": None})
-    matches = [a["sha256"] for a in listed["artifacts"] if a["sha256"].startswith(ref.lower())]
-    if len(matches) != 1:
-        raise DistillError(f"{ref!r} matches {len(matches)} datasets; give more of the id")
-    return str(matches[0])
 
 
 def _preview_from_artifact(a: dict[str, Any]) -> dict[str, Any]:

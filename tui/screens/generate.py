@@ -1,0 +1,203 @@
+"""The generate screen: sample new sounds from a trained model (``distill.infer`` generate),
+list them with a waveform drawn in the terminal, play them here, export them to a folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal
+from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Select, Static
+
+from distill.shared.errors import DistillError
+from distill.tui.playback import player_name
+from distill.tui.screens.base import DistillScreen
+from distill.tui.widgets.waveform import Waveform, thumbnail
+
+INFER = "distill.infer"
+GENERATE_TIMEOUT_S = 300.0  # 16 sounds of 60 s on a CPU worker take a while
+FIELDS = (  # (id, label, default, Input type)
+    ("count", "n", "4", "integer"),
+    ("seconds", "sec", "2", "number"),
+    ("temperature", "temp", "1.0", "number"),
+    ("top_k", "k", "0", "integer"),
+    ("top_p", "p", "1.0", "number"),
+    ("seed", "seed", "0", "integer"),
+)
+
+
+class GenerateScreen(DistillScreen):
+    AUTO_FOCUS = "#results"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("n", "generate", "Generate"),
+        Binding("m", "models", "Models"),
+        Binding("p", "play", "Play"),
+        Binding("x", "export", "Export"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sounds: list[np.ndarray] = []
+        self.reply: dict[str, Any] = {}
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(classes="form row"):
+            yield Label("model")
+            yield Select[str]([], prompt="no models yet (m: refresh)", id="model")
+        with Horizontal(classes="form row opts"):
+            for key, label, default, kind in FIELDS:
+                yield Label(label)
+                yield Input(default, id=f"gen-{key}", type=kind)  # type: ignore[arg-type]
+        yield Static("", id="gen-status", classes="status-line")
+        yield DataTable(id="results", cursor_type="row", zebra_stripes=True)
+        yield Waveform(id="wave")
+        with Horizontal(classes="form row"):
+            yield Label("export to")
+            yield Input(placeholder="~/distill-sounds", id="export-dir")
+            yield Button("Export", id="export")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#results", DataTable).add_columns("#", "seed", "seconds", "peak", "waveform")
+        self.query_one("#gen-status", Static).update(_player_line())
+        if self.distill.connect:
+            self.action_models()
+
+    # --- models -------------------------------------------------------------------------------
+    @work(group="models", exclusive=True)
+    async def action_models(self) -> None:
+        try:
+            listed = await self.distill.client.request(
+                "distill.artifacts", {"op": "list", "kind": "model", "job": None})
+        except DistillError as e:
+            self.notify_error("models", e)
+            return
+        self.set_models([(a.get("name", "?"), a["sha256"]) for a in listed.get("artifacts") or []])
+
+    def set_models(self, models: list[tuple[str, str]]) -> None:
+        select = self.query_one("#model", Select)
+        select.set_options([(f"{name}  {sha[:12]}", sha) for name, sha in models])
+        if models:
+            select.value = models[0][1]
+
+    # --- generate -----------------------------------------------------------------------------
+    def request_body(self) -> dict[str, Any]:
+        model = self.query_one("#model", Select).value
+        if not isinstance(model, str):
+            raise DistillError("choose a model first (m refreshes the list)")
+        body: dict[str, Any] = {"op": "generate", "model": model, "quality": "fast"}
+        for key, _, default, kind in FIELDS:
+            raw = self.query_one(f"#gen-{key}", Input).value.strip() or default
+            try:
+                body[key] = int(raw) if kind == "integer" else float(raw)
+            except ValueError:
+                raise DistillError(f"{key}: {raw!r} is not a number") from None
+        return body
+
+    @on(Input.Submitted)
+    def _submitted(self, message: Input.Submitted) -> None:
+        if message.input.id == "export-dir":
+            self.action_export()
+        else:
+            self.action_generate()
+
+    def action_generate(self) -> None:
+        try:
+            body = self.request_body()
+        except DistillError as e:
+            self.notify_error("generate", e)
+            return
+        self.query_one("#gen-status", Static).update(
+            f"generating {body['count']} × {body['seconds']:g} s …")
+        self.generate(body)
+
+    @work(group="generate", exclusive=True)
+    async def generate(self, body: dict[str, Any]) -> None:
+        try:
+            reply = await self.distill.client.request(INFER, body, timeout_s=GENERATE_TIMEOUT_S)
+        except DistillError as e:
+            self.query_one("#gen-status", Static).update(f"generate failed: {e}")
+            return
+        self.show_results(reply)
+
+    def show_results(self, reply: dict[str, Any]) -> None:
+        self.reply = reply
+        audio = np.asarray(reply["audio"], dtype=np.float32)  # (count, samples)
+        self.sounds = [audio[i] for i in range(audio.shape[0])]
+        rate = int(reply["sample_rate"])
+        self.distill.last_generated = (self.sounds, rate)  # the editor encodes these (gen:N)
+        seed = (reply.get("params") or {}).get("seed", "-")
+        table = self.query_one("#results", DataTable)
+        table.clear()
+        for i, sound in enumerate(self.sounds):
+            peak = float(np.abs(sound).max()) if sound.size else 0.0
+            table.add_row(i, seed, f"{sound.size / rate:.2f}", f"{peak:.2f}", thumbnail(sound), key=str(i))
+        self.query_one("#gen-status", Static).update(
+            f"{len(self.sounds)} sounds at {rate} Hz — {_player_line()}")
+        if self.sounds:
+            self._show_wave(0)
+
+    @on(DataTable.RowHighlighted, "#results")
+    def _highlighted(self, message: DataTable.RowHighlighted) -> None:
+        if 0 <= message.cursor_row < len(self.sounds):
+            self._show_wave(message.cursor_row)
+
+    def _show_wave(self, i: int) -> None:
+        rate = int(self.reply.get("sample_rate") or 1)
+        self.query_one("#wave", Waveform).show(self.sounds[i], f"sound {i}: {self.sounds[i].size / rate:.2f} s")
+
+    # --- play and export ----------------------------------------------------------------------
+    def _selected(self) -> int | None:
+        row = self.query_one("#results", DataTable).cursor_row
+        return row if 0 <= row < len(self.sounds) else None
+
+    def action_play(self) -> None:
+        i = self._selected()
+        if i is None:
+            self.notify("no sound selected", severity="warning")
+            return
+        self.play(self.sounds[i], int(self.reply["sample_rate"]))
+
+    @work(thread=True, group="play")
+    def play(self, audio: np.ndarray, rate: int) -> None:
+        from distill.tui.playback import play_audio
+
+        self.app.call_from_thread(self.notify, play_audio(audio, rate))
+
+    @on(Button.Pressed, "#export")
+    def action_export(self) -> None:
+        raw = self.query_one("#export-dir", Input).value.strip()
+        if not self.sounds or not raw:
+            self.notify("generate sounds and type a folder first", severity="warning")
+            return
+        try:
+            written = export_sounds(Path(raw).expanduser(), self.sounds, self.reply)
+        except (DistillError, OSError) as e:
+            self.notify_error("export", e)
+            return
+        self.notify(f"exported {len(written)} sounds to {written[0].parent}")
+
+
+def export_sounds(folder: Path, sounds: list[np.ndarray], reply: dict[str, Any]) -> list[Path]:
+    """WAV files with the recipe in their metadata (what made them, so they can be made again)."""
+    from distill.shared.audio.export import ExportMetadata, export_audio
+
+    folder.mkdir(parents=True, exist_ok=True)
+    params = dict(reply.get("params") or {})
+    written = []
+    for i, sound in enumerate(sounds):
+        name = f"gen-{params.get('seed', 0)}-{i:03d}.wav"
+        meta = ExportMetadata(kind="generate", model_id=str(reply.get("model_id", "")), title=name,
+                              data={**params, "quality": reply.get("quality", "fast"), "index": i})
+        written.append(export_audio(folder / name, sound, int(reply["sample_rate"]), metadata=meta).path)
+    return written
+
+
+def _player_line() -> str:
+    name = player_name()
+    return f"playback: {name}" if name else "no audio player on this machine: export to listen"
