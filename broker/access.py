@@ -87,9 +87,12 @@ class KeyRing:
             self._roles = {k: frozenset(v) for k, v in roles.items()}
             self._stamp = stamp
             self.version += 1
-            log.info("allowed_keys_loaded", folder=str(self.allowed_dir),
-                     clients=sum(ROLE_CLIENT in r for r in self._roles.values()),
-                     workers=sum(ROLE_WORKER in r for r in self._roles.values()))
+            log.info(
+                "allowed_keys_loaded",
+                folder=str(self.allowed_dir),
+                clients=sum(ROLE_CLIENT in r for r in self._roles.values()),
+                workers=sum(ROLE_WORKER in r for r in self._roles.values()),
+            )
             return True
 
     def keys(self) -> frozenset[bytes]:
@@ -114,8 +117,12 @@ class RoleCallback:
         allowed = ROLE_WORKER in roles if domain == DOMAIN_EVENTS_IN else bool(roles)
         if not allowed:
             self.rejected += 1
-            log.warning("curve_key_rejected", socket=domain, key=key.decode(errors="replace"),
-                        reason="not a worker key" if roles else "unknown key")
+            log.warning(
+                "curve_key_rejected",
+                socket=domain,
+                key=key.decode(errors="replace"),
+                reason="not a worker key" if roles else "unknown key",
+            )
         return allowed
 
 

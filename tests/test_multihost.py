@@ -30,13 +30,33 @@ import pytest
 
 HOST_A, HOST_B = "10.231.0.1", "10.231.0.2"  # private, assigned inside the test's namespaces only
 PORT = 5555  # each namespace has its own ports: the default cannot collide with anything
-FILES = ["bd_808.flac", "bd_haus.flac", "sn_dub.flac", "hat_bdu.flac", "drum_cymbal_open.flac",
-         "tabla_na.flac", "elec_blip.flac", "perc_bell.flac"]
+FILES = [
+    "bd_808.flac",
+    "bd_haus.flac",
+    "sn_dub.flac",
+    "hat_bdu.flac",
+    "drum_cymbal_open.flac",
+    "tabla_na.flac",
+    "elec_blip.flac",
+    "perc_bell.flac",
+]
 TINY_MODEL = {"channels": 32, "latent_dim": 16, "blocks": 1, "codebook_size": 16, "levels": 2}
-TINY_TRAIN = {"batch_size": 8, "preview_every": 0, "patience": 0, "warmup_steps": 4,
-              "checkpoint_every_s": 0, "epochs": 2}
-KEY_ENV_NAMES = ("DISTILL_BROKER_KEY", "DISTILL_KEY", "DISTILL_BROKER_SECRET_KEY",
-                 "DISTILL_ALLOWED_KEYS", "DISTILL_INSECURE", "DISTILL_BROKER")
+TINY_TRAIN = {
+    "batch_size": 8,
+    "preview_every": 0,
+    "patience": 0,
+    "warmup_steps": 4,
+    "checkpoint_every_s": 0,
+    "epochs": 2,
+}
+KEY_ENV_NAMES = (
+    "DISTILL_BROKER_KEY",
+    "DISTILL_KEY",
+    "DISTILL_BROKER_SECRET_KEY",
+    "DISTILL_ALLOWED_KEYS",
+    "DISTILL_INSECURE",
+    "DISTILL_BROKER",
+)
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess[str]:
@@ -52,22 +72,40 @@ def two_hosts() -> Iterator[tuple[str, str]]:
     ns_a, ns_b = f"distill-{tag}-a", f"distill-{tag}-b"
     made = _ip("netns", "add", ns_a)
     if made.returncode != 0:
-        pytest.skip(f"cannot create network namespaces here (`ip netns add` said: "
-                    f"{made.stderr.strip()}); needs root")
+        pytest.skip(
+            f"cannot create network namespaces here (`ip netns add` said: "
+            f"{made.stderr.strip()}); needs root"
+        )
     try:
         steps = [
             ("netns", "add", ns_b),
-            ("link", "add", f"va{tag}", "netns", ns_a, "type", "veth", "peer", "name", f"vb{tag}",
-             "netns", ns_b),
+            (
+                "link",
+                "add",
+                f"va{tag}",
+                "netns",
+                ns_a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"vb{tag}",
+                "netns",
+                ns_b,
+            ),
             ("-n", ns_a, "addr", "add", f"{HOST_A}/30", "dev", f"va{tag}"),
             ("-n", ns_b, "addr", "add", f"{HOST_B}/30", "dev", f"vb{tag}"),
-            ("-n", ns_a, "link", "set", f"va{tag}", "up"), ("-n", ns_b, "link", "set", f"vb{tag}", "up"),
-            ("-n", ns_a, "link", "set", "lo", "up"), ("-n", ns_b, "link", "set", "lo", "up"),
+            ("-n", ns_a, "link", "set", f"va{tag}", "up"),
+            ("-n", ns_b, "link", "set", f"vb{tag}", "up"),
+            ("-n", ns_a, "link", "set", "lo", "up"),
+            ("-n", ns_b, "link", "set", "lo", "up"),
         ]
         for step in steps:
             done = _ip(*step)
             if done.returncode != 0:
-                pytest.skip(f"cannot set up the veth pair (`ip {' '.join(step)}`: {done.stderr.strip()})")
+                pytest.skip(
+                    f"cannot set up the veth pair (`ip {' '.join(step)}`: {done.stderr.strip()})"
+                )
         yield ns_a, ns_b
     finally:
         for ns in (ns_a, ns_b):
@@ -80,9 +118,13 @@ class NsProc:
     def __init__(self, ns: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
         base = {k: v for k, v in os.environ.items() if k not in KEY_ENV_NAMES}
         self.log = log
-        self.popen = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=open(log, "ab"),  # noqa: SIM115
-                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                      env={**base, "DISTILL_LOG_JSON": "1", **env})
+        self.popen = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv],
+            stdout=open(log, "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**base, "DISTILL_LOG_JSON": "1", **env},
+        )
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -114,28 +156,73 @@ def test_train_across_two_hosts_with_curve(two_hosts: tuple[str, str], tmp_path:
     percussion = percussion_dir()
     ns_a, ns_b = two_hosts
     generate_keys(tmp_path / "made", ["laptop"], ["gpu"])
-    a = _host_dir(tmp_path, "host-a", tmp_path / "made",
-                  ["broker.key", "broker.key_secret", "gpu.key_secret"])
+    a = _host_dir(
+        tmp_path, "host-a", tmp_path / "made", ["broker.key", "broker.key_secret", "gpu.key_secret"]
+    )
     b = _host_dir(tmp_path, "host-b", tmp_path / "made", ["broker.key", "laptop.key_secret"])
     py = [sys.executable, "-m", "distill.shared.cli"]
     endpoint = f"tcp://{HOST_A}:{PORT}"
-    procs = [NsProc(ns_a, [*py, "broker", "--host", HOST_A, "--port", str(PORT),
-                           "--data-dir", str(a / "broker"), "--secret-key", str(a / "keys/broker.key_secret"),
-                           "--allowed", str(a / "keys/allowed")], a / "broker.log", {})]
-    worker_env = {"DISTILL_BROKER_KEY": str(a / "keys/broker.key"),
-                  "DISTILL_KEY": str(a / "keys/gpu.key_secret")}
+    procs = [
+        NsProc(
+            ns_a,
+            [
+                *py,
+                "broker",
+                "--host",
+                HOST_A,
+                "--port",
+                str(PORT),
+                "--data-dir",
+                str(a / "broker"),
+                "--secret-key",
+                str(a / "keys/broker.key_secret"),
+                "--allowed",
+                str(a / "keys/allowed"),
+            ],
+            a / "broker.log",
+            {},
+        )
+    ]
+    worker_env = {
+        "DISTILL_BROKER_KEY": str(a / "keys/broker.key"),
+        "DISTILL_KEY": str(a / "keys/gpu.key_secret"),
+    }
     for service in ("preprocess", "vqvae"):
-        procs.append(NsProc(ns_a, [*py, "worker", service, "--broker", endpoint, "--device", "cpu",
-                                   "--threads", "1"], a / f"{service}.log",
-                            {**worker_env, "DISTILL_CACHE": str(a / f"cache-{service}")}))
+        procs.append(
+            NsProc(
+                ns_a,
+                [*py, "worker", service, "--broker", endpoint, "--device", "cpu", "--threads", "1"],
+                a / f"{service}.log",
+                {**worker_env, "DISTILL_CACHE": str(a / f"cache-{service}")},
+            )
+        )
     try:
         out = subprocess.run(
-            ["ip", "netns", "exec", ns_b, sys.executable, str(Path(__file__).resolve()), "client",
-             "--broker", endpoint, "--sounds", str(percussion), "--cache", str(b / "cache")],
-            capture_output=True, text=True, timeout=600, cwd=b,
-            env={**{k: v for k, v in os.environ.items() if k not in KEY_ENV_NAMES},
-                 "DISTILL_BROKER_KEY": str(b / "keys/broker.key"),
-                 "DISTILL_KEY": str(b / "keys/laptop.key_secret")})
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns_b,
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "client",
+                "--broker",
+                endpoint,
+                "--sounds",
+                str(percussion),
+                "--cache",
+                str(b / "cache"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=b,
+            env={
+                **{k: v for k, v in os.environ.items() if k not in KEY_ENV_NAMES},
+                "DISTILL_BROKER_KEY": str(b / "keys/broker.key"),
+                "DISTILL_KEY": str(b / "keys/laptop.key_secret"),
+            },
+        )
         logs = "\n".join(f"--- {p.log.name}\n{p.log.read_text()[-3000:]}" for p in procs)
         assert out.returncode == 0, f"client failed:\n{out.stderr[-4000:]}\n{logs}"
         result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -167,21 +254,34 @@ def client_main(argv: list[str]) -> None:
     with Client(args.broker, timeout_s=30) as c:  # keys from $DISTILL_BROKER_KEY, $DISTILL_KEY
         deadline_workers = _wait_for_workers(c, {"distill.preprocess", "distill.train.vqvae"})
         store = ArtifactClient(c, cache=ArtifactCache(args.cache))
-        files = [{"name": n, "sha256": store.put_file(args.sounds / n, kind="audio", name=n)}
-                 for n in FILES]
+        files = [
+            {"name": n, "sha256": store.put_file(args.sounds / n, kind="audio", name=n)}
+            for n in FILES
+        ]
         jobs = JobsClient(c)
         prep = jobs.submit("distill.preprocess", {"files": files})
-        train = jobs.submit("distill.train.vqvae", {"model": TINY_MODEL, "train": TINY_TRAIN},
-                            depends_on=[prep["id"]])
+        train = jobs.submit(
+            "distill.train.vqvae",
+            {"model": TINY_MODEL, "train": TINY_TRAIN},
+            depends_on=[prep["id"]],
+        )
         record = jobs.wait(train["id"], timeout_s=500)
         model = (record.get("result") or {}).get("model")
         path = store.get_file(model) if model else None
-        print(json.dumps({
-            "status": record["status"], "error": record.get("error"), "model": model,
-            "downloaded_sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path else None,
-            "broker_sha256": store.stat(model)["sha256"] if model else None,
-            "workers_host_b_saw": deadline_workers,
-        }))
+        print(
+            json.dumps(
+                {
+                    "status": record["status"],
+                    "error": record.get("error"),
+                    "model": model,
+                    "downloaded_sha256": hashlib.sha256(path.read_bytes()).hexdigest()
+                    if path
+                    else None,
+                    "broker_sha256": store.stat(model)["sha256"] if model else None,
+                    "workers_host_b_saw": deadline_workers,
+                }
+            )
+        )
 
 
 def _wait_for_workers(c: object, wanted: set[str]) -> list[str]:

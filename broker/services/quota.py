@@ -30,8 +30,10 @@ class ArtifactQuota:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError) as e:
             raise ArtifactError(f"quota ledger {self.path} is unreadable: {e}") from e
-        return {str(owner): {str(sha): int(size) for sha, size in shas.items()}
-                for owner, shas in data.items()}
+        return {
+            str(owner): {str(sha): int(size) for sha, size in shas.items()}
+            for owner, shas in data.items()
+        }
 
     def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
@@ -54,7 +56,8 @@ class ArtifactQuota:
                 raise ArtifactError(
                     f"artifact quota exceeded for key {owner}: it stores {used} of "
                     f"{self.limit_bytes} bytes, and {sha256} needs {size} more "
-                    "(delete artifacts it no longer needs, or ask for a larger quota)")
+                    "(delete artifacts it no longer needs, or ask for a larger quota)"
+                )
             shas[sha256] = size
             self._write()
 

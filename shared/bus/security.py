@@ -96,10 +96,14 @@ def check_exposure(host: str, *, secure: bool, insecure: bool) -> None:
             "every artifact and cancel any job. Make keys with `distill keys generate "
             "~/distill-keys`, then start the broker with --secret-key ~/distill-keys/"
             "broker.key_secret --allowed ~/distill-keys/allowed (distill up: --keys "
-            "~/distill-keys), or pass --insecure on a network you trust")
-    get_logger("broker").warning("broker_insecure", host=host,
-                reason="bound to a non-loopback address without CURVE (--insecure): anyone who "
-                       "reaches the port can read artifacts, cancel jobs and register workers")
+            "~/distill-keys), or pass --insecure on a network you trust"
+        )
+    get_logger("broker").warning(
+        "broker_insecure",
+        host=host,
+        reason="bound to a non-loopback address without CURVE (--insecure): anyone who "
+        "reaches the port can read artifacts, cancel jobs and register workers",
+    )
 
 
 # --- key files ---------------------------------------------------------------------------------
@@ -113,8 +117,9 @@ def load_key_pair(path: Path) -> tuple[bytes, bytes]:
     """(public, secret) from a ``NAME.key_secret`` file; refuse one that others can read."""
     public, secret = _load(path)
     if secret is None:
-        raise ConfigError(f"{path} holds no secret key: give the NAME.key_secret file, "
-                          "not the public NAME.key")
+        raise ConfigError(
+            f"{path} holds no secret key: give the NAME.key_secret file, not the public NAME.key"
+        )
     if os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(f"secret key {path} is readable by other users: chmod 600 {path}")
     return public, secret
@@ -123,7 +128,9 @@ def load_key_pair(path: Path) -> tuple[bytes, bytes]:
 def _load(path: Path) -> tuple[bytes, bytes | None]:
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"key file {path} does not exist (make keys with `distill keys generate DIR`)")
+        raise ConfigError(
+            f"key file {path} does not exist (make keys with `distill keys generate DIR`)"
+        )
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (ValueError, OSError) as e:
@@ -142,7 +149,9 @@ def generate_keys(directory: Path, clients: list[str], workers: list[str]) -> li
     names = ["broker", *clients, *workers]
     if len(set(names)) != len(names):
         raise ConfigError(f"key names must be distinct (and not 'broker'): {names}")
-    existing = [directory / f"{n}.key_secret" for n in names if (directory / f"{n}.key_secret").exists()]
+    existing = [
+        directory / f"{n}.key_secret" for n in names if (directory / f"{n}.key_secret").exists()
+    ]
     if existing:
         raise ConfigError(f"{existing[0]} already exists: remove it or choose another folder")
     directory.mkdir(parents=True, exist_ok=True)
@@ -185,13 +194,16 @@ def read_config() -> dict[str, Any]:
     return data
 
 
-def _setting(explicit: str | Path | None, env: str, config: dict[str, Any], key: str) -> Path | None:
+def _setting(
+    explicit: str | Path | None, env: str, config: dict[str, Any], key: str
+) -> Path | None:
     value = explicit or os.environ.get(env) or config.get(key)
     return Path(str(value)).expanduser() if value else None
 
 
-def client_security(broker_key: str | Path | None = None,
-                    key: str | Path | None = None) -> ClientSecurity | None:
+def client_security(
+    broker_key: str | Path | None = None, key: str | Path | None = None
+) -> ClientSecurity | None:
     """The CURVE settings of a connecting process: arguments, then environment, then the config
     file. None when no broker key is configured anywhere (a plain loopback broker)."""
     config = read_config()
@@ -200,15 +212,19 @@ def client_security(broker_key: str | Path | None = None,
     if server_path is None and pair_path is None:
         return None
     if server_path is None or pair_path is None:
-        missing = "the broker's public key (--broker-key, $DISTILL_BROKER_KEY)" if server_path is None \
+        missing = (
+            "the broker's public key (--broker-key, $DISTILL_BROKER_KEY)"
+            if server_path is None
             else "this machine's key pair (--key, $DISTILL_KEY)"
+        )
         raise ConfigError(f"CURVE needs both keys; {missing} is not set (see {config_path()})")
     public, secret = load_key_pair(pair_path)
     return ClientSecurity(load_public_key(server_path), public, secret)
 
 
-def broker_security(secret_key: str | Path | None = None,
-                    allowed: str | Path | None = None) -> BrokerSecurity | None:
+def broker_security(
+    secret_key: str | Path | None = None, allowed: str | Path | None = None
+) -> BrokerSecurity | None:
     """The broker's CURVE settings from arguments, environment, or the config file's
     ``broker`` section; None when no secret key is configured."""
     config = read_config().get("broker") or {}
@@ -218,8 +234,9 @@ def broker_security(secret_key: str | Path | None = None,
         return None
     if pair_path is None or allowed_dir is None:
         missing = "--secret-key" if pair_path is None else "--allowed"
-        raise ConfigError(f"CURVE on the broker needs a secret key and an allowed folder; {missing} "
-                          "is not set")
+        raise ConfigError(
+            f"CURVE on the broker needs a secret key and an allowed folder; {missing} is not set"
+        )
     if not allowed_dir.is_dir():
         raise ConfigError(f"allowed keys folder {allowed_dir} does not exist")
     public, secret = load_key_pair(pair_path)

@@ -94,7 +94,9 @@ def test_artifact_quota_is_per_key_persistent_and_freed_by_delete(tmp_path: Path
     quota = ArtifactQuota(tmp_path / "quota.json", 100)
     quota.charge("k1", "a" * 64, 60)
     quota.charge("k1", "a" * 64, 60)  # a resumed upload is charged once
-    with pytest.raises(ArtifactError, match="artifact quota exceeded for key k1: it stores 60 of 100"):
+    with pytest.raises(
+        ArtifactError, match="artifact quota exceeded for key k1: it stores 60 of 100"
+    ):
         quota.charge("k1", "b" * 64, 41)
     quota.charge("k2", "b" * 64, 41)  # another key has its own quota
     again = ArtifactQuota(tmp_path / "quota.json", 100)

@@ -34,8 +34,13 @@ from tests.conftest import HEARTBEAT_S, LIVENESS, Proc, free_port_block, wait_un
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # spawns broker and worker processes
 
 MDPC, MDPW = b"MDPC01", b"MDPW01"
-KEY_ENV_NAMES = ("DISTILL_BROKER_KEY", "DISTILL_KEY", "DISTILL_BROKER_SECRET_KEY",
-                 "DISTILL_ALLOWED_KEYS", "DISTILL_INSECURE")
+KEY_ENV_NAMES = (
+    "DISTILL_BROKER_KEY",
+    "DISTILL_KEY",
+    "DISTILL_BROKER_SECRET_KEY",
+    "DISTILL_ALLOWED_KEYS",
+    "DISTILL_INSECURE",
+)
 
 
 class SecureCluster:
@@ -59,10 +64,27 @@ class SecureCluster:
         return Client(self.endpoint, timeout_s=timeout_s, security=self.security(name))
 
     def start_broker(self, *extra: str) -> Proc:
-        proc = Proc(["broker", "--port", str(self.port), "--data-dir", str(self.tmp / "data"),
-                     "--heartbeat-s", str(HEARTBEAT_S), "--liveness", str(LIVENESS),
-                     "--request-timeout-s", "10", "--secret-key", str(self.keys / "broker.key_secret"),
-                     "--allowed", str(self.keys / "allowed"), *extra], self.tmp / "broker.log")
+        proc = Proc(
+            [
+                "broker",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.tmp / "data"),
+                "--heartbeat-s",
+                str(HEARTBEAT_S),
+                "--liveness",
+                str(LIVENESS),
+                "--request-timeout-s",
+                "10",
+                "--secret-key",
+                str(self.keys / "broker.key_secret"),
+                "--allowed",
+                str(self.keys / "allowed"),
+                *extra,
+            ],
+            self.tmp / "broker.log",
+        )
         self.procs.append(proc)
         self.broker = proc
         with self.client(timeout_s=0.5) as c:
@@ -70,12 +92,28 @@ class SecureCluster:
         return proc
 
     def start_worker(self, service: str, key: str = "gpu") -> Proc:
-        proc = Proc(["worker", service, "--broker", self.endpoint, "--device", "cpu", "--threads", "1",
-                     "--heartbeat-s", str(HEARTBEAT_S), "--liveness", str(LIVENESS),
-                     "--broker-key", str(self.keys / "broker.key"),
-                     "--key", str(self.keys / f"{key}.key_secret")],
-                    self.tmp / f"worker-{service}-{key}.log",
-                    env={"DISTILL_CACHE": str(self.tmp / f"cache-{key}")})
+        proc = Proc(
+            [
+                "worker",
+                service,
+                "--broker",
+                self.endpoint,
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+                "--heartbeat-s",
+                str(HEARTBEAT_S),
+                "--liveness",
+                str(LIVENESS),
+                "--broker-key",
+                str(self.keys / "broker.key"),
+                "--key",
+                str(self.keys / f"{key}.key_secret"),
+            ],
+            self.tmp / f"worker-{service}-{key}.log",
+            env={"DISTILL_CACHE": str(self.tmp / f"cache-{key}")},
+        )
         self.procs.append(proc)
         return proc
 
@@ -88,8 +126,10 @@ class SecureCluster:
         return [json.loads(line) for line in lines if line.startswith("{")]
 
     def logged(self, event: str, **fields: Any) -> bool:
-        return any(e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
-                   for e in self.broker_log())
+        return any(
+            e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+            for e in self.broker_log()
+        )
 
 
 def _answers(client: Client) -> bool:
@@ -136,7 +176,9 @@ def test_the_asyncio_client_speaks_curve_too(secure: SecureCluster) -> None:
     secure.start_broker()
 
     async def scenario() -> tuple[Any, dict[str, Any]]:
-        async with AsyncClient(secure.endpoint, timeout_s=5, security=secure.security("laptop")) as c:
+        async with AsyncClient(
+            secure.endpoint, timeout_s=5, security=secure.security("laptop")
+        ) as c:
             counts = await c.request(P.SERVICE_JOBS, {"op": "counts"})
             stream = c.subscribe(["broker"])
             first = await anext(stream)
@@ -149,19 +191,30 @@ def test_the_asyncio_client_speaks_curve_too(secure: SecureCluster) -> None:
 
 def test_an_unknown_key_gets_nothing_and_the_broker_logs_it(secure: SecureCluster) -> None:
     secure.start_broker()
-    with secure.client("stranger", timeout_s=1) as client, \
-            pytest.raises(RequestTimeout, match="is this key in the broker's allowed folder"):
+    with (
+        secure.client("stranger", timeout_s=1) as client,
+        pytest.raises(RequestTimeout, match="is this key in the broker's allowed folder"),
+    ):
         client.request("distill.jobs", {"op": "counts"})
-    wait_until(lambda: secure.logged("curve_key_rejected", reason="unknown key"), 5,
-               what="the rejection in the broker's log")
+    wait_until(
+        lambda: secure.logged("curve_key_rejected", reason="unknown key"),
+        5,
+        what="the rejection in the broker's log",
+    )
 
 
 def test_a_client_without_curve_gets_nothing_and_the_broker_logs_it(secure: SecureCluster) -> None:
     secure.start_broker()
-    with Client(secure.endpoint, timeout_s=1, security=None) as client, pytest.raises(RequestTimeout):
+    with (
+        Client(secure.endpoint, timeout_s=1, security=None) as client,
+        pytest.raises(RequestTimeout),
+    ):
         client.request_raw("mmi.service", [b"echo"])
-    wait_until(lambda: secure.logged("handshake_failed", socket="mdp"), 5,
-               what="the failed handshake in the broker's log")
+    wait_until(
+        lambda: secure.logged("handshake_failed", socket="mdp"),
+        5,
+        what="the failed handshake in the broker's log",
+    )
 
 
 def _raw_ready(secure: SecureCluster, key: str, service: bytes) -> list[list[bytes]]:
@@ -198,8 +251,11 @@ def test_a_client_key_never_registers_as_a_worker(secure: SecureCluster) -> None
 def test_a_worker_with_an_unknown_key_says_why_it_cannot_register(secure: SecureCluster) -> None:
     secure.start_broker()
     worker = secure.start_worker("echo", key="stranger")
-    wait_until(lambda: "broker refused this worker's key" in worker.log_path.read_text(), 30,
-               what="the worker to log the refused handshake")
+    wait_until(
+        lambda: "broker refused this worker's key" in worker.log_path.read_text(),
+        30,
+        what="the worker to log the refused handshake",
+    )
     assert "echo" not in secure.services()
 
 
@@ -231,9 +287,14 @@ def test_a_client_cannot_publish_a_cancel(secure: SecureCluster) -> None:
                 pub.send_multipart([b"control.cancel", pack({"type": "cancel", "job": "victim"})])
             time.sleep(0.1)
         assert not watcher.poll(1000), "a forged cancel reached the workers"
-        assert secure.logged("curve_key_rejected", socket="distill.events.in", reason="not a worker key")
-        assert secure.logged("event_refused", topic="control.cancel",
-                             reason="only the broker publishes on this topic")
+        assert secure.logged(
+            "curve_key_rejected", socket="distill.events.in", reason="not a worker key"
+        )
+        assert secure.logged(
+            "event_refused",
+            topic="control.cancel",
+            reason="only the broker publishes on this topic",
+        )
     finally:
         for sock in (watcher, *forgers):
             sock.close(linger=0)
@@ -288,12 +349,18 @@ def _put_and_get_through(proxy_port: int, security: ClientSecurity | None) -> No
         store = ArtifactClient(c)
         sha = store.put_bytes(PAYLOAD, kind="audio", name="secret.wav")
         assert sha == hashlib.sha256(PAYLOAD).hexdigest()
-        assert c.request(P.SERVICE_ARTIFACTS, {"op": "get", "sha256": sha, "offset": 0,
-                                               "length": len(PAYLOAD)})["data"] == PAYLOAD
+        assert (
+            c.request(
+                P.SERVICE_ARTIFACTS,
+                {"op": "get", "sha256": sha, "offset": 0, "length": len(PAYLOAD)},
+            )["data"]
+            == PAYLOAD
+        )
 
 
 def test_the_wire_between_an_allowed_client_and_the_broker_holds_no_payload_in_clear(
-        secure: SecureCluster, tmp_path: Path) -> None:
+    secure: SecureCluster, tmp_path: Path
+) -> None:
     secure.start_broker()
     proxy = RecordingProxy(secure.port)
     proxy.start()
@@ -305,8 +372,10 @@ def test_the_wire_between_an_allowed_client_and_the_broker_holds_no_payload_in_c
         proxy.close()
     # The same capture against a plain loopback broker does see the payload: the check can fail.
     plain_port = free_port_block()
-    plain = Proc(["broker", "--port", str(plain_port), "--data-dir", str(tmp_path / "plain")],
-                 tmp_path / "plain.log")
+    plain = Proc(
+        ["broker", "--port", str(plain_port), "--data-dir", str(tmp_path / "plain")],
+        tmp_path / "plain.log",
+    )
     secure.procs.append(plain)
     with Client(f"tcp://127.0.0.1:{plain_port}", timeout_s=0.5, security=None) as c:
         wait_until(lambda: _answers(c), 20, what="plain broker")
@@ -335,8 +404,9 @@ def test_removing_a_key_file_locks_it_out_without_a_restart(secure: SecureCluste
         time.sleep(1.5)  # the loop looks at the folder once a second
         with pytest.raises(RequestTimeout):  # the connected socket is refused from now on
             client.request_raw("mmi.service", [b"echo"], retries=0)
-        assert secure.logged("message_refused", reason="key no longer allowed") or \
-            secure.logged("curve_key_rejected", reason="unknown key")
+        assert secure.logged("message_refused", reason="key no longer allowed") or secure.logged(
+            "curve_key_rejected", reason="unknown key"
+        )
     finally:
         client.close()
 
@@ -347,7 +417,9 @@ def test_a_revoked_key_stops_receiving_events(secure: SecureCluster) -> None:
     kept = Subscription(secure.endpoint, ["worker."], security=secure.security("gpu"))
     try:
         (secure.keys / "allowed" / "clients" / "laptop.key").unlink()
-        wait_until(lambda: secure.logged("events_out_rebound"), 10, what="the events port to rebind")
+        wait_until(
+            lambda: secure.logged("events_out_rebound"), 10, what="the events port to rebind"
+        )
         time.sleep(1.0)  # let the kept subscriber reconnect and subscribe again
         secure.start_worker("echo")  # its registration is published on worker.<id>
         event = kept.next(timeout_s=30)
@@ -407,19 +479,49 @@ def test_an_artifact_quota_breach_is_a_clear_error(secure: SecureCluster) -> Non
         ArtifactClient(c).put_bytes(b"b" * 3000, kind="audio", name="b.wav")
 
 
-def test_the_cli_refuses_a_public_address_without_keys_and_warns_when_insecure(tmp_path: Path) -> None:
+def test_the_cli_refuses_a_public_address_without_keys_and_warns_when_insecure(
+    tmp_path: Path,
+) -> None:
     port = str(free_port_block())
-    refused = subprocess.run([sys.executable, "-m", "distill.shared.cli", "broker", "--host", "0.0.0.0",
-                              "--port", port, "--data-dir", str(tmp_path / "d")],
-                             capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distill.shared.cli",
+            "broker",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            port,
+            "--data-dir",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode != 0
     assert "refusing to bind 0.0.0.0 without CURVE" in refused.stderr
     assert "distill keys generate" in refused.stderr
-    insecure = Proc(["broker", "--host", "0.0.0.0", "--port", port, "--data-dir", str(tmp_path / "d"),
-                     "--insecure"], tmp_path / "insecure.log")
+    insecure = Proc(
+        [
+            "broker",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            port,
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--insecure",
+        ],
+        tmp_path / "insecure.log",
+    )
     try:
-        wait_until(lambda: "broker_insecure" in insecure.log_path.read_text(), 20,
-                   what="the insecure warning")
+        wait_until(
+            lambda: "broker_insecure" in insecure.log_path.read_text(),
+            20,
+            what="the insecure warning",
+        )
         assert insecure.alive()
     finally:
         insecure.stop()

@@ -62,13 +62,22 @@ def test_no_keys_anywhere_means_a_plain_connection() -> None:
     assert S.broker_security() is None
 
 
-def test_config_file_then_environment_then_arguments(keys: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_file_then_environment_then_arguments(
+    keys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = tmp_path / "keys.json"
-    config.write_text(json.dumps({"broker_key": str(keys / "broker.key"),
-                                  "key": str(keys / "laptop.key_secret"),
-                                  "broker": {"secret_key": str(keys / "broker.key_secret"),
-                                             "allowed": str(keys / "allowed")}}))
+    config.write_text(
+        json.dumps(
+            {
+                "broker_key": str(keys / "broker.key"),
+                "key": str(keys / "laptop.key_secret"),
+                "broker": {
+                    "secret_key": str(keys / "broker.key_secret"),
+                    "allowed": str(keys / "allowed"),
+                },
+            }
+        )
+    )
     monkeypatch.setenv(S.ENV_CONFIG, str(config))
     laptop = S.load_key_pair(keys / "laptop.key_secret")[0]
     gpu = S.load_key_pair(keys / "gpu.key_secret")[0]
@@ -81,7 +90,11 @@ def test_config_file_then_environment_then_arguments(keys: Path, tmp_path: Path,
     found = S.client_security(key=keys / "laptop.key_secret")
     assert found is not None and found.public_key == laptop
     broker = S.broker_security()
-    assert broker is not None and broker.public_key == server and broker.allowed_dir == keys / "allowed"
+    assert (
+        broker is not None
+        and broker.public_key == server
+        and broker.allowed_dir == keys / "allowed"
+    )
 
 
 def test_half_a_configuration_is_an_error(keys: Path) -> None:
@@ -91,8 +104,9 @@ def test_half_a_configuration_is_an_error(keys: Path) -> None:
         S.broker_security(secret_key=keys / "broker.key_secret")
 
 
-def test_a_config_file_that_is_not_json_is_a_clear_error(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_config_file_that_is_not_json_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bad = tmp_path / "keys.json"
     bad.write_text("broker_key = 'toml?'")
     monkeypatch.setenv(S.ENV_CONFIG, str(bad))
