@@ -161,8 +161,8 @@ class Broker:
             self.poller.register(sock, zmq.POLLIN)
         # Handshake failures (no CURVE, a wrong server key, a refused key) never reach the
         # loop as messages; the monitors make them visible in the log.
-        self.monitors = {sock.get_monitor_socket(HANDSHAKE_FAILURES): name for sock, name in
-                         ((self.router, "mdp"), (self.xsub, "events_in"), (self.xpub, "events_out"))}
+        named = ((self.router, "mdp"), (self.xsub, "events_in"), (self.xpub, "events_out"))
+        self.monitors = {sock.get_monitor_socket(HANDSHAKE_FAILURES): name for sock, name in named}
         for monitor in self.monitors:
             self.poller.register(monitor, zmq.POLLIN)
         self._sockets_open = True
@@ -284,7 +284,7 @@ class Broker:
         while monitor.poll(0):
             try:
                 event = recv_monitor_message(monitor)
-            except (zmq.ZMQError, ValueError) as e:  # a malformed monitor message: only a log line lost
+            except (zmq.ZMQError, ValueError) as e:  # unreadable: only a log line is lost
                 log.info("monitor_message_unreadable", socket=name, reason=str(e))
                 return
             kind, value = int(event["event"]), int(event["value"])

@@ -232,6 +232,7 @@ def test_train_across_two_hosts_with_curve(two_hosts: tuple[str, str], tmp_path:
     assert result["status"] == "succeeded"
     assert result["downloaded_sha256"] == result["model"] == result["broker_sha256"]
     assert result["workers_host_b_saw"] == ["distill.preprocess", "distill.train.vqvae"]
+    assert result["plain_client_refused"]
     # The model came back into host B's own cache; host A's folders were never read by B.
     cached = b / "cache" / result["model"][:2] / result["model"][2:]
     assert hashlib.sha256(cached.read_bytes()).hexdigest() == result["model"]
@@ -241,16 +242,24 @@ def test_train_across_two_hosts_with_curve(two_hosts: tuple[str, str], tmp_path:
 
 def client_main(argv: list[str]) -> None:
     """Host B: upload, preprocess, train, fetch the model; print one JSON line."""
+    from distill.shared.bus import protocol as P
     from distill.shared.bus.artifacts import ArtifactClient
     from distill.shared.bus.cache import ArtifactCache
     from distill.shared.bus.client import Client
     from distill.shared.bus.jobs import JobsClient
+    from distill.shared.errors import RequestTimeout
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--broker", required=True)
     parser.add_argument("--sounds", type=Path, required=True)
     parser.add_argument("--cache", type=Path, required=True)
     args = parser.parse_args(argv)
+    with Client(args.broker, timeout_s=2, security=None) as plain:
+        try:  # without CURVE, host B gets nothing from host A's broker
+            plain.request(P.SERVICE_JOBS, {"op": "counts"})
+            plain_refused = False
+        except RequestTimeout:
+            plain_refused = True
     with Client(args.broker, timeout_s=30) as c:  # keys from $DISTILL_BROKER_KEY, $DISTILL_KEY
         deadline_workers = _wait_for_workers(c, {"distill.preprocess", "distill.train.vqvae"})
         store = ArtifactClient(c, cache=ArtifactCache(args.cache))
@@ -279,6 +288,7 @@ def client_main(argv: list[str]) -> None:
                     else None,
                     "broker_sha256": store.stat(model)["sha256"] if model else None,
                     "workers_host_b_saw": deadline_workers,
+                    "plain_client_refused": plain_refused,
                 }
             )
         )

@@ -76,8 +76,10 @@ def broker(
                                  help="Allowed public keys: clients/ and workers/ subfolders."),
     insecure: bool = typer.Option(False, "--insecure", envvar="DISTILL_INSECURE",
                                   help="Allow a non-loopback --host without CURVE (warned)."),
-    max_outstanding: int = typer.Option(None, help="Requests one client may have on workers (default 1024)."),
-    artifact_quota: str = typer.Option(None, help="Artifact bytes per key, e.g. 20G (default: none)."),
+    max_outstanding: int = typer.Option(
+        None, help="Requests one client may have on workers (default 1024)."),
+    artifact_quota: str = typer.Option(
+        None, help="Artifact bytes per key, e.g. 20G (default: none)."),
 ) -> None:
     """Run the broker: routes requests, owns the job table and the artifact store."""
     try:
@@ -118,7 +120,8 @@ def up(
     check: bool = typer.Option(False, "--check", help="Start, do a round trip, shut down."),
     keys: Path = typer.Option(None, help="A `distill keys generate` folder: CURVE for all (the "
                                          "workers and this command use its worker key)."),
-    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without CURVE."),
+    insecure: bool = typer.Option(False, "--insecure",
+                                  help="Allow a non-loopback --host without CURVE."),
 ) -> None:
     """A broker and one worker of each service on this machine. Ctrl-C stops them all."""
     import os

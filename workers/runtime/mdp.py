@@ -90,7 +90,8 @@ class WorkerRuntime:
                  inline: Callable[[list[bytes]], list[bytes]] | None = None,
                  events_out: str, device: str = "cpu", heartbeat_interval_s: float = P.HEARTBEAT_INTERVAL_S,
                  liveness: int = P.HEARTBEAT_LIVENESS, meta: dict[str, Any] | None = None,
-                 context: zmq.Context | None = None, security: ClientSecurity | None = None) -> None:
+                 context: zmq.Context | None = None,
+                 security: ClientSecurity | None = None) -> None:
         self.service = service
         # CURVE keys for all four sockets (MDP, events in, control, the executor's client); the
         # broker must list this key in allowed/workers/ or the worker never registers.
