@@ -174,7 +174,10 @@ class JobService:
         job_id, sha = field(msg, "id", str), field(msg, "sha256", str)
         previous = self.store.set_checkpoint(job_id, sha, attempt=field(msg, "attempt", int, None))
         if previous is not None and self.retention is not None:
-            self.retention.superseded(job_id, previous)
+            try:
+                self.retention.superseded(job_id, previous)
+            except Exception:  # the checkpoint is registered; freeing space is the sweep's job now
+                log.exception("retention_failed", job=job_id, artifact=previous)
         return {"id": job_id, "checkpoint": sha}
 
     def _metrics(self, msg: dict[str, Any]) -> dict[str, Any]:

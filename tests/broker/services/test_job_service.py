@@ -233,3 +233,19 @@ def test_list_and_get_replies_are_bounded(parts: Any) -> None:
         call(service, op="submit", service="s", params=big)
     listed = call(service, op="list", limit=10_000)
     assert listed["truncated"] and len(pack(listed)) < 16 * 1024 * 1024 // 4 + 300_000
+
+
+def test_a_failure_to_free_a_superseded_checkpoint_does_not_refuse_the_new_one(
+    parts: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host, service, artifacts = parts
+    job_id = start(service, worker(b"w1"))
+    old, new = (put(artifacts, d, "checkpoint", "c", job_id) for d in (b"old", b"new"))
+    call(service, op="checkpoint", id=job_id, sha256=old, attempt=1)
+
+    def broken(sha: str) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(service.retention, "delete", broken)
+    assert call(service, op="checkpoint", id=job_id, sha256=new, attempt=1)["checkpoint"] == new
+    assert service.store.get(job_id).checkpoint == new
