@@ -9,7 +9,7 @@ Audio travels as float32 ndarrays (mono, the model's sample rate, given in every
 ``sample_rate``); code grids as int64 ndarrays ``(Q, T)``, ``-1`` meaning "no code at this
 level". ``quality`` (optional everywhere audio comes back) picks the phase reconstruction:
 ``"preview"`` (Griffin-Lim 2 iterations from a phase-vocoder start: the editor's coarse
-preview), ``"fast"`` (8 iterations; the default), ``"best"`` (32; for export).
+preview), ``"fast"`` (4 iterations; the default), ``"best"`` (32; for export).
 Every reply also holds ``model_id`` (the model's own hash, what exported files record).
 
 =================  ==============================================  =============================
