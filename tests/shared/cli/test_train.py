@@ -126,3 +126,15 @@ def test_ctrl_c_detaches_and_the_jobs_go_on(cluster: Cluster, drums: Path, tmp_p
     pulled = distill(cluster, tmp_path, "model", "pull", vqvae, "-o", "later.distill")
     assert pulled.returncode == 0, pulled.stderr
     assert load_model(tmp_path / "later.distill").prior is not None
+
+    # a second prior on the same RVQ-VAE: --stage prior takes the weights and the dataset from
+    # the finished RVQ-VAE job
+    again = distill(cluster, tmp_path, "train", "--stage", "prior", "--vqvae", vqvae, "-o",
+                    "second.distill", "--prior-opt", "hidden=16", "--epochs", "1",
+                    "--train-opt", "minutes=0")  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "[1/1] prior" in again.stderr and "jobs: prior j-" in again.stdout
+    first, second = load_model(tmp_path / "later.distill"), load_model(tmp_path / "second.distill")
+    assert second.prior is not None and second.prior.config.hidden == 16
+    for name, weight in first.vqvae.state_dict().items():
+        assert torch.equal(second.vqvae.state_dict()[name], weight), name
