@@ -42,7 +42,7 @@ class AsyncClient:
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, retries: int = 0,
                  context: zmq.asyncio.Context | None = None, security: SecurityArg = AUTO) -> None:
         self.endpoint = broker_endpoint(endpoint)
-        self.security = resolve(security)
+        self.security = resolve(security, self.endpoint)
         self.timeout_s = timeout_s
         self.retries = retries
         self.ctx = context or zmq.asyncio.Context.instance()

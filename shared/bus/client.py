@@ -53,7 +53,7 @@ class Client:
         self.timeout_s = timeout_s
         self.retries = retries
         self.ctx = context or zmq.Context.instance()
-        self.security = resolve(security)
+        self.security = resolve(security, self.endpoint)
         self._socket: zmq.Socket | None = None
         self._ledger = ReplyLedger()
 

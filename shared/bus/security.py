@@ -16,9 +16,13 @@ arguments (the ``--broker-key``/``--key`` flags), the environment (``DISTILL_BRO
 ``~/.config/distill/keys.json``)::
 
     {"broker_key": "~/keys/broker.key", "key": "~/keys/client.key_secret",
+     "brokers": {"gpu-box": {"broker_key": "~/keys/gpu-box.key", "key": "~/keys/me.key_secret"},
+                 "127.0.0.1": {}},
      "broker": {"secret_key": "~/keys/broker.key_secret", "allowed": "~/keys/allowed"}}
 
-With none of them a client connects without CURVE (what a loopback broker expects).
+``brokers`` entries (by host, or host:port) take the place of the top level for that broker;
+an empty entry means a plain connection, e.g. to a local ``distill up`` without keys. With no
+keys found a client connects without CURVE (what a loopback broker expects).
 """
 
 from __future__ import annotations
@@ -201,12 +205,28 @@ def _setting(
     return Path(str(value)).expanduser() if value else None
 
 
+def _config_for(endpoint: str | None) -> dict[str, Any]:
+    """The config file's settings for a broker: its ``brokers`` entry for the endpoint's host
+    (``"gpu-box"``) or host:port (``"gpu-box:5555"``) when there is one, else the top level."""
+    config = read_config()
+    brokers = config.get("brokers") or {}
+    if endpoint and isinstance(brokers, dict):
+        address = endpoint.split("://", 1)[-1]
+        for name in (address, address.rsplit(":", 1)[0]):
+            if isinstance(brokers.get(name), dict):
+                return dict(brokers[name])
+    return config
+
+
 def client_security(
-    broker_key: str | Path | None = None, key: str | Path | None = None
+    broker_key: str | Path | None = None,
+    key: str | Path | None = None,
+    endpoint: str | None = None,
 ) -> ClientSecurity | None:
     """The CURVE settings of a connecting process: arguments, then environment, then the config
-    file. None when no broker key is configured anywhere (a plain loopback broker)."""
-    config = read_config()
+    file (its entry for ``endpoint``'s broker, if any). None when no broker key is configured
+    anywhere (a plain loopback broker)."""
+    config = _config_for(endpoint)
     server_path = _setting(broker_key, ENV_BROKER_KEY, config, "broker_key")
     pair_path = _setting(key, ENV_KEY, config, "key")
     if server_path is None and pair_path is None:
@@ -253,6 +273,6 @@ AUTO = Auto.AUTO
 SecurityArg = ClientSecurity | Auto | None
 
 
-def resolve(security: SecurityArg) -> ClientSecurity | None:
-    """``AUTO`` -> what :func:`client_security` finds; anything else as given."""
-    return client_security() if isinstance(security, Auto) else security
+def resolve(security: SecurityArg, endpoint: str | None = None) -> ClientSecurity | None:
+    """``AUTO`` -> what :func:`client_security` finds for ``endpoint``; anything else as given."""
+    return client_security(endpoint=endpoint) if isinstance(security, Auto) else security

@@ -51,7 +51,7 @@ def run_worker(name: str, *, broker: str | None = None, device: str = "cpu", thr
                broker_key: Path | None = None, key: Path | None = None) -> None:
     """Serve ``name`` until stopped. ``broker_key``/``key``: CURVE keys (else from the
     environment or the keys config file; none: a plain connection)."""
-    security = client_security(broker_key, key)
+    security = client_security(broker_key, key, endpoint=broker_endpoint(broker))
     module = load_service(name)
     configure("worker", f"{name}-{os.getpid()}")
     log = get_logger("worker")

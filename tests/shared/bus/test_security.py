@@ -112,3 +112,33 @@ def test_a_config_file_that_is_not_json_is_a_clear_error(
     monkeypatch.setenv(S.ENV_CONFIG, str(bad))
     with pytest.raises(ConfigError, match="not valid JSON"):
         S.client_security()
+
+
+def test_the_config_file_can_name_keys_per_broker(
+    keys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "keys.json"
+    config.write_text(
+        json.dumps(
+            {
+                "broker_key": str(keys / "broker.key"),
+                "key": str(keys / "laptop.key_secret"),
+                "brokers": {
+                    "gpu-box": {
+                        "broker_key": str(keys / "broker.key"),
+                        "key": str(keys / "gpu.key_secret"),
+                    },
+                    "127.0.0.1:5555": {},
+                },
+            }
+        )
+    )
+    monkeypatch.setenv(S.ENV_CONFIG, str(config))
+    gpu = S.load_key_pair(keys / "gpu.key_secret")[0]
+    laptop = S.load_key_pair(keys / "laptop.key_secret")[0]
+    found = S.client_security(endpoint="tcp://gpu-box:5555")
+    assert found is not None and found.public_key == gpu
+    assert S.client_security(endpoint="tcp://127.0.0.1:5555") is None  # a local plain broker
+    found = S.client_security(endpoint="tcp://elsewhere:5555")
+    assert found is not None and found.public_key == laptop  # the top level for the rest
+    assert S.resolve(S.AUTO, "tcp://127.0.0.1:5555") is None
