@@ -10,7 +10,8 @@ Audio travels as float32 ndarrays (mono, the model's sample rate, given in every
 level". ``quality`` (optional everywhere audio comes back) picks the phase reconstruction:
 ``"preview"`` (Griffin-Lim 2 iterations from a phase-vocoder start: the editor's coarse
 preview), ``"fast"`` (4 iterations; the default), ``"best"`` (32; for export).
-Every reply also holds ``model_id`` (the model's own hash, what exported files record).
+Every reply also holds ``model_id`` (the model's own hash, what exported files record) and
+``threads`` (the worker's torch thread count: replaying a result bit for bit needs the same).
 
 =================  ==============================================  =============================
 op                 params                                          result
@@ -70,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from distill.shared.audio.dataset import Dataset
 from distill.shared.audio.export import ExportMetadata, export_audio
@@ -205,7 +207,9 @@ def handle_request(ctx: JobContext, body: dict[str, Any]) -> dict[str, Any]:
     if handler is None:
         raise inf.BadInput(f"unknown op {op!r}; ops: {', '.join(OPS)}")
     model = _model(ctx, body)
-    return {**handler(ctx, model, body), "model_id": model.model_id}
+    # threads: what a replay needs to make the same samples (see inference.generate_recipe)
+    return {**handler(ctx, model, body), "model_id": model.model_id,
+            "threads": torch.get_num_threads()}  # fmt: skip
 
 
 # --- jobs: long batches -------------------------------------------------------------------------

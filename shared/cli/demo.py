@@ -146,7 +146,7 @@ def reconstruct(c: Any, model_sha: str, sources: list[Path], out: Path) -> list[
                                           "quality": "best"})  # fmt: skip
         path = out / f"{source.stem}.wav"
         meta = ExportMetadata(kind="decode", model_id=dec["model_id"], title=path.stem,
-                              data=decode_recipe(enc["codes"], None, "best"))  # fmt: skip
+                              data=decode_recipe(enc["codes"], None, "best", dec["threads"]))  # fmt: skip
         export_audio(path, dec["audio"], dec["sample_rate"], subtype="PCM_24", metadata=meta)
         paths.append(path)
         _say(f"  reconstructed {source.name}")

@@ -285,19 +285,39 @@ RECIPE_KINDS = ("generate", "decode", "edit")
 
 def generate_recipe(params: SamplingParams, *, count: int, seconds: float, quality: str,
                     index: int) -> dict[str, Any]:  # fmt: skip
-    """What regenerates sound ``index`` of a generate call (an export's metadata ``data``)."""
+    """What regenerates sound ``index`` of a generate call (an export's metadata ``data``).
+
+    ``threads`` is recorded because CPU kernels split their sums by thread: measured, the same
+    sound made with 1 and 2 torch threads differs in its last bits, so a replay uses the count
+    the sound was made with.
+    """
     return {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality,
-            "index": index}  # fmt: skip
+            "index": index, "threads": torch.get_num_threads()}  # fmt: skip
 
 
-def decode_recipe(codes: np.ndarray, levels: int | None, quality: str) -> dict[str, Any]:
-    return {"codes": np.asarray(codes).tolist(), "levels": levels, "quality": quality}
+def decode_recipe(codes: np.ndarray, levels: int | None, quality: str,
+                  threads: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """What decodes ``codes`` again; ``threads``: the count it was decoded with (default: now)."""
+    return {"codes": np.asarray(codes).tolist(), "levels": levels, "quality": quality,
+            "threads": threads or torch.get_num_threads()}  # fmt: skip
 
 
 def replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarray:
-    """The audio (samples,) a recipe of ``kind`` describes, made again on ``model``."""
+    """The audio (samples,) a recipe of ``kind`` describes, made again on ``model`` with the
+    torch thread count it records (the process's count is restored after)."""
     if kind not in RECIPE_KINDS:
         raise BadInput(f"cannot regenerate a '{kind}' export (known: {', '.join(RECIPE_KINDS)})")
+    before = torch.get_num_threads()
+    threads = data.get("threads")
+    if threads is not None:
+        torch.set_num_threads(check_int(threads, "threads", 1, 1024))
+    try:
+        return _replay(model, kind, data)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarray:
     try:
         quality = check_quality(data["quality"])
         if kind == "generate":

@@ -95,3 +95,19 @@ def test_bad_values_are_refused_clearly(model_file: Path, tmp_path: Path) -> Non
     assert result.exit_code == 1 and "seconds must be in" in result.output
     result = runner.invoke(app, ["generate", str(tmp_path / "none.distill")])
     assert result.exit_code == 1 and "no such file" in result.output
+
+
+def test_regenerate_uses_the_thread_count_the_sound_was_made_with(
+    model_file: Path, tmp_path: Path
+) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run("generate", model_file, "-n", "2", "--seconds", "0.5", "-o", tmp_path / "o")
+        made = sorted((tmp_path / "o").glob("*.wav"))[1]
+        assert read_export_metadata(made).data["threads"] == 1
+        torch.set_num_threads(2)  # kernels split sums by thread: the last bits would differ
+        assert "identical to" in run("regenerate", made, "--model", model_file)
+        assert torch.get_num_threads() == 2  # restored after the replay
+    finally:
+        torch.set_num_threads(before)
