@@ -20,6 +20,16 @@ HEARTBEAT_S = 0.2  # tests use short heartbeats so that death is noticed in unde
 LIVENESS = 3
 
 
+@pytest.fixture(autouse=True)
+def _no_user_keys(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A developer's own CURVE keys (env vars or keys.json) must not turn the loopback tests'
+    plain brokers into CURVE ones: tests that want keys set them explicitly."""
+    monkeypatch.delenv("DISTILL_BROKER_KEY", raising=False)
+    monkeypatch.delenv("DISTILL_KEY", raising=False)
+    missing = tmp_path_factory.getbasetemp() / "no-keys.json"
+    monkeypatch.setenv("DISTILL_KEYS_CONFIG", str(missing))
+
+
 def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.05,
                what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout_s
