@@ -23,7 +23,7 @@ def module_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster
 
 
 async def until(pilot: Any, predicate: Callable[[], Any], timeout_s: float = 30.0,
-                what: str = "condition") -> Any:
+                what: str = "condition", detail: Callable[[], str] | None = None) -> Any:
     """Let the app run (``pilot.pause``) until ``predicate`` holds; fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -32,4 +32,5 @@ async def until(pilot: Any, predicate: Callable[[], Any], timeout_s: float = 30.
             return value
         await pilot.pause(0.05)
         await asyncio.sleep(0)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+    extra = f" ({detail()})" if detail else ""
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}{extra}")

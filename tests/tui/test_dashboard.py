@@ -69,7 +69,9 @@ async def test_dashboard_lists_workers_and_jobs(module_cluster: Cluster) -> None
         await until(pilot, lambda: job["id"] in table_column(app, "#jobs", 0), what="the job listed")
         log = app.screen.query_one("#events", RichLog)
         await until(pilot, lambda: any(job["id"] in line.text for line in log.lines),
-                    what="the job's events in the log")
+                    what="the job's events in the log",
+                    detail=lambda: f"{app.link.events.received} events received, "
+                                   f"{app.events_delivered} delivered, log {len(log.lines)} lines")
 
 
 @pytest.mark.slow

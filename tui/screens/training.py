@@ -245,7 +245,7 @@ class TrainingScreen(DistillScreen):
         util, ppl, dead = last.get("utilisation") or [], last.get("perplexity") or [], last.get("dead_codes") or []
         for i in range(max(len(util), len(ppl))):
             table.add_row(f"L{i + 1}", _pct(util, i), _num(ppl, i), _num(dead, i))
-        usage = next((r["usage"] for r in reversed(self.rows) if isinstance(r.get("usage"), list)), [])
+        usage: list[list[float]] = next((r["usage"] for r in reversed(self.rows) if isinstance(r.get("usage"), list)), [])
         heatmap.set_usage(usage, last.get("epoch"))
 
     def _draw_previews(self) -> None:

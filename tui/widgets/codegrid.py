@@ -48,7 +48,7 @@ class CodeGridView(Widget, can_focus=True):
 
     codes: reactive[np.ndarray | None] = reactive(None, always_update=True, layout=True)
     cursor: reactive[tuple[int, int]] = reactive((0, 0))
-    anchor: reactive[tuple[int, int] | None] = reactive(None)
+    mark: reactive[tuple[int, int] | None] = reactive(None)  # the selection's other corner
 
     class Moved(Message):
         def __init__(self, grid: CodeGridView) -> None:
@@ -69,7 +69,7 @@ class CodeGridView(Widget, can_focus=True):
     # --- selection ----------------------------------------------------------------------------
     def selection(self) -> tuple[int, int, int, int]:
         """[level0, level1) × [t0, t1): the selection, or the cursor's cell when none."""
-        (q0, t0), (q1, t1) = self.cursor, self.anchor or self.cursor
+        (q0, t0), (q1, t1) = self.cursor, self.mark or self.cursor
         return min(q0, q1), max(q0, q1) + 1, min(t0, t1), max(t0, t1) + 1
 
     def _clamp(self, q: int, t: int) -> tuple[int, int]:
@@ -80,15 +80,15 @@ class CodeGridView(Widget, can_focus=True):
     def action_move(self, dq: int, dt: int) -> None:
         if self.codes is None:
             return
-        self.anchor = None
+        self.mark = None
         self.cursor = self._clamp(self.cursor[0] + dq, self.cursor[1] + dt)
         self.post_message(self.Moved(self))
 
     def action_select(self, dq: int, dt: int) -> None:
         if self.codes is None:
             return
-        if self.anchor is None:
-            self.anchor = self.cursor
+        if self.mark is None:
+            self.mark = self.cursor
         self.cursor = self._clamp(self.cursor[0] + dq, self.cursor[1] + dt)
         self.post_message(self.Moved(self))
 
@@ -126,13 +126,13 @@ class CodeGridView(Widget, can_focus=True):
                 style = Style(bgcolor=code_colour(code, self.codebook_size), color="white")
                 if (q, t) == self.cursor:
                     style = Style(bgcolor="white", color="black", bold=True)
-                elif self.anchor is not None and q0 <= q < q1 and t0 <= t < t1:
+                elif self.mark is not None and q0 <= q < q1 and t0 <= t < t1:
                     style = Style(bgcolor="grey70", color="black")
                 label = "·" if code < 0 else str(code)
                 out.append(label.rjust(w - 1) + " ", style)
             out.append("\n")
         q, t = self.cursor
-        sel = f"  selection L{q0 + 1}-L{q1} × {t0}..{t1 - 1}" if self.anchor is not None else ""
+        sel = f"  selection L{q0 + 1}-L{q1} × {t0}..{t1 - 1}" if self.mark is not None else ""
         out.append(f"L{q + 1} t{t} = {int(self.codes[q, t])}   steps {self.scroll_t}.."
                    f"{min(steps, self.scroll_t + visible) - 1} of {steps}{sel}", style="dim")
         return out
