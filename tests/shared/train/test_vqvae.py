@@ -167,11 +167,16 @@ def test_resuming_from_a_checkpoint_equals_an_uninterrupted_run(dataset: Dataset
     for key, value in uninterrupted.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     drop = ("epoch_s", "steps_per_s", "eta_s", "spent_s")
-    same = [{k: v for k, v in m.items() if k not in drop} for m in (whole.metrics[-1],
-                                                                     resumed_hooks.metrics[-1])]
+    same = [
+        {k: v for k, v in m.items() if k not in drop}
+        for m in (whole.metrics[-1], resumed_hooks.metrics[-1])
+    ]
     assert same[0] == same[1]
-    finished = run(dataset, RecordingHooks(start_from=resumed_hooks.checkpoints[-1]),
-                   dataclasses.replace(FAST, epochs=4))  # a retry after the last epoch
+    finished = run(
+        dataset,
+        RecordingHooks(start_from=resumed_hooks.checkpoints[-1]),
+        dataclasses.replace(FAST, epochs=4),
+    )  # a retry after the last epoch
     assert finished.epochs == 4 and finished.metrics["epoch"] == 4
 
 
@@ -218,8 +223,15 @@ def test_a_newer_checkpoint_format_is_refused(dataset: Dataset) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"epochs": 0}, {"lr": "fast"}, {"batch_size": 2.5}, {"augment": "yes"}, {"schedule": "step"},
-     {"patience": -1}, {"bogus": 1}],  # fmt: skip
+    [
+        {"epochs": 0},
+        {"lr": "fast"},
+        {"batch_size": 2.5},
+        {"augment": "yes"},
+        {"schedule": "step"},
+        {"patience": -1},
+        {"bogus": 1},
+    ],  # fmt: skip
 )
 def test_train_config_from_dict_rejects_bad_input(bad: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
