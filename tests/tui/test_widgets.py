@@ -1,0 +1,56 @@
+"""The drawing helpers and the training screen's bookkeeping, without a broker."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distill.tui.app import DistillApp
+from distill.tui.format import event_line, job_progress
+from distill.tui.screens.training import TrainingScreen
+from distill.tui.widgets.curves import curve_keys
+from distill.tui.widgets.heatmap import bin_counts, heat_line
+from distill.tui.widgets.waveform import column_peaks, thumbnail
+
+
+def test_curves_pick_the_vqvae_losses_and_the_priors_bits_with_baselines() -> None:
+    vqvae = [{"epoch": 1, "train_recon": 0.5, "val_recon": 0.6, "lr": 1e-3}]
+    prior = [{"epoch": 1, "train_bits": 3.0, "val_bits": 3.4, "unigram_bits": 5.0, "bigram_bits": 4.2}]
+    assert curve_keys(vqvae) == ["train_recon", "val_recon"]
+    assert curve_keys(prior) == ["bigram_bits", "train_bits", "unigram_bits", "val_bits"]
+    assert curve_keys([]) == []
+
+
+def test_heatmap_bins_keep_every_count_and_mark_unused_codes() -> None:
+    counts = list(range(10))
+    binned = bin_counts(counts, 4)
+    assert len(binned) == 4 and sum(binned) == sum(counts)
+    assert bin_counts(counts, 50) == [float(c) for c in counts]  # never more columns than codes
+    line = heat_line([0, 5, 0, 9], 4)
+    assert line.plain == "·█·█"
+
+
+def test_waveform_peaks_are_scaled_to_the_loudest_column() -> None:
+    audio = np.concatenate([np.full(100, 0.5), np.zeros(100), np.full(100, -0.25)]).astype(np.float32)
+    peaks = column_peaks(audio, 3)
+    assert np.allclose(peaks, [1.0, 0.0, 0.5])
+    assert thumbnail(audio, 3) == "█ ▄"
+    assert thumbnail(np.zeros(10, dtype=np.float32), 4) == "    "  # silence draws nothing
+
+
+def test_progress_cells_and_log_lines() -> None:
+    assert job_progress({"status": "running", "progress": {"fraction": 0.25, "eta_s": 75}}) == ("25%", "1m15s")
+    assert job_progress({"status": "succeeded", "progress": None}) == ("100%", "-")
+    line = event_line({"seq": 9, "topic": "job.j-1", "type": "status", "status": "failed",
+                       "attempts": 2, "error": "out of memory"})
+    assert "failed (attempt 2) — out of memory" in line and "job.j-1" in line
+
+
+async def test_a_resumed_attempt_replaces_the_epochs_it_repeats() -> None:
+    app = DistillApp("tcp://127.0.0.1:1", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("t")
+        screen = app.screen
+        assert isinstance(screen, TrainingScreen)
+        for epoch in (1, 2, 3, 2, 3, 4):  # the worker died after epoch 3; resumed from epoch 1's checkpoint
+            screen._add_row({"epoch": epoch, "train_recon": float(epoch)})
+        assert [r["epoch"] for r in screen.rows] == [1, 2, 3, 4]
