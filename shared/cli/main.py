@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from distill.shared.cli import data, jobs, model, processes, train, tui
+from distill.shared.cli import data, demo, generate, jobs, model, processes, train, tui
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill: train generative audio models on your own sounds.")
@@ -17,6 +17,8 @@ data.register(app)
 train.register(app)
 tui.register(app)
 model.register(app)
+generate.register(app)
+demo.register(app)
 
 
 def main() -> None:

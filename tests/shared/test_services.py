@@ -20,7 +20,7 @@ def test_registry_matches_the_module(name: str) -> None:
 
 
 def test_up_and_threads() -> None:
-    assert up_services() == ["echo", "preprocess", "vqvae"]
+    assert up_services() == ["echo", "preprocess", "vqvae", "prior", "infer"]
     assert threads_for(worker_service("echo"), 8) is None
     assert threads_for(worker_service("preprocess"), 8) == 1
     assert threads_for(worker_service("vqvae"), 8) == 7
