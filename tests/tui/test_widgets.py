@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from distill.tui.app import DistillApp
 from distill.tui.format import event_line, job_progress
+from distill.tui.screens.dataset import complete_folder
 from distill.tui.screens.training import TrainingScreen
 from distill.tui.widgets.curves import curve_keys
 from distill.tui.widgets.heatmap import bin_counts, heat_line
@@ -54,3 +57,14 @@ async def test_a_resumed_attempt_replaces_the_epochs_it_repeats() -> None:
         for epoch in (1, 2, 3, 2, 3, 4):  # the worker died after epoch 3; resumed from epoch 1's checkpoint
             screen._add_row({"epoch": epoch, "train_recon": float(epoch)})
         assert [r["epoch"] for r in screen.rows] == [1, 2, 3, 4]
+
+
+def test_folder_completion_offers_existing_folders_only(tmp_path: Path) -> None:
+    (tmp_path / "drums").mkdir()
+    (tmp_path / "drones").mkdir()
+    (tmp_path / "dry.wav").write_bytes(b"")
+    assert complete_folder(f"{tmp_path}/dru") == f"{tmp_path}/drums/"
+    assert complete_folder(f"{tmp_path}/dro") == f"{tmp_path}/drones/"
+    assert complete_folder(f"{tmp_path}/dry") is None  # a file, not a folder
+    assert complete_folder(f"{tmp_path}/") == f"{tmp_path}/drones/"
+    assert complete_folder(f"{tmp_path}/nowhere/x") is None

@@ -13,6 +13,7 @@ from textual.widgets import DataTable, Footer, Header, RichLog, Static
 from distill.tui.format import ago, event_line, job_progress, short_job
 from distill.tui.messages import ClusterPolled, ConnectionChanged, EventsArrived
 from distill.tui.screens.base import DistillScreen
+from distill.tui.widgets.tables import fill_table
 
 WORKER_COLUMNS = ("service", "host", "device", "state", "job", "heartbeat")
 JOB_COLUMNS = ("id", "kind", "status", "progress", "ETA")
@@ -62,13 +63,13 @@ class DashboardScreen(DistillScreen):
         rows = [(w.get("service", "?"), w.get("host") or "-", w.get("device") or "-",
                  w.get("state", "?"), short_job(w.get("current_job")),
                  ago(w.get("last_heartbeat_age_s"))) for w in workers]
-        _replace_rows(table, WORKER_COLUMNS, rows, [str(w.get("id")) for w in workers])
+        fill_table(table, WORKER_COLUMNS, rows, [str(w.get("id")) for w in workers])
         waiting = sum(queued.values())
         table.border_subtitle = f"{len(workers)} workers, {waiting} requests queued"
         jtable = self.query_one("#jobs", DataTable)
         jrows = [(j["id"], j.get("service", "?").removeprefix("distill."), j.get("status", "?"),
                   *job_progress(j)) for j in jobs]
-        _replace_rows(jtable, JOB_COLUMNS, jrows, [j["id"] for j in jobs])
+        fill_table(jtable, JOB_COLUMNS, jrows, [j["id"] for j in jobs])
 
     @on(EventsArrived)
     def _events(self, message: EventsArrived) -> None:
@@ -91,18 +92,3 @@ def log_worthy(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     last_progress = {e.get("topic"): i for i, e in enumerate(events) if e.get("type") == "progress"}
     return [e for i, e in enumerate(events)
             if e.get("type") != "progress" or last_progress.get(e.get("topic")) == i]
-
-
-def _replace_rows(table: DataTable[Any], columns: tuple[str, ...], rows: list[tuple[Any, ...]],
-                  keys: list[str]) -> None:
-    """Refill a table, keeping the cursor on the same row index. Columns are made again each
-    time with widths measured here, so that they follow the content at once (auto widths
-    only catch up when the app next goes idle)."""
-    row = table.cursor_row
-    table.clear(columns=True)
-    for i, label in enumerate(columns):
-        table.add_column(label, width=max([len(label), *(len(str(r[i])) for r in rows)]))
-    for key, cells in zip(keys, rows, strict=True):
-        table.add_row(*cells, key=key)
-    if rows:
-        table.move_cursor(row=min(max(row, 0), len(rows) - 1), animate=False)

@@ -10,9 +10,37 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
+from textual.suggester import Suggester
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, ProgressBar, Static
 
 from distill.tui.screens.base import DistillScreen
+from distill.tui.widgets.tables import fill_table
+
+MANIFEST_COLUMNS = ("file", "status", "split", "seconds", "chunks", "reason")
+
+
+class FolderSuggester(Suggester):
+    """Completes the last part of a path with a folder that exists on this machine."""
+
+    def __init__(self) -> None:
+        super().__init__(use_cache=False, case_sensitive=True)
+
+    async def get_suggestion(self, value: str) -> str | None:
+        return complete_folder(value)
+
+
+def complete_folder(value: str) -> str | None:
+    """``value`` completed to the first folder whose name starts with its last part."""
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    parent, stem = (path, "") if value.endswith("/") else (path.parent, path.name)
+    try:
+        names = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return None
+    match = next((n for n in names if n.startswith(stem) and n != stem), None)
+    return None if match is None else value + match[len(stem):] + "/"
 
 
 class DatasetScreen(DistillScreen):
@@ -25,7 +53,8 @@ class DatasetScreen(DistillScreen):
         yield Header()
         with Horizontal(classes="form row"):
             yield Label("folder")
-            yield Input(placeholder="~/sounds/drums", id="folder")
+            yield Input(placeholder="~/sounds/drums (→ accepts a suggested folder)", id="folder",
+                        suggester=FolderSuggester())
             yield Button("Upload", id="upload", variant="primary")
         yield Static("choose a folder of sounds on this machine", id="dataset-status",
                      classes="status-line")
@@ -37,7 +66,7 @@ class DatasetScreen(DistillScreen):
     def on_mount(self) -> None:
         table = self.query_one("#manifest", DataTable)
         table.border_title = "manifest"
-        table.add_columns("file", "status", "split", "seconds", "chunks", "reason")
+        fill_table(table, MANIFEST_COLUMNS, [])
 
     # --- actions ---------------------------------------------------------------------------
     def action_upload(self) -> None:
@@ -111,12 +140,10 @@ class DatasetScreen(DistillScreen):
         self.show_manifest(result.get("manifest") or [], result)
 
     def show_manifest(self, rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
-        table = self.query_one("#manifest", DataTable)
-        table.clear()
-        for r in rows:
-            table.add_row(r["name"][:32], r["status"], r.get("split") or "-",
-                          f"{float(r.get('duration_s') or 0):.2f}", r.get("chunks", 0),
-                          r.get("reason") or "")
+        cells = [(r["name"][:32], r["status"], r.get("split") or "-",
+                  f"{float(r.get('duration_s') or 0):.2f}", r.get("chunks", 0), r.get("reason") or "")
+                 for r in rows]
+        fill_table(self.query_one("#manifest", DataTable), MANIFEST_COLUMNS, cells)
         ok = sum(r["status"] == "ok" for r in rows)
         dataset = str(result.get("dataset") or "-")
         self.query_one("#summary", Static).update(

@@ -16,9 +16,11 @@ from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Sel
 from distill.shared.errors import DistillError
 from distill.tui.playback import player_name
 from distill.tui.screens.base import DistillScreen
+from distill.tui.widgets.tables import fill_table
 from distill.tui.widgets.waveform import Waveform, thumbnail
 
 INFER = "distill.infer"
+RESULT_COLUMNS = ("#", "seed", "seconds", "peak", "waveform")
 GENERATE_TIMEOUT_S = 300.0  # 16 sounds of 60 s on a CPU worker take a while
 FIELDS = (  # (id, label, default, Input type)
     ("count", "n", "4", "integer"),
@@ -63,7 +65,7 @@ class GenerateScreen(DistillScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#results", DataTable).add_columns("#", "seed", "seconds", "peak", "waveform")
+        fill_table(self.query_one("#results", DataTable), RESULT_COLUMNS, [])
         self.query_one("#gen-status", Static).update(_player_line())
         if self.distill.connect:
             self.action_models()
@@ -132,11 +134,9 @@ class GenerateScreen(DistillScreen):
         rate = int(reply["sample_rate"])
         self.distill.last_generated = (self.sounds, rate)  # the editor encodes these (gen:N)
         seed = (reply.get("params") or {}).get("seed", "-")
-        table = self.query_one("#results", DataTable)
-        table.clear()
-        for i, sound in enumerate(self.sounds):
-            peak = float(np.abs(sound).max()) if sound.size else 0.0
-            table.add_row(i, seed, f"{sound.size / rate:.2f}", f"{peak:.2f}", thumbnail(sound), key=str(i))
+        rows = [(i, seed, f"{sound.size / rate:.2f}", f"{float(np.abs(sound).max()) if sound.size else 0.0:.2f}",
+                 thumbnail(sound)) for i, sound in enumerate(self.sounds)]
+        fill_table(self.query_one("#results", DataTable), RESULT_COLUMNS, rows)
         self.query_one("#gen-status", Static).update(
             f"{len(self.sounds)} sounds at {rate} Hz — {_player_line()}")
         if self.sounds:

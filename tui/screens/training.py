@@ -36,10 +36,13 @@ from distill.tui.playback import play_artifact
 from distill.tui.screens.base import DistillScreen
 from distill.tui.widgets.curves import LossCurves
 from distill.tui.widgets.heatmap import CodebookHeatmap
+from distill.tui.widgets.tables import fill_table
 
 TRAINING_SERVICES = ("distill.train.vqvae", "distill.train.prior")
 PLOT_HZ = 4.0  # curves, tables and heatmap redraw at most this often (plotext is the slow part)
 RELOAD_AFTER_DROP_S = 2.0  # after dropped events, re-read the record at most this often
+LEVEL_COLUMNS = ("level", "utilisation", "perplexity", "dead codes")
+PREVIEW_COLUMNS = ("epoch", "chunk", "which", "file", "artifact")
 STAGES = [("RVQ-VAE + prior", "all"), ("RVQ-VAE only", "vqvae")]
 
 
@@ -102,10 +105,8 @@ class TrainingScreen(DistillScreen):
             yield Button("Start training", id="start", variant="primary")
 
     def on_mount(self) -> None:
-        levels = self.query_one("#levels", DataTable)
-        levels.add_columns("level", "utilisation", "perplexity", "dead codes")
-        previews = self.query_one("#previews", DataTable)
-        previews.add_columns("epoch", "chunk", "which", "file", "artifact")
+        fill_table(self.query_one("#levels", DataTable), LEVEL_COLUMNS, [])
+        fill_table(self.query_one("#previews", DataTable), PREVIEW_COLUMNS, [])
         self.query_one("#curves", LossCurves).set_rows([])
         self.set_interval(1.0 / PLOT_HZ, self._draw_if_stale)
 
@@ -236,15 +237,15 @@ class TrainingScreen(DistillScreen):
 
     def _draw_levels(self) -> None:
         table = self.query_one("#levels", DataTable)
-        table.clear()
         last = next((r for r in reversed(self.rows) if "utilisation" in r or "usage" in r), None)
         heatmap = self.query_one("#heatmap", CodebookHeatmap)
         if last is None:
+            fill_table(table, LEVEL_COLUMNS, [])
             heatmap.set_usage([], None)
             return
         util, ppl, dead = last.get("utilisation") or [], last.get("perplexity") or [], last.get("dead_codes") or []
-        for i in range(max(len(util), len(ppl))):
-            table.add_row(f"L{i + 1}", _pct(util, i), _num(ppl, i), _num(dead, i))
+        fill_table(table, LEVEL_COLUMNS, [(f"L{i + 1}", _pct(util, i), _num(ppl, i), _num(dead, i))
+                                          for i in range(max(len(util), len(ppl)))])
         usage: list[list[float]] = next((r["usage"] for r in reversed(self.rows) if isinstance(r.get("usage"), list)), [])
         heatmap.set_usage(usage, last.get("epoch"))
 
@@ -252,10 +253,9 @@ class TrainingScreen(DistillScreen):
         table = self.query_one("#previews", DataTable)
         if table.row_count == len(self.previews):
             return
-        table.clear()
-        for i, p in enumerate(self.previews):
-            table.add_row(p.get("epoch", "-"), p.get("chunk", "-"), p.get("which", "-"),
-                          str(p.get("file", ""))[:28], str(p.get("artifact", ""))[:12], key=str(i))
+        rows = [(p.get("epoch", "-"), p.get("chunk", "-"), p.get("which", "-"),
+                 str(p.get("file", ""))[:28], str(p.get("artifact", ""))[:12]) for p in self.previews]
+        fill_table(table, PREVIEW_COLUMNS, rows)
 
     # --- actions ------------------------------------------------------------------------------
     def action_start(self) -> None:
