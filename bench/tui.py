@@ -9,6 +9,10 @@ job on the training screen. Printed beside the same app with no event load, in t
 - metric rows: every row the job record holds is on the training screen's curves.
 
     python bench/tui.py [--rate 1000] [--seconds 5]
+    python bench/tui.py --edit      # the code editor's coarse preview: edit -> sound, round trip
+
+The ``--edit`` figure uses a default-sized RVQ-VAE (256 codes × 4 levels) with random weights
+(the cost of a decode does not depend on training) behind a real broker and infer worker.
 """
 
 from __future__ import annotations
@@ -119,11 +123,71 @@ async def measure(endpoint: str, seconds: float, rate: float, job: str) -> dict[
                 "rows_on_screen": rows}
 
 
+def edit_latency(endpoint: str, tmp: Path, sound_s: float = 2.0, edits: int = 20) -> list[float]:
+    """Seconds per ``edit`` request (set one cell, get the coarse preview), as the editor sends it."""
+    import numpy as np
+    import torch
+
+    from distill.shared.audio.mel import MelConfig
+    from distill.shared.bus.artifacts import ArtifactClient
+    from distill.shared.bus.cache import ArtifactCache
+    from distill.shared.model.codes import CodeGrid, EditSession
+    from distill.shared.model.modelfile import DistillModel, save_model
+    from distill.shared.model.prior import Prior, PriorConfig
+    from distill.shared.model.vqvae import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    vqvae = VQVAE(VQVAEConfig(codebook_size=256, levels=4)).eval()
+    prior = Prior(PriorConfig(levels=4, codebook_size=256)).eval()
+    path = tmp / "bench.distill"
+    save_model(path, DistillModel(mel_config=MelConfig(), vqvae=vqvae, prior=prior, summary={}))
+    rng = np.random.default_rng(0)
+    audio = (rng.standard_normal(int(48000 * sound_s)) * 0.1).astype(np.float32)
+    times = []
+    with Client(endpoint, timeout_s=120) as c:
+        model = ArtifactClient(c, cache=ArtifactCache(tmp / "cache")).put_file(path, kind="model", name="b")
+        codes = c.request("distill.infer", {"op": "encode", "model": model, "audio": audio,
+                                            "sample_rate": 48000})["codes"]
+        session = EditSession(CodeGrid(codes, 256)).to_dict()
+        c.request("distill.infer", {"op": "edit", "model": model, "session": session,
+                                    "action": "none"})  # the model loaded once
+        for i in range(edits):
+            edit = {"op": "set_cell", "level": i % 4, "t": i % codes.shape[1], "code": i % 256}
+            start = time.perf_counter()
+            reply = c.request("distill.infer", {"op": "edit", "model": model, "session": session,
+                                                "action": "apply", "edit": edit, "quality": "preview"})
+            times.append(time.perf_counter() - start)
+            session = reply["session"]
+    return times
+
+
+def main_edit(tmp: Path) -> None:
+    port = free_port_block()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    broker = spawn(["broker", "--port", str(port), "--data-dir", str(tmp / "broker")], tmp / "broker.log")
+    worker = spawn(["worker", "infer", "--broker", endpoint, "--device", "cpu"], tmp / "worker.log")
+    try:
+        with Client(endpoint, timeout_s=0.5) as c:
+            wait_for(lambda: _answers(c), 30)
+            wait_for(lambda: bool(c.mmi_service("distill.infer")), 60)
+        times = sorted(edit_latency(endpoint, tmp))
+    finally:
+        stop(worker)
+        stop(broker)
+    print("code editor: one edit -> coarse preview (2 s sound, 256 codes × 4 levels, CPU worker)")
+    print(f"  median {1000 * times[len(times) // 2]:.0f} ms   best {1000 * times[0]:.0f} ms   "
+          f"worst {1000 * times[-1]:.0f} ms over {len(times)} edits")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--edit", action="store_true", help="measure the editor's preview round trip")
     args = parser.parse_args()
+    if args.edit:
+        main_edit(Path(tempfile.mkdtemp(prefix="bench-tui-edit-")))
+        return
     port = free_port_block()
     endpoint = f"tcp://127.0.0.1:{port}"
     tmp = Path(tempfile.mkdtemp(prefix="bench-tui-"))
