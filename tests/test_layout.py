@@ -61,3 +61,17 @@ def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
                      "    from ..broker import hub\n")
     found = _imports(probe, root=tmp_path)
     assert {"distill.broker.loop", "distill.tui", "distill.broker.hub"} <= found
+
+
+def test_every_package_folder_is_listed_in_pyproject() -> None:
+    """A folder with an __init__.py that pyproject.toml does not list is left out of a normal
+    (non-editable) install: its modules then exist only in a developer's checkout."""
+    text = (REPO / "pyproject.toml").read_text()
+    missing = []
+    for room in ("broker", "workers", "tui", "shared"):
+        for init in sorted((REPO / room).rglob("__init__.py")):
+            rel = init.parent.relative_to(REPO)
+            name = "distill." + ".".join(rel.parts)
+            if f'"{name}",' not in text or f'"{name}" = "{rel.as_posix()}"' not in text:
+                missing.append(name)
+    assert not missing, f"add to [tool.setuptools] packages and package-dir: {missing}"
