@@ -51,6 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import free_port_block, spawn, stop, wait_for  # noqa: E402
 
 from distill.shared.audio.dataset import Dataset  # noqa: E402
+from distill.shared.bus.artifacts import ArtifactClient  # noqa: E402
+from distill.shared.bus.cache import ArtifactCache  # noqa: E402
+from distill.shared.bus.client import Client  # noqa: E402
+from distill.shared.bus.jobs import JobsClient  # noqa: E402
 from distill.shared.model.modelfile import DistillModel, load_model  # noqa: E402
 from distill.shared.model.prior import Prior, PriorConfig, bigram_bits, unigram_bits  # noqa: E402
 from distill.shared.model.sampling import SamplingParams, sample  # noqa: E402
@@ -134,8 +138,6 @@ def speed_figures(budget_s: float) -> None:
 
 def start_cluster(tmp: Path, threads: int) -> tuple[str, list[subprocess.Popen[bytes]]]:
     """A broker and one preprocess, vqvae and prior worker on loopback, logs in ``tmp``."""
-    from distill.shared.bus.client import Client
-
     os.environ["DISTILL_CACHE"] = str(tmp / "cache")  # the workers' artifact cache
     port = free_port_block()
     endpoint = f"tcp://127.0.0.1:{port}"
@@ -195,11 +197,6 @@ def matched_share(seqs: torch.Tensor, windows: torch.Tensor) -> tuple[float, flo
 
 
 def quality_figures(endpoint: str, prior_job: str, path: Path, samples: int) -> None:
-    from distill.shared.bus.artifacts import ArtifactClient
-    from distill.shared.bus.cache import ArtifactCache
-    from distill.shared.bus.client import Client
-    from distill.shared.bus.jobs import JobsClient
-
     with Client(endpoint, timeout_s=60) as c:
         result = JobsClient(c).get(prior_job, metrics=False)["result"]
         cache = ArtifactCache(path.parent / "client-cache")
