@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +39,7 @@ from distill.broker.access import (
 )
 from distill.broker.hub import EventHub
 from distill.broker.registry import (
+    MAX_QUEUED_WITHOUT_WORKER,
     MAX_REDELIVERIES,
     ClientOrigin,
     JobOrigin,
@@ -47,6 +48,7 @@ from distill.broker.registry import (
     WorkerEntry,
 )
 from distill.broker.services.common import error_body
+from distill.broker.services.periodic import Periodic
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
 from distill.shared.bus.messages import WorkerMeta
@@ -57,6 +59,7 @@ from distill.shared.errors import (
     EXPIRED,
     INTERNAL,
     WORKER_LOST,
+    ConfigError,
     DecodeError,
     DistillError,
     code_of,
@@ -66,6 +69,7 @@ from distill.shared.logs import get_logger
 log = get_logger("broker")
 
 InternalHandler = Callable[[bytes, list[bytes]], "list[bytes] | None"]
+ENV_MAX_QUEUED = "DISTILL_MAX_QUEUED_WITHOUT_WORKER"
 KEYRING_CHECK_S = 1.0  # how often the loop looks for changes in the allowed keys folder
 REBIND_ATTEMPTS, REBIND_WAIT_S = 40, 0.025  # up to 1 s for a closed port to be free again
 HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -93,6 +97,8 @@ class BrokerConfig:
     security: BrokerSecurity | None = None  # CURVE + roles on all sockets; None: plain
     insecure: bool = False  # allow a non-loopback host without CURVE (warned on every start)
     limits: Limits = Limits()
+    # Client requests waiting for a service with no worker (see registry.py for the reason).
+    max_queued_without_worker: int = field(default_factory=lambda: queued_cap_from_env(os.environ))
 
     @property
     def events_out_port(self) -> int:
@@ -106,19 +112,32 @@ class BrokerConfig:
         return f"tcp://{self.host}:{port}"
 
 
+def queued_cap_from_env(env: Mapping[str, str]) -> int:
+    """``DISTILL_MAX_QUEUED_WITHOUT_WORKER``, or the default."""
+    raw = env.get(ENV_MAX_QUEUED)
+    if raw is None or raw == "":
+        return MAX_QUEUED_WITHOUT_WORKER
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{ENV_MAX_QUEUED}={raw!r}: expected a whole number of requests, at "
+                          "least 1")
+    return value
+
+
 class Broker:
     def __init__(self, config: BrokerConfig, context: zmq.Context | None = None) -> None:
         self.config = config
         self.ctx = context or zmq.Context.instance()
-        self.registry = Registry(config.heartbeat_interval_s * config.heartbeat_liveness)
+        self.registry = Registry(config.heartbeat_interval_s * config.heartbeat_liveness,
+                                 config.max_queued_without_worker)
         self.hub = EventHub()
         self.internal: dict[bytes, InternalHandler] = {}  # service name -> handler
         self.jobs: JobHooks | None = None
         self.event_listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.dropped = 0  # malformed messages dropped or refused, for tests and stats
-        self._next_heartbeat = 0.0
-        self._next_scan = 0.0
-        self._next_keyring = 0.0
         self._keyring_version = 0
         self._known_keys: frozenset[bytes] = frozenset()  # allowed at the last folder check
         self._sockets_open = False
@@ -130,6 +149,8 @@ class Broker:
         # The key (or, without CURVE, the socket identity) of the peer whose message is being
         # handled now: what internal services charge quotas to.
         self.current_owner = b""
+        self.timers = Periodic()  # the loop's own upkeep: expiry, heartbeats, key ring, jobs
+        self._add_timers()
 
     # --- sockets -----------------------------------------------------------------------------
     def bind(self) -> None:
@@ -296,9 +317,8 @@ class Broker:
 
     def _check_keyring(self, now: float) -> None:
         """Pick up a changed allowed folder; disconnect workers whose key lost the worker role."""
-        if self.keyring is None or now < self._next_keyring:
+        if self.keyring is None:
             return
-        self._next_keyring = now + KEYRING_CHECK_S
         self.keyring.refresh()
         if self.keyring.version == self._keyring_version:
             return
@@ -313,24 +333,66 @@ class Broker:
                 self._remove_worker(identity, "its key was removed from the allowed folder",
                                     disconnect=True)
 
-    def _timers(self, now: float) -> None:
-        self._check_keyring(now)
+    def _add_timers(self) -> None:
+        """The loop's own upkeep, each task guarded by :class:`Periodic` (logged with its
+        traceback, counted, tried again next time): a bug or a full disk in one of them must
+        not end the loop or stop the others."""
         # Expiry scans run a few times per heartbeat interval, not on every message: under load
         # the loop turns thousands of times a second.
-        if now >= self._next_scan:
-            self._next_scan = now + min(0.05, self.config.heartbeat_interval_s / 4)
-            for worker in self.registry.expired_workers(now):
-                log.warning("worker_expired", worker=worker.worker_id,
-                            service=worker.service.decode(errors="replace"))
-                self._remove_worker(worker.identity, "worker stopped heartbeating", disconnect=False)
-            for request in self.registry.expire_requests(now):
+        scan_s = min(0.05, self.config.heartbeat_interval_s / 4)
+        self.timers.add("keyring_check", KEYRING_CHECK_S, self._check_keyring)
+        self.timers.add("worker_expiry", scan_s, self._expire_workers)
+        self.timers.add("request_expiry", scan_s, self._expire_requests)
+        self.timers.add("jobs_tick", scan_s, self._jobs_tick)
+        self.timers.add("heartbeats", self.config.heartbeat_interval_s, self._send_heartbeats)
+
+    def _timers(self, now: float) -> None:
+        self.timers.tick(now)
+
+    def _expire_workers(self, now: float) -> None:
+        for worker in self.registry.expired_workers(now):
+            log.warning("worker_expired", worker=worker.worker_id,
+                        service=worker.service.decode(errors="replace"))
+            try:
+                self._remove_worker(worker.identity, "worker stopped heartbeating",
+                                    disconnect=False)
+            except Exception as e:  # the worker is forgotten all the same; its request answered
+                log.exception("worker_expiry_failed", worker=worker.worker_id)
+                request = self.registry.remove(worker.identity) or worker.current
+                if request is not None:
+                    self._answer_after_failure(request, e)
+
+    def _expire_requests(self, now: float) -> None:
+        for request in self.registry.expire_requests(now):
+            try:
                 self._fail_request(request, EXPIRED, self._expiry_message(request))
-            if self.jobs is not None:
-                self.jobs.tick(now)
-        if now >= self._next_heartbeat:
-            for identity in list(self.registry.workers):
-                self._send_worker(identity, [P.W_HEARTBEAT])
-            self._next_heartbeat = now + self.config.heartbeat_interval_s
+            except Exception as e:  # already off its queue: it must still get an answer
+                log.exception("request_expiry_failed", request=request.id)
+                self._answer_after_failure(request, e)
+
+    def _answer_after_failure(self, request: Request, error: Exception) -> None:
+        """An ``internal`` error reply for a request a timer dropped while handling it, so that
+        its client hears at once instead of waiting out its own timeout."""
+        reason = f"{type(error).__name__}: {error}"
+        try:
+            if isinstance(request.origin, ClientOrigin):
+                self._release(request)
+                name = request.service.decode(errors="replace")
+                self._send_client(request.origin.identity, request.service, error_body(
+                    INTERNAL, f"the broker failed while handling this request to {name!r}: "
+                              f"{reason}"))
+            elif self.jobs is not None:
+                self.jobs.on_lost(request.origin.job_id, f"broker error: {reason}")
+        except Exception:  # the last resort failed too: the other requests still get theirs
+            log.exception("error_reply_failed", request=request.id)
+
+    def _jobs_tick(self, now: float) -> None:
+        if self.jobs is not None:
+            self.jobs.tick(now)
+
+    def _send_heartbeats(self, now: float) -> None:
+        for identity in list(self.registry.workers):
+            self._send_worker(identity, [P.W_HEARTBEAT])
 
     def _expiry_message(self, request: Request) -> str:
         name = request.service.decode(errors="replace")
@@ -396,6 +458,8 @@ class Broker:
             self._send_client(identity, service, [self._mmi(service, body)])
         elif service in self.internal:
             self._serve_internal(identity, service, body)
+        elif (refusal := self.registry.refusal(service)) is not None:
+            self._send_client(identity, service, error_body(ERROR, refusal))
         else:
             owner = self.current_owner
             if not self.outstanding.admit(owner):

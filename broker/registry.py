@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_REDELIVERIES = 3  # a request whose worker dies this many times is failed, not retried again
+# Client requests queued for a service that has no worker, at most: past it a request is refused
+# at once. Such requests wait only for their deadline, but a client that keeps sending to a
+# service nobody serves (a typo in a loop, or many identities without CURVE) would otherwise
+# hold memory until each expires. 1000 is far above what Distill's own clients queue while a
+# worker starts (a handful) and bounds the wait to ~1000 small bodies per service name.
+MAX_QUEUED_WITHOUT_WORKER = 1000
 
 
 @dataclass(frozen=True)
@@ -90,13 +96,16 @@ class Service:
     idle: deque[bytes] = field(default_factory=deque)  # identities of idle workers, LRU first
     requests: deque[Request] = field(default_factory=deque)
     workers: set[bytes] = field(default_factory=set)
+    client_queued: int = 0  # requests in ``requests`` from clients (jobs have their own cap)
 
 
 class Registry:
     """Services, their workers and their queued requests."""
 
-    def __init__(self, liveness_s: float) -> None:
+    def __init__(self, liveness_s: float,
+                 max_queued_without_worker: int = MAX_QUEUED_WITHOUT_WORKER) -> None:
         self.liveness_s = liveness_s
+        self.max_queued_without_worker = max_queued_without_worker
         self.workers: dict[bytes, WorkerEntry] = {}
         self.services: dict[bytes, Service] = {}
         self._ids = itertools.count(1)
@@ -118,8 +127,23 @@ class Registry:
         deadline = None if timeout_s is None else now + timeout_s
         return Request(next(self._ids), service, body, origin, now, deadline)
 
+    def refusal(self, name: bytes) -> str | None:
+        """Why a new client request to service ``name`` may not be queued, or None if it may.
+
+        Only a service with no worker is capped: one with workers drains its queue, and each
+        client's requests in flight are bounded apart (``access.OutstandingCounter``)."""
+        svc = self.services.get(name)
+        if svc is None or svc.workers or svc.client_queued < self.max_queued_without_worker:
+            return None
+        return (f"service {name.decode(errors='replace')!r} has no worker and already "
+                f"{svc.client_queued} requests waiting for one (the cap is "
+                f"{self.max_queued_without_worker}, DISTILL_MAX_QUEUED_WITHOUT_WORKER): start a "
+                "worker for it, or check the service name")
+
     def enqueue(self, request: Request, *, front: bool = False) -> None:
         svc = self.service(request.service)
+        if isinstance(request.origin, ClientOrigin):
+            svc.client_queued += 1
         if front:
             svc.requests.appendleft(request)
         else:
@@ -132,6 +156,8 @@ class Registry:
         while svc and svc.idle and svc.requests:
             worker = self.workers[svc.idle.popleft()]
             request = svc.requests.popleft()
+            if isinstance(request.origin, ClientOrigin):
+                svc.client_queued -= 1
             request.deliveries += 1
             worker.current, worker.current_since = request, now
             pairs.append((worker, request))
@@ -145,6 +171,7 @@ class Registry:
             keep = deque(r for r in svc.requests if not predicate(r))
             removed += [r for r in svc.requests if predicate(r)]
             svc.requests = keep
+            svc.client_queued = sum(isinstance(r.origin, ClientOrigin) for r in keep)
         return removed
 
     def expire_requests(self, now: float) -> list[Request]:
