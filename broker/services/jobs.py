@@ -118,18 +118,25 @@ class JobService:
         return {"id": job_id, "start": start, "rows": rows, "count": self.store.metric_count(job_id)}
 
     def _list(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """``list {status?, service?, start?, limit?}`` -> ``{jobs, start, more, truncated}``:
+        newest first, at most ``limit`` (capped at MAX_LIST_JOBS) from position ``start``;
+        ``more`` says another page follows (``truncated``: this one was cut by its size)."""
         limit = min(field(msg, "limit", int, 200) or 200, MAX_LIST_JOBS)
+        start = field(msg, "start", int, 0) or 0
+        if start < 0:
+            raise JobError(f"jobs list needs start >= 0, got {start}")
         records = self.store.list(status=field(msg, "status", str, None),
-                                  service=field(msg, "service", str, None), limit=limit)
+                                  service=field(msg, "service", str, None), limit=limit + 1,
+                                  start=start)
         jobs: list[dict[str, Any]] = []
         size = 0
-        for record in records:
+        for record in records[:limit]:
             item = record.to_dict(with_metrics=False)
             size += len(pack(item))
             if size > MAX_LIST_REPLY_BYTES:
-                return {"jobs": jobs, "truncated": True}
+                return {"jobs": jobs, "start": start, "more": True, "truncated": True}
             jobs.append(item)
-        return {"jobs": jobs, "truncated": False}
+        return {"jobs": jobs, "start": start, "more": len(records) > limit, "truncated": False}
 
     def _counts(self, msg: dict[str, Any]) -> dict[str, Any]:
         return self.store.counts()

@@ -482,9 +482,11 @@ class JobStore:
         status: str | None = None,
         service: str | None = None,
         limit: int = 200,
+        start: int = 0,
         with_metrics: bool = False,
     ) -> builtins.list[JobRecord]:
-        """Jobs, newest first, optionally of one status and/or service."""
+        """Jobs, newest first, optionally of one status and/or service; ``start`` skips that
+        many of them (paging)."""
         if status is not None and status not in JOB_STATUSES:
             raise JobError(f"unknown job status {status!r}; one of {', '.join(JOB_STATUSES)}")
         where, args = [], []
@@ -497,7 +499,8 @@ class JobStore:
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ?", (*args, max(0, limit))
+                f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
+                (*args, max(0, limit), max(0, start)),
             ).fetchall()
             return self._records(rows, with_metrics)
 

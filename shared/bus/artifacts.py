@@ -4,7 +4,8 @@ a local cache by hash. Used by the CLI, scripts and workers alike.
 Ops (one msgpack map per request): ``put_begin {sha256, size, kind, name, job}`` → ``{offset}``
 (the bytes the broker already has: an interrupted put resumes there); ``put_chunk {sha256,
 offset, data}`` → ``{offset}``; ``put_finish {sha256}`` → record; ``get {sha256, offset,
-length}`` → ``{offset, data}``; ``stat``, ``list {kind?, job?}``, ``delete``.
+length}`` → ``{offset, data}``; ``stat``, ``list {kind?, job?, start?}`` → ``{artifacts, start,
+more}`` (paged: :meth:`ArtifactClient.iter` walks every page), ``delete``.
 """
 
 from __future__ import annotations
@@ -124,9 +125,21 @@ class ArtifactClient:
     def get_bytes(self, sha256: str) -> bytes:
         return self.get_file(sha256).read_bytes()
 
+    def iter(self, *, kind: str | None = None, job: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every artifact record (of a kind, of a job), fetched page by page."""
+        start = 0
+        while True:
+            page = self.client.request(SERVICE, {"op": "list", "kind": kind, "job": job,
+                                                 "start": start})
+            records = page["artifacts"]
+            yield from records
+            if not records or not page.get("more"):
+                return
+            start += len(records)
+
     def list(self, *, kind: str | None = None, job: str | None = None) -> list[dict[str, Any]]:
-        result = self.client.request(SERVICE, {"op": "list", "kind": kind, "job": job})
-        return list(result["artifacts"])
+        """Every artifact record (of a kind, of a job): all pages, not just the first."""
+        return list(self.iter(kind=kind, job=job))
 
     def delete(self, sha256: str) -> None:
         self.client.request(SERVICE, {"op": "delete", "sha256": require_sha256(sha256)})

@@ -1,17 +1,53 @@
-"""Client side of ``distill.jobs``: submit work, follow it, cancel or retry it."""
+"""Client side of ``distill.jobs``: submit work, follow it, cancel or retry it.
+
+Lists and metric histories come in pages (each reply stays below the clients' message
+limit): :meth:`JobsClient.iter_jobs` and :meth:`JobsClient.iter_metrics` walk them all, and
+:func:`metrics_pages` does the same for the asyncio client (the UI).
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from distill.shared.bus import protocol as P
 from distill.shared.bus.client import Client, Subscription
-from distill.shared.errors import BAD_REQUEST, JOB, JobError, RequestError
+from distill.shared.errors import BAD_REPLY, BAD_REQUEST, JOB, JobError, RequestError
+
+if TYPE_CHECKING:
+    from distill.shared.bus.aclient import AsyncClient
 
 SERVICE = P.SERVICE_JOBS.decode()
 FINISHED = ("succeeded", "failed", "cancelled")
+# Rows asked for per metrics page: the broker's own cap (it sends at most that many whatever
+# is asked), ~1 MiB at the metric row limit's typical ~1 KiB.
+METRICS_PAGE_ROWS = 1_000
+JOBS_PAGE = 500  # jobs asked for per list page: the broker's cap per reply
+
+
+def next_metrics_start(page: dict[str, Any]) -> int | None:
+    """Where the page after ``page`` (a ``metrics_page`` reply) starts; None at the end.
+
+    The count comes with each page, so a history that grows while it is read (a running job)
+    is followed to its end as of the last page."""
+    rows, start, count = page.get("rows"), page.get("start"), page.get("count")
+    if not isinstance(rows, list) or not isinstance(start, int) or not isinstance(count, int):
+        raise RequestError(f"a metrics_page reply needs rows, start and count; got keys "
+                           f"{sorted(page)}", code=BAD_REPLY)
+    following = start + len(rows)
+    return following if rows and following < count else None
+
+
+async def metrics_pages(client: AsyncClient, job_id: str, start: int = 0,
+                        page_rows: int = METRICS_PAGE_ROWS) -> AsyncIterator[list[dict[str, Any]]]:
+    """The job's metric rows from ``start`` on, one page (a list of rows) at a time."""
+    at: int | None = start
+    while at is not None:
+        page: dict[str, Any] = await client.request(
+            SERVICE, {"op": "metrics_page", "id": job_id, "start": at, "limit": page_rows})
+        at = next_metrics_start(page)
+        yield list(page["rows"])
 
 
 class JobsClient:
@@ -38,7 +74,45 @@ class JobsClient:
         return result
 
     def list(self, *, status: str | None = None, service: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """The newest ``limit`` jobs (one page: the broker sends at most JOBS_PAGE; more with
+        :meth:`iter_jobs`)."""
         return list(self._call("list", status=status, service=service, limit=limit)["jobs"])
+
+    def iter_jobs(self, *, status: str | None = None, service: str | None = None,
+                  page: int = JOBS_PAGE) -> Iterator[dict[str, Any]]:
+        """Every job (of a status, of a service), newest first, fetched page by page."""
+        start, seen = 0, set()
+        while True:
+            reply = self._call("list", status=status, service=service, limit=page, start=start)
+            jobs = reply["jobs"]
+            for job in jobs:
+                # Pages are by position, newest first: a job submitted meanwhile shifts the
+                # rest by one, so a job may come twice (never not at all).
+                if job["id"] not in seen:
+                    seen.add(job["id"])
+                    yield job
+            if not jobs or not reply.get("more"):
+                return
+            start += len(jobs)
+
+    def metric_count(self, job_id: str) -> int:
+        """How many metric rows the job has (no rows fetched)."""
+        return int(self.get(job_id, metrics=False)["metric_count"])
+
+    def metrics_page(self, job_id: str, start: int = 0,
+                     limit: int = METRICS_PAGE_ROWS) -> dict[str, Any]:
+        """``{start, rows, count}``: at most ``limit`` rows from index ``start`` on."""
+        page: dict[str, Any] = self._call("metrics_page", id=job_id, start=start, limit=limit)
+        return page
+
+    def iter_metrics(self, job_id: str, start: int = 0,
+                     page_rows: int = METRICS_PAGE_ROWS) -> Iterator[dict[str, Any]]:
+        """Every metric row of the job from ``start`` on, fetched page by page."""
+        at: int | None = start
+        while at is not None:
+            page = self.metrics_page(job_id, at, page_rows)
+            at = next_metrics_start(page)
+            yield from page["rows"]
 
     def cancel(self, job_id: str, reason: str = "cancelled by user") -> dict[str, Any]:
         result: dict[str, Any] = self._call("cancel", id=job_id, reason=reason)

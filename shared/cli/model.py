@@ -37,9 +37,8 @@ def print_model_summary(path: Path) -> None:
 
 def _dependents(jobs: Any, job_id: str, service: str) -> list[dict[str, Any]]:
     """Jobs of ``service`` that depend on ``job_id``, newest first."""
-    return [
-        r for r in jobs.list(service=service, limit=1000) if job_id in (r.get("depends_on") or [])
-    ]
+    # Every job of the service, page by page: the broker sends at most 500 per reply.
+    return [r for r in jobs.iter_jobs(service=service) if job_id in (r.get("depends_on") or [])]
 
 
 def find_model_job(jobs: Any, job_id: str) -> dict[str, Any]:

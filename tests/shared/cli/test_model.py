@@ -14,6 +14,7 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
+from distill.shared.bus.jobs import JobsClient
 from distill.shared.cli.main import app
 from distill.shared.cli.model import find_model_job, model_artifact
 from distill.shared.cli.train import (
@@ -109,19 +110,30 @@ def test_show_on_a_directory(tmp_path: Path) -> None:
 # --- model pull: which job holds the model --------------------------------------------------------
 
 
-class FakeJobs:
-    """The two JobsClient calls find_model_job makes, over a fixed job table."""
+class FakeBroker:
+    """The ``distill.jobs`` ops find_model_job uses, over a fixed job table, paged as the broker
+    pages them (at most 500 jobs per ``list`` reply, newest first)."""
 
     def __init__(self, records: list[dict[str, Any]]) -> None:
         self.records = {r["id"]: r for r in records}
 
-    def get(self, job_id: str, *, metrics: bool = True) -> dict[str, Any]:
-        if job_id not in self.records:
-            raise DistillError(f"no job {job_id}")
-        return self.records[job_id]
+    def request(self, service: str, body: dict[str, Any]) -> dict[str, Any]:
+        if body["op"] == "get":
+            if body["id"] not in self.records:
+                raise DistillError(f"no job {body['id']}")
+            return self.records[body["id"]]
+        assert body["op"] == "list", body
+        newest = [r for r in reversed(self.records.values()) if r["service"] == body["service"]]
+        start, limit = body.get("start", 0), min(body["limit"], 500)
+        return {
+            "jobs": newest[start : start + limit],
+            "start": start,
+            "more": start + limit < len(newest),
+        }
 
-    def list(self, *, service: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
-        return [r for r in reversed(self.records.values()) if r["service"] == service][:limit]
+
+def fake_jobs(records: list[dict[str, Any]]) -> JobsClient:
+    return JobsClient(FakeBroker(records))  # type: ignore[arg-type]
 
 
 def _job(job_id: str, service: str, deps: list[str], status: str = "succeeded",
@@ -136,12 +148,20 @@ PIPELINE = [_job("j-prep", "preprocess", []), _job("j-vq", "train.vqvae", ["j-pr
 
 @pytest.mark.parametrize("given", ["j-prep", "j-vq", "j-prior"])
 def test_pull_finds_the_prior_job_from_any_stage(given: str) -> None:
-    record = find_model_job(FakeJobs(PIPELINE), given)
+    record = find_model_job(fake_jobs(PIPELINE), given)
     assert record["id"] == "j-prior" and model_artifact(record) == "ab" * 32
 
 
+def test_pull_finds_the_prior_job_behind_more_than_a_page_of_newer_jobs() -> None:
+    """Before: one ``list(limit=1000)`` call, which the broker caps at 500 jobs: a prior job
+    with 600 newer prior jobs after it was not found."""
+    newer = [_job(f"j-other{i}", "train.prior", [f"j-vq{i}"]) for i in range(600)]
+    record = find_model_job(fake_jobs(PIPELINE + newer), "j-vq")
+    assert record["id"] == "j-prior"
+
+
 def test_pull_refuses_jobs_without_a_model() -> None:
-    lone = FakeJobs([_job("j-vq", "train.vqvae", []), _job("j-s", "sleep", [])])
+    lone = fake_jobs([_job("j-vq", "train.vqvae", []), _job("j-s", "sleep", [])])
     with pytest.raises(DistillError, match="no prior job depends on it"):
         find_model_job(lone, "j-vq")
     with pytest.raises(DistillError, match="distill.sleep job, which makes no model"):
