@@ -61,19 +61,20 @@ class DemoCluster:
     """The supervisor's children, started and stopped from this process (no signal handlers
     of its own: the command's ``finally`` stops them)."""
 
-    def __init__(self, home: Path, services: list[str]) -> None:
+    def __init__(self, home: Path, services: list[str], log_file: Path | None = None) -> None:
         from distill.shared.cli.supervisor import Supervisor
 
         os.environ["DISTILL_CACHE"] = str(home / "cache")  # the workers inherit it
         self.supervisor = Supervisor(host="127.0.0.1", port=_free_port_block(),
-                                     data_dir=home / "broker", services=services, device="cpu")  # fmt: skip
+                                     data_dir=home / "broker", services=services, device="cpu",
+                                     log_file=log_file)  # fmt: skip
         self.endpoint = self.supervisor.endpoint
 
     def __enter__(self) -> DemoCluster:
         try:
             for child in self.supervisor.children:
                 child.start()
-            self.supervisor._wait_ready(timeout_s=180.0)
+            self.supervisor.wait_ready(timeout_s=180.0)
         except BaseException:
             self.supervisor.shutdown()
             raise
@@ -182,7 +183,9 @@ def demo(
          f"{minutes:g} min on a local cluster")  # fmt: skip
     home = Path(tempfile.mkdtemp(prefix="distill-demo-"))
     try:
-        with DemoCluster(home, DEMO_SERVICES) as cluster:
+        log = (out / "cluster.log").resolve()
+        _say(f"cluster logs -> {log}")
+        with DemoCluster(home, DEMO_SERVICES, log_file=log) as cluster:
             from distill.shared.bus.client import Client
 
             with Client(cluster.endpoint, timeout_s=120.0) as c:

@@ -41,15 +41,22 @@ class Child:
     restarts: int = 0
     next_start: float = 0.0
     started: list[float] = field(default_factory=list)
+    log_file: Path | None = None  # None: the child writes to this terminal
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        out = None if self.log_file is None else self.log_file.open("ab")  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=out,
+                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)  # fmt: skip
+        finally:
+            if out is not None:
+                out.close()  # the child holds its own descriptor
         self.started.append(time.monotonic())
 
 
 class Supervisor:
     def __init__(self, *, host: str, port: int, data_dir: Path, services: list[str] | None,
-                 device: str | None) -> None:
+                 device: str | None, log_file: Path | None = None) -> None:
         self.endpoint = broker_endpoint(f"{host if host != '0.0.0.0' else '127.0.0.1'}:{port}")
         py = [sys.executable, "-m", "distill.shared.cli"]
         self.children = [Child("broker", py + ["broker", "--host", host, "--port", str(port),
@@ -64,6 +71,8 @@ class Supervisor:
             if threads:
                 argv += ["--threads", str(threads)]
             self.children.append(Child(spec.cli_name, argv))
+        for child in self.children:
+            child.log_file = log_file
         self._stopping = False
 
     def run(self, *, check: bool = False) -> int:
@@ -73,7 +82,7 @@ class Supervisor:
         try:
             for child in self.children:
                 child.start()
-            self._wait_ready(timeout_s=120.0)
+            self.wait_ready(timeout_s=120.0)
             if check:
                 return self._check()
             while not self._stopping:
@@ -86,7 +95,8 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stopping = True
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float) -> None:
+        """Until every worker service has registered with the broker; DistillError after timeout_s."""
         wanted = {spec.service for spec in self.services}
         deadline = time.monotonic() + timeout_s
         with Client(self.endpoint, timeout_s=1.0) as client:
