@@ -1,8 +1,8 @@
 """The training screen: start a run; follow one (loss curves, per-level utilisation and
 perplexity, the codebook usage heatmap, ETA); cancel or retry it; list and play its previews.
 
-Opening a job draws its whole history from the job record first, then follows the event
-stream: rows that arrive while the record loads are merged by epoch, and when the app had to
+Opening a job draws its whole history first (the record, then its metric rows page by page),
+then follows the event stream: rows that arrive while the record loads are merged by epoch, and when the app had to
 drop events (a burst over the per-tick cap) the record is read again."""
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from textual.widgets import (
 )
 
 from distill.shared.bus import protocol as P
+from distill.shared.bus.jobs import metrics_pages
 from distill.shared.errors import DistillError
 from distill.tui.format import duration
 from distill.tui.messages import EventsArrived
@@ -127,9 +128,19 @@ class TrainingScreen(DistillScreen):
 
     @work(group="history", exclusive=True)
     async def load_history(self, job_id: str) -> None:
+        """The record (its ``metric_count``, no rows), then the metric history in pages of
+        ``metrics_page`` (each reply stays below the message limit; the curves grow as pages
+        come), then the previews; :meth:`apply_history` merges what the stream brought."""
         client = self.distill.client
         try:
-            record = await client.request(P.SERVICE_JOBS, {"op": "get", "id": job_id, "metrics": True})
+            record = await client.request(P.SERVICE_JOBS, {"op": "get", "id": job_id, "metrics": False})
+            rows: list[dict[str, Any]] = []
+            if record.get("metric_count"):
+                async for page in metrics_pages(client, job_id):
+                    if job_id != self.job_id:
+                        return
+                    rows += [r for r in page if isinstance(r, dict)]
+                    self.show_history_page(record, rows)
             listed = await client.request(P.SERVICE_ARTIFACTS, {"op": "list", "kind": "preview", "job": job_id})
         except DistillError as e:
             self.loading = False
@@ -137,11 +148,17 @@ class TrainingScreen(DistillScreen):
             return
         if job_id != self.job_id:
             return
-        self.apply_history(record, listed.get("artifacts") or [])
+        self.apply_history({**record, "metrics": rows}, listed.get("artifacts") or [])
+
+    def show_history_page(self, record: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        """The history read so far (still loading): drawn at the plots' pace."""
+        self.record = {**record, "history_loaded": len(rows)}
+        self.rows = list(rows)
+        self.stale = True
 
     def apply_history(self, record: dict[str, Any], previews: list[dict[str, Any]]) -> None:
-        """The job record (with every metric row) and its preview artifacts; then whatever the
-        stream brought meanwhile."""
+        """The job record with its metric rows (``metrics``) and its preview artifacts; then
+        whatever the stream brought meanwhile."""
         self.loading = False
         self.record = {k: v for k, v in record.items() if k != "metrics"}
         self.rows = [r for r in record.get("metrics") or [] if isinstance(r, dict)]
@@ -226,6 +243,8 @@ class TrainingScreen(DistillScreen):
             parts.append(f"epoch {epoch}" + (f"/{epochs}" if epochs else ""))
         if rec.get("status") == "running":
             parts.append(f"ETA {duration(last.get('eta_s', progress.get('eta_s')))}")
+        if self.loading and isinstance(rec.get("metric_count"), int):
+            parts.append(f"history {rec.get('history_loaded', 0)}/{rec['metric_count']}")
         if rec.get("error"):
             parts.append(str(rec["error"])[:80])
         self.query_one("#job-line", Static).update("  ".join(p for p in parts if p))
