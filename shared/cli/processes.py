@@ -93,7 +93,7 @@ def broker(
 
 
 def worker(
-    service: str = typer.Argument(..., help="echo, sleep, preprocess, vqvae"),
+    service: str = typer.Argument(..., help="echo, sleep, preprocess, vqvae, prior, infer"),
     broker: str = BrokerOpt,
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     threads: int = typer.Option(None, help="torch threads (default: all cores)."),

@@ -37,6 +37,10 @@ class ArtifactAccess(Protocol):
         """Size, kind, name, job and creation time of an artifact."""
         ...
 
+    def list(self, *, kind: str | None = None, job: str | None = None) -> list[dict[str, Any]]:
+        """Every stored artifact of a kind and/or job (all pages), newest first."""
+        ...
+
 
 @dataclass
 class JobInfo:
