@@ -5,8 +5,9 @@ and the broker's time, remembers the latest event per (topic, type) for late joi
 republishes. Pure policy: the socket loop moves the frames.
 
 Epochs. Sequence numbers start again at 1 when the broker restarts, so a number alone cannot
-tell a viewer that an event is new. Each hub draws a random ``epoch`` id when it is made and
-stamps it on every event and snapshot beside ``seq``: a subscriber that sees an epoch other
+tell a viewer that an event is new. Each hub draws a random epoch id when it is made and
+stamps it on every event and snapshot beside ``seq`` as ``broker_epoch`` (never ``epoch``, which
+training events use for their own epochs): a subscriber that sees an epoch other
 than its snapshot's knows the broker restarted and takes a fresh snapshot, instead of dropping
 every event as already seen.
 """
@@ -58,7 +59,7 @@ class EventHub:
         self.seq += 1
         stamped = dict(event)
         stamped["seq"] = self.seq
-        stamped["epoch"] = self.epoch
+        stamped["broker_epoch"] = self.epoch
         stamped["topic"] = topic
         stamped["type"] = str(event.get("type", "event"))
         stamped["broker_ts"] = time.time()
@@ -87,5 +88,5 @@ class EventHub:
                 break
             kept.append(event)
         kept.reverse()
-        return {"seq": self.seq, "epoch": self.epoch, "events": kept,
+        return {"seq": self.seq, "broker_epoch": self.epoch, "events": kept,
                 "truncated": len(kept) < len(events)}

@@ -142,7 +142,7 @@ class AsyncClient:
             await asyncio.wait_for(_await_topic(sub, hello), timeout_s)
             sub.setsockopt(zmq.UNSUBSCRIBE, hello)
             snap = await self.request(P.SERVICE_EVENTS, {"op": "snapshot", "prefixes": prefixes})
-            last, epoch = int(snap["seq"]), snap.get("epoch")
+            last, epoch = int(snap["seq"]), snap.get("broker_epoch")
             for event in snap["events"]:
                 yield event
             while True:
@@ -155,10 +155,10 @@ class AsyncClient:
                     continue
                 if not isinstance(event, dict):
                     continue
-                if epoch is not None and event.get("epoch", epoch) != epoch:
+                if epoch is not None and event.get("broker_epoch", epoch) != epoch:
                     # The broker restarted (its numbers start again): a fresh snapshot holds this.
                     snap = await self.request(P.SERVICE_EVENTS, {"op": "snapshot", "prefixes": prefixes})
-                    last, epoch = int(snap["seq"]), snap.get("epoch")
+                    last, epoch = int(snap["seq"]), snap.get("broker_epoch")
                     for event in snap["events"]:
                         yield event
                 elif event.get("seq", 0) > last:

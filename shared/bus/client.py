@@ -230,7 +230,7 @@ class Subscription:
         snap = self.client.request(P.SERVICE_EVENTS, {"op": "snapshot", "prefixes": self.topics})
         self.snapshot_seq: int = snap["seq"]
         self.last_seq = self.snapshot_seq
-        self.epoch: str | None = snap.get("epoch")
+        self.epoch: str | None = snap.get("broker_epoch")
         self._pending.extend(snap["events"])
 
     def _await_hello(self, hello: str, timeout_s: float) -> None:
@@ -262,7 +262,7 @@ class Subscription:
                 continue
             if not isinstance(event, dict):
                 continue
-            if self.epoch is not None and event.get("epoch", self.epoch) != self.epoch:
+            if self.epoch is not None and event.get("broker_epoch", self.epoch) != self.epoch:
                 self._take_snapshot()  # the broker restarted: its snapshot holds this event too
                 if self._pending:
                     return self._pending.pop(0)

@@ -29,11 +29,13 @@ def progress_line(event: dict[str, Any], width: int = 30) -> str:
     if isinstance(fraction, (int, float)):
         done = int(max(0.0, min(1.0, fraction)) * width)
         bar = f"[{'#' * done}{'.' * (width - done)}] {fraction * 100:5.1f}%"
-    skip = {"type", "job", "fraction", "seq", "topic", "broker_ts", "ts", "worker", "row"}
+    skip = {"type", "job", "fraction", "seq", "topic", "broker_ts", "broker_epoch", "ts",
+            "worker", "row"}
     fields = {k: v for k, v in event.items() if k not in skip}
     if isinstance(event.get("row"), dict):
         fields.update(event["row"])
-    text = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items() if not isinstance(v, (list, dict)))
+    text = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items()
+                    if v is not None and not isinstance(v, (list, dict)))  # fmt: skip
     return f"{bar} {text}".strip()
 
 

@@ -68,8 +68,7 @@ def train_line(event: dict[str, Any]) -> str | None:
     if not isinstance(row, dict):
         if event.get("type") != "progress":
             return None
-        # the broker stamps its run id as "epoch" on every event: not a training epoch
-        return progress_line({k: v for k, v in event.items() if k != "epoch" or isinstance(v, int)})
+        return progress_line(event)
     parts = []
     if "epoch" in row:
         parts.append(f"epoch {row['epoch']}" + (f"/{row['epochs']}" if "epochs" in row else ""))

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.integration
 def test_every_event_and_snapshot_carries_the_hubs_epoch() -> None:
     one, two = EventHub(), EventHub()
     stamped, _ = one.stamp("job.x", {"type": "progress"})
-    assert stamped["epoch"] == one.epoch != two.epoch
-    assert one.snapshot([""])["epoch"] == one.epoch
+    assert stamped["broker_epoch"] == one.epoch != two.epoch
+    assert one.snapshot([""])["broker_epoch"] == one.epoch
 
 
 class Running:
@@ -84,7 +84,7 @@ def test_a_subscriber_follows_a_restarted_broker(running: Running) -> None:
                 break
         assert event is not None, "no event after the restart"
         # The fresh snapshot starts with the new broker's first event.
-        assert event["job"] == fresh[0] and event["epoch"] == sub.epoch
+        assert event["job"] == fresh[0] and event["broker_epoch"] == sub.epoch
 
 
 def test_an_async_subscriber_follows_a_restarted_broker(running: Running) -> None:

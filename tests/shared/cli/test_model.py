@@ -227,6 +227,8 @@ def test_train_argument_errors(args: list[str], expected: str) -> None:
 
 
 def test_progress_line_drops_the_brokers_run_stamp() -> None:
-    event = {"type": "progress", "fraction": 0.5, "file": "a.wav", "epoch": "b7f20ad9166c75aa"}
+    event = {"type": "progress", "fraction": 0.5, "file": "a.wav", "epoch": 3, "reason": None,
+             "broker_epoch": "b7f20ad9166c75aa"}
     line = train_line(event)
-    assert line is not None and "file=a.wav" in line and "b7f20ad9" not in line
+    assert line is not None and "file=a.wav" in line and "epoch=3" in line
+    assert "b7f20ad9" not in line and "None" not in line
