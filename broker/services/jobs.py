@@ -16,6 +16,7 @@ from distill.broker.services.common import field, ok_body
 from distill.broker.services.periodic import Periodic
 from distill.broker.services.retention import Retention
 from distill.broker.store.journal import MAX_METRICS_PAGE, JobRecord, JobStore, StaleAttempt
+from distill.shared import errors as E
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
 from distill.shared.bus.messages import JobDispatch, JobSubmit
@@ -23,6 +24,9 @@ from distill.shared.errors import DecodeError, JobError
 from distill.shared.logs import get_logger
 
 log = get_logger("broker.jobs")
+# Failures that would repeat on every attempt (the job's own settings or input are wrong): the
+# job fails at once instead of running max_attempts times into the same error.
+FINAL_ERROR_CODES = frozenset({E.CONFIG, E.BAD_REQUEST, E.AUDIO, E.DATASET, E.MODEL_FORMAT})
 
 CANCEL_REPEAT_S = 1.0  # a running job's cancel is re-announced until the worker stops
 RESCAN_S = 1.0  # look for newly dispatchable jobs at least this often
@@ -321,9 +325,11 @@ class JobService:
             if current.status != "running" or current.worker != worker.worker_id:
                 raise StaleAttempt(f"job {job_id} is {current.status} on {current.worker}")
             return self.store.mark_cancelled(job_id, current.cancel_reason or "cancelled")
-        message = str((reply.get("error") or {}).get("message", "unknown error"))
+        error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+        message = str(error.get("message", "unknown error"))
         return self.store.fail_attempt(job_id, f"attempt on {worker.meta.get('host', '?')}: {message}",
-                                       worker=worker.worker_id, attempt=attempt)
+                                       worker=worker.worker_id, attempt=attempt,
+                                       final=error.get("code") in FINAL_ERROR_CODES)
 
     def on_lost(self, job_id: str, reason: str) -> None:
         """The worker holding the job is gone. With a checkpoint the job resumes where it was,

@@ -706,20 +706,23 @@ class JobStore:
         worker: str | None = None,
         attempt: int | None = None,
         lost: bool = False,
+        final: bool = False,
     ) -> JobRecord:
         """This attempt failed: queue again while attempts remain, else fail the job for good.
 
         ``lost``: the attempt was lost to the system (see :data:`MAX_LOST_ATTEMPTS`), not the
-        work's fault; it is recorded but does not use one of ``max_attempts``. A job whose
-        cancel was requested ends cancelled instead of running again.
+        work's fault; it is recorded but does not use one of ``max_attempts``. ``final``: the
+        failure would repeat on every attempt (bad settings, unusable input), so the job fails
+        now. A job whose cancel was requested ends cancelled instead of running again.
         """
         with self._write() as db:
             row = self._running_row(job_id, worker, "fail", attempt)
-            self._fail_row(db, row, reason, lost=lost)
+            self._fail_row(db, row, reason, lost=lost, final=final)
         return self._load(job_id)
 
     def _fail_row(
-        self, db: sqlite3.Connection, row: sqlite3.Row, reason: str, *, lost: bool = False
+        self, db: sqlite3.Connection, row: sqlite3.Row, reason: str, *, lost: bool = False,
+        final: bool = False,
     ) -> None:
         job_id = row["id"]
         lost_attempts = row["lost_attempts"] + (1 if lost else 0)
@@ -735,7 +738,7 @@ class JobStore:
         )
         if row["cancel_requested"]:
             self._cancel_row(db, job_id, row["cancel_reason"] or "cancelled")
-        elif row["attempts"] < max_attempts and lost_attempts <= MAX_LOST_ATTEMPTS:
+        elif not final and row["attempts"] < max_attempts and lost_attempts <= MAX_LOST_ATTEMPTS:
             db.execute("UPDATE jobs SET status = 'queued', worker = NULL WHERE id = ?", (job_id,))
         else:
             error = _final_error(errors)

@@ -249,3 +249,24 @@ def test_a_failure_to_free_a_superseded_checkpoint_does_not_refuse_the_new_one(
     monkeypatch.setattr(service.retention, "delete", broken)
     assert call(service, op="checkpoint", id=job_id, sha256=new, attempt=1)["checkpoint"] == new
     assert service.store.get(job_id).checkpoint == new
+
+
+@pytest.mark.parametrize("code", ["config", "bad_request", "model_format"])
+def test_a_failure_that_would_repeat_fails_the_job_at_once(parts: Any, code: str) -> None:
+    """Before: a job with a bad setting ran all its attempts into the same ConfigError."""
+    _, service, _ = parts
+    w = worker(b"w1")
+    job_id = start(service, w)
+    error = {"code": code, "message": "TrainConfig: lr must be > 0"}
+    service.on_reply(job_id, [pack({"ok": False, "error": error})], w)
+    record = service.store.get(job_id)
+    assert record.status == "failed" and record.attempts == 1
+    assert "lr must be > 0" in (record.error or "")
+
+
+def test_a_failure_of_the_moment_is_retried(parts: Any) -> None:
+    _, service, _ = parts
+    w = worker(b"w1")
+    job_id = start(service, w)
+    service.on_reply(job_id, [pack({"ok": False, "error": {"code": "artifact", "message": "x"}})], w)
+    assert service.store.get(job_id).status == "queued"
