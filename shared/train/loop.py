@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distill.shared.configs import require
+from distill.shared.configs import at_most, require
 from distill.shared.errors import JobError, ModelFormatError
 from distill.shared.model.formats import checkpoint_to_bytes, read_checkpoint
 
@@ -57,6 +57,11 @@ M = TypeVar("M", bound=nn.Module)
 
 # --------------------------------------------------------------------------------------------
 # Config
+
+
+MAX_EPOCHS = 100_000  # bounds on what a request may ask for, checked before anything is built
+MAX_BATCH_SIZE = 4096
+MAX_WARMUP_STEPS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,13 @@ class LoopConfig:
             (0 <= self.minutes <= MAX_BUDGET_MINUTES,
              f"minutes must be in 0..{MAX_BUDGET_MINUTES} (0 = no budget)"),
             (0 <= self.checkpoint_every_s <= 86400, "checkpoint_every_s must be in 0..86400"),
+            at_most(self.epochs, MAX_EPOCHS, "epochs", "the time budget, not epochs, ends long runs"),
+            at_most(self.batch_size, MAX_BATCH_SIZE, "batch_size",
+                    "larger batches do not fit one device's memory for 1-s chunks"),
+            at_most(self.warmup_steps, MAX_WARMUP_STEPS, "warmup_steps", "longer than any run"),
+            at_most(self.patience, MAX_EPOCHS, "patience", "more epochs than a run may have"),
+            at_most(self.lr, 1.0, "lr", "Adam diverges far below this"),
+            at_most(self.max_rollbacks, 16, "max_rollbacks", "each halves the learning rate"),
         ]  # fmt: skip
 
     def __post_init__(self) -> None:

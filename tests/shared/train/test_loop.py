@@ -231,3 +231,19 @@ def test_the_default_budget_comes_from_the_device_unless_the_params_say() -> Non
 def test_loop_config_refuses_bad_budgets(bad: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         LoopConfig(**bad)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("epochs", 10**9), ("batch_size", 1_000_000), ("warmup_steps", 10**8), ("lr", 5.0)],
+)
+def test_training_settings_past_their_bounds_are_refused_with_the_bound(
+    field: str, value: object
+) -> None:
+    """Before: epochs=10**9 or batch_size=10**6 were accepted and failed (or ran for ever) only
+    once the trainer allocated or looped."""
+    from distill.shared.errors import ConfigError
+    from distill.shared.train.loop import LoopConfig
+
+    with pytest.raises(ConfigError, match=f"{field} .* over the limit"):
+        LoopConfig(**{field: value})  # type: ignore[arg-type]
