@@ -49,7 +49,15 @@ from distill.shared.train.loop import LoopConfig, Trainer, TrainHooks
 
 CODES_FORMAT_VERSION = 1
 CODES_KIND = "codes"  # the artifact kind of a cached CodeSet
-MIN_STEPS_PER_EPOCH = 4  # a handful of files still gets a few optimiser steps per epoch
+# An epoch is at least this many optimiser steps (the windows drawn again at fresh offsets), so
+# that patience, counted in epochs, is counted in hundreds of steps on any dataset: with 9 files
+# an epoch used to be 4 steps, and early stopping ended the run after ~100 steps, before the
+# prior had learnt how a sound starts (measured on the demo's sounds: 4 of 8 samples silent).
+MIN_STEPS_PER_EPOCH = 25
+# With fewer validation files than this, the validation NLL measures one or two sounds, not the
+# dataset (the demo's one validation file went from 1.8 to 6 bits while samples got better):
+# those files train too, and validation, early stopping and the baselines use training windows.
+MIN_VALIDATION_FILES = 3
 VALIDATION_BATCH = 64  # windows per validation forward pass
 BUCKET_BATCHES = 8  # batches drawn together and sorted by length, so little is padding
 
@@ -216,9 +224,14 @@ class PriorTrainConfig(LoopConfig):
     warmup_steps: int = 20  # small sets make few steps per epoch; the LSTM needs little warmup
     patience: int = 10  # the validation NLL of a small set turns up within a few epochs
     window: int = 188  # code steps per training window: 2 s at 94 steps/s, longer than a chunk
+    start_weight: float = 1.0  # a sound's first step counts as this many codes in the loss
+    end_steps: int = 94  # training sequences go on this long in their final (silent) step, so
+    # that a draw past a sound's end stays silent: 1 s at 94 steps/s
 
     def __post_init__(self) -> None:
-        checks = [(2 <= self.window <= 100_000, "window must be in 2..100000 code steps")]
+        checks = [(2 <= self.window <= 100_000, "window must be in 2..100000 code steps"),
+                  (1 <= self.start_weight <= 1000, "start_weight must be in 1..1000"),
+                  (0 <= self.end_steps <= 100_000, "end_steps must be in 0..100000")]  # fmt: skip
         require(self.loop_checks() + checks, "PriorTrainConfig")
 
     @classmethod
@@ -266,30 +279,64 @@ def resolve_prior_config(
 # The trainer
 
 
-def _pad(items: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Sequences (Q, L_i) -> codes (B, Q, L_max) padded with code 0, and a mask (B, L_max)."""
-    longest = max(s.shape[1] for s in items)
-    codes = torch.zeros(len(items), items[0].shape[0], longest, dtype=torch.long)
+@dataclass(frozen=True)
+class Window:
+    """Code steps (Q, L) of one sequence; ``context`` leading steps are read, not scored.
+
+    Only a window that begins where its sound begins is scored from its first step, which the
+    prior predicts from its start vector: a window cut inside a sound carries the step before
+    it, so the start vector learns how sounds start, not what the middle of one looks like.
+    """
+
+    codes: Tensor  # (Q, L)
+    context: int  # 0 at a sound's start, else 1
+
+
+def _cut(seq: Tensor, start: int, width: int) -> Window:
+    """The window of ``seq`` (Q, L) scoring steps [start, start + width), with its context."""
+    context = 1 if start > 0 else 0
+    return Window(seq[:, start - context : start + width], context)
+
+
+def _with_end(seq: Tensor, steps: int) -> Tensor:
+    """``seq`` (Q, L) followed by its last step repeated ``steps`` times: (Q, L + steps).
+
+    A sound's codes end in the silence it was padded with; without this tail the prior never
+    sees what follows the end of a sound, and a draw longer than the sounds it learnt from
+    wanders off into a steady loud or quiet state, or starts a second sound.
+    """
+    return torch.cat([seq, seq[:, -1:].expand(-1, steps)], dim=1)
+
+
+def _pad(items: list[Window], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Windows -> codes (B, Q, L_max) padded with code 0, and a mask (B, L_max) of the steps
+    to score (not padding, not context)."""
+    longest = max(w.codes.shape[1] for w in items)
+    codes = torch.zeros(len(items), items[0].codes.shape[0], longest, dtype=torch.long)
     mask = torch.zeros(len(items), longest, dtype=torch.bool)
-    for i, s in enumerate(items):
-        codes[i, :, : s.shape[1]], mask[i, : s.shape[1]] = s, True
+    for i, w in enumerate(items):
+        length = w.codes.shape[1]
+        codes[i, :, :length], mask[i, w.context : length] = w.codes, True
     return codes.to(device), mask.to(device)
 
 
-def masked_nats(prior: Prior, codes: Tensor, mask: Tensor) -> tuple[Tensor, int]:
-    """Summed cross-entropy (nats) of the real codes of a padded batch, and how many there are.
+def code_nats(prior: Prior, codes: Tensor, mask: Tensor) -> Tensor:
+    """Cross-entropy (nats) of every code of a padded batch, 0 where ``mask`` is off: (B, T, Q).
 
     codes (B, Q, T), mask (B, T). The LSTM is causal, so padding after a sequence's end never
     changes what it predicts for the real steps.
     """
-    out = prior(codes)
-    b, t, q, k = out.logits.shape
-    if bool(mask.all()):  # the usual case with length buckets: the model's own mean will do
-        return out.loss * (b * t * q), b * t * q
-    logits = out.logits  # (B, T, Q, K)
+    logits = prior(codes).logits  # (B, T, Q, K)
+    b, t, q, k = logits.shape
     ce = F.cross_entropy(logits.reshape(-1, k), codes.transpose(1, 2).reshape(-1),
                          reduction="none").view(b, t, q)  # fmt: skip
-    return (ce * mask[:, :, None]).sum(), int(mask.sum()) * q
+    return ce * mask[:, :, None]
+
+
+def masked_nats(prior: Prior, codes: Tensor, mask: Tensor) -> tuple[Tensor, int]:
+    """Summed cross-entropy (nats) of the scored codes of a padded batch, and how many there
+    are; codes (B, Q, T), mask (B, T) (see ``code_nats``)."""
+    return code_nats(prior, codes, mask).sum(), int(mask.sum()) * codes.shape[1]
 
 
 class PriorTrainer(Trainer[Prior]):
@@ -313,14 +360,18 @@ class PriorTrainer(Trainer[Prior]):
         if not self.train_seqs:
             raise DatasetError("the code set has no training files")
         val = codes.sequences("val")
+        if len(val) < MIN_VALIDATION_FILES:
+            self.train_seqs, val = self.train_seqs + val, []
         self.validated_on = "val" if val else "train"
         self.val_windows = self._windows_in_order(val or self.train_seqs)
         self.prior_config, self.chosen = resolve_prior_config(codes, prior_overrides)
         k = codes.codebook_size
-        self.baselines = {"unigram_bits": unigram_bits(self.train_seqs, self.val_windows, k),
-                          "bigram_bits": bigram_bits(self.train_seqs, self.val_windows, k),
-                          "val_codes": sum(w.numel() for w in self.val_windows),
+        scored = [w.codes[:, w.context :] for w in self.val_windows]  # what the prior scores
+        self.baselines = {"unigram_bits": unigram_bits(self.train_seqs, scored, k),
+                          "bigram_bits": bigram_bits(self.train_seqs, scored, k),
+                          "val_codes": sum(c.numel() for c in scored),
                           "validated_on": self.validated_on}  # fmt: skip
+        self.train_seqs = [_with_end(s, train_config.end_steps) for s in self.train_seqs]
 
     def run(self) -> PriorTrainResult:
         """Train to the last epoch, the budget's end or early stop (see ``Trainer.run_loop``)."""
@@ -350,21 +401,22 @@ class PriorTrainer(Trainer[Prior]):
 
     # -- batch ----------------------------------------------------------------------------------
 
-    def _windows_in_order(self, seqs: list[Tensor]) -> list[Tensor]:
-        """Consecutive windows (Q, <= window) of each sequence, the last one shorter."""
+    def _windows_in_order(self, seqs: list[Tensor]) -> list[Window]:
+        """Consecutive windows (<= window steps scored) of each sequence, the last one shorter."""
         w = self.train_config.window
-        return [s[:, i : i + w] for s in seqs for i in range(0, s.shape[1], w)]
+        return [_cut(s, i, w) for s in seqs for i in range(0, s.shape[1], w)]
 
-    def _windows_at_random(self, g: torch.Generator) -> list[Tensor]:
-        """ceil(L / window) windows of each training sequence, at random offsets."""
+    def _windows_at_random(self, g: torch.Generator) -> list[Window]:
+        """ceil(L / window) windows of each training sequence: the one at its start, the rest
+        at random offsets (every sound's start is seen every epoch)."""
         w, out = self.train_config.window, []
         for s in self.train_seqs:
             length = s.shape[1]
+            out.append(_cut(s, 0, w))
             if length <= w:
-                out.append(s)
                 continue
-            starts = torch.randint(0, length - w + 1, (math.ceil(length / w),), generator=g)
-            out.extend(s[:, int(i) : int(i) + w] for i in starts)
+            starts = torch.randint(1, length - w + 1, (math.ceil(length / w) - 1,), generator=g)
+            out.extend(_cut(s, int(i), w) for i in starts)
         return out
 
     @property
@@ -384,7 +436,7 @@ class PriorTrainer(Trainer[Prior]):
         batches: list[list[int]] = []
         for start in range(0, need, bs * BUCKET_BATCHES):  # sorted is stable: deterministic
             pool = sorted(
-                order[start : start + bs * BUCKET_BATCHES], key=lambda j: items[j].shape[1]
+                order[start : start + bs * BUCKET_BATCHES], key=lambda j: items[j].codes.shape[1]
             )
             batches += [pool[i : i + bs] for i in range(0, len(pool), bs)]
         for b in torch.randperm(len(batches), generator=g).tolist():
@@ -396,10 +448,15 @@ class PriorTrainer(Trainer[Prior]):
         return {"nats": 0.0, "codes": 0}
 
     def step_loss(self, batch: tuple[Tensor, Tensor], totals: dict[str, Any]) -> Tensor:
-        nats, count = masked_nats(self._model(), *batch)
+        """Mean nats per code, a sound's first step counting ``start_weight`` codes."""
+        codes, mask = batch
+        per_code = code_nats(self._model(), codes, mask)  # (B, T, Q)
+        nats, count = per_code.sum(), int(mask.sum()) * codes.shape[1]
         totals["nats"] += nats.item()
         totals["codes"] += count
-        return nats / max(count, 1)
+        extra = self.train_config.start_weight - 1.0  # the first step is scored only at a start
+        starts = per_code[:, 0].sum() * extra, int(mask[:, 0].sum()) * codes.shape[1] * extra
+        return (nats + starts[0]) / max(count + starts[1], 1)
 
     @torch.no_grad()
     def validate(self) -> tuple[float, dict[str, Any]]:

@@ -52,9 +52,11 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def codes() -> CodeSet:
-    """24 percussion files (3 validate), encoded by a tiny RVQ-VAE trained for six epochs."""
+    """24 percussion files (4 validate: enough to validate on, see MIN_VALIDATION_FILES),
+    encoded by a tiny RVQ-VAE trained for six epochs."""
     paths = [p for p in scan_folder(percussion_dir()) if p.suffix == ".flac"][::5][:24]
-    ds = build_dataset([(p.name, p.read_bytes()) for p in paths], MelConfig(), seed=0)
+    ds = build_dataset([(p.name, p.read_bytes()) for p in paths], MelConfig(), seed=0,
+                       val_fraction=0.15)  # fmt: skip
     vqvae = VQVAETrainer(ds, TINY_VQVAE, VQVAE_TRAIN, NullHooks()).run().model
     return encode_dataset(vqvae, ds, vqvae_id="a" * 64, dataset_id="b" * 64)
 
