@@ -193,6 +193,64 @@ def test_padding_is_left_out_of_the_loss() -> None:
     assert float(together) == pytest.approx(float(alone[0][0] + alone[1][0]), rel=1e-5)
 
 
+def synthetic_codes(lengths: list[int], splits: list[str], k: int = 8) -> CodeSet:
+    """Random 2-level sequences of the given lengths (no RVQ-VAE needed)."""
+    g = np.random.default_rng(0)
+    codes = g.integers(0, k, (2, sum(lengths))).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return CodeSet(codes=codes, offsets=offsets, files=[f"f{i}.wav" for i in range(len(lengths))],
+                   splits=splits, codebook_size=k, vqvae="", dataset="")  # fmt: skip
+
+
+def test_windows_inside_a_sound_read_the_step_before_and_every_start_is_drawn() -> None:
+    codes = synthetic_codes([50, 7, 9, 9, 9], ["train", "train", "val", "val", "val"])
+    config = dataclasses.replace(FAST, window=10, end_steps=0)
+    trainer = PriorTrainer(codes, {}, config, NullHooks())
+    long_seq = codes.sequences("train")[0]
+    for epoch in (1, 2):
+        windows = trainer._windows_at_random(torch.Generator().manual_seed(epoch))
+        assert len(windows) == 5 + 1  # ceil(50 / 10) of the long sound, the short one whole
+        assert windows[0].context == 0 and torch.equal(windows[0].codes, long_seq[:, :10])
+        for w in windows[1:5]:
+            assert w.context == 1 and w.codes.shape[1] == 11  # one step read, ten scored
+            start = next(i for i in range(1, 41) if torch.equal(long_seq[:, i - 1 : i + 10],
+                                                                w.codes))  # fmt: skip
+            assert start >= 1
+    codes_t, mask = prior_training._pad(windows[:2], torch.device("cpu"))
+    assert mask[0].tolist() == [True] * 10 + [False] and mask[1].tolist() == [False] + [True] * 10
+    assert trainer.steps_per_epoch >= prior_training.MIN_STEPS_PER_EPOCH
+
+
+def test_with_too_few_validation_files_every_file_trains_and_validation_uses_them() -> None:
+    codes = synthetic_codes([20, 30, 25], ["train", "train", "val"])
+    config = dataclasses.replace(FAST, end_steps=6)
+    trainer = PriorTrainer(codes, {}, config, NullHooks())
+    assert trainer.validated_on == "train" and trainer.baselines["validated_on"] == "train"
+    assert [s.shape[1] for s in trainer.train_seqs] == [26, 36, 31]  # every file, its tail
+    for seq in trainer.train_seqs:  # the tail repeats the sound's last (silent) step
+        assert bool((seq[:, -7:] == seq[:, -7:-6]).all())
+    assert trainer.baselines["val_codes"] == 2 * (20 + 30 + 25)  # the tails are not scored
+
+
+def test_start_weight_counts_a_sounds_first_step_more() -> None:
+    codes = synthetic_codes([12, 12, 12, 12], ["train"] * 4)
+    losses = []
+    for weight in (1.0, 5.0):
+        trainer = PriorTrainer(codes, {}, dataclasses.replace(FAST, start_weight=weight,
+                                                              window=6), NullHooks())  # fmt: skip
+        torch.manual_seed(0)
+        trainer.model = trainer.build_model().eval()
+        batch = prior_training._pad(trainer._windows_in_order(codes.sequences("train")),
+                                    torch.device("cpu"))  # fmt: skip
+        totals = trainer.new_totals()
+        losses.append(float(trainer.step_loss(batch, totals).detach()))
+        per_code = prior_training.code_nats(trainer.model, *batch)  # (B, T, Q)
+    first, rest = per_code[batch[1][:, 0], 0].sum(), per_code.sum()  # 4 starts x 2 levels
+    assert totals["codes"] == 4 * 12 * 2  # the metrics count every code once, unweighted
+    assert losses[0] == pytest.approx(float(rest) / 96, rel=1e-5)
+    assert losses[1] == pytest.approx(float(rest + 4 * first) / (96 + 4 * 8), rel=1e-5)
+
+
 # -- training ---------------------------------------------------------------------------------
 
 
