@@ -71,8 +71,8 @@ def bare_steps_per_s(trainer: VQVAETrainer, steps: int) -> float:
     torch.manual_seed(0)
     model = VQVAE(trainer.model_config)
     trainer._init_model_(model)
-    opt = torch.optim.Adam(model.parameters(), lr=trainer.train_config.lr)
-    batches = [x for epoch in range(1, 100) for x in trainer._batches(epoch)][: steps + 3]
+    opt = trainer.build_optimizer(model)
+    batches = [x for epoch in range(1, 100) for x in trainer.batches(epoch)][: steps + 3]
     started = 0.0
     for i, x in enumerate(batches):
         if i == 3:  # the first steps pay one-off costs (einx graph solving, allocations)
@@ -113,12 +113,6 @@ def split_paths(ds: Dataset, folder: Path, n_train: int) -> tuple[list[Path], li
     return val, train[::step][:n_train]
 
 
-def plan_epochs(trainer: VQVAETrainer, bare: float, minutes: float) -> int:
-    """Epochs that fit the budget, guessing the real loop at 85% of the bare loop's speed."""
-    epoch_s = trainer.steps_per_epoch / (0.85 * bare)
-    return max(2, int(minutes * 60 / epoch_s))
-
-
 def report(name: str, m: dict[str, float], bar: float) -> None:
     ratio = m["sc"] / m["sc_floor"]
     print(f"{name:>10}: mel L1 {m['mel_l1']:.3f} | decoded SC {m['sc']:.3f} vs floor "
@@ -132,14 +126,24 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-files", type=int, default=13, help="training files to evaluate")
-    ap.add_argument("--model", type=json.loads, default={}, help='VQVAEConfig overrides, JSON: {"channels": 256}')
-    ap.add_argument("--train", type=json.loads, default={}, help='TrainConfig overrides, JSON: {"lr": 1e-3}')
+    ap.add_argument("--subset", type=int, default=0, help="use only the first N files (0: all)")
+    ap.add_argument("--quick", action="store_true", help="skip the first-k-levels figures")
+    ap.add_argument(
+        "--model",
+        type=json.loads,
+        default={},
+        help='VQVAEConfig overrides, JSON: {"channels": 256}',
+    )
+    ap.add_argument(
+        "--train", type=json.loads, default={}, help='TrainConfig overrides, JSON: {"lr": 1e-3}'
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)  # deliberate: the bench owns the process
     torch.set_flush_denormal(True)
 
     cfg = MelConfig()
     paths = scan_folder(args.data)
+    paths = paths[: args.subset] if args.subset else paths
     ds = build_dataset([(p.name, p.read_bytes()) for p in paths], cfg, seed=0)
     print(f"dataset: {len(ds.files_in_split('train'))} train / {len(ds.files_in_split('val'))} "
           f"val files, {len(ds.train_indices())} / {len(ds.val_indices())} chunks")  # fmt: skip
@@ -147,8 +151,9 @@ def main() -> None:
     model_config = VQVAEConfig.from_dict(args.model)
     probe = VQVAETrainer(ds, model_config, TrainConfig.from_dict(args.train), TimingHooks())
     bare = bare_steps_per_s(probe, steps=30)
-    epochs = plan_epochs(probe, bare, args.minutes)
-    train_config = TrainConfig.from_dict({**args.train, "epochs": epochs, "preview_every": 0})
+    train_config = TrainConfig.from_dict(
+        {**args.train, "minutes": args.minutes, "preview_every": 0}
+    )
     print(f"model: {probe.model_config}\nchosen: {probe.chosen['why']}\ntrain: {train_config}")
 
     hooks = TimingHooks()
@@ -160,18 +165,28 @@ def main() -> None:
     last = hooks.metrics[-1]
 
     val_paths, train_paths = split_paths(ds, args.data, args.train_files)
-    print(f"\n{result.epochs} epochs, {last['step']} steps in {wall:.0f} s "
-          f"(best epoch {result.best_epoch}); epoch {statistics.median(m['epoch_s'] for m in hooks.metrics):.2f} s")
+    print(
+        f"\n{result.epochs} epochs, {last['step']} steps in {wall:.0f} s "
+        f"(best epoch {result.best_epoch}); epoch {statistics.median(m['epoch_s'] for m in hooks.metrics):.2f} s"
+    )
     print(f"throughput: real loop {real:.2f} steps/s (validation, metrics, "
           f"{hooks.checkpoint_bytes / 1e6:.1f} MB checkpoint each epoch) vs bare loop "
           f"{bare:.2f} steps/s = {real / bare:.2f}x")  # fmt: skip
-    print("utilisation per level:", [round(u, 2) for u in last["utilisation"]],
-          "perplexity:", [round(p) for p in last["perplexity"]], "dead:", last["dead_codes"])
+    print(
+        "utilisation per level:",
+        [round(u, 2) for u in last["utilisation"]],
+        "perplexity:",
+        [round(p) for p in last["perplexity"]],
+        "dead:",
+        last["dead_codes"],
+    )
     report("val", evaluate(result.model, val_paths, cfg), 1.5)
     report("train", evaluate(result.model, train_paths, cfg), 1.25)
-    for k in range(1, result.model_config.levels or 1):
+    for k in range(1, 1 if args.quick else result.model_config.levels or 1):
         m = evaluate(result.model, val_paths, cfg, levels=k)
-        print(f"  val, first {k} level(s): decoded SC {m['sc']:.3f} ({m['sc'] / m['sc_floor']:.2f}x)")
+        print(
+            f"  val, first {k} level(s): decoded SC {m['sc']:.3f} ({m['sc'] / m['sc_floor']:.2f}x)"
+        )
 
 
 if __name__ == "__main__":
