@@ -5,8 +5,11 @@ checkpoint and weights formats are in :mod:`distill.shared.model.formats`.
 It adds: normalisation and k-means codebooks from the training chunks at the start; batches of
 shuffled (optionally augmented) chunks; the reconstruction + commitment loss; validation loss
 and log-mel L1; codebook health per epoch (utilisation, perplexity, dead codes, usage counts);
-Griffin-Lim previews every ``preview_every`` epochs. The quantizer dropout and dead-code
-replacement draw from torch's global RNG, which the loop checkpoints.
+Griffin-Lim previews every ``preview_every`` epochs; and the number that judges the sound:
+every ``audio_every`` epochs (and for the returned model) a few validation chunks are decoded to
+audio with Griffin-Lim and scored by spectral convergence against the dataset's mel, beside
+the same for Griffin-Lim of the true mel (the floor, computed once). The quantizer dropout and
+dead-code replacement draw from torch's global RNG, which the loop checkpoints.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from torch import Tensor
 
 from distill.shared.audio.augment import AugmentConfig, augment_mel
 from distill.shared.audio.dataset import Dataset
+from distill.shared.audio.mel import MelConfig, log_mel
+from distill.shared.audio.phase import mel_to_audio
 from distill.shared.configs import config_from_dict, require
 from distill.shared.errors import ConfigError, DatasetError
 from distill.shared.model.vqvae import VQVAE, VQVAEConfig, resolve_config
@@ -52,9 +57,23 @@ class TrainConfig(LoopConfig):
     augment_time_shift: bool = True
     augment_noise: bool = False  # noise adds texture the reconstruction then has to invent
     augment_pitch_shift: bool = False
+    # Decoded-audio check (module docstring). 4 chunks x 32 Griffin-Lim iterations every 5
+    # epochs cost ~1% of a CPU run; fewer chunks make the median noisy, fewer iterations
+    # raise the floor and hide the model's own error under Griffin-Lim's.
+    audio_every: int = 5  # epochs between checks; 0 = only for the returned model
+    audio_chunks: int = 4  # validation chunks decoded, from as many files as there are
+    audio_iters: int = 32  # Griffin-Lim iterations (seeded: the same chunks, the same phase)
+    adam_beta1: float = 0.9  # Adam's defaults; EnCodec and DAC train with 0.8 / 0.99
+    adam_beta2: float = 0.999
 
     def __post_init__(self) -> None:
-        checks = [(self.preview_every >= 0 and self.preview_chunks >= 1, "bad preview settings")]
+        checks = [
+            (self.preview_every >= 0 and self.preview_chunks >= 1, "bad preview settings"),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "Adam betas must be in [0, 1)"),
+            (self.audio_every >= 0, "audio_every must be >= 0"),
+            (1 <= self.audio_chunks <= 64 and 1 <= self.audio_iters <= 1000,
+             "audio_chunks must be in 1..64 and audio_iters in 1..1000"),
+        ]  # fmt: skip
         require(self.loop_checks() + checks, "TrainConfig")
 
     @classmethod
@@ -79,6 +98,49 @@ class TrainResult:
     stopped: str  # "epochs", "budget" or "early_stopping"
     metrics: dict[str, Any]  # the last epoch's row
     budget: dict[str, Any]  # the loop's budget summary (minutes, planned epochs, steps, why)
+    audio: dict[str, Any]  # the returned model's decoded-audio check (AudioCheck.measure)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoded-audio check
+
+
+def decoded_sc(logmel: Tensor, target: Tensor, cfg: MelConfig, n_iter: int) -> Tensor:
+    """Spectral convergence of Griffin-Lim audio from ``logmel`` (n, M, T) against ``target``
+    (n, M, T), on mel magnitudes: ||mel(audio) - e^target|| / ||e^target|| per chunk, (n,).
+
+    The dataset keeps mels, not audio, so the reference is the true mel's magnitude; on mel
+    bins rather than STFT bins it follows the bench's whole-file figure closely.
+    """
+    audio = mel_to_audio(logmel.float().cpu(), cfg, n_iter=n_iter, seed=0)  # (n, (T-1) * hop)
+    est = log_mel(audio, cfg).exp()  # (n, M, T)
+    ref = target.float().cpu().exp()  # (n, M, T)
+    return torch.linalg.vector_norm(est - ref, dim=(1, 2)) / torch.linalg.vector_norm(
+        ref, dim=(1, 2)
+    ).clamp_min(1e-12)
+
+
+class AudioCheck:
+    """Decodes a fixed few chunks (one per file, as many files as allowed) and scores them
+    against the floor; the floor is computed once, the first time."""
+
+    def __init__(self, mels: Tensor, names: list[str], cfg: MelConfig, n_iter: int) -> None:
+        self.mels, self.names, self.cfg, self.n_iter = mels, names, cfg, n_iter  # (n, M, T)
+        self._floor: Tensor | None = None
+
+    @torch.no_grad()
+    def measure(self, model: VQVAE) -> dict[str, Any]:
+        """{"sc", "floor", "ratio"} medians over the chunks, and the files they came from."""
+        if self._floor is None:
+            self._floor = decoded_sc(self.mels, self.mels, self.cfg, self.n_iter)  # (n,)
+        was_training = model.training
+        model.eval()
+        recon = model(self.mels).recon  # (n, M, T)
+        model.train(was_training)
+        sc = decoded_sc(recon, self.mels, self.cfg, self.n_iter)  # (n,)
+        median, floor = float(sc.median()), float(self._floor.median())
+        return {"sc": median, "floor": floor, "ratio": median / max(floor, 1e-12),
+                "chunks": len(self.mels), "files": self.names}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,18 +176,34 @@ class VQVAETrainer(Trainer[VQVAE]):
         self.train_mels = mels[torch.from_numpy(train_idx)].to(self.device)  # (N_train, M, T)
         self.val_mels = mels[torch.from_numpy(val_idx)].to(self.device)  # (N_val, M, T)
         self.val_names = [dataset.manifest[int(dataset.chunk_file[i])].name for i in val_idx]
+        self.audio_check = self._audio_check(dataset, val_idx if len(val_idx) else train_idx)
         n_files = len(dataset.files_in_split("train"))
         self.model_config, why = resolve_config(model_config, n_files)
         self.chosen = {"codebook_size": self.model_config.codebook_size,
                        "levels": self.model_config.levels, "why": why}  # fmt: skip
 
+    def _audio_check(self, dataset: Dataset, indices: Any) -> AudioCheck:
+        """The first chunk of each of the first ``audio_chunks`` files among ``indices``; more
+        chunks of the same files only when there are fewer files."""
+        firsts: dict[int, int] = {}
+        for i in indices:
+            firsts.setdefault(int(dataset.chunk_file[i]), int(i))
+        chosen = sorted(firsts.values())
+        chosen += [int(i) for i in indices if int(i) not in firsts.values()]
+        chosen = chosen[: self.train_config.audio_chunks]
+        mels = torch.from_numpy(dataset.mels[chosen]).to(self.device)  # (n, M, T)
+        names = [dataset.manifest[int(dataset.chunk_file[i])].name for i in chosen]
+        return AudioCheck(mels, names, dataset.mel_config, self.train_config.audio_iters)
+
     def run(self) -> TrainResult:
-        """Train to the last epoch, the budget's end or early stop (see ``Trainer.run_loop``)."""
+        """Train to the last epoch, the budget's end or early stop (see ``Trainer.run_loop``);
+        the returned (best) model's decoded audio is checked once more for the result."""
         r = self.run_loop()
+        audio = {**self.audio_check.measure(r.model), "epoch": r.best_epoch}
         return TrainResult(model=r.model, model_config=self.model_config,
                            train_config=self.train_config, chosen=self.chosen, epochs=r.epochs,
                            best_val_loss=r.best_val, best_epoch=r.best_epoch, stopped=r.stopped,
-                           metrics=r.metrics, budget=r.budget)  # fmt: skip
+                           metrics=r.metrics, budget=r.budget, audio=audio)  # fmt: skip
 
     # -- model ----------------------------------------------------------------------------------
 
@@ -146,6 +224,11 @@ class VQVAETrainer(Trainer[VQVAE]):
             pooled = pooled[torch.randperm(len(pooled), generator=g)[:KMEANS_MAX_VECTORS]]
         per_batch = min(self.train_config.batch_size, len(x)) * latents.shape[1]
         model.kmeans_init_(pooled, per_batch, seed=self.train_config.seed)
+
+    def build_optimizer(self, model: VQVAE) -> torch.optim.Optimizer:
+        cfg = self.train_config
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2))  # fmt: skip
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {"model_config": self.model_config.to_dict(),
@@ -236,7 +319,16 @@ class VQVAETrainer(Trainer[VQVAE]):
             "perplexity": perplexity(usage),
             "dead_codes": self._model().dead_codes(),
             "usage": usage.tolist(),  # (Q, K) code counts this epoch, for a heatmap
+            **self._audio_metrics(),
         }
+
+    def _audio_metrics(self) -> dict[str, Any]:
+        """The decoded-audio check every ``audio_every`` epochs and at the planned last one."""
+        every, epoch = self.train_config.audio_every, self.state.epoch
+        if every == 0 or (epoch % every != 0 and epoch < self.planned_epochs):
+            return {}
+        a = self.audio_check.measure(self._model())
+        return {"audio_sc": a["sc"], "audio_sc_floor": a["floor"], "audio_sc_ratio": a["ratio"]}
 
     def after_epoch(self, epoch: int) -> None:
         every = self.train_config.preview_every

@@ -230,6 +230,8 @@ def test_a_newer_checkpoint_format_is_refused(dataset: Dataset) -> None:
         {"augment": "yes"},
         {"schedule": "step"},
         {"patience": -1},
+        {"adam_beta2": 1.0},
+        {"audio_chunks": 0},
         {"bogus": 1},
     ],  # fmt: skip
 )
