@@ -14,8 +14,12 @@ job context to its hooks: metrics and progress per epoch, checkpoint artifacts p
 previews of validation chunks.
 
 Result: ``{"model": weights sha256 (kind "vqvae"), "dataset": sha256, "config", "train_config",
-"chosen", "epochs", "best_epoch", "best_val_loss", "stopped", "metrics", "budget"}``; ``budget``
-says the minutes, where they came from and why, the planned last epoch and the steps made.
+"chosen", "audio", "epochs", "best_epoch", "best_val_loss", "stopped", "metrics", "budget"}``;
+``chosen`` says why the codebooks (``why``) and the model size (``why_size``, from the device:
+``DEVICE_SIZES``) are what they are; ``audio`` is the returned (best-epoch) model's decoded
+spectral convergence beside the Griffin-Lim floor, the ratio and the epoch it is from;
+``budget`` says the minutes, where they came from and why, the planned last epoch and the steps
+made.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from distill.shared.audio.phase import mel_to_audio
 from distill.shared.errors import JobError
 from distill.shared.ids import is_sha256
 from distill.shared.model.formats import weights_to_bytes
-from distill.shared.model.vqvae import VQVAEConfig
+from distill.shared.model.vqvae import VQVAEConfig, choose_size
 from distill.shared.train.loop import with_default_budget
 from distill.shared.train.vqvae import TrainConfig, VQVAETrainer
 from distill.workers.runtime.context import JobContext
@@ -55,7 +59,8 @@ class JobHooks:
 
     def on_epoch(self, metrics: dict[str, Any]) -> None:
         self.ctx.metrics(**metrics)
-        brief = {k: metrics[k] for k in ("epoch", "epochs", "train_recon", "val_recon", "eta_s")}
+        keys = ("epoch", "epochs", "train_recon", "val_recon", "eta_s", "audio_sc_ratio")
+        brief = {k: metrics[k] for k in keys if k in metrics}
         self.ctx.progress(metrics["epoch"] / metrics["epochs"], **brief)
 
     def save_checkpoint(self, data: bytes) -> None:
@@ -84,15 +89,21 @@ def _wav_bytes(audio: Tensor, sample_rate: int) -> bytes:
 
 def _params(
     params: dict[str, Any], device: str
-) -> tuple[str, VQVAEConfig, TrainConfig, dict[str, Any]]:
+) -> tuple[str, VQVAEConfig, TrainConfig, dict[str, Any], str]:
+    """Dataset id, configs (the device's model size and budget where unset), the budget's
+    note and why the model has its size."""
     sha = params.get("dataset")
     if not is_sha256(sha):
         raise JobError("train.vqvae: params.dataset must be a dataset artifact id (sha256 hex)")
     model, train = params.get("model") or {}, params.get("train") or {}
+    if not isinstance(model, dict):
+        raise JobError("train.vqvae: params.model must be a map of VQVAEConfig settings")
     if not isinstance(train, dict):
         raise JobError("train.vqvae: params.train must be a map of TrainConfig settings")
+    model, why_size = choose_size(device, model)
     train, budget_note = with_default_budget(train, device, DEFAULT_MINUTES, "RVQ-VAE")
-    return sha, VQVAEConfig.from_dict(model), TrainConfig.from_dict(train), budget_note
+    model_config, train_config = VQVAEConfig.from_dict(model), TrainConfig.from_dict(train)
+    return str(sha), model_config, train_config, budget_note, why_size
 
 
 def _with_dataset_from_deps(ctx: JobContext) -> dict[str, Any]:
@@ -112,13 +123,15 @@ def _with_dataset_from_deps(ctx: JobContext) -> dict[str, Any]:
 
 
 def run_job(ctx: JobContext) -> dict[str, Any]:
-    sha, model_config, train_config, budget_note = _params(_with_dataset_from_deps(ctx), ctx.device)
+    params = _with_dataset_from_deps(ctx)
+    sha, model_config, train_config, budget_note, why_size = _params(params, ctx.device)
     dataset = Dataset.from_bytes(ctx.artifacts.get_bytes(sha))
     hooks = JobHooks(ctx, dataset.mel_config)
     trainer = VQVAETrainer(dataset, model_config, train_config, hooks, device=ctx.device)
     result = trainer.run()
     summary = {"dataset": sha, "epochs": result.epochs, "best_epoch": result.best_epoch,
-               "best_val_loss": result.best_val_loss, "chosen": result.chosen}  # fmt: skip
+               "best_val_loss": result.best_val_loss, "chosen": result.chosen,
+               "audio": result.audio}  # fmt: skip
     weights = weights_to_bytes(result.model, dataset.mel_config, summary)
     model_sha = ctx.artifacts.put_bytes(weights, kind="vqvae", name="vqvae.pt", job=ctx.info.job_id)
     metrics = {k: v for k, v in result.metrics.items() if k != "usage"}
@@ -127,7 +140,8 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         "dataset": sha,
         "config": result.model_config.to_dict(),
         "train_config": result.train_config.to_dict(),
-        "chosen": result.chosen,
+        "chosen": {**result.chosen, "why_size": why_size},
+        "audio": result.audio,
         "epochs": result.epochs,
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,

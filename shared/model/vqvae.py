@@ -65,6 +65,7 @@ class VQVAEConfig:
     # lowered decoded spectral convergence on training files but made training unstable at
     # lr 2e-3 (loss rising for hundreds of steps); plain L1 trained smoothly.
     spectral_weight: float = 0.0
+    norm: str = "none"  # "weight": weight norm on every conv (DAC, EnCodec); "none": plain
 
     def __post_init__(self) -> None:
         checks = [
@@ -81,6 +82,7 @@ class VQVAEConfig:
             (self.dead_code_threshold >= 0, "dead_code_threshold must be >= 0"),
             (0.0 <= self.quantizer_dropout <= 1.0, "quantizer_dropout must be in [0, 1]"),
             (self.spectral_weight >= 0, "spectral_weight must be >= 0"),
+            (self.norm in ("none", "weight"), "norm must be 'none' or 'weight'"),
             *self._bounds(),
         ]
         require(checks, "VQVAEConfig")
@@ -135,6 +137,35 @@ def choose_codebook(n_files: int) -> tuple[int, int, str]:
     return size, levels, why
 
 
+# Model size per device kind, for the fields a job leaves unset. The CPU size is what makes
+# enough steps in a CPU budget (bench/vqvae.py: it underfits, train ~ validation, so a larger
+# model only makes fewer steps). A GPU makes the same steps many times faster, so there the
+# budget buys width and depth instead (DAC's decoder is 1536 channels wide); MPS in between.
+DEVICE_SIZES: dict[str, dict[str, int]] = {
+    "cpu": {"channels": 256, "blocks": 3},
+    "mps": {"channels": 384, "blocks": 6},
+    "cuda": {"channels": 512, "blocks": 6},
+}
+
+
+def choose_size(device: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """VQVAEConfig overrides with the device's size filled in where ``overrides`` leaves it
+    unset, and why. Unknown device kinds get the CPU's size."""
+    kind = device.split(":")[0]
+    size = DEVICE_SIZES.get(kind, DEVICE_SIZES["cpu"])
+    filled = {k: v for k, v in size.items() if k not in overrides}
+    if not filled:
+        return dict(overrides), "channels and blocks were set by the user."
+    why = (
+        f"{kind}: " + ", ".join(f"{k} {v}" for k, v in filled.items()) + ". "
+        + ("A CPU budget is step-bound: this size makes enough steps to converge."
+           if kind not in ("cuda", "mps") else
+           "An accelerator makes steps several times faster than a CPU, so its budget "
+           "buys a wider, deeper encoder and decoder.")
+    )  # fmt: skip
+    return {**filled, **overrides}, why
+
+
 def resolve_config(config: VQVAEConfig, n_files: int) -> tuple[VQVAEConfig, str]:
     """Fill codebook_size/levels left as None from the dataset size; says what was chosen."""
     size, levels, why = choose_codebook(n_files)
@@ -156,22 +187,30 @@ def resolve_config(config: VQVAEConfig, n_files: int) -> tuple[VQVAEConfig, str]
 # Blocks
 
 
+def _conv(config: VQVAEConfig, conv: nn.Conv1d | nn.ConvTranspose1d) -> nn.Module:
+    """``conv`` with the config's normalisation (weight norm, as DAC and EnCodec use)."""
+    if config.norm == "weight":
+        return nn.utils.parametrizations.weight_norm(conv)
+    return conv
+
+
 class ResidualBlock(nn.Module):
     """x + 1x1(GELU(dilated conv(GELU(x)))): DAC's residual unit with GELU. (B, C, T) kept."""
 
-    def __init__(self, channels: int, kernel_size: int, dilation: int) -> None:
+    def __init__(self, config: VQVAEConfig, dilation: int) -> None:
         super().__init__()
-        pad = dilation * (kernel_size - 1) // 2
-        self.conv = nn.Conv1d(channels, channels, kernel_size, dilation=dilation, padding=pad)
-        self.mix = nn.Conv1d(channels, channels, 1)
+        c, k = config.channels, config.kernel_size
+        pad = dilation * (k - 1) // 2
+        self.conv = _conv(config, nn.Conv1d(c, c, k, dilation=dilation, padding=pad))
+        self.mix = _conv(config, nn.Conv1d(c, c, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.mix(F.gelu(self.conv(F.gelu(x))))
 
 
 def _stack(config: VQVAEConfig) -> list[nn.Module]:
-    c, k, dil = config.channels, config.kernel_size, config.dilations
-    return [ResidualBlock(c, k, dil[i % len(dil)]) for i in range(config.blocks)]
+    dil = config.dilations
+    return [ResidualBlock(config, dil[i % len(dil)]) for i in range(config.blocks)]
 
 
 class Encoder(nn.Module):
@@ -180,13 +219,14 @@ class Encoder(nn.Module):
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()
         c = config.channels
-        stride_convs = [nn.Conv1d(c, c, 4, stride=2, padding=1) for _ in range(_n_strides(config))]
+        strides = [_conv(config, nn.Conv1d(c, c, 4, stride=2, padding=1))
+                   for _ in range(_n_strides(config))]  # fmt: skip
         self.net = nn.Sequential(
-            nn.Conv1d(config.n_mels, c, 7, padding=3),
-            *stride_convs,
+            _conv(config, nn.Conv1d(config.n_mels, c, 7, padding=3)),
+            *strides,
             *_stack(config),
             nn.GELU(),
-            nn.Conv1d(c, config.latent_dim, 1),
+            _conv(config, nn.Conv1d(c, config.latent_dim, 1)),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -199,13 +239,14 @@ class Decoder(nn.Module):
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()
         c = config.channels
-        ups = [nn.ConvTranspose1d(c, c, 4, stride=2, padding=1) for _ in range(_n_strides(config))]
+        ups = [_conv(config, nn.ConvTranspose1d(c, c, 4, stride=2, padding=1))
+               for _ in range(_n_strides(config))]  # fmt: skip
         self.net = nn.Sequential(
-            nn.Conv1d(config.latent_dim, c, 7, padding=3),
+            _conv(config, nn.Conv1d(config.latent_dim, c, 7, padding=3)),
             *_stack(config),
             *ups,
             nn.GELU(),
-            nn.Conv1d(c, config.n_mels, 7, padding=3),
+            _conv(config, nn.Conv1d(c, config.n_mels, 7, padding=3)),
         )
 
     def forward(self, z: Tensor) -> Tensor:

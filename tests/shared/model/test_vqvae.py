@@ -15,6 +15,7 @@ from distill.shared.model.vqvae import (
     VQVAE,
     VQVAEConfig,
     choose_codebook,
+    choose_size,
     resolve_config,
 )
 
@@ -64,6 +65,7 @@ def test_config_round_trips_through_a_plain_dict() -> None:
         {"ema_decay": 1.0},
         {"rotation_trick": 1},
         {"quantizer_dropout": 1.5},
+        {"norm": "batch"},
     ],
 )
 def test_config_from_dict_rejects_bad_input(bad: dict[str, object]) -> None:
@@ -208,3 +210,29 @@ def test_sizes_past_the_bounds_are_refused_naming_the_bound(field: str, value: i
     anything said no."""
     with pytest.raises(ConfigError, match=f"{field}.*{bound}"):
         VQVAEConfig.from_dict({field: value})
+
+
+# -- weight norm and device sizes -------------------------------------------------------------
+
+
+def test_weight_norm_model_keeps_shapes_and_loads_into_the_same_config() -> None:
+    model = tiny_model(norm="weight", downsample=2).eval()
+    x = fake_mels()
+    assert model(x).recon.shape == x.shape
+    assert any("parametrizations" in k for k in model.state_dict())
+    again = VQVAE(model.config)
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(again.eval()(x).recon, model(x).recon)
+
+
+def test_device_size_fills_only_what_the_job_left_unset() -> None:
+    cpu, why_cpu = choose_size("cpu", {})
+    cuda, why_cuda = choose_size("cuda:0", {"channels": 128})
+    assert cpu == {"channels": 256, "blocks": 3} and "cpu" in why_cpu
+    assert cuda["channels"] == 128 and cuda["blocks"] > cpu["blocks"] and "cuda" in why_cuda
+    assert choose_size("xpu", {})[0] == cpu  # unknown kinds get the CPU's size
+    assert choose_size("cuda", {"channels": 64, "blocks": 1}) == (
+        {"channels": 64, "blocks": 1},
+        "channels and blocks were set by the user.",
+    )
+    assert VQVAEConfig.from_dict(cpu).channels == VQVAEConfig().channels  # defaults agree
