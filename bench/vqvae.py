@@ -31,8 +31,8 @@ from distill.shared.audio.io import load_audio, scan_folder
 from distill.shared.audio.mel import MelConfig, log_mel
 from distill.shared.audio.metrics import log_mel_l1, spectral_convergence
 from distill.shared.audio.phase import mel_to_audio
-from distill.shared.model.vqvae import VQVAE, VQVAEConfig
-from distill.shared.train.vqvae import TrainConfig, VQVAETrainer
+from distill.shared.model.vqvae import VQVAE, VQVAEConfig, choose_size
+from distill.shared.train.vqvae import TrainConfig, TrainResult, VQVAETrainer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "percussion"
 
@@ -113,6 +113,21 @@ def split_paths(ds: Dataset, folder: Path, n_train: int) -> tuple[list[Path], li
     return val, train[::step][:n_train]
 
 
+def audio_check_cost(trainer: VQVAETrainer, result: TrainResult, hooks: TimingHooks) -> None:
+    """The trainer's own decoded-audio figure, and what one check costs against the epochs
+    between two checks (the floor is already computed: this is the per-check cost)."""
+    started = time.perf_counter()
+    trainer.audio_check.measure(result.model)
+    check_s = time.perf_counter() - started
+    epoch_s = statistics.median(m["epoch_s"] for m in hooks.metrics)
+    every = max(trainer.train_config.audio_every, 1)
+    a = result.audio
+    print(f"trainer's audio check (epoch {a['epoch']}, {a['chunks']} chunks, mel-domain SC): "
+          f"{a['sc']:.3f} vs floor {a['floor']:.3f} = {a['ratio']:.2f}x; one check {check_s:.2f} s "
+          f"= {100 * check_s / (every * epoch_s):.1f}% of {every} epochs")  # fmt: skip
+    print("val L1 per epoch:", " ".join(f"{m['val_l1']:.3f}" for m in hooks.metrics))
+
+
 def report(name: str, m: dict[str, float], bar: float) -> None:
     ratio = m["sc"] / m["sc_floor"]
     print(f"{name:>10}: mel L1 {m['mel_l1']:.3f} | decoded SC {m['sc']:.3f} vs floor "
@@ -148,17 +163,21 @@ def main() -> None:
     print(f"dataset: {len(ds.files_in_split('train'))} train / {len(ds.files_in_split('val'))} "
           f"val files, {len(ds.train_indices())} / {len(ds.val_indices())} chunks")  # fmt: skip
 
-    model_config = VQVAEConfig.from_dict(args.model)
+    sized, why_size = choose_size("cpu", args.model)  # what a CPU job gets
+    model_config = VQVAEConfig.from_dict(sized)
     probe = VQVAETrainer(ds, model_config, TrainConfig.from_dict(args.train), TimingHooks())
     bare = bare_steps_per_s(probe, steps=30)
     train_config = TrainConfig.from_dict(
         {**args.train, "minutes": args.minutes, "preview_every": 0}
     )
-    print(f"model: {probe.model_config}\nchosen: {probe.chosen['why']}\ntrain: {train_config}")
+    print(
+        f"model: {probe.model_config}\nchosen: {probe.chosen['why']}\nsize: {why_size}\ntrain: {train_config}"
+    )
 
     hooks = TimingHooks()
     started = time.perf_counter()
-    result = VQVAETrainer(ds, model_config, train_config, hooks).run()
+    trainer = VQVAETrainer(ds, model_config, train_config, hooks)
+    result = trainer.run()
     wall = time.perf_counter() - started
     (s0, t0), (s1, t1) = hooks.times[0], hooks.times[-1]
     real = (s1 - s0) / (t1 - t0)
@@ -182,6 +201,7 @@ def main() -> None:
     )
     report("val", evaluate(result.model, val_paths, cfg), 1.5)
     report("train", evaluate(result.model, train_paths, cfg), 1.25)
+    audio_check_cost(trainer, result, hooks)
     for k in range(1, 1 if args.quick else result.model_config.levels or 1):
         m = evaluate(result.model, val_paths, cfg, levels=k)
         print(
