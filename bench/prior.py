@@ -75,7 +75,10 @@ def baseline_sample(prior: Prior, batch: int, steps: int, gen: torch.Generator) 
         h, state = prior.lstm(x, state)  # (B, 1, H)
         context = prior.proj(h[:, 0])  # (B, E)
         for level in range(q):
-            logits = F.linear(F.relu(context), prior.head_weight[level], prior.head_bias[level])
+            hidden = F.relu(context)
+            if prior.prev_embed is not None and t:  # the previous step's code at this level
+                hidden = hidden + prior.prev_embed(out[:, level, t - 1] + level * k)
+            logits = F.linear(hidden, prior.head_weight[level], prior.head_bias[level])
             codes = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)  # (B,)
             out[:, level, t] = codes
             if level + 1 < q:
@@ -125,7 +128,8 @@ def speed_figures(budget_s: float) -> None:
     print(f"{'prior':<28}{'batch':>6}{'baseline':>10}{'sample()':>10}{'ratio':>8}"
           f"{'base, oneDNN off':>18}{'ratio':>8}   (generated s per wall s)")  # fmt: skip
     for levels, size, rate_hz in cases:
-        prior = Prior(PriorConfig(levels=levels, codebook_size=size)).eval()
+        config = PriorConfig(levels=levels, codebook_size=size, prev_codes=True)  # as sized
+        prior = Prior(config).eval()
         for batch in (1, 16):
             base, ours, off = speed_case(prior, batch, int(SECONDS * rate_hz), per_run)
             name = f"Q{levels} K{size} H{prior.config.hidden} @{rate_hz:g}/s"

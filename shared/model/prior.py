@@ -53,9 +53,18 @@ class PriorConfig:
     hidden: int = 256  # LSTM width: ~10x real time sampling on a CPU core at batch 1 (512: ~6x)
     layers: int = 1  # one layer: small datasets overfit a second one, and it halves sampling
     dropout: float = 0.2  # on embeddings, between layers and on the LSTM output; small data
+    # each level's head also reads the same level's code of the previous step directly (a
+    # learnt bigram path: fine levels repeat from frame to frame, which the summed LSTM input
+    # carries poorly); off for files written before it existed
+    prev_codes: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prev_codes, bool):
+            raise ConfigError(f"PriorConfig: prev_codes must be true or false, got "
+                              f"{self.prev_codes!r}")  # fmt: skip
         for f in fields(self):
+            if f.name == "prev_codes":
+                continue
             value = getattr(self, f.name)
             expected = float if f.name == "dropout" else int
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -85,15 +94,19 @@ class PriorConfig:
         return cls(**kwargs)
 
 
-# (code steps below which the band applies, hidden, embed_dim, layers, dropout, reason)
-_SIZE_BANDS: list[tuple[float, int, int, int, float, str]] = [
+# (code steps below which the band applies, hidden, embed_dim, layers, dropout, prev_codes,
+# reason). prev_codes measured on percussion (Q 6 x K 512, 16k steps, the same 450 steps):
+# validation 5.24 bits per code with it, 6.24 without (bigram 6.07). On a handful of sounds it
+# is off: there it locked a draw into repeating a silent first code (one of the demo's 8 draws
+# at -73 dBFS, CI size).
+_SIZE_BANDS: list[tuple[float, int, int, int, float, bool, str]] = [
     # a handful of sounds: at dropout 0.3 the prior learnt the demo's 10 one-shots by heart
     # (0.02 bits per code, two of 8 draws identical); 0.6 keeps draws distinct, still audible
-    (5_000, 128, 64, 1, 0.6, "under ~1 minute of codes at 94 steps/s"),
-    (20_000, 128, 64, 1, 0.3, "under ~3.5 minutes of codes at 94 steps/s"),
-    (200_000, 256, 128, 1, 0.2, "under ~35 minutes of codes at 94 steps/s"),
-    (1_000_000, 512, 128, 2, 0.1, "under ~3 hours of codes at 94 steps/s"),
-    (math.inf, 768, 192, 2, 0.1, "hours of codes"),
+    (5_000, 128, 64, 1, 0.6, False, "under ~1 minute of codes at 94 steps/s"),
+    (20_000, 128, 64, 1, 0.3, True, "under ~3.5 minutes of codes at 94 steps/s"),
+    (200_000, 256, 128, 1, 0.2, True, "under ~35 minutes of codes at 94 steps/s"),
+    (1_000_000, 512, 128, 2, 0.1, True, "under ~3 hours of codes at 94 steps/s"),
+    (math.inf, 768, 192, 2, 0.1, True, "hours of codes"),
 ]
 
 
@@ -108,12 +121,15 @@ def choose_prior_config(
     """
     if n_train_steps < 0:
         raise ConfigError(f"choose_prior_config: n_train_steps must be >= 0, got {n_train_steps}")
-    _, hidden, embed, layers, dropout, band = next(b for b in _SIZE_BANDS if n_train_steps < b[0])
-    config = PriorConfig(levels, codebook_size, embed, hidden, layers, dropout)
+    _, hidden, embed, layers, dropout, prev, band = next(
+        b for b in _SIZE_BANDS if n_train_steps < b[0]
+    )
+    config = PriorConfig(levels, codebook_size, embed, hidden, layers, dropout, prev_codes=prev)
     n_params = prior_parameter_count(config)
     why = (
         f"{n_train_steps} training code steps x {levels} levels ({band}): LSTM {layers} x "
-        f"{hidden}, embeddings {embed}, dropout {dropout:g} ({n_params / 1e6:.2f} M weights, "
+        f"{hidden}, embeddings {embed}, dropout {dropout:g}"
+        f"{', each level reading its previous code' if prev else ''} ({n_params / 1e6:.2f} M weights, "
         f"{n_params / max(1, n_train_steps * levels):.1f} per training code) keeps it from "
         f"memorising the chunks while leaving room to learn what follows what."
     )
@@ -124,7 +140,8 @@ def prior_parameter_count(config: PriorConfig) -> int:
     """Weights in a ``Prior(config)``, without building it."""
     q, k, e, h = config.levels, config.codebook_size, config.embed_dim, config.hidden
     lstm = 4 * h * (e + h + 2) + (config.layers - 1) * 4 * h * (2 * h + 2)
-    return (q * k * e) + e + lstm + (h * e + e) + ((q - 1) * k * e) + q * k * (e + 1)
+    prev = q * k * e if config.prev_codes else 0
+    return (q * k * e) + e + lstm + (h * e + e) + ((q - 1) * k * e) + q * k * (e + 1) + prev
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,6 +160,7 @@ class PriorState:
 
     h: tuple[Tensor, ...]  # per layer (B, H)
     c: tuple[Tensor, ...]  # per layer (B, H)
+    prev: Tensor | None = None  # (B, Q) the codes of the step read last; None before step 0
 
 
 class Prior(nn.Module):
@@ -164,6 +182,8 @@ class Prior(nn.Module):
         self.cond_embed = nn.Embedding((q - 1) * k, e)  # levels 0..Q-2 condition finer ones
         self.head_weight = nn.Parameter(torch.randn(q, k, e) / math.sqrt(e))  # (Q, K, E)
         self.head_bias = nn.Parameter(torch.zeros(q, k))  # (Q, K)
+        # row q*K + code: what level q's head adds when the previous step had that code there
+        self.prev_embed = nn.Embedding(q * k, e) if config.prev_codes else None
         self.drop = nn.Dropout(config.dropout)
         self.register_buffer("offsets", torch.arange(q) * k, persistent=False)  # (Q,)
 
@@ -196,6 +216,14 @@ class Prior(nn.Module):
             context[:, :, 1:] = self.cond_embed(idx).cumsum(2)  # (B, T, Q-1, E)
         return context
 
+    def _previous(self, codes: Tensor) -> Tensor | None:
+        """Per level, the embedding of its code one step earlier (0 at t = 0): (B, T, Q, E)."""
+        if self.prev_embed is None:
+            return None
+        idx = (codes.long() + self.offsets[None, :, None]).transpose(1, 2)  # (B, T, Q)
+        prev = self.prev_embed(idx[:, :-1])  # (B, T-1, Q, E)
+        return F.pad(prev, (0, 0, 0, 0, 1, 0))  # (B, T, Q, E)
+
     def forward(self, codes: Tensor) -> PriorOutput:
         """Teacher-forced logits (B, T, Q, K) for a grid ``codes`` (B, Q, T), and the loss."""
         self.check_codes(codes)
@@ -205,7 +233,11 @@ class Prior(nn.Module):
         x = self.drop(torch.cat([start, steps[:, :-1]], dim=1))  # (B, T, E): step t-1's codes
         out, _ = self.lstm(x)  # (B, T, H)
         u = self.proj(self.drop(out)).unsqueeze(2) + self._conditioning(codes)  # (B, T, Q, E)
-        logits = torch.einsum("btqe,qke->btqk", F.relu(u), self.head_weight) + self.head_bias
+        hidden = F.relu(u)
+        prev = self._previous(codes)
+        if prev is not None:  # added after the relu: a linear bigram term per level
+            hidden = hidden + self.drop(prev)
+        logits = torch.einsum("btqe,qke->btqk", hidden, self.head_weight) + self.head_bias
         loss = F.cross_entropy(
             logits.reshape(b * t * self.config.levels, -1),  # (B*T*Q, K)
             codes.long().transpose(1, 2).reshape(-1),  # (B*T*Q,)
@@ -271,11 +303,15 @@ class PriorStepper:
         self.cond_tables = [
             prior.cond_embed.weight[q * k : (q + 1) * k] for q in range(prior.config.levels - 1)
         ]
+        self.prev_tables = None if prior.prev_embed is None else [
+            prior.prev_embed.weight[q * k : (q + 1) * k] for q in range(prior.config.levels)
+        ]  # fmt: skip
 
     def begin(self, batch: int, prefix: Tensor | None = None) -> PriorState:
         """See ``Prior.begin``; the state in the per-layer form the steps use."""
         h, c = self.prior.begin_lstm(batch, prefix)  # (layers, B, H) each
-        return PriorState(h=tuple(h.unbind(0)), c=tuple(c.unbind(0)))
+        prev = None if prefix is None else prefix[:, :, -1].to(h.device).expand(batch, -1)
+        return PriorState(h=tuple(h.unbind(0)), c=tuple(c.unbind(0)), prev=prev)
 
     def advance(self, state: PriorState, codes: Tensor) -> PriorState:
         """Feed one step's chosen codes (B, Q); the new state predicts the step after them."""
@@ -285,16 +321,22 @@ class PriorStepper:
             x, c = torch.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
             hs.append(x)
             cs.append(c)
-        return PriorState(h=tuple(hs), c=tuple(cs))
+        return PriorState(h=tuple(hs), c=tuple(cs), prev=codes)
 
     def head_context(self, state: PriorState) -> Tensor:
         """The level-0 context (B, E) of the step that ``state`` predicts."""
         return torch.addmm(self.proj_bias, state.h[-1], self.proj_weight)
 
-    def level_logits(self, context: Tensor, level: int) -> Tensor:
-        """Logits (B, K) of ``level`` given its context (B, E)."""
+    def level_logits(self, context: Tensor, level: int, state: PriorState | None = None) -> Tensor:
+        """Logits (B, K) of ``level`` given its context (B, E) and, for a prior that reads the
+        previous step's codes, the state the context came from."""
         weight, bias = self.heads[level]
-        return torch.addmm(bias, F.relu(context), weight)
+        hidden = F.relu(context)
+        if self.prev_tables is not None and state is None:
+            raise ValueError("level_logits: this prior reads the previous step; pass its state")
+        if self.prev_tables is not None and state is not None and state.prev is not None:
+            hidden = hidden + F.embedding(state.prev[:, level], self.prev_tables[level])
+        return torch.addmm(bias, hidden, weight)
 
     def condition(self, context: Tensor, level: int, codes: Tensor) -> Tensor:
         """The context of ``level + 1`` once ``level`` chose ``codes`` (B,)."""

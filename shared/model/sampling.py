@@ -117,7 +117,7 @@ def _draw_steps(
             context = prior.head_context(state)  # (B, E)
             codes: list[Tensor] = []
             for level in range(q):
-                logits = prior.level_logits(context, level)  # (B, K)
+                logits = prior.level_logits(context, level, state)  # (B, K)
                 if filtering:
                     logits = _filter_logits(logits, params)
                 codes.append((logits + step_noise[level]).argmax(-1))  # (B,)

@@ -9,14 +9,21 @@ gives one sequence, with no seams at chunk edges): a :class:`CodeSet` of per-fil
 :func:`load_or_encode_codes` keeps the code set as an artifact of kind "codes" named by both ids,
 so a retry or a second prior job finds it instead of encoding again.
 
-Training. Teacher forcing on windows of ``window`` code steps cut at random offsets of the
-training sequences each epoch (a sequence shorter than the window is one item; batches are
-drawn eight at a time and sorted by length so that little is padding, and padding is masked out
-of the loss); validation on consecutive windows of the validation files, fixed. The
-loss is the mean cross-entropy per code; metrics are in bits per code, beside two baselines on
-the same validation windows, computed once: per-level code frequencies (unigram) and per-level
-P(code_t | code_t-1) (bigram), both from the training sequences. Early stopping and the best
-epoch follow the validation NLL.
+Training. Teacher forcing on windows of ``window`` code steps: each epoch, every training
+sequence's first window and ceil(L / window) - 1 more at random offsets (a sequence shorter than
+the window is one item; batches are drawn eight at a time and sorted by length so that little
+is padding, and padding is masked out of the loss). Only a window at a sound's start is scored
+from its first step (predicted from the prior's start vector); one cut inside a sound also
+reads the step before it, unscored (:class:`Window`). Each training sequence goes on for
+``end_steps`` steps in its final, silent step, so that a draw longer than the sounds stays
+silent after their end instead of wandering. Validation on consecutive windows of the
+validation files, fixed; with fewer than MIN_VALIDATION_FILES of them (the demo has one) those
+files train too and validation uses the training sequences (without their tails). The loss is
+the mean cross-entropy per code (a sound's first step may weigh more: ``start_weight``);
+metrics are in bits per code, beside two baselines on the same validation codes, computed
+once: per-level code frequencies (unigram) and per-level P(code_t | code_t-1) (bigram), both
+from the training sequences. Early stopping and the best epoch follow the validation NLL; an
+epoch is at least MIN_STEPS_PER_EPOCH steps, so patience means hundreds of steps.
 """
 
 from __future__ import annotations

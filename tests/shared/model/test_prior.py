@@ -98,7 +98,8 @@ def test_choose_prior_config_grows_with_data() -> None:
 
 
 def test_parameter_count_matches_model() -> None:
-    for config in (TINY, PriorConfig(levels=3, codebook_size=64, layers=2)):
+    configs = (TINY, PriorConfig(levels=3, codebook_size=64, layers=2, prev_codes=True))
+    for config in configs:
         assert prior_parameter_count(config) == sum(p.numel() for p in Prior(config).parameters())
 
 
@@ -146,6 +147,46 @@ def test_logits_are_causal() -> None:
     assert torch.equal(a[:, :5], b[:, :5])
     assert torch.equal(a[:, 5, 0], b[:, 5, 0])  # level 0 of step 5 does not see its own code
     assert not torch.equal(a[:, 5, 1], b[:, 5, 1])  # level 1 sees level 0 of the same step
+
+
+@pytest.mark.parametrize("prev_codes", [False, True])
+def test_the_step_api_gives_the_teacher_forced_logits(prev_codes: bool) -> None:
+    """Step by step (what sampling runs) and in one forward pass (training): the same logits."""
+    config = dataclasses.replace(TINY, levels=3, layers=2, prev_codes=prev_codes)
+    prior = Prior(config).eval()
+    with torch.no_grad():
+        for p in prior.parameters():  # nothing stays at its zero initialisation
+            p.add_(torch.randn_like(p) * 0.1)
+        codes = torch.randint(0, 8, (2, 3, 7))
+        want = prior(codes).logits  # (B, T, Q, K)
+        stepper = prior.stepper()
+        state = stepper.begin(2)
+        for t in range(7):
+            if t:
+                state = stepper.advance(state, codes[:, :, t - 1])
+            context = stepper.head_context(state)
+            for level in range(3):
+                got = stepper.level_logits(context, level, state)
+                torch.testing.assert_close(got, want[:, t, level], rtol=1e-4, atol=1e-5)
+                if level < 2:
+                    context = stepper.condition(context, level, codes[:, level, t])
+        resumed = stepper.begin(2, codes[:, :, :4])  # a prefix: the state after step 3
+        got = stepper.level_logits(stepper.head_context(resumed), 0, resumed)
+        torch.testing.assert_close(got, want[:, 4, 0], rtol=1e-4, atol=1e-5)
+    if prev_codes:
+        with pytest.raises(ValueError, match="previous step"):
+            stepper.level_logits(context, 0)
+
+
+def test_prev_codes_defaults_off_for_older_files_and_on_when_sized() -> None:
+    old = {k: v for k, v in TINY.to_dict().items() if k != "prev_codes"}
+    assert PriorConfig.from_dict(old).prev_codes is False  # a file from before the field
+    assert PriorConfig.from_dict({**old, "prev_codes": True}).prev_codes is True
+    with pytest.raises(ConfigError, match="prev_codes"):
+        PriorConfig.from_dict({**old, "prev_codes": 1})
+    assert choose_prior_config(2, 8, 10_000)[0].prev_codes  # not on a handful of sounds
+    assert not choose_prior_config(2, 8, 1000)[0].prev_codes
+    assert "prev_embed.weight" not in Prior(TINY).state_dict()
 
 
 def test_teacher_forcing_conditions_fine_levels_on_coarse() -> None:

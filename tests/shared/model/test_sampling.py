@@ -127,7 +127,7 @@ def greedy(prior: Prior, steps: int) -> torch.Tensor:
             context = stepper.head_context(state)
             codes = []
             for level in range(prior.config.levels):
-                codes.append(stepper.level_logits(context, level).argmax(-1))
+                codes.append(stepper.level_logits(context, level, state).argmax(-1))
                 if level + 1 < prior.config.levels:
                     context = stepper.condition(context, level, codes[-1])
             columns.append(torch.stack(codes, 1))
