@@ -120,7 +120,7 @@ def greedy(prior: Prior, steps: int) -> torch.Tensor:
     stepper = prior.stepper()
     with torch.no_grad():
         state = stepper.begin(1)
-        columns = []
+        columns: list[torch.Tensor] = []
         for t in range(steps):
             if t:
                 state = stepper.advance(state, columns[-1])
