@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-files", type=int, default=13, help="training files to evaluate")
-    ap.add_argument("--subset", type=int, default=0, help="use only the first N files (0: all)")
+    ap.add_argument("--subset", type=int, default=0, help="only the first N usable files (0: all)")
     ap.add_argument("--quick", action="store_true", help="skip the first-k-levels figures")
     ap.add_argument(
         "--model",
@@ -158,8 +158,11 @@ def main() -> None:
 
     cfg = MelConfig()
     paths = scan_folder(args.data)
-    paths = paths[: args.subset] if args.subset else paths
     ds = build_dataset([(p.name, p.read_bytes()) for p in paths], cfg, seed=0)
+    if args.subset:  # the first N files the dataset took (a folder may hold a README)
+        used = {r.name for r in ds.manifest if r.chunks > 0}
+        paths = [p for p in paths if p.name in used][: args.subset]
+        ds = build_dataset([(p.name, p.read_bytes()) for p in paths], cfg, seed=0)
     print(f"dataset: {len(ds.files_in_split('train'))} train / {len(ds.files_in_split('val'))} "
           f"val files, {len(ds.train_indices())} / {len(ds.val_indices())} chunks")  # fmt: skip
 
