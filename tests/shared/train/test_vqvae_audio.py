@@ -44,9 +44,9 @@ class Noisy(nn.Module):
 def test_a_perfect_model_sits_on_the_floor_and_errors_raise_the_ratio(dataset: Dataset) -> None:
     mels = torch.from_numpy(dataset.mels[:3])  # (3, M, T)
     check = AudioCheck(mels, ["a", "b", "c"], dataset.mel_config, n_iter=8)
-    perfect = check.measure(Noisy(0.0))  # type: ignore[arg-type]
+    perfect = check.measure(Noisy(0.0))
     assert perfect["ratio"] == pytest.approx(1.0) and 0 < perfect["floor"] < 1
-    small, large = (check.measure(Noisy(n))["ratio"] for n in (0.1, 0.5))  # type: ignore[arg-type]
+    small, large = (check.measure(Noisy(n))["ratio"] for n in (0.1, 0.5))
     assert 1.0 < small < large
     assert perfect["files"] == ["a", "b", "c"] and perfect["chunks"] == 3
 
