@@ -12,12 +12,15 @@ residual loop over its levels is run here so that quantizer dropout can be per i
 through the library's ``mask``: a dropped level emits index -1, takes no EMA update and no
 commitment loss.
 
-Measured with bench/vqvae.py (a 4-minute CPU budget, 672 steps, 115 percussion files): decoded
-spectral convergence 1.83x the Griffin-Lim floor on training files and 2.47x on held-back ones
-(the bar is 1.25x / 1.5x: not met at this budget); every level uses 90-100% of its 512 codes.
-What was tried and did not help at that budget: zero-initialised residual branches, a linear
-(orthogonal, identity-at-init) path beside the conv stacks, spectral-convergence losses on
-exp(log-mel) (unstable), batch 4. More code bits (512 x 6 over 256 x 4) did help.
+Measured with bench/vqvae.py (5-minute CPU budget, one thread, 115 percussion files, the CPU
+job size: 256 channels, 3 blocks, downsample 2, lr 1e-3): 1176 steps; decoded spectral
+convergence 1.84x the Griffin-Lim floor on training files and 2.48x on held-back ones (the bar
+is 1.25x / 1.5x: not met); every level uses 94-96% of its 512 codes. The first level alone
+gives 2.74x, three 2.56x: past the first levels the decoder, not the code bits, limits it.
+What was tried and did not help: zero-initialised residual branches, a linear path beside the
+conv stacks, spectral-convergence losses on exp(log-mel) (unstable), batch 4, weight norm,
+Adam betas 0.8/0.99 (train loss rose at the peak rate), dead-code threshold 0.2, no rotation
+trick, k-means again after the warmup. Continuous latents (no quantizer) reconstruct no better.
 """
 
 from __future__ import annotations
@@ -67,7 +70,9 @@ class VQVAEConfig:
     # lowered decoded spectral convergence on training files but made training unstable at
     # lr 2e-3 (loss rising for hundreds of steps); plain L1 trained smoothly.
     spectral_weight: float = 0.0
-    norm: str = "none"  # "weight": weight norm on every conv (DAC, EnCodec); "none": plain
+    # "weight": weight norm on every conv (DAC, EnCodec). Off: on the CPU size it neither
+    # steadied training at lr 2e-3 nor improved the sound (module docstring).
+    norm: str = "none"
 
     def __post_init__(self) -> None:
         checks = [
@@ -143,7 +148,7 @@ def choose_codebook(n_files: int) -> tuple[int, int, str]:
 # enough steps in a CPU budget: bench/vqvae.py finds it step-bound (train ~ validation), so a
 # larger model only makes fewer steps. downsample 2 (47 code steps per second) on every device:
 # on the CPU it made 1.9x the steps in the same minutes, with better decoded audio (val 2.95x
-# vs 3.50x the floor, train 2.08x vs 2.18x, 4 min on percussion) and every level's
+# vs 3.50x the floor, train 2.08x vs 2.18x; 4 min on percussion, two runs side by side) and every level's
 # utilisation >= 0.95 (0.79 on level 1 at downsample 1); the prior samples twice as fast and
 # sees twice the context. A GPU makes the same steps many times faster, so there the budget
 # buys width and depth (DAC's decoder is 1536 channels wide); MPS in between. The GPU sizes
