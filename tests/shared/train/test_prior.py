@@ -219,6 +219,7 @@ def test_windows_inside_a_sound_read_the_step_before_and_every_start_is_drawn() 
     codes_t, mask = prior_training._pad(windows[:2], torch.device("cpu"))
     assert mask[0].tolist() == [True] * 10 + [False] and mask[1].tolist() == [False] + [True] * 10
     assert trainer.steps_per_epoch >= prior_training.MIN_STEPS_PER_EPOCH
+    assert trainer.validated_on == "val" and trainer.label_smoothing == 0.0
 
 
 def test_with_too_few_validation_files_every_file_trains_and_validation_uses_them() -> None:
@@ -226,6 +227,7 @@ def test_with_too_few_validation_files_every_file_trains_and_validation_uses_the
     config = dataclasses.replace(FAST, end_steps=6)
     trainer = PriorTrainer(codes, {}, config, NullHooks())
     assert trainer.validated_on == "train" and trainer.baselines["validated_on"] == "train"
+    assert trainer.label_smoothing == prior_training.SMALL_DATA_SMOOTHING  # nothing held out
     assert [s.shape[1] for s in trainer.train_seqs] == [26, 36, 31]  # every file, its tail
     for seq in trainer.train_seqs:  # the tail repeats the sound's last (silent) step
         assert bool((seq[:, -7:] == seq[:, -7:-6]).all())
@@ -236,15 +238,15 @@ def test_start_weight_counts_a_sounds_first_step_more() -> None:
     codes = synthetic_codes([12, 12, 12, 12], ["train"] * 4)
     losses = []
     for weight in (1.0, 5.0):
-        trainer = PriorTrainer(codes, {}, dataclasses.replace(FAST, start_weight=weight,
-                                                              window=6), NullHooks())  # fmt: skip
+        config = dataclasses.replace(FAST, start_weight=weight, window=6, label_smoothing=0.0)
+        trainer = PriorTrainer(codes, {}, config, NullHooks())
         torch.manual_seed(0)
         trainer.model = trainer.build_model().eval()
         batch = prior_training._pad(trainer._windows_in_order(codes.sequences("train")),
                                     torch.device("cpu"))  # fmt: skip
         totals = trainer.new_totals()
         losses.append(float(trainer.step_loss(batch, totals).detach()))
-        per_code = prior_training.code_nats(trainer.model, *batch)  # (B, T, Q)
+        per_code = prior_training.code_nats(trainer.model, *batch)[0]  # (B, T, Q)
     first, rest = per_code[batch[1][:, 0], 0].sum(), per_code.sum()  # 4 starts x 2 levels
     assert totals["codes"] == 4 * 12 * 2  # the metrics count every code once, unweighted
     assert losses[0] == pytest.approx(float(rest) / 96, rel=1e-5)

