@@ -246,7 +246,7 @@ def test_start_weight_counts_a_sounds_first_step_more() -> None:
                                     torch.device("cpu"))  # fmt: skip
         totals = trainer.new_totals()
         losses.append(float(trainer.step_loss(batch, totals).detach()))
-        per_code = prior_training.code_nats(trainer.model, *batch)[0]  # (B, T, Q)
+        per_code = prior_training.code_nats(trainer.model, *batch)[0].detach()  # (B, T, Q)
     first, rest = per_code[batch[1][:, 0], 0].sum(), per_code.sum()  # 4 starts x 2 levels
     assert totals["codes"] == 4 * 12 * 2  # the metrics count every code once, unweighted
     assert losses[0] == pytest.approx(float(rest) / 96, rel=1e-5)
