@@ -8,7 +8,7 @@ Prints, on the validation files and on a sample of training files (whole files, 
 - log-mel L1 of the reconstructed mel against the true mel (the model's own error);
 - spectral convergence and log-mel L1 of the decoded audio (Griffin-Lim from the reconstructed
   mel) against the original, beside the same for Griffin-Lim of the true mel: the floor
-  (NOTES.md: the bar is 1.25x the floor on training files and 1.5x on held-back ones);
+  (the bar: 1.25x the floor on training files and 1.5x on held-back ones);
 - the same spectral convergence decoding only the first k levels (progressive reconstruction);
 - codebook utilisation per level, epoch time, and the training throughput of the real loop
   (validation, metrics and a serialised checkpoint every epoch) as a ratio to a bare PyTorch

@@ -47,6 +47,7 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
+from safetensors.torch import load as tensors_from_bytes  # raw tensors: never a pickle
 
 from distill.shared.audio.mel import MelConfig
 from distill.shared.errors import ConfigError, ModelFormatError
@@ -307,7 +308,7 @@ def read_model_file(path: str | Path) -> RawModel:
     container = _container_header(path, data)
     header = _distill_header(path, container)
     try:
-        tensors = safetensors.torch.load(data)
+        tensors = tensors_from_bytes(data)
     except Exception as e:  # SafetensorError and friends: offsets, dtypes, overlaps
         raise ModelFileCorrupt(path, f"corrupt: safetensors cannot read it ({e})") from e
     _check_tensors(path, header, tensors)

@@ -12,6 +12,7 @@ import pytest
 import safetensors.torch
 import soundfile as sf
 import torch
+from safetensors.torch import load as tensors_from_bytes
 
 from distill.shared.audio.mel import MelConfig
 from distill.shared.model.modelfile import (
@@ -158,7 +159,7 @@ def _rewrite_header(path: Path, change: Any) -> None:
     (size,) = struct.unpack("<Q", data[:8])
     header = json.loads(json.loads(data[8 : 8 + size])["__metadata__"][METADATA_KEY])
     change(header)
-    safetensors.torch.save_file(safetensors.torch.load(data), path,
+    safetensors.torch.save_file(tensors_from_bytes(data), path,
                                 metadata={METADATA_KEY: json.dumps(header)})  # fmt: skip
 
 
@@ -196,7 +197,7 @@ def test_missing_key_and_missing_tensor(tmp_path: Path, model_file: Path) -> Non
     data = path.read_bytes()
     (size,) = struct.unpack("<Q", data[:8])
     meta = json.loads(data[8 : 8 + size])["__metadata__"]
-    tensors = safetensors.torch.load(data)
+    tensors = tensors_from_bytes(data)
     del tensors["prior.flag"]
     safetensors.torch.save_file(tensors, path, metadata=meta)
     _expect(path, ModelFileIncomplete, "tensors missing: \\['prior.flag'\\]")
