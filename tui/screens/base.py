@@ -27,3 +27,15 @@ class DistillScreen(Screen[None]):
 
     def notify_error(self, what: str, error: Any) -> None:
         self.notify(f"{what}: {error}", severity="error", timeout=8)
+
+    async def fetch_models(self) -> list[tuple[str, str]] | None:
+        """The broker's model artifacts as (name, sha256); None (and a notice) on an error."""
+        from distill.shared.errors import DistillError
+
+        try:
+            listed = await self.distill.client.request(
+                "distill.artifacts", {"op": "list", "kind": "model", "job": None})
+        except DistillError as e:
+            self.notify_error("models", e)
+            return None
+        return [(a.get("name", "?"), a["sha256"]) for a in listed.get("artifacts") or []]

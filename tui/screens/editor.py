@@ -99,13 +99,9 @@ class EditorScreen(DistillScreen):
 
     @work(group="models", exclusive=True)
     async def load_models(self) -> None:
-        try:
-            listed = await self.distill.client.request(
-                "distill.artifacts", {"op": "list", "kind": "model", "job": None})
-        except DistillError as e:
-            self.notify_error("models", e)
-            return
-        self.set_models([(a.get("name", "?"), a["sha256"]) for a in listed.get("artifacts") or []])
+        models = await self.fetch_models()
+        if models is not None:
+            self.set_models(models)
 
     def set_models(self, models: list[tuple[str, str]]) -> None:
         select = self.query_one("#edit-model", Select)
