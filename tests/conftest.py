@@ -198,3 +198,15 @@ def percussion_dir() -> Path:
 @pytest.fixture
 def percussion() -> Path:
     return percussion_dir()
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one torch thread, and the suite shares two cores with the
+    processes it starts. Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,10 @@ from distill.shared.model.vqvae import VQVAE, VQVAEConfig
 from distill.workers import infer
 from distill.workers.runtime.context import JobInfo
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 Q, K = 3, 16
 RATE = 48000
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(with_prior: bool = True) -> DistillModel:

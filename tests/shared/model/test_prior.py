@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,16 +18,9 @@ from distill.shared.model.prior import (
     unigram_bits,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TINY = PriorConfig(levels=2, codebook_size=8, embed_dim=16, hidden=32, layers=1, dropout=0.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and the suite shares two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def train(prior: Prior, codes: torch.Tensor, steps: int, lr: float = 1e-2) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -11,16 +9,10 @@ from distill.shared.errors import ConfigError
 from distill.shared.model.prior import Prior, PriorConfig
 from distill.shared.model.sampling import NOISE_CHUNK_STEPS, SamplingParams, resample_region, sample
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TINY = PriorConfig(levels=3, codebook_size=16, embed_dim=16, hidden=32, layers=2, dropout=0.0)
 WINDOW = 12  # the longest sequence the tiny priors are trained on
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

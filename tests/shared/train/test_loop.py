@@ -23,15 +23,9 @@ from distill.shared.train.loop import (
     with_default_budget,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 STEPS = 5  # steps per epoch: with one second per step, an epoch takes five seconds
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class FakeClock:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -36,18 +35,12 @@ from distill.shared.train.prior import (
 from distill.shared.train.vqvae import TrainConfig, VQVAETrainer
 from tests.conftest import percussion_dir
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TINY_VQVAE = VQVAEConfig(channels=32, latent_dim=16, blocks=2, codebook_size=32, levels=2)
 VQVAE_TRAIN = TrainConfig(epochs=6, batch_size=8, lr=3e-3, warmup_steps=4, preview_every=0,
                           patience=0, checkpoint_every_s=0)  # fmt: skip
 FAST = PriorTrainConfig(epochs=8, warmup_steps=10, patience=0, checkpoint_every_s=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,9 @@ learnt how a sound starts (figures in test_the_demo_draws_are_audible_and_distin
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import torch
 
 from distill.shared.audio.dataset import build_dataset
 from distill.shared.audio.mel import MelConfig
@@ -26,7 +24,7 @@ from distill.shared.train.loop import NullHooks
 from distill.shared.train.prior import PriorTrainConfig, PriorTrainer, encode_dataset
 from distill.shared.train.vqvae import TrainConfig, VQVAETrainer
 
-pytestmark = pytest.mark.slow  # trains two models (about a minute and a half on one core)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # trains two models (about a minute and a half on one core)
 
 # tests/shared/cli/test_demo.py's short RVQ-VAE, epochs only (no time budget: the same weights
 # on every run), at downsample 1. The prior at the size the demo sizes it (LSTM 128) for 1400
@@ -40,14 +38,6 @@ PEAK_FLOOR_DBFS = -30.0  # clearly audible
 # them (bd_808) comes out at -63 dBFS, so a draw that starts like it may too.
 MIN_AUDIBLE = 7  # of the 8 draws above the floor
 NEAR_TRAINING_DB = 6.0  # the median draw's peak within this of the median training sound's
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def dbfs(x: np.ndarray) -> float:

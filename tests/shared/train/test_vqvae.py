@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,20 +22,13 @@ from distill.shared.train.loop import lr_at
 from distill.shared.train.vqvae import TrainConfig, VQVAETrainer, train_vqvae
 from tests.conftest import percussion_dir
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 FILES = ["bd_808.flac", "bd_haus.flac", "sn_dub.flac", "hat_bdu.flac", "tabla_na.flac",
          "elec_blip.flac", "drum_tom_lo_hard.flac"]  # fmt: skip
 TINY = VQVAEConfig(channels=32, latent_dim=16, blocks=2, codebook_size=16, levels=2)
 FAST = TrainConfig(epochs=6, batch_size=4, lr=3e-3, warmup_steps=4, preview_every=2, patience=0,
                    checkpoint_every_s=0)  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and the suite shares two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ Griffin-Lim, scored beside the floor (Griffin-Lim of the true mel), on the metri
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,15 +16,9 @@ from distill.shared.model.vqvae import VQVAE, VQVAEOutput
 from distill.shared.train.vqvae import AudioCheck, VQVAETrainer, decoded_sc
 from tests.shared.train.test_vqvae import FAST, TINY, RecordingHooks, dataset, run
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 __all__ = ["dataset"]  # the module-scoped fixture, shared with test_vqvae.py
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Noisy(nn.Module):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,19 +27,13 @@ from distill.shared.train.vqvae import TrainConfig, VQVAETrainer
 from tests.conftest import percussion_dir
 from tests.shared.train.test_vqvae import RecordingHooks
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 FILES = 12  # the first files of the set, by name: ~10 train / 2 validation
 # The default model and optimiser; a small codebook and a short schedule keep it to about a
 # minute on one core. 10 epochs of MIN_STEPS_PER_EPOCH: 30 warmup steps, then 50 at the peak
 # rate before the cosine has decayed much -- where the old defaults climbed.
 EPOCHS, WARMUP = 10, 30
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
