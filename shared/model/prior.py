@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.shared.configs import config_from_dict
 from distill.shared.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------
@@ -82,16 +83,9 @@ class PriorConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PriorConfig:
-        """Build from a plain dict (msgpack, JSON); unknown keys, wrong types -> ConfigError."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"PriorConfig: expected a map, got {type(d).__name__}")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"PriorConfig: unknown keys {unknown}")
-        kwargs = dict(d)
-        if isinstance(kwargs.get("dropout"), int) and not isinstance(kwargs["dropout"], bool):
-            kwargs["dropout"] = float(kwargs["dropout"])  # JSON writes 0.0 as 0
-        return cls(**kwargs)
+        """Build from a plain dict (msgpack, JSON): the project's one config reader (unknown
+        keys, wrong types -> ConfigError; an int where a float belongs is read as a float)."""
+        return config_from_dict(cls, d, "PriorConfig")
 
 
 # (code steps below which the band applies, hidden, embed_dim, layers, dropout, prev_codes,

@@ -12,12 +12,13 @@ is left alone); ``_draw_steps`` and ``PriorStepper`` have the measured choices.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from distill.shared.configs import config_from_dict
 from distill.shared.errors import ConfigError
 from distill.shared.model.prior import Prior, PriorState, PriorStepper
 
@@ -58,17 +59,9 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
-        """Build from a plain dict (msgpack, JSON); unknown keys, wrong types -> ConfigError."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"SamplingParams: expected a map, got {type(d).__name__}")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"SamplingParams: unknown keys {unknown}")
-        kwargs = dict(d)
-        for name in ("temperature", "top_p"):  # JSON writes 1.0 as 1
-            if isinstance(kwargs.get(name), int) and not isinstance(kwargs[name], bool):
-                kwargs[name] = float(kwargs[name])
-        return cls(**kwargs)
+        """Build from a plain dict (msgpack, JSON): the project's one config reader (unknown
+        keys, wrong types -> ConfigError; an int where a float belongs is read as a float)."""
+        return config_from_dict(cls, d, "SamplingParams")
 
 
 def _filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
