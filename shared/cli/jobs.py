@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -133,9 +132,11 @@ def register(app: typer.Typer) -> None:
     @artifacts.command("ls")
     def artifacts_ls(broker: str = BrokerOpt, kind: str = typer.Option(None), job: str = typer.Option(None)) -> None:
         """List stored artifacts, then what holds the space (by kind, the largest jobs)."""
+        from distill.shared.bus.artifacts import ArtifactClient
+
         try:
             with client(broker) as c:
-                items = list(list_artifacts(c, kind=kind, job=job))
+                items = ArtifactClient(c).list(kind=kind, job=job)
                 usage = c.request("distill.artifacts", {"op": "usage"})
         except DistillError as e:
             fail(str(e))
@@ -187,17 +188,6 @@ def register(app: typer.Typer) -> None:
             fail(str(e))
 
 
-def list_artifacts(c: Any, *, kind: str | None = None, job: str | None = None) -> Iterator[dict[str, Any]]:
-    """Every artifact (of a kind, of a job), fetched page by page."""
-    start = 0
-    while True:
-        page = c.request("distill.artifacts", {"op": "list", "kind": kind, "job": job, "start": start})
-        yield from page["artifacts"]
-        if not page.get("more"):
-            return
-        start += len(page["artifacts"])
-
-
 def print_usage(usage: dict[str, Any]) -> None:
     """The store's use against its limits, bytes by kind and the jobs holding the most."""
     typer.echo(f"\nstore: {human_bytes(usage['used_bytes'])} of {human_bytes(usage['max_bytes'])} "
@@ -219,7 +209,7 @@ def resolve_artifact(ac: Any, ref: str) -> str:
 
     if is_sha256(ref):
         return ref
-    matches = [a["sha256"] for a in list_artifacts(ac.client) if a["sha256"].startswith(ref.lower())]
+    matches = [a["sha256"] for a in ac.iter() if a["sha256"].startswith(ref.lower())]
     if len(matches) != 1:
         raise ArtifactError(f"{ref!r} matches {len(matches)} artifacts; give more of the id")
     return str(matches[0])
