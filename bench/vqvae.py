@@ -90,7 +90,8 @@ def bare_steps_per_s(trainer: VQVAETrainer, steps: int) -> float:
 def evaluate(model: VQVAE, paths: list[Path], cfg: MelConfig, levels: int | None = None
              ) -> dict[str, float]:  # fmt: skip
     """Medians over whole files of the model's mel L1 and decoded audio vs the floor."""
-    rows: dict[str, list[float]] = {k: [] for k in ("mel_l1", "sc", "sc_floor", "l1", "l1_floor")}
+    keys = ("mel_l1", "sc", "sc_floor", "l1", "l1_floor", *(f"l1_{b}" for b in BANDS))
+    rows: dict[str, list[float]] = {k: [] for k in keys}
     for path in paths:
         audio = load_audio(path, cfg.sample_rate)  # as the dataset prepared it
         mel = log_mel(audio, cfg)  # (M, T)
@@ -99,11 +100,30 @@ def evaluate(model: VQVAE, paths: list[Path], cfg: MelConfig, levels: int | None
         decoded = mel_to_audio(recon, cfg, length=audio.shape[-1])
         floor = mel_to_audio(mel, cfg, length=audio.shape[-1])
         rows["mel_l1"].append(float((recon - mel).abs().mean()))
+        for band, err in loudness_bands(mel, recon).items():
+            rows[f"l1_{band}"].append(err)
         rows["sc"].append(float(spectral_convergence(audio, decoded, cfg)))
         rows["sc_floor"].append(float(spectral_convergence(audio, floor, cfg)))
         rows["l1"].append(float(log_mel_l1(audio, decoded, cfg)))
         rows["l1_floor"].append(float(log_mel_l1(audio, floor, cfg)))
     return {k: statistics.median(v) for k, v in rows.items()}
+
+
+# Loudness bands (dB below the file's loudest mel bin) for the mel L1: spectral convergence of
+# the decoded audio is set by the loud bins, the plain L1 weighs every bin alike.
+BANDS = ("0-20dB", "20-40dB", "40-60dB", "60dB+")
+
+
+def loudness_bands(mel: torch.Tensor, recon: torch.Tensor) -> dict[str, float]:
+    """Mean |recon - mel| (nats) over the bins of each loudness band of the true mel (M, T)."""
+    below = (mel.max() - mel) * (20 / 2.302585)  # dB below the peak (log-mel is ln magnitude)
+    err = (recon - mel).abs()
+    edges = [(0, 20), (20, 40), (40, 60), (60, 1e9)]
+    out = {}
+    for band, (lo, hi) in zip(BANDS, edges, strict=True):
+        sel = (below >= lo) & (below < hi)
+        out[band] = float(err[sel].mean()) if bool(sel.any()) else float("nan")
+    return out
 
 
 def split_paths(ds: Dataset, folder: Path, n_train: int) -> tuple[list[Path], list[Path]]:
@@ -133,6 +153,8 @@ def report(name: str, m: dict[str, float], bar: float) -> None:
     print(f"{name:>10}: mel L1 {m['mel_l1']:.3f} | decoded SC {m['sc']:.3f} vs floor "
           f"{m['sc_floor']:.3f} = {ratio:.2f}x (bar {bar}x: {'met' if ratio <= bar else 'not met'})"
           f" | decoded log-mel L1 {m['l1']:.3f} vs floor {m['l1_floor']:.3f}")  # fmt: skip
+    print(f"{'':>10}  mel L1 by loudness below the file's peak: "
+          + ", ".join(f"{b} {m[f'l1_{b}']:.3f}" for b in BANDS))
 
 
 def main() -> None:
@@ -143,6 +165,7 @@ def main() -> None:
     ap.add_argument("--train-files", type=int, default=13, help="training files to evaluate")
     ap.add_argument("--subset", type=int, default=0, help="only the first N usable files (0: all)")
     ap.add_argument("--quick", action="store_true", help="skip the first-k-levels figures")
+    ap.add_argument("--save", type=Path, help="write the trained model here (safetensors)")
     ap.add_argument(
         "--model",
         type=json.loads,
@@ -186,6 +209,11 @@ def main() -> None:
     real = (s1 - s0) / (t1 - t0)
     last = hooks.metrics[-1]
 
+    if args.save:  # tensors plus the config as JSON metadata: nothing executes on load
+        from safetensors.torch import save_file
+
+        state = {k: v.contiguous() for k, v in result.model.state_dict().items()}
+        save_file(state, str(args.save), {"config": json.dumps(result.model_config.to_dict())})
     val_paths, train_paths = split_paths(ds, args.data, args.train_files)
     print(
         f"\n{result.epochs} epochs, {last['step']} steps in {wall:.0f} s "

@@ -424,8 +424,8 @@ class Trainer(ABC, Generic[M]):
         total = self.planned_epochs * self.steps_per_epoch
         lr = lr_at(self.train_config, s.step, total, warmup_steps=self._warmup_steps())
         lr *= s.lr_scale
-        for group in opt.param_groups:
-            group["lr"] = lr
+        for group in opt.param_groups:  # a group may run at a share of the rate ("lr_share")
+            group["lr"] = lr * group.get("lr_share", 1.0)
         loss = self.step_loss(batch, totals)
         if not torch.isfinite(loss):
             raise Diverged(f"loss was {loss.item()} at step {s.step}")

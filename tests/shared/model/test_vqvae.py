@@ -220,9 +220,64 @@ def test_weight_norm_model_keeps_shapes_and_loads_into_the_same_config() -> None
 def test_device_size_fills_only_what_the_job_left_unset() -> None:
     cpu, why_cpu = choose_size("cpu", {})
     cuda, why_cuda = choose_size("cuda:0", {"channels": 128})
-    assert cpu == {"channels": 256, "blocks": 3, "downsample": 2} and "cpu" in why_cpu
+    assert cpu == {"channels": 256, "blocks": 3, "downsample": 2, "linear_path": True}
+    assert "cpu" in why_cpu and "PCA" in why_cpu
     assert cuda["channels"] == 128 and cuda["blocks"] > cpu["blocks"] and "cuda" in why_cuda
     assert choose_size("xpu", {})[0] == cpu  # unknown kinds get the CPU's size
-    mine = {"channels": 64, "blocks": 1, "downsample": 1}
-    assert choose_size("cuda", mine) == (mine, "channels, blocks and downsample were set by the user.")
+    mine = {"channels": 64, "blocks": 1, "downsample": 1, "linear_path": False}
+    assert choose_size("cuda", mine) == (
+        mine, "channels, blocks, downsample and linear_path were set by the user.")
     assert VQVAEConfig.from_dict(cpu).channels == VQVAEConfig().channels  # defaults agree
+
+
+# -- the PCA-initialised linear path ----------------------------------------------------------
+
+
+def low_rank_mels(batch: int = 12, frames: int = 64, rank: int = 6) -> torch.Tensor:
+    """Log-mel-like chunks that lie in a ``rank``-dimensional space of frames."""
+    g = torch.Generator().manual_seed(2)
+    basis = torch.randn(rank, 128, generator=g)  # (r, M)
+    weights = torch.randn(batch, frames, rank, generator=g)  # (B, T, r)
+    return (weights @ basis).transpose(1, 2) - 6  # (B, M, T)
+
+
+@pytest.mark.parametrize(("downsample", "norm"), [(1, "none"), (2, "none"), (2, "weight")])
+def test_pca_init_makes_the_unquantized_model_the_pca_codec(downsample: int, norm: str) -> None:
+    # Frames of rank 6 through a latent of 16: the PCA basis holds them exactly, so the
+    # continuous path (encode_latents -> decode_latents) gives them back at step 0.
+    model = tiny_model(linear_path=True, downsample=downsample, norm=norm)
+    mels = low_rank_mels()
+    model.set_normalisation_(mels.mean(dim=(0, 2)), mels.std(dim=(0, 2)))
+    random_init = model.decode_latents(model.encode_latents(mels), mels.shape[-1])
+    model.pca_init_(mels)
+    with torch.no_grad():
+        recon = model.decode_latents(model.encode_latents(mels), mels.shape[-1])
+    assert float((recon - mels).abs().max()) < 1e-3
+    assert float((random_init - mels).abs().mean()) > 0.5  # what it replaced was no codec
+
+
+def test_pca_init_is_deterministic_and_leaves_models_without_the_path_alone() -> None:
+    mels = low_rank_mels()
+    states = []
+    for _ in range(2):
+        model = tiny_model(linear_path=True, downsample=2)
+        model.set_normalisation_(mels.mean(dim=(0, 2)), mels.std(dim=(0, 2)))
+        model.pca_init_(mels, max_vectors=100, seed=3)  # subsampled: still the same each time
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    plain = tiny_model()
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    plain.pca_init_(mels)
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
+
+
+def test_a_latent_wider_than_a_frame_group_keeps_its_extra_rows_at_zero() -> None:
+    # 8 mel bins x downsample 1 gives 8 components for a 16-wide latent.
+    model = tiny_model(n_mels=8, linear_path=True)
+    mels = low_rank_mels()[:, :8]
+    model.set_normalisation_(mels.mean(dim=(0, 2)), mels.std(dim=(0, 2)))
+    model.pca_init_(mels)
+    w = model.encoder.linear.weight  # (D, M, 1)
+    assert float(w[8:].abs().sum()) == 0.0 and float(w[:8].abs().sum()) > 0
+    out = model(mels)
+    assert out.recon.shape == mels.shape and torch.isfinite(out.recon).all()
