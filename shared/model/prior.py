@@ -96,12 +96,12 @@ class PriorConfig:
 _SIZE_BANDS: list[tuple[float, int, int, int, float, bool, str]] = [
     # a handful of sounds: at dropout 0.3 the prior learnt the demo's 10 one-shots by heart
     # (0.02 bits per code, two of 8 draws identical); 0.6 keeps draws distinct, still audible
-    (5_000, 128, 64, 1, 0.6, False, "under ~1 minute of codes at 94 steps/s"),
+    (5_000, 128, 64, 1, 0.6, False, "under 5k code steps: ~1 min of sound at 94 steps/s, ~2 at 47"),
     # percussion (16k steps, prev_codes): dropout 0.5 5.16 bits per code, 0.3 5.24; embeddings
     # 128 instead of 64: 5.41 (it overfits sooner)
-    (20_000, 128, 64, 1, 0.5, True, "under ~3.5 minutes of codes at 94 steps/s"),
-    (200_000, 256, 128, 1, 0.2, True, "under ~35 minutes of codes at 94 steps/s"),
-    (1_000_000, 512, 128, 2, 0.1, True, "under ~3 hours of codes at 94 steps/s"),
+    (20_000, 128, 64, 1, 0.5, True, "under 20k code steps: ~3.5 min at 94 steps/s, ~7 at 47"),
+    (200_000, 256, 128, 1, 0.2, True, "under 200k code steps: ~35 min at 94 steps/s, ~70 at 47"),
+    (1_000_000, 512, 128, 2, 0.1, True, "under 1M code steps: ~3 h at 94 steps/s, ~6 at 47"),
     (math.inf, 768, 192, 2, 0.1, True, "hours of codes"),
 ]
 

@@ -212,7 +212,8 @@ def test_windows_inside_a_sound_read_the_step_before_and_every_start_is_drawn() 
     codes_t, mask = prior_training._pad(windows[:2], torch.device("cpu"))
     assert mask[0].tolist() == [True] * 10 + [False] and mask[1].tolist() == [False] + [True] * 10
     assert trainer.steps_per_epoch >= prior_training.MIN_STEPS_PER_EPOCH
-    assert trainer.validated_on == "val" and trainer.label_smoothing == 0.0
+    assert trainer.validated_on == "val"
+    assert trainer.label_smoothing == prior_training.DEFAULT_SMOOTHING
 
 
 def test_with_too_few_validation_files_every_file_trains_and_validation_uses_them() -> None:
