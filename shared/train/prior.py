@@ -65,14 +65,13 @@ MIN_STEPS_PER_EPOCH = 25
 # dataset (the demo's one validation file went from 1.8 to 6 bits while samples got better):
 # those files train too, and validation, early stopping and the baselines use training windows.
 MIN_VALIDATION_FILES = 3
-# Label smoothing, whatever is held out. With nothing held out and no validation NLL to stop
-# it, the prior learnt the demo's 10 one-shots by heart (0.05 bits per code, 2 pairs of its 8
-# draws identical at 47 steps/s); smoothing 0.1 kept all 8 apart (closest pair 87% equal
-# codes), still audible. With a validation split it overfits too: on percussion codes (115
-# files, 1.2-minute budget) validation NLL was best after 225 steps and then climbed;
-# smoothing 0.1 took it from 0.92 to 1.16 bits per code better than the bigram (0.2: 1.16).
+# Label smoothing when nothing is held out: with no validation NLL to stop it, the prior learnt
+# the demo's 10 one-shots by heart (0.05 bits per code, 2 pairs of its 8 draws identical at 47
+# steps/s); smoothing 0.1 kept all 8 apart (closest pair 87% equal codes), still audible. Not
+# with a validation split: there it lowered validation NLL (percussion: 0.92 -> 1.16 bits per
+# code better than the bigram) but a smoothed prior puts a tenth of every step's probability
+# on random codes, which the PCA-started RVQ-VAE decodes as clicks.
 SMALL_DATA_SMOOTHING = 0.1
-DEFAULT_SMOOTHING = 0.1
 VALIDATION_BATCH = 64  # windows per validation forward pass
 BUCKET_BATCHES = 8  # batches drawn together and sorted by length, so little is padding
 
@@ -240,8 +239,8 @@ class PriorTrainConfig(LoopConfig):
     patience: int = 10  # the validation NLL of a small set turns up within a few epochs
     window: int = 188  # code steps per training window: 2 s at 94 steps/s, longer than a chunk
     start_weight: float = 1.0  # a sound's first step counts as this many codes in the loss
-    # training targets keep this share spread over every code; -1: automatic
-    # (SMALL_DATA_SMOOTHING when validating on training windows, else DEFAULT_SMOOTHING)
+    # training targets keep this share spread over every code (not where the sound holds
+    # still); -1: SMALL_DATA_SMOOTHING when validating on training windows, else 0
     label_smoothing: float = -1.0
     # Training sequences go on this long in their final (silent) step, so that a draw past a
     # sound's end stays silent: 0.5 s at 47 steps/s. 94 taught it no better and, with one-shots
@@ -359,7 +358,13 @@ def code_nats(
     if smoothing == 0.0:
         return ce, ce
     smooth = F.cross_entropy(flat, target, reduction="none", label_smoothing=smoothing)
-    return ce, smooth.view(b, t, q) * mask[:, :, None]
+    # Not where the sound holds still (every level repeats its code: silence, a held tone):
+    # smoothed there, the prior learns to leave it one step in ten for a random code, and a
+    # draw's silence fills with clicks (the demo's: 11% of the steps after its sounds ended).
+    held = torch.zeros(b, t, dtype=torch.bool, device=codes.device)  # (B, T)
+    held[:, 1:] = (codes[:, :, 1:] == codes[:, :, :-1]).all(dim=1)
+    smooth = torch.where(held[:, :, None], ce, smooth.view(b, t, q) * mask[:, :, None])
+    return ce, smooth
 
 
 def masked_nats(prior: Prior, codes: Tensor, mask: Tensor) -> tuple[Tensor, int]:
@@ -394,7 +399,7 @@ class PriorTrainer(Trainer[Prior]):
         self.validated_on = "val" if val else "train"
         smoothing = train_config.label_smoothing
         self.label_smoothing = (
-            smoothing if smoothing >= 0 else (DEFAULT_SMOOTHING if val else SMALL_DATA_SMOOTHING)
+            smoothing if smoothing >= 0 else (0.0 if val else SMALL_DATA_SMOOTHING)
         )
         self.val_windows = self._windows_in_order(val or self.train_seqs)
         self.prior_config, self.chosen = resolve_prior_config(codes, prior_overrides)
