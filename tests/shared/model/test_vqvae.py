@@ -278,7 +278,7 @@ def test_a_latent_wider_than_a_frame_group_keeps_its_extra_rows_at_zero() -> Non
     mels = low_rank_mels()[:, :8]
     model.set_normalisation_(mels.mean(dim=(0, 2)), mels.std(dim=(0, 2)))
     model.pca_init_(mels)
-    w = model.encoder.linear.weight  # (D, M, 1)
+    w = model.encoder.linear.weight.detach()  # (D, M, 1)
     assert float(w[8:].abs().sum()) == 0.0 and float(w[:8].abs().sum()) > 0
     out = model(mels)
     assert out.recon.shape == mels.shape and torch.isfinite(out.recon).all()
