@@ -135,7 +135,8 @@ def _generate(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dic
     out = inf.generate(model, count=count, seconds=seconds, params=params,
                        quality=_quality(body), prime=body.get("prime"))  # fmt: skip
     return {"audio": out.audio, "codes": out.codes, "sample_rate": out.sample_rate,
-            "params": {**params.to_dict(), "count": count, "seconds": seconds}}  # fmt: skip
+            "params": {**params.to_dict(), "count": count, "seconds": seconds},
+            "redrawn": out.redrawn}  # fmt: skip
 
 
 def _encode(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
@@ -254,4 +255,4 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         sounds.append({"index": i, "artifact": sha, "name": name, "seed": params.seed})
     recipe = {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality}
     return {"sounds": sounds, "model_id": model.model_id, "params": recipe,
-            "sample_rate": out.sample_rate}  # fmt: skip
+            "sample_rate": out.sample_rate, "redrawn": out.redrawn}  # fmt: skip

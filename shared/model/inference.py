@@ -8,11 +8,13 @@ request. Inputs from outside (a request, a file) are checked here and refused wi
 Audio is mono float32 at the model's sample rate, ``(samples,)`` or ``(B, samples)``; code grids
 are int64 ``(Q, T)`` (``-1``: no code at this level); log-mels ``(n_mels, frames)``.
 Generation is prior sampling -> RVQ-VAE decode -> phase (:mod:`distill.shared.audio.phase`):
-the same model, seed, count, length and quality on the same device give the same samples.
+the same model, seed, count, length and quality on the same device give the same samples. A new
+sound that comes out silent is drawn again (see :data:`SILENT_PEAK_DB`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from distill.shared.audio.phase import QUALITY_PRESETS, mel_to_audio_quality
 from distill.shared.errors import BAD_REQUEST, DistillError
 from distill.shared.model.codes import CodeGridError, EditSession, edit_from_dict
 from distill.shared.model.modelfile import DistillModel
-from distill.shared.model.sampling import SamplingParams
+from distill.shared.model.sampling import MAX_SEED, SamplingParams
 from distill.shared.model.sampling import resample_region as prior_resample_region
 from distill.shared.model.sampling import sample as prior_sample
 
@@ -38,6 +40,13 @@ MAX_COUNT = 256  # sounds per generate call; the worker answers up to 16 directl
 # Sounds decoded together: bounds memory at any count, and fixes how a batch is split, so the
 # same request decodes the same way whether it came as a request, a job or a regenerate.
 RENDER_BATCH = 16
+# A new sound whose peak stays under this is not a sound: every training file is peak-normalised
+# to -1 dBFS, and a prior trained briefly starts a few draws in the silent state its sounds end
+# in and holds it there (2 of 64 draws of the demo's CI-size model peaked under -80 dBFS). Such
+# a draw is drawn again, up to MAX_REDRAWS times, with a seed derived from the request's, so the
+# same request still gives the same sounds. Continuations are left alone: a prime may end.
+SILENT_PEAK_DB = -60.0
+MAX_REDRAWS = 4
 
 
 class BadInput(DistillError):
@@ -51,6 +60,7 @@ class Generated:
     audio: np.ndarray  # (B, samples) float32
     codes: np.ndarray  # (B, Q, T) int64, the prime's steps included
     sample_rate: int
+    redrawn: int = 0  # draws that came out silent and were drawn again (SILENT_PEAK_DB)
 
 
 # --- checking inputs -----------------------------------------------------------------------------
@@ -184,12 +194,37 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
         raise BadInput(f"prime plus seconds exceeds {MAX_SECONDS:g} s")
     new = prior_sample(prior, batch=count, steps=steps, params=params, prefix=prefix)  # (B,Q,S)
     codes = new if prefix is None else torch.cat([prefix.expand(count, -1, -1), new], 2)
-    parts = []
-    for start in range(0, count, RENDER_BATCH):
+    audio = _render_batches(model, codes, quality, on_batch)
+    grid = codes.cpu().numpy()  # (B, Q, T)
+    redrawn = np.zeros(count, dtype=bool)
+    for attempt in range(1, (MAX_REDRAWS if prefix is None else 0) + 1):
+        silent = np.flatnonzero(_peak_db(audio) < SILENT_PEAK_DB)
+        if not len(silent):
+            break
+        redrawn[silent] = True
+        seed = (params.seed * 1_000_003 + attempt) % (MAX_SEED + 1)
+        again = prior_sample(prior, batch=len(silent), steps=steps,
+                             params=dataclasses.replace(params, seed=seed))  # fmt: skip
+        grid[silent] = again.cpu().numpy()
+        audio[silent] = _render_batches(model, again, quality, None)
+    return Generated(audio, grid, model.mel_config.sample_rate, int(redrawn.sum()))
+
+
+def _render_batches(model: DistillModel, codes: torch.Tensor, quality: str,
+                    on_batch: Callable[[int, int], None] | None) -> np.ndarray:  # fmt: skip
+    """``render`` in batches of RENDER_BATCH: audio (B, samples); progress after each batch."""
+    parts: list[np.ndarray] = []
+    for start in range(0, len(codes), RENDER_BATCH):
         parts.append(render(model, codes[start : start + RENDER_BATCH], quality)[0])
         if on_batch is not None:
-            on_batch(start + len(parts[-1]), count)
-    return Generated(np.concatenate(parts), codes.cpu().numpy(), model.mel_config.sample_rate)
+            on_batch(start + len(parts[-1]), len(codes))
+    return np.concatenate(parts)
+
+
+def _peak_db(audio: np.ndarray) -> np.ndarray:
+    """Peak level (dBFS) of each row of ``audio`` (B, samples); -inf for digital silence."""
+    with np.errstate(divide="ignore"):
+        return 20.0 * np.log10(np.abs(audio).max(axis=-1))
 
 
 def progressive(model: DistillModel, audio: torch.Tensor, quality: str
