@@ -22,12 +22,14 @@ Result::
      "name": str,
      "vqvae": sha256, "dataset": sha256,
      "codes": sha256,      # the cached code sequences (artifact kind "codes"), reused by retries
-     "encoding": {"cached": bool, "seconds": float, "files": int, "code_steps": int},
+     "encoding": {"cached": bool, "seconds": float, "files": int,
+                  "sequences": int, "code_steps": int},  # sequences: files and variants
      "epochs": int, "best_epoch": int, "best_val_bits": float,
      "stopped": "epochs" | "budget" | "early_stopping",
      "metrics": {...},     # the last epoch's row (below)
      "baselines": {"unigram_bits": float, "bigram_bits": float, "val_codes": int,
-                   "validated_on": "val" | "train"},
+                   "validated_on": "val" | "train",
+                   "fitted_on": "training files and variants" | "training files"},
      "chosen": {"prior": PriorConfig dict, "why": str, "overridden": [keys]},
      "budget": {"minutes": float, "source": "params" | "default", "why": str,
                 "planned_epochs": int, "steps": int, "spent_s": float, "stopped": str},
@@ -175,7 +177,8 @@ def _codes(ctx: JobContext, vqvae_id: str, dataset_id: str) -> tuple[CodeSet, st
     codes, sha, cached = load_or_encode_codes(store, vqvae_id, dataset_id, encode,
                                               job=ctx.info.job_id)  # fmt: skip
     note = {"cached": cached, "seconds": round(time.monotonic() - started, 3),
-            "files": len(codes.files), "code_steps": int(codes.codes.shape[1])}  # fmt: skip
+            "files": codes.n_files, "sequences": len(codes.files),
+            "code_steps": int(codes.codes.shape[1])}  # fmt: skip
     return codes, sha, note
 
 

@@ -5,6 +5,8 @@ baseline; resume and NaN rollback through the shared loop."""
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import math
 from typing import Any
 
@@ -114,8 +116,9 @@ def test_a_code_set_round_trips_and_bad_bytes_are_refused(
     back = CodeSet.from_bytes(codes.to_bytes())
     assert np.array_equal(back.codes, codes.codes) and back.files == codes.files
     assert (back.splits, back.vqvae, back.dataset) == (codes.splits, "a" * 64, "b" * 64)
-    assert sum(s.shape[1] for s in codes.sequences("train") + codes.sequences("val")) == (
-        codes.codes.shape[1])  # fmt: skip
+    assert back.variants == codes.variants
+    every = codes.sequences("train", variants=True) + codes.sequences("val", variants=True)
+    assert sum(s.shape[1] for s in every) == codes.codes.shape[1]
     with pytest.raises(ModelFormatError, match="corrupt"):
         CodeSet.from_bytes(codes.to_bytes()[:100])
     with monkeypatch.context() as m:
@@ -123,6 +126,41 @@ def test_a_code_set_round_trips_and_bad_bytes_are_refused(
         data = codes.to_bytes()
     with pytest.raises(ModelFormatError, match="format_version 9"):
         CodeSet.from_bytes(data)
+
+
+def test_each_file_is_encoded_with_its_variants_after_the_files(codes: CodeSet) -> None:
+    files = codes.n_files
+    assert codes.variants[:files] == [""] * files and all(codes.variants[files:])
+    lengths = np.diff(codes.offsets)  # (N,) steps of each sequence
+    plain = dict(zip(codes.files[:files], lengths[:files], strict=True))
+    assert len(plain) == files  # each file once, as it is, before any variant
+    for name, variant, length in zip(codes.files, codes.variants, lengths, strict=True):
+        if variant:  # 0.9 and 1.1 times as long, give or take a step
+            assert abs(length - float(variant[7:]) * plain[name]) <= 2, (variant, plain[name])
+    # downsample 1 here: no shifted encodings, two stretches per file
+    assert sorted(set(codes.variants[files:])) == ["stretch0.9", "stretch1.1"]
+    assert len(codes.files) == 3 * files
+    # A code set written before variants (format 1) reads as files without variants.
+    meta = {"format_version": 1, "files": codes.files[:files], "splits": codes.splits[:files],
+            "codebook_size": codes.codebook_size, "vqvae": "", "dataset": ""}  # fmt: skip
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+             codes=codes.codes[:, : codes.offsets[files]], offsets=codes.offsets[: files + 1])
+    old = CodeSet.from_bytes(buf.getvalue())
+    assert old.variants == [""] * files and old.n_files == files
+
+
+def test_the_prior_trains_on_the_variants_and_validates_on_the_files(codes: CodeSet) -> None:
+    plain = PriorTrainer(codes, {}, dataclasses.replace(FAST, augment=False), NullHooks())
+    augmented = PriorTrainer(codes, {}, FAST, NullHooks())
+    assert len(plain.train_seqs) == len(codes.sequences("train"))
+    assert len(augmented.train_seqs) == len(codes.sequences("train", variants=True))
+    assert len(plain.val_windows) == len(augmented.val_windows)
+    assert all(torch.equal(a.codes, b.codes)
+               for a, b in zip(plain.val_windows, augmented.val_windows, strict=True))  # fmt: skip
+    assert plain.chosen == augmented.chosen  # sized by the files, not by their variants
+    assert augmented.baselines["fitted_on"] == "training files and variants"
+    assert augmented.baselines["bigram_bits"] != plain.baselines["bigram_bits"]
 
 
 class MemoryStore:
