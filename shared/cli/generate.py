@@ -38,19 +38,20 @@ def _subtype(bits: str, suffix: str) -> str:
 
 
 def _describe(params: dict[str, Any]) -> str:
-    shown = ("seed", "temperature", "top_k", "top_p", "seconds", "quality")
+    shown = ("seed", "temperature", "top_k", "top_p", "min_p", "seconds", "quality")
     return " ".join(f"{k}={params[k]}" for k in shown if k in params)
 
 
 def generate_files(model: Any, out: Path, *, count: int, seconds: float, temperature: float,
                    top_k: int, top_p: float, seed: int, quality: str, fmt: str = "wav",
+                   min_p: float | None = None,
                    bits: str = "24", prefix: str = "gen", show: bool = True) -> list[Path]:  # fmt: skip
     """``count`` generated sounds written into ``out`` with their metadata; their paths."""
     from distill.shared.audio.export import ExportMetadata, export_audio
     from distill.shared.model import inference as inf
 
-    params = inf.sampling_params({"temperature": temperature, "top_k": top_k, "top_p": top_p,
-                                  "seed": seed})  # fmt: skip
+    chosen = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    params = inf.sampling_params(chosen if min_p is None else {**chosen, "min_p": min_p})
     out.mkdir(parents=True, exist_ok=True)
     suffix = f".{fmt}"
     subtype = _subtype(bits, suffix)
@@ -87,6 +88,11 @@ def generate(
     temperature: float = typer.Option(1.0, "--temperature"),
     top_k: int = typer.Option(0, "--top-k", help="0: off."),
     top_p: float = typer.Option(1.0, "--top-p", help="1: off."),
+    min_p: float | None = typer.Option(
+        None, "--min-p", show_default=False,
+        help="Drop codes less likely than this share of the likeliest one (0: off; default "
+        "0.01: the prior's smoothing floor).",
+    ),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("."), "-o", "--out", help="Folder for the files."),
     fmt: str = typer.Option("wav", "--format", help="wav or flac."),
@@ -102,7 +108,8 @@ def generate(
     model = _load(model_file, device)
     try:
         generate_files(model, out, count=count, seconds=seconds, temperature=temperature,
-                       top_k=top_k, top_p=top_p, seed=seed, quality=quality, fmt=fmt, bits=bits,
+                       top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, quality=quality,
+                       fmt=fmt, bits=bits,
                        prefix=model_file.stem)  # fmt: skip
     except DistillError as e:
         fail(str(e))

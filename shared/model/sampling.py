@@ -12,6 +12,7 @@ is left alone); ``_draw_steps`` and ``PriorStepper`` have the measured choices.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,9 +37,16 @@ class SamplingParams:
     top_k: int = 0  # 0 = off; else keep only the k likeliest codes of each level
     top_p: float = 1.0  # 1 = off; else keep the likeliest codes holding this much probability
     seed: int = 0  # same seed + same device -> same codes
+    # 0 = off; else drop codes less likely than min_p x the likeliest one. On by default: the
+    # prior is trained with label smoothing, which leaves a floor of probability on every code
+    # (0.1 / K) that a draw would otherwise pick now and then as an odd code, heard as a click.
+    # Measured on percussion, 400 draws of 2 s: isolated 10 dB spikes 0.24 per second with no
+    # cut, 0.014 at 0.01 (a prior trained without smoothing, drawn with no cut: 0.095).
+    min_p: float = 0.01
 
     def __post_init__(self) -> None:
-        for name, kind in (("temperature", float), ("top_k", int), ("top_p", float), ("seed", int)):
+        for name, kind in (("temperature", float), ("top_k", int), ("top_p", float),
+                           ("seed", int), ("min_p", float)):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(
                 value, (int, float) if kind is float else int
@@ -49,6 +57,7 @@ class SamplingParams:
             ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}"),
+            ("min_p", 0 <= self.min_p < 1, "must be in [0, 1) (0 = off)"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -65,9 +74,12 @@ class SamplingParams:
 
 
 def _filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
-    """Temperature, then top-k, then top-p on logits (B, K); removed codes get -inf."""
+    """Temperature, then min-p, top-k and top-p on logits (B, K); removed codes get -inf."""
     if params.temperature != 1.0:
         logits = logits / params.temperature
+    if params.min_p > 0.0:  # p < min_p * p_max  <=>  logit < max logit + log(min_p)
+        floor = logits.amax(-1, keepdim=True) + math.log(params.min_p)  # (B, 1)
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     if 0 < params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -100,7 +112,8 @@ def _draw_steps(
     """
     q, k = prior.prior.config.levels, prior.prior.config.codebook_size
     batch, device = state.h[-1].shape[0], state.h[-1].device
-    filtering = params.temperature != 1.0 or params.top_k > 0 or params.top_p < 1.0
+    filtering = (params.temperature != 1.0 or params.top_k > 0 or params.top_p < 1.0
+                 or params.min_p > 0.0)  # fmt: skip
     columns: list[Tensor] = []
     for first in range(0, steps, NOISE_CHUNK_STEPS):
         noise = _gumbel(gen, (min(NOISE_CHUNK_STEPS, steps - first), q, batch, k), device)

@@ -68,13 +68,14 @@ MIN_STEPS_PER_EPOCH = 25
 # dataset (the demo's one validation file went from 1.8 to 6 bits while samples got better):
 # those files train too, and validation, early stopping and the baselines use training windows.
 MIN_VALIDATION_FILES = 3
-# Label smoothing when nothing is held out: with no validation NLL to stop it, the prior learnt
-# the demo's 10 one-shots by heart (0.05 bits per code, 2 pairs of its 8 draws identical at 47
-# steps/s); smoothing 0.1 kept all 8 apart (closest pair 87% equal codes), still audible. Not
-# with a validation split: there it lowered validation NLL (percussion: 0.92 -> 1.16 bits per
-# code better than the bigram) but a smoothed prior puts a tenth of every step's probability
-# on random codes, which the PCA-started RVQ-VAE decodes as clicks.
-SMALL_DATA_SMOOTHING = 0.1
+# Label smoothing. With nothing held out, the prior learnt the demo's 10 one-shots by heart
+# without it (0.05 bits per code, 2 pairs of its 8 draws identical at 47 steps/s); smoothing 0.1
+# kept all 8 apart (closest pair 87% equal codes), still audible. With a validation split it
+# lowers validation NLL: percussion at 800 steps, with the variants, 5.18 -> 5.01 bits per code.
+# A smoothed prior leaves a tenth of each step's probability spread over every code, which a
+# draw picks now and then as an odd code, heard as a click: sampling cuts that floor
+# (SamplingParams.min_p), and steps where the sound holds still are never smoothed.
+LABEL_SMOOTHING = 0.1
 # Time stretches of each file's log-mel encoded beside it (linear interpolation along time: a
 # hit that rings 10% shorter or longer). A prior overfits a hundred one-shots' codes within a
 # few hundred steps; measured on percussion at 800 steps, validation bits per code 5.69 plain,
@@ -278,8 +279,8 @@ class PriorTrainConfig(LoopConfig):
     window: int = 188  # code steps per training window: 2 s at 94 steps/s, longer than a chunk
     start_weight: float = 1.0  # a sound's first step counts as this many codes in the loss
     # training targets keep this share spread over every code (not where the sound holds
-    # still); -1: SMALL_DATA_SMOOTHING when validating on training windows, else 0
-    label_smoothing: float = -1.0
+    # still); -1, written by earlier versions ("automatic"), reads as LABEL_SMOOTHING
+    label_smoothing: float = LABEL_SMOOTHING
     # Training sequences go on this long in their final (silent) step, so that a draw past a
     # sound's end stays silent: 0.5 s at 47 steps/s. 94 taught it no better and, with one-shots
     # of ~1 s, made two thirds of every training step silence: at 24, a 1.2-minute budget made
@@ -441,9 +442,7 @@ class PriorTrainer(Trainer[Prior]):
             self.train_seqs += codes.sequences("val", variants=augment)
         self.validated_on = "val" if val else "train"
         smoothing = train_config.label_smoothing
-        self.label_smoothing = (
-            smoothing if smoothing >= 0 else (0.0 if val else SMALL_DATA_SMOOTHING)
-        )
+        self.label_smoothing = smoothing if smoothing >= 0 else LABEL_SMOOTHING
         self.val_windows = self._windows_in_order(val or plain)
         self.prior_config, self.chosen = resolve_prior_config(codes, prior_overrides)
         k = codes.codebook_size

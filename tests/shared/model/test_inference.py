@@ -50,3 +50,19 @@ def test_silent_draws_are_drawn_again_and_the_rest_stay(monkeypatch: pytest.Monk
     continued = generate(model, count=8, seconds=0.1, params=params, quality="preview",
                          prime=prime)  # fmt: skip
     assert continued.redrawn == 0
+
+
+def test_a_recipe_from_before_min_p_replays_as_it_was_drawn() -> None:
+    """Files exported before min_p existed record no min_p: they were drawn with none, and a
+    replay must not apply today's default (it would draw other sounds)."""
+    model = tiny_model()
+    assert model.prior is not None
+    with torch.no_grad():  # peaked, as a trained prior is, so that the default cut bites
+        model.prior.head_weight.mul_(30.0)
+    params = SamplingParams(seed=4, min_p=0.0)
+    made = generate(model, count=16, seconds=1.0, params=params, quality="preview")
+    recipe = inference.generate_recipe(params, count=16, seconds=1.0, quality="preview", index=1)
+    del recipe["min_p"]  # as an older Distill wrote it
+    np.testing.assert_array_equal(inference.replay(model, "generate", recipe), made.audio[1])
+    cut = generate(model, count=16, seconds=1.0, params=SamplingParams(seed=4), quality="preview")
+    assert not np.array_equal(cut.codes, made.codes)  # the default cut draws otherwise here

@@ -69,6 +69,8 @@ def test_params_round_trip() -> None:
         ({"top_p": 1.5}, "top_p"),
         ({"seed": -3}, "seed"),
         ({"seed": True}, "seed"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"min_p": 1.0}, "min_p"),
         ({"beam": 4}, "beam"),
     ],
 )
@@ -151,6 +153,24 @@ def test_top_k_keeps_draws_among_the_k_likeliest(prior: Prior) -> None:
     firsts = {int(sample(prior, batch=1, steps=1, params=SamplingParams(top_k=2, seed=s))[0, 0, 0])
               for s in range(30)}  # fmt: skip
     assert firsts <= allowed and len(firsts) == 2
+
+
+def test_min_p_keeps_draws_among_the_codes_near_the_likeliest(prior: Prior) -> None:
+    """With min_p the level-0 code of step 0 is one whose probability is at least min_p times
+    the likeliest code's; with min_p 0 the rest are drawn too."""
+    stepper = prior.stepper()
+    with torch.no_grad():
+        probs = stepper.level_logits(stepper.head_context(stepper.begin(1)), 0).softmax(-1)[0]
+    share = 0.95  # the untrained prior is nearly flat: keeps a few of its 16 codes
+    allowed = set(torch.nonzero(probs >= share * probs.max()).flatten().tolist())
+    assert 1 < len(allowed) < len(probs)
+
+    def firsts(min_p: float) -> set[int]:
+        drawn = sample(prior, batch=400, steps=1, params=SamplingParams(min_p=min_p, seed=0))
+        return set(drawn[:, 0, 0].tolist())
+
+    assert firsts(share) == allowed
+    assert firsts(0.0) > allowed  # off: codes below the cut are drawn too
 
 
 def test_prefix_continues_the_cycle(cyclic_prior: Prior) -> None:

@@ -250,7 +250,8 @@ def test_windows_inside_a_sound_read_the_step_before_and_every_start_is_drawn() 
     codes_t, mask = prior_training._pad(windows[:2], torch.device("cpu"))
     assert mask[0].tolist() == [True] * 10 + [False] and mask[1].tolist() == [False] + [True] * 10
     assert trainer.steps_per_epoch >= prior_training.MIN_STEPS_PER_EPOCH
-    assert trainer.validated_on == "val" and trainer.label_smoothing == 0.0
+    assert trainer.validated_on == "val"
+    assert trainer.label_smoothing == prior_training.LABEL_SMOOTHING
 
 
 def test_with_too_few_validation_files_every_file_trains_and_validation_uses_them() -> None:
@@ -258,7 +259,7 @@ def test_with_too_few_validation_files_every_file_trains_and_validation_uses_the
     config = dataclasses.replace(FAST, end_steps=6)
     trainer = PriorTrainer(codes, {}, config, NullHooks())
     assert trainer.validated_on == "train" and trainer.baselines["validated_on"] == "train"
-    assert trainer.label_smoothing == prior_training.SMALL_DATA_SMOOTHING  # nothing held out
+    assert trainer.label_smoothing == prior_training.LABEL_SMOOTHING
     assert [s.shape[1] for s in trainer.train_seqs] == [26, 36, 31]  # every file, its tail
     for seq in trainer.train_seqs:  # the tail repeats the sound's last (silent) step
         assert bool((seq[:, -7:] == seq[:, -7:-6]).all())
