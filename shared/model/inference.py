@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.shared.audio.io import resample, to_mono
+from distill.shared.audio.io import peak_db, resample, to_mono
 from distill.shared.audio.mel import log_mel
 from distill.shared.audio.phase import QUALITY_PRESETS, mel_to_audio_quality
 from distill.shared.errors import BAD_REQUEST, DistillError
@@ -198,7 +198,7 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
     grid = codes.cpu().numpy()  # (B, Q, T)
     redrawn = np.zeros(count, dtype=bool)
     for attempt in range(1, (MAX_REDRAWS if prefix is None else 0) + 1):
-        silent = np.flatnonzero(_peak_db(audio) < SILENT_PEAK_DB)
+        silent = np.flatnonzero([peak_db(torch.from_numpy(a)) < SILENT_PEAK_DB for a in audio])
         if not len(silent):
             break
         redrawn[silent] = True
@@ -219,12 +219,6 @@ def _render_batches(model: DistillModel, codes: torch.Tensor, quality: str,
         if on_batch is not None:
             on_batch(start + len(parts[-1]), len(codes))
     return np.concatenate(parts)
-
-
-def _peak_db(audio: np.ndarray) -> np.ndarray:
-    """Peak level (dBFS) of each row of ``audio`` (B, samples); -inf for digital silence."""
-    with np.errstate(divide="ignore"):
-        return 20.0 * np.log10(np.abs(audio).max(axis=-1))
 
 
 def progressive(model: DistillModel, audio: torch.Tensor, quality: str

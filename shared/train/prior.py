@@ -7,7 +7,7 @@ the trained RVQ-VAE in one piece (the encoder is convolutional, so a file longer
 gives one sequence, with no seams at chunk edges): a :class:`CodeSet` of per-file sequences
 (Q, L_f), split by file as the dataset is. Each file is also encoded as variants the prior may
 train on (``augment``): its log-mel started 1..downsample-1 frames later (the same sound at
-another phase of the code grid) and played 10% slower and faster (:data:`VARIANTS`). Encoding
+another phase of the code grid) and played 10% slower and faster (:data:`VARIANT_STRETCHES`). Encoding
 is done once per (RVQ-VAE, dataset) pair:
 :func:`load_or_encode_codes` keeps the code set as an artifact of kind "codes" named by both ids,
 so a retry or a second prior job finds it instead of encoding again.
