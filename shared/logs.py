@@ -29,7 +29,10 @@ def configure(role: str, ident: str | None = None, *, level: str | None = None) 
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level_name)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # WriteLogger writes a record and its newline in one call (PrintLogger's print makes
+        # two): the processes of `distill up` share one stderr, and between two writes another
+        # process's record ran into the same line, which then was not JSON any more.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()
