@@ -28,6 +28,7 @@ FIELDS = (  # (id, label, default, Input type)
     ("temperature", "temp", "1.0", "number"),
     ("top_k", "k", "0", "integer"),
     ("top_p", "p", "1.0", "number"),
+    ("min_p", "min-p", "0.01", "number"),  # the sampler's default: cuts the smoothing floor
     ("seed", "seed", "0", "integer"),
 )
 
@@ -51,10 +52,11 @@ class GenerateScreen(DistillScreen):
         with Horizontal(classes="form row"):
             yield Label("model")
             yield Select[str]([], prompt="no models yet (m: refresh)", id="model")
-        with Horizontal(classes="form row opts"):
-            for key, label, default, kind in FIELDS:
-                yield Label(label)
-                yield Input(default, id=f"gen-{key}", type=kind)  # type: ignore[arg-type]
+        for row in (FIELDS[:2] + FIELDS[-1:], FIELDS[2:-1]):  # what, then how it is drawn
+            with Horizontal(classes="form row opts"):
+                for key, label, default, kind in row:
+                    yield Label(label)
+                    yield Input(default, id=f"gen-{key}", type=kind)  # type: ignore[arg-type]
         yield Static("", id="gen-status", classes="status-line")
         yield DataTable(id="results", cursor_type="row", zebra_stripes=True)
         yield Waveform(id="wave")
