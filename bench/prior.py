@@ -9,8 +9,8 @@ N`` (the default pipeline, the budget shared 70/30 between the RVQ-VAE and the p
 ``.distill`` file it writes, fetches the dataset, and prints:
 
 - validation bits per code of the prior against the unigram (per-level code frequencies) and
-  bigram (per-level P(code | previous code)) baselines fitted on the training codes, computed
-  here on the validation chunks' codes, beside the figures the prior job reported (goal: at
+  bigram (per-level P(code | previous code), Witten-Bell smoothed) baselines fitted on the
+  training codes, computed here on the validation chunks' codes, beside the figures the prior job reported (goal: at
   least 1 bit per code better than each);
 - memorisation: the share of generated one-second code sequences (temperature 1) that match
   some window of a training file's codes at >= 90% of positions (a position is one code: one

@@ -392,21 +392,29 @@ def bigram_bits(
 ) -> float:
     """Mean bits per validation code under per-level P(code_t | code_t-1) from the training codes.
 
-    Add-one smoothing on each row; the first step of each grid (no previous code) is scored by
-    the add-one unigram, as the prior scores it from its start vector.
+    Witten-Bell smoothing: each row's counts are interpolated with the add-one unigram, weighted
+    by how often the previous code was seen against how many different codes followed it
+    (lambda = c / (c + distinct)). Add-one on each row, as this baseline was first, is a weak
+    bigram for 512-way rows and a few thousand steps: on percussion it scored 6.46 bits per code
+    where this scores 5.74. The first step of each grid (no previous code) is scored by the
+    unigram, as the prior scores it from its start vector.
     """
     train, val = _grids(train_codes), _grids(val_codes)
     _check_range(train + val, k)
     q = train[0].shape[0]
-    pairs = torch.ones(q, k * k, dtype=torch.float64)  # (Q, K*K): row prev*K + next, add-one
-    first = torch.ones(q, k, dtype=torch.float64)  # (Q, K)
+    pairs = torch.zeros(q, k * k, dtype=torch.float64)  # (Q, K*K): row prev*K + next
+    first = torch.ones(q, k, dtype=torch.float64)  # (Q, K): the add-one unigram
     for g in train:
         first.scatter_add_(1, g, torch.ones_like(g, dtype=torch.float64))
         idx = g[:, :-1] * k + g[:, 1:]  # (Q, T-1)
         pairs.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
     pairs = pairs.view(q, k, k)  # (Q, K prev, K next)
-    log_pair = (pairs / pairs.sum(2, keepdim=True)).log2().view(q, k * k)
-    log_first = (first / first.sum(1, keepdim=True)).log2()
+    unigram = first / first.sum(1, keepdim=True)  # (Q, K)
+    seen, distinct = pairs.sum(2, keepdim=True), (pairs > 0).sum(2, keepdim=True)  # (Q, K, 1)
+    weight = seen / (seen + distinct).clamp_min(1)  # 0 for a code never seen before another
+    log_pair = (weight * pairs / seen.clamp_min(1) + (1 - weight) * unigram[:, None, :])
+    log_pair = log_pair.log2().view(q, k * k)
+    log_first = unigram.log2()
     total = 0.0
     for g in val:
         total -= float(log_first.gather(1, g[:, :1]).sum())

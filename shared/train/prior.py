@@ -24,8 +24,8 @@ validation files, fixed; with fewer than MIN_VALIDATION_FILES of them (the demo 
 files train too and validation uses the training sequences (without their tails). The loss is
 the mean cross-entropy per code (a sound's first step may weigh more: ``start_weight``);
 metrics are in bits per code, beside two baselines on the same validation codes, computed
-once: per-level code frequencies (unigram) and per-level P(code_t | code_t-1) (bigram), both
-from the training sequences. Early stopping and the best epoch follow the validation NLL; an
+once: per-level code frequencies (unigram) and per-level P(code_t | code_t-1) (bigram,
+Witten-Bell smoothed), both from the training sequences. Early stopping and the best epoch follow the validation NLL; an
 epoch is at least MIN_STEPS_PER_EPOCH steps, so patience means hundreds of steps.
 """
 
