@@ -7,7 +7,8 @@ the trained RVQ-VAE in one piece (the encoder is convolutional, so a file longer
 gives one sequence, with no seams at chunk edges): a :class:`CodeSet` of per-file sequences
 (Q, L_f), split by file as the dataset is. Each file is also encoded as variants the prior may
 train on (``augment``): its log-mel started 1..downsample-1 frames later (the same sound at
-another phase of the code grid) and played 10% slower and faster (:data:`VARIANT_STRETCHES`). Encoding
+another phase of the code grid), played 10% slower and faster (:data:`VARIANT_STRETCHES`) and
+moved two mel bands up and down (:data:`VARIANT_BAND_SHIFTS`). Encoding
 is done once per (RVQ-VAE, dataset) pair:
 :func:`load_or_encode_codes` keeps the code set as an artifact of kind "codes" named by both ids,
 so a retry or a second prior job finds it instead of encoding again.
@@ -81,6 +82,10 @@ LABEL_SMOOTHING = 0.1
 # few hundred steps; measured on percussion at 800 steps, validation bits per code 5.69 plain,
 # 5.32 with the shifted encodings, 5.19 with these stretches too (0.95/1.05: the same 5.19).
 VARIANT_STRETCHES = (0.9, 1.1)
+# Mel bands each file's log-mel is moved up and down by (the edge band repeated into the gap):
+# above ~1 kHz, where mel bands are log-spaced, a move of two bands is a pitch shift of a few
+# percent. On top of the shifts and stretches: 5.02 -> 4.80 bits per code (the same code set).
+VARIANT_BAND_SHIFTS = (-2, 2)
 VALIDATION_BATCH = 64  # windows per validation forward pass
 BUCKET_BATCHES = 8  # batches drawn together and sorted by length, so little is padding
 
@@ -187,12 +192,17 @@ def file_mels(dataset: Dataset) -> list[tuple[int, Tensor]]:
 
 def mel_variants(mel: Tensor, downsample: int) -> list[tuple[str, Tensor]]:
     """A file's log-mel (M, T) as the prior's training variants: started 1..downsample-1 frames
-    later (another phase of the code grid), and stretched in time by VARIANT_STRETCHES."""
+    later (another phase of the code grid), stretched in time by VARIANT_STRETCHES, and moved
+    by VARIANT_BAND_SHIFTS mel bands."""
     out = [(f"shift{s}", mel[:, s:]) for s in range(1, downsample) if mel.shape[1] > s]
     for factor in VARIANT_STRETCHES:
         frames = max(2, round(mel.shape[1] * factor))
         stretched = F.interpolate(mel[None], size=frames, mode="linear", align_corners=True)[0]
         out.append((f"stretch{factor:g}", stretched))
+    for bands in VARIANT_BAND_SHIFTS:  # up: the lowest band repeated below; down: the highest
+        moved = (torch.cat([mel[:1].expand(bands, -1), mel[:-bands]]) if bands > 0
+                 else torch.cat([mel[-bands:], mel[-1:].expand(-bands, -1)]))  # fmt: skip
+        out.append((f"bands{bands:+d}", moved))
     return out
 
 

@@ -135,11 +135,14 @@ def test_each_file_is_encoded_with_its_variants_after_the_files(codes: CodeSet) 
     plain = dict(zip(codes.files[:files], lengths[:files], strict=True))
     assert len(plain) == files  # each file once, as it is, before any variant
     for name, variant, length in zip(codes.files, codes.variants, lengths, strict=True):
-        if variant:  # 0.9 and 1.1 times as long, give or take a step
+        if variant.startswith("stretch"):  # 0.9 and 1.1 times as long, give or take a step
             assert abs(length - float(variant[7:]) * plain[name]) <= 2, (variant, plain[name])
-    # downsample 1 here: no shifted encodings, two stretches per file
-    assert sorted(set(codes.variants[files:])) == ["stretch0.9", "stretch1.1"]
-    assert len(codes.files) == 3 * files
+        elif variant:  # moved in frequency: as long as the file
+            assert length == plain[name], (variant, plain[name])
+    # downsample 1 here: no shifted encodings; two stretches and two band moves per file
+    assert sorted(set(codes.variants[files:])) == ["bands+2", "bands-2", "stretch0.9",
+                                                   "stretch1.1"]  # fmt: skip
+    assert len(codes.files) == 5 * files
     # A code set written before variants (format 1) reads as files without variants.
     meta = {"format_version": 1, "files": codes.files[:files], "splits": codes.splits[:files],
             "codebook_size": codes.codebook_size, "vqvae": "", "dataset": ""}  # fmt: skip
@@ -148,6 +151,17 @@ def test_each_file_is_encoded_with_its_variants_after_the_files(codes: CodeSet) 
              codes=codes.codes[:, : codes.offsets[files]], offsets=codes.offsets[: files + 1])
     old = CodeSet.from_bytes(buf.getvalue())
     assert old.variants == [""] * files and old.n_files == files
+
+
+def test_mel_variants_shift_stretch_and_move_bands() -> None:
+    mel = torch.arange(8.0)[:, None] * 10 + torch.arange(20.0)[None]  # (M 8, T 20): band*10 + t
+    variants = dict(prior_training.mel_variants(mel, downsample=2))
+    assert sorted(variants) == ["bands+2", "bands-2", "shift1", "stretch0.9", "stretch1.1"]
+    assert torch.equal(variants["shift1"], mel[:, 1:])  # one frame later
+    assert variants["stretch0.9"].shape == (8, 18) and variants["stretch1.1"].shape == (8, 22)
+    up, down = variants["bands+2"], variants["bands-2"]
+    assert up[:, 0].tolist() == [0, 0, 0, 10, 20, 30, 40, 50]  # moved up, the lowest repeated
+    assert down[:, 0].tolist() == [20, 30, 40, 50, 60, 70, 70, 70]  # down, the highest repeated
 
 
 def test_the_prior_trains_on_the_variants_and_validates_on_the_files(codes: CodeSet) -> None:
