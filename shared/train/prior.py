@@ -26,8 +26,9 @@ files train too and validation uses the training sequences (without their tails)
 the mean cross-entropy per code (a sound's first step may weigh more: ``start_weight``);
 metrics are in bits per code, beside two baselines on the same validation codes, computed
 once: per-level code frequencies (unigram) and per-level P(code_t | code_t-1) (bigram,
-Witten-Bell smoothed), both from the training sequences. Early stopping and the best epoch follow the validation NLL; an
-epoch is at least MIN_STEPS_PER_EPOCH steps, so patience means hundreds of steps.
+Witten-Bell smoothed), both from the training sequences. Early stopping and the best epoch
+follow the validation NLL; an epoch is at least MIN_STEPS_PER_EPOCH steps, so patience means
+hundreds of steps.
 """
 
 from __future__ import annotations
@@ -296,7 +297,7 @@ class PriorTrainConfig(LoopConfig):
     # of ~1 s, made two thirds of every training step silence: at 24, a 1.2-minute budget made
     # 350 steps instead of 250 and validation 0.21 bits per code lower.
     end_steps: int = 24
-    # Train on each file's variant encodings too (see VARIANT_STRETCHES); validation and the
+    # Train on each file's variant encodings too (see mel_variants); validation and the
     # prior's size use the files as they are, the baselines are fitted on what the prior sees.
     augment: bool = True
 
