@@ -56,8 +56,15 @@ from distill.shared.bus.cache import ArtifactCache  # noqa: E402
 from distill.shared.bus.client import Client  # noqa: E402
 from distill.shared.bus.jobs import JobsClient  # noqa: E402
 from distill.shared.model.modelfile import DistillModel, load_model  # noqa: E402
-from distill.shared.model.prior import Prior, PriorConfig, bigram_bits, unigram_bits  # noqa: E402
+from distill.shared.model.prior import (  # noqa: E402
+    EARLIER_CODES,
+    Prior,
+    PriorConfig,
+    bigram_bits,
+    unigram_bits,
+)
 from distill.shared.model.sampling import SamplingParams, sample  # noqa: E402
+from distill.shared.train.prior import encode_dataset  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "percussion"
 MATCH_SHARE = 0.9  # a generated second "is" a training window when >= 90% of its codes agree
@@ -128,7 +135,8 @@ def speed_figures(budget_s: float) -> None:
     print(f"{'prior':<28}{'batch':>6}{'baseline':>10}{'sample()':>10}{'ratio':>8}"
           f"{'base, oneDNN off':>18}{'ratio':>8}   (generated s per wall s)")  # fmt: skip
     for levels, size, rate_hz in cases:
-        config = PriorConfig(levels=levels, codebook_size=size, prev_codes=True)  # as sized
+        config = PriorConfig(levels=levels, codebook_size=size, prev_codes=True,
+                             earlier_codes=EARLIER_CODES)  # the heads as sized; H 256 E 128  # fmt: skip
         prior = Prior(config).eval()
         for batch in (1, 16):
             base, ours, off = speed_case(prior, batch, int(SECONDS * rate_hz), per_run)
@@ -200,6 +208,27 @@ def matched_share(seqs: torch.Tensor, windows: torch.Tensor) -> tuple[float, flo
     return float((best >= MATCH_SHARE).float().mean()), float(best.median())
 
 
+def whole_file_figures(model: DistillModel, ds: Dataset) -> None:
+    """Bits per code on each held-out file's codes whole (the LSTM carrying its state through
+    the file, the chunks stitched), against baselines fitted on the training files and on the
+    training files with the variants the prior trained on."""
+    assert model.prior is not None
+    codes = encode_dataset(model.vqvae, ds)
+    val, k = codes.sequences("val"), codes.codebook_size
+    if not val:
+        print("whole files: no validation files")
+        return
+    bits = sum(float(model.prior.nll_bits(v[None])) * v.numel() for v in val)
+    prior_bits = bits / sum(v.numel() for v in val)
+    line = f"whole held-out files ({len(val)} files, {sum(v.numel() for v in val)} codes): prior {prior_bits:.3f}"
+    for fitted, variants in (("training files", False), ("files and variants", True)):
+        train = codes.sequences("train", variants=variants)
+        uni, bi = unigram_bits(train, val, k), bigram_bits(train, val, k)
+        line += (f"\n  baselines fitted on {fitted}: unigram {uni:.3f} ({uni - prior_bits:+.3f} "
+                 f"better)   bigram {bi:.3f} ({bi - prior_bits:+.3f} better)")  # fmt: skip
+    print(line)
+
+
 def quality_figures(endpoint: str, prior_job: str, path: Path, samples: int) -> None:
     with Client(endpoint, timeout_s=60) as c:
         result = JobsClient(c).get(prior_job, metrics=False)["result"]
@@ -217,6 +246,7 @@ def quality_figures(endpoint: str, prior_job: str, path: Path, samples: int) -> 
     print(f"bits per code   prior {prior_bits:.3f}   unigram {uni:.3f} ({uni - prior_bits:+.3f} "
           f"better)   bigram {bi:.3f} ({bi - prior_bits:+.3f} better)   goal: >= 1 bit better "
           "than each")  # fmt: skip
+    whole_file_figures(model, ds)
     metrics, base = result.get("metrics") or {}, result.get("baselines") or {}
     best = float(result.get("best_val_bits", metrics.get("val_bits", float("nan"))))
     print(f"  as the prior job reported (codes stitched per file, {base.get('val_codes')} "

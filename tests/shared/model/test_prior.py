@@ -141,10 +141,11 @@ def test_logits_are_causal() -> None:
     assert not torch.equal(a[:, 5, 1], b[:, 5, 1])  # level 1 sees level 0 of the same step
 
 
-@pytest.mark.parametrize("prev_codes", [False, True])
-def test_the_step_api_gives_the_teacher_forced_logits(prev_codes: bool) -> None:
+@pytest.mark.parametrize(("prev_codes", "earlier"), [(False, 0), (True, 0), (True, 2)])
+def test_the_step_api_gives_the_teacher_forced_logits(prev_codes: bool, earlier: int) -> None:
     """Step by step (what sampling runs) and in one forward pass (training): the same logits."""
-    config = dataclasses.replace(TINY, levels=3, layers=2, prev_codes=prev_codes)
+    config = dataclasses.replace(TINY, levels=3, layers=2, prev_codes=prev_codes,
+                                 earlier_codes=earlier)  # fmt: skip
     prior = Prior(config).eval()
     with torch.no_grad():
         for p in prior.parameters():  # nothing stays at its zero initialisation
@@ -162,9 +163,10 @@ def test_the_step_api_gives_the_teacher_forced_logits(prev_codes: bool) -> None:
                 torch.testing.assert_close(got, want[:, t, level], rtol=1e-4, atol=1e-5)
                 if level < 2:
                     context = stepper.condition(context, level, codes[:, level, t])
-        resumed = stepper.begin(2, codes[:, :, :4])  # a prefix: the state after step 3
-        got = stepper.level_logits(stepper.head_context(resumed), 0, resumed)
-        torch.testing.assert_close(got, want[:, 4, 0], rtol=1e-4, atol=1e-5)
+        for cut in (1, 2, 4):  # a prefix: the state after step cut - 1
+            resumed = stepper.begin(2, codes[:, :, :cut])
+            got = stepper.level_logits(stepper.head_context(resumed), 0, resumed)
+            torch.testing.assert_close(got, want[:, cut, 0], rtol=1e-4, atol=1e-5)
     if prev_codes:
         with pytest.raises(ValueError, match="previous step"):
             stepper.level_logits(context, 0)
@@ -179,6 +181,21 @@ def test_prev_codes_defaults_off_for_older_files_and_on_when_sized() -> None:
     assert choose_prior_config(2, 8, 10_000)[0].prev_codes  # not on a handful of sounds
     assert not choose_prior_config(2, 8, 1000)[0].prev_codes
     assert "prev_embed.weight" not in Prior(TINY).state_dict()
+
+
+def test_earlier_codes_default_off_for_older_files_need_prev_codes_and_are_sized() -> None:
+    old = {k: v for k, v in TINY.to_dict().items() if k != "earlier_codes"}
+    assert PriorConfig.from_dict({**old, "prev_codes": True}).earlier_codes == 0
+    with pytest.raises(ConfigError, match="needs prev_codes"):
+        PriorConfig.from_dict({**old, "earlier_codes": 1})
+    with pytest.raises(ConfigError, match="earlier_codes"):
+        PriorConfig.from_dict({**old, "prev_codes": True, "earlier_codes": 9})
+    sized = choose_prior_config(6, 512, 10_000)
+    assert sized[0].earlier_codes == 1 and "last 2 codes" in sized[1]
+    assert choose_prior_config(2, 8, 1000)[0].earlier_codes == 0
+    prior = Prior(sized[0])
+    assert prior.state_dict()["earlier_embed.weight"].shape == (6 * 512, sized[0].embed_dim)
+    assert sum(p.numel() for p in prior.parameters()) == prior_parameter_count(sized[0])
 
 
 def test_teacher_forcing_conditions_fine_levels_on_coarse() -> None:

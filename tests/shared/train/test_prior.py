@@ -139,10 +139,10 @@ def test_each_file_is_encoded_with_its_variants_after_the_files(codes: CodeSet) 
             assert abs(length - float(variant[7:]) * plain[name]) <= 2, (variant, plain[name])
         elif variant:  # moved in frequency: as long as the file
             assert length == plain[name], (variant, plain[name])
-    # downsample 1 here: no shifted encodings; two stretches and two band moves per file
-    assert sorted(set(codes.variants[files:])) == ["bands+2", "bands-2", "stretch0.9",
-                                                   "stretch1.1"]  # fmt: skip
-    assert len(codes.files) == 5 * files
+    # downsample 1 here: no shifted encodings; two stretches and four band moves per file
+    assert sorted(set(codes.variants[files:])) == ["bands+2", "bands+4", "bands-2", "bands-4",
+                                                   "stretch0.9", "stretch1.1"]  # fmt: skip
+    assert len(codes.files) == 7 * files
     # A code set written before variants (format 1) reads as files without variants.
     meta = {"format_version": 1, "files": codes.files[:files], "splits": codes.splits[:files],
             "codebook_size": codes.codebook_size, "vqvae": "", "dataset": ""}  # fmt: skip
@@ -156,12 +156,14 @@ def test_each_file_is_encoded_with_its_variants_after_the_files(codes: CodeSet) 
 def test_mel_variants_shift_stretch_and_move_bands() -> None:
     mel = torch.arange(8.0)[:, None] * 10 + torch.arange(20.0)[None]  # (M 8, T 20): band*10 + t
     variants = dict(prior_training.mel_variants(mel, downsample=2))
-    assert sorted(variants) == ["bands+2", "bands-2", "shift1", "stretch0.9", "stretch1.1"]
+    assert sorted(variants) == ["bands+2", "bands+4", "bands-2", "bands-4", "shift1",
+                                "stretch0.9", "stretch1.1"]  # fmt: skip
     assert torch.equal(variants["shift1"], mel[:, 1:])  # one frame later
     assert variants["stretch0.9"].shape == (8, 18) and variants["stretch1.1"].shape == (8, 22)
     up, down = variants["bands+2"], variants["bands-2"]
     assert up[:, 0].tolist() == [0, 0, 0, 10, 20, 30, 40, 50]  # moved up, the lowest repeated
     assert down[:, 0].tolist() == [20, 30, 40, 50, 60, 70, 70, 70]  # down, the highest repeated
+    assert variants["bands+4"][:, 0].tolist() == [0, 0, 0, 0, 0, 10, 20, 30]
 
 
 def test_the_prior_trains_on_the_variants_and_validates_on_the_files(codes: CodeSet) -> None:
@@ -194,7 +196,9 @@ class MemoryStore:
                 if kind is None or k == kind]  # fmt: skip
 
 
-def test_codes_are_encoded_once_per_model_and_dataset(codes: CodeSet) -> None:
+def test_codes_are_encoded_once_per_model_and_dataset(
+    codes: CodeSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store, calls = MemoryStore(), []
 
     def encode() -> CodeSet:
@@ -212,6 +216,10 @@ def test_codes_are_encoded_once_per_model_and_dataset(codes: CodeSet) -> None:
     store.items[sha2] = (b"not a code set", CODES_KIND, store.items[sha2][2])  # damaged cache
     _, sha3, cached3 = load_or_encode_codes(store, "a" * 64, "b" * 64, encode)
     assert not cached3 and sha3 != sha and len(calls) == 2
+    assert "-s0.9,1.1-b-4,-2,+2,+4-" in codes_artifact_name("a" * 64, "b" * 64)
+    monkeypatch.setattr(prior_training, "VARIANT_BAND_SHIFTS", (-2, 2))  # other variants:
+    load_or_encode_codes(store, "a" * 64, "b" * 64, encode)  # not the cached code set
+    assert len(calls) == 3
 
 
 def test_the_prior_is_sized_from_the_codes_and_overrides_are_checked(codes: CodeSet) -> None:
