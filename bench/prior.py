@@ -10,8 +10,12 @@ N`` (the default pipeline, the budget shared 70/30 between the RVQ-VAE and the p
 
 - validation bits per code of the prior against the unigram (per-level code frequencies) and
   bigram (per-level P(code | previous code), Witten-Bell smoothed) baselines fitted on the
-  training codes, computed here on the validation chunks' codes, beside the figures the prior job reported (goal: at
-  least 1 bit per code better than each);
+  training codes, computed here on the validation chunks' codes (each chunk scored from a cold
+  start, as if a sound began there), beside the figures the prior job reported (goal: at least
+  1 bit per code better than each);
+- the same on each held-out file's codes whole (the chunks stitched; the LSTM carries its state
+  through the file), against baselines fitted on the training files and on the training files
+  with the variants the prior trains on (the stricter of the two);
 - memorisation: the share of generated one-second code sequences (temperature 1) that match
   some window of a training file's codes at >= 90% of positions (a position is one code: one
   level at one step), beside the same share for the held-out validation chunks (real sounds the
