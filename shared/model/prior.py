@@ -72,7 +72,7 @@ class PriorConfig:
             if f.name == "prev_codes":
                 continue
             value = getattr(self, f.name)
-            expected = float if f.name == "dropout" else int  # earlier_codes: an int
+            expected = float if f.name == "dropout" else int
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"PriorConfig: {f.name} must be a number, got {value!r}")
             if expected is int and not isinstance(value, int):
