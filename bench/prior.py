@@ -222,9 +222,9 @@ def whole_file_figures(model: DistillModel, ds: Dataset) -> None:
     if not val:
         print("whole files: no validation files")
         return
-    bits = sum(float(model.prior.nll_bits(v[None])) * v.numel() for v in val)
-    prior_bits = bits / sum(v.numel() for v in val)
-    line = f"whole held-out files ({len(val)} files, {sum(v.numel() for v in val)} codes): prior {prior_bits:.3f}"
+    count = sum(v.numel() for v in val)
+    prior_bits = sum(float(model.prior.nll_bits(v[None])) * v.numel() for v in val) / count
+    line = f"whole held-out files ({len(val)} files, {count} codes): prior {prior_bits:.3f}"
     for fitted, variants in (("training files", False), ("files and variants", True)):
         train = codes.sequences("train", variants=variants)
         uni, bi = unigram_bits(train, val, k), bigram_bits(train, val, k)

@@ -8,9 +8,9 @@ gives one sequence, with no seams at chunk edges): a :class:`CodeSet` of per-fil
 (Q, L_f), split by file as the dataset is. Each file is also encoded as variants the prior may
 train on (``augment``): its log-mel started 1..downsample-1 frames later (the same sound at
 another phase of the code grid), played 10% slower and faster (:data:`VARIANT_STRETCHES`) and
-moved two mel bands up and down (:data:`VARIANT_BAND_SHIFTS`). Encoding
-is done once per (RVQ-VAE, dataset) pair:
-:func:`load_or_encode_codes` keeps the code set as an artifact of kind "codes" named by both ids,
+moved two and four mel bands up and down (:data:`VARIANT_BAND_SHIFTS`). Encoding
+is done once per (RVQ-VAE, dataset) pair and set of variants:
+:func:`load_or_encode_codes` keeps the code set as an artifact of kind "codes" named by them,
 so a retry or a second prior job finds it instead of encoding again.
 
 Training. Teacher forcing on windows of ``window`` code steps: each epoch, every training
