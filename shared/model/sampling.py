@@ -114,21 +114,42 @@ def _draw_steps(
     batch, device = state.h[-1].shape[0], state.h[-1].device
     filtering = (params.temperature != 1.0 or params.top_k > 0 or params.top_p < 1.0
                  or params.min_p > 0.0)  # fmt: skip
+    cached = prior.decay > 0  # a prior with a cache draws its noise for the choice too
+
+    def draw(logits: Tensor, noise: Tensor) -> Tensor:  # (B, K) -> (B,)
+        return ((_filter_logits(logits, params) if filtering else logits) + noise).argmax(-1)
+
     columns: list[Tensor] = []
     for first in range(0, steps, NOISE_CHUNK_STEPS):
-        noise = _gumbel(gen, (min(NOISE_CHUNK_STEPS, steps - first), q, batch, k), device)
-        for step_noise in noise:  # (Q, B, K)
+        n = min(NOISE_CHUNK_STEPS, steps - first)
+        noise = _gumbel(gen, (n, q, batch, k), device)
+        if cached:  # logistic noise (the difference of two Gumbels): the part each code is from
+            pair = _gumbel(gen, (n, 2, batch, q), device)
+            choice_noise = (pair[:, 0] - pair[:, 1]) * params.temperature  # (n, B, Q)
+        for i, step_noise in enumerate(noise):  # (Q, B, K)
             if columns:
                 state = prior.advance(state, columns[-1])
             context = prior.head_context(state)  # (B, E)
+            gates = prior.cache_gates(context, state) if cached else None  # (B, Q)
+            from_cache: list[bool] | Tensor = []
+            if gates is not None:
+                from_cache = gates > choice_noise[i]  # (B, Q): P = sigmoid(gate / temperature)
+                if batch == 1:  # draw only the part chosen (a level's log: 1/6 of all six)
+                    from_cache = from_cache[0].tolist()
+                else:
+                    cache_logits = prior.cache_logits(state)  # (B, Q, K)
             codes: list[Tensor] = []
             for level in range(q):
-                logits = prior.level_logits(context, level, state)  # (B, K)
-                if filtering:
-                    logits = _filter_logits(logits, params)
-                codes.append((logits + step_noise[level]).argmax(-1))  # (B,)
+                if batch == 1 and from_cache and from_cache[level]:
+                    code = draw(prior.cache_logits(state, level), step_noise[level])
+                else:
+                    code = draw(prior.level_logits(context, level, state), step_noise[level])
+                    if isinstance(from_cache, Tensor):
+                        code = torch.where(from_cache[:, level],
+                                           draw(cache_logits[:, level], step_noise[level]), code)  # fmt: skip
+                codes.append(code)  # (B,)
                 if level + 1 < q:
-                    context = prior.condition(context, level, codes[-1])
+                    context = prior.condition(context, level, code)
             columns.append(torch.stack(codes, 1))  # (B, Q)
     if not columns:
         return torch.empty(batch, q, 0, dtype=torch.long, device=device)

@@ -413,22 +413,22 @@ def code_nats(
     and the same with label smoothing ``smoothing`` (what training minimises; the first when 0).
 
     codes (B, Q, T), mask (B, T). The LSTM is causal, so padding after a sequence's end never
-    changes what it predicts for the real steps.
+    changes what it predicts for the real steps. Smoothing is torch's: (1 - s) x the code's
+    cross-entropy + s x the mean over all K codes (of the heads' own part, for a prior with a
+    cache: see ``Prior.code_nats``).
     """
-    logits = prior(codes).logits  # (B, T, Q, K)
-    b, t, q, k = logits.shape
-    flat, target = logits.reshape(-1, k), codes.transpose(1, 2).reshape(-1)  # (B*T*Q, K)
-    ce = F.cross_entropy(flat, target, reduction="none").view(b, t, q) * mask[:, :, None]
+    nll, spread = prior.code_nats(codes)  # (B, T, Q) each
+    ce = nll * mask[:, :, None]
     if smoothing == 0.0:
         return ce, ce
-    smooth = F.cross_entropy(flat, target, reduction="none", label_smoothing=smoothing)
+    b, t, _ = nll.shape
+    smooth = ((1 - smoothing) * nll + smoothing * spread) * mask[:, :, None]
     # Not where the sound holds still (every level repeats its code: silence, a held tone):
     # smoothed there, the prior learns to leave it one step in ten for a random code, and a
     # draw's silence fills with clicks (the demo's: 11% of the steps after its sounds ended).
     held = torch.zeros(b, t, dtype=torch.bool, device=codes.device)  # (B, T)
     held[:, 1:] = (codes[:, :, 1:] == codes[:, :, :-1]).all(dim=1)
-    smooth = torch.where(held[:, :, None], ce, smooth.view(b, t, q) * mask[:, :, None])
-    return ce, smooth
+    return ce, torch.where(held[:, :, None], ce, smooth)
 
 
 def masked_nats(prior: Prior, codes: Tensor, mask: Tensor) -> tuple[Tensor, int]:

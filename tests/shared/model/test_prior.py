@@ -10,8 +10,10 @@ import torch
 
 from distill.shared.errors import ConfigError
 from distill.shared.model.prior import (
+    CACHE_DECAY,
     Prior,
     PriorConfig,
+    PriorState,
     bigram_bits,
     choose_prior_config,
     prior_parameter_count,
@@ -141,35 +143,93 @@ def test_logits_are_causal() -> None:
     assert not torch.equal(a[:, 5, 1], b[:, 5, 1])  # level 1 sees level 0 of the same step
 
 
-@pytest.mark.parametrize(("prev_codes", "earlier"), [(False, 0), (True, 0), (True, 2)])
-def test_the_step_api_gives_the_teacher_forced_logits(prev_codes: bool, earlier: int) -> None:
-    """Step by step (what sampling runs) and in one forward pass (training): the same logits."""
+@pytest.mark.parametrize(
+    ("prev_codes", "earlier", "decay"),
+    [(False, 0, 0.0), (True, 0, 0.0), (True, 2, 0.0), (False, 0, 0.5), (True, 1, 0.7)],
+)
+def test_the_step_api_gives_the_teacher_forced_logits(
+    prev_codes: bool, earlier: int, decay: float
+) -> None:
+    """Step by step (what sampling runs) and in one forward pass (training): the same logits
+    (with a cache: the same log-probabilities of the mix)."""
     config = dataclasses.replace(TINY, levels=3, layers=2, prev_codes=prev_codes,
-                                 earlier_codes=earlier)  # fmt: skip
+                                 earlier_codes=earlier, cache_decay=decay)  # fmt: skip
     prior = Prior(config).eval()
     with torch.no_grad():
         for p in prior.parameters():  # nothing stays at its zero initialisation
             p.add_(torch.randn_like(p) * 0.1)
+        if decay:
+            prior.cache_bias.fill_(0.0)  # type: ignore[union-attr]  # half from the cache
         codes = torch.randint(0, 8, (2, 3, 7))
         want = prior(codes).logits  # (B, T, Q, K)
         stepper = prior.stepper()
+
+        def got(context: torch.Tensor, level: int, state: PriorState) -> torch.Tensor:
+            if not decay:
+                return stepper.level_logits(context, level, state)
+            gates = stepper.cache_gates(stepper.head_context(state), state)
+            return stepper.level_log_probs(context, level, state, gates)
+
         state = stepper.begin(2)
         for t in range(7):
             if t:
                 state = stepper.advance(state, codes[:, :, t - 1])
             context = stepper.head_context(state)
             for level in range(3):
-                got = stepper.level_logits(context, level, state)
-                torch.testing.assert_close(got, want[:, t, level], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(got(context, level, state), want[:, t, level],
+                                           rtol=1e-4, atol=1e-5)  # fmt: skip
                 if level < 2:
                     context = stepper.condition(context, level, codes[:, level, t])
         for cut in (1, 2, 4):  # a prefix: the state after step cut - 1
             resumed = stepper.begin(2, codes[:, :, :cut])
-            got = stepper.level_logits(stepper.head_context(resumed), 0, resumed)
-            torch.testing.assert_close(got, want[:, cut, 0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got(stepper.head_context(resumed), 0, resumed),
+                                       want[:, cut, 0], rtol=1e-4, atol=1e-5)  # fmt: skip
     if prev_codes:
         with pytest.raises(ValueError, match="previous step"):
             stepper.level_logits(context, 0)
+
+
+def test_the_cache_mixes_in_the_codes_the_sound_used() -> None:
+    """With a cache, each prediction is a distribution (the mix sums to 1), the codes the sound
+    used earlier at a level gain probability there, and ``code_nats`` (what training computes,
+    the drawn code only) gives the forward pass's cross-entropy."""
+    config = dataclasses.replace(TINY, levels=2, cache_decay=0.7)
+    torch.manual_seed(0)
+    prior = Prior(config).eval()
+    codes = torch.tensor([[[3, 3, 5, 1, 3, 0], [2, 6, 6, 6, 7, 2]]])  # (1, Q 2, T 6)
+    with torch.no_grad():
+        prior.cache_bias.fill_(0.0)  # type: ignore[union-attr]  # half from the cache
+        logits = prior(codes).logits  # (1, T, Q, K)
+        torch.testing.assert_close(logits.logsumexp(-1), torch.zeros(1, 6, 2))
+        plain = Prior(dataclasses.replace(config, cache_decay=0.0))
+        plain.load_state_dict({k: v for k, v in prior.state_dict().items() if "cache" not in k})
+        base = torch.log_softmax(plain.eval()(codes).logits, -1)
+        assert torch.equal(logits[:, 0], base[:, 0])  # nothing cached before the first step
+        mixed, heads = logits[0].exp(), base[0].exp()  # (T, Q, K) probabilities
+        # at step 5 the cache holds level 0's 3, 3, 5, 1, 3 and level 1's 2, 6, 6, 6, 7, weighted
+        # 0.7^4 .. 1: code 3 has (0.7^4 + 0.7^3 + 1) / (1 + 0.7 + .. + 0.7^4) of level 0's
+        weights = 0.7 ** torch.arange(4, -1, -1)
+        for level, code, where in ((0, 3, [0, 1, 4]), (1, 6, [1, 2, 3]), (0, 6, [])):
+            share = float(weights[where].sum() / weights.sum())
+            want = 0.5 * float(heads[5, level, code]) + 0.5 * share  # the gate is at 0: half
+            assert float(mixed[5, level, code]) == pytest.approx(want, rel=1e-4)
+        nll, spread = prior.code_nats(codes)  # (1, T, Q) each
+        want = -logits.gather(-1, codes.transpose(1, 2)[..., None])[..., 0]
+        torch.testing.assert_close(nll, want)
+        torch.testing.assert_close(spread, -base.mean(-1))  # the heads' own part
+        assert float(prior(codes).loss) == pytest.approx(float(nll.mean()), rel=1e-5)
+
+
+def test_cache_decay_defaults_off_for_older_files_and_is_sized() -> None:
+    old = {k: v for k, v in TINY.to_dict().items() if k != "cache_decay"}
+    assert PriorConfig.from_dict(old).cache_decay == 0.0
+    with pytest.raises(ConfigError, match="cache_decay"):
+        PriorConfig.from_dict({**old, "cache_decay": 1.0})
+    assert "cache_gate" not in Prior(TINY).state_dict()
+    sized, why = choose_prior_config(6, 512, 10_000)
+    assert sized.cache_decay == CACHE_DECAY and "used earlier in the sound" in why
+    assert choose_prior_config(2, 8, 1000)[0].cache_decay == 0.0  # with prev_codes, as sized
+    assert sum(p.numel() for p in Prior(sized).parameters()) == prior_parameter_count(sized)
 
 
 def test_prev_codes_defaults_off_for_older_files_and_on_when_sized() -> None:

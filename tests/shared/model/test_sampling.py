@@ -235,3 +235,47 @@ def test_resample_region_rejects_missing_codes(prior: Prior) -> None:
     codes[0, 2, 4] = -1
     with pytest.raises(ValueError, match="no code"):
         resample_region(prior, codes, 10, 20, SamplingParams())
+
+
+# ---- a prior with a cache ----------------------------------------------------------------------
+
+
+def cache_prior(bias: float) -> Prior:
+    """An untrained prior with a cache whose share of every prediction is sigmoid(bias)."""
+    torch.manual_seed(0)
+    prior = Prior(PriorConfig(levels=3, codebook_size=16, embed_dim=16, hidden=32,
+                              dropout=0.0, cache_decay=0.7)).eval()  # fmt: skip
+    with torch.no_grad():
+        prior.cache_bias.fill_(bias)  # type: ignore[union-attr]
+    return prior
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_cache_only_prior_draws_the_codes_the_sound_used(batch: int) -> None:
+    """Drawn from the cache alone, every step after the first repeats, at each level, a code
+    that level drew before (batch 1 draws only the chosen part; larger batches draw both)."""
+    codes = sample(cache_prior(30.0), batch=batch, steps=20, params=SamplingParams(seed=4))
+    assert codes.shape == (batch, 3, 20)
+    assert bool((codes[:, :, 1:] == codes[:, :, :1]).all())  # the first step's codes, held
+    mixed = sample(cache_prior(0.0), batch=batch, steps=40, params=SamplingParams(seed=4))
+    assert not bool((mixed[:, :, 1:] == mixed[:, :, :1]).all())  # half from the heads: moves
+
+
+def test_the_cache_part_draws_by_the_decayed_counts() -> None:
+    """After a prefix whose level has code 2 then code 9, the cache part gives 9 weight 1 and 2
+    weight 0.7: drawn 9 in 1 / 1.7 = 59% of the draws, at batch 1 and in a batch; at
+    temperature 0.3 the weights are raised to 1 / 0.3, as the heads' probabilities are."""
+    prior = cache_prior(30.0)
+    prefix = torch.tensor([[[2, 9], [2, 9], [9, 2]]])  # (1, Q 3, T 2): level 2 the other way
+
+    def share_of_nine(params: SamplingParams, batch: int, level: int) -> float:
+        drawn = sample(prior, batch=batch, steps=1, params=params, prefix=prefix)[:, level, 0]
+        assert set(drawn.tolist()) <= {2, 9}
+        return float((drawn == 9).float().mean())
+
+    assert share_of_nine(SamplingParams(seed=1), 4000, 0) == pytest.approx(1 / 1.7, abs=0.03)
+    assert share_of_nine(SamplingParams(seed=1), 4000, 2) == pytest.approx(0.7 / 1.7, abs=0.03)
+    ones = [share_of_nine(SamplingParams(seed=s), 1, 1) for s in range(300)]
+    assert sum(ones) / len(ones) == pytest.approx(1 / 1.7, abs=0.07)
+    colder = share_of_nine(SamplingParams(seed=1, temperature=0.3), 4000, 0)
+    assert colder == pytest.approx(1 / (1 + 0.7 ** (1 / 0.3)), abs=0.03)  # 0.77
