@@ -8,6 +8,12 @@ batch are independent draws (each draw is Gumbel-max with its own noise).
 The loop runs under ``torch.inference_mode`` and calls the prior's step API, which runs the LSTM
 maths with ``torch.lstm_cell`` on the ``nn.LSTM`` weights (no oneDNN in the loop, so its switch
 is left alone); ``_draw_steps`` and ``PriorStepper`` have the measured choices.
+
+A prior with a cache predicts a mix of two parts (its heads, and the codes the sound used so
+far): each code is drawn by first choosing the part (the cache with probability
+sigmoid(gate / temperature)), then a code from that part, which is an exact draw from the mix
+at temperature 1 and costs no more than a draw from the heads (at batch 1 only the chosen part
+is computed). Temperature, min-p, top-k and top-p shape each part as they shape the heads alone.
 """
 
 from __future__ import annotations

@@ -209,7 +209,8 @@ def test_missing_key_and_missing_tensor(tmp_path: Path, model_file: Path) -> Non
 def _tiny_model() -> DistillModel:
     torch.manual_seed(0)
     vqvae = VQVAE(VQVAEConfig(channels=16, latent_dim=8, blocks=1, codebook_size=16, levels=2))
-    prior = Prior(PriorConfig(levels=2, codebook_size=16, embed_dim=8, hidden=16, layers=1))
+    prior = Prior(PriorConfig(levels=2, codebook_size=16, embed_dim=8, hidden=16, layers=1,
+                              prev_codes=True, earlier_codes=1, cache_decay=0.7))  # as sized  # fmt: skip
     return DistillModel(mel_config=MelConfig(), vqvae=vqvae.eval(), prior=prior.eval(),
                         summary=SUMMARY)  # fmt: skip
 
