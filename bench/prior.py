@@ -102,9 +102,10 @@ def baseline_sample(prior: Prior, batch: int, steps: int, gen: torch.Generator) 
             hidden = F.relu(context) + history
             logits = F.linear(hidden, prior.head_weight[level], prior.head_bias[level])
             probs = logits.softmax(-1)  # (B, K)
-            if prior.cache_gate is not None and prior.cache_bias is not None and total:
-                gate = ((start + history) * prior.cache_gate[level]).sum(-1, keepdim=True)
-                share = torch.sigmoid(gate + prior.cache_bias[level])  # (B, 1)
+            cached = prior.cache_gate is not None and prior.cache_bias is not None
+            if cached and level and total:  # the cache feeds the levels after the first
+                gate = ((start + history) * prior.cache_gate[level - 1]).sum(-1, keepdim=True)
+                share = torch.sigmoid(gate + prior.cache_bias[level - 1])  # (B, 1)
                 probs = (1 - share) * probs + share * cache[:, level] / total
             codes = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (B,)
             out[:, level, t] = codes

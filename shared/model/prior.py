@@ -12,8 +12,9 @@ draws when sampling). The context is a running sum, so sampling adds one embeddi
 Each head also reads its level's own codes of the steps just before (``prev_codes``,
 ``earlier_codes``).
 
-A prior with a cache (``cache_decay``) mixes each level's prediction with the codes the sound has
-used at that level so far: p = (1 - w) softmax(head) + w cache, where the cache counts every
+A prior with a cache (``cache_decay``) mixes each level's prediction after the first with the
+codes the sound has used at that level so far: p = (1 - w) softmax(head) + w cache, where the
+cache counts every
 earlier step's code with weight decay^(steps ago), normalised, and w = sigmoid(gate) is read from
 the step's LSTM output and the level's earlier codes. A sound comes back to its own codes (a
 decay, a held tone, a loop) in a way no table of what follows what can know; the gate learns how
@@ -122,10 +123,11 @@ _SIZE_BANDS: list[tuple[float, int, int, int, float, bool, str]] = [
     # (0.02 bits per code, two of 8 draws identical); 0.6 keeps draws distinct, still audible
     (5_000, 128, 64, 1, 0.6, False, "under 5k code steps: ~1 min of sound at 94 steps/s, ~2 at 47"),
     # percussion (16k steps, prev_codes): dropout 0.5 5.16 bits per code, 0.3 5.24; embeddings
-    # 128 instead of 64: 5.41 (it overfits sooner). With the cache (which learns fast what it
-    # can copy) the best epoch came sooner: at 1000 steps dropout 0.5 4.429, 0.6 4.386, 0.7
-    # 4.359, 0.8 4.369; at 600 steps 0.5 4.409, 0.7 4.373; hidden 192 at 0.7 4.380
-    (20_000, 128, 64, 1, 0.7, True, "under 20k code steps: ~3.5 min at 94 steps/s, ~7 at 47"),
+    # 128 instead of 64: 5.41 (it overfits sooner). With the cache, dropout 0.7 scores 0.03-0.07
+    # bits lower (at 1000 steps 0.5 4.429, 0.6 4.386, 0.7 4.359, 0.8 4.369; hidden 192 at 0.7
+    # 4.380) but its draws ring on: 52% of 2-s draws still above -30 dB in their second second
+    # where 32% are at 0.5 (20% of the training files; cache on the finer levels, 800 steps)
+    (20_000, 128, 64, 1, 0.5, True, "under 20k code steps: ~3.5 min at 94 steps/s, ~7 at 47"),
     (200_000, 256, 128, 1, 0.2, True, "under 200k code steps: ~35 min at 94 steps/s, ~70 at 47"),
     (1_000_000, 512, 128, 2, 0.1, True, "under 1M code steps: ~3 h at 94 steps/s, ~6 at 47"),
     (math.inf, 768, 192, 2, 0.1, True, "hours of codes"),
@@ -134,11 +136,16 @@ _SIZE_BANDS: list[tuple[float, int, int, int, float, bool, str]] = [
 # Measured on percussion (Q 6 x K 512, the same code set and 1000 steps): validation 4.81 bits
 # per code reading the previous step, 4.71 reading two steps, 4.70 reading four.
 EARLIER_CODES = 1
-# ... and each level mixes in the sound's own codes (cache_decay). Measured on percussion (the
-# same code set, 800 steps): validation 4.558 bits per code without, 4.400 with decay 0.7,
-# 4.394 with two caches (0.5 and 0.95), 4.405 with 0.3 and 0.9; the mix's weight read from the
-# LSTM and the level's history 4.402 (what ships: one gate per step for all levels), from the
-# LSTM alone 4.435; a second cache of this sound's code transitions 4.403 (no gain).
+# ... and each level after the first mixes in the sound's own codes (cache_decay). Measured on
+# percussion (the same code set, 800 steps): validation 4.558 bits per code without, 4.400 with
+# decay 0.7, 4.394 with two caches (0.5 and 0.95), 4.405 with 0.3 and 0.9; the mix's weight read
+# from the LSTM and the level's history 4.402 (what ships: one gate per step for all levels),
+# from the LSTM alone 4.435; a second cache of this sound's code transitions 4.403, one keyed on
+# the coarser level's code 4.333 against 4.359 (not worth it). Not on the coarsest level, which
+# sets the loudness: drawn from the cache it went back to the louder codes of a sound's attack
+# in its tail, and 2-s draws had 0.30 isolated clicks per second (10 dB above both neighbouring
+# steps; 0.023 without a cache, 0 in the training files); a cache on the finer levels only keeps
+# 0.16 of its 0.20 bits and 0.035 clicks per second (800 steps, dropout 0.7; 0.031 at 0.5).
 CACHE_DECAY = 0.7
 # the cache gate's starting bias: sigmoid(-2) = 0.12 of each prediction from the cache
 CACHE_GATE_START = -2.0
@@ -179,7 +186,7 @@ def prior_parameter_count(config: PriorConfig) -> int:
     q, k, e, h = config.levels, config.codebook_size, config.embed_dim, config.hidden
     lstm = 4 * h * (e + h + 2) + (config.layers - 1) * 4 * h * (2 * h + 2)
     prev = (1 + config.earlier_codes) * q * k * e if config.prev_codes else 0
-    cache = q * (e + 1) if config.cache_decay else 0
+    cache = (q - 1) * (e + 1) if config.cache_decay else 0
     return (q * k * e) + e + lstm + (h * e + e) + ((q - 1) * k * e) + q * k * (e + 1) + prev + cache
 
 
@@ -243,10 +250,11 @@ class Prior(nn.Module):
         # row (j * Q + q) * K + code: the same for the code j + 2 steps back
         self.earlier_embed = (nn.Embedding(config.earlier_codes * q * k, e)
                               if config.earlier_codes else None)  # fmt: skip
-        # the cache's share of level q's prediction: sigmoid(gate_q . g + bias_q), where g is
-        # what the step's LSTM output and the level's earlier codes give (as the heads read them)
-        self.cache_gate = nn.Parameter(torch.zeros(q, e)) if config.cache_decay else None
-        self.cache_bias = (nn.Parameter(torch.full((q,), CACHE_GATE_START))
+        # the cache's share of level q's prediction (q >= 1): sigmoid(gate_q . g + bias_q), where
+        # g is what the step's LSTM output and the level's earlier codes give (as the heads read
+        # them); row q - 1 is level q's
+        self.cache_gate = nn.Parameter(torch.zeros(q - 1, e)) if config.cache_decay else None
+        self.cache_bias = (nn.Parameter(torch.full((q - 1,), CACHE_GATE_START))
                            if config.cache_decay else None)  # fmt: skip
         self.drop = nn.Dropout(config.dropout)
         self.register_buffer("offsets", torch.arange(q) * k, persistent=False)  # (Q,)
@@ -313,9 +321,10 @@ class Prior(nn.Module):
         logits = torch.einsum("btqe,qke->btqk", hidden, self.head_weight) + self.head_bias
         if self.cache_gate is None or self.cache_bias is None:
             return logits, None
-        gate_in = F.relu(base) if prev is None else F.relu(base) + prev  # (B, T, 1 or Q, E)
-        gate = (gate_in * self.cache_gate).sum(-1) + self.cache_bias  # (B, T, Q)
-        return logits, F.pad(gate[:, 1:], (0, 0, 1, 0), value=float("-inf"))
+        gate_in = F.relu(base) if prev is None else F.relu(base) + prev[:, :, 1:]
+        gate = (gate_in * self.cache_gate).sum(-1) + self.cache_bias  # (B, T, Q-1)
+        # none at t = 0 (nothing came yet), none at level 0 (see CACHE_DECAY)
+        return logits, F.pad(gate[:, 1:], (1, 0, 1, 0), value=float("-inf"))  # (B, T, Q)
 
     def _cache_windows(self, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per step, the codes of the steps before it that the cache still counts: (B, Q, T, L)
@@ -445,7 +454,7 @@ class PriorStepper:
             self.history_rows = rows.to(prior.offsets.device)
         self.decay = prior.config.cache_decay  # 0: no cache
         self.one = torch.ones(1, 1, 1, device=prior.offsets.device)
-        self.cache_gate, self.cache_bias = prior.cache_gate, prior.cache_bias  # (Q, E), (Q,)
+        self.cache_gate, self.cache_bias = prior.cache_gate, prior.cache_bias  # (Q-1, E), (Q-1,)
 
     def _history(self, back: Tensor) -> Tensor:
         """What codes ``back`` (B, 1+J, Q) add to each level's head: (B, Q, E)."""
@@ -497,14 +506,16 @@ class PriorStepper:
         return new
 
     def cache_gates(self, context: Tensor, state: PriorState) -> Tensor | None:
-        """The logit of drawing each level of this step from the cache, (B, Q), given the level-0
-        context (B, E); None for a prior without a cache, or before its first step."""
+        """The logit of drawing each level of this step from the cache, (B, Q) (-inf at level 0,
+        which the cache does not feed), given the level-0 context (B, E); None for a prior
+        without a cache, or before its first step."""
         if self.cache_gate is None or self.cache_bias is None or not state.cache_total:
             return None
         gate_in = F.relu(context)[:, None]  # (B, 1, E)
         if state.history is not None:
-            gate_in = gate_in + state.history  # (B, Q, E)
-        return (gate_in * self.cache_gate).sum(-1) + self.cache_bias
+            gate_in = gate_in + state.history[:, 1:]  # (B, Q-1, E)
+        gate = (gate_in * self.cache_gate).sum(-1) + self.cache_bias  # (B, Q-1)
+        return F.pad(gate, (1, 0), value=float("-inf"))
 
     def cache_logits(self, state: PriorState, level: int | None = None) -> Tensor:
         """Logits (B, Q, K) of the cache's part of each level, or (B, K) of one ``level``

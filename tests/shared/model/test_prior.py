@@ -191,25 +191,27 @@ def test_the_step_api_gives_the_teacher_forced_logits(
 
 def test_the_cache_mixes_in_the_codes_the_sound_used() -> None:
     """With a cache, each prediction is a distribution (the mix sums to 1), the codes the sound
-    used earlier at a level gain probability there, and ``code_nats`` (what training computes,
-    the drawn code only) gives the forward pass's cross-entropy."""
-    config = dataclasses.replace(TINY, levels=2, cache_decay=0.7)
+    used earlier at a level after the first gain probability there, the first level is the
+    heads' alone, and ``code_nats`` (what training computes, the drawn code only) gives the
+    forward pass's cross-entropy."""
+    config = dataclasses.replace(TINY, levels=3, cache_decay=0.7)
     torch.manual_seed(0)
     prior = Prior(config).eval()
-    codes = torch.tensor([[[3, 3, 5, 1, 3, 0], [2, 6, 6, 6, 7, 2]]])  # (1, Q 2, T 6)
+    codes = torch.tensor([[[3, 3, 5, 1, 3, 0], [2, 6, 6, 6, 7, 2], [3, 3, 5, 1, 3, 0]]])
     with torch.no_grad():
         prior.cache_bias.fill_(0.0)  # type: ignore[union-attr]  # half from the cache
         logits = prior(codes).logits  # (1, T, Q, K)
-        torch.testing.assert_close(logits.logsumexp(-1), torch.zeros(1, 6, 2))
+        torch.testing.assert_close(logits.logsumexp(-1), torch.zeros(1, 6, 3))
         plain = Prior(dataclasses.replace(config, cache_decay=0.0))
         plain.load_state_dict({k: v for k, v in prior.state_dict().items() if "cache" not in k})
         base = torch.log_softmax(plain.eval()(codes).logits, -1)
         assert torch.equal(logits[:, 0], base[:, 0])  # nothing cached before the first step
+        torch.testing.assert_close(logits[:, :, 0], base[:, :, 0])  # level 0: the heads only
         mixed, heads = logits[0].exp(), base[0].exp()  # (T, Q, K) probabilities
-        # at step 5 the cache holds level 0's 3, 3, 5, 1, 3 and level 1's 2, 6, 6, 6, 7, weighted
-        # 0.7^4 .. 1: code 3 has (0.7^4 + 0.7^3 + 1) / (1 + 0.7 + .. + 0.7^4) of level 0's
+        # at step 5 the cache holds level 1's 2, 6, 6, 6, 7 and level 2's 3, 3, 5, 1, 3,
+        # weighted 0.7^4 .. 1: code 3 has (0.7^4 + 0.7^3 + 1) / (1 + 0.7 + .. + 0.7^4) of level 2's
         weights = 0.7 ** torch.arange(4, -1, -1)
-        for level, code, where in ((0, 3, [0, 1, 4]), (1, 6, [1, 2, 3]), (0, 6, [])):
+        for level, code, where in ((2, 3, [0, 1, 4]), (1, 6, [1, 2, 3]), (2, 6, [])):
             share = float(weights[where].sum() / weights.sum())
             want = 0.5 * float(heads[5, level, code]) + 0.5 * share  # the gate is at 0: half
             assert float(mixed[5, level, code]) == pytest.approx(want, rel=1e-4)

@@ -252,13 +252,15 @@ def cache_prior(bias: float) -> Prior:
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_a_cache_only_prior_draws_the_codes_the_sound_used(batch: int) -> None:
-    """Drawn from the cache alone, every step after the first repeats, at each level, a code
-    that level drew before (batch 1 draws only the chosen part; larger batches draw both)."""
+    """Drawn from the cache alone, every step after the first repeats, at each level after the
+    first, a code that level drew before; the first level comes from the heads (batch 1 draws
+    only the chosen part; larger batches draw both)."""
     codes = sample(cache_prior(30.0), batch=batch, steps=20, params=SamplingParams(seed=4))
     assert codes.shape == (batch, 3, 20)
-    assert bool((codes[:, :, 1:] == codes[:, :, :1]).all())  # the first step's codes, held
+    assert bool((codes[:, 1:, 1:] == codes[:, 1:, :1]).all())  # the first step's codes, held
+    assert not bool((codes[:, 0, 1:] == codes[:, 0, :1]).all())  # the untrained heads move
     mixed = sample(cache_prior(0.0), batch=batch, steps=40, params=SamplingParams(seed=4))
-    assert not bool((mixed[:, :, 1:] == mixed[:, :, :1]).all())  # half from the heads: moves
+    assert not bool((mixed[:, 1:, 1:] == mixed[:, 1:, :1]).all())  # half from the heads
 
 
 def test_the_cache_part_draws_by_the_decayed_counts() -> None:
@@ -273,9 +275,9 @@ def test_the_cache_part_draws_by_the_decayed_counts() -> None:
         assert set(drawn.tolist()) <= {2, 9}
         return float((drawn == 9).float().mean())
 
-    assert share_of_nine(SamplingParams(seed=1), 4000, 0) == pytest.approx(1 / 1.7, abs=0.03)
+    assert share_of_nine(SamplingParams(seed=1), 4000, 1) == pytest.approx(1 / 1.7, abs=0.03)
     assert share_of_nine(SamplingParams(seed=1), 4000, 2) == pytest.approx(0.7 / 1.7, abs=0.03)
     ones = [share_of_nine(SamplingParams(seed=s), 1, 1) for s in range(300)]
     assert sum(ones) / len(ones) == pytest.approx(1 / 1.7, abs=0.07)
-    colder = share_of_nine(SamplingParams(seed=1, temperature=0.3), 4000, 0)
+    colder = share_of_nine(SamplingParams(seed=1, temperature=0.3), 4000, 1)
     assert colder == pytest.approx(1 / (1 + 0.7 ** (1 / 0.3)), abs=0.03)  # 0.77
