@@ -98,7 +98,7 @@ def baseline_sample(prior: Prior, batch: int, steps: int, gen: torch.Generator) 
                 history = history + prior.prev_embed(out[:, level, t - 1] + level * k)
                 for j in range(min(prior.config.earlier_codes, t - 1)):
                     row = out[:, level, t - 2 - j] + (j * q + level) * k
-                    history = history + prior.earlier_embed(row)  # type: ignore[misc]
+                    history = history + prior.earlier_embed(row)
             hidden = F.relu(context) + history
             logits = F.linear(hidden, prior.head_weight[level], prior.head_bias[level])
             probs = logits.softmax(-1)  # (B, K)

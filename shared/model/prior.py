@@ -173,7 +173,7 @@ def choose_prior_config(
         f"{n_train_steps} training code steps x {levels} levels ({band}): LSTM {layers} x "
         f"{hidden}, embeddings {embed}, dropout {dropout:g}"
         f"{f', each level reading its last {1 + config.earlier_codes} codes' if prev else ''}"
-        f"{' and mixing in the codes it used earlier in the sound' if config.cache_decay else ''} "
+        f"{', the finer ones mixing in the codes they used earlier in the sound' if config.cache_decay else ''} "
         f"({n_params / 1e6:.2f} M weights, "
         f"{n_params / max(1, n_train_steps * levels):.1f} per training code) keeps it from "
         f"memorising the chunks while leaving room to learn what follows what."

@@ -137,21 +137,22 @@ def _draw_steps(
                 state = prior.advance(state, columns[-1])
             context = prior.head_context(state)  # (B, E)
             gates = prior.cache_gates(context, state) if cached else None  # (B, Q)
-            from_cache: list[bool] | Tensor = []
+            picks: list[bool] = []  # batch 1: the part chosen per level, drawn alone
+            chosen: Tensor | None = None  # larger batches: both parts drawn, then chosen
             if gates is not None:
                 from_cache = gates > choice_noise[i]  # (B, Q): P = sigmoid(gate / temperature)
-                if batch == 1:  # draw only the part chosen (a level's log: 1/6 of all six)
-                    from_cache = from_cache[0].tolist()
+                if batch == 1:  # (a level's log of the cache: 1/6 of all six)
+                    picks = from_cache[0].tolist()
                 else:
-                    cache_logits = prior.cache_logits(state)  # (B, Q, K)
+                    chosen, cache_logits = from_cache, prior.cache_logits(state)  # (B, Q, K)
             codes: list[Tensor] = []
             for level in range(q):
-                if batch == 1 and from_cache and from_cache[level]:
+                if picks and picks[level]:
                     code = draw(prior.cache_logits(state, level), step_noise[level])
                 else:
                     code = draw(prior.level_logits(context, level, state), step_noise[level])
-                    if isinstance(from_cache, Tensor):
-                        code = torch.where(from_cache[:, level],
+                    if chosen is not None:
+                        code = torch.where(chosen[:, level],
                                            draw(cache_logits[:, level], step_noise[level]), code)  # fmt: skip
                 codes.append(code)  # (B,)
                 if level + 1 < q:

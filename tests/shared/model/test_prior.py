@@ -159,7 +159,7 @@ def test_the_step_api_gives_the_teacher_forced_logits(
         for p in prior.parameters():  # nothing stays at its zero initialisation
             p.add_(torch.randn_like(p) * 0.1)
         if decay:
-            prior.cache_bias.fill_(0.0)  # type: ignore[union-attr]  # half from the cache
+            prior.cache_bias.fill_(0.0)  # half from the cache
         codes = torch.randint(0, 8, (2, 3, 7))
         want = prior(codes).logits  # (B, T, Q, K)
         stepper = prior.stepper()
@@ -199,7 +199,7 @@ def test_the_cache_mixes_in_the_codes_the_sound_used() -> None:
     prior = Prior(config).eval()
     codes = torch.tensor([[[3, 3, 5, 1, 3, 0], [2, 6, 6, 6, 7, 2], [3, 3, 5, 1, 3, 0]]])
     with torch.no_grad():
-        prior.cache_bias.fill_(0.0)  # type: ignore[union-attr]  # half from the cache
+        prior.cache_bias.fill_(0.0)  # half from the cache
         logits = prior(codes).logits  # (1, T, Q, K)
         torch.testing.assert_close(logits.logsumexp(-1), torch.zeros(1, 6, 3))
         plain = Prior(dataclasses.replace(config, cache_decay=0.0))
@@ -229,7 +229,8 @@ def test_cache_decay_defaults_off_for_older_files_and_is_sized() -> None:
         PriorConfig.from_dict({**old, "cache_decay": 1.0})
     assert "cache_gate" not in Prior(TINY).state_dict()
     sized, why = choose_prior_config(6, 512, 10_000)
-    assert sized.cache_decay == CACHE_DECAY and "used earlier in the sound" in why
+    assert sized.cache_decay == CACHE_DECAY
+    assert "the finer ones mixing in the codes they used earlier" in why
     assert choose_prior_config(2, 8, 1000)[0].cache_decay == 0.0  # with prev_codes, as sized
     assert sum(p.numel() for p in Prior(sized).parameters()) == prior_parameter_count(sized)
 

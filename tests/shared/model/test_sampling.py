@@ -246,7 +246,7 @@ def cache_prior(bias: float) -> Prior:
     prior = Prior(PriorConfig(levels=3, codebook_size=16, embed_dim=16, hidden=32,
                               dropout=0.0, cache_decay=0.7)).eval()  # fmt: skip
     with torch.no_grad():
-        prior.cache_bias.fill_(bias)  # type: ignore[union-attr]
+        prior.cache_bias.fill_(bias)
     return prior
 
 
