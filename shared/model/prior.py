@@ -14,11 +14,10 @@ Each head also reads its level's own codes of the steps just before (``prev_code
 
 A prior with a cache (``cache_decay``) mixes each level's prediction after the first with the
 codes the sound has used at that level so far: p = (1 - w) softmax(head) + w cache, where the
-cache counts every
-earlier step's code with weight decay^(steps ago), normalised, and w = sigmoid(gate) is read from
-the step's LSTM output and the level's earlier codes. A sound comes back to its own codes (a
-decay, a held tone, a loop) in a way no table of what follows what can know; the gate learns how
-much to trust that, per level and per moment.
+cache counts every earlier step's code with weight decay^(steps ago), normalised, and
+w = sigmoid(gate) is read from the step's LSTM output and the level's earlier codes. A sound
+comes back to its own codes (a decay, a held tone, a loop) in a way no table of what follows
+what can know; the gate learns how much to trust that, per level and per moment.
 
 The step API (``Prior.stepper()``: ``begin``/``advance``/``head_context``/``level_logits``/
 ``condition``, and ``cache_gates``/``cache_logits`` for the cache's part, ``level_log_probs``
@@ -75,10 +74,10 @@ class PriorConfig:
     # previous one (a learnt trigram path and beyond: how fast a level moves); 0 for files
     # written before it existed
     earlier_codes: int = 0
-    # each level's prediction is a learnt mix of the LSTM's and of the codes this sound has
-    # used so far at that level, counted with this decay per step (the last few steps weigh
-    # most): a sound tends to come back to its own codes, which no fixed table of what follows
-    # what knows; 0 = off, as in files written before it
+    # each level's prediction after the first is a learnt mix of the LSTM's and of the codes
+    # this sound has used so far at that level, counted with this decay per step (the last few
+    # steps weigh most): a sound tends to come back to its own codes, which no fixed table of
+    # what follows what knows; 0 = off, as in files written before it
     cache_decay: float = 0.0
 
     def __post_init__(self) -> None:

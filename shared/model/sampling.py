@@ -141,7 +141,7 @@ def _draw_steps(
             chosen: Tensor | None = None  # larger batches: both parts drawn, then chosen
             if gates is not None:
                 from_cache = gates > choice_noise[i]  # (B, Q): P = sigmoid(gate / temperature)
-                if batch == 1:  # (a level's log of the cache: 1/6 of all six)
+                if batch == 1:  # only the chosen part of each level is computed
                     picks = from_cache[0].tolist()
                 else:
                     chosen, cache_logits = from_cache, prior.cache_logits(state)  # (B, Q, K)
@@ -151,7 +151,7 @@ def _draw_steps(
                     code = draw(prior.cache_logits(state, level), step_noise[level])
                 else:
                     code = draw(prior.level_logits(context, level, state), step_noise[level])
-                    if chosen is not None:
+                    if chosen is not None and level:  # the cache feeds levels 1..
                         code = torch.where(chosen[:, level],
                                            draw(cache_logits[:, level], step_noise[level]), code)  # fmt: skip
                 codes.append(code)  # (B,)
