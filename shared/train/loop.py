@@ -14,8 +14,10 @@ left of the budget (at least one more, at most ``epochs``), from the wall second
 measured (steps, validation, checkpoints and hooks together; the attempt's first epoch is left
 out once a later one exists, as it pays one-off allocation costs). It plans twice: once after
 the first epoch, so that progress and the schedule are known early, and once more, from epochs
-run after the warmup, at the start of the first epoch after it has ended (never again, so a
-run's schedule is one curve, not one that shifts every step). The cosine spans exactly the
+run after the warmup and after the attempt's first, at the start of the first epoch where both
+have ended (never again, so a run's schedule is one curve, not one that shifts every step).
+Planned for good from the first epoch alone, a prior whose first epoch ran at 10 steps/s (the
+rest at 14-17) kept 671 steps of the ~1100 its budget held, and the run ended 40 s early. The cosine spans exactly the
 planned steps, so the run stops when the budget is spent and the learning rate has reached
 its floor together; a budget too short for the warmup gets a warmup of a quarter of the
 planned steps. Before the first plan the cosine spans the ``epochs`` upper bound (one epoch,
@@ -232,7 +234,8 @@ class LoopState:
     rollbacks: int = 0
     last_metrics: dict[str, Any] = field(default_factory=dict)  # the last epoch's row
     planned_epochs: int = 0  # the budget's planned last epoch; 0 until planned (or no budget)
-    fits: int = 0  # plans made: 1 after the first epoch, 2 after the warmup (the last)
+    fits: int = 0  # plans made: 1 after the first epoch, 2 after the warmup and a second
+    # epoch (the last)
     fit_epoch_s: float = 0.0  # the seconds per epoch the last plan used
     fit_at_epoch: int = 0  # epochs completed when it was made
 
@@ -382,11 +385,13 @@ class Trainer(ABC, Generic[M]):
         self._epoch_mark = now
 
     def _fit_budget(self) -> None:
-        """Plan the last epoch after the first measured epoch, and once more after the warmup."""
+        """Plan the last epoch after the first measured epoch, and once more after the warmup
+        and the attempt's first epoch."""
         s, cfg = self.state, self.train_config
         if cfg.minutes <= 0 or s.fits >= 2 or not self._epoch_walls:
             return
-        after_warmup = s.step >= cfg.warmup_steps and s.epoch > s.fit_at_epoch
+        after_warmup = (s.step >= cfg.warmup_steps and s.epoch > s.fit_at_epoch
+                        and len(self._epoch_walls) > 1)  # an epoch not the attempt's first  # fmt: skip
         if s.fits == 1 and not after_warmup:
             return
         epoch_s = measured_epoch_s(self._epoch_walls)
@@ -407,7 +412,7 @@ class Trainer(ABC, Generic[M]):
         if cfg.minutes <= 0:
             why = f"no time budget: up to {cfg.epochs} epochs"
         elif s.planned_epochs:
-            when = "after the warmup" if s.fits == 2 else "before the warmup ended"
+            when = "after the warmup" if s.fits == 2 else "over the first epoch"
             why = (f"{cfg.minutes:g} min budget: {s.fit_epoch_s:.2f} s per epoch measured {when} "
                    f"(at epoch {s.fit_at_epoch}) -> the schedule ends at epoch "
                    f"{s.planned_epochs} (upper bound {cfg.epochs})")  # fmt: skip

@@ -156,6 +156,18 @@ def test_a_long_warmup_is_planned_after_one_epoch_and_replanned_once_after_it() 
     assert "measured after the warmup (at epoch 3)" in result.budget["why"]
 
 
+def test_a_slow_first_epoch_does_not_fix_the_plan_when_the_warmup_ends_inside_it() -> None:
+    """Before: with the warmup over inside epoch 1, the plan after it was the last one, made
+    from that epoch alone: a cold start's 10 s gave 6 epochs and the run ended at 35 s of 60."""
+    hooks = Hooks(FakeClock(), slow_steps=STEPS)  # epoch 1 takes 10 s, the others 5 s
+    result = ToyTrainer(dataclasses.replace(BASE, minutes=1.0), hooks).run_loop()
+    # epoch 2: 10 s per epoch, 50 s left -> ends at 6; epoch 3: 5 s per epoch (the first left
+    # out), 45 s left -> ends at 2 + 9 = 11
+    assert [m["epochs"] for m in hooks.metrics] == [100, 6] + [11] * 9
+    assert result.epochs == 11 and result.budget["spent_s"] == pytest.approx(60.0)
+    assert "5.00 s per epoch measured after the warmup (at epoch 2)" in result.budget["why"]
+
+
 def test_a_budget_shorter_than_the_warmup_shortens_the_warmup() -> None:
     hooks = Hooks(FakeClock())
     config = dataclasses.replace(BASE, minutes=0.25, warmup_steps=100)  # 15 s: three epochs
