@@ -194,6 +194,11 @@ def prior_parameter_count(config: PriorConfig) -> int:
 # Model
 
 
+def _decay_weights(decay: float, steps: int, device: torch.device) -> Tensor:
+    """The cache's weights of the last ``steps`` steps, oldest first: decay^(steps-1) .. 1."""
+    return decay ** torch.arange(steps - 1, -1, -1, dtype=torch.float32, device=device)
+
+
 def _log_counts(counts: Tensor) -> Tensor:
     """log(counts), with 1e-30 for a count of 0 (a code the sound has not used; -69, where
     nothing a draw or a loss adds comes near it): log(0) takes a slow path on a CPU, measured
@@ -338,7 +343,7 @@ class Prior(nn.Module):
         lags = max(1, min(t, math.ceil(math.log(1e-9) / math.log(decay))))
         padded = F.pad(codes.long(), (lags, 0), value=-1)  # (B, Q, L + T)
         windows = padded.unfold(2, lags, 1)[:, :, :t]  # (B, Q, T, L): steps t-L .. t-1
-        weights = decay ** torch.arange(lags - 1, -1, -1, dtype=torch.float32, device=codes.device)
+        weights = _decay_weights(decay, lags, codes.device)  # (L,)
         steps = torch.arange(t, dtype=torch.float32, device=codes.device)
         totals = (1 - decay**steps) / (1 - decay)  # sum over s < t of decay^(t-1-s)
         return windows, weights, totals
@@ -473,8 +478,7 @@ class PriorStepper:
             state.cache = torch.zeros(batch, q, k, device=h.device)
             if prefix is not None:  # step s of T0 weighs decay^(T0-1-s)
                 t0 = prefix.shape[2]
-                weights = self.decay ** torch.arange(t0 - 1, -1, -1, dtype=torch.float32,
-                                                     device=h.device)  # (T0,)  # fmt: skip
+                weights = _decay_weights(self.decay, t0, h.device)  # (T0,)
                 state.cache.scatter_add_(2, prefix.to(h.device).long().expand(batch, -1, -1),
                                          weights.expand(batch, q, -1).contiguous())  # fmt: skip
                 state.cache_total = (1 - self.decay**t0) / (1 - self.decay)
