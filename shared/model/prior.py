@@ -536,7 +536,7 @@ class PriorStepper:
         log_model = torch.log_softmax(self.level_logits(context, level, state), -1)
         if gates is None:
             return log_model
-        cache = torch.softmax(self.cache_logits(state)[:, level], -1)  # (B, K)
+        cache = torch.softmax(self.cache_logits(state, level), -1)  # (B, K)
         return self.prior._mix(log_model, cache, gates[:, level])
 
     def head_context(self, state: PriorState) -> Tensor:

@@ -17,10 +17,10 @@ the first epoch, so that progress and the schedule are known early, and once mor
 run after the warmup and after the attempt's first, at the start of the first epoch where both
 have ended (never again, so a run's schedule is one curve, not one that shifts every step).
 Planned for good from the first epoch alone, a prior whose first epoch ran at 10 steps/s (the
-rest at 14-17) kept 671 steps of the ~1100 its budget held, and the run ended 40 s early. The cosine spans exactly the
-planned steps, so the run stops when the budget is spent and the learning rate has reached
-its floor together; a budget too short for the warmup gets a warmup of a quarter of the
-planned steps. Before the first plan the cosine spans the ``epochs`` upper bound (one epoch,
+rest at 14-17) kept 671 steps of the ~1100 its budget held, and the run ended 40 s early.
+The cosine spans exactly the planned steps, so the run stops when the budget is spent and the
+learning rate has reached its floor together; a budget too short for the warmup gets a warmup
+of a quarter of the planned steps. Before the first plan the cosine spans the ``epochs`` upper bound (one epoch,
 mostly warmup). The plan is in the checkpoint; a resumed run keeps it and the seconds spent
 (those after the last checkpoint of a killed attempt are not counted).
 
