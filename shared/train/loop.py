@@ -20,9 +20,9 @@ Planned for good from the first epoch alone, a prior whose first epoch ran at 10
 rest at 14-17) kept 671 steps of the ~1100 its budget held, and the run ended 40 s early.
 The cosine spans exactly the planned steps, so the run stops when the budget is spent and the
 learning rate has reached its floor together; a budget too short for the warmup gets a warmup
-of a quarter of the planned steps. Before the first plan the cosine spans the ``epochs`` upper bound (one epoch,
-mostly warmup). The plan is in the checkpoint; a resumed run keeps it and the seconds spent
-(those after the last checkpoint of a killed attempt are not counted).
+of a quarter of the planned steps. Before the first plan the cosine spans the ``epochs`` upper
+bound (one epoch, mostly warmup). The plan is in the checkpoint; a resumed run keeps it and the
+seconds spent (those after the last checkpoint of a killed attempt are not counted).
 
 Checkpoints are paced by time: at most one per ``checkpoint_every_s`` (0: after every epoch),
 and always at the start (the point a NaN in the first epoch rolls back to), after a rollback,
