@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -206,6 +206,14 @@ def _log_counts(counts: Tensor) -> Tensor:
     return counts.clamp_min(1e-30).log()
 
 
+class CodeNats(NamedTuple):
+    """What training needs of a prior for a code grid (B, Q, T): see ``Prior.code_nats``."""
+
+    nll: Tensor  # (B, T, Q) each code's cross-entropy in nats under the prior (the mix)
+    spread: Tensor  # (B, T, Q) the mean over all K codes of the heads' cross-entropy
+    heads: Tensor  # (B, T, Q, K) the heads' log-probabilities (before any cache mix)
+
+
 @dataclass
 class PriorOutput:
     # (B, T, Q, K): level q's logits at step t, given codes < t and levels < q (log-probabilities
@@ -354,12 +362,13 @@ class Prior(nn.Module):
         return torch.logaddexp(F.logsigmoid(-gate)[..., None] + log_model,
                                F.logsigmoid(gate)[..., None] + _log_counts(cache))  # fmt: skip
 
-    def code_nats(self, codes: Tensor) -> tuple[Tensor, Tensor]:
-        """Per code of ``codes`` (B, Q, T): its cross-entropy in nats under the prior, and the
-        mean over all K codes of the heads' own cross-entropy (what label smoothing adds; for a
-        prior with a cache, of the LSTM's part alone, which the smoothing is there to keep from
-        growing too sure). Both (B, T, Q); only the drawn code's probability of the mix is
-        formed, not the mix over all K codes."""
+    def code_nats(self, codes: Tensor) -> CodeNats:
+        """Per code of ``codes`` (B, Q, T): its cross-entropy in nats under the prior, the mean
+        over all K codes of the heads' own cross-entropy (what label smoothing adds; for a prior
+        with a cache, of the LSTM's part alone, which the smoothing is there to keep from growing
+        too sure), and the heads' log-probabilities over all K codes (what a peer learns from in
+        mutual training). Only the drawn code's probability of the mix is formed, not the mix
+        over all K codes."""
         logits, gate = self._parts(codes)
         log_model = torch.log_softmax(logits, -1)  # (B, T, Q, K)
         target = codes.long().transpose(1, 2)  # (B, T, Q)
@@ -369,7 +378,7 @@ class Prior(nn.Module):
             hits = (windows == codes.long()[..., None]).float() @ weights  # (B, Q, T)
             share = (hits / totals.clamp_min(1e-30)).transpose(1, 2)  # (B, T, Q)
             picked = self._mix(picked[..., None], share[..., None], gate)[..., 0]
-        return -picked, -log_model.mean(-1)
+        return CodeNats(nll=-picked, spread=-log_model.mean(-1), heads=log_model)
 
     def forward(self, codes: Tensor) -> PriorOutput:
         """Teacher-forced logits (B, T, Q, K) for a grid ``codes`` (B, Q, T), and the loss."""

@@ -215,10 +215,11 @@ def test_the_cache_mixes_in_the_codes_the_sound_used() -> None:
             share = float(weights[where].sum() / weights.sum())
             want = 0.5 * float(heads[5, level, code]) + 0.5 * share  # the gate is at 0: half
             assert float(mixed[5, level, code]) == pytest.approx(want, rel=1e-4)
-        nll, spread = prior.code_nats(codes)  # (1, T, Q) each
+        nll, spread, heads_log = prior.code_nats(codes)  # (1, T, Q) each; (1, T, Q, K)
         want = -logits.gather(-1, codes.transpose(1, 2)[..., None])[..., 0]
         torch.testing.assert_close(nll, want)
         torch.testing.assert_close(spread, -base.mean(-1))  # the heads' own part
+        torch.testing.assert_close(heads_log, base)
         assert float(prior(codes).loss) == pytest.approx(float(nll.mean()), rel=1e-5)
 
 

@@ -25,6 +25,7 @@ from distill.shared.train.loop import NullHooks
 from distill.shared.train.prior import (
     CODES_KIND,
     CodeSet,
+    PriorPeers,
     PriorTrainConfig,
     PriorTrainer,
     codes_artifact_name,
@@ -307,6 +308,61 @@ def test_start_weight_counts_a_sounds_first_step_more() -> None:
     assert losses[1] == pytest.approx(float(rest + 4 * first) / (96 + 4 * 8), rel=1e-5)
 
 
+def test_peers_learn_each_from_the_others_predictions_held_fixed() -> None:
+    codes = synthetic_codes([12, 12, 12, 12], ["train"] * 4)
+    w = 0.3
+    config = dataclasses.replace(FAST, peers=2, peer_weight=w, window=6, label_smoothing=0.0)
+    trainer = PriorTrainer(codes, {}, config, NullHooks())
+    torch.manual_seed(0)
+    trainer.model = trainer.build_model().eval()
+    assert isinstance(trainer.model, PriorPeers) and len(trainer.model.members) == 2
+    a, b = trainer.model.all()
+    assert not torch.equal(a.head_weight, b.head_weight)  # each starts from its own weights
+    batch = prior_training._pad(trainer._windows_in_order(codes.sequences("train")),
+                                torch.device("cpu"))  # fmt: skip
+    totals = trainer.new_totals()
+    loss = trainer.step_loss(batch, totals)
+    mask = batch[1][:, :, None]  # (B, T, 1)
+    n = float(mask.sum()) * 2  # codes scored: 4 x 12 steps x 2 levels
+    with torch.no_grad():
+        own = [float((m.code_nats(batch[0]).nll * mask).sum()) / n for m in (a, b)]
+        heads = [torch.log_softmax(m._parts(batch[0])[0], -1) for m in (a, b)]  # (B, T, Q, K)
+        cross = [float((-(heads[1 - i].exp() * heads[i]).sum(-1) * mask).sum()) / n
+                 for i in (0, 1)]  # fmt: skip
+    want = sum((1 - w) * own[i] + w * cross[i] for i in (0, 1))
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert totals["nats"] == pytest.approx(own[0] * n, rel=1e-5)  # the metrics are the first's
+    # a member's gradient comes from its own terms alone: the other's side is held fixed
+    loss.backward()
+    grad = a.head_weight.grad.clone()
+    a.zero_grad()
+    alone = (1 - w) * (a.code_nats(batch[0]).nll * mask).sum() / n
+    alone = alone + w * (-(heads[1].exp() * torch.log_softmax(a._parts(batch[0])[0], -1))
+                         .sum(-1) * mask).sum() / n  # fmt: skip
+    alone.backward()
+    torch.testing.assert_close(grad, a.head_weight.grad)
+
+
+def test_peers_are_automatic_where_the_prior_reads_earlier_codes_and_the_budget_allows() -> None:
+    codes = synthetic_codes([40] * 6, ["train"] * 3 + ["val"] * 3)
+    cases = [({}, 0, 0.0, 1),  # a small prior without earlier codes trains alone
+             ({"prev_codes": True}, 0, 0.0, 1),  # a budget in epochs: a pair costs twice
+             ({"prev_codes": True}, 0, 1.0, 1),  # a short budget: too few steps for two
+             ({"prev_codes": True}, 0, 3.0, prior_training.AUTO_PEERS),
+             ({}, 3, 0.0, 3), ({"prev_codes": True}, 1, 3.0, 1)]  # set by the job  # fmt: skip
+    for overrides, peers, minutes, want in cases:
+        config = dataclasses.replace(FAST, peers=peers, minutes=minutes)
+        trainer = PriorTrainer(codes, overrides, config, NullHooks())
+        assert trainer.peers == want, (overrides, peers, minutes)
+        assert ("peer" in trainer.chosen["why"]) == (want > 1)
+        model = trainer.build_model()
+        assert isinstance(model, Prior) if want == 1 else len(model.members) == want
+    with pytest.raises(ConfigError, match="peers"):
+        PriorTrainConfig.from_dict({"peers": 9})
+    with pytest.raises(ConfigError, match="peer_weight"):
+        PriorTrainConfig.from_dict({"peer_weight": 1.0})
+
+
 # -- training ---------------------------------------------------------------------------------
 
 
@@ -327,8 +383,9 @@ def test_the_prior_beats_the_unigram_baseline_on_validation(codes: CodeSet) -> N
 
 
 @pytest.mark.slow  # trains a model
-def test_a_resumed_prior_run_equals_an_uninterrupted_one(codes: CodeSet) -> None:
-    config = dataclasses.replace(FAST, epochs=4)
+@pytest.mark.parametrize("peers", [1, 2])
+def test_a_resumed_prior_run_equals_an_uninterrupted_one(codes: CodeSet, peers: int) -> None:
+    config = dataclasses.replace(FAST, epochs=4, peers=peers)
     steps = PriorTrainer(codes, {}, config, Hooks()).steps_per_epoch
     whole = run(codes, Hooks(), config)
     cut = Hooks(cancel_at_step=2 * steps + 2)  # inside epoch 3
@@ -337,6 +394,7 @@ def test_a_resumed_prior_run_equals_an_uninterrupted_one(codes: CodeSet) -> None
     resumed_hooks = Hooks(start_from=cut.checkpoints[-1])
     resumed = run(codes, resumed_hooks, config)
     assert [m["epoch"] for m in resumed_hooks.metrics] == [3, 4]
+    assert isinstance(whole.model, Prior) and isinstance(resumed.model, Prior)  # the first
     for key, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
 
