@@ -1,11 +1,13 @@
 """Benchmark: the prior's quality after the default pipeline, and how fast it samples.
 
+    /work/venv/bin/python bench/prior.py --threads 2 --skip-speed   # the default budgets
     /work/venv/bin/python bench/prior.py --minutes 4 --threads 1
     /work/venv/bin/python bench/prior.py --skip-quality --speed-minutes 2 --threads 2
 
 **Quality** (skipped with ``--skip-quality``): starts a broker and one preprocess, RVQ-VAE and
-prior worker (``--threads`` torch threads each) on loopback, runs ``distill train DATA --minutes
-N`` (the default pipeline, the budget shared 70/30 between the RVQ-VAE and the prior), loads the
+prior worker (``--threads`` torch threads each) on loopback, runs ``distill train DATA`` (the
+default pipeline: each stage on its worker's default budget, on a CPU 8 minutes for the RVQ-VAE
+and 3 for the prior; with ``--minutes N`` that budget shared 70/30 between them), loads the
 ``.distill`` file it writes, fetches the dataset, and prints:
 
 - validation bits per code of the prior against the unigram (per-level code frequencies) and
@@ -195,11 +197,16 @@ def start_cluster(tmp: Path, threads: int) -> tuple[str, list[subprocess.Popen[b
     return endpoint, procs
 
 
+DEFAULT_PIPELINE_MINUTES = 11.0  # the CPU defaults: RVQ-VAE 8 + prior 3
+
+
 def run_pipeline(endpoint: str, data: Path, minutes: float, out: Path) -> str:
-    """``distill train DATA --minutes N -o OUT`` (its live lines pass through); the prior job id."""
-    args = [sys.executable, "-m", "distill.shared.cli", "train", str(data), "--minutes",
-            str(minutes), "-o", str(out), "--broker", endpoint]  # fmt: skip
-    done = subprocess.run(args, stdout=subprocess.PIPE, text=True, timeout=minutes * 60 * 3 + 600)
+    """``distill train DATA [--minutes N] -o OUT`` (its live lines pass through; N 0: the
+    workers' default budgets); the prior job id."""
+    args = [sys.executable, "-m", "distill.shared.cli", "train", str(data), "-o", str(out),
+            "--broker", endpoint] + (["--minutes", str(minutes)] if minutes else [])  # fmt: skip
+    wall = (minutes or DEFAULT_PIPELINE_MINUTES) * 60 * 3 + 600
+    done = subprocess.run(args, stdout=subprocess.PIPE, text=True, timeout=wall)
     print(done.stdout, flush=True)
     if done.returncode != 0:
         raise SystemExit(f"distill train failed ({done.returncode})")
@@ -302,8 +309,9 @@ def quality(args: argparse.Namespace) -> None:
         try:
             started = time.monotonic()
             prior_job = run_pipeline(endpoint, args.data, args.minutes, tmp / "percussion.distill")
-            print(f"pipeline: {time.monotonic() - started:.0f} s wall for a {args.minutes:g}-minute "
-                  "training budget")  # fmt: skip
+            budget = (f"a {args.minutes:g}-minute training budget" if args.minutes else
+                      "the workers' default budgets")  # fmt: skip
+            print(f"pipeline: {time.monotonic() - started:.0f} s wall for {budget}")
             quality_figures(endpoint, prior_job, tmp / "percussion.distill", args.samples)
         finally:
             for proc in reversed(procs):
@@ -312,8 +320,9 @@ def quality(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--minutes", type=float, default=4.0,
-                        help="training budget of the pipeline (quality figures)")  # fmt: skip
+    parser.add_argument("--minutes", type=float, default=0.0,
+                        help="training budget of the pipeline (quality figures); 0: each "
+                        "worker's default")  # fmt: skip
     parser.add_argument("--speed-minutes", type=float, default=2.0, help="budget of the speed runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the goal: 2 cores)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a folder of sounds")

@@ -11,7 +11,8 @@ Job params (every key optional)::
                            # choose_prior_config's size for the number of training code steps
      "train": {...},       # PriorTrainConfig overrides (distill.shared.train.prior); "minutes"
                            # absent: the device's default budget (see DEFAULT_MINUTES), 0: no
-                           # budget, epochs only
+                           # budget, epochs only; "peers" 0 (default): a pair trained side by
+                           # side where that budget leaves room (AUTO_PEERS), the first kept
      "name": str}          # the model's name (1..64 printable characters, no "/"); default
                            # "model"; the artifact is named NAME.distill
 

@@ -29,6 +29,11 @@ once: per-level code frequencies (unigram) and per-level P(code_t | code_t-1) (b
 Witten-Bell smoothed), both from the training sequences. Early stopping and the best epoch
 follow the validation NLL; an epoch is at least MIN_STEPS_PER_EPOCH steps, so patience means
 hundreds of steps.
+
+Peers. Where the budget leaves room (see AUTO_PEERS), two priors (:class:`PriorPeers`) train
+side by side on the same batches, each also learning the other's heads' distribution (mutual
+learning, PEER_WEIGHT); validation, early stopping, the metrics and the result are the first's,
+and the checkpoint holds both, so a resumed run goes on as the uninterrupted one would.
 """
 
 from __future__ import annotations
