@@ -103,13 +103,17 @@ VARIANT_BAND_SHIFTS = (-4, -2, 2, 4)
 # budget fits the epochs to that.
 PEER_WEIGHT = 0.5
 MAX_PEERS = 4
-# Automatic (peers 0): two where the prior reads earlier codes (from 5k training code steps,
-# where it was measured) and the budget leaves the pair enough steps. A pair makes half the
-# steps a lone prior makes in the same minutes: at 1 minute on percussion (2 CPU cores) 400
-# steps scored 4.506 bits per code where a lone prior's 800 scored 4.434, so below
-# PEERS_MIN_MINUTES (or on a budget in epochs, which costs twice the time) one trains alone.
+# Automatic (peers 0): two where the prior reads earlier codes and has under
+# PEERS_MAX_CODE_STEPS training code steps (5k-20k: the band where it was measured; a larger
+# set needs more steps than a pair makes in a default budget), and the budget leaves the pair
+# enough steps. A pair makes half the steps a lone prior makes in the same minutes: at 1 minute
+# on percussion (2 CPU cores) 400 steps scored 4.506 bits per code where a lone prior's 800
+# scored 4.434; at the 3-minute CPU default 4.346 where a lone prior scored 4.472 (early
+# stopping at epoch 16, best 6). Below PEERS_MIN_MINUTES (or on a budget in epochs, which a pair
+# takes twice as long over) one trains alone.
 AUTO_PEERS = 2
 PEERS_MIN_MINUTES = 2.5
+PEERS_MAX_CODE_STEPS = 20_000
 VALIDATION_BATCH = 64  # windows per validation forward pass
 BUCKET_BATCHES = 8  # batches drawn together and sorted by length, so little is padding
 
@@ -525,6 +529,7 @@ class PriorTrainer(Trainer[Prior | PriorPeers]):
         self.label_smoothing = smoothing if smoothing >= 0 else LABEL_SMOOTHING
         self.val_windows = self._windows_in_order(val or plain)
         self.prior_config, self.chosen = resolve_prior_config(codes, prior_overrides)
+        self.train_code_steps = sum(s.shape[1] for s in codes.sequences("train"))  # its size's
         self.chosen["why"] += self._peers_why()
         k = codes.codebook_size
         scored = [w.codes[:, w.context :] for w in self.val_windows]  # what the prior scores
@@ -555,7 +560,8 @@ class PriorTrainer(Trainer[Prior | PriorPeers]):
         if cfg.peers:
             return cfg.peers
         roomy = cfg.minutes >= PEERS_MIN_MINUTES
-        return AUTO_PEERS if self.prior_config.prev_codes and roomy else 1
+        measured = self.prior_config.prev_codes and self.train_code_steps < PEERS_MAX_CODE_STEPS
+        return AUTO_PEERS if measured and roomy else 1
 
     def _peers_why(self) -> str:
         if self.peers == 1:

@@ -350,6 +350,10 @@ def test_peers_are_automatic_where_the_prior_reads_earlier_codes_and_the_budget_
              ({"prev_codes": True}, 0, 1.0, 1),  # a short budget: too few steps for two
              ({"prev_codes": True}, 0, 3.0, prior_training.AUTO_PEERS),
              ({}, 3, 0.0, 3), ({"prev_codes": True}, 1, 3.0, 1)]  # set by the job  # fmt: skip
+    big = synthetic_codes([prior_training.PEERS_MAX_CODE_STEPS // 3 + 1] * 3 + [40] * 3,
+                          ["train"] * 3 + ["val"] * 3)  # fmt: skip
+    config = dataclasses.replace(FAST, minutes=3.0)
+    assert PriorTrainer(big, {"prev_codes": True}, config, NullHooks()).peers == 1  # unmeasured
     for overrides, peers, minutes, want in cases:
         config = dataclasses.replace(FAST, peers=peers, minutes=minutes)
         trainer = PriorTrainer(codes, overrides, config, NullHooks())
