@@ -533,7 +533,8 @@ class PriorTrainer(Trainer[Prior | PriorPeers]):
         self.label_smoothing = smoothing if smoothing >= 0 else LABEL_SMOOTHING
         self.val_windows = self._windows_in_order(val or plain)
         self.prior_config, self.chosen = resolve_prior_config(codes, prior_overrides)
-        self.train_code_steps = sum(s.shape[1] for s in codes.sequences("train"))  # its size's
+        # what the prior is sized from (resolve_prior_config), and what peers are measured on
+        self.train_code_steps = sum(s.shape[1] for s in codes.sequences("train"))
         self.chosen["why"] += self._peers_why()
         k = codes.codebook_size
         scored = [w.codes[:, w.context :] for w in self.val_windows]  # what the prior scores
@@ -589,7 +590,9 @@ class PriorTrainer(Trainer[Prior | PriorPeers]):
 
     def restore_model(self, ckpt: dict[str, Any]) -> Prior | PriorPeers:
         self.prior_config = PriorConfig.from_dict(ckpt["model_config"])
-        self.train_config = PriorTrainConfig.from_dict(ckpt["train_config"])
+        train = dict(ckpt["train_config"])
+        train.setdefault("peers", 1)  # written before peers existed: by a prior trained alone
+        self.train_config = PriorTrainConfig.from_dict(train)
         self.chosen = dict(ckpt["chosen"])
         model = self.build_model()
         model.load_state_dict(ckpt["state_dict"])

@@ -18,6 +18,7 @@ from distill.shared.audio.dataset import Dataset, ManifestRow, build_dataset
 from distill.shared.audio.io import cut_chunks, scan_folder
 from distill.shared.audio.mel import MelConfig
 from distill.shared.errors import ConfigError, JobCancelled, ModelFormatError
+from distill.shared.model.formats import checkpoint_to_bytes, read_checkpoint
 from distill.shared.model.prior import Prior, PriorConfig
 from distill.shared.model.vqvae import VQVAEConfig
 from distill.shared.train import prior as prior_training
@@ -365,6 +366,24 @@ def test_peers_are_automatic_where_the_prior_reads_earlier_codes_and_the_budget_
         PriorTrainConfig.from_dict({"peers": 9})
     with pytest.raises(ConfigError, match="peer_weight"):
         PriorTrainConfig.from_dict({"peer_weight": 1.0})
+
+
+def test_a_checkpoint_from_before_peers_resumes_alone() -> None:
+    codes = synthetic_codes([40] * 6, ["train"] * 3 + ["val"] * 3)
+    config = dataclasses.replace(FAST, minutes=3.0)  # automatic: a pair for this prior now
+    old = PriorTrainer(codes, {"prev_codes": True}, dataclasses.replace(config, peers=1),
+                       NullHooks())  # fmt: skip
+    old.model = old.build_model()
+    old.optimizer = old.build_optimizer(old.model)
+    old._checkpoint()
+    assert old.last_checkpoint is not None
+    ckpt = read_checkpoint(old.last_checkpoint)
+    for key in ("peers", "peer_weight"):  # what an earlier version wrote
+        del ckpt["train_config"][key]
+    trainer = PriorTrainer(codes, {"prev_codes": True}, config, NullHooks())
+    assert trainer.peers == 2
+    trainer._restore(checkpoint_to_bytes(ckpt))
+    assert trainer.peers == 1 and isinstance(trainer.model, Prior)
 
 
 # -- training ---------------------------------------------------------------------------------
