@@ -483,8 +483,7 @@ def masked_nats(prior: Prior, codes: Tensor, mask: Tensor) -> tuple[Tensor, int]
 def peer_nats(out: CodeNats, peers: list[CodeNats], mask: Tensor) -> Tensor:
     """Summed cross-entropy (nats) of ``out``'s heads against the mean of the ``peers``' heads'
     distributions (held fixed: no gradient reaches them), over the steps ``mask`` (B, T) scores."""
-    logs = torch.stack([p.heads.detach() for p in peers])  # (P, B, T, Q, K)
-    target = (torch.logsumexp(logs, 0) - math.log(len(peers))).exp()  # (B, T, Q, K)
+    target = torch.stack([p.heads.detach().exp() for p in peers]).mean(0)  # (B, T, Q, K)
     return (-(target * out.heads).sum(-1) * mask[:, :, None]).sum()
 
 
@@ -548,9 +547,8 @@ class PriorTrainer(Trainer[Prior | PriorPeers]):
 
     def run(self) -> PriorTrainResult:
         """Train to the last epoch, the budget's end or early stop (see ``Trainer.run_loop``)."""
-        r = self.run_loop()
-        model = r.model.first() if isinstance(r.model, PriorPeers) else r.model
-        return PriorTrainResult(model=model, prior_config=self.prior_config,
+        r = self.run_loop()  # r.model is self.model, with the best epoch's weights
+        return PriorTrainResult(model=self._first(), prior_config=self.prior_config,
                                 train_config=self.train_config, chosen=self.chosen,
                                 baselines=self.baselines, epochs=r.epochs,
                                 best_val_bits=r.best_val, best_epoch=r.best_epoch,
