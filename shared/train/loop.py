@@ -475,18 +475,24 @@ class Trainer(ABC, Generic[M]):
                             for k, v in self._model().state_dict().items()}  # fmt: skip
 
     def _loop_metrics(self, seconds: float) -> dict[str, Any]:
-        s = self.state
+        s, cfg = self.state, self.train_config
         per_epoch = self._epoch_walls[-1] if self._epoch_walls else seconds
+        planned = self.planned_epochs
+        if cfg.minutes > 0 and not s.planned_epochs and self._epoch_mark is not None:
+            # Not fitted yet (the plan is made as the next epoch starts): show the plan this
+            # epoch's wall time gives, not the epochs upper bound and its hours-long eta.
+            per_epoch = self.clock() - self._epoch_mark
+            planned = fit_epochs(s.epoch, per_epoch, cfg.minutes * 60 - self.spent_s(), cfg.epochs)
         return {
             "epoch": s.epoch,
-            "epochs": self.planned_epochs,
+            "epochs": planned,
             "step": s.step,
             "best_val": s.best_val,
             "best_epoch": s.best_epoch,
             "lr": self._lr,
             "epoch_s": seconds,  # the steps alone
             "steps_per_s": self.steps_per_epoch / max(seconds, 1e-9),
-            "eta_s": per_epoch * (self.planned_epochs - s.epoch),
+            "eta_s": per_epoch * (planned - s.epoch),
             "spent_s": self.spent_s(),
             "rollbacks": s.rollbacks,
         }

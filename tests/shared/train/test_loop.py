@@ -138,7 +138,9 @@ def test_a_budget_fits_the_cosine_to_the_epochs_that_fit() -> None:
     assert result.budget["planned_epochs"] == 12 and result.budget["steps"] == 12 * STEPS
     assert result.budget["spent_s"] == pytest.approx(60.0)
     assert "5.00 s per epoch" in result.budget["why"]
-    assert [m["epochs"] for m in hooks.metrics] == [100] + [12] * 11  # planned once, at epoch 2
+    # planned once, at epoch 2; epoch 1's line shows the plan its own time gives (not the bound)
+    assert [m["epochs"] for m in hooks.metrics] == [12] * 12
+    assert hooks.metrics[0]["eta_s"] == pytest.approx(55.0)
     last_lr = lr_at(BASE, 12 * STEPS - 1, 12 * STEPS)
     assert hooks.metrics[-1]["lr"] == pytest.approx(last_lr)
     assert last_lr == pytest.approx(BASE.lr * BASE.lr_min_ratio, rel=0.05)  # the cosine ended
@@ -151,7 +153,7 @@ def test_a_long_warmup_is_planned_after_one_epoch_and_replanned_once_after_it() 
     result = ToyTrainer(config, hooks).run_loop()
     # epoch 2: 10 s per epoch, 50 s left -> ends at 6; epoch 4 (warmup over): 5 s per epoch
     # (the first epoch left out), 40 s left -> ends at 3 + 8 = 11
-    assert [m["epochs"] for m in hooks.metrics] == [100, 6, 6] + [11] * 8
+    assert [m["epochs"] for m in hooks.metrics] == [6, 6, 6] + [11] * 8
     assert result.epochs == 11 and result.budget["spent_s"] == pytest.approx(60.0)
     assert "measured after the warmup (at epoch 3)" in result.budget["why"]
 
@@ -163,7 +165,7 @@ def test_a_slow_first_epoch_does_not_fix_the_plan_when_the_warmup_ends_inside_it
     result = ToyTrainer(dataclasses.replace(BASE, minutes=1.0), hooks).run_loop()
     # epoch 2: 10 s per epoch, 50 s left -> ends at 6; epoch 3: 5 s per epoch (the first left
     # out), 45 s left -> ends at 2 + 9 = 11
-    assert [m["epochs"] for m in hooks.metrics] == [100, 6] + [11] * 9
+    assert [m["epochs"] for m in hooks.metrics] == [6, 6] + [11] * 9
     assert result.epochs == 11 and result.budget["spent_s"] == pytest.approx(60.0)
     assert "5.00 s per epoch measured after the warmup (at epoch 2)" in result.budget["why"]
 
