@@ -111,6 +111,7 @@ def generate_demo_sounds(
     """A generate job on the inference worker; its exported files downloaded into ``out``."""
     from distill.shared.bus.artifacts import ArtifactClient
     from distill.shared.bus.jobs import JobsClient
+    from distill.shared.model.inference import redraw_note
 
     jobs = JobsClient(c)
     job = jobs.submit("distill.infer", {"op": "generate", "model": model_sha, "count": count,
@@ -125,6 +126,9 @@ def generate_demo_sounds(
     record = jobs.follow(job["id"], on_event)
     if record["status"] != "succeeded":
         raise typer.BadParameter(f"generation {record['status']}: {record.get('error')}")
+    note = redraw_note(int(record["result"].get("redrawn", 0)), count)
+    if note:
+        _say(f"  {note}")
     store = ArtifactClient(c)
     out.mkdir(parents=True, exist_ok=True)
     return [store.download(s["artifact"], out / s["name"]) for s in record["result"]["sounds"]]

@@ -71,6 +71,9 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
         if show:
             typer.echo(f"{path}  index={i} {_describe(recipe)}{gain}")
         paths.append(path)
+    note = inf.redraw_note(made.redrawn, count)
+    if show and note:
+        typer.echo(note)
     return paths
 
 

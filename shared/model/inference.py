@@ -63,6 +63,15 @@ class Generated:
     redrawn: int = 0  # draws that came out silent and were drawn again (SILENT_PEAK_DB)
 
 
+def redraw_note(redrawn: int, count: int) -> str | None:
+    """What to tell a user whose request had ``redrawn`` of ``count`` draws drawn again."""
+    if redrawn <= 0:
+        return None
+    return (f"{redrawn} of {count} draws came out silent (peak under {SILENT_PEAK_DB:g} dBFS) "
+            "and were drawn again with a seed derived from yours: the same request still "
+            "gives the same sounds")  # fmt: skip
+
+
 # --- checking inputs -----------------------------------------------------------------------------
 
 

@@ -159,6 +159,11 @@ class CodeSet:
     def n_files(self) -> int:
         return self.variants.count("")
 
+    def code_steps(self, split: str) -> int:
+        """Code steps of the files (not their variants) in ``split``: what a prior is sized by."""
+        return sum(int(self.offsets[n + 1] - self.offsets[n]) for n, s in enumerate(self.splits)
+                   if s == split and not self.variants[n])  # fmt: skip
+
     def sequences(self, split: str, variants: bool = False) -> list[Tensor]:
         """The code sequences (Q, L) int64 of the files in ``split``, in manifest order; with
         ``variants``, each file's variant encodings after them."""
@@ -388,8 +393,7 @@ def resolve_prior_config(
         if key in overrides and overrides[key] != value:
             raise ConfigError(f"prior {key} must equal the RVQ-VAE's ({value}), got "
                               f"{overrides[key]!r}")  # fmt: skip
-    steps = sum(s.shape[1] for s in codes.sequences("train"))
-    sized, why = choose_prior_config(codes.levels, codes.codebook_size, steps)
+    sized, why = choose_prior_config(codes.levels, codes.codebook_size, codes.code_steps("train"))
     config = PriorConfig.from_dict({**sized.to_dict(), **overrides})
     overridden = sorted(k for k in overrides if k not in fixed)
     if overridden:
@@ -533,7 +537,7 @@ class PriorTrainer(Trainer[Prior | PriorPeers]):
         self.val_windows = self._windows_in_order(val or plain)
         self.prior_config, self.chosen = resolve_prior_config(codes, prior_overrides)
         # what the prior is sized from (resolve_prior_config), and what peers are measured on
-        self.train_code_steps = sum(s.shape[1] for s in codes.sequences("train"))
+        self.train_code_steps = codes.code_steps("train")
         self.chosen["why"] += self._peers_why()
         k = codes.codebook_size
         scored = [w.codes[:, w.context :] for w in self.val_windows]  # what the prior scores

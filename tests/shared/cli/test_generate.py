@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from distill.shared.audio.export import read_export_metadata
 from distill.shared.cli import generate
+from distill.shared.model import inference
 from distill.shared.model.modelfile import save_model
 from tests.workers.test_infer import Q, tiny_model
 
@@ -52,6 +53,18 @@ def test_generate_writes_files_with_metadata_and_regenerate_is_bit_identical(
     assert "identical to" in again
     regenerated = files[2].with_name(f"{files[2].stem}.regenerated.wav")
     assert np.array_equal(sf.read(regenerated)[0], audios[2])
+
+
+def test_generate_says_how_many_draws_were_drawn_again(
+    model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = run("generate", model_file, "-n", "2", "--seconds", "0.2", "-o", tmp_path / "a",
+               "--quality", "preview")  # fmt: skip
+    assert "drawn again" not in text  # a random model's draws are loud
+    monkeypatch.setattr(inference, "SILENT_PEAK_DB", 20.0)  # every draw counts as silent
+    text = run("generate", model_file, "-n", "2", "--seconds", "0.2", "-o", tmp_path / "b",
+               "--quality", "preview")  # fmt: skip
+    assert "2 of 2 draws came out silent (peak under 20 dBFS) and were drawn again" in text
 
 
 def test_regenerate_with_another_model_says_so(model_file: Path, tmp_path: Path) -> None:

@@ -177,6 +177,8 @@ def test_the_prior_trains_on_the_variants_and_validates_on_the_files(codes: Code
     assert all(torch.equal(a.codes, b.codes)
                for a, b in zip(plain.val_windows, augmented.val_windows, strict=True))  # fmt: skip
     assert plain.chosen == augmented.chosen  # sized by the files, not by their variants
+    assert augmented.train_code_steps == sum(s.shape[1] for s in codes.sequences("train"))
+    assert len(codes.sequences("train", variants=True)) > len(codes.sequences("train"))
     assert augmented.baselines["fitted_on"] == "training files and variants"
     assert augmented.baselines["bigram_bits"] != plain.baselines["bigram_bits"]
 
