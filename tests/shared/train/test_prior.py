@@ -139,12 +139,13 @@ def test_each_file_is_encoded_with_its_variants_after_the_files(codes: CodeSet) 
     for name, variant, length in zip(codes.files, codes.variants, lengths, strict=True):
         if variant.startswith("stretch"):  # 0.9 and 1.1 times as long, give or take a step
             assert abs(length - float(variant[7:]) * plain[name]) <= 2, (variant, plain[name])
-        elif variant:  # moved in frequency: as long as the file
+        elif variant:  # moved in frequency or gain: as long as the file
             assert length == plain[name], (variant, plain[name])
-    # downsample 1 here: no shifted encodings; two stretches and four band moves per file
+    # downsample 1 here: no shifted encodings; two stretches, four band moves, two gains
     assert sorted(set(codes.variants[files:])) == ["bands+2", "bands+4", "bands-2", "bands-4",
-                                                   "stretch0.9", "stretch1.1"]  # fmt: skip
-    assert len(codes.files) == 7 * files
+                                                   "gain+3", "gain-3", "stretch0.9",
+                                                   "stretch1.1"]  # fmt: skip
+    assert len(codes.files) == 9 * files
     # A code set written before variants (format 1) reads as files without variants.
     meta = {"format_version": 1, "files": codes.files[:files], "splits": codes.splits[:files],
             "codebook_size": codes.codebook_size, "vqvae": "", "dataset": ""}  # fmt: skip
@@ -155,11 +156,15 @@ def test_each_file_is_encoded_with_its_variants_after_the_files(codes: CodeSet) 
     assert old.variants == [""] * files and old.n_files == files
 
 
-def test_mel_variants_shift_stretch_and_move_bands() -> None:
+def test_mel_variants_shift_stretch_move_bands_and_change_gain() -> None:
     mel = torch.arange(8.0)[:, None] * 10 + torch.arange(20.0)[None]  # (M 8, T 20): band*10 + t
-    variants = dict(prior_training.mel_variants(mel, downsample=2))
-    assert sorted(variants) == ["bands+2", "bands+4", "bands-2", "bands-4", "shift1",
-                                "stretch0.9", "stretch1.1"]  # fmt: skip
+    variants = dict(prior_training.mel_variants(mel, downsample=2, log_floor=1.0))  # floor ln 1
+    assert sorted(variants) == ["bands+2", "bands+4", "bands-2", "bands-4", "gain+3", "gain-3",
+                                "shift1", "stretch0.9", "stretch1.1"]  # fmt: skip
+    step = 3 / 20 * math.log(10)  # 3 dB in ln magnitude
+    assert torch.allclose(variants["gain+3"], mel + step)
+    softer = variants["gain-3"]  # never below the floor (ln 1e-5 in a real config; 0 here)
+    assert torch.allclose(softer, (mel - step).clamp_min(0.0)) and float(softer.min()) == 0.0
     assert torch.equal(variants["shift1"], mel[:, 1:])  # one frame later
     assert variants["stretch0.9"].shape == (8, 18) and variants["stretch1.1"].shape == (8, 22)
     up, down = variants["bands+2"], variants["bands-2"]
@@ -220,7 +225,7 @@ def test_codes_are_encoded_once_per_model_and_dataset(
     store.items[sha2] = (b"not a code set", CODES_KIND, store.items[sha2][2])  # damaged cache
     _, sha3, cached3 = load_or_encode_codes(store, "a" * 64, "b" * 64, encode)
     assert not cached3 and sha3 != sha and len(calls) == 2
-    assert "-s0.9,1.1-b-4,-2,+2,+4-" in codes_artifact_name("a" * 64, "b" * 64)
+    assert "-s0.9,1.1-b-4,-2,+2,+4-g-3,+3-" in codes_artifact_name("a" * 64, "b" * 64)
     monkeypatch.setattr(prior_training, "VARIANT_BAND_SHIFTS", (-2, 2))  # other variants:
     load_or_encode_codes(store, "a" * 64, "b" * 64, encode)  # not the cached code set
     assert len(calls) == 3
