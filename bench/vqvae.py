@@ -230,6 +230,11 @@ def main() -> None:
         "dead:",
         last["dead_codes"],
     )
+    ref = result.refine
+    if ref["iters"]:
+        print(f"codebook refinement: {ref['iters']} Lloyd iterations over {ref['latents']} "
+              f"latents in {ref['seconds']:.1f} s: validation loss {ref['val_loss_before']:.4f} "
+              f"-> {ref['val_loss_after']:.4f} ({'kept' if ref['kept'] else 'undone'})")  # fmt: skip
     report("val", evaluate(result.model, val_paths, cfg), 1.5)
     report("train", evaluate(result.model, train_paths, cfg), 1.25)
     audio_check_cost(trainer, result, hooks)

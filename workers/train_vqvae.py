@@ -131,7 +131,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     result = trainer.run()
     summary = {"dataset": sha, "epochs": result.epochs, "best_epoch": result.best_epoch,
                "best_val_loss": result.best_val_loss, "chosen": result.chosen,
-               "audio": result.audio}  # fmt: skip
+               "audio": result.audio, "refine": result.refine}  # fmt: skip
     weights = weights_to_bytes(result.model, dataset.mel_config, summary)
     model_sha = ctx.artifacts.put_bytes(weights, kind="vqvae", name="vqvae.pt", job=ctx.info.job_id)
     metrics = {k: v for k, v in result.metrics.items() if k != "usage"}
@@ -142,6 +142,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         "train_config": result.train_config.to_dict(),
         "chosen": {**result.chosen, "why_size": why_size},
         "audio": result.audio,
+        "refine": result.refine,
         "epochs": result.epochs,
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,

@@ -100,6 +100,26 @@ def _pitch_shift_mel(x: torch.Tensor, semitones: torch.Tensor, mel_cfg: MelConfi
     return torch.log(out.clamp_min(mel_cfg.log_floor))
 
 
+def gain_mel(mels: torch.Tensor, db: float | torch.Tensor, log_floor: float) -> torch.Tensor:
+    """Log-mel (natural log of magnitude, any shape) of the same sound played ``db`` louder
+    (softer when negative): ``db / 20 * ln 10`` added to every value, never below the floor
+    (silence stays silence). ``db`` broadcasts against ``mels``."""
+    return (mels + db * (math.log(10) / 20)).clamp_min(math.log(log_floor))
+
+
+def move_bands(mel: torch.Tensor, bands: int) -> torch.Tensor:
+    """Log-mel ``(..., n_mels, T)`` moved ``bands`` mel bands up (down when negative), the edge
+    band repeated into the gap: above ~1 kHz, where mel bands are log-spaced, a move of two
+    bands is a pitch shift of a few percent."""
+    if bands == 0:
+        return mel
+    if bands > 0:
+        low = mel[..., :1, :].expand(*mel.shape[:-2], bands, mel.shape[-1])
+        return torch.cat([low, mel[..., :-bands, :]], dim=-2)
+    high = mel[..., -1:, :].expand(*mel.shape[:-2], -bands, mel.shape[-1])
+    return torch.cat([mel[..., -bands:, :], high], dim=-2)
+
+
 def augment_mel(
     mels: torch.Tensor, mel_cfg: MelConfig, cfg: AugmentConfig, gen: torch.Generator
 ) -> torch.Tensor:
@@ -111,9 +131,8 @@ def augment_mel(
         semis = _uniform(b, -cfg.max_semitones, cfg.max_semitones, gen)
         x = _pitch_shift_mel(x, semis, mel_cfg)
     if cfg.gain and cfg.gain_db > 0:
-        # magnitude mel: a gain of g dB adds g/20*ln(10) to every log value
-        g = _uniform(b, -cfg.gain_db, cfg.gain_db, gen).to(x.device) * (math.log(10) / 20)
-        x = (x + g[:, None, None]).clamp_min(floor)
+        g_db = _uniform(b, -cfg.gain_db, cfg.gain_db, gen).to(x.device)
+        x = gain_mel(x, g_db[:, None, None], mel_cfg.log_floor)
     if cfg.time_shift and cfg.max_shift_frames > 0:
         m = cfg.max_shift_frames
         shifts = torch.randint(-m, m + 1, (b,), generator=gen, device=gen.device)

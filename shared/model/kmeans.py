@@ -17,7 +17,20 @@ def kmeans(
     No two centroids are equal: with fewer distinct points than ``k`` the extra centroids are
     jittered copies of points (they start empty and dead-code replacement recycles them).
     """
-    centroids = _kmeans_plus_plus(x, k, generator)  # (k, D)
+    centroids = lloyd(x, _kmeans_plus_plus(x, k, generator), iters)  # (k, D)
+    centroids = _separate_duplicates(centroids, _jitter_scale(x), generator)
+    _, assign = nearest(x, centroids)
+    return centroids, torch.bincount(assign, minlength=k)
+
+
+def lloyd(x: Tensor, centroids: Tensor, iters: int) -> Tensor:
+    """``iters`` Lloyd iterations on ``x`` (N, D) from ``centroids`` (k, D); the new centroids.
+
+    Each centroid moves to the mean of its points; one left with none moves to the point
+    farthest from its own centroid (so every code stays in use where the data is).
+    """
+    centroids = centroids.clone()
+    k = len(centroids)
     for _ in range(iters):
         dist, assign = nearest(x, centroids)  # (N,), (N,)
         counts = torch.bincount(assign, minlength=k)
@@ -30,9 +43,7 @@ def kmeans(
                 break
             centroids[empty] = x[far]
             dist[far] = 0.0
-    centroids = _separate_duplicates(centroids, _jitter_scale(x), generator)
-    _, assign = nearest(x, centroids)
-    return centroids, torch.bincount(assign, minlength=k)
+    return centroids
 
 
 def _jitter_scale(x: Tensor) -> Tensor:

@@ -51,7 +51,7 @@ from vector_quantize_pytorch import ResidualVQ
 from distill.shared.audio.mel import MAX_N_MELS
 from distill.shared.configs import at_most, config_from_dict, require
 from distill.shared.errors import ConfigError
-from distill.shared.model.kmeans import kmeans, nearest
+from distill.shared.model.kmeans import kmeans, lloyd, nearest
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -496,17 +496,39 @@ class VQVAE(nn.Module):
         """
         generator = torch.Generator().manual_seed(seed)
         residual = latents.detach().float().cpu()  # (N, D)
-        floor = max(self.config.dead_code_threshold, 1e-3)
         for vq in self.rvq.layers:
-            centroids, counts = kmeans(residual, self.rvq.codebook_size, generator=generator)
-            size = (counts.float() * batch_vectors / len(residual)).clamp_min(floor)  # (K,)
-            book = _book(vq)
-            book.embed.data.copy_(centroids[None].to(book.embed))  # (1, K, D)
-            book.cluster_size.data.copy_(size[None].to(book.cluster_size))  # (1, K)
-            book.embed_avg.data.copy_((centroids * size[:, None])[None].to(book.embed_avg))
-            book.initted.data.copy_(torch.tensor(True))
-            _, assign = nearest(residual, centroids)
-            residual = residual - centroids[assign]
+            centroids, _ = kmeans(residual, self.rvq.codebook_size, generator=generator)
+            residual = self._set_book_(vq, centroids, residual, batch_vectors)
+
+    @torch.no_grad()
+    def refine_codebooks_(self, latents: Tensor, batch_vectors: int, iters: int) -> None:
+        """``iters`` Lloyd iterations of every level's codebook over ``latents`` (N, D), level by
+        level on the residuals the refined coarser levels leave, from the codebooks as they are.
+
+        Training's EMA codebooks trail a moving encoder and see a few batches at a time; this
+        moves each code to the mean of the latents it quantizes once the encoder is fixed.
+        ``batch_vectors`` as for ``kmeans_init_``.
+        """
+        residual = latents.detach().float().cpu()  # (N, D)
+        for vq in self.rvq.layers:
+            start = _book(vq).embed[0].detach().float().cpu()  # (K, D)
+            residual = self._set_book_(vq, lloyd(residual, start, iters), residual, batch_vectors)
+
+    def _set_book_(
+        self, vq: nn.Module, centroids: Tensor, residual: Tensor, batch_vectors: int
+    ) -> Tensor:
+        """One level's codebook set to ``centroids`` (K, D), its EMA buffers to the use it gets
+        from ``residual`` (N, D) scaled to ``batch_vectors`` per step; the residual it leaves."""
+        _, assign = nearest(residual, centroids)
+        counts = torch.bincount(assign, minlength=len(centroids))
+        floor = max(self.config.dead_code_threshold, 1e-3)
+        size = (counts.float() * batch_vectors / len(residual)).clamp_min(floor)  # (K,)
+        book = _book(vq)
+        book.embed.data.copy_(centroids[None].to(book.embed))  # (1, K, D)
+        book.cluster_size.data.copy_(size[None].to(book.cluster_size))  # (1, K)
+        book.embed_avg.data.copy_((centroids * size[:, None])[None].to(book.embed_avg))
+        book.initted.data.copy_(torch.tensor(True))
+        return residual - centroids[assign]
 
     def codebooks(self) -> Tensor:
         """Codebook vectors (Q, K, D)."""

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.shared.audio.augment import gain_mel, move_bands
 from distill.shared.audio.dataset import Dataset
 from distill.shared.configs import config_from_dict, require
 from distill.shared.errors import ConfigError, DatasetError, ModelFormatError
@@ -243,13 +244,8 @@ def mel_variants(mel: Tensor, downsample: int, log_floor: float) -> list[tuple[s
         frames = max(2, round(mel.shape[1] * factor))
         stretched = F.interpolate(mel[None], size=frames, mode="linear", align_corners=True)[0]
         out.append((f"stretch{factor:g}", stretched))
-    for bands in VARIANT_BAND_SHIFTS:  # up: the lowest band repeated below; down: the highest
-        moved = (torch.cat([mel[:1].expand(bands, -1), mel[:-bands]]) if bands > 0
-                 else torch.cat([mel[-bands:], mel[-1:].expand(-bands, -1)]))  # fmt: skip
-        out.append((f"bands{bands:+d}", moved))
-    floor = math.log(log_floor)
-    for db in VARIANT_GAINS_DB:  # log-mel is ln magnitude: +x dB adds x / 20 x ln 10
-        out.append((f"gain{db:+g}", (mel + db / 20 * math.log(10)).clamp_min(floor)))
+    out += [(f"bands{bands:+d}", move_bands(mel, bands)) for bands in VARIANT_BAND_SHIFTS]
+    out += [(f"gain{db:+g}", gain_mel(mel, db, log_floor)) for db in VARIANT_GAINS_DB]
     return out
 
 

@@ -9,7 +9,7 @@ import torch
 from vector_quantize_pytorch import VectorQuantize
 
 from distill.shared.errors import ConfigError
-from distill.shared.model.kmeans import kmeans
+from distill.shared.model.kmeans import kmeans, lloyd, nearest
 from distill.shared.model.vqvae import (
     VQVAE,
     VQVAEConfig,
@@ -190,6 +190,46 @@ def test_kmeans_init_writes_distinct_codebooks_and_consistent_ema_buffers() -> N
     assert sum(model.dead_codes()) == 0
     # the second level quantizes residuals: its codes are smaller than the first level's
     assert books[1].norm(dim=1).mean() < books[0].norm(dim=1).mean()
+
+
+def test_lloyd_moves_centroids_to_their_means_and_an_empty_one_to_the_data() -> None:
+    x = torch.tensor([[0.0, 0.0], [0.0, 2.0], [10.0, 0.0], [10.0, 2.0], [50.0, 50.0]])
+    start = torch.tensor([[1.0, 1.0], [9.0, 1.0], [-100.0, -100.0]])  # the third serves nothing
+    assert torch.equal(lloyd(x, start, 0), start)
+    centroids = lloyd(x, start, 3)
+    assert torch.equal(centroids[:2], torch.tensor([[0.0, 1.0], [10.0, 1.0]]))
+    assert torch.equal(centroids[2], torch.tensor([50.0, 50.0]))  # moved to the farthest point
+    assert torch.equal(start[2], torch.tensor([-100.0, -100.0]))  # the input is left alone
+
+
+def test_refining_codebooks_lowers_the_quantization_error_of_the_latents() -> None:
+    """Codebooks fitted to some latents, then refined on others (the encoder moved on): the
+    refined ones quantize the new latents better, level by level, EMA buffers consistent."""
+    model = tiny_model(codebook_size=16, levels=2, dead_code_threshold=1.0)
+    g = torch.Generator().manual_seed(0)
+    old, new = torch.randn(400, 16, generator=g), torch.randn(400, 16, generator=g) * 2 + 1
+
+    def error(latents: torch.Tensor) -> float:
+        with torch.no_grad():
+            quantized, _, _ = model.eval().quantize(latents[None])
+        return float((quantized[0] - latents).square().mean())
+
+    model.kmeans_init_(old, batch_vectors=100, seed=0)
+    before = error(new)
+    model.refine_codebooks_(new, batch_vectors=100, iters=10)
+    assert error(new) < 0.8 * before
+    residual = new.clone()
+    for q in range(2):
+        book = model.rvq.layers[q]._codebook
+        assert torch.allclose(book.embed_avg[0] / book.cluster_size[0][:, None], book.embed[0],
+                              atol=1e-5)  # fmt: skip
+        centroids = book.embed[0]
+        _, assign = nearest(residual, centroids)
+        used = torch.bincount(assign, minlength=16) > 0  # each used code sits at its mean
+        means = torch.zeros(16, 16).index_add_(0, assign, residual)
+        means = means / torch.bincount(assign, minlength=16).clamp_min(1)[:, None]
+        assert torch.allclose(centroids[used], means[used], atol=0.5)
+        residual = residual - centroids[assign]
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from distill.shared.audio.io import scan_folder
 from distill.shared.audio.mel import MelConfig
 from distill.shared.errors import ConfigError, JobCancelled, JobError, ModelFormatError
 from distill.shared.model.formats import read_checkpoint, weights_from_bytes, weights_to_bytes
-from distill.shared.model.vqvae import VQVAEConfig
+from distill.shared.model.vqvae import VQVAE, VQVAEConfig
 from distill.shared.train.loop import lr_at
 from distill.shared.train.vqvae import TrainConfig, VQVAETrainer, train_vqvae
 from tests.conftest import percussion_dir
@@ -98,11 +98,35 @@ def test_training_lowers_the_loss_and_uses_every_level(dataset: Dataset) -> None
     assert len(last["usage"]) == 2 and len(last["usage"][0]) == 16  # (Q, K) for a heatmap
     assert len(last["dead_codes"]) == 2 and last["lr"] > 0 and last["eta_s"] == 0
     assert result.epochs == 6 and result.stopped == "epochs" and not result.model.training
-    assert result.best_val_loss == min(m["val_recon"] for m in hooks.metrics)
+    best = min(m["val_recon"] for m in hooks.metrics)
+    refine = result.refine  # the codebooks refined after training, kept if no worse
+    assert refine["iters"] == FAST.refine_iters and refine["val_loss_before"] == pytest.approx(best)
+    assert result.best_val_loss == (refine["val_loss_after"] if refine["kept"] else best)
+    assert result.best_val_loss <= best
     assert len(hooks.checkpoints) == 7  # the initial state, then one per epoch
     assert [p[0] for p in hooks.previews] == [2, 4, 6]
     epoch, mels, recon, names = hooks.previews[0]
     assert mels.shape == recon.shape and mels.shape[1:] == (128, 94) and len(names) == len(mels)
+
+
+@pytest.mark.slow  # trains a model
+def test_a_codebook_refinement_that_makes_validation_worse_is_undone(
+    dataset: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    short = dataclasses.replace(FAST, epochs=2, preview_every=0)
+    plain = run(dataset, RecordingHooks(), dataclasses.replace(short, refine_iters=0))
+    assert plain.refine == {"iters": 0, "kept": False}
+
+    def scramble(self: Any, latents: Tensor, batch_vectors: int, iters: int) -> None:
+        for vq in self.rvq.layers:  # codes nowhere near the latents
+            vq._codebook.embed.data.add_(100.0)
+
+    monkeypatch.setattr(VQVAE, "refine_codebooks_", scramble)
+    result = run(dataset, RecordingHooks(), short)
+    refine = result.refine
+    assert not refine["kept"] and refine["val_loss_after"] > refine["val_loss_before"]
+    assert torch.equal(result.model.codebooks(), plain.model.codebooks())  # as trained
+    assert result.best_val_loss == plain.best_val_loss and not result.model.training
 
 
 @pytest.mark.slow  # trains a model
@@ -224,6 +248,8 @@ def test_a_newer_checkpoint_format_is_refused(dataset: Dataset) -> None:
         {"patience": -1},
         {"adam_beta2": 1.0},
         {"audio_chunks": 0},
+        {"refine_iters": -1},
+        {"refine_iters": 101},
         {"bogus": 1},
     ],  # fmt: skip
 )
