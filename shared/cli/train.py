@@ -324,7 +324,7 @@ def stage_outcome(stage: Stage, result: dict[str, Any]) -> str:
     why = f" ({chosen['why']})" if chosen.get("why") else ""
     if stage.name == "vqvae":
         return (f"RVQ-VAE {chosen.get('codebook_size')} codes x {chosen.get('levels')} levels"
-                f"{why}; best validation loss {result.get('best_val_loss')}")  # fmt: skip
+                f"{why}; {_vqvae_figures(result)}")  # fmt: skip
     metrics, base = result.get("metrics") or {}, result.get("baselines") or {}
     best = _number(result, "best_val_bits")
     best_text = (
@@ -332,6 +332,22 @@ def stage_outcome(stage: Stage, result: dict[str, Any]) -> str:
     )
     bits = "  ".join(_bits_parts({**base, **metrics}))
     return f"{best_text}last epoch {bits}; stopped: {result.get('stopped')}{why}"
+
+
+def _vqvae_figures(result: dict[str, Any]) -> str:
+    """Best validation loss (and epoch), the codebook refinement, the decoded-audio check."""
+    loss = _number(result, "best_val_loss")
+    parts = [f"best validation loss {loss:.4f} (epoch {result.get('best_epoch')})"
+             if loss is not None else "no validation loss"]  # fmt: skip
+    refine = result.get("refine") or {}
+    before, after = _number(refine, "val_loss_before"), _number(refine, "val_loss_after")
+    if refine.get("iters") and before is not None and after is not None:
+        done = "refined" if refine.get("kept") else "refinement undone"
+        parts.append(f"codebooks {done}: {before:.4f} -> {after:.4f}")
+    ratio = _number(result.get("audio") or {}, "ratio")
+    if ratio is not None:
+        parts.append(f"decoded audio {ratio:.2f}x the Griffin-Lim floor")
+    return "; ".join(parts)
 
 
 class StageFailed(DistillError):

@@ -124,4 +124,5 @@ def test_pipeline_from_sound_files_to_model(cluster: Cluster, percussion: Path, 
         assert audio["ratio"] == pytest.approx(audio["sc"] / audio["floor"])
         refine = result["refine"]  # the codebooks refined after training, kept if no worse
         assert refine["iters"] == 10 and refine["latents"] > 0
-        assert refine["kept"] == (refine["val_loss_after"] <= refine["val_loss_before"])
+        assert refine["kept"] == (refine["val_loss_after"] <= refine["val_loss_before"]
+                                  and refine["train_loss_after"] <= refine["train_loss_before"])

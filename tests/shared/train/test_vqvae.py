@@ -125,6 +125,7 @@ def test_a_codebook_refinement_that_makes_validation_worse_is_undone(
     result = run(dataset, RecordingHooks(), short)
     refine = result.refine
     assert not refine["kept"] and refine["val_loss_after"] > refine["val_loss_before"]
+    assert refine["train_loss_after"] > refine["train_loss_before"]
     assert torch.equal(result.model.codebooks(), plain.model.codebooks())  # as trained
     assert result.best_val_loss == plain.best_val_loss and not result.model.training
 
