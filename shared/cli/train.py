@@ -344,9 +344,11 @@ def _vqvae_figures(result: dict[str, Any]) -> str:
     if refine.get("iters") and before is not None and after is not None:
         done = "refined" if refine.get("kept") else "refinement undone"
         parts.append(f"codebooks {done}: {before:.4f} -> {after:.4f}")
-    ratio = _number(result.get("audio") or {}, "ratio")
-    if ratio is not None:
-        parts.append(f"decoded audio {ratio:.2f}x the Griffin-Lim floor")
+    audio = result.get("audio") or {}
+    sc, floor = _number(audio, "sc"), _number(audio, "floor")
+    if sc is not None and floor is not None:  # mel-bin SC: for comparing runs, not the bench's
+        parts.append(f"audio check {sc:.3f} vs the Griffin-Lim floor {floor:.3f} "
+                     f"({audio.get('chunks')} chunks, mel bins)")  # fmt: skip
     return "; ".join(parts)
 
 
