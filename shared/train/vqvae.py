@@ -273,20 +273,24 @@ class VQVAETrainer(Trainer[VQVAE]):
         return out[0], out[1]
 
     def _refine_latents(self, model: VQVAE) -> tuple[Tensor, int]:
-        """Latents (N, D) of the training chunks and of their gain and band variants (at most
-        KMEANS_MAX_VECTORS, drawn at random), and the latent vectors per training batch."""
+        """Latents (N, D) of the training chunks and of their gain and band variants (of at
+        most KMEANS_MAX_VECTORS vectors' worth of chunks, drawn at random), and the latent
+        vectors per training batch."""
         floor = self.dataset.mel_config.log_floor
-        parts = []
-        for x in self.train_mels.split(64):  # (b, M, T)
-            views = [x, *(gain_mel(x, db, floor) for db in REFINE_GAINS_DB),
-                     *(move_bands(x, bands) for bands in REFINE_BAND_MOVES)]  # fmt: skip
-            parts += [model.encode_latents(v) for v in views]  # (b, T', D) each
-        steps = parts[0].shape[1]
-        pooled = torch.cat([p.reshape(-1, p.shape[-1]) for p in parts])  # (N, D)
-        if len(pooled) > KMEANS_MAX_VECTORS:
+        mels = self.train_mels  # (N, M, T)
+        steps = -(-mels.shape[-1] // self.model_config.downsample)  # latent steps per chunk
+        views = 1 + len(REFINE_GAINS_DB) + len(REFINE_BAND_MOVES)
+        most = max(1, KMEANS_MAX_VECTORS // (views * steps))
+        if len(mels) > most:
             g = torch.Generator().manual_seed(self.train_config.seed)
-            pooled = pooled[torch.randperm(len(pooled), generator=g)[:KMEANS_MAX_VECTORS]]
-        return pooled, min(self.train_config.batch_size, len(self.train_mels)) * steps
+            mels = mels[torch.randperm(len(mels), generator=g)[:most].to(mels.device)]
+        parts = []
+        for x in mels.split(64):  # (b, M, T)
+            variants = [x, *(gain_mel(x, db, floor) for db in REFINE_GAINS_DB),
+                        *(move_bands(x, bands) for bands in REFINE_BAND_MOVES)]  # fmt: skip
+            parts += [model.encode_latents(v).flatten(0, 1) for v in variants]  # (b * T', D)
+        per_batch = min(self.train_config.batch_size, len(self.train_mels)) * steps
+        return torch.cat(parts), per_batch
 
     # -- model ----------------------------------------------------------------------------------
 

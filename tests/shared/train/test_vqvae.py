@@ -18,6 +18,7 @@ from distill.shared.audio.mel import MelConfig
 from distill.shared.errors import ConfigError, JobCancelled, JobError, ModelFormatError
 from distill.shared.model.formats import read_checkpoint, weights_from_bytes, weights_to_bytes
 from distill.shared.model.vqvae import VQVAE, VQVAEConfig
+from distill.shared.train import vqvae as vqvae_training
 from distill.shared.train.loop import lr_at
 from distill.shared.train.vqvae import TrainConfig, VQVAETrainer, train_vqvae
 from tests.conftest import percussion_dir
@@ -128,6 +129,19 @@ def test_a_codebook_refinement_that_makes_validation_worse_is_undone(
     assert refine["train_loss_after"] > refine["train_loss_before"]
     assert torch.equal(result.model.codebooks(), plain.model.codebooks())  # as trained
     assert result.best_val_loss == plain.best_val_loss and not result.model.training
+
+
+@pytest.mark.slow  # trains a model
+def test_the_refinement_draws_chunks_up_to_the_cap_with_their_variants(
+    dataset: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vqvae_training, "KMEANS_MAX_VECTORS", 1000)
+    trainer = VQVAETrainer(dataset, TINY, dataclasses.replace(FAST, epochs=1), RecordingHooks())
+    result = trainer.run()
+    steps = 94  # frames per chunk at downsample 1
+    assert result.refine["latents"] == (1000 // (5 * steps)) * 5 * steps  # 2 chunks x 5 views
+    latents, per_batch = trainer._refine_latents(result.model)
+    assert latents.shape == (2 * 5 * steps, TINY.latent_dim) and per_batch == 4 * steps
 
 
 @pytest.mark.slow  # trains a model
