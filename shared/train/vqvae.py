@@ -261,6 +261,7 @@ class VQVAETrainer(Trainer[VQVAE]):
                 "val_loss_before": before[1], "val_loss_after": after[1], "kept": kept,
                 "seconds": round(self.clock() - started, 2)}  # fmt: skip
 
+    @torch.no_grad()
     def _losses(self, model: VQVAE) -> tuple[float, float]:
         """Reconstruction loss of ``model`` (in eval mode) on the training chunks as they are
         and on the validation chunks (the training ones again when there are none)."""
@@ -272,6 +273,7 @@ class VQVAETrainer(Trainer[VQVAE]):
             out.append(total / len(mels))
         return out[0], out[1]
 
+    @torch.no_grad()
     def _refine_latents(self, model: VQVAE) -> tuple[Tensor, int]:
         """Latents (N, D) of the training chunks and of their gain and band variants (of at
         most KMEANS_MAX_VECTORS vectors' worth of chunks, drawn at random), and the latent
