@@ -233,7 +233,8 @@ def main() -> None:
     ref = result.refine
     if ref["iters"]:
         print(f"codebook refinement: {ref['iters']} Lloyd iterations over {ref['latents']} "
-              f"latents in {ref['seconds']:.1f} s: training loss {ref['train_loss_before']:.4f} -> "
+              f"latents, then {ref['decoder_steps']} decoder steps kept, "
+              f"in {ref['seconds']:.1f} s: training loss {ref['train_loss_before']:.4f} -> "
               f"{ref['train_loss_after']:.4f}, validation loss {ref['val_loss_before']:.4f} -> "
               f"{ref['val_loss_after']:.4f} ({'kept' if ref['kept'] else 'undone'})")  # fmt: skip
     report("val", evaluate(result.model, val_paths, cfg), 1.5)

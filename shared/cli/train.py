@@ -342,7 +342,8 @@ def _vqvae_figures(result: dict[str, Any]) -> str:
     refine = result.get("refine") or {}
     before, after = _number(refine, "val_loss_before"), _number(refine, "val_loss_after")
     if refine.get("iters") and before is not None and after is not None:
-        done = "refined" if refine.get("kept") else "refinement undone"
+        done = (f"refined (and {refine.get('decoder_steps')} decoder steps)" if refine.get("kept")
+                else "refinement undone")  # fmt: skip
         parts.append(f"codebooks {done}: {before:.4f} -> {after:.4f}")
     audio = result.get("audio") or {}
     sc, floor = _number(audio, "sc"), _number(audio, "floor")

@@ -396,13 +396,15 @@ class VQVAE(nn.Module):
         quantized, codes, commit = self.quantize(z, keep)
         return VQVAEOutput(self.decode_latents(quantized, mel.shape[-1]), codes, commit)
 
-    def _dropout_levels(self, batch: int, device: torch.device) -> Tensor | None:
+    def _dropout_levels(
+        self, batch: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> Tensor | None:
         """Levels kept per item: all, or (with p = quantizer_dropout) a uniform 1..Q (DAC)."""
         levels = self.rvq.num_quantizers
         if levels == 1 or self.config.quantizer_dropout == 0:
             return None
-        drop = torch.rand(batch) < self.config.quantizer_dropout  # (B,)
-        n = torch.randint(1, levels + 1, (batch,))  # (B,)
+        drop = torch.rand(batch, generator=generator) < self.config.quantizer_dropout  # (B,)
+        n = torch.randint(1, levels + 1, (batch,), generator=generator)  # (B,)
         return torch.where(drop, n, torch.full_like(n, levels)).to(device)
 
     @torch.no_grad()

@@ -123,6 +123,6 @@ def test_pipeline_from_sound_files_to_model(cluster: Cluster, percussion: Path, 
         assert audio["epoch"] == result["best_epoch"] and audio["sc"] > 0 < audio["floor"]
         assert audio["ratio"] == pytest.approx(audio["sc"] / audio["floor"])
         refine = result["refine"]  # the codebooks refined after training, kept if no worse
-        assert refine["iters"] == 10 and refine["latents"] > 0
-        assert refine["kept"] == (refine["val_loss_after"] <= refine["val_loss_before"]
-                                  and refine["train_loss_after"] <= refine["train_loss_before"])
+        assert refine["iters"] == 10 and refine["latents"] > 0 and refine["decoder_steps"] >= 0
+        assert refine["val_loss_after"] <= refine["val_loss_before"]  # kept, or undone (equal)
+        assert refine["train_loss_after"] <= refine["train_loss_before"]

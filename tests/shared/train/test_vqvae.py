@@ -123,12 +123,39 @@ def test_a_codebook_refinement_that_makes_validation_worse_is_undone(
             vq._codebook.embed.data.add_(100.0)
 
     monkeypatch.setattr(VQVAE, "refine_codebooks_", scramble)
-    result = run(dataset, RecordingHooks(), short)
+    result = run(dataset, RecordingHooks(), dataclasses.replace(short, refine_decoder_steps=0))
     refine = result.refine
-    assert not refine["kept"] and refine["val_loss_after"] > refine["val_loss_before"]
-    assert refine["train_loss_after"] > refine["train_loss_before"]
-    assert torch.equal(result.model.codebooks(), plain.model.codebooks())  # as trained
+    assert not refine["kept"] and refine["decoder_steps"] == 0
+    assert (refine["train_loss_after"], refine["val_loss_after"]) == (
+        refine["train_loss_before"], refine["val_loss_before"])  # the model as trained
+    assert torch.equal(result.model.codebooks(), plain.model.codebooks())
+    for a, b in zip(result.model.state_dict().values(), plain.model.state_dict().values(),
+                    strict=True):  # fmt: skip
+        assert torch.equal(a, b)
     assert result.best_val_loss == plain.best_val_loss and not result.model.training
+
+
+@pytest.mark.slow  # trains a model
+def test_the_decoder_tuned_after_refinement_is_kept_only_where_both_losses_hold(
+    dataset: Dataset,
+) -> None:
+    config = dataclasses.replace(FAST, epochs=2, preview_every=0, refine_decoder_steps=60)
+    seen: list[tuple[int, tuple[float, float]]] = []
+    trainer = VQVAETrainer(dataset, TINY, config, RecordingHooks())
+    losses = trainer._losses
+    trainer._losses = lambda model: seen.append((0, losses(model))) or seen[-1][1]  # type: ignore[method-assign]
+    result = trainer.run()
+    refine = result.refine
+    checks = [loss for _, loss in seen[1:]]  # as trained, then refined + 0, 25, 50, 60 steps
+    assert len(checks) == 4
+    before = seen[0][1]
+    ok = [c for c in checks if c[0] <= before[0] and c[1] <= before[1]]
+    assert refine["kept"] == bool(ok)
+    if ok:  # the lowest validation loss among the states that hold both
+        best = min(ok, key=lambda c: c[1])
+        assert (refine["train_loss_after"], refine["val_loss_after"]) == best
+        assert refine["decoder_steps"] == [0, 25, 50, 60][checks.index(best)]
+        assert result.best_val_loss == best[1]
 
 
 @pytest.mark.slow  # trains a model
