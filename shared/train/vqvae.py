@@ -262,19 +262,19 @@ class VQVAETrainer(Trainer[VQVAE]):
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
         latents, batch_vectors = self._refine_latents(model)
         model.refine_codebooks_(latents, batch_vectors, cfg.refine_iters)
-        best: tuple[float, int, tuple[float, float], dict[str, Tensor]] | None = None
+        best: tuple[int, tuple[float, float], dict[str, Tensor]] | None = None  # steps, losses
         for steps in self._tune_decoder(model):  # 0 (refined only), then every few steps
             losses = self._losses(model)
             if all(a <= b for a, b in zip(losses, before, strict=True)) and (
-                best is None or losses[1] < best[0]
+                best is None or losses[1] < best[1][1]
             ):
                 state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best = (losses[1], steps, losses, state)
-        model.load_state_dict(best[3] if best is not None else saved)
+                best = (steps, losses, state)
+        model.load_state_dict(best[2] if best is not None else saved)
         model.eval()
-        after = best[2] if best is not None else before
+        after = best[1] if best is not None else before
         return {"iters": cfg.refine_iters, "latents": len(latents),
-                "decoder_steps": best[1] if best is not None else 0,
+                "decoder_steps": best[0] if best is not None else 0,
                 "train_loss_before": before[0], "train_loss_after": after[0],
                 "val_loss_before": before[1], "val_loss_after": after[1],
                 "kept": best is not None,
