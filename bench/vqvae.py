@@ -53,6 +53,7 @@ class TimingHooks:
         self.metrics.append(metrics)
         print(f"  epoch {metrics['epoch']:3d}  train {metrics['train_recon']:.4f}  "
               f"val {metrics['val_recon']:.4f}  val L1 {metrics['val_l1']:.3f}  "
+              f"util {' '.join(f'{u:.2f}' for u in metrics['utilisation'])}  "
               f"{metrics['epoch_s']:.1f} s", flush=True)  # fmt: skip
 
     def save_checkpoint(self, data: bytes) -> None:
@@ -230,6 +231,12 @@ def main() -> None:
         "dead:",
         last["dead_codes"],
     )
+    later = [m["utilisation"] for m in hooks.metrics[2:]] or [last["utilisation"]]
+    print("utilisation, lowest per level from epoch 3 on:",
+          [round(min(u[q] for u in later), 2) for q in range(len(later[0]))],
+          "(goal >= 0.9)")  # fmt: skip
+    print("returned model over all training chunks (every level):",
+          [round(u, 2) for u in result.codes_in_use])  # fmt: skip
     ref = result.refine
     if ref["iters"]:
         print(f"codebook refinement: {ref['iters']} Lloyd iterations over {ref['latents']} "

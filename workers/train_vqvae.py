@@ -14,12 +14,14 @@ job context to its hooks: metrics and progress per epoch, checkpoint artifacts p
 previews of validation chunks.
 
 Result: ``{"model": weights sha256 (kind "vqvae"), "dataset": sha256, "config", "train_config",
-"chosen", "audio", "epochs", "best_epoch", "best_val_loss", "stopped", "metrics", "budget"}``;
+"chosen", "audio", "refine", "codes_in_use", "epochs", "best_epoch", "best_val_loss", "stopped",
+"metrics", "budget"}``;
 ``chosen`` says why the codebooks (``why``) and the model size (``why_size``, from the device:
 ``DEVICE_SIZES``) are what they are; ``audio`` is the returned (best-epoch) model's decoded
 spectral convergence beside the Griffin-Lim floor, the ratio and the epoch it is from;
 ``budget`` says the minutes, where they came from and why, the planned last epoch and the steps
-made.
+made; ``codes_in_use`` is, per level, the share of the codebook that the returned model uses to
+encode the training chunks.
 """
 
 from __future__ import annotations
@@ -131,7 +133,8 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     result = trainer.run()
     summary = {"dataset": sha, "epochs": result.epochs, "best_epoch": result.best_epoch,
                "best_val_loss": result.best_val_loss, "chosen": result.chosen,
-               "audio": result.audio, "refine": result.refine}  # fmt: skip
+               "audio": result.audio, "refine": result.refine,
+               "codes_in_use": result.codes_in_use}  # fmt: skip
     weights = weights_to_bytes(result.model, dataset.mel_config, summary)
     model_sha = ctx.artifacts.put_bytes(weights, kind="vqvae", name="vqvae.pt", job=ctx.info.job_id)
     metrics = {k: v for k, v in result.metrics.items() if k != "usage"}
@@ -143,6 +146,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         "chosen": {**result.chosen, "why_size": why_size},
         "audio": result.audio,
         "refine": result.refine,
+        "codes_in_use": result.codes_in_use,
         "epochs": result.epochs,
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,

@@ -345,6 +345,10 @@ def _vqvae_figures(result: dict[str, Any]) -> str:
         done = (f"refined (and {refine.get('decoder_steps')} decoder steps)" if refine.get("kept")
                 else "refinement undone")  # fmt: skip
         parts.append(f"codebooks {done}: {before:.4f} -> {after:.4f}")
+    in_use = result.get("codes_in_use")
+    if isinstance(in_use, list) and in_use:
+        parts.append("codes in use on the training files " + " ".join(
+            f"{float(u):.0%}" for u in in_use))  # fmt: skip
     audio = result.get("audio") or {}
     sc, floor = _number(audio, "sc"), _number(audio, "floor")
     if sc is not None and floor is not None:  # mel-bin SC: for comparing runs, not the bench's

@@ -32,7 +32,8 @@ Tried and did not help: a loss restricted to the loudest 60 dB of each chunk, th
 loudness-weighted term at weight 1 and 3, ConvNeXt blocks (Vocos-style, with LayerNorm, at
 1e-3 and 3e-3), whitened PCA latents, zero-initialised residual branches and a randomly
 initialised linear path (before PCA), spectral-convergence losses on exp(log-mel)
-(unstable), batch 4, weight norm, Adam betas 0.8/0.99, dead-code threshold 0.2 or 1.5, no
+(unstable), batch 4, weight norm, Adam betas 0.8/0.99, dead-code threshold 0.2 or 1.5 (for the
+audio; it is now 2% of an average code's use, for the codes' sake: VQVAEConfig), no
 rotation trick, k-means again after the warmup, no quantizer dropout (train better, held-back
 alike).
 """
@@ -77,7 +78,20 @@ class VQVAEConfig:
     levels: int | None = None  # None: chosen from the dataset size
     commitment_weight: float = 0.25  # DAC/SoundStream's weight; EMA moves the codebook itself
     ema_decay: float = 0.95  # library default 0.8 is noisy, 0.99 too slow for ~1k-step runs
-    dead_code_threshold: float = 1.0  # EMA uses per batch below this -> replaced by a latent
+    # EMA uses per batch below which a code is replaced by a latent of the batch. None: 2% of
+    # the use an average code gets per batch (dead_code_threshold_for), which the trainer
+    # knows from its batch; with decay 0.95 a code falls that low after ~70 unused steps:
+    # dead, not merely rare. A fixed 1.0 (the library's order) suits 16-64 codes (2-9% of
+    # their average) but on 512 codes, used 0.9-1.5 times per batch (16 chunks x 47 steps),
+    # it replaced half of them every step: they churned among random latents and went unused.
+    # Percussion, 5 min side by side (bench/vqvae.py --threads 1 --quick), at 1.0 / 0.3 / 0.1
+    # / 0.03: codes in use over the training set 0.52-0.74 / 0.85-0.93 / 0.93-0.99 /
+    # 0.98-1.00 per level; training loss 0.048 / 0.041 / 0.038 / 0.037; decoded training
+    # files 1.25x / 1.38x / 1.20x / 1.17x the floor, held-out 2.20x / 2.22x / 2.16x / 2.23x
+    # (noise). On 9 files (64 codes x 2) a fixed 0.03 left 14% of the codes unused and the
+    # training files at 1.34x; 2% of the average (0.16 there) uses them all: 1.10x, held-out
+    # 5.48x (1.15x / 6.75x at 1.0). The share, not a number of uses, is what carries over.
+    dead_code_threshold: float | None = None
     quantizer_dropout: float = 0.5  # share of items trained on the first k levels only (DAC)
     rotation_trick: bool = True  # library default; gradients through VQ by rotation
     # Loudness-weighted L1 (see reconstruction_loss). Off by default: measured on percussion it
@@ -104,7 +118,8 @@ class VQVAEConfig:
             (self.levels is None or 1 <= self.levels <= 16, "levels must be in 1..16"),
             (self.commitment_weight >= 0, "commitment_weight must be >= 0"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
-            (self.dead_code_threshold >= 0, "dead_code_threshold must be >= 0"),
+            (self.dead_code_threshold is None or self.dead_code_threshold >= 0,
+             "dead_code_threshold must be >= 0"),
             (0.0 <= self.quantizer_dropout <= 1.0, "quantizer_dropout must be in [0, 1]"),
             (self.spectral_weight >= 0, "spectral_weight must be >= 0"),
             (self.norm in ("none", "weight"), "norm must be 'none' or 'weight'"),
@@ -219,6 +234,16 @@ def resolve_config(config: VQVAEConfig, n_files: int) -> tuple[VQVAEConfig, str]
     return chosen, why
 
 
+DEAD_CODE_SHARE = 0.02  # of an average code's use per batch (VQVAEConfig.dead_code_threshold)
+NOMINAL_BATCH_VECTORS = 16 * 47  # 16 one-second chunks at downsample 2
+
+
+def dead_code_threshold_for(batch_vectors: int, codebook_size: int) -> float:
+    """EMA uses per batch below which a code counts as dead: DEAD_CODE_SHARE of the uses an
+    average code gets from ``batch_vectors`` latent vectors per batch."""
+    return DEAD_CODE_SHARE * batch_vectors / codebook_size
+
+
 # --------------------------------------------------------------------------------------------
 # Blocks
 
@@ -323,6 +348,11 @@ class VQVAE(nn.Module):
         if config.codebook_size is None or config.levels is None:
             raise ConfigError("VQVAE needs codebook_size and levels: call resolve_config first")
         self.config = config
+        # Unset outside a trainer (a model loaded for inference never replaces codes): as for
+        # a batch of 16 one-second chunks at downsample 2.
+        self.dead_code_threshold = (
+            config.dead_code_threshold if config.dead_code_threshold is not None
+            else dead_code_threshold_for(NOMINAL_BATCH_VECTORS, config.codebook_size))
         self.register_buffer("mel_mean", torch.zeros(config.n_mels))  # (M,)
         self.register_buffer("mel_std", torch.ones(config.n_mels))  # (M,)
         self.encoder = Encoder(config)
@@ -333,7 +363,7 @@ class VQVAE(nn.Module):
             codebook_size=config.codebook_size,
             decay=config.ema_decay,
             commitment_weight=config.commitment_weight,
-            threshold_ema_dead_code=config.dead_code_threshold,
+            threshold_ema_dead_code=self.dead_code_threshold,
             rotation_trick=config.rotation_trick,
             kmeans_init=False,  # done over the whole training set by kmeans_init_
             quantize_dropout=config.levels > 1,  # lets get_output_from_indices take -1 codes
@@ -523,7 +553,7 @@ class VQVAE(nn.Module):
         from ``residual`` (N, D) scaled to ``batch_vectors`` per step; the residual it leaves."""
         _, assign = nearest(residual, centroids)
         counts = torch.bincount(assign, minlength=len(centroids))
-        floor = max(self.config.dead_code_threshold, 1e-3)
+        floor = max(self.dead_code_threshold, 1e-3)
         size = (counts.float() * batch_vectors / len(residual)).clamp_min(floor)  # (K,)
         book = _book(vq)
         book.embed.data.copy_(centroids[None].to(book.embed))  # (1, K, D)
@@ -538,7 +568,7 @@ class VQVAE(nn.Module):
 
     def dead_codes(self) -> list[int]:
         """Per level, codes whose EMA use per batch is below the dead-code threshold."""
-        threshold = self.config.dead_code_threshold
+        threshold = self.dead_code_threshold
         return [int((_book(vq).cluster_size < threshold).sum()) for vq in self.rvq.layers]
 
 

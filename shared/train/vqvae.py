@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -29,7 +29,13 @@ from distill.shared.audio.mel import MelConfig, log_mel
 from distill.shared.audio.phase import mel_to_audio
 from distill.shared.configs import config_from_dict, require
 from distill.shared.errors import ConfigError, DatasetError
-from distill.shared.model.vqvae import VQVAE, VQVAEConfig, resolve_config
+from distill.shared.model.vqvae import (
+    DEAD_CODE_SHARE,
+    VQVAE,
+    VQVAEConfig,
+    dead_code_threshold_for,
+    resolve_config,
+)
 from distill.shared.train.loop import (
     LoopConfig,
     Trainer,
@@ -131,6 +137,10 @@ class TrainResult:
     budget: dict[str, Any]  # the loop's budget summary (minutes, planned epochs, steps, why)
     audio: dict[str, Any]  # the returned model's decoded-audio check (AudioCheck.measure)
     refine: dict[str, Any]  # the codebook refinement after training (VQVAETrainer.refine)
+    # Per level, the share of its codes that the returned model's encoding of the training
+    # chunks uses (every level, no dropout): the codebooks' health at the end, where the
+    # per-epoch utilisation counts one epoch's batches with quantizer dropout.
+    codes_in_use: list[float]
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,9 +223,17 @@ class VQVAETrainer(Trainer[VQVAE]):
         self.val_names = [dataset.manifest[int(dataset.chunk_file[i])].name for i in val_idx]
         self.audio_check = self._audio_check(dataset, val_idx if len(val_idx) else train_idx)
         n_files = len(dataset.files_in_split("train"))
-        self.model_config, why = resolve_config(model_config, n_files)
-        self.chosen = {"codebook_size": self.model_config.codebook_size,
-                       "levels": self.model_config.levels, "why": why}  # fmt: skip
+        config, why = resolve_config(model_config, n_files)
+        if config.dead_code_threshold is None:  # from the latent vectors of one batch
+            steps = -(-self.train_mels.shape[-1] // config.downsample)
+            per_batch = min(train_config.batch_size, len(self.train_mels)) * steps
+            config = replace(config, dead_code_threshold=round(
+                dead_code_threshold_for(per_batch, config.codebook_size or 1), 6))  # fmt: skip
+            why += (f" A code whose use falls below {config.dead_code_threshold:.3g} per batch of "
+                    f"{per_batch} latents ({DEAD_CODE_SHARE:.0%} of an average code's) is replaced.")  # fmt: skip
+        self.model_config = config
+        self.chosen = {"codebook_size": config.codebook_size, "levels": config.levels,
+                       "dead_code_threshold": config.dead_code_threshold, "why": why}  # fmt: skip
 
     def _audio_check(self, dataset: Dataset, indices: Any) -> AudioCheck:
         """The first chunk of each of the first ``audio_chunks`` files among ``indices``; more
@@ -241,7 +259,16 @@ class VQVAETrainer(Trainer[VQVAE]):
                            train_config=self.train_config, chosen=self.chosen, epochs=r.epochs,
                            best_val_loss=best_val, best_epoch=r.best_epoch, stopped=r.stopped,
                            metrics=r.metrics, budget=r.budget, audio=audio,
-                           refine=refine)  # fmt: skip
+                           refine=refine, codes_in_use=self.codes_in_use(r.model))  # fmt: skip
+
+    @torch.no_grad()
+    def codes_in_use(self, model: VQVAE) -> list[float]:
+        """Per level, the share of the codebook that ``model`` uses to encode the training
+        chunks (every level, no quantizer dropout)."""
+        model.eval()
+        codes = torch.cat([model.encode(x) for x in self.train_mels.split(64)])  # (N, Q, T')
+        usage = code_counts(codes, model.rvq.codebook_size)  # (Q, K)
+        return ((usage > 0).sum(dim=1).float() / usage.shape[1]).tolist()
 
     def refine(self) -> dict[str, Any]:
         """Refine the trained model's codebooks (``TrainConfig.refine_iters``), then tune its

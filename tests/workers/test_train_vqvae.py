@@ -126,3 +126,5 @@ def test_pipeline_from_sound_files_to_model(cluster: Cluster, percussion: Path, 
         assert refine["iters"] == 10 and refine["latents"] > 0 and refine["decoder_steps"] >= 0
         assert refine["val_loss_after"] <= refine["val_loss_before"]  # kept, or undone (equal)
         assert refine["train_loss_after"] <= refine["train_loss_before"]
+        in_use = result["codes_in_use"]  # per level, over the training chunks
+        assert len(in_use) == result["chosen"]["levels"] and all(0 < u <= 1 for u in in_use)

@@ -70,6 +70,7 @@ def test_folder_to_a_model_that_loads_and_samples(cluster: Cluster, drums: Path,
     assert "epoch 2/2" in out.stderr and "util" in out.stderr  # the RVQ-VAE's live line
     assert "best validation loss" in out.stderr and "vs the Griffin-Lim floor" in out.stderr
     assert "codebooks refined" in out.stderr or "codebooks refinement undone" in out.stderr
+    assert "codes in use on the training files" in out.stderr
     assert "unigram" in out.stderr and "bigram" in out.stderr and "bits/code" in out.stderr
     path = tmp_path / "drums.distill"  # NAME from the folder, in the current folder
     assert f"wrote {path}" in out.stdout and "vqvae+prior" in out.stdout

@@ -15,6 +15,7 @@ from distill.shared.model.vqvae import (
     VQVAEConfig,
     choose_codebook,
     choose_size,
+    dead_code_threshold_for,
     resolve_config,
 )
 
@@ -190,6 +191,39 @@ def test_kmeans_init_writes_distinct_codebooks_and_consistent_ema_buffers() -> N
     assert sum(model.dead_codes()) == 0
     # the second level quantizes residuals: its codes are smaller than the first level's
     assert books[1].norm(dim=1).mean() < books[0].norm(dim=1).mean()
+
+
+def test_the_default_dead_code_threshold_replaces_dead_codes_not_rare_ones() -> None:
+    """64 clusters, each a code, used 0.4-1.2 times per batch of 48 vectors: at the threshold
+    a trainer sets (2% of an average code's use) no code leaves its cluster and the
+    quantization error stays at the noise; at 1.0 use per batch the rarer codes are replaced
+    by random latents every few steps and their clusters go to other codes."""
+
+    def churn(**overrides: object) -> tuple[int, float]:
+        model = tiny_model(codebook_size=64, levels=1, **overrides).train()
+        g = torch.Generator().manual_seed(0)
+        centres = torch.randn(64, 16, generator=g) * 3  # (K, D)
+        weights = torch.linspace(1.0, 0.2, 64)
+
+        def batch() -> torch.Tensor:
+            idx = torch.multinomial(weights, 48, replacement=True, generator=g)
+            return centres[idx] + 0.05 * torch.randn(48, 16, generator=g)  # (48, D)
+
+        model.kmeans_init_(torch.cat([batch() for _ in range(50)]), batch_vectors=48, seed=0)
+        moved, errors = 0, []
+        with torch.no_grad():
+            for _ in range(200):
+                before = model.codebooks()[0].clone()  # (K, D)
+                x = batch()[None]  # (1, 48, D)
+                quantized, _, _ = model.quantize(x)
+                moved += int(((model.codebooks()[0] - before).norm(dim=1) > 1.0).sum())
+                errors.append(float((quantized - x).square().mean()))
+        return moved, sum(errors[100:]) / 100
+
+    moved, error = churn(dead_code_threshold=dead_code_threshold_for(48, 64))
+    assert moved == 0 and error < 0.01  # the noise's own variance is 0.0025
+    moved, error = churn(dead_code_threshold=1.0)
+    assert moved > 1000 and error > 0.5
 
 
 def test_lloyd_moves_centroids_to_their_means_and_an_empty_one_to_the_data() -> None:

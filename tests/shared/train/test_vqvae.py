@@ -17,7 +17,7 @@ from distill.shared.audio.io import scan_folder
 from distill.shared.audio.mel import MelConfig
 from distill.shared.errors import ConfigError, JobCancelled, JobError, ModelFormatError
 from distill.shared.model.formats import read_checkpoint, weights_from_bytes, weights_to_bytes
-from distill.shared.model.vqvae import VQVAE, VQVAEConfig
+from distill.shared.model.vqvae import VQVAE, VQVAEConfig, dead_code_threshold_for
 from distill.shared.train import vqvae as vqvae_training
 from distill.shared.train.loop import lr_at
 from distill.shared.train.vqvae import TrainConfig, VQVAETrainer, train_vqvae
@@ -104,6 +104,10 @@ def test_training_lowers_the_loss_and_uses_every_level(dataset: Dataset) -> None
     assert refine["iters"] == FAST.refine_iters and refine["val_loss_before"] == pytest.approx(best)
     assert result.best_val_loss == (refine["val_loss_after"] if refine["kept"] else best)
     assert result.best_val_loss <= best
+    train = torch.from_numpy(dataset.mels[dataset.train_indices()])  # (N, M, T)
+    with torch.no_grad():
+        codes = result.model.encode(train)  # (N, Q, T')
+    assert result.codes_in_use == [torch.unique(codes[:, q]).numel() / 16 for q in range(2)]
     assert len(hooks.checkpoints) == 7  # the initial state, then one per epoch
     assert [p[0] for p in hooks.previews] == [2, 4, 6]
     epoch, mels, recon, names = hooks.previews[0]
@@ -179,6 +183,12 @@ def test_codebook_sizes_are_chosen_from_the_dataset_when_unset(dataset: Dataset)
     assert (result.chosen["codebook_size"], result.chosen["levels"]) == (64, 2)
     assert str(n_train) in result.chosen["why"]
     assert result.model.rvq.codebook_size == 64
+    # dead codes: below 2% of the uses an average code gets from one batch's latents
+    per_batch = min(FAST.batch_size, len(dataset.train_indices())) * 94  # downsample 1
+    threshold = result.chosen["dead_code_threshold"]
+    assert threshold == pytest.approx(dead_code_threshold_for(per_batch, 64), rel=1e-5)
+    assert result.model_config.dead_code_threshold == threshold and "replaced" in result.chosen["why"]
+    assert result.model.rvq.layers[0]._codebook.threshold_ema_dead_code == threshold
 
 
 @pytest.mark.slow  # trains a model
