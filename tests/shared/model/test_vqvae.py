@@ -73,7 +73,8 @@ def test_config_from_dict_rejects_a_non_map() -> None:
 
 @pytest.mark.parametrize(
     ("files", "size", "levels"),
-    [(5, 64, 2), (15, 64, 3), (30, 128, 3), (60, 256, 4), (120, 512, 6), (400, 512, 6)],  # fmt: skip
+    [(5, 64, 2), (9, 64, 2), (10, 128, 4), (30, 128, 4), (49, 128, 4), (50, 256, 4), (99, 256, 4),
+     (120, 512, 6), (400, 512, 6)],  # fmt: skip
 )
 def test_codebook_sizes_follow_the_dataset_size(files: int, size: int, levels: int) -> None:
     got_size, got_levels, why = choose_codebook(files)
