@@ -199,6 +199,40 @@ class TrainRequest:
     train: dict[str, dict[str, Any]] = field(default_factory=dict)  # per stage
 
 
+def check_settings(req: TrainRequest) -> None:
+    """The settings checked as the workers will read them, before anything is uploaded: a
+    misspelt or misplaced key fails now, not minutes later when its stage starts. A model
+    setting given as a training one is named with the option it belongs to. Only imports the
+    configs (and torch) when there are settings to check."""
+    if not (req.vqvae_model or req.prior_model or any(req.train.values())):
+        return
+    from dataclasses import fields
+
+    from distill.shared.configs import config_from_dict
+    from distill.shared.model.prior import PriorConfig
+    from distill.shared.model.vqvae import VQVAEConfig
+    from distill.shared.train.prior import PriorTrainConfig
+    from distill.shared.train.vqvae import TrainConfig
+
+    models = {"vqvae": (VQVAEConfig, "--vqvae-opt"), "prior": (PriorConfig, "--prior-opt")}
+    for stage, settings in req.train.items():
+        model_keys = {f.name for f in fields(models[stage][0])}
+        known = {f.name for f in fields(TrainConfig if stage == "vqvae" else PriorTrainConfig)}
+        for key in settings:
+            if key not in known and key in model_keys:
+                raise DistillError(
+                    f"--train-opt {stage}.{key}: {key} is a model setting of the {stage} stage, "
+                    f"not a training one: give it as {models[stage][1]} {key}=VALUE")
+        config_from_dict(TrainConfig if stage == "vqvae" else PriorTrainConfig, settings,
+                         f"--train-opt ({stage} stage)")  # fmt: skip
+    config_from_dict(VQVAEConfig, req.vqvae_model, "--vqvae-opt")
+    # the prior's sizes come from the RVQ-VAE's codes: only its keys can be checked here
+    prior_keys = {f.name for f in fields(PriorConfig)}
+    unknown = sorted(k for k in req.prior_model if k not in prior_keys)
+    if unknown:
+        raise DistillError(f"--prior-opt: unknown keys {unknown}; known keys {sorted(prior_keys)}")
+
+
 def model_name(source: str | None, vqvae_ref: str | None) -> str:
     """NAME for NAME.distill: the folder's name, else a short form of the id it came from."""
     if source and Path(source).is_dir():
@@ -460,6 +494,7 @@ def train(
         req = TrainRequest(source=source, stage=stage, vqvae_ref=vqvae, name=name,
                            vqvae_model=vqvae_model, prior_model=parse_settings(prior_opt),
                            train=stage_train_settings(train_opt, shortcuts, minutes, run))  # fmt: skip
+        check_settings(req)
         with client(broker, timeout_s=60.0) as c:
             stages = submit_pipeline(c, req)
             typer.echo("jobs: " + " -> ".join(f"{s.name} {s.job_id}" for s in stages))

@@ -192,6 +192,27 @@ def test_train_settings_per_stage_and_budget_split() -> None:
         stage_train_settings([], {}, 0.0, ["vqvae"])
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--train-opt", "vqvae.codebook_size=128"],
+      "--train-opt vqvae.codebook_size: codebook_size is a model setting of the vqvae stage, "
+      "not a training one: give it as --vqvae-opt codebook_size=VALUE"),
+     (["--train-opt", "prior.hidden=64"], "give it as --prior-opt hidden=VALUE"),
+     (["--train-opt", "lr=fast"], "lr must be a number, got 'fast'"),
+     (["--vqvae-opt", "chanels=64"], "--vqvae-opt: unknown keys ['chanels']"),
+     (["--prior-opt", "hiden=64"], "--prior-opt: unknown keys ['hiden']")],
+)  # fmt: skip
+def test_train_refuses_bad_settings_before_uploading(tmp_path: Path, args: list[str],
+                                                      message: str) -> None:  # fmt: skip
+    """Checked before anything is sent: no broker is listening, and none is needed to fail."""
+    sounds = tmp_path / "sounds"
+    sounds.mkdir()
+    sf.write(sounds / "tone.wav", np.zeros(4800, dtype=np.float32), 48000)
+    out = CliRunner().invoke(app, ["train", str(sounds), *args, "--broker", "tcp://127.0.0.1:9"])
+    assert out.exit_code == 1 and message in out.output
+    assert "uploading" not in out.output and "no broker" not in out.output
+
+
 def test_model_name_from_the_folder(tmp_path: Path) -> None:
     (tmp_path / "my drums").mkdir()
     assert model_name(str(tmp_path / "my drums"), None) == "my drums"
