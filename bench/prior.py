@@ -201,13 +201,17 @@ DEFAULT_PIPELINE_MINUTES = 11.0  # the CPU defaults: RVQ-VAE 8 + prior 3
 
 
 def run_pipeline(endpoint: str, data: Path, minutes: float, out: Path,
-                 train_opts: list[str] | None = None) -> str:  # fmt: skip
+                 train_opts: list[str] | None = None,
+                 model_opts: dict[str, list[str]] | None = None) -> str:  # fmt: skip
     """``distill train DATA [--minutes N] -o OUT`` (its live lines pass through; N 0: the
     workers' default budgets); the prior job id."""
     args = [sys.executable, "-m", "distill.shared.cli", "train", str(data), "-o", str(out),
             "--broker", endpoint] + (["--minutes", str(minutes)] if minutes else [])  # fmt: skip
     for option in train_opts or []:  # distill train's --train-opt [STAGE.]K=V
         args += ["--train-opt", option]
+    for flag, options in (model_opts or {}).items():  # --vqvae-opt / --prior-opt K=V
+        for option in options:
+            args += [flag, option]
     wall = (minutes or DEFAULT_PIPELINE_MINUTES) * 60 * 3 + 600
     done = subprocess.run(args, stdout=subprocess.PIPE, text=True, timeout=wall)
     print(done.stdout, flush=True)
@@ -312,7 +316,8 @@ def quality(args: argparse.Namespace) -> None:
         try:
             started = time.monotonic()
             prior_job = run_pipeline(endpoint, args.data, args.minutes, tmp / "percussion.distill",
-                                     args.train_opt)  # fmt: skip
+                                     args.train_opt, {"--vqvae-opt": args.vqvae_opt,
+                                                      "--prior-opt": args.prior_opt})  # fmt: skip
             budget = (f"a {args.minutes:g}-minute training budget" if args.minutes else
                       "the workers' default budgets")  # fmt: skip
             print(f"pipeline: {time.monotonic() - started:.0f} s wall for {budget}")
@@ -329,6 +334,10 @@ def main() -> None:
                         "worker's default")  # fmt: skip
     parser.add_argument("--train-opt", action="append", default=[], metavar="[STAGE.]K=V",
                         help="passed to distill train (e.g. prior.peers=1); repeatable")  # fmt: skip
+    parser.add_argument("--vqvae-opt", action="append", default=[], metavar="K=V",
+                        help="RVQ-VAE setting passed to distill train (e.g. levels=4)")  # fmt: skip
+    parser.add_argument("--prior-opt", action="append", default=[], metavar="K=V",
+                        help="prior setting passed to distill train (e.g. hidden=192)")  # fmt: skip
     parser.add_argument("--speed-minutes", type=float, default=2.0, help="budget of the speed runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the goal: 2 cores)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a folder of sounds")
