@@ -214,17 +214,19 @@ def check_settings(req: TrainRequest) -> None:
     from distill.shared.train.prior import PriorTrainConfig
     from distill.shared.train.vqvae import TrainConfig
 
-    models = {"vqvae": (VQVAEConfig, "--vqvae-opt"), "prior": (PriorConfig, "--prior-opt")}
+    configs: dict[str, tuple[type, type, str]] = {  # training config, model config, its option
+        "vqvae": (TrainConfig, VQVAEConfig, "--vqvae-opt"),
+        "prior": (PriorTrainConfig, PriorConfig, "--prior-opt")}  # fmt: skip
     for stage, settings in req.train.items():
-        model_keys = {f.name for f in fields(models[stage][0])}
-        known = {f.name for f in fields(TrainConfig if stage == "vqvae" else PriorTrainConfig)}
+        train_config, model_config, option = configs[stage]
+        known = {f.name for f in fields(train_config)}
+        model_keys = {f.name for f in fields(model_config)}
         for key in settings:
             if key not in known and key in model_keys:
                 raise DistillError(
                     f"--train-opt {stage}.{key}: {key} is a model setting of the {stage} stage, "
-                    f"not a training one: give it as {models[stage][1]} {key}=VALUE")
-        config_from_dict(TrainConfig if stage == "vqvae" else PriorTrainConfig, settings,
-                         f"--train-opt ({stage} stage)")  # fmt: skip
+                    f"not a training one: give it as {option} {key}=VALUE")
+        config_from_dict(train_config, settings, f"--train-opt ({stage} stage)")
     config_from_dict(VQVAEConfig, req.vqvae_model, "--vqvae-opt")
     # the prior's sizes come from the RVQ-VAE's codes: only its keys can be checked here
     prior_keys = {f.name for f in fields(PriorConfig)}

@@ -607,6 +607,11 @@ def code_counts(codes: Tensor, codebook_size: int) -> Tensor:
                         for row in per_level])  # fmt: skip
 
 
+def in_use(usage: Tensor) -> list[float]:
+    """Share of each level's codes used at least once in counts (Q, K)."""
+    return ((usage > 0).sum(dim=1).float() / usage.shape[1]).tolist()
+
+
 def perplexity(usage: Tensor) -> list[float]:
     """exp(entropy) of each level's code distribution (Q, K): K when uniform, 1 when collapsed."""
     p = usage.double() / usage.sum(dim=1, keepdim=True).clamp_min(1)

@@ -41,6 +41,7 @@ from distill.shared.train.loop import (
     Trainer,
     TrainHooks,
     code_counts,
+    in_use,
     perplexity,
 )
 
@@ -223,17 +224,23 @@ class VQVAETrainer(Trainer[VQVAE]):
         self.val_names = [dataset.manifest[int(dataset.chunk_file[i])].name for i in val_idx]
         self.audio_check = self._audio_check(dataset, val_idx if len(val_idx) else train_idx)
         n_files = len(dataset.files_in_split("train"))
-        config, why = resolve_config(model_config, n_files)
-        if config.dead_code_threshold is None:  # from the latent vectors of one batch
-            steps = -(-self.train_mels.shape[-1] // config.downsample)
-            per_batch = min(train_config.batch_size, len(self.train_mels)) * steps
-            config = replace(config, dead_code_threshold=round(
-                dead_code_threshold_for(per_batch, config.codebook_size or 1), 6))  # fmt: skip
-            why += (f" A code whose use falls below {config.dead_code_threshold:.3g} per batch of "
-                    f"{per_batch} latents ({DEAD_CODE_SHARE:.0%} of an average code's) is replaced.")  # fmt: skip
-        self.model_config = config
-        self.chosen = {"codebook_size": config.codebook_size, "levels": config.levels,
-                       "dead_code_threshold": config.dead_code_threshold, "why": why}  # fmt: skip
+        self.model_config, why = resolve_config(model_config, n_files)
+        if self.model_config.dead_code_threshold is None:  # from the latents of one batch
+            per_batch, size = self.batch_vectors, self.model_config.codebook_size or 1
+            threshold = round(dead_code_threshold_for(per_batch, size), 6)
+            self.model_config = replace(self.model_config, dead_code_threshold=threshold)
+            why += (f" A code whose use falls below {threshold:.3g} per batch of {per_batch} "
+                    f"latents ({DEAD_CODE_SHARE:.0%} of an average code's) is replaced.")  # fmt: skip
+        self.chosen = {"codebook_size": self.model_config.codebook_size,
+                       "levels": self.model_config.levels,
+                       "dead_code_threshold": self.model_config.dead_code_threshold,
+                       "why": why}  # fmt: skip
+
+    @property
+    def batch_vectors(self) -> int:
+        """Latent vectors in one training batch: chunks x code steps per chunk."""
+        steps = -(-self.train_mels.shape[-1] // self.model_config.downsample)
+        return min(self.train_config.batch_size, len(self.train_mels)) * steps
 
     def _audio_check(self, dataset: Dataset, indices: Any) -> AudioCheck:
         """The first chunk of each of the first ``audio_chunks`` files among ``indices``; more
@@ -267,8 +274,7 @@ class VQVAETrainer(Trainer[VQVAE]):
         chunks (every level, no quantizer dropout)."""
         model.eval()
         codes = torch.cat([model.encode(x) for x in self.train_mels.split(64)])  # (N, Q, T')
-        usage = code_counts(codes, model.rvq.codebook_size)  # (Q, K)
-        return ((usage > 0).sum(dim=1).float() / usage.shape[1]).tolist()
+        return in_use(code_counts(codes, model.rvq.codebook_size))
 
     def refine(self) -> dict[str, Any]:
         """Refine the trained model's codebooks (``TrainConfig.refine_iters``), then tune its
@@ -364,8 +370,7 @@ class VQVAETrainer(Trainer[VQVAE]):
             variants = [x, *(gain_mel(x, db, floor) for db in REFINE_GAINS_DB),
                         *(move_bands(x, bands) for bands in REFINE_BAND_MOVES)]  # fmt: skip
             parts += [model.encode_latents(v).flatten(0, 1) for v in variants]  # (b * T', D)
-        per_batch = min(self.train_config.batch_size, len(self.train_mels)) * steps
-        return torch.cat(parts), per_batch
+        return torch.cat(parts), self.batch_vectors
 
     # -- model ----------------------------------------------------------------------------------
 
@@ -385,8 +390,7 @@ class VQVAETrainer(Trainer[VQVAE]):
         if len(pooled) > KMEANS_MAX_VECTORS:
             g = torch.Generator().manual_seed(self.train_config.seed)
             pooled = pooled[torch.randperm(len(pooled), generator=g)[:KMEANS_MAX_VECTORS]]
-        per_batch = min(self.train_config.batch_size, len(x)) * latents.shape[1]
-        model.kmeans_init_(pooled, per_batch, seed=self.train_config.seed)
+        model.kmeans_init_(pooled, self.batch_vectors, seed=self.train_config.seed)
 
     def build_optimizer(self, model: VQVAE) -> torch.optim.Optimizer:
         cfg = self.train_config
@@ -484,7 +488,7 @@ class VQVAETrainer(Trainer[VQVAE]):
             "val_recon": validation["val_loss"],
             "val_l1": validation["val_l1"],
             "validated_on": "val" if len(self.val_mels) else "train",
-            "utilisation": ((usage > 0).sum(dim=1).float() / usage.shape[1]).tolist(),
+            "utilisation": in_use(usage),
             "perplexity": perplexity(usage),
             "dead_codes": self._model().dead_codes(),
             "usage": usage.tolist(),  # (Q, K) code counts this epoch, for a heatmap
