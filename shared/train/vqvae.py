@@ -237,10 +237,14 @@ class VQVAETrainer(Trainer[VQVAE]):
                        "why": why}  # fmt: skip
 
     @property
+    def chunk_steps(self) -> int:
+        """Latent (code) steps per chunk."""
+        return -(-self.train_mels.shape[-1] // self.model_config.downsample)
+
+    @property
     def batch_vectors(self) -> int:
         """Latent vectors in one training batch: chunks x code steps per chunk."""
-        steps = -(-self.train_mels.shape[-1] // self.model_config.downsample)
-        return min(self.train_config.batch_size, len(self.train_mels)) * steps
+        return min(self.train_config.batch_size, len(self.train_mels)) * self.chunk_steps
 
     def _audio_check(self, dataset: Dataset, indices: Any) -> AudioCheck:
         """The first chunk of each of the first ``audio_chunks`` files among ``indices``; more
@@ -292,17 +296,16 @@ class VQVAETrainer(Trainer[VQVAE]):
         started = self.clock()
         model = self._model()
         before = self._losses(model)
-        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        latents, batch_vectors = self._refine_latents(model)
-        model.refine_codebooks_(latents, batch_vectors, cfg.refine_iters)
+        saved = _snapshot(model)
+        latents = self._refine_latents(model)
+        model.refine_codebooks_(latents, self.batch_vectors, cfg.refine_iters)
         best: tuple[int, tuple[float, float], dict[str, Tensor]] | None = None  # steps, losses
         for steps in self._tune_decoder(model):  # 0 (refined only), then every few steps
             losses = self._losses(model)
             if all(a <= b for a, b in zip(losses, before, strict=True)) and (
                 best is None or losses[1] < best[1][1]
             ):
-                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best = (steps, losses, state)
+                best = (steps, losses, _snapshot(model))
         model.load_state_dict(best[2] if best is not None else saved)
         model.eval()
         after = best[1] if best is not None else before
@@ -340,28 +343,21 @@ class VQVAETrainer(Trainer[VQVAE]):
             if step % REFINE_CHECK_EVERY == 0 or step == cfg.refine_decoder_steps:
                 yield step
 
-    @torch.no_grad()
     def _losses(self, model: VQVAE) -> tuple[float, float]:
         """Reconstruction loss of ``model`` (in eval mode) on the training chunks as they are
         and on the validation chunks (the training ones again when there are none)."""
         model.eval()
-        out = []
-        for mels in (self.train_mels, self.val_mels if len(self.val_mels) else self.train_mels):
-            total = sum(float(model.reconstruction_loss(x, model(x).recon)) * len(x)
-                        for x in mels.split(64))  # fmt: skip
-            out.append(total / len(mels))
-        return out[0], out[1]
+        val = self.val_mels if len(self.val_mels) else self.train_mels
+        return _mean_losses(model, self.train_mels)[0], _mean_losses(model, val)[0]
 
     @torch.no_grad()
-    def _refine_latents(self, model: VQVAE) -> tuple[Tensor, int]:
+    def _refine_latents(self, model: VQVAE) -> Tensor:
         """Latents (N, D) of the training chunks and of their gain and band variants (of at
-        most KMEANS_MAX_VECTORS vectors' worth of chunks, drawn at random), and the latent
-        vectors per training batch."""
+        most KMEANS_MAX_VECTORS vectors' worth of chunks, drawn at random)."""
         floor = self.dataset.mel_config.log_floor
         mels = self.train_mels  # (N, M, T)
-        steps = -(-mels.shape[-1] // self.model_config.downsample)  # latent steps per chunk
         views = 1 + len(REFINE_GAINS_DB) + len(REFINE_BAND_MOVES)
-        most = max(1, KMEANS_MAX_VECTORS // (views * steps))
+        most = max(1, KMEANS_MAX_VECTORS // (views * self.chunk_steps))
         if len(mels) > most:
             g = torch.Generator().manual_seed(self.train_config.seed)
             mels = mels[torch.randperm(len(mels), generator=g)[:most].to(mels.device)]
@@ -370,7 +366,7 @@ class VQVAETrainer(Trainer[VQVAE]):
             variants = [x, *(gain_mel(x, db, floor) for db in REFINE_GAINS_DB),
                         *(move_bands(x, bands) for bands in REFINE_BAND_MOVES)]  # fmt: skip
             parts += [model.encode_latents(v).flatten(0, 1) for v in variants]  # (b * T', D)
-        return torch.cat(parts), self.batch_vectors
+        return torch.cat(parts)
 
     # -- model ----------------------------------------------------------------------------------
 
@@ -469,14 +465,9 @@ class VQVAETrainer(Trainer[VQVAE]):
         """Validation loss and log-mel L1 (training chunks when there is no validation split)."""
         model = self._model()
         model.eval()
-        mels = self.val_mels if len(self.val_mels) else self.train_mels
-        loss = l1 = 0.0
-        for x in mels.split(64):
-            recon = model(x).recon  # (b, M, T)
-            loss += float(model.reconstruction_loss(x, recon)) * len(x)
-            l1 += float((recon - x).abs().mean()) * len(x)
+        loss, l1 = _mean_losses(model, self.val_mels if len(self.val_mels) else self.train_mels)
         model.train()
-        return loss / len(mels), {"val_l1": l1 / len(mels)}
+        return loss, {"val_l1": l1}
 
     def epoch_metrics(self, totals: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
         usage: Tensor = totals["usage"]  # (Q, K)
@@ -528,3 +519,20 @@ def train_vqvae(
 ) -> TrainResult:
     """Train (or resume, when ``hooks.load_checkpoint()`` returns one) and return the result."""
     return VQVAETrainer(dataset, model_config, train_config, hooks, device=device).run()
+
+
+@torch.no_grad()
+def _mean_losses(model: VQVAE, mels: Tensor) -> tuple[float, float]:
+    """Mean reconstruction loss and log-mel L1 of ``model`` as it is (train or eval mode) over
+    the chunks ``mels`` (N, M, T)."""
+    loss = l1 = 0.0
+    for x in mels.split(64):
+        recon = model(x).recon  # (b, M, T)
+        loss += float(model.reconstruction_loss(x, recon)) * len(x)
+        l1 += float((recon - x).abs().mean()) * len(x)
+    return loss / len(mels), l1 / len(mels)
+
+
+def _snapshot(model: VQVAE) -> dict[str, Tensor]:
+    """A copy of the model's state (weights, codebooks and their EMA buffers)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

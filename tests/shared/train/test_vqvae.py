@@ -171,8 +171,8 @@ def test_the_refinement_draws_chunks_up_to_the_cap_with_their_variants(
     result = trainer.run()
     steps = 94  # frames per chunk at downsample 1
     assert result.refine["latents"] == (1000 // (5 * steps)) * 5 * steps  # 2 chunks x 5 views
-    latents, per_batch = trainer._refine_latents(result.model)
-    assert latents.shape == (2 * 5 * steps, TINY.latent_dim) and per_batch == 4 * steps
+    latents = trainer._refine_latents(result.model)
+    assert latents.shape == (2 * 5 * steps, TINY.latent_dim) and trainer.batch_vectors == 4 * steps
 
 
 @pytest.mark.slow  # trains a model
