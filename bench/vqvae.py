@@ -9,6 +9,8 @@ Prints, on the validation files and on a sample of training files (whole files, 
 - spectral convergence and log-mel L1 of the decoded audio (Griffin-Lim from the reconstructed
   mel) against the original, beside the same for Griffin-Lim of the true mel: the floor
   (the bar: 1.25x the floor on training files and 1.5x on held-back ones);
+- the same decoded from the unquantized latents (the encoder and decoder without the codes:
+  how much of the gap the quantizer makes), and each file's ratio, worst first;
 - the same spectral convergence decoding only the first k levels (progressive reconstruction);
 - codebook utilisation per level, epoch time, and the training throughput of the real loop
   (validation, metrics and a serialised checkpoint every epoch) as a ratio to a bare PyTorch
@@ -89,10 +91,13 @@ def bare_steps_per_s(trainer: VQVAETrainer, steps: int) -> float:
 
 @torch.no_grad()
 def evaluate(model: VQVAE, paths: list[Path], cfg: MelConfig, levels: int | None = None
-             ) -> dict[str, float]:  # fmt: skip
-    """Medians over whole files of the model's mel L1 and decoded audio vs the floor."""
+             ) -> dict[str, Any]:  # fmt: skip
+    """Medians over whole files of the model's mel L1 and decoded audio vs the floor; with every
+    level, also the decoded audio of the unquantized latents (``sc_latents``: what the encoder
+    and decoder alone lose) and each file's ratio to its floor (``files``, worst first)."""
     keys = ("mel_l1", "sc", "sc_floor", "l1", "l1_floor", *(f"l1_{b}" for b in BANDS))
-    rows: dict[str, list[float]] = {k: [] for k in keys}
+    rows: dict[str, list[float]] = {k: [] for k in (*keys, "sc_latents")}
+    files: list[tuple[str, float]] = []
     for path in paths:
         audio = load_audio(path, cfg.sample_rate)  # as the dataset prepared it
         mel = log_mel(audio, cfg)  # (M, T)
@@ -100,6 +105,10 @@ def evaluate(model: VQVAE, paths: list[Path], cfg: MelConfig, levels: int | None
         recon = model.decode_codes(codes, levels)[0, :, : mel.shape[-1]]  # (M, T)
         decoded = mel_to_audio(recon, cfg, length=audio.shape[-1])
         floor = mel_to_audio(mel, cfg, length=audio.shape[-1])
+        if levels is None:
+            latents = model.decode_latents(model.encode_latents(mel[None]), mel.shape[-1])[0]
+            unquantized = mel_to_audio(latents, cfg, length=audio.shape[-1])
+            rows["sc_latents"].append(float(spectral_convergence(audio, unquantized, cfg)))
         rows["mel_l1"].append(float((recon - mel).abs().mean()))
         for band, err in loudness_bands(mel, recon).items():
             rows[f"l1_{band}"].append(err)
@@ -107,7 +116,13 @@ def evaluate(model: VQVAE, paths: list[Path], cfg: MelConfig, levels: int | None
         rows["sc_floor"].append(float(spectral_convergence(audio, floor, cfg)))
         rows["l1"].append(float(log_mel_l1(audio, decoded, cfg)))
         rows["l1_floor"].append(float(log_mel_l1(audio, floor, cfg)))
-    return {k: statistics.median(v) for k, v in rows.items()}
+        files.append((path.name, rows["sc"][-1] / rows["sc_floor"][-1]))
+    out: dict[str, Any] = {k: statistics.median(v) for k, v in rows.items() if v}
+    if rows["sc_latents"]:
+        ratios = [a / f for a, f in zip(rows["sc_latents"], rows["sc_floor"], strict=True)]
+        out["latents_ratio"] = statistics.median(ratios)
+    out["files"] = sorted(files, key=lambda f: -f[1])
+    return out
 
 
 # Loudness bands (dB below the file's loudest mel bin) for the mel L1: spectral convergence of
@@ -149,13 +164,18 @@ def audio_check_cost(trainer: VQVAETrainer, result: TrainResult, hooks: TimingHo
     print("val L1 per epoch:", " ".join(f"{m['val_l1']:.3f}" for m in hooks.metrics))
 
 
-def report(name: str, m: dict[str, float], bar: float) -> None:
+def report(name: str, m: dict[str, Any], bar: float) -> None:
     ratio = m["sc"] / m["sc_floor"]
     print(f"{name:>10}: mel L1 {m['mel_l1']:.3f} | decoded SC {m['sc']:.3f} vs floor "
           f"{m['sc_floor']:.3f} = {ratio:.2f}x (bar {bar}x: {'met' if ratio <= bar else 'not met'})"
           f" | decoded log-mel L1 {m['l1']:.3f} vs floor {m['l1_floor']:.3f}")  # fmt: skip
     print(f"{'':>10}  mel L1 by loudness below the file's peak: "
           + ", ".join(f"{b} {m[f'l1_{b}']:.3f}" for b in BANDS))
+    if "latents_ratio" in m:  # the codes' share of the gap: the same model without quantizing
+        print(f"{'':>10}  decoded from the unquantized latents: {m['latents_ratio']:.2f}x the "
+              f"floor (median of per-file ratios)")  # fmt: skip
+    print(f"{'':>10}  per file, worst first: "
+          + ", ".join(f"{n} {r:.2f}x" for n, r in m["files"]))
 
 
 def main() -> None:
