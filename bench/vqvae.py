@@ -101,12 +101,13 @@ def evaluate(model: VQVAE, paths: list[Path], cfg: MelConfig, levels: int | None
     for path in paths:
         audio = load_audio(path, cfg.sample_rate)  # as the dataset prepared it
         mel = log_mel(audio, cfg)  # (M, T)
-        codes = model.encode(mel[None])
+        z = model.encode_latents(mel[None])  # (1, T', D): quantized below, as model.encode does
+        codes = model.quantize(z)[1]  # (1, Q, T')
         recon = model.decode_codes(codes, levels)[0, :, : mel.shape[-1]]  # (M, T)
         decoded = mel_to_audio(recon, cfg, length=audio.shape[-1])
         floor = mel_to_audio(mel, cfg, length=audio.shape[-1])
         if levels is None:
-            latents = model.decode_latents(model.encode_latents(mel[None]), mel.shape[-1])[0]
+            latents = model.decode_latents(z, mel.shape[-1])[0]  # (M, T), no quantizer
             unquantized = mel_to_audio(latents, cfg, length=audio.shape[-1])
             rows["sc_latents"].append(float(spectral_convergence(audio, unquantized, cfg)))
         rows["mel_l1"].append(float((recon - mel).abs().mean()))
