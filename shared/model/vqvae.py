@@ -74,8 +74,8 @@ class VQVAEConfig:
     # Time stride of the latents: 1 keeps one code step per mel frame (94 per second). Jobs
     # get 2 from choose_size (DEVICE_SIZES says why).
     downsample: int = 1
-    codebook_size: int | None = None  # None: chosen from the dataset size (choose_codebook)
-    levels: int | None = None  # None: chosen from the dataset size
+    codebook_size: int | None = None  # None: chosen from the training chunks (choose_codebook)
+    levels: int | None = None  # None: chosen from the training chunks
     commitment_weight: float = 0.25  # DAC/SoundStream's weight; EMA moves the codebook itself
     ema_decay: float = 0.95  # library default 0.8 is noisy, 0.99 too slow for ~1k-step runs
     # EMA uses per batch below which a code is replaced by a latent of the batch. None: 2% of
@@ -156,27 +156,34 @@ class VQVAEConfig:
         return config_from_dict(cls, d, "VQVAEConfig")
 
 
-def choose_codebook(n_files: int) -> tuple[int, int, str]:
-    """Codebook size and levels for a dataset of ``n_files`` training files, and why.
+def choose_codebook(chunks: int) -> tuple[int, int, str]:
+    """Codebook size and levels for ``chunks`` training chunks, and why.
 
-    The bands: under 10 files 64 x 2; 10-50: 128 x 4; 50-100: 256 x 4; 100-500: 512 x 6.
-    More files get more codes: more material to spread them over; from 100 files on,
-    reconstruction is bit-limited, so the top. Measured with bench/vqvae.py --minutes 10
-    --quick once dead codes stopped churning (VQVAEConfig.dead_code_threshold), decoded
-    held-out / training files against the floor: 18 textures 3.64x / 1.96x at 128 x 4 (64 x 3
-    before: 3.95x / 2.17x; 256 x 4: 3.65x / 1.81x), and the prior's margins over both
-    baselines grew; 36 percussion files 2.62x / 2.86x (128 x 3: 2.97x / 3.26x); 9 files 64 x 2
-    5.48x / 1.10x (64 x 3: 6.28x / 1.44x, 128 x 3: 6.34x / 1.16x, a level of it unused).
+    A chunk is one second of sound (long files give one every half second), so the count is
+    the material the codebooks are fitted to, which the number of files is not: 18 textures
+    (loops, voices, noises) make 131 chunks, 115 percussion one-shots 209, 36 of them 59.
+    The bands: under 15 chunks 64 x 2; 15-40: 128 x 4; 40-100: 512 x 5; 100 on: 512 x 6.
+    Past a few dozen chunks the training files are bit-limited: the first level's 512 codes
+    are what lets them decode close to the floor, and held-back files lose nothing by it.
+    Measured with bench/vqvae.py --minutes 5 --threads 1 --quick (two runs side by side),
+    decoded held-back / training files against the floor: 18 textures (131 chunks) 3.53x /
+    1.35x at 512 x 6, 3.45x / 1.58x at 256 x 6, 3.67x / 1.96x at 128 x 4 (chosen by file count
+    before); 36 percussion files (59 chunks) 2.53x / 1.30x at 512 x 5 (every code in use), 2.60x
+    / 1.30x at 512 x 6 (the sixth level 61% in use), 3.26x / 1.63x at 256 x 6, 2.62x / 2.86x at
+    128 x 4; 18 percussion files (22 chunks) 2.73x / 1.33x at 128 x 4 (every code in use),
+    3.12x / 1.33x at 256 x 5 (its last levels 25-38% in use); 9 files 64 x 2 5.48x / 1.10x
+    (64 x 3: 6.28x / 1.44x). The 40-chunk edge lies between two measured sets.
     """
-    if n_files < 10:
-        size, levels, band = 64, 2, "5-10"
-    elif n_files < 100:
-        size, levels = (128, 4) if n_files < 50 else (256, 4)
-        band = "10-50" if n_files < 50 else "50-100"
-    else:  # measured on 115 percussion files: 512 x 6 beat 256 x 4, with 80-99% codes in use
-        size, levels, band = 512, 6, "100-500"
+    if chunks < 15:
+        size, levels, band = 64, 2, "under 15"
+    elif chunks < 40:
+        size, levels, band = 128, 4, "15-40"
+    elif chunks < 100:
+        size, levels, band = 512, 5, "40-100"
+    else:
+        size, levels, band = 512, 6, "100 or more"
     why = (
-        f"{n_files} training files falls in the {band} band: {size} codes x {levels} levels "
+        f"{chunks} training chunks falls in the {band} band: {size} codes x {levels} levels "
         f"keeps codes well used (few dead) while leaving enough bits per frame to reconstruct."
     )
     return size, levels, why
@@ -222,9 +229,9 @@ def choose_size(device: str, overrides: dict[str, Any]) -> tuple[dict[str, Any],
     return {**filled, **overrides}, why
 
 
-def resolve_config(config: VQVAEConfig, n_files: int) -> tuple[VQVAEConfig, str]:
-    """Fill codebook_size/levels left as None from the dataset size; says what was chosen."""
-    size, levels, why = choose_codebook(n_files)
+def resolve_config(config: VQVAEConfig, chunks: int) -> tuple[VQVAEConfig, str]:
+    """Fill codebook_size/levels left as None from the training chunks; says what was chosen."""
+    size, levels, why = choose_codebook(chunks)
     if config.resolved:
         return config, "codebook size and levels were set by the user."
     if config.codebook_size is not None:

@@ -223,8 +223,7 @@ class VQVAETrainer(Trainer[VQVAE]):
         self.val_mels = mels[torch.from_numpy(val_idx)].to(self.device)  # (N_val, M, T)
         self.val_names = [dataset.manifest[int(dataset.chunk_file[i])].name for i in val_idx]
         self.audio_check = self._audio_check(dataset, val_idx if len(val_idx) else train_idx)
-        n_files = len(dataset.files_in_split("train"))
-        self.model_config, why = resolve_config(model_config, n_files)
+        self.model_config, why = resolve_config(model_config, len(train_idx))
         if self.model_config.dead_code_threshold is None:  # from the latents of one batch
             per_batch, size = self.batch_vectors, self.model_config.codebook_size or 1
             threshold = round(dead_code_threshold_for(per_batch, size), 6)

@@ -106,11 +106,18 @@ def test_a_failed_stage_prints_its_reason_and_the_cascade(cluster: Cluster, tmp_
     assert not (tmp_path / "notes.distill").exists()
 
 
+def _sigint_as_from_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_detaches_and_the_jobs_go_on(cluster: Cluster, drums: Path, tmp_path: Path) -> None:
     env = {**os.environ, "DISTILL_BROKER": cluster.endpoint}
+    # as from a terminal: a child inherits an ignored SIGINT (some test before this one can
+    # leave the pytest process ignoring it, and Python then keeps ignoring it in the child)
     proc = subprocess.Popen([sys.executable, "-m", "distill.shared.cli", "train", str(drums),
                              *TINY, "-o", "later.distill"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=_sigint_as_from_a_terminal)  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
     jobs_line = proc.stdout.readline()  # printed once every job is submitted
     assert jobs_line.startswith("jobs: preprocess j-"), jobs_line

@@ -72,14 +72,14 @@ def test_config_from_dict_rejects_a_non_map() -> None:
 
 
 @pytest.mark.parametrize(
-    ("files", "size", "levels"),
-    [(5, 64, 2), (9, 64, 2), (10, 128, 4), (30, 128, 4), (49, 128, 4), (50, 256, 4), (99, 256, 4),
-     (120, 512, 6), (400, 512, 6)],  # fmt: skip
+    ("chunks", "size", "levels"),
+    [(1, 64, 2), (14, 64, 2), (15, 128, 4), (39, 128, 4), (40, 512, 5), (99, 512, 5),
+     (100, 512, 6), (5000, 512, 6)],  # fmt: skip
 )
-def test_codebook_sizes_follow_the_dataset_size(files: int, size: int, levels: int) -> None:
-    got_size, got_levels, why = choose_codebook(files)
+def test_codebook_sizes_follow_the_training_chunks(chunks: int, size: int, levels: int) -> None:
+    got_size, got_levels, why = choose_codebook(chunks)
     assert (got_size, got_levels) == (size, levels)
-    assert str(files) in why and str(size) in why
+    assert f"{chunks} training chunks" in why and str(size) in why
 
 
 def test_resolve_config_keeps_what_the_user_set() -> None:
