@@ -96,6 +96,20 @@ def line_width() -> int:
     return max(40, min(LINE_WIDTH, shutil.get_terminal_size((LINE_WIDTH + 1, 24)).columns - 1))
 
 
+def preview_line(event: dict[str, Any]) -> str | None:
+    """One line for a training preview: which validation file came back through the model at
+    which epoch, and how to fetch it to listen. None for the original beside it (the user has
+    that file) or an event without an artifact."""
+    sha = event.get("artifact")
+    if not isinstance(sha, str) or event.get("which", "reconstruction") != "reconstruction":
+        return None
+    epoch, name = event.get("epoch"), str(event.get("file") or f"chunk {event.get('chunk', 0)}")
+    stem = Path(name).stem or "preview"
+    at = f" at epoch {epoch}" if epoch is not None else ""
+    out = f"{stem}-epoch{epoch}.wav" if epoch is not None else f"{stem}-preview.wav"
+    return f"preview{at}: {name} through the model: distill artifacts get {sha[:16]} {out}"
+
+
 def follow_training(c: Any, job_id: str) -> dict[str, Any]:
     """Follows a job with the live line on stderr until it ends; returns its record."""
     from distill.shared.bus.jobs import JobsClient
@@ -108,8 +122,9 @@ def follow_training(c: Any, job_id: str) -> dict[str, Any]:
         if kind == "status":
             sys.stderr.write(f"\n{job_id}: {event.get('status')}")
         elif kind == "preview":
-            sys.stderr.write(f"\npreview: artifact {str(event.get('artifact'))[:16]} "
-                             f"({event.get('name', '')})\n")  # fmt: skip
+            line = preview_line(event)
+            if line:
+                sys.stderr.write(f"\n{line}\n")
         elif kind == "metrics" or (kind == "progress" and not seen_metrics):
             # once a training job sends metric rows, its progress events (the same epoch, fewer
             # fields) would only make the line flicker between two forms

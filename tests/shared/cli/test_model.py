@@ -21,6 +21,7 @@ from distill.shared.cli.train import (
     Stage,
     detach_message,
     model_name,
+    preview_line,
     stage_train_settings,
     train_line,
 )
@@ -227,6 +228,16 @@ def test_prior_live_line() -> None:
     line = train_line({"type": "metrics", "row": row})
     assert line == ("epoch 4/50  train 5.123  val 5.500  unigram 7.250  bigram 6.500 bits/code  "
                     "eta 1m15s")  # fmt: skip
+
+
+def test_preview_line_names_the_file_and_how_to_fetch_it() -> None:
+    sha = "4c823d32bca6f113" + "0" * 48
+    event = {"type": "preview", "artifact": sha, "epoch": 12, "chunk": 0, "file": "bd_808.flac",
+             "which": "reconstruction"}
+    assert preview_line(event) == ("preview at epoch 12: bd_808.flac through the model: distill "
+                                   "artifacts get 4c823d32bca6f113 bd_808-epoch12.wav")
+    assert preview_line({**event, "which": "original"}) is None
+    assert preview_line({"type": "preview"}) is None
 
 
 def test_detach_message_names_follow_cancel_and_pull() -> None:
