@@ -285,8 +285,12 @@ def quality_figures(endpoint: str, prior_job: str, path: Path, samples: int) -> 
     print(f"bits per code   prior {prior_bits:.3f}   unigram {uni:.3f} ({uni - prior_bits:+.3f} "
           f"better)   bigram {bi:.3f} ({bi - prior_bits:+.3f} better)   goal: >= 1 bit better "
           "than each")  # fmt: skip
-    whole_file_figures(model, ds)
     metrics, base = result.get("metrics") or {}, result.get("baselines") or {}
+    if base.get("validated_on") == "train":
+        print("  NOT HELD OUT: too few validation files or code steps, so the prior trained on "
+              "them too (its job validated on training windows); the figures here and below are "
+              "on sounds it has seen, the baselines' on sounds they have not")  # fmt: skip
+    whole_file_figures(model, ds)
     best = float(result.get("best_val_bits", metrics.get("val_bits", float("nan"))))
     print(f"  as the prior job reported (codes stitched per file, {base.get('val_codes')} "
           f"validation codes): best val {best:.3f} (epoch {result.get('best_epoch')})   unigram "

@@ -11,6 +11,7 @@ import torch
 from distill.shared.errors import ConfigError
 from distill.shared.model.prior import (
     CACHE_DECAY,
+    EARLIER_CODES,
     Prior,
     PriorConfig,
     PriorState,
@@ -232,7 +233,7 @@ def test_cache_decay_defaults_off_for_older_files_and_is_sized() -> None:
     sized, why = choose_prior_config(6, 512, 10_000)
     assert sized.cache_decay == CACHE_DECAY
     assert "the finer ones mixing in the codes they used earlier" in why
-    assert choose_prior_config(2, 8, 1000)[0].cache_decay == 0.0  # with prev_codes, as sized
+    assert choose_prior_config(2, 8, 400)[0].cache_decay == CACHE_DECAY  # a handful of sounds too
     assert sum(p.numel() for p in Prior(sized).parameters()) == prior_parameter_count(sized)
 
 
@@ -242,8 +243,8 @@ def test_prev_codes_defaults_off_for_older_files_and_on_when_sized() -> None:
     assert PriorConfig.from_dict({**old, "prev_codes": True}).prev_codes is True
     with pytest.raises(ConfigError, match="prev_codes"):
         PriorConfig.from_dict({**old, "prev_codes": 1})
-    assert choose_prior_config(2, 8, 10_000)[0].prev_codes  # not on a handful of sounds
-    assert not choose_prior_config(2, 8, 1000)[0].prev_codes
+    assert choose_prior_config(2, 8, 10_000)[0].prev_codes
+    assert choose_prior_config(2, 8, 400)[0].prev_codes  # a handful of sounds too
     assert "prev_embed.weight" not in Prior(TINY).state_dict()
 
 
@@ -256,7 +257,7 @@ def test_earlier_codes_default_off_for_older_files_need_prev_codes_and_are_sized
         PriorConfig.from_dict({**old, "prev_codes": True, "earlier_codes": 9})
     sized = choose_prior_config(6, 512, 10_000)
     assert sized[0].earlier_codes == 1 and "last 2 codes" in sized[1]
-    assert choose_prior_config(2, 8, 1000)[0].earlier_codes == 0
+    assert choose_prior_config(2, 8, 400)[0].earlier_codes == EARLIER_CODES
     prior = Prior(sized[0])
     assert prior.state_dict()["earlier_embed.weight"].shape == (6 * 512, sized[0].embed_dim)
     assert sum(p.numel() for p in prior.parameters()) == prior_parameter_count(sized[0])

@@ -265,7 +265,7 @@ def synthetic_codes(lengths: list[int], splits: list[str], k: int = 8) -> CodeSe
 
 
 def test_windows_inside_a_sound_read_the_step_before_and_every_start_is_drawn() -> None:
-    codes = synthetic_codes([50, 7, 9, 9, 9], ["train", "train", "val", "val", "val"])
+    codes = synthetic_codes([50, 7, 70, 70, 70], ["train", "train", "val", "val", "val"])
     config = dataclasses.replace(FAST, window=10, end_steps=0)
     trainer = PriorTrainer(codes, {}, config, NullHooks())
     long_seq = codes.sequences("train")[0]
@@ -283,6 +283,17 @@ def test_windows_inside_a_sound_read_the_step_before_and_every_start_is_drawn() 
     assert trainer.steps_per_epoch >= prior_training.MIN_STEPS_PER_EPOCH
     assert trainer.validated_on == "val"
     assert trainer.label_smoothing == prior_training.LABEL_SMOOTHING
+
+
+def test_validation_needs_two_files_and_enough_code_steps() -> None:
+    steps = prior_training.MIN_VALIDATION_STEPS
+    for lengths, held_out in (([20, 30, steps], False),  # one file, however long
+                              ([20, 30, 20, steps - 21], False),  # two, too short together
+                              ([20, 30, 20, steps - 20], True)):  # fmt: skip
+        splits = ["train", "train"] + ["val"] * (len(lengths) - 2)
+        trainer = PriorTrainer(synthetic_codes(lengths, splits), {}, FAST, NullHooks())
+        assert trainer.validated_on == ("val" if held_out else "train"), lengths
+        assert len(trainer.train_seqs) == (2 if held_out else len(lengths))
 
 
 def test_with_too_few_validation_files_every_file_trains_and_validation_uses_them() -> None:
@@ -353,7 +364,8 @@ def test_peers_learn_each_from_the_others_predictions_held_fixed() -> None:
 
 def test_peers_are_automatic_where_the_prior_reads_earlier_codes_and_the_budget_allows() -> None:
     codes = synthetic_codes([40] * 6, ["train"] * 3 + ["val"] * 3)
-    cases = [({}, 0, 0.0, 1),  # a small prior without earlier codes trains alone
+    alone = {"prev_codes": False, "earlier_codes": 0}
+    cases = [(alone, 0, 3.0, 1),  # a prior without earlier codes trains alone
              ({"prev_codes": True}, 0, 0.0, 1),  # a budget in epochs: a pair costs twice
              ({"prev_codes": True}, 0, 1.0, 1),  # a short budget: too few steps for two
              ({"prev_codes": True}, 0, 3.0, prior_training.AUTO_PEERS),

@@ -35,9 +35,12 @@ CI_VQVAE_TRAIN = TrainConfig(epochs=15, preview_every=0, checkpoint_every_s=0)
 DEMO_PRIOR_TRAIN = PriorTrainConfig(epochs=56, checkpoint_every_s=0)
 PEAK_FLOOR_DBFS = -30.0  # clearly audible
 # A draw can be no louder than the training sounds as this tiny RVQ-VAE renders them: one of
-# them (bd_808) comes out at -63 dBFS, so a draw that starts like it may too.
-MIN_AUDIBLE = 7  # of the 8 draws above the floor
+# them (bd_808) comes out at -58 dBFS, so a draw that starts like it may too.
+MIN_AUDIBLE = 7 / 8  # of the draws above the floor
 NEAR_TRAINING_DB = 6.0  # the median draw's peak within this of the median training sound's
+# The demo's 8 draws with its seed and the next two: one batch of 8 is too few for a median
+# (the same prior's three batches had medians 6 dB apart)
+SEEDS = (demo.DEMO_SEED, demo.DEMO_SEED + 1, demo.DEMO_SEED + 2)
 
 
 def dbfs(x: np.ndarray) -> float:
@@ -53,17 +56,20 @@ def test_the_demo_draws_are_audible_and_distinct() -> None:
     model = DistillModel(mel_config=ds.mel_config, vqvae=vqvae, prior=trained.model, summary={})
     per_second = ds.mel_config.sample_rate / ds.mel_config.hop_length / vqvae.config.downsample
     steps = round(demo.DEMO_SECONDS * per_second)
-    params = SamplingParams(temperature=demo.DEMO_TEMPERATURE, seed=demo.DEMO_SEED)
-    drawn = sample(trained.model, batch=demo.DEMO_COUNT, steps=steps, params=params)
-    peaks = [dbfs(a) for a in render(model, drawn, "best")[0]]  # (8, samples) -> 8 peaks
+    peaks: list[float] = []
+    for seed in SEEDS:
+        params = SamplingParams(temperature=demo.DEMO_TEMPERATURE, seed=seed)
+        drawn = sample(trained.model, batch=demo.DEMO_COUNT, steps=steps, params=params)
+        peaks += [dbfs(a) for a in render(model, drawn, "best")[0]]  # (8, samples) -> 8 peaks
+        agreement = max(float((drawn[i] == drawn[j]).float().mean())
+                        for i in range(len(drawn)) for j in range(i + 1, len(drawn)))  # fmt: skip
+        assert agreement < 0.95, seed  # distinct draws, not copies of one another
     sounds = [dbfs(render(model, s[None], "best")[0][0]) for s in codes.sequences("train")]
-    # measured: draws -67.0, -26.9, -26.8, -16.3, -16.1, -1.4, +5.5, +8.0 dBFS (median -16.2;
-    # the training sounds' median -12.8). The prior's training before its small-data changes
-    # (epochs of 4 steps, the best epoch picked on one validation file) on the same RVQ-VAE:
-    # -69.6, -49.3, -28.6, -27.8, -27.1, -23.4, -20.7, -18.0 (6 above the floor, median -25.2)
+    # measured (the prior reading its earlier codes, with the cache): 23 of 24 draws above the
+    # floor, median -7.6 dBFS (batches -12.2, -10.6, -6.0); the training sounds' median -4.7.
+    # The prior without them: 23 of 24, median -9.0 (batches -10.1, -12.4, -7.1). The prior's
+    # training before its small-data changes (epochs of 4 steps, the best epoch picked on one
+    # validation file), one batch on an earlier RVQ-VAE: 6 of 8 above the floor, median -25.2
     loud = sum(p > PEAK_FLOOR_DBFS for p in peaks)
-    assert loud >= MIN_AUDIBLE, [round(p, 1) for p in peaks]
+    assert loud >= MIN_AUDIBLE * len(peaks), [round(p, 1) for p in peaks]
     assert float(np.median(peaks)) > float(np.median(sounds)) - NEAR_TRAINING_DB, (peaks, sounds)
-    agreement = max(float((drawn[i] == drawn[j]).float().mean())
-                    for i in range(len(drawn)) for j in range(i + 1, len(drawn)))  # fmt: skip
-    assert agreement < 0.95  # distinct draws, not copies of one another
