@@ -46,10 +46,12 @@ def _number(row: dict[str, Any], *keys: str) -> float | None:
 
 
 def _bits_parts(row: dict[str, Any]) -> list[str]:
-    """The prior's figures: train/val bits per code beside the unigram and bigram baselines."""
+    """The prior's figures: train/val bits per code beside the unigram and bigram baselines
+    (a prior with too few held-out files validates on training windows, and says so)."""
     parts = []
+    val = "val on training files" if row.get("validated_on") == "train" else "val"
     for label, keys in (("train", ("train_bits", "train_nll_bits", "train_nll")),
-                        ("val", ("val_bits", "val_nll_bits", "val_nll")),
+                        (val, ("val_bits", "val_nll_bits", "val_nll")),
                         ("unigram", ("unigram_bits", "unigram")),
                         ("bigram", ("bigram_bits", "bigram"))):  # fmt: skip
         value = _number(row, *keys)

@@ -228,6 +228,8 @@ def test_prior_live_line() -> None:
     line = train_line({"type": "metrics", "row": row})
     assert line == ("epoch 4/50  train 5.123  val 5.500  unigram 7.250  bigram 6.500 bits/code  "
                     "eta 1m15s")  # fmt: skip
+    line = train_line({"type": "metrics", "row": {**row, "validated_on": "train"}})
+    assert line is not None and "  val on training files 5.500  " in line
 
 
 def test_preview_line_names_the_file_and_how_to_fetch_it() -> None:
