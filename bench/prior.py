@@ -318,14 +318,14 @@ def quality(args: argparse.Namespace) -> None:
         tmp = Path(tmp_dir)
         endpoint, procs = start_cluster(tmp, args.threads)
         try:
-            started = time.monotonic()
-            prior_job = run_pipeline(endpoint, args.data, args.minutes, tmp / "percussion.distill",
+            started, model_path = time.monotonic(), tmp / f"{Path(args.data).name}.distill"
+            prior_job = run_pipeline(endpoint, args.data, args.minutes, model_path,
                                      args.train_opt, {"--vqvae-opt": args.vqvae_opt,
                                                       "--prior-opt": args.prior_opt})  # fmt: skip
             budget = (f"a {args.minutes:g}-minute training budget" if args.minutes else
                       "the workers' default budgets")  # fmt: skip
             print(f"pipeline: {time.monotonic() - started:.0f} s wall for {budget}")
-            quality_figures(endpoint, prior_job, tmp / "percussion.distill", args.samples)
+            quality_figures(endpoint, prior_job, model_path, args.samples)
         finally:
             for proc in reversed(procs):
                 stop(proc)
