@@ -120,7 +120,8 @@ class PriorConfig:
 # files and their variants): 8 training files (410 code steps) 6.20 bits per code with both at
 # dropout 0.6 (6.29 at 0.5) against 7.00 without (bigram 7.37), 20 files (1042 steps) 5.94
 # against 6.68 (bigram 6.99); the 18 textures (3328 steps; a held-out drum loop and a vinyl
-# noise) 8.11 against 8.89 (bigram 9.00). Without them the prior overfits from its first epoch.
+# noise) 8.02 at dropout 0.6 (8.11 at 0.5) against 8.89 (bigram 9.00). Without them the prior
+# overfits from its first epoch.
 _SIZE_BANDS: list[tuple[float, int, int, int, float, str]] = [
     # a handful of sounds: at dropout 0.3 the prior learnt the demo's 10 one-shots by heart
     # (0.02 bits per code, two of 8 draws identical); 0.6 keeps draws distinct, still audible
