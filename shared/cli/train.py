@@ -378,13 +378,17 @@ def stage_outcome(stage: Stage, result: dict[str, Any]) -> str:
     if stage.name == "vqvae":
         return (f"RVQ-VAE {chosen.get('codebook_size')} codes x {chosen.get('levels')} levels"
                 f"{why}; {_vqvae_figures(result)}")  # fmt: skip
+    # the prior: its size and why first (as the RVQ-VAE's line), then the figures, then why it
+    # stopped (the size's reason used to follow "stopped:", where it read as the stop's)
     metrics, base = result.get("metrics") or {}, result.get("baselines") or {}
     best = _number(result, "best_val_bits")
-    best_text = (
-        f"best val {best:.3f} (epoch {result.get('best_epoch')}); " if best is not None else ""
-    )
-    bits = "  ".join(_bits_parts({**base, **metrics}))
-    return f"{best_text}last epoch {bits}; stopped: {result.get('stopped')}{why}"
+    on_train = " on training files" if {**base, **metrics}.get("validated_on") == "train" else ""
+    parts = [chosen["why"].rstrip(".")] if chosen.get("why") else []
+    if best is not None:
+        parts.append(f"best val{on_train} {best:.3f} bits/code (epoch {result.get('best_epoch')})")
+    parts.append("last epoch " + "  ".join(_bits_parts({**base, **metrics})))
+    stopped = str(result.get("stopped") or "?").replace("_", " ")
+    return "; ".join(parts + [f"stopped: {stopped}"])
 
 
 def _vqvae_figures(result: dict[str, Any]) -> str:

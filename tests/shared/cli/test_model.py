@@ -22,6 +22,7 @@ from distill.shared.cli.train import (
     detach_message,
     model_name,
     preview_line,
+    stage_outcome,
     stage_train_settings,
     train_line,
 )
@@ -240,6 +241,20 @@ def test_preview_line_names_the_file_and_how_to_fetch_it() -> None:
                                    "artifacts get 4c823d32bca6f113 bd_808-epoch12.wav")
     assert preview_line({**event, "which": "original"}) is None
     assert preview_line({"type": "preview"}) is None
+
+
+def test_prior_outcome_gives_the_size_first_and_the_stop_last() -> None:
+    result = {"best_val_bits": 0.132, "best_epoch": 137, "stopped": "early_stopping",
+              "chosen": {"why": "423 training code steps x 2 levels: LSTM 1 x 128."},
+              "metrics": {"train_bits": 0.192, "val_bits": 0.134},
+              "baselines": {"unigram_bits": 2.75, "bigram_bits": 1.031, "validated_on": "train"}}
+    assert stage_outcome(Stage("prior", "j-c"), result) == (
+        "423 training code steps x 2 levels: LSTM 1 x 128; best val on training files 0.132 "
+        "bits/code (epoch 137); last epoch train 0.192  val on training files 0.134  unigram "
+        "2.750  bigram 1.031 bits/code; stopped: early stopping")
+    held_out = {**result, "baselines": {**result["baselines"], "validated_on": "val"}}
+    line = stage_outcome(Stage("prior", "j-c"), held_out)
+    assert "best val 0.132 bits/code" in line and "training files" not in line
 
 
 def test_detach_message_names_follow_cancel_and_pull() -> None:
