@@ -374,7 +374,7 @@ def stage_outcome(stage: Stage, result: dict[str, Any]) -> str:
         return (f"dataset {str(result.get('dataset'))[:16]}: {result.get('chunks')} chunks, "
                 f"{result.get('train_files')} train / {result.get('val_files')} validation files")  # fmt: skip
     chosen = result.get("chosen") or {}
-    why = f" ({chosen['why']})" if chosen.get("why") else ""
+    why = f" ({chosen['why'].rstrip('.')})" if chosen.get("why") else ""
     if stage.name == "vqvae":
         return (f"RVQ-VAE {chosen.get('codebook_size')} codes x {chosen.get('levels')} levels"
                 f"{why}; {_vqvae_figures(result)}")  # fmt: skip
@@ -409,8 +409,10 @@ def _vqvae_figures(result: dict[str, Any]) -> str:
     audio = result.get("audio") or {}
     sc, floor = _number(audio, "sc"), _number(audio, "floor")
     if sc is not None and floor is not None:  # mel-bin SC: for comparing runs, not the bench's
-        parts.append(f"audio check {sc:.3f} vs the Griffin-Lim floor {floor:.3f} "
-                     f"({audio.get('chunks')} chunks, mel bins)")  # fmt: skip
+        chunks = audio.get("chunks")
+        ratio = f"{sc / floor:.2f}x the Griffin-Lim floor: " if floor > 0 else ""
+        parts.append(f"decoded audio {ratio}{sc:.3f} vs {floor:.3f} ({chunks} validation "
+                     f"chunk{'' if chunks == 1 else 's'}, spectral convergence on mel bins)")  # fmt: skip
     return "; ".join(parts)
 
 

@@ -257,6 +257,18 @@ def test_prior_outcome_gives_the_size_first_and_the_stop_last() -> None:
     assert "best val 0.132 bits/code" in line and "training files" not in line
 
 
+def test_vqvae_outcome_gives_the_decoded_audio_against_its_floor() -> None:
+    result = {"best_val_loss": 0.0836, "best_epoch": 3,
+              "chosen": {"codebook_size": 64, "levels": 2, "why": "9 training chunks: 64 x 2."},
+              "audio": {"sc": 0.364, "floor": 0.182, "chunks": 1}}
+    assert stage_outcome(Stage("vqvae", "j-b"), result) == (
+        "RVQ-VAE 64 codes x 2 levels (9 training chunks: 64 x 2); best validation loss 0.0836 "
+        "(epoch 3); decoded audio 2.00x the Griffin-Lim floor: 0.364 vs 0.182 (1 validation "
+        "chunk, spectral convergence on mel bins)")
+    four = {**result, "audio": {**result["audio"], "chunks": 4}}
+    assert "(4 validation chunks," in stage_outcome(Stage("vqvae", "j-b"), four)
+
+
 def test_detach_message_names_follow_cancel_and_pull() -> None:
     stages = [Stage("preprocess", "j-a"), Stage("vqvae", "j-b"), Stage("prior", "j-c")]
     text = detach_message(stages, Path("drums.distill"))
