@@ -374,19 +374,18 @@ def stage_outcome(stage: Stage, result: dict[str, Any]) -> str:
         return (f"dataset {str(result.get('dataset'))[:16]}: {result.get('chunks')} chunks, "
                 f"{result.get('train_files')} train / {result.get('val_files')} validation files")  # fmt: skip
     chosen = result.get("chosen") or {}
-    why = f" ({chosen['why'].rstrip('.')})" if chosen.get("why") else ""
+    reason = str(chosen.get("why") or "").rstrip(".")  # how the stage sized its model, and why
     if stage.name == "vqvae":
         return (f"RVQ-VAE {chosen.get('codebook_size')} codes x {chosen.get('levels')} levels"
-                f"{why}; {_vqvae_figures(result)}")  # fmt: skip
-    # the prior: its size and why first (as the RVQ-VAE's line), then the figures, then why it
-    # stopped (the size's reason used to follow "stopped:", where it read as the stop's)
-    metrics, base = result.get("metrics") or {}, result.get("baselines") or {}
+                f"{f' ({reason})' if reason else ''}; {_vqvae_figures(result)}")  # fmt: skip
+    # the prior: its size first (as the RVQ-VAE's line), then its figures, then why it stopped
+    row = {**(result.get("baselines") or {}), **(result.get("metrics") or {})}
     best = _number(result, "best_val_bits")
-    on_train = " on training files" if {**base, **metrics}.get("validated_on") == "train" else ""
-    parts = [chosen["why"].rstrip(".")] if chosen.get("why") else []
+    on_train = " on training files" if row.get("validated_on") == "train" else ""
+    parts = [reason] if reason else []
     if best is not None:
         parts.append(f"best val{on_train} {best:.3f} bits/code (epoch {result.get('best_epoch')})")
-    parts.append("last epoch " + "  ".join(_bits_parts({**base, **metrics})))
+    parts.append("last epoch " + "  ".join(_bits_parts(row)))
     stopped = str(result.get("stopped") or "?").replace("_", " ")
     return "; ".join(parts + [f"stopped: {stopped}"])
 
