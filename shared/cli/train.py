@@ -371,8 +371,9 @@ def follow_stage(c: Any, stage: Stage, index: int, count: int) -> dict[str, Any]
 def stage_outcome(stage: Stage, result: dict[str, Any]) -> str:
     """One line for a finished stage."""
     if stage.name == "preprocess":
-        return (f"dataset {str(result.get('dataset'))[:16]}: {result.get('chunks')} chunks, "
+        line = (f"dataset {str(result.get('dataset'))[:16]}: {result.get('chunks')} chunks, "
                 f"{result.get('train_files')} train / {result.get('val_files')} validation files")  # fmt: skip
+        return line + _skipped_files(result)
     chosen = result.get("chosen") or {}
     reason = str(chosen.get("why") or "").rstrip(".")  # how the stage sized its model, and why
     if stage.name == "vqvae":
@@ -388,6 +389,23 @@ def stage_outcome(stage: Stage, result: dict[str, Any]) -> str:
     parts.append("last epoch " + "  ".join(_bits_parts(row)))
     stopped = str(result.get("stopped") or "?").replace("_", " ")
     return "; ".join(parts + [f"stopped: {stopped}"])
+
+
+SKIPPED_SHOWN = 5  # skipped files named on the preprocess line; the rest are counted
+
+
+def _skipped_files(result: dict[str, Any]) -> str:
+    """'; skipped 2: a.txt (not audio ...), b.wav (empty ...)' for the files preprocessing could
+    not use (the live line shows each once and overwrites it), or ''."""
+    skipped = [r for r in result.get("manifest") or [] if r.get("status") != "ok"]
+    if not skipped:
+        return ""
+    named = ", ".join(f"{r.get('name')} ({r.get('reason') or r.get('status')})"
+                      for r in skipped[:SKIPPED_SHOWN])  # fmt: skip
+    more = len(skipped) - SKIPPED_SHOWN
+    rest = (f" and {more} more (`distill dataset show {str(result.get('dataset'))[:16]}` lists "
+            "them)") if more > 0 else ""  # fmt: skip
+    return f"; skipped {len(skipped)}: {named}{rest}"
 
 
 def _vqvae_figures(result: dict[str, Any]) -> str:
@@ -425,10 +443,15 @@ def cascade_report(c: Any, stages: list[Stage], failed: int, record: dict[str, A
 
     lines = [f"stage {stages[failed].name} (job {record['id']}) {record['status']}: "
              f"{record.get('error') or 'no reason given'}"]  # fmt: skip
+    first = str(record.get("error") or "")
     for later in stages[failed + 1 :]:
         r = JobsClient(c).get(later.job_id, metrics=False)
+        error = str(r.get("error") or "")
+        if first and error.endswith(first) and len(error) > len(first):
+            # "dependency j-... failed: <the reason printed just above>": say it once
+            error = error[: -len(first)].rstrip(": ") + " (the reason above)"
         lines.append(f"  then {later.name} (job {later.job_id}) {r['status']}"
-                     + (f": {r['error']}" if r.get("error") else ""))  # fmt: skip
+                     + (f": {error}" if error else ""))  # fmt: skip
     return "\n".join(lines)
 
 

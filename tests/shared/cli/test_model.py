@@ -257,6 +257,26 @@ def test_prior_outcome_gives_the_size_first_and_the_stop_last() -> None:
     assert "best val 0.132 bits/code" in line and "training files" not in line
 
 
+def test_preprocess_outcome_names_the_files_it_skipped_and_why() -> None:
+    ok = {"name": "bd.flac", "status": "ok", "reason": None}
+    result = {"dataset": "4fb1ed28d9053323e0db", "chunks": 6, "train_files": 5, "val_files": 1,
+              "manifest": [ok, {"name": "notes.txt", "status": "skipped",
+                                "reason": "not audio: it is a text file"},
+                           {"name": "empty.wav", "status": "skipped",
+                            "reason": "empty file (0 bytes)"}]}
+    assert stage_outcome(Stage("preprocess", "j-a"), result) == (
+        "dataset 4fb1ed28d9053323: 6 chunks, 5 train / 1 validation files; skipped 2: notes.txt "
+        "(not audio: it is a text file), empty.wav (empty file (0 bytes))")
+    clean = {**result, "manifest": [ok]}
+    assert stage_outcome(Stage("preprocess", "j-a"), clean) == (
+        "dataset 4fb1ed28d9053323: 6 chunks, 5 train / 1 validation files")
+    many = {**result, "manifest": [ok] + [{"name": f"x{i}.txt", "status": "skipped",
+                                           "reason": "not audio"} for i in range(8)]}
+    line = stage_outcome(Stage("preprocess", "j-a"), many)
+    assert "skipped 8: x0.txt (not audio)" in line and "x5.txt" not in line
+    assert line.endswith("and 3 more (`distill dataset show 4fb1ed28d9053323` lists them)")
+
+
 def test_vqvae_outcome_gives_the_decoded_audio_against_its_floor() -> None:
     result = {"best_val_loss": 0.0836, "best_epoch": 3,
               "chosen": {"codebook_size": 64, "levels": 2, "why": "9 training chunks: 64 x 2."},

@@ -103,6 +103,8 @@ def test_a_failed_stage_prints_its_reason_and_the_cascade(cluster: Cluster, tmp_
     cascade = [line.strip() for line in out.stderr.splitlines() if line.startswith("  then ")]
     assert [line.split()[1] for line in cascade] == ["vqvae", "prior"], out.stderr
     assert all(" cancelled: dependency j-" in line for line in cascade), out.stderr
+    assert all(line.endswith("failed (the reason above)") for line in cascade), out.stderr
+    assert out.stderr.count("no usable audio") == 1, out.stderr  # said once, not per stage
     assert not (tmp_path / "notes.distill").exists()
 
 
