@@ -34,6 +34,7 @@ from distill.shared.audio.mel import MelConfig, log_mel
 from distill.shared.audio.metrics import log_mel_l1, spectral_convergence
 from distill.shared.audio.phase import mel_to_audio
 from distill.shared.model.vqvae import VQVAE, VQVAEConfig, choose_size
+from distill.shared.train.loop import PreviewLabel
 from distill.shared.train.vqvae import TrainConfig, TrainResult, VQVAETrainer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "percussion"
@@ -65,7 +66,7 @@ class TimingHooks:
         return None
 
     def on_preview(self, epoch: int, mels: torch.Tensor, recon: torch.Tensor,
-                   names: list[str]) -> None:  # fmt: skip
+                   labels: list[PreviewLabel]) -> None:  # fmt: skip
         return None
 
 

@@ -53,7 +53,9 @@ def event_line(event: dict[str, Any]) -> str:
         row = event.get("row") or {}
         return f"{head}epoch {row.get('epoch', '?')}" if "epoch" in row else f"{head}row"
     if kind == "preview":
-        return f"{head}{event.get('which', '')} of {event.get('file', '')} (epoch {event.get('epoch')})"
+        part, count = event.get("file_chunk"), event.get("file_chunks")
+        where = f" chunk {part} of {count}" if isinstance(count, int) and count > 1 else ""
+        return f"{head}{event.get('which', '')} of {event.get('file', '')}{where} (epoch {event.get('epoch')})"
     if kind in ("ready", "idle", "busy"):
         return f"{head}{event.get('service', '')} on {event.get('host', '?')} ({event.get('device', '?')})"
     if kind == "gone":

@@ -61,7 +61,7 @@ from distill.shared.errors import JobError
 from distill.shared.ids import is_sha256
 from distill.shared.model.formats import weights_from_bytes
 from distill.shared.model.modelfile import SUFFIX, DistillModel, save_model
-from distill.shared.train.loop import with_default_budget
+from distill.shared.train.loop import PreviewLabel, with_default_budget
 from distill.shared.train.prior import (
     CodeSet,
     CodeStore,
@@ -103,7 +103,9 @@ class JobHooks:
     def load_checkpoint(self) -> bytes | None:
         return self.ctx.load_checkpoint()
 
-    def on_preview(self, epoch: int, mels: Tensor, recon: Tensor, names: list[str]) -> None:
+    def on_preview(
+        self, epoch: int, mels: Tensor, recon: Tensor, labels: list[PreviewLabel]
+    ) -> None:
         return None
 
 

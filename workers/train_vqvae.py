@@ -39,7 +39,7 @@ from distill.shared.errors import JobError
 from distill.shared.ids import is_sha256
 from distill.shared.model.formats import weights_to_bytes
 from distill.shared.model.vqvae import VQVAEConfig, choose_size
-from distill.shared.train.loop import with_default_budget
+from distill.shared.train.loop import PreviewLabel, with_default_budget
 from distill.shared.train.vqvae import TrainConfig, VQVAETrainer
 from distill.workers.runtime.context import JobContext
 
@@ -71,15 +71,18 @@ class JobHooks:
     def load_checkpoint(self) -> bytes | None:
         return self.ctx.load_checkpoint()
 
-    def on_preview(self, epoch: int, mels: Tensor, recon: Tensor, names: list[str]) -> None:
-        for i, name in enumerate(names):
+    def on_preview(
+        self, epoch: int, mels: Tensor, recon: Tensor, labels: list[PreviewLabel]
+    ) -> None:
+        for i, label in enumerate(labels):
             for which, mel in (("original", mels[i]), ("reconstruction", recon[i])):
                 wav = _wav_bytes(mel_to_audio(mel, self.mel_config), self.mel_config.sample_rate)
                 sha = self.ctx.artifacts.put_bytes(
                     wav, kind="preview", name=f"epoch{epoch:04d}-{i}-{which}.wav",
                     job=self.ctx.info.job_id,
                 )  # fmt: skip
-                self.ctx.event("preview", artifact=sha, epoch=epoch, chunk=i, file=name,
+                self.ctx.event("preview", artifact=sha, epoch=epoch, chunk=i, file=label.file,
+                               file_chunk=label.chunk, file_chunks=label.chunks,
                                which=which)  # fmt: skip
 
 

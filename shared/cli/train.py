@@ -107,6 +107,9 @@ def preview_line(event: dict[str, Any]) -> str | None:
         return None
     epoch, name = event.get("epoch"), str(event.get("file") or f"chunk {event.get('chunk', 0)}")
     stem = Path(name).stem or "preview"
+    part, count = event.get("file_chunk"), event.get("file_chunks")
+    if isinstance(part, int) and isinstance(count, int) and count > 1:  # a long file's chunk
+        name, stem = f"{name} (chunk {part} of {count})", f"{stem}-{part}"
     at = f" at epoch {epoch}" if epoch is not None else ""
     out = f"{stem}-epoch{epoch}.wav" if epoch is not None else f"{stem}-preview.wav"
     return f"preview{at}: {name} through the model: distill artifacts get {sha[:16]} {out}"

@@ -42,7 +42,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -170,6 +170,14 @@ def measured_epoch_s(walls: list[float]) -> float:
 # Hooks
 
 
+class PreviewLabel(NamedTuple):
+    """Where a preview chunk comes from."""
+
+    file: str  # the sound's file name
+    chunk: int  # which of the file's chunks, from 1
+    chunks: int  # how many chunks the file has
+
+
 class TrainHooks(Protocol):
     """What the loop reports to (a job context, a test, a benchmark)."""
 
@@ -189,8 +197,10 @@ class TrainHooks(Protocol):
         """The last stored checkpoint of this run, or None for a fresh start."""
         ...
 
-    def on_preview(self, epoch: int, mels: Tensor, recon: Tensor, names: list[str]) -> None:
-        """True and reconstructed log-mel chunks (n, M, T) on the CPU, with their file names."""
+    def on_preview(
+        self, epoch: int, mels: Tensor, recon: Tensor, labels: list[PreviewLabel]
+    ) -> None:
+        """True and reconstructed log-mel chunks (n, M, T) on the CPU, with where each is from."""
         ...
 
 
@@ -209,7 +219,9 @@ class NullHooks:
     def load_checkpoint(self) -> bytes | None:
         return None
 
-    def on_preview(self, epoch: int, mels: Tensor, recon: Tensor, names: list[str]) -> None:
+    def on_preview(
+        self, epoch: int, mels: Tensor, recon: Tensor, labels: list[PreviewLabel]
+    ) -> None:
         return None
 
 

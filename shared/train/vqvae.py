@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,6 +39,7 @@ from distill.shared.model.vqvae import (
 )
 from distill.shared.train.loop import (
     LoopConfig,
+    PreviewLabel,
     Trainer,
     TrainHooks,
     code_counts,
@@ -222,6 +224,7 @@ class VQVAETrainer(Trainer[VQVAE]):
         self.train_mels = mels[torch.from_numpy(train_idx)].to(self.device)  # (N_train, M, T)
         self.val_mels = mels[torch.from_numpy(val_idx)].to(self.device)  # (N_val, M, T)
         self.val_names = [dataset.manifest[int(dataset.chunk_file[i])].name for i in val_idx]
+        self.preview_pool = preview_pool(dataset, val_idx if len(val_idx) else train_idx)
         self.audio_check = self._audio_check(dataset, val_idx if len(val_idx) else train_idx)
         self.model_config, why = resolve_config(model_config, len(train_idx))
         if self.model_config.dead_code_threshold is None:  # from the latents of one batch
@@ -497,15 +500,39 @@ class VQVAETrainer(Trainer[VQVAE]):
         every = self.train_config.preview_every
         if every == 0 or epoch % every != 0:
             return
-        pool, names = (self.val_mels, self.val_names) if len(self.val_mels) else (
-            self.train_mels, ["train"] * len(self.train_mels))  # fmt: skip
-        n = min(self.train_config.preview_chunks, len(pool))
+        pool = self.val_mels if len(self.val_mels) else self.train_mels
+        picked = self.preview_pool[: self.train_config.preview_chunks]
+        chunks = pool[torch.tensor([p.row for p in picked], device=pool.device)]  # (n, M, T)
         model = self._model()
         model.eval()
         with torch.no_grad():
-            recon = model(pool[:n]).recon  # (n, M, T)
+            recon = model(chunks).recon  # (n, M, T)
         model.train()
-        self.hooks.on_preview(epoch, pool[:n].cpu(), recon.cpu(), names[:n])
+        self.hooks.on_preview(epoch, chunks.cpu(), recon.cpu(), [p.label for p in picked])
+
+
+@dataclass(frozen=True)
+class PreviewChunk:
+    row: int  # position in the pool of chunks (validation, or training when none validate)
+    label: PreviewLabel
+
+
+def preview_pool(dataset: Dataset, idx: np.ndarray) -> list[PreviewChunk]:
+    """The chunks ``idx`` of ``dataset`` in the order previews take them: the first chunk of
+    each file, then each file's second, and so on, so that two previews are two sounds where
+    there are two (a long file's chunks used to fill them all). Each carries its file's name
+    and which of the file's chunks it is."""
+    seen: dict[int, int] = {}
+    within = []  # each chunk's position among its file's chunks, in dataset order
+    for f in dataset.chunk_file.tolist():
+        within.append(seen.get(f, 0))
+        seen[f] = within[-1] + 1
+    chunks = []
+    for row, i in enumerate(idx.tolist()):
+        f = int(dataset.chunk_file[i])
+        label = PreviewLabel(dataset.manifest[f].name, within[i] + 1, seen[f])
+        chunks.append(PreviewChunk(row, label))
+    return sorted(chunks, key=lambda c: (c.label.chunk, c.row))
 
 
 def train_vqvae(

@@ -46,6 +46,11 @@ def test_progress_cells_and_log_lines() -> None:
     line = event_line({"seq": 9, "topic": "job.j-1", "type": "status", "status": "failed",
                        "attempts": 2, "error": "out of memory"})
     assert "failed (attempt 2) — out of memory" in line and "job.j-1" in line
+    preview = {"seq": 10, "topic": "job.j-1", "type": "preview", "which": "reconstruction",
+               "file": "loop.flac", "epoch": 25}
+    assert event_line(preview).endswith("reconstruction of loop.flac (epoch 25)")
+    later = event_line({**preview, "file_chunk": 2, "file_chunks": 9})
+    assert later.endswith("reconstruction of loop.flac chunk 2 of 9 (epoch 25)")
 
 
 async def test_a_resumed_attempt_replaces_the_epochs_it_repeats() -> None:

@@ -240,6 +240,10 @@ def test_preview_line_names_the_file_and_how_to_fetch_it() -> None:
     assert preview_line(event) == ("preview at epoch 12: bd_808.flac through the model: distill "
                                    "artifacts get 4c823d32bca6f113 bd_808-epoch12.wav")
     assert preview_line({**event, "which": "original"}) is None
+    second = {**event, "file": "loop.flac", "file_chunk": 2, "file_chunks": 9}
+    assert preview_line(second) == ("preview at epoch 12: loop.flac (chunk 2 of 9) through the "
+                                    "model: distill artifacts get 4c823d32bca6f113 "
+                                    "loop-2-epoch12.wav")  # fmt: skip
     assert preview_line({"type": "preview"}) is None
 
 

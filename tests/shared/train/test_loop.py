@@ -16,6 +16,7 @@ from distill.shared.errors import ConfigError, JobCancelled, ModelFormatError
 from distill.shared.model.formats import read_checkpoint
 from distill.shared.train.loop import (
     LoopConfig,
+    PreviewLabel,
     Trainer,
     fit_epochs,
     lr_at,
@@ -62,7 +63,9 @@ class Hooks:
     def load_checkpoint(self) -> bytes | None:
         return self.start_from
 
-    def on_preview(self, epoch: int, mels: Tensor, recon: Tensor, names: list[str]) -> None:
+    def on_preview(
+        self, epoch: int, mels: Tensor, recon: Tensor, labels: list[PreviewLabel]
+    ) -> None:
         return None
 
 

@@ -8,19 +8,20 @@ import io
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
 
-from distill.shared.audio.dataset import Dataset, build_dataset
+from distill.shared.audio.dataset import Dataset, ManifestRow, build_dataset
 from distill.shared.audio.io import scan_folder
 from distill.shared.audio.mel import MelConfig
 from distill.shared.errors import ConfigError, JobCancelled, JobError, ModelFormatError
 from distill.shared.model.formats import read_checkpoint, weights_from_bytes, weights_to_bytes
 from distill.shared.model.vqvae import VQVAE, VQVAEConfig, dead_code_threshold_for
 from distill.shared.train import vqvae as vqvae_training
-from distill.shared.train.loop import lr_at
-from distill.shared.train.vqvae import TrainConfig, VQVAETrainer, train_vqvae
+from distill.shared.train.loop import PreviewLabel, lr_at
+from distill.shared.train.vqvae import TrainConfig, VQVAETrainer, preview_pool, train_vqvae
 from tests.conftest import percussion_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -48,7 +49,7 @@ class RecordingHooks:
                  poison_at_steps: tuple[int, ...] = ()) -> None:  # fmt: skip
         self.metrics: list[dict[str, Any]] = []
         self.checkpoints: list[bytes] = []
-        self.previews: list[tuple[int, Tensor, Tensor, list[str]]] = []
+        self.previews: list[tuple[int, Tensor, Tensor, list[PreviewLabel]]] = []
         self.start_from, self.cancel_at_step = start_from, cancel_at_step
         self.poison_at_steps = set(poison_at_steps)
         self.steps = 0
@@ -72,8 +73,10 @@ class RecordingHooks:
     def load_checkpoint(self) -> bytes | None:
         return self.start_from
 
-    def on_preview(self, epoch: int, mels: Tensor, recon: Tensor, names: list[str]) -> None:
-        self.previews.append((epoch, mels, recon, names))
+    def on_preview(
+        self, epoch: int, mels: Tensor, recon: Tensor, labels: list[PreviewLabel]
+    ) -> None:
+        self.previews.append((epoch, mels, recon, labels))
 
 
 def run(dataset: Dataset, hooks: RecordingHooks, train: TrainConfig = FAST,
@@ -110,8 +113,24 @@ def test_training_lowers_the_loss_and_uses_every_level(dataset: Dataset) -> None
     assert result.codes_in_use == [torch.unique(codes[:, q]).numel() / 16 for q in range(2)]
     assert len(hooks.checkpoints) == 7  # the initial state, then one per epoch
     assert [p[0] for p in hooks.previews] == [2, 4, 6]
-    epoch, mels, recon, names = hooks.previews[0]
-    assert mels.shape == recon.shape and mels.shape[1:] == (128, 94) and len(names) == len(mels)
+    epoch, mels, recon, labels = hooks.previews[0]
+    assert mels.shape == recon.shape and mels.shape[1:] == (128, 94) and len(labels) == len(mels)
+    val_files = {dataset.manifest[int(dataset.chunk_file[i])].name for i in dataset.val_indices()}
+    assert {label.file for label in labels} <= val_files
+
+
+def test_previews_take_one_chunk_of_each_sound_before_a_second_of_any() -> None:
+    # a 3-chunk validation loop, a one-shot that trains, a 2-chunk validation sound
+    files = [("loop.flac", 3, "val"), ("hit.flac", 1, "train"), ("pad.flac", 2, "val")]
+    manifest = [ManifestRow(name, f"{i:064x}", "ok", None, float(n), 48000, 1, n, split)
+                for i, (name, n, split) in enumerate(files)]  # fmt: skip
+    chunk_file = np.array([i for i, (_, n, _) in enumerate(files) for _ in range(n)], np.int32)
+    mels = np.zeros((len(chunk_file), 128, 94), np.float32)
+    dataset = Dataset(MelConfig(), mels, chunk_file, manifest, seed=0)
+    pool = preview_pool(dataset, dataset.val_indices())  # rows: loop 0, 1, 2; pad 3, 4
+    assert [(p.row, tuple(p.label)) for p in pool] == [
+        (0, ("loop.flac", 1, 3)), (3, ("pad.flac", 1, 2)), (1, ("loop.flac", 2, 3)),
+        (4, ("pad.flac", 2, 2)), (2, ("loop.flac", 3, 3))]  # fmt: skip
 
 
 @pytest.mark.slow  # trains a model
