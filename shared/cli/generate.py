@@ -37,48 +37,103 @@ def _subtype(bits: str, suffix: str) -> str:
     return SUBTYPES[bits]
 
 
-def _describe(params: dict[str, Any]) -> str:
+def _describe(params: dict[str, Any], step_s: float) -> str:
+    """A recipe on one line; ``step_s``, the seconds per code step, gives the continued start
+    (``prime``) and a resampled region (``t0``, ``t1``) in seconds."""
     shown = ("seed", "temperature", "top_k", "top_p", "min_p", "seconds", "quality")
-    return " ".join(f"{k}={params[k]}" for k in shown if k in params)
+    parts = [f"{k}={params[k]}" for k in shown if k in params]
+    if params.get("prime"):
+        parts.append(f"continuing={len(params['prime'][0]) * step_s:.2f}s")
+    if "t0" in params:
+        parts.append(f"region={params['t0'] * step_s:.2f}-{params['t1'] * step_s:.2f}s")
+    return " ".join(parts)
 
 
 def generate_files(model: Any, out: Path, *, count: int, seconds: float, temperature: float,
                    top_k: int, top_p: float, seed: int, quality: str, fmt: str = "wav",
-                   min_p: float | None = None,
+                   min_p: float | None = None, prime: Any = None,
                    bits: str = "24", prefix: str = "gen", show: bool = True) -> list[Path]:  # fmt: skip
-    """``count`` generated sounds written into ``out`` with their metadata; their paths."""
-    from distill.shared.audio.export import ExportMetadata, export_audio
+    """``count`` generated sounds (continuing ``prime``, a (Q, T0) grid, if given) written into
+    ``out`` with their metadata; their paths."""
     from distill.shared.model import inference as inf
 
-    chosen = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
-    params = inf.sampling_params(chosen if min_p is None else {**chosen, "min_p": min_p})
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = f".{fmt}"
-    subtype = _subtype(bits, suffix)
+    params = _params(temperature, top_k, top_p, min_p, seed)
+    subtype = _subtype(bits, f".{fmt}")
     # The bar moves as each batch of 16 is decoded; sampling the codes comes before.
     with typer.progressbar(length=count, label="generating", hidden=not show) as bar:
         made = inf.generate(model, count=count, seconds=seconds, params=params, quality=quality,
+                            prime=prime,
                             on_batch=lambda done, total: bar.update(done - bar.pos))  # fmt: skip
-    paths = []
-    for i, audio in enumerate(made.audio):
-        path = out / f"{prefix}-s{seed}-{i:03d}{suffix}"
-        recipe = inf.generate_recipe(params, count=count, seconds=seconds, quality=quality, index=i)
-        meta = ExportMetadata(
-            kind="generate", model_id=model.model_id, title=path.stem, data=recipe
-        )
-        report = export_audio(path, audio, made.sample_rate, subtype=subtype, metadata=meta)  # type: ignore[arg-type]
-        gain = f" gain {report.gain_db:.1f} dB" if report.gain_db else ""
-        if show:
-            typer.echo(f"{path}  index={i} {_describe(recipe)}{gain}")
-        paths.append(path)
+    recipes = [inf.generate_recipe(params, count=count, seconds=seconds, quality=quality,
+                                   index=i, prime=prime) for i in range(count)]  # fmt: skip
+    paths = _export_all(model, made, recipes, "generate", out, f"{prefix}-s{seed}", fmt, subtype,
+                        show)  # fmt: skip
     note = inf.redraw_note(made.redrawn, count)
     if show and note:
         typer.echo(note)
     return paths
 
 
+def _params(temperature: float, top_k: int, top_p: float, min_p: float | None, seed: int) -> Any:
+    from distill.shared.model import inference as inf
+
+    chosen = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    return inf.sampling_params(chosen if min_p is None else {**chosen, "min_p": min_p})
+
+
+def _export_all(model: Any, made: Any, recipes: list[dict[str, Any]], kind: str, out: Path,
+                stem: str, fmt: str, subtype: str, show: bool) -> list[Path]:  # fmt: skip
+    """Each sound of ``made`` to ``out/STEM-NNN.FMT`` with its recipe; prints each line."""
+    from distill.shared.audio.export import ExportMetadata, export_audio
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    mel = model.mel_config
+    step_s = mel.hop_length * model.vqvae.config.downsample / mel.sample_rate
+    for i, (audio, recipe) in enumerate(zip(made.audio, recipes, strict=True)):
+        path = out / f"{stem}-{i:03d}.{fmt}"
+        meta = ExportMetadata(kind=kind, model_id=model.model_id, title=path.stem, data=recipe)
+        report = export_audio(path, audio, made.sample_rate, subtype=subtype, metadata=meta)  # type: ignore[arg-type]
+        gain = f" gain {report.gain_db:.1f} dB" if report.gain_db else ""
+        if show:
+            typer.echo(f"{path}  index={i} {_describe(recipe, step_s)}{gain}")
+        paths.append(path)
+    return paths
+
+
+def _codes_of(path: Path, model: Any, name: str) -> Any:
+    """The (Q, T) codes of ``path``: a codes file from `distill encode` (.npz), or a sound
+    encoded here as training prepares it. ``name`` is the option, for errors."""
+    import numpy as np
+
+    from distill.shared.audio.io import load_audio
+    from distill.shared.errors import DistillError
+    from distill.shared.model import inference as inf
+
+    if not path.is_file():
+        fail(f"{name} {path}: no such file")
+    if path.suffix.lower() == ".npz":
+        return np.asarray(_read_codes(path, model), dtype=np.int64)
+    try:
+        audio = load_audio(path, model.mel_config.sample_rate)
+        return inf.encode(model, inf.model_audio(model, audio.numpy(),
+                                                 model.mel_config.sample_rate))  # fmt: skip
+    except DistillError as e:  # an audio error names the file already
+        fail(str(e) if str(e).startswith(path.name) else f"{name} {path.name}: {e}")
+
+
+def _step_at(model: Any, seconds: float, name: str) -> int:
+    """The code step at ``seconds`` into a sound (0 at 0 s)."""
+    from distill.shared.model import inference as inf
+
+    if seconds < 0:
+        fail(f"{name} must be 0 or more seconds, got {seconds:g}")
+    return 0 if seconds == 0 else inf.steps_for(model, min(seconds, inf.MAX_SECONDS))
+
+
 def register(app: typer.Typer) -> None:
     app.command("generate")(generate)
+    app.command("resample")(resample)
     app.command("encode")(encode)
     app.command("decode")(decode)
     app.command("regenerate")(regenerate)
@@ -102,18 +157,93 @@ def generate(
     bits: str = typer.Option("24", "--bits", help="16, 24 or float (wav only)."),
     quality: str = QualityOpt,
     device: str = typer.Option("cpu", "--device"),
+    cont: Path | None = typer.Option(
+        None, "--continue", show_default=False,
+        help="Continue this sound (or a codes .npz from `distill encode`): each file is its "
+        "start and SECONDS more drawn by the prior.",
+    ),
+    start: float | None = typer.Option(
+        None, "--from", show_default=False,
+        help="With --continue: keep the sound up to here (seconds) and draw on from there "
+        "(default: its end).",
+    ),
 ) -> None:
-    """Generate new sounds from a model; prints each file with its parameters."""
+    """Generate new sounds from a model, or continue one; prints each file with its
+    parameters."""
     from distill.shared.errors import DistillError
 
     if fmt not in ("wav", "flac"):
         fail(f"--format must be wav or flac, got {fmt!r}")
+    if start is not None and cont is None:
+        fail("--from needs --continue FILE (the sound to continue)")
     model = _load(model_file, device)
+    prime, prefix = None, model_file.stem
+    if cont is not None:
+        prime = _codes_of(cont, model, "--continue")
+        if start is not None:
+            steps = _step_at(model, start, "--from")
+            if steps == 0:
+                fail("--from 0 keeps nothing of the sound: leave out --continue to draw anew")
+            prime = prime[:, :steps]
+        prefix = f"{model_file.stem}-{cont.stem}-cont"
     try:
         generate_files(model, out, count=count, seconds=seconds, temperature=temperature,
                        top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, quality=quality,
-                       fmt=fmt, bits=bits,
-                       prefix=model_file.stem)  # fmt: skip
+                       fmt=fmt, bits=bits, prime=prime, prefix=prefix)  # fmt: skip
+    except DistillError as e:
+        fail(str(e))
+
+
+def resample(
+    sound: Path = typer.Argument(..., help="A sound, or a codes .npz from `distill encode`."),
+    model_file: Path = typer.Option(..., "--model", "-m", help="A .distill model file."),
+    start: float = typer.Option(..., "--from", help="Start of the region to draw again (s)."),
+    end: float | None = typer.Option(
+        None, "--to", show_default=False, help="End of the region (s; default: the end)."
+    ),
+    count: int = typer.Option(4, "-n", "--count", help="How many versions (1..256)."),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    top_k: int = typer.Option(0, "--top-k", help="0: off."),
+    top_p: float = typer.Option(1.0, "--top-p", help="1: off."),
+    min_p: float | None = typer.Option(
+        None, "--min-p", show_default=False, help="As for `distill generate` (default 0.01)."
+    ),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("."), "-o", "--out", help="Folder for the files."),
+    fmt: str = typer.Option("wav", "--format", help="wav or flac."),
+    bits: str = typer.Option("24", "--bits", help="16, 24 or float (wav only)."),
+    quality: str = QualityOpt,
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """A sound with the region [FROM, TO) drawn again by the prior, given what comes before it;
+    COUNT versions, each file with its recipe."""
+    from distill.shared.errors import DistillError
+    from distill.shared.model import inference as inf
+
+    if fmt not in ("wav", "flac"):
+        fail(f"--format must be wav or flac, got {fmt!r}")
+    model = _load(model_file, device)
+    codes = _codes_of(sound, model, "SOUND")
+    total = codes.shape[1]
+    length_s = total / inf.steps_for(model, 1.0)  # the sound's length in seconds
+    t0 = _step_at(model, start, "--from")
+    t1 = total if end is None else _step_at(model, end, "--to")
+    if t0 >= total:
+        fail(f"--from {start:g} s is at or past the end of {sound.name} (~{length_s:.2f} s)")
+    if t1 <= t0:
+        fail(f"--to must come after --from: the region [{start:g}, {end:g}) s holds no code step")
+    t1 = min(t1, total)
+    try:
+        params = _params(temperature, top_k, top_p, min_p, seed)
+        subtype = _subtype(bits, f".{fmt}")
+        with typer.progressbar(length=count, label="resampling") as bar:
+            made = inf.resample_variants(model, codes, t0, t1, params, inf.check_quality(quality),
+                                         count=count,
+                                         on_batch=lambda done, total: bar.update(done - bar.pos))  # fmt: skip
+        recipes = [inf.resample_recipe(params, codes, t0=t0, t1=t1, count=count, quality=quality,
+                                       index=i) for i in range(count)]  # fmt: skip
+        stem = f"{sound.stem}-resample-s{seed}"
+        _export_all(model, made, recipes, "resample", out, stem, fmt, subtype, show=True)
     except DistillError as e:
         fail(str(e))
 

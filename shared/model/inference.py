@@ -262,15 +262,26 @@ def blend(model: DistillModel, a: torch.Tensor, b: torch.Tensor, amount: float, 
 def resample_region(model: DistillModel, codes: object, t0: int, t1: int,
                     params: SamplingParams, quality: str) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Steps [t0, t1) of a full grid drawn again by the prior; codes (Q, T) and audio."""
+    made = resample_variants(model, codes, t0, t1, params, quality, count=1)
+    return made.codes[0], made.audio[0]
+
+
+def resample_variants(model: DistillModel, codes: object, t0: int, t1: int,
+                      params: SamplingParams, quality: str, *, count: int,
+                      on_batch: Callable[[int, int], None] | None = None) -> Generated:  # fmt: skip
+    """``count`` versions of a full grid, each with steps [t0, t1) drawn again by the prior
+    (one batch, one seed: version i depends on (model, codes, t0, t1, params, count, quality),
+    as a generated sound does). Audio (count, samples) and codes (count, Q, T)."""
     prior = _prior(model)
     grid = check_grid(model, codes)
     if bool((grid < 0).any()):
         raise BadInput("resample_region needs a code at every level and step (no -1)")
+    count = check_int(count, "count", 1, MAX_COUNT)
     t0 = check_int(t0, "t0", 0, grid.shape[2] - 1)
     t1 = check_int(t1, "t1", t0 + 1, grid.shape[2])
-    new = prior_resample_region(prior, grid, t0, t1, params)  # (1, Q, T)
-    audio, _ = render(model, new, quality)
-    return new[0].cpu().numpy(), audio[0]
+    new = prior_resample_region(prior, grid.expand(count, -1, -1), t0, t1, params)  # (B, Q, T)
+    audio = _render_batches(model, new, quality, on_batch)
+    return Generated(audio, new.cpu().numpy(), model.mel_config.sample_rate)
 
 
 def codebook_usage(model: DistillModel, mels: np.ndarray, batch: int = 64) -> dict[str, Any]:
@@ -318,19 +329,32 @@ def edit_session(model: DistillModel, session: object, action: object, edit: obj
 
 # --- recipes: what an exported file records, and replaying it ------------------------------------
 
-RECIPE_KINDS = ("generate", "decode", "edit")
+RECIPE_KINDS = ("generate", "decode", "edit", "resample")
 
 
 def generate_recipe(params: SamplingParams, *, count: int, seconds: float, quality: str,
-                    index: int) -> dict[str, Any]:  # fmt: skip
-    """What regenerates sound ``index`` of a generate call (an export's metadata ``data``).
+                    index: int, prime: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
+    """What regenerates sound ``index`` of a generate call (an export's metadata ``data``);
+    ``prime``, the (Q, T0) codes it continued, if any.
 
     ``threads`` is recorded because CPU kernels split their sums by thread: measured, the same
     sound made with 1 and 2 torch threads differs in its last bits, so a replay uses the count
     the sound was made with.
     """
-    return {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality,
-            "index": index, "threads": torch.get_num_threads()}  # fmt: skip
+    recipe = {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality,
+              "index": index, "threads": torch.get_num_threads()}  # fmt: skip
+    if prime is not None:
+        recipe["prime"] = np.asarray(prime).tolist()
+    return recipe
+
+
+def resample_recipe(params: SamplingParams, codes: np.ndarray, *, t0: int, t1: int,
+                    count: int, quality: str, index: int) -> dict[str, Any]:  # fmt: skip
+    """What makes version ``index`` of a ``resample_variants`` call again: the grid before,
+    the region, the sampling parameters (and the thread count, as for a generated sound)."""
+    return {**params.to_dict(), "codes": np.asarray(codes).tolist(), "t0": t0, "t1": t1,
+            "count": count, "quality": quality, "index": index,
+            "threads": torch.get_num_threads()}  # fmt: skip
 
 
 def decode_recipe(codes: np.ndarray, levels: int | None, quality: str,
@@ -358,21 +382,31 @@ def replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarra
 def _replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarray:
     try:
         quality = check_quality(data["quality"])
-        if kind == "generate":
+        if kind in ("generate", "resample"):
             # min_p came later: a recipe without it was drawn with none (0)
             params = sampling_params({**{k: data[k] for k in ("temperature", "top_k", "top_p",
                                                               "seed")},
                                       "min_p": data.get("min_p", 0.0)})  # fmt: skip
             count = check_int(data["count"], "count", 1, MAX_COUNT)
             index = check_int(data["index"], "index", 0, count - 1)
+            if kind == "resample":
+                return resample_variants(model, _grid(data["codes"]), data["t0"], data["t1"],
+                                         params, quality, count=count).audio[index]  # fmt: skip
+            prime = data.get("prime")
             out = generate(model, count=count, seconds=data["seconds"], params=params,
-                           quality=quality)  # fmt: skip
+                           quality=quality, prime=None if prime is None else _grid(prime))  # fmt: skip
             return out.audio[index]
         if kind == "decode":
-            return decode(model, np.array(data["codes"], dtype=np.int64), data["levels"], quality)[
-                0
-            ]
+            return decode(model, _grid(data["codes"]), data["levels"], quality)[0]
         session = edit_session(model, data["session"], "none", None)
         return decode(model, session.grid.codes, data["levels"], quality)[0]
     except KeyError as e:
         raise BadInput(f"the '{kind}' recipe lacks {e}") from e
+
+
+def _grid(codes: object) -> np.ndarray:
+    """A recipe's code grid (nested lists from JSON) as int64, checked against the model later."""
+    try:
+        return np.array(codes, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise BadInput(f"the recipe's codes are not an integer grid ({e})") from e

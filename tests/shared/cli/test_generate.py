@@ -124,3 +124,83 @@ def test_regenerate_uses_the_thread_count_the_sound_was_made_with(
         assert torch.get_num_threads() == 2  # restored after the replay
     finally:
         torch.set_num_threads(before)
+
+
+def _tone(path: Path, seconds: float = 1.0) -> Path:
+    t = np.arange(int(48000 * seconds)) / 48000
+    sf.write(path, 0.5 * np.sin(2 * math.pi * 300 * t) * np.exp(-2 * t), 48000)
+    return path
+
+
+def test_continue_keeps_the_start_of_the_sound_and_regenerates(
+    model_file: Path, tmp_path: Path
+) -> None:
+    wav, codes = _tone(tmp_path / "in.wav"), tmp_path / "codes.npz"
+    run("encode", wav, "--model", model_file, "-o", codes)
+    with np.load(codes, allow_pickle=False) as npz:
+        grid = npz["codes"]
+    out = tmp_path / "out"
+    text = run("generate", model_file, "--continue", wav, "--from", "0.5", "--seconds", "0.3",
+               "-n", "2", "--seed", "3", "-o", out, "--quality", "preview")  # fmt: skip
+    files = sorted(out.glob("*.wav"))
+    assert [f.name for f in files] == ["tiny-in-cont-s3-000.wav", "tiny-in-cont-s3-001.wav"]
+    assert "continuing=0.5" in text
+    kept = inference.steps_for(generate._load(model_file, "cpu"), 0.5)
+    meta = read_export_metadata(files[1])
+    assert meta.data["prime"] == grid[:, :kept].tolist()  # the sound's own codes up to 0.5 s
+    assert "identical to" in run("regenerate", files[1], "--model", model_file)
+    # a codes file continues the same way as the sound it came from
+    again = run("generate", model_file, "--continue", codes, "--from", "0.5", "--seconds",
+                "0.3", "-n", "2", "--seed", "3", "-o", tmp_path / "npz", "--quality", "preview")  # fmt: skip
+    assert "continuing=0.5" in again
+    twin = tmp_path / "npz" / "tiny-codes-cont-s3-001.wav"
+    assert np.array_equal(sf.read(twin)[0], sf.read(files[1])[0])
+
+
+def test_resample_redraws_only_the_region_and_regenerates(model_file: Path, tmp_path: Path) -> None:
+    wav = _tone(tmp_path / "in.wav")
+    model = generate._load(model_file, "cpu")
+    run("encode", wav, "--model", model_file, "-o", tmp_path / "codes.npz")
+    with np.load(tmp_path / "codes.npz", allow_pickle=False) as npz:
+        grid = npz["codes"]  # the sound as training prepares it, encoded
+    out = tmp_path / "out"
+    text = run("resample", wav, "--model", model_file, "--from", "0.25", "--to", "0.5",
+               "-n", "3", "--seed", "1", "-o", out, "--quality", "preview")  # fmt: skip
+    files = sorted(out.glob("*.wav"))
+    assert [f.name for f in files] == [f"in-resample-s1-00{i}.wav" for i in range(3)]
+    assert "region=0.2" in text
+    t0, t1 = inference.steps_for(model, 0.25), inference.steps_for(model, 0.5)
+    metas = [read_export_metadata(f) for f in files]
+    assert all(m.kind == "resample" and (m.data["t0"], m.data["t1"]) == (t0, t1) for m in metas)
+    assert metas[0].data["codes"] == grid.tolist()
+    assert "identical to" in run("regenerate", files[2], "--model", model_file)
+    # the same versions as the function gives, and only the region differs from the sound
+    made = inference.resample_variants(model, grid, t0, t1, inference.sampling_params(
+        {"seed": 1}), "preview", count=3)  # fmt: skip
+    assert np.array_equal(made.codes[:, :, :t0], np.broadcast_to(grid[:, :t0], made.codes[:, :, :t0].shape))
+    assert np.array_equal(made.codes[:, :, t1:], np.broadcast_to(grid[:, t1:], made.codes[:, :, t1:].shape))
+    assert len({made.codes[i, :, t0:t1].tobytes() for i in range(3)}) == 3
+    first, _ = inference.resample_region(model, grid, t0, t1, inference.sampling_params(
+        {"seed": 1}), "preview")  # fmt: skip
+    assert np.array_equal(first, inference.resample_variants(
+        model, grid, t0, t1, inference.sampling_params({"seed": 1}), "preview", count=1).codes[0])  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["generate", "{model}", "--from", "0.5"], "--from needs --continue"),
+    (["generate", "{model}", "--continue", "{missing}"], "--continue {missing}: no such file"),
+    (["generate", "{model}", "--continue", "{wav}", "--from", "0"], "keeps nothing"),
+    (["resample", "{wav}", "--model", "{model}", "--from", "5"], "at or past the end of in.wav"),
+    (["resample", "{wav}", "--model", "{model}", "--from", "0.5", "--to", "0.5"],
+     "--to must come after --from"),
+    (["resample", "{notes}", "--model", "{model}", "--from", "0"], "notes.txt: not audio"),
+])  # fmt: skip
+def test_continue_and_resample_refuse_what_they_cannot_use(
+    model_file: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    names = {"model": str(model_file), "wav": str(_tone(tmp_path / "in.wav")),
+             "missing": str(tmp_path / "gone.wav"), "notes": str(tmp_path / "notes.txt")}
+    (tmp_path / "notes.txt").write_text("not a sound")
+    result = runner.invoke(app, [a.format(**names) for a in args] + ["-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and message.format(**names) in result.output, result.output
+    assert "Traceback" not in result.output
