@@ -17,6 +17,20 @@ from distill.shared.cli.common import fail
 
 SUBTYPES = {"16": "PCM_16", "24": "PCM_24", "float": "FLOAT"}
 QualityOpt = typer.Option("best", "--quality", help="Phase quality: preview, fast or best.")
+# The sampling and output options `generate` and `resample` share
+TemperatureOpt = typer.Option(1.0, "--temperature")
+TopKOpt = typer.Option(0, "--top-k", help="0: off.")
+TopPOpt = typer.Option(1.0, "--top-p", help="1: off.")
+MinPOpt = typer.Option(
+    None, "--min-p", show_default=False,
+    help="Drop codes less likely than this share of the likeliest one (0: off; default 0.01: "
+    "the prior's smoothing floor).",
+)  # fmt: skip
+SeedOpt = typer.Option(0, "--seed")
+OutOpt = typer.Option(Path("."), "-o", "--out", help="Folder for the files.")
+FormatOpt = typer.Option("wav", "--format", help="wav or flac.")
+BitsOpt = typer.Option("24", "--bits", help="16, 24 or float (wav only).")
+DeviceOpt = typer.Option("cpu", "--device")
 
 
 def _load(path: Path, device: str) -> Any:
@@ -143,20 +157,16 @@ def generate(
     model_file: Path = typer.Argument(..., help="A .distill model file."),
     count: int = typer.Option(8, "-n", "--count", help="How many sounds (1..256)."),
     seconds: float = typer.Option(2.0, "--seconds", help="Length of each sound (<= 60)."),
-    temperature: float = typer.Option(1.0, "--temperature"),
-    top_k: int = typer.Option(0, "--top-k", help="0: off."),
-    top_p: float = typer.Option(1.0, "--top-p", help="1: off."),
-    min_p: float | None = typer.Option(
-        None, "--min-p", show_default=False,
-        help="Drop codes less likely than this share of the likeliest one (0: off; default "
-        "0.01: the prior's smoothing floor).",
-    ),
-    seed: int = typer.Option(0, "--seed"),
-    out: Path = typer.Option(Path("."), "-o", "--out", help="Folder for the files."),
-    fmt: str = typer.Option("wav", "--format", help="wav or flac."),
-    bits: str = typer.Option("24", "--bits", help="16, 24 or float (wav only)."),
+    temperature: float = TemperatureOpt,
+    top_k: int = TopKOpt,
+    top_p: float = TopPOpt,
+    min_p: float | None = MinPOpt,
+    seed: int = SeedOpt,
+    out: Path = OutOpt,
+    fmt: str = FormatOpt,
+    bits: str = BitsOpt,
     quality: str = QualityOpt,
-    device: str = typer.Option("cpu", "--device"),
+    device: str = DeviceOpt,
     cont: Path | None = typer.Option(
         None, "--continue", show_default=False,
         help="Continue this sound (or a codes .npz from `distill encode`): each file is its "
@@ -202,18 +212,16 @@ def resample(
         None, "--to", show_default=False, help="End of the region (s; default: the end)."
     ),
     count: int = typer.Option(4, "-n", "--count", help="How many versions (1..256)."),
-    temperature: float = typer.Option(1.0, "--temperature"),
-    top_k: int = typer.Option(0, "--top-k", help="0: off."),
-    top_p: float = typer.Option(1.0, "--top-p", help="1: off."),
-    min_p: float | None = typer.Option(
-        None, "--min-p", show_default=False, help="As for `distill generate` (default 0.01)."
-    ),
-    seed: int = typer.Option(0, "--seed"),
-    out: Path = typer.Option(Path("."), "-o", "--out", help="Folder for the files."),
-    fmt: str = typer.Option("wav", "--format", help="wav or flac."),
-    bits: str = typer.Option("24", "--bits", help="16, 24 or float (wav only)."),
+    temperature: float = TemperatureOpt,
+    top_k: int = TopKOpt,
+    top_p: float = TopPOpt,
+    min_p: float | None = MinPOpt,
+    seed: int = SeedOpt,
+    out: Path = OutOpt,
+    fmt: str = FormatOpt,
+    bits: str = BitsOpt,
     quality: str = QualityOpt,
-    device: str = typer.Option("cpu", "--device"),
+    device: str = DeviceOpt,
 ) -> None:
     """A sound with the region [FROM, TO) drawn again by the prior, given what comes before it;
     COUNT versions, each file with its recipe."""
