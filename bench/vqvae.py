@@ -33,7 +33,7 @@ from distill.shared.audio.io import load_audio, scan_folder
 from distill.shared.audio.mel import MelConfig, log_mel
 from distill.shared.audio.metrics import log_mel_l1, spectral_convergence
 from distill.shared.audio.phase import mel_to_audio
-from distill.shared.model.vqvae import VQVAE, VQVAEConfig, choose_size
+from distill.shared.model.vqvae import SEARCH_CANDIDATES, VQVAE, VQVAEConfig, choose_size
 from distill.shared.train.loop import PreviewLabel
 from distill.shared.train.vqvae import TrainConfig, TrainResult, VQVAETrainer
 
@@ -91,19 +91,23 @@ def bare_steps_per_s(trainer: VQVAETrainer, steps: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: VQVAE, paths: list[Path], cfg: MelConfig, levels: int | None = None
-             ) -> dict[str, Any]:  # fmt: skip
+def evaluate(model: VQVAE, paths: list[Path], cfg: MelConfig, levels: int | None = None,
+             search: int = SEARCH_CANDIDATES) -> dict[str, Any]:  # fmt: skip
     """Medians over whole files of the model's mel L1 and decoded audio vs the floor; with every
     level, also the decoded audio of the unquantized latents (``sc_latents``: what the encoder
-    and decoder alone lose) and each file's ratio to its floor (``files``, worst first)."""
+    and decoder alone lose) and each file's ratio to its floor (``files``, worst first).
+
+    Files are encoded as ``distill encode`` and the inference worker encode them: codes chosen
+    by what they decode to among ``search`` candidates (``VQVAE.search_codes``); ``search`` 1:
+    the quantizer's nearest codes, as the trainer and the prior's code sets use."""
     keys = ("mel_l1", "sc", "sc_floor", "l1", "l1_floor", *(f"l1_{b}" for b in BANDS))
     rows: dict[str, list[float]] = {k: [] for k in (*keys, "sc_latents")}
     files: list[tuple[str, float]] = []
     for path in paths:
         audio = load_audio(path, cfg.sample_rate)  # as the dataset prepared it
         mel = log_mel(audio, cfg)  # (M, T)
-        z = model.encode_latents(mel[None])  # (1, T', D): quantized below, as model.encode does
-        codes = model.quantize(z)[1]  # (1, Q, T')
+        z = model.encode_latents(mel[None])  # (1, T', D)
+        codes = model.search_codes(mel[None], search)  # (1, Q, T')
         recon = model.decode_codes(codes, levels)[0, :, : mel.shape[-1]]  # (M, T)
         decoded = mel_to_audio(recon, cfg, length=audio.shape[-1])
         floor = mel_to_audio(mel, cfg, length=audio.shape[-1])
@@ -171,6 +175,9 @@ def report(name: str, m: dict[str, Any], bar: float) -> None:
     print(f"{name:>10}: mel L1 {m['mel_l1']:.3f} | decoded SC {m['sc']:.3f} vs floor "
           f"{m['sc_floor']:.3f} = {ratio:.2f}x (bar {bar}x: {'met' if ratio <= bar else 'not met'})"
           f" | decoded log-mel L1 {m['l1']:.3f} vs floor {m['l1_floor']:.3f}")  # fmt: skip
+    per_file = statistics.median(r for _, r in m["files"])
+    print(f"{'':>10}  median of per-file ratios {per_file:.2f}x (above: the median SC over the "
+          "median floor)")  # fmt: skip
     print(f"{'':>10}  mel L1 by loudness below the file's peak: "
           + ", ".join(f"{b} {m[f'l1_{b}']:.3f}" for b in BANDS))
     if "latents_ratio" in m:  # the codes' share of the gap: the same model without quantizing
@@ -266,11 +273,23 @@ def main() -> None:
               f"in {ref['seconds']:.1f} s: training loss {ref['train_loss_before']:.4f} -> "
               f"{ref['train_loss_after']:.4f}, validation loss {ref['val_loss_before']:.4f} -> "
               f"{ref['val_loss_after']:.4f} ({'kept' if ref['kept'] else 'undone'})")  # fmt: skip
-    report("val", evaluate(result.model, val_paths, cfg), 1.5)
+    started = time.perf_counter()
+    held_back = evaluate(result.model, val_paths, cfg)
+    searched_s = time.perf_counter() - started
+    print(f"codes searched by what they decode to ({SEARCH_CANDIDATES} candidates per level and "
+          f"step, as `distill encode` and the inference worker encode): "
+          f"{searched_s:.1f} s for the held-back files")  # fmt: skip
+    report("val", held_back, 1.5)
     report("train", evaluate(result.model, train_paths, cfg), 1.25)
+    print("the quantizer's nearest codes (no search; what the trainer's checks and the prior's "
+          "code sets use):")  # fmt: skip
+    for name, paths in (("val", val_paths), ("train", train_paths)):
+        m = evaluate(result.model, paths, cfg, search=1)
+        print(f"  {name}: decoded SC {m['sc']:.3f} vs floor {m['sc_floor']:.3f} = "
+              f"{m['sc'] / m['sc_floor']:.2f}x")  # fmt: skip
     audio_check_cost(trainer, result, hooks)
     for k in range(1, 1 if args.quick else result.model_config.levels or 1):
-        m = evaluate(result.model, val_paths, cfg, levels=k)
+        m = evaluate(result.model, val_paths, cfg, levels=k, search=1)
         print(
             f"  val, first {k} level(s): decoded SC {m['sc']:.3f} ({m['sc'] / m['sc_floor']:.2f}x)"
         )

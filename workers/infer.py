@@ -21,11 +21,14 @@ generate           count (1..16, default 1), seconds (<= 60),      audio (count,
                    see SamplingParams), prime: (Q, T0) codes to    params {the sampling params,
                    continue (optional), quality                    count, seconds}, sample_rate
 encode             audio (samples,) or (channels, samples) float,  codes (Q, T) i64, levels,
-                   sample_rate (resampled to the model's)          codebook_size, sample_rate
+                   sample_rate (resampled to the model's), search  codebook_size, sample_rate
+                   (codes tried per level and step, chosen by
+                   what they decode to; default 16; 0: the
+                   quantizer's nearest)
 decode             codes (Q, T) (exactly the model's Q levels),    audio (samples,) f32,
                    levels (1..Q: decode the first k; default Q),   mel (n_mels, frames) f32,
                    quality                                         sample_rate
-progressive        audio, sample_rate, quality                     codes (Q, T), audio (Q,
+progressive        audio, sample_rate, quality, search             codes (Q, T), audio (Q,
                                                                    samples): row k-1 decodes the
                                                                    first k levels
 blend              a, b (audio), sample_rate, amount (0: a, 1: b), codes (Q, T), audio
@@ -140,7 +143,8 @@ def _generate(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dic
 
 
 def _encode(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
-    codes = inf.encode(model, inf.model_audio(model, body.get("audio"), body.get("sample_rate")))
+    audio = inf.model_audio(model, body.get("audio"), body.get("sample_rate"))
+    codes = inf.encode(model, audio, body.get("search", inf.SEARCH_CANDIDATES))
     return {"codes": codes, "levels": codes.shape[0],
             "codebook_size": model.vqvae.config.codebook_size,
             "sample_rate": model.mel_config.sample_rate}  # fmt: skip
@@ -153,7 +157,8 @@ def _decode(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[
 
 def _progressive(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
     audio = inf.model_audio(model, body.get("audio"), body.get("sample_rate"))
-    codes, outs = inf.progressive(model, audio, _quality(body))
+    codes, outs = inf.progressive(model, audio, _quality(body),
+                                  body.get("search", inf.SEARCH_CANDIDATES))  # fmt: skip
     return {"codes": codes, "audio": outs, "sample_rate": model.mel_config.sample_rate}
 
 

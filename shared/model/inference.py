@@ -32,11 +32,13 @@ from distill.shared.model.modelfile import DistillModel
 from distill.shared.model.sampling import MAX_SEED, SamplingParams
 from distill.shared.model.sampling import resample_region as prior_resample_region
 from distill.shared.model.sampling import sample as prior_sample
+from distill.shared.model.vqvae import SEARCH_CANDIDATES
 
 # 60 s: ten times the longest sound in a percussion collection, and ~1 GB of working memory
 # at batch 16 in the decoder; a 10-hour request is refused instead of swapping the worker.
 MAX_SECONDS = 60.0
 MAX_COUNT = 256  # sounds per generate call; the worker answers up to 16 directly (see infer.py)
+MAX_SEARCH = 256  # candidates per level and step when encoding (cost grows with it)
 # Sounds decoded together: bounds memory at any count, and fixes how a batch is split, so the
 # same request decodes the same way whether it came as a request, a job or a regenerate.
 RENDER_BATCH = 16
@@ -169,11 +171,18 @@ def render(model: DistillModel, codes: torch.Tensor, quality: str, levels: int |
     return audio.cpu().numpy().astype(np.float32), mel.cpu().numpy().astype(np.float32)
 
 
-def encode(model: DistillModel, audio: torch.Tensor) -> np.ndarray:
-    """Mono audio (samples,) at the model's rate -> codes (Q, T) int64."""
+def encode(model: DistillModel, audio: torch.Tensor, search: int = SEARCH_CANDIDATES
+           ) -> np.ndarray:  # fmt: skip
+    """Mono audio (samples,) at the model's rate -> codes (Q, T) int64, chosen by what they
+    decode to among ``search`` candidates per level and step (``VQVAE.search_codes``: on
+    sounds unlike the training set, ~1.3x the Griffin-Lim floor where the quantizer's own
+    codes give ~2.1x, at ~2 s per second of sound on a CPU thread); 0 or 1: the quantizer's
+    nearest codes, at once."""
+    search = check_int(search, "search", 0, MAX_SEARCH)
     with torch.inference_mode():
         mel = log_mel(audio.to(_device(model)), model.mel_config)[None]  # (1, M, frames)
-        return model.vqvae.encode(mel)[0].cpu().numpy().astype(np.int64)  # (Q, T)
+        codes = model.vqvae.search_codes(mel, max(search, 1))  # (1, Q, T)
+    return codes[0].cpu().numpy().astype(np.int64)  # (Q, T)
 
 
 def decode(model: DistillModel, codes: object, levels: int | None, quality: str
@@ -230,10 +239,10 @@ def _render_batches(model: DistillModel, codes: torch.Tensor, quality: str,
     return np.concatenate(parts)
 
 
-def progressive(model: DistillModel, audio: torch.Tensor, quality: str
-                ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def progressive(model: DistillModel, audio: torch.Tensor, quality: str,
+                search: int = SEARCH_CANDIDATES) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Codes (Q, T) of ``audio`` and its reconstructions (Q, samples) from k = 1..Q levels."""
-    codes = encode(model, audio)
+    codes = encode(model, audio, search)
     grid = torch.from_numpy(codes)[None].to(_device(model))  # (1, Q, T)
     q = codes.shape[0]
     outs = [render(model, grid, quality, k)[0][0] for k in range(1, q + 1)]
@@ -245,7 +254,8 @@ def blend(model: DistillModel, a: torch.Tensor, b: torch.Tensor, amount: float, 
     """Encoder outputs of a and b interpolated by ``amount`` (0: a, 1: b), quantised again.
 
     The shorter sound is padded with silence to the longer one's length. Returns codes (Q, T)
-    and audio (samples,); at amount 0 and 1 they equal ``decode(encode(a or b))``.
+    and audio (samples,); at amount 0 and 1 they equal ``decode(encode(a or b, search=0))``:
+    a mix has no sound to search codes against, so it keeps the quantizer's nearest.
     """
     amount = check_number(amount, "amount", 0.0, 1.0)
     n = max(a.shape[-1], b.shape[-1])

