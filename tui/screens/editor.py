@@ -27,6 +27,9 @@ from distill.tui.widgets.waveform import Waveform
 
 INFER = "distill.infer"
 EDIT_TIMEOUT_S = 60.0  # a coarse preview is quick; the first request also loads the model
+# Encoding searches each sound's codes by what they decode to: ~2 s per second of sound on a
+# CPU thread, more on a busy machine; the request waits this long per second on top.
+ENCODE_S_PER_SECOND = 6.0
 
 
 @dataclass
@@ -126,9 +129,10 @@ class EditorScreen(DistillScreen):
         return value
 
     # --- requests -----------------------------------------------------------------------------
-    async def infer(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def infer(self, body: dict[str, Any], timeout_s: float = EDIT_TIMEOUT_S
+                    ) -> dict[str, Any]:  # fmt: skip
         reply: dict[str, Any] = await self.distill.client.request(
-            INFER, {**body, "model": self.model()}, timeout_s=EDIT_TIMEOUT_S)
+            INFER, {**body, "model": self.model()}, timeout_s=timeout_s)
         return reply
 
     def action_encode(self) -> None:
@@ -157,10 +161,13 @@ class EditorScreen(DistillScreen):
 
     @work(group="edit", exclusive=True)
     async def encode(self, i: int, audio: np.ndarray, rate: int, name: str) -> None:
-        self.status(f"encoding {name} …")
+        seconds = len(audio) / rate
+        self.status(f"encoding {name} ({seconds:.1f} s: its codes are searched by what they "
+                    "decode to) …")  # fmt: skip
         try:
             reply = await self.infer({"op": "encode", "audio": audio.astype(np.float32),
-                                      "sample_rate": rate})
+                                      "sample_rate": rate},
+                                     timeout_s=EDIT_TIMEOUT_S + ENCODE_S_PER_SECOND * seconds)  # fmt: skip
             codes = np.asarray(reply["codes"], dtype=np.int64)
             session = EditSession(CodeGrid(codes, int(reply["codebook_size"]))).to_dict()
             self.codebook_size = int(reply["codebook_size"])
