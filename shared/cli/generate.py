@@ -261,10 +261,10 @@ def encode(
     model_file: Path = typer.Option(..., "--model", "-m", help="A .distill model file."),
     out: Path = typer.Option(Path("codes.npz"), "-o", "--out"),
     device: str = typer.Option("cpu", "--device"),
-    search: int = typer.Option(
-        16, "--search",
-        help="Codes tried per level and step, kept by what they decode to (~2 s per second "
-        "of sound at 16 on one CPU thread); 0: the quantizer's nearest codes, at once.",
+    search: int | None = typer.Option(
+        None, "--search", show_default=False,
+        help="Codes tried per level and step, kept by what they decode to (default 16: ~2 s "
+        "per second of sound on one CPU thread); 0: the quantizer's nearest codes, at once.",
     ),  # fmt: skip
 ) -> None:
     """Encode a sound into a code grid (.npz: codes, codebook_size, model_id)."""
@@ -278,7 +278,8 @@ def encode(
     try:
         audio = load_audio(audio_file, model.mel_config.sample_rate)  # as training prepares it
         codes = inf.encode(
-            model, inf.model_audio(model, audio.numpy(), model.mel_config.sample_rate), search
+            model, inf.model_audio(model, audio.numpy(), model.mel_config.sample_rate),
+            inf.SEARCH_CANDIDATES if search is None else search,
         )
     except DistillError as e:
         fail(str(e))
