@@ -120,20 +120,28 @@ def _codes_of(path: Path, model: Any, name: str) -> Any:
     encoded here as training prepares it. ``name`` is the option, for errors."""
     import numpy as np
 
-    from distill.shared.audio.io import load_audio
-    from distill.shared.errors import DistillError
-    from distill.shared.model import inference as inf
-
     if not path.is_file():
         fail(f"{name} {path}: no such file")
     if path.suffix.lower() == ".npz":
         return np.asarray(_read_codes(path, model), dtype=np.int64)
+    return _encode_sound(path, model, name)
+
+
+def _encode_sound(path: Path, model: Any, name: str = "", search: int | None = None) -> Any:
+    """The (Q, T) codes of the sound ``path``, prepared as for training and encoded with
+    ``search`` candidates (None: the model layer's default); an error names ``name`` (the
+    option) and the file unless it names the file already."""
+    from distill.shared.audio.io import load_audio
+    from distill.shared.errors import DistillError
+    from distill.shared.model import inference as inf
+
     try:
         audio = load_audio(path, model.mel_config.sample_rate)
-        return inf.encode(model, inf.model_audio(model, audio.numpy(),
-                                                 model.mel_config.sample_rate))  # fmt: skip
-    except DistillError as e:  # an audio error names the file already
-        fail(str(e) if str(e).startswith(path.name) else f"{name} {path.name}: {e}")
+        return inf.encode(model, inf.model_audio(model, audio.numpy(), model.mel_config.sample_rate),
+                          inf.SEARCH_CANDIDATES if search is None else search)  # fmt: skip
+    except DistillError as e:
+        named = str(e).startswith(path.name) or not name
+        fail(str(e) if named else f"{name} {path.name}: {e}")
 
 
 def _step_at(model: Any, seconds: float, name: str) -> int:
@@ -270,19 +278,8 @@ def encode(
     """Encode a sound into a code grid (.npz: codes, codebook_size, model_id)."""
     import numpy as np
 
-    from distill.shared.audio.io import load_audio
-    from distill.shared.errors import DistillError
-    from distill.shared.model import inference as inf
-
     model = _load(model_file, device)
-    try:
-        audio = load_audio(audio_file, model.mel_config.sample_rate)  # as training prepares it
-        codes = inf.encode(
-            model, inf.model_audio(model, audio.numpy(), model.mel_config.sample_rate),
-            inf.SEARCH_CANDIDATES if search is None else search,
-        )
-    except DistillError as e:
-        fail(str(e))
+    codes = _encode_sound(audio_file, model, search=search)
     np.savez(out, codes=codes, codebook_size=np.int64(model.vqvae.config.codebook_size),
              model_id=np.array(model.model_id))  # fmt: skip
     typer.echo(

@@ -482,9 +482,10 @@ class VQVAE(nn.Module):
         level by level from the coarsest and step by step, try the ``candidates`` codes nearest
         to the latent that level should add there and keep the one whose decoded mel is
         closest to ``mel`` (in squared magnitude, what the spectral convergence of the audio
-        weighs, plus a little log-mel L1 for the quiet bins: SEARCH_LOG_WEIGHT). The nearest code in latent space is not the best one in sound: for a sound
-        unlike the training set the latent lies far from every code, and the decoder reads some
-        directions of its error far more than others. Measured on 13 held-back percussion files
+        weighs, plus a little log-mel L1 for the quiet bins: SEARCH_LOG_WEIGHT). The nearest
+        code in latent space is not the best one in sound: for a sound unlike the training set
+        the latent lies far from every code, and the decoder reads some directions of its error
+        far more than others. Measured on 13 held-back percussion files
         (median of each file's ratio to its Griffin-Lim floor, the same model): the quantizer's
         codes 2.12x, searched 1.30x; the unquantized latents 1.10x.
 

@@ -223,7 +223,6 @@ class VQVAETrainer(Trainer[VQVAE]):
         mels = torch.from_numpy(dataset.mels)  # (N, M, T)
         self.train_mels = mels[torch.from_numpy(train_idx)].to(self.device)  # (N_train, M, T)
         self.val_mels = mels[torch.from_numpy(val_idx)].to(self.device)  # (N_val, M, T)
-        self.val_names = [dataset.manifest[int(dataset.chunk_file[i])].name for i in val_idx]
         self.preview_pool = preview_pool(dataset, val_idx if len(val_idx) else train_idx)
         self.audio_check = self._audio_check(dataset, val_idx if len(val_idx) else train_idx)
         self.model_config, why = resolve_config(model_config, len(train_idx))
