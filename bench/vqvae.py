@@ -164,7 +164,8 @@ def audio_check_cost(trainer: VQVAETrainer, result: TrainResult, hooks: TimingHo
     epoch_s = statistics.median(m["epoch_s"] for m in hooks.metrics)
     every = max(trainer.train_config.audio_every, 1)
     a = result.audio
-    print(f"trainer's audio check (epoch {a['epoch']}, {a['chunks']} chunks, mel-domain SC): "
+    print(f"trainer's audio check (epoch {a['epoch']}, {a['chunks']} chunks, SC on {a['on']}, "
+          "nearest codes): "
           f"{a['sc']:.3f} vs floor {a['floor']:.3f} = {a['ratio']:.2f}x; one check {check_s:.2f} s "
           f"= {100 * check_s / (every * epoch_s):.1f}% of {every} epochs")  # fmt: skip
     print("val L1 per epoch:", " ".join(f"{m['val_l1']:.3f}" for m in hooks.metrics))

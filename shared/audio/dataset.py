@@ -5,9 +5,14 @@ nothing is dropped silently (RAVE's most common small-data trouble). Files short
 chunk are padded with silence, never dropped. The train/validation split is by *file*, seeded,
 and independent of the order the files arrive in.
 
+The audio of a few chunks is kept beside their log-mels (``check_chunks``, ``check_audio``): the
+RVQ-VAE trainer's decoded-audio check scores Griffin-Lim of its reconstructions against the
+sound itself, as the bar is judged, not against a mel (see :meth:`Dataset.check_order`).
+
 On disk (and as an artifact) a dataset is an ``.npz`` written by numpy and read with
 ``allow_pickle=False``; it holds ``format_version``, ``meta`` (the manifest, mel config and seed
-as UTF-8 JSON in a uint8 array), ``mels`` and ``chunk_file``. Nothing in it is pickled.
+as UTF-8 JSON in a uint8 array), ``mels``, ``chunk_file`` and, from format 2, ``check_chunks``
+and ``check_audio`` (format 1 reads as a dataset without them). Nothing in it is pickled.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import os
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,7 @@ import torch
 
 from distill.shared.audio.io import (
     DecodedAudio,
+    chunk_starts,
     cut_chunks,
     pad_to_length,
     prepare_audio,
@@ -37,9 +43,17 @@ from distill.shared.audio.io import (
 from distill.shared.audio.mel import MelConfig, log_mel
 from distill.shared.errors import AudioError, ConfigError, DatasetError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the audio of the check chunks (1 still reads: none)
 MIN_FILES_FOR_VALIDATION = 5  # below this every usable file trains: each one is precious
 _ARRAY_KEYS = frozenset({"format_version", "meta", "mels", "chunk_file"})
+_CHECK_KEYS = frozenset({"check_chunks", "check_audio"})  # format 2 on
+# The audio of this many chunks (at most) is kept, in the order of ``Dataset.check_order``: as
+# many as the trainer's check may decode (its ``audio_chunks`` bound). int16 at 48 kHz, ~95 kB a
+# chunk: 6 MB at most, 2.6 MB for 128 one-shots' 27 validation chunks (their mels are 11 MB).
+MAX_CHECK_CHUNKS = 64
+# While a dataset is built its split is not known yet, so the audio of each file's first chunks
+# is held until it is: the check takes chunk 0 of every file, then chunk 1 of each, and so on.
+CHECK_CHUNKS_PER_FILE = 4
 ENV_MAX_DATASET_BYTES = "DISTILL_MAX_DATASET_BYTES"
 # 4 GiB inflated: 500 files of 30 s at 128 mels are ~0.7 GB; the worker must hold it in memory.
 DEFAULT_MAX_DATASET_BYTES = 4 * 1024**3
@@ -81,6 +95,11 @@ class Dataset:
     chunk_file: np.ndarray  # (N,) int32 index into manifest
     manifest: list[ManifestRow]
     seed: int
+    # (C,) int64 chunk indices (into ``mels``) whose audio is kept, in check order, and that
+    # audio: (C, chunk_samples) int16, the prepared (mono, resampled, normalised) sound the
+    # chunk's log-mel was computed from. Empty for a dataset written before format 2.
+    check_chunks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    check_audio: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int16))
 
     def __post_init__(self) -> None:
         _check_consistent(self)
@@ -102,6 +121,30 @@ class Dataset:
     def files_in_split(self, split: str) -> list[ManifestRow]:
         return [row for row in self.manifest if row.split == split]
 
+    def check_order(self) -> list[int]:
+        """The chunks a decoded-audio check takes, first to last: those of the validation files
+        (of the training files when none validate), the first chunk of every file, then the
+        second of each, and so on, so that a few chunks come from as many sounds as there are."""
+        indices = self.val_indices()
+        if len(indices) == 0:
+            indices = self.train_indices()
+        rank: dict[int, int] = {}  # chunks of its file seen so far
+        keyed = []
+        for i in indices.tolist():
+            f = int(self.chunk_file[i])
+            keyed.append((rank.get(f, 0), i))
+            rank[f] = rank.get(f, 0) + 1
+        return [i for _, i in sorted(keyed)]
+
+    def chunk_audio(self, indices: Sequence[int]) -> np.ndarray | None:
+        """The kept audio of chunks ``indices`` as float32 (n, chunk_samples), or None unless
+        every one of them has it."""
+        where = {int(c): n for n, c in enumerate(self.check_chunks.tolist())}
+        if not indices or any(int(i) not in where for i in indices):
+            return None
+        rows = self.check_audio[[where[int(i)] for i in indices]]
+        return rows.astype(np.float32) / 32767.0
+
     def to_bytes(self) -> bytes:
         meta = {
             "mel_config": self.mel_config.to_dict(),
@@ -115,6 +158,8 @@ class Dataset:
             meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
             mels=np.ascontiguousarray(self.mels, dtype=np.float32),
             chunk_file=np.ascontiguousarray(self.chunk_file, dtype=np.int32),
+            check_chunks=np.ascontiguousarray(self.check_chunks, dtype=np.int64),
+            check_audio=np.ascontiguousarray(self.check_audio, dtype=np.int16),
         )
         return buf.getvalue()
 
@@ -138,7 +183,14 @@ class Dataset:
         mels, chunk_file = arrays["mels"], arrays["chunk_file"]
         if mels.dtype != np.float32 or chunk_file.dtype != np.int32:
             raise DatasetError(f"dataset arrays have dtypes {mels.dtype}, {chunk_file.dtype}")
-        return cls(mel_config=cfg, mels=mels, chunk_file=chunk_file, manifest=manifest, seed=seed)
+        check: dict[str, np.ndarray] = {}
+        if version >= 2:
+            check = {"check_chunks": arrays["check_chunks"], "check_audio": arrays["check_audio"]}
+            if check["check_chunks"].dtype != np.int64 or check["check_audio"].dtype != np.int16:
+                raise DatasetError(f"dataset check arrays have dtypes "
+                                   f"{check['check_chunks'].dtype}, {check['check_audio'].dtype}")  # fmt: skip
+        return cls(mel_config=cfg, mels=mels, chunk_file=chunk_file, manifest=manifest, seed=seed,
+                   **check)  # fmt: skip
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temp file then rename), so a crash never leaves half a dataset."""
@@ -212,7 +264,9 @@ def _read_npz(b: bytes) -> dict[str, np.ndarray]:
             keys = set(npz.files)
             if not keys >= _ARRAY_KEYS:
                 raise DatasetError(f"not a Distill dataset: arrays {sorted(keys)}")
-            return {k: npz[k] for k in _ARRAY_KEYS}
+            if _CHECK_KEYS & keys and not keys >= _CHECK_KEYS:
+                raise DatasetError(f"dataset arrays are incomplete: {sorted(keys)}")
+            return {k: npz[k] for k in _ARRAY_KEYS | (_CHECK_KEYS & keys)}
     except DatasetError:
         raise
     except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError,
@@ -254,6 +308,14 @@ def _check_consistent(ds: Dataset) -> None:
             raise DatasetError(
                 f"manifest says {row.name} has {row.chunks} chunks, found {counts[i]}"
             )
+    c = len(ds.check_chunks)
+    if ds.check_chunks.ndim != 1 or (c and ds.check_audio.shape != (c, cfg.chunk_samples)) or (
+            not c and ds.check_audio.size):  # fmt: skip
+        raise DatasetError(f"check audio must be ({c}, {cfg.chunk_samples}), got "
+                           f"{ds.check_audio.shape}")  # fmt: skip
+    if c and (ds.check_chunks.min() < 0 or ds.check_chunks.max() >= len(ds.mels)
+              or len(np.unique(ds.check_chunks)) != c):  # fmt: skip
+        raise DatasetError(f"check_chunks must be distinct chunk indices below {len(ds.mels)}")
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -282,12 +344,26 @@ def file_chunks(
     overlap by ``cfg.chunk_overlap``, the last one aligned to the end so no audio is lost.
     Raises AudioError when the file is unusable (silent, too short).
     """
+    return _chunks_and_audio(decoded, cfg, silence_threshold_db, keep_audio=0)[0]
+
+
+def _chunks_and_audio(
+    decoded: DecodedAudio, cfg: MelConfig, silence_threshold_db: float, keep_audio: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`file_chunks`, and the prepared audio of its first ``keep_audio`` chunks as int16
+    (k, chunk_samples): chunk j's log-mel is the frames from its start s, whose samples start at
+    s x hop_length (centred frames), so that sound's centred STFT gives the same frames."""
     audio = prepare_audio(decoded, cfg.sample_rate, silence_threshold_db=silence_threshold_db)
     audio = pad_to_length(audio, cfg.chunk_samples)  # (samples,) with samples >= chunk_samples
     with torch.no_grad():
         mel = log_mel(audio, cfg)  # (n_mels, frames), frames >= chunk_frames
     chunks = cut_chunks(mel, cfg.chunk_frames, cfg.chunk_hop_frames)  # (n, n_mels, chunk_frames)
-    return chunks.numpy().astype(np.float32, copy=False)
+    starts = chunk_starts(mel.shape[-1], cfg.chunk_frames, cfg.chunk_hop_frames)[:keep_audio]
+    pcm = (audio.clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16)  # (samples,)
+    kept = [pcm[s * cfg.hop_length : s * cfg.hop_length + cfg.chunk_samples] for s in starts]
+    held = (torch.stack(kept).numpy() if kept
+            else np.zeros((0, cfg.chunk_samples), dtype=np.int16))  # fmt: skip
+    return chunks.numpy().astype(np.float32, copy=False), held
 
 
 def split_files(shas: Sequence[str], *, seed: int, val_fraction: float) -> list[str]:
@@ -318,13 +394,14 @@ def _reason(e: AudioError, name: str) -> str:
 
 def _process_file(
     name: str, sha: str, data: bytes, cfg: MelConfig, silence_threshold_db: float
-) -> tuple[ManifestRow, np.ndarray | None]:
+) -> tuple[ManifestRow, tuple[np.ndarray, np.ndarray] | None]:
     try:
         decoded = read_audio(data, name=name)
     except AudioError as e:
         return _skipped(name, sha, _reason(e, name)), None
     try:
-        chunks = file_chunks(decoded, cfg, silence_threshold_db=silence_threshold_db)
+        chunks, held = _chunks_and_audio(decoded, cfg, silence_threshold_db,
+                                         keep_audio=CHECK_CHUNKS_PER_FILE)  # fmt: skip
     except AudioError as e:
         return _skipped(name, sha, _reason(e, name), decoded), None
     row = ManifestRow(
@@ -338,7 +415,7 @@ def _process_file(
         chunks=len(chunks),
         split=None,  # decided once every file is known
     )
-    return row, chunks
+    return row, (chunks, held)
 
 
 def build_dataset(
@@ -358,7 +435,7 @@ def build_dataset(
     """
     _check_build_args(seed, val_fraction)
     rows: list[ManifestRow] = []
-    per_file: list[np.ndarray | None] = []
+    per_file: list[tuple[np.ndarray, np.ndarray] | None] = []  # (chunks, their first audio)
     first_by_sha: dict[str, int] = {}
     total = len(files)
     for i in range(total):
@@ -385,7 +462,7 @@ def build_dataset(
 
 def _assemble(
     rows: list[ManifestRow],
-    per_file: list[np.ndarray | None],
+    per_file: list[tuple[np.ndarray, np.ndarray] | None],
     cfg: MelConfig,
     *,
     seed: int,
@@ -398,9 +475,21 @@ def _assemble(
     splits = split_files([rows[i].sha256 for i in usable], seed=seed, val_fraction=val_fraction)
     for i, split in zip(usable, splits, strict=True):
         rows[i] = replace(rows[i], split=split)
-    chunk_arrays = [c for c in per_file if c is not None]
+    chunk_arrays = [c[0] for c in per_file if c is not None]
     mels = np.concatenate(chunk_arrays, axis=0)  # (N, n_mels, chunk_frames)
     chunk_file = np.concatenate(
         [np.full(len(c), i, dtype=np.int32) for i, c in zip(usable, chunk_arrays, strict=True)]
     )  # (N,)
-    return Dataset(mel_config=cfg, mels=mels, chunk_file=chunk_file, manifest=rows, seed=seed)
+    dataset = Dataset(mel_config=cfg, mels=mels, chunk_file=chunk_file, manifest=rows, seed=seed)
+    # the audio held of each chunk: (file's first chunk index + j) -> held audio row j
+    held: dict[int, np.ndarray] = {}
+    first = 0
+    for c in per_file:
+        if c is not None:
+            held.update({first + j: row for j, row in enumerate(c[1])})
+            first += len(c[0])
+    kept = [i for i in dataset.check_order() if i in held][:MAX_CHECK_CHUNKS]
+    if kept:
+        dataset = replace(dataset, check_chunks=np.array(kept, dtype=np.int64),
+                          check_audio=np.stack([held[i] for i in kept]))  # fmt: skip
+    return dataset

@@ -22,7 +22,7 @@ from distill.shared.audio.dataset import (
     split_files,
 )
 from distill.shared.audio.io import scan_folder
-from distill.shared.audio.mel import MelConfig
+from distill.shared.audio.mel import MelConfig, log_mel
 from distill.shared.errors import ConfigError, DatasetError
 from tests.conftest import percussion_dir
 
@@ -285,6 +285,49 @@ def test_pickled_or_inconsistent_contents_are_refused(small: Dataset, tmp_path: 
     with pytest.raises(DatasetError, match="cannot read"):
         Dataset.load(tmp_path / "missing.npz")
     assert zipfile.is_zipfile(io.BytesIO(small.to_bytes()))
+
+
+# --- the check chunks' audio -----------------------------------------------------------------
+
+
+def test_the_check_chunks_keep_their_sound(small: Dataset) -> None:
+    # Three files, none held out: the check takes the training files' first chunks, then their
+    # second ones, and keeps the prepared audio each chunk's log-mel was computed from.
+    order = small.check_order()
+    firsts = [int(np.flatnonzero(small.chunk_file == f)[0]) for f in np.unique(small.chunk_file)]
+    assert order[: len(firsts)] == firsts and sorted(order) == list(range(len(small.mels)))
+    assert small.check_chunks.tolist() == [i for i in order if i in set(small.check_chunks.tolist())]
+    audio = small.chunk_audio(small.check_chunks.tolist())
+    assert audio is not None and audio.shape == (len(small.check_chunks), CFG.chunk_samples)
+    remade = np.exp(log_mel(torch.from_numpy(audio), CFG).numpy()[..., 2:-2])  # (C, M, T-4)
+    kept = np.exp(small.mels[small.check_chunks][..., 2:-2])
+    # the same frames in magnitude, bar int16 rounding (and the edges, cut off here)
+    assert np.linalg.norm(remade - kept) < 1e-3 * np.linalg.norm(kept)
+    assert small.chunk_audio([*small.check_chunks.tolist(), 10_000]) is None  # one not kept
+    back = Dataset.from_bytes(small.to_bytes())
+    assert np.array_equal(back.check_audio, small.check_audio)
+    assert np.array_equal(back.check_chunks, small.check_chunks)
+
+
+def test_a_format_1_dataset_reads_without_check_audio(small: Dataset) -> None:
+    arrays = _arrays_of(small)
+    older = {k: v for k, v in arrays.items() if not k.startswith("check_")}
+    back = Dataset.from_bytes(_npz(**{**older, "format_version": np.array(1)}))
+    assert len(back.check_chunks) == 0 and back.chunk_audio(back.check_order()[:1]) is None
+    assert np.array_equal(back.mels, small.mels)
+
+
+def test_bad_check_arrays_are_refused(small: Dataset) -> None:
+    arrays = _arrays_of(small)
+    with pytest.raises(DatasetError, match="incomplete"):
+        Dataset.from_bytes(_npz(**{k: v for k, v in arrays.items() if k != "check_audio"}))
+    with pytest.raises(DatasetError, match="check audio must be"):
+        Dataset.from_bytes(_npz(**{**arrays, "check_audio": arrays["check_audio"][:, :100]}))
+    with pytest.raises(DatasetError, match="check_chunks must be"):
+        Dataset.from_bytes(_npz(**{**arrays, "check_chunks": arrays["check_chunks"] + 10_000}))
+    with pytest.raises(DatasetError, match="dtypes"):
+        Dataset.from_bytes(_npz(**{**arrays,
+                                   "check_audio": arrays["check_audio"].astype(np.float32)}))
 
 
 def test_manifest_rows_are_frozen(small: Dataset) -> None:

@@ -284,13 +284,18 @@ def test_preprocess_outcome_names_the_files_it_skipped_and_why() -> None:
 def test_vqvae_outcome_gives_the_decoded_audio_against_its_floor() -> None:
     result = {"best_val_loss": 0.0836, "best_epoch": 3,
               "chosen": {"codebook_size": 64, "levels": 2, "why": "9 training chunks: 64 x 2."},
-              "audio": {"sc": 0.364, "floor": 0.182, "chunks": 1}}
+              "audio": {"sc": 0.364, "floor": 0.182, "chunks": 1, "on": "audio"}}
     assert stage_outcome(Stage("vqvae", "j-b"), result) == (
         "RVQ-VAE 64 codes x 2 levels (9 training chunks: 64 x 2); best validation loss 0.0836 "
         "(epoch 3); decoded audio 2.00x the Griffin-Lim floor: 0.364 vs 0.182 (1 validation "
-        "chunk, spectral convergence on mel bins)")
+        "chunk, spectral convergence)")
     four = {**result, "audio": {**result["audio"], "chunks": 4}}
     assert "(4 validation chunks," in stage_outcome(Stage("vqvae", "j-b"), four)
+    # a dataset prepared before datasets kept the audio: the figure is on mel bins, and says so
+    older = {**result, "audio": {"sc": 0.364, "floor": 0.074, "chunks": 4}}
+    assert stage_outcome(Stage("vqvae", "j-b"), older).endswith(
+        "(4 validation chunks, spectral convergence on mel bins: prepare the dataset again for "
+        "the figure on audio)")
 
 
 def test_detach_message_names_follow_cancel_and_pull() -> None:

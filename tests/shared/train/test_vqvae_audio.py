@@ -60,6 +60,27 @@ def test_the_check_takes_one_chunk_per_validation_file(dataset: Dataset) -> None
     assert len(set(names)) == min(len(names), len(val_files))
 
 
+def test_the_check_scores_the_chunks_against_their_sound(dataset: Dataset) -> None:
+    # Built from files, the dataset keeps the check chunks' audio: the figure is the bar's,
+    # spectral convergence on STFT bins against the sound, whose floor (Griffin-Lim's phase
+    # error) is far above the one on mel bins.
+    chosen = dataset.check_order()[:3]
+    mels = torch.from_numpy(dataset.mels[chosen])
+    audio = dataset.chunk_audio(chosen)
+    assert audio is not None
+    on_audio = AudioCheck(mels, ["a", "b", "c"], dataset.mel_config, 8, torch.from_numpy(audio))
+    on_mels = AudioCheck(mels, ["a", "b", "c"], dataset.mel_config, 8)
+    a, m = on_audio.measure(Noisy(0.3)), on_mels.measure(Noisy(0.3))
+    assert (a["on"], m["on"]) == ("audio", "mel bins")
+    assert a["floor"] > 2 * m["floor"] and 1.0 < a["ratio"] < m["ratio"]
+    assert on_audio.measure(Noisy(0.0))["ratio"] == pytest.approx(1.0)
+    trainer = VQVAETrainer(dataset, TINY, FAST, RecordingHooks())
+    assert trainer.audio_check.audio is not None  # the trainer uses the sound where it is kept
+    older = dataclasses.replace(dataset, check_chunks=dataset.check_chunks[:0],
+                                check_audio=dataset.check_audio[:0])  # fmt: skip
+    assert VQVAETrainer(older, TINY, FAST, RecordingHooks()).audio_check.audio is None
+
+
 @pytest.mark.slow  # trains a model
 def test_audio_figures_are_on_the_rows_and_in_the_result(dataset: Dataset) -> None:
     hooks = RecordingHooks()
@@ -69,5 +90,7 @@ def test_audio_figures_are_on_the_rows_and_in_the_result(dataset: Dataset) -> No
     row = hooks.metrics[1]
     assert row["audio_sc_ratio"] == pytest.approx(row["audio_sc"] / row["audio_sc_floor"])
     assert result.audio["epoch"] == result.best_epoch
-    assert result.audio["floor"] == pytest.approx(row["audio_sc_floor"])  # computed once
+    # the figure of record: against the sound, a chunk of every validation file at least
+    val_files = {int(dataset.chunk_file[i]) for i in dataset.val_indices()}
+    assert result.audio["on"] == "audio" and len(set(result.audio["files"])) == len(val_files)
     assert isinstance(result.model, VQVAE) and result.audio["ratio"] > 1.0
