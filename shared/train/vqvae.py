@@ -77,14 +77,13 @@ class TrainConfig(LoopConfig):
     augment_time_shift: bool = True
     augment_noise: bool = False  # noise adds texture the reconstruction then has to invent
     augment_pitch_shift: bool = False
-    # Decoded-audio check (module docstring). 4 chunks x 32 Griffin-Lim iterations every 5
-    # epochs cost ~1% of a CPU run; fewer chunks make the median noisy, fewer iterations
-    # raise the floor and hide the model's own error under Griffin-Lim's.
+    # Decoded-audio check (module docstring). 8 chunks x 32 Griffin-Lim iterations every 5
+    # epochs: 0.31 s, 3.8% of the time of those epochs on percussion (2 CPU threads); fewer
+    # chunks make the median noisy (the floors of percussion's first 4 ranged 0.10-0.55 and
+    # their median sat on one file's), fewer iterations raise the floor and hide the model's
+    # own error under Griffin-Lim's.
     audio_every: int = 5  # epochs between checks; 0 = only for the returned model
-    # validation chunks decoded, from as many files as there are: the floors of percussion's
-    # first 4 ranged 0.10-0.55 and their median sat on one file's; a check of 8 costs ~3% of
-    # the epochs between two checks
-    audio_chunks: int = 8
+    audio_chunks: int = 8  # validation chunks decoded, the first of each file first
     audio_iters: int = 32  # Griffin-Lim iterations (seeded: the same chunks, the same phase)
     adam_beta1: float = 0.9  # Adam's defaults; EnCodec and DAC train with 0.8 / 0.99
     adam_beta2: float = 0.999
