@@ -122,6 +122,7 @@ def test_pipeline_from_sound_files_to_model(cluster: Cluster, percussion: Path, 
         audio = result["audio"]
         assert audio["epoch"] == result["best_epoch"] and audio["sc"] > 0 < audio["floor"]
         assert audio["ratio"] == pytest.approx(audio["sc"] / audio["floor"])
+        assert audio["on"] == "audio"  # the preprocess job's dataset kept the chunks' sound
         refine = result["refine"]  # the codebooks refined after training, kept if no worse
         assert refine["iters"] == 10 and refine["latents"] > 0 and refine["decoder_steps"] >= 0
         assert refine["val_loss_after"] <= refine["val_loss_before"]  # kept, or undone (equal)
