@@ -114,5 +114,10 @@ def register(app: typer.Typer) -> None:
 
         print_manifest([asdict(r) for r in ds.manifest])
         cfg = ds.mel_config
+        kept = len(ds.check_chunks)
+        check = (f"the sound of {kept} chunk{'' if kept == 1 else 's'} kept for the RVQ-VAE's "
+                 "audio check" if kept else "no sound kept (prepared by an earlier Distill: "
+                 "the RVQ-VAE's audio check is on mel bins; add the files again for one on "
+                 "their sound)")  # fmt: skip
         typer.echo(f"dataset {sha}: {len(ds.mels)} chunks of {cfg.chunk_frames} frames, "
-                   f"{cfg.sample_rate} Hz, {cfg.n_mels} mels, hop {cfg.hop_length}")
+                   f"{cfg.sample_rate} Hz, {cfg.n_mels} mels, hop {cfg.hop_length}; {check}")

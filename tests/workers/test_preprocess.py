@@ -65,6 +65,7 @@ def test_cli_dataset_add_and_show(cluster: Cluster, percussion: Path, tmp_path: 
     shown = run("dataset", "show", dataset_id[:12])
     assert shown.returncode == 0, shown.stderr
     assert "notes.wav" in shown.stdout and "not audio" in shown.stdout and "bd_808.flac" in shown.stdout
+    assert "kept for the RVQ-VAE's audio check" in shown.stdout
     bad = run("dataset", "add", str(tmp_path / "nowhere"))
     assert bad.returncode != 0
 
