@@ -30,7 +30,7 @@ an ordinary one and training uses the full-sequence ``nn.LSTM``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
 
@@ -568,6 +568,46 @@ class PriorStepper:
     def condition(self, context: Tensor, level: int, codes: Tensor) -> Tensor:
         """The context of ``level + 1`` once ``level`` chose ``codes`` (B,)."""
         return context + F.embedding(codes, self.cond_tables[level])
+
+    def draw_one(
+        self, state: PriorState, draw: Callable[[Tensor, int], Tensor], choice: list[float] | None
+    ) -> Tensor:
+        """The codes (1, Q) of the step ``state`` predicts, for a batch of one, level by level.
+
+        ``draw(logits, level)`` picks level ``level``'s code (1,) from fresh logits (1, K), which
+        it may change in place; ``choice`` (Q - 1 floats, for a prior with a cache) is the noise
+        each level's gate must beat for that level to be drawn from the cache, whose part alone
+        is then computed. The same numbers as ``head_context``, ``cache_gates``,
+        ``level_logits``/``cache_logits`` and ``condition`` give, with fewer ops: the
+        head's ReLU is shared with the gates at the first level, the earlier codes' rows are
+        taken once per step, and the draw may filter the logits in place (measured: see
+        ``sampling._draw_steps``).
+        """
+        q = self.prior.config.levels
+        context = self.head_context(state)  # (1, E)
+        hidden = F.relu(context)
+        history = state.history.unbind(1) if state.history is not None else None  # Q x (1, E)
+        from_cache = [False] * q
+        if choice is not None and self.cache_gate is not None and state.cache_total:
+            gate_in = hidden[:, None] if state.history is None else hidden[:, None] + state.history[:, 1:]
+            gates = ((gate_in * self.cache_gate).sum(-1) + self.cache_bias)[0].tolist()  # Q - 1
+            from_cache[1:] = [g > c for g, c in zip(gates, choice, strict=True)]
+        codes: list[Tensor] = []
+        for level in range(q):
+            if from_cache[level]:
+                assert state.cache is not None
+                code = draw(_log_counts(state.cache[:, level]), level)
+            else:
+                weight, bias = self.heads[level]
+                if level:
+                    hidden = F.relu(context)
+                if history is not None:
+                    hidden = hidden + history[level]
+                code = draw(torch.addmm(bias, hidden, weight), level)
+            codes.append(code)
+            if level + 1 < q:
+                context = context + self.cond_tables[level][code]
+        return torch.stack(codes, 1)
 
 
 # --------------------------------------------------------------------------------------------

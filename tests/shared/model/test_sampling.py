@@ -281,3 +281,45 @@ def test_the_cache_part_draws_by_the_decayed_counts() -> None:
     assert sum(ones) / len(ones) == pytest.approx(1 / 1.7, abs=0.07)
     colder = share_of_nine(SamplingParams(seed=1, temperature=0.3), 4000, 1)
     assert colder == pytest.approx(1 / (1 + 0.7 ** (1 / 0.3)), abs=0.03)  # 0.77
+
+
+@pytest.mark.parametrize(("prev_codes", "earlier", "decay"),
+                         [(False, 0, 0.0), (True, 1, 0.0), (True, 1, 0.7), (False, 0, 0.5)])  # fmt: skip
+def test_the_one_item_step_draws_what_the_step_api_gives(
+    prev_codes: bool, earlier: int, decay: float
+) -> None:
+    """``PriorStepper.draw_one`` (what sampling runs at batch 1) picks, level by level, from the
+    same logits the step API gives: the heads', or the cache's where the level's gate beats the
+    choice noise; and the finer levels see the coarser codes it drew."""
+    torch.manual_seed(0)
+    prior = Prior(PriorConfig(levels=4, codebook_size=16, embed_dim=16, hidden=32, dropout=0.0,
+                              prev_codes=prev_codes, earlier_codes=earlier,
+                              cache_decay=decay)).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in prior.parameters():  # nothing stays at its zero initialisation
+            p.add_(torch.randn_like(p) * 0.3)
+        if decay:
+            prior.cache_bias.fill_(0.0)  # half the levels from the cache
+    stepper, gen = prior.stepper(), torch.Generator().manual_seed(1)
+    from_cache = 0
+    with torch.inference_mode():
+        state = stepper.begin(1, torch.randint(0, 16, (1, 4, 3), generator=gen))
+        for _ in range(30):
+            noise = -torch.empty(4, 1, 16).exponential_(generator=gen).log()  # Gumbel
+            choice = (torch.rand(3, generator=gen) * 4 - 2).tolist()
+            got = stepper.draw_one(state, lambda logits, level, n=noise: (logits + n[level]).argmax(-1),
+                                   choice if decay else None)  # fmt: skip
+            context = stepper.head_context(state)
+            gates = stepper.cache_gates(context, state)
+            want = []
+            for level in range(4):
+                cached = gates is not None and level > 0 and float(gates[0, level]) > choice[level - 1]
+                from_cache += cached
+                logits = (stepper.cache_logits(state, level) if cached
+                          else stepper.level_logits(context, level, state))  # fmt: skip
+                want.append((logits + noise[level]).argmax(-1))
+                if level < 3:
+                    context = stepper.condition(context, level, want[-1])
+            assert torch.equal(got, torch.stack(want, 1))
+            state = stepper.advance(state, got)
+    assert (from_cache > 10) == bool(decay)  # the cache's part was drawn from
