@@ -37,7 +37,7 @@ from distill.shared.errors import DistillError
 
 NO_CODE = -1
 HISTORY_VERSION = 1  # the layout of EditSession.to_dict
-MAX_LEVELS = 64  # far above any RVQ we train (2-6 levels); anything larger is corrupt input
+MAX_LEVELS = 64  # far above any RVQ we train (2-8 levels); anything larger is corrupt input
 MAX_CODEBOOK_SIZE = 1 << 16
 MAX_STEPS = 1 << 22  # about 12 hours at 94 steps per second
 

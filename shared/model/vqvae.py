@@ -180,9 +180,20 @@ def choose_codebook(chunks: int) -> tuple[int, int, str]:
     A chunk is one second of sound (long files give one every half second), so the count is
     the material the codebooks are fitted to, which the number of files is not: 18 textures
     (loops, voices, noises) make 131 chunks, 115 percussion one-shots 209, 36 of them 59.
-    The bands: under 15 chunks 64 x 2; 15-40: 128 x 4; 40-100: 512 x 5; 100 on: 512 x 6.
+    The bands: under 15 chunks 64 x 2; 15-40: 128 x 4; 40-100: 512 x 5; 100 on: 512 x 8.
     Past a few dozen chunks the training files are bit-limited: the first level's 512 codes
     are what lets them decode close to the floor, and held-back files lose nothing by it.
+    From 100 chunks on, the sounds a model has not heard are bit-limited too: the decoder
+    reproduces them from latents fitted to them (1.02x the floor on held-back percussion) but
+    not from 6 x 9 bits per step. Measured with bench/vqvae.py --minutes 10 --threads 1
+    --quick, two runs side by side, codes searched as `distill encode` searches them,
+    held-back / training files against the floor: percussion (209 chunks) 1.69x / 1.10x at
+    512 x 6 and 1.56x / 1.06x at 512 x 8 (seed 1: 1.69x / 1.10x and 1.61x / 1.09x); the 18
+    textures (131 chunks) 2.23x / 1.32x and 2.02x / 1.24x (seed 1: 2.21x / 1.38x and 2.01x /
+    1.19x). Each step trains 7% slower, the
+    prior samples two more levels per step (its speed: bench/prior.py) and every level of
+    every epoch is in use as at 6 levels (the two finest 84-88% of their codes in an epoch's
+    batches, 92-98% over the training set).
     Measured with bench/vqvae.py --minutes 5 --threads 1 --quick (two runs side by side),
     decoded held-back / training files against the floor: 18 textures (131 chunks) 3.53x /
     1.35x at 512 x 6, 3.45x / 1.58x at 256 x 6, 3.67x / 1.96x at 128 x 4 (chosen by file count
@@ -199,7 +210,7 @@ def choose_codebook(chunks: int) -> tuple[int, int, str]:
     elif chunks < 100:
         size, levels, band = 512, 5, "40-100"
     else:
-        size, levels, band = 512, 6, "100 or more"
+        size, levels, band = 512, 8, "100 or more"
     why = (
         f"{chunks} training chunks falls in the {band} band: {size} codes x {levels} levels "
         f"keeps codes well used (few dead) while leaving enough bits per frame to reconstruct."
