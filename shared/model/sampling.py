@@ -80,22 +80,27 @@ class SamplingParams:
         return config_from_dict(cls, d, "SamplingParams")
 
 
-def _filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
-    """Temperature, then min-p, top-k and top-p on logits (B, K); removed codes get -inf."""
+def _filter_logits(logits: Tensor, params: SamplingParams, in_place: bool = False) -> Tensor:
+    """Temperature, then min-p, top-k and top-p on logits (B, K); removed codes get -inf.
+    ``in_place``: ``logits`` itself is changed and returned (the same numbers, no new tensors)."""
+
+    def cut(x: Tensor, drop: Tensor) -> Tensor:
+        return x.masked_fill_(drop, float("-inf")) if in_place else x.masked_fill(drop, float("-inf"))
+
     if params.temperature != 1.0:
-        logits = logits / params.temperature
+        logits = logits.div_(params.temperature) if in_place else logits / params.temperature
     if params.min_p > 0.0:  # p < min_p * p_max  <=>  logit < max logit + log(min_p)
         floor = logits.amax(-1, keepdim=True) + math.log(params.min_p)  # (B, 1)
-        logits = logits.masked_fill(logits < floor, float("-inf"))
+        logits = cut(logits, logits < floor)
     if 0 < params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = cut(logits, logits < kth)
     if params.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, K)
         probs = sorted_logits.softmax(-1)
         drop_sorted = probs.cumsum(-1) - probs >= params.top_p  # the mass before it is >= p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))  # the likeliest code always stays
+        logits = cut(logits, drop)  # the likeliest code always stays
     return logits
 
 
@@ -132,19 +137,11 @@ def _draw_steps(
     def draw(logits: Tensor, noise: Tensor) -> Tensor:  # (B, K) -> (B,)
         return ((_filter_logits(logits, params) if filtering else logits) + noise).argmax(-1)
 
-    log_min_p = math.log(params.min_p) if params.min_p > 0.0 else None
-    only_min_p = params.temperature == 1.0 and params.top_k == 0 and params.top_p == 1.0
-
-    def draw_in_place(logits: Tensor, noise: Tensor) -> Tensor:  # fresh (1, K) -> (1,)
-        if not only_min_p:
-            logits = _filter_logits(logits, params)
-        elif log_min_p is not None:  # _filter_logits' min-p, in place
-            floor = logits.amax(-1, keepdim=True) + log_min_p
-            logits.masked_fill_(logits < floor, float("-inf"))
-        return logits.add_(noise).argmax(-1)
-
     def draw_level(noise: tuple[Tensor, ...], logits: Tensor, level: int) -> Tensor:
-        return draw_in_place(logits, noise[level])
+        """``draw`` on fresh logits (1, K), in place."""
+        if filtering:
+            logits = _filter_logits(logits, params, in_place=True)
+        return logits.add_(noise[level]).argmax(-1)
 
     columns: list[Tensor] = []
     for first in range(0, steps, NOISE_CHUNK_STEPS):
