@@ -320,21 +320,17 @@ def quality_figures(endpoint: str, prior_job: str, path: Path, samples: int) -> 
 
 def trained_speed(model: DistillModel, chunk_steps: int) -> None:
     """Sampling speed of the prior this pipeline trained (its own size, its cache as learnt)
-    against the baseline loop on it, at batch 1 and 16 (the goal: >= 50x at batch 1)."""
+    against the baseline loops on it (``speed_case``), at batch 1 and 16 (the goal: >= 50x
+    at batch 1)."""
     assert model.prior is not None
     cfg = model.mel_config
     per_s = chunk_steps * cfg.sample_rate / (cfg.chunk_frames * cfg.hop_length)  # code steps / s
     c = model.prior.config
     for batch in (1, 16):
-        gen = torch.Generator().manual_seed(0)
-        steps = int(SECONDS * per_s)
-        with torch.inference_mode():
-            base = rate(partial(baseline_sample, model.prior, batch, steps, gen), SECONDS * batch, 10)
-        ours = rate(partial(sample, model.prior, batch=batch, steps=steps, params=SamplingParams()),
-                    SECONDS * batch, 10)  # fmt: skip
+        base, ours, off = speed_case(model.prior, batch, int(SECONDS * per_s), 10)
         print(f"sampling, this prior (Q{c.levels} K{c.codebook_size} H{c.hidden} E{c.embed_dim} "
               f"@{per_s:.0f}/s), batch {batch}: sample() {ours:.1f}x real time, baseline loop "
-              f"{base:.1f}x ({ours / base:.2f}x); goal at batch 1: >= 50x")  # fmt: skip
+              f"{base:.1f}x ({ours / base:.2f}x; oneDNN off {off:.1f}x); goal at batch 1: >= 50x")  # fmt: skip
 
 
 def quality(args: argparse.Namespace) -> None:
