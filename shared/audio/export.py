@@ -118,12 +118,18 @@ def distill_version() -> str:
 # --- writing -------------------------------------------------------------------------------------
 
 
-def _format_for(path: Path, subtype: str) -> str:
+def export_format(path: Path) -> str:
+    """The soundfile format ``path``'s suffix asks for; ExportError if it names none we write."""
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise ExportError(
-            f"{path.name}: cannot export to '{path.suffix}'; use .wav or .flac", "bad_format"
-        )
+        what = f"'{path.suffix}' files" if path.suffix else "a name with no suffix"
+        raise ExportError(f"{path}: cannot export to {what}; the format comes from the suffix: "
+                          "use .wav or .flac", "bad_format")  # fmt: skip
+    return fmt
+
+
+def _format_for(path: Path, subtype: str) -> str:
+    fmt = export_format(path)
     if subtype not in SUBTYPES:
         raise ExportError(
             f"{path.name}: unknown subtype {subtype!r}; use one of {SUBTYPES}", "bad_format"

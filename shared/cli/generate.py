@@ -342,7 +342,12 @@ def regenerate(
     import numpy as np
     import soundfile as sf
 
-    from distill.shared.audio.export import ExportMetadata, export_audio, read_export_metadata
+    from distill.shared.audio.export import (
+        ExportMetadata,
+        export_audio,
+        export_format,
+        read_export_metadata,
+    )
     from distill.shared.errors import DistillError
     from distill.shared.model import inference as inf
 
@@ -355,7 +360,12 @@ def regenerate(
         fail(f"{audio_file.name} was made by model {meta.model_id[:12]}, but {model_file.name} "
              f"is model {model.model_id[:12]}: pass the model that made it")  # fmt: skip
     target = out or audio_file.with_name(f"{audio_file.stem}.regenerated{audio_file.suffix}")
+    if target.is_dir():  # a folder: the file's own name in it
+        target = target / audio_file.name
+    if target.resolve() == audio_file.resolve():
+        fail(f"{target}: that is the file being regenerated; choose another --out")
     try:
+        export_format(target)  # a bad suffix is refused before the replay's work
         audio = inf.replay(model, meta.kind, meta.data)
         subtype = sf.info(str(audio_file)).subtype
         again = ExportMetadata(kind=meta.kind, model_id=meta.model_id, data=meta.data,

@@ -203,19 +203,26 @@ def choose_codebook(chunks: int) -> tuple[int, int, str]:
     3.12x / 1.33x at 256 x 5 (its last levels 25-38% in use); 9 files 64 x 2 5.48x / 1.10x
     (64 x 3: 6.28x / 1.44x). The 40-chunk edge lies between two measured sets.
     """
-    if chunks < 15:
-        size, levels, band = 64, 2, "under 15"
-    elif chunks < 40:
-        size, levels, band = 128, 4, "15-40"
-    elif chunks < 100:
-        size, levels, band = 512, 5, "40-100"
-    else:
-        size, levels, band = 512, 8, "100 or more"
+    size, levels, band = _codebook_band(chunks)
     why = (
         f"{chunks} training chunks falls in the {band} band: {size} codes x {levels} levels "
-        f"keeps codes well used (few dead) while leaving enough bits per frame to reconstruct."
+        f"{_BAND_REASON}."
     )
     return size, levels, why
+
+
+_BAND_REASON = "keeps codes well used (few dead) while leaving enough bits per frame to reconstruct"
+
+
+def _codebook_band(chunks: int) -> tuple[int, int, str]:
+    """(codebook size, levels, the band's name) for ``chunks`` training chunks."""
+    if chunks < 15:
+        return 64, 2, "under 15"
+    if chunks < 40:
+        return 128, 4, "15-40"
+    if chunks < 100:
+        return 512, 5, "40-100"
+    return 512, 8, "100 or more"
 
 
 # Model size per device kind, for the fields a job leaves unset. The CPU size is what makes
@@ -263,10 +270,13 @@ def resolve_config(config: VQVAEConfig, chunks: int) -> tuple[VQVAEConfig, str]:
     size, levels, why = choose_codebook(chunks)
     if config.resolved:
         return config, "codebook size and levels were set by the user."
-    if config.codebook_size is not None:
-        why = f"codebook size {config.codebook_size} set by the user; " + why
-    if config.levels is not None:
-        why = f"{config.levels} levels set by the user; " + why
+    if config.codebook_size is not None or config.levels is not None:  # one of the two
+        user, data = ((f"codebook size {config.codebook_size}", f"{levels} levels")
+                      if config.codebook_size is not None
+                      else (f"{config.levels} levels", f"{size} codes"))  # fmt: skip
+        why = (f"{user} set by the user; {data} from the data: {chunks} training chunks falls "
+               f"in the {_codebook_band(chunks)[2]} band (whose own choice, {size} codes x "
+               f"{levels} levels, {_BAND_REASON}).")  # fmt: skip
     chosen = replace(
         config,
         codebook_size=config.codebook_size if config.codebook_size is not None else size,

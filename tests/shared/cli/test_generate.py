@@ -78,6 +78,25 @@ def test_regenerate_with_another_model_says_so(model_file: Path, tmp_path: Path)
     assert result.exit_code == 1 and "pass the model that made it" in result.output
 
 
+def test_regenerate_out_takes_a_folder_and_refuses_a_bad_name(model_file: Path,
+                                                              tmp_path: Path) -> None:
+    run("generate", model_file, "-n", "1", "--seconds", "0.2", "-o", tmp_path / "o")
+    made = next((tmp_path / "o").glob("*.wav"))
+    before = made.read_bytes()
+    folder = tmp_path / "again"
+    folder.mkdir()
+    assert "identical to" in run("regenerate", made, "--model", model_file, "-o", folder)
+    assert np.array_equal(sf.read(folder / made.name)[0], sf.read(made)[0])
+    for out, says in ((tmp_path / "regen", "a name with no suffix"),
+                      (tmp_path / "regen.mp3", "'.mp3' files"),
+                      (made, "the file being regenerated")):  # fmt: skip
+        result = runner.invoke(app, ["regenerate", str(made), "--model", str(model_file),
+                                     "-o", str(out)])  # fmt: skip
+        assert result.exit_code == 1 and says in result.output, result.output
+        assert not out.with_suffix(".mp3").exists() and not (tmp_path / "regen").exists()
+    assert made.read_bytes() == before  # the sound asked about is never overwritten
+
+
 def test_encode_decode_round_trip_and_regenerate_a_decode(model_file: Path, tmp_path: Path) -> None:
     t = np.arange(24000) / 48000
     wav = tmp_path / "in.wav"

@@ -85,7 +85,10 @@ def test_codebook_sizes_follow_the_training_chunks(chunks: int, size: int, level
 def test_resolve_config_keeps_what_the_user_set() -> None:
     cfg, why = resolve_config(VQVAEConfig(codebook_size=32), 120)
     assert (cfg.codebook_size, cfg.levels) == (32, 8)
-    assert "set by the user" in why
+    assert why.startswith("codebook size 32 set by the user; 8 levels from the data: 120 ")
+    cfg, why = resolve_config(VQVAEConfig(levels=6), 120)
+    assert (cfg.codebook_size, cfg.levels) == (512, 6)
+    assert why.startswith("6 levels set by the user; 512 codes from the data: 120 training")
     same, why = resolve_config(VQVAEConfig(codebook_size=8, levels=1), 120)
     assert (same.codebook_size, same.levels) == (8, 1) and "set by the user" in why
     with pytest.raises(ConfigError):
