@@ -186,8 +186,9 @@ def generate(
         "(default: its end).",
     ),
 ) -> None:
-    """Generate new sounds from a model, or continue one; prints each file with its
-    parameters."""
+    """Generate new sounds from a model, or continue one.
+
+    Prints each file with the parameters that make it again."""
     from distill.shared.errors import DistillError
 
     if fmt not in ("wav", "flac"):
@@ -231,8 +232,9 @@ def resample(
     quality: str = QualityOpt,
     device: str = DeviceOpt,
 ) -> None:
-    """A sound with the region [FROM, TO) drawn again by the prior, given what comes before it;
-    COUNT versions, each file with its recipe."""
+    """A sound with the region [FROM, TO) drawn again by the prior.
+
+    The draw is given what comes before the region; COUNT versions, each file with its recipe."""
     from distill.shared.errors import DistillError
     from distill.shared.model import inference as inf
 
@@ -248,7 +250,10 @@ def resample(
         fail(f"--from {start:g} s is at or past the end of {sound.name} (~{length_s:.2f} s)")
     if t1 <= t0:
         fail(f"--to must come after --from: the region [{start:g}, {end:g}) s holds no code step")
-    t1 = min(t1, total)
+    if t1 > total:
+        typer.echo(f"note: --to {end:g} s is past the end of {sound.name} (~{length_s:.2f} s): "
+                   "the region runs to the end", err=True)  # fmt: skip
+        t1 = total
     try:
         params = _params(temperature, top_k, top_p, min_p, seed)
         subtype = _subtype(bits, f".{fmt}")

@@ -199,6 +199,11 @@ def test_resample_redraws_only_the_region_and_regenerates(model_file: Path, tmp_
     assert np.array_equal(made.codes[:, :, :t0], np.broadcast_to(grid[:, :t0], made.codes[:, :, :t0].shape))
     assert np.array_equal(made.codes[:, :, t1:], np.broadcast_to(grid[:, t1:], made.codes[:, :, t1:].shape))
     assert len({made.codes[i, :, t0:t1].tobytes() for i in range(3)}) == 3
+    late = run("resample", wav, "--model", model_file, "--from", "0.5", "--to", "7", "-n", "1",
+               "-o", tmp_path / "late", "--quality", "preview")  # fmt: skip
+    assert "--to 7 s is past the end of in.wav (~1.0" in late and "region runs to the end" in late
+    meta = read_export_metadata(next((tmp_path / "late").glob("*.wav")))
+    assert (meta.data["t0"], meta.data["t1"]) == (t1, grid.shape[1])
     first, _ = inference.resample_region(model, grid, t0, t1, inference.sampling_params(
         {"seed": 1}), "preview")  # fmt: skip
     assert np.array_equal(first, inference.resample_variants(
