@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,17 @@ def resolve_dataset(c: Any, ref: str) -> tuple[str, str | None]:
             raise DistillError(f"job {ref} is a {record['service']} job, not a preprocess job")
         sha = (record.get("result") or {}).get("dataset")
         return sha or "", ref
-    return resolve_artifact(ArtifactClient(c), ref), None
+    if Path(ref).exists():
+        raise DistillError(f"{ref}: a file, not a folder of sounds (or a dataset id)")
+    if not re.fullmatch(r"[0-9a-fA-F]{1,64}", ref):
+        raise DistillError(f"{ref}: no such folder, and not a dataset id (a sha256 or a prefix "
+                           "of one) nor a preprocess job id (j-...)")  # fmt: skip
+    artifacts = ArtifactClient(c)
+    sha = resolve_artifact(artifacts, ref)
+    kind = artifacts.stat(sha).get("kind")
+    if kind != "dataset":
+        raise DistillError(f"{ref}: artifact {sha[:16]} is of kind {kind!r}, not a dataset")
+    return sha, None
 
 
 def print_manifest(rows: list[dict[str, Any]]) -> None:

@@ -210,7 +210,10 @@ def resolve_artifact(ac: Any, ref: str) -> str:
     if is_sha256(ref):
         return ref
     matches = [a["sha256"] for a in ac.iter() if a["sha256"].startswith(ref.lower())]
-    if len(matches) != 1:
+    if not matches:
+        raise ArtifactError(f"{ref!r} matches no artifact in the broker's store "
+                            "(`distill artifacts ls` lists them)")  # fmt: skip
+    if len(matches) > 1:
         raise ArtifactError(f"{ref!r} matches {len(matches)} artifacts; give more of the id")
     return str(matches[0])
 

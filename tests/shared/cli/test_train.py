@@ -108,6 +108,24 @@ def test_a_failed_stage_prints_its_reason_and_the_cascade(cluster: Cluster, tmp_
     assert not (tmp_path / "notes.distill").exists()
 
 
+def test_a_source_that_is_no_folder_nor_dataset_says_what_it_is(cluster: Cluster,
+                                                                 tmp_path: Path) -> None:
+    (tmp_path / "take1.wav").write_bytes(b"RIFF")
+    audio = distill(cluster, tmp_path, "artifacts", "put", "take1.wav")
+    assert audio.returncode == 0, audio.stderr
+    for source, says in (
+        (str(tmp_path / "gone"), "gone: no such folder, and not a dataset id"),
+        ("take1.wav", "take1.wav: a file, not a folder of sounds"),
+        ("0123456789abcdef0123", "'0123456789abcdef0123' matches no artifact"),
+    ):
+        out = distill(cluster, tmp_path, "train", source, *TINY)
+        assert out.returncode == 1 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
+    sha = audio.stdout.split()[0]  # an artifact, but not a dataset
+    out = distill(cluster, tmp_path, "dataset", "show", sha[:12])
+    assert out.returncode == 1 and "is of kind 'file', not a dataset" in out.stderr, out.stderr
+    assert "submitted" not in out.stderr and not list(tmp_path.glob("*.distill"))
+
+
 def _sigint_as_from_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
