@@ -63,6 +63,13 @@ def _describe(params: dict[str, Any], step_s: float) -> str:
     return " ".join(parts)
 
 
+def _check_quality(quality: str) -> None:
+    from distill.shared.audio.phase import QUALITY_PRESETS
+
+    if quality not in QUALITY_PRESETS:
+        fail(f"--quality must be one of {', '.join(QUALITY_PRESETS)}, got {quality!r}")
+
+
 def generate_files(model: Any, out: Path, *, count: int, seconds: float, temperature: float,
                    top_k: int, top_p: float, seed: int, quality: str, fmt: str = "wav",
                    min_p: float | None = None, prime: Any = None,
@@ -73,6 +80,9 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
 
     params = _params(temperature, top_k, top_p, min_p, seed)
     subtype = _subtype(bits, f".{fmt}")
+    inf.check_quality(quality)  # inf.generate checks it too; here before the bar shows
+    if seconds <= 0:
+        raise inf.BadInput(f"seconds must be more than 0, got {seconds!r}")
     # The bar moves as each batch of 16 is decoded; sampling the codes comes before.
     with typer.progressbar(length=count, label="generating", hidden=not show) as bar:
         made = inf.generate(model, count=count, seconds=seconds, params=params, quality=quality,
@@ -193,6 +203,7 @@ def generate(
 
     if fmt not in ("wav", "flac"):
         fail(f"--format must be wav or flac, got {fmt!r}")
+    _check_quality(quality)  # before any sound is encoded or drawn
     if start is not None and cont is None:
         fail("--from needs --continue FILE (the sound to continue)")
     model = _load(model_file, device)
@@ -240,6 +251,7 @@ def resample(
 
     if fmt not in ("wav", "flac"):
         fail(f"--format must be wav or flac, got {fmt!r}")
+    _check_quality(quality)  # before any sound is encoded or drawn
     model = _load(model_file, device)
     codes = _codes_of(sound, model, "SOUND")
     total = codes.shape[1]

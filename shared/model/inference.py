@@ -204,7 +204,10 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
     after each batch of :data:`RENDER_BATCH` sounds is decoded (progress, cancellation)."""
     prior = _prior(model)
     count = check_int(count, "count", 1, MAX_COUNT)
+    quality = check_quality(quality)  # before the draws, not after them
     steps = steps_for(model, seconds)
+    if float(seconds) <= 0.0:  # steps_for would give one step: a 21-ms click, not a sound
+        raise BadInput(f"seconds must be more than 0, got {seconds!r}")
     prefix = None if prime is None else check_grid(model, prime, "prime")
     if prefix is not None and bool((prefix < 0).any()):
         raise BadInput("prime must hold a code at every level and step (no -1)")

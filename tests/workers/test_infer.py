@@ -226,6 +226,7 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("decode", {"codes": np.zeros((Q, 10), dtype=np.int64), "levels": 9}, BAD_REQUEST, "levels"),
     ("generate", {"seconds": 36000}, BAD_REQUEST, "seconds must be in"),
     ("generate", {"count": 17}, BAD_REQUEST, "count must be in"),
+    ("generate", {"seconds": 0}, BAD_REQUEST, "seconds must be more than 0"),
     ("generate", {"temperature": -1.0}, BAD_REQUEST, "temperature"),
     ("encode", {"audio": np.zeros(RATE * 36000 // 1000, dtype=np.float32), "sample_rate": 1000},
      BAD_REQUEST, "at most 60 s"),

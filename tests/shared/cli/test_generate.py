@@ -125,6 +125,14 @@ def test_bad_values_are_refused_clearly(model_file: Path, tmp_path: Path) -> Non
     result = runner.invoke(app, ["generate", str(model_file), "--seconds", "36000",
                                  "-o", str(tmp_path)])  # fmt: skip
     assert result.exit_code == 1 and "seconds must be in" in result.output
+    for args, says in ((["--seconds", "0"], "seconds must be more than 0"),
+                       (["--quality", "ultra"], "quality must be one of")):  # fmt: skip
+        result = runner.invoke(app, ["generate", str(model_file), *args, "-o",
+                                     str(tmp_path / "none")])  # fmt: skip
+        assert result.exit_code == 1 and says in result.output, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        assert "generating" not in result.output  # refused before any draw
+    assert not (tmp_path / "none").exists()
     result = runner.invoke(app, ["generate", str(tmp_path / "none.distill")])
     assert result.exit_code == 1 and "no such file" in result.output
 
