@@ -150,8 +150,9 @@ def _encode_sound(path: Path, model: Any, name: str = "", search: int | None = N
         return inf.encode(model, inf.model_audio(model, audio.numpy(), model.mel_config.sample_rate),
                           inf.SEARCH_CANDIDATES if search is None else search)  # fmt: skip
     except DistillError as e:
-        named = str(e).startswith(path.name) or not name
-        fail(str(e) if named else f"{name} {path.name}: {e}")
+        if str(e).startswith(path.name):
+            fail(str(e))
+        fail(f"{name} {path.name}: {e}" if name else f"{path.name}: {e}")
 
 
 def _step_at(model: Any, seconds: float, name: str) -> int:
@@ -309,6 +310,9 @@ def _read_codes(path: Path, model: Any) -> Any:
 
     import numpy as np
 
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # np.load would try it as a pickle and say so
+            fail(f"{path.name}: not a codes file from `distill encode` (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             codes, model_id = npz["codes"], str(npz["model_id"]) if "model_id" in npz else ""

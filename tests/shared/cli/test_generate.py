@@ -113,6 +113,21 @@ def test_encode_decode_round_trip_and_regenerate_a_decode(model_file: Path, tmp_
     assert "identical to" in run("regenerate", out, "--model", model_file)
 
 
+def test_encode_and_decode_name_the_file_they_refuse(model_file: Path, tmp_path: Path) -> None:
+    (tmp_path / "notes.npz").write_text("not codes")
+    long = tmp_path / "long.wav"  # a steady tone: nothing for preparation to trim
+    sf.write(long, 0.3 * np.sin(2 * math.pi * 220 * np.arange(61 * 48000) / 48000), 48000)
+    for args, says in (
+        (["decode", tmp_path / "notes.npz"], "notes.npz: not a codes file from `distill encode` "
+                                             "(not an .npz archive)"),
+        (["encode", long], "long.wav: audio is 61.0 s long; at most 60 s"),
+    ):  # fmt: skip
+        result = runner.invoke(app, [str(a) for a in args] + ["--model", str(model_file), "-o",
+                                                              str(tmp_path / "x.wav")])  # fmt: skip
+        assert result.exit_code == 1 and says in result.output, result.output
+        assert "pickle" not in result.output
+
+
 def test_decode_refuses_codes_of_another_model(model_file: Path, tmp_path: Path) -> None:
     codes = tmp_path / "c.npz"
     np.savez(codes, codes=np.zeros((Q, 5), dtype=np.int64), model_id=np.array("f" * 64))
