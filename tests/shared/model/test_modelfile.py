@@ -107,7 +107,7 @@ def _expect(path: Path, cls: type[ModelFileError], match: str) -> None:
 def test_missing_empty_and_directory(tmp_path: Path) -> None:
     _expect(tmp_path / "nope.distill", ModelFileMissing, "no such file")
     (tmp_path / "dir.distill").mkdir()
-    _expect(tmp_path / "dir.distill", ModelFileMissing, "not a file")
+    _expect(tmp_path / "dir.distill", ModelFileMissing, "a folder, not a model file")
     (tmp_path / "empty.distill").write_bytes(b"")
     _expect(tmp_path / "empty.distill", ModelFileEmpty, "empty")
 
