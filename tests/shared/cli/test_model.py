@@ -106,7 +106,7 @@ def test_show_on_a_bad_file_prints_one_line(model_path: Path, case: str) -> None
 
 def test_show_on_a_directory(tmp_path: Path) -> None:
     out = show(tmp_path)
-    assert out.exit_code == 1 and out.stderr.startswith("error: ") and "not a file" in out.stderr
+    assert out.exit_code == 1 and out.stderr.startswith("error: ") and "a folder, not a model file" in out.stderr
 
 
 # --- model pull: which job holds the model --------------------------------------------------------
