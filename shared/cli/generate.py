@@ -80,9 +80,6 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
 
     params = _params(temperature, top_k, top_p, min_p, seed)
     subtype = _subtype(bits, f".{fmt}")
-    inf.check_quality(quality)  # inf.generate checks it too; here before the bar shows
-    if seconds <= 0:
-        raise inf.BadInput(f"seconds must be more than 0, got {seconds!r}")
     # The bar moves as each batch of 16 is decoded; sampling the codes comes before.
     with typer.progressbar(length=count, label="generating", hidden=not show) as bar:
         made = inf.generate(model, count=count, seconds=seconds, params=params, quality=quality,
@@ -205,6 +202,8 @@ def generate(
     if fmt not in ("wav", "flac"):
         fail(f"--format must be wav or flac, got {fmt!r}")
     _check_quality(quality)  # before any sound is encoded or drawn
+    if seconds <= 0:  # inference.generate refuses it too, once the model is loaded
+        fail(f"seconds must be more than 0, got {seconds!r}")
     if start is not None and cont is None:
         fail("--from needs --continue FILE (the sound to continue)")
     model = _load(model_file, device)
