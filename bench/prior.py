@@ -256,7 +256,7 @@ def whole_file_figures(model: DistillModel, ds: Dataset) -> None:
     the file, the chunks stitched), against baselines fitted on the training files and on the
     training files with the variants the prior trained on."""
     assert model.prior is not None
-    codes = encode_dataset(model.vqvae, ds)
+    codes = encode_dataset(model.vqvae, ds).first_levels(model.prior.config.levels)
     val, k = codes.sequences("val"), codes.codebook_size
     if not val:
         print("whole files: no validation files")
@@ -280,7 +280,9 @@ def quality_figures(endpoint: str, prior_job: str, path: Path, samples: int) -> 
     model = load_model(path)
     assert model.prior is not None, "the pipeline wrote a model without a prior"
     train_idx, val_idx = ds.train_indices(), ds.val_indices()
-    train_codes, val_codes = chunk_codes(model, ds, train_idx), chunk_codes(model, ds, val_idx)
+    p = model.prior.config.levels  # the RVQ-VAE's first p levels: what the prior draws
+    train_codes, val_codes = (chunk_codes(model, ds, train_idx)[:, :p],
+                              chunk_codes(model, ds, val_idx)[:, :p])  # fmt: skip
     k, steps = model.prior.config.codebook_size, train_codes.shape[-1]
     prior_bits = float(model.prior.nll_bits(val_codes))
     uni, bi = unigram_bits(train_codes, val_codes, k), bigram_bits(train_codes, val_codes, k)

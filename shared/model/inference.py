@@ -6,7 +6,9 @@ request. Inputs from outside (a request, a file) are checked here and refused wi
 :class:`BadInput` naming the field and the reason; lengths are bounded by :data:`MAX_SECONDS`.
 
 Audio is mono float32 at the model's sample rate, ``(samples,)`` or ``(B, samples)``; code grids
-are int64 ``(Q, T)`` (``-1``: no code at this level); log-mels ``(n_mels, frames)``.
+are int64 ``(Q, T)`` (``-1``: no code at this level); log-mels ``(n_mels, frames)``. The prior
+may model only the RVQ-VAE's first P of Q levels (``PRIOR_LEVELS``): what it draws, generated
+or resampled, holds -1 at the finer levels, which decode as no code.
 Generation is prior sampling -> RVQ-VAE decode -> phase (:mod:`distill.shared.audio.phase`):
 the same model, seed, count, length and quality on the same device give the same samples. A new
 sound that comes out silent is drawn again (see :data:`SILENT_PEAK_DB`).
@@ -208,12 +210,14 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
     steps = steps_for(model, seconds)
     if float(seconds) <= 0.0:  # steps_for would give one step: a 21-ms click, not a sound
         raise BadInput(f"seconds must be more than 0, got {seconds!r}")
+    p, q = prior.config.levels, model.vqvae.config.levels  # the prior draws the first p of q
     prefix = None if prime is None else check_grid(model, prime, "prime")
-    if prefix is not None and bool((prefix < 0).any()):
-        raise BadInput("prime must hold a code at every level and step (no -1)")
+    if prefix is not None and bool((prefix[:, :p] < 0).any()):
+        raise BadInput(f"prime must hold a code at every step of the first {p} levels (no -1)")
     if prefix is not None and prefix.shape[2] + steps > steps_for(model, MAX_SECONDS):
         raise BadInput(f"prime plus seconds exceeds {MAX_SECONDS:g} s")
-    new = prior_sample(prior, batch=count, steps=steps, params=params, prefix=prefix)  # (B,Q,S)
+    new = _all_levels(prior_sample(prior, batch=count, steps=steps, params=params,
+                                   prefix=None if prefix is None else prefix[:, :p]), q)  # fmt: skip
     codes = new if prefix is None else torch.cat([prefix.expand(count, -1, -1), new], 2)
     audio = _render_batches(model, codes, quality, on_batch)
     grid = codes.cpu().numpy()  # (B, Q, T)
@@ -224,11 +228,20 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
             break
         redrawn[silent] = True
         seed = (params.seed * 1_000_003 + attempt) % (MAX_SEED + 1)
-        again = prior_sample(prior, batch=len(silent), steps=steps,
-                             params=dataclasses.replace(params, seed=seed))  # fmt: skip
+        again = _all_levels(prior_sample(prior, batch=len(silent), steps=steps,
+                                         params=dataclasses.replace(params, seed=seed)), q)  # fmt: skip
         grid[silent] = again.cpu().numpy()
         audio[silent] = _render_batches(model, again, quality, None)
     return Generated(audio, grid, model.mel_config.sample_rate, int(redrawn.sum()))
+
+
+def _all_levels(drawn: torch.Tensor, levels: int) -> torch.Tensor:
+    """Codes the prior drew (B, P, T) as a grid of the RVQ-VAE's ``levels`` (B, Q, T): the
+    levels past the prior's hold no code (-1)."""
+    if drawn.shape[1] == levels:
+        return drawn
+    empty = drawn.new_full((drawn.shape[0], levels - drawn.shape[1], drawn.shape[2]), -1)
+    return torch.cat([drawn, empty], 1)
 
 
 def _render_batches(model: DistillModel, codes: torch.Tensor, quality: str,
@@ -287,12 +300,16 @@ def resample_variants(model: DistillModel, codes: object, t0: int, t1: int,
     as a generated sound does). Audio (count, samples) and codes (count, Q, T)."""
     prior = _prior(model)
     grid = check_grid(model, codes)
-    if bool((grid < 0).any()):
-        raise BadInput("resample_region needs a code at every level and step (no -1)")
+    p = prior.config.levels  # the prior draws the first p levels; finer ones are left empty
+    if bool((grid[:, :p] < 0).any()):
+        raise BadInput(f"resample_region needs a code at every step of the first {p} levels "
+                       "(no -1)")  # fmt: skip
     count = check_int(count, "count", 1, MAX_COUNT)
     t0 = check_int(t0, "t0", 0, grid.shape[2] - 1)
     t1 = check_int(t1, "t1", t0 + 1, grid.shape[2])
-    new = prior_resample_region(prior, grid.expand(count, -1, -1), t0, t1, params)  # (B, Q, T)
+    new = grid.expand(count, -1, -1).clone()  # (B, Q, T)
+    new[:, :p] = prior_resample_region(prior, grid[:, :p].expand(count, -1, -1), t0, t1, params)
+    new[:, p:, t0:t1] = -1  # the sound's finer codes there belonged to the steps drawn over
     audio = _render_batches(model, new, quality, on_batch)
     return Generated(audio, new.cpu().numpy(), model.mel_config.sample_rate)
 

@@ -414,6 +414,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _prior_levels_text(prior_levels: object, vqvae_levels: object) -> str:
+    if prior_levels == vqvae_levels:
+        return f"all {prior_levels} levels"
+    return f"the first {prior_levels} of {vqvae_levels} levels (drawn steps leave the rest empty)"
+
+
 def describe_model(model: RawModel | DistillModel) -> list[tuple[str, str]]:
     """The rows ``distill model show`` prints: (key, value), both plain strings."""
     if isinstance(model, RawModel):
@@ -432,7 +438,8 @@ def describe_model(model: RawModel | DistillModel) -> list[tuple[str, str]]:
             ("rvq-vae", f"{vq.get('levels')} levels x {vq.get('codebook_size')} codes, "
                         f"{vq.get('channels')} channels, {_values(shapes, 'vqvae.'):,} "
                         "values"),
-            ("prior", f"LSTM {prior.get('layers')} x {prior.get('hidden')}, "
+            ("prior", f"LSTM {prior.get('layers')} x {prior.get('hidden')} over "
+                      f"{_prior_levels_text(prior.get('levels'), vq.get('levels'))}, "
                       f"{_values(shapes, 'prior.'):,} values" if prior else "none")]  # fmt: skip
     rows += [(str(k), _fmt(v)) for k, v in header.get("summary", {}).items()]
     versions = header.get("versions")

@@ -60,7 +60,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {  # inclusive ranges that fit real ma
 class PriorConfig:
     """Everything that fixes the prior's architecture; travels with the weights. Never mutated."""
 
-    levels: int = 4  # must equal the RVQ-VAE's levels (Q); 4 is its mid-size default
+    levels: int = 4  # the RVQ-VAE's first levels it models (at most its Q; see prior_levels)
     codebook_size: int = 256  # must equal the RVQ-VAE's codebook size (K)
     embed_dim: int = 128  # code embeddings and head width; K <= 512 codes fit in 128 dims
     hidden: int = 256  # LSTM width: ~10x real time sampling on a CPU core at batch 1 (512: ~6x)
@@ -154,6 +154,20 @@ EARLIER_CODES = 1
 CACHE_DECAY = 0.7
 # the cache gate's starting bias: sigmoid(-2) = 0.12 of each prediction from the cache
 CACHE_GATE_START = -2.0
+
+
+# The levels a prior models: the RVQ-VAE's first PRIOR_LEVELS (all of them when it has fewer).
+# Sampling costs ~45 us per level and step at batch 1 on a CPU thread (the head, its noise, the
+# filter), so the levels a sound is drawn in are what keeps sampling above 50x real time: the
+# percussion prior (LSTM 128) draws 8 levels at 56-59x. An RVQ-VAE with more levels decodes
+# sounds it encodes with all of them (reconstruction, code editing); a drawn step leaves the
+# finer levels empty (-1), which the decoder reads as no code (quantizer dropout trains it to).
+PRIOR_LEVELS = 8
+
+
+def prior_levels(vqvae_levels: int) -> int:
+    """The levels a prior over an RVQ-VAE with ``vqvae_levels`` levels models by default."""
+    return min(vqvae_levels, PRIOR_LEVELS)
 
 
 def choose_prior_config(

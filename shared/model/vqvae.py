@@ -180,7 +180,7 @@ def choose_codebook(chunks: int) -> tuple[int, int, str]:
     A chunk is one second of sound (long files give one every half second), so the count is
     the material the codebooks are fitted to, which the number of files is not: 18 textures
     (loops, voices, noises) make 131 chunks, 115 percussion one-shots 209, 36 of them 59.
-    The bands: under 15 chunks 64 x 2; 15-40: 128 x 4; 40-100: 512 x 5; 100 on: 512 x 8.
+    The bands: under 15 chunks 64 x 2; 15-40: 128 x 4; 40-100: 512 x 5; 100 on: 512 x 12.
     Past a few dozen chunks the training files are bit-limited: the first level's 512 codes
     are what lets them decode close to the floor, and held-back files lose nothing by it.
     From 100 chunks on, the sounds a model has not heard are bit-limited too: the decoder
@@ -193,7 +193,11 @@ def choose_codebook(chunks: int) -> tuple[int, int, str]:
     1.19x). Each step trains 7% slower, the
     prior samples two more levels per step (its speed: bench/prior.py) and every level of
     every epoch is in use as at 6 levels (the two finest 84-88% of their codes in an epoch's
-    batches, 92-98% over the training set).
+    batches, 92-98% over the training set). At 512 x 12 (the same bench): percussion 1.54x /
+    1.09x (seed 1: 1.46x / 1.06x; validation mel L1 0.188-0.189 against 0.212 at 8), textures
+    1.80x / 1.14x; at 512 x 10 percussion 1.59x / 1.05x. Twelve levels cost each training step
+    26% and the code search (`distill encode`) 1.6x; the prior draws only the first
+    PRIOR_LEVELS (8) of them, so sampling keeps its speed (distill.shared.model.prior).
     Measured with bench/vqvae.py --minutes 5 --threads 1 --quick (two runs side by side),
     decoded held-back / training files against the floor: 18 textures (131 chunks) 3.53x /
     1.35x at 512 x 6, 3.45x / 1.58x at 256 x 6, 3.67x / 1.96x at 128 x 4 (chosen by file count
@@ -222,7 +226,7 @@ def _codebook_band(chunks: int) -> tuple[int, int, str]:
         return 128, 4, "15-40"
     if chunks < 100:
         return 512, 5, "40-100"
-    return 512, 8, "100 or more"
+    return 512, 12, "100 or more"
 
 
 # Model size per device kind, for the fields a job leaves unset. The CPU size is what makes

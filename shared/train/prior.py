@@ -44,7 +44,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
 import numpy as np
@@ -62,6 +62,7 @@ from distill.shared.model.prior import (
     PriorConfig,
     bigram_bits,
     choose_prior_config,
+    prior_levels,
     unigram_bits,
 )
 from distill.shared.model.vqvae import VQVAE
@@ -170,6 +171,13 @@ class CodeSet:
     @property
     def levels(self) -> int:
         return int(self.codes.shape[0])
+
+    def first_levels(self, levels: int) -> CodeSet:
+        """The same set with only its first ``levels`` levels (what a prior of them trains on)."""
+        if not 1 <= levels <= self.levels:
+            raise ConfigError(f"prior levels must be in 1..{self.levels} (the RVQ-VAE's), got "
+                              f"{levels!r}")  # fmt: skip
+        return replace(self, codes=self.codes[:levels])
 
     @property
     def n_files(self) -> int:
@@ -409,7 +417,7 @@ def resolve_prior_config(
     fixed = {"levels": codes.levels, "codebook_size": codes.codebook_size}
     for key, value in fixed.items():
         if key in overrides and overrides[key] != value:
-            raise ConfigError(f"prior {key} must equal the RVQ-VAE's ({value}), got "
+            raise ConfigError(f"prior {key} must equal the code set's ({value}), got "
                               f"{overrides[key]!r}")  # fmt: skip
     sized, why = choose_prior_config(codes.levels, codes.codebook_size, codes.code_steps("train"))
     config = PriorConfig.from_dict({**sized.to_dict(), **overrides})
@@ -541,6 +549,10 @@ class PriorTrainer(Trainer[Prior | PriorPeers]):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(train_config, hooks, device=device, clock=clock)
+        levels = prior_overrides.get("levels", prior_levels(codes.levels))
+        if isinstance(levels, bool) or not isinstance(levels, int):
+            raise ConfigError(f"prior levels must be an integer, got {levels!r}")
+        codes = codes.first_levels(levels)  # the RVQ-VAE's first levels: what the prior draws
         augment = train_config.augment
         plain, val = codes.sequences("train"), codes.sequences("val")
         if not plain:

@@ -66,3 +66,44 @@ def test_a_recipe_from_before_min_p_replays_as_it_was_drawn() -> None:
     np.testing.assert_array_equal(inference.replay(model, "generate", recipe), made.audio[1])
     cut = generate(model, count=16, seconds=1.0, params=SamplingParams(seed=4), quality="preview")
     assert not np.array_equal(cut.codes, made.codes)  # the default cut draws otherwise here
+
+
+def coarse_prior_model() -> DistillModel:
+    """An RVQ-VAE of 3 levels whose prior models only the first 2 (as PRIOR_LEVELS does for
+    RVQ-VAEs of more than 8)."""
+    torch.manual_seed(0)
+    vqvae = VQVAE(VQVAEConfig(channels=16, latent_dim=8, blocks=1, codebook_size=16, levels=3))
+    prior = Prior(PriorConfig(levels=2, codebook_size=16, embed_dim=8, hidden=16))
+    return DistillModel(mel_config=MelConfig(), vqvae=vqvae.eval(), prior=prior.eval(),
+                        summary={})  # fmt: skip
+
+
+def test_a_prior_over_the_first_levels_leaves_the_finer_ones_empty() -> None:
+    model, params = coarse_prior_model(), SamplingParams(seed=4)
+    made = generate(model, count=2, seconds=0.3, params=params, quality="preview")
+    assert made.codes.shape[1] == 3 and (made.codes[:, 2] == -1).all()
+    assert (made.codes[:, :2] >= 0).all() and np.isfinite(made.audio).all()
+    # the drawn levels are the prior's own draw, as sampling gives them
+    from distill.shared.model.sampling import sample
+
+    steps = made.codes.shape[2]
+    assert np.array_equal(made.codes[:, :2], sample(model.prior, batch=2, steps=steps,
+                                                    params=params).numpy())  # fmt: skip
+    # a continuation keeps every level of its prime and leaves the new steps' finer level empty
+    prime = np.arange(3 * 6).reshape(3, 6) % 16
+    cont = generate(model, count=1, seconds=0.2, params=params, quality="preview", prime=prime)
+    assert np.array_equal(cont.codes[0, :, :6], prime) and (cont.codes[0, 2, 6:] == -1).all()
+    # a prime whose finer level is empty is fine; one with a gap in the prior's levels is not
+    holes = prime.copy()
+    holes[2] = -1
+    generate(model, count=1, seconds=0.1, params=params, quality="preview", prime=holes)
+    holes[1, 3] = -1
+    with pytest.raises(inference.BadInput, match="first 2 levels"):
+        generate(model, count=1, seconds=0.1, params=params, quality="preview", prime=holes)
+    # a region drawn again: its finer codes are cleared, everything outside it is kept
+    grid = np.arange(3 * 12).reshape(3, 12) % 16
+    again = inference.resample_variants(model, grid, 4, 8, params, "preview", count=2).codes
+    assert np.array_equal(again[:, :, :4], np.broadcast_to(grid[:, :4], (2, 3, 4)))
+    assert np.array_equal(again[:, :, 8:], np.broadcast_to(grid[:, 8:], (2, 3, 4)))
+    assert (again[:, 2, 4:8] == -1).all() and (again[:, :2, 4:8] >= 0).all()
+    assert not np.array_equal(again[0, :2, 4:8], grid[:2, 4:8])

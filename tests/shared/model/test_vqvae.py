@@ -74,7 +74,7 @@ def test_config_from_dict_rejects_a_non_map() -> None:
 @pytest.mark.parametrize(
     ("chunks", "size", "levels"),
     [(1, 64, 2), (14, 64, 2), (15, 128, 4), (39, 128, 4), (40, 512, 5), (99, 512, 5),
-     (100, 512, 8), (5000, 512, 8)],  # fmt: skip
+     (100, 512, 12), (5000, 512, 12)],  # fmt: skip
 )
 def test_codebook_sizes_follow_the_training_chunks(chunks: int, size: int, levels: int) -> None:
     got_size, got_levels, why = choose_codebook(chunks)
@@ -84,8 +84,8 @@ def test_codebook_sizes_follow_the_training_chunks(chunks: int, size: int, level
 
 def test_resolve_config_keeps_what_the_user_set() -> None:
     cfg, why = resolve_config(VQVAEConfig(codebook_size=32), 120)
-    assert (cfg.codebook_size, cfg.levels) == (32, 8)
-    assert why.startswith("codebook size 32 set by the user; 8 levels from the data: 120 ")
+    assert (cfg.codebook_size, cfg.levels) == (32, 12)
+    assert why.startswith("codebook size 32 set by the user; 12 levels from the data: 120 ")
     cfg, why = resolve_config(VQVAEConfig(levels=6), 120)
     assert (cfg.codebook_size, cfg.levels) == (512, 6)
     assert why.startswith("6 levels set by the user; 512 codes from the data: 120 training")

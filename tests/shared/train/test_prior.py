@@ -19,7 +19,7 @@ from distill.shared.audio.io import cut_chunks, scan_folder
 from distill.shared.audio.mel import MelConfig
 from distill.shared.errors import ConfigError, JobCancelled, ModelFormatError
 from distill.shared.model.formats import checkpoint_to_bytes, read_checkpoint
-from distill.shared.model.prior import Prior, PriorConfig
+from distill.shared.model.prior import PRIOR_LEVELS, Prior, PriorConfig, prior_levels
 from distill.shared.model.vqvae import VQVAEConfig
 from distill.shared.train import prior as prior_training
 from distill.shared.train.loop import NullHooks
@@ -235,8 +235,24 @@ def test_the_prior_is_sized_from_the_codes_and_overrides_are_checked(codes: Code
     config, chosen = resolve_prior_config(codes, {"hidden": 64})
     assert (config.levels, config.codebook_size, config.hidden) == (2, 32, 64)
     assert chosen["overridden"] == ["hidden"] and "training code steps" in chosen["why"]
-    with pytest.raises(ConfigError, match="levels must equal the RVQ-VAE's"):
+    with pytest.raises(ConfigError, match="levels must equal the code set's"):
         resolve_prior_config(codes, {"levels": 3})
+
+
+def test_a_prior_models_the_rvq_vaes_first_levels(codes: CodeSet) -> None:
+    first = codes.first_levels(1)
+    assert first.levels == 1 and first.files == codes.files
+    pairs = zip(first.sequences("train", variants=True), codes.sequences("train", variants=True),
+                strict=True)  # fmt: skip
+    assert all(torch.equal(a, b[:1]) for a, b in pairs)
+    with pytest.raises(ConfigError, match=r"prior levels must be in 1\.\.2"):
+        codes.first_levels(3)
+    assert prior_levels(2) == 2 and prior_levels(12) == PRIOR_LEVELS == 8
+    one = PriorTrainer(codes, {"levels": 1}, FAST, NullHooks())
+    assert one.prior_config.levels == 1 and all(s.shape[0] == 1 for s in one.train_seqs)
+    assert PriorTrainer(codes, {}, FAST, NullHooks()).prior_config.levels == 2  # all of 2
+    with pytest.raises(ConfigError, match=r"prior levels must be in 1\.\.2"):
+        PriorTrainer(codes, {"levels": 3}, FAST, NullHooks())
     with pytest.raises(ConfigError):
         PriorTrainConfig.from_dict({"window": 1})
 
