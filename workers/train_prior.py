@@ -6,9 +6,11 @@ Job params (every key optional)::
                            # the one dependency whose result has one (a distill.train.vqvae job)
      "dataset": sha256,    # the dataset artifact; absent: the "dataset" of that same dependency
                            # (or of the one dependency that has a "dataset")
-     "prior": {...},       # PriorConfig overrides; "levels" and "codebook_size" come from the
-                           # RVQ-VAE (giving other values is an error); the rest default to
-                           # choose_prior_config's size for the number of training code steps
+     "prior": {...},       # PriorConfig overrides; "codebook_size" comes from the RVQ-VAE
+                           # (another value is an error), "levels" is how many of its first
+                           # levels the prior draws (1..Q; default prior_levels(Q), at most 8);
+                           # the rest default to choose_prior_config's size for the training
+                           # code steps
      "train": {...},       # PriorTrainConfig overrides (distill.shared.train.prior); "minutes"
                            # absent: the device's default budget (see DEFAULT_MINUTES), 0: no
                            # budget, epochs only; "peers" 0 (default): a pair trained side by
