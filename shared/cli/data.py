@@ -48,6 +48,9 @@ def resolve_dataset(c: Any, ref: str) -> tuple[str, str | None]:
             raise DistillError(f"job {ref} is a {record['service']} job, not a preprocess job")
         sha = (record.get("result") or {}).get("dataset")
         return sha or "", ref
+    if Path(ref).is_dir():  # `distill train` uploads folders before it gets here
+        raise DistillError(f"{ref}: a folder, not a dataset id: `distill dataset add {ref}` "
+                           "makes one")  # fmt: skip
     if Path(ref).exists():
         raise DistillError(f"{ref}: a file, not a folder of sounds (or a dataset id)")
     if not re.fullmatch(r"[0-9a-fA-F]{1,64}", ref):

@@ -64,10 +64,14 @@ def _describe(params: dict[str, Any], step_s: float) -> str:
 
 
 def _check_quality(quality: str) -> None:
-    from distill.shared.audio.phase import QUALITY_PRESETS
+    """``inference.check_quality``, as a CLI error (before any sound is encoded or drawn)."""
+    from distill.shared.errors import DistillError
+    from distill.shared.model import inference as inf
 
-    if quality not in QUALITY_PRESETS:
-        fail(f"--quality must be one of {', '.join(QUALITY_PRESETS)}, got {quality!r}")
+    try:
+        inf.check_quality(quality)
+    except DistillError as e:
+        fail(f"--{e}")
 
 
 def generate_files(model: Any, out: Path, *, count: int, seconds: float, temperature: float,

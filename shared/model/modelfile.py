@@ -224,7 +224,8 @@ def _read_bytes(path: Path) -> bytes:
     if not path.exists():
         raise ModelFileMissing(path, "no such file")
     if not path.is_file():
-        raise ModelFileMissing(path, "a folder, not a model file" if path.is_dir() else "not a regular file")
+        why = "a folder, not a model file" if path.is_dir() else "not a regular file"
+        raise ModelFileMissing(path, why)
     data = path.read_bytes()
     if not data:
         raise ModelFileEmpty(path, "the file is empty (0 bytes)")

@@ -123,6 +123,8 @@ def test_a_source_that_is_no_folder_nor_dataset_says_what_it_is(cluster: Cluster
     sha = audio.stdout.split()[0]  # an artifact, but not a dataset
     out = distill(cluster, tmp_path, "dataset", "show", sha[:12])
     assert out.returncode == 1 and "is of kind 'file', not a dataset" in out.stderr, out.stderr
+    out = distill(cluster, tmp_path, "dataset", "show", str(tmp_path))  # a folder
+    assert out.returncode == 1 and "a folder, not a dataset id: `distill dataset add" in out.stderr
     assert "submitted" not in out.stderr and not list(tmp_path.glob("*.distill"))
 
 
