@@ -180,7 +180,7 @@ def choose_codebook(chunks: int) -> tuple[int, int, str]:
     A chunk is one second of sound (long files give one every half second), so the count is
     the material the codebooks are fitted to, which the number of files is not: 18 textures
     (loops, voices, noises) make 131 chunks, 115 percussion one-shots 209, 36 of them 59.
-    The bands: under 15 chunks 64 x 2; 15-40: 128 x 4; 40-100: 512 x 5; 100 on: 512 x 12.
+    The bands: under 15 chunks 64 x 4; 15-40: 128 x 4; 40-100: 512 x 5; 100 on: 512 x 12.
     Past a few dozen chunks the training files are bit-limited: the first level's 512 codes
     are what lets them decode close to the floor, and held-back files lose nothing by it.
     From 100 chunks on, the sounds a model has not heard are bit-limited too: the decoder
@@ -206,6 +206,16 @@ def choose_codebook(chunks: int) -> tuple[int, int, str]:
     128 x 4; 18 percussion files (22 chunks) 2.73x / 1.33x at 128 x 4 (every code in use),
     3.12x / 1.33x at 256 x 5 (its last levels 25-38% in use); 9 files 64 x 2 5.48x / 1.10x
     (64 x 3: 6.28x / 1.44x). The 40-chunk edge lies between two measured sets.
+    Measured again once codes were searched by what they decode to (bench/vqvae.py --minutes
+    10 --threads 1 --quick --subset N, seeds 0 and 1, two runs side by side; every run
+    early-stopped within two minutes): 9 files (11 chunks, one held-back file) 64 x 2 3.99x,
+    2.52x / 1.22x, 1.15x; **64 x 4 2.50x, 3.19x / 1.06x, 1.16x**; 64 x 5 2.03x, 2.60x / 1.16x,
+    1.07x; the search makes use of the extra levels, on the training files in both seeds. A
+    fourth level keeps its codes in use (0.88-0.95 of them in an epoch's batches at worst), a
+    fifth not (0.84-0.86), a sixth far from it (0.62); 512 codes there: 0.2-0.5. 18 files (22
+    chunks): 128 x 4 1.47x, 1.35x / 1.26x, 1.31x; 128 x 6 1.31x, 1.33x / 1.24x, 1.41x (its
+    sixth level 0.73-0.83 in use): no better, so 128 x 4 stays. 36 files (59 chunks): 512 x 5
+    1.58x / 1.27x, 512 x 12 1.63x / 1.12x with levels 6-12 at 0.34-0.48 in use.
     """
     size, levels, band = _codebook_band(chunks)
     why = (
@@ -221,7 +231,7 @@ _BAND_REASON = "keeps codes well used (few dead) while leaving enough bits per f
 def _codebook_band(chunks: int) -> tuple[int, int, str]:
     """(codebook size, levels, the band's name) for ``chunks`` training chunks."""
     if chunks < 15:
-        return 64, 2, "under 15"
+        return 64, 4, "under 15"
     if chunks < 40:
         return 128, 4, "15-40"
     if chunks < 100:
