@@ -25,7 +25,8 @@ and 3 for the prior; with ``--minutes N`` that budget shared 70/30 between them)
 
 **Speed** (skipped with ``--skip-speed``): generated seconds of codes per wall second at batch 1
 and 16 for priors of 4 x 256, 6 x 512 and 8 x 512 codes per step (the RVQ-VAE chooses 128 x 4,
-512 x 5 and 512 x 8 for 15-40, 40-100 and 100 or more training chunks) at 47 code steps per
+512 x 5 and 512 x 12 for 15-40, 40-100 and 100 or more training chunks, and a prior draws at
+most the first 8 levels) at 47 code steps per
 second, each 256 wide with 128-wide embeddings (the prior of 20k-200k training code steps, ~7-70
 minutes of sound; a smaller set's prior is narrower and samples faster), for:
 
