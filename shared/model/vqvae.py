@@ -209,7 +209,7 @@ def choose_codebook(chunks: int) -> tuple[int, int, str]:
     Measured again once codes were searched by what they decode to (bench/vqvae.py --minutes
     10 --threads 1 --quick --subset N, seeds 0 and 1, two runs side by side; every run
     early-stopped within two minutes): 9 files (11 chunks, one held-back file) 64 x 2 3.99x,
-    2.52x / 1.22x, 1.15x; **64 x 4 2.50x, 3.19x / 1.06x, 1.16x**; 64 x 5 2.03x, 2.60x / 1.16x,
+    2.52x / 1.22x, 1.15x; 64 x 4 (chosen) 2.50x, 3.19x / 1.06x, 1.16x; 64 x 5 2.03x, 2.60x / 1.16x,
     1.07x; the search makes use of the extra levels, on the training files in both seeds. A
     fourth level keeps its codes in use (0.88-0.95 of them in an epoch's batches at worst), a
     fifth not (0.84-0.86), a sixth far from it (0.62); 512 codes there: 0.2-0.5. 18 files (22
