@@ -2,8 +2,9 @@
 
 Shapes: B batch, M mel bins, T mel frames, T' = T / downsample latent steps, D latent dim,
 Q quantizer levels, K codes per level. The model's input and output are real log-mel (as
-``distill.shared.audio.mel.log_mel`` makes it); it normalises per mel bin inside, with the dataset's
-mean and std held as buffers so that they travel with the weights.
+``distill.shared.audio.mel.log_mel`` makes it); it normalises inside, with the dataset's per-bin
+mean and a scale (the trainer sets one for every bin) held as buffers so that they travel with
+the weights.
 
 The encoder and decoder treat the mel bins as channels (a 1-D conv over time) and get their
 capacity from residual blocks with dilated convolutions (as in DAC/EnCodec): a plain 3-layer
@@ -437,7 +438,8 @@ class VQVAE(nn.Module):
     # -- normalisation ------------------------------------------------------------------------
 
     def set_normalisation_(self, mean: Tensor, std: Tensor) -> None:
-        """Per-bin log-mel mean and std (M,) of the training set."""
+        """Log-mel mean and scale per bin (M,) of the training set; the scale also divides each
+        bin's error in the plain L1 term of ``reconstruction_loss``."""
         self.mel_mean.copy_(mean)
         self.mel_std.copy_(std.clamp_min(1e-3))
 
