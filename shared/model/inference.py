@@ -11,7 +11,8 @@ may model only the RVQ-VAE's first P of Q levels (``PRIOR_LEVELS``): what it dra
 or resampled, holds -1 at the finer levels, which decode as no code.
 Generation is prior sampling -> RVQ-VAE decode -> phase (:mod:`distill.shared.audio.phase`):
 the same model, seed, count, length and quality on the same device give the same samples. A new
-sound that comes out silent is drawn again (see :data:`SILENT_PEAK_DB`).
+sound that comes out silent, or far quieter than the loudest of its request, is drawn again
+(see :data:`SILENT_PEAK_DB` and :data:`QUIET_UNDER_LOUDEST_DB`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ RENDER_BATCH = 16
 # a draw is drawn again, up to MAX_REDRAWS times, with a seed derived from the request's, so the
 # same request still gives the same sounds. Continuations are left alone: a prime may end.
 SILENT_PEAK_DB = -60.0
+# Nor is one that stays this far under the loudest draw of its request: a draw whose first step
+# leads straight into that silent state, a 20-ms blip and then nothing. The demo's model drew
+# one in its 8 (peak -41.7 dBFS, 52 dB under the loudest; 128 other draws of that model peaked
+# at -25.5 dBFS and above, the median at 0.7). Judged against the first draws of the request,
+# so that whether a draw is kept depends on the request alone; a request of one sound has only
+# the absolute floor.
+QUIET_UNDER_LOUDEST_DB = 30.0
 MAX_REDRAWS = 4
 
 
@@ -64,14 +72,15 @@ class Generated:
     audio: np.ndarray  # (B, samples) float32
     codes: np.ndarray  # (B, Q, T) int64, the prime's steps included
     sample_rate: int
-    redrawn: int = 0  # draws that came out silent and were drawn again (SILENT_PEAK_DB)
+    redrawn: int = 0  # draws that came out silent and were drawn again (see quiet_draws)
 
 
 def redraw_note(redrawn: int, count: int) -> str | None:
     """What to tell a user whose request had ``redrawn`` of ``count`` draws drawn again."""
     if redrawn <= 0:
         return None
-    return (f"{redrawn} of {count} draws came out silent (peak under {SILENT_PEAK_DB:g} dBFS) "
+    return (f"{redrawn} of {count} draws came out silent (peak under {SILENT_PEAK_DB:g} dBFS, or "
+            f"{QUIET_UNDER_LOUDEST_DB:g} dB under the loudest draw) "
             "and were drawn again with a seed derived from yours: the same request still "
             "gives the same sounds")  # fmt: skip
 
@@ -199,11 +208,14 @@ def decode(model: DistillModel, codes: object, levels: int | None, quality: str
 
 def generate(model: DistillModel, *, count: int, seconds: float, params: SamplingParams,
              quality: str, prime: object = None,
-             on_batch: Callable[[int, int], None] | None = None) -> Generated:  # fmt: skip
+             on_batch: Callable[[int, int], None] | None = None,
+             quiet_under_loudest_db: float | None = QUIET_UNDER_LOUDEST_DB) -> Generated:  # fmt: skip
     """``count`` new sounds of ``seconds`` each (continuing ``prime``, a (Q, T0) grid, if
     given). Sound i depends on (model, params.seed, count, seconds, prime, quality):
     regenerate with the same values and take item i. ``on_batch(done, count)`` is called
-    after each batch of :data:`RENDER_BATCH` sounds is decoded (progress, cancellation)."""
+    after each batch of :data:`RENDER_BATCH` sounds is decoded (progress, cancellation).
+    ``quiet_under_loudest_db`` None: only the absolute floor picks draws to draw again (how
+    sounds were drawn before the relative rule; their recipes replay that way)."""
     prior = _prior(model)
     count = check_int(count, "count", 1, MAX_COUNT)
     quality = check_quality(quality)  # before the draws, not after them
@@ -222,8 +234,9 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
     audio = _render_batches(model, codes, quality, on_batch)
     grid = codes.cpu().numpy()  # (B, Q, T)
     redrawn = np.zeros(count, dtype=bool)
+    loudest = max(peak_db(torch.from_numpy(a)) for a in audio)  # of the first draws
     for attempt in range(1, (MAX_REDRAWS if prefix is None else 0) + 1):
-        silent = np.flatnonzero([peak_db(torch.from_numpy(a)) < SILENT_PEAK_DB for a in audio])
+        silent = np.flatnonzero(quiet_draws(audio, loudest, quiet_under_loudest_db))
         if not len(silent):
             break
         redrawn[silent] = True
@@ -233,6 +246,14 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
         grid[silent] = again.cpu().numpy()
         audio[silent] = _render_batches(model, again, quality, None)
     return Generated(audio, grid, model.mel_config.sample_rate, int(redrawn.sum()))
+
+
+def quiet_draws(audio: np.ndarray, loudest: float, under_db: float | None) -> list[bool]:
+    """Which sounds of ``audio`` (B, samples) are not sounds: a peak under SILENT_PEAK_DB, or
+    ``under_db`` under ``loudest`` (dBFS, the loudest first draw of the request; None: no
+    relative rule)."""
+    floor = SILENT_PEAK_DB if under_db is None else max(SILENT_PEAK_DB, loudest - under_db)
+    return [peak_db(torch.from_numpy(a)) < floor for a in audio]
 
 
 def _all_levels(drawn: torch.Tensor, levels: int) -> torch.Tensor:
@@ -372,7 +393,8 @@ def generate_recipe(params: SamplingParams, *, count: int, seconds: float, quali
     the sound was made with.
     """
     recipe = {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality,
-              "index": index, "threads": torch.get_num_threads()}  # fmt: skip
+              "index": index, "threads": torch.get_num_threads(),
+              "quiet_under_loudest_db": QUIET_UNDER_LOUDEST_DB}  # fmt: skip
     if prime is not None:
         recipe["prime"] = np.asarray(prime).tolist()
     return recipe
@@ -423,8 +445,13 @@ def _replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarr
                 return resample_variants(model, _grid(data["codes"]), data["t0"], data["t1"],
                                          params, quality, count=count).audio[index]  # fmt: skip
             prime = data.get("prime")
+            # the relative redraw rule came later: a recipe without it was drawn without it
+            under = data.get("quiet_under_loudest_db")
+            if under is not None:
+                under = check_number(under, "quiet_under_loudest_db", 0.0, 200.0)
             out = generate(model, count=count, seconds=data["seconds"], params=params,
-                           quality=quality, prime=None if prime is None else _grid(prime))  # fmt: skip
+                           quality=quality, prime=None if prime is None else _grid(prime),
+                           quiet_under_loudest_db=under)  # fmt: skip
             return out.audio[index]
         if kind == "decode":
             return decode(model, _grid(data["codes"]), data["levels"], quality)[0]

@@ -8,7 +8,7 @@ import torch
 
 from distill.shared.audio.mel import MelConfig
 from distill.shared.model import inference
-from distill.shared.model.inference import generate
+from distill.shared.model.inference import BadInput, generate, generate_recipe, replay
 from distill.shared.model.modelfile import DistillModel
 from distill.shared.model.prior import Prior, PriorConfig
 from distill.shared.model.sampling import SamplingParams
@@ -50,6 +50,36 @@ def test_silent_draws_are_drawn_again_and_the_rest_stay(monkeypatch: pytest.Monk
     continued = generate(model, count=8, seconds=0.1, params=params, quality="preview",
                          prime=prime)  # fmt: skip
     assert continued.redrawn == 0
+
+
+def test_draws_far_under_the_loudest_are_drawn_again_and_old_recipes_replay_without_it(
+) -> None:
+    """A draw whose peak stays QUIET_UNDER_LOUDEST_DB under the loudest first draw of its
+    request is drawn again (the demo's model once drew a 20-ms blip at -42 dBFS beside draws
+    at 0 dBFS); a recipe written before the rule replays without it, the file as it was."""
+    model, params = tiny_model(), SamplingParams(seed=5)
+    plain = generate(model, count=8, seconds=0.1, params=params, quality="preview",
+                     quiet_under_loudest_db=None)  # fmt: skip
+    assert plain.redrawn == 0
+    p = peaks(plain.audio)
+    under = float(p.max() - np.median(p))  # the quieter half is this far under the loudest
+    quiet = p < p.max() - under
+    assert 0 < quiet.sum() < 8
+    made = generate(model, count=8, seconds=0.1, params=params, quality="preview",
+                    quiet_under_loudest_db=under)  # fmt: skip
+    assert made.redrawn == int(quiet.sum())
+    np.testing.assert_array_equal(made.codes[~quiet], plain.codes[~quiet])
+    assert not np.array_equal(made.codes[quiet], plain.codes[quiet])
+    # Each recipe replays what its file holds: with the rule (as recorded) and without it.
+    i = int(np.flatnonzero(quiet)[0])
+    recipe = generate_recipe(params, count=8, seconds=0.1, quality="preview", index=i)
+    assert recipe["quiet_under_loudest_db"] == inference.QUIET_UNDER_LOUDEST_DB
+    recipe["quiet_under_loudest_db"] = under
+    np.testing.assert_array_equal(replay(model, "generate", recipe), made.audio[i])
+    del recipe["quiet_under_loudest_db"]
+    np.testing.assert_array_equal(replay(model, "generate", recipe), plain.audio[i])
+    with pytest.raises(BadInput, match="quiet_under_loudest_db"):
+        replay(model, "generate", {**recipe, "quiet_under_loudest_db": "loud"})
 
 
 def test_a_recipe_from_before_min_p_replays_as_it_was_drawn() -> None:
