@@ -262,9 +262,17 @@ def main() -> None:
         last["dead_codes"],
     )
     later = [m["utilisation"] for m in hooks.metrics[2:]] or [last["utilisation"]]
-    print("utilisation, lowest per level from epoch 3 on:",
-          [round(min(u[q] for u in later), 2) for q in range(len(later[0]))],
-          "(goal >= 0.9)")  # fmt: skip
+    print("utilisation (an epoch's batches, quantizer dropout), lowest per level from epoch 3 on:",
+          [round(min(u[q] for u in later), 2) for q in range(len(later[0]))])  # fmt: skip
+    checks = [(m["epoch"], m["codes_in_use"]) for m in hooks.metrics if "codes_in_use" in m]
+    if checks:
+        print("codes in use by the model over the training chunks at each audio check:")
+        for epoch, used in checks:
+            print(f"  epoch {epoch:3d}  {' '.join(f'{u:.2f}' for u in used)}")
+        from_3 = [u for e, u in checks if e >= 3] or [checks[-1][1]]
+        print("codes in use, lowest per level from epoch 3 on:",
+              [round(min(u[q] for u in from_3), 2) for q in range(len(from_3[0]))],
+              "(goal >= 0.9)")  # fmt: skip
     print("returned model over all training chunks (every level):",
           [round(u, 2) for u in result.codes_in_use])  # fmt: skip
     ref = result.refine

@@ -62,6 +62,8 @@ def metric_rows(epochs: int = 8, levels: int = 3, codes: int = 64) -> list[dict[
                      "utilisation": [sum(v > 0 for v in u) / codes for u in usage],
                      "perplexity": [40.0 - q * 6 + e for q in range(levels)], "dead_codes": [q * 3 for q in range(levels)],
                      "usage": usage, "eta_s": 12.0 * (20 - e)})
+        if e % 5 == 0:  # the decoded-audio check's epochs: codes the model uses, every level
+            rows[-1]["codes_in_use"] = [1.0 - 0.03 * q for q in range(levels)]
     return rows
 
 

@@ -42,7 +42,9 @@ from distill.tui.widgets.tables import fill_table
 TRAINING_SERVICES = ("distill.train.vqvae", "distill.train.prior")
 PLOT_HZ = 4.0  # curves, tables and heatmap redraw at most this often (plotext is the slow part)
 RELOAD_AFTER_DROP_S = 2.0  # after dropped events, re-read the record at most this often
-LEVEL_COLUMNS = ("level", "utilisation", "perplexity", "dead codes")
+# utilisation: the last epoch's batches (quantizer dropout thins the finer levels' share);
+# in use: the model over every training chunk at the last decoded-audio check
+LEVEL_COLUMNS = ("level", "utilisation", "in use", "perplexity", "dead codes")
 PREVIEW_COLUMNS = ("epoch", "chunk", "which", "file", "artifact")
 STAGES = [("RVQ-VAE + prior", "all"), ("RVQ-VAE only", "vqvae")]
 
@@ -263,7 +265,8 @@ class TrainingScreen(DistillScreen):
             heatmap.set_usage([], None)
             return
         util, ppl, dead = last.get("utilisation") or [], last.get("perplexity") or [], last.get("dead_codes") or []
-        fill_table(table, LEVEL_COLUMNS, [(f"L{i + 1}", _pct(util, i), _num(ppl, i), _num(dead, i))
+        used: list[float] = next((r["codes_in_use"] for r in reversed(self.rows) if isinstance(r.get("codes_in_use"), list)), [])
+        fill_table(table, LEVEL_COLUMNS, [(f"L{i + 1}", _pct(util, i), _pct(used, i), _num(ppl, i), _num(dead, i))
                                           for i in range(max(len(util), len(ppl)))])
         usage: list[list[float]] = next((r["usage"] for r in reversed(self.rows) if isinstance(r.get("usage"), list)), [])
         heatmap.set_usage(usage, last.get("epoch"))

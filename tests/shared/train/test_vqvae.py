@@ -112,6 +112,19 @@ def test_training_lowers_the_loss_and_uses_every_level(dataset: Dataset) -> None
         codes = result.model.encode(train)  # (N, Q, T')
     assert result.codes_in_use == [torch.unique(codes[:, q]).numel() / 16 for q in range(2)]
     assert len(hooks.checkpoints) == 7  # the initial state, then one per epoch
+    # at each decoded-audio check (epoch 5, and the planned last), the codes the model of that
+    # epoch uses over the training chunks: its checkpoint encodes them to the same share
+    checked = [m["epoch"] for m in hooks.metrics if "codes_in_use" in m]
+    assert checked == [5, 6] and all("audio_sc_ratio" in hooks.metrics[e - 1] for e in checked)
+    for epoch in checked:
+        ckpt = read_checkpoint(hooks.checkpoints[epoch])
+        at_epoch = VQVAE(VQVAEConfig.from_dict(ckpt["model_config"]))
+        at_epoch.load_state_dict(ckpt["state_dict"])
+        at_epoch.eval()
+        with torch.no_grad():
+            codes = at_epoch.encode(train)
+        used = [torch.unique(codes[:, q]).numel() / 16 for q in range(2)]
+        assert hooks.metrics[epoch - 1]["codes_in_use"] == used
     assert [p[0] for p in hooks.previews] == [2, 4, 6]
     epoch, mels, recon, labels = hooks.previews[0]
     assert mels.shape == recon.shape and mels.shape[1:] == (128, 94) and len(labels) == len(mels)
