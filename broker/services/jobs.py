@@ -103,6 +103,7 @@ class JobService:
         """The record with ``metric_count``; with ``metrics`` (the default) also the latest
         rows, at most one page of them from ``metrics_start`` on (the rest: ``metrics_page``)."""
         job_id = field(msg, "id", str)
+        self._flush_events()  # the latest progress and rows, not the last tick's
         out = self.store.get(job_id, with_metrics=False).to_dict(with_metrics=False)
         count = self.store.metric_count(job_id)
         out["metric_count"] = count

@@ -134,11 +134,22 @@ class JobsClient:
 
     def follow(self, job_id: str, on_event: Callable[[dict[str, Any]], None],
                timeout_s: float | None = None) -> dict[str, Any]:
-        """Call ``on_event`` for each event of the job (snapshot first) until it ends."""
+        """Call ``on_event`` for each event of the job (snapshot first) until it ends.
+
+        Events are best effort, so the record is polled too; when a poll finds the job ended
+        before its last events came (lost, or still on their way), ``on_event`` gets the end
+        from the record: its last progress, then its status, as events of the same shape."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        ended = False  # the job's end came as an event
+
+        def seen(event: dict[str, Any]) -> None:
+            nonlocal ended
+            on_event(event)
+            ended = ended or (event.get("type") == "status" and event.get("status") in FINISHED)
+
         with Subscription(self.client.endpoint, [f"job.{job_id}"]) as sub:
             while (event := sub.next(timeout_s=0)) is not None:  # the snapshot: latest state
-                on_event(event)
+                seen(event)
             record = self.get(job_id, metrics=False)
             while record["status"] not in FINISHED:
                 if deadline is not None and time.monotonic() > deadline:
@@ -147,7 +158,14 @@ class JobsClient:
                 if event is None:
                     record = self.get(job_id, metrics=False)  # events are best effort; poll too
                     continue
-                on_event(event)
-                if event.get("type") == "status" and event.get("status") in FINISHED:
+                seen(event)
+                if ended:
                     record = self.get(job_id, metrics=False)
+        if record["status"] in FINISHED and not ended:
+            if isinstance(record.get("progress"), dict):
+                on_event({**record["progress"], "type": "progress", "job": job_id})
+            on_event({"type": "status", "job": job_id, "service": record.get("service"),
+                      "status": record["status"], "attempts": record.get("attempts"),
+                      "worker": record.get("worker"), "error": record.get("error"),
+                      "result": record.get("result")})  # fmt: skip
         return record

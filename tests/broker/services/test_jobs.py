@@ -167,6 +167,40 @@ def test_waits_from_several_clients(cluster: Cluster) -> None:
     assert results == ["succeeded"] * 3
 
 
+def test_follow_draws_the_end_from_the_record_when_the_last_events_are_lost(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events are best effort: a follower that gets none after the first still ends with the
+    job's last progress and its status, from the record."""
+    from distill.shared.bus import jobs as jobs_module
+
+    class Lossy(Subscription):
+        got = 0
+
+        def next(self, timeout_s: float | None = None) -> dict[str, Any] | None:
+            event = super().next(timeout_s=timeout_s)
+            if event is not None:
+                Lossy.got += 1
+                if Lossy.got > 1:  # every event after the first is lost
+                    return None
+            return event
+
+    cluster.start_broker()
+    cluster.start_worker("sleep")
+    monkeypatch.setattr(jobs_module, "Subscription", Lossy)
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+        job = jobs.submit("distill.sleep", {"sleep_s": 1.5, "steps": 3, "value": "x"})
+        wait_until(lambda: jobs.get(job["id"])["status"] == "running", 10, what="job to start")
+        events: list[dict[str, Any]] = []
+        record = jobs.follow(job["id"], events.append, timeout_s=30)
+    assert record["status"] == "succeeded" and Lossy.got > 1
+    progress, status = events[-2], events[-1]
+    assert progress["type"] == "progress" and progress["fraction"] == 1.0 and progress["step"] == 3
+    assert status["type"] == "status" and status["status"] == "succeeded"
+    assert status["result"] == record["result"]
+
+
 def test_cli_jobs_ls_show_watch_cancel_retry(cluster: Cluster) -> None:
     import os
     import subprocess
