@@ -107,7 +107,7 @@ class TrainConfig(LoopConfig):
     # - 9 percussion files: undone (16 codes a level are the decoder's tokens more than the
     #   latents' means: refined alone, training files decode at 2.40x instead of 1.15x).
     # Before each epoch that follows a multiple of restart_every, codes that encode none of the
-    # training chunks are moved onto latents the codebooks serve worst
+    # training chunks are moved onto training latents drawn at random
     # (VQVAE.restart_unused_codes_; 0 = never). The epoch's row says how many per level.
     restart_every: int = 5
     refine_iters: int = 10
@@ -316,7 +316,7 @@ class VQVAETrainer(Trainer[VQVAE]):
                            refine=refine, codes_in_use=self.codes_in_use(r.model))  # fmt: skip
 
     @torch.no_grad()
-    def codes_in_use(self, model: VQVAE) -> list[float]:
+    def codes_in_use(self, model: VQVAE, latents: Tensor | None = None) -> list[float]:
         """Per level, the share of the codebook that ``model`` uses to encode the training
         chunks (every level, no quantizer dropout); ``model`` is left in the mode it was in.
 
@@ -326,12 +326,20 @@ class VQVAETrainer(Trainer[VQVAE]):
         set can go unseen there: percussion's finest level, 0.74-0.89 in the epochs' batches,
         was 0.91 over the training chunks for the same model. The cost: one encoder pass over
         the training chunks (0.8 s on percussion's 209 on one CPU thread, about an epoch's
-        fifth), made at the decoded-audio checks only."""
+        fifth), made at the decoded-audio checks only (where ``latents``, the training
+        chunks' as ``model`` encodes them, are at hand). In eval mode throughout: quantizing in
+        training mode would move the EMA codebooks."""
         was_training = model.training
         model.eval()
-        codes = torch.cat([model.encode(x) for x in self.train_mels.split(64)])  # (N, Q, T')
+        z = self._encode_train(model) if latents is None else latents  # (N, T', D)
+        codes = torch.cat([model.quantize(part)[1] for part in z.split(64)])  # (N, Q, T')
         model.train(was_training)
         return in_use(code_counts(codes, model.rvq.codebook_size))
+
+    @torch.no_grad()
+    def _encode_train(self, model: VQVAE) -> Tensor:
+        """The encoder's latents (N, T', D) of the training chunks (``model`` in eval mode)."""
+        return torch.cat([model.encode_latents(x) for x in self.train_mels.split(64)])
 
     def refine(self) -> dict[str, Any]:
         """Refine the trained model's codebooks (``TrainConfig.refine_iters``), then tune its
@@ -566,12 +574,9 @@ class VQVAETrainer(Trainer[VQVAE]):
         return {"audio_sc": a["sc"], "audio_sc_floor": a["floor"], "audio_sc_ratio": a["ratio"],
                 **self._codebook_check(self._model())}  # fmt: skip
 
-    @torch.no_grad()
     def _codebook_check(self, model: VQVAE) -> dict[str, Any]:
         """{"codes_in_use": per level} for ``model`` over the training chunks (no dropout)."""
-        z = self._train_latents(model)  # (N, T', D)
-        codes = torch.cat([model.quantize(part)[1] for part in z.split(64)])  # (N, Q, T')
-        return {"codes_in_use": in_use(code_counts(codes, model.rvq.codebook_size))}
+        return {"codes_in_use": self.codes_in_use(model, self._train_latents(model))}
 
     @torch.no_grad()
     def _train_latents(self, model: VQVAE) -> Tensor:
@@ -582,7 +587,7 @@ class VQVAETrainer(Trainer[VQVAE]):
             return self._latents[1]
         was_training = model.training
         model.eval()
-        z = torch.cat([model.encode_latents(x) for x in self.train_mels.split(64)])
+        z = self._encode_train(model)
         model.train(was_training)
         self._latents = (epoch, z)
         return z

@@ -125,6 +125,13 @@ def test_training_lowers_the_loss_and_uses_every_level(dataset: Dataset) -> None
             codes = at_epoch.encode(train)
         used = [torch.unique(codes[:, q]).numel() / 16 for q in range(2)]
         assert hooks.metrics[epoch - 1]["codes_in_use"] == used
+    # the check moves no codebook (quantizing in training mode would update the EMA ones)
+    model = result.model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert hooks.trainer is not None
+    hooks.trainer._latents = None
+    hooks.trainer._codebook_check(model)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert [p[0] for p in hooks.previews] == [2, 4, 6]
     epoch, mels, recon, labels = hooks.previews[0]
     assert mels.shape == recon.shape and mels.shape[1:] == (128, 94) and len(labels) == len(mels)
