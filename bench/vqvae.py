@@ -270,10 +270,6 @@ def main() -> None:
         for epoch, used in checks:
             print(f"  epoch {epoch:3d}  {' '.join(f'{u:.2f}' for u in used)}")
         from_3 = [u for e, u in checks if e >= 3] or [checks[-1][1]]
-        moved = [m["codes_restarted"] for m in hooks.metrics if "codes_restarted" in m]
-        if moved:
-            print(f"unused codes restarted at {len(moved)} epochs, in all per level:",
-                  [sum(level) for level in zip(*moved, strict=True)])  # fmt: skip
         print("codes in use, lowest per level from epoch 3 on:",
               [round(min(u[q] for u in from_3), 2) for q in range(len(from_3[0]))],
               "(goal >= 0.9)")  # fmt: skip

@@ -676,54 +676,6 @@ class VQVAE(nn.Module):
             start = _book(vq).embed[0].detach().float().cpu()  # (K, D)
             residual = self._set_book_(vq, lloyd(residual, start, iters), residual, batch_vectors)
 
-    @torch.no_grad()
-    def restart_unused_codes_(
-        self, latents: Tensor, batch_vectors: int, generator: torch.Generator
-    ) -> list[int]:
-        """Every code that quantizes none of ``latents`` (N, D) moved onto one of them; per
-        level, how many were moved. Level by level on the residuals the coarser levels leave
-        (as restarted); a level's new codes are residuals drawn uniformly without replacement
-        (of those no code sits on exactly), so each is in use at once and they land where the
-        latents are dense. The codes in use and their EMA buffers are left as they are; a moved
-        code's EMA use starts at the share of a batch one latent of ``latents`` is (at least
-        twice the dead-code threshold, so that the library's own replacement leaves it a few
-        batches to attract its neighbours).
-
-        The library replaces a code whose EMA use falls under the threshold by a latent of the
-        batch in hand, which it may quantize once and lose again; a code can also sit above
-        the threshold on a few batches' use and still be nearest to no latent of the whole set.
-        Measured (bench/vqvae.py --minutes 10 --threads 1 --quick, two runs side by side, 512 x
-        12, restarts every 5 epochs; the lowest share of a level's codes in use at the checks
-        from epoch 10 on): textures' finest level 0.86 without, 0.89 drawing by squared error
-        (k-means++'s rule), 0.91 drawn uniformly; percussion's 0.79, 0.84 and 0.87 (most checks
-        0.88-0.93). Decoded audio alike (held-back / training files against the floor:
-        textures 1.80x / 1.15x, 1.79x / 1.20x, 1.76x / 1.18x; percussion 1.48x / 1.06x, 1.50x /
-        1.03x, 1.55x / 1.02x).
-        """
-        residual = latents.detach().float().to(self.codebooks().device)  # (N, D)
-        floor = 2 * max(self.dead_code_threshold, 1e-3)
-        size = max(batch_vectors / max(len(residual), 1), floor)
-        moved = []
-        for vq in self.rvq.layers:
-            book = _book(vq)
-            embed = book.embed[0].float()  # (K, D)
-            dist, assign = nearest(residual, embed)
-            unused = (torch.bincount(assign, minlength=len(embed)) == 0).nonzero().flatten()
-            n = min(len(unused), int((dist > 0).sum()))
-            if n:
-                picks = torch.multinomial((dist > 0).cpu().double(), n, replacement=False,
-                                          generator=generator).to(residual.device)  # fmt: skip
-                unused = unused[:n]
-                new = residual[picks]  # (n, D)
-                book.embed.data[0, unused] = new.to(book.embed)
-                book.cluster_size.data[0, unused] = size
-                book.embed_avg.data[0, unused] = (new * size).to(book.embed_avg)
-                embed = book.embed[0].float()
-                _, assign = nearest(residual, embed)
-            moved.append(n)
-            residual = residual - embed[assign]
-        return moved
-
     def _set_book_(
         self, vq: nn.Module, centroids: Tensor, residual: Tensor, batch_vectors: int
     ) -> Tensor:

@@ -4,8 +4,7 @@ time budget), the learning-rate schedule, and codebook statistics.
 
 A trainer subclasses :class:`Trainer` and supplies what differs: how to build and initialise
 its model, its batches, the loss of one step, its validation, its part of each metrics row and
-what its checkpoint holds beside the loop's state. One epoch is: before_epoch (the codebook
-restarts, say) -> batch -> cancel check -> step
+what its checkpoint holds beside the loop's state. One epoch is: batch -> cancel check -> step
 (lr, forward, loss, NaN check, backward, clip, Adam) for every batch -> validate -> metrics ->
 checkpoint (paced) -> hooks.on_epoch -> after_epoch (previews). Everything the loop does with
 its results goes through :class:`TrainHooks`, so it runs the same in a job, a test and a bench.
@@ -334,12 +333,6 @@ class Trainer(ABC, Generic[M]):
     def build_optimizer(self, model: M) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=self.train_config.lr)
 
-    def before_epoch(self, epoch: int) -> None:
-        """Before the first step of ``epoch``, the model in training mode; the checkpoint of
-        the epoch before holds the state from before it, so what it does must follow from
-        that state and the epoch alone (a resumed run does it again)."""
-        return None
-
     def after_epoch(self, epoch: int) -> None:
         """After the metrics and checkpoint of ``epoch`` (audio previews, say)."""
         return None
@@ -467,7 +460,6 @@ class Trainer(ABC, Generic[M]):
         self._fit_budget()
         self._model().train()
         epoch = self.state.epoch + 1
-        self.before_epoch(epoch)
         totals = self.new_totals()
         started = self.clock()
         for batch in self.batches(epoch):

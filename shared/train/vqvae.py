@@ -106,10 +106,6 @@ class TrainConfig(LoopConfig):
     #   codebooks alone raised the training loss (0.1936);
     # - 9 percussion files: undone (16 codes a level are the decoder's tokens more than the
     #   latents' means: refined alone, training files decode at 2.40x instead of 1.15x).
-    # Before each epoch that follows a multiple of restart_every, codes that encode none of the
-    # training chunks are moved onto training latents drawn at random
-    # (VQVAE.restart_unused_codes_; 0 = never). The epoch's row says how many per level.
-    restart_every: int = 5
     refine_iters: int = 10
     refine_decoder_steps: int = 100  # decoder steps after refinement (VQVAETrainer.refine)
 
@@ -118,7 +114,6 @@ class TrainConfig(LoopConfig):
             (self.preview_every >= 0 and self.preview_chunks >= 1, "bad preview settings"),
             (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "Adam betas must be in [0, 1)"),
             (self.audio_every >= 0, "audio_every must be >= 0"),
-            (self.restart_every >= 0, "restart_every must be >= 0"),
             (0 <= self.linear_lr_share <= 10, "linear_lr_share must be in 0..10"),
             (0 <= self.refine_iters <= 100, "refine_iters must be in 0..100"),
             (0 <= self.refine_decoder_steps <= 10_000, "refine_decoder_steps must be in 0..10000"),
@@ -255,8 +250,6 @@ class VQVAETrainer(Trainer[VQVAE]):
         self.val_mels = mels[torch.from_numpy(val_idx)].to(self.device)  # (N_val, M, T)
         self.preview_pool = preview_pool(dataset, val_idx if len(val_idx) else train_idx)
         self.audio_check = self._audio_check(dataset, train_config.audio_chunks)
-        self._latents: tuple[int, Tensor] | None = None  # (epoch, training latents)
-        self._restarted: list[int] | None = None  # codes moved before this epoch, per level
         self.model_config, why = resolve_config(model_config, len(train_idx))
         if self.model_config.dead_code_threshold is None:  # from the latents of one batch
             per_batch, size = self.batch_vectors, self.model_config.codebook_size or 1
@@ -316,7 +309,7 @@ class VQVAETrainer(Trainer[VQVAE]):
                            refine=refine, codes_in_use=self.codes_in_use(r.model))  # fmt: skip
 
     @torch.no_grad()
-    def codes_in_use(self, model: VQVAE, latents: Tensor | None = None) -> list[float]:
+    def codes_in_use(self, model: VQVAE) -> list[float]:
         """Per level, the share of the codebook that ``model`` uses to encode the training
         chunks (every level, no quantizer dropout); ``model`` is left in the mode it was in.
 
@@ -326,20 +319,13 @@ class VQVAETrainer(Trainer[VQVAE]):
         set can go unseen there: percussion's finest level, 0.74-0.89 in the epochs' batches,
         was 0.91 over the training chunks for the same model. The cost: one encoder pass over
         the training chunks (0.8 s on percussion's 209 on one CPU thread, about an epoch's
-        fifth), made at the decoded-audio checks only (where ``latents``, the training
-        chunks' as ``model`` encodes them, are at hand). In eval mode throughout: quantizing in
+        fifth), made at the decoded-audio checks only. In eval mode throughout: quantizing in
         training mode would move the EMA codebooks."""
         was_training = model.training
         model.eval()
-        z = self._encode_train(model) if latents is None else latents  # (N, T', D)
-        codes = torch.cat([model.quantize(part)[1] for part in z.split(64)])  # (N, Q, T')
+        codes = torch.cat([model.encode(x) for x in self.train_mels.split(64)])  # (N, Q, T')
         model.train(was_training)
         return in_use(code_counts(codes, model.rvq.codebook_size))
-
-    @torch.no_grad()
-    def _encode_train(self, model: VQVAE) -> Tensor:
-        """The encoder's latents (N, T', D) of the training chunks (``model`` in eval mode)."""
-        return torch.cat([model.encode_latents(x) for x in self.train_mels.split(64)])
 
     def refine(self) -> dict[str, Any]:
         """Refine the trained model's codebooks (``TrainConfig.refine_iters``), then tune its
@@ -561,7 +547,6 @@ class VQVAETrainer(Trainer[VQVAE]):
             "perplexity": perplexity(usage),
             "dead_codes": self._model().dead_codes(),
             "usage": usage.tolist(),  # (Q, K) code counts this epoch, for a heatmap
-            **({"codes_restarted": self._restarted} if self._restarted is not None else {}),
             **self._audio_metrics(),
         }
 
@@ -572,42 +557,7 @@ class VQVAETrainer(Trainer[VQVAE]):
             return {}
         a = self.audio_check.measure(self._model())
         return {"audio_sc": a["sc"], "audio_sc_floor": a["floor"], "audio_sc_ratio": a["ratio"],
-                **self._codebook_check(self._model())}  # fmt: skip
-
-    def _codebook_check(self, model: VQVAE) -> dict[str, Any]:
-        """{"codes_in_use": per level} for ``model`` over the training chunks (no dropout)."""
-        return {"codes_in_use": self.codes_in_use(model, self._train_latents(model))}
-
-    @torch.no_grad()
-    def _train_latents(self, model: VQVAE) -> Tensor:
-        """The encoder's latents (N, T', D) of the training chunks, in eval mode; kept for the
-        epoch they were computed at (the code restart before the next epoch reads them)."""
-        epoch = self.state.epoch
-        if self._latents is not None and self._latents[0] == epoch:
-            return self._latents[1]
-        was_training = model.training
-        model.eval()
-        z = self._encode_train(model)
-        model.train(was_training)
-        self._latents = (epoch, z)
-        return z
-
-    def before_epoch(self, epoch: int) -> None:
-        self._restarted = self._restart_codes(epoch)
-
-    def _restart_codes(self, epoch: int) -> list[int] | None:
-        """Before ``epoch``: when the one before it is a multiple of ``restart_every``, move
-        the codes that encode none of the training chunks (VQVAE.restart_unused_codes_), from a
-        generator seeded by the seed and the epoch (a resumed run moves the same ones, the
-        checkpoint being of the state before the move); per level, how many moved."""
-        every, done = self.train_config.restart_every, epoch - 1
-        if every == 0 or done == 0 or done % every != 0:
-            return None
-        model = self._model()
-        z = self._train_latents(model)
-        self._latents = None
-        g = torch.Generator().manual_seed(self.train_config.seed * 100_003 + epoch)
-        return model.restart_unused_codes_(z.reshape(-1, z.shape[-1]), self.batch_vectors, g)
+                "codes_in_use": self.codes_in_use(self._model())}  # fmt: skip
 
     def after_epoch(self, epoch: int) -> None:
         every = self.train_config.preview_every

@@ -270,45 +270,6 @@ def test_refining_codebooks_lowers_the_quantization_error_of_the_latents() -> No
         residual = residual - centroids[assign]
 
 
-def test_unused_codes_restart_on_latents_and_the_codes_in_use_stay() -> None:
-    """Codes that quantize none of the latents move onto latents (drawn by the generator,
-    uniformly), so each level uses them at once; codes in use keep their vectors and EMA
-    buffers; the same generator seed moves the same ones."""
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(400, 16, generator=g)
-
-    def fitted() -> VQVAE:
-        model = tiny_model(codebook_size=16, levels=2, dead_code_threshold=0.5)
-        model.kmeans_init_(latents, batch_vectors=100, seed=0)
-        book = model.rvq.layers[0]._codebook
-        book.embed.data[0, :5] += 100.0  # five first-level codes far from every latent
-        book.embed_avg.data[0, :5] = book.embed.data[0, :5] * book.cluster_size.data[0, :5, None]
-        return model
-
-    def codes_used(model: VQVAE) -> list[int]:
-        with torch.no_grad():
-            _, codes, _ = model.eval().quantize(latents[None])  # (1, Q, N)
-        return [int(torch.unique(codes[0, q]).numel()) for q in range(2)]
-
-    model = fitted()
-    assert codes_used(model)[0] == 11
-    kept = {name: b.clone() for name, b in model.rvq.layers[0]._codebook.named_buffers()}
-    moved = model.restart_unused_codes_(latents, 100, torch.Generator().manual_seed(1))
-    assert moved[0] == 5 and codes_used(model)[0] == 16
-    book = model.rvq.layers[0]._codebook
-    for name in ("embed", "embed_avg", "cluster_size"):  # the codes in use are left alone
-        assert torch.equal(getattr(book, name)[0, 5:], kept[name][0, 5:])
-    for code in book.embed[0, :5]:  # each moved code is one of the latents
-        assert float((latents - code).norm(dim=1).min()) < 1e-5
-    # a moved code's EMA use: one latent's share of a batch, over the dead-code threshold
-    assert torch.allclose(book.cluster_size[0, :5], torch.full((5,), 1.0))  # max(100/400, 2*0.5)
-    assert torch.allclose(book.embed_avg[0, :5], book.embed[0, :5] * 1.0)
-    again = fitted()
-    assert again.restart_unused_codes_(latents, 100, torch.Generator().manual_seed(1)) == moved
-    assert torch.equal(again.codebooks(), model.codebooks())
-    assert model.restart_unused_codes_(latents, 100, torch.Generator().manual_seed(1))[0] == 0
-
-
 @pytest.mark.parametrize(
     ("field", "value", "bound"),
     [("channels", 4096, "1024"), ("codebook_size", 65536, "8192"), ("levels", 17, "16"),
