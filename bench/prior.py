@@ -24,11 +24,12 @@ and 3 for the prior; with ``--minutes N`` that budget shared 70/30 between them)
   model never saw: what chance and shared silences give). Goal <= 10%.
 
 **Speed** (skipped with ``--skip-speed``): generated seconds of codes per wall second at batch 1
-and 16 for priors of 4 x 256, 6 x 512 and 8 x 512 codes per step (the RVQ-VAE chooses 128 x 4,
-512 x 5 and 512 x 12 for 15-40, 40-100 and 100 or more training chunks, and a prior draws at
-most the first 8 levels) at 47 code steps per
-second, each 256 wide with 128-wide embeddings (the prior of 20k-200k training code steps, ~7-70
-minutes of sound; a smaller set's prior is narrower and samples faster), for:
+and 16 for priors of 4 x 256 and 4 x 512 codes per step at 94 code steps per second (the
+RVQ-VAE chooses 128 x 4 for 15-40 training chunks and 512 x 5 or 512 x 12 from 40 on, at
+downsample 1, and a prior draws as many of the first levels as keep 376 codes a second: 4), and
+8 x 512 at 47 (what downsample 2 drew before), each 256 wide with 128-wide embeddings (the prior
+of 20k-200k training code steps, ~3.5-35 minutes of sound; a smaller set's prior is narrower and
+samples faster), for:
 
 - baseline: ``nn.LSTM`` called one step at a time with oneDNN on, each level's probabilities
   (the head reading the level's earlier codes, mixed with the sound's cache) and
@@ -161,7 +162,7 @@ def speed_case(prior: Prior, batch: int, steps: int, budget_s: float) -> tuple[f
 
 
 def speed_figures(budget_s: float) -> None:
-    cases = [(4, 256, 47.0), (6, 512, 47.0), (8, 512, 47.0)]
+    cases = [(4, 256, 94.0), (4, 512, 94.0), (8, 512, 47.0)]
     per_run = budget_s / (len(cases) * 2 * 3)
     print(f"{'prior':<28}{'batch':>6}{'baseline':>10}{'sample()':>10}{'ratio':>8}"
           f"{'base, oneDNN off':>18}{'ratio':>8}   (generated s per wall s)")  # fmt: skip

@@ -8,7 +8,8 @@ Job params (every key optional)::
                            # (or of the one dependency that has a "dataset")
      "prior": {...},       # PriorConfig overrides; "codebook_size" comes from the RVQ-VAE
                            # (another value is an error), "levels" is how many of its first
-                           # levels the prior draws (1..Q; default prior_levels(Q), at most 8);
+                           # levels the prior draws (1..Q; default prior_levels: 376 codes a
+                           # second, 4 levels at 94 code steps a second, 8 at 47);
                            # the rest default to choose_prior_config's size for the training
                            # code steps
      "train": {...},       # PriorTrainConfig overrides (distill.shared.train.prior); "minutes"
@@ -226,9 +227,11 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     train, budget_note = with_default_budget(train, ctx.device, DEFAULT_MINUTES, "prior")
     train_config = PriorTrainConfig.from_dict(train)
     codes, codes_sha, encoding = _codes(ctx, vqvae_id, dataset_id)
-    trainer = PriorTrainer(codes, prior_overrides, train_config, JobHooks(ctx), device=ctx.device)
-    result = trainer.run()
     vqvae, mel_config, vqvae_summary = weights_from_bytes(ctx.artifacts.get_bytes(vqvae_id))
+    steps_per_second = mel_config.sample_rate / mel_config.hop_length / vqvae.config.downsample
+    trainer = PriorTrainer(codes, prior_overrides, train_config, JobHooks(ctx), device=ctx.device,
+                           steps_per_second=steps_per_second)  # fmt: skip
+    result = trainer.run()
     dataset = Dataset.from_bytes(ctx.artifacts.get_bytes(dataset_id))
     summary = _summary(name, dataset_id, dataset, vqvae_summary, result)
     model = DistillModel(mel_config=mel_config, vqvae=vqvae, prior=result.model.cpu(),

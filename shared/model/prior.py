@@ -156,18 +156,30 @@ CACHE_DECAY = 0.7
 CACHE_GATE_START = -2.0
 
 
-# The levels a prior models: the RVQ-VAE's first PRIOR_LEVELS (all of them when it has fewer).
-# Sampling costs ~45 us per level and step at batch 1 on a CPU thread (the head, its noise, the
-# filter), so the levels a sound is drawn in are what keeps sampling above 50x real time: the
-# percussion prior (LSTM 128) draws 8 levels at 56-59x. An RVQ-VAE with more levels decodes
-# sounds it encodes with all of them (reconstruction, code editing); a drawn step leaves the
-# finer levels empty (-1), which the decoder reads as no code (quantizer dropout trains it to).
-PRIOR_LEVELS = 8
+# The levels a prior models: the RVQ-VAE's first few, as many as keep PRIOR_CODES_PER_SECOND
+# codes a second of sound (all of them when it has fewer). Sampling costs ~45 us per level and
+# step at batch 1 on a CPU thread (the head, its noise, the filter) and ~80 us per step besides
+# (the LSTM, the codes' embeddings, the cache), so the codes a second are what keeps sampling
+# near 50x real time: the percussion prior (LSTM 128) draws 8 levels at 47 steps a second at
+# 50-58x, 4 levels at 94 steps a second (downsample 1) at ~44-50x. An RVQ-VAE with more levels
+# decodes sounds it encodes with all of them (reconstruction, code editing); a drawn step
+# leaves the finer levels empty (-1), which the decoder reads as no code (quantizer dropout
+# trains it to).
+PRIOR_LEVELS = 8  # at 47 code steps a second (downsample 2)
+PRIOR_CODES_PER_SECOND = 376  # 8 levels x 47 steps
 
 
-def prior_levels(vqvae_levels: int) -> int:
-    """The levels a prior over an RVQ-VAE with ``vqvae_levels`` levels models by default."""
-    return min(vqvae_levels, PRIOR_LEVELS)
+def prior_levels(vqvae_levels: int, steps_per_second: float | None = None) -> int:
+    """The levels a prior over an RVQ-VAE with ``vqvae_levels`` levels models by default: as
+    many as keep PRIOR_CODES_PER_SECOND at ``steps_per_second`` code steps a second (None: 47,
+    PRIOR_LEVELS), at least one."""
+    if steps_per_second is None:
+        return min(vqvae_levels, PRIOR_LEVELS)
+    if not steps_per_second > 0:
+        raise ConfigError(f"prior_levels: steps_per_second must be > 0, got {steps_per_second!r}")
+    # 48 kHz / hop 512 / 2 = 46.875 steps a second: 8.02 levels; the margin keeps it at 8
+    fit = int(PRIOR_CODES_PER_SECOND / steps_per_second + 0.05)
+    return max(1, min(vqvae_levels, fit))
 
 
 def choose_prior_config(

@@ -242,19 +242,30 @@ def _codebook_band(chunks: int) -> tuple[int, int, str]:
 
 # Model size per device kind, for the fields a job leaves unset. The CPU size is what makes
 # enough steps in a CPU budget: bench/vqvae.py finds it step-bound (train ~ validation), so a
-# larger model only makes fewer steps. downsample 2 (47 code steps per second) on every device:
-# on the CPU it made 1.9x the steps in the same minutes, with better decoded audio (val 2.95x
-# vs 3.50x the floor, train 2.08x vs 2.18x; 4 min on percussion, two runs side by side) and every level's
-# utilisation >= 0.95 (0.79 on level 1 at downsample 1); the prior samples twice as fast and
-# sees twice the context. The linear path (PCA at init) on every device: a short budget starts
-# from a working codec instead of from noise (6 min on percussion, one thread, side by side:
-# val 2.28x vs 2.46x the floor, train 1.42x vs 1.69x). A GPU makes the same steps many times
-# faster, so there the budget buys width and depth (DAC's decoder is 1536 channels wide); MPS
-# in between. The GPU sizes are reasoned, not measured here.
+# larger model only makes fewer steps. downsample 1 (one code step per mel frame, 94 a second)
+# on every device: once the model starts as the PCA codec and codes are searched by what they
+# decode to, held-back sounds are bound by the bits per second, and twice the code steps give
+# them twice the bits. bench/vqvae.py --minutes 10 --threads 1 --quick, held-back / training
+# files against the Griffin-Lim floor, at downsample 1 against 2 (512 x 12 both): percussion
+# 1.36x / 1.01x against 1.48-1.56x / 1.02-1.06x; the 20 textures 1.47x / 1.10x against
+# 1.78-1.80x / 1.14-1.22x; the 10-file subset (64 x 4) 1.84x / 1.14x against 2.50x / 1.06x;
+# validation mel L1 0.164 against 0.189 (percussion). Every level keeps >= 0.93 of its codes in
+# use over the training chunks from the third epoch (the finest at 2 fell to 0.79-0.86), as
+# each batch gives each code twice the latents. The costs: each training step ~1.5x slower
+# (still ~1200 steps in 10 minutes, enough to converge), the code search (`distill encode`)
+# 1.35-1.6x slower, and the prior twice the code steps a second, so it draws half the levels (its speed:
+# distill.shared.model.prior.prior_levels). At downsample 2 (the default until this was
+# measured) a 4-minute run made 1.9x the steps of downsample 1 without the PCA start and the
+# search, and decoded better then (3.50x -> 2.95x): the bits were not yet what bound it.
+# The linear path (PCA at init) on every device: a short budget starts from a working codec
+# instead of from noise (6 min on percussion, one thread, side by side: val 2.28x vs 2.46x
+# the floor, train 1.42x vs 1.69x). A GPU makes the same steps many times faster, so there the
+# budget buys width and depth (DAC's decoder is 1536 channels wide); MPS in between. The GPU
+# sizes are reasoned, not measured here.
 DEVICE_SIZES: dict[str, dict[str, Any]] = {
-    "cpu": {"channels": 256, "blocks": 3, "downsample": 2, "linear_path": True},
-    "mps": {"channels": 384, "blocks": 6, "downsample": 2, "linear_path": True},
-    "cuda": {"channels": 512, "blocks": 6, "downsample": 2, "linear_path": True},
+    "cpu": {"channels": 256, "blocks": 3, "downsample": 1, "linear_path": True},
+    "mps": {"channels": 384, "blocks": 6, "downsample": 1, "linear_path": True},
+    "cuda": {"channels": 512, "blocks": 6, "downsample": 1, "linear_path": True},
 }
 SIZE_KEYS = ("channels", "blocks", "downsample", "linear_path")
 
@@ -273,7 +284,7 @@ def choose_size(device: str, overrides: dict[str, Any]) -> tuple[dict[str, Any],
            if kind not in ("cuda", "mps") else
            "An accelerator makes steps several times faster than a CPU, so its budget "
            "buys a wider, deeper encoder and decoder; ")
-        + "downsample 2 doubles the steps per minute and halves the prior's code steps"
+        + "downsample 1 (a code step per mel frame) gives held-back sounds the bits they need"
         + ("; the linear path starts training from the PCA codec of the training frames."
            if filled.get("linear_path") else ".")
     )  # fmt: skip

@@ -57,6 +57,7 @@ from distill.shared.audio.dataset import Dataset
 from distill.shared.configs import config_from_dict, require
 from distill.shared.errors import ConfigError, DatasetError, ModelFormatError
 from distill.shared.model.prior import (
+    PRIOR_CODES_PER_SECOND,
     CodeNats,
     Prior,
     PriorConfig,
@@ -547,11 +548,15 @@ class PriorTrainer(Trainer[Prior | PriorPeers]):
         *,
         device: str = "cpu",
         clock: Callable[[], float] = time.monotonic,
+        steps_per_second: float | None = None,
     ) -> None:
+        """``steps_per_second``: the code steps a second of sound (the RVQ-VAE's), which sets
+        how many of its levels the prior draws by default (``prior_levels``; None: 47)."""
         super().__init__(train_config, hooks, device=device, clock=clock)
-        levels = prior_overrides.get("levels", prior_levels(codes.levels))
+        levels = prior_overrides.get("levels", prior_levels(codes.levels, steps_per_second))
         if isinstance(levels, bool) or not isinstance(levels, int):
             raise ConfigError(f"prior levels must be an integer, got {levels!r}")
+        all_levels = codes.levels
         codes = codes.first_levels(levels)  # the RVQ-VAE's first levels: what the prior draws
         augment = train_config.augment
         plain, val = codes.sequences("train"), codes.sequences("val")
@@ -568,6 +573,12 @@ class PriorTrainer(Trainer[Prior | PriorPeers]):
         self.prior_config, self.chosen = resolve_prior_config(codes, prior_overrides)
         # what the prior is sized from (resolve_prior_config), and what peers are measured on
         self.train_code_steps = codes.code_steps("train")
+        if "levels" not in prior_overrides and levels < all_levels:
+            rate = f"{steps_per_second:.0f}" if steps_per_second else "47"
+            self.chosen["why"] += (
+                f" It draws the RVQ-VAE's first {levels} of {all_levels} levels: at {rate} code "
+                f"steps a second, about {PRIOR_CODES_PER_SECOND} codes a second keep sampling near "
+                "50x real time on one CPU core (drawn steps leave the finer levels empty).")
         self.chosen["why"] += self._peers_why()
         k = codes.codebook_size
         scored = [w.codes[:, w.context :] for w in self.val_windows]  # what the prior scores
@@ -732,6 +743,8 @@ def train_prior(
     hooks: TrainHooks,
     *,
     device: str = "cpu",
+    steps_per_second: float | None = None,
 ) -> PriorTrainResult:
     """Train (or resume, when ``hooks.load_checkpoint()`` returns one) and return the result."""
-    return PriorTrainer(codes, prior_overrides, train_config, hooks, device=device).run()
+    return PriorTrainer(codes, prior_overrides, train_config, hooks, device=device,
+                        steps_per_second=steps_per_second).run()  # fmt: skip

@@ -118,7 +118,7 @@ def test_pipeline_from_sound_files_to_model(cluster: Cluster, percussion: Path, 
         assert budget["planned_epochs"] == 2 and budget["stopped"] == "epochs"
         # the size left unset comes from the device, with the reason; the audio check is the
         # returned model's, beside the floor
-        assert result["config"]["downsample"] == 2 and "cpu" in result["chosen"]["why_size"]
+        assert result["config"]["downsample"] == 1 and "cpu" in result["chosen"]["why_size"]
         audio = result["audio"]
         assert audio["epoch"] == result["best_epoch"] and audio["sc"] > 0 < audio["floor"]
         assert audio["ratio"] == pytest.approx(audio["sc"] / audio["floor"])

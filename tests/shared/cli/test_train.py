@@ -81,7 +81,7 @@ def test_folder_to_a_model_that_loads_and_samples(cluster: Cluster, drums: Path,
     codes = sample(model.prior, batch=2, steps=30, params=SamplingParams(seed=1))  # (2, 2, 30)
     assert codes.shape == (2, 2, 30) and int(codes.max()) < 16
     assert torch.equal(codes, sample(model.prior, batch=2, steps=30, params=SamplingParams(seed=1)))
-    mel = model.vqvae.decode_codes(codes)  # (2, 128, 30 * downsample): jobs pick downsample 2
+    mel = model.vqvae.decode_codes(codes)  # (2, 128, 30 * downsample): jobs pick downsample 1
     frames = 30 * model.vqvae.config.downsample
     assert mel.shape == (2, model.mel_config.n_mels, frames) and torch.isfinite(mel).all()
 

@@ -298,11 +298,11 @@ def test_weight_norm_model_keeps_shapes_and_loads_into_the_same_config() -> None
 def test_device_size_fills_only_what_the_job_left_unset() -> None:
     cpu, why_cpu = choose_size("cpu", {})
     cuda, why_cuda = choose_size("cuda:0", {"channels": 128})
-    assert cpu == {"channels": 256, "blocks": 3, "downsample": 2, "linear_path": True}
-    assert "cpu" in why_cpu and "PCA" in why_cpu
+    assert cpu == {"channels": 256, "blocks": 3, "downsample": 1, "linear_path": True}
+    assert "cpu" in why_cpu and "PCA" in why_cpu and "bits" in why_cpu
     assert cuda["channels"] == 128 and cuda["blocks"] > cpu["blocks"] and "cuda" in why_cuda
     assert choose_size("xpu", {})[0] == cpu  # unknown kinds get the CPU's size
-    mine = {"channels": 64, "blocks": 1, "downsample": 1, "linear_path": False}
+    mine = {"channels": 64, "blocks": 1, "downsample": 2, "linear_path": False}
     assert choose_size("cuda", mine) == (
         mine, "channels, blocks, downsample and linear_path were set by the user.")
     assert VQVAEConfig.from_dict(cpu).channels == VQVAEConfig().channels  # defaults agree

@@ -257,6 +257,26 @@ def test_a_prior_models_the_rvq_vaes_first_levels(codes: CodeSet) -> None:
         PriorTrainConfig.from_dict({"window": 1})
 
 
+def test_the_prior_draws_as_many_levels_as_keep_its_codes_a_second() -> None:
+    frames = 48000 / 512  # code steps a second at downsample 1 (the default), 2 below
+    assert prior_levels(12, frames) == 4 and prior_levels(12, frames / 2) == 8 == PRIOR_LEVELS
+    assert prior_levels(3, frames) == 3 and prior_levels(12, 44100 / 512) == 4
+    assert prior_levels(12, 1000.0) == 1  # always at least one
+    with pytest.raises(ConfigError, match="steps_per_second"):
+        prior_levels(12, 0.0)
+    g = np.random.default_rng(0)
+    six = CodeSet(codes=g.integers(0, 8, (6, 400)).astype(np.int32),
+                  offsets=np.array([0, 100, 200, 300, 400]), files=["a", "b", "c", "d"],
+                  splits=["train", "train", "train", "val"], codebook_size=8, vqvae="",
+                  dataset="")  # fmt: skip
+    trainer = PriorTrainer(six, {}, FAST, NullHooks(), steps_per_second=frames)
+    assert trainer.prior_config.levels == 4 and all(s.shape[0] == 4 for s in trainer.train_seqs)
+    assert "first 4 of 6 levels" in trainer.chosen["why"]
+    chosen = PriorTrainer(six, {"levels": 6}, FAST, NullHooks(), steps_per_second=frames).chosen
+    assert "It draws" not in chosen["why"]  # the job chose
+    assert PriorTrainer(six, {}, FAST, NullHooks()).prior_config.levels == 6  # 47/s: up to 8
+
+
 def test_padding_is_left_out_of_the_loss() -> None:
     prior = Prior(PriorConfig(levels=2, codebook_size=8, embed_dim=8, hidden=8)).eval()
     g = torch.Generator().manual_seed(0)
