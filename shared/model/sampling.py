@@ -19,8 +19,6 @@ is computed). Temperature, min-p, top-k and top-p shape each part as they shape 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
@@ -145,21 +143,15 @@ def _draw_steps(
             logits = _filter_logits(logits, params, in_place=True)
         return logits.add_(noise[level]).argmax(-1)
 
-    def chunk_noise(n: int) -> tuple[Tensor, Tensor | None]:
-        """The Gumbel noise (n, Q, B, K) of ``n`` steps, and the choices' (n, B, Q) or None."""
-        noise = _gumbel(gen, (n, q, batch, k), device)
-        if not cached:
-            return noise, None
-        # logistic noise (the difference of two Gumbels): the part each code is drawn from
-        pair = _gumbel(gen, (n, 2, batch, q), device)
-        return noise, (pair[:, 0] - pair[:, 1]) * params.temperature
-
     columns: list[Tensor] = []
-    sizes = [min(NOISE_CHUNK_STEPS, steps - first) for first in range(0, steps, NOISE_CHUNK_STEPS)]
-    for noise, choice_noise in _drawn_ahead(chunk_noise, sizes):
-        n = noise.shape[0]
+    for first in range(0, steps, NOISE_CHUNK_STEPS):
+        n = min(NOISE_CHUNK_STEPS, steps - first)
+        noise = _gumbel(gen, (n, q, batch, k), device)
+        if cached:  # logistic noise (the difference of two Gumbels): the part each code is from
+            pair = _gumbel(gen, (n, 2, batch, q), device)
+            choice_noise = (pair[:, 0] - pair[:, 1]) * params.temperature  # (n, B, Q)
         if batch == 1:  # the stepper's one-item step: the same draws, fewer ops
-            choices = choice_noise[:, 0, 1:].tolist() if choice_noise is not None else [None] * n
+            choices = choice_noise[:, 0, 1:].tolist() if cached else [None] * n
             for step_noise, choice in zip(noise[:, :, 0].unbind(0), choices, strict=True):
                 if columns:
                     state = prior.advance(state, columns[-1])
@@ -174,7 +166,6 @@ def _draw_steps(
             picks: list[bool] = []  # batch 1: the part chosen per level, drawn alone
             chosen: Tensor | None = None  # larger batches: both parts drawn, then chosen
             if gates is not None:
-                assert choice_noise is not None
                 from_cache = gates > choice_noise[i]  # (B, Q): P = sigmoid(gate / temperature)
                 if batch == 1:  # only the chosen part of each level is computed
                     picks = from_cache[0].tolist()
@@ -196,27 +187,6 @@ def _draw_steps(
     if not columns:
         return torch.empty(batch, q, 0, dtype=torch.long, device=device)
     return torch.stack(columns, 2)  # (B, Q, steps)
-
-
-def _drawn_ahead(
-    make: Callable[[int], tuple[Tensor, Tensor | None]], sizes: list[int]
-) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """``make(n)`` for each of ``sizes`` in order, the next one made on a helper thread while
-    the caller uses this one. The noise of a chunk takes about a tenth of a batch-1 step's time
-    on a CPU (``exponential_`` over Q x K floats a step); drawn ahead it overlaps the steps
-    (bench/prior.py: sample() at batch 1). Only the helper calls ``make``, one chunk after
-    another, so the generator it draws from gives every seed the codes it gave when the noise
-    was drawn in line."""
-    if len(sizes) < 2:
-        yield from (make(n) for n in sizes)
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-noise") as helper:
-        ahead = helper.submit(make, sizes[0])
-        for i in range(len(sizes)):
-            current = ahead.result()
-            if i + 1 < len(sizes):
-                ahead = helper.submit(make, sizes[i + 1])
-            yield current
 
 
 def _generator(prior: Prior, seed: int) -> torch.Generator:

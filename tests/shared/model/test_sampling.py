@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 from distill.shared.errors import ConfigError
-from distill.shared.model import sampling
 from distill.shared.model.prior import Prior, PriorConfig
 from distill.shared.model.sampling import NOISE_CHUNK_STEPS, SamplingParams, resample_region, sample
 
@@ -326,43 +323,3 @@ def test_the_one_item_step_draws_what_the_step_api_gives(
             assert torch.equal(got, torch.stack(want, 1))
             state = stepper.advance(state, got)
     assert (from_cache > 10) == bool(decay)  # the cache's part was drawn from
-
-
-@pytest.mark.parametrize("batch", [1, 2])
-def test_noise_drawn_ahead_gives_the_codes_noise_drawn_in_line_gives(
-    batch: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The next chunk's noise is drawn on a helper thread while this chunk's steps run; every
-    seed still draws the codes it drew with the noise drawn in line, over several chunks, with
-    a prefix, a cache and the filters."""
-    torch.manual_seed(0)
-    prior = Prior(PriorConfig(levels=3, codebook_size=16, embed_dim=8, hidden=16, prev_codes=True,
-                              earlier_codes=1, cache_decay=0.7)).eval()  # fmt: skip
-    steps, prefix = 3 * NOISE_CHUNK_STEPS + 5, torch.randint(0, 16, (batch, 3, 7))
-    params = [SamplingParams(seed=3), SamplingParams(seed=4, temperature=0.8, top_k=5, top_p=0.9)]
-    ahead = [sample(prior, batch=batch, steps=steps, params=p, prefix=prefix) for p in params]
-    monkeypatch.setattr(sampling, "_drawn_ahead", lambda make, sizes: (make(n) for n in sizes))
-    in_line = [sample(prior, batch=batch, steps=steps, params=p, prefix=prefix) for p in params]
-    assert all(torch.equal(a, b) for a, b in zip(ahead, in_line, strict=True))
-
-
-def test_chunks_drawn_ahead_come_in_order_from_one_helper_thread() -> None:
-    calls: list[tuple[int, int]] = []  # (n, thread)
-    busy = threading.Lock()
-
-    def make(n: int) -> tuple[torch.Tensor, None]:
-        assert busy.acquire(blocking=False), "two chunks drawn at once"
-        try:
-            calls.append((n, threading.get_ident()))
-            return torch.full((n,), n), None
-        finally:
-            busy.release()
-
-    sizes = [64, 64, 64, 5]
-    got = [int(noise[0]) for noise, _ in sampling._drawn_ahead(make, sizes)]
-    assert got == sizes and [n for n, _ in calls] == sizes
-    assert len({t for _, t in calls}) == 1 and calls[0][1] != threading.get_ident()
-    assert [int(x[0][0]) for x in sampling._drawn_ahead(make, [9])] == [9]  # one chunk: in line
-    assert calls[-1][1] == threading.get_ident()
-    first = next(iter(sampling._drawn_ahead(make, [1, 2, 3])))  # a consumer that stops early
-    assert int(first[0][0]) == 1
