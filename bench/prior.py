@@ -25,7 +25,7 @@ and 3 for the prior; with ``--minutes N`` that budget shared 70/30 between them)
 
 **Speed** (skipped with ``--skip-speed``): generated seconds of codes per wall second at batch 1
 and 16 for priors of 4 x 256 and 4 x 512 codes per step at 94 code steps per second (the
-RVQ-VAE chooses 128 x 4 for 15-40 training chunks and 512 x 5 or 512 x 12 from 40 on, at
+RVQ-VAE chooses 128 x 6 for 15-40 training chunks and 512 x 5 or 512 x 12 from 40 on, at
 downsample 1, and a prior draws as many of the first levels as keep 376 codes a second: 4), and
 8 x 512 at 47 (what downsample 2 drew before), each 256 wide with 128-wide embeddings (the prior
 of 20k-200k training code steps, ~3.5-35 minutes of sound; a smaller set's prior is narrower and

@@ -181,8 +181,15 @@ def choose_codebook(chunks: int) -> tuple[int, int, str]:
     A chunk is one second of sound (long files give one every half second), so the count is
     the material the codebooks are fitted to, which the number of files is not: 18 textures
     (loops, voices, noises) make 131 chunks, 115 percussion one-shots 209, 36 of them 59.
-    The bands: under 15 chunks 64 x 4; 15-40: 128 x 4; 40-100: 512 x 5; 100 on: 512 x 12.
-    Past a few dozen chunks the training files are bit-limited: the first level's 512 codes
+    The bands: under 15 chunks 64 x 6; 15-40: 128 x 6; 40-100: 512 x 5; 100 on: 512 x 12.
+    The figures below were measured at downsample 2 (47 code steps a second, the default
+    until then), except where they say downsample 1. Under 15 chunks at downsample 1 (10
+    percussion files, 11 chunks, one held back; seeds 0 / 1; held-back / training files):
+    64 x 4 1.84x, 1.58x / 1.14x, 1.03x; 64 x 6 1.37x, 1.35x / 1.14x, 1.04x, every level's codes
+    >= 0.92 in use; 64 x 8 1.53x / 1.06x (seed 0). 15-40 chunks at downsample 1 (20 files, 22
+    chunks, two held back): 128 x 4 1.29x, 1.28x / 1.13x, 1.27x; 128 x 6 1.16x, 1.12x / 0.97x,
+    0.94x, every level >= 0.96 in use. Twice the latents a second keep two more levels in use.
+    40-100 chunks were not measured again at downsample 1. Past a few dozen chunks the training files are bit-limited: the first level's 512 codes
     are what lets them decode close to the floor, and held-back files lose nothing by it.
     From 100 chunks on, the sounds a model has not heard are bit-limited too: the decoder
     reproduces them from latents fitted to them (1.02x the floor on held-back percussion) but
@@ -210,13 +217,14 @@ def choose_codebook(chunks: int) -> tuple[int, int, str]:
     Measured again once codes were searched by what they decode to (bench/vqvae.py --minutes
     10 --threads 1 --quick --subset N, seeds 0 and 1, two runs side by side; every run
     early-stopped within two minutes): 9 files (11 chunks, one held-back file) 64 x 2 3.99x,
-    2.52x / 1.22x, 1.15x; 64 x 4 (chosen) 2.50x, 3.19x / 1.06x, 1.16x; 64 x 5 2.03x, 2.60x / 1.16x,
+    2.52x / 1.22x, 1.15x; 64 x 4 (chosen then) 2.50x, 3.19x / 1.06x, 1.16x; 64 x 5 2.03x, 2.60x / 1.16x,
     1.07x; the search makes use of the extra levels, on the training files in both seeds. A
     fourth level keeps its codes in use (0.88-0.95 of them in an epoch's batches at worst), a
     fifth not (0.84-0.86), a sixth far from it (0.62); 512 codes there: 0.2-0.5. 18 files (22
     chunks): 128 x 4 1.47x, 1.35x / 1.26x, 1.31x; 128 x 6 1.31x, 1.33x / 1.24x, 1.41x (its
-    sixth level 0.73-0.83 in use): no better, so 128 x 4 stays. 36 files (59 chunks): 512 x 5
-    1.58x / 1.27x, 512 x 12 1.63x / 1.12x with levels 6-12 at 0.34-0.48 in use.
+    sixth level 0.73-0.83 in use): no better at downsample 2, so 128 x 4 stayed then. 36 files
+    (59 chunks): 512 x 5 1.58x / 1.27x, 512 x 12 1.63x / 1.12x with levels 6-12 at 0.34-0.48 in
+    use.
     """
     size, levels, band = _codebook_band(chunks)
     why = (
@@ -232,9 +240,9 @@ _BAND_REASON = "keeps codes well used (few dead) while leaving enough bits per f
 def _codebook_band(chunks: int) -> tuple[int, int, str]:
     """(codebook size, levels, the band's name) for ``chunks`` training chunks."""
     if chunks < 15:
-        return 64, 4, "under 15"
+        return 64, 6, "under 15"
     if chunks < 40:
-        return 128, 4, "15-40"
+        return 128, 6, "15-40"
     if chunks < 100:
         return 512, 5, "40-100"
     return 512, 12, "100 or more"
@@ -248,7 +256,8 @@ def _codebook_band(chunks: int) -> tuple[int, int, str]:
 # them twice the bits. bench/vqvae.py --minutes 10 --threads 1 --quick, held-back / training
 # files against the Griffin-Lim floor, at downsample 1 against 2 (512 x 12 both): percussion
 # 1.36x / 1.01x against 1.48-1.56x / 1.02-1.06x; the 20 textures 1.47x / 1.10x against
-# 1.78-1.80x / 1.14-1.22x; the 10-file subset (64 x 4) 1.84x / 1.14x against 2.50x / 1.06x;
+# 1.78-1.80x / 1.14-1.22x; the 10-file subset 1.58-1.84x / 1.03-1.14x against 2.50-3.19x /
+# 1.06-1.16x at 64 x 4 (at 64 x 6, now chosen there: 1.35-1.37x / 1.04-1.14x);
 # validation mel L1 0.164 against 0.189 (percussion). Every level keeps >= 0.93 of its codes in
 # use over the training chunks from the third epoch (the finest at 2 fell to 0.79-0.86), as
 # each batch gives each code twice the latents. The costs: each training step ~1.5x slower

@@ -73,7 +73,7 @@ def test_config_from_dict_rejects_a_non_map() -> None:
 
 @pytest.mark.parametrize(
     ("chunks", "size", "levels"),
-    [(1, 64, 4), (14, 64, 4), (15, 128, 4), (39, 128, 4), (40, 512, 5), (99, 512, 5),
+    [(1, 64, 6), (14, 64, 6), (15, 128, 6), (39, 128, 6), (40, 512, 5), (99, 512, 5),
      (100, 512, 12), (5000, 512, 12)],  # fmt: skip
 )
 def test_codebook_sizes_follow_the_training_chunks(chunks: int, size: int, levels: int) -> None:

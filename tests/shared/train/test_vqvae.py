@@ -245,7 +245,7 @@ def test_codebook_sizes_are_chosen_from_the_dataset_when_unset(dataset: Dataset)
     model = dataclasses.replace(TINY, codebook_size=None, levels=None)
     result = run(dataset, RecordingHooks(), dataclasses.replace(FAST, epochs=1), model)
     n_train = len(dataset.train_indices())  # chunks: the material the codebooks fit
-    assert (result.chosen["codebook_size"], result.chosen["levels"]) == (64, 4)
+    assert (result.chosen["codebook_size"], result.chosen["levels"]) == (64, 6)
     assert f"{n_train} training chunks" in result.chosen["why"]
     assert result.model.rvq.codebook_size == 64
     # dead codes: below 2% of the uses an average code gets from one batch's latents
