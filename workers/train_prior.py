@@ -228,7 +228,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     train_config = PriorTrainConfig.from_dict(train)
     codes, codes_sha, encoding = _codes(ctx, vqvae_id, dataset_id)
     vqvae, mel_config, vqvae_summary = weights_from_bytes(ctx.artifacts.get_bytes(vqvae_id))
-    steps_per_second = mel_config.sample_rate / mel_config.hop_length / vqvae.config.downsample
+    steps_per_second = mel_config.frames_per_second / vqvae.config.downsample
     trainer = PriorTrainer(codes, prior_overrides, train_config, JobHooks(ctx), device=ctx.device,
                            steps_per_second=steps_per_second)  # fmt: skip
     result = trainer.run()

@@ -77,6 +77,11 @@ class MelConfig:
         return self.n_fft // 2 + 1
 
     @property
+    def frames_per_second(self) -> float:
+        """Mel frames a second of sound (an RVQ-VAE makes one code step per ``downsample``)."""
+        return self.sample_rate / self.hop_length
+
+    @property
     def chunk_samples(self) -> int:
         """Samples whose centred STFT gives exactly ``chunk_frames`` frames."""
         return (self.chunk_frames - 1) * self.hop_length

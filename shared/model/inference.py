@@ -113,7 +113,7 @@ def check_quality(value: object) -> str:
 def steps_for(model: DistillModel, seconds: float) -> int:
     """Code steps for ``seconds`` of audio (at least one)."""
     check_number(seconds, "seconds", 0.0, MAX_SECONDS)
-    per_second = model.mel_config.sample_rate / model.mel_config.hop_length
+    per_second = model.mel_config.frames_per_second
     return max(1, round(seconds * per_second / model.vqvae.config.downsample))
 
 

@@ -33,9 +33,9 @@ def test_prior_job_resumes_after_kill_9_and_writes_a_model(cluster: Cluster, per
         jobs = JobsClient(c)
         ac = ArtifactClient(c, cache=ArtifactCache(tmp_path / "cache"))
         dataset = put_dataset(c, percussion, tmp_path)
-        # six levels at the CPU's downsample 1 (94 code steps a second): the prior draws four
+        # eight levels at the CPU's downsample 1 (94 code steps a second): the prior draws four
         vqvae = jobs.submit("distill.train.vqvae", {"dataset": dataset,
-                                                    "model": {**TINY_MODEL, "levels": 6},
+                                                    "model": {**TINY_MODEL, "levels": 8},
                                                     "train": {**TINY_TRAIN, "epochs": 3}})  # fmt: skip
         prior = jobs.submit("distill.train.prior", {"prior": PRIOR, "train": PRIOR_TRAIN,
                                                     "name": "kit"},
@@ -66,7 +66,7 @@ def test_prior_job_resumes_after_kill_9_and_writes_a_model(cluster: Cluster, per
     assert result["epochs"] == 30 and result["stopped"] == "epochs"
     assert result["budget"]["source"] == "default" and result["budget"]["minutes"] == 3.0
     assert result["chosen"]["overridden"] == ["embed_dim", "hidden"]
-    assert result["chosen"]["prior"]["levels"] == 4 and "first 4 of 6 levels" in result["chosen"]["why"]
+    assert result["chosen"]["prior"]["levels"] == 4 and "first 4 of 8 levels" in result["chosen"]["why"]
     rows = record["metrics"]
     assert rows[-1]["val_bits"] < rows[0]["val_bits"]
     assert rows[-1]["unigram_bits"] == result["baselines"]["unigram_bits"]

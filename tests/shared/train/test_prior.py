@@ -258,23 +258,26 @@ def test_a_prior_models_the_rvq_vaes_first_levels(codes: CodeSet) -> None:
 
 
 def test_the_prior_draws_as_many_levels_as_keep_its_codes_a_second() -> None:
-    frames = 48000 / 512  # code steps a second at downsample 1 (the default), 2 below
+    frames = MelConfig().frames_per_second  # code steps a second at downsample 1, 2 below
+    assert frames == 48000 / 512
     assert prior_levels(12, frames) == 4 and prior_levels(12, frames / 2) == 8 == PRIOR_LEVELS
     assert prior_levels(3, frames) == 3 and prior_levels(12, 44100 / 512) == 4
     assert prior_levels(12, 1000.0) == 1  # always at least one
+    assert prior_levels(6, frames) == 6 and prior_levels(6, 1000.0) == 6  # small codebooks: all
+    assert prior_levels(7, frames) == 4
     with pytest.raises(ConfigError, match="steps_per_second"):
         prior_levels(12, 0.0)
     g = np.random.default_rng(0)
-    six = CodeSet(codes=g.integers(0, 8, (6, 400)).astype(np.int32),
+    eight = CodeSet(codes=g.integers(0, 8, (8, 400)).astype(np.int32),
                   offsets=np.array([0, 100, 200, 300, 400]), files=["a", "b", "c", "d"],
                   splits=["train", "train", "train", "val"], codebook_size=8, vqvae="",
                   dataset="")  # fmt: skip
-    trainer = PriorTrainer(six, {}, FAST, NullHooks(), steps_per_second=frames)
+    trainer = PriorTrainer(eight, {}, FAST, NullHooks(), steps_per_second=frames)
     assert trainer.prior_config.levels == 4 and all(s.shape[0] == 4 for s in trainer.train_seqs)
-    assert "first 4 of 6 levels" in trainer.chosen["why"]
-    chosen = PriorTrainer(six, {"levels": 6}, FAST, NullHooks(), steps_per_second=frames).chosen
+    assert "first 4 of 8 levels" in trainer.chosen["why"]
+    chosen = PriorTrainer(eight, {"levels": 6}, FAST, NullHooks(), steps_per_second=frames).chosen
     assert "It draws" not in chosen["why"]  # the job chose
-    assert PriorTrainer(six, {}, FAST, NullHooks()).prior_config.levels == 6  # 47/s: up to 8
+    assert PriorTrainer(eight, {}, FAST, NullHooks()).prior_config.levels == 8  # 47/s: up to 8
 
 
 def test_padding_is_left_out_of_the_loss() -> None:

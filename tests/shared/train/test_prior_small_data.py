@@ -52,9 +52,11 @@ def test_the_demo_draws_are_audible_and_distinct() -> None:
     ds = build_dataset(files, MelConfig())
     vqvae = VQVAETrainer(ds, CI_VQVAE, CI_VQVAE_TRAIN, NullHooks()).run().model
     codes = encode_dataset(vqvae, ds)
-    trained = PriorTrainer(codes, {}, DEMO_PRIOR_TRAIN, NullHooks()).run()
+    per_second = ds.mel_config.frames_per_second / vqvae.config.downsample
+    # the levels the demo's prior job draws (prior_levels: all 6 of a small codebook)
+    trained = PriorTrainer(codes, {}, DEMO_PRIOR_TRAIN, NullHooks(), steps_per_second=per_second).run()
+    assert trained.model.config.levels == vqvae.config.levels == 6
     model = DistillModel(mel_config=ds.mel_config, vqvae=vqvae, prior=trained.model, summary={})
-    per_second = ds.mel_config.sample_rate / ds.mel_config.hop_length / vqvae.config.downsample
     steps = round(demo.DEMO_SECONDS * per_second)
     peaks: list[float] = []
     for seed in SEEDS:
