@@ -24,10 +24,10 @@ and 3 for the prior; with ``--minutes N`` that budget shared 70/30 between them)
   model never saw: what chance and shared silences give). Goal <= 10%.
 
 **Speed** (skipped with ``--skip-speed``): generated seconds of codes per wall second at batch 1
-and 16 for priors of 4 x 256 and 4 x 512 codes per step at 94 code steps per second (the
-RVQ-VAE chooses 128 x 6 for 15-40 training chunks and 512 x 5 or 512 x 12 from 40 on, at
-downsample 1, and a prior draws as many of the first levels as keep 376 codes a second: 4), and
-8 x 512 at 47 (what downsample 2 drew before), each 256 wide with 128-wide embeddings (the prior
+and 16 for priors of 6 x 128 and 4 x 512 codes per step at 94 code steps per second (at
+downsample 1 the RVQ-VAE chooses 128 x 6 for 15-40 training chunks, drawn in all 6, and 512 x 12
+from 100 on, drawn in as many of its first levels as keep 376 codes a second: 4), and 8 x 512 at
+47 (what downsample 2 drew before), each 256 wide with 128-wide embeddings (the prior
 of 20k-200k training code steps, ~3.5-35 minutes of sound; a smaller set's prior is narrower and
 samples faster), for:
 
@@ -162,7 +162,7 @@ def speed_case(prior: Prior, batch: int, steps: int, budget_s: float) -> tuple[f
 
 
 def speed_figures(budget_s: float) -> None:
-    cases = [(4, 256, 94.0), (4, 512, 94.0), (8, 512, 47.0)]
+    cases = [(6, 128, 94.0), (4, 512, 94.0), (8, 512, 47.0)]
     per_run = budget_s / (len(cases) * 2 * 3)
     print(f"{'prior':<28}{'batch':>6}{'baseline':>10}{'sample()':>10}{'ratio':>8}"
           f"{'base, oneDNN off':>18}{'ratio':>8}   (generated s per wall s)")  # fmt: skip

@@ -183,10 +183,10 @@ def prior_levels(vqvae_levels: int, steps_per_second: float | None = None) -> in
     PRIOR_LEVELS), at least one; all of them up to PRIOR_ALL_LEVELS_UP_TO."""
     if steps_per_second is None:
         return min(vqvae_levels, PRIOR_LEVELS)
-    if vqvae_levels <= PRIOR_ALL_LEVELS_UP_TO:
-        return vqvae_levels
     if not steps_per_second > 0:
         raise ConfigError(f"prior_levels: steps_per_second must be > 0, got {steps_per_second!r}")
+    if vqvae_levels <= PRIOR_ALL_LEVELS_UP_TO:
+        return vqvae_levels
     # 48 kHz / hop 512 / 2 = 46.875 steps a second: 8.02 levels; the margin keeps it at 8
     fit = int(PRIOR_CODES_PER_SECOND / steps_per_second + 0.05)
     return max(1, min(vqvae_levels, fit))

@@ -189,8 +189,9 @@ def choose_codebook(chunks: int) -> tuple[int, int, str]:
     >= 0.92 in use; 64 x 8 1.53x / 1.06x (seed 0). 15-40 chunks at downsample 1 (20 files, 22
     chunks, two held back): 128 x 4 1.29x, 1.28x / 1.13x, 1.27x; 128 x 6 1.16x, 1.12x / 0.97x,
     0.94x, every level >= 0.96 in use. Twice the latents a second keep two more levels in use.
-    40-100 chunks were not measured again at downsample 1. Past a few dozen chunks the training files are bit-limited: the first level's 512 codes
-    are what lets them decode close to the floor, and held-back files lose nothing by it.
+    40-100 chunks were not measured again at downsample 1. Past a few dozen chunks the training
+    files are bit-limited: the first level's 512 codes are what lets them decode close to the
+    floor, and held-back files lose nothing by it.
     From 100 chunks on, the sounds a model has not heard are bit-limited too: the decoder
     reproduces them from latents fitted to them (1.02x the floor on held-back percussion) but
     not from 6 x 9 bits per step. Measured with bench/vqvae.py --minutes 10 --threads 1
@@ -217,14 +218,14 @@ def choose_codebook(chunks: int) -> tuple[int, int, str]:
     Measured again once codes were searched by what they decode to (bench/vqvae.py --minutes
     10 --threads 1 --quick --subset N, seeds 0 and 1, two runs side by side; every run
     early-stopped within two minutes): 9 files (11 chunks, one held-back file) 64 x 2 3.99x,
-    2.52x / 1.22x, 1.15x; 64 x 4 (chosen then) 2.50x, 3.19x / 1.06x, 1.16x; 64 x 5 2.03x, 2.60x / 1.16x,
-    1.07x; the search makes use of the extra levels, on the training files in both seeds. A
-    fourth level keeps its codes in use (0.88-0.95 of them in an epoch's batches at worst), a
-    fifth not (0.84-0.86), a sixth far from it (0.62); 512 codes there: 0.2-0.5. 18 files (22
-    chunks): 128 x 4 1.47x, 1.35x / 1.26x, 1.31x; 128 x 6 1.31x, 1.33x / 1.24x, 1.41x (its
-    sixth level 0.73-0.83 in use): no better at downsample 2, so 128 x 4 stayed then. 36 files
-    (59 chunks): 512 x 5 1.58x / 1.27x, 512 x 12 1.63x / 1.12x with levels 6-12 at 0.34-0.48 in
-    use.
+    2.52x / 1.22x, 1.15x; 64 x 4 (chosen then) 2.50x, 3.19x / 1.06x, 1.16x; 64 x 5 2.03x,
+    2.60x / 1.16x, 1.07x; the search makes use of the extra levels, on the training files in
+    both seeds. A fourth level keeps its codes in use (0.88-0.95 of them in an epoch's batches
+    at worst), a fifth not (0.84-0.86), a sixth far from it (0.62); 512 codes there: 0.2-0.5.
+    18 files (22 chunks): 128 x 4 1.47x, 1.35x / 1.26x, 1.31x; 128 x 6 1.31x, 1.33x / 1.24x,
+    1.41x (its sixth level 0.73-0.83 in use): no better at downsample 2, so 128 x 4 stayed then.
+    36 files (59 chunks): 512 x 5 1.58x / 1.27x, 512 x 12 1.63x / 1.12x with levels 6-12 at
+    0.34-0.48 in use.
     """
     size, levels, band = _codebook_band(chunks)
     why = (
@@ -262,10 +263,11 @@ def _codebook_band(chunks: int) -> tuple[int, int, str]:
 # use over the training chunks from the third epoch (the finest at 2 fell to 0.79-0.86), as
 # each batch gives each code twice the latents. The costs: each training step ~1.5x slower
 # (still ~1200 steps in 10 minutes, enough to converge), the code search (`distill encode`)
-# 1.35-1.6x slower, and the prior twice the code steps a second, so it draws half the levels (its speed:
-# distill.shared.model.prior.prior_levels). At downsample 2 (the default until this was
-# measured) a 4-minute run made 1.9x the steps of downsample 1 without the PCA start and the
-# search, and decoded better then (3.50x -> 2.95x): the bits were not yet what bound it.
+# 1.35-1.6x slower, and the prior twice the code steps a second, so over 12 levels it draws half
+# as many (its speed: distill.shared.model.prior.prior_levels). At downsample 2 (the default
+# until this was measured) a 4-minute run made 1.9x the steps of downsample 1 without the PCA
+# start and the search, and decoded better then (3.50x -> 2.95x): the bits were not yet what
+# bound it.
 # The linear path (PCA at init) on every device: a short budget starts from a working codec
 # instead of from noise (6 min on percussion, one thread, side by side: val 2.28x vs 2.46x
 # the floor, train 1.42x vs 1.69x). A GPU makes the same steps many times faster, so there the

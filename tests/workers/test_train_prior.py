@@ -66,7 +66,8 @@ def test_prior_job_resumes_after_kill_9_and_writes_a_model(cluster: Cluster, per
     assert result["epochs"] == 30 and result["stopped"] == "epochs"
     assert result["budget"]["source"] == "default" and result["budget"]["minutes"] == 3.0
     assert result["chosen"]["overridden"] == ["embed_dim", "hidden"]
-    assert result["chosen"]["prior"]["levels"] == 4 and "first 4 of 8 levels" in result["chosen"]["why"]
+    chosen = result["chosen"]
+    assert chosen["prior"]["levels"] == 4 and "first 4 of 8 levels" in chosen["why"]
     rows = record["metrics"]
     assert rows[-1]["val_bits"] < rows[0]["val_bits"]
     assert rows[-1]["unigram_bits"] == result["baselines"]["unigram_bits"]

@@ -265,8 +265,9 @@ def test_the_prior_draws_as_many_levels_as_keep_its_codes_a_second() -> None:
     assert prior_levels(12, 1000.0) == 1  # always at least one
     assert prior_levels(6, frames) == 6 and prior_levels(6, 1000.0) == 6  # small codebooks: all
     assert prior_levels(7, frames) == 4
-    with pytest.raises(ConfigError, match="steps_per_second"):
-        prior_levels(12, 0.0)
+    for levels in (12, 6):  # a small codebook's rate is checked too
+        with pytest.raises(ConfigError, match="steps_per_second"):
+            prior_levels(levels, 0.0)
     g = np.random.default_rng(0)
     eight = CodeSet(codes=g.integers(0, 8, (8, 400)).astype(np.int32),
                   offsets=np.array([0, 100, 200, 300, 400]), files=["a", "b", "c", "d"],

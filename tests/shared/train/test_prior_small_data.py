@@ -54,7 +54,8 @@ def test_the_demo_draws_are_audible_and_distinct() -> None:
     codes = encode_dataset(vqvae, ds)
     per_second = ds.mel_config.frames_per_second / vqvae.config.downsample
     # the levels the demo's prior job draws (prior_levels: all 6 of a small codebook)
-    trained = PriorTrainer(codes, {}, DEMO_PRIOR_TRAIN, NullHooks(), steps_per_second=per_second).run()
+    trained = PriorTrainer(codes, {}, DEMO_PRIOR_TRAIN, NullHooks(),
+                           steps_per_second=per_second).run()  # fmt: skip
     assert trained.model.config.levels == vqvae.config.levels == 6
     model = DistillModel(mel_config=ds.mel_config, vqvae=vqvae, prior=trained.model, summary={})
     steps = round(demo.DEMO_SECONDS * per_second)

@@ -5,13 +5,14 @@ epoch; the last epoch's is worse).
 
 The model is what a CPU job trains (choose_size: 256 channels, 3 blocks, downsample 1, the
 PCA-initialised linear path; the figures below were measured at downsample 2, the default then).
-Without the linear path it fails on the previous default rate, lr 2e-3: validation L1 per epoch 1.37 0.94 0.60 0.76 1.00 0.61 ..., 1.67x its best, as the
-warmup reaches the peak (``STABILITY_MODEL='{"linear_path": false}'
-STABILITY_TRAIN='{"lr": 2e-3}'``); with it, 2e-3 and 4e-3 pass too. Run it against other
-settings with ``STABILITY_MODEL='{"channels": 384, "blocks": 6}'``. Known
-gap: the issue-time size (384 x 6, downsample 1) at 2e-3 passes it here (1.15x; also 20
-epochs at the constant peak rate); its tenfold climb was measured on the full 115-file set
-with 512 x 6 codebooks, far longer than a test may run.
+Without the linear path it fails on the previous default rate, lr 2e-3: validation L1 per
+epoch 1.37 0.94 0.60 0.76 1.00 0.61 ..., 1.67x its best, as the warmup reaches the peak
+(``STABILITY_MODEL='{"linear_path": false}' STABILITY_TRAIN='{"lr": 2e-3}'``); with it, 2e-3
+and 4e-3 pass too. Run it against other settings with
+``STABILITY_MODEL='{"channels": 384, "blocks": 6}'``. Known gap: the issue-time size (384 x 6,
+downsample 1) at 2e-3 passes it here (1.15x; also 20 epochs at the constant peak rate); its
+tenfold climb was measured on the full 115-file set with 512 x 6 codebooks, far longer than a
+test may run.
 """
 
 from __future__ import annotations
