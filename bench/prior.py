@@ -34,9 +34,12 @@ samples faster), for:
 - baseline: ``nn.LSTM`` called one step at a time with oneDNN on, each level's probabilities
   (the head reading the level's earlier codes, mixed with the sound's cache) and
   ``torch.multinomial`` per level, codes written into the output grid (the obvious loop);
-- ``sample()`` as shipped (``torch.lstm_cell`` on the nn.LSTM weights, Gumbel-max, oneDNN off);
+- ``sample()`` as shipped (Gumbel-max; at batch 1 on a CPU the numpy one-item loop,
+  ``OneItemStepper``; at larger batches ``torch.lstm_cell`` on the nn.LSTM weights);
 - the baseline with oneDNN off (what the oneDNN switch buys the obvious loop; ``sample()``
   does not go through oneDNN, measured: the switch changes nothing there);
+- at batch 1, ``sample()``'s loop in torch ops (``PriorStepper.draw_one``, what batch 1 ran
+  before the numpy loop; the same codes);
 and the ratios to the baseline. Untrained weights: speed does not depend on what was learnt,
 except that ``sample()`` at batch 1 draws a level from the cache without running its head, which
 an untrained prior does for 12% of its codes and trained ones for more (a slight understatement).
@@ -79,7 +82,12 @@ from distill.shared.model.prior import (  # noqa: E402
     bigram_bits,
     unigram_bits,
 )
-from distill.shared.model.sampling import SamplingParams, sample  # noqa: E402
+from distill.shared.model.sampling import (  # noqa: E402
+    SamplingParams,
+    _draw_steps,
+    _generator,
+    sample,
+)
 from distill.shared.train.prior import encode_dataset  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "percussion"
@@ -146,8 +154,21 @@ def baseline_onednn_off(prior: Prior, batch: int, steps: int, gen: torch.Generat
             return baseline_sample(prior, batch, steps, gen)
 
 
-def speed_case(prior: Prior, batch: int, steps: int, budget_s: float) -> tuple[float, float, float]:
-    """(baseline, sample(), baseline with oneDNN off), generated seconds per wall second."""
+def torch_one_item(prior: Prior, steps: int) -> torch.Tensor:
+    """``sample()``'s loop at batch 1 with torch ops throughout (``PriorStepper.draw_one``), as it
+    ran before the numpy one-item loop: the same codes."""
+    params = SamplingParams()
+    with torch.inference_mode():
+        stepper = prior.stepper()
+        return _draw_steps(stepper, stepper.begin(1), steps, params,
+                           _generator(prior, params.seed), numpy_one_item=False)  # fmt: skip
+
+
+def speed_case(
+    prior: Prior, batch: int, steps: int, budget_s: float
+) -> tuple[float, float, float, float | None]:
+    """(baseline, sample(), baseline with oneDNN off, and at batch 1 sample()'s loop in torch
+    ops), generated seconds per wall second."""
     generated = SECONDS * batch
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
@@ -158,24 +179,29 @@ def speed_case(prior: Prior, batch: int, steps: int, budget_s: float) -> tuple[f
     )  # fmt: skip
     with torch.inference_mode():
         off = rate(partial(baseline_onednn_off, prior, batch, steps, gen), generated, budget_s)
-    return base, ours, off
+    in_torch = (rate(partial(torch_one_item, prior, steps), generated, budget_s)
+                if batch == 1 else None)  # fmt: skip
+    return base, ours, off, in_torch
 
 
 def speed_figures(budget_s: float) -> None:
     cases = [(6, 128, 94.0), (4, 512, 94.0), (8, 512, 47.0)]
-    per_run = budget_s / (len(cases) * 2 * 3)
+    per_run = budget_s / (len(cases) * 7)
     print(f"{'prior':<28}{'batch':>6}{'baseline':>10}{'sample()':>10}{'ratio':>8}"
-          f"{'base, oneDNN off':>18}{'ratio':>8}   (generated s per wall s)")  # fmt: skip
+          f"{'base, oneDNN off':>18}{'ratio':>8}{'torch ops':>11}{'ratio':>8}   (generated s "
+          "per wall s)")  # fmt: skip
     for levels, size, rate_hz in cases:
         config = PriorConfig(levels=levels, codebook_size=size, prev_codes=True,
                              earlier_codes=EARLIER_CODES, cache_decay=CACHE_DECAY)  # fmt: skip
         # the heads and the cache as sized; H 256 E 128
         prior = Prior(config).eval()
         for batch in (1, 16):
-            base, ours, off = speed_case(prior, batch, int(SECONDS * rate_hz), per_run)
+            base, ours, off, in_torch = speed_case(prior, batch, int(SECONDS * rate_hz), per_run)
             name = f"Q{levels} K{size} H{prior.config.hidden} @{rate_hz:g}/s"
+            torch_ops = (f"{in_torch:>10.1f}x{ours / in_torch:>7.2f}x" if in_torch else
+                         f"{'-':>11}{'-':>8}")  # fmt: skip
             print(f"{name:<28}{batch:>6}{base:>9.1f}x{ours:>9.1f}x{ours / base:>7.2f}x"
-                  f"{off:>17.1f}x{off / base:>7.2f}x", flush=True)  # fmt: skip
+                  f"{off:>17.1f}x{off / base:>7.2f}x{torch_ops}", flush=True)  # fmt: skip
 
 
 # --- quality: the default pipeline through real processes ----------------------------------------
@@ -331,10 +357,13 @@ def trained_speed(model: DistillModel, chunk_steps: int) -> None:
     per_s = chunk_steps * cfg.sample_rate / (cfg.chunk_frames * cfg.hop_length)  # code steps / s
     c = model.prior.config
     for batch in (1, 16):
-        base, ours, off = speed_case(model.prior, batch, int(SECONDS * per_s), 10)
+        base, ours, off, in_torch = speed_case(model.prior, batch, int(SECONDS * per_s), 10)
+        torch_ops = (f"; its loop in torch ops {in_torch:.1f}x, {ours / in_torch:.2f}x"
+                     if in_torch else "")  # fmt: skip
         print(f"sampling, this prior (Q{c.levels} K{c.codebook_size} H{c.hidden} E{c.embed_dim} "
               f"@{per_s:.0f}/s), batch {batch}: sample() {ours:.1f}x real time, baseline loop "
-              f"{base:.1f}x ({ours / base:.2f}x; oneDNN off {off:.1f}x); goal at batch 1: >= 50x")  # fmt: skip
+              f"{base:.1f}x ({ours / base:.2f}x; oneDNN off {off:.1f}x{torch_ops}); goal at "
+              "batch 1: >= 50x")  # fmt: skip
 
 
 def quality(args: argparse.Namespace) -> None:

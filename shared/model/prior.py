@@ -23,8 +23,10 @@ The step API (``Prior.stepper()``: ``begin``/``advance``/``head_context``/``leve
 ``condition``, and ``cache_gates``/``cache_logits`` for the cache's part, ``level_log_probs``
 for the mix) carries the LSTM state and the cache, so sampling runs for any number of steps;
 ``distill.shared.model.sampling`` drives it. It runs the LSTM maths with ``torch.lstm_cell`` on
-the weights of the ``nn.LSTM`` (measured in ``PriorStepper``). The weights stay in the standard ``nn.LSTM`` layout, so the state_dict is
-an ordinary one and training uses the full-sequence ``nn.LSTM``.
+the weights of the ``nn.LSTM`` (measured in ``PriorStepper``); ``OneItemStepper`` runs the same
+steps in numpy for one item on a CPU, where a torch op's dispatch costs more than its maths. The
+weights stay in the standard ``nn.LSTM`` layout, so the state_dict is an ordinary one and
+training uses the full-sequence ``nn.LSTM``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -157,23 +160,24 @@ CACHE_GATE_START = -2.0
 
 
 # The levels a prior models: the RVQ-VAE's first few, as many as keep PRIOR_CODES_PER_SECOND
-# codes a second of sound (all of them when it has fewer). Sampling costs ~45 us per level and
-# step at batch 1 on a CPU thread (the head, its noise, the filter) and ~80 us per step besides
-# (the LSTM, the codes' embeddings, the cache), so the codes a second are what keeps sampling
-# near 50x real time: the percussion prior (LSTM 128) draws 8 levels at 47 steps a second at
-# 50-58x, 4 levels at 94 steps a second (downsample 1) at 44x: the same codes a second, and
-# twice the steps. Decoded, the first 4 levels at 94 steps a second come as close to a sound as
-# the first 8 did at 47 (held-back percussion 2.14x the floor against 2.15x, nearest codes);
-# 3 levels would draw ~15% faster and decode at 2.19x. An RVQ-VAE with more levels decodes
-# sounds it encodes with all of them (reconstruction, code editing); a drawn step leaves the
-# finer levels empty (-1), which the decoder reads as no code (quantizer dropout trains it to).
+# codes a second of sound (all of them when it has fewer). Each level costs training time and
+# sampling time: on percussion at 94 code steps a second (downsample 1; 14.5k training steps,
+# LSTM 128, the default 3-minute budget, one thread) a prior of 4 levels trains 9 epochs and
+# scores 0.58-0.59 bits per code under the strict bigram, one of 6 levels 4 epochs (+0.49), of
+# 8 levels 2 (+0.43); untrained, one item drawn on a CPU thread (numpy, OneItemStepper) runs
+# at 75-90x real time at 4 levels, 56-60x at 6, 44-47x at 8. Decoded, the first 4 levels at 94
+# steps a second come as close to a sound as the first 8 did at 47 (held-back percussion 2.14x
+# the floor against 2.15x, nearest codes); 3 levels would decode at 2.19x. An RVQ-VAE with more
+# levels decodes sounds it encodes with all of them (reconstruction, code editing); a drawn step
+# leaves the finer levels empty (-1), which the decoder reads as no code (quantizer dropout
+# trains it to).
 PRIOR_LEVELS = 8  # at 47 code steps a second (downsample 2)
 PRIOR_CODES_PER_SECOND = 376  # 8 levels x 47 steps
 # An RVQ-VAE of at most this many levels (the codebooks of under 100 training chunks) is drawn
 # in all of them, whatever the rate: on the demo's ten one-shots (64 x 6, a 32-wide test
 # RVQ-VAE) a prior of the first 4 of 6 levels drew 17 of 24 sounds above -30 dBFS, one at +10,
-# where all 6 drew 23 of 24 (tests/shared/train/test_prior_small_data.py); it samples at ~32x
-# real time instead of ~44x.
+# where all 6 drew 23 of 24 (tests/shared/train/test_prior_small_data.py); small codebooks keep
+# it fast (6 x 64 and 6 x 128: 110-130x real time, one item, untrained).
 PRIOR_ALL_LEVELS_UP_TO = 6
 
 
@@ -644,6 +648,118 @@ class PriorStepper:
             if level + 1 < q:
                 context = context + self.cond_tables[level][code]
         return torch.stack(codes, 1)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function without overflow (exp(-x) overflows float32 below x = -88)."""
+    return np.tanh(x * np.float32(0.5)) * np.float32(0.5) + np.float32(0.5)
+
+
+class OneItemStepper:
+    """One item's steps on a CPU in numpy: ``PriorStepper.draw_one`` and ``advance`` for a batch
+    of one, the same maths on the same float32 weights.
+
+    At batch 1 a step works on vectors of a few hundred numbers, where a torch op costs its
+    dispatch (1.5-4 us on a CPU, ~90 ops a step at 4 levels) and a numpy op well under a
+    microsecond. Measured (Q 4, K 512, H 128, E 64, cache and earlier codes on, one thread):
+    ``draw_one`` 40-41x real time at 94 steps a second, this 92-95x, and the same codes for all
+    940 steps of a seed. Sums may round differently from torch's in the last bit (BLAS order),
+    so a draw at an exact tie of two codes could go the other way; a seed gives the same codes
+    every time on the same machine either way.
+    """
+
+    def __init__(self, stepper: PriorStepper, state: PriorState) -> None:
+        prior, config = stepper.prior, stepper.prior.config
+        q, k, e = config.levels, config.codebook_size, config.embed_dim
+
+        def array(t: Tensor) -> np.ndarray:
+            return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32)
+
+        if state.h[-1].shape[0] != 1:
+            raise ValueError(f"OneItemStepper: the state must be of one item, got "
+                             f"{state.h[-1].shape[0]}")  # fmt: skip
+        # per layer (W_ih (4H, in), W_hh (4H, H), b_ih + b_hh (4H,)); gates i, f, g, o
+        self.cells = [(array(w_ih), array(w_hh), array(b_ih) + array(b_hh))
+                      for w_ih, w_hh, b_ih, b_hh in stepper.cells]  # fmt: skip
+        self.input_table = array(prior.input_embed.weight)  # (Q*K, E)
+        self.offsets = np.arange(q) * k  # (Q,)
+        self.levels = np.arange(q)
+        self.proj_weight, self.proj_bias = array(prior.proj.weight), array(prior.proj.bias)
+        self.heads = [(array(prior.head_weight[i]), array(prior.head_bias[i])) for i in range(q)]
+        self.cond_tables = [array(t) for t in stepper.cond_tables]  # (Q-1) x (K, E)
+        self.h = [array(h[0]) for h in state.h]  # per layer (H,)
+        self.c = [array(c[0]) for c in state.c]
+        # the heads' reading of earlier codes: (1+J, Q, K+1, E), row K a zero for "before the
+        # start"; back (1+J, Q) the codes 1, 2, .. steps back (K before the start)
+        self.history_tables: np.ndarray | None = None
+        self.history: np.ndarray | None = None  # (Q, E)
+        if state.back is not None:
+            assert prior.prev_embed is not None
+            tables = [prior.prev_embed.weight] + (
+                [prior.earlier_embed.weight] if prior.earlier_embed is not None else [])  # fmt: skip
+            stacked = array(torch.cat(tables)).reshape(-1, q, k, e)  # (1+J, Q, K, E)
+            self.history_tables = np.pad(stacked, ((0, 0), (0, 0), (0, 1), (0, 0)))
+            self.lags = np.arange(stacked.shape[0])[:, None]  # (1+J, 1)
+            self.back = state.back[0].cpu().numpy().astype(np.int64)  # (1+J, Q)
+            self.history = self.history_tables[self.lags, self.levels, self.back].sum(0)
+        self.decay = config.cache_decay
+        self.cache = None if state.cache is None else array(state.cache[0])  # (Q, K)
+        self.cache_total = state.cache_total
+        self.cache_gate = None if prior.cache_gate is None else array(prior.cache_gate)
+        self.cache_bias = None if prior.cache_bias is None else array(prior.cache_bias)
+
+    def draw(
+        self, pick: Callable[[np.ndarray, int], int], choice: Sequence[float] | None
+    ) -> list[int]:
+        """The codes of the step the state predicts, level by level, as ``draw_one`` draws them:
+        ``pick(logits, level)`` chooses level ``level``'s code from fresh logits (K,), which it
+        may change in place; ``choice`` (Q - 1 numbers, for a prior with a cache) is the noise
+        each level's gate must beat for that level to be drawn from the cache."""
+        q = len(self.heads)
+        context = self.proj_weight @ self.h[-1] + self.proj_bias  # (E,)
+        hidden = np.maximum(context, 0)
+        history = self.history
+        from_cache = [False] * q
+        if choice is not None and self.cache_gate is not None and self.cache_total:
+            assert self.cache_bias is not None
+            gate_in = hidden[None] if history is None else hidden[None] + history[1:]
+            gates = (gate_in * self.cache_gate).sum(-1) + self.cache_bias  # (Q-1,)
+            from_cache[1:] = (gates > np.asarray(choice, dtype=np.float64)).tolist()
+        codes: list[int] = []
+        for level in range(q):
+            if from_cache[level]:
+                assert self.cache is not None
+                logits = np.log(np.maximum(self.cache[level], np.float32(1e-30)))
+            else:
+                weight, bias = self.heads[level]
+                if level:
+                    hidden = np.maximum(context, 0)
+                if history is not None:
+                    hidden = hidden + history[level]
+                logits = weight @ hidden + bias  # (K,)
+            code = pick(logits, level)
+            codes.append(code)
+            if level + 1 < q:
+                context = context + self.cond_tables[level][code]
+        return codes
+
+    def advance(self, codes: list[int]) -> None:
+        """Feed one step's chosen codes (Q ints): the state then predicts the step after them."""
+        chosen = np.asarray(codes, dtype=np.int64)
+        x = self.input_table[chosen + self.offsets].sum(0)  # (E,)
+        for layer, (w_ih, w_hh, bias) in enumerate(self.cells):
+            i, f, g, o = np.split(w_ih @ x + w_hh @ self.h[layer] + bias, 4)
+            c = _sigmoid(f) * self.c[layer] + _sigmoid(i) * np.tanh(g)
+            x = _sigmoid(o) * np.tanh(c)
+            self.h[layer], self.c[layer] = x, c
+        if self.history_tables is not None:  # every earlier step moves one step further back
+            self.back[1:] = self.back[:-1].copy()
+            self.back[0] = chosen
+            self.history = self.history_tables[self.lags, self.levels, self.back].sum(0)
+        if self.cache is not None:
+            self.cache *= np.float32(self.decay)
+            self.cache[self.levels, chosen] += np.float32(1.0)
+            self.cache_total = self.cache_total * self.decay + 1.0
 
 
 # --------------------------------------------------------------------------------------------

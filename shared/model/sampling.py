@@ -7,7 +7,8 @@ batch are independent draws (each draw is Gumbel-max with its own noise).
 
 The loop runs under ``torch.inference_mode`` and calls the prior's step API, which runs the LSTM
 maths with ``torch.lstm_cell`` on the ``nn.LSTM`` weights (no oneDNN in the loop, so its switch
-is left alone); ``_draw_steps`` and ``PriorStepper`` have the measured choices.
+is left alone); one item on a CPU runs the same maths in numpy (``OneItemStepper``: the same
+codes, twice as fast and more); ``_draw_steps`` and ``PriorStepper`` have the measured choices.
 
 A prior with a cache predicts a mix of two parts (its heads, and the codes the sound used so
 far): each code is drawn by first choosing the part (the cache with probability
@@ -19,16 +20,17 @@ is computed). Temperature, min-p, top-k and top-p shape each part as they shape 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from distill.shared.configs import config_from_dict
 from distill.shared.errors import ConfigError
-from distill.shared.model.prior import Prior, PriorState, PriorStepper
+from distill.shared.model.prior import OneItemStepper, Prior, PriorState, PriorStepper
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 # Gumbel noise is drawn for this many steps at once: one RNG call instead of one per level, and
@@ -111,8 +113,9 @@ def _gumbel(gen: torch.Generator, shape: tuple[int, ...], device: torch.device) 
 
 
 def _draw_steps(
-    prior: PriorStepper, state: PriorState, steps: int, params: SamplingParams, gen: torch.Generator
-) -> Tensor:
+    prior: PriorStepper, state: PriorState, steps: int, params: SamplingParams,
+    gen: torch.Generator, numpy_one_item: bool = True,
+) -> Tensor:  # fmt: skip
     """Draw ``steps`` steps from ``state``: (B, Q, steps).
 
     Measured while choosing (variants of this loop timed side by side; Q 4, K 256, H 256, batch 1,
@@ -126,7 +129,10 @@ def _draw_steps(
     percussion's prior gets), two threads. What is left per step at Q 8, H 256: the LSTM cell
     ~50 us and the heads ~8 us a level (reading their weights: 1.5 MB and 256 kB), the Gumbel
     noise ~65 us (``exponential_``: uniform noise and two logs would take ~15 us, but change what
-    every seed draws), the rest one to two microseconds per op, ~20 ops a level.
+    every seed draws), the rest one to two microseconds per op, ~20 ops a level. Since then one
+    item on a CPU goes through ``_draw_one_item`` (numpy, the same draws) unless
+    ``numpy_one_item`` is off: per op a microsecond or less instead of one to four (Q 4, K 512,
+    H 128, one thread: 41-42x real time at 94 steps a second in torch ops, 90-93x in numpy).
     """
     q, k = prior.prior.config.levels, prior.prior.config.codebook_size
     batch, device = state.h[-1].shape[0], state.h[-1].device
@@ -143,6 +149,8 @@ def _draw_steps(
             logits = _filter_logits(logits, params, in_place=True)
         return logits.add_(noise[level]).argmax(-1)
 
+    if batch == 1 and device.type == "cpu" and numpy_one_item:
+        return _draw_one_item(prior, state, steps, params, gen)
     columns: list[Tensor] = []
     for first in range(0, steps, NOISE_CHUNK_STEPS):
         n = min(NOISE_CHUNK_STEPS, steps - first)
@@ -187,6 +195,47 @@ def _draw_steps(
     if not columns:
         return torch.empty(batch, q, 0, dtype=torch.long, device=device)
     return torch.stack(columns, 2)  # (B, Q, steps)
+
+
+def _draw_one_item(
+    prior: PriorStepper, state: PriorState, steps: int, params: SamplingParams, gen: torch.Generator
+) -> Tensor:
+    """``_draw_steps`` for one item on a CPU, through ``OneItemStepper`` (numpy): the same noise
+    from the same generator, the same filters, the same draws (to the last bit of the sums; see
+    ``OneItemStepper``). Measured by bench/prior.py against the torch loop."""
+    q, k = prior.prior.config.levels, prior.prior.config.codebook_size
+    steps_np = OneItemStepper(prior, state)
+    cached = prior.decay > 0
+    temperature = np.float32(params.temperature)
+    floor = np.float32(math.log(params.min_p)) if params.min_p > 0.0 else None
+    # top-k and top-p go through the torch filter (on the same memory), as the other paths do
+    tail = (replace(params, temperature=1.0, min_p=0.0)
+            if params.top_k > 0 or params.top_p < 1.0 else None)  # fmt: skip
+
+    def pick(noise: np.ndarray, logits: np.ndarray, level: int) -> int:
+        if params.temperature != 1.0:
+            logits /= temperature
+        if floor is not None:  # p < min_p * p_max  <=>  logit < max logit + log(min_p)
+            logits[logits < logits.max() + floor] = -np.inf
+        if tail is not None:
+            _filter_logits(torch.from_numpy(logits)[None], tail, in_place=True)
+        logits += noise[level]
+        return int(logits.argmax())
+
+    out = np.empty((q, steps), dtype=np.int64)
+    for first in range(0, steps, NOISE_CHUNK_STEPS):
+        n = min(NOISE_CHUNK_STEPS, steps - first)
+        noise = _gumbel(gen, (n, q, 1, k), state.h[-1].device)[:, :, 0].numpy()  # (n, Q, K)
+        choices: list[Any] = [None] * n
+        if cached:  # logistic noise (the difference of two Gumbels): the part each code is from
+            pair = _gumbel(gen, (n, 2, 1, q), state.h[-1].device)
+            choices = ((pair[:, 0] - pair[:, 1]) * params.temperature)[:, 0, 1:].tolist()
+        for i in range(n):
+            t = first + i
+            if t:
+                steps_np.advance(out[:, t - 1].tolist())
+            out[:, t] = steps_np.draw(partial(pick, noise[i]), choices[i])
+    return torch.from_numpy(out)[None]  # (1, Q, steps)
 
 
 def _generator(prior: Prior, seed: int) -> torch.Generator:

@@ -7,7 +7,14 @@ import torch
 
 from distill.shared.errors import ConfigError
 from distill.shared.model.prior import Prior, PriorConfig
-from distill.shared.model.sampling import NOISE_CHUNK_STEPS, SamplingParams, resample_region, sample
+from distill.shared.model.sampling import (
+    NOISE_CHUNK_STEPS,
+    SamplingParams,
+    _draw_steps,
+    _generator,
+    resample_region,
+    sample,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -323,3 +330,43 @@ def test_the_one_item_step_draws_what_the_step_api_gives(
             assert torch.equal(got, torch.stack(want, 1))
             state = stepper.advance(state, got)
     assert (from_cache > 10) == bool(decay)  # the cache's part was drawn from
+
+
+@pytest.mark.parametrize(("prev_codes", "earlier", "decay", "layers"),
+                         [(False, 0, 0.0, 1), (True, 1, 0.0, 1), (True, 1, 0.7, 1),
+                          (True, 2, 0.7, 2), (False, 0, 0.5, 2)])  # fmt: skip
+def test_one_item_draws_in_numpy_are_the_torch_loops_draws(
+    prev_codes: bool, earlier: int, decay: float, layers: int
+) -> None:
+    """At batch 1 on a CPU, sampling runs ``OneItemStepper`` (numpy): for every filter, with and
+    without a prefix, across noise chunks, it draws the codes the torch loop draws."""
+    torch.manual_seed(0)
+    prior = Prior(PriorConfig(levels=4, codebook_size=16, embed_dim=16, hidden=32, layers=layers,
+                              dropout=0.0, prev_codes=prev_codes, earlier_codes=earlier,
+                              cache_decay=decay)).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in prior.parameters():  # nothing stays at its zero initialisation
+            p.add_(torch.randn_like(p) * 0.3)
+        if decay:
+            prior.cache_bias.fill_(0.0)  # half the levels from the cache
+    prefix = torch.randint(0, 16, (1, 4, 5), generator=torch.Generator().manual_seed(2))
+    steps = NOISE_CHUNK_STEPS + 9
+    for params in (SamplingParams(seed=3), SamplingParams(seed=4, temperature=0.7),
+                   SamplingParams(seed=5, top_k=3, min_p=0.0), SamplingParams(seed=6, top_p=0.8),
+                   SamplingParams(seed=7, min_p=0.2, temperature=1.5)):  # fmt: skip
+        for start in (None, prefix):
+            got = []
+            for numpy_one_item in (True, False):
+                stepper = prior.stepper()
+                with torch.inference_mode():
+                    got.append(_draw_steps(stepper, stepper.begin(1, start), steps, params,
+                                           _generator(prior, params.seed), numpy_one_item))  # fmt: skip
+            assert got[0].shape == (1, 4, steps) and got[0].dtype == torch.long
+            assert torch.equal(got[0], got[1]), (params, start is None)
+    # and sample() at batch 1 is that loop
+    params = SamplingParams(seed=11)
+    stepper = prior.stepper()
+    with torch.inference_mode():
+        torch_loop = _draw_steps(stepper, stepper.begin(1), 30, params,
+                                 _generator(prior, params.seed), numpy_one_item=False)  # fmt: skip
+    assert torch.equal(sample(prior, batch=1, steps=30, params=params), torch_loop)
