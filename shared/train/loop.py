@@ -6,7 +6,8 @@ A trainer subclasses :class:`Trainer` and supplies what differs: how to build an
 its model, its batches, the loss of one step, its validation, its part of each metrics row and
 what its checkpoint holds beside the loop's state. One epoch is: batch -> cancel check -> step
 (lr, forward, loss, NaN check, backward, clip, Adam) for every batch -> validate -> metrics ->
-checkpoint (paced) -> hooks.on_epoch -> after_epoch (previews). Everything the loop does with
+hooks.on_epoch -> checkpoint (paced) -> after_epoch (previews): a stored checkpoint's epoch
+always has its row, whenever a worker is killed. Everything the loop does with
 its results goes through :class:`TrainHooks`, so it runs the same in a job, a test and a bench.
 
 Time budget. With ``minutes > 0`` the loop plans the last epoch as the one that fits in what is
@@ -474,9 +475,12 @@ class Trainer(ABC, Generic[M]):
         validation = {**validation, "val_loss": val_loss}
         metrics = {**self._loop_metrics(seconds), **self.epoch_metrics(totals, validation)}
         self.state.last_metrics = metrics
+        # the row before the checkpoint: a worker killed between the two resumes from the one
+        # before and sends this epoch's row again, where the other way round (the checkpoint
+        # stored, then the kill) the resumed run starts past an epoch whose row never came
+        self.hooks.on_epoch(metrics)
         if self._checkpoint_due():
             self._checkpoint()
-        self.hooks.on_epoch(metrics)
         self.after_epoch(epoch)
 
     def _track_best(self, val_loss: float) -> None:

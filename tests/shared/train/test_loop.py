@@ -217,6 +217,30 @@ def test_a_resumed_budgeted_run_keeps_its_plan_and_the_time_spent() -> None:
         assert torch.equal(value, resumed.model.state_dict()[key]), key
 
 
+class KilledAfterCheckpoint(Exception):
+    """What kill -9 does to a worker right after it stored a checkpoint."""
+
+
+def test_a_run_killed_right_after_a_checkpoint_resumes_with_every_epochs_row() -> None:
+    """The metrics row of an epoch goes out before its checkpoint is stored, so a worker killed
+    as soon as a checkpoint is stored leaves no epoch without a row once it resumes (the
+    prior's kill -9 job test lost epoch 4's row under load when the checkpoint came first)."""
+
+    class Killed(Hooks):
+        def save_checkpoint(self, data: bytes) -> None:
+            super().save_checkpoint(data)
+            if read_checkpoint(data)["epoch"] == 3:
+                raise KilledAfterCheckpoint
+
+    first = Killed(FakeClock())
+    with pytest.raises(KilledAfterCheckpoint):
+        ToyTrainer(dataclasses.replace(BASE, epochs=6), first).run_loop()
+    resumed = Hooks(FakeClock(), start_from=first.checkpoints[-1])
+    ToyTrainer(dataclasses.replace(BASE, epochs=6), resumed).run_loop()
+    rows = [m["epoch"] for m in first.metrics + resumed.metrics]
+    assert sorted(set(rows)) == [1, 2, 3, 4, 5, 6] and len(rows) == 6, rows
+
+
 def test_a_checkpoint_of_another_trainer_is_refused() -> None:
     hooks = Hooks(FakeClock())
     ToyTrainer(dataclasses.replace(BASE, epochs=1), hooks).run_loop()
