@@ -20,12 +20,14 @@ is computed). Temperature, min-p, top-k and top-p shape each part as they shape 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 from torch import Tensor
 
 from distill.shared.configs import config_from_dict
@@ -223,19 +225,43 @@ def _draw_one_item(
         return int(logits.argmax())
 
     out = np.empty((q, steps), dtype=np.int64)
+    with _one_blas_thread():
+        _one_item_steps(steps_np, out, k, pick, params, gen, cached)
+    return torch.from_numpy(out)[None]  # (1, Q, steps)
+
+
+_BLAS: ThreadpoolController | None = None
+
+
+def _one_blas_thread() -> Any:
+    """numpy's BLAS on one thread while one item is drawn: its matrix-vector products are a few
+    hundred numbers wide, and a BLAS that splits them over every core of a large machine would
+    fight the worker's own threads (``--threads``) and every other process for them."""
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()  # finds the loaded BLAS libraries (~0.3 ms), once
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
+def _one_item_steps(
+    steps_np: OneItemStepper, out: np.ndarray, k: int,
+    pick: Callable[[np.ndarray, np.ndarray, int], int], params: SamplingParams,
+    gen: torch.Generator, cached: bool,
+) -> None:  # fmt: skip
+    """``_draw_one_item``'s loop: codes of K ``k`` into ``out`` (Q, steps), step by step."""
+    (q, steps), device = out.shape, torch.device("cpu")
     for first in range(0, steps, NOISE_CHUNK_STEPS):
         n = min(NOISE_CHUNK_STEPS, steps - first)
-        noise = _gumbel(gen, (n, q, 1, k), state.h[-1].device)[:, :, 0].numpy()  # (n, Q, K)
+        noise = _gumbel(gen, (n, q, 1, k), device)[:, :, 0].numpy()  # (n, Q, K)
         choices: list[Any] = [None] * n
         if cached:  # logistic noise (the difference of two Gumbels): the part each code is from
-            pair = _gumbel(gen, (n, 2, 1, q), state.h[-1].device)
+            pair = _gumbel(gen, (n, 2, 1, q), device)
             choices = ((pair[:, 0] - pair[:, 1]) * params.temperature)[:, 0, 1:].tolist()
         for i in range(n):
             t = first + i
             if t:
                 steps_np.advance(out[:, t - 1].tolist())
             out[:, t] = steps_np.draw(partial(pick, noise[i]), choices[i])
-    return torch.from_numpy(out)[None]  # (1, Q, steps)
 
 
 def _generator(prior: Prior, seed: int) -> torch.Generator:

@@ -370,3 +370,19 @@ def test_one_item_draws_in_numpy_are_the_torch_loops_draws(
         torch_loop = _draw_steps(stepper, stepper.begin(1), 30, params,
                                  _generator(prior, params.seed), numpy_one_item=False)  # fmt: skip
     assert torch.equal(sample(prior, batch=1, steps=30, params=params), torch_loop)
+
+
+def test_one_item_draws_hold_numpy_blas_to_one_thread() -> None:
+    """While one item is drawn in numpy, its BLAS runs on one thread (not every core of the
+    machine, beside the worker's own torch threads), and gets its threads back after."""
+    from threadpoolctl import threadpool_info
+
+    from distill.shared.model.sampling import _one_blas_thread
+
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    with _one_blas_thread():
+        assert blas_threads() and all(n == 1 for n in blas_threads())
+    assert blas_threads() == before
