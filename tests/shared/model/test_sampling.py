@@ -290,6 +290,21 @@ def test_the_cache_part_draws_by_the_decayed_counts() -> None:
     assert colder == pytest.approx(1 / (1 + 0.7 ** (1 / 0.3)), abs=0.03)  # 0.77
 
 
+def stirred_prior(prev_codes: bool, earlier: int, decay: float, layers: int = 1) -> Prior:
+    """An untrained 4 x 16 prior with every weight moved off its initialisation (nothing at
+    zero), half its finer levels drawn from the cache when it has one."""
+    torch.manual_seed(0)
+    prior = Prior(PriorConfig(levels=4, codebook_size=16, embed_dim=16, hidden=32, layers=layers,
+                              dropout=0.0, prev_codes=prev_codes, earlier_codes=earlier,
+                              cache_decay=decay)).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        if decay:
+            prior.cache_bias.fill_(0.0)  # half the levels from the cache
+    return prior
+
+
 @pytest.mark.parametrize(("prev_codes", "earlier", "decay"),
                          [(False, 0, 0.0), (True, 1, 0.0), (True, 1, 0.7), (False, 0, 0.5)])  # fmt: skip
 def test_the_one_item_step_draws_what_the_step_api_gives(
@@ -298,15 +313,7 @@ def test_the_one_item_step_draws_what_the_step_api_gives(
     """``PriorStepper.draw_one`` (what sampling runs at batch 1) picks, level by level, from the
     same logits the step API gives: the heads', or the cache's where the level's gate beats the
     choice noise; and the finer levels see the coarser codes it drew."""
-    torch.manual_seed(0)
-    prior = Prior(PriorConfig(levels=4, codebook_size=16, embed_dim=16, hidden=32, dropout=0.0,
-                              prev_codes=prev_codes, earlier_codes=earlier,
-                              cache_decay=decay)).eval()  # fmt: skip
-    with torch.no_grad():
-        for p in prior.parameters():  # nothing stays at its zero initialisation
-            p.add_(torch.randn_like(p) * 0.3)
-        if decay:
-            prior.cache_bias.fill_(0.0)  # half the levels from the cache
+    prior = stirred_prior(prev_codes, earlier, decay)
     stepper, gen = prior.stepper(), torch.Generator().manual_seed(1)
     from_cache = 0
     with torch.inference_mode():
@@ -340,15 +347,7 @@ def test_one_item_draws_in_numpy_are_the_torch_loops_draws(
 ) -> None:
     """At batch 1 on a CPU, sampling runs ``OneItemStepper`` (numpy): for every filter, with and
     without a prefix, across noise chunks, it draws the codes the torch loop draws."""
-    torch.manual_seed(0)
-    prior = Prior(PriorConfig(levels=4, codebook_size=16, embed_dim=16, hidden=32, layers=layers,
-                              dropout=0.0, prev_codes=prev_codes, earlier_codes=earlier,
-                              cache_decay=decay)).eval()  # fmt: skip
-    with torch.no_grad():
-        for p in prior.parameters():  # nothing stays at its zero initialisation
-            p.add_(torch.randn_like(p) * 0.3)
-        if decay:
-            prior.cache_bias.fill_(0.0)  # half the levels from the cache
+    prior = stirred_prior(prev_codes, earlier, decay, layers)
     prefix = torch.randint(0, 16, (1, 4, 5), generator=torch.Generator().manual_seed(2))
     steps = NOISE_CHUNK_STEPS + 9
     for params in (SamplingParams(seed=3), SamplingParams(seed=4, temperature=0.7),
