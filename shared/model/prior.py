@@ -688,6 +688,7 @@ class OneItemStepper:
         self.heads = [(array(prior.head_weight[i]), array(prior.head_bias[i])) for i in range(q)]
         self.cond_tables = [array(t) for t in stepper.cond_tables]  # (Q-1) x (K, E)
         self.h = [array(h[0]) for h in state.h]  # per layer (H,)
+        self.hidden = config.hidden
         self.c = [array(c[0]) for c in state.c]
         # the heads' reading of earlier codes: (1+J, Q, K+1, E), row K a zero for "before the
         # start"; back (1+J, Q) the codes 1, 2, .. steps back (K before the start)
@@ -747,10 +748,12 @@ class OneItemStepper:
         """Feed one step's chosen codes (Q ints): the state then predicts the step after them."""
         chosen = np.asarray(codes, dtype=np.int64)
         x = self.input_table[chosen + self.offsets].sum(0)  # (E,)
+        h = self.hidden
         for layer, (w_ih, w_hh, bias) in enumerate(self.cells):
-            i, f, g, o = np.split(w_ih @ x + w_hh @ self.h[layer] + bias, 4)
-            c = _sigmoid(f) * self.c[layer] + _sigmoid(i) * np.tanh(g)
-            x = _sigmoid(o) * np.tanh(c)
+            gates = w_ih @ x + w_hh @ self.h[layer] + bias  # (4H,): i, f, g, o
+            in_forget = _sigmoid(gates[: 2 * h])  # slices, not np.split (~30 us a step)
+            c = in_forget[h:] * self.c[layer] + in_forget[:h] * np.tanh(gates[2 * h : 3 * h])
+            x = _sigmoid(gates[3 * h :]) * np.tanh(c)
             self.h[layer], self.c[layer] = x, c
         if self.history_tables is not None:  # every earlier step moves one step further back
             self.back[1:] = self.back[:-1].copy()
