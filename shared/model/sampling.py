@@ -20,7 +20,6 @@ is computed). Temperature, min-p, top-k and top-p shape each part as they shape 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
@@ -138,6 +137,8 @@ def _draw_steps(
     """
     q, k = prior.prior.config.levels, prior.prior.config.codebook_size
     batch, device = state.h[-1].shape[0], state.h[-1].device
+    if batch == 1 and device.type == "cpu" and numpy_one_item:
+        return _draw_one_item(prior, state, steps, params, gen)
     filtering = (params.temperature != 1.0 or params.top_k > 0 or params.top_p < 1.0
                  or params.min_p > 0.0)  # fmt: skip
     cached = prior.decay > 0  # a prior with a cache draws its noise for the choice too
@@ -151,8 +152,6 @@ def _draw_steps(
             logits = _filter_logits(logits, params, in_place=True)
         return logits.add_(noise[level]).argmax(-1)
 
-    if batch == 1 and device.type == "cpu" and numpy_one_item:
-        return _draw_one_item(prior, state, steps, params, gen)
     columns: list[Tensor] = []
     for first in range(0, steps, NOISE_CHUNK_STEPS):
         n = min(NOISE_CHUNK_STEPS, steps - first)
@@ -224,9 +223,19 @@ def _draw_one_item(
         logits += noise[level]
         return int(logits.argmax())
 
-    out = np.empty((q, steps), dtype=np.int64)
+    out, device = np.empty((q, steps), dtype=np.int64), torch.device("cpu")
     with _one_blas_thread():
-        _one_item_steps(steps_np, out, k, pick, params, gen, cached)
+        for first in range(0, steps, NOISE_CHUNK_STEPS):
+            n = min(NOISE_CHUNK_STEPS, steps - first)
+            noise = _gumbel(gen, (n, q, 1, k), device)[:, :, 0].numpy()  # (n, Q, K)
+            choices: list[Any] = [None] * n
+            if cached:  # logistic noise (two Gumbels' difference): the part each code is from
+                pair = _gumbel(gen, (n, 2, 1, q), device)
+                choices = ((pair[:, 0] - pair[:, 1]) * params.temperature)[:, 0, 1:].tolist()
+            for i in range(n):
+                if first + i:
+                    steps_np.advance(out[:, first + i - 1].tolist())
+                out[:, first + i] = steps_np.draw(partial(pick, noise[i]), choices[i])
     return torch.from_numpy(out)[None]  # (1, Q, steps)
 
 
@@ -241,27 +250,6 @@ def _one_blas_thread() -> Any:
     if _BLAS is None:
         _BLAS = ThreadpoolController()  # finds the loaded BLAS libraries (~0.3 ms), once
     return _BLAS.limit(limits=1, user_api="blas")
-
-
-def _one_item_steps(
-    steps_np: OneItemStepper, out: np.ndarray, k: int,
-    pick: Callable[[np.ndarray, np.ndarray, int], int], params: SamplingParams,
-    gen: torch.Generator, cached: bool,
-) -> None:  # fmt: skip
-    """``_draw_one_item``'s loop: codes of K ``k`` into ``out`` (Q, steps), step by step."""
-    (q, steps), device = out.shape, torch.device("cpu")
-    for first in range(0, steps, NOISE_CHUNK_STEPS):
-        n = min(NOISE_CHUNK_STEPS, steps - first)
-        noise = _gumbel(gen, (n, q, 1, k), device)[:, :, 0].numpy()  # (n, Q, K)
-        choices: list[Any] = [None] * n
-        if cached:  # logistic noise (the difference of two Gumbels): the part each code is from
-            pair = _gumbel(gen, (n, 2, 1, q), device)
-            choices = ((pair[:, 0] - pair[:, 1]) * params.temperature)[:, 0, 1:].tolist()
-        for i in range(n):
-            t = first + i
-            if t:
-                steps_np.advance(out[:, t - 1].tolist())
-            out[:, t] = steps_np.draw(partial(pick, noise[i]), choices[i])
 
 
 def _generator(prior: Prior, seed: int) -> torch.Generator:
