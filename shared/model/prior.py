@@ -165,7 +165,7 @@ CACHE_GATE_START = -2.0
 # LSTM 128, the default 3-minute budget, one thread) a prior of 4 levels trains 9 epochs and
 # scores 0.58-0.59 bits per code under the strict bigram, one of 6 levels 4 epochs (+0.49), of
 # 8 levels 2 (+0.43); untrained, one item drawn on a CPU thread (numpy, OneItemStepper) runs
-# at 75-90x real time at 4 levels, 56-60x at 6, 44-47x at 8. Decoded, the first 4 levels at 94
+# at 85-90x real time at 4 levels, 61-65x at 6, 47-51x at 8. Decoded, the first 4 levels at 94
 # steps a second come as close to a sound as the first 8 did at 47 (held-back percussion 2.14x
 # the floor against 2.15x, nearest codes); 3 levels would decode at 2.19x. An RVQ-VAE with more
 # levels decodes sounds it encodes with all of them (reconstruction, code editing); a drawn step
@@ -177,7 +177,7 @@ PRIOR_CODES_PER_SECOND = 376  # 8 levels x 47 steps
 # in all of them, whatever the rate: on the demo's ten one-shots (64 x 6, a 32-wide test
 # RVQ-VAE) a prior of the first 4 of 6 levels drew 17 of 24 sounds above -30 dBFS, one at +10,
 # where all 6 drew 23 of 24 (tests/shared/train/test_prior_small_data.py); small codebooks keep
-# it fast (6 x 64 and 6 x 128: 110-130x real time, one item, untrained).
+# it fast (6 x 64 and 6 x 128: 125-145x real time, one item, untrained).
 PRIOR_ALL_LEVELS_UP_TO = 6
 
 
