@@ -389,7 +389,7 @@ def test_peers_learn_each_from_the_others_predictions_held_fixed() -> None:
         cross = [float((-(heads[1 - i].exp() * heads[i]).sum(-1) * mask).sum()) / n
                  for i in (0, 1)]  # fmt: skip
     want = sum((1 - w) * own[i] + w * cross[i] for i in (0, 1))
-    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
     assert totals["nats"] == pytest.approx(own[0] * n, rel=1e-5)  # the metrics are the first's
     # a member's gradient comes from its own terms alone: the other's side is held fixed
     loss.backward()
