@@ -64,22 +64,14 @@ def player_name() -> str | None:
     return Path(player[0]).name if player else None
 
 
-def playable(audio: np.ndarray) -> np.ndarray:
-    """A float sound (samples,) as it is played: scaled down, not clipped, where it peaks above
-    full scale (as export scales it), so what you hear is what an export holds."""
-    from distill.shared.audio.export import headroom_gain
-
-    x = np.asarray(audio, dtype=np.float32)
-    return x * np.float32(headroom_gain(float(np.abs(x).max()))) if x.size else x
-
-
 def play_audio(audio: np.ndarray, sample_rate: int) -> str:
     """Play a float sound (samples,) on this machine (through a temporary WAV file)."""
+    from distill.shared.audio.export import within_full_scale
     from distill.shared.audio.io import write_audio
 
     with tempfile.TemporaryDirectory(prefix="distill-play-") as tmp:
         path = Path(tmp) / "sound.wav"
-        write_audio(path, playable(audio), sample_rate)
+        write_audio(path, within_full_scale(audio), sample_rate)  # scaled down, not clipped
         return play_file(path)
 
 

@@ -32,7 +32,7 @@ from typing import Any
 from torch import Tensor
 
 from distill.shared.audio.dataset import Dataset
-from distill.shared.audio.export import headroom_gain
+from distill.shared.audio.export import within_full_scale
 from distill.shared.audio.io import write_audio
 from distill.shared.audio.mel import MelConfig
 from distill.shared.audio.phase import mel_to_audio
@@ -90,8 +90,7 @@ class JobHooks:
 def _wav_bytes(audio: Tensor, sample_rate: int) -> bytes:
     """A preview as WAV bytes, scaled down (not clipped) where it peaks above full scale."""
     buf = io.BytesIO()
-    peak = float(audio.abs().max()) if audio.numel() else 0.0
-    write_audio(buf, audio * headroom_gain(peak), sample_rate, format="WAV")
+    write_audio(buf, within_full_scale(audio), sample_rate, format="WAV")
     return buf.getvalue()
 
 

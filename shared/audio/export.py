@@ -182,6 +182,14 @@ def headroom_gain(peak: float) -> float:
     return ceiling / peak if peak > ceiling else 1.0
 
 
+def within_full_scale(audio: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``audio`` as float32, scaled by :func:`headroom_gain` of its peak: what the UI plays and
+    the training previews hold, so that what you hear is what an export holds."""
+    x = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+    x = x.astype(np.float32, copy=False)
+    return x * np.float32(headroom_gain(float(np.abs(x).max()))) if x.size else x
+
+
 def _encode_comment(
     meta: ExportMetadata, fmt: str, name: str
 ) -> tuple[str, bytes | None, CommentStorage]:

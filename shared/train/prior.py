@@ -578,8 +578,8 @@ class PriorTrainer(Trainer[Prior | PriorPeers]):
             self.chosen["why"] += (
                 f" It draws the RVQ-VAE's first {levels} of {all_levels} levels: at {rate} code "
                 f"steps a second, about {PRIOR_CODES_PER_SECOND} codes a second train in the "
-                "budget and sample near 80x real time on one CPU core (drawn steps leave the "
-                "finer levels empty).")
+                "budget and sample 50-90x real time on one CPU core (LSTM 256 or 128 wide; "
+                "drawn steps leave the finer levels empty).")
         self.chosen["why"] += self._peers_why()
         k = codes.codebook_size
         scored = [w.codes[:, w.context :] for w in self.val_windows]  # what the prior scores
