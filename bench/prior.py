@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -300,11 +301,18 @@ def whole_file_figures(model: DistillModel, ds: Dataset) -> None:
     print(line)
 
 
-def quality_figures(endpoint: str, prior_job: str, path: Path, samples: int) -> None:
+def quality_figures(endpoint: str, prior_job: str, path: Path, samples: int,
+                    save: Path | None = None) -> None:
     with Client(endpoint, timeout_s=60) as c:
         result = JobsClient(c).get(prior_job, metrics=False)["result"]
         cache = ArtifactCache(path.parent / "client-cache")
-        ds = Dataset.from_bytes(ArtifactClient(c, cache=cache).get_bytes(result["dataset"]))
+        data = ArtifactClient(c, cache=cache).get_bytes(result["dataset"])
+        ds = Dataset.from_bytes(data)
+    if save is not None:  # the model and its dataset, for listening or further measures
+        save.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, save / path.name)
+        (save / f"{path.stem}.dataset").write_bytes(data)
+        print(f"saved {save / path.name} and its dataset beside it")
     model = load_model(path)
     assert model.prior is not None, "the pipeline wrote a model without a prior"
     train_idx, val_idx = ds.train_indices(), ds.val_indices()
@@ -378,7 +386,7 @@ def quality(args: argparse.Namespace) -> None:
             budget = (f"a {args.minutes:g}-minute training budget" if args.minutes else
                       "the workers' default budgets")  # fmt: skip
             print(f"pipeline: {time.monotonic() - started:.0f} s wall for {budget}")
-            quality_figures(endpoint, prior_job, model_path, args.samples)
+            quality_figures(endpoint, prior_job, model_path, args.samples, args.save)
         finally:
             for proc in reversed(procs):
                 stop(proc)
@@ -399,6 +407,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the goal: 2 cores)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a folder of sounds")
     parser.add_argument("--samples", type=int, default=200, help="generated seconds to check")
+    parser.add_argument("--save", type=Path, default=None, metavar="DIR",
+                        help="copy the pipeline's .distill file and its dataset into DIR")  # fmt: skip
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
