@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from distill.shared.errors import ConfigError
-from distill.shared.model.prior import Prior, PriorConfig
+from distill.shared.model import prior as prior_module
+from distill.shared.model.prior import OneItemStepper, Prior, PriorConfig
 from distill.shared.model.sampling import (
     NOISE_CHUNK_STEPS,
     SamplingParams,
@@ -342,12 +343,20 @@ def test_the_one_item_step_draws_what_the_step_api_gives(
 @pytest.mark.parametrize(("prev_codes", "earlier", "decay", "layers"),
                          [(False, 0, 0.0, 1), (True, 1, 0.0, 1), (True, 1, 0.7, 1),
                           (True, 2, 0.7, 2), (False, 0, 0.5, 2)])  # fmt: skip
+@pytest.mark.parametrize("gate_table", [True, False])
 def test_one_item_draws_in_numpy_are_the_torch_loops_draws(
-    prev_codes: bool, earlier: int, decay: float, layers: int
-) -> None:
+    prev_codes: bool, earlier: int, decay: float, layers: int, gate_table: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     """At batch 1 on a CPU, sampling runs ``OneItemStepper`` (numpy): for every filter, with and
-    without a prefix, across noise chunks, it draws the codes the torch loop draws."""
+    without a prefix, across noise chunks, it draws the codes the torch loop draws; with the
+    first layer's input gates from its per-code table and, past GATE_TABLE_BYTES, without."""
+    if not gate_table:
+        monkeypatch.setattr(prior_module, "GATE_TABLE_BYTES", 0)
     prior = stirred_prior(prev_codes, earlier, decay, layers)
+    with torch.inference_mode():
+        one = OneItemStepper(prior.stepper(), prior.stepper().begin(1))
+    assert (one.gate_table is not None) == gate_table
     prefix = torch.randint(0, 16, (1, 4, 5), generator=torch.Generator().manual_seed(2))
     steps = NOISE_CHUNK_STEPS + 9
     for params in (SamplingParams(seed=3), SamplingParams(seed=4, temperature=0.7),
