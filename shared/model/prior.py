@@ -32,6 +32,7 @@ training uses the full-sequence ``nn.LSTM``.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
@@ -655,6 +656,29 @@ class PriorStepper:
 GATE_TABLE_BYTES = 16 * 2**20
 
 
+# per prior: (the weights' identity and versions, its gate table): built once per weights
+_GATE_TABLES: weakref.WeakKeyDictionary[Prior, tuple[tuple[float, ...], np.ndarray | None]] = (
+    weakref.WeakKeyDictionary())  # fmt: skip
+
+
+def _gate_table(prior: Prior, w_ih: Tensor, input_table: np.ndarray) -> np.ndarray | None:
+    """The first layer's input gates per code (Q*K, 4H), or None past GATE_TABLE_BYTES; kept
+    with the prior until its embeddings or W_ih change (in place or replaced), as it takes
+    1-6 ms to build: most of the time a step saves over a 2-s draw."""
+    w = np.ascontiguousarray(w_ih.detach().cpu().numpy(), dtype=np.float32)  # (4H, E)
+    # identity, version (in-place changes) and sums (changes through .data, which the version
+    # does not see): ~0.1 ms
+    key = (prior.input_embed.weight.data_ptr(), prior.input_embed.weight._version,
+           w_ih.data_ptr(), w_ih._version, float(input_table.sum()), float(w.sum()))  # fmt: skip
+    cached = _GATE_TABLES.get(prior)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    fits = input_table.shape[0] * w.shape[0] * 4 <= GATE_TABLE_BYTES
+    table = input_table @ w.T if fits else None
+    _GATE_TABLES[prior] = (key, table)
+    return table
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     """The logistic function without overflow (exp(-x) overflows float32 below x = -88)."""
     return np.tanh(x * np.float32(0.5)) * np.float32(0.5) + np.float32(0.5)
@@ -671,7 +695,8 @@ class OneItemStepper:
     940 steps of a seed. The first layer's input gates come from a table of them per code
     (W_ih times each code's embedding): LSTM 256 wide, embeddings 128, at 4 x 512 codes 58-61x
     against 52x multiplying the summed embeddings, at 6 x 128 87-93x against 76x; no change at
-    LSTM 128 (the same 92-94x). Sums may round differently from torch's in the last bit (BLAS order),
+    LSTM 128 (the same 86-94x). The table is built once per prior's weights (1-6 ms; drawing
+    2 s at LSTM 256 then takes 34 ms where it took 42). Sums may round differently from torch's in the last bit (BLAS order),
     so a draw at an exact tie of two codes could go the other way; a seed gives the same codes
     every time on the same machine either way.
     """
@@ -693,8 +718,7 @@ class OneItemStepper:
         # the first layer's input gates for each code, W_ih @ embedding (Q*K, 4H): a step adds
         # Q rows of them instead of multiplying W_ih by the summed embeddings (the same sum in
         # another order; W_ih is ~a fifth of the weights a step reads), where the table is small
-        gate_table = self.input_table @ self.cells[0][0].T
-        self.gate_table = gate_table if gate_table.nbytes <= GATE_TABLE_BYTES else None
+        self.gate_table = _gate_table(prior, stepper.cells[0][0], self.input_table)
         self.offsets = np.arange(q) * k  # (Q,)
         self.levels = np.arange(q)
         self.proj_weight, self.proj_bias = array(prior.proj.weight), array(prior.proj.bias)

@@ -380,6 +380,35 @@ def test_one_item_draws_in_numpy_are_the_torch_loops_draws(
     assert torch.equal(sample(prior, batch=1, steps=30, params=params), torch_loop)
 
 
+def test_one_item_gate_table_is_kept_until_the_weights_change() -> None:
+    """The per-code gate table is built once per prior and built again when its embeddings or
+    W_ih change, in place or through ``.data`` (which no version counter sees): the numpy
+    draws stay the torch loop's."""
+    prior = stirred_prior(True, 1, 0.7, 1)
+
+    def table() -> object:
+        with torch.inference_mode():
+            return OneItemStepper(prior.stepper(), prior.stepper().begin(1)).gate_table
+
+    def draws_match() -> bool:
+        params, got = SamplingParams(seed=8), []
+        for numpy_one_item in (True, False):
+            stepper = prior.stepper()
+            with torch.inference_mode():
+                got.append(_draw_steps(stepper, stepper.begin(1), 40, params,
+                                       _generator(prior, params.seed), numpy_one_item))  # fmt: skip
+        return torch.equal(got[0], got[1])
+
+    first = table()
+    assert first is not None and table() is first and draws_match()
+    with torch.no_grad():
+        prior.lstm.weight_ih_l0.mul_(1.5)
+    second = table()
+    assert second is not first and draws_match()
+    prior.input_embed.weight.data.add_(0.1)
+    assert table() is not second and draws_match()
+
+
 def test_one_item_draws_hold_numpy_blas_to_one_thread() -> None:
     """While one item is drawn in numpy, its BLAS runs on one thread (not every core of the
     machine, beside the worker's own torch threads), and gets its threads back after."""
