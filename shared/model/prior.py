@@ -661,20 +661,21 @@ _GATE_TABLES: weakref.WeakKeyDictionary[Prior, tuple[tuple[float, ...], np.ndarr
     weakref.WeakKeyDictionary())  # fmt: skip
 
 
-def _gate_table(prior: Prior, w_ih: Tensor, input_table: np.ndarray) -> np.ndarray | None:
-    """The first layer's input gates per code (Q*K, 4H), or None past GATE_TABLE_BYTES; kept
-    with the prior until its embeddings or W_ih change (in place or replaced), as it takes
-    1-6 ms to build: most of the time a step saves over a 2-s draw."""
-    w = np.ascontiguousarray(w_ih.detach().cpu().numpy(), dtype=np.float32)  # (4H, E)
+def _gate_table(prior: Prior, w_ih: np.ndarray, input_table: np.ndarray) -> np.ndarray | None:
+    """The first layer's input gates per code (Q*K, 4H) from its W_ih (4H, E) and the input
+    embeddings (Q*K, E), the prior's as numpy arrays, or None past GATE_TABLE_BYTES; kept with
+    the prior until those weights change (in place or replaced), as it takes 1-6 ms to build:
+    most of the time a step saves over a 2-s draw."""
+    embed, lstm_w_ih = prior.input_embed.weight, prior.lstm.weight_ih_l0
     # identity, version (in-place changes) and sums (changes through .data, which the version
     # does not see): ~0.1 ms
-    key = (prior.input_embed.weight.data_ptr(), prior.input_embed.weight._version,
-           w_ih.data_ptr(), w_ih._version, float(input_table.sum()), float(w.sum()))  # fmt: skip
+    key = (embed.data_ptr(), embed._version, lstm_w_ih.data_ptr(), lstm_w_ih._version,
+           float(input_table.sum()), float(w_ih.sum()))  # fmt: skip
     cached = _GATE_TABLES.get(prior)
     if cached is not None and cached[0] == key:
         return cached[1]
-    fits = input_table.shape[0] * w.shape[0] * 4 <= GATE_TABLE_BYTES
-    table = input_table @ w.T if fits else None
+    fits = input_table.shape[0] * w_ih.shape[0] * 4 <= GATE_TABLE_BYTES
+    table = input_table @ w_ih.T if fits else None
     _GATE_TABLES[prior] = (key, table)
     return table
 
@@ -696,9 +697,9 @@ class OneItemStepper:
     (W_ih times each code's embedding): LSTM 256 wide, embeddings 128, at 4 x 512 codes 58-61x
     against 52x multiplying the summed embeddings, at 6 x 128 87-93x against 76x; no change at
     LSTM 128 (the same 86-94x). The table is built once per prior's weights (1-6 ms; drawing
-    2 s at LSTM 256 then takes 34 ms where it took 42). Sums may round differently from torch's in the last bit (BLAS order),
-    so a draw at an exact tie of two codes could go the other way; a seed gives the same codes
-    every time on the same machine either way.
+    2 s at LSTM 256 then takes 34 ms where it took 42). Sums may round differently from torch's
+    in the last bit (BLAS order), so a draw at an exact tie of two codes could go the other way;
+    a seed gives the same codes every time on the same machine either way.
     """
 
     def __init__(self, stepper: PriorStepper, state: PriorState) -> None:
@@ -718,7 +719,7 @@ class OneItemStepper:
         # the first layer's input gates for each code, W_ih @ embedding (Q*K, 4H): a step adds
         # Q rows of them instead of multiplying W_ih by the summed embeddings (the same sum in
         # another order; W_ih is ~a fifth of the weights a step reads), where the table is small
-        self.gate_table = _gate_table(prior, stepper.cells[0][0], self.input_table)
+        self.gate_table = _gate_table(prior, self.cells[0][0], self.input_table)
         self.offsets = np.arange(q) * k  # (Q,)
         self.levels = np.arange(q)
         self.proj_weight, self.proj_bias = array(prior.proj.weight), array(prior.proj.bias)

@@ -354,8 +354,9 @@ def test_one_item_draws_in_numpy_are_the_torch_loops_draws(
     if not gate_table:
         monkeypatch.setattr(prior_module, "GATE_TABLE_BYTES", 0)
     prior = stirred_prior(prev_codes, earlier, decay, layers)
+    stepper = prior.stepper()
     with torch.inference_mode():
-        one = OneItemStepper(prior.stepper(), prior.stepper().begin(1))
+        one = OneItemStepper(stepper, stepper.begin(1))
     assert (one.gate_table is not None) == gate_table
     prefix = torch.randint(0, 16, (1, 4, 5), generator=torch.Generator().manual_seed(2))
     steps = NOISE_CHUNK_STEPS + 9
@@ -387,8 +388,9 @@ def test_one_item_gate_table_is_kept_until_the_weights_change() -> None:
     prior = stirred_prior(True, 1, 0.7, 1)
 
     def table() -> object:
+        stepper = prior.stepper()
         with torch.inference_mode():
-            return OneItemStepper(prior.stepper(), prior.stepper().begin(1)).gate_table
+            return OneItemStepper(stepper, stepper.begin(1)).gate_table
 
     def draws_match() -> bool:
         params, got = SamplingParams(seed=8), []
