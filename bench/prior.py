@@ -3,6 +3,7 @@
     /work/venv/bin/python bench/prior.py --threads 2 --skip-speed   # the default budgets
     /work/venv/bin/python bench/prior.py --minutes 4 --threads 1
     /work/venv/bin/python bench/prior.py --skip-quality --speed-minutes 2 --threads 2
+    /work/venv/bin/python bench/prior.py --skip-speed --saved DIR   # a --save DIR's model
 
 **Quality** (skipped with ``--skip-quality``): starts a broker and one preprocess, RVQ-VAE and
 prior worker (``--threads`` torch threads each) on loopback, runs ``distill train DATA`` (the
@@ -22,6 +23,14 @@ and 3 for the prior; with ``--minutes N`` that budget shared 70/30 between them)
   some window of a training file's codes at >= 90% of positions (a position is one code: one
   level at one step), beside the same share for the held-out validation chunks (real sounds the
   model never saw: what chance and shared silences give). Goal <= 10%.
+- envelopes: how long the sounds ring (seconds from the loudest frame to the last within 20 dB
+  of it), how many are still loud after a second, and how many start a second sound after a
+  silence, for the training files, the same decoded from their codes, and 96 drawn sounds of
+  2 s: what the bits per code do not show (a prior can predict codes well step by step and
+  still draw hits that ring on). Goal: the drawn sounds shaped like the training files.
+
+With ``--saved DIR`` (a folder ``--save`` wrote) no pipeline runs: the held-out files' figures
+and the envelopes of that model.
 
 **Speed** (skipped with ``--skip-speed``): generated seconds of codes per wall second at batch 1
 and 16 for priors of 6 x 128 and 4 x 512 codes per step at 94 code steps per second (at
@@ -70,6 +79,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import free_port_block, spawn, stop, wait_for  # noqa: E402
 
 from distill.shared.audio.dataset import Dataset  # noqa: E402
+from distill.shared.audio.metrics import (  # noqa: E402
+    DECAY_DB,
+    LATE_S,
+    RETRIGGER_QUIET_S,
+    Envelope,
+    envelope,
+)
 from distill.shared.bus.artifacts import ArtifactClient  # noqa: E402
 from distill.shared.bus.cache import ArtifactCache  # noqa: E402
 from distill.shared.bus.client import Client  # noqa: E402
@@ -89,12 +105,13 @@ from distill.shared.model.sampling import (  # noqa: E402
     _generator,
     sample,
 )
-from distill.shared.train.prior import encode_dataset  # noqa: E402
+from distill.shared.train.prior import encode_dataset, file_mels  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "percussion"
 MATCH_SHARE = 0.9  # a generated second "is" a training window when >= 90% of its codes agree
 
 SECONDS = 2.0  # of generated codes per timed call
+ENVELOPE_DRAWS = 96  # generated sounds whose envelopes are compared with the training files'
 
 
 def baseline_sample(prior: Prior, batch: int, steps: int, gen: torch.Generator) -> torch.Tensor:
@@ -353,7 +370,61 @@ def quality_figures(endpoint: str, prior_job: str, path: Path, samples: int,
           f"{f' (ratio {generated / held_out:.2f}x)' if held_out else ''}; goal <= 10%")  # fmt: skip
     print(f"  closest training window, median agreement: generated {gen_best:.1%}, held-out "
           f"{val_best:.1%} (ratio {gen_best / max(val_best, 1e-9):.2f}x)")  # fmt: skip
+    envelope_figures(model, ds)
     trained_speed(model, steps)
+
+
+def _envelope_line(name: str, envs: list[Envelope]) -> tuple[str, float]:
+    """One row of the envelope table, and its median decay (seconds)."""
+    decays = torch.tensor([e.decay_s for e in envs])
+    q = torch.quantile(decays, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()
+    late = sum(e.late for e in envs) / len(envs)
+    again = sum(e.retrigger for e in envs) / len(envs)
+    return (f"  {name:<44} {' '.join(f'{v:5.2f}' for v in q)}   {late:5.1%}   {again:5.1%}",
+            q[2])  # fmt: skip
+
+
+@torch.no_grad()
+def envelope_figures(model: DistillModel, ds: Dataset) -> None:
+    """The shape of the prior's sounds against the training files' (what the bits per code do
+    not show: a prior can score well and still draw hits that ring on, or start a second one):
+    each sound's envelope from its log-mel (``distill.shared.audio.metrics.envelope``), for the
+    training files' first SECONDS (as long as a draw: a longer file would ring past what a draw
+    can), the same decoded from the codes the prior draws (the RVQ-VAE's first levels: what the
+    codec alone changes), and ENVELOPE_DRAWS sounds of SECONDS drawn with the default sampling
+    settings and with the change temperature off (1: the draw before it)."""
+    assert model.prior is not None
+    fps, levels = model.mel_config.frames_per_second, model.prior.config.levels
+    ds_, steps = model.vqvae.config.downsample, round(SECONDS * fps / model.vqvae.config.downsample)
+    files = [mel[:, : steps * ds_] for f, mel in file_mels(ds)
+             if str(ds.manifest[f].split) == "train"]  # fmt: skip
+    real = [envelope(mel, fps) for mel in files]
+    coded = [envelope(model.vqvae.decode_codes(model.vqvae.encode(mel[None]), levels)[0]
+                      [:, : mel.shape[1]], fps) for mel in files]  # fmt: skip
+
+    def drawn(**settings: Any) -> list[Envelope]:
+        out = []
+        for first in range(0, ENVELOPE_DRAWS, 48):
+            codes = sample(model.prior, batch=min(48, ENVELOPE_DRAWS - first), steps=steps,
+                           params=SamplingParams(seed=first, **settings))  # fmt: skip
+            out += [envelope(mel, fps) for mel in model.vqvae.decode_codes(codes, levels)]
+        return out
+
+    print(f"envelopes: seconds from the loudest frame to the last within {-DECAY_DB:g} dB of it "
+          f"(quantiles 10/25/50/75/90); share still within {-DECAY_DB:g} dB after {LATE_S:g} s; "
+          f"share with a second onset (back up after {RETRIGGER_QUIET_S:g} s quiet)")  # fmt: skip
+    rows = [_envelope_line(f"training files' first {SECONDS:g} s ({len(real)})", real),
+            _envelope_line(f"  the same from their first {levels} levels' codes", coded),
+            _envelope_line(f"generated ({ENVELOPE_DRAWS} x {SECONDS:g} s, default sampling)",
+                           drawn()),
+            _envelope_line("  the same with change_temperature 1 (off)",
+                           drawn(change_temperature=1.0))]  # fmt: skip
+    for line, _ in rows:
+        print(line)
+    base = max(rows[0][1], 1e-9)
+    print(f"  generated median / training files' median: {rows[2][1] / base:.2f}x (change "
+          f"temperature off: {rows[3][1] / base:.2f}x); goal: near 1, and second onsets as rare "
+          "as in the files")  # fmt: skip
 
 
 def trained_speed(model: DistillModel, chunk_steps: int) -> None:
@@ -372,6 +443,19 @@ def trained_speed(model: DistillModel, chunk_steps: int) -> None:
               f"@{per_s:.0f}/s), batch {batch}: sample() {ours:.1f}x real time, baseline loop "
               f"{base:.1f}x ({ours / base:.2f}x; oneDNN off {off:.1f}x{torch_ops}); goal at "
               "batch 1: >= 50x")  # fmt: skip
+
+
+def saved_figures(folder: Path) -> None:
+    """The figures that need only a model and its dataset (``--save``'s folder): the held-out
+    files whole against the baselines, and the envelopes."""
+    models, datasets = sorted(folder.glob("*.distill")), sorted(folder.glob("*.dataset"))
+    if len(models) != 1 or len(datasets) != 1:
+        raise SystemExit(f"{folder}: needs one .distill and one .dataset file (--save writes "
+                         f"them), found {len(models)} and {len(datasets)}")  # fmt: skip
+    model, ds = load_model(models[0]), Dataset.load(datasets[0])
+    print(f"{models[0]} with {datasets[0].name}")
+    whole_file_figures(model, ds)
+    envelope_figures(model, ds)
 
 
 def quality(args: argparse.Namespace) -> None:
@@ -409,6 +493,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200, help="generated seconds to check")
     parser.add_argument("--save", type=Path, default=None, metavar="DIR",
                         help="copy the pipeline's .distill file and its dataset into DIR")  # fmt: skip
+    parser.add_argument("--saved", type=Path, default=None, metavar="DIR",
+                        help="no pipeline: the held-out files' and envelope figures of the "
+                        "model and dataset --save wrote into DIR")  # fmt: skip
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
@@ -416,7 +503,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
     if not args.skip_speed:
         speed_figures(args.speed_minutes * 60)
-    if not args.skip_quality:
+    if args.saved is not None:
+        saved_figures(args.saved)
+    elif not args.skip_quality:
         quality(args)
 
 

@@ -86,7 +86,7 @@ from distill.workers.runtime.context import JobContext
 SERVICE = "distill.infer"
 MODEL_CACHE_SIZE = 4  # a few models: the editor's and a comparison; each is 10-50 MB
 MAX_DIRECT_COUNT = 16  # more sounds than this go as a job (one request should answer in seconds)
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "seed")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "change_temperature", "seed")
 
 
 class ModelCache:

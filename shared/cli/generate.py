@@ -26,6 +26,12 @@ MinPOpt = typer.Option(
     help="Drop codes less likely than this share of the likeliest one (0: off; default 0.01: "
     "the prior's smoothing floor).",
 )  # fmt: skip
+ChangeOpt = typer.Option(
+    None, "--change-temperature", show_default=False,
+    help="Temperature of which code a level moves to, apart from whether it moves (which keeps "
+    "the prior's odds); min-p counts among those codes (1: off; default 0.5: hits ring as "
+    "long as the training sounds).",
+)  # fmt: skip
 SeedOpt = typer.Option(0, "--seed")
 OutOpt = typer.Option(Path("."), "-o", "--out", help="Folder for the files.")
 FormatOpt = typer.Option("wav", "--format", help="wav or flac.")
@@ -54,7 +60,8 @@ def _subtype(bits: str, suffix: str) -> str:
 def _describe(params: dict[str, Any], step_s: float) -> str:
     """A recipe on one line; ``step_s``, the seconds per code step, gives the continued start
     (``prime``) and a resampled region (``t0``, ``t1``) in seconds."""
-    shown = ("seed", "temperature", "top_k", "top_p", "min_p", "seconds", "quality")
+    shown = ("seed", "temperature", "top_k", "top_p", "min_p", "change_temperature", "seconds",
+             "quality")
     parts = [f"{k}={params[k]}" for k in shown if k in params]
     if params.get("prime"):
         parts.append(f"continuing={len(params['prime'][0]) * step_s:.2f}s")
@@ -76,13 +83,14 @@ def _check_quality(quality: str) -> None:
 
 def generate_files(model: Any, out: Path, *, count: int, seconds: float, temperature: float,
                    top_k: int, top_p: float, seed: int, quality: str, fmt: str = "wav",
-                   min_p: float | None = None, prime: Any = None,
+                   min_p: float | None = None, change_temperature: float | None = None,
+                   prime: Any = None,
                    bits: str = "24", prefix: str = "gen", show: bool = True) -> list[Path]:  # fmt: skip
     """``count`` generated sounds (continuing ``prime``, a (Q, T0) grid, if given) written into
     ``out`` with their metadata; their paths."""
     from distill.shared.model import inference as inf
 
-    params = _params(temperature, top_k, top_p, min_p, seed)
+    params = _params(temperature, top_k, top_p, min_p, seed, change_temperature)
     subtype = _subtype(bits, f".{fmt}")
     # The bar moves as each batch of 16 is decoded; sampling the codes comes before.
     with typer.progressbar(length=count, label="generating", hidden=not show) as bar:
@@ -99,11 +107,18 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
     return paths
 
 
-def _params(temperature: float, top_k: int, top_p: float, min_p: float | None, seed: int) -> Any:
+def _params(temperature: float, top_k: int, top_p: float, min_p: float | None, seed: int,
+            change_temperature: float | None = None) -> Any:  # fmt: skip
+    """The sampling parameters; min-p and the change temperature at their defaults unless given."""
     from distill.shared.model import inference as inf
 
-    chosen = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
-    return inf.sampling_params(chosen if min_p is None else {**chosen, "min_p": min_p})
+    chosen: dict[str, Any] = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                              "seed": seed}  # fmt: skip
+    if min_p is not None:
+        chosen["min_p"] = min_p
+    if change_temperature is not None:
+        chosen["change_temperature"] = change_temperature
+    return inf.sampling_params(chosen)
 
 
 def _export_all(model: Any, made: Any, recipes: list[dict[str, Any]], kind: str, out: Path,
@@ -113,8 +128,7 @@ def _export_all(model: Any, made: Any, recipes: list[dict[str, Any]], kind: str,
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    mel = model.mel_config
-    step_s = mel.hop_length * model.vqvae.config.downsample / mel.sample_rate
+    step_s = model.vqvae.config.downsample / model.mel_config.frames_per_second
     for i, (audio, recipe) in enumerate(zip(made.audio, recipes, strict=True)):
         path = out / f"{stem}-{i:03d}.{fmt}"
         meta = ExportMetadata(kind=kind, model_id=model.model_id, title=path.stem, data=recipe)
@@ -181,6 +195,7 @@ def generate(
     top_k: int = TopKOpt,
     top_p: float = TopPOpt,
     min_p: float | None = MinPOpt,
+    change_temperature: float | None = ChangeOpt,
     seed: int = SeedOpt,
     out: Path = OutOpt,
     fmt: str = FormatOpt,
@@ -223,7 +238,8 @@ def generate(
     try:
         generate_files(model, out, count=count, seconds=seconds, temperature=temperature,
                        top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, quality=quality,
-                       fmt=fmt, bits=bits, prime=prime, prefix=prefix)  # fmt: skip
+                       fmt=fmt, bits=bits, prime=prime, prefix=prefix,
+                       change_temperature=change_temperature)  # fmt: skip
     except DistillError as e:
         fail(str(e))
 
@@ -240,6 +256,7 @@ def resample(
     top_k: int = TopKOpt,
     top_p: float = TopPOpt,
     min_p: float | None = MinPOpt,
+    change_temperature: float | None = ChangeOpt,
     seed: int = SeedOpt,
     out: Path = OutOpt,
     fmt: str = FormatOpt,
@@ -271,7 +288,7 @@ def resample(
                    "the region runs to the end", err=True)  # fmt: skip
         t1 = total
     try:
-        params = _params(temperature, top_k, top_p, min_p, seed)
+        params = _params(temperature, top_k, top_p, min_p, seed, change_temperature)
         subtype = _subtype(bits, f".{fmt}")
         with typer.progressbar(length=count, label="resampling") as bar:
             made = inf.resample_variants(model, codes, t0, t1, params, inf.check_quality(quality),

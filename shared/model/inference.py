@@ -435,10 +435,13 @@ def _replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarr
     try:
         quality = check_quality(data["quality"])
         if kind in ("generate", "resample"):
-            # min_p came later: a recipe without it was drawn with none (0)
+            # min_p and the change temperature came later: a recipe without one was drawn
+            # without it (0 and 1)
             params = sampling_params({**{k: data[k] for k in ("temperature", "top_k", "top_p",
                                                               "seed")},
-                                      "min_p": data.get("min_p", 0.0)})  # fmt: skip
+                                      "min_p": data.get("min_p", 0.0),
+                                      "change_temperature": data.get("change_temperature",
+                                                                     1.0)})  # fmt: skip
             count = check_int(data["count"], "count", 1, MAX_COUNT)
             index = check_int(data["index"], "index", 0, count - 1)
             if kind == "resample":

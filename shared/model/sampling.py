@@ -15,6 +15,11 @@ far): each code is drawn by first choosing the part (the cache with probability
 sigmoid(gate / temperature)), then a code from that part, which is an exact draw from the mix
 at temperature 1 and costs no more than a draw from the heads (at batch 1 only the chosen part
 is computed). Temperature, min-p, top-k and top-p shape each part as they shape the heads alone.
+
+Whether a level keeps its code and which code it moves to are drawn apart
+(``SamplingParams.change_temperature``): after the first step, each level's previous code keeps
+the probability the prior gives it, and the rest of the probability goes to the other codes at
+the change temperature (min-p counted among them). See CHANGE_TEMPERATURE for why.
 """
 
 from __future__ import annotations
@@ -37,6 +42,24 @@ MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 # Gumbel noise is drawn for this many steps at once: one RNG call instead of one per level, and
 # bounded memory (64 x Q x B x K floats) at any length. Changing it changes what a seed draws.
 NOISE_CHUNK_STEPS = 64
+# Which code a level moves to is drawn at this temperature; whether it moves at all, at the
+# prior's own probability. A prior learns where a sound goes next as a wide spread over many
+# codes (it has seen each transition a few times, and label smoothing widens it further), and a
+# free-running draw that follows the whole spread wanders; min-p, there to cut the smoothing's
+# floor, also cut that thin spread, and so held codes longer than the prior meant. Measured with
+# bench/prior.py's envelopes (192 draws of 2 s; seconds from the peak to the last frame within
+# 20 dB of it, quantiles 10/25/50/75/90; share still within 20 dB after 1 s; share that start a
+# second sound after 0.1 s quiet), the default percussion prior: the training files 0.04 0.08
+# 0.18 0.37 0.85, 8.7%, none; drawn as before (1) 0.04 0.10 0.27 0.83 1.48, 27.6%, 6.2%; at 0.5
+# 0.03 0.10 0.21 0.47 1.07, 13.0%, 3.6%; at 0.7 0.20 s median but 1.64 s at the 90th percentile
+# and 9.4% second sounds. The textures (sustained sounds and loops, the files' first 2 s: 0.60 s
+# median, 55.6% still loud after a second, 5.6% second sounds) ring on at either setting: 1.02 s
+# and 88.5% drawn as before, 1.35 s and 93.8% at 0.5, with half the second sounds (14.1% ->
+# 7.3%). Plain temperature cannot do this: below 1 it makes holding likelier too (percussion at
+# 0.7: half the draws still loud after a second). Drawn seconds matching a training window at
+# >= 90% of codes: 1.5% (0.5% before; the goal of bench/prior.py's memorisation figure is
+# <= 10%). 1 turns it off (the draw as it was before, what recipes without it replay).
+CHANGE_TEMPERATURE = 0.5
 
 
 @dataclass(frozen=True)
@@ -53,10 +76,15 @@ class SamplingParams:
     # Measured on percussion, 400 draws of 2 s: isolated 10 dB spikes 0.24 per second with no
     # cut, 0.014 at 0.01 (a prior trained without smoothing, drawn with no cut: 0.095).
     min_p: float = 0.01
+    # After the first step, each level keeps its previous code at the prior's probability and
+    # draws which code it moves to at this temperature (min-p counted among those codes); 1 =
+    # off. See CHANGE_TEMPERATURE.
+    change_temperature: float = CHANGE_TEMPERATURE
 
     def __post_init__(self) -> None:
         for name, kind in (("temperature", float), ("top_k", int), ("top_p", float),
-                           ("seed", int), ("min_p", float)):  # fmt: skip
+                           ("seed", int), ("min_p", float),
+                           ("change_temperature", float)):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(
                 value, (int, float) if kind is float else int
@@ -68,6 +96,8 @@ class SamplingParams:
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}"),
             ("min_p", 0 <= self.min_p < 1, "must be in [0, 1) (0 = off)"),
+            ("change_temperature", 0 < self.change_temperature <= 100,
+             "must be > 0 and <= 100 (1 = off)"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -83,16 +113,23 @@ class SamplingParams:
         return config_from_dict(cls, d, "SamplingParams")
 
 
-def _filter_logits(logits: Tensor, params: SamplingParams, in_place: bool = False) -> Tensor:
+def _filter_logits(
+    logits: Tensor, params: SamplingParams, in_place: bool = False, prev: Tensor | None = None
+) -> Tensor:
     """Temperature, then min-p, top-k and top-p on logits (B, K); removed codes get -inf.
-    ``in_place``: ``logits`` itself is changed and returned (the same numbers, no new tensors)."""
+    ``in_place``: ``logits`` itself is changed and returned (the same numbers, no new tensors).
+    ``prev`` (B,): each row's previous code at this level, when there is one: with a change
+    temperature (not 1) the code kept and the codes moved to are drawn apart (``_apart``), after
+    top-k and top-p (which keep the prior's likeliest codes: top-k 1 is still its greedy
+    choice), with min-p counted among the codes moved to."""
 
     def cut(x: Tensor, drop: Tensor) -> Tensor:
         return x.masked_fill_(drop, float("-inf")) if in_place else x.masked_fill(drop, float("-inf"))
 
     if params.temperature != 1.0:
         logits = logits.div_(params.temperature) if in_place else logits / params.temperature
-    if params.min_p > 0.0:  # p < min_p * p_max  <=>  logit < max logit + log(min_p)
+    apart = prev is not None and params.change_temperature != 1.0
+    if params.min_p > 0.0 and not apart:  # p < min_p * p_max  <=>  logit < max logit + log(min_p)
         floor = logits.amax(-1, keepdim=True) + math.log(params.min_p)  # (B, 1)
         logits = cut(logits, logits < floor)
     if 0 < params.top_k < logits.shape[-1]:
@@ -104,7 +141,28 @@ def _filter_logits(logits: Tensor, params: SamplingParams, in_place: bool = Fals
         drop_sorted = probs.cumsum(-1) - probs >= params.top_p  # the mass before it is >= p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = cut(logits, drop)  # the likeliest code always stays
+    if apart:
+        assert prev is not None
+        logits = _apart(logits, prev, params)
     return logits
+
+
+def _apart(logits: Tensor, prev: Tensor, params: SamplingParams) -> Tensor:
+    """Logits (B, K) -> log-probabilities where each row's ``prev`` code keeps its probability
+    p and the other codes share 1 - p as their own probabilities at ``change_temperature``
+    would, after min-p among them (relative to the likeliest of them); codes already cut
+    (-inf) stay cut. A new tensor."""
+    log_p = logits.log_softmax(-1)  # (B, K)
+    at = prev.to(logits.device).long()[:, None]  # (B, 1)
+    keep = log_p.gather(1, at)  # (B, 1)
+    move = log_p.scatter(1, at, float("-inf"))
+    if params.min_p > 0.0:
+        move = move.masked_fill(move < move.amax(-1, keepdim=True) + math.log(params.min_p),
+                                float("-inf"))  # fmt: skip
+    move = move / params.change_temperature
+    total = move.logsumexp(-1, keepdim=True).clamp_min(-1e30)  # every other code cut: -inf
+    move = move - total + torch.log1p(-keep.exp())
+    return move.scatter(1, at, keep)
 
 
 def _gumbel(gen: torch.Generator, shape: tuple[int, ...], device: torch.device) -> Tensor:
@@ -115,9 +173,10 @@ def _gumbel(gen: torch.Generator, shape: tuple[int, ...], device: torch.device) 
 
 def _draw_steps(
     prior: PriorStepper, state: PriorState, steps: int, params: SamplingParams,
-    gen: torch.Generator, numpy_one_item: bool = True,
+    gen: torch.Generator, numpy_one_item: bool = True, last: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """Draw ``steps`` steps from ``state``: (B, Q, steps).
+    """Draw ``steps`` steps from ``state``: (B, Q, steps). ``last`` (B, Q): the codes of the step
+    before the first one drawn (a prefix's last), which the change temperature reads.
 
     Measured while choosing (variants of this loop timed side by side; Q 4, K 256, H 256, batch 1,
     one thread, per step; bench/prior.py keeps the shipped loop against the plain baseline):
@@ -138,21 +197,27 @@ def _draw_steps(
     q, k = prior.prior.config.levels, prior.prior.config.codebook_size
     batch, device = state.h[-1].shape[0], state.h[-1].device
     if batch == 1 and device.type == "cpu" and numpy_one_item:
-        return _draw_one_item(prior, state, steps, params, gen)
+        return _draw_one_item(prior, state, steps, params, gen, last)
     filtering = (params.temperature != 1.0 or params.top_k > 0 or params.top_p < 1.0
-                 or params.min_p > 0.0)  # fmt: skip
+                 or params.min_p > 0.0 or params.change_temperature != 1.0)  # fmt: skip
     cached = prior.decay > 0  # a prior with a cache draws its noise for the choice too
+    columns: list[Tensor] = []
 
-    def draw(logits: Tensor, noise: Tensor) -> Tensor:  # (B, K) -> (B,)
-        return ((_filter_logits(logits, params) if filtering else logits) + noise).argmax(-1)
+    def previous(level: int) -> Tensor | None:  # (B,) the level's code one step back
+        before = columns[-1] if columns else last
+        return None if before is None else before[:, level]
+
+    def draw(logits: Tensor, noise: Tensor, level: int) -> Tensor:  # (B, K) -> (B,)
+        if filtering:
+            logits = _filter_logits(logits, params, prev=previous(level))
+        return (logits + noise).argmax(-1)
 
     def draw_level(noise: tuple[Tensor, ...], logits: Tensor, level: int) -> Tensor:
         """``draw`` on fresh logits (1, K), in place."""
         if filtering:
-            logits = _filter_logits(logits, params, in_place=True)
+            logits = _filter_logits(logits, params, in_place=True, prev=previous(level))
         return logits.add_(noise[level]).argmax(-1)
 
-    columns: list[Tensor] = []
     for first in range(0, steps, NOISE_CHUNK_STEPS):
         n = min(NOISE_CHUNK_STEPS, steps - first)
         noise = _gumbel(gen, (n, q, batch, k), device)
@@ -183,12 +248,12 @@ def _draw_steps(
             codes: list[Tensor] = []
             for level in range(q):
                 if picks and picks[level]:
-                    code = draw(prior.cache_logits(state, level), step_noise[level])
+                    code = draw(prior.cache_logits(state, level), step_noise[level], level)
                 else:
-                    code = draw(prior.level_logits(context, level, state), step_noise[level])
+                    code = draw(prior.level_logits(context, level, state), step_noise[level], level)
                     if chosen is not None and level:  # the cache feeds levels 1..
-                        code = torch.where(chosen[:, level],
-                                           draw(cache_logits[:, level], step_noise[level]), code)  # fmt: skip
+                        from_cache = draw(cache_logits[:, level], step_noise[level], level)
+                        code = torch.where(chosen[:, level], from_cache, code)
                 codes.append(code)  # (B,)
                 if level + 1 < q:
                     context = prior.condition(context, level, code)
@@ -199,8 +264,9 @@ def _draw_steps(
 
 
 def _draw_one_item(
-    prior: PriorStepper, state: PriorState, steps: int, params: SamplingParams, gen: torch.Generator
-) -> Tensor:
+    prior: PriorStepper, state: PriorState, steps: int, params: SamplingParams,
+    gen: torch.Generator, last: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """``_draw_steps`` for one item on a CPU, through ``OneItemStepper`` (numpy): the same noise
     from the same generator, the same filters, the same draws (to the last bit of the sums; see
     ``OneItemStepper``). Measured by bench/prior.py against the torch loop."""
@@ -209,21 +275,29 @@ def _draw_one_item(
     cached = prior.decay > 0
     temperature = np.float32(params.temperature)
     floor = np.float32(math.log(params.min_p)) if params.min_p > 0.0 else None
+    apart = params.change_temperature != 1.0
+    change = np.float32(params.change_temperature)
     # top-k and top-p go through the torch filter (on the same memory), as the other paths do
-    tail = (replace(params, temperature=1.0, min_p=0.0)
+    tail = (replace(params, temperature=1.0, min_p=0.0, change_temperature=1.0)
             if params.top_k > 0 or params.top_p < 1.0 else None)  # fmt: skip
+    out, device = np.empty((q, steps), dtype=np.int64), torch.device("cpu")
+    before = None if last is None else last[0].tolist()  # the prefix's last codes
+    step = [0]  # the step being drawn
 
     def pick(noise: np.ndarray, logits: np.ndarray, level: int) -> int:
         if params.temperature != 1.0:
             logits /= temperature
-        if floor is not None:  # p < min_p * p_max  <=>  logit < max logit + log(min_p)
-            logits[logits < logits.max() + floor] = -np.inf
+        prev = (int(out[level, step[0] - 1]) if step[0] else
+                None if before is None else int(before[level]))  # fmt: skip
+        if floor is not None and not (apart and prev is not None):
+            logits[logits < logits.max() + floor] = -np.inf  # p < min_p * p_max
         if tail is not None:
             _filter_logits(torch.from_numpy(logits)[None], tail, in_place=True)
+        if apart and prev is not None:
+            _apart_np(logits, prev, floor, change)
         logits += noise[level]
         return int(logits.argmax())
 
-    out, device = np.empty((q, steps), dtype=np.int64), torch.device("cpu")
     with _one_blas_thread():
         for first in range(0, steps, NOISE_CHUNK_STEPS):
             n = min(NOISE_CHUNK_STEPS, steps - first)
@@ -233,10 +307,33 @@ def _draw_one_item(
                 pair = _gumbel(gen, (n, 2, 1, q), device)
                 choices = ((pair[:, 0] - pair[:, 1]) * params.temperature)[:, 0, 1:].tolist()
             for i in range(n):
+                step[0] = first + i
                 if first + i:
                     steps_np.advance(out[:, first + i - 1].tolist())
                 out[:, first + i] = steps_np.draw(partial(pick, noise[i]), choices[i])
     return torch.from_numpy(out)[None]  # (1, Q, steps)
+
+
+def _apart_np(logits: np.ndarray, prev: int, floor: np.float32 | None, change: np.float32) -> None:
+    """``_apart`` on one row of float32 logits (K,), in place, in fewer passes over the row (the
+    cut and the temperature need no normalised row; the scalars in Python floats): the same
+    numbers to float32 rounding (measured: 11.7 -> 6 us a level at K 512)."""
+    kept = float(logits[prev])
+    logits[prev] = -np.inf
+    top = float(logits.max())  # the likeliest other code's logit (a cut keeps it)
+    if top == -math.inf:  # nothing else left (top-k 1): the kept code is certain
+        logits[prev] = 0.0
+        return
+    first = max(top, kept)
+    total = float(np.exp(logits - first).sum()) + math.exp(kept - first)
+    keep = kept - first - math.log(total)  # log p of the kept code
+    if floor is not None:
+        logits[logits < top + floor] = -np.inf
+    logits /= change
+    top /= float(change)
+    rest = math.log1p(-math.exp(keep)) if keep < 0.0 else -math.inf  # log (1 - p)
+    logits += rest - (top + math.log(float(np.exp(logits - top).sum())))
+    logits[prev] = keep
 
 
 _BLAS: ThreadpoolController | None = None
@@ -280,7 +377,10 @@ def sample(
         prior.eval()
         try:
             stepper = prior.stepper()
-            return _draw_steps(stepper, stepper.begin(batch, prefix), steps, params, gen)
+            state = stepper.begin(batch, prefix)  # checks the prefix
+            last = (None if prefix is None or prefix.shape[2] == 0
+                    else prefix[:, :, -1].expand(batch, -1))  # fmt: skip
+            return _draw_steps(stepper, state, steps, params, gen, last=last)
         finally:
             prior.train(was_training)
 

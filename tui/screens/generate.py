@@ -29,6 +29,7 @@ FIELDS = (  # (id, label, default, Input type)
     ("top_k", "k", "0", "integer"),
     ("top_p", "p", "1.0", "number"),
     ("min_p", "min-p", "0.01", "number"),  # the sampler's default: cuts the smoothing floor
+    ("change_temperature", "move-t", "0.5", "number"),  # the sampler's default (1: off)
     ("seed", "seed", "0", "integer"),
 )
 
@@ -52,7 +53,8 @@ class GenerateScreen(DistillScreen):
         with Horizontal(classes="form row"):
             yield Label("model")
             yield Select[str]([], prompt="no models yet (m: refresh)", id="model")
-        for row in (FIELDS[:2] + FIELDS[-1:], FIELDS[2:-1]):  # what, then how it is drawn
+        # how many, how long, which seed and how hot; then the filters (four a row at 80 columns)
+        for row in (FIELDS[:2] + FIELDS[-1:] + FIELDS[2:3], FIELDS[3:-1]):
             with Horizontal(classes="form row opts"):
                 for key, label, default, kind in row:
                     yield Label(label)

@@ -89,13 +89,28 @@ def test_a_recipe_from_before_min_p_replays_as_it_was_drawn() -> None:
     assert model.prior is not None
     with torch.no_grad():  # peaked, as a trained prior is, so that the default cut bites
         model.prior.head_weight.mul_(30.0)
-    params = SamplingParams(seed=4, min_p=0.0)
+    params = SamplingParams(seed=4, min_p=0.0, change_temperature=1.0)  # as drawn then
     made = generate(model, count=16, seconds=1.0, params=params, quality="preview")
     recipe = inference.generate_recipe(params, count=16, seconds=1.0, quality="preview", index=1)
-    del recipe["min_p"]  # as an older Distill wrote it
+    del recipe["min_p"], recipe["change_temperature"]  # as an older Distill wrote it
     np.testing.assert_array_equal(inference.replay(model, "generate", recipe), made.audio[1])
-    cut = generate(model, count=16, seconds=1.0, params=SamplingParams(seed=4), quality="preview")
+    cut = generate(model, count=16, seconds=1.0, params=SamplingParams(seed=4, change_temperature=1.0),
+                   quality="preview")  # fmt: skip
     assert not np.array_equal(cut.codes, made.codes)  # the default cut draws otherwise here
+
+
+def test_a_recipe_from_before_the_change_temperature_replays_as_it_was_drawn() -> None:
+    """Files exported before the change temperature existed record none: they were drawn
+    without it (1), and a replay must not apply today's default (it would draw other sounds)."""
+    model = tiny_model()
+    assert model.prior is not None
+    params = SamplingParams(seed=4, change_temperature=1.0)
+    made = generate(model, count=16, seconds=1.0, params=params, quality="preview")
+    recipe = inference.generate_recipe(params, count=16, seconds=1.0, quality="preview", index=1)
+    del recipe["change_temperature"]  # as an older Distill wrote it
+    np.testing.assert_array_equal(inference.replay(model, "generate", recipe), made.audio[1])
+    apart = generate(model, count=16, seconds=1.0, params=SamplingParams(seed=4), quality="preview")
+    assert not np.array_equal(apart.codes, made.codes)  # the default draws otherwise
 
 
 def coarse_prior_model() -> DistillModel:

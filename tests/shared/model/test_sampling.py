@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -11,8 +14,12 @@ from distill.shared.model.prior import OneItemStepper, Prior, PriorConfig
 from distill.shared.model.sampling import (
     NOISE_CHUNK_STEPS,
     SamplingParams,
+    _apart,
+    _apart_np,
     _draw_steps,
+    _filter_logits,
     _generator,
+    _gumbel,
     resample_region,
     sample,
 )
@@ -179,6 +186,60 @@ def test_min_p_keeps_draws_among_the_codes_near_the_likeliest(prior: Prior) -> N
 
     assert firsts(share) == allowed
     assert firsts(0.0) > allowed  # off: codes below the cut are drawn too
+
+
+def test_a_level_keeps_its_code_at_the_priors_odds_and_moves_at_the_change_temperature() -> None:
+    """Drawn apart, the previous code keeps exactly its probability p; the other codes share
+    1 - p in proportion to their probabilities to the power 1 / change_temperature, after
+    min-p among them (relative to the likeliest of them); numpy gives torch's numbers."""
+    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.1, 0.4, 0.3, 0.15, 0.05]])
+    prev = torch.tensor([0, 1])
+    params = SamplingParams(change_temperature=0.5, min_p=0.3)
+    got = _apart(probs.log(), prev, params).exp()
+    assert got.sum(-1).tolist() == pytest.approx([1.0, 1.0])
+    # row 0 keeps 0.5; the others 0.2, 0.15, 0.1 (0.05 < 0.3 x 0.2 is cut), squared
+    others = torch.tensor([0.04, 0.0225, 0.01])
+    want0 = torch.cat([torch.tensor([0.5]), 0.5 * others / others.sum(), torch.zeros(1)])
+    assert got[0].tolist() == pytest.approx(want0.tolist(), abs=1e-6)
+    # row 1 keeps 0.4 (not the other codes' likeliest); 0.05 < 0.3 x 0.3 is cut
+    others = torch.tensor([0.01, 0.09, 0.0225])
+    want1 = torch.tensor([0.6 * 0.01, 0.4, 0.6 * 0.09, 0.6 * 0.0225, 0.0]) / torch.tensor(
+        [others.sum(), 1.0, others.sum(), others.sum(), 1.0])
+    assert got[1].tolist() == pytest.approx(want1.tolist(), abs=1e-6)
+    for row in range(2):
+        logits = probs[row].log().numpy().copy()
+        _apart_np(logits, int(prev[row]), np.float32(math.log(0.3)), np.float32(0.5))
+        np.testing.assert_allclose(np.exp(logits), got[row].numpy(), atol=1e-7)
+    # a certain code stays certain, and so does a draw with nothing else left (top-k 1)
+    certain = _apart(torch.tensor([[0.0, -math.inf, -math.inf]]), torch.tensor([0]), params)
+    assert certain.exp().tolist() == [[1.0, 0.0, 0.0]]
+    row = np.array([0.0, -np.inf, -np.inf], dtype=np.float32)
+    _apart_np(row, 0, np.float32(math.log(0.3)), np.float32(0.5))
+    assert np.exp(row).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_drawn_apart_the_code_is_kept_as_often_as_the_prior_says() -> None:
+    """Many draws from one distribution through the filter and Gumbel-max: the previous code
+    is kept at its probability, the others come at the change temperature's odds; and with the
+    change temperature 1 the draw is the plain one (min-p over all codes)."""
+    logits = torch.tensor([0.6, 0.25, 0.1, 0.05]).log().expand(40_000, -1)
+    prev = torch.zeros(40_000, dtype=torch.long)
+    noise = _gumbel(torch.Generator().manual_seed(0), (40_000, 4), torch.device("cpu"))
+
+    def shares(params: SamplingParams) -> list[float]:
+        drawn = (_filter_logits(logits, params, prev=prev) + noise).argmax(-1)
+        return (torch.bincount(drawn, minlength=4) / 40_000).tolist()
+
+    others = torch.tensor([0.25, 0.1, 0.05]) ** 2
+    want = [0.6] + (0.4 * others / others.sum()).tolist()
+    assert shares(SamplingParams(change_temperature=0.5, min_p=0.0)) == pytest.approx(want, abs=0.01)
+    plain = shares(SamplingParams(change_temperature=1.0, min_p=0.0))
+    assert plain == pytest.approx([0.6, 0.25, 0.1, 0.05], abs=0.01)
+    # min-p 0.3 off: over all codes it cuts 0.1 and 0.05 (below 0.3 x 0.6), among the others
+    # only 0.05 (below 0.3 x 0.25): the kept code's share is not raised
+    assert shares(SamplingParams(change_temperature=1.0, min_p=0.3)) == pytest.approx(
+        [0.6 / 0.85, 0.25 / 0.85, 0.0, 0.0], abs=0.01)
+    assert shares(SamplingParams(change_temperature=1.01, min_p=0.3))[0] == pytest.approx(0.6, abs=0.01)
 
 
 def test_prefix_continues_the_cycle(cyclic_prior: Prior) -> None:
@@ -362,14 +423,18 @@ def test_one_item_draws_in_numpy_are_the_torch_loops_draws(
     steps = NOISE_CHUNK_STEPS + 9
     for params in (SamplingParams(seed=3), SamplingParams(seed=4, temperature=0.7),
                    SamplingParams(seed=5, top_k=3, min_p=0.0), SamplingParams(seed=6, top_p=0.8),
-                   SamplingParams(seed=7, min_p=0.2, temperature=1.5)):  # fmt: skip
+                   SamplingParams(seed=7, min_p=0.2, temperature=1.5),
+                   SamplingParams(seed=8, change_temperature=1.0),
+                   SamplingParams(seed=9, change_temperature=2.0, top_k=5, min_p=0.1)):  # fmt: skip
         for start in (None, prefix):
             got = []
+            last = None if start is None else start[:, :, -1]
             for numpy_one_item in (True, False):
                 stepper = prior.stepper()
                 with torch.inference_mode():
                     got.append(_draw_steps(stepper, stepper.begin(1, start), steps, params,
-                                           _generator(prior, params.seed), numpy_one_item))  # fmt: skip
+                                           _generator(prior, params.seed), numpy_one_item,
+                                           last=last))  # fmt: skip
             assert got[0].shape == (1, 4, steps) and got[0].dtype == torch.long
             assert torch.equal(got[0], got[1]), (params, start is None)
     # and sample() at batch 1 is that loop
@@ -379,6 +444,15 @@ def test_one_item_draws_in_numpy_are_the_torch_loops_draws(
         torch_loop = _draw_steps(stepper, stepper.begin(1), 30, params,
                                  _generator(prior, params.seed), numpy_one_item=False)  # fmt: skip
     assert torch.equal(sample(prior, batch=1, steps=30, params=params), torch_loop)
+    # with a prefix, its last step is the one the first drawn step keeps or moves from
+    params, drawn = SamplingParams(seed=12), []
+    for last in (prefix[:, :, -1].expand(64, -1), None):
+        stepper = prior.stepper()
+        with torch.inference_mode():
+            drawn.append(_draw_steps(stepper, stepper.begin(64, prefix), 2, params,
+                                     _generator(prior, params.seed), last=last))  # fmt: skip
+    assert torch.equal(sample(prior, batch=64, steps=2, params=params, prefix=prefix), drawn[0])
+    assert not torch.equal(drawn[0][:, :, 0], drawn[1][:, :, 0])
 
 
 def test_one_item_gate_table_is_kept_until_the_weights_change() -> None:
