@@ -29,8 +29,8 @@ and 3 for the prior; with ``--minutes N`` that budget shared 70/30 between them)
   2 s: what the bits per code do not show (a prior can predict codes well step by step and
   still draw hits that ring on). Goal: the drawn sounds shaped like the training files.
 
-With ``--saved DIR`` (a folder ``--save`` wrote) no pipeline runs: the held-out files' figures
-and the envelopes of that model.
+With ``--saved DIR`` (a folder ``--save`` wrote) no pipeline runs: the held-out files' figures,
+the envelopes and the sampling speed of that model.
 
 **Speed** (skipped with ``--skip-speed``): generated seconds of codes per wall second at batch 1
 and 16 for priors of 6 x 128 and 4 x 512 codes per step at 94 code steps per second (at
@@ -447,7 +447,7 @@ def trained_speed(model: DistillModel, chunk_steps: int) -> None:
 
 def saved_figures(folder: Path) -> None:
     """The figures that need only a model and its dataset (``--save``'s folder): the held-out
-    files whole against the baselines, and the envelopes."""
+    files whole against the baselines, the envelopes and the model's sampling speed."""
     models, datasets = sorted(folder.glob("*.distill")), sorted(folder.glob("*.dataset"))
     if len(models) != 1 or len(datasets) != 1:
         raise SystemExit(f"{folder}: needs one .distill and one .dataset file (--save writes "
@@ -456,6 +456,7 @@ def saved_figures(folder: Path) -> None:
     print(f"{models[0]} with {datasets[0].name}")
     whole_file_figures(model, ds)
     envelope_figures(model, ds)
+    trained_speed(model, ds.mel_config.chunk_frames // model.vqvae.config.downsample)
 
 
 def quality(args: argparse.Namespace) -> None:
@@ -494,8 +495,8 @@ def main() -> None:
     parser.add_argument("--save", type=Path, default=None, metavar="DIR",
                         help="copy the pipeline's .distill file and its dataset into DIR")  # fmt: skip
     parser.add_argument("--saved", type=Path, default=None, metavar="DIR",
-                        help="no pipeline: the held-out files' and envelope figures of the "
-                        "model and dataset --save wrote into DIR")  # fmt: skip
+                        help="no pipeline: the held-out files', envelope and speed figures of "
+                        "the model and dataset --save wrote into DIR")  # fmt: skip
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
