@@ -30,7 +30,7 @@ and 3 for the prior; with ``--minutes N`` that budget shared 70/30 between them)
   still draw hits that ring on). Goal: the drawn sounds shaped like the training files.
 
 With ``--saved DIR`` (a folder ``--save`` wrote) no pipeline runs: the held-out files' figures,
-the envelopes and the sampling speed of that model.
+memorisation, the envelopes and the sampling speed of that model.
 
 **Speed** (skipped with ``--skip-speed``): generated seconds of codes per wall second at batch 1
 and 16 for priors of 6 x 128 and 4 x 512 codes per step at 94 code steps per second (at
@@ -359,7 +359,18 @@ def quality_figures(endpoint: str, prior_job: str, path: Path, samples: int,
           f"({base.get('bigram_bits', float('nan')) - best:+.3f}); {result.get('epochs')} epochs, "
           f"{metrics.get('step')} steps, stopped: {result.get('stopped')}")  # fmt: skip
 
-    windows = file_windows(ds, train_idx, train_codes, steps)
+    memorisation_figures(model, ds, train_codes, val_codes, samples)
+    envelope_figures(model, ds)
+    trained_speed(model, steps)
+
+
+def memorisation_figures(model: DistillModel, ds: Dataset, train_codes: torch.Tensor,
+                         val_codes: torch.Tensor, samples: int) -> None:  # fmt: skip
+    """The share of ``samples`` drawn seconds (default sampling) that match a training window at
+    >= MATCH_SHARE of codes, beside the held-out validation chunks' share."""
+    assert model.prior is not None
+    steps = train_codes.shape[-1]
+    windows = file_windows(ds, ds.train_indices(), train_codes, steps)
     drawn = torch.cat([sample(model.prior, batch=min(50, samples - i), steps=steps,
                               params=SamplingParams(seed=i)) for i in range(0, samples, 50)])  # fmt: skip
     (generated, gen_best), (held_out, val_best) = (matched_share(drawn, windows),
@@ -370,8 +381,6 @@ def quality_figures(endpoint: str, prior_job: str, path: Path, samples: int,
           f"{f' (ratio {generated / held_out:.2f}x)' if held_out else ''}; goal <= 10%")  # fmt: skip
     print(f"  closest training window, median agreement: generated {gen_best:.1%}, held-out "
           f"{val_best:.1%} (ratio {gen_best / max(val_best, 1e-9):.2f}x)")  # fmt: skip
-    envelope_figures(model, ds)
-    trained_speed(model, steps)
 
 
 def _envelope_line(name: str, envs: list[Envelope]) -> tuple[str, float]:
@@ -445,16 +454,21 @@ def trained_speed(model: DistillModel, chunk_steps: int) -> None:
               "batch 1: >= 50x")  # fmt: skip
 
 
-def saved_figures(folder: Path) -> None:
+def saved_figures(folder: Path, samples: int) -> None:
     """The figures that need only a model and its dataset (``--save``'s folder): the held-out
-    files whole against the baselines, the envelopes and the model's sampling speed."""
+    files whole against the baselines, memorisation, the envelopes and the model's sampling
+    speed."""
     models, datasets = sorted(folder.glob("*.distill")), sorted(folder.glob("*.dataset"))
     if len(models) != 1 or len(datasets) != 1:
         raise SystemExit(f"{folder}: needs one .distill and one .dataset file (--save writes "
                          f"them), found {len(models)} and {len(datasets)}")  # fmt: skip
     model, ds = load_model(models[0]), Dataset.load(datasets[0])
+    assert model.prior is not None, f"{models[0]} has no prior"
     print(f"{models[0]} with {datasets[0].name}")
     whole_file_figures(model, ds)
+    p = model.prior.config.levels
+    memorisation_figures(model, ds, chunk_codes(model, ds, ds.train_indices())[:, :p],
+                         chunk_codes(model, ds, ds.val_indices())[:, :p], samples)  # fmt: skip
     envelope_figures(model, ds)
     trained_speed(model, ds.mel_config.chunk_frames // model.vqvae.config.downsample)
 
@@ -495,8 +509,8 @@ def main() -> None:
     parser.add_argument("--save", type=Path, default=None, metavar="DIR",
                         help="copy the pipeline's .distill file and its dataset into DIR")  # fmt: skip
     parser.add_argument("--saved", type=Path, default=None, metavar="DIR",
-                        help="no pipeline: the held-out files', envelope and speed figures of "
-                        "the model and dataset --save wrote into DIR")  # fmt: skip
+                        help="no pipeline: the held-out files', memorisation, envelope and speed "
+                        "figures of the model and dataset --save wrote into DIR")  # fmt: skip
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
@@ -505,7 +519,7 @@ def main() -> None:
     if not args.skip_speed:
         speed_figures(args.speed_minutes * 60)
     if args.saved is not None:
-        saved_figures(args.saved)
+        saved_figures(args.saved, args.samples)
     elif not args.skip_quality:
         quality(args)
 
