@@ -29,8 +29,8 @@ MinPOpt = typer.Option(
 ChangeOpt = typer.Option(
     None, "--change-temperature", show_default=False,
     help="Temperature of which code a level moves to, apart from whether it moves (which keeps "
-    "the prior's odds); min-p counts among those codes (1: off; default 0.5: hits ring as "
-    "long as the training sounds).",
+    "the prior's odds); min-p counts among those codes (1: off; default 0.5: one-shots ring "
+    "about as long as the training sounds).",
 )  # fmt: skip
 SeedOpt = typer.Option(0, "--seed")
 OutOpt = typer.Option(Path("."), "-o", "--out", help="Folder for the files.")
