@@ -28,9 +28,9 @@ MinPOpt = typer.Option(
 )  # fmt: skip
 ChangeOpt = typer.Option(
     None, "--change-temperature", show_default=False,
-    help="Temperature of which code a level moves to, apart from whether it moves (which keeps "
-    "the prior's odds); min-p counts among those codes (1: off; default 0.5: one-shots ring "
-    "about as long as the training sounds).",
+    help="Draw which code a level moves to at this temperature, apart from whether it moves "
+    "(which keeps the prior's odds); min-p counts among those codes. Default 1: off. Try 0.5 "
+    "where one-shots ring on longer than their training sounds.",
 )  # fmt: skip
 SeedOpt = typer.Option(0, "--seed")
 OutOpt = typer.Option(Path("."), "-o", "--out", help="Folder for the files.")

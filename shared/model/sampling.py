@@ -42,26 +42,33 @@ MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 # Gumbel noise is drawn for this many steps at once: one RNG call instead of one per level, and
 # bounded memory (64 x Q x B x K floats) at any length. Changing it changes what a seed draws.
 NOISE_CHUNK_STEPS = 64
-# Which code a level moves to is drawn at this temperature; whether it moves at all, at the
-# prior's own probability. A prior learns where a sound goes next as a wide spread over many
+# Drawn apart (SamplingParams.change_temperature below 1), which code a level moves to is drawn
+# at that temperature; whether it moves at all, at the prior's own probability. Off by default:
+# it helps some models and hurts others. A prior learns where a sound goes next as a wide spread over many
 # codes (it has seen each transition a few times, and label smoothing widens it further), and a
 # free-running draw that follows the whole spread wanders; min-p, there to cut the smoothing's
 # floor, also cut that thin spread, and so held codes longer than the prior meant. Measured with
 # bench/prior.py's envelopes (192 draws of 2 s; seconds from the peak to the last frame within
 # 20 dB of it, quantiles 10/25/50/75/90; share still within 20 dB after 1 s; share that start a
-# second sound after 0.1 s quiet), the default percussion prior: the training files 0.04 0.08
+# second sound after 0.1 s quiet), the default pipeline's percussion prior: the files 0.04 0.08
 # 0.18 0.37 0.85, 8.7%, none; drawn as before (1) 0.04 0.10 0.27 0.83 1.48, 27.6%, 6.2%; at 0.5
 # 0.03 0.10 0.21 0.47 1.07, 13.0%, 3.6%; at 0.7 0.20 s median but 1.64 s at the 90th percentile
 # and 9.4% second sounds. The textures (sustained sounds and loops, the files' first 2 s: 0.60 s
 # median, 55.6% still loud after a second, 5.6% second sounds) ring on at either setting: 1.02 s
 # and 88.5% drawn as before, 1.35 s and 93.8% at 0.5, with half the second sounds (14.1% ->
-# 7.3%). Plain temperature cannot do this: below 1 it makes holding likelier too (percussion at
-# 0.7: half the draws still loud after a second). Drawn seconds matching a training window at
+# 7.3%). Two priors of the first 36 percussion files draw as their files ring without it (files
+# 0.31 s median, 15.6% loud after a second; 512 x 5 codebooks: 0.26 s, 14.1%, 2.6% second sounds)
+# or a little longer (256 x 8, all 8 levels drawn: 0.39 s, 29.7%, 13.0%), and at 0.5 ring longer
+# (0.28 s but 25.0% loud; 0.28 s, 1.53 s at the 75th percentile, 35.4%, 9.9%). So it is a
+# setting to try where draws ring on (bench/prior.py prints both), not a default; choosing it
+# per model by these envelopes when the prior is trained is not built. Plain temperature cannot
+# do this: below 1 it makes holding likelier too (percussion at 0.7: half the draws loud after a
+# second). Drawn seconds matching a training window at
 # >= 90% of codes (bench/prior.py's memorisation figure, goal <= 10%): 0.5%, 1.5% as before;
 # the median agreement with the closest window 37% (12% before; held-out chunks 15%): more of a
-# draw is the silence after a hit. 1 turns it off (the draw as before, what recipes without it
-# replay).
-CHANGE_TEMPERATURE = 0.5
+# draw is the silence after a hit. 1 is off: the draw as before it existed, which recipes
+# without it replay.
+CHANGE_TEMPERATURE = 1.0
 
 
 @dataclass(frozen=True)
@@ -78,9 +85,9 @@ class SamplingParams:
     # Measured on percussion, 400 draws of 2 s: isolated 10 dB spikes 0.24 per second with no
     # cut, 0.014 at 0.01 (a prior trained without smoothing, drawn with no cut: 0.095).
     min_p: float = 0.01
-    # After the first step, each level keeps its previous code at the prior's probability and
-    # draws which code it moves to at this temperature (min-p counted among those codes); 1 =
-    # off. See CHANGE_TEMPERATURE.
+    # Below or above 1: after the first step, each level keeps its previous code at the
+    # prior's probability and draws which code it moves to at this temperature (min-p counted
+    # among those codes); 1 = off (the default). See CHANGE_TEMPERATURE.
     change_temperature: float = CHANGE_TEMPERATURE
 
     def __post_init__(self) -> None:

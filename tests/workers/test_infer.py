@@ -139,7 +139,7 @@ def test_generate_is_seeded_and_carries_its_params(ctx: FakeContext, model_sha: 
     assert a["audio"].shape[0] == 3 and a["codes"].shape == (3, Q, round(0.3 * RATE / 512))
     assert np.array_equal(a["audio"], b["audio"]) and np.array_equal(a["codes"], b["codes"])
     assert a["params"] == {"temperature": 0.9, "top_k": 0, "top_p": 1.0, "min_p": 0.01,
-                           "change_temperature": 0.5, "seed": 5, "count": 3,
+                           "change_temperature": 1.0, "seed": 5, "count": 3,
                            "seconds": 0.3}  # fmt: skip
     assert a["model_id"] and len(a["model_id"]) == 64
     primed = call(ctx, "generate", model_sha, seconds=0.1, prime=a["codes"][0][:, :5])

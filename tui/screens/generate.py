@@ -29,7 +29,7 @@ FIELDS = (  # (id, label, default, Input type)
     ("top_k", "k", "0", "integer"),
     ("top_p", "p", "1.0", "number"),
     ("min_p", "min-p", "0.01", "number"),  # the sampler's default: cuts the smoothing floor
-    ("change_temperature", "move-t", "0.5", "number"),  # the sampler's default (1: off)
+    ("change_temperature", "move-t", "1.0", "number"),  # the sampler's default: off
     ("seed", "seed", "0", "integer"),
 )
 

@@ -56,13 +56,13 @@ def test_generate_writes_files_with_metadata_and_regenerate_is_bit_identical(
 
 
 def test_generate_takes_the_change_temperature_and_records_it(model_file: Path, tmp_path: Path) -> None:
-    off = run("generate", model_file, "-n", "1", "--seconds", "0.3", "--change-temperature", "1",
-              "-o", tmp_path / "off", "--quality", "preview")  # fmt: skip
-    default = run("generate", model_file, "-n", "1", "--seconds", "0.3", "-o", tmp_path / "on",
+    apart = run("generate", model_file, "-n", "1", "--seconds", "0.3", "--change-temperature",
+                "0.5", "-o", tmp_path / "apart", "--quality", "preview")  # fmt: skip
+    default = run("generate", model_file, "-n", "1", "--seconds", "0.3", "-o", tmp_path / "off",
                   "--quality", "preview")  # fmt: skip
-    assert "change_temperature=1.0" in off and "change_temperature=0.5" in default
-    (made,) = sorted((tmp_path / "off").glob("*.wav"))
-    assert read_export_metadata(made).data["change_temperature"] == 1.0
+    assert "change_temperature=0.5" in apart and "change_temperature=1.0" in default
+    (made,) = sorted((tmp_path / "apart").glob("*.wav"))
+    assert read_export_metadata(made).data["change_temperature"] == 0.5
     assert "identical to" in run("regenerate", made, "--model", model_file)
     bad = runner.invoke(app, ["generate", str(model_file), "--change-temperature", "0", "-o",
                               str(tmp_path / "bad")])  # fmt: skip

@@ -99,18 +99,23 @@ def test_a_recipe_from_before_min_p_replays_as_it_was_drawn() -> None:
     assert not np.array_equal(cut.codes, made.codes)  # the default cut draws otherwise here
 
 
-def test_a_recipe_from_before_the_change_temperature_replays_as_it_was_drawn() -> None:
-    """Files exported before the change temperature existed record none: they were drawn
-    without it (1), and a replay must not apply today's default (it would draw other sounds)."""
+def test_a_recipe_replays_its_change_temperature_and_one_from_before_it_replays_off() -> None:
+    """A recipe records the change temperature its file was drawn at and replays it; files
+    exported before it existed record none: they were drawn without it (1)."""
     model = tiny_model()
     assert model.prior is not None
-    params = SamplingParams(seed=4, change_temperature=1.0)
-    made = generate(model, count=16, seconds=1.0, params=params, quality="preview")
-    recipe = inference.generate_recipe(params, count=16, seconds=1.0, quality="preview", index=1)
+    files = {}
+    for change in (1.0, 0.5):
+        params = SamplingParams(seed=4, change_temperature=change)
+        made = generate(model, count=16, seconds=1.0, params=params, quality="preview")
+        recipe = inference.generate_recipe(params, count=16, seconds=1.0, quality="preview",
+                                           index=1)  # fmt: skip
+        np.testing.assert_array_equal(inference.replay(model, "generate", recipe), made.audio[1])
+        files[change] = (made, recipe)
+    made, recipe = files[1.0]
     del recipe["change_temperature"]  # as an older Distill wrote it
     np.testing.assert_array_equal(inference.replay(model, "generate", recipe), made.audio[1])
-    apart = generate(model, count=16, seconds=1.0, params=SamplingParams(seed=4), quality="preview")
-    assert not np.array_equal(apart.codes, made.codes)  # the default draws otherwise
+    assert not np.array_equal(files[0.5][0].codes, made.codes)  # apart draws otherwise
 
 
 def coarse_prior_model() -> DistillModel:

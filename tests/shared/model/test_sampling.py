@@ -422,6 +422,7 @@ def test_one_item_draws_in_numpy_are_the_torch_loops_draws(
     prefix = torch.randint(0, 16, (1, 4, 5), generator=torch.Generator().manual_seed(2))
     steps = NOISE_CHUNK_STEPS + 9
     for params in (SamplingParams(seed=3), SamplingParams(seed=4, temperature=0.7),
+                   SamplingParams(seed=10, change_temperature=0.5),
                    SamplingParams(seed=5, top_k=3, min_p=0.0), SamplingParams(seed=6, top_p=0.8),
                    SamplingParams(seed=7, min_p=0.2, temperature=1.5),
                    SamplingParams(seed=8, change_temperature=1.0),
@@ -445,7 +446,7 @@ def test_one_item_draws_in_numpy_are_the_torch_loops_draws(
                                  _generator(prior, params.seed), numpy_one_item=False)  # fmt: skip
     assert torch.equal(sample(prior, batch=1, steps=30, params=params), torch_loop)
     # with a prefix, its last step is the one the first drawn step keeps or moves from
-    params, drawn = SamplingParams(seed=12), []
+    params, drawn = SamplingParams(seed=12, change_temperature=0.5), []
     for last in (prefix[:, :, -1].expand(64, -1), None):
         stepper = prior.stepper()
         with torch.inference_mode():
