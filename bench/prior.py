@@ -91,6 +91,7 @@ from distill.shared.bus.artifacts import ArtifactClient  # noqa: E402
 from distill.shared.bus.cache import ArtifactCache  # noqa: E402
 from distill.shared.bus.client import Client  # noqa: E402
 from distill.shared.bus.jobs import JobsClient  # noqa: E402
+from distill.shared.model.inference import model_change_temperature  # noqa: E402
 from distill.shared.model.modelfile import DistillModel, load_model  # noqa: E402
 from distill.shared.model.prior import (  # noqa: E402
     CACHE_DECAY,
@@ -173,10 +174,10 @@ def baseline_onednn_off(prior: Prior, batch: int, steps: int, gen: torch.Generat
             return baseline_sample(prior, batch, steps, gen)
 
 
-def torch_one_item(prior: Prior, steps: int) -> torch.Tensor:
+def torch_one_item(prior: Prior, steps: int, change_temperature: float = 1.0) -> torch.Tensor:
     """``sample()``'s loop at batch 1 with torch ops throughout (``PriorStepper.draw_one``), as it
     ran before the numpy one-item loop: the same codes."""
-    params = SamplingParams()
+    params = SamplingParams(change_temperature=change_temperature)
     with torch.inference_mode():
         stepper = prior.stepper()
         return _draw_steps(stepper, stepper.begin(1), steps, params,
@@ -184,21 +185,22 @@ def torch_one_item(prior: Prior, steps: int) -> torch.Tensor:
 
 
 def speed_case(
-    prior: Prior, batch: int, steps: int, budget_s: float
+    prior: Prior, batch: int, steps: int, budget_s: float, change_temperature: float = 1.0
 ) -> tuple[float, float, float, float | None]:
     """(baseline, sample(), baseline with oneDNN off, and at batch 1 sample()'s loop in torch
-    ops), generated seconds per wall second."""
+    ops), generated seconds per wall second; ``sample()`` at ``change_temperature``."""
     generated = SECONDS * batch
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         base = rate(partial(baseline_sample, prior, batch, steps, gen), generated, budget_s)
     ours = rate(
-        partial(sample, prior, batch=batch, steps=steps, params=SamplingParams()),
+        partial(sample, prior, batch=batch, steps=steps,
+                params=SamplingParams(change_temperature=change_temperature)),
         generated, budget_s,
     )  # fmt: skip
     with torch.inference_mode():
         off = rate(partial(baseline_onednn_off, prior, batch, steps, gen), generated, budget_s)
-    in_torch = (rate(partial(torch_one_item, prior, steps), generated, budget_s)
+    in_torch = (rate(partial(torch_one_item, prior, steps, change_temperature), generated, budget_s)
                 if batch == 1 else None)  # fmt: skip
     return base, ours, off, in_torch
 
@@ -367,13 +369,15 @@ def quality_figures(endpoint: str, prior_job: str, path: Path, samples: int,
 
 def memorisation_figures(model: DistillModel, ds: Dataset, train_codes: torch.Tensor,
                          val_codes: torch.Tensor, samples: int) -> None:  # fmt: skip
-    """The share of ``samples`` drawn seconds (default sampling) that match a training window at
-    >= MATCH_SHARE of codes, beside the held-out validation chunks' share."""
+    """The share of ``samples`` drawn seconds (the model's sampling defaults) that match a
+    training window at >= MATCH_SHARE of codes, beside the held-out validation chunks' share."""
     assert model.prior is not None
     steps = train_codes.shape[-1]
     windows = file_windows(ds, ds.train_indices(), train_codes, steps)
+    change = model_change_temperature(model)
     drawn = torch.cat([sample(model.prior, batch=min(50, samples - i), steps=steps,
-                              params=SamplingParams(seed=i)) for i in range(0, samples, 50)])  # fmt: skip
+                              params=SamplingParams(seed=i, change_temperature=change))
+                       for i in range(0, samples, 50)])  # fmt: skip
     (generated, gen_best), (held_out, val_best) = (matched_share(drawn, windows),
                                                    matched_share(val_codes, windows))  # fmt: skip
     print(f"memorisation: {generated * 100:.1f}% of {samples} generated one-second sequences "
@@ -390,7 +394,7 @@ def _envelope_line(name: str, envs: list[Envelope]) -> tuple[str, float]:
     q = torch.quantile(decays, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()
     late = sum(e.late for e in envs) / len(envs)
     again = sum(e.retrigger for e in envs) / len(envs)
-    return (f"  {name:<44} {' '.join(f'{v:5.2f}' for v in q)}   {late:5.1%}   {again:5.1%}",
+    return (f"  {name:<52} {' '.join(f'{v:5.2f}' for v in q)}   {late:5.1%}   {again:5.1%}",
             q[2])  # fmt: skip
 
 
@@ -401,8 +405,8 @@ def envelope_figures(model: DistillModel, ds: Dataset) -> None:
     each sound's envelope from its log-mel (``distill.shared.audio.metrics.envelope``), for the
     training files' first SECONDS (as long as a draw: a longer file would ring past what a draw
     can), the same decoded from the codes the prior draws (the RVQ-VAE's first levels: what the
-    codec alone changes), and ENVELOPE_DRAWS sounds of SECONDS drawn with the default sampling
-    settings and with keeping and moving drawn apart at a change temperature of 0.5."""
+    codec alone changes), and ENVELOPE_DRAWS sounds of SECONDS drawn at change temperatures 1
+    (off) and 0.5 (keeping and moving drawn apart), the model's own choice marked."""
     assert model.prior is not None
     fps, levels = model.mel_config.frames_per_second, model.prior.config.levels
     ds_, steps = model.vqvae.config.downsample, round(SECONDS * fps / model.vqvae.config.downsample)
@@ -411,6 +415,9 @@ def envelope_figures(model: DistillModel, ds: Dataset) -> None:
     real = [envelope(mel, fps) for mel in files]
     coded = [envelope(model.vqvae.decode_codes(model.vqvae.encode(mel[None]), levels)[0]
                       [:, : mel.shape[1]], fps) for mel in files]  # fmt: skip
+
+    def mine(change: float) -> str:
+        return " (the model's)" if change == model_change_temperature(model) else ""
 
     def drawn(**settings: Any) -> list[Envelope]:
         out = []
@@ -425,32 +432,34 @@ def envelope_figures(model: DistillModel, ds: Dataset) -> None:
           f"share with a second onset (back up after {RETRIGGER_QUIET_S:g} s quiet)")  # fmt: skip
     rows = [_envelope_line(f"training files' first {SECONDS:g} s ({len(real)})", real),
             _envelope_line(f"  the same from their first {levels} levels' codes", coded),
-            _envelope_line(f"generated ({ENVELOPE_DRAWS} x {SECONDS:g} s, default sampling)",
-                           drawn()),
-            _envelope_line("  the same at change_temperature 0.5",
+            _envelope_line(f"generated ({ENVELOPE_DRAWS} x {SECONDS:g} s), change temperature 1"
+                           f"{mine(1.0)}", drawn(change_temperature=1.0)),
+            _envelope_line(f"  the same at change temperature 0.5{mine(0.5)}",
                            drawn(change_temperature=0.5))]  # fmt: skip
     for line, _ in rows:
         print(line)
     base = max(rows[0][1], 1e-9)
-    print(f"  generated median / training files' median: {rows[2][1] / base:.2f}x (change "
-          f"temperature 0.5: {rows[3][1] / base:.2f}x); goal: near 1, and second onsets as rare "
-          "as in the files")  # fmt: skip
+    print(f"  generated median / training files' median: {rows[2][1] / base:.2f}x at 1, "
+          f"{rows[3][1] / base:.2f}x at 0.5; goal: near 1, and second onsets as rare as in the "
+          "files")  # fmt: skip
 
 
 def trained_speed(model: DistillModel, chunk_steps: int) -> None:
     """Sampling speed of the prior this pipeline trained (its own size, its cache as learnt)
-    against the baseline loops on it (``speed_case``), at batch 1 and 16 (the goal: >= 50x
-    at batch 1)."""
+    against the baseline loops on it (``speed_case``), at batch 1 and 16, at the change
+    temperature chosen for it (the goal: >= 50x at batch 1)."""
     assert model.prior is not None
     cfg = model.mel_config
     per_s = chunk_steps * cfg.sample_rate / (cfg.chunk_frames * cfg.hop_length)  # code steps / s
-    c = model.prior.config
+    c, change = model.prior.config, model_change_temperature(model)
     for batch in (1, 16):
-        base, ours, off, in_torch = speed_case(model.prior, batch, int(SECONDS * per_s), 10)
+        base, ours, off, in_torch = speed_case(model.prior, batch, int(SECONDS * per_s), 10,
+                                               change)  # fmt: skip
         torch_ops = (f"; its loop in torch ops {in_torch:.1f}x, {ours / in_torch:.2f}x"
                      if in_torch else "")  # fmt: skip
         print(f"sampling, this prior (Q{c.levels} K{c.codebook_size} H{c.hidden} E{c.embed_dim} "
-              f"@{per_s:.0f}/s), batch {batch}: sample() {ours:.1f}x real time, baseline loop "
+              f"@{per_s:.0f}/s, change temperature {change:g}), batch {batch}: sample() "
+              f"{ours:.1f}x real time, baseline loop "
               f"{base:.1f}x ({ours / base:.2f}x; oneDNN off {off:.1f}x{torch_ops}); goal at "
               "batch 1: >= 50x")  # fmt: skip
 

@@ -123,8 +123,9 @@ def _model(ctx: JobContext, body: dict[str, Any]) -> DistillModel:
     return CACHE.get(str(sha), ctx.device, ctx.artifacts.get_file)
 
 
-def _sampling(body: dict[str, Any]) -> Any:
-    return inf.sampling_params({k: body[k] for k in SAMPLING_KEYS if k in body})
+def _sampling(body: dict[str, Any], model: DistillModel) -> Any:
+    """The request's sampling settings; a change temperature left out is the model's."""
+    return inf.sampling_params({k: body[k] for k in SAMPLING_KEYS if k in body}, model)
 
 
 def _quality(body: dict[str, Any], default: str = "fast") -> str:
@@ -133,7 +134,7 @@ def _quality(body: dict[str, Any], default: str = "fast") -> str:
 
 def _generate(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
     count = inf.check_int(body.get("count", 1), "count", 1, MAX_DIRECT_COUNT)
-    params = _sampling(body)
+    params = _sampling(body, model)
     seconds = inf.check_number(body.get("seconds", 2.0), "seconds", 0.0, inf.MAX_SECONDS)
     out = inf.generate(model, count=count, seconds=seconds, params=params,
                        quality=_quality(body), prime=body.get("prime"))  # fmt: skip
@@ -171,7 +172,7 @@ def _blend(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[s
 
 def _resample_region(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
     codes, audio = inf.resample_region(model, body.get("codes"), body.get("t0"),  # type: ignore[arg-type]
-                                       body.get("t1"), _sampling(body), _quality(body))  # type: ignore[arg-type]  # fmt: skip
+                                       body.get("t1"), _sampling(body, model), _quality(body))  # type: ignore[arg-type]  # fmt: skip
     return {"codes": codes, "audio": audio, "sample_rate": model.mel_config.sample_rate}
 
 
@@ -240,7 +241,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     fmt = body.get("format", "wav")
     if fmt not in ("wav", "flac"):
         raise inf.BadInput(f"format must be 'wav' or 'flac', got {fmt!r}")
-    params, quality = _sampling(body), _quality(body, "best")
+    params, quality = _sampling(body, model), _quality(body, "best")
 
     def on_batch(done: int, total: int) -> None:
         ctx.check_cancel()

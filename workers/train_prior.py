@@ -37,7 +37,10 @@ Result::
      "chosen": {"prior": PriorConfig dict, "why": str, "overridden": [keys]},
      "budget": {"minutes": float, "source": "params" | "default", "why": str,
                 "planned_epochs": int, "steps": int, "spent_s": float, "stopped": str},
-     "train_config": PriorTrainConfig dict}
+     "train_config": PriorTrainConfig dict,
+     "sampling": {"change_temperature": float,  # the model's default, chosen by drawing sounds
+                  "distances": {"1": float, "0.5": float},  # at each setting (see
+                  "draws": int, "files": int}}    # inference.choose_change_temperature)
 
 Per epoch the job publishes a metrics row and a progress event with ``epoch``, ``epochs`` (the
 planned last epoch), ``train_bits`` and ``val_bits`` (NLL in bits per code), ``unigram_bits``
@@ -62,6 +65,7 @@ from torch import Tensor
 from distill.shared.audio.dataset import Dataset
 from distill.shared.errors import JobError
 from distill.shared.ids import is_sha256
+from distill.shared.model import inference as inf
 from distill.shared.model.formats import weights_from_bytes
 from distill.shared.model.modelfile import SUFFIX, DistillModel, save_model
 from distill.shared.train.loop import PreviewLabel, with_default_budget
@@ -72,6 +76,7 @@ from distill.shared.train.prior import (
     PriorTrainer,
     PriorTrainResult,
     encode_dataset,
+    file_mels,
     load_or_encode_codes,
 )
 from distill.workers.runtime.context import JobContext
@@ -236,6 +241,9 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     summary = _summary(name, dataset_id, dataset, vqvae_summary, result)
     model = DistillModel(mel_config=mel_config, vqvae=vqvae, prior=result.model.cpu(),
                          summary=summary)  # fmt: skip
+    ctx.check_cancel()
+    train_mels = [mel for f, mel in file_mels(dataset) if str(dataset.manifest[f].split) == "train"]
+    summary["sampling"] = inf.choose_change_temperature(model, train_mels)
     model_sha, model_id = _write_model(ctx, model, name)
     return {
         "model": model_sha,
@@ -254,4 +262,5 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         "chosen": result.chosen,
         "budget": {**result.budget, **budget_note},
         "train_config": result.train_config.to_dict(),
+        "sampling": summary["sampling"],
     }

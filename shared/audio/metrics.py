@@ -92,3 +92,29 @@ def envelope(log_mel_: torch.Tensor, frames_per_second: float) -> Envelope:
         armed = armed or (heard and quiet >= need)
     return Envelope(decay_s=(last - peak) / frames_per_second,
                     late=any(v > DECAY_DB for v in db[late_from:]), retrigger=retrigger)  # fmt: skip
+
+
+# Where two sets' decay times are compared (quantiles), and the time added to each before their
+# ratio is taken (a decay of 0 s, a sound that drops 20 dB in its first frame, is common).
+DISTANCE_QUANTILES = (0.25, 0.5, 0.75, 0.9)
+DISTANCE_FLOOR_S = 0.02
+
+
+def envelope_distance(drawn: list[Envelope], reference: list[Envelope]) -> float:
+    """How far apart two sets of sounds are in shape: the mean over DISTANCE_QUANTILES of
+    |log| of the ratio of their decay times, plus the difference of their shares still loud
+    after LATE_S and of their shares with a second onset. 0 for sets alike."""
+    if not drawn or not reference:
+        raise ValueError("envelope_distance: both sets need at least one envelope")
+    levels = torch.tensor(DISTANCE_QUANTILES)
+
+    def decays(envs: list[Envelope]) -> torch.Tensor:
+        times = torch.tensor([e.decay_s for e in envs], dtype=torch.float64)
+        return torch.quantile(times, levels.double()) + DISTANCE_FLOOR_S
+
+    def share(envs: list[Envelope], what: str) -> float:
+        return sum(bool(getattr(e, what)) for e in envs) / len(envs)
+
+    shape = float((decays(drawn) / decays(reference)).log().abs().mean())
+    return (shape + abs(share(drawn, "late") - share(reference, "late"))
+            + abs(share(drawn, "retrigger") - share(reference, "retrigger")))  # fmt: skip

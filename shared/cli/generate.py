@@ -29,8 +29,9 @@ MinPOpt = typer.Option(
 ChangeOpt = typer.Option(
     None, "--change-temperature", show_default=False,
     help="Draw which code a level moves to at this temperature, apart from whether it moves "
-    "(which keeps the prior's odds); min-p counts among those codes. Default 1: off. Try 0.5 "
-    "where one-shots ring on longer than their training sounds.",
+    "(which keeps the prior's odds); min-p counts among those codes. 1: off. Default: the "
+    "model's, chosen when its prior was trained (1 or 0.5: whichever drew sounds shaped more "
+    "like the training sounds; 1 for older models).",
 )  # fmt: skip
 SeedOpt = typer.Option(0, "--seed")
 OutOpt = typer.Option(Path("."), "-o", "--out", help="Folder for the files.")
@@ -90,7 +91,7 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
     ``out`` with their metadata; their paths."""
     from distill.shared.model import inference as inf
 
-    params = _params(temperature, top_k, top_p, min_p, seed, change_temperature)
+    params = _params(model, temperature, top_k, top_p, min_p, seed, change_temperature)
     subtype = _subtype(bits, f".{fmt}")
     # The bar moves as each batch of 16 is decoded; sampling the codes comes before.
     with typer.progressbar(length=count, label="generating", hidden=not show) as bar:
@@ -107,9 +108,10 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
     return paths
 
 
-def _params(temperature: float, top_k: int, top_p: float, min_p: float | None, seed: int,
-            change_temperature: float | None = None) -> Any:  # fmt: skip
-    """The sampling parameters; min-p and the change temperature at their defaults unless given."""
+def _params(model: Any, temperature: float, top_k: int, top_p: float, min_p: float | None,
+            seed: int, change_temperature: float | None = None) -> Any:  # fmt: skip
+    """The sampling parameters; min-p at its default and the change temperature at the model's
+    (chosen when its prior was trained) unless given."""
     from distill.shared.model import inference as inf
 
     chosen: dict[str, Any] = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
@@ -118,7 +120,7 @@ def _params(temperature: float, top_k: int, top_p: float, min_p: float | None, s
         chosen["min_p"] = min_p
     if change_temperature is not None:
         chosen["change_temperature"] = change_temperature
-    return inf.sampling_params(chosen)
+    return inf.sampling_params(chosen, model)
 
 
 def _export_all(model: Any, made: Any, recipes: list[dict[str, Any]], kind: str, out: Path,
@@ -288,7 +290,7 @@ def resample(
                    "the region runs to the end", err=True)  # fmt: skip
         t1 = total
     try:
-        params = _params(temperature, top_k, top_p, min_p, seed, change_temperature)
+        params = _params(model, temperature, top_k, top_p, min_p, seed, change_temperature)
         subtype = _subtype(bits, f".{fmt}")
         with typer.progressbar(length=count, label="resampling") as bar:
             made = inf.resample_variants(model, codes, t0, t1, params, inf.check_quality(quality),

@@ -28,11 +28,12 @@ import torch
 
 from distill.shared.audio.io import peak_db, resample, to_mono
 from distill.shared.audio.mel import log_mel
+from distill.shared.audio.metrics import envelope, envelope_distance
 from distill.shared.audio.phase import QUALITY_PRESETS, mel_to_audio_quality
 from distill.shared.errors import BAD_REQUEST, DistillError
 from distill.shared.model.codes import CodeGridError, EditSession, edit_from_dict
 from distill.shared.model.modelfile import DistillModel
-from distill.shared.model.sampling import MAX_SEED, SamplingParams
+from distill.shared.model.sampling import CHANGE_TEMPERATURE, MAX_SEED, SamplingParams
 from distill.shared.model.sampling import resample_region as prior_resample_region
 from distill.shared.model.sampling import sample as prior_sample
 from distill.shared.model.vqvae import SEARCH_CANDIDATES
@@ -153,11 +154,63 @@ def check_grid(model: DistillModel, codes: object, name: str = "codes") -> torch
     return torch.from_numpy(array.astype(np.int64))[None].to(_device(model))  # (1, Q, T)
 
 
-def sampling_params(d: Mapping[str, Any]) -> SamplingParams:
+def sampling_params(d: Mapping[str, Any], model: DistillModel | None = None) -> SamplingParams:
+    """SamplingParams from a request or options; with ``model``, a change temperature left out
+    is the one chosen for the model when its prior was trained (:func:`model_change_temperature`)."""
+    d = dict(d)
+    if model is not None and "change_temperature" not in d:
+        d["change_temperature"] = model_change_temperature(model)
     try:
-        return SamplingParams.from_dict(dict(d))
+        return SamplingParams.from_dict(d)
     except DistillError as e:
         raise BadInput(str(e)) from e
+
+
+# The change temperatures a prior's training tries (see choose_change_temperature), and how many
+# sounds of how many seconds it draws with each (on a CPU ~5 s each for the default prior).
+CHANGE_TEMPERATURE_CHOICES = (1.0, 0.5)
+CHOICE_DRAWS = 96
+CHOICE_SECONDS = 2.0
+
+
+def model_change_temperature(model: DistillModel) -> float:
+    """The change temperature chosen for ``model`` when its prior was trained (the summary's
+    ``sampling``), or CHANGE_TEMPERATURE (off) for a model without one."""
+    chosen = (model.summary.get("sampling") or {}).get("change_temperature")
+    ok = isinstance(chosen, (int, float)) and not isinstance(chosen, bool) and 0 < chosen <= 100
+    return float(chosen) if ok else CHANGE_TEMPERATURE
+
+
+@torch.no_grad()
+def choose_change_temperature(model: DistillModel, mels: list[torch.Tensor]) -> dict[str, Any]:
+    """Which of CHANGE_TEMPERATURE_CHOICES draws sounds shaped most like the training files:
+    CHOICE_DRAWS sounds of CHOICE_SECONDS at each (seeds 0..), decoded, their envelopes
+    against those of ``mels`` (the training files' log-mels, (M, T) each, cut here to as long
+    as a draw) by :func:`envelope_distance`. Drawing apart at 0.5 brought one model's hits
+    from twice as long as its files to as long, and made three others' ring longer (see
+    sampling.CHANGE_TEMPERATURE): a choice per model, not a default. Returns the summary's
+    ``sampling`` entry: the choice, each setting's distance, the draws and files compared."""
+    prior = _prior(model)
+    fps = model.mel_config.frames_per_second
+    ds = model.vqvae.config.downsample
+    steps = max(1, round(CHOICE_SECONDS * fps / ds))
+    files = [envelope(mel[:, : steps * ds].float().cpu(), fps) for mel in mels if mel.shape[1]]
+    if not files:
+        raise BadInput("choose_change_temperature: no training sounds to compare draws with")
+    distances = {}
+    for change in CHANGE_TEMPERATURE_CHOICES:
+        drawn = []
+        for first in range(0, CHOICE_DRAWS, RENDER_BATCH * 3):
+            batch = min(RENDER_BATCH * 3, CHOICE_DRAWS - first)
+            codes = prior_sample(prior, batch=batch, steps=steps,
+                                 params=SamplingParams(seed=first, change_temperature=change))  # fmt: skip
+            mel = model.vqvae.decode_codes(codes, prior.config.levels).cpu()
+            drawn += [envelope(m, fps) for m in mel]
+        distances[change] = envelope_distance(drawn, files)
+    best = min(CHANGE_TEMPERATURE_CHOICES, key=lambda c: (distances[c], c != CHANGE_TEMPERATURE))
+    return {"change_temperature": best,
+            "distances": {f"{c:g}": round(d, 4) for c, d in distances.items()},
+            "draws": CHOICE_DRAWS, "files": len(files)}  # fmt: skip
 
 
 def _device(model: DistillModel) -> torch.device:

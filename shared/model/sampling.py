@@ -43,8 +43,9 @@ MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 # bounded memory (64 x Q x B x K floats) at any length. Changing it changes what a seed draws.
 NOISE_CHUNK_STEPS = 64
 # Drawn apart (SamplingParams.change_temperature below 1), which code a level moves to is drawn
-# at that temperature; whether it moves at all, at the prior's own probability. Off by default:
-# it helps some models and hurts others. A prior learns where a sound goes next as a wide spread over many
+# at that temperature; whether it moves at all, at the prior's own probability. It helps some
+# models and hurts others, so a prior's training chooses it for its model
+# (inference.choose_change_temperature); off here, for a model without a choice. A prior learns where a sound goes next as a wide spread over many
 # codes (it has seen each transition a few times, and label smoothing widens it further), and a
 # free-running draw that follows the whole spread wanders; min-p, there to cut the smoothing's
 # floor, also cut that thin spread, and so held codes longer than the prior meant. Measured with
@@ -59,9 +60,8 @@ NOISE_CHUNK_STEPS = 64
 # 7.3%). Two priors of the first 36 percussion files draw as their files ring without it (files
 # 0.31 s median, 15.6% loud after a second; 512 x 5 codebooks: 0.26 s, 14.1%, 2.6% second sounds)
 # or a little longer (256 x 8, all 8 levels drawn: 0.39 s, 29.7%, 13.0%), and at 0.5 ring longer
-# (0.28 s but 25.0% loud; 0.28 s, 1.53 s at the 75th percentile, 35.4%, 9.9%). So it is a
-# setting to try where draws ring on (bench/prior.py prints both), not a default; choosing it
-# per model by these envelopes when the prior is trained is not built. Plain temperature cannot
+# (0.28 s but 25.0% loud; 0.28 s, 1.53 s at the 75th percentile, 35.4%, 9.9%): each model's
+# own draws decide (bench/prior.py prints both settings). Plain temperature cannot
 # do this: below 1 it makes holding likelier too (percussion at 0.7: half the draws loud after a
 # second). Drawn seconds matching a training window at
 # >= 90% of codes (bench/prior.py's memorisation figure, goal <= 10%): 0.5%, 1.5% as before;
@@ -87,7 +87,8 @@ class SamplingParams:
     min_p: float = 0.01
     # Below or above 1: after the first step, each level keeps its previous code at the
     # prior's probability and draws which code it moves to at this temperature (min-p counted
-    # among those codes); 1 = off (the default). See CHANGE_TEMPERATURE.
+    # among those codes); 1 = off. Requests and options without it take their model's choice
+    # (inference.sampling_params); see CHANGE_TEMPERATURE.
     change_temperature: float = CHANGE_TEMPERATURE
 
     def __post_init__(self) -> None:

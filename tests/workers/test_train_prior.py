@@ -13,6 +13,7 @@ from distill.shared.bus.artifacts import ArtifactClient
 from distill.shared.bus.cache import ArtifactCache
 from distill.shared.bus.client import Subscription
 from distill.shared.bus.jobs import JobsClient
+from distill.shared.model import inference
 from distill.shared.model.modelfile import load_model
 from tests.conftest import Cluster, wait_until
 from tests.workers.test_train_vqvae import TINY_MODEL, TINY_TRAIN, epochs_of, put_dataset
@@ -77,3 +78,9 @@ def test_prior_job_resumes_after_kill_9_and_writes_a_model(cluster: Cluster, per
     assert model.prior.config.hidden == 32 and model.summary["name"] == "kit"
     assert model.summary["dataset"] == dataset and model.summary["files"]
     assert model.summary["baselines"]["bigram_bits"] == result["baselines"]["bigram_bits"]
+    # the change temperature chosen by drawing sounds at each setting: what generate draws at
+    sampling = model.summary["sampling"]
+    assert sampling == result["sampling"] and sampling["files"] == len(model.summary["files"])
+    assert sampling["change_temperature"] in inference.CHANGE_TEMPERATURE_CHOICES
+    assert set(sampling["distances"]) == {"1", "0.5"}
+    assert inference.sampling_params({}, model).change_temperature == sampling["change_temperature"]

@@ -29,7 +29,7 @@ FIELDS = (  # (id, label, default, Input type)
     ("top_k", "k", "0", "integer"),
     ("top_p", "p", "1.0", "number"),
     ("min_p", "min-p", "0.01", "number"),  # the sampler's default: cuts the smoothing floor
-    ("change_temperature", "move-t", "1.0", "number"),  # the sampler's default: off
+    ("change_temperature", "move-t", "", "number"),  # empty: the model's (chosen in training)
     ("seed", "seed", "0", "integer"),
 )
 
@@ -58,7 +58,8 @@ class GenerateScreen(DistillScreen):
             with Horizontal(classes="form row opts"):
                 for key, label, default, kind in row:
                     yield Label(label)
-                    yield Input(default, id=f"gen-{key}", type=kind)  # type: ignore[arg-type]
+                    yield Input(default, id=f"gen-{key}", type=kind,  # type: ignore[arg-type]
+                                placeholder="model's" if not default else "")  # fmt: skip
         yield Static("", id="gen-status", classes="status-line")
         yield DataTable(id="results", cursor_type="row", zebra_stripes=True)
         yield Waveform(id="wave")
@@ -95,6 +96,8 @@ class GenerateScreen(DistillScreen):
         body: dict[str, Any] = {"op": "generate", "model": model, "quality": "fast"}
         for key, _, default, kind in FIELDS:
             raw = self.query_one(f"#gen-{key}", Input).value.strip() or default
+            if not raw:  # left to the model
+                continue
             try:
                 body[key] = int(raw) if kind == "integer" else float(raw)
             except ValueError:

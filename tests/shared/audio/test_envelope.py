@@ -9,7 +9,7 @@ import torch
 
 from distill.shared.audio.io import load_audio
 from distill.shared.audio.mel import MelConfig, log_mel
-from distill.shared.audio.metrics import envelope, frame_levels_db
+from distill.shared.audio.metrics import Envelope, envelope, envelope_distance, frame_levels_db
 from tests.conftest import percussion_dir
 
 FPS = 100.0  # frames a second of the synthetic log-mels
@@ -71,3 +71,16 @@ def test_a_real_one_shot_decays_fast_and_once() -> None:
     audio = load_audio(percussion_dir() / "elec_lo_snare.flac", cfg.sample_rate)
     twice = torch.cat([audio, torch.zeros(cfg.sample_rate), audio])
     assert envelope(log_mel(twice, cfg), cfg.frames_per_second).retrigger
+
+
+def test_envelope_distance_is_zero_for_sets_alike_and_grows_with_the_mismatch() -> None:
+    short = [Envelope(decay_s=0.1 + 0.01 * i, late=False, retrigger=False) for i in range(20)]
+    longer = [Envelope(decay_s=2 * (0.1 + 0.01 * i) + 0.02, late=False, retrigger=False)
+              for i in range(20)]  # fmt: skip
+    assert envelope_distance(short, short) == 0.0
+    assert envelope_distance(longer, short) == pytest.approx(math.log(2.0), abs=1e-6)
+    ringing = [Envelope(e.decay_s, late=i < 5, retrigger=i < 2) for i, e in enumerate(short)]
+    assert envelope_distance(ringing, short) == pytest.approx(5 / 20 + 2 / 20)
+    assert envelope_distance(short, ringing) == envelope_distance(ringing, short)
+    with pytest.raises(ValueError, match="at least one"):
+        envelope_distance([], short)

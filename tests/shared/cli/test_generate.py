@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -64,6 +65,13 @@ def test_generate_takes_the_change_temperature_and_records_it(model_file: Path, 
     (made,) = sorted((tmp_path / "apart").glob("*.wav"))
     assert read_export_metadata(made).data["change_temperature"] == 0.5
     assert "identical to" in run("regenerate", made, "--model", model_file)
+    chosen = tmp_path / "chosen.distill"  # a model whose training chose 0.5
+    save_model(chosen, dataclasses.replace(tiny_model(), summary={"sampling": {"change_temperature": 0.5}}))
+    assert "change_temperature=0.5" in run("generate", chosen, "-n", "1", "--seconds", "0.3", "-o",
+                                           tmp_path / "chosen", "--quality", "preview")  # fmt: skip
+    assert "change_temperature=1.0" in run("generate", chosen, "-n", "1", "--seconds", "0.3",
+                                           "--change-temperature", "1", "-o", tmp_path / "given",
+                                           "--quality", "preview")  # fmt: skip
     bad = runner.invoke(app, ["generate", str(model_file), "--change-temperature", "0", "-o",
                               str(tmp_path / "bad")])  # fmt: skip
     assert bad.exit_code == 1 and "change_temperature must be > 0" in bad.output

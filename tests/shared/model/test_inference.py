@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from distill.shared.audio.mel import MelConfig
+from distill.shared.audio.mel import MelConfig, log_mel
 from distill.shared.model import inference
 from distill.shared.model.inference import BadInput, generate, generate_recipe, replay
 from distill.shared.model.modelfile import DistillModel
@@ -116,6 +119,38 @@ def test_a_recipe_replays_its_change_temperature_and_one_from_before_it_replays_
     del recipe["change_temperature"]  # as an older Distill wrote it
     np.testing.assert_array_equal(inference.replay(model, "generate", recipe), made.audio[1])
     assert not np.array_equal(files[0.5][0].codes, made.codes)  # apart draws otherwise
+
+
+def test_a_change_temperature_left_out_is_the_models() -> None:
+    """A request or option without a change temperature draws at the one chosen for the model
+    when its prior was trained; one given wins; a model without a choice (or a damaged one)
+    draws without it (1)."""
+    chosen = dataclasses.replace(tiny_model(), summary={"sampling": {"change_temperature": 0.5}})
+    assert inference.sampling_params({"seed": 1}, chosen).change_temperature == 0.5
+    assert inference.sampling_params({"change_temperature": 2.0}, chosen).change_temperature == 2.0
+    assert inference.sampling_params({}, tiny_model()).change_temperature == 1.0
+    assert inference.sampling_params({}).change_temperature == 1.0
+    for bad in ("0.5", True, -1.0, None):
+        damaged = dataclasses.replace(tiny_model(), summary={"sampling": {"change_temperature": bad}})
+        assert inference.sampling_params({}, damaged).change_temperature == 1.0
+
+
+def test_the_change_temperature_is_chosen_by_the_shape_of_the_draws() -> None:
+    """Each choice draws sounds whose envelopes are compared with the training sounds'; the
+    one closer is chosen, the same each time; no sounds to compare with is refused."""
+    model = tiny_model()
+    rate = model.mel_config.sample_rate
+    t = torch.arange(int(0.6 * rate)) / rate
+    mels = [log_mel(0.5 * torch.sin(2 * math.pi * 110.0 * (i + 1) * t) * torch.exp(-4 * t),
+                    model.mel_config) for i in range(3)]  # fmt: skip
+    got = inference.choose_change_temperature(model, mels)
+    assert got["change_temperature"] in inference.CHANGE_TEMPERATURE_CHOICES
+    assert set(got["distances"]) == {"1", "0.5"} and got["files"] == 3
+    best = min(got["distances"].values())
+    assert got["distances"][f"{got['change_temperature']:g}"] == best
+    assert inference.choose_change_temperature(model, mels) == got
+    with pytest.raises(inference.BadInput, match="no training sounds"):
+        inference.choose_change_temperature(model, [])
 
 
 def coarse_prior_model() -> DistillModel:
