@@ -85,13 +85,16 @@ from distill.shared.audio.metrics import (  # noqa: E402
     LATE_S,
     RETRIGGER_QUIET_S,
     Envelope,
-    envelope,
 )
 from distill.shared.bus.artifacts import ArtifactClient  # noqa: E402
 from distill.shared.bus.cache import ArtifactCache  # noqa: E402
 from distill.shared.bus.client import Client  # noqa: E402
 from distill.shared.bus.jobs import JobsClient  # noqa: E402
-from distill.shared.model.inference import model_change_temperature  # noqa: E402
+from distill.shared.model.inference import (  # noqa: E402
+    drawn_envelopes,
+    file_envelopes,
+    model_change_temperature,
+)
 from distill.shared.model.modelfile import DistillModel, load_model  # noqa: E402
 from distill.shared.model.prior import (  # noqa: E402
     CACHE_DECAY,
@@ -394,7 +397,7 @@ def _envelope_line(name: str, envs: list[Envelope]) -> tuple[str, float]:
     q = torch.quantile(decays, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()
     late = sum(e.late for e in envs) / len(envs)
     again = sum(e.retrigger for e in envs) / len(envs)
-    return (f"  {name:<52} {' '.join(f'{v:5.2f}' for v in q)}   {late:5.1%}   {again:5.1%}",
+    return (f"  {name:<46} {' '.join(f'{v:5.2f}' for v in q)}   {late:5.1%}   {again:5.1%}",
             q[2])  # fmt: skip
 
 
@@ -408,34 +411,28 @@ def envelope_figures(model: DistillModel, ds: Dataset) -> None:
     codec alone changes), and ENVELOPE_DRAWS sounds of SECONDS drawn at change temperatures 1
     (off) and 0.5 (keeping and moving drawn apart), the model's own choice marked."""
     assert model.prior is not None
-    fps, levels = model.mel_config.frames_per_second, model.prior.config.levels
-    ds_, steps = model.vqvae.config.downsample, round(SECONDS * fps / model.vqvae.config.downsample)
-    files = [mel[:, : steps * ds_] for f, mel in file_mels(ds)
-             if str(ds.manifest[f].split) == "train"]  # fmt: skip
-    real = [envelope(mel, fps) for mel in files]
-    coded = [envelope(model.vqvae.decode_codes(model.vqvae.encode(mel[None]), levels)[0]
-                      [:, : mel.shape[1]], fps) for mel in files]  # fmt: skip
+    levels = model.prior.config.levels
+    files = [mel for f, mel in file_mels(ds) if str(ds.manifest[f].split) == "train"]
+    real = file_envelopes(model, files, SECONDS)
+    coded = file_envelopes(model, [model.vqvae.decode_codes(model.vqvae.encode(mel[None]), levels)[0]
+                                   [:, : mel.shape[1]] for mel in files], SECONDS)  # fmt: skip
 
     def mine(change: float) -> str:
-        return " (the model's)" if change == model_change_temperature(model) else ""
+        return " (model's)" if change == model_change_temperature(model) else ""
 
-    def drawn(**settings: Any) -> list[Envelope]:
-        out = []
-        for first in range(0, ENVELOPE_DRAWS, 48):
-            codes = sample(model.prior, batch=min(48, ENVELOPE_DRAWS - first), steps=steps,
-                           params=SamplingParams(seed=first, **settings))  # fmt: skip
-            out += [envelope(mel, fps) for mel in model.vqvae.decode_codes(codes, levels)]
-        return out
+    def drawn(change: float) -> list[Envelope]:
+        return drawn_envelopes(model, change_temperature=change, draws=ENVELOPE_DRAWS,
+                               seconds=SECONDS)  # fmt: skip
 
     print(f"envelopes: seconds from the loudest frame to the last within {-DECAY_DB:g} dB of it "
           f"(quantiles 10/25/50/75/90); share still within {-DECAY_DB:g} dB after {LATE_S:g} s; "
           f"share with a second onset (back up after {RETRIGGER_QUIET_S:g} s quiet)")  # fmt: skip
     rows = [_envelope_line(f"training files' first {SECONDS:g} s ({len(real)})", real),
             _envelope_line(f"  the same from their first {levels} levels' codes", coded),
-            _envelope_line(f"generated ({ENVELOPE_DRAWS} x {SECONDS:g} s), change temperature 1"
-                           f"{mine(1.0)}", drawn(change_temperature=1.0)),
-            _envelope_line(f"  the same at change temperature 0.5{mine(0.5)}",
-                           drawn(change_temperature=0.5))]  # fmt: skip
+            _envelope_line(f"drawn {ENVELOPE_DRAWS} x {SECONDS:g} s at change temp. 1{mine(1.0)}",
+                           drawn(1.0)),
+            _envelope_line(f"  the same at change temp. 0.5{mine(0.5)}",
+                           drawn(0.5))]  # fmt: skip
     for line, _ in rows:
         print(line)
     base = max(rows[0][1], 1e-9)

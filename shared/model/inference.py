@@ -28,7 +28,7 @@ import torch
 
 from distill.shared.audio.io import peak_db, resample, to_mono
 from distill.shared.audio.mel import log_mel
-from distill.shared.audio.metrics import envelope, envelope_distance
+from distill.shared.audio.metrics import Envelope, envelope, envelope_distance
 from distill.shared.audio.phase import QUALITY_PRESETS, mel_to_audio_quality
 from distill.shared.errors import BAD_REQUEST, DistillError
 from distill.shared.model.codes import CodeGridError, EditSession, edit_from_dict
@@ -171,6 +171,7 @@ def sampling_params(d: Mapping[str, Any], model: DistillModel | None = None) -> 
 CHANGE_TEMPERATURE_CHOICES = (1.0, 0.5)
 CHOICE_DRAWS = 96
 CHOICE_SECONDS = 2.0
+ENVELOPE_BATCH = 48  # sounds drawn at once when their envelopes are measured
 
 
 def model_change_temperature(model: DistillModel) -> float:
@@ -181,32 +182,46 @@ def model_change_temperature(model: DistillModel) -> float:
     return float(chosen) if ok else CHANGE_TEMPERATURE
 
 
+def _draw_steps_for(model: DistillModel, seconds: float) -> int:
+    return max(1, round(seconds * model.mel_config.frames_per_second / model.vqvae.config.downsample))
+
+
 @torch.no_grad()
+def drawn_envelopes(model: DistillModel, *, change_temperature: float, draws: int,
+                    seconds: float) -> list[Envelope]:  # fmt: skip
+    """The envelopes of ``draws`` sounds of ``seconds`` drawn at ``change_temperature`` (seeds
+    0.., the other settings at their defaults), from their decoded log-mels (no phase)."""
+    prior, fps = _prior(model), model.mel_config.frames_per_second
+    steps, out = _draw_steps_for(model, seconds), []
+    for first in range(0, draws, ENVELOPE_BATCH):
+        params = SamplingParams(seed=first, change_temperature=change_temperature)
+        codes = prior_sample(prior, batch=min(ENVELOPE_BATCH, draws - first), steps=steps,
+                             params=params)  # fmt: skip
+        out += [envelope(m, fps) for m in model.vqvae.decode_codes(codes, prior.config.levels).cpu()]
+    return out
+
+
+def file_envelopes(model: DistillModel, mels: list[torch.Tensor], seconds: float) -> list[Envelope]:
+    """The envelopes of sounds' log-mels ((M, T) each), each cut to its first ``seconds`` (as
+    long as a draw: a longer file rings past what a draw can)."""
+    frames = _draw_steps_for(model, seconds) * model.vqvae.config.downsample
+    fps = model.mel_config.frames_per_second
+    return [envelope(mel[:, :frames].float().cpu(), fps) for mel in mels if mel.shape[1]]
+
+
 def choose_change_temperature(model: DistillModel, mels: list[torch.Tensor]) -> dict[str, Any]:
     """Which of CHANGE_TEMPERATURE_CHOICES draws sounds shaped most like the training files:
-    CHOICE_DRAWS sounds of CHOICE_SECONDS at each (seeds 0..), decoded, their envelopes
-    against those of ``mels`` (the training files' log-mels, (M, T) each, cut here to as long
-    as a draw) by :func:`envelope_distance`. Drawing apart at 0.5 brought one model's hits
-    from twice as long as its files to as long, and made three others' ring longer (see
-    sampling.CHANGE_TEMPERATURE): a choice per model, not a default. Returns the summary's
-    ``sampling`` entry: the choice, each setting's distance, the draws and files compared."""
-    prior = _prior(model)
-    fps = model.mel_config.frames_per_second
-    ds = model.vqvae.config.downsample
-    steps = max(1, round(CHOICE_SECONDS * fps / ds))
-    files = [envelope(mel[:, : steps * ds].float().cpu(), fps) for mel in mels if mel.shape[1]]
+    CHOICE_DRAWS sounds of CHOICE_SECONDS at each, their envelopes against those of ``mels``
+    (the training files' log-mels) by :func:`envelope_distance`. Drawing apart at 0.5 brought
+    one model's hits from twice as long as its files to as long, and made three others' ring
+    longer (see sampling.CHANGE_TEMPERATURE): a choice per model, not a default. Returns the
+    summary's ``sampling`` entry: the choice, each setting's distance, the draws and files."""
+    files = file_envelopes(model, mels, CHOICE_SECONDS)
     if not files:
         raise BadInput("choose_change_temperature: no training sounds to compare draws with")
-    distances = {}
-    for change in CHANGE_TEMPERATURE_CHOICES:
-        drawn = []
-        for first in range(0, CHOICE_DRAWS, RENDER_BATCH * 3):
-            batch = min(RENDER_BATCH * 3, CHOICE_DRAWS - first)
-            codes = prior_sample(prior, batch=batch, steps=steps,
-                                 params=SamplingParams(seed=first, change_temperature=change))  # fmt: skip
-            mel = model.vqvae.decode_codes(codes, prior.config.levels).cpu()
-            drawn += [envelope(m, fps) for m in mel]
-        distances[change] = envelope_distance(drawn, files)
+    distances = {c: envelope_distance(drawn_envelopes(model, change_temperature=c,
+                                                      draws=CHOICE_DRAWS, seconds=CHOICE_SECONDS),
+                                      files) for c in CHANGE_TEMPERATURE_CHOICES}  # fmt: skip
     best = min(CHANGE_TEMPERATURE_CHOICES, key=lambda c: (distances[c], c != CHANGE_TEMPERATURE))
     return {"change_temperature": best,
             "distances": {f"{c:g}": round(d, 4) for c, d in distances.items()},
