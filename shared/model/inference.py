@@ -168,7 +168,8 @@ def sampling_params(d: Mapping[str, Any], model: DistillModel | None = None) -> 
 
 # The change temperatures a prior's training tries (see choose_change_temperature), and how many
 # sounds of how many seconds it draws with each: 48 chose as 96 did on the four models measured
-# (percussion 0.5, 0.20 against 0.56; the others 1), in ~2.4 s on one CPU thread for both.
+# (the first percussion run 0.5, 0.20 against 0.56; the others 1), in ~2.4 s on one CPU thread
+# for both; a second run of the default percussion pipeline chose 1 (0.50 against 0.55).
 CHANGE_TEMPERATURE_CHOICES = (1.0, 0.5)
 CHOICE_DRAWS = 48
 CHOICE_SECONDS = 2.0
@@ -214,8 +215,8 @@ def choose_change_temperature(model: DistillModel, mels: list[torch.Tensor]) -> 
     """Which of CHANGE_TEMPERATURE_CHOICES draws sounds shaped most like the training files:
     CHOICE_DRAWS sounds of CHOICE_SECONDS at each, their envelopes against those of ``mels``
     (the training files' log-mels) by :func:`envelope_distance`. Drawing apart at 0.5 brought
-    one model's hits from twice as long as its files to as long, and made three others' ring
-    longer (see sampling.CHANGE_TEMPERATURE): a choice per model, not a default. Returns the
+    one model's hits from twice as long as its files to as long, and made most of four others'
+    ring longer (see sampling.CHANGE_TEMPERATURE): a choice per model, not a default. Returns the
     summary's ``sampling`` entry: the choice, each setting's distance, the draws and files."""
     files = file_envelopes(model, mels, CHOICE_SECONDS)
     if not files:

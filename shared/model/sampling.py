@@ -54,7 +54,8 @@ NOISE_CHUNK_STEPS = 64
 # second sound after 0.1 s quiet), the default pipeline's percussion prior: the files 0.04 0.08
 # 0.18 0.37 0.85, 8.7%, none; drawn as before (1) 0.04 0.10 0.27 0.83 1.48, 27.6%, 6.2%; at 0.5
 # 0.03 0.10 0.21 0.47 1.07, 13.0%, 3.6%; at 0.7 0.20 s median but 1.64 s at the 90th percentile
-# and 9.4% second sounds. The textures (sustained sounds and loops, the files' first 2 s: 0.60 s
+# and 9.4% second sounds. A second run of the same pipeline (96 draws): at 1 0.04 0.09 0.27 0.70
+# 1.45, 20.8%, 2.1%; at 0.5 0.05 0.12 0.28 0.66 1.31, 18.8%, 6.2%: no better. The textures (sustained sounds and loops, the files' first 2 s: 0.60 s
 # median, 55.6% still loud after a second, 5.6% second sounds) ring on at either setting: 1.02 s
 # and 88.5% drawn as before, 1.35 s and 93.8% at 0.5, with half the second sounds (14.1% ->
 # 7.3%). Two priors of the first 36 percussion files draw as their files ring without it (files
