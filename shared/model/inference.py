@@ -184,17 +184,13 @@ def model_change_temperature(model: DistillModel) -> float:
     return float(chosen) if ok else CHANGE_TEMPERATURE
 
 
-def _draw_steps_for(model: DistillModel, seconds: float) -> int:
-    return max(1, round(seconds * model.mel_config.frames_per_second / model.vqvae.config.downsample))
-
-
 @torch.no_grad()
 def drawn_envelopes(model: DistillModel, *, change_temperature: float, draws: int,
                     seconds: float) -> list[Envelope]:  # fmt: skip
     """The envelopes of ``draws`` sounds of ``seconds`` drawn at ``change_temperature`` (seeds
     0.., the other settings at their defaults), from their decoded log-mels (no phase)."""
     prior, fps = _prior(model), model.mel_config.frames_per_second
-    steps, out = _draw_steps_for(model, seconds), []
+    steps, out = steps_for(model, seconds), []
     for first in range(0, draws, ENVELOPE_BATCH):
         params = SamplingParams(seed=first, change_temperature=change_temperature)
         codes = prior_sample(prior, batch=min(ENVELOPE_BATCH, draws - first), steps=steps,
@@ -206,7 +202,7 @@ def drawn_envelopes(model: DistillModel, *, change_temperature: float, draws: in
 def file_envelopes(model: DistillModel, mels: list[torch.Tensor], seconds: float) -> list[Envelope]:
     """The envelopes of sounds' log-mels ((M, T) each), each cut to its first ``seconds`` (as
     long as a draw: a longer file rings past what a draw can)."""
-    frames = _draw_steps_for(model, seconds) * model.vqvae.config.downsample
+    frames = steps_for(model, seconds) * model.vqvae.config.downsample
     fps = model.mel_config.frames_per_second
     return [envelope(mel[:, :frames].float().cpu(), fps) for mel in mels if mel.shape[1]]
 

@@ -330,7 +330,8 @@ def _draw_one_item(
 def _apart_np(logits: np.ndarray, prev: int, floor: np.float32 | None, change: np.float32) -> None:
     """``_apart`` on one row of float32 logits (K,), in place, in fewer passes over the row (the
     cut and the temperature need no normalised row; the scalars in Python floats): the same
-    numbers to float32 rounding (measured: 11.7 -> 6 us a level at K 512)."""
+    numbers to float32 rounding (measured: 11.7 -> 9.1 us a level at K 512; the min-p cut
+    alone takes 2.4)."""
     kept = float(logits[prev])
     logits[prev] = -np.inf
     top = float(logits.max())  # the likeliest other code's logit (a cut keeps it)
