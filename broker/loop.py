@@ -167,16 +167,16 @@ class Broker:
         self.router.setsockopt(zmq.SNDHWM, P.SOCKET_HWM)
         self.router.setsockopt(zmq.RCVHWM, P.SOCKET_HWM)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.bind(c.endpoint(c.port))
+        self._bind(self.router, c.port, "its MDP port")
         self.xsub = self.ctx.socket(zmq.XSUB)
         self._secure(self.xsub, DOMAIN_EVENTS_IN)
         self.xsub.setsockopt(zmq.MAXMSGSIZE, c.max_message_bytes)
         self.xsub.setsockopt(zmq.RCVHWM, P.SOCKET_HWM)
         self.xsub.setsockopt(zmq.LINGER, 0)
-        self.xsub.bind(c.endpoint(c.events_in_port))
+        self._bind(self.xsub, c.events_in_port, "its events-in port (--port + 2)")
         self.xsub.send(b"\x01")  # subscribe to everything workers publish
         self.xpub = self._events_out_socket()
-        self.xpub.bind(c.endpoint(c.events_out_port))
+        self._bind(self.xpub, c.events_out_port, "its events-out port (--port + 1)")
         self.poller = zmq.Poller()
         for sock in (self.router, self.xsub, self.xpub):
             self.poller.register(sock, zmq.POLLIN)
@@ -189,6 +189,25 @@ class Broker:
         self._sockets_open = True
         log.info("broker_bound", mdp=c.endpoint(c.port), events_out=c.endpoint(c.events_out_port),
                  events_in=c.endpoint(c.events_in_port), curve=c.security is not None)
+
+    def _bind(self, sock: zmq.Socket, port: int, what: str) -> None:
+        """Bind ``sock``; a port another process holds is a DistillError naming it (the sockets
+        bound so far are closed), not a ZMQError traceback."""
+        endpoint = self.config.endpoint(port)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as e:
+            for name in ("router", "xsub", "xpub"):  # the ones made so far
+                other = getattr(self, name, None)
+                if other is not None:
+                    other.close(linger=0)
+            if self.auth is not None:
+                self.auth.stop()
+                self.auth = None
+            reason = ("another process listens there (is a `distill up` or `distill broker` "
+                      "already running? stop it, or choose another --port)"
+                      if e.errno == zmq.EADDRINUSE else str(e))
+            raise DistillError(f"the broker cannot bind {what} {endpoint}: {reason}") from None
 
     def _events_out_socket(self) -> zmq.Socket:
         xpub = self.ctx.socket(zmq.XPUB)

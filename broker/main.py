@@ -8,7 +8,12 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from distill.broker.access import Limits
 from distill.broker.loop import Broker, BrokerConfig
@@ -23,10 +28,12 @@ from distill.broker.store.journal import JobStore
 from distill.broker.store.settings import StorageSettings
 from distill.shared.bus import protocol as P
 from distill.shared.bus.security import ENV_INSECURE, broker_security
+from distill.shared.errors import DistillError
 from distill.shared.logs import configure, get_logger
 
 UPLOAD_EXPIRY_S = 60.0  # how often idle uploads are looked for (they expire after an hour)
 VERIFY_STEP_S = 0.2  # re-hash resumed uploads in steps of VERIFY_STEP_BYTES this often
+LOCK_NAME = "broker.lock"  # in the data folder: which broker process holds it (its pid)
 
 
 def build_broker(config: BrokerConfig, storage: StorageSettings | None = None) -> Broker:
@@ -75,19 +82,50 @@ def _expire_uploads(store: ArtifactStore, quota: ArtifactQuota) -> None:
         log.info("upload_expired", artifact=sha, idle_s=store.upload_idle_s)
 
 
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """Hold ``data_dir`` for this broker process: an exclusive lock on ``broker.lock`` in it
+    (released when the process exits, however it exits). A second broker on the same folder
+    would re-queue the first one's running jobs as its own restart's and dispatch them twice;
+    it is refused, naming the folder and the process that holds it. Returns the open lock file:
+    keep it open as long as the broker runs."""
+    lock = (data_dir / LOCK_NAME).open("a+")  # noqa: SIM115 - held for the process's life
+    if fcntl is None:  # no flock (Windows): one broker per folder is the user's to keep
+        return lock
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise DistillError(
+            f"the broker data folder {data_dir} is in use by another broker (pid {holder}): two "
+            "brokers on one job table would run each other's jobs twice; stop that one (is a "
+            "`distill up` already running?) or give this one another --data-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 def run_broker(config: BrokerConfig, stop: threading.Event | None = None) -> None:
     configure("broker", f"broker-{os.getpid()}")
     log = get_logger("broker")
-    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
-    broker = build_broker(config)
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-    broker.bind()
-    log.info("broker_started", data_dir=str(config.data_dir))
-    broker.run(stop)
-    log.info("broker_stopped")
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_data_dir(data_dir)  # before the job table is opened (and its jobs re-queued)
+    try:
+        broker = build_broker(config)
+        stop = stop or threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+        broker.bind()
+        log.info("broker_started", data_dir=str(config.data_dir))
+        broker.run(stop)
+        log.info("broker_stopped")
+    finally:
+        lock.close()
 
 
 def main(*, secret_key: Path | None = None, allowed: Path | None = None,

@@ -20,10 +20,16 @@ def _mps_works(torch: Any) -> bool:
         return False
 
 
-def resolve_device(spec: str) -> str:
-    """Turn a device spec into a concrete torch device string, or raise DeviceError."""
+def check_device_spec(spec: str) -> None:
+    """DeviceError unless ``spec`` is one of the forms a worker accepts (whether this machine
+    has that device is :func:`resolve_device`'s to say)."""
     if not _DEVICE_RE.match(spec):
         raise DeviceError(f"device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+
+def resolve_device(spec: str) -> str:
+    """Turn a device spec into a concrete torch device string, or raise DeviceError."""
+    check_device_spec(spec)
     if spec == "cpu":
         return "cpu"
     import torch

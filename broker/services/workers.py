@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from distill.broker.registry import Registry
@@ -18,4 +19,5 @@ class WorkersService:
         workers.sort(key=lambda w: (w["service"], w["id"]))
         queued = {s.name.decode(errors="replace"): len(s.requests)
                   for s in self.registry.services.values()}
-        return ok_body({"workers": workers, "queued": queued})
+        # broker_pid: which broker answers at an endpoint (`distill up` waits for its own)
+        return ok_body({"workers": workers, "queued": queued, "broker_pid": os.getpid()})

@@ -23,6 +23,12 @@ def client(broker: str | None, timeout_s: float = 10.0) -> Any:
     return Client(broker, timeout_s=timeout_s)
 
 
+# The exit status of a broker or worker process that cannot run as configured (its data folder
+# or port held by another broker, a device this machine lacks, a bad key file): restarting it
+# would fail the same way, so `distill up` stops instead of restarting it (sysexits' EX_CONFIG).
+EXIT_UNUSABLE = 78
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)

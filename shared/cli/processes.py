@@ -16,8 +16,8 @@ from typing import Any
 import typer
 
 from distill.shared.bus import protocol as P
-from distill.shared.cli.common import BrokerOpt, client, data_home, fail, print_table
-from distill.shared.errors import DistillError
+from distill.shared.cli.common import EXIT_UNUSABLE, BrokerOpt, client, data_home, fail, print_table
+from distill.shared.errors import ConfigError, DeviceError, DistillError
 
 # "module:function" of each process's entry point (keyword arguments as the commands pass them).
 ENTRY_POINTS: dict[str, str] = {
@@ -88,8 +88,8 @@ def broker(
                               request_timeout_s=request_timeout_s, secret_key=secret_key,
                               allowed=allowed, insecure=insecure, max_outstanding=max_outstanding,
                               artifact_quota_bytes=parse_bytes(artifact_quota))
-    except DistillError as e:
-        fail(str(e))
+    except DistillError as e:  # its folder or port taken, keys or settings wrong: not transient
+        fail(str(e), code=EXIT_UNUSABLE)
 
 
 def worker(
@@ -107,6 +107,8 @@ def worker(
         entry_point("worker")(service, broker=broker, device=device, threads=threads,
                               heartbeat_interval_s=heartbeat_s, liveness=liveness,
                               broker_key=broker_key, key=key)
+    except (ConfigError, DeviceError) as e:  # a restart would fail the same way
+        fail(str(e), code=EXIT_UNUSABLE)
     except DistillError as e:
         fail(str(e))
 
@@ -128,6 +130,7 @@ def up(
 
     from distill.shared.bus import security as S
     from distill.shared.cli.supervisor import Supervisor
+    from distill.shared.devices import check_device_spec
 
     # The children inherit the environment: that is how the keys reach them.
     if keys is not None:
@@ -138,8 +141,12 @@ def up(
                            S.ENV_KEY: str(k / "worker.key_secret")})
     if insecure:
         os.environ[S.ENV_INSECURE] = "1"
-    try:  # refuse here, before the broker child would refuse and be restarted in a loop
+    try:  # refuse here what the children would refuse, before anything starts
         S.check_exposure(host, secure=S.broker_security() is not None, insecure=insecure)
+        if device is not None:
+            check_device_spec(device)
+        if not 1 <= port <= 65533:  # the events ports are port + 1 and port + 2
+            raise ConfigError(f"--port {port}: must be in 1..65533 (events use the next two)")
     except DistillError as e:
         fail(str(e))
 

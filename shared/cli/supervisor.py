@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.shared.bus.client import Client, broker_endpoint
+from distill.shared.cli.common import EXIT_UNUSABLE
 from distill.shared.errors import DistillError, RequestTimeout
 from distill.shared.logs import configure, get_logger
 from distill.shared.services import threads_for, up_services, worker_service
@@ -80,9 +81,8 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         try:
-            for child in self.children:
-                child.start()
-            self.wait_ready(timeout_s=120.0)
+            if not self.start(ready_timeout_s=120.0):
+                return 0  # stopped while starting
             if check:
                 return self._check()
             while not self._stopping:
@@ -94,6 +94,45 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stopping = True
+
+    def start(self, ready_timeout_s: float) -> bool:
+        """Start the broker, and the workers once it answers (they would register with any
+        broker already at the endpoint, and make a cluster that never started look up); wait
+        for every worker to register. False if stopped meanwhile; DistillError as
+        :meth:`wait_broker` and :meth:`wait_ready` say. The caller shuts down."""
+        self.children[0].start()
+        if not self.wait_broker(timeout_s=60.0):
+            return False
+        for child in self.children[1:]:
+            child.start()
+        self.wait_ready(timeout_s=ready_timeout_s)
+        return not self._stopping
+
+    def wait_broker(self, timeout_s: float) -> bool:
+        """Until this supervisor's own broker answers at the endpoint (True), or it is stopped
+        (False). DistillError when another broker answers there (this one cannot bind), when the
+        broker exits unable to run (EXIT_UNUSABLE), or after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        with Client(self.endpoint, timeout_s=0.5) as client:
+            while not self._stopping and time.monotonic() < deadline:
+                try:
+                    reply = client.workers()
+                except RequestTimeout:
+                    reply = None  # not bound yet
+                proc = self.children[0].proc
+                if reply is not None:
+                    pid = reply.get("broker_pid")  # None: a broker of an older version
+                    if proc is not None and pid == proc.pid:
+                        return True
+                    raise DistillError(
+                        f"another broker (pid {pid or '?'}) already answers at {self.endpoint}: "
+                        "is a `distill up` or `distill broker` already running? Stop it, or "
+                        "choose another --port")
+                self._watch()  # raises if the broker cannot run; restarts one that crashed
+                time.sleep(0.1)
+        if self._stopping:
+            return False
+        raise DistillError(f"the broker did not answer at {self.endpoint} within {timeout_s:g} s")
 
     def wait_ready(self, timeout_s: float) -> None:
         """Until every worker service has registered with the broker; DistillError after timeout_s."""
@@ -124,10 +163,16 @@ class Supervisor:
         return 0
 
     def _watch(self) -> None:
+        """Restart children that exited, with backoff; DistillError for one that exited unable
+        to run (EXIT_UNUSABLE: a restart would fail the same way)."""
         now = time.monotonic()
         for child in self.children:
             if child.proc is None or child.proc.poll() is None or self._stopping:
                 continue
+            if child.proc.returncode == EXIT_UNUSABLE:
+                where = f"in {child.log_file}" if child.log_file is not None else "above"
+                raise DistillError(f"the {child.name} process cannot run (its error is {where}); "
+                                   "stopping the cluster")
             if child.next_start == 0.0:
                 delay = RESTART_BACKOFF_S[min(child.restarts, len(RESTART_BACKOFF_S) - 1)]
                 child.next_start = now + delay

@@ -61,3 +61,83 @@ def test_up_ping_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
 def test_worker_with_unknown_device_fails_clearly() -> None:
     out = distill("worker", "echo", "--device", "tpu")
     assert out.returncode != 0 and "device 'tpu' is not one of" in out.stderr
+
+
+def test_a_second_up_refuses_and_leaves_the_first_clusters_jobs_alone(tmp_path: Path) -> None:
+    """A second `distill up` on the same port, or on the same data folder with another port,
+    stops with one line naming the reason; it starts no worker on the first cluster and never
+    touches the first broker's job table (a running job stays running, not re-queued)."""
+    from distill.shared.bus.client import Client
+    from distill.shared.bus.jobs import JobsClient
+
+    port, other = free_port_block(), free_port_block()
+    env = {**os.environ, "DISTILL_HOME": str(tmp_path)}
+    up = subprocess.Popen([sys.executable, "-m", "distill.shared.cli", "up", "--port", str(port),
+                           "--services", "sleep"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True, env=env, start_new_session=True)
+    try:
+        assert up.stdout is not None and "distill up: broker" in up.stdout.readline()
+        with Client(f"tcp://127.0.0.1:{port}", timeout_s=10) as c:
+            jobs = JobsClient(c)
+            job = jobs.submit("distill.sleep", {"sleep_s": 60, "steps": 600})["id"]
+            wait_until(lambda: jobs.get(job, metrics=False)["status"] == "running", 20,
+                       what="the job to run")
+            same_port = distill("up", "--port", str(port), "--services", "sleep", env=env)
+            assert same_port.returncode != 0
+            broker_pid = (tmp_path / "broker" / "broker.lock").read_text().strip()
+            assert f"another broker (pid {broker_pid}) already answers at" in same_port.stderr, \
+                same_port.stderr
+            same_dir = distill("up", "--port", str(other), "--services", "sleep", env=env)
+            assert same_dir.returncode != 0
+            assert "is in use by another broker" in same_dir.stderr, same_dir.stderr
+            assert "--data-dir" in same_dir.stderr and "Traceback" not in same_dir.stderr
+            workers = c.workers()["workers"]
+            assert [w["service"] for w in workers] == ["distill.sleep"]  # none joined from the 2nd
+            record = jobs.get(job, metrics=False)
+            assert record["status"] == "running" and record["attempts"] == 1, record
+            jobs.cancel(job)
+    finally:
+        os.killpg(up.pid, signal.SIGINT)
+        try:
+            up.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+
+
+def test_broker_on_a_busy_port_or_folder_fails_in_one_line(tmp_path: Path) -> None:
+    port = free_port_block()
+    env = {**os.environ, "DISTILL_HOME": str(tmp_path)}
+    first = subprocess.Popen([sys.executable, "-m", "distill.shared.cli", "broker", "--port", str(port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_until(lambda: (tmp_path / "broker" / "broker.lock").exists()
+                   and (tmp_path / "broker" / "broker.lock").read_text().strip() == str(first.pid),
+                   30, what="the broker to hold its folder")
+        busy = distill("broker", "--port", str(port), "--data-dir", str(tmp_path / "other"), env=env)
+        assert busy.returncode == 78, busy.stderr  # EXIT_UNUSABLE: `distill up` won't restart it
+        assert f"cannot bind its MDP port tcp://127.0.0.1:{port}" in busy.stderr
+        assert "Traceback" not in busy.stderr
+        taken = distill("broker", "--port", str(free_port_block()), env=env)
+        assert taken.returncode == 78 and f"in use by another broker (pid {first.pid})" in taken.stderr
+    finally:
+        first.terminate()
+        first.wait(30)
+    # released when the broker exits: the next one starts on the same folder
+    again = subprocess.Popen([sys.executable, "-m", "distill.shared.cli", "broker", "--port",
+                              str(free_port_block())], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_until(lambda: (tmp_path / "broker" / "broker.lock").read_text().strip() == str(again.pid),
+                   30, what="the next broker to hold the folder")
+    finally:
+        again.terminate()
+        again.wait(30)
+
+
+def test_up_refuses_a_bad_device_or_port_before_starting_anything(tmp_path: Path) -> None:
+    env = {**os.environ, "DISTILL_HOME": str(tmp_path)}
+    bad = distill("up", "--port", str(free_port_block()), "--device", "bogus", env=env)
+    assert bad.returncode == 1 and "device 'bogus' is not one of" in bad.stderr
+    assert not (tmp_path / "broker").exists()  # nothing started
+    port = distill("up", "--port", "70000", env=env)
+    assert port.returncode == 1 and "--port 70000: must be in 1..65533" in port.stderr
