@@ -23,6 +23,7 @@ from typing import Any
 import typer
 
 from distill.shared.cli.common import fail
+from distill.shared.errors import DistillError
 
 DEMO_SERVICES = ["preprocess", "vqvae", "prior", "infer"]
 DEMO_SECONDS = 2.0  # each generated sound: long enough for a hit and its tail
@@ -72,9 +73,7 @@ class DemoCluster:
 
     def __enter__(self) -> DemoCluster:
         try:
-            for child in self.supervisor.children:
-                child.start()
-            self.supervisor.wait_ready(timeout_s=180.0)
+            self.supervisor.start(ready_timeout_s=180.0)
         except BaseException:
             self.supervisor.shutdown()
             raise
@@ -84,21 +83,29 @@ class DemoCluster:
         self.supervisor.shutdown()
 
 
-def train_demo_model(c: Any, sounds: Path, out: Path, minutes: float, vqvae_opt: list[str],
-                     prior_opt: list[str], train_opt: list[str]) -> tuple[Path, str]:  # fmt: skip
-    """The `distill train DIR --minutes N` pipeline; the model file and its artifact id."""
-    from distill.shared.cli.model import fetch_model, model_artifact
+def demo_request(sounds: Path, minutes: float, vqvae_opt: list[str], prior_opt: list[str],
+                 train_opt: list[str]) -> Any:  # fmt: skip
+    """The `distill train DIR --minutes N` request, its settings checked as `distill train`
+    checks them (before the cluster starts)."""
     from distill.shared.cli.train import (
         TrainRequest,
-        follow_pipeline,
+        check_settings,
         parse_settings,
-        stage_train_settings,  # fmt: skip
-        submit_pipeline,
+        stage_train_settings,
     )
 
     req = TrainRequest(source=str(sounds), stage="all", vqvae_ref=None, name="demo",
                        vqvae_model=parse_settings(vqvae_opt), prior_model=parse_settings(prior_opt),
                        train=stage_train_settings(train_opt, {}, minutes, ["vqvae", "prior"]))  # fmt: skip
+    check_settings(req)
+    return req
+
+
+def train_demo_model(c: Any, req: Any, out: Path) -> tuple[Path, str]:
+    """Submit and follow the pipeline of ``req``; the model file and its artifact id."""
+    from distill.shared.cli.model import fetch_model, model_artifact
+    from distill.shared.cli.train import follow_pipeline, submit_pipeline
+
     stages = submit_pipeline(c, req)
     _say("training: " + " -> ".join(f"{s.name} {s.job_id}" for s in stages))
     record = follow_pipeline(c, stages)
@@ -172,17 +179,22 @@ def demo(
     train_opt: list[str] = typer.Option([], "--train-opt", help="Training setting KEY=VALUE."),
 ) -> None:
     """Train a small model on bundled sounds and generate with it: the first thing to run."""
-    from distill.shared.errors import DistillError
-
     sources = bundled_sounds()
     if not sources:
         fail("the bundled demo sounds are missing from this installation")
     started = time.monotonic()
-    out.mkdir(parents=True, exist_ok=True)
     sounds = out / "sounds"
-    sounds.mkdir(exist_ok=True)
-    for src in sources:
-        shutil.copy(src, sounds / src.name)
+    try:  # everything that can be refused is refused before the cluster starts
+        from distill.shared.model.inference import MAX_COUNT, MAX_SECONDS, check_int, check_number
+
+        check_int(count, "--count", 1, MAX_COUNT)
+        check_number(seconds, "--seconds", 0.0, MAX_SECONDS)
+        if not seconds > 0:
+            raise DistillError(f"--seconds must be > 0, got {seconds:g}")
+        req = demo_request(sounds, minutes, vqvae_opt, prior_opt, train_opt)
+        _prepare_folder(out, sounds, sources)
+    except (DistillError, OSError) as e:
+        fail(str(e))
     _say(f"distill demo: {len(sources)} bundled CC0 sounds -> {sounds}; training for about "
          f"{minutes:g} min on a local cluster")  # fmt: skip
     home = Path(tempfile.mkdtemp(prefix="distill-demo-"))
@@ -193,17 +205,37 @@ def demo(
             from distill.shared.bus.client import Client
 
             with Client(cluster.endpoint, timeout_s=120.0) as c:
-                model, sha = train_demo_model(c, sounds, out / "demo.distill", minutes,
-                                              vqvae_opt, prior_opt, train_opt)  # fmt: skip
+                model, sha = train_demo_model(c, req, out / "demo.distill")
                 generated = generate_demo_sounds(c, sha, out / "generated", count, seconds)
                 _say(f"reconstructing the {len(sources)} training sounds")
-                recon = reconstruct(c, sha, sorted(sounds.glob("*.flac")), out / "reconstructed")
+                recon = reconstruct(c, sha, [sounds / src.name for src in sources],
+                                    out / "reconstructed")
         _say("cluster stopped")
     except (DistillError, OSError, typer.BadParameter) as e:
         fail(str(e))
     finally:
         shutil.rmtree(home, ignore_errors=True)
     _report(out, model, generated, recon, time.monotonic() - started)
+
+
+def _prepare_folder(out: Path, sounds: Path, sources: list[Path]) -> None:
+    """``out/sounds`` holding the bundled sounds and nothing else (the pipeline trains on the
+    whole folder): a folder there with other files in it is refused, never emptied. An earlier
+    demo's model and sounds in ``out`` are replaced, and said so."""
+    if out.exists() and not out.is_dir():
+        raise DistillError(f"-o {out}: a file, not a folder")
+    bundled = {src.name for src in sources}
+    if sounds.is_dir():
+        others = sorted(p.name for p in sounds.iterdir() if p.name not in bundled)
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise DistillError(f"{sounds} holds files that are not the demo's ({shown}): the demo "
+                               "trains on everything in that folder; give another -o")
+    if (out / "demo.distill").exists():
+        _say(f"replacing the earlier demo in {out}")
+    sounds.mkdir(parents=True, exist_ok=True)
+    for src in sources:
+        shutil.copy(src, sounds / src.name)
 
 
 def _report(

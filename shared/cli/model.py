@@ -7,6 +7,7 @@ any job before it in the pipeline and finds the prior job that depends on it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,16 @@ def print_model_summary(path: Path) -> None:
         typer.echo(f"{key:>{width}}  {value}")
 
 
-def _dependents(jobs: Any, job_id: str, service: str) -> list[dict[str, Any]]:
-    """Jobs of ``service`` that depend on ``job_id``, newest first."""
+def _dependents(jobs: Any, job_id: str, service: str,
+                weights: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Jobs of ``service`` that depend on ``job_id``, newest first; with ``weights`` (an
+    RVQ-VAE job's finished weights), also the prior jobs submitted after it finished, which
+    name those weights in their params instead of depending on the job
+    (``distill train --stage prior --vqvae JOB``)."""
     # Every job of the service, page by page: the broker sends at most 500 per reply.
-    return [r for r in jobs.iter_jobs(service=service) if job_id in (r.get("depends_on") or [])]
+    return [r for r in jobs.iter_jobs(service=service)
+            if job_id in (r.get("depends_on") or [])
+            or (weights and (r.get("params") or {}).get("vqvae") == weights)]
 
 
 def find_model_job(jobs: Any, job_id: str) -> dict[str, Any]:
@@ -51,7 +58,8 @@ def find_model_job(jobs: Any, job_id: str) -> dict[str, Any]:
                                "so no model")  # fmt: skip
         record = after[0]
     if record["service"] == VQVAE_SERVICE:
-        after = _dependents(jobs, record["id"], PRIOR_SERVICE)
+        weights = (record.get("result") or {}).get("model")
+        after = _dependents(jobs, record["id"], PRIOR_SERVICE, weights=weights or None)
         if not after:
             raise DistillError(f"job {record['id']} trained an RVQ-VAE and no prior job depends on "
                                "it, so there is no .distill model yet: train one with `distill "
@@ -81,15 +89,36 @@ def default_model_path(record: dict[str, Any]) -> Path:
     return Path(f"{name or record['id']}.distill")
 
 
+def check_model_output(path: Path, force: bool) -> None:
+    """DistillError unless a model file can be written at ``path``: its folder exists and is
+    writable, and it is not a folder, nor (without ``force``) an existing file: a model is
+    minutes to hours of training, never replaced by surprise. Checked before the work starts."""
+    folder = path.parent
+    if path.is_dir():
+        raise DistillError(f"{path}: a folder; give the model file's name (NAME.distill)")
+    if path.exists() and not force:
+        raise DistillError(f"{path} exists: give another -o, or --force to replace it")
+    if not folder.is_dir():
+        raise DistillError(f"{path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise DistillError(f"{path}: the folder {folder} is not writable")
+
+
 def fetch_model(c: Any, record: dict[str, Any], out: Path | None) -> Path:
     """Downloads a finished prior job's model to ``out`` (default NAME.distill here) and checks
-    that it reads as a model file; returns the path."""
+    that it reads as a model file; returns the path. A write that fails says how to fetch the
+    model again (it stays in the broker's store)."""
     from distill.shared.bus.artifacts import ArtifactClient
     from distill.shared.model.modelfile import read_model_file
 
     sha = model_artifact(record)
     path = out if out is not None else default_model_path(record)
-    ArtifactClient(c).download(sha, path)
+    try:
+        ArtifactClient(c).download(sha, path)
+    except OSError as e:
+        raise DistillError(f"could not write {path}: {e.strerror or e}; the model is kept in "
+                           f"the broker: `distill model pull {record['id']} -o FILE` fetches "
+                           "it") from None
     read_model_file(path)  # a broken store or a mix-up shows here, not at the user's next step
     return path
 
@@ -119,13 +148,17 @@ def register(app: typer.Typer) -> None:
             None, "-o", "--output", help="Where to write (default: NAME.distill here)."
         ),
         broker: str = BrokerOpt,
+        force: bool = typer.Option(False, "--force", help="Replace an existing file."),
     ) -> None:
         """Fetch the .distill model of a finished pipeline (or prior job)."""
         from distill.shared.bus.jobs import JobsClient
 
         try:
             with client(broker, timeout_s=60.0) as c:
-                path = fetch_model(c, find_model_job(JobsClient(c), job_id), out)
+                record = find_model_job(JobsClient(c), job_id)
+                path = out if out is not None else default_model_path(record)
+                check_model_output(path, force)
+                path = fetch_model(c, record, path)
             print_model_summary(path)
         except (DistillError, OSError) as e:
             fail(str(e))

@@ -17,7 +17,8 @@ from typing import Any
 import typer
 
 from distill.shared.cli.common import BrokerOpt, client, fail
-from distill.shared.errors import DistillError
+from distill.shared.cli.model import check_model_output
+from distill.shared.errors import ConfigError, DistillError
 
 SERVICES = {"preprocess": "distill.preprocess", "vqvae": "distill.train.vqvae",
             "prior": "distill.train.prior"}  # fmt: skip
@@ -229,7 +230,7 @@ def check_settings(req: TrainRequest) -> None:
     from dataclasses import fields
 
     from distill.shared.configs import config_from_dict
-    from distill.shared.model.prior import PriorConfig
+    from distill.shared.model.prior import PriorConfig, choose_prior_config
     from distill.shared.model.vqvae import VQVAEConfig
     from distill.shared.train.prior import PriorTrainConfig
     from distill.shared.train.vqvae import TrainConfig
@@ -248,11 +249,17 @@ def check_settings(req: TrainRequest) -> None:
                     f"not a training one: give it as {option} {key}=VALUE")
         config_from_dict(train_config, settings, f"--train-opt ({stage} stage)")
     config_from_dict(VQVAEConfig, req.vqvae_model, "--vqvae-opt")
-    # the prior's sizes come from the RVQ-VAE's codes: only its keys can be checked here
     prior_keys = {f.name for f in fields(PriorConfig)}
     unknown = sorted(k for k in req.prior_model if k not in prior_keys)
     if unknown:
         raise DistillError(f"--prior-opt: unknown keys {unknown}; known keys {sorted(prior_keys)}")
+    # types and bounds now, over the sizes the prior stage would choose (those come from the
+    # RVQ-VAE's codes: whether levels and codebook_size fit them is the stage's to say)
+    sized, _ = choose_prior_config(1, 2, 0)
+    try:
+        PriorConfig.from_dict({**sized.to_dict(), **req.prior_model})
+    except ConfigError as e:
+        raise ConfigError(f"--prior-opt: {e}") from None
 
 
 def model_name(source: str | None, vqvae_ref: str | None) -> str:
@@ -260,7 +267,9 @@ def model_name(source: str | None, vqvae_ref: str | None) -> str:
     if source and Path(source).is_dir():
         return Path(source).resolve().name or "model"
     ref = source or vqvae_ref or "model"
-    return f"model-{ref.removeprefix('j-')[:12]}"
+    # a name, never a path: a source that is no folder (an id, or a path the upload will
+    # refuse) names a file here
+    return f"model-{Path(ref).name.removeprefix('j-')[:12]}"
 
 
 def _dataset_source(c: Any, source: str, stages: list[Stage]) -> tuple[str, str | None]:
@@ -529,6 +538,7 @@ def train(
     prior_opt: list[str] = typer.Option([], "--prior-opt", help="Prior setting KEY=VALUE (repeatable), e.g. hidden=128."),
     train_opt: list[str] = typer.Option([], "--train-opt", help="Training setting KEY=VALUE for every stage, or vqvae.KEY=VALUE / prior.KEY=VALUE for one (repeatable)."),
     detach: bool = typer.Option(False, "--detach", help="Submit, print the job ids, do not follow."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing model file."),
 ) -> None:  # fmt: skip
     """Train a model: SOURCE -> preprocess -> RVQ-VAE -> prior -> NAME.distill, live progress."""
     if stage not in STAGE_CHOICES:
@@ -549,6 +559,8 @@ def train(
                            vqvae_model=vqvae_model, prior_model=parse_settings(prior_opt),
                            train=stage_train_settings(train_opt, shortcuts, minutes, run))  # fmt: skip
         check_settings(req)
+        if stage in ("all", "prior"):  # the model file: writable, and not replacing one
+            check_model_output(out, force)
         with client(broker, timeout_s=60.0) as c:
             stages = submit_pipeline(c, req)
             typer.echo("jobs: " + " -> ".join(f"{s.name} {s.job_id}" for s in stages))

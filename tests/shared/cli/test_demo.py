@@ -56,3 +56,45 @@ def test_demo_short_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert read_export_metadata(generated[0]).kind == "generate"
     recon = sorted((out / "reconstructed").glob("*.wav"))
     assert len(recon) == len(demo.bundled_sounds())
+
+
+def _demo_app() -> typer.Typer:
+    app = typer.Typer()
+    demo.register(app)
+    app.command("noop")(lambda: None)  # two commands: typer keeps the "demo" name
+    return app
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["-n", "0"], "--count must be in [1, 256], got 0"),
+    (["--seconds", "100"], "--seconds must be in [0, 60], got 100"),
+    (["--seconds", "0"], "--seconds must be > 0"),
+    (["--vqvae-opt", "chanels=3"], "unknown keys ['chanels']"),
+    (["--prior-opt", "hidden=-1"], "--prior-opt: PriorConfig: hidden must be in 1..4096"),
+])  # fmt: skip
+def test_demo_refuses_bad_options_before_starting_a_cluster(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    result = CliRunner().invoke(_demo_app(), ["demo", "-o", str(tmp_path / "d"), *args])
+    assert result.exit_code == 1 and expected in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "d").exists()  # nothing copied, nothing started
+    assert {p.pid for p in psutil.Process().children(recursive=True)} == before
+
+
+def test_demo_refuses_an_unusable_folder_or_one_holding_other_sounds(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):
+        result = CliRunner().invoke(_demo_app(), ["demo", "-o", str(out)])
+        # an uncaught OSError would also exit 1 here, with no "error:" line
+        assert result.exit_code == 1 and result.output.startswith("error: "), result.output
+    mine = tmp_path / "d" / "sounds" / "my_own_recording.flac"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"not touched")
+    result = CliRunner().invoke(_demo_app(), ["demo", "-o", str(tmp_path / "d")])
+    assert result.exit_code == 1 and "my_own_recording.flac" in result.output, result.output
+    assert "give another -o" in result.output
+    assert sorted(p.name for p in mine.parent.iterdir()) == ["my_own_recording.flac"]
+    assert mine.read_bytes() == b"not touched"

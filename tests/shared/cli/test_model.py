@@ -19,6 +19,8 @@ from distill.shared.cli.main import app
 from distill.shared.cli.model import find_model_job, model_artifact
 from distill.shared.cli.train import (
     Stage,
+    TrainRequest,
+    check_settings,
     detach_message,
     model_name,
     preview_line,
@@ -162,6 +164,18 @@ def test_pull_finds_the_prior_job_behind_more_than_a_page_of_newer_jobs() -> Non
     assert record["id"] == "j-prior"
 
 
+def test_pull_finds_a_prior_trained_on_a_finished_rvq_vaes_weights() -> None:
+    """`distill train --stage prior --vqvae JOB` on a finished RVQ-VAE job submits a prior job
+    that names its weights instead of depending on it; pulling the RVQ-VAE job finds it."""
+    weights = "cd" * 32
+    records = [_job("j-vq", "train.vqvae", [], result={"model": weights}),
+               {**_job("j-p", "train.prior", [], result={"model": "ef" * 32}),
+                "params": {"vqvae": weights}},
+               {**_job("j-other", "train.prior", [], result={"model": "01" * 32}),
+                "params": {"vqvae": "99" * 32}}]  # fmt: skip
+    assert find_model_job(fake_jobs(records), "j-vq")["id"] == "j-p"
+
+
 def test_pull_refuses_jobs_without_a_model() -> None:
     lone = fake_jobs([_job("j-vq", "train.vqvae", []), _job("j-s", "sleep", [])])
     with pytest.raises(DistillError, match="no prior job depends on it"):
@@ -202,7 +216,10 @@ def test_train_settings_per_stage_and_budget_split() -> None:
      (["--train-opt", "prior.hidden=64"], "give it as --prior-opt hidden=VALUE"),
      (["--train-opt", "lr=fast"], "lr must be a number, got 'fast'"),
      (["--vqvae-opt", "chanels=64"], "--vqvae-opt: unknown keys ['chanels']"),
-     (["--prior-opt", "hiden=64"], "--prior-opt: unknown keys ['hiden']")],
+     (["--prior-opt", "hiden=64"], "--prior-opt: unknown keys ['hiden']"),
+     # types and bounds too, not only the keys (these failed after the RVQ-VAE's whole budget)
+     (["--prior-opt", "hidden=abc"], "--prior-opt: PriorConfig: hidden must be an int"),
+     (["--prior-opt", "dropout=5"], "--prior-opt: PriorConfig: dropout must be in 0..0.9")],
 )  # fmt: skip
 def test_train_refuses_bad_settings_before_uploading(tmp_path: Path, args: list[str],
                                                       message: str) -> None:  # fmt: skip
@@ -210,9 +227,40 @@ def test_train_refuses_bad_settings_before_uploading(tmp_path: Path, args: list[
     sounds = tmp_path / "sounds"
     sounds.mkdir()
     sf.write(sounds / "tone.wav", np.zeros(4800, dtype=np.float32), 48000)
-    out = CliRunner().invoke(app, ["train", str(sounds), *args, "--broker", "tcp://127.0.0.1:9"])
+    out = CliRunner().invoke(app, ["train", str(sounds), *args, "--broker", "tcp://127.0.0.1:9",
+                                   "-o", str(tmp_path / "m.distill")])  # fmt: skip
     assert out.exit_code == 1 and message in out.output
     assert "uploading" not in out.output and "no broker" not in out.output
+
+
+def test_prior_settings_checked_over_the_sizes_the_stage_would_choose() -> None:
+    """A setting valid only with the stage's chosen sizes (earlier_codes needs prev_codes, which
+    the stage turns on) passes; levels and codebook_size are the RVQ-VAE's to judge."""
+    for prior in ({"earlier_codes": 2}, {"hidden": 64, "dropout": 0.3}, {"codebook_size": 512}):
+        check_settings(TrainRequest(source="x", stage="all", vqvae_ref=None, name="x",
+                                    vqvae_model={}, prior_model=prior, train={}))  # fmt: skip
+
+
+def test_train_refuses_an_output_it_cannot_write_or_would_replace(tmp_path: Path) -> None:
+    """Checked before anything is sent (minutes to hours of training are not lost at the end
+    to a missing folder, nor an earlier model replaced unasked)."""
+    sounds = tmp_path / "sounds"
+    sounds.mkdir()
+    earlier = tmp_path / "earlier.distill"
+    earlier.write_bytes(b"an earlier model")
+    for out, message in ((earlier, "earlier.distill exists: give another -o, or --force"),
+                         (tmp_path / "nodir" / "m.distill", "the folder " f"{tmp_path / 'nodir'} "
+                          "does not exist"),
+                         (sounds, "a folder; give the model file's name")):  # fmt: skip
+        got = CliRunner().invoke(app, ["train", str(sounds), "-o", str(out), "--broker",
+                                       "tcp://127.0.0.1:9"])  # fmt: skip
+        assert got.exit_code == 1 and message in got.output, got.output
+        assert "no broker" not in got.output
+    assert earlier.read_bytes() == b"an earlier model"
+    # the RVQ-VAE stage alone writes no model file: nothing to refuse
+    got = CliRunner().invoke(app, ["train", str(sounds), "--stage", "vqvae", "-o", str(earlier),
+                                   "--broker", "tcp://127.0.0.1:9"])  # fmt: skip
+    assert "exists" not in got.output
 
 
 def test_model_name_from_the_folder(tmp_path: Path) -> None:
