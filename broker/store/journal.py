@@ -54,6 +54,7 @@ MAX_ATTEMPTS_LIMIT = 100  # a typo such as 1000 would keep a broken job cycling 
 # larger than any max_attempts a user sets, so a night with a few hiccups still finishes, yet a
 # job that kills every worker it meets still ends.
 MAX_LOST_ATTEMPTS = 20
+FINAL_ERROR_ATTEMPTS = 4  # attempts a failed job's error lists in full
 MAX_PARAMS_BYTES = 256 * 1024  # params name artifacts and settings; audio travels as artifacts
 MAX_RESULT_BYTES = 1024 * 1024  # a result is a summary (ids, metrics), far below a message
 MAX_METRIC_ROW_BYTES = 16 * 1024  # one epoch's numbers; a loss curve is thousands of these
@@ -217,7 +218,12 @@ def _dependency_reason(dep_id: str, status: str, error: str | None) -> str:
 
 
 def _final_error(errors: Sequence[str]) -> str:
-    listed = "; ".join(f"attempt {i}: {reason}" for i, reason in enumerate(errors, 1))
+    """Every attempt's reason; past FINAL_ERROR_ATTEMPTS the first and the last ones, with how
+    many lie between (a job that lost twenty attempts to restarts got a line of 2.5 kB)."""
+    numbered = [f"attempt {i}: {reason}" for i, reason in enumerate(errors, 1)]
+    if len(numbered) > FINAL_ERROR_ATTEMPTS:
+        numbered = [numbered[0], f"({len(numbered) - 3} more)", *numbered[-2:]]
+    listed = "; ".join(numbered)
     return f"failed after {len(errors)} attempt{'s' if len(errors) != 1 else ''}: {listed}"
 
 
@@ -726,7 +732,9 @@ class JobStore:
     ) -> None:
         job_id = row["id"]
         lost_attempts = row["lost_attempts"] + (1 if lost else 0)
-        label = f"{reason} (not counted: lost {lost_attempts} of {MAX_LOST_ATTEMPTS})"
+        label = (f"{reason} (not counted: lost {lost_attempts} of {MAX_LOST_ATTEMPTS})"
+                 if lost_attempts <= MAX_LOST_ATTEMPTS else
+                 f"{reason} (lost {lost_attempts}: more than the {MAX_LOST_ATTEMPTS} not counted)")
         errors = [*_unpack(row["attempt_errors"]), _clip(label if lost else reason)]
         # A lost attempt gives its attempt back: max_attempts counts dispatches (a retry sets
         # it to attempts + the submitted budget), so it grows by the one that did not count.

@@ -446,6 +446,12 @@ def test_lost_attempts_have_their_own_bound(store: JobStore) -> None:
     store.mark_running(job.id, "w")
     final = store.fail_attempt(job.id, "worker lost", lost=True)
     assert final.status == "failed" and final.lost_attempts == MAX_LOST_ATTEMPTS + 1
+    # its error: the first attempts and the last, not all 22 reasons in one line
+    assert final.error is not None and len(final.error) < 400, final.error
+    assert final.error.startswith("failed after 22 attempts: attempt 1: boom; (19 more); ")
+    assert final.error.endswith(f"attempt 22: worker lost (lost {MAX_LOST_ATTEMPTS + 1}: more "
+                                f"than the {MAX_LOST_ATTEMPTS} not counted)")
+    assert len(final.attempt_errors) == 22  # every reason is kept in the record
 
 
 def test_a_version_1_table_is_upgraded_in_place(tmp_path: Path) -> None:
