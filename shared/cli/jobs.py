@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
 
     @jobs.command("ls")
     def jobs_ls(broker: str = BrokerOpt, status: str = typer.Option(None, help="queued, running, …"),
-                service: str = typer.Option(None), limit: int = typer.Option(50)) -> None:
+                service: str = typer.Option(None), limit: int = typer.Option(50, min=1)) -> None:
         """List jobs, newest first."""
         from distill.shared.bus.jobs import JobsClient
 
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
             frac = (r.get("progress") or {}).get("fraction")
             rows.append([r["id"], r["service"], r["status"], f"{r['attempts']}/{r['max_attempts']}",
                          f"{frac * 100:.0f}%" if isinstance(frac, (int, float)) else "-", _ago(r["created_at"]),
-                         (r.get("error") or "")[:50]])
+                         _error_cell(r)])
         print_table(["id", "service", "status", "attempts", "progress", "created", "error"], rows)
 
     @jobs.command("show")
@@ -227,6 +227,19 @@ def _bytes_progress(verb: str) -> Any:
     return show
 
 
+ERROR_CELL_CHARS = 60
+
+
+def _error_cell(record: dict[str, Any]) -> str:
+    """A job's error for one table cell: for a job that failed after its attempts, the last
+    attempt's reason (the head, "failed after N attempts: attempt 1: ...", says little)."""
+    error = str(record.get("error") or "")
+    attempts = record.get("attempt_errors") or []
+    if error.startswith("failed after") and attempts:
+        error = str(attempts[-1])
+    return error if len(error) <= ERROR_CELL_CHARS else error[: ERROR_CELL_CHARS - 1] + "…"
+
+
 def watch_job(broker: str | None, job_id: str, *, quiet: bool = False) -> dict[str, Any]:
     """Draw a live progress line for a job until it ends; returns its final record."""
     from distill.shared.bus.jobs import JobsClient
@@ -239,7 +252,8 @@ def watch_job(broker: str | None, job_id: str, *, quiet: bool = False) -> dict[s
             width = 118
             sys.stderr.write("\r" + line[:width].ljust(width))
             sys.stderr.flush()
-        elif event.get("type") == "status":
+        elif event.get("type") == "status" and event.get("status") in ("queued", "running"):
+            # the final status is the summary line's, with its reason
             sys.stderr.write(f"\n{job_id}: {event.get('status')}")
             sys.stderr.flush()
 

@@ -63,3 +63,21 @@ def test_artifacts_ls_shows_what_holds_the_space(broker: tuple[str, JobService],
     assert "DISTILL_STORE_MAX_BYTES" in out.output
     usage_part = out.output.split("store:")[1]
     assert "checkpoint" in usage_part and "vqvae" in usage_part and "j-1" in usage_part
+
+
+def test_jobs_ls_shows_the_last_attempts_reason_and_refuses_a_limit_below_one(
+    broker: tuple[str, JobService],
+) -> None:
+    """Before: the error column was the error's first 50 characters, for a worker failure
+    "failed after 1 attempt: attempt 1: attempt on vm:", no reason at all."""
+    endpoint, jobs = broker
+    with Client(endpoint) as c:
+        job_id = c.request("distill.jobs", {"op": "submit", "service": "s", "params": {},
+                                            "max_attempts": 1})["id"]  # fmt: skip
+    jobs.store.mark_running(job_id, "w")
+    jobs.store.fail_attempt(job_id, "attempt on vm: ValueError: the sound is 0 s long")
+    out = CliRunner().invoke(app, ["jobs", "ls", "--broker", endpoint])
+    assert out.exit_code == 0, out.output
+    assert "attempt on vm: ValueError: the sound is 0 s long" in out.output, out.output
+    out = CliRunner().invoke(app, ["jobs", "ls", "--limit", "0", "--broker", endpoint])
+    assert out.exit_code == 2 and "--limit" in out.output, out.output
