@@ -16,6 +16,7 @@ from typing import Any
 
 import typer
 
+from distill.shared.bus import protocol as P
 from distill.shared.cli.common import BrokerOpt, client, fail
 from distill.shared.cli.model import check_model_output
 from distill.shared.errors import ConfigError, DistillError
@@ -28,6 +29,7 @@ STAGE_CHOICES = ("all", "vqvae", "prior")
 # small LSTM costs a fraction of an RVQ-VAE epoch. Preprocessing takes seconds: not budgeted.
 BUDGET_SHARE = {"vqvae": 0.7, "prior": 0.3}
 LINE_WIDTH = 150
+BROKER_PROBE_S = 5.0  # each of two tries at reaching the broker before anything is uploaded
 
 
 # --- the live line --------------------------------------------------------------------------------
@@ -562,6 +564,8 @@ def train(
         if stage in ("all", "prior"):  # the model file: writable, and not replacing one
             check_model_output(out, force)
         with client(broker, timeout_s=60.0) as c:
+            # a broker that is not there is said in seconds, not after the upload's 60-s wait
+            c.request(P.SERVICE_WORKERS, {"op": "list"}, timeout_s=BROKER_PROBE_S, retries=1)
             stages = submit_pipeline(c, req)
             typer.echo("jobs: " + " -> ".join(f"{s.name} {s.job_id}" for s in stages))
             sys.stdout.flush()  # a script reading the ids through a pipe gets them now

@@ -370,3 +370,16 @@ def test_progress_line_drops_the_brokers_run_stamp() -> None:
     line = train_line(event)
     assert line is not None and "file=a.wav" in line and "epoch=3" in line
     assert "b7f20ad9" not in line and "None" not in line
+
+
+def test_train_without_a_broker_says_so_before_uploading(tmp_path: Path) -> None:
+    """Before: the first upload request waited out the client's 60-s timeout (65 s in all)."""
+    from tests.conftest import free_port_block
+
+    sounds = tmp_path / "sounds"
+    sounds.mkdir()
+    sf.write(sounds / "tone.wav", np.zeros(4800, dtype=np.float32), 48000)
+    out = CliRunner().invoke(app, ["train", str(sounds), "-o", str(tmp_path / "m.distill"),
+                                   "--broker", f"tcp://127.0.0.1:{free_port_block()}"])  # fmt: skip
+    assert out.exit_code == 1 and "no broker answered" in out.output, out.output
+    assert "'distill.workers'" in out.output  # the probe, not an upload, found it missing
