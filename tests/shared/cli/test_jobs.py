@@ -81,3 +81,20 @@ def test_jobs_ls_shows_the_last_attempts_reason_and_refuses_a_limit_below_one(
     assert "attempt on vm: ValueError: the sound is 0 s long" in out.output, out.output
     out = CliRunner().invoke(app, ["jobs", "ls", "--limit", "0", "--broker", endpoint])
     assert out.exit_code == 2 and "--limit" in out.output, out.output
+
+
+def test_dataset_show_of_a_preprocess_job_without_a_dataset_says_why(
+    broker: tuple[str, JobService],
+) -> None:
+    """Before: "the preprocess job has not produced a dataset (yet)", also for a failed job."""
+    endpoint, jobs = broker
+    with Client(endpoint) as c:
+        job_id = c.request("distill.jobs", {"op": "submit", "service": "distill.preprocess",
+                                            "params": {}, "max_attempts": 1})["id"]  # fmt: skip
+    out = CliRunner().invoke(app, ["dataset", "show", job_id, "--broker", endpoint])
+    assert out.exit_code == 1 and "the preprocess job is queued" in out.output, out.output
+    jobs.store.mark_running(job_id, "w")
+    jobs.store.fail_attempt(job_id, "no audio among the 3 files")
+    out = CliRunner().invoke(app, ["dataset", "show", job_id, "--broker", endpoint])
+    assert out.exit_code == 1 and "the preprocess job failed, so there is no dataset" in out.output
+    assert "no audio among the 3 files" in out.output and "(yet)" not in out.output
