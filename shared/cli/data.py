@@ -69,7 +69,7 @@ def resolve_dataset(c: Any, ref: str) -> tuple[str, str | None]:
         raise DistillError(f"{ref}: no such folder, and not a dataset id (a sha256 or a prefix "
                            "of one) nor a preprocess job id (j-...)")  # fmt: skip
     artifacts = ArtifactClient(c)
-    sha = resolve_artifact(artifacts, ref)
+    sha = resolve_artifact(artifacts, ref, kind="dataset")
     kind = artifacts.stat(sha).get("kind")
     if kind != "dataset":
         raise DistillError(f"{ref}: artifact {sha[:16]} is of kind {kind!r}, not a dataset")

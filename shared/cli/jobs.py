@@ -203,19 +203,26 @@ def print_usage(usage: dict[str, Any]) -> None:
         typer.echo(f"uploads in progress: {uploads['count']}, {human_bytes(uploads['bytes'])} declared")
 
 
-def resolve_artifact(ac: Any, ref: str) -> str:
+def resolve_artifact(ac: Any, ref: str, kind: str | None = None) -> str:
+    """The artifact id a full id or a unique prefix names. With ``kind`` (where only that kind
+    will do), a prefix shared with artifacts of other kinds (uploads, checkpoints) is unique
+    enough if one artifact of that kind has it."""
     from distill.shared.errors import ArtifactError
     from distill.shared.ids import is_sha256
 
     if is_sha256(ref):
         return ref
-    matches = [a["sha256"] for a in ac.iter() if a["sha256"].startswith(ref.lower())]
+    matches = [a for a in ac.iter() if a["sha256"].startswith(ref.lower())]
     if not matches:
         raise ArtifactError(f"{ref!r} matches no artifact in the broker's store "
                             "(`distill artifacts ls` lists them)")  # fmt: skip
+    if len(matches) > 1 and kind is not None:
+        of_kind = [a for a in matches if a.get("kind") == kind]
+        if len(of_kind) == 1:
+            return str(of_kind[0]["sha256"])
     if len(matches) > 1:
         raise ArtifactError(f"{ref!r} matches {len(matches)} artifacts; give more of the id")
-    return str(matches[0])
+    return str(matches[0]["sha256"])
 
 
 def _bytes_progress(verb: str) -> Any:

@@ -297,7 +297,7 @@ def _vqvae_source(c: Any, ref: str) -> tuple[str, str | None, str]:
     from distill.shared.cli.jobs import resolve_artifact
 
     if not ref.startswith("j-"):
-        sha = resolve_artifact(ArtifactClient(c), ref)
+        sha = resolve_artifact(ArtifactClient(c), ref, kind="vqvae")
         kind = ArtifactClient(c).stat(sha).get("kind")
         if kind != "vqvae":
             raise DistillError(

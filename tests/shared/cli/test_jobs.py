@@ -98,3 +98,25 @@ def test_dataset_show_of_a_preprocess_job_without_a_dataset_says_why(
     out = CliRunner().invoke(app, ["dataset", "show", job_id, "--broker", endpoint])
     assert out.exit_code == 1 and "the preprocess job failed, so there is no dataset" in out.output
     assert "no audio among the 3 files" in out.output and "(yet)" not in out.output
+
+
+def test_a_prefix_shared_with_other_kinds_names_the_one_artifact_of_the_kind_asked_for() -> None:
+    """Before: `distill dataset show e` was refused ("'e' matches 5 artifacts") when one
+    dataset and four uploads or checkpoints began with e."""
+    from distill.shared.cli.jobs import resolve_artifact
+    from distill.shared.errors import ArtifactError
+
+    class Store:
+        def iter(self) -> Iterator[dict[str, str]]:
+            yield from ({"sha256": "e1" + "0" * 62, "kind": "audio"},
+                        {"sha256": "e2" + "0" * 62, "kind": "dataset"},
+                        {"sha256": "e3" + "0" * 62, "kind": "checkpoint"},
+                        {"sha256": "e4" + "0" * 62, "kind": "dataset"})  # fmt: skip
+
+    assert resolve_artifact(Store(), "e2", kind="dataset") == "e2" + "0" * 62
+    assert resolve_artifact(Store(), "e1", kind="dataset") == "e1" + "0" * 62  # caller: wrong kind
+    with pytest.raises(ArtifactError, match="'e' matches 4 artifacts"):
+        resolve_artifact(Store(), "e", kind="dataset")  # two datasets: still ambiguous
+    with pytest.raises(ArtifactError, match="matches 4 artifacts"):
+        resolve_artifact(Store(), "e")
+    assert resolve_artifact(Store(), "e", kind="checkpoint") == "e3" + "0" * 62
