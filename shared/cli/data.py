@@ -35,18 +35,6 @@ def upload_folder(ac: Any, folder: Path, *, quiet: bool = False) -> list[dict[st
     return files
 
 
-def _no_dataset_yet(c: Any, job_id: str) -> str:
-    """Why the preprocess job ``job_id`` names no dataset: not finished yet, or what stopped it."""
-    from distill.shared.bus.jobs import JobsClient
-
-    record = JobsClient(c).get(job_id, metrics=False)
-    status = record["status"]
-    if status in ("queued", "running"):
-        return (f"{job_id}: the preprocess job is {status}, its dataset is not made yet (follow "
-                f"it with `distill jobs watch {job_id}`)")  # fmt: skip
-    return f"{job_id}: the preprocess job {status}, so there is no dataset: {record.get('error')}"
-
-
 def resolve_dataset(c: Any, ref: str) -> tuple[str, str | None]:
     """A dataset reference -> (dataset artifact sha, producing job id or None). ``ref`` is a
     dataset artifact id (or unique prefix), or the id of the preprocess job that makes it."""
@@ -58,6 +46,9 @@ def resolve_dataset(c: Any, ref: str) -> tuple[str, str | None]:
         record = JobsClient(c).get(ref, metrics=False)
         if record["service"] != "distill.preprocess":
             raise DistillError(f"job {ref} is a {record['service']} job, not a preprocess job")
+        if record["status"] in ("failed", "cancelled"):  # refused now, not by a cascade later
+            raise DistillError(f"{ref}: the preprocess job {record['status']}, so there is no "
+                               f"dataset: {record.get('error')}")  # fmt: skip
         sha = (record.get("result") or {}).get("dataset")
         return sha or "", ref
     if Path(ref).is_dir():  # `distill train` uploads folders before it gets here
@@ -130,9 +121,10 @@ def register(app: typer.Typer) -> None:
 
         try:
             with client(broker, timeout_s=60.0) as c:
-                sha, job_id = resolve_dataset(c, ref)
-                if not sha:
-                    fail(_no_dataset_yet(c, job_id or ref))
+                sha, _ = resolve_dataset(c, ref)
+                if not sha:  # a preprocess job still queued or running
+                    fail(f"{ref}: the preprocess job has not finished, its dataset is not made "
+                         f"yet (follow it with `distill jobs watch {ref}`)")
                 ds = Dataset.from_bytes(ArtifactClient(c).get_bytes(sha))
         except DistillError as e:
             fail(str(e))

@@ -92,7 +92,7 @@ def test_dataset_show_of_a_preprocess_job_without_a_dataset_says_why(
         job_id = c.request("distill.jobs", {"op": "submit", "service": "distill.preprocess",
                                             "params": {}, "max_attempts": 1})["id"]  # fmt: skip
     out = CliRunner().invoke(app, ["dataset", "show", job_id, "--broker", endpoint])
-    assert out.exit_code == 1 and "the preprocess job is queued" in out.output, out.output
+    assert out.exit_code == 1 and "the preprocess job has not finished" in out.output, out.output
     jobs.store.mark_running(job_id, "w")
     jobs.store.fail_attempt(job_id, "no audio among the 3 files")
     out = CliRunner().invoke(app, ["dataset", "show", job_id, "--broker", endpoint])
