@@ -150,6 +150,19 @@ def _too_long(name: str, limit_s: float) -> AudioError:
     )
 
 
+def stated_duration_s(path: str | Path) -> float | None:
+    """The length ``path``'s header states, in seconds, read without decoding any sample; None
+    when it states none (a stream's placeholder size) or soundfile cannot read it (then
+    :func:`read_audio` says why)."""
+    try:
+        info = sf.info(str(path))
+    except (RuntimeError, OSError, ValueError, TypeError):
+        return None
+    if info.samplerate <= 0 or info.frames <= 0 or info.frames in _PLACEHOLDER_SIZES:
+        return None
+    return float(info.frames / info.samplerate)
+
+
 def _read_blocks(f: sf.SoundFile, name: str, limit_s: float) -> np.ndarray:
     """All frames ``(frames, channels)``, read block by block, stopping past ``limit_s``."""
     limit_frames = int(limit_s * f.samplerate)
@@ -368,9 +381,11 @@ def load_audio(
     name: str | None = None,
     silence_threshold_db: float = DEFAULT_SILENCE_THRESHOLD_DB,
     normalisation: Normalisation = "peak",
+    max_s: float | None = None,
 ) -> torch.Tensor:
-    """:func:`read_audio` then :func:`prepare_audio`: a file to mono ``(samples,)``."""
-    decoded = read_audio(source, name=name)
+    """:func:`read_audio` (``max_s``: its limit) then :func:`prepare_audio`: a file to mono
+    ``(samples,)``."""
+    decoded = read_audio(source, name=name, max_s=max_s)
     return prepare_audio(
         decoded, sample_rate, silence_threshold_db=silence_threshold_db, normalisation=normalisation
     )

@@ -8,6 +8,7 @@ sampling parameters, or the codes), which ``distill regenerate`` reads to make i
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +39,81 @@ OutOpt = typer.Option(Path("."), "-o", "--out", help="Folder for the files.")
 FormatOpt = typer.Option("wav", "--format", help="wav or flac.")
 BitsOpt = typer.Option("24", "--bits", help="16, 24 or float (wav only).")
 DeviceOpt = typer.Option("cpu", "--device")
+ForceOpt = typer.Option(False, "--force", help="Replace the output file if it exists.")
+# An input sound's length is checked against MAX_SECONDS after its silence is trimmed; a header
+# that states more than this much longer is refused before anything is decoded (a 10-minute
+# 192 kHz file took 4.5 GB to decode, trim and resample just to be refused).
+INPUT_SLACK_S = 60.0
 
 
 def _load(path: Path, device: str) -> Any:
+    from distill.shared.devices import resolve_device
     from distill.shared.errors import DistillError
     from distill.shared.model.modelfile import load_model
 
     try:
-        return load_model(path, device)
+        resolved = resolve_device(device)  # torch's own errors about devices are tracebacks
+    except DistillError as e:
+        fail(f"--{e}")  # "device 'cuda': CUDA is not available on this machine"
+    try:
+        return load_model(path, resolved)
     except DistillError as e:
         fail(str(e))
+
+
+def _check_writable(folder: Path, name: str, shown: Path) -> None:
+    """Refuse ``folder`` unless a file can be made in it (``name`` ``shown``: the option and
+    the path the user gave, for the message)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        fail(f"{name} {shown}: cannot write files in {folder} ({e.strerror or e})")
+
+
+def _writable_folder(out: Path) -> None:
+    """Make the ``-o`` folder and check a file can be written in it, before any sound is drawn:
+    a refusal after the draws would lose their work."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        fail(f"-o {out}: that is a file, not a folder")
+    except OSError as e:
+        fail(f"-o {out}: cannot make the folder ({e.strerror or e})")
+    _check_writable(out, "-o", out)
+
+
+def _new_file(path: Path, force: bool, name: str = "-o") -> None:
+    """Refuse the output file ``path`` before any work when it exists (unless ``force``), or
+    when its folder is missing or cannot be written."""
+    if path.is_dir():
+        fail(f"{name} {path}: that is a folder")
+    if (path.exists() or path.is_symlink()) and not force:
+        fail(f"{path} exists: choose another {name}, or pass --force to replace it")
+    folder = path.parent
+    if not folder.is_dir():
+        fail(f"{name} {path}: no folder {folder}")
+    _check_writable(folder, name, path)
+
+
+def _free_path(path: Path) -> Path:
+    """``path``, or the first of ``NAME-2.EXT``, ``NAME-3.EXT``, ... that is free: a numbered
+    file's name holds only the model, the seed and the index, so a run with other settings
+    would otherwise replace an earlier run's sound without a word."""
+    free, n = path, 2
+    while free.exists() or free.is_symlink():
+        free, n = path.with_name(f"{path.stem}-{n}{path.suffix}"), n + 1
+    return free
+
+
+def _check_count(count: int) -> None:
+    """``-n``, before the model is read (``inference.generate`` checks it again)."""
+    from distill.shared.model import inference as inf
+
+    if not 1 <= count <= inf.MAX_COUNT:
+        fail(f"-n must be in 1..{inf.MAX_COUNT}, got {count}")
 
 
 def _subtype(bits: str, suffix: str) -> str:
@@ -91,8 +157,10 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
     ``out`` with their metadata; their paths."""
     from distill.shared.model import inference as inf
 
-    params = _params(model, temperature, top_k, top_p, min_p, seed, change_temperature)
+    params = _params(model, temperature, top_k, top_p, min_p, seed, change_temperature, show)
     subtype = _subtype(bits, f".{fmt}")
+    _check_count(count)
+    _writable_folder(out)  # before the draws: a refusal after them would lose their work
     # The bar moves as each batch of 16 is decoded; sampling the codes comes before.
     with typer.progressbar(length=count, label="generating", hidden=not show) as bar:
         made = inf.generate(model, count=count, seconds=seconds, params=params, quality=quality,
@@ -109,9 +177,11 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
 
 
 def _params(model: Any, temperature: float, top_k: int, top_p: float, min_p: float | None,
-            seed: int, change_temperature: float | None = None) -> Any:  # fmt: skip
+            seed: int, change_temperature: float | None = None,
+            show: bool = True) -> Any:  # fmt: skip
     """The sampling parameters; min-p at its default and the change temperature at the model's
-    (chosen when its prior was trained) unless given."""
+    (chosen when its prior was trained) unless given. An error names the option."""
+    from distill.shared.errors import DistillError
     from distill.shared.model import inference as inf
 
     chosen: dict[str, Any] = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
@@ -120,7 +190,19 @@ def _params(model: Any, temperature: float, top_k: int, top_p: float, min_p: flo
         chosen["min_p"] = min_p
     if change_temperature is not None:
         chosen["change_temperature"] = change_temperature
-    return inf.sampling_params(chosen, model)
+    else:
+        note = inf.stored_change_temperature_note(model)
+        if note and show:
+            typer.echo(note, err=True)
+    try:
+        return inf.sampling_params(chosen, model)
+    except DistillError as e:
+        text = str(e).removeprefix("SamplingParams: ")
+        field = text.split(" ", 1)[0]
+        fail(f"--{field.replace('_', '-')}: {text}" if field in SAMPLING_FIELDS else text)
+
+
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "change_temperature", "seed")
 
 
 def _export_all(model: Any, made: Any, recipes: list[dict[str, Any]], kind: str, out: Path,
@@ -128,11 +210,11 @@ def _export_all(model: Any, made: Any, recipes: list[dict[str, Any]], kind: str,
     """Each sound of ``made`` to ``out/STEM-NNN.FMT`` with its recipe; prints each line."""
     from distill.shared.audio.export import ExportMetadata, export_audio
 
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # checked by _writable_folder before the draws
     paths = []
     step_s = model.vqvae.config.downsample / model.mel_config.frames_per_second
     for i, (audio, recipe) in enumerate(zip(made.audio, recipes, strict=True)):
-        path = out / f"{stem}-{i:03d}.{fmt}"
+        path = _free_path(out / f"{stem}-{i:03d}.{fmt}")  # never an earlier run's file
         meta = ExportMetadata(kind=kind, model_id=model.model_id, title=path.stem, data=recipe)
         report = export_audio(path, audio, made.sample_rate, subtype=subtype, metadata=meta)  # type: ignore[arg-type]
         gain = f" gain {report.gain_db:.1f} dB" if report.gain_db else ""
@@ -142,43 +224,105 @@ def _export_all(model: Any, made: Any, recipes: list[dict[str, Any]], kind: str,
     return paths
 
 
+def _check_file(path: Path, name: str) -> None:
+    """Refuse an input ``path`` (``name``: the option) that is missing or a folder."""
+    if path.is_dir():
+        fail(f"{name} {path}: that is a folder, not a file")
+    if not path.is_file():
+        fail(f"{name} {path}: no such file")
+
+
 def _codes_of(path: Path, model: Any, name: str) -> Any:
     """The (Q, T) codes of ``path``: a codes file from `distill encode` (.npz), or a sound
     encoded here as training prepares it. ``name`` is the option, for errors."""
     import numpy as np
 
-    if not path.is_file():
-        fail(f"{name} {path}: no such file")
+    _check_file(path, name)
     if path.suffix.lower() == ".npz":
         return np.asarray(_read_codes(path, model), dtype=np.int64)
     return _encode_sound(path, model, name)
 
 
-def _encode_sound(path: Path, model: Any, name: str = "", search: int | None = None) -> Any:
-    """The (Q, T) codes of the sound ``path``, prepared as for training and encoded with
-    ``search`` candidates (None: the model layer's default); an error names ``name`` (the
-    option) and the file unless it names the file already."""
-    from distill.shared.audio.io import load_audio
+def _sound(path: Path, model: Any, name: str = "") -> Any:
+    """The sound ``path`` prepared as for training, at the model's rate: (samples,). One whose
+    header states far more than MAX_SECONDS (INPUT_SLACK_S for the silence trimmed) is refused
+    before a sample is decoded; the exact check is ``inference.model_audio``'s, after the trim.
+    An error names ``name`` (the option) and the file unless it names the file already."""
+    from distill.shared.audio.io import load_audio, stated_duration_s
     from distill.shared.errors import DistillError
     from distill.shared.model import inference as inf
 
+    rate, most = model.mel_config.sample_rate, inf.MAX_SECONDS + INPUT_SLACK_S
     try:
-        audio = load_audio(path, model.mel_config.sample_rate)
-        return inf.encode(model, inf.model_audio(model, audio.numpy(), model.mel_config.sample_rate),
-                          inf.SEARCH_CANDIDATES if search is None else search)  # fmt: skip
+        stated = stated_duration_s(path)
+        if stated is not None and stated > most:
+            raise inf.BadInput(f"audio is {stated:.1f} s long; at most {inf.MAX_SECONDS:g} s")
+        audio = load_audio(path, rate, max_s=most)  # max_s: a header that under-states it
+        return inf.model_audio(model, audio.numpy(), rate)
     except DistillError as e:
         if str(e).startswith(path.name):
             fail(str(e))
         fail(f"{name} {path.name}: {e}" if name else f"{path.name}: {e}")
 
 
-def _step_at(model: Any, seconds: float, name: str) -> int:
-    """The code step at ``seconds`` into a sound (0 at 0 s)."""
+def _encode_sound(path: Path, model: Any, name: str = "", search: int | None = None,
+                  audio: Any = None) -> Any:  # fmt: skip
+    """The (Q, T) codes of the sound ``path`` (``audio``: it already prepared by ``_sound``),
+    encoded with ``search`` candidates (None: the model layer's default); an error names
+    ``name`` (the option) and the file."""
+    from distill.shared.errors import DistillError
     from distill.shared.model import inference as inf
 
+    if audio is None:
+        audio = _sound(path, model, name)
+    try:
+        return inf.encode(model, audio, inf.SEARCH_CANDIDATES if search is None else search)
+    except DistillError as e:
+        fail(f"{name} {path.name}: {e}" if name else f"{path.name}: {e}")
+
+
+def _step_at(model: Any, seconds: float, name: str) -> int:
+    """The code step at ``seconds`` into a sound (0 at 0 s; past MAX_SECONDS: its step)."""
+    from distill.shared.model import inference as inf
+
+    if math.isnan(seconds):
+        fail(f"{name} must be a number of seconds, got nan")
     if seconds < 0:
         fail(f"{name} must be 0 or more seconds, got {seconds:g}")
     return 0 if seconds == 0 else inf.steps_for(model, min(seconds, inf.MAX_SECONDS))
+
+
+def _continued(model: Any, path: Path, start: float | None, seconds: float) -> Any:
+    """The codes ``--continue`` keeps of ``path`` (a sound or a codes .npz): all, or up to
+    ``--from`` (``start``). The kept length plus ``seconds`` is checked against MAX_SECONDS
+    before the sound is encoded (its search takes ~2 s a second of sound)."""
+    import numpy as np
+
+    from distill.shared.model import inference as inf
+
+    steps = None if start is None else _step_at(model, start, "--from")
+    if steps == 0:
+        fail("--from 0 keeps nothing of the sound: leave out --continue to draw anew")
+    _check_file(path, "--continue")
+    codes = audio = None
+    if path.suffix.lower() == ".npz":
+        codes = np.asarray(_read_codes(path, model), dtype=np.int64)
+        total = int(codes.shape[1])
+    else:
+        audio = _sound(path, model, "--continue")
+        total = inf.encoded_steps(model, int(audio.shape[-1]))
+    step_s = model.vqvae.config.downsample / model.mel_config.frames_per_second
+    if steps is not None and steps > total:
+        typer.echo(f"note: --from {start:g} s is past the end of {path.name} "
+                   f"(~{total * step_s:.2f} s): the whole sound is kept", err=True)  # fmt: skip
+    kept = total if steps is None else min(steps, total)
+    if kept + inf.steps_for(model, seconds) > inf.steps_for(model, inf.MAX_SECONDS):
+        fail(f"--continue keeps ~{kept * step_s:.2f} s of {path.name}; with --seconds "
+             f"{seconds:g} more that is over {inf.MAX_SECONDS:g} s (use --from or fewer "
+             "--seconds)")  # fmt: skip
+    if codes is None:
+        codes = _encode_sound(path, model, "--continue", audio=audio)
+    return codes[:, :kept]
 
 
 def register(app: typer.Typer) -> None:
@@ -219,23 +363,24 @@ def generate(
 
     Prints each file with the parameters that make it again."""
     from distill.shared.errors import DistillError
+    from distill.shared.model import inference as inf
 
     if fmt not in ("wav", "flac"):
         fail(f"--format must be wav or flac, got {fmt!r}")
     _check_quality(quality)  # before any sound is encoded or drawn
     if seconds <= 0:  # inference.generate refuses it too, once the model is loaded
         fail(f"seconds must be more than 0, got {seconds!r}")
+    try:  # nan, inf, past MAX_SECONDS: before the model is read and the bar drawn
+        inf.check_number(seconds, "seconds", 0.0, inf.MAX_SECONDS)
+    except DistillError as e:
+        fail(f"--{e}")
+    _check_count(count)
     if start is not None and cont is None:
         fail("--from needs --continue FILE (the sound to continue)")
     model = _load(model_file, device)
     prime, prefix = None, model_file.stem
     if cont is not None:
-        prime = _codes_of(cont, model, "--continue")
-        if start is not None:
-            steps = _step_at(model, start, "--from")
-            if steps == 0:
-                fail("--from 0 keeps nothing of the sound: leave out --continue to draw anew")
-            prime = prime[:, :steps]
+        prime = _continued(model, cont, start, seconds)
         prefix = f"{model_file.stem}-{cont.stem}-cont"
     try:
         generate_files(model, out, count=count, seconds=seconds, temperature=temperature,
@@ -275,6 +420,7 @@ def resample(
     if fmt not in ("wav", "flac"):
         fail(f"--format must be wav or flac, got {fmt!r}")
     _check_quality(quality)  # before any sound is encoded or drawn
+    _check_count(count)
     model = _load(model_file, device)
     codes = _codes_of(sound, model, "SOUND")
     total = codes.shape[1]
@@ -289,9 +435,10 @@ def resample(
         typer.echo(f"note: --to {end:g} s is past the end of {sound.name} (~{length_s:.2f} s): "
                    "the region runs to the end", err=True)  # fmt: skip
         t1 = total
+    params = _params(model, temperature, top_k, top_p, min_p, seed, change_temperature)
+    subtype = _subtype(bits, f".{fmt}")
+    _writable_folder(out)  # before the draws: a refusal after them would lose their work
     try:
-        params = _params(model, temperature, top_k, top_p, min_p, seed, change_temperature)
-        subtype = _subtype(bits, f".{fmt}")
         with typer.progressbar(length=count, label="resampling") as bar:
             made = inf.resample_variants(model, codes, t0, t1, params, inf.check_quality(quality),
                                          count=count,
@@ -307,23 +454,47 @@ def resample(
 def encode(
     audio_file: Path = typer.Argument(..., help="A sound file."),
     model_file: Path = typer.Option(..., "--model", "-m", help="A .distill model file."),
-    out: Path = typer.Option(Path("codes.npz"), "-o", "--out"),
+    out: str = typer.Option(
+        "codes.npz", "-o", "--out",
+        help="The .npz to write (.npz is added if missing); a folder (or DIR/): FILE's name.npz "
+        "in it.",
+    ),  # fmt: skip
     device: str = typer.Option("cpu", "--device"),
     search: int | None = typer.Option(
         None, "--search", show_default=False,
         help="Codes tried per level and step, kept by what they decode to (default 16: ~2 s "
         "per second of sound on one CPU thread); 0: the quantizer's nearest codes, at once.",
     ),  # fmt: skip
+    force: bool = ForceOpt,
 ) -> None:
     """Encode a sound into a code grid (.npz: codes, codebook_size, model_id)."""
+    import os
+
     import numpy as np
 
+    from distill.shared.model import inference as inf
+
+    target = Path(out)
+    if target.is_dir() or out.endswith(("/", os.sep)):  # a folder: the sound's name in it
+        target = target / f"{audio_file.stem}.npz"
+    elif target.suffix != ".npz":  # np.savez would add it: the name printed is the one written
+        target = target.with_name(f"{target.name}.npz")
+    if search is not None:
+        try:
+            inf.check_int(search, "search", 0, inf.MAX_SEARCH)
+        except inf.BadInput as e:
+            fail(f"--{e}")
+    _check_file(audio_file, "FILE")
+    _new_file(target, force)  # before the encoding's search, which takes a while
     model = _load(model_file, device)
     codes = _encode_sound(audio_file, model, search=search)
-    np.savez(out, codes=codes, codebook_size=np.int64(model.vqvae.config.codebook_size),
-             model_id=np.array(model.model_id))  # fmt: skip
+    try:
+        np.savez(target, codes=codes, codebook_size=np.int64(model.vqvae.config.codebook_size),
+                 model_id=np.array(model.model_id))  # fmt: skip
+    except OSError as e:
+        fail(f"{target}: could not write ({e.strerror or e})")
     typer.echo(
-        f"{out}: {codes.shape[0]} levels x {codes.shape[1]} steps, model {model.model_id[:12]}"
+        f"{target}: {codes.shape[0]} levels x {codes.shape[1]} steps, model {model.model_id[:12]}"
     )
 
 
@@ -332,6 +503,7 @@ def _read_codes(path: Path, model: Any) -> Any:
 
     import numpy as np
 
+    _check_file(path, "CODES")
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":  # np.load would try it as a pickle and say so
             fail(f"{path.name}: not a codes file from `distill encode` (not an .npz archive)")
@@ -354,12 +526,15 @@ def decode(
     bits: str = typer.Option("24", "--bits"),
     quality: str = QualityOpt,
     device: str = typer.Option("cpu", "--device"),
+    force: bool = ForceOpt,
 ) -> None:
     """Decode a code grid to a sound file."""
     from distill.shared.audio.export import ExportMetadata, export_audio
     from distill.shared.errors import DistillError
     from distill.shared.model import inference as inf
 
+    _check_file(codes_file, "CODES")
+    _new_file(out, force)
     model = _load(model_file, device)
     codes = _read_codes(codes_file, model)
     try:
@@ -380,6 +555,7 @@ def regenerate(
         None, "-o", "--out", help="Default: FILE's name + '.regenerated'."
     ),  # fmt: skip
     device: str = typer.Option("cpu", "--device"),
+    force: bool = ForceOpt,
 ) -> None:
     """Make an exported sound again from its metadata (the same samples on the same device)."""
     import numpy as np
@@ -407,6 +583,7 @@ def regenerate(
         target = target / audio_file.name
     if target.resolve() == audio_file.resolve():
         fail(f"{target}: that is the file being regenerated; choose another --out")
+    _new_file(target, force)  # before the replay's work
     try:
         export_format(target)  # a bad suffix is refused before the replay's work
         audio = inf.replay(model, meta.kind, meta.data)

@@ -33,7 +33,12 @@ from distill.shared.audio.phase import QUALITY_PRESETS, mel_to_audio_quality
 from distill.shared.errors import BAD_REQUEST, DistillError
 from distill.shared.model.codes import CodeGridError, EditSession, edit_from_dict
 from distill.shared.model.modelfile import DistillModel
-from distill.shared.model.sampling import CHANGE_TEMPERATURE, MAX_SEED, SamplingParams
+from distill.shared.model.sampling import (
+    CHANGE_TEMPERATURE,
+    MAX_SEED,
+    MIN_TEMPERATURE,
+    SamplingParams,
+)
 from distill.shared.model.sampling import resample_region as prior_resample_region
 from distill.shared.model.sampling import sample as prior_sample
 from distill.shared.model.vqvae import SEARCH_CANDIDATES
@@ -118,6 +123,14 @@ def steps_for(model: DistillModel, seconds: float) -> int:
     return max(1, round(seconds * per_second / model.vqvae.config.downsample))
 
 
+def encoded_steps(model: DistillModel, samples: int) -> int:
+    """The code steps :func:`encode` gives for ``samples`` of audio at the model's rate (its
+    centred STFT's frames, the encoder's steps rounded up): known before the encoding's
+    search, which takes ~2 s a second of sound."""
+    frames = samples // model.mel_config.hop_length + 1
+    return -(-frames // model.vqvae.config.downsample)
+
+
 def model_audio(model: DistillModel, audio: object, sample_rate: object) -> torch.Tensor:
     """Audio from outside -> mono float32 ``(samples,)`` at the model's rate, bounded."""
     if not isinstance(audio, np.ndarray) or audio.ndim not in (1, 2) or audio.size == 0:
@@ -178,10 +191,30 @@ ENVELOPE_BATCH = 48  # sounds drawn at once when their envelopes are measured
 
 def model_change_temperature(model: DistillModel) -> float:
     """The change temperature chosen for ``model`` when its prior was trained (the summary's
-    ``sampling``), or CHANGE_TEMPERATURE (off) for a model without one."""
-    chosen = (model.summary.get("sampling") or {}).get("change_temperature")
-    ok = isinstance(chosen, (int, float)) and not isinstance(chosen, bool) and 0 < chosen <= 100
+    ``sampling``), or CHANGE_TEMPERATURE (off) for a model without one, or with one that is no
+    number in [MIN_TEMPERATURE, 100] (a hand-edited file: refusing it would refuse every draw
+    that does not name its own; :func:`stored_change_temperature_note` says so)."""
+    chosen = _stored_change_temperature(model)
+    ok = (isinstance(chosen, (int, float)) and not isinstance(chosen, bool)
+          and MIN_TEMPERATURE <= chosen <= 100)  # fmt: skip
     return float(chosen) if ok else CHANGE_TEMPERATURE
+
+
+def _stored_change_temperature(model: DistillModel) -> object:
+    sampling = model.summary.get("sampling")
+    return sampling.get("change_temperature") if isinstance(sampling, dict) else None
+
+
+def stored_change_temperature_note(model: DistillModel) -> str | None:
+    """A note when ``model`` stores a change temperature that :func:`model_change_temperature`
+    does not use (out of range or not a number); None when it stores a usable one or none."""
+    stored = _stored_change_temperature(model)
+    if stored is None or (model_change_temperature(model) == stored
+                          and not isinstance(stored, bool)):  # fmt: skip
+        return None
+    return (f"note: the model stores change temperature {stored!r}, which is not a number in "
+            f"[{MIN_TEMPERATURE:g}, 100]: drawn with {CHANGE_TEMPERATURE:g} (off) where "
+            "no change temperature is given")  # fmt: skip
 
 
 @torch.no_grad()

@@ -70,6 +70,13 @@ NOISE_CHUNK_STEPS = 64
 # draw is the silence after a hit. 1 is off: the draw as before it existed, which recipes
 # without it replay.
 CHANGE_TEMPERATURE = 1.0
+# The lowest temperature and change temperature: the one-item sampler divides float32 logits by
+# np.float32(t), which is 0 at 1e-300 (inf and NaN logits; a ZeroDivisionError in _apart_np) and
+# subnormal below 1.2e-38 (1e-40 overflowed to inf and drew a fixed, wrong code). A prior's
+# logits lie within a few hundred of each other: divided by 1e-6, twice over (temperature, then
+# change temperature on log-probabilities), they stay under ~1e15, far from float32's 3.4e38.
+# Nothing is lost: any temperature under ~1e-3 already draws the greedy code.
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -102,13 +109,14 @@ class SamplingParams:
             ):
                 raise ConfigError(f"SamplingParams: {name} must be {kind.__name__}, got {value!r}")
         checks = [
-            ("temperature", 0 < self.temperature <= 100, "must be > 0 and <= 100"),
+            ("temperature", MIN_TEMPERATURE <= self.temperature <= 100,
+             f"must be > 0 (at least {MIN_TEMPERATURE:g}) and <= 100"),
             ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}"),
             ("min_p", 0 <= self.min_p < 1, "must be in [0, 1) (0 = off)"),
-            ("change_temperature", 0 < self.change_temperature <= 100,
-             "must be > 0 and <= 100 (1 = off)"),
+            ("change_temperature", MIN_TEMPERATURE <= self.change_temperature <= 100,
+             f"must be > 0 (at least {MIN_TEMPERATURE:g}) and <= 100 (1 = off)"),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -8,11 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import typer
 from textual.widgets import DataTable, Input
+from typer.testing import CliRunner
 
+from distill.shared.audio.export import read_export_metadata
 from distill.shared.audio.io import read_audio
 from distill.shared.bus.artifacts import ArtifactClient
 from distill.shared.bus.cache import ArtifactCache
+from distill.shared.cli import generate
 from distill.shared.model.modelfile import save_model
 from distill.tui.app import DistillApp
 from distill.tui.screens.editor import EditorScreen
@@ -23,6 +28,8 @@ from tests.tui.conftest import until
 from tests.workers.test_infer import tiny_model
 
 pytestmark = [pytest.mark.slow]
+cli_app = typer.Typer()
+generate.register(cli_app)
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +91,21 @@ async def test_generate_then_edit_a_generated_sound(cluster_with_model: Cluster,
         await pilot.press("r")
         await until(pilot, lambda: ed.slots[0].can_undo, 60, what="redone")
         assert np.array_equal(ed.slots[0].codes, after)
+
+        # the export records the worker's thread count (--threads 1), which the last bits of the
+        # decode depend on, so `distill regenerate` makes the same samples on another count
+        ed.query_one("#edit-export", Input).value = str(tmp_path / "edits")
+        ed.action_export()
+        edited = await until(pilot, lambda: sorted((tmp_path / "edits").glob("*.wav")), 120,
+                             what="the edit exported")  # fmt: skip
+    meta = read_export_metadata(edited[0])
+    assert meta.kind == "edit" and meta.data["threads"] == 1
+    model_file = tmp_path / "tiny.distill"
+    save_model(model_file, tiny_model())
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = CliRunner().invoke(cli_app, ["regenerate", str(edited[0]), "--model", str(model_file)])
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0 and "identical to" in result.output, result.output

@@ -366,8 +366,13 @@ class EditorScreen(DistillScreen):
             reply = await self.infer({"op": "decode", "codes": slot.codes, "quality": "best"})
             folder.mkdir(parents=True, exist_ok=True)
             name = f"edit-{Path(slot.name).stem or 'sound'}.wav"
+            # threads: the worker's torch thread count, which the last bits of the decode
+            # depend on: `distill regenerate` makes the same samples only with the same count
+            data: dict[str, Any] = {"session": slot.session, "levels": None, "quality": "best"}
+            if reply.get("threads") is not None:
+                data["threads"] = reply["threads"]
             meta = ExportMetadata(kind="edit", model_id=str(reply.get("model_id", "")), title=name,
-                                  data={"session": slot.session, "levels": None, "quality": "best"})
+                                  data=data)
             report = export_audio(folder / name, np.asarray(reply["audio"]), int(reply["sample_rate"]),
                                   metadata=meta)
         except (DistillError, OSError) as e:

@@ -309,3 +309,15 @@ def test_long_files_within_the_limit_decode_by_blocks_to_the_same_samples(tmp_pa
     decoded = read_audio(path, max_s=30.0)
     whole, _ = sf.read(path, dtype="float32", always_2d=True)
     np.testing.assert_array_equal(decoded.samples, whole.T)
+
+
+def test_stated_duration_reads_the_header_only(tmp_path: Path) -> None:
+    from distill.shared.audio.io import stated_duration_s
+
+    path = _wav(tmp_path / "ok.wav", 3.0)
+    assert stated_duration_s(path) == pytest.approx(3.0)
+    (tmp_path / "notes.wav").write_text("not a sound")
+    assert stated_duration_s(tmp_path / "notes.wav") is None  # read_audio says why
+    assert stated_duration_s(tmp_path / "gone.wav") is None
+    with pytest.raises(AudioError, match="longer than 2 s"):
+        load_audio(path, 48000, max_s=2.0)

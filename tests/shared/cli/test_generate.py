@@ -296,3 +296,160 @@ def test_encode_searches_codes_by_what_they_decode_to_unless_told_not_to(
     result = runner.invoke(app, ["encode", str(wav), "--model", str(model_file), "-o",
                                  str(tmp_path / "x.npz"), "--search", "-3"])  # fmt: skip
     assert result.exit_code == 1 and "search must be in [0, 256]" in result.output
+
+
+def _refused(*args: object) -> str:
+    """The output of a command that must fail with one `error:` line, exit code 1."""
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 1, result.output + repr(result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "error: " in result.output and "Traceback" not in result.output
+    return result.output
+
+
+def test_bad_paths_devices_and_numbers_are_one_line_errors_before_any_draw(
+    model_file: Path, tmp_path: Path
+) -> None:
+    wav, codes = _tone(tmp_path / "in.wav"), tmp_path / "codes.npz"
+    run("encode", wav, "--model", model_file, "-o", codes, "--search", "0")
+    afile = tmp_path / "afile.txt"
+    afile.write_text("a file, not a folder")
+    gen = ["generate", model_file, "-n", "1", "--seconds", "0.2"]
+    cases = [
+        (["generate", model_file, "--continue", wav, "--from", "nan"],
+         "--from must be a number of seconds, got nan"),
+        (["resample", codes, "--model", model_file, "--from", "nan"], "--from must be a number"),
+        (["resample", codes, "--model", model_file, "--from", "0.1", "--to", "nan"],
+         "--to must be a number"),
+        (["decode", tmp_path / "gone.npz", "--model", model_file], "gone.npz: no such file"),
+        (["decode", tmp_path, "--model", model_file], "that is a folder, not a file"),
+        ([*gen, "-o", afile], f"-o {afile}: that is a file, not a folder"),
+        ([*gen, "-o", afile / "sub"], f"-o {afile / 'sub'}: cannot make the folder"),
+        (["resample", codes, "--model", model_file, "--from", "0.1", "-o", afile],
+         "that is a file, not a folder"),
+        (["encode", wav, "--model", model_file, "-o", tmp_path / "nodir" / "x.npz"],
+         f"no folder {tmp_path / 'nodir'}"),
+        ([*gen, "--device", "bogus"], "--device 'bogus' is not one of auto, cpu, cuda"),
+        ([*gen, "-n", "0"], "-n must be in 1..256, got 0"),
+        ([*gen, "--seconds", "nan"], "--seconds must be a finite number"),
+    ]  # fmt: skip
+    if not torch.cuda.is_available():
+        cases.append(([*gen, "--device", "cuda"], "--device 'cuda': CUDA is not available"))
+    if not torch.backends.mps.is_available():
+        cases.append(([*gen, "--device", "mps"], "--device 'mps': Metal is not available"))
+    for args, says in cases:
+        output = _refused(*args)
+        assert says in output, (args, output)
+        assert "generating" not in output and "resampling" not in output  # nothing drawn
+    assert "index=0" in run(*gen, "--device", "auto", "-o", tmp_path / "auto")
+
+
+def test_tiny_temperatures_are_refused_and_the_bound_draws_cleanly(
+    model_file: Path, tmp_path: Path
+) -> None:
+    import warnings
+
+    from distill.shared.model.sampling import MIN_TEMPERATURE
+
+    gen = ["generate", model_file, "-n", "1", "--seconds", "0.3", "--quality", "preview"]
+    for flag in ("--temperature", "--change-temperature"):
+        for tiny in ("1e-40", "1e-300"):  # float32 0 or subnormal: NaN draws, a ZeroDivisionError
+            output = _refused(*gen, flag, tiny, "-o", tmp_path / "no")
+            assert f"{flag}: {flag[2:].replace('-', '_')} must be > 0 (at least 1e-06)" in output
+    assert not (tmp_path / "no").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow or NaN in the sampler is a RuntimeWarning
+        for extra in ([], ["--top-p", "0.5"]):
+            run(*gen, "--temperature", str(MIN_TEMPERATURE), "--change-temperature",
+                str(MIN_TEMPERATURE), *extra, "-o", tmp_path / "cold")  # fmt: skip
+    made = sorted((tmp_path / "cold").glob("*.wav"))
+    assert len(made) == 2 and all(np.isfinite(sf.read(f)[0]).all() for f in made)
+    # a model file whose stored change temperature the sampler cannot carry: drawn without it
+    odd = tmp_path / "odd.distill"
+    save_model(odd, dataclasses.replace(tiny_model(), summary={"sampling": {"change_temperature": 1e-300}}))
+    text = run("generate", odd, "-n", "1", "--seconds", "0.3", "-o", tmp_path / "odd",
+               "--quality", "preview")  # fmt: skip
+    assert "stores change temperature 1e-300" in text and "change_temperature=1.0" in text
+
+
+def test_encode_prints_the_path_it_wrote(model_file: Path, tmp_path: Path) -> None:
+    wav = _tone(tmp_path / "in.wav")
+    text = run("encode", wav, "--model", model_file, "-o", tmp_path / "noext", "--search", "0")
+    assert text.startswith(f"{tmp_path / 'noext.npz'}: ") and (tmp_path / "noext.npz").is_file()
+    folder = tmp_path / "codes"
+    folder.mkdir()
+    text = run("encode", wav, "--model", model_file, "-o", f"{folder}/", "--search", "0")
+    assert text.startswith(f"{folder / 'in.npz'}: ") and (folder / "in.npz").is_file()
+    assert not (tmp_path / "codes.npz").exists()
+    assert "no folder" in _refused("encode", wav, "--model", model_file, "-o",
+                                   f"{tmp_path / 'new'}/", "--search", "0")  # fmt: skip
+
+
+def test_continue_checks_the_length_before_encoding_and_notes_from_past_the_end(
+    model_file: Path, tmp_path: Path
+) -> None:
+    long = tmp_path / "long.wav"  # a steady tone: nothing for preparation to trim
+    sf.write(long, 0.3 * np.sin(2 * math.pi * 220 * np.arange(59 * 48000) / 48000), 48000)
+    output = _refused("generate", model_file, "--continue", long, "-n", "1", "--seconds", "2",
+                      "-o", tmp_path / "o")  # fmt: skip
+    assert "--continue keeps ~59" in output and "over 60 s" in output
+    output = _refused("generate", model_file, "--continue", long, "--from", "30", "-n", "1",
+                      "--seconds", "40", "-o", tmp_path / "o")  # fmt: skip
+    assert "s of long.wav; with --seconds 40 more that is over 60 s" in output
+    assert not (tmp_path / "o").exists()
+    # the estimate is the encoder's own step count: 1 s kept plus the most that fits is drawn
+    wav = _tone(tmp_path / "in.wav")
+    model = generate._load(model_file, "cpu")
+    from distill.shared.audio.io import load_audio
+
+    audio = load_audio(wav, model.mel_config.sample_rate)
+    assert inference.encoded_steps(model, audio.shape[0]) == inference.encode(model, audio, 0).shape[1]
+    text = run("generate", model_file, "--continue", wav, "--from", "100", "-n", "1", "--seconds",
+               "0.2", "-o", tmp_path / "c", "--quality", "preview")  # fmt: skip
+    assert "--from 100 s is past the end of in.wav (~1.0" in text and "whole sound is kept" in text
+
+
+def test_a_long_input_is_refused_from_its_header(model_file: Path, tmp_path: Path) -> None:
+    rate = 8000  # 200 s of silence, then a tone: trimmed, the sound would be under a second
+    t = np.arange(rate // 2) / rate
+    sound = np.concatenate([np.zeros(200 * rate), 0.5 * np.sin(2 * math.pi * 300 * t)])
+    sf.write(tmp_path / "quiet.wav", sound, rate, subtype="PCM_16")
+    output = _refused("encode", tmp_path / "quiet.wav", "--model", model_file, "-o",
+                      tmp_path / "x.npz", "--search", "0")  # fmt: skip
+    assert "quiet.wav: audio is 200.5 s long; at most 60 s" in output
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_no_file_is_replaced_unless_forced(model_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    gen = ["generate", model_file, "-n", "2", "--seconds", "0.2", "--seed", "3", "-o", out,
+           "--quality", "preview"]  # fmt: skip
+    run(*gen)
+    first = {f.name: f.read_bytes() for f in out.glob("*.wav")}
+    text = run(*gen[:5], "0.3", *gen[6:], "--temperature", "0.5")  # other settings, same names
+    assert f"{out / 'tiny-s3-000-2.wav'}  index=0" in text and f"{out / 'tiny-s3-001-2.wav'}" in text
+    assert all((out / name).read_bytes() == data for name, data in first.items())
+    meta = read_export_metadata(out / "tiny-s3-000-2.wav")
+    assert meta.data["seconds"] == 0.3 and meta.title == "tiny-s3-000-2"
+    assert "identical to" in run("regenerate", out / "tiny-s3-000-2.wav", "--model", model_file)
+    # single files: refused when they exist, replaced with --force
+    made = out / "tiny-s3-000.wav"
+    again = out / "tiny-s3-000.regenerated.wav"
+    assert "identical to" in run("regenerate", made, "--model", model_file)
+    before = again.stat().st_mtime_ns
+    assert "pass --force" in _refused("regenerate", made, "--model", model_file)
+    assert "pass --force" in _refused("regenerate", made, "--model", model_file, "-o",
+                                      out / "tiny-s3-001.wav")  # fmt: skip
+    assert (out / "tiny-s3-001.wav").read_bytes() == first["tiny-s3-001.wav"]
+    assert again.stat().st_mtime_ns == before
+    assert "identical to" in run("regenerate", made, "--model", model_file, "--force")
+    wav, codes = _tone(tmp_path / "in.wav"), tmp_path / "codes.npz"
+    run("encode", wav, "--model", model_file, "-o", codes, "--search", "0")
+    assert "pass --force" in _refused("encode", wav, "--model", model_file, "-o", codes)
+    run("encode", wav, "--model", model_file, "-o", codes, "--search", "0", "--force")
+    run("decode", codes, "--model", model_file, "-o", tmp_path / "d.wav", "--quality", "preview")
+    kept = (tmp_path / "d.wav").read_bytes()
+    assert "pass --force" in _refused("decode", codes, "--model", model_file, "-o",
+                                      tmp_path / "d.wav")  # fmt: skip
+    assert (tmp_path / "d.wav").read_bytes() == kept
+    run("decode", codes, "--model", model_file, "-o", tmp_path / "d.wav", "--force")

@@ -500,3 +500,13 @@ def test_one_item_draws_hold_numpy_blas_to_one_thread() -> None:
     with _one_blas_thread():
         assert blas_threads() and all(n == 1 for n in blas_threads())
     assert blas_threads() == before
+
+
+def test_temperatures_below_what_float32_carries_are_refused() -> None:
+    from distill.shared.model.sampling import MIN_TEMPERATURE
+
+    for name in ("temperature", "change_temperature"):
+        for tiny in (1e-40, 1e-300, MIN_TEMPERATURE / 2):
+            with pytest.raises(ConfigError, match=f"{name} must be > 0 \\(at least 1e-06\\)"):
+                SamplingParams(**{name: tiny})
+        assert getattr(SamplingParams(**{name: MIN_TEMPERATURE}), name) == MIN_TEMPERATURE
