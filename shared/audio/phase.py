@@ -68,7 +68,21 @@ def _window(n_fft: int, device: str) -> torch.Tensor:
 
 
 def vocoder_phase(spec: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
-    """An initial phase (radians) for a magnitude ``(..., n_freqs, frames)``, same shape."""
+    """An initial phase (radians) for a magnitude ``(..., n_freqs, frames)``, same shape.
+
+    One sound at a time: the maths never mixes sounds, so the phase is the same bit for bit,
+    and its dozen full-size temporaries are one sound's, not the batch's (16 sounds of 60 s
+    peaked at 8.5 GB with them all at once)."""
+    shape = spec.shape
+    flat = spec.reshape(-1, shape[-2], shape[-1])
+    out = torch.empty_like(flat)
+    for i in range(flat.shape[0]):
+        out[i] = _vocoder_phase_one(flat[i], cfg)
+    return out.reshape(shape)
+
+
+def _vocoder_phase_one(spec: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
+    """:func:`vocoder_phase` of one magnitude ``(n_freqs, frames)``."""
     # Work frame by frame with frequency last (contiguous for cummax) and int32 indices:
     # measured 3x faster than over (F, N) with int64 on one core.
     log_mag = torch.log(spec.transpose(-1, -2).clamp_min(1e-7)).contiguous()  # (..., N, F)

@@ -43,8 +43,11 @@ from distill.shared.model.sampling import resample_region as prior_resample_regi
 from distill.shared.model.sampling import sample as prior_sample
 from distill.shared.model.vqvae import SEARCH_CANDIDATES
 
-# 60 s: ten times the longest sound in a percussion collection, and ~1 GB of working memory
-# at batch 16 in the decoder; a 10-hour request is refused instead of swapping the worker.
+# 60 s: ten times the longest sound in a percussion collection; a 10-hour request is refused
+# instead of swapping the worker. Measured (`distill generate -n 16 --seconds 60 --quality
+# preview`, a percussion model): 5.8 GB at its peak, ~0.9 GB of it the process with the model
+# loaded; the decoder and Griffin-Lim's batch of RENDER_BATCH sounds hold the rest (the phase
+# start runs sound by sound: 8.5 GB when it held the batch). -n 1: ~1.3 GB.
 MAX_SECONDS = 60.0
 MAX_COUNT = 256  # sounds per generate call; the worker answers up to 16 directly (see infer.py)
 MAX_SEARCH = 256  # candidates per level and step when encoding (cost grows with it)
