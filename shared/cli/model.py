@@ -22,10 +22,14 @@ PREPROCESS_SERVICE = "distill.preprocess"
 
 
 def print_model_summary(path: Path) -> None:
-    """The summary of a ``.distill`` file as a two-column table (``describe_model``'s rows)."""
-    from distill.shared.model.modelfile import describe_model, read_model_file
+    """The summary of a ``.distill`` file as a two-column table (``describe_model``'s rows);
+    a file whose configs are invalid or do not fit its weights is refused as loading it would
+    be (what `distill generate` would say)."""
+    from distill.shared.model.modelfile import build_model, describe_model, read_model_file
 
-    rows = [("file", str(path)), *describe_model(read_model_file(path))]
+    raw = read_model_file(path)
+    build_model(raw, path)
+    rows = [("file", str(path)), *describe_model(raw)]
     seen: set[str] = set()
     for i, (key, value) in enumerate(rows):  # the summary may repeat a key: "prior" (training)
         if key in seen:

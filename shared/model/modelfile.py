@@ -378,8 +378,14 @@ def _load_module(path: Path, raw: RawModel, prefix: str, module: torch.nn.Module
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> DistillModel:
     """Reads, verifies and builds a model (modules in eval mode on ``device``)."""
+    return build_model(read_model_file(path), path, device)
+
+
+def build_model(raw: RawModel, path: str | Path,
+                device: str | torch.device = "cpu") -> DistillModel:  # fmt: skip
+    """The model a verified file holds (``path``: for errors): its configs checked, its
+    modules built and their weights loaded; an error names what does not fit."""
     path = Path(path)
-    raw = read_model_file(path)
     header = raw.header
     mel = _config(path, header, "mel", MelConfig)
     vqvae = VQVAE(_config(path, header, "vqvae", VQVAEConfig))
@@ -390,7 +396,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> DistillM
             prior = Prior(_config(path, header, "prior", PriorConfig))
             _load_module(path, raw, "prior", prior)
     except RuntimeError as e:  # shape mismatches between the config and the weights
-        raise ModelFileCorrupt(path, f"weights do not fit the configs: {e}") from e
+        # torch lists each mismatch on a line of its own: the first, and how many more
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise ModelFileCorrupt(path, f"weights do not fit the configs: {lines[0]}{more}") from e
     summary = header["summary"] if isinstance(header["summary"], dict) else {}
     return DistillModel(mel_config=mel, vqvae=vqvae.to(device).eval(),
                         prior=None if prior is None else prior.to(device).eval(),

@@ -29,7 +29,13 @@ from distill.shared.cli.train import (
     train_line,
 )
 from distill.shared.errors import DistillError
-from distill.shared.model.modelfile import FORMAT_VERSION, METADATA_KEY, save_model
+from distill.shared.model.modelfile import (
+    FORMAT_VERSION,
+    METADATA_KEY,
+    read_model_file,
+    save_model,
+    write_model_file,
+)
 from tests.shared.model.test_modelfile import _rewrite_header, _tensor_span, _tiny_model
 
 torch.set_num_threads(1)
@@ -104,6 +110,30 @@ def test_show_on_a_bad_file_prints_one_line(model_path: Path, case: str) -> None
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: drums.distill: "), out.stderr
     assert expected in lines[0] and "Traceback" not in out.stderr
+
+
+def _with_configs(path: Path, change: Any) -> None:
+    """Re-writes the model file with its configs passed through ``change``, checksums made
+    anew: a file whose own checks pass but whose configs are wrong."""
+    model = read_model_file(path)
+    header = {k: model.header[k] for k in ("kind", "configs", "summary")}
+    change(header["configs"])
+    write_model_file(path, header, model.tensors)
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda c: c["prior"].update(levels=99), "the 'prior' config is invalid"),
+    (lambda c: c["mel"].update(sample_rate=500), "the 'mel' config is invalid"),
+    (lambda c: c["prior"].update(hidden=c["prior"]["hidden"] * 2), "weights do not fit the configs"),
+])  # fmt: skip
+def test_show_refuses_configs_that_are_invalid_or_do_not_fit_the_weights(
+    model_path: Path, change: Any, expected: str
+) -> None:
+    """Before: `model show` printed such a file and exited 0; `generate` refused it."""
+    _with_configs(model_path, change)
+    out = show(model_path)
+    assert out.exit_code == 1 and out.stdout == "" and expected in out.stderr, out.stderr
+    assert len(out.stderr.splitlines()) == 1
 
 
 def test_show_on_a_directory(tmp_path: Path) -> None:
