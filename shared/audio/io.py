@@ -449,6 +449,17 @@ def scan_folder(folder: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+def broken_links(folder: str | Path) -> list[Path]:
+    """The symbolic links under ``folder`` (hidden ones aside, as in :func:`scan_folder`) that
+    point at nothing: no sound to read, so :func:`scan_folder` cannot list them, but the person
+    should hear of them (a moved sample library leaves a folder of them)."""
+    root = Path(folder)
+    return sorted((p for p in root.rglob("*")
+                   if p.is_symlink() and not p.exists()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                  key=lambda p: p.relative_to(root).as_posix())  # fmt: skip
+
+
 def is_audio_name(name: str) -> bool:
     """Whether a file name has an audio extension (a hint for UIs; decoding decides)."""
     return Path(name).suffix.lower() in AUDIO_EXTENSIONS

@@ -18,9 +18,14 @@ def upload_folder(ac: Any, folder: Path, *, quiet: bool = False) -> list[dict[st
 
     Non-audio files go too: the preprocess job lists each one in the manifest with its reason,
     so every file in the folder is accounted for."""
-    from distill.shared.audio.io import scan_folder
+    from distill.shared.audio.io import broken_links, scan_folder
 
     paths = scan_folder(folder)
+    broken = [p.relative_to(folder).as_posix() for p in broken_links(folder)]
+    if broken:  # not in the manifest (nothing to upload): said here instead
+        shown = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
+        sys.stderr.write(f"note: {len(broken)} link(s) in {folder} point at nothing and are left "
+                         f"out: {shown}\n")  # fmt: skip
     if not paths:
         raise DistillError(f"{folder}: no files in this folder")
     files = []

@@ -241,6 +241,22 @@ def test_scan_folder_lists_every_file_but_hidden_ones(tmp_path: Path) -> None:
         scan_folder(tmp_path / "missing")
 
 
+def test_broken_links_are_found_for_the_person_to_hear_of(tmp_path: Path) -> None:
+    """A link to a moved file is no file (scan_folder leaves it out); broken_links finds it,
+    for upload_folder to name (tests/shared/cli/test_jobs.py)."""
+    from distill.shared.audio.io import broken_links
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "kick.wav").write_bytes(b"x")
+    (tmp_path / "gone.flac").symlink_to(tmp_path / "nowhere.flac")
+    (tmp_path / "sub" / "moved.wav").symlink_to("/nonexistent/moved.wav")
+    (tmp_path / "ok.wav").symlink_to(tmp_path / "kick.wav")  # a link that works is a file
+    (tmp_path / ".hidden.wav").symlink_to("/nonexistent/x")
+    assert [p.relative_to(tmp_path).as_posix() for p in broken_links(tmp_path)] == [
+        "gone.flac", "sub/moved.wav"]
+    assert [p.name for p in scan_folder(tmp_path)] == ["kick.wav", "ok.wav"]
+
+
 @pytest.mark.parametrize("fmt", ["WAV", "FLAC"])
 def test_write_audio_round_trips_with_metadata(fmt: str, tmp_path: Path) -> None:
     x = sine(440, 0.5)

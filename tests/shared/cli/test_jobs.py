@@ -120,3 +120,22 @@ def test_a_prefix_shared_with_other_kinds_names_the_one_artifact_of_the_kind_ask
     with pytest.raises(ArtifactError, match="matches 4 artifacts"):
         resolve_artifact(Store(), "e")
     assert resolve_artifact(Store(), "e", kind="checkpoint") == "e3" + "0" * 62
+
+
+def test_upload_folder_names_links_that_point_at_nothing(broker: tuple[str, JobService],
+                                                         tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """Before: a broken link was dropped without a word (it is in no manifest: no file)."""
+    from distill.shared.cli.data import upload_folder
+
+    endpoint, _ = broker
+    folder = tmp_path / "sounds"
+    folder.mkdir()
+    (folder / "kick.wav").write_bytes(b"RIFF")
+    (folder / "gone.flac").symlink_to(tmp_path / "moved" / "gone.flac")
+    with Client(endpoint) as c:
+        files = upload_folder(ArtifactClient(c, ArtifactCache(tmp_path / "cache")), folder,
+                              quiet=True)  # fmt: skip
+    assert [f["name"] for f in files] == ["kick.wav"]
+    err = capsys.readouterr().err
+    assert "1 link(s) in" in err and "point at nothing and are left out: gone.flac" in err
