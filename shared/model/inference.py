@@ -569,6 +569,15 @@ def _replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarr
 def _grid(codes: object) -> np.ndarray:
     """A recipe's code grid (nested lists from JSON) as int64, checked against the model later."""
     try:
-        return np.array(codes, dtype=np.int64)
+        grid = np.array(codes)
     except (TypeError, ValueError, OverflowError) as e:
+        raise BadInput(f"the recipe's codes are not an integer grid ({e})") from e
+    # whole numbers only: int64 of 1.5 would be 1, a code the file never held (an empty grid
+    # is float to numpy: its shape is refused later)
+    if grid.dtype.kind not in "iu" and grid.size:
+        raise BadInput(f"the recipe's codes are not an integer grid (they hold {grid.dtype} "
+                       "values)")  # fmt: skip
+    try:
+        return grid.astype(np.int64, casting="safe" if grid.size else "unsafe")
+    except TypeError as e:  # uint64 past int64
         raise BadInput(f"the recipe's codes are not an integer grid ({e})") from e

@@ -192,3 +192,15 @@ def test_a_prior_over_the_first_levels_leaves_the_finer_ones_empty() -> None:
     assert np.array_equal(again[:, :, 8:], np.broadcast_to(grid[:, 8:], (2, 3, 4)))
     assert (again[:, 2, 4:8] == -1).all() and (again[:, :2, 4:8] >= 0).all()
     assert not np.array_equal(again[0, :2, 4:8], grid[:2, 4:8])
+
+
+def test_a_recipe_with_codes_that_are_not_whole_numbers_is_refused() -> None:
+    """Before: 1.5 was read as code 1 (numpy's int64 cast), a grid the file never held."""
+    model = tiny_model()
+    codes = [[1, 2, 3], [4, 5, 6]]
+    assert inference.replay(model, "decode", {"codes": codes, "levels": None,
+                                              "quality": "preview"}).ndim == 1  # fmt: skip
+    for bad, says in (([[1.5, 2, 3], [4, 5, 6]], "float64"), ([[True, False], [True, True]], "bool"),
+                      ([[2**64 - 1, 1], [1, 1]], "not an integer grid")):  # fmt: skip
+        with pytest.raises(BadInput, match=says):
+            inference.replay(model, "decode", {"codes": bad, "levels": None, "quality": "preview"})
