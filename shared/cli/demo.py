@@ -68,7 +68,7 @@ class DemoCluster:
         os.environ["DISTILL_CACHE"] = str(home / "cache")  # the workers inherit it
         self.supervisor = Supervisor(host="127.0.0.1", port=_free_port_block(),
                                      data_dir=home / "broker", services=services, device="cpu",
-                                     log_file=log_file)  # fmt: skip
+                                     log_file=log_file, announce=False)  # fmt: skip
         self.endpoint = self.supervisor.endpoint
 
     def __enter__(self) -> DemoCluster:

@@ -57,7 +57,8 @@ class Child:
 
 class Supervisor:
     def __init__(self, *, host: str, port: int, data_dir: Path, services: list[str] | None,
-                 device: str | None, log_file: Path | None = None) -> None:
+                 device: str | None, log_file: Path | None = None,
+                 announce: bool = True) -> None:  # fmt: skip
         self.endpoint = broker_endpoint(f"{host if host != '0.0.0.0' else '127.0.0.1'}:{port}")
         py = [sys.executable, "-m", "distill.shared.cli"]
         self.children = [Child("broker", py + ["broker", "--host", host, "--port", str(port),
@@ -75,6 +76,7 @@ class Supervisor:
         for child in self.children:
             child.log_file = log_file
         self._stopping = False
+        self.announce = announce  # the "distill up: broker ..., workers: ..." line on stdout
 
     def run(self, *, check: bool = False) -> int:
         configure("up")
@@ -145,8 +147,9 @@ class Supervisor:
                 except RequestTimeout:
                     registered = set()
                 if wanted <= registered:
-                    print(f"distill up: broker {self.endpoint}, workers: {', '.join(sorted(wanted))}",
-                          flush=True)
+                    if self.announce:
+                        print(f"distill up: broker {self.endpoint}, workers: {', '.join(sorted(wanted))}",
+                              flush=True)
                     return
                 self._watch()
                 time.sleep(0.2)

@@ -42,6 +42,7 @@ def test_demo_short_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert (out / "demo.distill").is_file() and "distill tui" in result.output
+    assert "distill up: broker" not in result.output  # its own cluster is not `distill up`'s
     generated = sorted((out / "generated").glob("*.wav"))
     assert len(generated) == 8
     audios = [sf.read(p)[0] for p in generated]
