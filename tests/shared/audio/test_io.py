@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +256,25 @@ def test_broken_links_are_found_for_the_person_to_hear_of(tmp_path: Path) -> Non
     assert [p.relative_to(tmp_path).as_posix() for p in broken_links(tmp_path)] == [
         "gone.flac", "sub/moved.wav"]
     assert [p.name for p in scan_folder(tmp_path)] == ["kick.wav", "ok.wav"]
+
+
+def test_any_rate_resamples_in_bounded_memory_and_nearly_exactly() -> None:
+    """44101 Hz -> 48000 asked torchaudio for a kernel of 2.1e9 taps (17 GB; a request at that
+    rate took the inference worker down). Every rate in range now fits RESAMPLE_MAX_TAPS, the
+    ratio off by at most 2.5e-4, and the rates that fitted before are resampled as before."""
+    from distill.shared.audio.io import RESAMPLE_MAX_TAPS, resample, resample_ratio
+
+    for new in (48000, 44100, 22050, 16000):
+        for orig in [*range(1000, 768_001, 997), 44101, 16008, 8001, 767_999]:
+            got = resample_ratio(orig, new)
+            assert got.numerator * got.denominator <= 1.01 * RESAMPLE_MAX_TAPS, (orig, new, got)
+            assert abs(float(got) * orig / new - 1) <= 2.5e-4 + 1e-12, (orig, new, got)
+    assert resample_ratio(44100, 48000) == Fraction(160, 147)  # exact where it fits
+    assert resample_ratio(37800, 48000) == Fraction(80, 63)
+    t = torch.arange(44101) / 44101
+    y = resample(torch.sin(2 * math.pi * 1000 * t), 44101, 48000)
+    assert abs(y.shape[-1] - 48000) <= 12
+    assert abs(int(torch.fft.rfft(y).abs().argmax()) * 48000 / y.shape[-1] - 1000) < 2
 
 
 @pytest.mark.parametrize("fmt", ["WAV", "FLAC"])
