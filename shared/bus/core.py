@@ -21,6 +21,7 @@ from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import unpack_map
 from distill.shared.bus.security import ClientSecurity, apply_client
 from distill.shared.errors import (
+    BAD_REQUEST,
     CANCELLED,
     EXPIRED,
     DecodeError,
@@ -67,8 +68,27 @@ def service_text(service: str | bytes) -> str:
     return service.decode(errors="replace") if isinstance(service, bytes) else service
 
 
+# What a body may hold so that its message, with the frames the broker adds on its way (the
+# peers' addresses, the protocol headers), stays within MAX_MESSAGE_BYTES.
+MAX_BODY_BYTES = P.MAX_MESSAGE_BYTES - 4096
+
+
+def check_body_size(body: list[bytes], what: str) -> None:
+    """RequestError (bad_request) for a body too large to travel: a peer that receives more
+    than MAX_MESSAGE_BYTES drops the connection, and the sender only ever sees a timeout or a
+    lost worker."""
+    size = sum(len(frame) for frame in body)
+    if size > MAX_BODY_BYTES:
+        raise RequestError(f"{what} is {size / 2**20:.1f} MiB, over the "
+                           f"{MAX_BODY_BYTES / 2**20:.1f} MiB one message may carry: send less "
+                           "at a time (shorter or fewer sounds, fewer levels), or submit a job, "
+                           "whose results travel as artifacts", code=BAD_REQUEST)  # fmt: skip
+
+
 def request_frames(service: bytes, body: list[bytes]) -> list[bytes]:
-    """An MDP/0.1 client request as a DEALER sends it (the empty delimiter first)."""
+    """An MDP/0.1 client request as a DEALER sends it (the empty delimiter first); a body too
+    large to travel is refused here (:func:`check_body_size`)."""
+    check_body_size(body, f"the request to {service.decode(errors='replace')!r}")
     return [b"", P.MDPC, service, *body]
 
 

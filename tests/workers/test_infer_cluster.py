@@ -37,3 +37,31 @@ def test_requests_through_the_broker(cluster: Cluster, tmp_path: Path) -> None:
         gen = c.request("distill.infer", {"op": "generate", "model": sha, "count": 2,
                                           "seconds": 0.2, "seed": 1})  # fmt: skip
         assert gen["audio"].shape[0] == 2 and np.isfinite(gen["audio"]).all()
+
+
+def test_a_reply_or_request_too_large_to_travel_is_an_error_that_says_so(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Before: a reply over the 16 MiB a message carries (16 sounds of 6 s) made the broker
+    drop the worker, give the request to the next one three times and answer worker_lost; a
+    request that large timed out without a word."""
+    cluster.start_broker()
+    cluster.start_worker("infer")
+    path = tmp_path / "tiny.distill"
+    save_model(path, tiny_model())
+    with cluster.client(timeout_s=120) as c:
+        sha = ArtifactClient(c, cache=ArtifactCache(tmp_path / "cache")).put_file(
+            path, kind="model", name=path.name
+        )
+        with pytest.raises(RequestError, match=r"the reply is 1[789]\.\d MiB, over the") as info:
+            c.request("distill.infer", {"op": "generate", "model": sha, "count": 16,
+                                        "seconds": 6.0, "quality": "preview"})  # fmt: skip
+        assert info.value.code == BAD_REQUEST and "submit a job" in str(info.value)
+        audio = np.zeros(48000 * 90, dtype=np.float32)  # 90 s: 16.5 MiB
+        with pytest.raises(RequestError, match="the request to 'distill.infer' is 16.5 MiB"):
+            c.request("distill.infer", {"op": "encode", "model": sha, "audio": audio,
+                                        "sample_rate": 48000})  # fmt: skip
+        again = c.request("distill.infer", {"op": "generate", "model": sha, "count": 1,
+                                            "seconds": 0.2, "seed": 1})  # fmt: skip
+        assert again["audio"].shape[0] == 1  # the same worker, still serving
+        assert len(c.workers()["workers"]) == 1

@@ -15,6 +15,7 @@ from typing import Any
 from distill.shared.bus import protocol as P
 from distill.shared.bus.artifacts import ArtifactClient
 from distill.shared.bus.codec import unpack_map
+from distill.shared.bus.core import check_body_size
 from distill.shared.bus.messages import JobDispatch, Reply
 from distill.shared.errors import DecodeError, DistillError, JobCancelled, code_of
 from distill.workers.runtime.context import JobInfo
@@ -111,7 +112,11 @@ def module_handler(module: ModuleType, device: str) -> Callable[[Delivery, Execu
                                        "(submit through distill.jobs)")
                 info = JobInfo(job_id="", service=module.SERVICE, params={})
                 result = handle_request(RuntimeJobContext(info, delivery, executor, device), msg)
-            return [Reply.success(result).encode()]
+            reply = Reply.success(result).encode()
+            # a reply too large to travel would make the broker drop this worker (and give the
+            # request to the next one, and the next): an error that says so travels instead
+            check_body_size([reply], "the reply")
+            return [reply]
         except JobCancelled as e:
             return error_reply(e, cancelled=True)
         except DecodeError as e:
