@@ -40,6 +40,10 @@ HISTORY_VERSION = 1  # the layout of EditSession.to_dict
 MAX_LEVELS = 64  # far above any RVQ we train (2-8 levels); anything larger is corrupt input
 MAX_CODEBOOK_SIZE = 1 << 16
 MAX_STEPS = 1 << 22  # about 12 hours at 94 steps per second
+# Edits an edit history may hold (done and undone each): replaying one keeps a copy of the
+# region it changed, so a history is bounded in memory too (a 12-MB request of 20 whole-grid
+# edits on a 3-hour grid took a worker 1.7 GB); hours of editing by hand stay far below it.
+MAX_EDITS = 4096
 
 
 class CodeGridError(DistillError):
@@ -521,6 +525,9 @@ class EditSession:
         for name in ("edits", "undone"):
             if not isinstance(d[name], Sequence) or isinstance(d[name], (str, bytes)):
                 raise CodeGridError(f"edit history '{name}' must be a list")
+            if len(d[name]) > MAX_EDITS:
+                raise CodeGridError(f"edit history '{name}' holds {len(d[name])} edits; at "
+                                    f"most {MAX_EDITS}")  # fmt: skip
         for i, item in enumerate(d["edits"]):
             try:
                 session._apply(edit_from_dict(item))

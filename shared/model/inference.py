@@ -31,7 +31,7 @@ from distill.shared.audio.mel import log_mel
 from distill.shared.audio.metrics import Envelope, envelope, envelope_distance
 from distill.shared.audio.phase import QUALITY_PRESETS, mel_to_audio_quality
 from distill.shared.errors import BAD_REQUEST, DistillError
-from distill.shared.model.codes import CodeGridError, EditSession, edit_from_dict
+from distill.shared.model.codes import CodeGrid, CodeGridError, EditSession, edit_from_dict
 from distill.shared.model.modelfile import DistillModel
 from distill.shared.model.sampling import (
     CHANGE_TEMPERATURE,
@@ -462,6 +462,10 @@ def edit_session(model: DistillModel, session: object, action: object, edit: obj
                  ) -> EditSession:  # fmt: skip
     """The session after ``action`` ("apply" with ``edit``, "undo", "redo" or "none")."""
     try:
+        # the base grid against the model before its edits are replayed: a 3-hour grid was
+        # refused only after replaying them all
+        if isinstance(session, Mapping) and isinstance(session.get("base"), Mapping):
+            check_grid(model, CodeGrid.from_dict(session["base"]).codes, "the session's grid")
         current = EditSession.from_dict(session)
         if current.base.codebook_size != model.vqvae.config.codebook_size:
             raise BadInput(f"the session's grid has {current.base.codebook_size} codes per "

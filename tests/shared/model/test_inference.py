@@ -204,3 +204,22 @@ def test_a_recipe_with_codes_that_are_not_whole_numbers_is_refused() -> None:
                       ([[2**64 - 1, 1], [1, 1]], "not an integer grid")):  # fmt: skip
         with pytest.raises(BadInput, match=says):
             inference.replay(model, "decode", {"codes": bad, "levels": None, "quality": "preview"})
+
+
+def test_an_edit_session_is_checked_against_the_model_before_its_edits_replay() -> None:
+    """Before: a 3-hour base grid with 20 whole-grid edits was replayed (1.7 GB) before the
+    60-s bound refused it; an edit history is bounded too."""
+    from distill.shared.model.codes import MAX_EDITS, CodeGrid, EditSession, SetCell
+
+    model = tiny_model()
+    long = EditSession(CodeGrid(np.zeros((2, 200_000), dtype=np.int64), 16)).to_dict()
+    long["edits"] = [{"bad": "never replayed"}]  # would fail as an edit if it were replayed
+    with pytest.raises(BadInput, match="the session's grid has 200000 steps"):
+        inference.edit_session(model, long, "none", None)
+    small = EditSession(CodeGrid(np.zeros((2, 30), dtype=np.int64), 16))
+    small.apply(SetCell(level=0, t=0, code=3))
+    many = small.to_dict()
+    many["edits"] = many["edits"] * (MAX_EDITS + 1)
+    with pytest.raises(BadInput, match=f"holds {MAX_EDITS + 1} edits; at most {MAX_EDITS}"):
+        inference.edit_session(model, many, "none", None)
+    assert inference.edit_session(model, small.to_dict(), "none", None).grid.codes[0, 0] == 3
