@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from distill.shared.bus import protocol as P
 from distill.shared.bus.client import Client, Subscription
+from distill.shared.bus.security import AUTO
 from distill.shared.errors import BAD_REPLY, BAD_REQUEST, JOB, JobError, RequestError
 
 if TYPE_CHECKING:
@@ -147,7 +148,9 @@ class JobsClient:
             on_event(event)
             ended = ended or (event.get("type") == "status" and event.get("status") in FINISHED)
 
-        with Subscription(self.client.endpoint, [f"job.{job_id}"]) as sub:
+        # the events with the keys of the client the requests go through (given ones too)
+        security = getattr(self.client, "security", AUTO)
+        with Subscription(self.client.endpoint, [f"job.{job_id}"], security=security) as sub:
             while (event := sub.next(timeout_s=0)) is not None:  # the snapshot: latest state
                 seen(event)
             record = self.get(job_id, metrics=False)

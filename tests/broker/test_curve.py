@@ -170,6 +170,23 @@ def test_an_allowed_client_and_worker_work_and_events_flow(secure: SecureCluster
         assert event is not None and event["topic"].startswith("worker.")
 
 
+def test_following_a_job_uses_the_clients_own_keys(secure: SecureCluster) -> None:
+    """Before: JobsClient.follow opened its event subscription with the keys of the
+    environment, not those its client was given, and timed out on a CURVE broker."""
+    from distill.shared.bus.jobs import JobsClient
+
+    secure.start_broker()
+    secure.start_worker("sleep")
+    with secure.client(timeout_s=10) as client:
+        wait_until(lambda: client.mmi_service("distill.sleep"), 30, what="the sleep worker")
+        jobs = JobsClient(client)
+        job = jobs.submit("distill.sleep", {"sleep_s": 1.0, "steps": 4})["id"]
+        events: list[dict[str, Any]] = []
+        record = jobs.follow(job, events.append, timeout_s=60)
+    assert record["status"] == "succeeded"
+    assert any(e.get("type") == "progress" for e in events), events
+
+
 def test_the_asyncio_client_speaks_curve_too(secure: SecureCluster) -> None:
     from distill.shared.bus.aclient import AsyncClient
 
