@@ -64,7 +64,7 @@ from distill.shared.errors import (
     DistillError,
     code_of,
 )
-from distill.shared.logs import get_logger
+from distill.shared.logs import Repeats, get_logger
 
 log = get_logger("broker")
 
@@ -127,6 +127,15 @@ def queued_cap_from_env(env: Mapping[str, str]) -> int:
     return value
 
 
+def _protocol_error_name(value: int) -> str:
+    """ZeroMQ's name for a handshake's protocol error (``ZMTP_CRYPTOGRAPHIC``: a peer with
+    the wrong server key), else its number."""
+    for name in dir(zmq):
+        if name.startswith("PROTOCOL_ERROR_") and getattr(zmq, name) == value:
+            return name.removeprefix("PROTOCOL_ERROR_")
+    return str(value)
+
+
 class Broker:
     def __init__(self, config: BrokerConfig, context: zmq.Context | None = None) -> None:
         self.config = config
@@ -150,6 +159,7 @@ class Broker:
         # handled now: what internal services charge quotas to.
         self.current_owner = b""
         self.timers = Periodic()  # the loop's own upkeep: expiry, heartbeats, key ring, jobs
+        self._handshake_repeats = Repeats()  # failed handshakes: logged once a minute each
         self._add_timers()
 
     # --- sockets -----------------------------------------------------------------------------
@@ -329,9 +339,12 @@ class Broker:
                 return
             kind, value = int(event["event"]), int(event["value"])
             reason = "refused by ZAP" if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH else (
-                f"protocol error {value}" if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                else zmq.strerror(value))
-            log.warning("handshake_failed", socket=name, reason=reason,
+                f"protocol error {_protocol_error_name(value)}"
+                if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL else zmq.strerror(value))
+            held = self._handshake_repeats.due((name, reason))
+            if held is None:  # a peer retrying a refused handshake: once a minute is enough
+                continue
+            log.warning("handshake_failed", socket=name, reason=reason, held_back=held,
                         endpoint=bytes(event.get("endpoint") or b"").decode(errors="replace"))
 
     def _check_keyring(self, now: float) -> None:

@@ -9,9 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from collections.abc import Hashable
 from typing import Any
 
 import structlog
+
+REPEAT_KEYS = 1024  # distinct repeated warnings tracked at once (see Repeats)
 
 
 def configure(role: str, ident: str | None = None, *, level: str | None = None) -> None:
@@ -41,3 +45,25 @@ def configure(role: str, ident: str | None = None, *, level: str | None = None) 
 
 def get_logger(name: str | None = None) -> Any:
     return structlog.get_logger(name)
+
+
+class Repeats:
+    """A warning a peer can repeat without end (a refused handshake every 0.1 s, for ever) said
+    once per ``every_s`` for each key, with how many were held back since: a misconfigured
+    machine left running overnight writes a line a minute, not a million."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self._last: dict[Hashable, tuple[float, int]] = {}  # key -> (said at, held back since)
+
+    def due(self, key: Hashable, now: float | None = None) -> int | None:
+        """None: hold this one back (it is counted); else say it, with this many held back."""
+        now = time.monotonic() if now is None else now
+        said = self._last.get(key)
+        if said is not None and now - said[0] < self.every_s:
+            self._last[key] = (said[0], said[1] + 1)
+            return None
+        if len(self._last) >= REPEAT_KEYS:  # keys come from peers: keep the table bounded
+            self._last.clear()
+        self._last[key] = (now, 0)
+        return 0 if said is None else said[1]

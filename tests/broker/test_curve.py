@@ -276,6 +276,32 @@ def test_a_worker_with_an_unknown_key_says_why_it_cannot_register(secure: Secure
     assert "echo" not in secure.services()
 
 
+def test_a_peer_with_the_wrong_broker_key_does_not_flood_the_logs(
+    secure: SecureCluster,
+) -> None:
+    """ZeroMQ retries such a peer's handshake ten times a second for ever: the broker logged
+    each (379 handshake_failed warnings in 20 s), and so did the worker. Each kind of failure is
+    now said once a minute, with how many were held back."""
+    secure.start_broker()
+    proc = Proc(["worker", "echo", "--broker", secure.endpoint, "--device", "cpu",
+                 "--broker-key", str(secure.keys / "allowed" / "workers" / "gpu.key"),  # not it
+                 "--key", str(secure.keys / "gpu.key_secret")],
+                secure.tmp / "worker-wrong-broker-key.log")  # fmt: skip
+    secure.procs.append(proc)
+
+    def failures() -> int:
+        return len([e for e in secure.broker_log() if e.get("event") == "handshake_failed"])
+
+    wait_until(lambda: failures() > 0, 30, what="the first failed handshake")
+    time.sleep(5)  # ~50 more tries
+    said = [e for e in secure.broker_log() if e.get("event") == "handshake_failed"]
+    assert len(said) <= 3, said  # one per socket and reason
+    assert "ZMTP_CRYPTOGRAPHIC" in said[0]["reason"]  # named, not "protocol error 285212673"
+    worker_said = [line for line in proc.log_path.read_text().splitlines()
+                   if "broker_handshake_failed" in line]  # fmt: skip
+    assert 1 <= len(worker_said) <= 2, worker_said
+
+
 def test_an_unknown_worker_key_never_registers(secure: SecureCluster) -> None:
     secure.start_broker()
     assert _raw_ready(secure, "stranger", b"fake.train") == []  # the handshake never completes

@@ -32,3 +32,17 @@ def test_processes_sharing_stderr_write_whole_lines() -> None:
     records = [json.loads(line) for line in lines]  # a run-together line does not parse
     assert len(records) == 3 * count
     assert {r["id"] for r in records} == {"w0", "w1", "w2"}
+
+
+def test_repeats_say_a_warning_once_per_interval_with_the_count_held_back() -> None:
+    from distill.shared.logs import REPEAT_KEYS, Repeats
+
+    r = Repeats(every_s=60.0)
+    assert r.due("a", now=0.0) == 0
+    assert [r.due("a", now=t) for t in (0.1, 0.2, 59.9)] == [None, None, None]
+    assert r.due("b", now=1.0) == 0  # another key is said at once
+    assert r.due("a", now=60.0) == 3  # said again, with the three held back
+    assert r.due("a", now=61.0) is None
+    for i in range(REPEAT_KEYS + 5):  # keys from peers cannot grow the table without bound
+        r.due(("peer", i), now=100.0)
+    assert len(r._last) <= REPEAT_KEYS

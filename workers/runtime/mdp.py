@@ -29,7 +29,7 @@ from distill.shared.bus.codec import pack, unpack_map
 from distill.shared.bus.messages import Reply
 from distill.shared.bus.security import ClientSecurity, apply_client
 from distill.shared.errors import DecodeError, code_of
-from distill.shared.logs import get_logger
+from distill.shared.logs import Repeats, get_logger
 
 log = get_logger("worker")
 
@@ -115,6 +115,7 @@ class WorkerRuntime:
         self.registrations = 0  # how many times READY was sent (reconnects + 1)
         self.dealer: zmq.Socket | None = None
         self.monitor: zmq.Socket | None = None  # handshake failures of the dealer (CURVE only)
+        self._handshake_repeats = Repeats()  # each kind of failure logged once a minute
 
     # --- executor thread ---------------------------------------------------------------------
     def _executor_main(self, ready: threading.Event) -> None:
@@ -262,7 +263,10 @@ class WorkerRuntime:
                 event = recv_monitor_message(monitor)
             except (zmq.ZMQError, ValueError):
                 return
-            log.warning("broker_handshake_failed", broker=self.broker,
+            held = self._handshake_repeats.due(int(event["event"]))
+            if held is None:  # ZeroMQ retries every 0.1 s: once a minute is enough to say it
+                continue
+            log.warning("broker_handshake_failed", broker=self.broker, held_back=held,
                         reason="the broker refused this worker's key: is its public key in the "
                                "broker's allowed/workers/ folder, and --broker-key the broker's key?"
                         if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
