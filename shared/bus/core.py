@@ -126,7 +126,10 @@ def timeout_error(service: str, endpoint: str, timeout_s: float, attempts: int,
     ``curve``: the client used CURVE keys, so a refused key looks the same as no broker."""
     if known is None:
         hint = ("; with CURVE a refused key looks the same: is this key in the broker's "
-                "allowed folder, and the broker key the right one?") if curve else ""
+                "allowed folder, and the broker key the right one?") if curve else (
+                ": is it running there? (a broker that runs CURVE looks the same to a client "
+                "without keys: give it --broker-key and --key, or DISTILL_BROKER_KEY and "
+                "DISTILL_KEY)")
         return RequestTimeout(f"no broker answered at {endpoint} "
                               f"(request to {service!r}, {attempts} attempt(s)){hint}")
     if known is False:

@@ -232,6 +232,12 @@ def test_a_client_without_curve_gets_nothing_and_the_broker_logs_it(secure: Secu
         5,
         what="the failed handshake in the broker's log",
     )
+    # the client is told what a silent broker may mean (it said only "no broker answered")
+    with (
+        Client(secure.endpoint, timeout_s=1, security=None) as client,
+        pytest.raises(RequestTimeout, match="runs CURVE looks the same to a client without keys"),
+    ):
+        client.request_raw("echo", [b"x"])
 
 
 def _raw_ready(secure: SecureCluster, key: str, service: bytes) -> list[list[bytes]]:
@@ -259,9 +265,12 @@ def test_a_client_key_never_registers_as_a_worker(secure: SecureCluster) -> None
     assert not any(r[2:3] == [b"\x02"] for r in replies)  # and never given a request
     assert "fake.train" not in secure.services()
     assert secure.logged("worker_refused", service="fake.train", reason="not a worker key")
-    # The real worker runtime with a client key fails the same way.
-    secure.start_worker("echo", key="laptop")
-    time.sleep(2)
+    # The real worker runtime with a client key fails the same way, and says why it may be
+    # (before: only info-level broker_disconnect lines, for ever)
+    worker = secure.start_worker("echo", key="laptop")
+    wait_until(lambda: "broker_refuses_worker" in worker.log_path.read_text(), 30,
+               what="the worker to say the broker refuses it")  # fmt: skip
+    assert "allowed/workers/ folder" in worker.log_path.read_text()
     assert "echo" not in secure.services()
 
 

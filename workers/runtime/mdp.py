@@ -214,6 +214,8 @@ class WorkerRuntime:
                 broker_expiry = now + self.liveness_s
                 if reconnect:
                     self._abandon_current("broker sent DISCONNECT")
+                    if backoff > P.RECONNECT_INITIAL_S:  # sent again, nothing else between
+                        self._say_refused()
                     # Back off: a broker that refuses this worker (a key without the worker
                     # role) answers every READY with DISCONNECT, and must not be flooded.
                     if stop.wait(backoff):
@@ -272,6 +274,16 @@ class WorkerRuntime:
                         if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
                         else f"CURVE handshake failed (zmq event {event['event']}): does the broker "
                              "run CURVE, and is --broker-key its public key?")
+
+    def _say_refused(self) -> None:
+        """The broker answers each READY with DISCONNECT: say why that may be (once a minute);
+        the broker logs its own reason (worker_refused)."""
+        if self._handshake_repeats.due("refused") is None:
+            return
+        why = ("with CURVE, this worker's key must be in the broker's allowed/workers/ folder: "
+               "a client key is refused as a worker" if self.security is not None else
+               "the broker refuses this worker's service name, or restarts")  # fmt: skip
+        log.warning("broker_refuses_worker", broker=self.broker, service=self.service, reason=why)
 
     def _on_broker(self, frames: list[bytes]) -> bool:
         """Handle a message from the broker; True means reconnect."""
