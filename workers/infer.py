@@ -208,11 +208,34 @@ OPS: dict[str, Callable[[JobContext, DistillModel, dict[str, Any]], dict[str, An
 }
 
 
+# The keys each op reads, beside "op" and "model": any other is refused, naming it (a script's
+# "temprature" was ignored without a word, and the sound drawn at the default).
+OP_KEYS: dict[str, frozenset[str]] = {
+    "generate": frozenset({"count", "seconds", "prime", "quality", *SAMPLING_KEYS}),
+    "encode": frozenset({"audio", "sample_rate", "search"}),
+    "decode": frozenset({"codes", "levels", "quality"}),
+    "progressive": frozenset({"audio", "sample_rate", "quality", "search"}),
+    "blend": frozenset({"a", "b", "sample_rate", "amount", "quality"}),
+    "resample_region": frozenset({"codes", "t0", "t1", "quality", *SAMPLING_KEYS}),
+    "codebook": frozenset({"dataset"}),
+    "edit": frozenset({"session", "action", "edit", "levels", "quality"}),
+}
+JOB_KEYS = frozenset({"format"})  # a generate job's own, beside the op's
+
+
+def _check_keys(op: str, body: dict[str, Any], extra: frozenset[str] = frozenset()) -> None:
+    known = OP_KEYS[op] | extra
+    unknown = sorted(str(k) for k in body if k not in known and k not in ("op", "model"))
+    if unknown:
+        raise inf.BadInput(f"{op}: unknown keys {unknown}; it reads {sorted(known)}")
+
+
 def handle_request(ctx: JobContext, body: dict[str, Any]) -> dict[str, Any]:
     op = body.get("op")
     handler = OPS.get(op) if isinstance(op, str) else None
     if handler is None:
         raise inf.BadInput(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    _check_keys(str(op), body)
     model = _model(ctx, body)
     # threads: what a replay needs to make the same samples (see inference.generate_recipe)
     return {**handler(ctx, model, body), "model_id": model.model_id,
@@ -235,6 +258,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     body = dict(ctx.info.params)
     if body.get("op") != "generate":
         raise inf.BadInput(f"infer jobs run op 'generate' only, got {body.get('op')!r}")
+    _check_keys("generate", body, JOB_KEYS)
     model = _model(ctx, body)
     count = inf.check_int(body.get("count", 1), "count", 1, inf.MAX_COUNT)
     seconds = inf.check_number(body.get("seconds", 2.0), "seconds", 0.0, inf.MAX_SECONDS)

@@ -152,10 +152,10 @@ def reconstruct(c: Any, model_sha: str, sources: list[Path], out: Path) -> list[
     for source in sources:
         rate = 48000
         audio = load_audio(source, rate).numpy()  # prepared as for training
-        base = {"model": model_sha, "sample_rate": rate}
-        enc = c.request("distill.infer", {**base, "op": "encode", "audio": audio})
-        dec = c.request("distill.infer", {**base, "op": "decode", "codes": enc["codes"],
-                                          "quality": "best"})  # fmt: skip
+        enc = c.request("distill.infer", {"op": "encode", "model": model_sha, "audio": audio,
+                                          "sample_rate": rate})  # fmt: skip
+        dec = c.request("distill.infer", {"op": "decode", "model": model_sha,
+                                          "codes": enc["codes"], "quality": "best"})  # fmt: skip
         path = out / f"{source.stem}.wav"
         meta = ExportMetadata(kind="decode", model_id=dec["model_id"], title=path.stem,
                               data=decode_recipe(enc["codes"], None, "best", dec["threads"]))  # fmt: skip

@@ -307,3 +307,14 @@ def test_model_cache_is_lru(tmp_path: Path) -> None:
     assert cache.loads == 3  # "1" was dropped, "0" stayed (used most recently)
     cache.get("1" * 64, "cpu", paths.__getitem__)
     assert cache.loads == 4
+
+
+def test_a_key_the_op_does_not_read_is_refused_naming_it(ctx: FakeContext, model_sha: str) -> None:
+    """Before: a script's misspelt "temprature" was ignored, and its sounds drawn at 1."""
+    with pytest.raises(DistillError, match=r"generate: unknown keys \['temprature'\]") as info:
+        call(ctx, "generate", model_sha, count=1, seconds=0.2, temprature=0.5)
+    assert code_of(info.value) == BAD_REQUEST and "temperature" in str(info.value)
+    with pytest.raises(DistillError, match=r"decode: unknown keys \['sample_rate'\]"):
+        call(ctx, "decode", model_sha, codes=np.zeros((Q, 5), dtype=np.int64), sample_rate=48000)
+    ok = call(ctx, "generate", model_sha, count=1, seconds=0.2, temperature=0.5, seed=3)
+    assert ok["params"]["temperature"] == 0.5
