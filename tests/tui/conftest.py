@@ -34,3 +34,8 @@ async def until(pilot: Any, predicate: Callable[[], Any], timeout_s: float = 30.
         await asyncio.sleep(0)
     extra = f" ({detail()})" if detail else ""
     raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}{extra}")
+
+
+def notices(app: Any) -> list[str]:
+    """The messages of the app's notifications (toasts) still shown."""
+    return [n.message for n in app._notifications]

@@ -110,3 +110,23 @@ class _Recorder:
     def post_message(self, message: Any) -> bool:
         self.sink.extend(getattr(message, "events", []))
         return True
+
+
+async def test_the_cursor_stays_on_its_job_when_a_new_job_arrives() -> None:
+    """Before: the table kept the cursor's row index; jobs are listed newest first, so each
+    new job moved another job under the cursor and enter opened that one."""
+    jobs = [{"id": f"j-{n:04d}", "service": "distill.sleep", "status": "queued"} for n in range(9, 0, -1)]
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        app.set_cluster([], {}, jobs)
+        await pilot.pause()
+        table = app.screen.query_one("#jobs", DataTable)
+        table.focus()
+        await pilot.press("down", "down", "down")
+        assert table_column(app, "#jobs", 0)[table.cursor_row] == "j-0006"
+        app.set_cluster([], {}, [{"id": "j-0010", "service": "distill.sleep", "status": "queued"}, *jobs])
+        await pilot.pause()
+        assert table_column(app, "#jobs", 0)[table.cursor_row] == "j-0006"
+        app.set_cluster([], {}, [j for j in jobs if j["id"] != "j-0006"])  # gone: the same place
+        await pilot.pause()
+        assert table.cursor_row == 4

@@ -5,6 +5,7 @@ editor an edited cell decodes to a different sound and undo restores the grid.""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,13 +19,14 @@ from distill.shared.audio.io import read_audio
 from distill.shared.bus.artifacts import ArtifactClient
 from distill.shared.bus.cache import ArtifactCache
 from distill.shared.cli import generate
+from distill.shared.errors import DistillError
 from distill.shared.model.modelfile import save_model
 from distill.tui.app import DistillApp
 from distill.tui.screens.editor import EditorScreen
 from distill.tui.screens.generate import GenerateScreen
 from distill.tui.widgets.codegrid import CodeGridView
 from tests.conftest import Cluster
-from tests.tui.conftest import until
+from tests.tui.conftest import notices, until
 from tests.workers.test_infer import tiny_model
 
 pytestmark = [pytest.mark.slow]
@@ -63,6 +65,7 @@ async def test_generate_then_edit_a_generated_sound(cluster_with_model: Cluster,
         gen.action_export()
         exported = sorted((tmp_path / "out").glob("*.wav"))
         assert len(exported) == 2 and read_audio(exported[0]).samples.size > 0
+        assert read_export_metadata(exported[1]).data["threads"] == 1  # as the editor's (below)
 
         await pilot.press("e")
         ed = app.screen
@@ -105,7 +108,133 @@ async def test_generate_then_edit_a_generated_sound(cluster_with_model: Cluster,
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        result = CliRunner().invoke(cli_app, ["regenerate", str(edited[0]), "--model", str(model_file)])
+        for made in (edited[0], exported[1]):
+            result = CliRunner().invoke(cli_app, ["regenerate", str(made), "--model", str(model_file)])
+            assert result.exit_code == 0 and "identical to" in result.output, result.output
     finally:
         torch.set_num_threads(before)
-    assert result.exit_code == 0 and "identical to" in result.output, result.output
+
+
+RATE = 22_050  # not the model's rate (48 kHz): blend must send the sounds' own
+
+
+def _sounds(n: int) -> list[np.ndarray]:
+    """Short, different sounds at RATE, as if generated (the editor encodes them as gen:N)."""
+    t = np.arange(int(0.5 * RATE), dtype=np.float32) / RATE
+    return [(np.sin(2 * np.pi * (110 + 90 * i) * t) * np.exp(-t * (4 + 3 * i))).astype(np.float32)
+            for i in range(n)]
+
+
+async def _editor(app: DistillApp, pilot: Any, sounds: int) -> EditorScreen:
+    await pilot.press("e")
+    ed = app.screen
+    assert isinstance(ed, EditorScreen)
+    await until(pilot, lambda: isinstance(ed.query_one("#edit-model").value, str), 30,
+                what="the model in the editor")
+    app.last_generated = (_sounds(sounds), RATE)
+    return ed
+
+
+async def _encode(ed: EditorScreen, pilot: Any, i: int, source: str) -> None:
+    ed.query_one("#source", Input).value = source
+    ed.grid(i).focus()
+    await pilot.press("o")
+
+
+async def test_edits_queue_in_order_and_a_key_never_cancels_an_encode(cluster_with_model: Cluster) -> None:
+    """Before: each edit key cancelled the request in flight (an encode included, silently)
+    and built its edit from the grid as it was before that request came back."""
+    app = DistillApp(cluster_with_model.endpoint)
+    async with app.run_test(size=(120, 40)) as pilot:
+        ed = await _editor(app, pilot, 1)
+        ed.query_one("#source", Input).value = "gen:0"
+        ed.grid(0).focus()
+        await pilot.pause()
+        ed.action_encode()  # o, then u before the loop turns (the encode cannot be back yet)
+        ed.action_undo()  # refused with a word; the encode goes on
+        await until(pilot, lambda: any("being encoded" in m for m in notices(app)), 5,
+                    what="the refusal")
+        await until(pilot, lambda: ed.slots[0].audio is not None, 60, what="the encode")
+        base = ed.slots[0].codes.copy()
+        await pilot.press("plus", "right", "plus", "plus")  # sent before the first comes back
+        await until(pilot, lambda: len(ed.slots[0].history) == 4, 60, what="three edits",
+                    detail=lambda: repr(ed.slots[0].history))
+        after, k = ed.slots[0].codes, ed.codebook_size
+        assert after[0, 0] == (base[0, 0] + 1) % k and after[0, 1] == (base[0, 1] + 2) % k
+        assert int((after != base).sum()) == 2
+        assert np.array_equal(ed.grid(0).codes, after)
+        await pilot.press("u", "u")  # each undo undoes one edit, in order
+        await until(pilot, lambda: len(ed.slots[0].history) == 6, 60, what="two undos")
+        assert ed.slots[0].codes[0, 1] == base[0, 1] and ed.slots[0].codes[0, 0] == after[0, 0]
+
+
+async def test_a_swap_that_fails_halfway_changes_neither_grid(cluster_with_model: Cluster) -> None:
+    """Before: the swap committed grid B's half as soon as it came back; a failure (or a
+    cancel) before grid A's half left the two grids half swapped."""
+    app = DistillApp(cluster_with_model.endpoint)
+    async with app.run_test(size=(120, 40)) as pilot:
+        ed = await _editor(app, pilot, 2)
+        await _encode(ed, pilot, 0, "gen:0")
+        await _encode(ed, pilot, 1, "gen:1")  # queued behind A's
+        await until(pilot, lambda: all(s.audio is not None for s in ed.slots), 90, what="both encoded")
+        before = [s.codes.copy() for s in ed.slots]
+        real, calls = ed.infer, []
+
+        async def second_fails(body: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
+            calls.append(body)
+            if len(calls) == 2:
+                raise DistillError("the broker went away")
+            return await real(body, timeout_s)
+
+        ed.infer = second_fails  # type: ignore[method-assign]
+        ed.grid(0).focus()
+        await pilot.press("shift+right", "shift+down", "w")
+        status = ed.query_one("#edit-status")
+        await until(pilot, lambda: "swap" in str(status.render()), 60, what="the swap's end")
+        assert "went away" in str(status.render())
+        assert len(calls) == 2
+        assert all(np.array_equal(s.codes, b) for s, b in zip(ed.slots, before, strict=True))
+        assert all(np.array_equal(ed.grid(i).codes, before[i]) for i in range(2))
+        ed.infer = real  # type: ignore[method-assign]
+        await pilot.press("w")  # and whole when nothing fails
+        await until(pilot, lambda: not np.array_equal(ed.slots[0].codes, before[0]), 60, what="swapped")
+        await until(pilot, lambda: not np.array_equal(ed.slots[1].codes, before[1]), 60, what="swapped")
+        assert np.array_equal(ed.slots[0].codes[:2, :2], before[1][:2, :2])
+        assert np.array_equal(ed.slots[1].codes[:2, :2], before[0][:2, :2])
+
+
+async def test_blend_sends_the_sounds_at_their_own_rate(cluster_with_model: Cluster,
+                                                       tmp_path: Path) -> None:
+    """Before: the request said the model's rate (the preview's), so sounds read at 22.05 kHz
+    were blended as if played 2.2 times fast (a grid of a fraction of the steps). B is a file
+    at 16 kHz: the request has one rate, so B is brought to A's first."""
+    import soundfile
+
+    b_file = tmp_path / "b.wav"
+    t = np.arange(8_000) / 16_000  # 0.5 s, as long as A
+    soundfile.write(b_file, np.sin(2 * np.pi * 200 * t) * np.exp(-t * 7), 16_000)
+    app = DistillApp(cluster_with_model.endpoint)
+    async with app.run_test(size=(120, 40)) as pilot:
+        ed = await _editor(app, pilot, 1)
+        await _encode(ed, pilot, 0, "gen:0")
+        await _encode(ed, pilot, 1, str(b_file))
+        await until(pilot, lambda: all(s.audio is not None for s in ed.slots), 90, what="both encoded")
+        assert ed.slots[0].sample_rate != RATE  # the previews are at the model's rate
+        real, sent = ed.infer, []
+
+        async def recording(body: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
+            sent.append(body)
+            reply = await real(body, timeout_s)
+            if body["op"] == "blend":
+                sent.append(reply)
+            return reply
+
+        ed.infer = recording  # type: ignore[method-assign]
+        ed.grid(0).focus()
+        await pilot.press("b")
+        await until(pilot, lambda: len(ed.slots[0].history) == 2, 60, what="the blend",
+                    detail=lambda: str(ed.query_one("#edit-status").render()))
+        blend = next(b for b in sent if b.get("op") == "blend")
+        assert blend["sample_rate"] == RATE and len(blend["b"]) == len(blend["a"])  # both 0.5 s
+        reply = sent[sent.index(blend) + 1]
+        assert np.asarray(reply["codes"]).shape == ed.slots[0].codes.shape  # the same length

@@ -17,7 +17,7 @@ from distill.tui.screens.dataset import DatasetScreen
 from distill.tui.screens.training import TrainingScreen
 from distill.tui.widgets.heatmap import CodebookHeatmap
 from tests.conftest import Cluster, percussion_dir
-from tests.tui.conftest import until
+from tests.tui.conftest import notices, until
 
 pytestmark = [pytest.mark.slow]
 
@@ -111,3 +111,32 @@ async def test_upload_then_train_with_progress_heatmap_cancel_and_retry(cluster:
                     what="queued again after retry")
         with cluster.client() as c:
             c.request(P.SERVICE_JOBS, {"op": "cancel", "id": job_id})
+
+
+def _preprocess_jobs(cluster: Cluster) -> list[str]:
+    with cluster.client() as c:
+        jobs = c.request(P.SERVICE_JOBS, {"op": "list"})["jobs"]
+    return [j["id"] for j in jobs if j["service"] == "distill.preprocess"]
+
+
+async def test_u_twice_uploads_once(cluster: Cluster, tmp_path: Path) -> None:
+    """Before: the second ``u`` started a second upload beside the first (a thread is not
+    stopped by cancelling its worker): two preprocess jobs, one status line for both."""
+    for name in FILES[:2]:
+        (tmp_path / name).write_bytes((percussion_dir() / name).read_bytes())
+    before = _preprocess_jobs(cluster)
+    app = DistillApp(cluster.endpoint)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("s")
+        screen = app.screen
+        assert isinstance(screen, DatasetScreen)
+        screen.query_one("#folder", Input).value = str(tmp_path)
+        # both before the loop turns: the first upload cannot have ended (its steps go
+        # through the loop), as keys pressed in a row could let it on two tiny files
+        screen.action_upload()
+        screen.action_upload()
+        await until(pilot, lambda: any("already" in m for m in notices(app)), 5, what="the refusal")
+        table = screen.query_one("#manifest", DataTable)
+        await until(pilot, lambda: table.row_count == 2, 120, what="the manifest")
+        await pilot.pause(1.0)  # a second upload would have submitted by now
+    assert len(_preprocess_jobs(cluster)) == len(before) + 1

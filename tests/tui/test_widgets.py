@@ -73,3 +73,47 @@ def test_folder_completion_offers_existing_folders_only(tmp_path: Path) -> None:
     assert complete_folder(f"{tmp_path}/dry") is None  # a file, not a folder
     assert complete_folder(f"{tmp_path}/") == f"{tmp_path}/drones/"
     assert complete_folder(f"{tmp_path}/nowhere/x") is None
+
+
+async def test_the_previews_table_shows_the_job_shown_not_the_one_before() -> None:
+    """Before: the table was only redrawn when the number of previews changed, so a job with
+    as many previews as the one before listed that job's, while ``p`` played this one's."""
+    from textual.widgets import DataTable
+
+    def previews(sha: str) -> list[dict[str, str]]:
+        return [{"sha256": sha * 32, "name": f"epoch0010-{chunk}-reconstruction.wav"}
+                for chunk in range(2)]
+
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("t")
+        screen = app.screen
+        assert isinstance(screen, TrainingScreen)
+        table = screen.query_one("#previews", DataTable)
+        for job, sha in (("j-aaaa", "aa"), ("j-bbbb", "bb")):
+            screen.job_id = job  # as after a reload of the record: no show_job in between
+            screen.apply_history({"id": job, "status": "succeeded", "metrics": []}, previews(sha))
+            await pilot.pause()
+            assert [str(table.get_row_at(i)[4]) for i in range(table.row_count)] == [sha * 6] * 2
+
+
+async def test_the_editor_status_line_is_on_screen_at_80x24_with_tall_grids() -> None:
+    """Before: two 12-level grids pushed the status line (every result and error of the
+    editor) below the fold of its scroll, where the arrow keys never took it."""
+    from distill.tui.screens.editor import EditorScreen
+
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("e")
+        screen = app.screen
+        assert isinstance(screen, EditorScreen)
+        codes = (np.arange(12 * 60).reshape(12, 60) * 7) % 64  # (Q, T)
+        for i in range(2):
+            screen.slots[i].codes = codes
+            screen.grid(i).set_codes(codes, 64)
+        screen.grid(1).focus()  # the lower grid: the scroll follows it
+        screen.status("export: disk full")
+        await pilot.pause()
+        status = screen.query_one("#edit-status")
+        assert status in screen._compositor.visible_widgets
+        assert status.region.bottom <= 24 - 1  # above the footer

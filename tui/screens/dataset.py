@@ -12,6 +12,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.suggester import Suggester
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, ProgressBar, Static
+from textual.worker import Worker
 
 from distill.tui.screens.base import DistillScreen
 from distill.tui.widgets.tables import fill_table
@@ -68,8 +69,17 @@ class DatasetScreen(DistillScreen):
         table.border_title = "manifest"
         fill_table(table, MANIFEST_COLUMNS, [])
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.uploading: Worker[None] | None = None
+
     # --- actions ---------------------------------------------------------------------------
     def action_upload(self) -> None:
+        # One upload at a time: a thread worker goes on when cancelled, so a second one would
+        # upload again and submit a second preprocess job beside the first.
+        if self.uploading is not None and not self.uploading.is_finished:
+            self.notify("an upload is running already: wait for its manifest", severity="warning")
+            return
         raw = self.query_one("#folder", Input).value.strip()
         if not raw:
             self.notify("type the folder to upload first", severity="warning")
@@ -79,14 +89,14 @@ class DatasetScreen(DistillScreen):
             self.notify(f"{folder}: not a folder on this machine", severity="error")
             return
         self.query_one("#manifest", DataTable).clear()
-        self.upload(folder)
+        self.uploading = self.upload(folder)
 
     @on(Button.Pressed, "#upload")
     @on(Input.Submitted, "#folder")
     def _upload_pressed(self) -> None:
         self.action_upload()
 
-    @work(thread=True, exclusive=True, group="dataset")
+    @work(thread=True, group="dataset")
     def upload(self, folder: Path) -> None:
         """Upload every file, submit the preprocess job, follow it: blocking calls, so in a
         thread; the screen gets each step through ``call_from_thread``."""

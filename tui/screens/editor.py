@@ -4,10 +4,17 @@ redo, and export the result decoded at full quality.
 
 Two grids (A and B; tab moves between them) make copy/paste, swap and blend between sounds
 possible. Every edit goes to ``distill.infer`` as an ``edit`` request carrying the whole edit
-session (base grid and edits), so the worker holds no state and undo survives anything."""
+session (base grid and edits), so the worker holds no state and undo survives anything.
+
+Keys are queued, not raced: each edit runs when the one before it has come back, and reads the
+grid that one left, so fast typing loses nothing. A key that reads or changes a grid whose
+encode is still queued or running is refused with a word: its cursor and codes are not known
+until the encode comes back."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,11 +47,15 @@ class Slot:
     session: dict[str, Any] | None = None
     codes: np.ndarray | None = None  # (Q, T) the current grid
     audio: np.ndarray | None = None  # (samples,) its latest preview
-    sample_rate: int = 0
+    sample_rate: int = 0  # the preview's (the model's rate)
     can_undo: bool = False
     can_redo: bool = False
     source_audio: np.ndarray | None = None  # what was encoded (blend needs the sound itself)
+    source_rate: int = 0  # its rate (the file's), not the preview's (the model's)
     history: list[str] = field(default_factory=list)
+
+
+Job = Callable[[], Awaitable[None]]
 
 
 class EditorScreen(DistillScreen):
@@ -70,7 +81,9 @@ class EditorScreen(DistillScreen):
         self.slots = [Slot(), Slot()]
         self.clip: np.ndarray | None = None  # (levels, steps) copied codes
         self.codebook_size = 0
-        self.busy = False
+        self.jobs: asyncio.Queue[tuple[str, Job]] = asyncio.Queue()
+        self.pending = 0  # jobs queued or running
+        self.encoding: set[int] = set()  # grids with an encode queued or running
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -85,14 +98,17 @@ class EditorScreen(DistillScreen):
                 yield Input(placeholder="~/distill-edits", id="edit-export")
             yield CodeGridView(id="grid-a")
             yield CodeGridView(id="grid-b")
-            yield Static("encode a sound into grid A (o); tab moves to grid B", id="edit-status",
-                         classes="status-line")
             yield Waveform(id="edit-wave")
+        # Outside the scroll: every result and error is said here, and tall grids (12 levels
+        # each) would push it below the fold at 80x24, where the arrow keys never take it.
+        yield Static("encode a sound into grid A (o); tab moves to grid B", id="edit-status",
+                     classes="status-line")
         yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#grid-a", CodeGridView).border_title = "A"
         self.query_one("#grid-b", CodeGridView).border_title = "B"
+        self.run_jobs()
         if self.distill.connect:
             self.load_models()
 
@@ -128,6 +144,35 @@ class EditorScreen(DistillScreen):
             raise DistillError("choose a model first")
         return value
 
+    # --- the queue ---------------------------------------------------------------------------
+    @work(group="edit-queue")
+    async def run_jobs(self) -> None:
+        """Runs the queued jobs one at a time, in the order their keys were pressed; a job that
+        fails says so on the status line and the next one runs."""
+        while True:
+            what, job = await self.jobs.get()
+            try:
+                await job()
+            except DistillError as e:
+                self.status(f"{what}: {e}")
+            finally:
+                self.pending -= 1
+
+    def enqueue(self, what: str, job: Job) -> None:
+        """Queue ``job`` (``what`` names it in an error) behind the ones already queued."""
+        self.pending += 1
+        self.jobs.put_nowait((what, job))
+        if self.pending > 1:
+            self.status(f"{what}: queued ({self.pending - 1} ahead)")
+
+    def _ready(self, *grids: int) -> None:
+        """Refuse a key that would read or change a grid being encoded (or an empty one)."""
+        for i in grids:
+            if i in self.encoding:
+                raise DistillError(f"grid {'AB'[i]} is being encoded: wait until it is shown")
+            if self.slots[i].session is None:
+                raise DistillError(f"grid {'AB'[i]} is empty: encode a sound into it first (o)")
+
     # --- requests -----------------------------------------------------------------------------
     async def infer(self, body: dict[str, Any], timeout_s: float = EDIT_TIMEOUT_S
                     ) -> dict[str, Any]:  # fmt: skip
@@ -140,12 +185,24 @@ class EditorScreen(DistillScreen):
         if not raw:
             self.notify("type a sound file (or gen:N) first", severity="warning")
             return
+        i = self.active
+        if i in self.encoding:
+            self.notify(f"grid {'AB'[i]} is being encoded already", severity="warning")
+            return
         try:
             audio, rate, name = self.source_audio(raw)
         except (DistillError, OSError) as e:
             self.notify_error("sound", e)
             return
-        self.encode(self.active, audio, rate, name)
+        self.encoding.add(i)
+
+        async def job() -> None:
+            try:
+                await self.encode(i, audio, rate, name)
+            finally:
+                self.encoding.discard(i)
+
+        self.enqueue("encode failed", job)
 
     def source_audio(self, raw: str) -> tuple[np.ndarray, int, str]:
         if raw.startswith("gen:"):
@@ -159,32 +216,36 @@ class EditorScreen(DistillScreen):
         decoded = read_audio(Path(raw).expanduser())
         return decoded.samples.mean(axis=0), decoded.sample_rate, Path(raw).name  # (samples,) mono
 
-    @work(group="edit", exclusive=True)
     async def encode(self, i: int, audio: np.ndarray, rate: int, name: str) -> None:
         seconds = len(audio) / rate
-        self.status(f"encoding {name} ({seconds:.1f} s: its codes are searched by what they "
-                    "decode to) …")  # fmt: skip
-        try:
-            reply = await self.infer({"op": "encode", "audio": audio.astype(np.float32),
-                                      "sample_rate": rate},
-                                     timeout_s=EDIT_TIMEOUT_S + ENCODE_S_PER_SECOND * seconds)  # fmt: skip
-            codes = np.asarray(reply["codes"], dtype=np.int64)
-            session = EditSession(CodeGrid(codes, int(reply["codebook_size"]))).to_dict()
-            self.codebook_size = int(reply["codebook_size"])
-            self.slots[i] = Slot(name=name, session=session, source_audio=audio.astype(np.float32))
-            await self._edit(i, "none", None, f"encoded {name}")
-        except DistillError as e:
-            self.status(f"encode failed: {e}")
+        self.status(f"encoding {name} into {'AB'[i]} ({seconds:.1f} s: its codes are searched "
+                    "by what they decode to) …")  # fmt: skip
+        reply = await self.infer({"op": "encode", "audio": audio.astype(np.float32),
+                                  "sample_rate": rate},
+                                 timeout_s=EDIT_TIMEOUT_S + ENCODE_S_PER_SECOND * seconds)  # fmt: skip
+        codes = np.asarray(reply["codes"], dtype=np.int64)
+        session = EditSession(CodeGrid(codes, int(reply["codebook_size"]))).to_dict()
+        slot = Slot(name=name, session=session, source_audio=audio.astype(np.float32),
+                    source_rate=rate)
+        first = await self._request(slot, "none", None)
+        self.codebook_size = int(reply["codebook_size"])
+        self.slots[i] = slot
+        self._commit(i, first, f"encoded {name}")
 
-    async def _edit(self, i: int, action: str, edit: dict[str, Any] | None, what: str) -> None:
-        slot = self.slots[i]
+    async def _request(self, slot: Slot, action: str, edit: dict[str, Any] | None
+                       ) -> dict[str, Any]:  # fmt: skip
+        """The worker's answer to an edit of ``slot``'s session as it is now; nothing changes
+        until :meth:`_commit` (so a swap can have both halves before it shows either)."""
         if slot.session is None:
-            raise DistillError(f"grid {'AB'[i]} is empty: encode a sound into it first (o)")
+            raise DistillError("the grid is empty: encode a sound into it first (o)")
         body: dict[str, Any] = {"op": "edit", "session": slot.session, "action": action,
                                 "quality": "preview"}
         if edit is not None:
             body["edit"] = edit
-        reply = await self.infer(body)
+        return await self.infer(body)
+
+    def _commit(self, i: int, reply: dict[str, Any], what: str) -> None:
+        slot = self.slots[i]
         slot.session = reply["session"]
         slot.codes = np.asarray(reply["codes"], dtype=np.int64)
         slot.audio = np.asarray(reply["audio"], dtype=np.float32)
@@ -194,15 +255,20 @@ class EditorScreen(DistillScreen):
         self.grid(i).set_codes(slot.codes, self.codebook_size)
         self.query_one("#edit-wave", Waveform).show(
             slot.audio, f"{'AB'[i]}: {slot.name} — {what} (coarse preview)")
+        waiting = self.pending - 1  # the job committing now is still counted
         self.status(f"{'AB'[i]}: {what}" + ("  [u undo]" if slot.can_undo else "")
-                    + ("  [r redo]" if slot.can_redo else ""))
+                    + ("  [r redo]" if slot.can_redo else "")
+                    + (f"  ({waiting} more queued)" if waiting > 0 else ""))
 
-    @work(group="edit", exclusive=True)
-    async def edit(self, i: int, action: str, edit: dict[str, Any] | None, what: str) -> None:
-        try:
+    async def _edit(self, i: int, action: str, edit: dict[str, Any] | None, what: str) -> None:
+        self._commit(i, await self._request(self.slots[i], action, edit), what)
+
+    def edit(self, i: int, action: str, edit: dict[str, Any] | None, what: str) -> None:
+        """Queue an edit whose content is known when its key is pressed."""
+        async def job() -> None:
             await self._edit(i, action, edit, what)
-        except DistillError as e:
-            self.status(f"{what}: {e}")
+
+        self.enqueue(what, job)
 
     def status(self, text: str) -> None:
         self.query_one("#edit-status", Static).update(text)
@@ -214,40 +280,57 @@ class EditorScreen(DistillScreen):
             raise DistillError(f"grid {'AB'[i]} is empty: encode a sound into it first (o)")
         return codes
 
-    def _guard(self, fn: Any) -> None:
+    def _guard(self, fn: Any, what: str = "edit") -> None:
         try:
             fn()
         except DistillError as e:
-            self.notify_error("edit", e)
+            self.notify_error(what, e)
 
+    # Each edit's cell, region or level is taken when its key is pressed (where the cursor was);
+    # the codes it reads are taken when it runs, from the grid the edits queued before it left.
     def action_bump(self, delta: int) -> None:
         def run() -> None:
             i = self.active
-            codes = self._codes(i)
+            self._ready(i)
             q, t = self.grid(i).cursor
-            code = (int(codes[q, t]) + delta) % max(self.codebook_size, 1)
-            self.edit(i, "apply", {"op": "set_cell", "level": q, "t": t, "code": code},
-                      f"L{q + 1} t{t} = {code}")
+
+            async def job() -> None:
+                code = (int(self._codes(i)[q, t]) + delta) % max(self.codebook_size, 1)
+                await self._edit(i, "apply", {"op": "set_cell", "level": q, "t": t, "code": code},
+                                 f"L{q + 1} t{t} = {code}")
+
+            self.enqueue(f"L{q + 1} t{t} {delta:+d}", job)
         self._guard(run)
 
     def action_copy(self) -> None:
         def run() -> None:
             i = self.active
+            self._ready(i)
             q0, q1, t0, t1 = self.grid(i).selection()
-            self.clip = self._codes(i)[q0:q1, t0:t1].copy()  # (levels, steps)
-            self.status(f"copied {q1 - q0} levels × {t1 - t0} steps from {'AB'[i]}")
+
+            async def job() -> None:  # queued: it copies what the edits before it made
+                self.clip = self._codes(i)[q0:q1, t0:t1].copy()  # (levels, steps)
+                self.status(f"copied {q1 - q0} levels × {t1 - t0} steps from {'AB'[i]}")
+
+            self.enqueue("copy", job)
         self._guard(run)
 
     def action_paste(self) -> None:
         def run() -> None:
-            if self.clip is None:
-                raise DistillError("nothing copied yet (y copies the selection)")
             i = self.active
-            codes = self._codes(i)
+            self._ready(i)
             q, t = self.grid(i).cursor
-            clip = self.clip[: codes.shape[0] - q, : codes.shape[1] - t]  # cropped at the edges
-            self.edit(i, "apply", {"op": "replace", "level": q, "t": t, "codes": clip.tolist(),
-                                   "source": "paste"}, f"pasted at L{q + 1} t{t}")
+
+            async def job() -> None:  # the clip of the copy queued before it
+                if self.clip is None:
+                    raise DistillError("nothing copied yet (y copies the selection)")
+                codes = self._codes(i)
+                clip = self.clip[: codes.shape[0] - q, : codes.shape[1] - t]  # cropped at the edges
+                await self._edit(i, "apply", {"op": "replace", "level": q, "t": t,
+                                              "codes": clip.tolist(), "source": "paste"},
+                                 f"pasted at L{q + 1} t{t}")
+
+            self.enqueue("paste", job)
         self._guard(run)
 
     def action_swap(self) -> None:
@@ -255,80 +338,100 @@ class EditorScreen(DistillScreen):
 
     def _swap(self) -> None:
         i, j = self.active, 1 - self.active
-        mine, theirs = self._codes(i), self._codes(j)
+        self._ready(i, j)
         q0, q1, t0, t1 = self.grid(i).selection()
+
+        async def job() -> None:
+            await self.swap(i, j, q0, q1, t0, t1)
+
+        self.enqueue("swap", job)
+
+    async def swap(self, i: int, j: int, q0: int, q1: int, t0: int, t1: int) -> None:
+        """Both halves are asked for before either is shown: a swap that fails (or is stopped)
+        between them changes neither grid."""
+        mine, theirs = self._codes(i), self._codes(j)
         if t1 > theirs.shape[1] or q1 > theirs.shape[0]:
             raise DistillError(f"the selection reaches past grid {'AB'[j]}'s end")
-        region_mine, region_theirs = mine[q0:q1, t0:t1].tolist(), theirs[q0:q1, t0:t1].tolist()
-        self.swap(i, j, q0, t0, region_mine, region_theirs)
-
-    @work(group="edit", exclusive=True)
-    async def swap(self, i: int, j: int, q0: int, t0: int, mine: list[list[int]],
-                   theirs: list[list[int]]) -> None:
         what = f"swapped L{q0 + 1} t{t0} region with {'AB'[j]}"
-        try:
-            await self._edit(j, "apply", {"op": "replace", "level": q0, "t": t0, "codes": mine,
-                                          "source": "swap"}, what)
-            await self._edit(i, "apply", {"op": "replace", "level": q0, "t": t0, "codes": theirs,
-                                          "source": "swap"}, what)
-        except DistillError as e:
-            self.status(f"swap: {e}")
+        incoming_j = {"op": "replace", "level": q0, "t": t0, "source": "swap",
+                      "codes": mine[q0:q1, t0:t1].tolist()}
+        incoming_i = {**incoming_j, "codes": theirs[q0:q1, t0:t1].tolist()}
+        reply_j = await self._request(self.slots[j], "apply", incoming_j)
+        reply_i = await self._request(self.slots[i], "apply", incoming_i)
+        self._commit(j, reply_j, what)
+        self._commit(i, reply_i, what)
 
     def action_blend(self) -> None:
         def run() -> None:
             i, j = self.active, 1 - self.active
-            a, b = self.slots[i].source_audio, self.slots[j].source_audio
-            if a is None or b is None:
-                raise DistillError("blend needs a sound in both grids")
-            self.blend(i, a, b)
+            self._ready(i, j)
+
+            async def job() -> None:
+                await self.blend(i, j)
+
+            self.enqueue("blend", job)
         self._guard(run)
 
-    @work(group="edit", exclusive=True)
-    async def blend(self, i: int, a: np.ndarray, b: np.ndarray) -> None:
-        try:
-            reply = await self.infer({"op": "blend", "a": a, "b": b, "amount": 0.5,
-                                      "sample_rate": self.slots[i].sample_rate})
-            mine = self._codes(i)
-            codes = np.asarray(reply["codes"], dtype=np.int64)[:, : mine.shape[1]]  # (Q, T) crop
-            await self._edit(i, "apply", {"op": "replace", "level": 0, "t": 0,
-                                          "codes": codes.tolist(), "source": "blend"},
-                             "blended with the other sound")
-        except DistillError as e:
-            self.status(f"blend: {e}")
+    async def blend(self, i: int, j: int) -> None:
+        """Blend the two sounds as they were encoded. The request has one rate for both: the
+        other sound is brought to this one's rate here when theirs differ."""
+        mine, theirs = self.slots[i], self.slots[j]
+        a, b = mine.source_audio, theirs.source_audio
+        if a is None or b is None:
+            raise DistillError("blend needs a sound in both grids")
+        if theirs.source_rate != mine.source_rate:
+            import torch
+
+            from distill.shared.audio.io import resample
+
+            b = resample(torch.from_numpy(b), theirs.source_rate, mine.source_rate).numpy()
+        reply = await self.infer({"op": "blend", "a": a, "b": b, "amount": 0.5,
+                                  "sample_rate": mine.source_rate})
+        codes = np.asarray(reply["codes"], dtype=np.int64)[:, : self._codes(i).shape[1]]  # (Q, T) crop
+        await self._edit(i, "apply", {"op": "replace", "level": 0, "t": 0,
+                                      "codes": codes.tolist(), "source": "blend"},
+                         "blended with the other sound")
 
     def action_resample(self) -> None:
         def run() -> None:
             i = self.active
-            codes = self._codes(i)
+            self._ready(i)
             _, _, t0, t1 = self.grid(i).selection()
-            self.resample(i, codes, t0, t1)
+
+            async def job() -> None:
+                await self.resample(i, t0, t1)
+
+            self.enqueue("resample", job)
         self._guard(run)
 
-    @work(group="edit", exclusive=True)
-    async def resample(self, i: int, codes: np.ndarray, t0: int, t1: int) -> None:
-        try:
-            reply = await self.infer({"op": "resample_region", "codes": codes, "t0": t0, "t1": t1,
-                                      "seed": len(self.slots[i].history), "quality": "preview"})
-            new = np.asarray(reply["codes"], dtype=np.int64)[:, t0:t1]  # (Q, t1 - t0)
-            await self._edit(i, "apply", {"op": "replace", "level": 0, "t": t0,
-                                          "codes": new.tolist(), "source": "resample"},
-                             f"resampled steps {t0}..{t1 - 1} with the prior")
-        except DistillError as e:
-            self.status(f"resample: {e}")
+    async def resample(self, i: int, t0: int, t1: int) -> None:
+        reply = await self.infer({"op": "resample_region", "codes": self._codes(i), "t0": t0,
+                                  "t1": t1, "seed": len(self.slots[i].history),
+                                  "quality": "preview"})  # fmt: skip
+        new = np.asarray(reply["codes"], dtype=np.int64)[:, t0:t1]  # (Q, t1 - t0)
+        await self._edit(i, "apply", {"op": "replace", "level": 0, "t": t0,
+                                      "codes": new.tolist(), "source": "resample"},
+                         f"resampled steps {t0}..{t1 - 1} with the prior")
 
     def action_keep_levels(self) -> None:
         def run() -> None:
             i = self.active
+            self._ready(i)
             q = self.grid(i).cursor[0]
-            self._codes(i)
             self.edit(i, "apply", {"op": "keep_levels", "k": q + 1}, f"kept the first {q + 1} levels")
         self._guard(run)
 
     def action_undo(self) -> None:
-        self._guard(lambda: self.edit(self.active, "undo", None, "undo"))
+        def run() -> None:
+            self._ready(self.active)
+            self.edit(self.active, "undo", None, "undo")
+        self._guard(run)
 
     def action_redo(self) -> None:
-        self._guard(lambda: self.edit(self.active, "redo", None, "redo"))
+        def run() -> None:
+            self._ready(self.active)
+            self.edit(self.active, "redo", None, "redo")
+        self._guard(run)
 
     @on(CodeGridView.Moved)
     def _moved(self) -> None:
@@ -351,14 +454,19 @@ class EditorScreen(DistillScreen):
         self.app.call_from_thread(self.notify, play_audio(audio, rate))
 
     def action_export(self) -> None:
-        slot = self.slots[self.active]
-        folder = self.query_one("#edit-export", Input).value.strip()
-        if slot.codes is None or not folder:
-            self.notify("encode a sound and type an export folder first", severity="warning")
-            return
-        self.export(slot, Path(folder).expanduser())
+        def run() -> None:
+            i = self.active
+            folder = self.query_one("#edit-export", Input).value.strip()
+            if not folder:
+                raise DistillError("type an export folder first")
+            self._ready(i)
 
-    @work(group="edit", exclusive=True)
+            async def job() -> None:  # queued: it exports what the edits before it made
+                await self.export(self.slots[i], Path(folder).expanduser())
+
+            self.enqueue("export", job)
+        self._guard(run, "export")
+
     async def export(self, slot: Slot, folder: Path) -> None:
         from distill.shared.audio.export import ExportMetadata, export_audio
 
@@ -375,7 +483,7 @@ class EditorScreen(DistillScreen):
                                   data=data)
             report = export_audio(folder / name, np.asarray(reply["audio"]), int(reply["sample_rate"]),
                                   metadata=meta)
-        except (DistillError, OSError) as e:
+        except OSError as e:
             self.status(f"export: {e}")
             return
         self.status(f"exported {report.path}")

@@ -192,11 +192,16 @@ def export_sounds(folder: Path, sounds: list[np.ndarray], reply: dict[str, Any])
 
     folder.mkdir(parents=True, exist_ok=True)
     params = dict(reply.get("params") or {})
+    recipe: dict[str, Any] = {**params, "quality": reply.get("quality", "fast")}
+    # threads: the worker's torch thread count, which the last bits of the samples depend on:
+    # `distill regenerate` makes the same sounds only with the same count (as the editor's)
+    if reply.get("threads") is not None:
+        recipe["threads"] = reply["threads"]
     written = []
     for i, sound in enumerate(sounds):
         name = f"gen-{params.get('seed', 0)}-{i:03d}.wav"
         meta = ExportMetadata(kind="generate", model_id=str(reply.get("model_id", "")), title=name,
-                              data={**params, "quality": reply.get("quality", "fast"), "index": i})
+                              data={**recipe, "index": i})
         written.append(export_audio(folder / name, sound, int(reply["sample_rate"]), metadata=meta).path)
     return written
 

@@ -8,7 +8,7 @@ drop events (a burst over the per-tick cap) the record is read again."""
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -39,6 +39,9 @@ from distill.tui.widgets.curves import LossCurves
 from distill.tui.widgets.heatmap import CodebookHeatmap
 from distill.tui.widgets.tables import fill_table
 
+if TYPE_CHECKING:
+    from distill.shared.cli.train import TrainRequest
+
 TRAINING_SERVICES = ("distill.train.vqvae", "distill.train.prior")
 PLOT_HZ = 4.0  # curves, tables and heatmap redraw at most this often (plotext is the slow part)
 RELOAD_AFTER_DROP_S = 2.0  # after dropped events, re-read the record at most this often
@@ -47,6 +50,12 @@ RELOAD_AFTER_DROP_S = 2.0  # after dropped events, re-read the record at most th
 LEVEL_COLUMNS = ("level", "utilisation", "in use", "perplexity", "dead codes")
 PREVIEW_COLUMNS = ("epoch", "chunk", "which", "file", "artifact")
 STAGES = [("RVQ-VAE + prior", "all"), ("RVQ-VAE only", "vqvae")]
+NUMBER_FIELDS = (  # (option, the form's label, its Input)
+    ("epochs", "epochs", "#epochs"),
+    ("codebook_size", "codes", "#codebook-size"),
+    ("levels", "levels", "#levels-opt"),
+)
+FORM_FIELDS = {"--train-opt": "train", "--vqvae-opt": "model"}  # distill train's: the form's
 
 
 class TrainingScreen(DistillScreen):
@@ -69,6 +78,8 @@ class TrainingScreen(DistillScreen):
         self.last_reload = 0.0
         self.stale = False  # rows or previews changed since the plots were last drawn
         self.pipeline: list[str] = []  # the jobs of the pipeline last started here, in order
+        self.offered_dataset = ""  # the upload the form's dataset field was filled with
+        self.previews_shown: list[tuple[Any, ...]] = []  # the Previews table's rows
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -114,10 +125,12 @@ class TrainingScreen(DistillScreen):
         self.set_interval(1.0 / PLOT_HZ, self._draw_if_stale)
 
     def on_screen_resume(self) -> None:
+        """Offer the dataset uploaded last, a newer upload replacing the one offered before;
+        a dataset typed here stays."""
         dataset = self.distill.last_dataset
         box = self.query_one("#dataset", Input)
-        if dataset and not box.value:
-            box.value = dataset
+        if dataset and box.value in ("", self.offered_dataset):
+            box.value = self.offered_dataset = dataset
 
     # --- showing a job ----------------------------------------------------------------------
     def show_job(self, job_id: str) -> None:
@@ -272,12 +285,15 @@ class TrainingScreen(DistillScreen):
         heatmap.set_usage(usage, last.get("epoch"))
 
     def _draw_previews(self) -> None:
-        table = self.query_one("#previews", DataTable)
-        if table.row_count == len(self.previews):
-            return
+        """Redrawn when its rows change, not only their number: another job (or the same job's
+        record read again) may have as many previews as the table shows, and ``p`` plays the
+        row's index in ``self.previews``."""
         rows = [(p.get("epoch", "-"), p.get("chunk", "-"), p.get("which", "-"),
                  str(p.get("file", ""))[:28], str(p.get("artifact", ""))[:12]) for p in self.previews]
-        fill_table(table, PREVIEW_COLUMNS, rows)
+        if rows == self.previews_shown:
+            return
+        self.previews_shown = rows
+        fill_table(self.query_one("#previews", DataTable), PREVIEW_COLUMNS, rows)
 
     # --- actions ------------------------------------------------------------------------------
     def action_start(self) -> None:
@@ -285,36 +301,62 @@ class TrainingScreen(DistillScreen):
         if not dataset:
             self.notify("give a dataset id or a preprocess job id first", severity="warning")
             return
-        from distill.shared.cli.train import parse_settings
+        from distill.shared.cli.train import (
+            TrainRequest,
+            model_name,
+            parse_settings,
+            stage_train_settings,
+        )
 
-        options = {key: int(v) for key, v in (
-            ("epochs", self.query_one("#epochs", Input).value),
-            ("codebook_size", self.query_one("#codebook-size", Input).value),
-            ("levels", self.query_one("#levels-opt", Input).value)) if v.strip()}
-        try:
-            model = parse_settings(self.query_one("#model-opts", Input).value.split())
-            train = parse_settings(self.query_one("#train-opts", Input).value.split())
-        except DistillError as e:
-            self.notify_error("settings", e)
-            return
-        model.update({k: options[k] for k in ("codebook_size", "levels") if k in options})
-        train.update({"epochs": options["epochs"]} if "epochs" in options else {})
         stage = str(self.query_one("#stage", Select).value)
-        self.start_training(dataset, stage, model, train)
+        try:
+            options = self.form_numbers()
+            model = parse_settings(self.query_one("#model-opts", Input).value.split())
+            model.update({k: options[k] for k in ("codebook_size", "levels") if k in options})
+            # as `distill train` shares them out: the train settings and epochs go to every
+            # stage that runs, vqvae.KEY=VALUE or prior.KEY=VALUE to that stage only
+            train = stage_train_settings(self.query_one("#train-opts", Input).value.split(),
+                                         {"epochs": options.get("epochs")}, None,
+                                         ["vqvae", "prior"] if stage == "all" else [stage])  # fmt: skip
+        except DistillError as e:
+            self.notify_error("settings", form_words(str(e)))
+            return
+        self.start_training(TrainRequest(source=dataset, stage=stage, vqvae_ref=None,
+                                         name=model_name(dataset, None), vqvae_model=model,
+                                         train=train))  # fmt: skip
+
+    def form_numbers(self) -> dict[str, int]:
+        """The integer fields that are filled in, by option name. An integer Input lets a lone
+        sign or a trailing ``_`` through while one types, so each value is checked here and a
+        bad one named by its field (as the generate screen does)."""
+        numbers: dict[str, int] = {}
+        for key, label, selector in NUMBER_FIELDS:
+            raw = self.query_one(selector, Input).value.strip()
+            if not raw:  # left to the worker's default
+                continue
+            try:
+                numbers[key] = int(raw)
+            except ValueError:
+                raise DistillError(f"{label}: {raw!r} is not a number") from None
+        return numbers
 
     @on(Button.Pressed, "#start")
     def _start_pressed(self) -> None:
         self.action_start()
 
     @work(thread=True, group="actions")
-    def start_training(self, dataset: str, stage: str, model: dict[str, Any], train: dict[str, Any]) -> None:
-        """Submit through ``distill train``'s own pipeline function (blocking: a thread)."""
+    def start_training(self, request: TrainRequest) -> None:
+        """Check the settings as ``distill train`` does (a misspelt key fails now, before any
+        upload or job), then submit through its own pipeline function: blocking (the check
+        imports torch the first time), so in a thread."""
         from distill.shared.bus.client import Client
-        from distill.shared.cli.train import TrainRequest, model_name, submit_pipeline
+        from distill.shared.cli.train import check_settings, submit_pipeline
 
-        request = TrainRequest(source=dataset, stage=stage, vqvae_ref=None,
-                               name=model_name(dataset, None), vqvae_model=model,
-                               train={"vqvae": dict(train), "prior": {}})
+        try:
+            check_settings(request)
+        except DistillError as e:
+            self.app.call_from_thread(self.notify_error, "settings", form_words(str(e)))
+            return
         try:
             with Client(self.distill.endpoint, timeout_s=30.0) as c:
                 stages = submit_pipeline(c, request)
@@ -364,6 +406,13 @@ class TrainingScreen(DistillScreen):
     def play(self, sha256: str) -> None:
         message = play_artifact(self.distill.endpoint, sha256)
         self.app.call_from_thread(self.notify, message)
+
+
+def form_words(message: str) -> str:
+    """A settings error of ``distill train``'s, with its options named as the form's fields."""
+    for option, field in FORM_FIELDS.items():
+        message = message.replace(option, field)
+    return message
 
 
 def _preview_from_artifact(a: dict[str, Any]) -> dict[str, Any]:

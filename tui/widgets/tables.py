@@ -10,14 +10,21 @@ from textual.widgets import DataTable
 
 def fill_table(table: DataTable[Any], columns: Sequence[str], rows: Sequence[Sequence[Any]],
                keys: Sequence[str] | None = None) -> None:
-    """Replace a table's rows, keeping the cursor on the same row index. The columns are made
-    again with widths measured here: auto widths only catch up when the app next goes idle, so
-    a busy screen (or a snapshot) would show them cut short meanwhile."""
+    """Replace a table's rows, keeping the cursor on the same row: the row with the same key
+    when the rows have keys and that key is still there (a job list that gains a job at the
+    top must not move another job under the cursor), else the same row index. The columns are
+    made again with widths measured here: auto widths only catch up when the app next goes
+    idle, so a busy screen (or a snapshot) would show them cut short meanwhile."""
     row = table.cursor_row
+    key = None
+    if keys is not None and 0 <= row < table.row_count:
+        key = table.ordered_rows[row].key.value
     table.clear(columns=True)
     for i, label in enumerate(columns):
         table.add_column(label, width=max([len(label), *(len(str(r[i])) for r in rows)]))
     for n, cells in enumerate(rows):
         table.add_row(*cells, key=keys[n] if keys is not None else None)
+    if keys is not None and key is not None and key in keys:
+        row = list(keys).index(key)
     if rows:
         table.move_cursor(row=min(max(row, 0), len(rows) - 1), animate=False)

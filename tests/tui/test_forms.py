@@ -1,0 +1,131 @@
+"""The training form: what it refuses before anything is sent (a bad number, an unknown
+setting), which dataset it offers, and what it submits (settings for every stage, as
+``distill train`` sends them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from textual.widgets import Input
+
+from distill.shared.bus import protocol as P
+from distill.tui.app import DistillApp
+from distill.tui.screens.training import TrainingScreen
+from tests.conftest import Cluster
+from tests.tui.conftest import notices, until
+
+
+@pytest.fixture(scope="module")
+def broker(module_cluster: Cluster) -> Cluster:
+    """A broker and no workers: the jobs the form submits wait in the queue to be read."""
+    module_cluster.start_broker()
+    return module_cluster
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import soundfile
+
+    path = tmp_path_factory.mktemp("sounds")
+    t = np.arange(12_000) / 24_000
+    soundfile.write(path / "ping.wav", np.sin(2 * np.pi * 440 * t) * np.exp(-t * 9), 24_000)
+    return path
+
+
+def _jobs(cluster: Cluster) -> list[dict[str, Any]]:
+    with cluster.client() as c:
+        return list(c.request(P.SERVICE_JOBS, {"op": "list"}).get("jobs") or [])
+
+
+async def _form(app: DistillApp, pilot: Any) -> TrainingScreen:
+    await pilot.press("t")
+    screen = app.screen
+    assert isinstance(screen, TrainingScreen)
+    return screen
+
+
+@pytest.mark.parametrize(("field", "label", "raw"), [("#epochs", "epochs", "-"),
+                                                     ("#codebook-size", "codes", "+"),
+                                                     ("#levels-opt", "levels", "1_")])
+async def test_a_half_typed_number_is_refused_by_name_not_a_crash(field: str, label: str,
+                                                                  raw: str) -> None:
+    """Before: ``int('-')`` raised in the key handler and the app exited. The integer fields
+    let a lone sign (and ``1_``) through while one types."""
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _form(app, pilot)
+        screen.query_one("#dataset", Input).value = "ab" * 32
+        box = screen.query_one(field, Input)
+        box.focus()
+        await pilot.press(*raw, "escape", "n")
+        assert box.value == raw  # the field took it
+        await until(pilot, lambda: any(f"{label}: {raw!r} is not a number" in m for m in notices(app)),
+                    5, what="the refusal", detail=lambda: repr(notices(app)))
+        assert screen.job_id is None
+
+
+async def test_the_form_follows_each_new_upload_unless_one_typed_a_dataset() -> None:
+    """Before: the field took the first upload's dataset and kept it; ``n`` trained that one."""
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.last_dataset = "aa" * 32
+        screen = await _form(app, pilot)
+        box = screen.query_one("#dataset", Input)
+        assert box.value == "aa" * 32
+        await pilot.press("d")
+        app.last_dataset = "bb" * 32  # a second upload
+        await pilot.press("t")
+        assert box.value == "bb" * 32
+        box.value = "j-0123456789"  # typed here: kept
+        await pilot.press("d")
+        app.last_dataset = "cc" * 32
+        await pilot.press("t")
+        assert box.value == "j-0123456789"
+
+
+@pytest.mark.slow
+async def test_epochs_and_train_settings_reach_the_prior_stage_too(broker: Cluster,
+                                                                  folder: Path) -> None:
+    """Before: the prior job got no training settings at all (it ran its own defaults, e.g.
+    3 minutes where the form said minutes=0.5), and prior.KEY=VALUE went to the RVQ-VAE."""
+    app = DistillApp(broker.endpoint)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _form(app, pilot)
+        screen.query_one("#dataset", Input).value = str(folder)
+        screen.query_one("#epochs", Input).value = "3"
+        screen.query_one("#train-opts", Input).value = "minutes=0.5 prior.patience=4 vqvae.lr=0.002"
+        await pilot.press("n")
+        await until(pilot, lambda: len(screen.pipeline) == 3, 30, what="the pipeline submitted",
+                    detail=lambda: repr(notices(app)))
+    with broker.client() as c:
+        params = [c.request(P.SERVICE_JOBS, {"op": "get", "id": j, "metrics": False})["params"]
+                  for j in screen.pipeline[1:]]
+    assert params[0]["train"] == {"minutes": 0.5, "epochs": 3, "lr": 0.002}  # the RVQ-VAE
+    assert params[1]["train"] == {"minutes": 0.5, "epochs": 3, "patience": 4}  # the prior
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("epochs", "train", "said"), [
+    ("", "batchsize=8", "train (vqvae stage): unknown keys ['batchsize']"),
+    ("-3", "", "epochs must be >= 1"),
+    ("", "channels=64", "give it as model channels=VALUE"),
+])
+async def test_settings_are_checked_before_anything_is_uploaded_or_submitted(
+        broker: Cluster, folder: Path, epochs: str, train: str, said: str) -> None:
+    """Before: the form submitted (uploading the folder and preprocessing it first), and the
+    RVQ-VAE job failed on its worker with the unknown key."""
+    before = len(_jobs(broker))
+    app = DistillApp(broker.endpoint)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _form(app, pilot)
+        screen.query_one("#dataset", Input).value = str(folder)
+        screen.query_one("#epochs", Input).value = epochs
+        screen.query_one("#train-opts", Input).value = train
+        await pilot.press("n")
+        await until(pilot, lambda: any(said in m for m in notices(app)), 30, what="the refusal",
+                    detail=lambda: repr(notices(app)))
+        assert screen.pipeline == []
+    assert len(_jobs(broker)) == before
