@@ -61,6 +61,10 @@ class DistillApp(App[None]):
         self.connect = connect
         # Requests the screens make (submit, cancel, get): longer timeout than the poll's.
         self.client = AsyncClient(self.endpoint, timeout_s=30.0)
+        # The inference worker's requests (encode, edit, generate) on a connection of their
+        # own: a client sends one request at a time, and a 14-s encode held a cancel on the
+        # training screen for 147 s behind it.
+        self.infer_client = AsyncClient(self.endpoint, timeout_s=30.0)
         self.connected: bool | None = None
         self.cluster_workers: list[dict[str, Any]] = []
         self.cluster_queued: dict[str, int] = {}
@@ -81,6 +85,7 @@ class DistillApp(App[None]):
     def on_unmount(self) -> None:
         self.link.close()
         self.client.close()
+        self.infer_client.close()
 
     # --- the link -------------------------------------------------------------------------
     @work(group="poll", exclusive=True)

@@ -130,3 +130,25 @@ async def test_the_cursor_stays_on_its_job_when_a_new_job_arrives() -> None:
         app.set_cluster([], {}, [j for j in jobs if j["id"] != "j-0006"])  # gone: the same place
         await pilot.pause()
         assert table.cursor_row == 4
+
+
+@pytest.mark.slow
+async def test_a_long_inference_request_does_not_hold_the_screens_requests(
+    module_cluster: Cluster,
+) -> None:
+    """Before: every screen shared one client, which sends one request at a time: a cancel
+    on the training screen waited 147 s behind a 14-s encode in the editor. Inference requests
+    now have a connection of their own (a slow request stands in for the encode here)."""
+    import asyncio
+
+    module_cluster.start_broker()
+    module_cluster.start_worker("sleep")
+    app = DistillApp(module_cluster.endpoint)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: "connected to" in connection_text(app), what="connected")
+        slow = asyncio.ensure_future(app.infer_client.request(
+            "distill.sleep", {"seconds": 20.0}, timeout_s=60))  # fmt: skip
+        await pilot.pause(0.5)  # the slow request is on its way
+        counts = await app.client.request(P.SERVICE_JOBS, {"op": "counts"}, timeout_s=10)
+        assert isinstance(counts, dict) and not slow.done()  # answered while the other waits
+        slow.cancel()

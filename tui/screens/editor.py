@@ -176,7 +176,7 @@ class EditorScreen(DistillScreen):
     # --- requests -----------------------------------------------------------------------------
     async def infer(self, body: dict[str, Any], timeout_s: float = EDIT_TIMEOUT_S
                     ) -> dict[str, Any]:  # fmt: skip
-        reply: dict[str, Any] = await self.distill.client.request(
+        reply: dict[str, Any] = await self.distill.infer_client.request(
             INFER, {**body, "model": self.model()}, timeout_s=timeout_s)
         return reply
 

@@ -124,7 +124,7 @@ class GenerateScreen(DistillScreen):
     @work(group="generate", exclusive=True)
     async def generate(self, body: dict[str, Any]) -> None:
         try:
-            reply = await self.distill.client.request(INFER, body, timeout_s=GENERATE_TIMEOUT_S)
+            reply = await self.distill.infer_client.request(INFER, body, timeout_s=GENERATE_TIMEOUT_S)
         except DistillError as e:
             self.query_one("#gen-status", Static).update(f"generate failed: {e}")
             return
