@@ -109,6 +109,13 @@ class DistillApp(App[None]):
     # --- state the screens read ----------------------------------------------------------
     def set_connection(self, connected: bool, detail: str = "") -> None:
         """Record the broker's state and tell every screen (tests feed this directly)."""
+        if not connected and self.connected is not False:
+            # what was on its way to the broker is lost with it: say so now, not at the end
+            # of the request's timeout (up to minutes for an encode or a generate)
+            reason = ("the broker stopped answering while this request was on its way; its "
+                      "reply is lost: try again once it is back")  # fmt: skip
+            self.client.abort_pending(reason)
+            self.infer_client.abort_pending(reason)
         self.connected = connected
         self.sub_title = f"{self.endpoint} — {'connected' if connected else 'DISCONNECTED'}"
         self.broadcast(lambda: ConnectionChanged(connected, self.endpoint, detail))

@@ -49,6 +49,8 @@ class AsyncClient:
         self._socket: zmq.asyncio.Socket | None = None
         self._ledger = ReplyLedger()
         self._lock = asyncio.Lock()
+        self._abort = asyncio.Event()  # set by abort_pending: the request on its way is lost
+        self._abort_reason = ""
 
     def _sock(self) -> zmq.asyncio.Socket:
         if not self._ledger.clean:  # an earlier call was cancelled with its reply owed
@@ -83,16 +85,40 @@ class AsyncClient:
         async with self._lock:
             for _ in range(attempts):
                 sock = self._sock()
+                self._abort.clear()  # an abort is for the request on its way, not a later one
                 await sock.send_multipart(request_frames(name, frames))
                 self._ledger.sent()
                 try:
-                    body = await asyncio.wait_for(self._recv(sock, name), timeout)
+                    body = await asyncio.wait_for(self._recv_or_abort(sock, name), timeout)
                 except asyncio.TimeoutError:
                     self._reset()  # Lazy Pirate: a fresh socket drops any late reply
                     continue
+                except RequestTimeout:  # aborted: no reply will come
+                    self._reset()
+                    raise
                 self._ledger.received()
                 return body
         raise await self._timeout_error(service_text(name), timeout, attempts)
+
+    def abort_pending(self, reason: str) -> None:
+        """Fail the request on its way now with RequestTimeout(``reason``) instead of at its
+        timeout: the caller knows its reply is lost (the broker that held it went away; a
+        long request waited up to its whole timeout, minutes, for nothing)."""
+        self._abort_reason = reason
+        self._abort.set()
+
+    async def _recv_or_abort(self, sock: zmq.asyncio.Socket, name: bytes) -> list[bytes]:
+        recv = asyncio.ensure_future(self._recv(sock, name))
+        abort = asyncio.ensure_future(self._abort.wait())
+        try:
+            done, _ = await asyncio.wait({recv, abort}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for future in (recv, abort):
+                if not future.done():
+                    future.cancel()
+        if recv in done:
+            return recv.result()
+        raise RequestTimeout(f"{service_text(name)}: {self._abort_reason}")
 
     async def _recv(self, sock: zmq.asyncio.Socket, name: bytes) -> list[bytes]:
         while True:

@@ -152,3 +152,24 @@ async def test_a_long_inference_request_does_not_hold_the_screens_requests(
         counts = await app.client.request(P.SERVICE_JOBS, {"op": "counts"}, timeout_s=10)
         assert isinstance(counts, dict) and not slow.done()  # answered while the other waits
         slow.cancel()
+
+
+@pytest.mark.slow
+async def test_requests_on_their_way_fail_when_the_broker_is_lost(module_cluster: Cluster) -> None:
+    """Before: a request lost with a restarting broker held its screen until its timeout (up
+    to 300 s for a generate); the link's "disconnected" now fails it at once, with why."""
+    import asyncio
+
+    from distill.shared.errors import RequestTimeout
+
+    module_cluster.start_broker()
+    module_cluster.start_worker("sleep")
+    app = DistillApp(module_cluster.endpoint)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: "connected to" in connection_text(app), what="connected")
+        lost = asyncio.ensure_future(app.infer_client.request(
+            "distill.sleep", {"seconds": 30.0}, timeout_s=300))  # fmt: skip
+        await pilot.pause(0.5)
+        app.set_connection(False, "no broker answered")  # what the link says when it is gone
+        with pytest.raises(RequestTimeout, match="its reply is lost: try again"):
+            await asyncio.wait_for(lost, 10)

@@ -70,3 +70,26 @@ async def test_async_client_requests_and_subscribes(cluster: Cluster) -> None:
         second = await asyncio.wait_for(events.__anext__(), 5)
         assert second["status"] == "cancelled" and second["seq"] > first["seq"]
         await events.aclose()
+
+
+async def test_async_client_fails_the_request_on_its_way_when_told_it_is_lost(
+    cluster: Cluster,
+) -> None:
+    """The UI tells its clients when the broker stops answering: the request on its way fails
+    then, not at the end of its timeout (minutes for an encode), and the next one works."""
+    import asyncio
+
+    from distill.shared.bus.aclient import AsyncClient
+
+    cluster.start_broker()
+    cluster.start_worker("sleep")
+    cluster.start_worker("echo")
+    async with AsyncClient(cluster.endpoint) as ac:
+        slow = asyncio.ensure_future(ac.request("distill.sleep", {"seconds": 30.0}, timeout_s=120))
+        await asyncio.sleep(0.5)
+        ac.abort_pending("the broker went away")
+        with pytest.raises(RequestTimeout, match="distill.sleep: the broker went away"):
+            await asyncio.wait_for(slow, 10)  # not the 30 s of the request
+        assert await ac.request_raw("echo", [b"again"], timeout_s=10) == [b"again"]
+        ac.abort_pending("nothing on its way")  # affects no later request
+        assert await ac.request_raw("echo", [b"later"], timeout_s=10) == [b"later"]
