@@ -77,20 +77,27 @@ class JobHooks:
     ) -> None:
         for i, label in enumerate(labels):
             for which, mel in (("original", mels[i]), ("reconstruction", recon[i])):
-                wav = _wav_bytes(mel_to_audio(mel, self.mel_config), self.mel_config.sample_rate)
+                name = f"epoch{epoch:04d}-{i}-{which}.wav"
+                # the job and epoch in the file's tags make its bytes its own: the store keeps
+                # identical bytes once, tagged with the first job, so a second run's previews
+                # of the same files were missing from its own list (the UI's Previews tab)
+                tags = {"title": name, "comment": f"distill preview of job "
+                        f"{self.ctx.info.job_id}, epoch {epoch}, {label.file}"}  # fmt: skip
+                wav = _wav_bytes(mel_to_audio(mel, self.mel_config), self.mel_config.sample_rate,
+                                 tags)  # fmt: skip
                 sha = self.ctx.artifacts.put_bytes(
-                    wav, kind="preview", name=f"epoch{epoch:04d}-{i}-{which}.wav",
-                    job=self.ctx.info.job_id,
+                    wav, kind="preview", name=name, job=self.ctx.info.job_id,
                 )  # fmt: skip
                 self.ctx.event("preview", artifact=sha, epoch=epoch, chunk=i, file=label.file,
                                file_chunk=label.chunk, file_chunks=label.chunks,
                                which=which)  # fmt: skip
 
 
-def _wav_bytes(audio: Tensor, sample_rate: int) -> bytes:
-    """A preview as WAV bytes, scaled down (not clipped) where it peaks above full scale."""
+def _wav_bytes(audio: Tensor, sample_rate: int, tags: dict[str, str] | None = None) -> bytes:
+    """A preview as WAV bytes (with ``tags``), scaled down (not clipped) where it peaks above
+    full scale."""
     buf = io.BytesIO()
-    write_audio(buf, within_full_scale(audio), sample_rate, format="WAV")
+    write_audio(buf, within_full_scale(audio), sample_rate, format="WAV", metadata=tags)
     return buf.getvalue()
 
 

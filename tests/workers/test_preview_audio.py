@@ -27,3 +27,19 @@ def test_a_preview_under_full_scale_is_written_as_it_is() -> None:
     quiet = 0.5 * torch.sin(torch.linspace(0, 60, 4800))
     back, _ = sf.read(io.BytesIO(_wav_bytes(quiet, 48000)), dtype="float64")
     assert np.allclose(back, quiet.numpy(), atol=2e-6)
+
+
+def test_the_same_preview_of_two_jobs_is_two_artifacts() -> None:
+    """The store keeps identical bytes once, tagged with the first job: a second run's
+    "original" previews (the same training audio) were missing from its own list. The tags
+    (job, epoch, file) make each job's bytes its own."""
+    from distill.shared.audio.io import read_metadata
+
+    audio = torch.sin(torch.arange(4800) / 10.0) * 0.5
+    first = _wav_bytes(audio, 48000, {"comment": "distill preview of job j-1, epoch 5, a.wav"})
+    second = _wav_bytes(audio, 48000, {"comment": "distill preview of job j-2, epoch 5, a.wav"})
+    assert first != second
+    assert "job j-2" in read_metadata(second)["comment"]
+    a, _ = sf.read(io.BytesIO(first), dtype="float64")
+    b, _ = sf.read(io.BytesIO(second), dtype="float64")
+    assert np.array_equal(a, b)  # the same sound
