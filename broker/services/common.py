@@ -26,4 +26,6 @@ def field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...], default
         raise DecodeError(f"missing field {name!r}")
     if value is not None and not isinstance(value, kind):
         raise DecodeError(f"field {name!r} has the wrong type ({type(value).__name__})")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:  # what SQLite stores
+        raise DecodeError(f"field {name!r} is out of range ({value})")
     return value

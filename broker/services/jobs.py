@@ -83,7 +83,7 @@ class JobService:
             "submit": self._submit, "get": self._get, "list": self._list, "cancel": self._cancel,
             "retry": self._retry, "checkpoint": self._checkpoint, "counts": self._counts,
             "metrics": self._metrics, "metrics_page": self._metrics_page,
-        }.get(op)
+        }.get(op) if isinstance(op, str) else None
         if op == "wait":
             return self._wait(identity, msg)
         if handler is None:
@@ -93,6 +93,11 @@ class JobService:
 
     def _submit(self, msg: dict[str, Any]) -> dict[str, Any]:
         req = JobSubmit.from_map({k: v for k, v in msg.items() if k != "op" and v is not None})
+        if req.service.startswith("mmi.") or req.service.encode() in P.BROKER_SERVICES:
+            # the broker answers these itself: no worker may register them, so such a job
+            # would wait in the queue for ever
+            raise JobError(f"{req.service} is the broker's own service: no worker runs jobs "
+                           "for it")  # fmt: skip
         record = self.store.submit(req.service, req.params, depends_on=req.depends_on,
                                    max_attempts=req.max_attempts, timeout_s=req.timeout_s)
         self._announce(record)

@@ -269,7 +269,12 @@ def _read_npz(b: bytes) -> dict[str, np.ndarray]:
             return {k: npz[k] for k in _ARRAY_KEYS | (_CHECK_KEYS & keys)}
     except DatasetError:
         raise
-    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError,
+    except ValueError as e:
+        if "pickle" in str(e):  # numpy's own advice (allow_pickle) must not reach a user
+            raise DatasetError("not a Distill dataset: it holds pickled objects, which are "
+                               "never loaded") from e
+        raise DatasetError(f"dataset is corrupt or truncated: {type(e).__name__}: {e}") from e
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, KeyError,
             NotImplementedError, RuntimeError) as e:  # fmt: skip
         raise DatasetError(f"dataset is corrupt or truncated: {type(e).__name__}: {e}") from e
 

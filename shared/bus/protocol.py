@@ -28,6 +28,8 @@ SERVICE_JOBS = b"distill.jobs"
 SERVICE_ARTIFACTS = b"distill.artifacts"
 SERVICE_WORKERS = b"distill.workers"
 SERVICE_EVENTS = b"distill.events"
+# the services the broker answers itself: no worker may register them
+BROKER_SERVICES = frozenset({SERVICE_JOBS, SERVICE_ARTIFACTS, SERVICE_WORKERS, SERVICE_EVENTS})
 SERVICE_ECHO = b"echo"
 SERVICE_PREPROCESS = b"distill.preprocess"
 SERVICE_VQVAE = b"distill.train.vqvae"

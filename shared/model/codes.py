@@ -416,7 +416,7 @@ _FIELDS: dict[str, tuple[type[Edit], dict[str, str]]] = {
 
 def edit_from_dict(d: object) -> Edit:
     """An :class:`Edit` from its dict; types are checked here, ranges when it is applied."""
-    if not isinstance(d, Mapping) or d.get("op") not in _FIELDS:
+    if not isinstance(d, Mapping) or not isinstance(d.get("op"), str) or d["op"] not in _FIELDS:
         raise CodeGridError(f"not an edit (an 'op' out of {sorted(_FIELDS)} is needed): {d!r}")
     cls, spec = _FIELDS[d["op"]]
     if set(d) != {"op", *spec}:

@@ -50,6 +50,7 @@ from distill.shared.model.vqvae import SEARCH_CANDIDATES
 # start runs sound by sound: 8.5 GB when it held the batch). -n 1: ~1.3 GB.
 MAX_SECONDS = 60.0
 MAX_COUNT = 256  # sounds per generate call; the worker answers up to 16 directly (see infer.py)
+MAX_CHANNELS = 64  # more is a (samples, channels) array sent the wrong way round
 MAX_SEARCH = 256  # candidates per level and step when encoding (cost grows with it)
 # Sounds decoded together: bounds memory at any count, and fixes how a batch is split, so the
 # same request decodes the same way whether it came as a request, a job or a regenerate.
@@ -114,7 +115,7 @@ def check_int(value: object, name: str, low: int, high: int) -> int:
 
 
 def check_quality(value: object) -> str:
-    if value not in QUALITY_PRESETS:
+    if not isinstance(value, str) or value not in QUALITY_PRESETS:
         raise BadInput(f"quality must be one of {sorted(QUALITY_PRESETS)}, got {value!r}")
     return str(value)
 
@@ -143,6 +144,10 @@ def model_audio(model: DistillModel, audio: object, sample_rate: object) -> torc
     if not np.issubdtype(audio.dtype, np.floating) or not np.isfinite(audio).all():
         raise BadInput(f"audio must be finite floating point samples, got dtype {audio.dtype}")
     rate = check_int(sample_rate, "sample_rate", 1000, 768_000)
+    if audio.ndim == 2 and audio.shape[0] > MAX_CHANNELS:
+        raise BadInput(f"audio is (channels, samples); got {audio.shape[0]} channels of "
+                       f"{audio.shape[1]} samples: is it (samples, channels), soundfile's "
+                       "layout? Send its transpose")  # fmt: skip
     if audio.shape[-1] > MAX_SECONDS * rate:
         raise BadInput(f"audio is {audio.shape[-1] / rate:.1f} s long; at most {MAX_SECONDS:g} s")
     mono = to_mono(torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)))
@@ -153,7 +158,10 @@ def check_grid(model: DistillModel, codes: object, name: str = "codes") -> torch
     """A (Q, T) grid from outside -> LongTensor (1, Q, T) on the model's device, checked."""
     q, k = model.vqvae.config.levels, model.vqvae.config.codebook_size
     assert q is not None and k is not None  # a loaded model's config is resolved
-    array = np.asarray(codes) if isinstance(codes, (np.ndarray, list)) else None
+    try:
+        array = np.asarray(codes) if isinstance(codes, (np.ndarray, list)) else None
+    except ValueError:  # ragged lists
+        array = None
     if array is None or array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
         raise BadInput(f"{name} must be an integer grid (levels, steps), got "
                        f"{getattr(array, 'shape', type(codes).__name__)}")  # fmt: skip

@@ -270,3 +270,19 @@ def test_a_failure_of_the_moment_is_retried(parts: Any) -> None:
     job_id = start(service, w)
     service.on_reply(job_id, [pack({"ok": False, "error": {"code": "artifact", "message": "x"}})], w)
     assert service.store.get(job_id).status == "queued"
+
+
+def test_requests_the_service_cannot_hold_are_bad_requests_naming_the_field(parts: Any) -> None:
+    """Before: an unhashable op and a start past SQLite's integers were `internal` errors
+    with Python's own text, and a job for a service the broker answers itself was queued for
+    ever (no worker may register it)."""
+    from distill.shared.errors import DecodeError, JobError
+
+    _, jobs, _ = parts
+    with pytest.raises(DecodeError, match="has no op"):
+        jobs.serve(b"c", [pack({"op": ["counts"]})])
+    with pytest.raises(DecodeError, match="field 'start' is out of range"):
+        jobs.serve(b"c", [pack({"op": "list", "start": 2**63})])
+    for service in ("distill.jobs", "distill.events", "mmi.service"):
+        with pytest.raises(JobError, match="the broker's own service"):
+            jobs.serve(b"c", [pack({"op": "submit", "service": service, "params": {}})])

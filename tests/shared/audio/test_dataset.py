@@ -377,3 +377,17 @@ def test_an_array_header_that_promises_more_than_its_member_holds_is_corrupt() -
         f.write(b"\0" * 16)
     with pytest.raises(DatasetError, match="declares 4000000000000 bytes"):
         Dataset.from_bytes(buf.getvalue())
+
+
+def test_an_archive_of_pickled_objects_is_no_dataset_and_the_error_never_suggests_pickle() -> None:
+    """Before: numpy's own advice reached the user ("you can load it unsafely using the
+    allow_pickle= keyword"), inviting them to turn pickle on for a file they were given."""
+    import io as _io
+
+    buf = _io.BytesIO()
+    np.savez(buf, format_version=np.array(1), meta=np.array([{"a": 1}], dtype=object),
+             mels=np.zeros(3), chunk_file=np.zeros(3))  # fmt: skip
+    with pytest.raises(DatasetError) as info:
+        Dataset.from_bytes(buf.getvalue())
+    assert "pickle" in str(info.value) and "allow_pickle" not in str(info.value)
+    assert "never loaded" in str(info.value)

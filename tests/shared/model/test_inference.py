@@ -223,3 +223,22 @@ def test_an_edit_session_is_checked_against_the_model_before_its_edits_replay() 
     with pytest.raises(BadInput, match=f"holds {MAX_EDITS + 1} edits; at most {MAX_EDITS}"):
         inference.edit_session(model, many, "none", None)
     assert inference.edit_session(model, small.to_dict(), "none", None).grid.codes[0, 0] == 3
+
+
+def test_malformed_values_are_bad_input_naming_the_field_not_internal_errors() -> None:
+    """Before: a ragged code list, a list as quality and an unhashable edit op raised
+    Python's own errors (answered `internal`), and (samples, channels) audio was read as
+    thousands of channels of two samples."""
+    from distill.shared.model.codes import CodeGridError, edit_from_dict
+
+    model = tiny_model()
+    with pytest.raises(BadInput, match="codes must be an integer grid"):
+        inference.check_grid(model, [[1, 2, 3], [4, 5]])
+    with pytest.raises(BadInput, match="quality must be one of"):
+        inference.check_quality(["best"])
+    with pytest.raises(CodeGridError, match="not an edit"):
+        edit_from_dict({"op": ["reverse"]})
+    stereo = np.zeros((4800, 2), dtype=np.float32)  # soundfile's layout, not (channels, samples)
+    with pytest.raises(BadInput, match="is it \\(samples, channels\\)"):
+        inference.model_audio(model, stereo, 48000)
+    assert inference.model_audio(model, stereo.T.copy(), 48000).shape == (4800,)
