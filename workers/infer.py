@@ -78,6 +78,7 @@ import torch
 
 from distill.shared.audio.dataset import Dataset
 from distill.shared.audio.export import ExportMetadata, export_audio
+from distill.shared.errors import ModelFormatError
 from distill.shared.ids import is_sha256
 from distill.shared.model import inference as inf
 from distill.shared.model.modelfile import DistillModel, load_model
@@ -104,7 +105,11 @@ class ModelCache:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-        model = load_model(path_of(sha), device)
+        path = path_of(sha)
+        try:
+            model = load_model(path, device)
+        except ModelFormatError as e:  # named by its artifact id, not the cache's file name
+            raise ModelFormatError(str(e).replace(path.name, f"model {sha}", 1)) from e
         with self._lock:
             self.loads += 1
             self._models[key] = model

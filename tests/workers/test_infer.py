@@ -264,6 +264,7 @@ def test_corrupt_model_and_unknown_model(ctx: FakeContext, tmp_path: Path) -> No
     with pytest.raises(DistillError, match="checksum") as info:
         call(ctx, "decode", sha, codes=np.zeros((Q, 4), dtype=np.int64))
     assert code_of(info.value) == MODEL_FORMAT
+    assert str(info.value).startswith(f"model {sha}: ")  # its id, not the cache's file name
     with pytest.raises(DistillError, match="model artifact id"):
         call(ctx, "decode", "abc", codes=np.zeros((Q, 4), dtype=np.int64))
 
