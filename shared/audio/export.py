@@ -367,3 +367,13 @@ def read_export_metadata(path: str | Path) -> ExportMetadata:
         title=title,
         software=software,
     )
+
+
+def free_path(path: Path) -> Path:
+    """``path``, or the first of ``NAME-2.EXT``, ``NAME-3.EXT``, ... that is free: exports
+    never replace a file already there (a name that holds only what made the sound, the model,
+    the seed, the index, comes again with other settings)."""
+    free, n = path, 2
+    while free.exists() or free.is_symlink():
+        free, n = path.with_name(f"{path.stem}-{n}{path.suffix}"), n + 1
+    return free

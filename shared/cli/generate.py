@@ -98,16 +98,6 @@ def _new_file(path: Path, force: bool, name: str = "-o") -> None:
     _check_writable(folder, name, path)
 
 
-def _free_path(path: Path) -> Path:
-    """``path``, or the first of ``NAME-2.EXT``, ``NAME-3.EXT``, ... that is free: a numbered
-    file's name holds only the model, the seed and the index, so a run with other settings
-    would otherwise replace an earlier run's sound without a word."""
-    free, n = path, 2
-    while free.exists() or free.is_symlink():
-        free, n = path.with_name(f"{path.stem}-{n}{path.suffix}"), n + 1
-    return free
-
-
 def _check_count(count: int) -> None:
     """``-n``, before the model is read (``inference.generate`` checks it again)."""
     from distill.shared.model import inference as inf
@@ -208,13 +198,15 @@ SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "change_temperature
 def _export_all(model: Any, made: Any, recipes: list[dict[str, Any]], kind: str, out: Path,
                 stem: str, fmt: str, subtype: str, show: bool) -> list[Path]:  # fmt: skip
     """Each sound of ``made`` to ``out/STEM-NNN.FMT`` with its recipe; prints each line."""
-    from distill.shared.audio.export import ExportMetadata, export_audio
+    from distill.shared.audio.export import ExportMetadata, export_audio, free_path
 
     out.mkdir(parents=True, exist_ok=True)  # checked by _writable_folder before the draws
     paths = []
     step_s = model.vqvae.config.downsample / model.mel_config.frames_per_second
     for i, (audio, recipe) in enumerate(zip(made.audio, recipes, strict=True)):
-        path = _free_path(out / f"{stem}-{i:03d}.{fmt}")  # never an earlier run's file
+        # a numbered file's name holds only the model, the seed and the index: never an
+        # earlier run's file (made with other settings)
+        path = free_path(out / f"{stem}-{i:03d}.{fmt}")
         meta = ExportMetadata(kind=kind, model_id=model.model_id, title=path.stem, data=recipe)
         report = export_audio(path, audio, made.sample_rate, subtype=subtype, metadata=meta)  # type: ignore[arg-type]
         gain = f" gain {report.gain_db:.1f} dB" if report.gain_db else ""

@@ -117,3 +117,16 @@ async def test_the_editor_status_line_is_on_screen_at_80x24_with_tall_grids() ->
         status = screen.query_one("#edit-status")
         assert status in screen._compositor.visible_widgets
         assert status.region.bottom <= 24 - 1  # above the footer
+
+
+def test_exporting_twice_keeps_the_first_files(tmp_path: Path) -> None:
+    """Before: the generate screen's export wrote gen-SEED-NNN.wav over an earlier export
+    with the same seed (made with other settings) without a word."""
+    from distill.tui.screens.generate import export_sounds
+
+    reply = {"params": {"seed": 3, "temperature": 1.0}, "sample_rate": 48000, "model_id": "m"}
+    first = export_sounds(tmp_path, [np.zeros(4800, dtype=np.float32)], reply)
+    second = export_sounds(tmp_path, [np.full(4800, 0.1, dtype=np.float32)], reply)
+    assert [p.name for p in first] == ["gen-3-000.wav"]
+    assert [p.name for p in second] == ["gen-3-000-2.wav"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen-3-000-2.wav", "gen-3-000.wav"]

@@ -468,12 +468,13 @@ class EditorScreen(DistillScreen):
         self._guard(run, "export")
 
     async def export(self, slot: Slot, folder: Path) -> None:
-        from distill.shared.audio.export import ExportMetadata, export_audio
+        from distill.shared.audio.export import ExportMetadata, export_audio, free_path
 
         try:
             reply = await self.infer({"op": "decode", "codes": slot.codes, "quality": "best"})
             folder.mkdir(parents=True, exist_ok=True)
-            name = f"edit-{Path(slot.name).stem or 'sound'}.wav"
+            # an earlier export of this sound (before more edits) is kept, not replaced
+            name = free_path(folder / f"edit-{Path(slot.name).stem or 'sound'}.wav").name
             # threads: the worker's torch thread count, which the last bits of the decode
             # depend on: `distill regenerate` makes the same samples only with the same count
             data: dict[str, Any] = {"session": slot.session, "levels": None, "quality": "best"}

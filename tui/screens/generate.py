@@ -188,7 +188,7 @@ class GenerateScreen(DistillScreen):
 
 def export_sounds(folder: Path, sounds: list[np.ndarray], reply: dict[str, Any]) -> list[Path]:
     """WAV files with the recipe in their metadata (what made them, so they can be made again)."""
-    from distill.shared.audio.export import ExportMetadata, export_audio
+    from distill.shared.audio.export import ExportMetadata, export_audio, free_path
 
     folder.mkdir(parents=True, exist_ok=True)
     params = dict(reply.get("params") or {})
@@ -199,7 +199,7 @@ def export_sounds(folder: Path, sounds: list[np.ndarray], reply: dict[str, Any])
         recipe["threads"] = reply["threads"]
     written = []
     for i, sound in enumerate(sounds):
-        name = f"gen-{params.get('seed', 0)}-{i:03d}.wav"
+        name = free_path(folder / f"gen-{params.get('seed', 0)}-{i:03d}.wav").name  # never replace
         meta = ExportMetadata(kind="generate", model_id=str(reply.get("model_id", "")), title=name,
                               data={**recipe, "index": i})
         written.append(export_audio(folder / name, sound, int(reply["sample_rate"]), metadata=meta).path)
