@@ -67,6 +67,7 @@ class DistillApp(App[None]):
         self.infer_client = AsyncClient(self.endpoint, timeout_s=30.0)
         self.connected: bool | None = None
         self.cluster_workers: list[dict[str, Any]] = []
+        self.polled = False  # cluster_workers holds a poll's answer (not only the empty start)
         self.cluster_queued: dict[str, int] = {}
         self.cluster_jobs: list[dict[str, Any]] = []
         self.screens_listening: list[DistillScreen] = []
@@ -123,6 +124,7 @@ class DistillApp(App[None]):
     def set_cluster(self, workers: list[dict[str, Any]], queued: dict[str, int],
                     jobs: list[dict[str, Any]]) -> None:
         self.cluster_workers, self.cluster_queued, self.cluster_jobs = workers, queued, jobs
+        self.polled = True
         self.broadcast(lambda: ClusterPolled(workers, queued, jobs))
 
     def deliver_events(self, events: list[dict[str, Any]], dropped: int = 0) -> None:

@@ -173,3 +173,21 @@ async def test_requests_on_their_way_fail_when_the_broker_is_lost(module_cluster
         app.set_connection(False, "no broker answered")  # what the link says when it is gone
         with pytest.raises(RequestTimeout, match="its reply is lost: try again"):
             await asyncio.wait_for(lost, 10)
+
+
+async def test_a_request_to_a_service_with_no_worker_is_refused_at_once() -> None:
+    """Before: generate with no inference worker said "generating…" for the 30 s of the
+    broker's request timeout before it said there was none."""
+    from distill.shared.errors import DistillError
+
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("g")
+        screen = app.screen
+        screen.check_worker("distill.infer")  # type: ignore[attr-defined]  # nothing polled yet
+        app.set_connection(True)
+        app.set_cluster([{"service": "distill.train.prior", "id": "w1"}], {}, [])
+        with pytest.raises(DistillError, match="no distill.infer worker is registered"):
+            screen.check_worker("distill.infer")  # type: ignore[attr-defined]
+        app.set_cluster([{"service": "distill.infer", "id": "w2"}], {}, [])
+        screen.check_worker("distill.infer")  # type: ignore[attr-defined]

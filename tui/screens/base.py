@@ -25,6 +25,17 @@ class DistillScreen(Screen[None]):
         if self in self.distill.screens_listening:
             self.distill.screens_listening.remove(self)
 
+    def check_worker(self, service: str) -> None:
+        """DistillError when the last poll found no worker of ``service`` (a request to it
+        would wait out the broker's 30-s request timeout to say so)."""
+        from distill.shared.errors import DistillError
+
+        app = self.distill
+        if app.polled and app.connected and not any(
+                w.get("service") == service for w in app.cluster_workers):
+            raise DistillError(f"no {service} worker is registered with the broker: start one "
+                               f"(`distill up`, or `distill worker {service.rsplit('.', 1)[-1]}`)")
+
     def notify_error(self, what: str, error: Any) -> None:
         self.notify(f"{what}: {error}", severity="error", timeout=8)
 

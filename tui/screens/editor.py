@@ -176,6 +176,7 @@ class EditorScreen(DistillScreen):
     # --- requests -----------------------------------------------------------------------------
     async def infer(self, body: dict[str, Any], timeout_s: float = EDIT_TIMEOUT_S
                     ) -> dict[str, Any]:  # fmt: skip
+        self.check_worker(INFER)  # said now, not after the broker's 30-s request timeout
         reply: dict[str, Any] = await self.distill.infer_client.request(
             INFER, {**body, "model": self.model()}, timeout_s=timeout_s)
         return reply

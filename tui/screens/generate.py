@@ -114,6 +114,7 @@ class GenerateScreen(DistillScreen):
     def action_generate(self) -> None:
         try:
             body = self.request_body()
+            self.check_worker(INFER)
         except DistillError as e:
             self.notify_error("generate", e)
             return
