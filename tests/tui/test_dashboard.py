@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -132,23 +133,29 @@ async def test_the_cursor_stays_on_its_job_when_a_new_job_arrives() -> None:
         assert table.cursor_row == 4
 
 
+async def _slow_request_on_its_way(app: DistillApp, pilot: Any,
+                                   seconds: float) -> asyncio.Future[Any]:  # fmt: skip
+    """The app connected to a cluster with a sleep worker, and a request of ``seconds`` to it
+    on its way through the inference connection (it stands in for an encode)."""
+    await until(pilot, lambda: "connected to" in connection_text(app), what="connected")
+    slow = asyncio.ensure_future(app.infer_client.request(
+        "distill.sleep", {"seconds": seconds}, timeout_s=300))  # fmt: skip
+    await pilot.pause(0.5)  # on its way
+    return slow
+
+
 @pytest.mark.slow
 async def test_a_long_inference_request_does_not_hold_the_screens_requests(
     module_cluster: Cluster,
 ) -> None:
     """Before: every screen shared one client, which sends one request at a time: a cancel
     on the training screen waited 147 s behind a 14-s encode in the editor. Inference requests
-    now have a connection of their own (a slow request stands in for the encode here)."""
-    import asyncio
-
+    now have a connection of their own."""
     module_cluster.start_broker()
     module_cluster.start_worker("sleep")
     app = DistillApp(module_cluster.endpoint)
     async with app.run_test(size=(120, 40)) as pilot:
-        await until(pilot, lambda: "connected to" in connection_text(app), what="connected")
-        slow = asyncio.ensure_future(app.infer_client.request(
-            "distill.sleep", {"seconds": 20.0}, timeout_s=60))  # fmt: skip
-        await pilot.pause(0.5)  # the slow request is on its way
+        slow = await _slow_request_on_its_way(app, pilot, 20.0)
         counts = await app.client.request(P.SERVICE_JOBS, {"op": "counts"}, timeout_s=10)
         assert isinstance(counts, dict) and not slow.done()  # answered while the other waits
         slow.cancel()
@@ -158,18 +165,13 @@ async def test_a_long_inference_request_does_not_hold_the_screens_requests(
 async def test_requests_on_their_way_fail_when_the_broker_is_lost(module_cluster: Cluster) -> None:
     """Before: a request lost with a restarting broker held its screen until its timeout (up
     to 300 s for a generate); the link's "disconnected" now fails it at once, with why."""
-    import asyncio
-
     from distill.shared.errors import RequestTimeout
 
     module_cluster.start_broker()
     module_cluster.start_worker("sleep")
     app = DistillApp(module_cluster.endpoint)
     async with app.run_test(size=(120, 40)) as pilot:
-        await until(pilot, lambda: "connected to" in connection_text(app), what="connected")
-        lost = asyncio.ensure_future(app.infer_client.request(
-            "distill.sleep", {"seconds": 30.0}, timeout_s=300))  # fmt: skip
-        await pilot.pause(0.5)
+        lost = await _slow_request_on_its_way(app, pilot, 30.0)
         app.set_connection(False, "no broker answered")  # what the link says when it is gone
         with pytest.raises(RequestTimeout, match="its reply is lost: try again"):
             await asyncio.wait_for(lost, 10)
