@@ -55,9 +55,11 @@ class JobsClient:
     def __init__(self, client: Client) -> None:
         self.client = client
 
-    def _call(self, op: str, **fields: Any) -> Any:
+    def _call(self, op: str, request_timeout_s: float | None = None, **fields: Any) -> Any:
+        """The op's result; a job error (an unknown id, a bad field) as JobError."""
+        timeout = {} if request_timeout_s is None else {"timeout_s": request_timeout_s}
         try:
-            return self.client.request(SERVICE, {"op": op, **fields})
+            return self.client.request(SERVICE, {"op": op, **fields}, **timeout)
         except RequestError as e:
             if e.code in (JOB, BAD_REQUEST):
                 raise JobError(str(e)) from None
@@ -128,8 +130,9 @@ class JobsClient:
         deadline = time.monotonic() + timeout_s
         while True:
             chunk = max(0.1, min(30.0, deadline - time.monotonic()))
-            record: dict[str, Any] = self.client.request(
-                SERVICE, {"op": "wait", "id": job_id, "timeout_s": chunk}, timeout_s=chunk + 10)
+            # through _call: an unknown id is a JobError, as from get and cancel
+            record: dict[str, Any] = self._call("wait", request_timeout_s=chunk + 10, id=job_id,
+                                                timeout_s=chunk)  # fmt: skip
             if record["status"] in FINISHED or time.monotonic() >= deadline:
                 return record
 

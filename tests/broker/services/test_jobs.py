@@ -57,6 +57,11 @@ def test_pipeline_runs_in_order_and_passes_results(cluster: Cluster) -> None:
         d = jobs.submit("distill.sleep", {"value": "c"}, depends_on=[b["id"]])
         final = jobs.wait(d["id"], timeout_s=60)
         assert final["status"] == "succeeded"
+        from distill.shared.errors import JobError
+
+        for unknown in (lambda: jobs.wait("j-nothere", timeout_s=5), lambda: jobs.get("j-nothere")):
+            with pytest.raises(JobError):  # wait raised a bare RequestError before
+                unknown()
         rb, rc = jobs.get(b["id"]), jobs.get(d["id"])
         assert rb["result"]["deps"] == {a["id"]: jobs.get(a["id"])["result"]}
         assert rc["result"]["deps"][b["id"]]["value"] == "b"
