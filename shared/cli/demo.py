@@ -65,22 +65,33 @@ class DemoCluster:
     def __init__(self, home: Path, services: list[str], log_file: Path | None = None) -> None:
         from distill.shared.cli.supervisor import Supervisor
 
-        os.environ["DISTILL_CACHE"] = str(home / "cache")  # the workers inherit it
+        self.cache = str(home / "cache")
+        self._cache_before: str | None = None
         self.supervisor = Supervisor(host="127.0.0.1", port=_free_port_block(),
                                      data_dir=home / "broker", services=services, device="cpu",
                                      log_file=log_file, announce=False)  # fmt: skip
         self.endpoint = self.supervisor.endpoint
 
     def __enter__(self) -> DemoCluster:
+        # the workers (and this process's downloads) cache in the temporary folder; the
+        # variable is put back on the way out (a test process ran on with it pointing there)
+        self._cache_before = os.environ.get("DISTILL_CACHE")
+        os.environ["DISTILL_CACHE"] = self.cache
         try:
             self.supervisor.start(ready_timeout_s=180.0)
         except BaseException:
-            self.supervisor.shutdown()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.supervisor.shutdown()
+        try:
+            self.supervisor.shutdown()
+        finally:
+            if self._cache_before is None:
+                os.environ.pop("DISTILL_CACHE", None)
+            else:
+                os.environ["DISTILL_CACHE"] = self._cache_before
 
 
 def demo_request(sounds: Path, minutes: float, vqvae_opt: list[str], prior_opt: list[str],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ def test_demo_short_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     app.command("noop")(lambda: None)  # two commands: typer keeps the "demo" name
     out = tmp_path / "distill-demo"
     before = {p.pid for p in psutil.Process().children(recursive=True)}
+    cache_before = os.environ.get("DISTILL_CACHE")
     result = CliRunner().invoke(app, [
         "demo", "--minutes", "0.6", "-o", str(out), "--seconds", "1",
         "--vqvae-opt", "channels=32", "--vqvae-opt", "latent_dim=16", "--vqvae-opt", "blocks=1",
@@ -43,6 +45,9 @@ def test_demo_short_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert (out / "demo.distill").is_file() and "distill tui" in result.output
     assert "distill up: broker" not in result.output  # its own cluster is not `distill up`'s
+    # its workers' cache variable is put back (the rest of a test run cached into a folder
+    # the demo had deleted, and left it behind)
+    assert os.environ.get("DISTILL_CACHE") == cache_before
     generated = sorted((out / "generated").glob("*.wav"))
     assert len(generated) == 8
     audios = [sf.read(p)[0] for p in generated]
