@@ -460,24 +460,21 @@ def scan_folder(folder: str | Path) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise AudioError(f"{folder}: not a folder")
-    found = []
-    for p in root.rglob("*"):
-        rel = p.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-            continue
-        found.append(p)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    return [p for p in _visible(root) if p.is_file()]
 
 
 def broken_links(folder: str | Path) -> list[Path]:
     """The symbolic links under ``folder`` (hidden ones aside, as in :func:`scan_folder`) that
     point at nothing: no sound to read, so :func:`scan_folder` cannot list them, but the person
     should hear of them (a moved sample library leaves a folder of them)."""
-    root = Path(folder)
-    return sorted((p for p in root.rglob("*")
-                   if p.is_symlink() and not p.exists()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts)),
-                  key=lambda p: p.relative_to(root).as_posix())  # fmt: skip
+    return [p for p in _visible(Path(folder)) if p.is_symlink() and not p.exists()]
+
+
+def _visible(root: Path) -> list[Path]:
+    """Everything under ``root`` but hidden files and folders, sorted by relative path."""
+    found = [p for p in root.rglob("*")
+             if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
 def is_audio_name(name: str) -> bool:
