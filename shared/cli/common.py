@@ -34,6 +34,35 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def output_file_problem(path: Path, force: bool, option: str = "-o") -> str | None:
+    """Why a file cannot be written at ``path`` (given as ``option``), or None: checked before
+    the work that makes it, so that minutes of it are not lost at the end. A folder, a missing
+    or unwritable folder, and (without ``force``) an existing file are refused: nothing is
+    replaced by surprise."""
+    if path.is_dir():
+        return f"{option} {path}: that is a folder; give a file's name"
+    if (path.exists() or path.is_symlink()) and not force:
+        return f"{path} exists: give another {option}, or --force to replace it"
+    folder = path.parent
+    if not folder.is_dir():
+        return f"{option} {path}: no folder {folder}"
+    return write_problem(folder, option, path)
+
+
+def write_problem(folder: Path, option: str, shown: Path) -> str | None:
+    """Why no file can be made in ``folder`` (``option`` ``shown``: what the user gave, for the
+    message), or None: tried with a temporary file, as permissions alone do not say (a
+    read-only mount, root)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return f"{option} {shown}: cannot write files in {folder} ({e.strerror or e})"
+    return None
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"

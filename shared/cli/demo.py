@@ -198,7 +198,7 @@ def demo(
     try:  # everything that can be refused is refused before the cluster starts
         from distill.shared.model.inference import MAX_COUNT, MAX_SECONDS, check_int, check_number
 
-        check_int(count, "--count", 1, MAX_COUNT)
+        check_int(count, "-n", 1, MAX_COUNT)
         check_number(seconds, "--seconds", 0.0, MAX_SECONDS)
         if not seconds > 0:
             raise DistillError(f"--seconds must be > 0, got {seconds:g}")

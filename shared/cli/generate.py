@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from distill.shared.cli.common import fail
+from distill.shared.cli.common import fail, output_file_problem, write_problem
 
 SUBTYPES = {"16": "PCM_16", "24": "PCM_24", "float": "FLOAT"}
 QualityOpt = typer.Option("best", "--quality", help="Phase quality: preview, fast or best.")
@@ -61,18 +61,6 @@ def _load(path: Path, device: str) -> Any:
         fail(str(e))
 
 
-def _check_writable(folder: Path, name: str, shown: Path) -> None:
-    """Refuse ``folder`` unless a file can be made in it (``name`` ``shown``: the option and
-    the path the user gave, for the message)."""
-    import tempfile
-
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        fail(f"{name} {shown}: cannot write files in {folder} ({e.strerror or e})")
-
-
 def _writable_folder(out: Path) -> None:
     """Make the ``-o`` folder and check a file can be written in it, before any sound is drawn:
     a refusal after the draws would lose their work."""
@@ -82,28 +70,26 @@ def _writable_folder(out: Path) -> None:
         fail(f"-o {out}: that is a file, not a folder")
     except OSError as e:
         fail(f"-o {out}: cannot make the folder ({e.strerror or e})")
-    _check_writable(out, "-o", out)
+    problem = write_problem(out, "-o", out)
+    if problem:
+        fail(problem)
 
 
 def _new_file(path: Path, force: bool, name: str = "-o") -> None:
-    """Refuse the output file ``path`` before any work when it exists (unless ``force``), or
-    when its folder is missing or cannot be written."""
-    if path.is_dir():
-        fail(f"{name} {path}: that is a folder")
-    if (path.exists() or path.is_symlink()) and not force:
-        fail(f"{path} exists: choose another {name}, or pass --force to replace it")
-    folder = path.parent
-    if not folder.is_dir():
-        fail(f"{name} {path}: no folder {folder}")
-    _check_writable(folder, name, path)
+    """Refuse the output file ``path`` before any work (``output_file_problem``)."""
+    problem = output_file_problem(path, force, name)
+    if problem:
+        fail(problem)
 
 
 def _check_count(count: int) -> None:
     """``-n``, before the model is read (``inference.generate`` checks it again)."""
     from distill.shared.model import inference as inf
 
-    if not 1 <= count <= inf.MAX_COUNT:
-        fail(f"-n must be in 1..{inf.MAX_COUNT}, got {count}")
+    try:
+        inf.check_int(count, "-n", 1, inf.MAX_COUNT)
+    except inf.BadInput as e:
+        fail(str(e))
 
 
 def _subtype(bits: str, suffix: str) -> str:

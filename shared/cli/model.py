@@ -7,13 +7,12 @@ any job before it in the pipeline and finds the prior job that depends on it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from distill.shared.cli.common import BrokerOpt, client, fail
+from distill.shared.cli.common import BrokerOpt, client, fail, output_file_problem
 from distill.shared.errors import DistillError
 
 PRIOR_SERVICE = "distill.train.prior"
@@ -94,18 +93,12 @@ def default_model_path(record: dict[str, Any]) -> Path:
 
 
 def check_model_output(path: Path, force: bool) -> None:
-    """DistillError unless a model file can be written at ``path``: its folder exists and is
-    writable, and it is not a folder, nor (without ``force``) an existing file: a model is
-    minutes to hours of training, never replaced by surprise. Checked before the work starts."""
-    folder = path.parent
-    if path.is_dir():
-        raise DistillError(f"{path}: a folder; give the model file's name (NAME.distill)")
-    if path.exists() and not force:
-        raise DistillError(f"{path} exists: give another -o, or --force to replace it")
-    if not folder.is_dir():
-        raise DistillError(f"{path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise DistillError(f"{path}: the folder {folder} is not writable")
+    """DistillError unless a model file can be written at ``path`` (``output_file_problem``): a
+    model is minutes to hours of training, never replaced by surprise nor lost at the end to a
+    missing folder. Checked before the work starts."""
+    problem = output_file_problem(path, force)
+    if problem:
+        raise DistillError(problem)
 
 
 def fetch_model(c: Any, record: dict[str, Any], out: Path | None) -> Path:

@@ -330,7 +330,7 @@ def test_bad_paths_devices_and_numbers_are_one_line_errors_before_any_draw(
         (["encode", wav, "--model", model_file, "-o", tmp_path / "nodir" / "x.npz"],
          f"no folder {tmp_path / 'nodir'}"),
         ([*gen, "--device", "bogus"], "--device 'bogus' is not one of auto, cpu, cuda"),
-        ([*gen, "-n", "0"], "-n must be in 1..256, got 0"),
+        ([*gen, "-n", "0"], "-n must be in [1, 256], got 0"),
         ([*gen, "--seconds", "nan"], "--seconds must be a finite number"),
     ]  # fmt: skip
     if not torch.cuda.is_available():
@@ -437,19 +437,19 @@ def test_no_file_is_replaced_unless_forced(model_file: Path, tmp_path: Path) -> 
     again = out / "tiny-s3-000.regenerated.wav"
     assert "identical to" in run("regenerate", made, "--model", model_file)
     before = again.stat().st_mtime_ns
-    assert "pass --force" in _refused("regenerate", made, "--model", model_file)
-    assert "pass --force" in _refused("regenerate", made, "--model", model_file, "-o",
+    assert "or --force to replace it" in _refused("regenerate", made, "--model", model_file)
+    assert "or --force to replace it" in _refused("regenerate", made, "--model", model_file, "-o",
                                       out / "tiny-s3-001.wav")  # fmt: skip
     assert (out / "tiny-s3-001.wav").read_bytes() == first["tiny-s3-001.wav"]
     assert again.stat().st_mtime_ns == before
     assert "identical to" in run("regenerate", made, "--model", model_file, "--force")
     wav, codes = _tone(tmp_path / "in.wav"), tmp_path / "codes.npz"
     run("encode", wav, "--model", model_file, "-o", codes, "--search", "0")
-    assert "pass --force" in _refused("encode", wav, "--model", model_file, "-o", codes)
+    assert "or --force to replace it" in _refused("encode", wav, "--model", model_file, "-o", codes)
     run("encode", wav, "--model", model_file, "-o", codes, "--search", "0", "--force")
     run("decode", codes, "--model", model_file, "-o", tmp_path / "d.wav", "--quality", "preview")
     kept = (tmp_path / "d.wav").read_bytes()
-    assert "pass --force" in _refused("decode", codes, "--model", model_file, "-o",
+    assert "or --force to replace it" in _refused("decode", codes, "--model", model_file, "-o",
                                       tmp_path / "d.wav")  # fmt: skip
     assert (tmp_path / "d.wav").read_bytes() == kept
     run("decode", codes, "--model", model_file, "-o", tmp_path / "d.wav", "--force")

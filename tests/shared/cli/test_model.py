@@ -279,9 +279,8 @@ def test_train_refuses_an_output_it_cannot_write_or_would_replace(tmp_path: Path
     earlier = tmp_path / "earlier.distill"
     earlier.write_bytes(b"an earlier model")
     for out, message in ((earlier, "earlier.distill exists: give another -o, or --force"),
-                         (tmp_path / "nodir" / "m.distill", "the folder " f"{tmp_path / 'nodir'} "
-                          "does not exist"),
-                         (sounds, "a folder; give the model file's name")):  # fmt: skip
+                         (tmp_path / "nodir" / "m.distill", f"no folder {tmp_path / 'nodir'}"),
+                         (sounds, "that is a folder; give a file's name")):  # fmt: skip
         got = CliRunner().invoke(app, ["train", str(sounds), "-o", str(out), "--broker",
                                        "tcp://127.0.0.1:9"])  # fmt: skip
         assert got.exit_code == 1 and message in got.output, got.output
