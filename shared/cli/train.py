@@ -473,25 +473,33 @@ def cascade_report(c: Any, stages: list[Stage], failed: int, record: dict[str, A
     return "\n".join(lines)
 
 
-def follow_pipeline(c: Any, stages: list[Stage]) -> dict[str, Any]:
-    """Follows each stage in turn; returns the last stage's record, StageFailed otherwise."""
+def follow_pipeline(
+    c: Any, stages: list[Stage], finished: list[Stage] | None = None
+) -> dict[str, Any]:
+    """Follows each stage in turn; returns the last stage's record, StageFailed otherwise.
+    Each stage that succeeds is added to ``finished`` (what a detach message says)."""
     record: dict[str, Any] = {}
     for i, stage in enumerate(stages):
         record = follow_stage(c, stage, i + 1, len(stages))
         if record["status"] != "succeeded":
             raise StageFailed(cascade_report(c, stages, i, record))
         typer.echo(f"{stage.name}: {stage_outcome(stage, record.get('result') or {})}", err=True)
+        if finished is not None:
+            finished.append(stage)
     return record
 
 
-def detach_message(stages: list[Stage], out: Path) -> str:
+def detach_message(stages: list[Stage], out: Path, finished: int = 0) -> str:
+    """How to follow, cancel and fetch the jobs of ``stages``, of which the first ``finished``
+    have succeeded: those are not named to follow or cancel."""
     if not stages:
         return "interrupted before any job was submitted"
-    first, last = stages[0], stages[-1]
+    running, last = stages[min(finished, len(stages) - 1) :], stages[-1]
     lines = ["detached: the jobs run on without this terminal.",
-             "  follow: " + "; ".join(f"distill jobs watch {s.job_id}  ({s.name})" for s in stages),
-             f"  cancel: distill jobs cancel {first.job_id}  (the stages waiting on it are "
-             "cancelled with it; cancel a later one if the first has finished)"]  # fmt: skip
+             "  follow: " + "; ".join(f"distill jobs watch {s.job_id}  ({s.name})"
+                                      for s in running),
+             f"  cancel: distill jobs cancel {running[0].job_id}  ({running[0].name}"
+             + ("; the stages waiting on it are cancelled with it)" if len(running) > 1 else ")")]  # fmt: skip
     if last.name == "prior":
         lines.append(
             f"  fetch:  distill model pull {last.job_id} -o {out}  (once it has succeeded)"
@@ -552,6 +560,7 @@ def train(
     name = out.stem if out is not None else model_name(source, vqvae)
     out = out if out is not None else Path(f"{name}.distill")
     stages: list[Stage] = []
+    finished: list[Stage] = []  # the stages followed to success
     try:
         vqvae_model = {**parse_settings(vqvae_opt), **{k: v for k, v in
                        {"codebook_size": codebook_size, "levels": levels}.items() if v is not None}}  # fmt: skip
@@ -572,10 +581,10 @@ def train(
             if detach:
                 return
             warn_missing_workers(c, stages)
-            record = follow_pipeline(c, stages)
+            record = follow_pipeline(c, stages, finished)
             _finish(c, stages, record, out)
     except KeyboardInterrupt:
-        sys.stderr.write("\n" + detach_message(stages, out) + "\n")
+        sys.stderr.write("\n" + detach_message(stages, out, len(finished)) + "\n")
         raise typer.Exit(130) from None
     except (DistillError, OSError) as e:
         fail(str(e))

@@ -381,6 +381,12 @@ def test_detach_message_names_follow_cancel_and_pull() -> None:
     assert "distill jobs watch j-a" in text and "distill jobs watch j-c" in text
     assert "distill jobs cancel j-a" in text
     assert "distill model pull j-c -o drums.distill" in text
+    # once the preprocess job has succeeded, the cancel names the RVQ-VAE job, which stops both
+    text = detach_message(stages, Path("drums.distill"), finished=1)
+    assert "distill jobs cancel j-b" in text and "j-a" not in text
+    assert "cancelled with it" in text
+    text = detach_message(stages, Path("drums.distill"), finished=2)
+    assert "distill jobs cancel j-c  (prior)" in text and "cancelled with it" not in text
 
 
 @pytest.mark.parametrize(("args", "expected"), [
