@@ -101,23 +101,31 @@ def _wav_bytes(audio: Tensor, sample_rate: int, tags: dict[str, str] | None = No
     return buf.getvalue()
 
 
-def _params(
-    params: dict[str, Any], device: str
-) -> tuple[str, VQVAEConfig, TrainConfig, dict[str, Any], str]:
-    """Dataset id, configs (the device's model size and budget where unset), the budget's
-    note and why the model has its size."""
+def _dataset_id(params: dict[str, Any]) -> str:
     sha = params.get("dataset")
     if not is_sha256(sha):
         raise JobError("train.vqvae: params.dataset must be a dataset artifact id (sha256 hex)")
+    return str(sha)
+
+
+def _params(
+    params: dict[str, Any], device: str, n_mels: int
+) -> tuple[VQVAEConfig, TrainConfig, dict[str, Any], str]:
+    """Configs (the device's model size and budget where unset; the mel bands the dataset's
+    ``n_mels``), the budget's note and why the model has its size."""
     model, train = params.get("model") or {}, params.get("train") or {}
     if not isinstance(model, dict):
         raise JobError("train.vqvae: params.model must be a map of VQVAEConfig settings")
     if not isinstance(train, dict):
         raise JobError("train.vqvae: params.train must be a map of TrainConfig settings")
-    model, why_size = choose_size(device, model)
+    given = model.get("n_mels", n_mels)
+    if given != n_mels:
+        raise JobError(f"train.vqvae: params.model.n_mels is {given!r}, but the dataset has "
+                       f"{n_mels} mel bands: leave n_mels out (it is the dataset's)")  # fmt: skip
+    model, why_size = choose_size(device, {**model, "n_mels": n_mels})
     train, budget_note = with_default_budget(train, device, DEFAULT_MINUTES, "RVQ-VAE")
     model_config, train_config = VQVAEConfig.from_dict(model), TrainConfig.from_dict(train)
-    return str(sha), model_config, train_config, budget_note, why_size
+    return model_config, train_config, budget_note, why_size
 
 
 def _with_dataset_from_deps(ctx: JobContext) -> dict[str, Any]:
@@ -138,8 +146,11 @@ def _with_dataset_from_deps(ctx: JobContext) -> dict[str, Any]:
 
 def run_job(ctx: JobContext) -> dict[str, Any]:
     params = _with_dataset_from_deps(ctx)
-    sha, model_config, train_config, budget_note, why_size = _params(params, ctx.device)
+    sha = _dataset_id(params)
     dataset = Dataset.from_bytes(ctx.artifacts.get_bytes(sha))
+    model_config, train_config, budget_note, why_size = _params(
+        params, ctx.device, dataset.mel_config.n_mels
+    )
     hooks = JobHooks(ctx, dataset.mel_config)
     trainer = VQVAETrainer(dataset, model_config, train_config, hooks, device=ctx.device)
     result = trainer.run()

@@ -250,6 +250,9 @@ def check_settings(req: TrainRequest) -> None:
                     f"--train-opt {stage}.{key}: {key} is a model setting of the {stage} stage, "
                     f"not a training one: give it as {option} {key}=VALUE")
         config_from_dict(train_config, settings, f"--train-opt ({stage} stage)")
+    if "n_mels" in req.vqvae_model:
+        raise DistillError("--vqvae-opt n_mels: the RVQ-VAE takes its mel bands from the "
+                           "dataset (its mel settings, made when it was prepared): leave it out")  # fmt: skip
     config_from_dict(VQVAEConfig, req.vqvae_model, "--vqvae-opt")
     prior_keys = {f.name for f in fields(PriorConfig)}
     unknown = sorted(k for k in req.prior_model if k not in prior_keys)

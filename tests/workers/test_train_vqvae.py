@@ -104,7 +104,8 @@ def test_pipeline_from_sound_files_to_model(cluster: Cluster, percussion: Path, 
         ac = ArtifactClient(c, cache=ArtifactCache(tmp_path / "cache"))
         files = [{"name": n, "sha256": ac.put_file(percussion / n, kind="audio", name=n)} for n in FILES]
         jobs = JobsClient(c)
-        prep = jobs.submit("distill.preprocess", {"files": files})
+        # mel settings other than the defaults: the RVQ-VAE takes its mel bands from them
+        prep = jobs.submit("distill.preprocess", {"files": files, "mel_config": {"n_mels": 64}})
         train = jobs.submit("distill.train.vqvae", {"model": TINY_MODEL, "train": {**TINY_TRAIN, "epochs": 2}},
                             depends_on=[prep["id"]])
         record = jobs.wait(train["id"], timeout_s=300)
@@ -113,6 +114,7 @@ def test_pipeline_from_sound_files_to_model(cluster: Cluster, percussion: Path, 
         assert ac.stat(record["result"]["model"])["kind"] == "vqvae"
         result = record["result"]
         assert result["dataset"] == jobs.get(prep["id"])["result"]["dataset"]
+        assert result["config"]["n_mels"] == 64
         budget = result["budget"]  # no minutes in the params: the CPU default, fitted
         assert (budget["source"], budget["minutes"], budget["steps"]) == ("default", 8.0, result["metrics"]["step"])
         assert budget["planned_epochs"] == 2 and budget["stopped"] == "epochs"

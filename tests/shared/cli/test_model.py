@@ -246,6 +246,7 @@ def test_train_settings_per_stage_and_budget_split() -> None:
      (["--train-opt", "prior.hidden=64"], "give it as --prior-opt hidden=VALUE"),
      (["--train-opt", "lr=fast"], "lr must be a number, got 'fast'"),
      (["--vqvae-opt", "chanels=64"], "--vqvae-opt: unknown keys ['chanels']"),
+     (["--vqvae-opt", "n_mels=64"], "takes its mel bands from the dataset"),
      (["--prior-opt", "hiden=64"], "--prior-opt: unknown keys ['hiden']"),
      # types and bounds too, not only the keys (these failed after the RVQ-VAE's whole budget)
      (["--prior-opt", "hidden=abc"], "--prior-opt: PriorConfig: hidden must be an int"),
