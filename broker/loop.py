@@ -440,7 +440,8 @@ class Broker:
         return self.keyring.roles(key) if key else frozenset()
 
     def _on_router(self, frames: list[bytes], key: bytes | None = None) -> None:
-        if len(frames) < 3 or len(frames) > P.MAX_FRAMES + 3 or frames[1] != b"":
+        # the longest envelope is a worker's reply: identity, empty, MDPW, REPLY, client, empty
+        if len(frames) < 3 or len(frames) > P.MAX_FRAMES + 6 or frames[1] != b"":
             self.dropped += 1
             return
         identity, header = frames[0], frames[2]
@@ -478,13 +479,21 @@ class Broker:
             self._send([identity, b"", P.MDPW, P.W_DISCONNECT])
 
     def _on_client(self, identity: bytes, frames: list[bytes]) -> None:
-        if not frames or not frames[0] or len(frames[0]) > P.MAX_SERVICE_NAME_BYTES:
-            self.dropped += 1  # no usable service frame: nothing to address a reply to
+        if not frames:
+            self.dropped += 1  # no service frame: a reply would not be an MDP reply
             return
         service, body = frames[0], frames[1:]
-        if not body:
+        problem = (
+            "MDP request has an empty service frame" if not service else
+            f"MDP request's service name is {len(service)} bytes (at most "
+            f"{P.MAX_SERVICE_NAME_BYTES})" if len(service) > P.MAX_SERVICE_NAME_BYTES else
+            "MDP request has no body frame" if not body else
+            f"MDP request has {len(body)} body frames (at most {P.MAX_FRAMES})"
+            if len(body) > P.MAX_FRAMES else None
+        )  # fmt: skip
+        if problem is not None:  # answered at once: its client need not wait out its timeout
             self.dropped += 1
-            self._send_client(identity, service, error_body(BAD_REQUEST, "MDP request has no body frame"))
+            self._send_client(identity, service, error_body(BAD_REQUEST, problem))
             return
         if service.startswith(P.MMI_PREFIX):
             self._send_client(identity, service, [self._mmi(service, body)])

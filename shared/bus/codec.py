@@ -46,6 +46,9 @@ def _default(obj: Any) -> Any:
         return _pack_array(obj.detach().cpu().numpy())
     if isinstance(obj, (set, frozenset, tuple)):
         return list(obj)
+    if isinstance(obj, int):  # msgpack hands back the ints it cannot hold
+        raise TypeError(f"cannot encode the integer {obj}: integers in a Distill message are "
+                        "within -2**63..2**64-1")  # fmt: skip
     raise TypeError(f"cannot encode {type(obj).__name__} in a Distill message")
 
 
@@ -86,6 +89,10 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, default=_default, use_bin_type=True)
 
 
+# what msgpack's errors without a message mean
+_UNSAID = {"FormatError": "a byte that begins no msgpack value", "StackError": "nested too deep"}
+
+
 def unpack(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
     """Decode msgpack bytes; any malformation raises :class:`DecodeError`."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -101,8 +108,9 @@ def unpack(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
         )
     except DecodeError:
         raise
-    except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise DecodeError(f"body is not valid msgpack: {e}") from e
+    except Exception as e:  # msgpack raises several unrelated types on garbage, some unsaid
+        reason = str(e) or _UNSAID.get(type(e).__name__, type(e).__name__)
+        raise DecodeError(f"body is not valid msgpack: {reason}") from e
 
 
 def unpack_map(data: bytes, what: str = "body") -> dict[str, Any]:

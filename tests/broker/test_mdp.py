@@ -66,6 +66,31 @@ def test_mmi_404_when_service_has_only_queued_requests(cluster: Cluster) -> None
         ctx.term()
 
 
+def test_malformed_requests_that_can_be_answered_are_answered(cluster: Cluster) -> None:
+    """A request with a service frame gets a bad_request reply naming what is wrong, at once,
+    where it was dropped and its client waited out its own timeout."""
+    cluster.start_broker()
+    ctx = zmq.Context()
+    sock = raw_client(ctx, cluster.endpoint)
+    try:
+        for service, body, says in (
+            (b"", [b"x"], "empty service frame"),
+            (b"s" * 300, [b"x"], "service name is 300 bytes (at most 255)"),
+            (b"echo", [b"x"] * 65, "65 body frames (at most 64)"),
+            (b"echo", [], "no body frame"),
+        ):  # fmt: skip
+            sock.send_multipart([MDPC, service, *body])
+            frames = sock.recv_multipart()
+            assert frames[:2] == [MDPC, service]
+            reply = unpack(frames[2])
+            assert reply["error"]["code"] == "bad_request" and says in reply["error"]["message"]
+        sock.send_multipart([MDPC, b"mmi.service", b"echo"])  # and the broker goes on
+        assert sock.recv_multipart() == [MDPC, b"mmi.service", b"404"]
+    finally:
+        sock.close()
+        ctx.term()
+
+
 class RawWorker(threading.Thread):
     """An MDP/0.1 worker written from RFC 7 alone."""
 

@@ -37,6 +37,8 @@ def test_object_arrays_and_unknown_types_refuse_to_encode() -> None:
         pack(np.array([object()]))
     with pytest.raises(TypeError, match="cannot encode"):
         pack({"f": lambda: 0})
+    with pytest.raises(TypeError, match=r"the integer 18446744073709551616: .* -2\*\*63"):
+        pack({"start": 2**64})
 
 
 def _ext(dtype: object, shape: object, raw: object) -> bytes:
@@ -52,7 +54,8 @@ def _ext(dtype: object, shape: object, raw: object) -> bytes:
         (_ext("float32", [-1], b""), "malformed array shape"),
         (_ext("float32", "2", b"\x00" * 8), "malformed array shape"),
         (msgpack.packb(msgpack.ExtType(42, b"x")), "unknown msgpack ext type 42"),
-        (b"\xc1", "not valid msgpack"),
+        (b"\xc1", "not valid msgpack: a byte that begins no msgpack value"),
+        (b"\x91" * 100_000, "not valid msgpack: nested too deep"),
         (b"\x92\x01", "not valid msgpack"),
     ],
 )
