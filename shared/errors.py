@@ -18,6 +18,7 @@ EXPIRED = "expired"
 WORKER_LOST = "worker_lost"
 CANCELLED = "cancelled"
 OFFSET_MISMATCH = "offset_mismatch"
+DAMAGED = "damaged"
 JOB = "job"
 ARTIFACT = "artifact"
 AUDIO = "audio"
@@ -40,6 +41,7 @@ ERROR_CODES: dict[str, str] = {
     OFFSET_MISMATCH: "an artifact chunk arrived at the wrong offset (the error holds expected)",
     JOB: "a job could not be submitted, found, or changed",
     ARTIFACT: "an artifact could not be stored, found or read (bad id, hash mismatch, in use)",
+    DAMAGED: "a stored artifact's bytes no longer hash to its id: the broker removed it",
     AUDIO: "an audio file could not be used",
     DATASET: "a dataset could not be built or loaded",
     MODEL_FORMAT: "a checkpoint or model file is corrupt, truncated, or of a newer version",
@@ -106,6 +108,13 @@ class ArtifactError(DistillError):
     """An artifact could not be stored, found or read (hash mismatch, unknown id, in use)."""
 
     code = ARTIFACT
+
+
+class ArtifactDamaged(ArtifactError):
+    """A stored artifact's bytes no longer hash to its id (a bad disk, a file changed by hand):
+    the broker removes it as it notices, so that it can be uploaded or made again."""
+
+    code = DAMAGED
 
 
 class AudioError(DistillError):

@@ -60,4 +60,6 @@ def event_line(event: dict[str, Any]) -> str:
         return f"{head}{event.get('service', '')} on {event.get('host', '?')} ({event.get('device', '?')})"
     if kind == "gone":
         return f"{head}{event.get('reason', '')}"
+    if kind == "note":
+        return f"{head}{event.get('message', '')}"
     return head.rstrip()

@@ -20,7 +20,10 @@ from distill.broker.services.quota import ArtifactQuota
 from distill.broker.store.artifacts import ArtifactStore, OffsetMismatch
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
-from distill.shared.errors import OFFSET_MISMATCH, DecodeError
+from distill.shared.errors import OFFSET_MISMATCH, ArtifactDamaged, DecodeError
+from distill.shared.logs import get_logger
+
+log = get_logger("artifacts")
 
 # Records per list reply: ~300 bytes each packed, so a page stays near 1 MiB, far below the
 # clients' message limit; ``more`` says another page follows.
@@ -59,7 +62,14 @@ class ArtifactService:
             return ok_body(self.store.finish_put(field(msg, "sha256", str)).to_dict())
         if op == "get":
             sha, offset = field(msg, "sha256", str), field(msg, "offset", int)
-            data = self.store.read_chunk(sha, offset, field(msg, "length", int, P.ARTIFACT_CHUNK_BYTES))
+            try:
+                data = self.store.read_chunk(sha, offset,
+                                             field(msg, "length", int, P.ARTIFACT_CHUNK_BYTES))
+            except ArtifactDamaged as e:
+                log.error("artifact_damaged", artifact=sha, reason=str(e))
+                if self.quota is not None:
+                    self.quota.forget(sha)
+                raise
             return ok_body({"offset": offset, "data": data})
         if op == "stat":
             return ok_body(self.store.stat(field(msg, "sha256", str)).to_dict())

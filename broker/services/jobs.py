@@ -26,7 +26,9 @@ from distill.shared.logs import get_logger
 log = get_logger("broker.jobs")
 # Failures that would repeat on every attempt (the job's own settings or input are wrong): the
 # job fails at once instead of running max_attempts times into the same error.
-FINAL_ERROR_CODES = frozenset({E.CONFIG, E.BAD_REQUEST, E.AUDIO, E.DATASET, E.MODEL_FORMAT})
+# no other attempt can do better: the input is wrong, or (damaged) the broker has removed it
+FINAL_ERROR_CODES = frozenset({E.CONFIG, E.BAD_REQUEST, E.AUDIO, E.DATASET, E.MODEL_FORMAT,
+                               E.DAMAGED})
 
 CANCEL_REPEAT_S = 1.0  # a running job's cancel is re-announced until the worker stops
 RESCAN_S = 1.0  # look for newly dispatchable jobs at least this often
@@ -276,6 +278,13 @@ class JobService:
             if job_id in self.in_registry:
                 continue
             record = self.store.get(job_id, with_metrics=False)
+            if (record.checkpoint is not None and self.retention is not None
+                    and not self.retention.artifacts.has(record.checkpoint)):  # fmt: skip
+                # removed as damaged, or by hand: the attempt starts from scratch, not from
+                # an error fetching it
+                log.warning("checkpoint_gone", job=record.id, artifact=record.checkpoint)
+                self.store.clear_checkpoint(record.id)
+                record = self.store.get(job_id, with_metrics=False)
             dispatch = JobDispatch(id=record.id, service=record.service, params=record.params,
                                    attempt=record.attempts + 1, previous_errors=record.attempt_errors,
                                    deps=self.store.deps_results(record.id), checkpoint=record.checkpoint)

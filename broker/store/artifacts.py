@@ -36,6 +36,15 @@ once. An upload that has not advanced for ``upload_idle_s`` (its partial file's 
 time, so the clock survives a restart) is removed by :meth:`ArtifactStore.expire_uploads` and
 its declared size released.
 
+Damage. An object is never trusted blindly: a read that goes through an object in order from
+its first byte hashes what it reads (the bytes are in memory already), and when that hash
+reaches the end and does not match the object's id (a bad disk sector, a file changed by
+hand), the object is moved to ``damaged/`` (for a look, never served again), its row is
+deleted, and the last read answers :class:`~distill.shared.errors.ArtifactDamaged`. The
+next upload of the same bytes then stores them afresh, and a job whose checkpoint it was
+starts from scratch. Concurrent readers of one object can break the order; their reads are
+then served unverified, never wrongly refused.
+
 Threading: as :mod:`distill.broker.store.journal` (one connection, a lock, any one thread at a time).
 """
 
@@ -55,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.shared.bus.protocol import ARTIFACT_CHUNK_BYTES, MAX_MESSAGE_BYTES
-from distill.shared.errors import OFFSET_MISMATCH, ArtifactError
+from distill.shared.errors import OFFSET_MISMATCH, ArtifactDamaged, ArtifactError
 from distill.shared.ids import fsync_dir, require_sha256, sha256_file
 
 MAX_KIND_CHARS = 64
@@ -65,6 +74,7 @@ MAX_READ_BYTES = MAX_MESSAGE_BYTES // 2  # a read chunk plus its envelope fits o
 MAX_FINISH_HASH_BYTES = 64 * 1024**2  # hashed inline at finish (~0.2 s); more: verify_step
 VERIFY_STEP_BYTES = 32 * 1024**2  # re-hashed per verify_step call after a restart (~0.1 s)
 SCHEMA_VERSION = 1
+MAX_READ_DIGESTS = 64  # objects whose in-order reads are being hashed at once (oldest dropped)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -173,6 +183,9 @@ class ArtifactStore:
         # sha -> (running hash of the upload's first ``covered`` bytes, covered); an upload
         # resumed after a restart starts at 0 and catches up in verify_step
         self._digests: dict[str, tuple[Any, int]] = {}
+        # sha -> (hash of an object's first ``covered`` bytes, covered), from reads in order
+        self._read_digests: dict[str, tuple[Any, int]] = {}
+        self._damaged = self.root / "damaged"
         self._db = sqlite3.connect(
             str(self.root / "index.sqlite3"), isolation_level=None, check_same_thread=False
         )
@@ -529,9 +542,48 @@ class ArtifactStore:
         try:
             with self._object_path(record.sha256).open("rb") as f:
                 f.seek(offset)
-                return f.read(length)
+                data = f.read(length)
         except FileNotFoundError:  # deleted between the stat and the read
             raise ArtifactError(f"no artifact {record.sha256}") from None
+        self._verify_read(record, offset, data)
+        return data
+
+    def _verify_read(self, record: ArtifactRecord, offset: int, data: bytes) -> None:
+        """Hash reads that go through the object in order; at its end, a hash that does not
+        match removes the object (see Damage) and raises ArtifactDamaged."""
+        sha = record.sha256
+        with self._lock:
+            digest, covered = self._read_digests.pop(sha, (None, 0))
+            if offset == 0:
+                digest, covered = hashlib.sha256(), 0
+            if digest is None or covered != offset:
+                return  # not in order: this read goes unverified
+            digest.update(data)
+            covered += len(data)
+            if covered < record.size:
+                self._read_digests[sha] = (digest, covered)
+                while len(self._read_digests) > MAX_READ_DIGESTS:
+                    self._read_digests.pop(next(iter(self._read_digests)))
+                return
+            actual = digest.hexdigest()
+            if actual == sha or covered != record.size:
+                return
+            self._set_aside(sha)
+        raise ArtifactDamaged(
+            f"artifact {sha} is damaged in the broker's store: its {record.size} bytes hash to "
+            f"{actual} (a bad disk, or the file changed by hand); removed from the store, so "
+            f"that it can be uploaded or made again"
+        )  # fmt: skip
+
+    def _set_aside(self, sha: str) -> None:
+        """A damaged object out of the store: its row deleted, its file moved to damaged/."""
+        with self._write() as db:
+            db.execute("DELETE FROM artifacts WHERE sha256 = ?", (sha,))
+        self._damaged.mkdir(exist_ok=True)
+        try:
+            os.replace(self._object_path(sha), self._damaged / sha)
+        except FileNotFoundError:
+            pass
 
     def usage(self, top_jobs: int = 10) -> dict[str, Any]:
         """What holds the space: totals, bytes and counts by kind, the ``top_jobs`` jobs with

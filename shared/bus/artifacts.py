@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 from distill.shared.bus import protocol as P
 from distill.shared.bus.cache import ArtifactCache
 from distill.shared.bus.client import Client
-from distill.shared.errors import ArtifactError
+from distill.shared.errors import DAMAGED, ArtifactDamaged, ArtifactError, RequestError
 from distill.shared.ids import require_sha256, sha256_file
 
 SERVICE = P.SERVICE_ARTIFACTS.decode()
@@ -70,21 +70,28 @@ class ArtifactClient:
         return result
 
     def iter_chunks(self, sha256: str, size: int) -> Iterator[bytes]:
-        """Chunks in order, with ``credit`` chunk requests in flight."""
+        """Chunks in order, with ``credit`` chunk requests in flight. An object the broker
+        finds damaged as it is read raises ArtifactDamaged (the broker has removed it)."""
         bodies = ({"op": "get", "sha256": sha256, "offset": off, "length": self.chunk_bytes}
                   for off in range(0, size, self.chunk_bytes))
         expected = 0
-        for result in self.client.pipeline(SERVICE, bodies, window=self.credit):
-            if int(result["offset"]) != expected:
-                raise ArtifactError(f"artifact {sha256}: chunk at {result['offset']} arrived, "
-                                    f"expected {expected}")
-            expected += len(result["data"])
-            yield result["data"]
+        try:
+            for result in self.client.pipeline(SERVICE, bodies, window=self.credit):
+                if int(result["offset"]) != expected:
+                    raise ArtifactError(f"artifact {sha256}: chunk at {result['offset']} "
+                                        f"arrived, expected {expected}")
+                expected += len(result["data"])
+                yield result["data"]
+        except RequestError as e:
+            if e.code == DAMAGED:
+                raise ArtifactDamaged(str(e)) from None
+            raise
 
     def get_file(self, sha256: str, progress: Progress | None = None) -> Path:
-        """Fetch into the local cache (once); returns the cached file's path."""
+        """Fetch into the local cache (once); returns the cached file's path. A cached copy
+        is checked against its id first: a damaged one is removed and fetched again."""
         require_sha256(sha256)
-        if self.cache.has(sha256):
+        if self.cache.has(sha256) and self.cache.verify(sha256):
             return self.cache.path_for(sha256)
         size = int(self.stat(sha256)["size"])
         writer = self.cache.open_writer(sha256)
@@ -123,6 +130,13 @@ class ArtifactClient:
         return out
 
     def get_bytes(self, sha256: str) -> bytes:
+        """The artifact's bytes, through the local cache, checked against its id (read once:
+        a damaged cached copy is removed and fetched again)."""
+        require_sha256(sha256)
+        if self.cache.has(sha256):
+            data = self.cache.read_verified(sha256)
+            if data is not None:
+                return data
         return self.get_file(sha256).read_bytes()
 
     def iter(self, *, kind: str | None = None, job: str | None = None) -> Iterator[dict[str, Any]]:

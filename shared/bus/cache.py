@@ -1,8 +1,10 @@
 """A worker's local cache of artifacts, by sha256.
 
 Artifacts are content-addressed, so a cached file never goes stale: if ``<root>/<aa>/<rest>``
-exists, it holds exactly the bytes whose sha256 is ``aa + rest`` (it was verified before it
-was renamed into place). Writers stream into a private temporary file and rename it in
+exists, it was verified to hold exactly the bytes whose sha256 is ``aa + rest`` before it was
+renamed into place. A disk can still change it later: the artifact client checks a cached
+copy's hash as it reads it (:meth:`ArtifactCache.read_verified`, :meth:`ArtifactCache.verify`)
+and removes a damaged one, which it then fetches again. Writers stream into a private temporary file and rename it in
 atomically, so two workers (threads or processes) fetching the same artifact at once both
 succeed and a reader never sees half a file.
 
@@ -27,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 
 from distill.shared.errors import ArtifactError
-from distill.shared.ids import fsync_dir, require_sha256
+from distill.shared.ids import fsync_dir, require_sha256, sha256_file
 from distill.shared.logs import get_logger
 
 log = get_logger("cache")
@@ -242,6 +244,35 @@ class ArtifactCache:
             return data
         except FileNotFoundError:
             raise ArtifactError(f"artifact {sha256} is not in the local cache") from None
+
+    def read_verified(self, sha256: str) -> bytes | None:
+        """The cached bytes of ``sha256`` if they still hash to it; None when it is not cached
+        or its copy is damaged (then removed, and logged)."""
+        try:
+            data = self.read_bytes(sha256)
+        except ArtifactError:
+            return None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            self._damaged(sha256)
+            return None
+        return data
+
+    def verify(self, sha256: str) -> bool:
+        """Whether the cached copy of ``sha256`` still hashes to it; a damaged one is removed
+        (and logged)."""
+        path = self.path_for(sha256)
+        try:
+            ok = sha256_file(path) == sha256
+        except FileNotFoundError:
+            return False
+        if not ok:
+            self._damaged(sha256)
+        return ok
+
+    def _damaged(self, sha256: str) -> None:
+        log.warning("cache_damaged", artifact=sha256, path=str(self.path_for(sha256)),
+                    action="removed; fetched again")  # fmt: skip
+        self.remove(sha256)
 
     def put_bytes(self, data: bytes) -> str:
         """Cache bytes (e.g. an artifact this worker just uploaded); returns their sha256."""

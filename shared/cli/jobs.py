@@ -259,6 +259,9 @@ def watch_job(broker: str | None, job_id: str, *, quiet: bool = False) -> dict[s
             width = 118
             sys.stderr.write("\r" + line[:width].ljust(width))
             sys.stderr.flush()
+        elif event.get("type") == "note":  # something the worker did that the user should know
+            sys.stderr.write(f"\n{job_id}: {event.get('message')}\n")
+            sys.stderr.flush()
         elif event.get("type") == "status" and event.get("status") in ("queued", "running"):
             # the final status is the summary line's, with its reason
             sys.stderr.write(f"\n{job_id}: {event.get('status')}")

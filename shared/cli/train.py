@@ -133,6 +133,8 @@ def follow_training(c: Any, job_id: str) -> dict[str, Any]:
             line = preview_line(event)
             if line:
                 sys.stderr.write(f"\n{line}\n")
+        elif kind == "note":  # something the worker did that the user should know
+            sys.stderr.write(f"\n{job_id}: {event.get('message')}\n")
         elif kind == "metrics" or (kind == "progress" and not seen_metrics):
             # once a training job sends metric rows, its progress events (the same epoch, fewer
             # fields) would only make the line flicker between two forms

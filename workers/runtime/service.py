@@ -17,9 +17,12 @@ from distill.shared.bus.artifacts import ArtifactClient
 from distill.shared.bus.codec import unpack_map
 from distill.shared.bus.core import check_body_size
 from distill.shared.bus.messages import JobDispatch, Reply
-from distill.shared.errors import DecodeError, DistillError, JobCancelled, code_of
+from distill.shared.errors import ArtifactDamaged, DecodeError, DistillError, JobCancelled, code_of
+from distill.shared.logs import get_logger
 from distill.workers.runtime.context import JobInfo
 from distill.workers.runtime.mdp import Delivery, Executor
+
+log = get_logger("worker")
 
 
 class RuntimeJobContext:
@@ -73,9 +76,19 @@ class RuntimeJobContext:
         return sha
 
     def load_checkpoint(self) -> bytes | None:
+        """The job's checkpoint; None (a start from scratch, said in an event and the log)
+        when the broker finds it damaged and removes it: training again beats failing for
+        good on a bad disk sector."""
         if self.info.checkpoint is None:
             return None
-        return self.artifacts.get_bytes(self.info.checkpoint)
+        try:
+            return self.artifacts.get_bytes(self.info.checkpoint)
+        except ArtifactDamaged as e:
+            log.warning("checkpoint_damaged", job=self.info.job_id, reason=str(e))
+            self.event("note", message=f"the job's checkpoint was damaged in the broker's "
+                                       f"store ({self.info.checkpoint}): starting from scratch")
+            self.info.checkpoint = None
+            return None
 
 
 def parse_job(msg: dict[str, Any]) -> JobInfo:

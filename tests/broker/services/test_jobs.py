@@ -95,6 +95,65 @@ def test_retried_attempt_knows_it_is_a_retry(cluster: Cluster) -> None:
         assert r["attempt_errors"] == [r["attempt_errors"][0]] and "fail attempt 1" in r["attempt_errors"][0]
 
 
+def _damage(path: Any) -> None:
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_damaged_in_the_store_is_trained_again_not_failed_for_ever(
+    cluster: Cluster, tmp_path: Any
+) -> None:
+    """A bad disk sector under a job's checkpoint failed every attempt and every retry at the
+    fetch; now the broker finds it damaged and removes it, and the attempt starts from scratch
+    (saying so). A damaged copy in a worker's cache is fetched again. A dataset damaged in the
+    store fails the job once, not three times."""
+    from distill.shared.bus.artifacts import ArtifactClient
+    from distill.shared.bus.cache import ArtifactCache
+
+    cluster.start_broker()
+    cluster.start_worker("sleep")
+    objects = cluster.data_dir / "artifacts" / "objects"
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+
+        def retry(job: str) -> dict[str, Any]:
+            jobs.retry(job)
+            return jobs.wait(job, timeout_s=60)
+
+        params = {"steps": 3, "checkpoint": True, "fail_attempts_at_end": 99}
+        job = jobs.submit("distill.sleep", params, max_attempts=1)["id"]
+        r = jobs.wait(job, timeout_s=60)
+        assert r["status"] == "failed" and "resumed at step 0" in r["attempt_errors"][-1]
+        damaged = r["checkpoint"]  # never fetched by the worker: only the store holds it
+        _damage(objects / damaged[:2] / damaged[2:])
+        with Subscription(c.endpoint, [f"job.{job}"]) as sub:
+            r = retry(job)
+            events = list(iter(lambda: sub.next(timeout_s=2), None))
+        assert "resumed at step 0" in r["attempt_errors"][-1], r["attempt_errors"]
+        notes = [e["message"] for e in events if e.get("type") == "note"]
+        assert notes and "checkpoint was damaged in the broker's store" in notes[0], events
+        assert (cluster.data_dir / "artifacts" / "damaged" / damaged).is_file()
+        # the attempt stored its checkpoints afresh (the same bytes, so the same id): intact
+        r = retry(job)
+        assert "resumed at step 3" in r["attempt_errors"][-1], r["attempt_errors"]
+        # the worker fetched it into its cache; a damaged cached copy is fetched again
+        cached = next(cluster.cache_dir.glob(f"w*/{r['checkpoint'][:2]}/{r['checkpoint'][2:]}"))
+        _damage(cached)
+        r = retry(job)
+        assert "resumed at step 3" in r["attempt_errors"][-1], r["attempt_errors"]
+        assert cached.read_bytes() == b"3"
+        # any other artifact found damaged ends the job at once, with the reason
+        ac = ArtifactClient(c, cache=ArtifactCache(tmp_path / "client-cache"))
+        sha = ac.put_bytes(b"a dataset, say" * 1000, kind="dataset", name="d")
+        _damage(objects / sha[:2] / sha[2:])
+        with pytest.raises(Exception, match="is damaged in the broker's store"):
+            ac.get_bytes(sha)
+        with pytest.raises(Exception, match="no artifact"):
+            ac.stat(sha)
+
+
 def test_cancel_running_job_stops_within_one_step(cluster: Cluster) -> None:
     cluster.start_broker()
     cluster.start_worker("sleep")

@@ -152,3 +152,19 @@ def test_the_size_limit_comes_from_the_environment(
     monkeypatch.setenv("DISTILL_CACHE_MAX_BYTES", "big")
     with pytest.raises(ArtifactError, match="DISTILL_CACHE_MAX_BYTES"):
         ArtifactCache(tmp_path / "cache")
+
+
+def test_a_damaged_cached_copy_is_found_and_removed(cache: ArtifactCache) -> None:
+    """A disk that changes a cached file after it was verified: the checked reads say so and
+    remove it (the artifact client then fetches it again), where a plain read trusted it."""
+    cache.put_bytes(DATA)
+    assert cache.read_verified(DATA_SHA) == DATA and cache.verify(DATA_SHA)
+    path = cache.path_for(DATA_SHA)
+    os.chmod(path, 0o644)
+    path.write_bytes(DATA[:-1] + b"?")
+    assert cache.read_verified(DATA_SHA) is None and not path.exists()
+    cache.put_bytes(DATA)
+    os.chmod(path, 0o644)
+    path.write_bytes(b"short")
+    assert not cache.verify(DATA_SHA) and not cache.has(DATA_SHA)
+    assert cache.read_verified(DATA_SHA) is None and not cache.verify(DATA_SHA)  # absent
