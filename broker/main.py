@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import threading
 from pathlib import Path
 from typing import IO, Any
@@ -112,10 +113,17 @@ def run_broker(config: BrokerConfig, stop: threading.Event | None = None) -> Non
     configure("broker", f"broker-{os.getpid()}")
     log = get_logger("broker")
     data_dir = Path(config.data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_data_dir(data_dir)  # before the job table is opened (and its jobs re-queued)
     try:
-        broker = build_broker(config)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_data_dir(data_dir)  # before the job table is opened (and its jobs re-queued)
+    except OSError as e:
+        raise DistillError(f"the broker data folder {data_dir} cannot be used: "
+                           f"{e.strerror or e}") from None
+    try:
+        try:
+            broker = build_broker(config)
+        except (OSError, sqlite3.OperationalError) as e:  # a read-only or full disk, say
+            raise DistillError(f"the broker data folder {data_dir} cannot be used: {e}") from None
         stop = stop or threading.Event()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):

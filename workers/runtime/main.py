@@ -45,6 +45,24 @@ def versions() -> dict[str, Any]:
     return out
 
 
+def check_cache_folder() -> None:
+    """ConfigError unless this worker can write artifacts into its cache folder: a worker that
+    cannot would register and then fail every job it is given (and use up the attempts of
+    jobs that other workers would have run)."""
+    import tempfile
+
+    from distill.shared.bus.cache import default_cache_root
+
+    root = default_cache_root()
+    try:
+        (root / "tmp").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root / "tmp"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"the worker's artifact cache {root} cannot be written "
+                          f"({e.strerror or e}): set DISTILL_CACHE to a folder it can write") from None
+
+
 def run_worker(name: str, *, broker: str | None = None, device: str = "cpu", threads: int | None = None,
                heartbeat_interval_s: float = P.HEARTBEAT_INTERVAL_S,
                liveness: int = P.HEARTBEAT_LIVENESS, stop: threading.Event | None = None,
@@ -56,6 +74,7 @@ def run_worker(name: str, *, broker: str | None = None, device: str = "cpu", thr
     configure("worker", f"{name}-{os.getpid()}")
     log = get_logger("worker")
     resolved = resolve_device(device)
+    check_cache_folder()
     meta: dict[str, Any] = {**describe_device(resolved), "versions": versions()}
     if getattr(module, "USES_TORCH", True):
         import torch

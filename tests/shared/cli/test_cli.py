@@ -141,3 +141,24 @@ def test_up_refuses_a_bad_device_or_port_before_starting_anything(tmp_path: Path
     assert not (tmp_path / "broker").exists()  # nothing started
     port = distill("up", "--port", "70000", env=env)
     assert port.returncode == 1 and "--port 70000: must be in 1..65533" in port.stderr
+
+
+def test_a_broker_or_worker_that_cannot_write_its_folder_fails_in_one_line(tmp_path: Path) -> None:
+    """A read-only or wrong data folder (a file in its place, here: root writes anywhere) is
+    one line and EXIT_UNUSABLE, not a traceback; a worker whose artifact cache cannot be written
+    is refused at start, not after registering to fail every job it is given."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "artifacts").write_text("a file where the store's folder goes")
+    for data_dir in (afile / "broker", held):
+        got = distill("broker", "--port", str(free_port_block()), "--data-dir", str(data_dir))
+        assert got.returncode == 78, got.stderr
+        assert f"the broker data folder {data_dir} cannot be used" in got.stderr, got.stderr
+        assert "Traceback" not in got.stderr
+    env = {**os.environ, "DISTILL_CACHE": str(afile / "cache")}
+    got = distill("worker", "echo", "--broker", "tcp://127.0.0.1:9", env=env)
+    assert got.returncode == 78, got.stderr
+    assert f"the worker's artifact cache {afile / 'cache'} cannot be written" in got.stderr
+    assert "Traceback" not in got.stderr
