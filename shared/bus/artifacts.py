@@ -18,11 +18,28 @@ from typing import Any, BinaryIO
 from distill.shared.bus import protocol as P
 from distill.shared.bus.cache import ArtifactCache
 from distill.shared.bus.client import Client
-from distill.shared.errors import DAMAGED, ArtifactDamaged, ArtifactError, RequestError
+from distill.shared.errors import (
+    DAMAGED,
+    OFFSET_MISMATCH,
+    TIMEOUT,
+    ArtifactDamaged,
+    ArtifactError,
+    RequestError,
+)
 from distill.shared.ids import require_sha256, sha256_file
+from distill.shared.logs import get_logger
+
+log = get_logger("artifacts")
 
 SERVICE = P.SERVICE_ARTIFACTS.decode()
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+# A transfer whose broker stops answering (a restart loses the chunks in flight) resumes where
+# it stopped, this many tries in all: each waits out the client's timeout first.
+TRANSFER_TRIES = 3
+
+
+class ChunkLost(ArtifactError):
+    """A chunk's reply never came but a later one did (its request was lost to a restart)."""
 
 
 class ArtifactClient:
@@ -51,6 +68,20 @@ class ArtifactClient:
 
     def _put(self, sha: str, size: int, read: Callable[[int, int], bytes], *, kind: str, name: str,
              job: str | None, progress: Progress | None = None) -> None:
+        """Upload, resuming where the broker's copy stops when it stops answering (a restart
+        loses the chunks in flight; ``put_begin`` says where to go on) up to TRANSFER_TRIES
+        times in all."""
+        for tries_left in reversed(range(TRANSFER_TRIES)):
+            try:
+                self._put_once(sha, size, read, kind=kind, name=name, job=job, progress=progress)
+                return
+            except RequestError as e:
+                if not tries_left or e.code not in (TIMEOUT, OFFSET_MISMATCH):
+                    raise
+                log.warning("upload_resumed", artifact=sha, reason=str(e))
+
+    def _put_once(self, sha: str, size: int, read: Callable[[int, int], bytes], *, kind: str,
+                  name: str, job: str | None, progress: Progress | None = None) -> None:
         begin = {"op": "put_begin", "sha256": sha, "size": size, "kind": kind, "name": name, "job": job}
         offset = int(self.client.request(SERVICE, begin)["offset"])
         if progress:
@@ -69,23 +100,42 @@ class ArtifactClient:
         result: dict[str, Any] = self.client.request(SERVICE, {"op": "stat", "sha256": require_sha256(sha256)})
         return result
 
-    def iter_chunks(self, sha256: str, size: int) -> Iterator[bytes]:
-        """Chunks in order, with ``credit`` chunk requests in flight. An object the broker
-        finds damaged as it is read raises ArtifactDamaged (the broker has removed it)."""
+    def iter_chunks(self, sha256: str, size: int, start: int = 0) -> Iterator[bytes]:
+        """Chunks in order from ``start``, with ``credit`` chunk requests in flight. An object
+        the broker finds damaged as it is read raises ArtifactDamaged (the broker has removed
+        it)."""
         bodies = ({"op": "get", "sha256": sha256, "offset": off, "length": self.chunk_bytes}
-                  for off in range(0, size, self.chunk_bytes))
-        expected = 0
+                  for off in range(start, size, self.chunk_bytes))
+        expected = start
         try:
             for result in self.client.pipeline(SERVICE, bodies, window=self.credit):
-                if int(result["offset"]) != expected:
-                    raise ArtifactError(f"artifact {sha256}: chunk at {result['offset']} "
-                                        f"arrived, expected {expected}")
+                if int(result["offset"]) != expected:  # one was lost: a broker restart
+                    raise ChunkLost(f"artifact {sha256}: chunk at {result['offset']} "
+                                    f"arrived, expected {expected}")
                 expected += len(result["data"])
                 yield result["data"]
         except RequestError as e:
             if e.code == DAMAGED:
                 raise ArtifactDamaged(str(e)) from None
             raise
+
+    def _fetch(self, sha256: str, size: int, sink: Callable[[bytes], None],
+               progress: Progress | None) -> None:
+        """Every chunk into ``sink`` in order, resuming after the last one received when the
+        broker stops answering (a restart), up to TRANSFER_TRIES times in all."""
+        done = 0
+        for tries_left in reversed(range(TRANSFER_TRIES)):
+            try:
+                for chunk in self.iter_chunks(sha256, size, done):
+                    sink(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, size)
+                return
+            except (RequestError, ChunkLost) as e:
+                if not tries_left or (isinstance(e, RequestError) and e.code != TIMEOUT):
+                    raise
+                log.warning("download_resumed", artifact=sha256, offset=done, reason=str(e))
 
     def get_file(self, sha256: str, progress: Progress | None = None) -> Path:
         """Fetch into the local cache (once); returns the cached file's path. A cached copy
@@ -96,12 +146,7 @@ class ArtifactClient:
         size = int(self.stat(sha256)["size"])
         writer = self.cache.open_writer(sha256)
         try:
-            done = 0
-            for chunk in self.iter_chunks(sha256, size):
-                writer.write(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(done, size)
+            self._fetch(sha256, size, writer.write, progress)
             writer.commit()
         except BaseException:
             writer.abort()
@@ -117,11 +162,12 @@ class ArtifactClient:
         digest = hashlib.sha256()
         try:
             with open(tmp, "wb") as f:
-                for chunk in self.iter_chunks(sha256, size):
+
+                def sink(chunk: bytes) -> None:
                     f.write(chunk)
                     digest.update(chunk)
-                    if progress:
-                        progress(f.tell(), size)
+
+                self._fetch(sha256, size, sink, progress)
             if digest.hexdigest() != sha256:
                 raise ArtifactError(f"artifact {sha256}: downloaded bytes hash to {digest.hexdigest()}")
             tmp.replace(out)

@@ -82,6 +82,31 @@ def test_interrupted_put_resumes_where_it_stopped(cluster: Cluster, tmp_path: Pa
         assert ac.get_bytes(sha) == src.read_bytes()
 
 
+def test_a_broker_restart_mid_transfer_resumes_it(cluster: Cluster, tmp_path: Path) -> None:
+    """A broker killed and back a few seconds later lost the chunks in flight: the client
+    waited out its timeout and gave up (an overnight `distill train` ended in its upload);
+    now the transfer goes on where the broker's copy stops, up and down."""
+    cluster.start_broker()
+    src = tmp_path / "data.bin"
+    sha = make_file(src, 16 * MiB)
+    restarted: list[int] = []
+
+    def restart_at_half(done: int, total: int) -> None:
+        if done >= total // 2 and not restarted:
+            restarted.append(done)
+            assert cluster.broker is not None
+            cluster.broker.kill9()
+            cluster.start_broker()
+
+    with cluster.client(timeout_s=3) as c:
+        ac = ArtifactClient(c, cache=ArtifactCache(tmp_path / "cache"), chunk_bytes=MiB, credit=2)
+        assert ac.put_file(src, kind="file", name="data.bin", progress=restart_at_half) == sha
+        assert restarted
+        restarted.clear()
+        assert ac.get_file(sha, progress=restart_at_half).read_bytes() == src.read_bytes()
+        assert restarted
+
+
 def test_bad_ids_and_in_use_artifacts_are_refused(cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_broker()
     with cluster.client() as c:
