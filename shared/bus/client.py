@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import zmq
@@ -42,13 +42,19 @@ from distill.shared.errors import BAD_REPLY, DecodeError, RequestError, RequestT
 
 __all__ = ["Client", "Subscription", "broker_endpoint", "events_endpoint"]
 
+INTERRUPT_POLL_S = 0.25  # how often a client with ``interrupted`` asks it while it waits
+
 
 class Client:
     """A blocking client on one DEALER socket (see :mod:`distill.shared.bus.core` for how
     replies are matched and why a socket is replaced)."""
 
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, retries: int = 0,
-                 context: zmq.Context | None = None, security: SecurityArg = AUTO) -> None:
+                 context: zmq.Context | None = None, security: SecurityArg = AUTO,
+                 interrupted: Callable[[], BaseException | None] | None = None) -> None:
+        """``interrupted``: polled while a reply is awaited (every INTERRUPT_POLL_S); the error
+        it returns ends the wait (a worker's handler whose request was abandoned, say)."""
+        self.interrupted = interrupted
         self.endpoint = broker_endpoint(endpoint)
         self.timeout_s = timeout_s
         self.retries = retries
@@ -97,6 +103,12 @@ class Client:
         deadline = time.monotonic() + timeout_s
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if self.interrupted is not None and remaining_ms > 0:
+                slice_ms = min(remaining_ms, int(INTERRUPT_POLL_S * 1000))
+                if not self.socket.poll(slice_ms, zmq.POLLIN):
+                    if (error := self.interrupted()) is not None:
+                        raise error
+                    continue
             if remaining_ms <= 0 or not self.socket.poll(remaining_ms, zmq.POLLIN):
                 raise RequestTimeout(f"no reply from {service_text(service)!r} at "
                                      f"{self.endpoint} within {timeout_s:g} s")

@@ -90,3 +90,33 @@ def test_request_of_dead_worker_expires_when_no_other_worker_comes(cluster: Clus
     thread.join(30)
     assert len(errors) == 1 and errors[0].code in ("expired", "unknown_service")
     assert "no worker for service 'distill.sleep'" in str(errors[0])
+
+
+def test_a_worker_registers_again_only_once_its_abandoned_handler_has_returned(cluster: Cluster) -> None:
+    """A broker killed while a job's handler waits on it for a reply (here a metric row): the
+    worker registered with the new broker at once, was handed the re-queued job and held it,
+    idle, behind the abandoned handler until that one's request timed out (60 s, three times).
+    Now the abandoned handler's wait ends with its cancel, and the worker registers after it."""
+    import json
+
+    from distill.shared.bus.jobs import JobsClient
+
+    cluster.start_broker()
+    worker = cluster.start_worker("sleep")
+    with cluster.client(timeout_s=30) as c:
+        job = JobsClient(c).submit("distill.sleep", {"sleep_s": 4.0, "steps": 40}, max_attempts=3)["id"]
+        wait_until(lambda: JobsClient(c).get(job, metrics=False)["status"] == "running", 20,
+                   what="the job to run")  # fmt: skip
+    assert cluster.broker is not None
+    cluster.broker.kill9()
+    time.sleep(0.5)  # the handler's next metric row goes to no broker
+    cluster.start_broker()
+    with cluster.client(timeout_s=30) as c:
+        record = JobsClient(c).wait(job, timeout_s=60)
+    assert record["status"] == "succeeded" and record["result"]["attempt"] == 2, record
+    events = [json.loads(line)["event"] for line in worker.log().splitlines()
+              if line.startswith("{")]  # fmt: skip
+    abandoned = events.index("request_abandoned")
+    assert "reply_dropped" in events[abandoned:], events
+    # the abandoned handler returned before the worker registered again
+    assert events.index("reply_dropped", abandoned) < events.index("worker_registering", abandoned)

@@ -28,12 +28,16 @@ from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
 from distill.shared.bus.messages import Reply
 from distill.shared.bus.security import ClientSecurity, apply_client
-from distill.shared.errors import DecodeError, code_of
+from distill.shared.errors import DecodeError, JobCancelled, code_of
 from distill.shared.logs import Repeats, get_logger
 
 log = get_logger("worker")
 
 JOB_ADDRESS_PREFIX = b"distill.job:"
+# How long a worker whose request was abandoned waits for its handler to return before it
+# registers again anyway (a handler that checks its cancel, or waits on the broker, returns
+# within a step; one that does neither holds the worker that long, unregistered).
+ABANDONED_WAIT_S = 60.0
 HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
@@ -61,6 +65,16 @@ class Executor:
         self.runtime = runtime
         self.pub: zmq.Socket | None = None
         self._client: Any = None
+        self.current: Delivery | None = None  # the request its handler is running
+
+    def _interrupted(self) -> BaseException | None:
+        """Ends the handler's wait for a broker reply once its request is cancelled or
+        abandoned (the broker that sent it is gone, say): else an abandoned handler waits out
+        the client's timeouts while the worker cannot take the request given again."""
+        current = self.current
+        if current is not None and current.cancel.is_set():
+            return JobCancelled("the request was cancelled or abandoned")
+        return None
 
     def publish(self, topic: str, event: dict[str, Any]) -> None:
         if self.pub is None:
@@ -78,7 +92,8 @@ class Executor:
             from distill.shared.bus.client import Client
 
             self._client = Client(self.runtime.broker, timeout_s=60.0, retries=2,
-                                  context=self.runtime.ctx, security=self.runtime.security)
+                                  context=self.runtime.ctx, security=self.runtime.security,
+                                  interrupted=self._interrupted)
         return self._client
 
 
@@ -111,6 +126,7 @@ class WorkerRuntime:
         self._inbox: queue.Queue[Delivery | None] = queue.Queue()
         self._pair_addr = f"inproc://executor-{uuid.uuid4().hex}"
         self._current: Delivery | None = None
+        self._abandoned: Delivery | None = None  # given up on, its handler not yet returned
         self._tokens = 0
         self.registrations = 0  # how many times READY was sent (reconnects + 1)
         self.dealer: zmq.Socket | None = None
@@ -139,11 +155,14 @@ class WorkerRuntime:
                 executor._client.close()
 
     def _run_handler(self, delivery: Delivery, executor: Executor) -> list[bytes]:
+        executor.current = delivery
         try:
             return self.handler(delivery, executor)
         except Exception as e:  # a handler bug fails the request, never the worker
             log.exception("handler_failed", service=self.service)
             return [Reply.failure(code_of(e), str(e)).encode()]
+        finally:
+            executor.current = None
 
     # --- socket loop -------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:
@@ -221,7 +240,7 @@ class WorkerRuntime:
                     if stop.wait(backoff):
                         return
                     backoff = min(backoff * 2, P.RECONNECT_MAX_S)
-                    self._connect()
+                    self._reconnect(pair, stop)
                     poller = self._poller(pair, control)
                     broker_expiry = time.monotonic() + self.liveness_s
                 else:
@@ -241,7 +260,7 @@ class WorkerRuntime:
                 if stop.wait(backoff):
                     return
                 backoff = min(backoff * 2, P.RECONNECT_MAX_S)
-                self._connect()
+                self._reconnect(pair, stop)
                 poller = self._poller(pair, control)
                 broker_expiry = time.monotonic() + self.liveness_s
 
@@ -312,6 +331,8 @@ class WorkerRuntime:
 
     def _on_handler_done(self, frames: list[bytes]) -> None:
         token, address, reply = int(frames[0]), frames[1], frames[2:]
+        if self._abandoned is not None and self._abandoned.token == token:
+            self._abandoned = None
         if self._current is None or self._current.token != token:
             log.info("reply_dropped", reason="request was abandoned")
             return
@@ -324,7 +345,23 @@ class WorkerRuntime:
         if self._current is not None:
             log.warning("request_abandoned", reason=reason, job=self._current.job_id)
             self._current.cancel.set()
-            self._current = None
+            self._abandoned, self._current = self._current, None
+
+    def _reconnect(self, pair: zmq.Socket, stop: threading.Event) -> None:
+        """Register again, once the handler of an abandoned request has returned (for at most
+        ABANDONED_WAIT_S): registered while it still runs, this worker would be handed the
+        request again (a restarted broker re-queues it) and hold it, idle, behind the
+        handler it abandoned."""
+        deadline = time.monotonic() + ABANDONED_WAIT_S
+        while self._abandoned is not None and not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("abandoned_handler_still_running", job=self._abandoned.job_id,
+                            waited_s=ABANDONED_WAIT_S)  # fmt: skip
+                break
+            if pair.poll(int(min(remaining, 0.2) * 1000), zmq.POLLIN):
+                self._on_handler_done(pair.recv_multipart())
+        self._connect()
 
     def _on_control(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
