@@ -27,6 +27,25 @@ METRICS_PAGE_ROWS = 1_000
 JOBS_PAGE = 500  # jobs asked for per list page: the broker's cap per reply
 
 
+def add_metric_row(rows: list[dict[str, Any]], row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A job's metric history (as curves draw it) with ``row`` added. A resumed attempt
+    repeats the epochs after its checkpoint: its rows replace the older ones from there on
+    (the stored history keeps both, in the order they came)."""
+    epoch = row.get("epoch")
+    if isinstance(epoch, int) and not isinstance(epoch, bool):
+        rows = [r for r in rows if not (isinstance(r.get("epoch"), int) and r["epoch"] >= epoch)]
+    return [*rows, row]
+
+
+def metric_history(rows: Sequence[Any]) -> list[dict[str, Any]]:
+    """The stored rows of a job as curves draw them (see :func:`add_metric_row`)."""
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        if isinstance(row, dict):
+            out = add_metric_row(out, row)
+    return out
+
+
 def next_metrics_start(page: dict[str, Any]) -> int | None:
     """Where the page after ``page`` (a ``metrics_page`` reply) starts; None at the end.
 

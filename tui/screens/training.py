@@ -29,7 +29,7 @@ from textual.widgets import (
 )
 
 from distill.shared.bus import protocol as P
-from distill.shared.bus.jobs import metrics_pages
+from distill.shared.bus.jobs import add_metric_row, metric_history, metrics_pages
 from distill.shared.errors import DistillError
 from distill.tui.format import duration
 from distill.tui.messages import EventsArrived
@@ -168,7 +168,7 @@ class TrainingScreen(DistillScreen):
     def show_history_page(self, record: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         """The history read so far (still loading): drawn at the plots' pace."""
         self.record = {**record, "history_loaded": len(rows)}
-        self.rows = list(rows)
+        self.rows = metric_history(rows)
         self.stale = True
 
     def apply_history(self, record: dict[str, Any], previews: list[dict[str, Any]]) -> None:
@@ -176,7 +176,7 @@ class TrainingScreen(DistillScreen):
         whatever the stream brought meanwhile."""
         self.loading = False
         self.record = {k: v for k, v in record.items() if k != "metrics"}
-        self.rows = [r for r in record.get("metrics") or [] if isinstance(r, dict)]
+        self.rows = metric_history(record.get("metrics") or [])
         self.previews = [_preview_from_artifact(a) for a in previews]
         pending, self.pending = self.pending, []
         self._apply_events(pending)
@@ -221,11 +221,7 @@ class TrainingScreen(DistillScreen):
         return changed
 
     def _add_row(self, row: dict[str, Any]) -> bool:
-        epoch = row.get("epoch")
-        if isinstance(epoch, int):
-            # A resumed attempt repeats epochs: its rows replace the older ones from there on.
-            self.rows = [r for r in self.rows if not (isinstance(r.get("epoch"), int) and r["epoch"] >= epoch)]
-        self.rows.append(row)
+        self.rows = add_metric_row(self.rows, row)
         return True
 
     def _next_stage(self, finished: str) -> None:

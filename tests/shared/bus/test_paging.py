@@ -102,3 +102,16 @@ def test_artifact_list_returns_every_page() -> None:
     service = PagedArtifacts(9_001, page=4_000)
     records = ArtifactClient(ServiceClient(service)).list(kind="preview")
     assert [r["sha256"] for r in records] == [r["sha256"] for r in service.records]
+
+
+def test_a_resumed_attempts_rows_replace_the_older_ones_in_the_drawn_history() -> None:
+    """The stored history keeps every row in the order it came; curves read it with the epochs
+    an attempt repeated after its checkpoint replaced (they doubled back: 5, 6, 6, 7)."""
+    from distill.shared.bus.jobs import metric_history
+
+    stored = [{"epoch": 1, "a": 1}, {"epoch": 2, "a": 1}, {"epoch": 3, "a": 1},
+              {"epoch": 2, "a": 2}, {"epoch": 3, "a": 2}, {"epoch": 4, "a": 2}, "junk",
+              {"step": 9}]  # fmt: skip
+    drawn = metric_history(stored)
+    assert [(r.get("epoch"), r.get("a")) for r in drawn] == [
+        (1, 1), (2, 2), (3, 2), (4, 2), (None, None)]
