@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,7 +131,7 @@ def steps_for(model: DistillModel, seconds: float) -> int:
 def encoded_steps(model: DistillModel, samples: int) -> int:
     """The code steps :func:`encode` gives for ``samples`` of audio at the model's rate (its
     centred STFT's frames, the encoder's steps rounded up): known before the encoding's
-    search, which takes ~2 s a second of sound."""
+    search, which takes 2-7 s a second of sound."""
     frames = samples // model.mel_config.hop_length + 1
     return -(-frames // model.vqvae.config.downsample)
 
@@ -297,13 +298,31 @@ def encode(model: DistillModel, audio: torch.Tensor, search: int = SEARCH_CANDID
     """Mono audio (samples,) at the model's rate -> codes (Q, T) int64, chosen by what they
     decode to among ``search`` candidates per level and step (``VQVAE.search_codes``: on
     sounds unlike the training set, ~1.3x the Griffin-Lim floor where the quantizer's own
-    codes give ~2.1x, at ~2 s per second of sound on a CPU thread); 0 or 1: the quantizer's
-    nearest codes, at once."""
+    codes give ~2.1x, at 2-7 s per second of sound on one CPU thread, which it runs on); 0 or
+    1: the quantizer's nearest codes, at once."""
     search = check_int(search, "search", 0, MAX_SEARCH)
-    with torch.inference_mode():
+    with torch.inference_mode(), _one_cpu_thread(_device(model)):
         mel = log_mel(audio.to(_device(model)), model.mel_config)[None]  # (1, M, frames)
         codes = model.vqvae.search_codes(mel, max(search, 1))  # (1, Q, T)
     return codes[0].cpu().numpy().astype(np.int64)  # (Q, T)
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """The search on a CPU runs on one torch thread: thousands of ops on a few frames each,
+    where more threads only add their synchronisation. Measured (a 1.8-s one-shot, 6 x 128
+    codes, 2 cores): 4.1 s on one thread every time; on two 2.9 s with the machine idle and
+    22-73 s with training beside it (the threads spin-wait for a busy core). The codes are the
+    same either way."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def decode(model: DistillModel, codes: object, levels: int | None, quality: str

@@ -277,6 +277,39 @@ def test_continue_and_resample_refuse_what_they_cannot_use(
     assert "Traceback" not in result.output
 
 
+def test_continue_searches_only_the_kept_part_and_a_second_after_it(
+    model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 6-s drum roll continued from 0.3 s searched all 6 s (minutes); now the kept part and
+    the context after it, with the same codes as the whole sound's. The search runs on one
+    torch thread and leaves the process's count as it was."""
+    wav = _tone(tmp_path / "long.wav", seconds=4.0)
+    seen: list[tuple[int, int]] = []
+    real_search = type(generate._load(model_file, "cpu").vqvae).search_codes
+
+    def search(self: object, mel: torch.Tensor, *args: object) -> torch.Tensor:
+        seen.append((int(mel.shape[-1]), torch.get_num_threads()))
+        return real_search(self, mel, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(generate._load(model_file, "cpu").vqvae), "search_codes", search)
+    torch.set_num_threads(2)
+    out = tmp_path / "out"
+    run("generate", model_file, "--continue", wav, "--from", "0.3", "--seconds", "0.2", "-n", "1",
+        "-o", out, "--quality", "preview")  # fmt: skip
+    assert torch.get_num_threads() == 2
+    model = generate._load(model_file, "cpu")
+    kept = inference.steps_for(model, 0.3)
+    frames, threads = seen[0]
+    assert threads == 1
+    assert frames <= (kept + inference.steps_for(model, 1.0)) * model.vqvae.config.downsample + 1
+    assert frames < inference.encoded_steps(model, 4 * 48000) / 2  # not the whole 4 s
+    run("encode", wav, "--model", model_file, "-o", tmp_path / "all.npz")
+    with np.load(tmp_path / "all.npz", allow_pickle=False) as npz:
+        whole = npz["codes"]
+    meta = read_export_metadata(next(out.glob("*.wav")))
+    assert meta.data["prime"] == whole[:, :kept].tolist()
+
+
 def test_encode_searches_codes_by_what_they_decode_to_unless_told_not_to(
     model_file: Path, tmp_path: Path
 ) -> None:
