@@ -175,6 +175,16 @@ class VQVAEConfig:
         return config_from_dict(cls, d, "VQVAEConfig")
 
 
+def search_error(out: Tensor, mel: Tensor) -> Tensor:
+    """What the code search minimises, per candidate: decoded log-mels ``out`` (m, M, F)
+    against the sound's ``mel`` (M, F): the squared magnitude error over the sound's energy
+    (what spectral convergence weighs) plus SEARCH_LOG_WEIGHT x the log-mel L1 (the quiet
+    bins a decay is heard by). (m,)"""
+    want = mel.exp()  # (M, F) magnitudes
+    err = ((out.exp() - want) ** 2).sum(dim=(1, 2)) / (want**2).sum()
+    return err + SEARCH_LOG_WEIGHT * (out - mel).abs().mean((1, 2))
+
+
 def choose_codebook(chunks: int) -> tuple[int, int, str]:
     """Codebook size and levels for ``chunks`` training chunks, and why.
 
@@ -580,6 +590,7 @@ class VQVAE(nn.Module):
         energy = (target**2).sum(0)  # (T,) per frame
         audible = energy > SEARCH_QUIET * energy.max()  # (T,)
         current = books[torch.arange(q_total, device=codes.device)[:, None], codes].sum(0)
+        quantizer_codes = codes.clone()
         m = min(candidates, k)
         for q in range(q_total):
             for t in range(steps):
@@ -596,13 +607,16 @@ class VQVAE(nn.Module):
                 trial = current[lo:hi].expand(m, -1, -1).clone()  # (m, window, D)
                 trial[:, t - lo] = without + books[q, near]
                 out = self.decode_latents(trial)[..., f_lo - lo * ds : f_hi - lo * ds]
-                want = target[:, f_lo:f_hi]  # (M, F) magnitudes
-                err = ((out.exp() - want) ** 2).sum(dim=(1, 2)) / (want**2).sum()  # (m,)
-                err = err + SEARCH_LOG_WEIGHT * (out - mel[0, :, f_lo:f_hi]).abs().mean((1, 2))
+                err = search_error(out, mel[0, :, f_lo:f_hi])  # (m,)
                 best = near[int(err.argmin())]
                 codes[q, t] = best
                 current[t] = without + books[q, best]
-        return codes[None]
+        # Each step is scored on its own window, and a code moves frames past it too: over the
+        # whole sound the search can, rarely, end worse than where it started. Then it is not
+        # kept (measured: one of 13 small test sounds, by 2%).
+        whole = torch.stack([codes, quantizer_codes])  # (2, Q, T')
+        errors = search_error(self.decode_codes(whole)[..., :frames], mel[0])  # (2,)
+        return (codes if bool(errors[0] <= errors[1]) else quantizer_codes)[None]
 
     @torch.no_grad()
     def decode_codes(self, codes: Tensor, levels: int | None = None) -> Tensor:

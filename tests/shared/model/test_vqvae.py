@@ -17,6 +17,7 @@ from distill.shared.model.vqvae import (
     choose_size,
     dead_code_threshold_for,
     resolve_config,
+    search_error,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -168,6 +169,23 @@ def test_kmeans_finds_distinct_centroids_even_with_few_distinct_points() -> None
     centroids, counts = kmeans(x, 16, generator=g)
     assert torch.unique(centroids, dim=0).shape[0] == 16
     assert int(counts.sum()) == 300 and int((counts > 0).sum()) == 10
+
+
+def test_kmeans_plus_plus_draws_in_proportion_and_never_a_zero_weight() -> None:
+    """The seeding's draw (a uniform draw in the cumulative sum, where torch.multinomial took
+    18x as long on 65536 weights): in proportion, never a point already chosen."""
+    from distill.shared.model.kmeans import _draw
+
+    weights = torch.tensor([0.0, 1.0, 3.0, 0.0, 6.0, 0.0])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([_draw(weights, g) for _ in range(20_000)]), minlength=6)
+    assert counts[0] == counts[3] == counts[5] == 0
+    assert torch.allclose(counts[[1, 2, 4]] / 20_000, torch.tensor([0.1, 0.3, 0.6]), atol=0.015)
+    # seeded from its distances as product: the centroids are data points, all distinct
+    x = torch.randn(4096, 16, generator=g)
+    centroids = kmeans(x, 64, iters=0, generator=g)[0]
+    assert len(torch.unique(centroids, dim=0)) == 64
+    assert all(bool((x == c).all(1).any()) for c in centroids)
 
 
 def test_library_kmeans_on_a_small_first_batch_duplicates_codes() -> None:
@@ -401,12 +419,15 @@ def test_the_search_keeps_a_code_no_trial_beats(downsample: int) -> None:
     # Sounds the codec makes itself, each encoded again: the code a step has is always among
     # its trials, so the search leaves no sound decoding worse than the quantizer's codes did
     # (with only the codes nearest to what the level should add tried, one of these came out
-    # 37% worse than the quantizer's own).
+    # 37% worse than the quantizer's own), by what it minimises, over the whole sound (each
+    # step is scored on its own window: without the last check one of these ended 2% worse)
     model = pca_codec(downsample)
     for mel in low_rank_mels(batch=13).split(1):
         mel = model.decode_codes(model.encode(mel))[..., : mel.shape[-1]]
         nearest, searched = model.encode(mel), model.search_codes(mel, candidates=2)
-        assert _magnitude_error(model, searched, mel) <= _magnitude_error(model, nearest, mel)
+        errors = [float(search_error(model.decode_codes(c)[..., : mel.shape[-1]], mel[0]))
+                  for c in (searched, nearest)]  # fmt: skip
+        assert errors[0] <= errors[1]
 
 
 def test_search_leaves_the_quiet_steps_as_the_quantizer_chose() -> None:

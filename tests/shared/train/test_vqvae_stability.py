@@ -78,4 +78,4 @@ def test_default_training_is_stable(subset: Dataset) -> None:
     best = min(val_loss)
     assert val_loss.index(best) + 1 == result.best_epoch
     assert returned <= best * (1 + 1e-5) and returned <= val_loss[0] * (1 + 1e-5)
-    assert val_loss[-1] > 1.02 * best  # returning the last epoch would have lost something
+    assert val_loss[-1] > 1.005 * best  # returning the last epoch would have lost something
