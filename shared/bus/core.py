@@ -21,6 +21,7 @@ from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import unpack_map
 from distill.shared.bus.security import ClientSecurity, apply_client
 from distill.shared.errors import (
+    BAD_REPLY,
     BAD_REQUEST,
     CANCELLED,
     EXPIRED,
@@ -106,6 +107,10 @@ def decode_reply(frames: list[bytes], service: str) -> Any:
     reply = unpack_map(frames[0], f"reply from {service!r}")
     if reply.get("ok") is True:
         return reply.get("result")
+    if "ok" not in reply:
+        raise RequestError(f"{service}: the reply is not a Distill reply ({{ok, result}} or "
+                           "{ok, error}): a raw service such as echo answers with the "
+                           "request's own frames (use request_raw)", code=BAD_REPLY)  # fmt: skip
     err = reply.get("error") or {}
     code = str(err.get("code", "error"))
     message = str(err.get("message", "unknown error"))
@@ -128,8 +133,8 @@ def timeout_error(service: str, endpoint: str, timeout_s: float, attempts: int,
         hint = ("; with CURVE a refused key looks the same: is this key in the broker's "
                 "allowed folder, and the broker key the right one?") if curve else (
                 ": is it running there? (a broker that runs CURVE looks the same to a client "
-                "without keys: give it --broker-key and --key, or DISTILL_BROKER_KEY and "
-                "DISTILL_KEY)")
+                "without keys: set DISTILL_BROKER_KEY and DISTILL_KEY, or write them in "
+                "~/.config/distill/keys.json; a worker also takes --broker-key and --key)")
         return RequestTimeout(f"no broker answered at {endpoint} "
                               f"(request to {service!r}, {attempts} attempt(s)){hint}")
     if known is False:

@@ -105,8 +105,9 @@ def register(app: typer.Typer) -> None:
                           "silence_threshold_db": silence_db, "mel_config": {"sample_rate": sample_rate}}
                 job = JobsClient(c).submit("distill.preprocess", params)
                 typer.echo(f"preprocess job {job['id']}: {len(files)} files")
-                from distill.shared.cli.train import follow_training
+                from distill.shared.cli.train import Stage, follow_training, warn_missing_workers
 
+                warn_missing_workers(c, [Stage("preprocess", job["id"])])
                 record = follow_training(c, job["id"])
         except DistillError as e:
             fail(str(e))

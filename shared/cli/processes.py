@@ -135,6 +135,12 @@ def up(
     # The children inherit the environment: that is how the keys reach them.
     if keys is not None:
         k = keys.expanduser()
+        needed = ("broker.key_secret", "broker.key", "worker.key_secret", "allowed")
+        missing = [name for name in needed if not (k / name).exists()]
+        if missing:
+            fail(f"--keys {keys}: no {', '.join(missing)} there; `distill up --keys` runs its "
+                 "workers and its own requests as the key named worker: make the folder with "
+                 "`distill keys generate DIR` (or add `--worker worker`)", code=EXIT_UNUSABLE)
         os.environ.update({S.ENV_BROKER_SECRET_KEY: str(k / "broker.key_secret"),
                            S.ENV_ALLOWED_KEYS: str(k / "allowed"),
                            S.ENV_BROKER_KEY: str(k / "broker.key"),

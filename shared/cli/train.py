@@ -321,7 +321,8 @@ def _vqvae_source(c: Any, ref: str) -> tuple[str, str | None, str]:
 
 
 def _prior_params(c: Any, req: TrainRequest, stages: list[Stage], dataset: str,
-                  producer: str | None) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+                  producer: str | None, vqvae_source: tuple[str, str | None, str] | None
+                  ) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
     """The prior job's params and dependencies. What is known now goes in the params; the rest
     the worker takes from its dependencies' results (the RVQ-VAE job's names both)."""
     params: dict[str, Any] = {
@@ -331,15 +332,9 @@ def _prior_params(c: Any, req: TrainRequest, stages: list[Stage], dataset: str,
     }
     if req.stage == "all":
         return params, [stages[-1].job_id]
-    if not req.vqvae_ref:
-        raise DistillError(
-            "--stage prior needs --vqvae JOB|ARTIFACT: the RVQ-VAE whose codes it learns"
-        )
-    weights, vqvae_job, vqvae_dataset = _vqvae_source(c, req.vqvae_ref)
+    assert vqvae_source is not None  # resolved by submit_pipeline before any upload
+    weights, vqvae_job, vqvae_dataset = vqvae_source
     if req.source is None:
-        if not (vqvae_job or vqvae_dataset):
-            raise DistillError("--vqvae names weights: give the dataset (a folder, dataset id or "
-                               "preprocess job) the prior should learn")  # fmt: skip
         dataset, producer = vqvae_dataset, None
     if producer and vqvae_job:
         # both results would name a dataset: settle which one here by waiting for the preprocess
@@ -359,6 +354,16 @@ def submit_pipeline(c: Any, req: TrainRequest) -> list[Stage]:
 
     jobs = JobsClient(c)
     stages: list[Stage] = []
+    vqvae_source = None
+    if req.stage == "prior":  # --vqvae checked before anything is uploaded or submitted
+        if not req.vqvae_ref:
+            raise DistillError(
+                "--stage prior needs --vqvae JOB|ARTIFACT: the RVQ-VAE whose codes it learns"
+            )
+        vqvae_source = _vqvae_source(c, req.vqvae_ref)
+        if req.source is None and not (vqvae_source[1] or vqvae_source[2]):
+            raise DistillError("--vqvae names weights: give the dataset (a folder, dataset id or "
+                               "preprocess job) the prior should learn")  # fmt: skip
     dataset, producer = _dataset_source(c, req.source, stages) if req.source else ("", None)
     if req.stage in ("all", "vqvae"):
         params: dict[str, Any] = {"model": req.vqvae_model, "train": req.train["vqvae"]}
@@ -367,7 +372,7 @@ def submit_pipeline(c: Any, req: TrainRequest) -> list[Stage]:
         job = jobs.submit(SERVICES["vqvae"], params, depends_on=[producer] if producer else [])
         stages.append(Stage("vqvae", job["id"]))
     if req.stage in ("all", "prior"):
-        params, deps = _prior_params(c, req, stages, dataset, producer)
+        params, deps = _prior_params(c, req, stages, dataset, producer, vqvae_source)
         job = jobs.submit(SERVICES["prior"], params, depends_on=deps)
         stages.append(Stage("prior", job["id"]))
     return stages
@@ -562,6 +567,8 @@ def train(
         fail("give SOURCE: a folder of sounds, a dataset id or a preprocess job id")
     if vqvae and stage != "prior":
         fail("--vqvae goes with --stage prior")
+    if stage == "prior" and not vqvae:
+        fail("--stage prior needs --vqvae JOB|ARTIFACT: the RVQ-VAE whose codes it learns")
     name = out.stem if out is not None else model_name(source, vqvae)
     out = out if out is not None else Path(f"{name}.distill")
     stages: list[Stage] = []

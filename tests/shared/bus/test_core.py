@@ -96,6 +96,10 @@ def test_decode_reply_carries_the_wire_code() -> None:
         decode_reply([pack({"ok": False, "cancelled": True, "error": {"code": "job",
                                                                       "message": "stop"}})], "s")
     assert e.value.code == CANCELLED
+    # a raw service's reply (echo sends the request back): said, not "unknown error"
+    with pytest.raises(RequestError, match="echo: the reply is not a Distill reply") as e:
+        decode_reply([pack({"hi": 1})], "echo")
+    assert e.value.code == "bad_reply"
 
 
 def test_reply_ledger_counts_owed_replies() -> None:

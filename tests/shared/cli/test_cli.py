@@ -162,3 +162,46 @@ def test_a_broker_or_worker_that_cannot_write_its_folder_fails_in_one_line(tmp_p
     assert got.returncode == 78, got.stderr
     assert f"the worker's artifact cache {afile / 'cache'} cannot be written" in got.stderr
     assert "Traceback" not in got.stderr
+
+
+def test_dataset_add_says_when_no_preprocess_worker_is_registered(tmp_path: Path) -> None:
+    """It sat at "queued" with no word (following the cross-machine steps, which started only
+    an RVQ-VAE worker)."""
+    from tests.conftest import Cluster
+
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_broker()
+        sounds = tmp_path / "sounds"
+        sounds.mkdir()
+        (sounds / "a.wav").write_bytes(b"RIFF")
+        proc = subprocess.Popen([sys.executable, "-m", "distill.shared.cli", "dataset", "add",
+                                 str(sounds), "--broker", cluster.endpoint],
+                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)  # fmt: skip
+        import threading
+
+        watchdog = threading.Timer(60, proc.kill)  # a note that never comes fails, not hangs
+        watchdog.start()
+        try:
+            assert proc.stderr is not None
+            told = ""
+            while "note:" not in told:
+                line = proc.stderr.readline()
+                assert line, told
+                told += line
+            assert "no distill.preprocess worker is registered" in told
+            assert "distill worker preprocess" in told
+        finally:
+            watchdog.cancel()
+            proc.kill()
+            proc.wait()
+    finally:
+        cluster.stop()
+
+
+def test_up_with_a_key_folder_without_a_worker_key_says_which(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    assert distill("keys", "generate", str(keys), "--client", "laptop", "--worker", "gpu").returncode == 0
+    got = distill("up", "--keys", str(keys), "--check", "--port", str(free_port_block()))
+    assert got.returncode == 78 and "no worker.key_secret there" in got.stderr, got.stderr
+    assert "--worker worker" in got.stderr

@@ -394,6 +394,8 @@ def test_detach_message_names_follow_cancel_and_pull() -> None:
     (["train", "x", "--stage", "decoder"], "unknown stage 'decoder'"),
     (["train", "--stage", "vqvae"], "give SOURCE"),
     (["train", "x", "--vqvae", "j-1"], "--vqvae goes with --stage prior"),
+    # before the folder is uploaded (it was, and a preprocess job nothing used was submitted)
+    (["train", "x", "--stage", "prior"], "--stage prior needs --vqvae"),
 ])  # fmt: skip
 def test_train_argument_errors(args: list[str], expected: str) -> None:
     out = CliRunner().invoke(app, args)

@@ -120,6 +120,16 @@ def test_a_source_that_is_no_folder_nor_dataset_says_what_it_is(cluster: Cluster
     ):
         out = distill(cluster, tmp_path, "train", source, *TINY)
         assert out.returncode == 1 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
+    # a wrong --vqvae is refused before the folder is uploaded and a preprocess job submitted
+    sounds = tmp_path / "sounds"
+    sounds.mkdir()
+    (sounds / "take1.wav").write_bytes(b"RIFF")
+    out = distill(cluster, tmp_path, "train", str(sounds), "--stage", "prior", "--vqvae",
+                  "0123456789abcdef0123", "-o", "p.distill")  # fmt: skip
+    assert out.returncode == 1 and "matches no" in out.stderr, out.stderr
+    assert "uploading" not in out.stderr
+    with cluster.client() as c:
+        assert JobsClient(c).list() == []
     sha = audio.stdout.split()[0]  # an artifact, but not a dataset
     out = distill(cluster, tmp_path, "dataset", "show", sha[:12])
     assert out.returncode == 1 and "is of kind 'file', not a dataset" in out.stderr, out.stderr
