@@ -63,12 +63,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.shared.bus.protocol import ARTIFACT_CHUNK_BYTES, MAX_MESSAGE_BYTES
+from distill.shared.bus.protocol import (
+    ARTIFACT_CHUNK_BYTES,
+    MAX_ARTIFACT_NAME_CHARS,
+    MAX_MESSAGE_BYTES,
+)
 from distill.shared.errors import OFFSET_MISMATCH, ArtifactDamaged, ArtifactError
 from distill.shared.ids import fsync_dir, require_sha256, sha256_file
 
 MAX_KIND_CHARS = 64
-MAX_NAME_CHARS = 255
+MAX_NAME_CHARS = MAX_ARTIFACT_NAME_CHARS
 MAX_JOB_CHARS = 64
 MAX_READ_BYTES = MAX_MESSAGE_BYTES // 2  # a read chunk plus its envelope fits one message
 MAX_FINISH_HASH_BYTES = 64 * 1024**2  # hashed inline at finish (~0.2 s); more: verify_step

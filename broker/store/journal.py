@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.shared.bus import codec
+from distill.shared.bus.protocol import MAX_JOB_PARAMS_BYTES
 from distill.shared.errors import DecodeError, JobError
 from distill.shared.ids import is_sha256
 
@@ -55,7 +56,7 @@ MAX_ATTEMPTS_LIMIT = 100  # a typo such as 1000 would keep a broken job cycling 
 # job that kills every worker it meets still ends.
 MAX_LOST_ATTEMPTS = 20
 FINAL_ERROR_ATTEMPTS = 4  # attempts a failed job's error lists in full
-MAX_PARAMS_BYTES = 256 * 1024  # params name artifacts and settings; audio travels as artifacts
+MAX_PARAMS_BYTES = MAX_JOB_PARAMS_BYTES  # params name artifacts and settings (shared/bus/protocol)
 MAX_RESULT_BYTES = 1024 * 1024  # a result is a summary (ids, metrics), far below a message
 MAX_METRIC_ROW_BYTES = 16 * 1024  # one epoch's numbers; a loss curve is thousands of these
 MAX_PROGRESS_BYTES = 64 * 1024  # the latest progress line, with per-level codebook use

@@ -57,5 +57,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # whole multipart message, enforced by ZMQ
 MAX_FRAMES = 64  # more frames than this in one message is malformed
 MAX_SERVICE_NAME_BYTES = 255
 ARTIFACT_CHUNK_BYTES = 4 * 1024 * 1024
+MAX_ARTIFACT_NAME_CHARS = 255  # an artifact's name is metadata (a file's path may be longer)
+MAX_JOB_PARAMS_BYTES = 256 * 1024  # params name artifacts and settings; audio travels as artifacts
 ARTIFACT_CREDIT = 4  # chunk requests in flight during a get (credit-based flow control)
 SOCKET_HWM = 10_000

@@ -9,8 +9,28 @@ from typing import Any
 
 import typer
 
+from distill.shared.bus import protocol as P
 from distill.shared.cli.common import BrokerOpt, client, fail, print_table
 from distill.shared.errors import DistillError
+
+# what a preprocess job's params hold besides its list of files (seed, split, mel settings)
+PARAMS_OTHER_BYTES = 8 * 1024
+
+
+def _check_listable(folder: Path, names: list[str]) -> None:
+    """DistillError, before anything is uploaded, when the preprocess job's list of the files
+    (name and id each) would not fit the params a job may hold: it failed after uploading
+    them all."""
+    from distill.shared.bus.codec import pack
+
+    size = len(pack({"files": [{"name": n, "sha256": "0" * 64} for n in names]}))
+    room = P.MAX_JOB_PARAMS_BYTES - PARAMS_OTHER_BYTES
+    if size > room:
+        fitting = int(len(names) * room / size)
+        raise DistillError(
+            f"{folder}: {len(names)} files are too many for one dataset: their list is "
+            f"{size // 1024} KiB packed, over the {room // 1024} KiB a job's params hold (about "
+            f"{fitting} files with names like these): split the folder, or shorten its paths")
 
 
 def upload_folder(ac: Any, folder: Path, *, quiet: bool = False) -> list[dict[str, str]]:
@@ -28,13 +48,18 @@ def upload_folder(ac: Any, folder: Path, *, quiet: bool = False) -> list[dict[st
                          f"out: {shown}\n")  # fmt: skip
     if not paths:
         raise DistillError(f"{folder}: no files in this folder")
+    names = [p.relative_to(folder).as_posix() for p in paths]
+    _check_listable(folder, names)
     files = []
-    for i, path in enumerate(paths, 1):
-        name = path.relative_to(folder).as_posix()
+    for i, (path, name) in enumerate(zip(paths, names, strict=True), 1):
         if not quiet:
             sys.stderr.write(f"\ruploading {i}/{len(paths)} {name[:60]:<60}")
             sys.stderr.flush()
-        files.append({"name": name, "sha256": ac.put_file(path, kind="audio", name=name)})
+        # the artifact's name is metadata, bounded: a deep path keeps its end (the manifest
+        # keeps it whole)
+        label = name if len(name) <= P.MAX_ARTIFACT_NAME_CHARS else (
+            "…" + name[-(P.MAX_ARTIFACT_NAME_CHARS - 1):])  # fmt: skip
+        files.append({"name": name, "sha256": ac.put_file(path, kind="audio", name=label)})
     if not quiet:
         sys.stderr.write("\n")
     return files

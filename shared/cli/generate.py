@@ -9,6 +9,7 @@ sampling parameters, or the codes), which ``distill regenerate`` reads to make i
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -538,8 +539,9 @@ def decode(
 def regenerate(
     audio_file: Path = typer.Argument(..., help="A file Distill exported."),
     model_file: Path = typer.Option(..., "--model", "-m"),
-    out: Path | None = typer.Option(
-        None, "-o", "--out", help="Default: FILE's name + '.regenerated'."
+    out: str | None = typer.Option(
+        None, "-o", "--out", help="A file, or a folder (FILE's name in it). Default: FILE's "
+                                  "name + '.regenerated'."
     ),  # fmt: skip
     device: str = typer.Option("cpu", "--device"),
     force: bool = ForceOpt,
@@ -565,8 +567,9 @@ def regenerate(
     if meta.model_id != model.model_id:
         fail(f"{audio_file.name} was made by model {meta.model_id[:12]}, but {model_file.name} "
              f"is model {model.model_id[:12]}: pass the model that made it")  # fmt: skip
-    target = out or audio_file.with_name(f"{audio_file.stem}.regenerated{audio_file.suffix}")
-    if target.is_dir():  # a folder: the file's own name in it
+    target = Path(out) if out else audio_file.with_name(
+        f"{audio_file.stem}.regenerated{audio_file.suffix}")
+    if target.is_dir() or (out or "").endswith(("/", os.sep)):  # a folder: the file's name in it
         target = target / audio_file.name
     if target.resolve() == audio_file.resolve():
         fail(f"{target}: that is the file being regenerated; choose another --out")

@@ -161,10 +161,16 @@ def register(app: typer.Typer) -> None:
         typer.echo(sha)
 
     @artifacts.command("get")
-    def artifacts_get(artifact: str, out: Path = typer.Argument(...), broker: str = BrokerOpt) -> None:
+    def artifacts_get(artifact: str, out: Path = typer.Argument(...), broker: str = BrokerOpt,
+                      force: bool = typer.Option(False, "--force", help="Replace an existing OUT.")
+                      ) -> None:  # fmt: skip
         """Download an artifact (full 64-hex id or a unique prefix) to OUT."""
         from distill.shared.bus.artifacts import ArtifactClient
+        from distill.shared.cli.common import output_file_problem
 
+        problem = output_file_problem(out, force, "OUT")
+        if problem:
+            fail(problem)
         try:
             with client(broker, timeout_s=60) as c:
                 ac = ArtifactClient(c)

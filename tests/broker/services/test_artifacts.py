@@ -143,6 +143,13 @@ def test_cli_put_ls_get_rm(cluster: Cluster, tmp_path: Path) -> None:
     out = tmp_path / "copy.txt"
     assert distill("artifacts", "get", sha[:10], str(out)).returncode == 0
     assert out.read_bytes() == src.read_bytes()
+    # an existing file is not replaced unless forced (it was, silently)
+    out.write_bytes(b"mine")
+    again = distill("artifacts", "get", sha[:10], str(out))
+    assert again.returncode == 1 and "exists: give another OUT, or --force" in again.stderr
+    assert out.read_bytes() == b"mine"
+    assert distill("artifacts", "get", sha[:10], str(out), "--force").returncode == 0
+    assert out.read_bytes() == src.read_bytes()
     assert distill("artifacts", "rm", sha[:10]).returncode == 0
-    missing = distill("artifacts", "get", sha, str(out))
+    missing = distill("artifacts", "get", sha, str(tmp_path / "gone.txt"))
     assert missing.returncode != 0 and "error:" in missing.stderr

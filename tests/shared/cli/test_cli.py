@@ -205,3 +205,37 @@ def test_up_with_a_key_folder_without_a_worker_key_says_which(tmp_path: Path) ->
     got = distill("up", "--keys", str(keys), "--check", "--port", str(free_port_block()))
     assert got.returncode == 78 and "no worker.key_secret there" in got.stderr, got.stderr
     assert "--worker worker" in got.stderr
+
+
+def test_a_folder_too_big_for_one_job_or_with_deep_paths(tmp_path: Path) -> None:
+    """Too many files for a preprocess job's params is refused before anything is uploaded
+    (it failed after uploading 2500 files); a path past an artifact name's 255 characters is
+    uploaded under its end (it was refused, naming no file)."""
+    from distill.shared.bus.artifacts import ArtifactClient
+    from distill.shared.bus.cache import ArtifactCache
+    from distill.shared.cli.data import upload_folder
+    from distill.shared.errors import DistillError
+    from tests.conftest import Cluster
+
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(3000):
+        (many / f"hit_{i:04d}_with_a_rather_descriptive_name.wav").write_bytes(b"RIFF")
+    deep = tmp_path / "deep" / ("Vendor Sample Pack Collection Volume Two " * 4) / ("kit " * 40)
+    deep.mkdir(parents=True)
+    (deep / "kick.wav").write_bytes(b"RIFF")
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_broker()
+        with cluster.client() as c:
+            ac = ArtifactClient(c, cache=ArtifactCache(tmp_path / "cache"))
+            with pytest.raises(DistillError, match="3000 files are too many for one dataset"):
+                upload_folder(ac, many, quiet=True)
+            assert ac.list() == []  # nothing uploaded
+            files = upload_folder(ac, tmp_path / "deep", quiet=True)
+            assert len(files[0]["name"]) > 255 and files[0]["name"].endswith("kick.wav")
+            stored = ac.list()[0]["name"]
+            assert len(stored) == 255
+            assert stored.endswith("/kick.wav") and stored.startswith("…")
+    finally:
+        cluster.stop()
