@@ -53,6 +53,26 @@ from distill.shared.train.loop import (
 
 MIN_STEPS_PER_EPOCH = 8  # a 5-file collection still gets a few optimiser steps per epoch
 KMEANS_MAX_VECTORS = 65536  # latents pooled for codebook init; more only slows k-means
+USAGE_CELLS = 128  # a level's usage counts in a metric row: at most this many, summed in groups
+
+
+def usage_group(codebook_size: int) -> int:
+    """How many neighbouring codes one usage cell sums (1 up to USAGE_CELLS codes a level)."""
+    return -(-codebook_size // USAGE_CELLS)
+
+
+def grouped_usage(usage: Tensor) -> Tensor:
+    """(Q, K) counts -> (Q, ceil(K / group)) sums of each group of ``usage_group(K)`` codes: a
+    metric row stays within its 16 KiB whatever the codebook size (a terminal column shows
+    several codes anyway)."""
+    group = usage_group(usage.shape[1])
+    if group == 1:
+        return usage
+    pad = (-usage.shape[1]) % group
+    padded = torch.nn.functional.pad(usage, (0, pad))  # (Q, K + pad)
+    return padded.reshape(usage.shape[0], -1, group).sum(-1)
+
+
 REFINE_GAINS_DB = (-3.0, 3.0)  # the variants whose latents refine the codebooks (refine_iters)
 REFINE_BAND_MOVES = (-2, 2)
 REFINE_DECODER_LR_SHARE = 0.3  # the decoder's rate after refinement, as a share of lr
@@ -546,7 +566,10 @@ class VQVAETrainer(Trainer[VQVAE]):
             "utilisation": in_use(usage),
             "perplexity": perplexity(usage),
             "dead_codes": self._model().dead_codes(),
-            "usage": usage.tolist(),  # (Q, K) code counts this epoch, for a heatmap
+            # (Q, K) code counts this epoch for a heatmap, summed over groups of `usage_group`
+            # neighbouring codes past USAGE_CELLS a level (2048 x 12 codes overflowed the row)
+            "usage": grouped_usage(usage).tolist(),
+            "usage_group": usage_group(usage.shape[1]),
             **self._audio_metrics(),
         }
 

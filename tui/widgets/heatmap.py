@@ -53,8 +53,11 @@ class CodebookHeatmap(Widget):
 
     usage: reactive[list[list[float]]] = reactive(list, layout=True)
     epoch: reactive[int | None] = reactive(None)
+    group: int = 1  # codes summed in each count
 
-    def set_usage(self, usage: list[list[float]], epoch: int | None) -> None:
+    def set_usage(self, usage: list[list[float]], epoch: int | None, group: int = 1) -> None:
+        """Per level, code counts; ``group``: codes summed in each count (large codebooks)."""
+        self.group = max(1, int(group))  # before usage: setting that redraws
         self.usage = [list(map(float, level)) for level in usage]
         self.epoch = epoch
 
@@ -65,8 +68,8 @@ class CodebookHeatmap(Widget):
         if not self.usage:
             return Text("no codebook usage yet (it comes with each epoch's metrics)", style="dim")
         width = max(8, self.content_size.width - LABEL_W)
-        codes = len(self.usage[0])
-        per = max(1, math.ceil(codes / width))
+        codes = len(self.usage[0]) * self.group
+        per = max(1, math.ceil(len(self.usage[0]) / width)) * self.group
         out = Text()
         for level, counts in enumerate(self.usage, 1):
             out.append(f"L{level:<3}", style="bold")

@@ -100,6 +100,8 @@ def test_training_lowers_the_loss_and_uses_every_level(dataset: Dataset) -> None
     for used, ppl in zip(last["utilisation"], last["perplexity"], strict=True):
         assert used * 16 > 1 and ppl > 1.0  # every level uses more than one code
     assert len(last["usage"]) == 2 and len(last["usage"][0]) == 16  # (Q, K) for a heatmap
+    assert last["usage_group"] == 1
+
     assert len(last["dead_codes"]) == 2 and last["lr"] > 0 and last["eta_s"] == 0
     assert result.epochs == 6 and result.stopped == "epochs" and not result.model.training
     best = min(m["val_recon"] for m in hooks.metrics)
@@ -388,3 +390,20 @@ def test_train_config_round_trips_and_the_schedule_warms_up_then_decays() -> Non
 def test_train_vqvae_is_the_trainer_in_one_call(dataset: Dataset) -> None:
     result = train_vqvae(dataset, TINY, dataclasses.replace(FAST, epochs=1), RecordingHooks())
     assert result.epochs == 1 and result.metrics["epoch"] == 1
+
+
+def test_usage_counts_are_grouped_past_the_cells_a_row_holds() -> None:
+    """2048 codes x 12 levels of counts overflowed a metric row's 16 KiB on every epoch (three
+    attempts, each failing after its first epoch): past USAGE_CELLS a level they are summed."""
+    from distill.shared.bus.codec import pack
+    from distill.shared.train.vqvae import USAGE_CELLS, grouped_usage, usage_group
+
+    usage = torch.randint(0, 200_000, (16, 8192))
+    grouped = grouped_usage(usage)
+    assert usage_group(8192) == 64 and grouped.shape == (16, USAGE_CELLS)
+    assert torch.equal(grouped.sum(1), usage.sum(1)) and int(grouped[3, 1]) == int(usage[3, 64:128].sum())
+    assert len(pack({"usage": grouped.tolist()})) < 12 * 1024
+    odd = grouped_usage(torch.ones(2, 300, dtype=torch.long))  # groups of 3, the last short
+    assert odd.shape == (2, 100) and int(odd.sum()) == 600
+    small = torch.ones(2, 16, dtype=torch.long)
+    assert grouped_usage(small) is small and usage_group(16) == 1
