@@ -45,6 +45,9 @@ from distill.shared.errors import AudioError, ConfigError, DatasetError
 
 FORMAT_VERSION = 2  # 2: the audio of the check chunks (1 still reads: none)
 MIN_FILES_FOR_VALIDATION = 5  # below this every usable file trains: each one is precious
+# A file holding more than this share of the chunks never validates: held out, it would take
+# most of the sound from the codec (five one-shots and a long loop).
+MAX_VAL_FILE_SHARE = 0.25
 _ARRAY_KEYS = frozenset({"format_version", "meta", "mels", "chunk_file"})
 _CHECK_KEYS = frozenset({"check_chunks", "check_audio"})  # format 2 on
 # The audio of this many chunks (at most) is kept, in the order of ``Dataset.check_order``: as
@@ -371,17 +374,24 @@ def _chunks_and_audio(
     return chunks.numpy().astype(np.float32, copy=False), held
 
 
-def split_files(shas: Sequence[str], *, seed: int, val_fraction: float) -> list[str]:
+def split_files(shas: Sequence[str], *, seed: int, val_fraction: float,
+                chunks: Sequence[int] | None = None) -> list[str]:  # fmt: skip
     """Assign "train"/"val" to usable files, by file, seeded, independent of input order.
 
     With 5 or more files at least one (and about ``val_fraction`` of them) validates; with
-    fewer, all train. At least one file always trains.
+    fewer, all train. At least one file always trains. A file holding more than
+    MAX_VAL_FILE_SHARE of the ``chunks`` (each file's count) never validates: five kicks and
+    a 15-s loop drew the loop (29 of 34 chunks), and the codec then trained on 5 chunks.
     """
     n = len(shas)
     n_val = 0 if n < MIN_FILES_FOR_VALIDATION else min(n - 1, max(1, round(n * val_fraction)))
     order = sorted(range(n), key=lambda i: shas[i])  # fixed order before the seeded shuffle
     perm = np.random.default_rng(seed).permutation(n)
-    val = {order[int(p)] for p in perm[:n_val]}
+    total = sum(chunks) if chunks is not None else 0
+    drawn = [order[int(p)] for p in perm]
+    if chunks is not None and total > 0:
+        drawn = [i for i in drawn if chunks[i] <= MAX_VAL_FILE_SHARE * total]
+    val = set(drawn[:n_val])
     return ["val" if i in val else "train" for i in range(n)]
 
 
@@ -477,7 +487,8 @@ def _assemble(
     if not usable:
         listing = "; ".join(f"{r.name}: {r.reason}" for r in rows) or "no files were given"
         raise DatasetError(f"no usable audio among {len(rows)} file(s): {listing}")
-    splits = split_files([rows[i].sha256 for i in usable], seed=seed, val_fraction=val_fraction)
+    splits = split_files([rows[i].sha256 for i in usable], seed=seed, val_fraction=val_fraction,
+                         chunks=[len(per_file[i][0]) for i in usable])  # type: ignore[index]
     for i, split in zip(usable, splits, strict=True):
         rows[i] = replace(rows[i], split=split)
     chunk_arrays = [c[0] for c in per_file if c is not None]

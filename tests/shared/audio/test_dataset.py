@@ -206,6 +206,18 @@ def test_split_is_seeded_order_independent_and_needs_five_files() -> None:
     assert len(build_dataset(files[:5], CFG).files_in_split("val")) == 1
 
 
+def test_a_file_with_most_of_the_sound_never_validates() -> None:
+    """Five short kicks and a long loop: the loop (29 of 34 chunks) was drawn for validation
+    and the codec trained on 5 chunks. Without such a file the draw is as before."""
+    shas = [f"{i:064x}" for i in range(6)]
+    for seed in range(20):
+        split = split_files(shas, seed=seed, val_fraction=0.1, chunks=[1, 1, 1, 1, 1, 29])
+        assert split[5] == "train" and split.count("val") == 1
+        even = split_files(shas, seed=seed, val_fraction=0.1, chunks=[3] * 6)
+        assert even == split_files(shas, seed=seed, val_fraction=0.1)
+    assert "val" in {split_files(shas, seed=s, val_fraction=0.1)[5] for s in range(20)}
+
+
 def test_split_files_bounds() -> None:
     shas = [f"{i:064x}" for i in range(10)]
     assert split_files(shas[:4], seed=0, val_fraction=0.5) == ["train"] * 4
