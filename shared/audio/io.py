@@ -385,6 +385,13 @@ def prepare_audio(
     level = peak_db(mono)
     if level < silence_threshold_db:
         shown = "-inf" if level == -math.inf else f"{level:.1f}"
+        loudest = peak_db(torch.as_tensor(decoded.samples, dtype=torch.float32))
+        if loudest >= silence_threshold_db:  # loud channels that cancel in the mix
+            raise AudioError(
+                f"{decoded.name}: its channels cancel when mixed to mono (they peak at "
+                f"{loudest:.1f} dBFS, the mix at {shown}): one channel is the other inverted; "
+                "export one channel, or flip one"
+            )  # fmt: skip
         raise AudioError(
             f"{decoded.name}: all silent (peak {shown} dBFS is below the "
             f"{silence_threshold_db:g} dBFS silence threshold)"

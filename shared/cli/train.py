@@ -412,7 +412,13 @@ def stage_outcome(stage: Stage, result: dict[str, Any]) -> str:
         parts.append(f"best val{on_train} {best:.3f} bits/code (epoch {result.get('best_epoch')})")
     parts.append("last epoch " + "  ".join(_bits_parts(row)))
     stopped = str(result.get("stopped") or "?").replace("_", " ")
-    return "; ".join(parts + [f"stopped: {stopped}"])
+    line = "; ".join(parts + [f"stopped: {stopped}"])
+    bigram = _number(row, "bigram_bits", "bigram")
+    if best is not None and bigram is not None and best >= bigram:
+        line += (f"\nnote: the prior predicts the codes no better than a bigram of them "
+                 f"({best:.3f} against {bigram:.3f} bits/code): its draws will wander; train it "
+                 "longer (--minutes), or on more sounds")  # fmt: skip
+    return line
 
 
 SKIPPED_SHOWN = 5  # skipped files named on the preprocess line; the rest are counted

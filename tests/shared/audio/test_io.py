@@ -140,6 +140,11 @@ def test_all_silent_file_is_refused_at_the_threshold() -> None:
     with pytest.raises(AudioError, match="all silent"):
         prepare_audio(hiss, SR, silence_threshold_db=-60)
     assert len(prepare_audio(hiss, SR, silence_threshold_db=-80)) > 0
+    # loud channels that cancel in the mono mix are said as such, not "all silent"
+    tone = sine(200, 0.5, amp=0.9)
+    antiphase = read_audio(encode(np.stack([tone, -tone], axis=1)), name="antiphase.wav")
+    with pytest.raises(AudioError, match="its channels cancel when mixed to mono"):
+        prepare_audio(antiphase, SR)
 
 
 def test_streaming_wav_with_placeholder_size_is_whole_not_truncated() -> None:

@@ -337,6 +337,11 @@ def test_prior_outcome_gives_the_size_first_and_the_stop_last() -> None:
     held_out = {**result, "baselines": {**result["baselines"], "validated_on": "val"}}
     line = stage_outcome(Stage("prior", "j-c"), held_out)
     assert "best val 0.132 bits/code" in line and "training files" not in line
+    assert "note:" not in line
+    # a prior no better than the bigram of the codes is said (it was saved without a word)
+    weak = {**result, "best_val_bits": 3.9, "baselines": {**result["baselines"], "bigram_bits": 3.357}}
+    assert ("note: the prior predicts the codes no better than a bigram of them (3.900 against "
+            "3.357 bits/code)") in stage_outcome(Stage("prior", "j-c"), weak)
 
 
 def test_preprocess_outcome_names_the_files_it_skipped_and_why() -> None:
