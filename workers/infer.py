@@ -140,7 +140,7 @@ def _quality(body: dict[str, Any], default: str = "fast") -> str:
 def _generate(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
     count = inf.check_int(body.get("count", 1), "count", 1, MAX_DIRECT_COUNT)
     params = _sampling(body, model)
-    seconds = inf.check_number(body.get("seconds", 2.0), "seconds", 0.0, inf.MAX_SECONDS)
+    seconds = inf.check_number(body.get("seconds", 2.0), "seconds", inf.MIN_SECONDS, inf.MAX_SECONDS)
     out = inf.generate(model, count=count, seconds=seconds, params=params,
                        quality=_quality(body), prime=body.get("prime"))  # fmt: skip
     return {"audio": out.audio, "codes": out.codes, "sample_rate": out.sample_rate,
@@ -266,7 +266,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     _check_keys("generate", body, JOB_KEYS)
     model = _model(ctx, body)
     count = inf.check_int(body.get("count", 1), "count", 1, inf.MAX_COUNT)
-    seconds = inf.check_number(body.get("seconds", 2.0), "seconds", 0.0, inf.MAX_SECONDS)
+    seconds = inf.check_number(body.get("seconds", 2.0), "seconds", inf.MIN_SECONDS, inf.MAX_SECONDS)
     fmt = body.get("format", "wav")
     if fmt not in ("wav", "flac"):
         raise inf.BadInput(f"format must be 'wav' or 'flac', got {fmt!r}")

@@ -196,12 +196,16 @@ def demo(
     started = time.monotonic()
     sounds = out / "sounds"
     try:  # everything that can be refused is refused before the cluster starts
-        from distill.shared.model.inference import MAX_COUNT, MAX_SECONDS, check_int, check_number
+        from distill.shared.model.inference import (
+            MAX_COUNT,
+            MAX_SECONDS,
+            MIN_SECONDS,
+            check_int,
+            check_number,
+        )
 
         check_int(count, "-n", 1, MAX_COUNT)
-        check_number(seconds, "--seconds", 0.0, MAX_SECONDS)
-        if not seconds > 0:
-            raise DistillError(f"--seconds must be > 0, got {seconds:g}")
+        check_number(seconds, "--seconds", MIN_SECONDS, MAX_SECONDS)
         req = demo_request(sounds, minutes, vqvae_opt, prior_opt, train_opt)
         _prepare_folder(out, sounds, sources)
     except (DistillError, OSError) as e:

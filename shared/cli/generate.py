@@ -356,12 +356,10 @@ def generate(
     if fmt not in ("wav", "flac"):
         fail(f"--format must be wav or flac, got {fmt!r}")
     _check_quality(quality)  # before any sound is encoded or drawn
-    if seconds <= 0:  # inference.generate refuses it too, once the model is loaded
-        fail(f"seconds must be more than 0, got {seconds!r}")
-    try:  # nan, inf, past MAX_SECONDS: before the model is read and the bar drawn
-        inf.check_number(seconds, "seconds", 0.0, inf.MAX_SECONDS)
+    try:  # nan, inf, under MIN_SECONDS (a click), past MAX_SECONDS: before the model is read
+        inf.check_number(seconds, "--seconds", inf.MIN_SECONDS, inf.MAX_SECONDS)
     except DistillError as e:
-        fail(f"--{e}")
+        fail(str(e))
     _check_count(count)
     if start is not None and cont is None:
         fail("--from needs --continue FILE (the sound to continue)")

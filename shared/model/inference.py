@@ -50,6 +50,10 @@ from distill.shared.model.vqvae import SEARCH_CANDIDATES
 # loaded; the decoder and Griffin-Lim's batch of RENDER_BATCH sounds hold the rest (the phase
 # start runs sound by sound: 8.5 GB when it held the batch). -n 1: ~1.3 GB.
 MAX_SECONDS = 60.0
+# The shortest sound asked for anew (the CLI, the inference worker's ops): a request of a few
+# ms drew one code step, which renders as a single sample (a click). Recipes of shorter sounds
+# written before still replay.
+MIN_SECONDS = 0.05
 MAX_COUNT = 256  # sounds per generate call; the worker answers up to 16 directly (see infer.py)
 MAX_CHANNELS = 64  # more is a (samples, channels) array sent the wrong way round
 MAX_SEARCH = 256  # candidates per level and step when encoding (cost grows with it)

@@ -168,7 +168,8 @@ def test_bad_values_are_refused_clearly(model_file: Path, tmp_path: Path) -> Non
     result = runner.invoke(app, ["generate", str(model_file), "--seconds", "36000",
                                  "-o", str(tmp_path)])  # fmt: skip
     assert result.exit_code == 1 and "seconds must be in" in result.output
-    for args, says in ((["--seconds", "0"], "seconds must be more than 0"),
+    for args, says in ((["--seconds", "0"], "--seconds must be in [0.05, 60]"),
+                       (["--seconds", "0.001"], "--seconds must be in [0.05, 60]"),
                        (["--quality", "ultra"], "quality must be one of")):  # fmt: skip
         result = runner.invoke(app, ["generate", str(model_file), *args, "-o",
                                      str(tmp_path / "none")])  # fmt: skip
