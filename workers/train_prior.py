@@ -175,6 +175,7 @@ def _codes(ctx: JobContext, vqvae_id: str, dataset_id: str) -> tuple[CodeSet, st
     started = time.monotonic()
 
     def encode() -> CodeSet:
+        ctx.progress(0.0, phase="encoding the dataset's chunks with the RVQ-VAE")
         vqvae, mel_config, _ = weights_from_bytes(ctx.artifacts.get_bytes(vqvae_id))
         dataset = Dataset.from_bytes(ctx.artifacts.get_bytes(dataset_id))
         if dataset.mel_config != mel_config:

@@ -153,6 +153,9 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     )
     hooks = JobHooks(ctx, dataset.mel_config)
     trainer = VQVAETrainer(dataset, model_config, train_config, hooks, device=ctx.device)
+    if ctx.info.checkpoint is None:  # said: on a large set it is minutes before the first epoch
+        ctx.progress(0.0, phase="setting up the codec from the training chunks (PCA, k-means "
+                                "codebooks)")  # fmt: skip
     result = trainer.run()
     summary = {"dataset": sha, "epochs": result.epochs, "best_epoch": result.best_epoch,
                "best_val_loss": result.best_val_loss, "chosen": result.chosen,
