@@ -35,7 +35,9 @@ ChangeOpt = typer.Option(
     "model's, chosen when its prior was trained (1 or 0.5: whichever drew sounds shaped more "
     "like the training sounds; 1 for older models).",
 )  # fmt: skip
-SeedOpt = typer.Option(0, "--seed")
+SeedOpt = typer.Option(0, "--seed", help="Seed of the whole batch: the same seed, -n and settings "
+                                         "give the same files; one sound of a batch alone: "
+                                         "`distill regenerate` on its file.")
 OutOpt = typer.Option(Path("."), "-o", "--out", help="Folder for the files.")
 FormatOpt = typer.Option("wav", "--format", help="wav or flac.")
 BitsOpt = typer.Option("24", "--bits", help="16, 24 or float (wav only).")
