@@ -126,6 +126,10 @@ def register(app: typer.Typer) -> None:
             record = watch_job(broker, job_id)
         except DistillError as e:
             fail(str(e))
+        except KeyboardInterrupt:
+            sys.stderr.write(f"\nstopped watching; job {job_id} goes on (`distill jobs cancel "
+                             f"{job_id}` stops it)\n")  # fmt: skip
+            raise typer.Exit(130) from None
         if record["status"] != "succeeded":
             raise typer.Exit(1)
 

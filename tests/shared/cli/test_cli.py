@@ -239,3 +239,33 @@ def test_a_folder_too_big_for_one_job_or_with_deep_paths(tmp_path: Path) -> None
             assert stored.endswith("/kick.wav") and stored.startswith("…")
     finally:
         cluster.stop()
+
+
+def test_ctrl_c_on_jobs_watch_says_the_job_goes_on(tmp_path: Path) -> None:
+    from distill.shared.bus.jobs import JobsClient
+    from tests.conftest import Cluster
+
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_broker()
+        with cluster.client() as c:
+            job = JobsClient(c).submit("distill.sleep", {"value": 1})["id"]  # no worker: queued
+        proc = subprocess.Popen([sys.executable, "-m", "distill.shared.cli", "jobs", "watch", job,
+                                 "--broker", cluster.endpoint], stderr=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+        assert proc.stderr is not None
+        import threading
+
+        watchdog = threading.Timer(60, proc.kill)  # a line that never comes fails, not hangs
+        watchdog.start()
+        try:
+            assert f"{job}: queued" in proc.stderr.read(len(f"\n{job}: queued"))  # following
+        finally:
+            watchdog.cancel()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+        told = proc.stderr.read()
+        assert f"stopped watching; job {job} goes on" in told and "Traceback" not in told
+    finally:
+        cluster.stop()
