@@ -441,7 +441,11 @@ def _skipped_files(result: dict[str, Any]) -> str:
 def _vqvae_figures(result: dict[str, Any]) -> str:
     """Best validation loss (and epoch), the codebook refinement, the decoded-audio check."""
     loss = _number(result, "best_val_loss")
-    parts = [f"best validation loss {loss:.4f} (epoch {result.get('best_epoch')})"
+    # too few files to hold any out: the "validation" figures are on training chunks
+    on_train = (result.get("metrics") or {}).get("validated_on") == "train"
+    held = "training" if on_train else "validation"
+    parts = [f"best {held} loss {loss:.4f} (epoch {result.get('best_epoch')})"
+             + (" (no files held out)" if on_train else "")
              if loss is not None else "no validation loss"]  # fmt: skip
     refine = result.get("refine") or {}
     before, after = _number(refine, "val_loss_before"), _number(refine, "val_loss_after")
@@ -462,7 +466,7 @@ def _vqvae_figures(result: dict[str, Any]) -> str:
         # dataset kept the check chunks' audio (a lower floor: about 3x the ratio)
         on = ("" if audio.get("on") == "audio"
               else " on mel bins: prepare the dataset again for the figure on audio")  # fmt: skip
-        parts.append(f"decoded audio {ratio}{sc:.3f} vs {floor:.3f} ({chunks} validation "
+        parts.append(f"decoded audio {ratio}{sc:.3f} vs {floor:.3f} ({chunks} {held} "
                      f"chunk{'' if chunks == 1 else 's'}, spectral convergence{on})")  # fmt: skip
     return "; ".join(parts)
 

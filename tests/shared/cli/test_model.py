@@ -374,6 +374,11 @@ def test_vqvae_outcome_gives_the_decoded_audio_against_its_floor() -> None:
         "chunk, spectral convergence)")
     four = {**result, "audio": {**result["audio"], "chunks": 4}}
     assert "(4 validation chunks," in stage_outcome(Stage("vqvae", "j-b"), four)
+    # no files held out (under five): the figures are on training chunks, and say so
+    unheld = {**four, "metrics": {"validated_on": "train"}}
+    line = stage_outcome(Stage("vqvae", "j-b"), unheld)
+    assert "best training loss 0.0836 (epoch 3) (no files held out)" in line
+    assert "(4 training chunks," in line and "validation" not in line
     # a dataset prepared before datasets kept the audio: the figure is on mel bins, and says so
     older = {**result, "audio": {"sc": 0.364, "floor": 0.074, "chunks": 4}}
     assert stage_outcome(Stage("vqvae", "j-b"), older).endswith(
