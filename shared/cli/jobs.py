@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from datetime import datetime
@@ -38,6 +39,20 @@ def progress_line(event: dict[str, Any], width: int = 30) -> str:
     return f"{bar} {text}".strip()
 
 
+SHOWN_ITEMS = 6  # a list's items `jobs show` prints; the rest are counted
+
+
+def abridged(value: Any) -> Any:
+    """``value`` with every list over SHOWN_ITEMS items cut to its first ones and a count of
+    the rest: a 500-file job's params and result were 185 kB on two lines."""
+    if isinstance(value, dict):
+        return {k: abridged(v) for k, v in value.items()}
+    if isinstance(value, list):
+        head = [abridged(v) for v in value[:SHOWN_ITEMS]]
+        return head + [f"... {len(value) - SHOWN_ITEMS} more"] if len(value) > SHOWN_ITEMS else head
+    return value
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -70,8 +85,11 @@ def register(app: typer.Typer) -> None:
         print_table(["id", "service", "status", "attempts", "progress", "created", "error"], rows)
 
     @jobs.command("show")
-    def jobs_show(job_id: str, broker: str = BrokerOpt) -> None:
-        """Everything about one job: params, result, errors per attempt, metric history size."""
+    def jobs_show(job_id: str, broker: str = BrokerOpt,
+                  full: bool = typer.Option(False, "--full", help="The record whole, as JSON.")
+                  ) -> None:  # fmt: skip
+        """Everything about one job: params, result, errors per attempt, metric history size
+        (long lists abridged; --full for the whole record as JSON)."""
         from distill.shared.bus.jobs import JobsClient
 
         try:
@@ -79,19 +97,22 @@ def register(app: typer.Typer) -> None:
                 r = JobsClient(c).get(job_id, metrics=False)  # the count, not every row
         except DistillError as e:
             fail(str(e))
+        if full:
+            typer.echo(json.dumps(r, indent=1, default=str, ensure_ascii=False))
+            return
         for key in ("id", "service", "status", "attempts", "max_attempts", "lost_attempts", "worker",
                     "depends_on", "checkpoint", "error"):
             typer.echo(f"{key:>13}: {r.get(key)}")
         for key in ("created_at", "started_at", "finished_at"):
             ts = r.get(key)
             typer.echo(f"{key:>13}: {datetime.fromtimestamp(ts).isoformat(' ', 'seconds') if ts else '-'}")
-        typer.echo(f"{'params':>13}: {r.get('params')}")
+        typer.echo(f"{'params':>13}: {abridged(r.get('params'))}")
         for i, err in enumerate(r.get("attempt_errors") or [], 1):
             typer.echo(f"{'attempt ' + str(i):>13}: {err}")
         if r.get("progress"):
             typer.echo(f"{'progress':>13}: {progress_line(r['progress'])}")
         typer.echo(f"{'metrics':>13}: {r.get('metric_count', 0)} rows")
-        typer.echo(f"{'result':>13}: {r.get('result')}")
+        typer.echo(f"{'result':>13}: {abridged(r.get('result'))}")
 
     @jobs.command("cancel")
     def jobs_cancel(job_id: str, broker: str = BrokerOpt) -> None:

@@ -269,3 +269,14 @@ def test_ctrl_c_on_jobs_watch_says_the_job_goes_on(tmp_path: Path) -> None:
         assert f"stopped watching; job {job} goes on" in told and "Traceback" not in told
     finally:
         cluster.stop()
+
+
+def test_jobs_show_abridges_long_lists() -> None:
+    """A 500-file job's params and result printed 185 kB on two lines; --full gives the JSON."""
+    from distill.shared.cli.jobs import abridged
+
+    params = {"files": [{"name": f"f{i}.wav", "sha256": "0" * 64} for i in range(500)], "seed": 0}
+    shown = abridged(params)
+    assert len(shown["files"]) == 7 and shown["files"][-1] == "... 494 more"
+    assert shown["seed"] == 0 and shown["files"][0] == params["files"][0]
+    assert abridged([1, 2, 3]) == [1, 2, 3]
