@@ -73,7 +73,7 @@ def _demo_app() -> typer.Typer:
 
 @pytest.mark.parametrize("args, expected", [
     (["-n", "0"], "-n must be in [1, 256], got 0"),
-    (["--seconds", "100"], "--seconds must be in [0, 60], got 100"),
+    (["--seconds", "100"], "--seconds must be in [0.05, 60], got 100"),
     (["--seconds", "0"], "--seconds must be in [0.05, 60]"),
     (["--vqvae-opt", "chanels=3"], "unknown keys ['chanels']"),
     (["--prior-opt", "hidden=-1"], "--prior-opt: PriorConfig: hidden must be in 1..4096"),
