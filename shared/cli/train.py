@@ -579,6 +579,10 @@ def train(
         fail("--vqvae goes with --stage prior")
     if stage == "prior" and not vqvae:
         fail("--stage prior needs --vqvae JOB|ARTIFACT: the RVQ-VAE whose codes it learns")
+    if stage == "vqvae" and out is not None:  # it was ignored without a word
+        fail("-o names the .distill model file, which --stage vqvae does not write (it ends "
+             "with RVQ-VAE weights in the broker; `distill train --stage prior --vqvae JOB -o "
+             "FILE` makes the model)")
     name = out.stem if out is not None else model_name(source, vqvae)
     out = out if out is not None else Path(f"{name}.distill")
     stages: list[Stage] = []

@@ -287,10 +287,12 @@ def test_train_refuses_an_output_it_cannot_write_or_would_replace(tmp_path: Path
         assert got.exit_code == 1 and message in got.output, got.output
         assert "no broker" not in got.output
     assert earlier.read_bytes() == b"an earlier model"
-    # the RVQ-VAE stage alone writes no model file: nothing to refuse
+    # the RVQ-VAE stage alone writes no model file: -o is refused as meaningless there (it
+    # was ignored without a word)
     got = CliRunner().invoke(app, ["train", str(sounds), "--stage", "vqvae", "-o", str(earlier),
                                    "--broker", "tcp://127.0.0.1:9"])  # fmt: skip
-    assert "exists" not in got.output
+    assert "exists" not in got.output and "which --stage vqvae does not write" in got.output
+    assert earlier.read_bytes() == b"an earlier model"
 
 
 def test_model_name_from_the_folder(tmp_path: Path) -> None:
