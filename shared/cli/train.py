@@ -249,7 +249,7 @@ def check_settings(req: TrainRequest) -> None:
         for key in settings:
             if key not in known and key in model_keys:
                 raise DistillError(
-                    f"--train-opt {key}: {key} is a model setting of the {stage} stage, "
+                    f"--train-opt: {key} is a model setting of the {stage} stage, "
                     f"not a training one: give it as {option} {key}=VALUE")
         config_from_dict(train_config, settings, f"--train-opt ({stage} stage)")
     if "n_mels" in req.vqvae_model:

@@ -241,7 +241,7 @@ def test_train_settings_per_stage_and_budget_split() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["--train-opt", "vqvae.codebook_size=128"],
-      "--train-opt codebook_size: codebook_size is a model setting of the vqvae stage, "
+      "--train-opt: codebook_size is a model setting of the vqvae stage, "
       "not a training one: give it as --vqvae-opt codebook_size=VALUE"),
      (["--train-opt", "prior.hidden=64"], "give it as --prior-opt hidden=VALUE"),
      (["--train-opt", "lr=fast"], "lr must be a number, got 'fast'"),
