@@ -214,9 +214,11 @@ def register(app: typer.Typer) -> None:
         try:
             with client(broker) as c:
                 ac = ArtifactClient(c)
-                ac.delete(resolve_artifact(ac, artifact))
+                sha = resolve_artifact(ac, artifact)
+                ac.delete(sha)
         except DistillError as e:
             fail(str(e))
+        typer.echo(f"removed {sha}")
 
 
 def print_usage(usage: dict[str, Any]) -> None:

@@ -150,6 +150,7 @@ def test_cli_put_ls_get_rm(cluster: Cluster, tmp_path: Path) -> None:
     assert out.read_bytes() == b"mine"
     assert distill("artifacts", "get", sha[:10], str(out), "--force").returncode == 0
     assert out.read_bytes() == src.read_bytes()
-    assert distill("artifacts", "rm", sha[:10]).returncode == 0
+    removed = distill("artifacts", "rm", sha[:10])
+    assert removed.returncode == 0 and removed.stdout.strip() == f"removed {sha}"
     missing = distill("artifacts", "get", sha, str(tmp_path / "gone.txt"))
     assert missing.returncode != 0 and "error:" in missing.stderr
