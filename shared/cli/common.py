@@ -74,8 +74,16 @@ def human_bytes(n: float | None) -> str:
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    """Columns padded by the terminal cells a text takes (a CJK character or an emoji takes
+    two: padded by characters, such names shifted the columns after them)."""
+    from rich.cells import cell_len
+
     cells = [[str(c) if c is not None else "-" for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    typer.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    widths = [max([len(h)] + [cell_len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def pad(text: str, width: int) -> str:
+        return text + " " * (width - cell_len(text))
+
+    typer.echo("  ".join(pad(h.upper(), w) for h, w in zip(headers, widths, strict=True)).rstrip())
     for row in cells:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        typer.echo("  ".join(pad(c, w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -280,3 +280,15 @@ def test_jobs_show_abridges_long_lists() -> None:
     assert len(shown["files"]) == 7 and shown["files"][-1] == "... 494 more"
     assert shown["seed"] == 0 and shown["files"][0] == params["files"][0]
     assert abridged([1, 2, 3]) == [1, 2, 3]
+
+
+def test_tables_line_up_with_wide_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    """Names under 名前 フォルダ/ or with 🥁 shifted the columns after them (padded by code
+    points, where a terminal gives such a character two cells)."""
+    from rich.cells import cell_len
+
+    from distill.shared.cli.common import print_table
+
+    print_table(["file", "status"], [["名前/kick.wav", "ok"], ["🥁 snare.wav", "ok"], ["hat.wav", "ok"]])
+    lines = capsys.readouterr().out.splitlines()
+    assert len({cell_len(line[: line.rindex("ok")]) for line in lines[1:]}) == 1
