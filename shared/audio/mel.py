@@ -231,6 +231,41 @@ def log_mel(audio: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
     return torch.log(torch.clamp(mel, min=cfg.log_floor))
 
 
+# Frames a long sound's log-mel is computed in at a time (log_mel_blocked): ~90 s of sound at
+# the default hop, a 0.7-GB spectrogram at once for a 10-minute file otherwise.
+LOG_MEL_BLOCK_FRAMES = 8192
+
+
+@lru_cache(maxsize=32)
+def _frame_spectrogram(cfg: MelConfig, device: str) -> torchaudio.transforms.Spectrogram:
+    """The centred spectrogram's frames of an already padded segment (no centring of its own)."""
+    return torchaudio.transforms.Spectrogram(
+        n_fft=cfg.n_fft, hop_length=cfg.hop_length, power=1.0, center=False
+    ).to(device)
+
+
+def log_mel_blocked(audio: torch.Tensor, cfg: MelConfig,
+                    block_frames: int = LOG_MEL_BLOCK_FRAMES) -> torch.Tensor:  # fmt: skip
+    """:func:`log_mel` of mono ``audio`` (samples,), ``block_frames`` frames at a time: the same
+    frames (the centred STFT's zero padding where a block reaches past the sound), without
+    holding a long sound's whole spectrogram. Up to ``block_frames`` frames it is log_mel."""
+    audio = as_float_audio(audio)
+    hop, half = cfg.hop_length, cfg.n_fft // 2
+    frames = audio.shape[-1] // hop + 1  # the centred STFT's
+    if audio.ndim != 1 or frames <= block_frames:
+        return log_mel(audio, cfg)
+    spec_of, mel_of = _frame_spectrogram(cfg, str(audio.device)), _mel_scale(cfg, str(audio.device))
+    parts = []
+    for f0 in range(0, frames, block_frames):
+        f1 = min(frames, f0 + block_frames)
+        lo, hi = f0 * hop - half, (f1 - 1) * hop + half + (cfg.n_fft % 2)  # samples [lo, hi)
+        segment = audio[max(lo, 0) : min(hi, audio.shape[-1])]
+        segment = torch.nn.functional.pad(segment, (max(0, -lo), max(0, hi - audio.shape[-1])))
+        mel = mel_of(spec_of(segment))  # (n_mels, f1 - f0)
+        parts.append(torch.log(torch.clamp(mel, min=cfg.log_floor)))
+    return torch.cat(parts, dim=-1)
+
+
 def mel_to_linear(logmel: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
     """Least-squares inverse of the mel filterbank: ``(..., n_mels, frames) -> (..., n_freqs,
     frames)`` linear STFT magnitude (no phase)."""
