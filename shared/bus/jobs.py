@@ -28,13 +28,16 @@ JOBS_PAGE = 500  # jobs asked for per list page: the broker's cap per reply
 
 
 def add_metric_row(rows: list[dict[str, Any]], row: dict[str, Any]) -> list[dict[str, Any]]:
-    """A job's metric history (as curves draw it) with ``row`` added. A resumed attempt
-    repeats the epochs after its checkpoint: its rows replace the older ones from there on
-    (the stored history keeps both, in the order they came)."""
+    """A job's metric history (as curves draw it) with ``row`` added, in place (and returned).
+    A resumed attempt repeats the epochs after its checkpoint: its rows replace the older ones
+    from there on (the stored history keeps both, in the order they came). Amortised O(1): the
+    replaced rows are the last ones."""
     epoch = row.get("epoch")
     if isinstance(epoch, int) and not isinstance(epoch, bool):
-        rows = [r for r in rows if not (isinstance(r.get("epoch"), int) and r["epoch"] >= epoch)]
-    return [*rows, row]
+        while rows and isinstance(rows[-1].get("epoch"), int) and rows[-1]["epoch"] >= epoch:
+            rows.pop()
+    rows.append(row)
+    return rows
 
 
 def metric_history(rows: Sequence[Any]) -> list[dict[str, Any]]:
@@ -42,7 +45,7 @@ def metric_history(rows: Sequence[Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for row in rows:
         if isinstance(row, dict):
-            out = add_metric_row(out, row)
+            add_metric_row(out, row)
     return out
 
 
