@@ -105,7 +105,8 @@ async def test_upload_then_train_with_progress_heatmap_cancel_and_retry(cluster:
             assert [r["epoch"] for r in late_screen.rows] == list(range(1, len(late_screen.rows) + 1))
 
         await pilot.press("c")
-        await until(pilot, lambda: screen.record.get("status") == "cancelled", 60, what="cancelled")
+        await until(pilot, lambda: screen.record.get("status") == "cancelled", 60, what="cancelled",
+                    detail=lambda: f"status {screen.record.get('status')}")
         await pilot.press("r")
         await until(pilot, lambda: screen.record.get("status") in ("queued", "running"), 30,
                     what="queued again after retry")
