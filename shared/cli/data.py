@@ -10,7 +10,7 @@ from typing import Any
 import typer
 
 from distill.shared.bus import protocol as P
-from distill.shared.cli.common import BrokerOpt, client, fail, print_table
+from distill.shared.cli.common import BrokerOpt, LiveLine, client, fail, print_table
 from distill.shared.errors import DistillError
 
 # what a preprocess job's params hold besides its list of files (seed, split, mel settings)
@@ -51,17 +51,17 @@ def upload_folder(ac: Any, folder: Path, *, quiet: bool = False) -> list[dict[st
     names = [p.relative_to(folder).as_posix() for p in paths]
     _check_listable(folder, names)
     files = []
+    live = LiveLine()
     for i, (path, name) in enumerate(zip(paths, names, strict=True), 1):
         if not quiet:
-            sys.stderr.write(f"\ruploading {i}/{len(paths)} {name[:60]:<60}")
-            sys.stderr.flush()
+            live.update(f"uploading {i}/{len(paths)} {name[:60]:<60}")
         # the artifact's name is metadata, bounded: a deep path keeps its end (the manifest
         # keeps it whole)
         label = name if len(name) <= P.MAX_ARTIFACT_NAME_CHARS else (
             "…" + name[-(P.MAX_ARTIFACT_NAME_CHARS - 1):])  # fmt: skip
         files.append({"name": name, "sha256": ac.put_file(path, kind="audio", name=label)})
     if not quiet:
-        sys.stderr.write("\n")
+        live.end()
     return files
 
 

@@ -11,7 +11,14 @@ from typing import Any
 
 import typer
 
-from distill.shared.cli.common import BrokerOpt, client, fail, human_bytes, print_table
+from distill.shared.cli.common import (
+    BrokerOpt,
+    LiveLine,
+    client,
+    fail,
+    human_bytes,
+    print_table,
+)
 from distill.shared.errors import DistillError
 
 
@@ -176,13 +183,14 @@ def register(app: typer.Typer) -> None:
         """Upload a file (resumes an interrupted upload); prints its id."""
         from distill.shared.bus.artifacts import ArtifactClient
 
+        live = LiveLine()
         try:
             with client(broker, timeout_s=60) as c:
                 sha = ArtifactClient(c).put_file(path, kind=kind, name=name or path.name,
-                                                 progress=_bytes_progress("put"))
+                                                 progress=_bytes_progress("put", live))
         except (DistillError, OSError) as e:
             fail(str(e))
-        sys.stderr.write("\n")
+        live.end()
         typer.echo(sha)
 
     @artifacts.command("get")
@@ -196,14 +204,15 @@ def register(app: typer.Typer) -> None:
         problem = output_file_problem(out, force, "OUT")
         if problem:
             fail(problem)
+        live = LiveLine()
         try:
             with client(broker, timeout_s=60) as c:
                 ac = ArtifactClient(c)
                 sha = resolve_artifact(ac, artifact)
-                ac.download(sha, out, progress=_bytes_progress("get"))
+                ac.download(sha, out, progress=_bytes_progress("get", live))
         except (DistillError, OSError) as e:
             fail(str(e))
-        sys.stderr.write("\n")
+        live.end()
         typer.echo(f"{out} ({human_bytes(out.stat().st_size)})")
 
     @artifacts.command("rm")
@@ -258,11 +267,10 @@ def resolve_artifact(ac: Any, ref: str, kind: str | None = None) -> str:
     return str(matches[0]["sha256"])
 
 
-def _bytes_progress(verb: str) -> Any:
+def _bytes_progress(verb: str, live: LiveLine) -> Any:
     def show(done: int, total: int) -> None:
         pct = 100.0 * done / total if total else 100.0
-        sys.stderr.write(f"\r{verb} {done / 2**20:8.1f} / {total / 2**20:.1f} MiB {pct:5.1f}%")
-        sys.stderr.flush()
+        live.update(f"{verb} {done / 2**20:8.1f} / {total / 2**20:.1f} MiB {pct:5.1f}%")
 
     return show
 
@@ -284,14 +292,13 @@ def watch_job(broker: str | None, job_id: str, *, quiet: bool = False) -> dict[s
     """Draw a live progress line for a job until it ends; returns its final record."""
     from distill.shared.bus.jobs import JobsClient
 
+    live = LiveLine()
+
     def on_event(event: dict[str, Any]) -> None:
         if quiet:
             return
         if event.get("type") in ("progress", "metrics"):
-            line = progress_line(event)
-            width = 118
-            sys.stderr.write("\r" + line[:width].ljust(width))
-            sys.stderr.flush()
+            live.update(progress_line(event), width=118)
         elif event.get("type") == "note":  # something the worker did that the user should know
             sys.stderr.write(f"\n{job_id}: {event.get('message')}\n")
             sys.stderr.flush()
@@ -303,7 +310,7 @@ def watch_job(broker: str | None, job_id: str, *, quiet: bool = False) -> dict[s
     with client(broker) as c:
         record = JobsClient(c).follow(job_id, on_event)
     if not quiet:
-        sys.stderr.write("\n")
+        live.end()
     status = record["status"]
     typer.echo(f"{job_id}: {status}" + (f" — {record['error']}" if record.get("error") else ""))
     return record

@@ -17,7 +17,7 @@ from typing import Any
 import typer
 
 from distill.shared.bus import protocol as P
-from distill.shared.cli.common import BrokerOpt, client, fail
+from distill.shared.cli.common import BrokerOpt, LiveLine, client, fail
 from distill.shared.cli.model import check_model_output
 from distill.shared.errors import ConfigError, DistillError
 
@@ -122,7 +122,7 @@ def follow_training(c: Any, job_id: str) -> dict[str, Any]:
     """Follows a job with the live line on stderr until it ends; returns its record."""
     from distill.shared.bus.jobs import JobsClient
 
-    width, seen_metrics = line_width(), False
+    width, seen_metrics, live = line_width(), False, LiveLine()
 
     def on_event(event: dict[str, Any]) -> None:
         nonlocal seen_metrics
@@ -141,11 +141,11 @@ def follow_training(c: Any, job_id: str) -> dict[str, Any]:
             seen_metrics = seen_metrics or kind == "metrics"
             line = train_line(event)
             if line:
-                sys.stderr.write("\r" + line[:width].ljust(width))
+                live.update(line, width=width)
         sys.stderr.flush()
 
     record = JobsClient(c).follow(job_id, on_event)
-    sys.stderr.write("\n")
+    live.end()
     return record
 
 

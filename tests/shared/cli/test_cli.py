@@ -292,3 +292,30 @@ def test_tables_line_up_with_wide_characters(capsys: pytest.CaptureFixture[str])
     print_table(["file", "status"], [["名前/kick.wav", "ok"], ["🥁 snare.wav", "ok"], ["hat.wav", "ok"]])
     lines = capsys.readouterr().out.splitlines()
     assert len({cell_len(line[: line.rindex("ok")]) for line in lines[1:]}) == 1
+
+
+def test_a_live_line_off_a_terminal_is_a_line_every_so_often() -> None:
+    """To a file or a pipe (an overnight run's log) each update was a `\\r` on one ever longer
+    line (193 kB for one upload): now a line of its own at most every few seconds, the latest
+    kept for the end; on a terminal it rewrites itself as before."""
+    import io
+
+    from distill.shared.cli.common import LiveLine
+
+    log = io.StringIO()
+    live = LiveLine(every_s=3600, stream=log)
+    for i in range(1, 501):
+        live.update(f"uploading {i}/500   ")
+    live.end()
+    assert log.getvalue() == "uploading 1/500\nuploading 500/500\n"
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    live = LiveLine(stream=term)
+    live.update("epoch 1", width=10)
+    live.update("epoch 2", width=10)
+    live.end()
+    assert term.getvalue() == "\repoch 1   \repoch 2   \n"
