@@ -7,6 +7,7 @@ timers); it reaches the loop only through :class:`JobHost`, never by importing i
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from typing import Any, Protocol
@@ -181,11 +182,16 @@ class JobService:
         """A retry resumes from the job's checkpoint; if that artifact is gone (released, or
         deleted by hand), the job starts from scratch, and the reply says so."""
         record = self.store.get(job_id, with_metrics=False)
-        if (record.checkpoint is None or record.finished is False
-                or self.retention is None or self.retention.artifacts.has(record.checkpoint)):
+        if record.finished is False or not self._checkpoint_gone(record):
             return None
         self.store.clear_checkpoint(job_id)
         return f"checkpoint {record.checkpoint} is no longer stored: the job starts from scratch"
+
+    def _checkpoint_gone(self, record: JobRecord) -> bool:
+        """Whether the job has a checkpoint the store no longer holds (released, deleted by
+        hand, or set aside as damaged)."""
+        return (record.checkpoint is not None and self.retention is not None
+                and not self.retention.artifacts.has(record.checkpoint))  # fmt: skip
 
     def _checkpoint(self, msg: dict[str, Any]) -> dict[str, Any]:
         """``checkpoint {id, sha256, attempt?}``: with ``attempt``, refused unless it is the
@@ -278,13 +284,11 @@ class JobService:
             if job_id in self.in_registry:
                 continue
             record = self.store.get(job_id, with_metrics=False)
-            if (record.checkpoint is not None and self.retention is not None
-                    and not self.retention.artifacts.has(record.checkpoint)):  # fmt: skip
-                # removed as damaged, or by hand: the attempt starts from scratch, not from
-                # an error fetching it
+            if self._checkpoint_gone(record):
+                # the attempt starts from scratch, not from an error fetching it
                 log.warning("checkpoint_gone", job=record.id, artifact=record.checkpoint)
                 self.store.clear_checkpoint(record.id)
-                record = self.store.get(job_id, with_metrics=False)
+                record = dataclasses.replace(record, checkpoint=None)
             dispatch = JobDispatch(id=record.id, service=record.service, params=record.params,
                                    attempt=record.attempts + 1, previous_errors=record.attempt_errors,
                                    deps=self.store.deps_results(record.id), checkpoint=record.checkpoint)
