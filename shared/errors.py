@@ -118,9 +118,15 @@ class ArtifactDamaged(ArtifactError):
 
 
 class AudioError(DistillError):
-    """An audio file could not be used; the message says which file and why."""
+    """An audio file could not be used; the message says which file and why. ``stated`` holds
+    (seconds, sample rate, channels) as the file's header gives them when it was refused from
+    its header (too long), so a manifest can still say what the file is."""
 
     code = AUDIO
+
+    def __init__(self, message: str, *, stated: tuple[float, int, int] | None = None) -> None:
+        super().__init__(message)
+        self.stated = stated
 
 
 class DatasetError(DistillError):

@@ -96,4 +96,5 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         "val_files": sum(r.split == "val" for r in ds.manifest),
         "manifest": [asdict(r) for r in ds.manifest],
         "mel_config": cfg.to_dict(),
+        "check_chunks": len(ds.check_chunks),  # `distill dataset show` reads this, not the dataset
     }

@@ -71,7 +71,8 @@ ProgressFn = Callable[[int, int, "ManifestRow"], None]
 @dataclass(frozen=True)
 class ManifestRow:
     """One input file, used or not. ``duration_s``/``sample_rate``/``channels`` describe the file
-    as it was read (before trimming or resampling); they are 0 when it could not be decoded."""
+    as it was read (before trimming or resampling); they are 0 when it could not be decoded, and
+    what its header states when it was refused for its length without decoding."""
 
     name: str
     sha256: str
@@ -412,8 +413,12 @@ def _process_file(
 ) -> tuple[ManifestRow, tuple[np.ndarray, np.ndarray] | None]:
     try:
         decoded = read_audio(data, name=name)
-    except AudioError as e:
-        return _skipped(name, sha, _reason(e, name)), None
+    except AudioError as e:  # refused from its header: what the header states still shows
+        row = _skipped(name, sha, _reason(e, name))
+        if e.stated is not None:
+            seconds, rate, channels = e.stated
+            row = replace(row, duration_s=seconds, sample_rate=rate, channels=channels)
+        return row, None
     try:
         chunks, held = _chunks_and_audio(decoded, cfg, silence_threshold_db,
                                          keep_audio=CHECK_CHUNKS_PER_FILE)  # fmt: skip

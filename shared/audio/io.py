@@ -144,10 +144,13 @@ def max_audio_s() -> float:
     return value
 
 
-def _too_long(name: str, limit_s: float) -> AudioError:
+def _too_long(name: str, limit_s: float, f: sf.SoundFile, seconds: float) -> AudioError:
+    """A file refused for its length; ``seconds`` (what its header states, or what was read
+    before the limit stopped it), its rate and channels go with it for the manifest."""
     return AudioError(
         f"{name}: longer than {limit_s:g} s, the longest file decoded (setting {ENV_MAX_AUDIO_S}); "
-        "skipped"
+        "skipped",
+        stated=(float(seconds), int(f.samplerate), int(f.channels)),
     )
 
 
@@ -168,7 +171,7 @@ def _read_blocks(f: sf.SoundFile, name: str, limit_s: float) -> np.ndarray:
     """All frames ``(frames, channels)``, read block by block, stopping past ``limit_s``."""
     limit_frames = int(limit_s * f.samplerate)
     if 0 < limit_frames < f.frames and f.frames not in _PLACEHOLDER_SIZES:
-        raise _too_long(name, limit_s)  # the header says so: nothing is decoded
+        raise _too_long(name, limit_s, f, f.frames / f.samplerate)  # the header says so: nothing is decoded
     block_frames = max(1, int(DECODE_BLOCK_S * f.samplerate))
     blocks, total = [], 0
     while True:
@@ -180,7 +183,7 @@ def _read_blocks(f: sf.SoundFile, name: str, limit_s: float) -> np.ndarray:
             break
         total += len(block)
         if total > limit_frames:  # a header that under-states the length (or none)
-            raise _too_long(name, limit_s)
+            raise _too_long(name, limit_s, f, total / f.samplerate)  # at least that long
         blocks.append(block)
     if not blocks:
         return np.zeros((0, f.channels), dtype=np.float32)
@@ -193,7 +196,8 @@ def _decode(src: BinaryIO | str, name: str, data: bytes | None, limit_s: float) 
             if f.frames * f.channels > MAX_DECODED_SAMPLES:
                 raise AudioError(
                     f"{name}: too long to decode at once ({f.frames} frames x {f.channels} "
-                    f"channels at {f.samplerate} Hz; the limit is {MAX_DECODED_SAMPLES} samples)"
+                    f"channels at {f.samplerate} Hz; the limit is {MAX_DECODED_SAMPLES} samples)",
+                    stated=(f.frames / f.samplerate, int(f.samplerate), int(f.channels)),
                 )
             block = _read_blocks(f, name, limit_s)
             problem = _truncation(f, len(block))

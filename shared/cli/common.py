@@ -103,6 +103,18 @@ class LiveLine:
         self.stream.flush()
 
 
+def ago(ts: float | None) -> str:
+    """How long ago ``ts`` (a Unix time) was: seconds, minutes, hours, then days."""
+    if not ts:
+        return "-"
+    s = time.time() - ts
+    if s < 120:
+        return f"{s:.0f}s ago"
+    if s < 7200:
+        return f"{s / 60:.0f}m ago"
+    return f"{s / 3600:.1f}h ago" if s < 48 * 3600 else f"{s / 86400:.1f}d ago"
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"

@@ -1,4 +1,4 @@
-"""``distill dataset add|show``: from a folder of sounds to a dataset."""
+"""``distill dataset add|ls|show``: from a folder of sounds to a dataset."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from typing import Any
 import typer
 
 from distill.shared.bus import protocol as P
-from distill.shared.cli.common import BrokerOpt, LiveLine, client, fail, print_table
+from distill.shared.cli.common import (
+    BrokerOpt,
+    LiveLine,
+    ago,
+    client,
+    fail,
+    human_bytes,
+    print_table,
+)
 from distill.shared.errors import DistillError
 
 # what a preprocess job's params hold besides its list of files (seed, split, mel settings)
@@ -143,30 +151,104 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"dataset {result['dataset']}  ({result['chunks']} chunks; "
                    f"{result['train_files']} train / {result['val_files']} validation files)")
 
+    @dataset.command("ls")
+    def dataset_ls(broker: str = BrokerOpt) -> None:
+        """List the broker's datasets: files used and skipped, chunks, split, rate, size."""
+        from distill.shared.bus.artifacts import ArtifactClient
+        from distill.shared.bus.jobs import JobsClient
+
+        try:
+            with client(broker) as c:
+                items = ArtifactClient(c).list(kind="dataset")
+                jobs = JobsClient(c)
+                results = [_made_by(jobs, a) for a in items]
+        except DistillError as e:
+            fail(str(e))
+        rows = []
+        for a, r in zip(items, results, strict=True):
+            rate = (r.get("mel_config") or {}).get("sample_rate")
+            rows.append([a["sha256"][:16], _count(r, "files_ok"), _count(r, "files_skipped"),
+                         _count(r, "chunks"), f"{_count(r, 'train_files')}/{_count(r, 'val_files')}",
+                         rate or "-", human_bytes(a["size"]), a.get("job") or "-",
+                         ago(a["created_at"])])  # fmt: skip
+        print_table(["dataset", "files", "skipped", "chunks", "train/val", "rate", "size", "job",
+                     "created"], rows)  # fmt: skip
+        if not items:
+            typer.echo("no datasets yet: `distill dataset add FOLDER` makes one")
+
     @dataset.command("show")
     def dataset_show(ref: str = typer.Argument(..., help="Dataset id (or prefix), or its preprocess job id."),
                      broker: str = BrokerOpt) -> None:
         """Print a dataset's manifest: every file, used or skipped with its reason."""
-        from distill.shared.audio.dataset import Dataset
-        from distill.shared.bus.artifacts import ArtifactClient
-
         try:
             with client(broker, timeout_s=60.0) as c:
-                sha, _ = resolve_dataset(c, ref)
+                sha, job = resolve_dataset(c, ref)
                 if not sha:  # a preprocess job still queued or running
                     fail(f"{ref}: the preprocess job has not finished, its dataset is not made "
                          f"yet (follow it with `distill jobs watch {ref}`)")
-                ds = Dataset.from_bytes(ArtifactClient(c).get_bytes(sha))
+                summary = _summary_from_job(c, sha, job) or _summary_from_dataset(c, sha)
         except DistillError as e:
             fail(str(e))
-        from dataclasses import asdict
-
-        print_manifest([asdict(r) for r in ds.manifest])
-        cfg = ds.mel_config
-        kept = len(ds.check_chunks)
+        rows, cfg, chunks, kept = summary
+        print_manifest(rows)
         check = (f"the sound of {kept} chunk{'' if kept == 1 else 's'} kept for the RVQ-VAE's "
                  "audio check" if kept else "no sound kept (prepared by an earlier Distill: "
                  "the RVQ-VAE's audio check is on mel bins; add the files again for one on "
                  "their sound)")  # fmt: skip
-        typer.echo(f"dataset {sha}: {len(ds.mels)} chunks of {cfg.chunk_frames} frames, "
+        typer.echo(f"dataset {sha}: {chunks} chunks of {cfg.chunk_frames} frames, "
                    f"{cfg.sample_rate} Hz, {cfg.n_mels} mels, hop {cfg.hop_length}; {check}")
+
+
+def _made_by(jobs: Any, artifact: dict[str, Any]) -> dict[str, Any]:
+    """The result of the preprocess job that made a dataset artifact ({} when it is gone or
+    is not that job's)."""
+    if not artifact.get("job"):
+        return {}
+    try:
+        record = jobs.get(artifact["job"], metrics=False)
+    except DistillError:
+        return {}
+    result = record.get("result") or {}
+    return result if result.get("dataset") == artifact["sha256"] else {}
+
+
+def _count(result: dict[str, Any], key: str) -> str:
+    value = result.get(key)
+    return str(value) if isinstance(value, int) else "-"
+
+
+Summary = tuple[list[dict[str, Any]], Any, int, int]  # manifest rows, MelConfig, chunks, kept
+
+
+def _summary_from_job(c: Any, sha: str, job: str | None) -> Summary | None:
+    """What `dataset show` prints, from the result of the preprocess job that made ``sha``
+    (``job``, or the one the artifact names): a 500-file dataset is ~50 MB to download for a
+    manifest its job's result holds. None when no such result says it all (a job removed, or
+    one from before the result held ``check_chunks``): the dataset itself is read then."""
+    from distill.shared.audio.mel import MelConfig
+    from distill.shared.bus.artifacts import ArtifactClient
+    from distill.shared.bus.jobs import JobsClient
+
+    try:
+        job = job or ArtifactClient(c).stat(sha).get("job")
+        record = JobsClient(c).get(job, metrics=False) if job else None
+    except DistillError:  # the job is gone: the dataset says it
+        return None
+    result = (record or {}).get("result") or {}
+    if (record or {}).get("service") != "distill.preprocess" or result.get("dataset") != sha:
+        return None
+    try:
+        return (list(result["manifest"]), MelConfig.from_dict(result["mel_config"]),
+                int(result["chunks"]), int(result["check_chunks"]))  # fmt: skip
+    except (KeyError, TypeError, ValueError, DistillError):
+        return None
+
+
+def _summary_from_dataset(c: Any, sha: str) -> Summary:
+    from dataclasses import asdict
+
+    from distill.shared.audio.dataset import Dataset
+    from distill.shared.bus.artifacts import ArtifactClient
+
+    ds = Dataset.from_bytes(ArtifactClient(c).get_bytes(sha))
+    return [asdict(r) for r in ds.manifest], ds.mel_config, len(ds.mels), len(ds.check_chunks)

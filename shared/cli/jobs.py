@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,19 +13,13 @@ import typer
 from distill.shared.cli.common import (
     BrokerOpt,
     LiveLine,
+    ago,
     client,
     fail,
     human_bytes,
     print_table,
 )
 from distill.shared.errors import DistillError
-
-
-def _ago(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    s = time.time() - ts
-    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago"
 
 
 def progress_line(event: dict[str, Any], width: int = 30) -> str:
@@ -87,7 +80,7 @@ def register(app: typer.Typer) -> None:
         for r in records:
             frac = (r.get("progress") or {}).get("fraction")
             rows.append([r["id"], r["service"], r["status"], f"{r['attempts']}/{r['max_attempts']}",
-                         f"{frac * 100:.0f}%" if isinstance(frac, (int, float)) else "-", _ago(r["created_at"]),
+                         f"{frac * 100:.0f}%" if isinstance(frac, (int, float)) else "-", ago(r["created_at"]),
                          _error_cell(r)])
         print_table(["id", "service", "status", "attempts", "progress", "created", "error"], rows)
 
@@ -162,20 +155,29 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
     @artifacts.command("ls")
-    def artifacts_ls(broker: str = BrokerOpt, kind: str = typer.Option(None), job: str = typer.Option(None)) -> None:
-        """List stored artifacts, then what holds the space (by kind, the largest jobs)."""
+    def artifacts_ls(broker: str = BrokerOpt,
+                     kind: str = typer.Option(None, help="Only artifacts of this kind."),
+                     job: str = typer.Option(None, help="Only the artifacts this job made.")
+                     ) -> None:  # fmt: skip
+        """List stored artifacts, then what holds the space (by kind, the largest jobs); with
+        --kind or --job, the total of those listed."""
         from distill.shared.bus.artifacts import ArtifactClient
 
         try:
             with client(broker) as c:
                 items = ArtifactClient(c).list(kind=kind, job=job)
-                usage = c.request("distill.artifacts", {"op": "usage"})
+                usage = None if kind or job else c.request("distill.artifacts", {"op": "usage"})
         except DistillError as e:
             fail(str(e))
         rows = [[a["sha256"][:16], a["kind"], a["name"], human_bytes(a["size"]), a.get("job") or "-",
-                 _ago(a["created_at"])] for a in items]
+                 ago(a["created_at"])] for a in items]
         print_table(["id", "kind", "name", "size", "job", "created"], rows)
-        print_usage(usage)
+        if usage is None:  # the whole store's footer would not be about these
+            total = sum(int(a["size"]) for a in items)
+            typer.echo(f"{len(items)} artifact{'' if len(items) == 1 else 's'}, "
+                       f"{human_bytes(total)} (the whole store: `distill artifacts ls`)")
+        else:
+            print_usage(usage)
 
     @artifacts.command("put")
     def artifacts_put(path: Path, broker: str = BrokerOpt, kind: str = typer.Option("file"),

@@ -164,6 +164,19 @@ def test_bad_files_are_listed_with_their_reasons(tmp_path: Path) -> None:
     assert len(ds.val_indices()) == 0  # 3 usable files: all train
 
 
+def test_a_file_refused_for_its_length_shows_what_its_header_states(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: a file skipped for its length read 0.00 s, rate -, channels - in the manifest,
+    though its length is what it was skipped for."""
+    monkeypatch.setenv("DISTILL_MAX_AUDIO_S", "1")
+    stereo = np.stack([tone(220, 2.5, 44100), tone(330, 2.5, 44100)], 1)  # (frames, 2)
+    ds = build_dataset(good_files(1) + [("loop.wav", wav(stereo, 44100))], CFG)
+    row = next(r for r in ds.manifest if r.name == "loop.wav")
+    assert row.status == "skipped" and "longer than 1 s" in (row.reason or "")
+    assert (row.duration_s, row.sample_rate, row.channels, row.chunks) == (2.5, 44100, 2, 0)
+
+
 def test_no_usable_file_fails_naming_every_file(tmp_path: Path) -> None:
     expected = write_bad_folder(tmp_path)
     files = [(n, b) for n, b in read_folder(tmp_path) if n in expected and n != "hit_again.wav"]

@@ -139,3 +139,79 @@ def test_upload_folder_names_links_that_point_at_nothing(broker: tuple[str, JobS
     assert [f["name"] for f in files] == ["kick.wav"]
     err = capsys.readouterr().err
     assert "1 link(s) in" in err and "point at nothing and are left out: gone.flac" in err
+
+
+def test_dataset_show_prints_from_the_preprocess_jobs_result_without_downloading(
+    broker: tuple[str, JobService], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: `dataset show` downloaded the whole dataset (46.7 MiB for 500 files, 11 s) to
+    print a manifest its preprocess job's result holds. A job whose result predates
+    ``check_chunks`` (or no job) still prints, from the dataset."""
+    import dataclasses
+
+    from distill.shared.audio.dataset import build_dataset
+    from distill.shared.audio.mel import MelConfig
+    from tests.shared.audio.test_dataset import good_files
+
+    endpoint, jobs = broker
+    ds = build_dataset(good_files(2), MelConfig())
+    with Client(endpoint) as c:
+        job_id = c.request("distill.jobs", {"op": "submit", "service": "distill.preprocess",
+                                            "params": {}})["id"]  # fmt: skip
+        sha = ArtifactClient(c, ArtifactCache(tmp_path / "cache")).put_bytes(
+            ds.to_bytes(), kind="dataset", name="dataset-2-files.npz", job=job_id)
+    result = {"dataset": sha, "chunks": len(ds.mels), "check_chunks": len(ds.check_chunks),
+              "manifest": [dataclasses.asdict(r) for r in ds.manifest],
+              "mel_config": ds.mel_config.to_dict()}  # fmt: skip
+    jobs.store.mark_running(job_id, "w")
+    jobs.store.mark_succeeded(job_id, result)
+    downloaded = CliRunner().invoke(app, ["dataset", "show", sha[:12], "--broker", endpoint])
+    assert downloaded.exit_code == 0, downloaded.output
+
+    def no_download(*a: object, **k: object) -> bytes:
+        raise AssertionError("downloaded the dataset")
+
+    monkeypatch.setattr(ArtifactClient, "get_bytes", no_download)
+    for ref in (sha[:12], job_id):
+        out = CliRunner().invoke(app, ["dataset", "show", ref, "--broker", endpoint])
+        assert out.exit_code == 0, out.output
+        assert out.output == downloaded.output
+    assert "hit00.wav" in out.output and f"{len(ds.mels)} chunks of" in out.output
+    old = {k: v for k, v in result.items() if k != "check_chunks"}  # an earlier worker's result
+    with Client(endpoint) as c:
+        earlier = c.request("distill.jobs", {"op": "submit", "service": "distill.preprocess",
+                                             "params": {}})["id"]  # fmt: skip
+    jobs.store.mark_running(earlier, "w")
+    jobs.store.mark_succeeded(earlier, old)
+    out = CliRunner().invoke(app, ["dataset", "show", earlier, "--broker", endpoint])
+    assert out.exit_code == 1 and "downloaded the dataset" in str(out.exception), out.output
+
+
+def test_dataset_ls_lists_each_dataset_with_its_jobs_counts(
+    broker: tuple[str, JobService], tmp_path: Path,
+) -> None:
+    """Before: there was no `dataset ls` (`artifacts ls --kind dataset` gave ids and sizes)."""
+    endpoint, jobs = broker
+    out = CliRunner().invoke(app, ["dataset", "ls", "--broker", endpoint])
+    assert out.exit_code == 0 and "no datasets yet: `distill dataset add FOLDER`" in out.output
+    with Client(endpoint) as c:
+        job_id = c.request("distill.jobs", {"op": "submit", "service": "distill.preprocess",
+                                            "params": {}})["id"]  # fmt: skip
+        store = ArtifactClient(c, ArtifactCache(tmp_path / "cache"))
+        made = store.put_bytes(b"d" * 3000, kind="dataset", name="dataset-7-files.npz", job=job_id)
+        loose = store.put_bytes(b"e" * 100, kind="dataset", name="by-hand.npz")
+        store.put_bytes(b"f" * 100, kind="audio", name="kick.wav", job=job_id)
+    jobs.store.mark_running(job_id, "w")
+    jobs.store.mark_succeeded(job_id, {"dataset": made, "files_ok": 7, "files_skipped": 2,
+                                       "chunks": 31, "train_files": 6, "val_files": 1,
+                                       "mel_config": {"sample_rate": 44100}})  # fmt: skip
+    out = CliRunner().invoke(app, ["dataset", "ls", "--broker", endpoint])
+    assert out.exit_code == 0, out.output
+    lines = {line.split()[0]: line.split() for line in out.output.splitlines()[1:]}
+    assert lines[made[:16]][1:6] == ["7", "2", "31", "6/1", "44100"], out.output
+    assert lines[loose[:16]][1:6] == ["-", "-", "-", "-/-", "-"], out.output
+    assert "kick" not in out.output
+    # `artifacts ls --job`: the total of what it listed, not the whole store's usage
+    out = CliRunner().invoke(app, ["artifacts", "ls", "--job", job_id, "--broker", endpoint])
+    assert out.exit_code == 0, out.output
+    assert "2 artifacts, 3.0 KiB" in out.output and "DISTILL_STORE_MAX_BYTES" not in out.output
