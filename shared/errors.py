@@ -19,6 +19,7 @@ WORKER_LOST = "worker_lost"
 CANCELLED = "cancelled"
 OFFSET_MISMATCH = "offset_mismatch"
 DAMAGED = "damaged"
+STORE_FULL = "store_full"
 JOB = "job"
 ARTIFACT = "artifact"
 AUDIO = "audio"
@@ -42,6 +43,7 @@ ERROR_CODES: dict[str, str] = {
     JOB: "a job could not be submitted, found, or changed",
     ARTIFACT: "an artifact could not be stored, found or read (bad id, hash mismatch, in use)",
     DAMAGED: "a stored artifact's bytes no longer hash to its id: the broker removed it",
+    STORE_FULL: "the artifact store has no room for it (its size bound or the disk's free floor)",
     AUDIO: "an audio file could not be used",
     DATASET: "a dataset could not be built or loaded",
     MODEL_FORMAT: "a checkpoint or model file is corrupt, truncated, or of a newer version",
@@ -115,6 +117,15 @@ class ArtifactDamaged(ArtifactError):
     the broker removes it as it notices, so that it can be uploaded or made again."""
 
     code = DAMAGED
+
+
+class StoreFull(ArtifactError):
+    """The broker's store has no room for an artifact: its size bound
+    (``DISTILL_STORE_MAX_BYTES``) or the free space it keeps on its disk. A job that meets it
+    fails at once rather than spending its attempts on the same refusal; ``distill jobs retry``
+    resumes it from its checkpoint once there is room."""
+
+    code = STORE_FULL
 
 
 class AudioError(DistillError):

@@ -27,9 +27,11 @@ from distill.shared.logs import get_logger
 log = get_logger("broker.jobs")
 # Failures that would repeat on every attempt (the job's own settings or input are wrong): the
 # job fails at once instead of running max_attempts times into the same error.
-# no other attempt can do better: the input is wrong, or (damaged) the broker has removed it
+# no other attempt can do better: the input is wrong, or (damaged) the broker has removed it,
+# or (store_full) the store has no room, which the next attempt a second later meets again
+# (three attempts went in ~12 s).
 FINAL_ERROR_CODES = frozenset({E.CONFIG, E.BAD_REQUEST, E.AUDIO, E.DATASET, E.MODEL_FORMAT,
-                               E.DAMAGED})
+                               E.DAMAGED, E.STORE_FULL})
 
 CANCEL_REPEAT_S = 1.0  # a running job's cancel is re-announced until the worker stops
 RESCAN_S = 1.0  # look for newly dispatchable jobs at least this often

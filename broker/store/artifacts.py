@@ -68,7 +68,7 @@ from distill.shared.bus.protocol import (
     MAX_ARTIFACT_NAME_CHARS,
     MAX_MESSAGE_BYTES,
 )
-from distill.shared.errors import OFFSET_MISMATCH, ArtifactDamaged, ArtifactError
+from distill.shared.errors import OFFSET_MISMATCH, ArtifactDamaged, ArtifactError, StoreFull
 from distill.shared.ids import fsync_dir, require_sha256, sha256_file
 
 MAX_KIND_CHARS = 64
@@ -78,6 +78,10 @@ MAX_READ_BYTES = MAX_MESSAGE_BYTES // 2  # a read chunk plus its envelope fits o
 MAX_FINISH_HASH_BYTES = 64 * 1024**2  # hashed inline at finish (~0.2 s); more: verify_step
 VERIFY_STEP_BYTES = 32 * 1024**2  # re-hashed per verify_step call after a restart (~0.1 s)
 SCHEMA_VERSION = 1
+# What a store-full refusal tells the user to do (a job it fails keeps its checkpoint).
+_MAKE_ROOM = ("make room (`distill artifacts ls` shows what holds it, `distill artifacts rm` "
+              "frees it) or raise the setting; `distill jobs retry` resumes a job from its "
+              "checkpoint")
 MAX_READ_DIGESTS = 64  # objects whose in-order reads are being hashed at once (oldest dropped)
 
 _SCHEMA = """
@@ -310,15 +314,16 @@ class ArtifactStore:
         self._discard_upload(sha)
         free = self.max_bytes - self.used_bytes()
         if size > free:
-            raise ArtifactError(
+            raise StoreFull(
                 f"artifact store is full: {sha} needs {size} bytes, {max(free, 0)} of "
-                f"{self.max_bytes} are free (setting DISTILL_STORE_MAX_BYTES)"
+                f"{self.max_bytes} are free (setting DISTILL_STORE_MAX_BYTES); {_MAKE_ROOM}"
             )
         disk_free = shutil.disk_usage(self.root).free
         if disk_free - size < self.min_free_bytes:
-            raise ArtifactError(
+            raise StoreFull(
                 f"artifact {sha} needs {size} bytes but the disk of {self.root} has {disk_free} "
-                f"free and keeps at least {self.min_free_bytes} (setting DISTILL_STORE_MIN_FREE_BYTES)"
+                f"free and keeps at least {self.min_free_bytes} (setting "
+                f"DISTILL_STORE_MIN_FREE_BYTES); {_MAKE_ROOM}"
             )
         with self._write() as db:
             db.execute(

@@ -251,7 +251,7 @@ def test_a_failure_to_free_a_superseded_checkpoint_does_not_refuse_the_new_one(
     assert service.store.get(job_id).checkpoint == new
 
 
-@pytest.mark.parametrize("code", ["config", "bad_request", "model_format"])
+@pytest.mark.parametrize("code", ["config", "bad_request", "model_format", "store_full"])
 def test_a_failure_that_would_repeat_fails_the_job_at_once(parts: Any, code: str) -> None:
     """Before: a job with a bad setting ran all its attempts into the same ConfigError."""
     _, service, _ = parts

@@ -154,6 +154,27 @@ def test_a_checkpoint_damaged_in_the_store_is_trained_again_not_failed_for_ever(
             ac.stat(sha)
 
 
+def test_a_full_store_fails_the_job_once_and_a_retry_resumes_once_there_is_room(
+    cluster: Cluster,
+) -> None:
+    """Before: a store with no room for a checkpoint used up a job's three attempts in ~12 s
+    (each met the same refusal a second after the last), saying nothing of what to do."""
+    cluster.start_broker(env={"DISTILL_STORE_MAX_BYTES": "1"})  # no checkpoint fits
+    cluster.start_worker("sleep")
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+        job = jobs.submit("distill.sleep", {"steps": 3, "checkpoint": True}, max_attempts=3)["id"]
+        r = jobs.wait(job, timeout_s=60)
+        assert r["status"] == "failed" and r["attempts"] == 1, r
+        assert "artifact store is full" in r["error"] and "distill jobs retry" in r["error"], r
+    cluster.start_broker()  # restarted with room
+    wait_until(lambda: len(cluster.worker_list()) == 1, 30, what="the worker to register again")
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+        jobs.retry(job)
+        assert jobs.wait(job, timeout_s=60)["status"] == "succeeded"
+
+
 def test_cancel_running_job_stops_within_one_step(cluster: Cluster) -> None:
     cluster.start_broker()
     cluster.start_worker("sleep")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from distill.broker.store.artifacts import ArtifactStore, OffsetMismatch
 from distill.shared.bus import codec
-from distill.shared.errors import ArtifactDamaged, ArtifactError
+from distill.shared.errors import ArtifactDamaged, ArtifactError, StoreFull
 
 
 class FakeClock:
@@ -217,7 +217,7 @@ def test_quota_refuses_uploads_that_do_not_fit(root: Path) -> None:
     with ArtifactStore(root, max_bytes=100) as store:
         store.put_bytes(b"x" * 60, "audio", "a")
         store.begin_put("1" * 64, 30, kind="audio", name="b", job=None)  # promised: 90 of 100
-        with pytest.raises(ArtifactError, match="store is full"):
+        with pytest.raises(StoreFull, match="store is full.*`distill artifacts ls`"):
             store.begin_put(sha(b"y" * 20), 20, kind="audio", name="c", job=None)
         assert store.used_bytes() == 90
 
