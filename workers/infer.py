@@ -141,11 +141,15 @@ def _generate(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dic
     count = inf.check_int(body.get("count", 1), "count", 1, MAX_DIRECT_COUNT)
     params = _sampling(body, model)
     seconds = inf.check_number(body.get("seconds", 2.0), "seconds", inf.MIN_SECONDS, inf.MAX_SECONDS)
-    out = inf.generate(model, count=count, seconds=seconds, params=params,
-                       quality=_quality(body), prime=body.get("prime"))  # fmt: skip
+    quality = _quality(body)
+    out = inf.generate(model, count=count, seconds=seconds, params=params, quality=quality,
+                       prime=body.get("prime"))  # fmt: skip
+    # params: what made the sounds, as a recipe records it (a client's export replays with
+    # the same redraw and length rules); the prime and the thread count go apart
+    recipe = inf.generate_recipe(params, count=count, seconds=seconds, quality=quality, index=0)
+    made = {k: v for k, v in recipe.items() if k not in ("index", "threads", "quality")}
     return {"audio": out.audio, "codes": out.codes, "sample_rate": out.sample_rate,
-            "params": {**params.to_dict(), "count": count, "seconds": seconds},
-            "redrawn": out.redrawn}  # fmt: skip
+            "params": made, "quality": quality, "redrawn": out.redrawn}  # fmt: skip
 
 
 def _encode(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:

@@ -132,6 +132,21 @@ def steps_for(model: DistillModel, seconds: float) -> int:
     return max(1, round(seconds * per_second / model.vqvae.config.downsample))
 
 
+def exact_steps(model: DistillModel, seconds: float, prime_steps: int = 0) -> tuple[int, int]:
+    """(code steps to draw, samples to keep) for a new sound of exactly ``seconds`` after
+    ``prime_steps`` steps of a sound it continues. T frames of a centred STFT render as
+    (T - 1) x hop samples, so ``steps_for``'s round(seconds x frames per second) steps came
+    out up to a hop short (2 s: 1.995 s); this draws enough steps for the whole length and
+    the rendered sound is cut to it (after a prime: its (T0 - 1) x hop samples and then
+    exactly ``seconds``)."""
+    check_number(seconds, "seconds", 0.0, MAX_SECONDS)
+    cfg, down = model.mel_config, model.vqvae.config.downsample
+    new = max(1, round(float(seconds) * cfg.sample_rate))
+    keep = (prime_steps * down - 1) * cfg.hop_length + new if prime_steps else new
+    frames = -(-keep // cfg.hop_length) + 1  # (frames - 1) x hop >= keep
+    return -(-frames // down) - prime_steps, keep
+
+
 def encoded_steps(model: DistillModel, samples: int) -> int:
     """The code steps :func:`encode` gives for ``samples`` of audio at the model's rate (its
     centred STFT's frames, the encoder's steps rounded up): known before the encoding's
@@ -342,13 +357,16 @@ def decode(model: DistillModel, codes: object, levels: int | None, quality: str
 def generate(model: DistillModel, *, count: int, seconds: float, params: SamplingParams,
              quality: str, prime: object = None,
              on_batch: Callable[[int, int], None] | None = None,
-             quiet_under_loudest_db: float | None = QUIET_UNDER_LOUDEST_DB) -> Generated:  # fmt: skip
+             quiet_under_loudest_db: float | None = QUIET_UNDER_LOUDEST_DB,
+             exact_length: bool = True) -> Generated:  # fmt: skip
     """``count`` new sounds of ``seconds`` each (continuing ``prime``, a (Q, T0) grid, if
     given). Sound i depends on (model, params.seed, count, seconds, prime, quality):
     regenerate with the same values and take item i. ``on_batch(done, count)`` is called
     after each batch of :data:`RENDER_BATCH` sounds is decoded (progress, cancellation).
     ``quiet_under_loudest_db`` None: only the absolute floor picks draws to draw again (how
-    sounds were drawn before the relative rule; their recipes replay that way)."""
+    sounds were drawn before the relative rule; their recipes replay that way).
+    ``exact_length`` (see :func:`exact_steps`) False: ``steps_for``'s steps, a hop short at
+    most (how sounds were made before; their recipes replay that way)."""
     prior = _prior(model)
     count = check_int(count, "count", 1, MAX_COUNT)
     quality = check_quality(quality)  # before the draws, not after them
@@ -361,10 +379,13 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
         raise BadInput(f"prime must hold a code at every step of the first {p} levels (no -1)")
     if prefix is not None and prefix.shape[2] + steps > steps_for(model, MAX_SECONDS):
         raise BadInput(f"prime plus seconds exceeds {MAX_SECONDS:g} s")
+    keep = None  # samples; None: what the steps render to (how sounds were made before)
+    if exact_length:
+        steps, keep = exact_steps(model, seconds, 0 if prefix is None else prefix.shape[2])
     new = _all_levels(prior_sample(prior, batch=count, steps=steps, params=params,
                                    prefix=None if prefix is None else prefix[:, :p]), q)  # fmt: skip
     codes = new if prefix is None else torch.cat([prefix.expand(count, -1, -1), new], 2)
-    audio = _render_batches(model, codes, quality, on_batch)
+    audio = _render_batches(model, codes, quality, on_batch)[:, :keep]
     grid = codes.cpu().numpy()  # (B, Q, T)
     redrawn = np.zeros(count, dtype=bool)
     loudest = max(peak_db(torch.from_numpy(a)) for a in audio)  # of the first draws
@@ -377,7 +398,7 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
         again = _all_levels(prior_sample(prior, batch=len(silent), steps=steps,
                                          params=dataclasses.replace(params, seed=seed)), q)  # fmt: skip
         grid[silent] = again.cpu().numpy()
-        audio[silent] = _render_batches(model, again, quality, None)
+        audio[silent] = _render_batches(model, again, quality, None)[:, :keep]
     return Generated(audio, grid, model.mel_config.sample_rate, int(redrawn.sum()))
 
 
@@ -531,7 +552,7 @@ def generate_recipe(params: SamplingParams, *, count: int, seconds: float, quali
     """
     recipe = {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality,
               "index": index, "threads": torch.get_num_threads(),
-              "quiet_under_loudest_db": QUIET_UNDER_LOUDEST_DB}  # fmt: skip
+              "quiet_under_loudest_db": QUIET_UNDER_LOUDEST_DB, "exact_length": True}  # fmt: skip
     if prime is not None:
         recipe["prime"] = np.asarray(prime).tolist()
     return recipe
@@ -589,9 +610,11 @@ def _replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarr
             under = data.get("quiet_under_loudest_db")
             if under is not None:
                 under = check_number(under, "quiet_under_loudest_db", 0.0, 200.0)
+            # so did exact lengths: a recipe without them was drawn a hop short at most
+            exact = data.get("exact_length", False) is True
             out = generate(model, count=count, seconds=data["seconds"], params=params,
                            quality=quality, prime=None if prime is None else _grid(prime),
-                           quiet_under_loudest_db=under)  # fmt: skip
+                           quiet_under_loudest_db=under, exact_length=exact)  # fmt: skip
             return out.audio[index]
         if kind == "decode":
             return decode(model, _grid(data["codes"]), data["levels"], quality)[0]

@@ -19,6 +19,7 @@ from distill.shared.audio.mel import MelConfig
 from distill.shared.errors import BAD_REQUEST, MODEL_FORMAT, DistillError, code_of
 from distill.shared.ids import sha256_file
 from distill.shared.model.codes import CodeGrid, EditSession, edit_from_dict
+from distill.shared.model.inference import QUIET_UNDER_LOUDEST_DB
 from distill.shared.model.modelfile import DistillModel, save_model
 from distill.shared.model.prior import Prior, PriorConfig
 from distill.shared.model.vqvae import VQVAE, VQVAEConfig
@@ -136,11 +137,14 @@ def test_encode_resamples_and_mixes_down(ctx: FakeContext, model_sha: str) -> No
 def test_generate_is_seeded_and_carries_its_params(ctx: FakeContext, model_sha: str) -> None:
     a = call(ctx, "generate", model_sha, count=3, seconds=0.3, seed=5, temperature=0.9)
     b = call(ctx, "generate", model_sha, count=3, seconds=0.3, seed=5, temperature=0.9)
-    assert a["audio"].shape[0] == 3 and a["codes"].shape == (3, Q, round(0.3 * RATE / 512))
+    # exactly 0.3 s: 14400 samples need 30 frames ((30 - 1) x 512 >= 14400), cut to 14400
+    assert a["audio"].shape == (3, round(0.3 * RATE)) and a["codes"].shape == (3, Q, 30)
     assert np.array_equal(a["audio"], b["audio"]) and np.array_equal(a["codes"], b["codes"])
     assert a["params"] == {"temperature": 0.9, "top_k": 0, "top_p": 1.0, "min_p": 0.01,
-                           "change_temperature": 1.0, "seed": 5, "count": 3,
-                           "seconds": 0.3}  # fmt: skip
+                           "change_temperature": 1.0, "seed": 5, "count": 3, "seconds": 0.3,
+                           "quiet_under_loudest_db": QUIET_UNDER_LOUDEST_DB,
+                           "exact_length": True}  # fmt: skip
+    assert a["quality"] == "fast"
     assert a["model_id"] and len(a["model_id"]) == 64
     primed = call(ctx, "generate", model_sha, seconds=0.1, prime=a["codes"][0][:, :5])
     assert np.array_equal(primed["codes"][0][:, :5], a["codes"][0][:, :5])

@@ -242,3 +242,29 @@ def test_malformed_values_are_bad_input_naming_the_field_not_internal_errors() -
     with pytest.raises(BadInput, match="is it \\(samples, channels\\)"):
         inference.model_audio(model, stereo, 48000)
     assert inference.model_audio(model, stereo.T.copy(), 48000).shape == (4800,)
+
+
+@pytest.mark.parametrize("seconds", [0.05, 0.1, 1.0, 2.0, 2.5])
+def test_a_new_sound_is_exactly_as_long_as_asked_and_old_recipes_replay_a_hop_short(
+    seconds: float,
+) -> None:
+    """Before: T code steps render as (T - 1) x hop samples, so `--seconds 2` made 1.995 s
+    (95744 samples, not 96000). A continuation is its prime's (T0 - 1) x hop samples and then
+    exactly the seconds asked. A recipe from before replays as its file was made."""
+    model, params = tiny_model(), SamplingParams(seed=2)
+    rate, hop = model.mel_config.sample_rate, model.mel_config.hop_length
+    made = generate(model, count=2, seconds=seconds, params=params, quality="preview")
+    assert made.audio.shape == (2, round(seconds * rate))
+    assert (made.codes.shape[2] - 2) * hop < made.audio.shape[1] <= (made.codes.shape[2] - 1) * hop
+    prime = made.codes[0][:, :5]
+    cont = generate(model, count=1, seconds=seconds, params=params, quality="preview",
+                    prime=prime)  # fmt: skip
+    assert cont.audio.shape == (1, 4 * hop + round(seconds * rate))
+    np.testing.assert_array_equal(cont.codes[0][:, :5], prime)
+    recipe = generate_recipe(params, count=2, seconds=seconds, quality="preview", index=1)
+    np.testing.assert_array_equal(replay(model, "generate", recipe), made.audio[1])
+    del recipe["exact_length"]  # as an older Distill wrote it
+    before = generate(model, count=2, seconds=seconds, params=params, quality="preview",
+                      exact_length=False)  # fmt: skip
+    assert before.audio.shape[1] == (inference.steps_for(model, seconds) - 1) * hop
+    np.testing.assert_array_equal(replay(model, "generate", recipe), before.audio[1])
