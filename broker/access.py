@@ -49,6 +49,7 @@ class KeyRing:
         self._lock = threading.Lock()
         self._stamp: tuple[tuple[str, float, int], ...] | None = None
         self._roles: dict[bytes, frozenset[str]] = {}
+        self._files: dict[bytes, str] = {}  # key -> its file under the folder, e.g. clients/laptop.key
         self.version = 0  # bumped on every reload, whichever thread noticed the change
 
     def _snapshot_stamp(self) -> tuple[tuple[str, float, int], ...]:
@@ -75,6 +76,7 @@ class KeyRing:
             if stamp == self._stamp:
                 return False
             roles: dict[bytes, set[str]] = {}
+            files: dict[bytes, str] = {}
             for role, sub in ROLE_DIRS.items():
                 for path in sorted((self.allowed_dir / sub).glob("*.key")):
                     try:
@@ -84,7 +86,9 @@ class KeyRing:
                         continue
                     if public:
                         roles.setdefault(public, set()).add(role)
+                        files.setdefault(public, f"{sub}/{path.name}")
             self._roles = {k: frozenset(v) for k, v in roles.items()}
+            self._files = files
             self._stamp = stamp
             self.version += 1
             log.info(
@@ -102,6 +106,12 @@ class KeyRing:
     def roles(self, key: bytes) -> frozenset[str]:
         """The roles of a z85 public key (empty: not allowed)."""
         return self._roles.get(key, frozenset())
+
+    def describe(self, key: str) -> str:
+        """A z85 public key as a person knows it: the allowed file that holds it
+        (``'clients/laptop.key' (z85)``), or the z85 text alone when no file does."""
+        found = self._files.get(key.encode(errors="replace"))
+        return f"{found!r} ({key})" if found else key
 
 
 class RoleCallback:

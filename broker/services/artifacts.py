@@ -33,11 +33,13 @@ MAX_LIST_ARTIFACTS = 4_000
 class ArtifactService:
     def __init__(self, store: ArtifactStore, in_use: Callable[[], set[str]],
                  quota: ArtifactQuota | None = None,
-                 owner_of: Callable[[], str] = lambda: "anonymous") -> None:
+                 owner_of: Callable[[], str] = lambda: "anonymous",
+                 describe_owner: Callable[[str], str] = str) -> None:  # fmt: skip
         self.store = store
         self.in_use = in_use  # artifacts a queued or running job needs: refused to delete
         self.quota = quota
         self.owner_of = owner_of  # the key of the peer whose request is being served
+        self.describe_owner = describe_owner  # that key as its errors name it (its file)
 
     def serve(self, identity: bytes, body: list[bytes]) -> list[bytes]:
         msg = unpack_map(body[0])
@@ -45,7 +47,8 @@ class ArtifactService:
         if op == "put_begin":
             sha, size = field(msg, "sha256", str), field(msg, "size", int)
             if self.quota is not None and not self.store.has(sha):
-                self.quota.charge(self.owner_of(), sha, size)
+                owner = self.owner_of()
+                self.quota.charge(owner, sha, size, label=self.describe_owner(owner))
             offset = self.store.begin_put(sha, size,
                                           kind=field(msg, "kind", str), name=field(msg, "name", str),
                                           job=field(msg, "job", str, None))

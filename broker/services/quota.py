@@ -43,8 +43,9 @@ class ArtifactQuota:
     def usage(self, owner: str) -> int:
         return sum(self._usage.get(owner, {}).values())
 
-    def charge(self, owner: str, sha256: str, size: int) -> None:
-        """Charge ``size`` bytes of a new artifact to ``owner``; ArtifactError over quota."""
+    def charge(self, owner: str, sha256: str, size: int, label: str | None = None) -> None:
+        """Charge ``size`` bytes of a new artifact to ``owner``; ArtifactError over quota,
+        naming the key as ``label`` (default: ``owner``)."""
         if size < 0:
             raise ArtifactError(f"artifact {sha256} has a negative size ({size})")
         with self._lock:
@@ -54,7 +55,7 @@ class ArtifactQuota:
             used = sum(shas.values())
             if self.limit_bytes is not None and used + size > self.limit_bytes:
                 raise ArtifactError(
-                    f"artifact quota exceeded for key {owner}: it stores {used} of "
+                    f"artifact quota exceeded for key {label or owner}: it stores {used} of "
                     f"{self.limit_bytes} bytes, and {sha256} needs {size} more "
                     "(delete artifacts it no longer needs, or ask for a larger quota)"
                 )

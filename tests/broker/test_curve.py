@@ -526,6 +526,8 @@ def test_an_artifact_quota_breach_is_a_clear_error(secure: SecureCluster) -> Non
         with pytest.raises(RequestError, match="artifact quota exceeded for key") as err:
             store.put_bytes(b"b" * 3000, kind="audio", name="b.wav")
         assert err.value.code == "artifact"
+        # the key as its owner knows it: its allowed file (before: its z85 text alone)
+        assert "for key 'clients/laptop.key' (" in str(err.value), err.value
         store.put_bytes(b"a" * 3000, kind="audio", name="a.wav")  # already stored: free
     with secure.client("gpu") as c:  # another key, its own quota
         ArtifactClient(c).put_bytes(b"b" * 3000, kind="audio", name="b.wav")
