@@ -295,11 +295,18 @@ def watch_job(broker: str | None, job_id: str, *, quiet: bool = False) -> dict[s
     from distill.shared.bus.jobs import JobsClient
 
     live = LiveLine()
+    fraction: list[Any] = [None]  # the latest progress event's: a metrics row has none
 
     def on_event(event: dict[str, Any]) -> None:
         if quiet:
             return
         if event.get("type") in ("progress", "metrics"):
+            # a metrics row keeps the bar (off a terminal only the last line of a burst is
+            # written: a row that came after the 100% event wrote no bar at all)
+            if event.get("fraction") is not None:
+                fraction[0] = event["fraction"]
+            elif fraction[0] is not None:
+                event = {**event, "fraction": fraction[0]}
             live.update(progress_line(event), width=118)
         elif event.get("type") == "note":  # something the worker did that the user should know
             sys.stderr.write(f"\n{job_id}: {event.get('message')}\n")

@@ -422,6 +422,32 @@ def test_progress_line_drops_the_brokers_run_stamp() -> None:
     assert "b7f20ad9" not in line and "None" not in line
 
 
+def test_jobs_watch_off_a_terminal_ends_on_the_bar_whatever_order_the_last_events_come_in(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The worker's last progress event and its last metrics row reach the broker by two
+    sockets, in either order. Off a terminal only the last line of a burst is written, and a
+    row that came after the 100% event wrote no bar at all (a flaky CLI test saw it)."""
+    import contextlib
+
+    from distill.shared.bus.jobs import JobsClient
+    from distill.shared.cli import jobs as cli_jobs
+
+    progress = [{"type": "progress", "fraction": f, "step": s} for f, s in ((0.33, 1), (1.0, 3))]
+    row = {"type": "metrics", "step": 3, "value": 2}
+    for events in (progress + [row], [progress[0], row, progress[1]]):
+        def follow(self: Any, job_id: str, on_event: Any, _events: Any = events) -> dict[str, Any]:
+            for event in _events:
+                on_event(event)
+            return {"status": "succeeded"}
+
+        monkeypatch.setattr(JobsClient, "follow", follow)
+        monkeypatch.setattr(cli_jobs, "client", lambda broker: contextlib.nullcontext(None))
+        cli_jobs.watch_job(None, "j-1")
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].count("100.0%") == 1, err
+
+
 def test_train_without_a_broker_says_so_before_uploading(tmp_path: Path) -> None:
     """Before: the first upload request waited out the client's 60-s timeout (65 s in all)."""
     from tests.conftest import free_port_block
