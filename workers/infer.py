@@ -57,8 +57,9 @@ model file, ``artifact`` for an unknown artifact id. The worker keeps serving af
 Jobs (``distill.jobs`` submit to service ``distill.infer``) run long batches:
 ``{"op": "generate", "model", "count" (1..256), "seconds", sampling params, "quality",
 "format": "wav"|"flac"}`` stores each sound as an exported file (artifact kind ``audio``, with
-regenerable metadata), publishes progress per batch of 16, and returns ``{"sounds": [{"index",
-"artifact", "name", "seed"}], "model_id", "params", "sample_rate"}``.
+regenerable metadata), publishes progress per batch decoded (16 sounds, fewer when long), and
+returns ``{"sounds": [{"index", "artifact", "name", "seed"}], "model_id", "params",
+"sample_rate"}``.
 
 Models are cached per worker by artifact id (LRU, :data:`MODEL_CACHE_SIZE`): a second request
 on the same model loads nothing.

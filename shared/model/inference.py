@@ -46,9 +46,8 @@ from distill.shared.model.vqvae import SEARCH_CANDIDATES
 
 # 60 s: ten times the longest sound in a percussion collection; a 10-hour request is refused
 # instead of swapping the worker. Measured (`distill generate -n 16 --seconds 60 --quality
-# preview`, a percussion model): 5.8 GB at its peak, ~0.9 GB of it the process with the model
-# loaded; the decoder and Griffin-Lim's batch of RENDER_BATCH sounds hold the rest (the phase
-# start runs sound by sound: 8.5 GB when it held the batch). -n 1: ~1.3 GB.
+# preview`, a percussion model): 1.7 GB at its peak, ~0.9 GB of it the process with the model
+# loaded; the decoder and Griffin-Lim's batch (see RENDER_FRAMES) hold the rest. -n 1: ~1.3 GB.
 MAX_SECONDS = 60.0
 # The shortest sound asked for anew (the CLI, the inference worker's ops): a request of a few
 # ms drew one code step, which renders as a single sample (a click). Recipes of shorter sounds
@@ -58,8 +57,14 @@ MAX_COUNT = 256  # sounds per generate call; the worker answers up to 16 directl
 MAX_CHANNELS = 64  # more is a (samples, channels) array sent the wrong way round
 MAX_SEARCH = 256  # candidates per level and step when encoding (cost grows with it)
 # Sounds decoded together: bounds memory at any count, and fixes how a batch is split, so the
-# same request decodes the same way whether it came as a request, a job or a regenerate.
+# same request decodes the same way whether it came as a request, a job or a regenerate (the
+# phase reconstruction's last bits depend on the batch's shape: ~1e-9).
 RENDER_BATCH = 16
+# ... and at most this many mel frames in a batch (16 sounds of 7.5 s at the default hop; a
+# longer sound goes in fewer): 16 sounds of 60 s peaked at 5.8 GB decoded 16 at a time, 1.7 GB
+# 2 at a time, as fast. Sounds up to 7.5 s split as before; recipes record the budget, and one
+# without it (made before) replays 16 at a time, as its file was made.
+RENDER_FRAMES = 16 * 704
 # A new sound whose peak stays under this is not a sound: every training file is peak-normalised
 # to -1 dBFS, and a prior trained briefly starts a few draws in the silent state its sounds end
 # in and holds it there (2 of 64 draws of the demo's CI-size model peaked under -80 dBFS). Such
@@ -358,15 +363,17 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
              quality: str, prime: object = None,
              on_batch: Callable[[int, int], None] | None = None,
              quiet_under_loudest_db: float | None = QUIET_UNDER_LOUDEST_DB,
-             exact_length: bool = True) -> Generated:  # fmt: skip
+             exact_length: bool = True,
+             render_frames: int | None = RENDER_FRAMES) -> Generated:  # fmt: skip
     """``count`` new sounds of ``seconds`` each (continuing ``prime``, a (Q, T0) grid, if
     given). Sound i depends on (model, params.seed, count, seconds, prime, quality):
     regenerate with the same values and take item i. ``on_batch(done, count)`` is called
-    after each batch of :data:`RENDER_BATCH` sounds is decoded (progress, cancellation).
+    after each batch of sounds (:func:`render_batch`) is decoded (progress, cancellation).
     ``quiet_under_loudest_db`` None: only the absolute floor picks draws to draw again (how
     sounds were drawn before the relative rule; their recipes replay that way).
     ``exact_length`` (see :func:`exact_steps`) False: ``steps_for``'s steps, a hop short at
-    most (how sounds were made before; their recipes replay that way)."""
+    most, and ``render_frames`` (see :data:`RENDER_FRAMES`) None: RENDER_BATCH sounds decoded
+    together whatever their length (how sounds were made before; their recipes replay so)."""
     prior = _prior(model)
     count = check_int(count, "count", 1, MAX_COUNT)
     quality = check_quality(quality)  # before the draws, not after them
@@ -385,7 +392,7 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
     new = _all_levels(prior_sample(prior, batch=count, steps=steps, params=params,
                                    prefix=None if prefix is None else prefix[:, :p]), q)  # fmt: skip
     codes = new if prefix is None else torch.cat([prefix.expand(count, -1, -1), new], 2)
-    audio = _render_batches(model, codes, quality, on_batch)[:, :keep]
+    audio = _render_batches(model, codes, quality, on_batch, render_frames)[:, :keep]
     grid = codes.cpu().numpy()  # (B, Q, T)
     redrawn = np.zeros(count, dtype=bool)
     loudest = max(peak_db(torch.from_numpy(a)) for a in audio)  # of the first draws
@@ -398,7 +405,7 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
         again = _all_levels(prior_sample(prior, batch=len(silent), steps=steps,
                                          params=dataclasses.replace(params, seed=seed)), q)  # fmt: skip
         grid[silent] = again.cpu().numpy()
-        audio[silent] = _render_batches(model, again, quality, None)[:, :keep]
+        audio[silent] = _render_batches(model, again, quality, None, render_frames)[:, :keep]
     return Generated(audio, grid, model.mel_config.sample_rate, int(redrawn.sum()))
 
 
@@ -419,12 +426,23 @@ def _all_levels(drawn: torch.Tensor, levels: int) -> torch.Tensor:
     return torch.cat([drawn, empty], 1)
 
 
+def render_batch(model: DistillModel, steps: int, render_frames: int | None) -> int:
+    """Sounds of ``steps`` code steps decoded together: RENDER_BATCH, fewer where their frames
+    pass ``render_frames`` (None: RENDER_BATCH whatever their length, as before the budget)."""
+    if render_frames is None:
+        return RENDER_BATCH
+    frames = max(1, steps * model.vqvae.config.downsample)
+    return max(1, min(RENDER_BATCH, render_frames // frames))
+
+
 def _render_batches(model: DistillModel, codes: torch.Tensor, quality: str,
-                    on_batch: Callable[[int, int], None] | None) -> np.ndarray:  # fmt: skip
-    """``render`` in batches of RENDER_BATCH: audio (B, samples); progress after each batch."""
+                    on_batch: Callable[[int, int], None] | None,
+                    render_frames: int | None) -> np.ndarray:  # fmt: skip
+    """``render`` in batches of :func:`render_batch`: audio (B, samples); progress after each."""
     parts: list[np.ndarray] = []
-    for start in range(0, len(codes), RENDER_BATCH):
-        parts.append(render(model, codes[start : start + RENDER_BATCH], quality)[0])
+    size = render_batch(model, codes.shape[2], render_frames)
+    for start in range(0, len(codes), size):
+        parts.append(render(model, codes[start : start + size], quality)[0])
         if on_batch is not None:
             on_batch(start + len(parts[-1]), len(codes))
     return np.concatenate(parts)
@@ -469,10 +487,12 @@ def resample_region(model: DistillModel, codes: object, t0: int, t1: int,
 
 def resample_variants(model: DistillModel, codes: object, t0: int, t1: int,
                       params: SamplingParams, quality: str, *, count: int,
-                      on_batch: Callable[[int, int], None] | None = None) -> Generated:  # fmt: skip
+                      on_batch: Callable[[int, int], None] | None = None,
+                      render_frames: int | None = RENDER_FRAMES) -> Generated:  # fmt: skip
     """``count`` versions of a full grid, each with steps [t0, t1) drawn again by the prior
     (one batch, one seed: version i depends on (model, codes, t0, t1, params, count, quality),
-    as a generated sound does). Audio (count, samples) and codes (count, Q, T)."""
+    as a generated sound does). Audio (count, samples) and codes (count, Q, T).
+    ``render_frames``: as for :func:`generate`."""
     prior = _prior(model)
     grid = check_grid(model, codes)
     p = prior.config.levels  # the prior draws the first p levels; finer ones are left empty
@@ -485,7 +505,7 @@ def resample_variants(model: DistillModel, codes: object, t0: int, t1: int,
     new = grid.expand(count, -1, -1).clone()  # (B, Q, T)
     new[:, :p] = prior_resample_region(prior, grid[:, :p].expand(count, -1, -1), t0, t1, params)
     new[:, p:, t0:t1] = -1  # the sound's finer codes there belonged to the steps drawn over
-    audio = _render_batches(model, new, quality, on_batch)
+    audio = _render_batches(model, new, quality, on_batch, render_frames)
     return Generated(audio, new.cpu().numpy(), model.mel_config.sample_rate)
 
 
@@ -552,7 +572,8 @@ def generate_recipe(params: SamplingParams, *, count: int, seconds: float, quali
     """
     recipe = {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality,
               "index": index, "threads": torch.get_num_threads(),
-              "quiet_under_loudest_db": QUIET_UNDER_LOUDEST_DB, "exact_length": True}  # fmt: skip
+              "quiet_under_loudest_db": QUIET_UNDER_LOUDEST_DB, "exact_length": True,
+              "render_frames": RENDER_FRAMES}  # fmt: skip
     if prime is not None:
         recipe["prime"] = np.asarray(prime).tolist()
     return recipe
@@ -564,7 +585,7 @@ def resample_recipe(params: SamplingParams, codes: np.ndarray, *, t0: int, t1: i
     the region, the sampling parameters (and the thread count, as for a generated sound)."""
     return {**params.to_dict(), "codes": np.asarray(codes).tolist(), "t0": t0, "t1": t1,
             "count": count, "quality": quality, "index": index,
-            "threads": torch.get_num_threads()}  # fmt: skip
+            "threads": torch.get_num_threads(), "render_frames": RENDER_FRAMES}  # fmt: skip
 
 
 def decode_recipe(codes: np.ndarray, levels: int | None, quality: str,
@@ -602,9 +623,14 @@ def _replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarr
                                                                      1.0)})  # fmt: skip
             count = check_int(data["count"], "count", 1, MAX_COUNT)
             index = check_int(data["index"], "index", 0, count - 1)
+            # so did the frames budget of a decoding batch: without it, 16 sounds at a time
+            frames = data.get("render_frames")
+            if frames is not None:
+                frames = check_int(frames, "render_frames", 1, 2**31)
             if kind == "resample":
                 return resample_variants(model, _grid(data["codes"]), data["t0"], data["t1"],
-                                         params, quality, count=count).audio[index]  # fmt: skip
+                                         params, quality, count=count,
+                                         render_frames=frames).audio[index]  # fmt: skip
             prime = data.get("prime")
             # the relative redraw rule came later: a recipe without it was drawn without it
             under = data.get("quiet_under_loudest_db")
@@ -614,7 +640,8 @@ def _replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarr
             exact = data.get("exact_length", False) is True
             out = generate(model, count=count, seconds=data["seconds"], params=params,
                            quality=quality, prime=None if prime is None else _grid(prime),
-                           quiet_under_loudest_db=under, exact_length=exact)  # fmt: skip
+                           quiet_under_loudest_db=under, exact_length=exact,
+                           render_frames=frames)  # fmt: skip
             return out.audio[index]
         if kind == "decode":
             return decode(model, _grid(data["codes"]), data["levels"], quality)[0]

@@ -268,3 +268,29 @@ def test_a_new_sound_is_exactly_as_long_as_asked_and_old_recipes_replay_a_hop_sh
                       exact_length=False)  # fmt: skip
     assert before.audio.shape[1] == (inference.steps_for(model, seconds) - 1) * hop
     np.testing.assert_array_equal(replay(model, "generate", recipe), before.audio[1])
+
+
+def test_long_sounds_decode_in_fewer_per_batch_and_old_recipes_replay_sixteen_at_a_time() -> None:
+    """Before: sounds decoded 16 at a time whatever their length (16 sounds of 60 s peaked at
+    5.8 GB; 2 at a time, 1.7 GB). A batch now holds at most RENDER_FRAMES mel frames; a recipe
+    records the budget, and one from before replays 16 at a time, as its file was made."""
+    model = tiny_model()
+    batch = inference.render_batch
+    assert batch(model, 189, inference.RENDER_FRAMES) == 16  # 2 s: as before
+    assert batch(model, 704, inference.RENDER_FRAMES) == 16  # 7.5 s: as before
+    assert batch(model, 5627, inference.RENDER_FRAMES) == 2  # 60 s
+    assert batch(model, 5627, None) == 16 and batch(model, 10**6, 100) == 1
+    params = SamplingParams(seed=6)
+    one_by_one = generate(model, count=3, seconds=0.3, params=params, quality="fast",
+                          render_frames=30)  # fmt: skip
+    recipe = generate_recipe(params, count=3, seconds=0.3, quality="fast", index=2)
+    assert recipe["render_frames"] == inference.RENDER_FRAMES
+    np.testing.assert_array_equal(replay(model, "generate", {**recipe, "render_frames": 30}),
+                                  one_by_one.audio[2])  # fmt: skip
+    del recipe["render_frames"]  # as an older Distill wrote it
+    before = generate(model, count=3, seconds=0.3, params=params, quality="fast",
+                      render_frames=None)  # fmt: skip
+    np.testing.assert_array_equal(replay(model, "generate", recipe), before.audio[2])
+    np.testing.assert_array_equal(one_by_one.codes, before.codes)  # the same draws
+    with pytest.raises(BadInput, match="render_frames"):
+        replay(model, "generate", {**recipe, "render_frames": 0})
