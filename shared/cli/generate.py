@@ -570,6 +570,7 @@ def regenerate(
     target = Path(out) if out else audio_file.with_name(
         f"{audio_file.stem}.regenerated{audio_file.suffix}")
     if target.is_dir() or (out or "").endswith(("/", os.sep)):  # a folder: the file's name in it
+        _writable_folder(target)  # made if it is new (as generate's -o is), before the replay
         target = target / audio_file.name
     if target.resolve() == audio_file.resolve():
         fail(f"{target}: that is the file being regenerated; choose another --out")

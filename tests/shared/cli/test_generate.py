@@ -119,10 +119,16 @@ def test_regenerate_out_takes_a_folder_and_refuses_a_bad_name(model_file: Path,
         assert result.exit_code == 1 and says in result.output, result.output
         assert not out.with_suffix(".mp3").exists() and not (tmp_path / "regen").exists()
     assert made.read_bytes() == before  # the sound asked about is never overwritten
-    # a folder written as one (a trailing slash) that does not exist is said, not "no suffix"
+    # a folder written as one (a trailing slash) that does not exist is made, as generate's
+    # -o is (before: refused, "no folder")
     result = runner.invoke(app, ["regenerate", str(made), "--model", str(model_file),
-                                 "-o", f"{tmp_path / 'newdir'}/"])  # fmt: skip
-    assert result.exit_code == 1 and f"no folder {tmp_path / 'newdir'}" in result.output
+                                 "-o", f"{tmp_path / 'new' / 'dir'}/"])  # fmt: skip
+    assert result.exit_code == 0 and "identical to" in result.output, result.output
+    assert (tmp_path / "new" / "dir" / made.name).is_file()
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["regenerate", str(made), "--model", str(model_file),
+                                 "-o", f"{tmp_path / 'file'}/"])  # fmt: skip
+    assert result.exit_code == 1 and "that is a file, not a folder" in result.output
 
 
 def test_encode_decode_round_trip_and_regenerate_a_decode(model_file: Path, tmp_path: Path) -> None:
