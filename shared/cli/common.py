@@ -79,10 +79,24 @@ class LiveLine:
         self.every_s = every_s
         self._last = -math.inf
         self._pending: str | None = None
+        self._open = False  # a terminal's line written without its newline
+
+    def say(self, text: str) -> None:
+        """A line of its own between updates (a job's status, a note): after the live line,
+        which goes on below it (it ran into the next update: "j-…: runningepoch 1/25")."""
+        if self._open:
+            self.stream.write("\n")
+            self._open = False
+        elif self._pending is not None:  # the latest state first, then what happened
+            self.stream.write(self._pending.rstrip() + "\n")
+            self._pending = None
+        self.stream.write(text + "\n")
+        self.stream.flush()
 
     def update(self, text: str, width: int | None = None) -> None:
         if self.tty:
             self.stream.write("\r" + (text[:width].ljust(width) if width else text))
+            self._open = True
         else:
             now = time.monotonic()
             if now - self._last < self.every_s:
@@ -96,7 +110,9 @@ class LiveLine:
         """The latest update held back (off a terminal), on its own line; a terminal's line is
         ended."""
         if self.tty:
-            self.stream.write("\n")
+            if self._open:
+                self.stream.write("\n")
+            self._open = False
         elif self._pending is not None:
             self.stream.write(self._pending.rstrip() + "\n")
             self._pending = None

@@ -30,7 +30,7 @@ def progress_line(event: dict[str, Any], width: int = 30) -> str:
         done = int(max(0.0, min(1.0, fraction)) * width)
         bar = f"[{'#' * done}{'.' * (width - done)}] {fraction * 100:5.1f}%"
     skip = {"type", "job", "fraction", "seq", "topic", "broker_ts", "broker_epoch", "ts",
-            "worker", "row"}
+            "worker", "row", "recorded"}  # recorded: the broker's own flag on a stored row
     fields = {k: v for k, v in event.items() if k not in skip}
     if isinstance(event.get("row"), dict):
         fields.update(event["row"])
@@ -309,12 +309,10 @@ def watch_job(broker: str | None, job_id: str, *, quiet: bool = False) -> dict[s
                 event = {**event, "fraction": fraction[0]}
             live.update(progress_line(event), width=118)
         elif event.get("type") == "note":  # something the worker did that the user should know
-            sys.stderr.write(f"\n{job_id}: {event.get('message')}\n")
-            sys.stderr.flush()
+            live.say(f"{job_id}: {event.get('message')}")
         elif event.get("type") == "status" and event.get("status") in ("queued", "running"):
             # the final status is the summary line's, with its reason
-            sys.stderr.write(f"\n{job_id}: {event.get('status')}")
-            sys.stderr.flush()
+            live.say(f"{job_id}: {event.get('status')}")
 
     with client(broker) as c:
         record = JobsClient(c).follow(job_id, on_event)

@@ -128,13 +128,13 @@ def follow_training(c: Any, job_id: str) -> dict[str, Any]:
         nonlocal seen_metrics
         kind = event.get("type")
         if kind == "status":
-            sys.stderr.write(f"\n{job_id}: {event.get('status')}")
+            live.say(f"{job_id}: {event.get('status')}")
         elif kind == "preview":
             line = preview_line(event)
             if line:
-                sys.stderr.write(f"\n{line}\n")
+                live.say(line)
         elif kind == "note":  # something the worker did that the user should know
-            sys.stderr.write(f"\n{job_id}: {event.get('message')}\n")
+            live.say(f"{job_id}: {event.get('message')}")
         elif kind == "metrics" or (kind == "progress" and not seen_metrics):
             # once a training job sends metric rows, its progress events (the same epoch, fewer
             # fields) would only make the line flicker between two forms

@@ -319,3 +319,39 @@ def test_a_live_line_off_a_terminal_is_a_line_every_so_often() -> None:
     live.update("epoch 2", width=10)
     live.end()
     assert term.getvalue() == "\repoch 1   \repoch 2   \n"
+
+
+def test_a_status_or_note_between_updates_is_a_line_of_its_own() -> None:
+    """Before: `jobs watch` and `distill train` wrote a job's status with no newline after it,
+    and the next update ran into it ("j-1: runningrecorded=True step=6", "j-1:
+    succeededepoch 22/22 ..." in a log); a metrics row also showed the broker's own flag."""
+    import io
+
+    from distill.shared.cli.common import LiveLine
+    from distill.shared.cli.jobs import progress_line
+
+    log = io.StringIO()
+    live = LiveLine(every_s=3600, stream=log)
+    live.say("j-1: running")
+    live.update("epoch 1")
+    live.update("epoch 2")  # held back
+    live.say("j-1: a note")  # the latest state first
+    live.update("epoch 3")
+    live.say("j-1: succeeded")
+    live.end()
+    assert log.getvalue() == ("j-1: running\nepoch 1\nepoch 2\nj-1: a note\nepoch 3\n"
+                              "j-1: succeeded\n")  # fmt: skip
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    live = LiveLine(stream=term)
+    live.say("j-1: running")
+    live.update("epoch 1")
+    live.say("j-1: succeeded")
+    live.end()
+    assert term.getvalue() == "j-1: running\n\repoch 1\nj-1: succeeded\n"
+    row = {"type": "metrics", "row": {"step": 6}, "recorded": True}
+    assert progress_line(row) == "step=6"
