@@ -17,6 +17,7 @@ from distill.broker.services.retention import Retention
 from distill.broker.store.artifacts import ArtifactStore
 from distill.broker.store.journal import JobStore
 from distill.shared.bus.codec import pack, unpack_map
+from distill.shared.errors import ArtifactError, JobError
 
 
 class FakeHost:
@@ -286,3 +287,23 @@ def test_requests_the_service_cannot_hold_are_bad_requests_naming_the_field(part
     for service in ("distill.jobs", "distill.events", "mmi.service"):
         with pytest.raises(JobError, match="the broker's own service"):
             jobs.serve(b"c", [pack({"op": "submit", "service": service, "params": {}})])
+
+
+def test_a_job_naming_an_artifact_the_store_lacks_is_refused_at_submit(parts: Any) -> None:
+    """Before: `artifacts rm` of an upload racing the submit of the job that names it let
+    the job in without its input (rm checks the jobs, submit did not check the store); it
+    then failed three attempts with "no artifact <sha>", naming no file."""
+    _, service, artifacts = parts
+    kick = put(artifacts, b"kick", "audio", "kick.wav", None)
+    hat = put(artifacts, b"hat", "audio", "hat.wav", None)
+    params = {"files": [{"name": "kick.wav", "sha256": kick}, {"name": "hat.wav", "sha256": hat}]}
+    artifacts.delete(hat, in_use=service.store.referenced_artifacts())  # the rm came first
+    with pytest.raises(JobError, match=r"params\.files\[1\]\.sha256 \(hat\.wav\) names "
+                       rf"artifact {hat[:16]}.*upload it again"):  # fmt: skip
+        call(service, op="submit", service="distill.preprocess", params=params)
+    assert service.store.list() == []
+    params["files"].pop()
+    job = call(service, op="submit", service="distill.preprocess", params=params)
+    with pytest.raises(ArtifactError, match="in use"):  # and from now on rm is refused
+        artifacts.delete(kick, in_use=service.store.referenced_artifacts())
+    assert service.store.get(job["id"]).status == "queued"
