@@ -334,10 +334,15 @@ class ArtifactStore:
         self._partial_path(sha).touch()
 
     def put_chunk(self, sha256: str, offset: int, data: bytes) -> int:
-        """Append ``data`` at ``offset`` (which must equal the bytes received); returns the new offset.
+        """Append ``data`` at ``offset``; returns the bytes received after it.
 
-        Once the artifact is stored (e.g. a concurrent upload of the same content finished),
-        returns its size and ignores ``data``: the caller goes on to :meth:`finish_put`.
+        ``offset`` past the bytes received is an :class:`OffsetMismatch` (a gap). A chunk the
+        copy already holds, whole or in part, is another uploader of the same content ahead of
+        this one (its bytes are the same: the id is their hash, checked at the finish): what it
+        holds past the copy is appended, the rest ignored. Two scripts uploading one file at
+        once used to refuse each other's chunks until both gave up. Once the artifact is
+        stored (a concurrent upload of the same content finished), returns its size and
+        ignores ``data``: the caller goes on to :meth:`finish_put`.
         """
         sha = require_sha256(sha256)
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -350,11 +355,14 @@ class ArtifactStore:
                     return int(stored["size"])
                 raise ArtifactError(f"no upload of artifact {sha} in progress; begin the put first")
             received = self._received(sha)
-            if offset != received:
+            if not isinstance(offset, int) or not 0 <= offset <= received:
                 raise OffsetMismatch(
                     f"chunk of artifact {sha} at offset {offset!r}: expected offset {received}",
                     expected=received,
                 )
+            if offset + len(data) <= received:  # held already: another uploader's copy
+                return received
+            data = memoryview(data)[received - offset :]  # the part past the copy
             end = received + len(data)
             if end > upload["size"]:
                 raise ArtifactError(
@@ -362,7 +370,7 @@ class ArtifactStore:
                 )
             with self._partial_path(sha).open("ab") as f:
                 f.write(data)
-            self._advance_digest(sha, offset, data)
+            self._advance_digest(sha, received, data)
             return end
 
     def _advance_digest(self, sha: str, offset: int, data: bytes | bytearray | memoryview) -> None:
