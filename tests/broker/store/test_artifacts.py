@@ -311,7 +311,8 @@ def test_any_chunking_with_restarts_stores_exactly_the_bytes(
     data: bytes, cuts: list[int], restarts: list[bool], stale: list[bool]
 ) -> None:
     """Whatever the chunk boundaries, restarts and stale resends, begin_put reports exactly the
-    bytes received, every out-of-place chunk is refused, and the stored artifact is the data."""
+    bytes received, a chunk past them is refused, one overlapping them adds only its new part
+    (another uploader's copy is ahead), and the stored artifact is the data."""
     digest = sha(data)
     bounds = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
     with tempfile.TemporaryDirectory() as tmp:
@@ -325,11 +326,13 @@ def test_any_chunking_with_restarts_stores_exactly_the_bytes(
                 store = ArtifactStore(root)
                 offset = store.begin_put(digest, len(data), kind="audio", name="x", job=None)
                 assert offset == start
-            if stale[i] and start > 0:
-                with pytest.raises(OffsetMismatch) as info:
-                    store.put_chunk(digest, start - 1, data[start - 1 : end])
+            if end < len(data):
+                with pytest.raises(OffsetMismatch) as info:  # a gap
+                    store.put_chunk(digest, start + 1, data[start + 1 : end + 1])
                 assert info.value.expected == start
-            offset = store.put_chunk(digest, offset, data[start:end])
+            if stale[i] and start > 0:  # overlaps what is held: its new part goes on
+                assert store.put_chunk(digest, start - 1, data[start - 1 : end]) == end
+            offset = store.put_chunk(digest, offset, data[start:end])  # held already if stale
             assert offset == end
         record = store.finish_put(digest)
         assert record.size == len(data)
