@@ -13,6 +13,7 @@ finds them in ``$DISTILL_BROKER_KEY``/``$DISTILL_KEY`` or the keys config file
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -45,9 +46,20 @@ __all__ = ["Client", "Subscription", "broker_endpoint", "events_endpoint"]
 INTERRUPT_POLL_S = 0.25  # how often a client with ``interrupted`` asks it while it waits
 
 
+class _ThreadState(threading.local):
+    """A thread's own socket and the replies owed on it: ZeroMQ sockets are not thread-safe,
+    so each thread that uses a Client gets one (a pool of threads sharing a Client failed
+    almost every call with "Socket operation on non-socket")."""
+
+    def __init__(self) -> None:
+        self.socket: zmq.Socket | None = None
+        self.ledger = ReplyLedger()
+
+
 class Client:
-    """A blocking client on one DEALER socket (see :mod:`distill.shared.bus.core` for how
-    replies are matched and why a socket is replaced)."""
+    """A blocking client (see :mod:`distill.shared.bus.core` for how replies are matched and
+    why a socket is replaced). Safe to share between threads: each thread asks on its own
+    DEALER socket, so their requests run side by side; :meth:`close` closes them all."""
 
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, retries: int = 0,
                  context: zmq.Context | None = None, security: SecurityArg = AUTO,
@@ -60,24 +72,37 @@ class Client:
         self.retries = retries
         self.ctx = context or zmq.Context.instance()
         self.security = resolve(security, self.endpoint)
-        self._socket: zmq.Socket | None = None
-        self._ledger = ReplyLedger()
+        self._state = _ThreadState()
+        self._sockets: set[zmq.Socket] = set()  # every thread's, for close()
+        self._sockets_lock = threading.Lock()
 
     # --- socket ------------------------------------------------------------------------------
     @property
+    def _ledger(self) -> ReplyLedger:
+        return self._state.ledger
+
+    @property
     def socket(self) -> zmq.Socket:
-        if self._socket is None:
+        """The calling thread's socket (made on its first call, or after a close)."""
+        state = self._state
+        if state.socket is None or state.socket.closed:
             sock = self.ctx.socket(zmq.DEALER)
             configure_dealer(sock, self.security)
             sock.connect(self.endpoint)
-            self._socket = sock
-        return self._socket
+            state.socket, state.ledger = sock, ReplyLedger()
+            with self._sockets_lock:
+                self._sockets.add(sock)
+        return state.socket
 
     def _reset(self) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
-        self._ledger.reset()
+        """The calling thread's socket closed (a fresh one drops replies still owed on it)."""
+        state = self._state
+        if state.socket is not None:
+            with self._sockets_lock:
+                self._sockets.discard(state.socket)
+            state.socket.close(linger=0)
+            state.socket = None
+        state.ledger.reset()
 
     def _begin_call(self) -> None:
         """A call starts: drop a socket on which an earlier call left replies owed."""
@@ -85,7 +110,12 @@ class Client:
             self._reset()
 
     def close(self) -> None:
+        """Close every thread's socket (call it once the threads are done with the client)."""
         self._reset()
+        with self._sockets_lock:
+            sockets, self._sockets = self._sockets, set()
+        for sock in sockets:
+            sock.close(linger=0)
 
     def __enter__(self) -> Client:
         return self

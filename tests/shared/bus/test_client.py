@@ -93,3 +93,38 @@ async def test_async_client_fails_the_request_on_its_way_when_told_it_is_lost(
         assert await ac.request_raw("echo", [b"again"], timeout_s=10) == [b"again"]
         ac.abort_pending("nothing on its way")  # affects no later request
         assert await ac.request_raw("echo", [b"later"], timeout_s=10) == [b"later"]
+
+
+def test_one_client_shared_by_threads_answers_each_its_own(cluster: Cluster) -> None:
+    """Before: threads sharing one Client (a thread pool in a script) failed almost every
+    call with "Socket operation on non-socket": one thread closed the socket another was
+    polling. Each thread now asks on its own socket."""
+    import threading
+
+    cluster.start_broker()
+    cluster.start_worker("echo")
+    got: dict[int, list[bytes]] = {}
+    errors: list[BaseException] = []
+    with Client(cluster.endpoint, timeout_s=20) as c:
+        barrier = threading.Barrier(8)
+
+        def ask(k: int) -> None:
+            barrier.wait()
+            try:
+                got[k] = [c.request_raw("echo", [b"%d-%d" % (k, i)])[0] for i in range(10)]
+                got[k].append(b"workers" if c.workers()["workers"] else b"none")
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=ask, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert got == {k: [b"%d-%d" % (k, i) for i in range(10)] + [b"workers"] for k in range(8)}
+        assert len(c._sockets) == 8  # one per thread, all closed with the client
+    assert not c._sockets
+    with Client(cluster.endpoint, timeout_s=20) as c:  # a client closed, then used again
+        c.close()
+        assert c.request_raw("echo", [b"again"]) == [b"again"]
