@@ -381,6 +381,14 @@ class JobService:
     def _after_failure(self, record: JobRecord) -> None:
         if record.status == "queued":
             self._announce(record)  # back in the queue for another attempt
+            # said where the user watches (distill train, jobs watch, the UI): without it a
+            # lost worker showed as "queued", then epoch 1 again, with no reason
+            reason = record.attempt_errors[-1] if record.attempt_errors else "it ended"
+            then = ("it resumes from its last checkpoint" if record.checkpoint
+                    else "it starts again (no checkpoint yet)")  # fmt: skip
+            self.broker.publish(f"job.{record.id}", {
+                "type": "note", "job": record.id,
+                "message": f"attempt {record.attempts} ended ({reason}): queued again; {then}"})
         else:
             self._finished(record)
             for dep in self._cascaded(record):

@@ -265,12 +265,24 @@ def test_a_failure_that_would_repeat_fails_the_job_at_once(parts: Any, code: str
     assert "lr must be > 0" in (record.error or "")
 
 
-def test_a_failure_of_the_moment_is_retried(parts: Any) -> None:
-    _, service, _ = parts
+def test_a_failure_of_the_moment_is_retried_and_the_watchers_are_told_why(parts: Any) -> None:
+    """Before: a job queued again (an error of the moment, a lost worker) showed only
+    "queued", then epoch 1 again, with no reason where the user watches."""
+    host, service, artifacts = parts
     w = worker(b"w1")
     job_id = start(service, w)
     service.on_reply(job_id, [pack({"ok": False, "error": {"code": "artifact", "message": "x"}})], w)
     assert service.store.get(job_id).status == "queued"
+    notes = [e["message"] for topic, e in host.events if e["type"] == "note"]
+    assert notes == ["attempt 1 ended (attempt on h: x): queued again; it starts again (no "
+                     "checkpoint yet)"]  # fmt: skip
+    service.on_dispatched(job_id, w)
+    sha = put(artifacts, b"ckpt", "checkpoint", "c", job_id)
+    call(service, op="checkpoint", id=job_id, sha256=sha, attempt=2)
+    service.on_lost(job_id, "unreachable")
+    notes = [e["message"] for topic, e in host.events if e["type"] == "note"]
+    assert notes[-1] == ("attempt 2 ended (worker lost: unreachable (not counted: lost 1 of 20)):"
+                         " queued again; it resumes from its last checkpoint")  # fmt: skip
 
 
 def test_requests_the_service_cannot_hold_are_bad_requests_naming_the_field(parts: Any) -> None:
