@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -46,20 +47,23 @@ __all__ = ["Client", "Subscription", "broker_endpoint", "events_endpoint"]
 INTERRUPT_POLL_S = 0.25  # how often a client with ``interrupted`` asks it while it waits
 
 
-class _ThreadState(threading.local):
-    """A thread's own socket and the replies owed on it: ZeroMQ sockets are not thread-safe,
-    so each thread that uses a Client gets one (a pool of threads sharing a Client failed
-    almost every call with "Socket operation on non-socket")."""
+class _Conn:
+    """One thread's socket and the replies owed on it. Held only by that thread's slot of
+    the client's ``threading.local``, so it goes when the thread ends, and closes its socket
+    as it goes (a thread pool's finished threads leave no socket open)."""
 
-    def __init__(self) -> None:
-        self.socket: zmq.Socket | None = None
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.socket = sock
         self.ledger = ReplyLedger()
+        self.closer = weakref.finalize(self, sock.close, 0)
 
 
 class Client:
     """A blocking client (see :mod:`distill.shared.bus.core` for how replies are matched and
     why a socket is replaced). Safe to share between threads: each thread asks on its own
-    DEALER socket, so their requests run side by side; :meth:`close` closes them all."""
+    DEALER socket, so their requests run side by side (ZeroMQ sockets are not thread-safe: a
+    pool of threads sharing one socket failed almost every call with "Socket operation on
+    non-socket"); :meth:`close` closes them all."""
 
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, retries: int = 0,
                  context: zmq.Context | None = None, security: SecurityArg = AUTO,
@@ -72,37 +76,41 @@ class Client:
         self.retries = retries
         self.ctx = context or zmq.Context.instance()
         self.security = resolve(security, self.endpoint)
-        self._state = _ThreadState()
-        self._sockets: set[zmq.Socket] = set()  # every thread's, for close()
-        self._sockets_lock = threading.Lock()
+        self._local = threading.local()  # .conn: the calling thread's _Conn, if any
+        self._conns: weakref.WeakSet[_Conn] = weakref.WeakSet()  # every live thread's
+        self._conns_lock = threading.Lock()
+        self._idle = ReplyLedger()  # the ledger of a thread with no socket yet: clean
 
     # --- socket ------------------------------------------------------------------------------
     @property
+    def _conn(self) -> _Conn | None:
+        conn: _Conn | None = getattr(self._local, "conn", None)
+        return conn if conn is not None and not conn.socket.closed else None
+
+    @property
     def _ledger(self) -> ReplyLedger:
-        return self._state.ledger
+        conn = self._conn
+        return conn.ledger if conn is not None else self._idle
 
     @property
     def socket(self) -> zmq.Socket:
         """The calling thread's socket (made on its first call, or after a close)."""
-        state = self._state
-        if state.socket is None or state.socket.closed:
+        conn = self._conn
+        if conn is None:
             sock = self.ctx.socket(zmq.DEALER)
             configure_dealer(sock, self.security)
             sock.connect(self.endpoint)
-            state.socket, state.ledger = sock, ReplyLedger()
-            with self._sockets_lock:
-                self._sockets.add(sock)
-        return state.socket
+            conn = self._local.conn = _Conn(sock)
+            with self._conns_lock:
+                self._conns.add(conn)
+        return conn.socket
 
     def _reset(self) -> None:
         """The calling thread's socket closed (a fresh one drops replies still owed on it)."""
-        state = self._state
-        if state.socket is not None:
-            with self._sockets_lock:
-                self._sockets.discard(state.socket)
-            state.socket.close(linger=0)
-            state.socket = None
-        state.ledger.reset()
+        conn: _Conn | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            conn.closer()  # closes the socket (once)
 
     def _begin_call(self) -> None:
         """A call starts: drop a socket on which an earlier call left replies owed."""
@@ -112,10 +120,10 @@ class Client:
     def close(self) -> None:
         """Close every thread's socket (call it once the threads are done with the client)."""
         self._reset()
-        with self._sockets_lock:
-            sockets, self._sockets = self._sockets, set()
-        for sock in sockets:
-            sock.close(linger=0)
+        with self._conns_lock:
+            conns, self._conns = list(self._conns), weakref.WeakSet()
+        for conn in conns:
+            conn.closer()
 
     def __enter__(self) -> Client:
         return self

@@ -104,9 +104,13 @@ async def test_upload_then_train_with_progress_heatmap_cancel_and_retry(cluster:
                         what="the history from the record")
             assert [r["epoch"] for r in late_screen.rows] == list(range(1, len(late_screen.rows) + 1))
 
+        screen.set_focus(None)  # the key, not a letter typed into a form field
         await pilot.press("c")
         await until(pilot, lambda: screen.record.get("status") == "cancelled", 60, what="cancelled",
-                    detail=lambda: f"status {screen.record.get('status')}")
+                    detail=lambda: (f"status {screen.record.get('status')}, cancel requested "
+                                    f"{screen.record.get('cancel_requested')}, focus "
+                                    f"{app.focused!r}"))  # fmt: skip
+        screen.set_focus(None)
         await pilot.press("r")
         await until(pilot, lambda: screen.record.get("status") in ("queued", "running"), 30,
                     what="queued again after retry")

@@ -123,8 +123,13 @@ def test_one_client_shared_by_threads_answers_each_its_own(cluster: Cluster) -> 
             t.join(60)
         assert not errors, errors
         assert got == {k: [b"%d-%d" % (k, i) for i in range(10)] + [b"workers"] for k in range(8)}
-        assert len(c._sockets) == 8  # one per thread, all closed with the client
-    assert not c._sockets
+        import gc
+
+        gc.collect()
+        assert len(c._conns) == 0  # one per thread, closed as its thread ended
+        c.request_raw("echo", [b"main"])
+        assert len(c._conns) == 1
+    assert not c._conns  # closed with the client
     with Client(cluster.endpoint, timeout_s=20) as c:  # a client closed, then used again
         c.close()
         assert c.request_raw("echo", [b"again"]) == [b"again"]
