@@ -110,6 +110,21 @@ async def test_upload_then_train_with_progress_heatmap_cancel_and_retry(cluster:
                     detail=lambda: (f"status {screen.record.get('status')}, cancel requested "
                                     f"{screen.record.get('cancel_requested')}, focus "
                                     f"{app.focused!r}"))  # fmt: skip
+        # A reply older than the events already applied (the worker stopped at once, its
+        # "cancelled" came down the stream first) no longer puts "running" back for good.
+        real = screen.distill.client.request
+
+        async def stale_cancel(service: Any, body: dict[str, Any], **kw: Any) -> Any:
+            if body.get("op") == "cancel":
+                return {"id": job_id, "status": "running", "cancel_requested": True}
+            return await real(service, body, **kw)
+
+        screen.distill.client.request = stale_cancel  # type: ignore[method-assign]
+        try:
+            await screen._job_op("cancel")
+        finally:
+            screen.distill.client.request = real  # type: ignore[method-assign]
+        assert screen.record.get("status") == "cancelled", screen.record
         screen.set_focus(None)
         await pilot.press("r")
         await until(pilot, lambda: screen.record.get("status") in ("queued", "running"), 30,

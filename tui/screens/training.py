@@ -372,14 +372,22 @@ class TrainingScreen(DistillScreen):
         if not self.job_id:
             self.notify("no job shown", severity="warning")
             return
+        job_id = self.job_id
         try:
-            record = await self.distill.client.request(P.SERVICE_JOBS, {"op": op, "id": self.job_id})
+            record = await self.distill.client.request(P.SERVICE_JOBS, {"op": op, "id": job_id})
+            # The reply can be older than the events already applied: a worker that stops at
+            # once sends "cancelled" down the event stream before this reply comes, and the
+            # reply's "running" then stayed on screen for good. A read made after the reply
+            # holds at least what those events said.
+            now = await self.distill.client.request(P.SERVICE_JOBS, {"op": "get", "id": job_id,
+                                                                     "metrics": False})  # fmt: skip
         except DistillError as e:
-            self.notify_error(f"{op} {self.job_id}", e)
+            self.notify_error(f"{op} {job_id}", e)
             return
-        self.record.update({k: v for k, v in record.items() if k != "metrics"})
+        if job_id == self.job_id:
+            self.record.update({k: v for k, v in now.items() if k != "metrics"})
         self._draw_line()
-        self.notify(f"{self.job_id}: {record['status']}"
+        self.notify(f"{job_id}: {record['status']}"
                     + (" (cancel requested)" if record.get("cancel_requested") else ""))
 
     @work(group="actions")
