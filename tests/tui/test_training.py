@@ -70,7 +70,7 @@ async def test_upload_then_train_with_progress_heatmap_cancel_and_retry(cluster:
         assert isinstance(screen, TrainingScreen)
         assert screen.query_one("#dataset", Input).value == dataset  # carried over
         screen.query_one("#stage", Select).value = "vqvae"
-        screen.query_one("#epochs", Input).value = "60"
+        screen.query_one("#epochs", Input).value = "5000"  # cancelled long before its end
         screen.query_one("#codebook-size", Input).value = "16"
         screen.query_one("#levels-opt", Input).value = "2"
         screen.query_one("#model-opts", Input).value = TINY_MODEL
