@@ -10,20 +10,24 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import time
-from collections.abc import Iterator
 from typing import Any, Protocol
 
 from distill.broker.registry import JobOrigin, Registry, Request, WorkerEntry
 from distill.broker.services.common import field, ok_body
 from distill.broker.services.periodic import Periodic
 from distill.broker.services.retention import Retention
-from distill.broker.store.journal import MAX_METRICS_PAGE, JobRecord, JobStore, StaleAttempt
+from distill.broker.store.journal import (
+    MAX_METRICS_PAGE,
+    JobRecord,
+    JobStore,
+    StaleAttempt,
+    artifact_refs,
+)
 from distill.shared import errors as E
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
 from distill.shared.bus.messages import JobDispatch, JobSubmit
 from distill.shared.errors import DecodeError, JobError
-from distill.shared.ids import is_sha256
 from distill.shared.logs import get_logger
 
 log = get_logger("broker.jobs")
@@ -106,7 +110,7 @@ class JobService:
             raise JobError(f"{req.service} is the broker's own service: no worker runs jobs "
                            "for it")  # fmt: skip
         if self.retention is not None:  # the artifacts it names are there, or it never runs
-            for where, sha in _artifact_refs(req.params, "params"):
+            for where, sha in artifact_refs(req.params):
                 if not self.retention.artifacts.has(sha):
                     raise JobError(
                         f"{where} names artifact {sha[:16]}, which the broker's store does not "
@@ -442,23 +446,3 @@ class JobService:
                 self.waiters[job_id] = keep
             else:
                 del self.waiters[job_id]
-
-
-def _artifact_refs(value: Any, where: str) -> Iterator[tuple[str, str]]:
-    """(where, sha256) for every sha256 string in a job's params: the broker's one rule for
-    what a job needs (``JobStore.referenced_artifacts`` keeps the same ones from deletion).
-    ``where`` says it as a person would find it: ``params.files[3].sha256 (hat_yosh.wav)``."""
-    if isinstance(value, str):
-        if is_sha256(value):
-            yield where, value
-    elif isinstance(value, dict):
-        name = value.get("name")
-        label = f" ({name})" if isinstance(name, str) else ""
-        for k, v in value.items():
-            if isinstance(k, str) and is_sha256(k):
-                yield where + label, k
-            for found, sha in _artifact_refs(v, f"{where}.{k}"):
-                yield (found + label if isinstance(v, str) else found), sha
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            yield from _artifact_refs(item, f"{where}[{i}]")

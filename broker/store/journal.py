@@ -228,18 +228,30 @@ def _final_error(errors: Sequence[str]) -> str:
     return f"failed after {len(errors)} attempt{'s' if len(errors) != 1 else ''}: {listed}"
 
 
-def _collect_sha256(value: Any, into: set[str]) -> None:
-    """Every sha256 hex string anywhere inside ``value`` (maps: keys and values, lists)."""
+def artifact_refs(value: Any, where: str = "params") -> Iterator[tuple[str, str]]:
+    """(where, sha256) for every sha256 hex string anywhere inside ``value`` (maps: keys and
+    values, lists): the broker's one rule for the artifacts a job needs (kept from deletion
+    while it is queued or running; refused at submit when the store lacks one). ``where``
+    says it as a person would find it: ``params.files[3].sha256 (hat_yosh.wav)``."""
     if isinstance(value, str):
         if is_sha256(value):
-            into.add(value)
+            yield where, value
     elif isinstance(value, dict):
+        name = value.get("name")
+        label = f" ({name})" if isinstance(name, str) else ""
         for k, v in value.items():
-            _collect_sha256(k, into)
-            _collect_sha256(v, into)
+            if isinstance(k, str) and is_sha256(k):
+                yield where + label, k
+            for found, sha in artifact_refs(v, f"{where}.{k}"):
+                yield (found + label if isinstance(v, str) else found), sha
     elif isinstance(value, (list, tuple)):
-        for item in value:
-            _collect_sha256(item, into)
+        for i, item in enumerate(value):
+            yield from artifact_refs(item, f"{where}[{i}]")
+
+
+def _collect_sha256(value: Any, into: set[str]) -> None:
+    """Every sha256 hex string anywhere inside ``value`` (see :func:`artifact_refs`)."""
+    into.update(sha for _, sha in artifact_refs(value))
 
 
 def _check_submit_args(

@@ -206,10 +206,11 @@ def _made_by(jobs: Any, artifact: dict[str, Any]) -> dict[str, Any]:
         return {}
     try:
         record = jobs.get(artifact["job"], metrics=False)
-    except DistillError:
+    except DistillError:  # the job is gone
         return {}
     result = record.get("result") or {}
-    return result if result.get("dataset") == artifact["sha256"] else {}
+    made = record.get("service") == "distill.preprocess" and result.get("dataset") == artifact["sha256"]
+    return result if made else {}
 
 
 def _count(result: dict[str, Any], key: str) -> str:
@@ -229,14 +230,8 @@ def _summary_from_job(c: Any, sha: str, job: str | None) -> Summary | None:
     from distill.shared.bus.artifacts import ArtifactClient
     from distill.shared.bus.jobs import JobsClient
 
-    try:
-        job = job or ArtifactClient(c).stat(sha).get("job")
-        record = JobsClient(c).get(job, metrics=False) if job else None
-    except DistillError:  # the job is gone: the dataset says it
-        return None
-    result = (record or {}).get("result") or {}
-    if (record or {}).get("service") != "distill.preprocess" or result.get("dataset") != sha:
-        return None
+    job = job or ArtifactClient(c).stat(sha).get("job")
+    result = _made_by(JobsClient(c), {"job": job, "sha256": sha})
     try:
         return (list(result["manifest"]), MelConfig.from_dict(result["mel_config"]),
                 int(result["chunks"]), int(result["check_chunks"]))  # fmt: skip
