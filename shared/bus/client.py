@@ -79,7 +79,6 @@ class Client:
         self._local = threading.local()  # .conn: the calling thread's _Conn, if any
         self._conns: weakref.WeakSet[_Conn] = weakref.WeakSet()  # every live thread's
         self._conns_lock = threading.Lock()
-        self._idle = ReplyLedger()  # the ledger of a thread with no socket yet: clean
 
     # --- socket ------------------------------------------------------------------------------
     @property
@@ -87,14 +86,8 @@ class Client:
         conn: _Conn | None = getattr(self._local, "conn", None)
         return conn if conn is not None and not conn.socket.closed else None
 
-    @property
-    def _ledger(self) -> ReplyLedger:
-        conn = self._conn
-        return conn.ledger if conn is not None else self._idle
-
-    @property
-    def socket(self) -> zmq.Socket:
-        """The calling thread's socket (made on its first call, or after a close)."""
+    def _connection(self) -> _Conn:
+        """The calling thread's connection (made on its first call, or after a close)."""
         conn = self._conn
         if conn is None:
             sock = self.ctx.socket(zmq.DEALER)
@@ -103,7 +96,17 @@ class Client:
             conn = self._local.conn = _Conn(sock)
             with self._conns_lock:
                 self._conns.add(conn)
-        return conn.socket
+        return conn
+
+    @property
+    def socket(self) -> zmq.Socket:
+        """The calling thread's socket."""
+        return self._connection().socket
+
+    def _owes_replies(self) -> bool:
+        """Whether the calling thread's socket has replies owed from an earlier call."""
+        conn = self._conn
+        return conn is not None and not conn.ledger.clean
 
     def _reset(self) -> None:
         """The calling thread's socket closed (a fresh one drops replies still owed on it)."""
@@ -114,7 +117,7 @@ class Client:
 
     def _begin_call(self) -> None:
         """A call starts: drop a socket on which an earlier call left replies owed."""
-        if not self._ledger.clean:
+        if self._owes_replies():
             self._reset()
 
     def close(self) -> None:
@@ -133,26 +136,28 @@ class Client:
 
     # --- requests ----------------------------------------------------------------------------
     def _send(self, service: bytes, frames: list[bytes]) -> None:
-        self.socket.send_multipart(request_frames(service, frames))
-        self._ledger.sent()
+        conn = self._connection()
+        conn.socket.send_multipart(request_frames(service, frames))
+        conn.ledger.sent()
 
     def _recv(self, service: bytes, timeout_s: float) -> list[bytes]:
         """Receive the next reply for ``service`` within ``timeout_s``, or raise RequestTimeout."""
         deadline = time.monotonic() + timeout_s
+        conn = self._connection()  # the one the request went out on, throughout
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if self.interrupted is not None and remaining_ms > 0:
                 slice_ms = min(remaining_ms, int(INTERRUPT_POLL_S * 1000))
-                if not self.socket.poll(slice_ms, zmq.POLLIN):
+                if not conn.socket.poll(slice_ms, zmq.POLLIN):
                     if (error := self.interrupted()) is not None:
                         raise error
                     continue
-            if remaining_ms <= 0 or not self.socket.poll(remaining_ms, zmq.POLLIN):
+            if remaining_ms <= 0 or not conn.socket.poll(remaining_ms, zmq.POLLIN):
                 raise RequestTimeout(f"no reply from {service_text(service)!r} at "
                                      f"{self.endpoint} within {timeout_s:g} s")
-            body = reply_body(self.socket.recv_multipart(), service)
+            body = reply_body(conn.socket.recv_multipart(), service)
             if body is not None:
-                self._ledger.received()
+                conn.ledger.received()
                 return body
             # a malformed message or one for another service: not a reply to this request
 
@@ -225,7 +230,7 @@ class Client:
                 pending -= 1
                 yield decode_reply(frames, service)
         finally:
-            if not self._ledger.clean:
+            if self._owes_replies():
                 self._reset()
 
     # --- conveniences ------------------------------------------------------------------------
