@@ -72,6 +72,7 @@ class BrokerLink:
         self.endpoint = self.poll_client.endpoint
         self.events = EventBuffer(self.config.buffer_events, self.config.batch_events)
         self.connected: bool | None = None  # None until the first poll ends
+        self.detail = ""  # why it is disconnected
 
     async def poll_once(self) -> tuple[list[dict[str, Any]], dict[str, int], list[dict[str, Any]]]:
         workers = await self.poll_client.request(P.SERVICE_WORKERS, {"op": "list"})
@@ -86,15 +87,17 @@ class BrokerLink:
             try:
                 polled = await self.poll_once()
             except (DistillError, OSError) as e:
-                self._set(False, str(e), on_state)
+                self._set(False, getattr(e, "why", str(e)), on_state)  # why: without the endpoint
             else:
                 self._set(True, "", on_state)
                 on_poll(*polled)
             await asyncio.sleep(self.config.poll_s)
 
     def _set(self, connected: bool, detail: str, on_state: Callable[[bool, str], None]) -> None:
-        if connected != self.connected:
-            self.connected = connected
+        """Report a change of state, or of why it is disconnected (the first failed poll of a
+        broker that went away times out; the next, on a fresh socket, is told it is refused)."""
+        if connected != self.connected or (not connected and detail != self.detail):
+            self.connected, self.detail = connected, detail
             on_state(connected, detail)
 
     async def subscribe_forever(self) -> None:

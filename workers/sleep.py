@@ -26,6 +26,7 @@ def handle_request(ctx: JobContext, body: dict[str, Any]) -> dict[str, Any]:
     seconds = float(body.get("seconds", 0.0))
     steps = max(1, int(seconds / 0.05))
     for _ in range(steps):
+        ctx.check_cancel()  # the worker stopping (or the request abandoned) ends it within a step
         time.sleep(seconds / steps)
     return {"value": body.get("value"), "pid": os.getpid()}
 

@@ -13,6 +13,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from distill.shared.bus import contact
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack
 from distill.shared.bus.core import (
@@ -51,6 +52,10 @@ class AsyncClient:
         self._lock = asyncio.Lock()
         self._abort = asyncio.Event()  # set by abort_pending: the request on its way is lost
         self._abort_reason = ""
+        # The socket's monitor until its first reply: a request that times out says why when
+        # the monitor knows (refused, no such host, a refused handshake); see contact.py
+        self._contact: contact.Contact | None = None
+        self._why: str | None = None  # what the last timed-out socket's monitor said
 
     def _sock(self) -> zmq.asyncio.Socket:
         if not self._ledger.clean:  # an earlier call was cancelled with its reply owed
@@ -58,14 +63,30 @@ class AsyncClient:
         if self._socket is None:
             self._socket = self.ctx.socket(zmq.DEALER)
             configure_dealer(self._socket, self.security)
+            self._contact = contact.Contact(self._socket, self.endpoint,
+                                            curve=self.security is not None)  # fmt: skip
             self._socket.connect(self.endpoint)
         return self._socket
 
     def _reset(self) -> None:
+        self._drop_contact()
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
         self._ledger.reset()
+
+    def _drop_contact(self) -> None:
+        if self._contact is not None:
+            self._contact.close()
+            self._contact = None
+
+    def _timed_out(self) -> None:
+        """A request's wait ended without a reply: keep what the monitor says, new socket."""
+        self._why = None
+        if self._contact is not None:
+            self._contact.read()
+            self._why = self._contact.verdict(waited_s=contact.GRACE_S)
+        self._reset()  # Lazy Pirate: a fresh socket drops any late reply
 
     def close(self) -> None:
         self._reset()
@@ -91,13 +112,17 @@ class AsyncClient:
                 try:
                     body = await asyncio.wait_for(self._recv_or_abort(sock, name), timeout)
                 except asyncio.TimeoutError:
-                    self._reset()  # Lazy Pirate: a fresh socket drops any late reply
+                    self._timed_out()
                     continue
                 except RequestTimeout:  # aborted: no reply will come
                     self._reset()
                     raise
                 self._ledger.received()
+                self._drop_contact()
+                self._why = None
                 return body
+        if self._why is not None:  # the monitor knows why: no need to ask mmi.service
+            raise contact.unreachable(self.endpoint, self._why)
         raise await self._timeout_error(service_text(name), timeout, attempts)
 
     def abort_pending(self, reason: str) -> None:

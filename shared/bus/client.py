@@ -22,6 +22,7 @@ from typing import Any
 
 import zmq
 
+from distill.shared.bus import contact
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack
 from distill.shared.bus.core import (
@@ -48,14 +49,28 @@ INTERRUPT_POLL_S = 0.25  # how often a client with ``interrupted`` asks it while
 
 
 class _Conn:
-    """One thread's socket and the replies owed on it. Held only by that thread's slot of
-    the client's ``threading.local``, so it goes when the thread ends, and closes its socket
-    as it goes (a thread pool's finished threads leave no socket open)."""
+    """One thread's socket, the replies owed on it, and its monitor while it has not reached
+    the broker (:mod:`distill.shared.bus.contact`). Held only by that thread's slot of the
+    client's ``threading.local``, so it goes when the thread ends, and closes its socket as it
+    goes (a thread pool's finished threads leave no socket open)."""
 
-    def __init__(self, sock: zmq.Socket) -> None:
+    def __init__(self, sock: zmq.Socket, watch: contact.Contact | None) -> None:
         self.socket = sock
         self.ledger = ReplyLedger()
-        self.closer = weakref.finalize(self, sock.close, 0)
+        self.contact = watch
+        self.closer = weakref.finalize(self, _close, sock, watch)
+
+    def reached(self) -> None:
+        """The broker answered on this socket: no more monitoring."""
+        if self.contact is not None:
+            self.contact.close()
+            self.contact = None
+
+
+def _close(sock: zmq.Socket, watch: contact.Contact | None) -> None:
+    if watch is not None:
+        watch.close()
+    sock.close(0)
 
 
 class Client:
@@ -67,10 +82,18 @@ class Client:
 
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, retries: int = 0,
                  context: zmq.Context | None = None, security: SecurityArg = AUTO,
-                 interrupted: Callable[[], BaseException | None] | None = None) -> None:
+                 interrupted: Callable[[], BaseException | None] | None = None,
+                 first_contact_s: float | None = contact.GRACE_S) -> None:
         """``interrupted``: polled while a reply is awaited (every INTERRUPT_POLL_S); the error
-        it returns ends the wait (a worker's handler whose request was abandoned, say)."""
+        it returns ends the wait (a worker's handler whose request was abandoned, say).
+        ``first_contact_s``: until the client has reached the broker, refused connections are
+        an error (:class:`~distill.shared.bus.contact.BrokerUnreachable`, saying why) once they
+        have gone on this long, and a refused handshake at once, instead of a timeout; None:
+        no such check (the client waits out its timeout, as one that has reached it does)."""
         self.interrupted = interrupted
+        self.first_contact_s = first_contact_s
+        self._reached = first_contact_s is None  # a reply came (or no check is wanted)
+        self._trying_since: float | None = None  # the first request sent before that
         self.endpoint = broker_endpoint(endpoint)
         self.timeout_s = timeout_s
         self.retries = retries
@@ -92,8 +115,10 @@ class Client:
         if conn is None:
             sock = self.ctx.socket(zmq.DEALER)
             configure_dealer(sock, self.security)
+            watch = None if self._reached else contact.Contact(
+                sock, self.endpoint, curve=self.security is not None)  # fmt: skip
             sock.connect(self.endpoint)
-            conn = self._local.conn = _Conn(sock)
+            conn = self._local.conn = _Conn(sock, watch)
             with self._conns_lock:
                 self._conns.add(conn)
         return conn
@@ -139,27 +164,53 @@ class Client:
         conn = self._connection()
         conn.socket.send_multipart(request_frames(service, frames))
         conn.ledger.sent()
+        if self._trying_since is None and not self._reached:
+            self._trying_since = time.monotonic()
 
     def _recv(self, service: bytes, timeout_s: float) -> list[bytes]:
-        """Receive the next reply for ``service`` within ``timeout_s``, or raise RequestTimeout."""
+        """Receive the next reply for ``service`` within ``timeout_s``, or raise RequestTimeout
+        (BrokerUnreachable, sooner, when the broker was never reached and the monitor says why)."""
         deadline = time.monotonic() + timeout_s
         conn = self._connection()  # the one the request went out on, throughout
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if self.interrupted is not None and remaining_ms > 0:
-                slice_ms = min(remaining_ms, int(INTERRUPT_POLL_S * 1000))
-                if not conn.socket.poll(slice_ms, zmq.POLLIN):
-                    if (error := self.interrupted()) is not None:
-                        raise error
-                    continue
-            if remaining_ms <= 0 or not conn.socket.poll(remaining_ms, zmq.POLLIN):
+            if remaining_ms <= 0:
                 raise RequestTimeout(f"no reply from {service_text(service)!r} at "
                                      f"{self.endpoint} within {timeout_s:g} s")
+            slice_ms = remaining_ms
+            if self.interrupted is not None:
+                slice_ms = min(slice_ms, int(INTERRUPT_POLL_S * 1000))
+            if conn.contact is not None:
+                slice_ms = min(slice_ms, contact.POLL_MS)
+            if not conn.socket.poll(slice_ms, zmq.POLLIN):
+                if self.interrupted is not None and (error := self.interrupted()) is not None:
+                    raise error
+                self._check_contact(conn)
+                continue
             body = reply_body(conn.socket.recv_multipart(), service)
             if body is not None:
                 conn.ledger.received()
+                self._reached = True
+                conn.reached()
                 return body
             # a malformed message or one for another service: not a reply to this request
+
+    def _check_contact(self, conn: _Conn) -> None:
+        """Raise BrokerUnreachable when this client never reached the broker and the socket's
+        monitor says why; stop monitoring once it (or another thread's socket) has."""
+        watch = conn.contact
+        if watch is None:
+            return
+        watch.read()
+        if watch.reached or self._reached:
+            self._reached = True
+            conn.reached()
+            return
+        waited = time.monotonic() - (self._trying_since or time.monotonic())
+        assert self.first_contact_s is not None  # a socket is monitored only with the check on
+        why = watch.verdict(waited, self.first_contact_s)
+        if why is not None:
+            raise contact.unreachable(self.endpoint, why)
 
     def request_raw(self, service: str | bytes, frames: list[bytes], *, timeout_s: float | None = None,
                     retries: int | None = None) -> list[bytes]:
@@ -172,6 +223,9 @@ class Client:
             self._send(name, frames)
             try:
                 return self._recv(name, timeout)
+            except contact.BrokerUnreachable:
+                self._reset()
+                raise  # the monitor said why: another attempt would meet the same
             except RequestTimeout:
                 self._reset()  # Lazy Pirate: a fresh socket drops any late reply
             except BaseException:
@@ -275,8 +329,13 @@ class Subscription:
             self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         hello = f"hello.{uuid.uuid4().hex}"
         self.sub.setsockopt(zmq.SUBSCRIBE, hello.encode())
-        self.sub.connect(events or events_endpoint(self.client.endpoint))
-        self._await_hello(hello, timeout_s)
+        self.events = events or events_endpoint(self.client.endpoint)
+        watch = contact.Contact(self.sub, self.events, curve=self.client.security is not None)
+        self.sub.connect(self.events)
+        try:
+            self._await_hello(hello, timeout_s, watch)
+        finally:
+            watch.close()
         self.sub.setsockopt(zmq.UNSUBSCRIBE, hello.encode())
         self._pending: list[dict[str, Any]] = []
         self._take_snapshot()
@@ -288,12 +347,20 @@ class Subscription:
         self.epoch: str | None = snap.get("broker_epoch")
         self._pending.extend(snap["events"])
 
-    def _await_hello(self, hello: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
+    def _await_hello(self, hello: str, timeout_s: float, watch: contact.Contact) -> None:
+        start = time.monotonic()
+        deadline = start + timeout_s
         while True:
             remaining = int((deadline - time.monotonic()) * 1000)
-            if remaining <= 0 or not self.sub.poll(remaining):
-                raise RequestTimeout("the broker's event port did not answer the subscription")
+            if remaining <= 0:
+                raise RequestTimeout(f"the broker's event port ({self.events}) did not answer "
+                                     f"the subscription within {timeout_s:g} s")
+            if not self.sub.poll(min(remaining, contact.POLL_MS)):
+                watch.read()
+                why = watch.verdict(time.monotonic() - start)
+                if why is not None:
+                    raise contact.unreachable(f"{self.events} (its event port)", why)
+                continue
             topic, _ = self.sub.recv_multipart()
             if topic == hello.encode():
                 return

@@ -86,6 +86,9 @@ async def test_disconnected_then_recovers_by_itself(cluster: Cluster) -> None:
         cluster.broker.stop()
         await until(pilot, lambda: "disconnected" in connection_text(app), what="disconnected shown")
         assert app.connected is False
+        # and why, once a fresh socket's monitor knows (the first poll only timed out)
+        await until(pilot, lambda: "nothing accepts connections there" in connection_text(app),
+                    what="the reason shown")
         # The screen still answers keys while the broker is away.
         await pilot.press("question_mark")
         assert type(app.screen).__name__ == "HelpScreen"

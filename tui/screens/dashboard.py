@@ -51,7 +51,7 @@ class DashboardScreen(DistillScreen):
             box.update(f"● connected to {self.distill.endpoint}")
         else:
             box.update(f"✖ disconnected from {self.distill.endpoint} — retrying"
-                       + (f" ({detail[:60]})" if detail else ""))
+                       + (f" ({detail[:160]})" if detail else ""))
 
     @on(ClusterPolled)
     def _polled(self, message: ClusterPolled) -> None:

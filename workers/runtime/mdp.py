@@ -91,9 +91,11 @@ class Executor:
         if self._client is None:
             from distill.shared.bus.client import Client
 
+            # first_contact_s None: the broker handed this worker its work, so a refusal now
+            # is a broker restarting, to be waited out (60 s, three times)
             self._client = Client(self.runtime.broker, timeout_s=60.0, retries=2,
                                   context=self.runtime.ctx, security=self.runtime.security,
-                                  interrupted=self._interrupted)
+                                  interrupted=self._interrupted, first_contact_s=None)
         return self._client
 
 

@@ -1,0 +1,86 @@
+"""A broker that cannot be reached is said in seconds, with why (the socket monitor's verdict,
+distill.shared.bus.contact), and only while the client has never reached it.
+
+Before: every such request waited out its timeout (a CLI command 10 s, then 2 s of mmi.service)
+and said "no broker answered ... is it running there? (a broker that runs CURVE looks the same
+...)", whatever the cause. The CURVE verdicts are in tests/broker/test_curve.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from distill.shared.bus import protocol as P
+from distill.shared.bus.client import Client, Subscription
+from distill.shared.bus.contact import BrokerUnreachable
+from distill.shared.cli.main import app
+from tests.conftest import free_port_block
+from tests.shared.bus.test_subscription import Running
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_port_nothing_listens_on_is_said_with_its_reason() -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port_block()}"
+    with Client(endpoint, timeout_s=60, retries=3) as client, pytest.raises(
+        BrokerUnreachable, match=r"no broker at tcp://127\.0\.0\.1:\d+: nothing accepts connections "
+                                 r"there \(connection refused\): is the broker running\? Start one"):  # fmt: skip
+        client.request("distill.jobs", {"op": "counts"})
+    with pytest.raises(BrokerUnreachable, match=r":\d+ \(its event port\): nothing accepts"):
+        Subscription(endpoint, ["job."], timeout_s=60)
+    # the CLI says the same, in one line
+    out = CliRunner().invoke(app, ["jobs", "ls", "--broker", endpoint])
+    assert out.exit_code == 1 and "nothing accepts connections there" in out.output, out.output
+    assert "Traceback" not in out.output
+
+
+async def test_the_asyncio_client_says_why_when_its_request_times_out() -> None:
+    """The TUI's poll (0.75 s) said "no broker answered ... is it running there?" and spent
+    as long again asking mmi.service; it now shows the monitor's reason."""
+    from distill.shared.bus.aclient import AsyncClient
+
+    async with AsyncClient(f"tcp://127.0.0.1:{free_port_block()}", timeout_s=0.75) as client:
+        with pytest.raises(BrokerUnreachable, match="nothing accepts connections there"):
+            await client.request("distill.workers", {"op": "list"})
+
+
+def test_a_host_name_that_does_not_resolve_is_named() -> None:
+    with Client("tcp://no-such-host.invalid:5555", timeout_s=60) as client, pytest.raises(
+        BrokerUnreachable, match="the host name 'no-such-host.invalid' does not resolve"):  # fmt: skip
+        client.request("distill.jobs", {"op": "counts"})
+
+
+def test_a_broker_that_starts_within_the_grace_is_reached(tmp_path: Path) -> None:
+    """`distill up &` then a command at once: the broker binds a moment after the request."""
+    running = Running(free_port_block(), tmp_path / "broker")
+    starter = threading.Timer(0.7, running.start)
+    starter.start()
+    try:
+        with Client(f"tcp://127.0.0.1:{running.port}", timeout_s=30) as client:
+            assert "queued" in client.request("distill.jobs", {"op": "counts"})
+    finally:
+        starter.join()
+        running.halt()
+
+
+def test_a_client_that_reached_the_broker_waits_out_its_restart(tmp_path: Path) -> None:
+    """The verdict is for first contact only: a script's client (or a transfer) that has had
+    a reply rides through a broker down for longer than the grace, as before."""
+    running = Running(free_port_block(), tmp_path / "broker")
+    running.start()
+    snapshot = {"op": "snapshot", "prefixes": ["none."]}
+    try:
+        with Client(f"tcp://127.0.0.1:{running.port}", timeout_s=30) as client:
+            first = client.request(P.SERVICE_EVENTS, snapshot)["broker_epoch"]
+            running.halt()
+            restarter = threading.Timer(3.0, running.start)  # down for longer than the grace
+            restarter.start()
+            second = client.request(P.SERVICE_EVENTS, snapshot)["broker_epoch"]
+            restarter.join()
+    finally:
+        running.halt()
+    assert second != first  # answered by the broker started again
