@@ -16,7 +16,7 @@ import typing
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from distill.shared.errors import ConfigError
+from distill.shared.errors import ConfigError, UnknownSettings
 
 C = TypeVar("C")
 
@@ -53,7 +53,7 @@ def config_from_dict(cls: type[C], data: object, what: str) -> C:
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(str(k) for k in data if k not in known)
     if unknown:
-        raise ConfigError(f"{what}: unknown keys {unknown}; known keys {sorted(known)}")
+        raise UnknownSettings(f"{what}: unknown keys {unknown}; known keys {sorted(known)}", unknown)
     hints = typing.get_type_hints(cls)
     return cls(**{key: _read(what, key, value, hints[key]) for key, value in data.items()})
 

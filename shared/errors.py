@@ -158,6 +158,20 @@ class ConfigError(DistillError):
     code = CONFIG
 
 
+class UnknownSettings(ConfigError):
+    """A config map holds keys its class does not have: a typo in what a user gave, or, in
+    something stored (a model file, weights, a checkpoint), settings of a newer Distill."""
+
+    def __init__(self, message: str, keys: list[str]) -> None:
+        super().__init__(message)
+        self.keys = keys
+
+    def newer(self, what: str) -> str:
+        """The message for ``what`` read from storage: written by a newer Distill."""
+        return (f"{what} holds settings this Distill does not know ({', '.join(self.keys)}): "
+                "it was written by a newer Distill; upgrade Distill to read it")
+
+
 class DeviceError(DistillError):
     """A requested device (cuda, cuda:N, mps) is not usable on this machine."""
 

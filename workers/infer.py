@@ -162,8 +162,11 @@ def _encode(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[
 
 
 def _decode(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
-    audio, mel = inf.decode(model, body.get("codes"), body.get("levels"), _quality(body))
-    return {"audio": audio, "mel": mel, "sample_rate": model.mel_config.sample_rate}
+    quality = _quality(body)
+    audio, mel = inf.decode(model, body.get("codes"), body.get("levels"), quality)
+    # phase: what a client's export records, so a later Distill replays it the same
+    return {"audio": audio, "mel": mel, "sample_rate": model.mel_config.sample_rate,
+            "phase": inf.phase_record(quality)}  # fmt: skip
 
 
 def _progressive(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:

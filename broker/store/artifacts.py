@@ -211,8 +211,10 @@ class ArtifactStore:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise ArtifactError(
-                f"artifact index has schema version {version}; this Distill reads up to "
-                f"{SCHEMA_VERSION} (written by a newer Distill?)"
+                f"the artifact index {self.root / 'index.sqlite3'} has schema version {version}; "
+                f"this Distill reads up to {SCHEMA_VERSION}: it was written by a newer Distill. "
+                "Upgrade Distill to open it, or start this one with another --data-dir (nothing "
+                "was changed)"
             )
         self._db.executescript(
             f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"

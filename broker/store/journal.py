@@ -286,6 +286,7 @@ class JobStore:
     def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._lock = threading.RLock()
+        self._path = path
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._synchronous: str | None = None
@@ -304,8 +305,9 @@ class JobStore:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise JobError(
-                f"job table has schema version {version}; this Distill reads up to "
-                f"{SCHEMA_VERSION} (written by a newer Distill?)"
+                f"the job table {self._path} has schema version {version}; this Distill reads "
+                f"up to {SCHEMA_VERSION}: it was written by a newer Distill. Upgrade Distill to "
+                "open it, or start this one with another --data-dir (nothing was changed)"
             )
         self._db.execute("PRAGMA synchronous=FULL")
         self._synchronous = "FULL"

@@ -55,7 +55,10 @@ QUALITY_PRESETS: dict[str, PhasePreset] = {
 }
 
 
-def preset(quality: str) -> PhasePreset:
+def preset(quality: str | PhasePreset) -> PhasePreset:
+    """The preset a quality names (a preset itself passes: a recipe's recorded one)."""
+    if isinstance(quality, PhasePreset):
+        return quality
     found = QUALITY_PRESETS.get(quality)
     if found is None:
         raise ValueError(f"phase quality must be one of {sorted(QUALITY_PRESETS)}, got {quality!r}")
@@ -178,9 +181,10 @@ def mel_to_audio(
 
 
 def mel_to_audio_quality(
-    logmel: torch.Tensor, cfg: MelConfig, quality: str, *, length: int | None = None
+    logmel: torch.Tensor, cfg: MelConfig, quality: str | PhasePreset, *, length: int | None = None
 ) -> torch.Tensor:
-    """:func:`mel_to_audio` with a named preset (``preview``, ``fast`` or ``best``)."""
+    """:func:`mel_to_audio` with a named preset (``preview``, ``fast`` or ``best``), or a
+    recipe's recorded one."""
     p = preset(quality)
     return mel_to_audio(logmel, cfg, n_iter=p.n_iter, init=p.init, length=length)
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from distill.shared.audio.mel import MelConfig
-from distill.shared.errors import ConfigError, ModelFormatError
+from distill.shared.errors import ConfigError, ModelFormatError, UnknownSettings
 from distill.shared.model.vqvae import VQVAE, VQVAEConfig
 
 FORMAT_VERSION = 1  # checkpoints and weights written by this Distill
@@ -83,6 +83,8 @@ def weights_from_bytes(data: bytes) -> tuple[VQVAE, MelConfig, dict[str, Any]]:
         model = VQVAE(VQVAEConfig.from_dict(obj["model_config"]))
         model.load_state_dict(obj["state_dict"])
         mel_config = MelConfig.from_dict(obj["mel_config"])
+    except UnknownSettings as e:
+        raise ModelFormatError(e.newer("the VQ-VAE weights' config")) from e
     except (KeyError, RuntimeError, ConfigError) as e:
         raise ModelFormatError(f"VQ-VAE weights do not match their config: {e}") from e
     return model.eval(), mel_config, dict(obj.get("summary", {}))

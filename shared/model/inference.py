@@ -18,7 +18,9 @@ sound that comes out silent, or far quieter than the loudest of its request, is 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ import torch
 from distill.shared.audio.io import peak_db, resample, to_mono
 from distill.shared.audio.mel import log_mel
 from distill.shared.audio.metrics import Envelope, envelope, envelope_distance
-from distill.shared.audio.phase import QUALITY_PRESETS, mel_to_audio_quality
+from distill.shared.audio.phase import QUALITY_PRESETS, PhasePreset, mel_to_audio_quality, preset
 from distill.shared.errors import BAD_REQUEST, DistillError
 from distill.shared.model.codes import CodeGrid, CodeGridError, EditSession, edit_from_dict
 from distill.shared.model.modelfile import DistillModel
@@ -124,10 +126,38 @@ def check_int(value: object, name: str, low: int, high: int) -> int:
     return int(value)
 
 
+# A phase quality: a preset's name, or (replaying a recipe that recorded it) the preset itself
+Quality = str | PhasePreset
+
+
 def check_quality(value: object) -> str:
     if not isinstance(value, str) or value not in QUALITY_PRESETS:
         raise BadInput(f"quality must be one of {sorted(QUALITY_PRESETS)}, got {value!r}")
     return str(value)
+
+
+PHASE_INITS = ("random", "vocoder")
+
+
+def phase_record(quality: str) -> list[Any]:
+    """What a recipe records of its phase quality: the preset's iterations and start, so that
+    a later Distill whose preset of that name differs still replays the file (``fast`` was 8
+    iterations in the earliest versions, 4 since)."""
+    p = preset(quality)
+    return [p.n_iter, p.init]
+
+
+def recorded_phase(data: Mapping[str, Any]) -> Quality:
+    """A recipe's phase: the preset it recorded, else the one its quality names now."""
+    quality = check_quality(data["quality"])
+    record = data.get("phase")
+    if record is None:
+        return quality
+    if (not isinstance(record, (list, tuple)) or len(record) != 2
+            or record[1] not in PHASE_INITS):  # fmt: skip
+        raise BadInput(f"the recipe's phase must be [iterations, one of {list(PHASE_INITS)}], "
+                       f"got {record!r}")
+    return PhasePreset(n_iter=check_int(record[0], "phase iterations", 0, 10_000), init=record[1])
 
 
 def steps_for(model: DistillModel, seconds: float) -> int:
@@ -308,7 +338,7 @@ def _prior(model: DistillModel) -> Any:
 # --- the operations ------------------------------------------------------------------------------
 
 
-def render(model: DistillModel, codes: torch.Tensor, quality: str, levels: int | None = None
+def render(model: DistillModel, codes: torch.Tensor, quality: Quality, levels: int | None = None
            ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Codes (B, Q, T) -> audio (B, samples) float32 and log-mel (B, M, frames) float32."""
     with torch.inference_mode():
@@ -349,7 +379,7 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def decode(model: DistillModel, codes: object, levels: int | None, quality: str
+def decode(model: DistillModel, codes: object, levels: int | None, quality: Quality
            ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """A (Q, T) grid -> audio (samples,) and log-mel (M, frames) from its first ``levels``."""
     grid = check_grid(model, codes)
@@ -360,7 +390,7 @@ def decode(model: DistillModel, codes: object, levels: int | None, quality: str
 
 
 def generate(model: DistillModel, *, count: int, seconds: float, params: SamplingParams,
-             quality: str, prime: object = None,
+             quality: Quality, prime: object = None,
              on_batch: Callable[[int, int], None] | None = None,
              quiet_under_loudest_db: float | None = QUIET_UNDER_LOUDEST_DB,
              exact_length: bool = True,
@@ -376,7 +406,7 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
     together whatever their length (how sounds were made before; their recipes replay so)."""
     prior = _prior(model)
     count = check_int(count, "count", 1, MAX_COUNT)
-    quality = check_quality(quality)  # before the draws, not after them
+    quality = quality if isinstance(quality, PhasePreset) else check_quality(quality)  # before the draws, not after them
     steps = steps_for(model, seconds)
     if float(seconds) <= 0.0:  # steps_for would give one step: a 21-ms click, not a sound
         raise BadInput(f"seconds must be more than 0, got {seconds!r}")
@@ -435,7 +465,7 @@ def render_batch(model: DistillModel, steps: int, render_frames: int | None) -> 
     return max(1, min(RENDER_BATCH, render_frames // frames))
 
 
-def _render_batches(model: DistillModel, codes: torch.Tensor, quality: str,
+def _render_batches(model: DistillModel, codes: torch.Tensor, quality: Quality,
                     on_batch: Callable[[int, int], None] | None,
                     render_frames: int | None) -> np.ndarray:  # fmt: skip
     """``render`` in batches of :func:`render_batch`: audio (B, samples); progress after each."""
@@ -486,7 +516,7 @@ def resample_region(model: DistillModel, codes: object, t0: int, t1: int,
 
 
 def resample_variants(model: DistillModel, codes: object, t0: int, t1: int,
-                      params: SamplingParams, quality: str, *, count: int,
+                      params: SamplingParams, quality: Quality, *, count: int,
                       on_batch: Callable[[int, int], None] | None = None,
                       render_frames: int | None = RENDER_FRAMES) -> Generated:  # fmt: skip
     """``count`` versions of a full grid, each with steps [t0, t1) drawn again by the prior
@@ -571,7 +601,7 @@ def generate_recipe(params: SamplingParams, *, count: int, seconds: float, quali
     the sound was made with.
     """
     recipe = {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality,
-              "index": index, "threads": torch.get_num_threads(),
+              "phase": phase_record(quality), "index": index, "threads": torch.get_num_threads(),
               "quiet_under_loudest_db": QUIET_UNDER_LOUDEST_DB, "exact_length": True,
               "render_frames": RENDER_FRAMES}  # fmt: skip
     if prime is not None:
@@ -584,7 +614,7 @@ def resample_recipe(params: SamplingParams, codes: np.ndarray, *, t0: int, t1: i
     """What makes version ``index`` of a ``resample_variants`` call again: the grid before,
     the region, the sampling parameters (and the thread count, as for a generated sound)."""
     return {**params.to_dict(), "codes": np.asarray(codes).tolist(), "t0": t0, "t1": t1,
-            "count": count, "quality": quality, "index": index,
+            "count": count, "quality": quality, "phase": phase_record(quality), "index": index,
             "threads": torch.get_num_threads(), "render_frames": RENDER_FRAMES}  # fmt: skip
 
 
@@ -592,7 +622,7 @@ def decode_recipe(codes: np.ndarray, levels: int | None, quality: str,
                   threads: int | None = None) -> dict[str, Any]:  # fmt: skip
     """What decodes ``codes`` again; ``threads``: the count it was decoded with (default: now)."""
     return {"codes": np.asarray(codes).tolist(), "levels": levels, "quality": quality,
-            "threads": threads or torch.get_num_threads()}  # fmt: skip
+            "phase": phase_record(quality), "threads": threads or torch.get_num_threads()}  # fmt: skip
 
 
 def replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarray:
@@ -612,7 +642,7 @@ def replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarra
 
 def _replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarray:
     try:
-        quality = check_quality(data["quality"])
+        quality = recorded_phase(data)
         if kind in ("generate", "resample"):
             # min_p and the change temperature came later: a recipe without one was drawn
             # without it (0 and 1)
@@ -649,6 +679,45 @@ def _replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarr
         return decode(model, session.grid.codes, data["levels"], quality)[0]
     except KeyError as e:
         raise BadInput(f"the '{kind}' recipe lacks {e}") from e
+
+
+def readings(kind: str, data: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The ways to read a recipe, as (how, recipe): as written first; then, for a recipe written
+    before Distill recorded a rule it depends on, as the Distill of its time may have made it.
+    ``distill regenerate`` tries them in turn until one makes the file's samples.
+
+    What older recipes may lack: ``threads`` (recorded since thread counts were found to change
+    the last bits: the sound may have been made with any count), ``phase`` (the ``fast`` preset
+    was 8 iterations until about when thread counts came in, 4 since), and, in a sound the
+    terminal UI exported from an infer worker whose reply did not name the quiet-draw rule it
+    applied (``change_temperature`` recorded, ``quiet_under_loudest_db`` not), that rule."""
+    changes: list[list[tuple[str, dict[str, Any]]]] = []
+    if "phase" not in data and "threads" not in data and data.get("quality") == "fast":
+        changes.append([("", {}), ("with 'fast' as 8 phase iterations (its meaning then)",
+                                   {"phase": [8, "vocoder"]})])  # fmt: skip
+    if (kind == "generate" and "change_temperature" in data
+            and "quiet_under_loudest_db" not in data):  # fmt: skip
+        changes.append([("", {}), (f"with the quiet-draw rule ({QUIET_UNDER_LOUDEST_DB:g} dB) its "
+                                   "worker applied but did not name",
+                                   {"quiet_under_loudest_db": QUIET_UNDER_LOUDEST_DB})])  # fmt: skip
+    if "threads" not in data:
+        now = torch.get_num_threads()
+        counts = [now] + [n for n in (1, 2, 4, 8, 16, 32, 64) if n != now and n <= max(now, _cores())]
+        changes.append([("" if n == now else f"with {n} thread{'s' * (n > 1)}", {"threads": n})
+                        for n in counts])
+    out: list[tuple[str, dict[str, Any]]] = [("as written", dict(data))]
+    for combo in itertools.product(*changes):
+        hows = [how for how, _ in combo if how]
+        if hows:
+            recipe = dict(data)
+            for _, change in combo:
+                recipe.update(change)
+            out.append((", ".join(hows), recipe))
+    return out
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _grid(codes: object) -> np.ndarray:

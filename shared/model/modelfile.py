@@ -50,7 +50,7 @@ import torch
 from safetensors.torch import load as tensors_from_bytes  # raw tensors: never a pickle
 
 from distill.shared.audio.mel import MelConfig
-from distill.shared.errors import ConfigError, ModelFormatError
+from distill.shared.errors import ConfigError, ModelFormatError, UnknownSettings
 from distill.shared.model.prior import Prior, PriorConfig
 from distill.shared.model.vqvae import VQVAE, VQVAEConfig
 
@@ -363,6 +363,8 @@ def _config(path: Path, header: dict[str, Any], name: str, cls: Any) -> Any:
         raise ModelFileIncomplete(path, f"the header has no '{name}' config")
     try:
         return cls.from_dict(configs[name])
+    except UnknownSettings as e:
+        raise ModelFileTooNew(path, e.newer(f"its '{name}' config")) from e
     except ConfigError as e:
         raise ModelFileCorrupt(path, f"the '{name}' config is invalid: {e}") from e
 

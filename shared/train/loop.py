@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.shared.configs import at_most, require
-from distill.shared.errors import JobError, ModelFormatError
+from distill.shared.errors import JobError, ModelFormatError, UnknownSettings
 from distill.shared.model.formats import checkpoint_to_bytes, read_checkpoint
 
 MAX_BUDGET_MINUTES = 7 * 24 * 60  # a week: past that a budget is a typo
@@ -576,7 +576,10 @@ class Trainer(ABC, Generic[M]):
         if trainer != self.kind:
             raise ModelFormatError(f"the checkpoint is the {trainer} trainer's, not the "
                                    f"{self.kind} trainer's")  # fmt: skip
-        self.model = self.restore_model(ckpt)
+        try:
+            self.model = self.restore_model(ckpt)
+        except UnknownSettings as e:  # a newer worker's checkpoint, resumed by an older one
+            raise ModelFormatError(e.newer("the checkpoint")) from e
         self.optimizer = self.build_optimizer(self.model)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         best_state = ckpt["best_state_dict"]

@@ -115,6 +115,7 @@ def test_encode_decode_round_trip_and_cache(ctx: FakeContext, model_sha: str) ->
     assert codes.shape[1] == int(0.5 * RATE) // 512 + 1 and (codes >= 0).all()
     dec = call(ctx, "decode", model_sha, codes=codes)
     assert dec["audio"].dtype == np.float32 and dec["sample_rate"] == RATE
+    assert dec["phase"] == [4, "vocoder"]  # the preset 'fast' names, for an export's recipe
     assert dec["audio"].shape == ((codes.shape[1] - 1) * 512,)
     assert dec["mel"].shape == (128, codes.shape[1]) and np.isfinite(dec["audio"]).all()
     again = call(ctx, "decode", model_sha, codes=codes)
@@ -143,7 +144,8 @@ def test_generate_is_seeded_and_carries_its_params(ctx: FakeContext, model_sha: 
     assert a["params"] == {"temperature": 0.9, "top_k": 0, "top_p": 1.0, "min_p": 0.01,
                            "change_temperature": 1.0, "seed": 5, "count": 3, "seconds": 0.3,
                            "quiet_under_loudest_db": QUIET_UNDER_LOUDEST_DB,
-                           "exact_length": True, "render_frames": RENDER_FRAMES}  # fmt: skip
+                           "exact_length": True, "render_frames": RENDER_FRAMES,
+                           "phase": [4, "vocoder"]}  # fmt: skip
     assert a["quality"] == "fast"
     assert a["model_id"] and len(a["model_id"]) == 64
     primed = call(ctx, "generate", model_sha, seconds=0.1, prime=a["codes"][0][:, :5])

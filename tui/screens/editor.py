@@ -481,6 +481,8 @@ class EditorScreen(DistillScreen):
             data: dict[str, Any] = {"session": slot.session, "levels": None, "quality": "best"}
             if reply.get("threads") is not None:
                 data["threads"] = reply["threads"]
+            if reply.get("phase") is not None:  # the preset "best" named (a later one may differ)
+                data["phase"] = reply["phase"]
             meta = ExportMetadata(kind="edit", model_id=str(reply.get("model_id", "")), title=name,
                                   data=data)
             report = export_audio(folder / name, np.asarray(reply["audio"]), int(reply["sample_rate"]),

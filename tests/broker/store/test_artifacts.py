@@ -439,3 +439,20 @@ def test_an_object_damaged_on_disk_is_found_by_a_read_in_order_and_set_aside(
     # the same bytes uploaded again are stored afresh
     store.put_bytes(DATA, kind="checkpoint", name="ckpt", job="j-1")
     assert store.read_chunk(DATA_SHA, 0, len(DATA)) == DATA
+
+
+def test_an_index_of_a_newer_distill_is_refused_naming_it_and_untouched(root: Path) -> None:
+    import sqlite3
+
+    ArtifactStore(root).close()
+    index = root / "index.sqlite3"
+    raw = sqlite3.connect(index)
+    raw.execute("PRAGMA user_version=7")
+    raw.close()
+    with pytest.raises(ArtifactError, match=f"the artifact index {index} has schema version 7; "
+                                            ".* Upgrade Distill to open it, or start this one "
+                                            "with another --data-dir"):  # fmt: skip
+        ArtifactStore(root)
+    raw = sqlite3.connect(index)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == 7
+    raw.close()

@@ -184,8 +184,13 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     raw = sqlite3.connect(path)
     raw.execute("PRAGMA user_version=99")
     raw.close()
-    with pytest.raises(JobError, match="newer Distill"):
+    with pytest.raises(JobError, match=f"the job table {path} has schema version 99; .* newer "
+                                       "Distill. Upgrade Distill to open it, or start this one "
+                                       "with another --data-dir"):  # fmt: skip
         JobStore(path)
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == 99  # untouched
+    raw.close()
 
 
 # --- attempts -----------------------------------------------------------------------------------

@@ -203,6 +203,75 @@ def test_regenerate_uses_the_thread_count_the_sound_was_made_with(
         torch.set_num_threads(before)
 
 
+def _old_export(model_file: Path, path: Path, data: dict[str, object], **made: object) -> Path:
+    """A file as an older Distill exported it: its samples made under the rules of its time
+    (``made``: generate's arguments), its recipe holding only what was recorded then."""
+    from distill.shared.audio.export import ExportMetadata, export_audio
+    from distill.shared.model.modelfile import load_model
+
+    model = load_model(model_file)
+    params = inference.sampling_params({"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 5,
+                                        "min_p": 0.0, "change_temperature": 1.0})  # fmt: skip
+    out = inference.generate(model, count=2, seconds=0.3, params=params, **made)  # type: ignore[arg-type]
+    recipe = {**{k: v for k, v in params.to_dict().items() if k in ("temperature", "top_k",
+              "top_p", "seed")}, "count": 2, "seconds": 0.3, "index": 1, **data}  # fmt: skip
+    export_audio(path, out.audio[1], out.sample_rate, subtype="FLOAT",
+                 metadata=ExportMetadata(kind="generate", model_id=model.model_id, data=recipe))
+    return path
+
+
+def test_a_recipe_that_predates_a_rule_regenerates_under_the_rule_of_its_time(
+    model_file: Path, tmp_path: Path
+) -> None:
+    """Before: a 'fast' export of the earliest versions (8 phase iterations; the preset has
+    been 4 since) said only "DIFFERS". Recipes now record the preset they were made with."""
+    from distill.shared.audio.phase import PhasePreset
+
+    old_rules = {"quiet_under_loudest_db": None, "exact_length": False, "render_frames": None}
+    old = _old_export(model_file, tmp_path / "old-fast.wav", {"quality": "fast"},
+                      quality=PhasePreset(n_iter=8, init="vocoder"), **old_rules)
+    text = run("regenerate", old, "--model", model_file)
+    assert "identical to old-fast.wav (read with 'fast' as 8 phase iterations" in text, text
+    # a recipe of today records the preset: read as written, whatever 'fast' means later
+    run("generate", model_file, "-n", "1", "--seconds", "0.3", "-o", tmp_path / "new",
+        "--quality", "fast")  # fmt: skip
+    (new,) = sorted((tmp_path / "new").glob("*.wav"))
+    assert read_export_metadata(new).data["phase"] == [4, "vocoder"]
+    text = run("regenerate", new, "--model", model_file, "-o", tmp_path / "again.wav")
+    assert text.strip().endswith("identical to " + new.name)
+
+
+def test_a_sound_that_no_reading_makes_says_how_far_it_is(model_file: Path, tmp_path: Path) -> None:
+    run("generate", model_file, "-n", "1", "--seconds", "0.3", "-o", tmp_path / "o")
+    (made,) = sorted((tmp_path / "o").glob("*.wav"))
+    audio, rate = sf.read(made, dtype="float32")
+    meta = read_export_metadata(made)
+    from distill.shared.audio.export import export_audio
+
+    audio[100] += 0.01  # a changed sample: no reading of its recipe makes it
+    export_audio(made, audio, rate, subtype="FLOAT", metadata=meta)
+    result = runner.invoke(app, ["regenerate", str(made), "--model", str(model_file)])
+    assert result.exit_code == 1, result.output
+    assert "DIFFERS from" in result.output and "largest difference 0.01 (" in result.output
+    assert "dB under its peak" in result.output and "also tried" not in result.output
+
+
+def test_readings_of_older_recipes() -> None:
+    """A sound the UI exported from a worker whose reply did not name the quiet-draw rule
+    (change_temperature recorded, the rule not) is also read with the rule; a recipe without
+    a thread count is read with other counts; one of today is read as written only."""
+    ui = {"quality": "fast", "phase": [4, "vocoder"], "threads": 2, "change_temperature": 0.5}
+    hows = [how for how, _ in inference.readings("generate", ui)]
+    assert hows[0] == "as written" and len(hows) == 2 and "quiet-draw rule (30 dB)" in hows[1]
+    assert inference.readings("generate", {**ui, "quiet_under_loudest_db": 30.0})[1:] == []
+    threadless = inference.readings("decode", {"quality": "best"})  # made with any count
+    assert len(threadless) >= 2 and all(r["threads"] != torch.get_num_threads()
+                                        for _, r in threadless[1:])  # fmt: skip
+    bad = {"quality": "fast", "phase": [4, "magic"], "codes": [[1]], "levels": None}
+    with pytest.raises(inference.BadInput, match="phase must be"):
+        inference.replay(tiny_model(), "decode", bad)
+
+
 def _tone(path: Path, seconds: float = 1.0) -> Path:
     t = np.arange(int(48000 * seconds)) / 48000
     sf.write(path, 0.5 * np.sin(2 * math.pi * 300 * t) * np.exp(-2 * t), 48000)

@@ -260,6 +260,22 @@ def test_typed_missing_weights(tmp_path: Path) -> None:
         load_model(path)
 
 
+def test_a_setting_of_a_newer_distill_says_upgrade(tmp_path: Path) -> None:
+    """Before: "the 'vqvae' config is invalid: VQVAEConfig: unknown keys [...]" (an older
+    Distill reading a model whose RVQ-VAE config had gained settings said no more)."""
+    model = _tiny_model()
+    path = tmp_path / "newer.distill"
+    header = {"kind": "vqvae+prior", "summary": {},
+              "configs": {"mel": model.mel_config.to_dict(),
+                          "vqvae": {**model.vqvae.config.to_dict(), "warp": 2},
+                          "prior": model.prior.config.to_dict() if model.prior else None}}  # fmt: skip
+    write_model_file(path, header, {f"vqvae.{k}": v for k, v in model.vqvae.state_dict().items()})
+    with pytest.raises(ModelFileTooNew, match="its 'vqvae' config holds settings this Distill "
+                                              "does not know \\(warp\\): it was written by a "
+                                              "newer Distill; upgrade Distill to read it"):  # fmt: skip
+        load_model(path)
+
+
 def test_describe_model(tmp_path: Path) -> None:
     model = _tiny_model()
     path = tmp_path / "tiny.distill"

@@ -341,7 +341,7 @@ def test_the_third_nan_fails_the_job_with_a_reason(dataset: Dataset) -> None:
 @pytest.mark.slow  # trains a model
 def test_a_newer_checkpoint_format_is_refused(dataset: Dataset) -> None:
     hooks = RecordingHooks()
-    run(dataset, hooks, dataclasses.replace(FAST, epochs=1))
+    result = run(dataset, hooks, dataclasses.replace(FAST, epochs=1))
     ckpt = torch.load(io.BytesIO(hooks.checkpoints[-1]), weights_only=True)
     ckpt["format_version"] = 99
     buf = io.BytesIO()
@@ -354,6 +354,22 @@ def test_a_newer_checkpoint_format_is_refused(dataset: Dataset) -> None:
         read_checkpoint(hooks.checkpoints[-1][:1000])  # truncated
     with pytest.raises(ModelFormatError):
         weights_from_bytes(hooks.checkpoints[-1])  # a checkpoint is not a weights artifact
+    # a newer Distill's setting, in a checkpoint a worker resumes and in weights it reads
+    # (before: "VQVAEConfig: unknown keys ['warp']; known keys [...]")
+    newer = "holds settings this Distill does not know \\(warp\\): it was written by a newer Distill"
+    ckpt["format_version"] = 1
+    ckpt["model_config"] = {**ckpt["model_config"], "warp": 2}
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    with pytest.raises(ModelFormatError, match="the checkpoint " + newer):
+        run(dataset, RecordingHooks(start_from=buf.getvalue()))
+    weights = torch.load(io.BytesIO(weights_to_bytes(result.model, dataset.mel_config)),
+                         weights_only=True)  # fmt: skip
+    weights["model_config"] = {**weights["model_config"], "warp": 2}
+    buf = io.BytesIO()
+    torch.save(weights, buf)
+    with pytest.raises(ModelFormatError, match="the VQ-VAE weights' config " + newer):
+        weights_from_bytes(buf.getvalue())
 
 
 @pytest.mark.parametrize(
