@@ -11,10 +11,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.suggester import Suggester
-from textual.widgets import Button, DataTable, Footer, Header, Input, Label, ProgressBar, Static
+from textual.widgets import Button, DataTable, Header, Input, Label, ProgressBar, Static
 from textual.worker import Worker
 
 from distill.tui.screens.base import DistillScreen
+from distill.tui.widgets.footer import Footer
 from distill.tui.widgets.tables import fill_table
 
 MANIFEST_COLUMNS = ("file", "status", "split", "seconds", "chunks", "reason")

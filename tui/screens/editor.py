@@ -24,12 +24,13 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
-from textual.widgets import Footer, Header, Input, Label, Select, Static
+from textual.widgets import Header, Input, Label, Select, Static
 
 from distill.shared.errors import DistillError
 from distill.shared.model.codes import CodeGrid, EditSession
 from distill.tui.screens.base import DistillScreen
 from distill.tui.widgets.codegrid import CodeGridView
+from distill.tui.widgets.footer import Footer
 from distill.tui.widgets.waveform import Waveform
 
 INFER = "distill.infer"

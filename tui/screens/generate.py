@@ -11,11 +11,12 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
-from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Select, Static
+from textual.widgets import Button, DataTable, Header, Input, Label, Select, Static
 
 from distill.shared.errors import DistillError
 from distill.tui.playback import player_name
 from distill.tui.screens.base import DistillScreen
+from distill.tui.widgets.footer import Footer
 from distill.tui.widgets.tables import fill_table
 from distill.tui.widgets.waveform import Waveform, thumbnail
 

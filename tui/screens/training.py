@@ -17,7 +17,6 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import (
     Button,
     DataTable,
-    Footer,
     Header,
     Input,
     Label,
@@ -36,6 +35,7 @@ from distill.tui.messages import EventsArrived
 from distill.tui.playback import play_artifact
 from distill.tui.screens.base import DistillScreen
 from distill.tui.widgets.curves import LossCurves
+from distill.tui.widgets.footer import Footer
 from distill.tui.widgets.heatmap import CodebookHeatmap
 from distill.tui.widgets.tables import fill_table
 
