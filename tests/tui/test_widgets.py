@@ -141,7 +141,7 @@ async def test_switching_screens_leaves_no_old_footer_keys_alive() -> None:
 
     def alive() -> int:
         gc.collect()
-        return sum(isinstance(o, FooterKey) for o in gc.get_objects())
+        return sum(type(o) is FooterKey for o in gc.get_objects())
 
     app = DistillApp("tcp://gpu-box:5555", connect=False)
     async with app.run_test(size=(120, 40)) as pilot:
