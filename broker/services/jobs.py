@@ -109,17 +109,23 @@ class JobService:
             # would wait in the queue for ever
             raise JobError(f"{req.service} is the broker's own service: no worker runs jobs "
                            "for it")  # fmt: skip
-        if self.retention is not None:  # the artifacts it names are there, or it never runs
-            for where, sha in artifact_refs(req.params):
-                if not self.retention.artifacts.has(sha):
-                    raise JobError(
-                        f"{where} names artifact {sha[:16]}, which the broker's store does not "
-                        "hold (deleted, or never uploaded): upload it again")  # fmt: skip
+        self._check_artifacts(req.params)
         record = self.store.submit(req.service, req.params, depends_on=req.depends_on,
                                    max_attempts=req.max_attempts, timeout_s=req.timeout_s)
         self._announce(record)
         self._dirty = True
         return record.to_dict()
+
+    def _check_artifacts(self, params: Any) -> None:
+        """JobError unless the store holds every artifact ``params`` names: a job without
+        its input would fail every attempt."""
+        if self.retention is None:
+            return
+        for where, sha in artifact_refs(params):
+            if not self.retention.artifacts.has(sha):
+                raise JobError(
+                    f"{where} names artifact {sha[:16]}, which the broker's store does not "
+                    "hold (deleted, or never uploaded): upload it again")  # fmt: skip
 
     def _get(self, msg: dict[str, Any]) -> dict[str, Any]:
         """The record with ``metric_count``; with ``metrics`` (the default) also the latest
@@ -183,6 +189,9 @@ class JobService:
 
     def _retry(self, msg: dict[str, Any]) -> dict[str, Any]:
         job_id = field(msg, "id", str)
+        # its inputs are still there, as a submit's must be (else every attempt would fail on
+        # the missing one)
+        self._check_artifacts(self.store.get(job_id, with_metrics=False).params)
         note = self._forget_lost_checkpoint(job_id)
         record = self.store.retry(job_id)
         self._announce(record)
@@ -400,8 +409,9 @@ class JobService:
                 self._finished(dep)
 
     def _cascaded(self, record: JobRecord) -> list[JobRecord]:
-        return [r for r in self.store.list(status="cancelled", limit=10_000)
-                if r.cancelled_by == record.id and r.id not in self._announced_final]
+        """The jobs ``record``'s end cancelled, at any depth, not yet announced."""
+        return [r for r in self.store.cancelled_because_of(record.id)
+                if r.id not in self._announced_final]
 
     # --- announcements -----------------------------------------------------------------------
     def _finished(self, record: JobRecord) -> None:

@@ -319,3 +319,37 @@ def test_a_job_naming_an_artifact_the_store_lacks_is_refused_at_submit(parts: An
     with pytest.raises(ArtifactError, match="in use"):  # and from now on rm is refused
         artifacts.delete(kick, in_use=service.store.referenced_artifacts())
     assert service.store.get(job["id"]).status == "queued"
+
+
+def test_a_retry_whose_input_was_deleted_is_refused_as_a_submit_would_be(parts: Any) -> None:
+    """Before: `jobs retry` of a cancelled job whose input had been deleted meanwhile (allowed:
+    no queued or running job needed it) was accepted, and the job failed three attempts on
+    "no artifact"."""
+    _, service, artifacts = parts
+    kick = put(artifacts, b"kick", "audio", "kick.wav", None)
+    job = call(service, op="submit", service="distill.preprocess",
+               params={"files": [{"name": "kick.wav", "sha256": kick}]})  # fmt: skip
+    call(service, op="cancel", id=job["id"])
+    artifacts.delete(kick, in_use=service.store.referenced_artifacts())
+    with pytest.raises(JobError, match=r"params\.files\[0\]\.sha256 \(kick\.wav\) names "
+                                       rf"artifact {kick[:16]}.*upload it again"):  # fmt: skip
+        call(service, op="retry", id=job["id"])
+    assert service.store.get(job["id"]).status == "cancelled"
+
+
+def test_a_failure_announces_every_job_it_cancels_at_any_depth(parts: Any) -> None:
+    """Before: only the direct dependents of a failed or cancelled job were announced (found
+    by reading every cancelled job in the journal): a pipeline's third stage was cancelled in
+    the journal, but its waiters were not answered and no status event said so."""
+    host, service, _ = parts
+    a = call(service, op="submit", service="s", params={})["id"]
+    b = call(service, op="submit", service="s", params={}, depends_on=[a])["id"]
+    d = call(service, op="submit", service="s", params={}, depends_on=[b])["id"]
+    assert service.serve(b"waiter", [pack({"op": "wait", "id": d, "timeout_s": 30})]) is None
+    call(service, op="cancel", id=a)
+    cancelled = {e["job"] for topic, e in host.events
+                 if e["type"] == "status" and e["status"] == "cancelled"}  # fmt: skip
+    assert cancelled == {a, b, d}
+    assert [r["result"]["id"] for r in host.replies] == [d]  # the waiter is answered
+    assert host.replies[0]["result"]["status"] == "cancelled"
+    assert [r.id for r in service.store.cancelled_because_of(a)] == [b, d]
