@@ -15,6 +15,7 @@ from distill.broker.loop import Broker, BrokerConfig
 from distill.broker.main import build_broker
 from distill.shared.bus.aclient import AsyncClient
 from distill.shared.bus.client import Client, Subscription
+from distill.shared.bus.codec import pack
 from tests.conftest import free_port_block
 
 pytestmark = pytest.mark.integration
@@ -132,3 +133,35 @@ def test_a_snapshot_reply_is_bounded_keeping_the_newest_events() -> None:
     snap = hub.snapshot([""])
     assert snap["truncated"] and 10 < len(snap["events"]) < 40
     assert snap["events"][-1]["topic"] == "job.39"
+
+
+def test_a_finished_jobs_events_are_forgotten_after_a_while_and_a_retry_keeps_them() -> None:
+    """Before: every job's last events stayed until the 20 000-pair cap (a broker that had
+    run 10 000 jobs of 100-file datasets held ~640 MB of them, and every subscription scanned
+    them all)."""
+    from distill.broker import hub as hub_module
+
+    now = [0.0]
+    hub = EventHub(clock=lambda: now[0])
+    for job in ("a", "b", "c"):
+        hub.stamp(f"job.{job}", {"type": "progress", "fraction": 1.0})
+    hub.stamp("job.a", {"type": "status", "status": "succeeded"})
+    hub.stamp("job.b", {"type": "status", "status": "failed"})
+    now[0] = hub_module.FINISHED_KEEP_S / 2
+    hub.stamp("job.b", {"type": "status", "status": "queued"})  # retried: live again
+    assert {e["topic"] for e in hub.snapshot(["job."])["events"]} == {"job.a", "job.b", "job.c"}
+    now[0] = hub_module.FINISHED_KEEP_S + 1
+    assert {e["topic"] for e in hub.snapshot(["job."])["events"]} == {"job.b", "job.c"}
+    assert hub.remembered() == 3  # b's progress and status, c's progress; nothing of a
+    assert hub.latest_bytes == sum(len(pack(e)) for e in hub.snapshot([""])["events"])
+
+
+def test_the_remembered_events_are_bounded_by_bytes() -> None:
+    from distill.broker import hub as hub_module
+
+    hub = EventHub()
+    size = 900_000
+    for i in range(2 * hub_module.MAX_LATEST_BYTES // size):
+        hub.stamp(f"job.{i}", {"type": "progress", "blob": "x" * size})
+    assert hub.latest_bytes <= hub_module.MAX_LATEST_BYTES
+    assert hub.remembered() < hub_module.MAX_LATEST_BYTES // size + 1
