@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import time
+from collections import OrderedDict
 from typing import Any, Protocol
 
 from distill.broker.registry import JobOrigin, Registry, Request, WorkerEntry
@@ -45,6 +46,7 @@ RETENTION_SWEEP_S = 60.0  # make up deletions a crash missed; the usual ones hap
 PREVIEW_TRIM_S = 5.0  # how soon old previews go once a job published a new one
 MAX_WAIT_S = 300.0
 MAX_LIST_JOBS = 500  # jobs per list reply
+MAX_ANNOUNCED_KEPT = 10_000  # finished jobs remembered as announced (see _announced_final)
 # A list reply stops adding jobs past this many packed bytes (params may be large), well below
 # the clients' message limit; the reply then says ``truncated``.
 MAX_LIST_REPLY_BYTES = P.MAX_MESSAGE_BYTES // 4
@@ -81,7 +83,9 @@ class JobService:
         self._dirty = True
         self._next_scan = 0.0
         self._previewed: set[str] = set()  # jobs that published previews since the last trim
-        self._announced_final: set[str] = set()  # finished jobs already announced
+        # finished jobs already announced, the newest MAX_ANNOUNCED_KEPT (a set of every job
+        # ever finished grew with the broker's history; one forgotten is at most announced twice)
+        self._announced_final: OrderedDict[str, None] = OrderedDict()
         self._attempt_of: dict[tuple[str, str], int] = {}  # (job, worker id) -> attempt it holds
         for record in store.requeue_running("the broker restarted while the job was running"):
             log.info("job_requeued_after_restart", job=record.id, status=record.status)
@@ -415,7 +419,9 @@ class JobService:
 
     # --- announcements -----------------------------------------------------------------------
     def _finished(self, record: JobRecord) -> None:
-        self._announced_final.add(record.id)
+        self._announced_final[record.id] = None
+        while len(self._announced_final) > MAX_ANNOUNCED_KEPT:
+            self._announced_final.popitem(last=False)
         self._announce(record)
         if self.retention is not None:
             try:
@@ -427,7 +433,7 @@ class JobService:
 
     def _announce(self, record: JobRecord) -> None:
         if not record.finished:
-            self._announced_final.discard(record.id)
+            self._announced_final.pop(record.id, None)
         self.broker.publish(f"job.{record.id}", {
             "type": "status", "job": record.id, "service": record.service, "status": record.status,
             "attempts": record.attempts, "worker": record.worker, "error": record.error,
