@@ -259,6 +259,9 @@ def read_audio(
 
 
 def _validate_decoded(d: DecodedAudio) -> None:
+    """AudioError for decoded audio Distill cannot use; past the header checks it says what
+    the file is (``stated``), so a manifest's skipped row shows its length, rate and channels."""
+    what = (d.duration_s, d.sample_rate, d.channels)
     if not MIN_SAMPLE_RATE <= d.sample_rate <= MAX_SAMPLE_RATE:
         raise AudioError(
             f"{d.name}: sample rate {d.sample_rate} Hz is outside "
@@ -269,12 +272,13 @@ def _validate_decoded(d: DecodedAudio) -> None:
     if d.frames < 2 or d.duration_s < MIN_DURATION_S:
         raise AudioError(
             f"{d.name}: too short to be a sound ({d.frames} sample(s), "
-            f"{d.duration_s * 1000:.3f} ms; the minimum is 2 samples and {MIN_DURATION_S * 1000:g} ms)"
+            f"{d.duration_s * 1000:.3f} ms; the minimum is 2 samples and {MIN_DURATION_S * 1000:g} ms)",
+            stated=what,
         )
     finite = np.isfinite(d.samples)
     if not finite.all():
         bad = int(d.samples.size - finite.sum())
-        raise AudioError(f"{d.name}: {bad} sample(s) are NaN or infinite")
+        raise AudioError(f"{d.name}: {bad} sample(s) are NaN or infinite", stated=what)
 
 
 # --- making it model-ready ------------------------------------------------------------------------

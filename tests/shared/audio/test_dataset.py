@@ -157,6 +157,9 @@ def test_bad_files_are_listed_with_their_reasons(tmp_path: Path) -> None:
         assert rows[name].chunks == 0
     assert rows["hit_again.wav"].duration_s == rows["hit.wav"].duration_s
     assert rows["silent.wav"].sample_rate == SR  # decoded before it was refused
+    # as are NaN samples (their rows read 0.00 s, rate 0, channels 0 before)
+    assert (rows["nan.wav"].duration_s, rows["nan.wav"].sample_rate, rows["nan.wav"].channels) == (
+        1000 / SR, SR, 1)
     assert {n for n, r in rows.items() if r.status == "ok"} == {"hit.wav", "long.wav", "tiny.wav"}
     assert rows["tiny.wav"].chunks == 1
     # 3 s = 282 frames: chunks start at frames 0, 47, 94, 141 and 188 (which ends at 282)
