@@ -65,6 +65,7 @@ from distill.shared.errors import (
     code_of,
 )
 from distill.shared.logs import Repeats, get_logger
+from distill.shared.version import distill_version
 
 log = get_logger("broker")
 
@@ -589,6 +590,15 @@ class Broker:
         entry = self.registry.register(identity, service, meta, now)
         log.info("worker_ready", worker=entry.worker_id, service=service.decode(errors="replace"),
                  host=meta.get("host"), device=meta.get("device"))
+        versions = meta.get("versions")
+        theirs = versions.get("distill") if isinstance(versions, dict) else None
+        if theirs is not None and distill_version() is not None and theirs != distill_version():
+            # mixed versions mostly work (unknown fields are ignored, missing ones defaulted),
+            # but a worker older than what it is given fails jobs with "written by a newer
+            # Distill": this line, and `distill workers`, say which worker
+            log.warning("worker_version_differs", worker=entry.worker_id, host=meta.get("host"),
+                        service=service.decode(errors="replace"), worker_version=theirs,
+                        broker_version=distill_version())
         self.publish(f"worker.{entry.worker_id}", {"type": "ready", **entry.describe(now)})
         self._dispatch(service)
 

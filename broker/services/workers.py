@@ -7,6 +7,7 @@ import time
 
 from distill.broker.registry import Registry
 from distill.broker.services.common import ok_body
+from distill.shared.version import distill_version
 
 
 class WorkersService:
@@ -20,4 +21,5 @@ class WorkersService:
         queued = {s.name.decode(errors="replace"): len(s.requests)
                   for s in self.registry.services.values()}
         # broker_pid: which broker answers at an endpoint (`distill up` waits for its own)
-        return ok_body({"workers": workers, "queued": queued, "broker_pid": os.getpid()})
+        return ok_body({"workers": workers, "queued": queued, "broker_pid": os.getpid(),
+                        "broker_version": distill_version()})

@@ -172,11 +172,21 @@ def workers(broker: str = BrokerOpt) -> None:
     except DistillError as e:
         fail(str(e))
     rows = [[w["service"], w["host"], w["pid"], w["device"], w["state"], w["current_job"] or "-",
-             f"{w['last_heartbeat_age_s']:.1f}s"] for w in info["workers"]]
-    print_table(["service", "host", "pid", "device", "state", "job", "heartbeat"], rows)
+             f"{w['last_heartbeat_age_s']:.1f}s", _version(w)] for w in info["workers"]]
+    print_table(["service", "host", "pid", "device", "state", "job", "heartbeat", "version"], rows)
+    broker_version = info.get("broker_version")
+    others = sorted({_version(w) for w in info["workers"]} - {broker_version, "-"})
+    if broker_version and others:
+        typer.echo(f"the broker runs Distill {broker_version}; workers of {', '.join(others)} "
+                   "may fail what a newer one wrote (upgrade them) or ignore what they do not know")
     queued = {k: v for k, v in info["queued"].items() if v}
     if queued:
         typer.echo("queued requests: " + ", ".join(f"{k}={v}" for k, v in queued.items()))
+
+
+def _version(worker: dict[str, Any]) -> str:
+    versions = (worker.get("meta") or {}).get("versions")
+    return str(versions.get("distill") or "-") if isinstance(versions, dict) else "-"
 
 
 def ping(broker: str = BrokerOpt, count: int = typer.Option(3, help="Round trips."),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 import zmq
@@ -94,9 +95,9 @@ def test_malformed_requests_that_can_be_answered_are_answered(cluster: Cluster) 
 class RawWorker(threading.Thread):
     """An MDP/0.1 worker written from RFC 7 alone."""
 
-    def __init__(self, endpoint: str, service: bytes) -> None:
+    def __init__(self, endpoint: str, service: bytes, meta: dict[str, Any] | None = None) -> None:
         super().__init__(daemon=True)
-        self.endpoint, self.service = endpoint, service
+        self.endpoint, self.service, self.meta = endpoint, service, meta
         self.stop = threading.Event()
         self.handled = 0
         self.disconnected = False
@@ -106,7 +107,8 @@ class RawWorker(threading.Thread):
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
-        sock.send_multipart([b"", MDPW, b"\x01", self.service])  # READY without metadata
+        ready = [b"", MDPW, b"\x01", self.service]  # READY, with metadata if given
+        sock.send_multipart(ready + ([pack(self.meta)] if self.meta is not None else []))
         next_hb = time.monotonic()
         while not self.stop.is_set():
             if sock.poll(50):
@@ -143,6 +145,34 @@ def test_raw_rfc7_worker_serves_the_project_client(cluster: Cluster) -> None:
         worker.stop.set()
         worker.join(5)
     assert worker.handled == 1
+
+
+def test_a_worker_of_another_version_is_listed_with_it_and_logged(cluster: Cluster) -> None:
+    """Before: nothing compared versions; an old worker failing what a newer one wrote was
+    found only from its jobs' errors."""
+    from typer.testing import CliRunner
+
+    from distill.shared.cli.main import app
+    from distill.shared.version import distill_version
+
+    cluster.start_broker()
+    worker = RawWorker(cluster.endpoint, b"upper", {"host": "old-box", "pid": 7, "device": "cpu",
+                                                     "versions": {"distill": "0.0.1"}})  # fmt: skip
+    worker.start()
+    try:
+        wait_until(lambda: any(w["host"] == "old-box" for w in cluster.worker_list()), 10,
+                   what="the old worker listed")  # fmt: skip
+        out = CliRunner().invoke(app, ["workers", "--broker", cluster.endpoint])
+        assert out.exit_code == 0, out.output
+        assert "VERSION" in out.output and "0.0.1" in out.output
+        if distill_version() is not None:  # an installed tree: the broker knows its own
+            assert f"the broker runs Distill {distill_version()}; workers of 0.0.1" in out.output
+            assert cluster.broker is not None
+            wait_until(lambda: "worker_version_differs" in cluster.broker.log(), 5,
+                       what="the broker's warning")  # fmt: skip
+    finally:
+        worker.stop.set()
+        worker.join(5)
 
 
 def test_second_ready_gets_disconnect(cluster: Cluster) -> None:

@@ -18,6 +18,7 @@ from distill.shared.devices import describe_device, resolve_device
 from distill.shared.errors import ConfigError
 from distill.shared.logs import configure, get_logger
 from distill.shared.services import worker_service
+from distill.shared.version import distill_version
 from distill.workers.runtime.mdp import WorkerRuntime
 from distill.workers.runtime.service import module_handler
 
@@ -36,12 +37,8 @@ def versions() -> dict[str, Any]:
     import zmq
 
     out: dict[str, Any] = {"pyzmq": zmq.pyzmq_version(), "libzmq": zmq.zmq_version()}
-    try:
-        from importlib.metadata import version
-
-        out["distill"] = version("distill")
-    except Exception:
-        pass
+    if (mine := distill_version()) is not None:
+        out["distill"] = mine
     return out
 
 
