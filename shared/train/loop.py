@@ -54,6 +54,7 @@ from distill.shared.errors import JobError, ModelFormatError, UnknownSettings
 from distill.shared.model.formats import checkpoint_to_bytes, read_checkpoint
 
 MAX_BUDGET_MINUTES = 7 * 24 * 60  # a week: past that a budget is a typo
+MIN_CHECKPOINT_EVERY_S = 10.0  # the pacing a short budget may bring checkpoints down to
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -537,6 +538,11 @@ class Trainer(ABC, Generic[M]):
 
     def _checkpoint_due(self) -> bool:
         every = self.train_config.checkpoint_every_s
+        minutes = self.train_config.minutes
+        if every > 0 and minutes > 0:
+            # a short budget checkpoints more often: a worker lost in a 1-minute run repeated
+            # the whole run (one checkpoint a minute); now at most a sixth of it
+            every = min(every, max(MIN_CHECKPOINT_EVERY_S, minutes * 60 / 6))
         return every == 0 or self.clock() - self._last_checkpoint_at >= every
 
     def _checkpoint(self) -> None:

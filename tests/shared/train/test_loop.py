@@ -204,6 +204,18 @@ def test_checkpoints_are_paced_by_time_and_always_written_at_the_end() -> None:
     assert [read_checkpoint(c)["epoch"] for c in every.checkpoints] == [0, 1, 2, 3]
 
 
+def test_a_short_budget_checkpoints_at_least_six_times() -> None:
+    """Before: one checkpoint a minute whatever the budget, so a worker lost in a 1-minute
+    run repeated all of it. Now at most a sixth of the budget apart (10 s at the least)."""
+    hooks = Hooks(FakeClock())  # 5-s epochs
+    ToyTrainer(dataclasses.replace(BASE, epochs=100, minutes=1.0, checkpoint_every_s=60), hooks).run_loop()
+    epochs = [read_checkpoint(c)["epoch"] for c in hooks.checkpoints]
+    assert epochs[:4] == [0, 2, 4, 6] and len(epochs) >= 6  # 10 s apart, not 60
+    long = Hooks(FakeClock())
+    ToyTrainer(dataclasses.replace(BASE, epochs=30, minutes=60.0, checkpoint_every_s=60), long).run_loop()
+    assert [read_checkpoint(c)["epoch"] for c in long.checkpoints][:3] == [0, 12, 24]  # as set
+
+
 def test_a_resumed_budgeted_run_keeps_its_plan_and_the_time_spent() -> None:
     config = dataclasses.replace(BASE, minutes=1.0)
     whole = ToyTrainer(config, Hooks(FakeClock())).run_loop()
