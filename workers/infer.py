@@ -147,7 +147,8 @@ def _generate(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dic
                        prime=body.get("prime"))  # fmt: skip
     # params: what made the sounds, as a recipe records it (a client's export replays with
     # the same redraw and length rules); the prime and the thread count go apart
-    recipe = inf.generate_recipe(params, count=count, seconds=seconds, quality=quality, index=0)
+    recipe = inf.generate_recipe(params, count=count, seconds=seconds, quality=quality, index=0,
+                                 render_frames=out.render_frames)  # fmt: skip
     made = {k: v for k, v in recipe.items() if k not in ("index", "threads", "quality")}
     return {"audio": out.audio, "codes": out.codes, "sample_rate": out.sample_rate,
             "params": made, "quality": quality, "redrawn": out.redrawn}  # fmt: skip
@@ -289,7 +290,8 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     sounds = []
     for i, audio in enumerate(out.audio):
         name = f"gen-{params.seed}-{i:03d}.{fmt}"
-        recipe = inf.generate_recipe(params, count=count, seconds=seconds, quality=quality, index=i)
+        recipe = inf.generate_recipe(params, count=count, seconds=seconds, quality=quality,
+                                     index=i, render_frames=out.render_frames)  # fmt: skip
         meta = ExportMetadata(kind="generate", model_id=model.model_id, title=name, data=recipe)
         data = export_bytes(
             audio, out.sample_rate, fmt, meta, "FLOAT" if fmt == "wav" else "PCM_24"

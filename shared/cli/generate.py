@@ -146,7 +146,8 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
                             prime=prime,
                             on_batch=lambda done, total: bar.update(done - bar.pos))  # fmt: skip
     recipes = [inf.generate_recipe(params, count=count, seconds=seconds, quality=quality,
-                                   index=i, prime=prime) for i in range(count)]  # fmt: skip
+                                   index=i, render_frames=made.render_frames, prime=prime)
+               for i in range(count)]  # fmt: skip
     paths = _export_all(model, made, recipes, "generate", out, f"{prefix}-s{seed}", fmt, subtype,
                         show)  # fmt: skip
     note = inf.redraw_note(made.redrawn, count)
@@ -432,7 +433,8 @@ def resample(
                                          count=count,
                                          on_batch=lambda done, total: bar.update(done - bar.pos))  # fmt: skip
         recipes = [inf.resample_recipe(params, codes, t0=t0, t1=t1, count=count, quality=quality,
-                                       index=i) for i in range(count)]  # fmt: skip
+                                       index=i, render_frames=made.render_frames)
+                   for i in range(count)]  # fmt: skip
         stem = f"{sound.stem}-resample-s{seed}"
         _export_all(model, made, recipes, "resample", out, stem, fmt, subtype, show=True)
     except DistillError as e:

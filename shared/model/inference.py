@@ -67,6 +67,14 @@ RENDER_BATCH = 16
 # 2 at a time, as fast. Sounds up to 7.5 s split as before; recipes record the budget, and one
 # without it (made before) replays 16 at a time, as its file was made.
 RENDER_FRAMES = 16 * 704
+# On a CPU, smaller batches: Griffin-Lim's STFTs over a batch of 16 fall out of the caches.
+# Measured (one thread, decode + `fast` phase, CPU time; 16 sounds): of 2 s, 65x real time one
+# at a time, 70x two at a time, 61x sixteen; of 7.5 s, 64x, 71x, 41x; the `best` phase alone
+# on 4-s sounds 16.6x one at a time against 7.6x sixteen at once. So two sounds of 2 s a batch
+# (four of 1 s, eight of 0.5 s). Accelerators keep RENDER_FRAMES. The budget used is recorded
+# in recipes (batches change the last bits), so a sound made either way replays as it was made.
+CPU_RENDER_FRAMES = 2 * 188
+BY_DEVICE = 0  # render_frames: the budget of the model's device (see render_frames_for)
 # A new sound whose peak stays under this is not a sound: every training file is peak-normalised
 # to -1 dBFS, and a prior trained briefly starts a few draws in the silent state its sounds end
 # in and holds it there (2 of 64 draws of the demo's CI-size model peaked under -80 dBFS). Such
@@ -95,6 +103,12 @@ class Generated:
     codes: np.ndarray  # (B, Q, T) int64, the prime's steps included
     sample_rate: int
     redrawn: int = 0  # draws that came out silent and were drawn again (see quiet_draws)
+    render_frames: int | None = None  # the frames budget its batches were decoded with
+
+
+def render_frames_for(model: DistillModel) -> int:
+    """The frames budget of a decoding batch on the model's device (see CPU_RENDER_FRAMES)."""
+    return CPU_RENDER_FRAMES if _device(model).type == "cpu" else RENDER_FRAMES
 
 
 def redraw_note(redrawn: int, count: int) -> str | None:
@@ -394,7 +408,7 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
              on_batch: Callable[[int, int], None] | None = None,
              quiet_under_loudest_db: float | None = QUIET_UNDER_LOUDEST_DB,
              exact_length: bool = True,
-             render_frames: int | None = RENDER_FRAMES) -> Generated:  # fmt: skip
+             render_frames: int | None = BY_DEVICE) -> Generated:  # fmt: skip
     """``count`` new sounds of ``seconds`` each (continuing ``prime``, a (Q, T0) grid, if
     given). Sound i depends on (model, params.seed, count, seconds, prime, quality):
     regenerate with the same values and take item i. ``on_batch(done, count)`` is called
@@ -407,6 +421,8 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
     prior = _prior(model)
     count = check_int(count, "count", 1, MAX_COUNT)
     quality = quality if isinstance(quality, PhasePreset) else check_quality(quality)  # before the draws, not after them
+    if render_frames == BY_DEVICE:
+        render_frames = render_frames_for(model)
     steps = steps_for(model, seconds)
     if float(seconds) <= 0.0:  # steps_for would give one step: a 21-ms click, not a sound
         raise BadInput(f"seconds must be more than 0, got {seconds!r}")
@@ -436,7 +452,7 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
                                          params=dataclasses.replace(params, seed=seed)), q)  # fmt: skip
         grid[silent] = again.cpu().numpy()
         audio[silent] = _render_batches(model, again, quality, None, render_frames)[:, :keep]
-    return Generated(audio, grid, model.mel_config.sample_rate, int(redrawn.sum()))
+    return Generated(audio, grid, model.mel_config.sample_rate, int(redrawn.sum()), render_frames)
 
 
 def quiet_draws(audio: np.ndarray, loudest: float, under_db: float | None) -> list[bool]:
@@ -518,13 +534,15 @@ def resample_region(model: DistillModel, codes: object, t0: int, t1: int,
 def resample_variants(model: DistillModel, codes: object, t0: int, t1: int,
                       params: SamplingParams, quality: Quality, *, count: int,
                       on_batch: Callable[[int, int], None] | None = None,
-                      render_frames: int | None = RENDER_FRAMES) -> Generated:  # fmt: skip
+                      render_frames: int | None = BY_DEVICE) -> Generated:  # fmt: skip
     """``count`` versions of a full grid, each with steps [t0, t1) drawn again by the prior
     (one batch, one seed: version i depends on (model, codes, t0, t1, params, count, quality),
     as a generated sound does). Audio (count, samples) and codes (count, Q, T).
     ``render_frames``: as for :func:`generate`."""
     prior = _prior(model)
     grid = check_grid(model, codes)
+    if render_frames == BY_DEVICE:
+        render_frames = render_frames_for(model)
     p = prior.config.levels  # the prior draws the first p levels; finer ones are left empty
     if bool((grid[:, :p] < 0).any()):
         raise BadInput(f"resample_region needs a code at every step of the first {p} levels "
@@ -536,7 +554,8 @@ def resample_variants(model: DistillModel, codes: object, t0: int, t1: int,
     new[:, :p] = prior_resample_region(prior, grid[:, :p].expand(count, -1, -1), t0, t1, params)
     new[:, p:, t0:t1] = -1  # the sound's finer codes there belonged to the steps drawn over
     audio = _render_batches(model, new, quality, on_batch, render_frames)
-    return Generated(audio, new.cpu().numpy(), model.mel_config.sample_rate)
+    return Generated(audio, new.cpu().numpy(), model.mel_config.sample_rate,
+                     render_frames=render_frames)  # fmt: skip
 
 
 def codebook_usage(model: DistillModel, mels: np.ndarray, batch: int = 64) -> dict[str, Any]:
@@ -592,7 +611,8 @@ RECIPE_KINDS = ("generate", "decode", "edit", "resample")
 
 
 def generate_recipe(params: SamplingParams, *, count: int, seconds: float, quality: str,
-                    index: int, prime: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
+                    index: int, render_frames: int | None,
+                    prime: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
     """What regenerates sound ``index`` of a generate call (an export's metadata ``data``);
     ``prime``, the (Q, T0) codes it continued, if any.
 
@@ -603,19 +623,20 @@ def generate_recipe(params: SamplingParams, *, count: int, seconds: float, quali
     recipe = {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality,
               "phase": phase_record(quality), "index": index, "threads": torch.get_num_threads(),
               "quiet_under_loudest_db": QUIET_UNDER_LOUDEST_DB, "exact_length": True,
-              "render_frames": RENDER_FRAMES}  # fmt: skip
+              "render_frames": render_frames}  # fmt: skip
     if prime is not None:
         recipe["prime"] = np.asarray(prime).tolist()
     return recipe
 
 
 def resample_recipe(params: SamplingParams, codes: np.ndarray, *, t0: int, t1: int,
-                    count: int, quality: str, index: int) -> dict[str, Any]:  # fmt: skip
+                    count: int, quality: str, index: int,
+                    render_frames: int | None) -> dict[str, Any]:  # fmt: skip
     """What makes version ``index`` of a ``resample_variants`` call again: the grid before,
     the region, the sampling parameters (and the thread count, as for a generated sound)."""
     return {**params.to_dict(), "codes": np.asarray(codes).tolist(), "t0": t0, "t1": t1,
             "count": count, "quality": quality, "phase": phase_record(quality), "index": index,
-            "threads": torch.get_num_threads(), "render_frames": RENDER_FRAMES}  # fmt: skip
+            "threads": torch.get_num_threads(), "render_frames": render_frames}  # fmt: skip
 
 
 def decode_recipe(codes: np.ndarray, levels: int | None, quality: str,

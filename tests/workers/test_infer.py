@@ -19,7 +19,7 @@ from distill.shared.audio.mel import MelConfig
 from distill.shared.errors import BAD_REQUEST, MODEL_FORMAT, DistillError, code_of
 from distill.shared.ids import sha256_file
 from distill.shared.model.codes import CodeGrid, EditSession, edit_from_dict
-from distill.shared.model.inference import QUIET_UNDER_LOUDEST_DB, RENDER_FRAMES
+from distill.shared.model.inference import CPU_RENDER_FRAMES, QUIET_UNDER_LOUDEST_DB
 from distill.shared.model.modelfile import DistillModel, save_model
 from distill.shared.model.prior import Prior, PriorConfig
 from distill.shared.model.vqvae import VQVAE, VQVAEConfig
@@ -144,7 +144,7 @@ def test_generate_is_seeded_and_carries_its_params(ctx: FakeContext, model_sha: 
     assert a["params"] == {"temperature": 0.9, "top_k": 0, "top_p": 1.0, "min_p": 0.01,
                            "change_temperature": 1.0, "seed": 5, "count": 3, "seconds": 0.3,
                            "quiet_under_loudest_db": QUIET_UNDER_LOUDEST_DB,
-                           "exact_length": True, "render_frames": RENDER_FRAMES,
+                           "exact_length": True, "render_frames": CPU_RENDER_FRAMES,
                            "phase": [4, "vocoder"]}  # fmt: skip
     assert a["quality"] == "fast"
     assert a["model_id"] and len(a["model_id"]) == 64

@@ -75,7 +75,8 @@ def test_draws_far_under_the_loudest_are_drawn_again_and_old_recipes_replay_with
     assert not np.array_equal(made.codes[quiet], plain.codes[quiet])
     # Each recipe replays what its file holds: with the rule (as recorded) and without it.
     i = int(np.flatnonzero(quiet)[0])
-    recipe = generate_recipe(params, count=8, seconds=0.1, quality="preview", index=i)
+    recipe = generate_recipe(params, count=8, seconds=0.1, quality="preview", index=i,
+                             render_frames=made.render_frames)  # fmt: skip
     assert recipe["quiet_under_loudest_db"] == inference.QUIET_UNDER_LOUDEST_DB
     recipe["quiet_under_loudest_db"] = under
     np.testing.assert_array_equal(replay(model, "generate", recipe), made.audio[i])
@@ -94,7 +95,8 @@ def test_a_recipe_from_before_min_p_replays_as_it_was_drawn() -> None:
         model.prior.head_weight.mul_(30.0)
     params = SamplingParams(seed=4, min_p=0.0, change_temperature=1.0)  # as drawn then
     made = generate(model, count=16, seconds=1.0, params=params, quality="preview")
-    recipe = inference.generate_recipe(params, count=16, seconds=1.0, quality="preview", index=1)
+    recipe = inference.generate_recipe(params, count=16, seconds=1.0, quality="preview", index=1,
+                                       render_frames=made.render_frames)  # fmt: skip
     del recipe["min_p"], recipe["change_temperature"]  # as an older Distill wrote it
     np.testing.assert_array_equal(inference.replay(model, "generate", recipe), made.audio[1])
     cut = generate(model, count=16, seconds=1.0, params=SamplingParams(seed=4, change_temperature=1.0),
@@ -112,7 +114,7 @@ def test_a_recipe_replays_its_change_temperature_and_one_from_before_it_replays_
         params = SamplingParams(seed=4, change_temperature=change)
         made = generate(model, count=16, seconds=1.0, params=params, quality="preview")
         recipe = inference.generate_recipe(params, count=16, seconds=1.0, quality="preview",
-                                           index=1)  # fmt: skip
+                                           index=1, render_frames=made.render_frames)  # fmt: skip
         np.testing.assert_array_equal(inference.replay(model, "generate", recipe), made.audio[1])
         files[change] = (made, recipe)
     made, recipe = files[1.0]
@@ -261,7 +263,8 @@ def test_a_new_sound_is_exactly_as_long_as_asked_and_old_recipes_replay_a_hop_sh
                     prime=prime)  # fmt: skip
     assert cont.audio.shape == (1, 4 * hop + round(seconds * rate))
     np.testing.assert_array_equal(cont.codes[0][:, :5], prime)
-    recipe = generate_recipe(params, count=2, seconds=seconds, quality="preview", index=1)
+    recipe = generate_recipe(params, count=2, seconds=seconds, quality="preview", index=1,
+                             render_frames=made.render_frames)  # fmt: skip
     np.testing.assert_array_equal(replay(model, "generate", recipe), made.audio[1])
     del recipe["exact_length"]  # as an older Distill wrote it
     before = generate(model, count=2, seconds=seconds, params=params, quality="preview",
@@ -280,11 +283,17 @@ def test_long_sounds_decode_in_fewer_per_batch_and_old_recipes_replay_sixteen_at
     assert batch(model, 704, inference.RENDER_FRAMES) == 16  # 7.5 s: as before
     assert batch(model, 5627, inference.RENDER_FRAMES) == 2  # 60 s
     assert batch(model, 5627, None) == 16 and batch(model, 10**6, 100) == 1
+    # on a CPU two sounds of 2 s a batch (Griffin-Lim over 16 at once was up to 2x slower)
+    assert batch(model, 188, inference.CPU_RENDER_FRAMES) == 2
+    assert batch(model, 94, inference.CPU_RENDER_FRAMES) == 4
+    assert inference.render_frames_for(model) == inference.CPU_RENDER_FRAMES
     params = SamplingParams(seed=6)
     one_by_one = generate(model, count=3, seconds=0.3, params=params, quality="fast",
                           render_frames=30)  # fmt: skip
-    recipe = generate_recipe(params, count=3, seconds=0.3, quality="fast", index=2)
-    assert recipe["render_frames"] == inference.RENDER_FRAMES
+    recipe = generate_recipe(params, count=3, seconds=0.3, quality="fast", index=2,
+                             render_frames=generate(model, count=3, seconds=0.3, params=params,
+                                                    quality="fast").render_frames)  # fmt: skip
+    assert recipe["render_frames"] == inference.CPU_RENDER_FRAMES  # the model is on the CPU
     np.testing.assert_array_equal(replay(model, "generate", {**recipe, "render_frames": 30}),
                                   one_by_one.audio[2])  # fmt: skip
     del recipe["render_frames"]  # as an older Distill wrote it
