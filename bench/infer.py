@@ -184,8 +184,9 @@ def bench_round_trip(path: Path, threads: int, edits: int) -> None:
                     times.append(time.perf_counter() - start)
                     session = reply["session"]
                 # the transport alone: a round trip the broker answers itself
-                ping = statistics.median(  # wall time whatever --clock (a CPU clock would
-                    _wall(lambda: c.mmi_service("distill.infer")) for _ in range(20)  # time the client)
+                # wall time whatever --clock: a CPU clock would time only this client
+                ping = statistics.median(
+                    _wall(lambda: c.mmi_service("distill.infer")) for _ in range(20)
                 )
         finally:
             for p in reversed(procs):
