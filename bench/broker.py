@@ -98,7 +98,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="distill-bench-"))
+    with tempfile.TemporaryDirectory(prefix="distill-bench-") as folder:  # its keys go with it
+        run(args, Path(folder))
+
+
+def run(args: argparse.Namespace, tmp: Path) -> None:
     port = free_port_block()
     endpoint = f"tcp://127.0.0.1:{port}"
     broker = spawn(["broker", "--port", str(port), "--data-dir", str(tmp / "broker")], tmp / "broker.log")
