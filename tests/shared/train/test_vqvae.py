@@ -363,8 +363,8 @@ def test_a_newer_checkpoint_format_is_refused(dataset: Dataset) -> None:
     torch.save(ckpt, buf)
     with pytest.raises(ModelFormatError, match="the checkpoint " + newer):
         run(dataset, RecordingHooks(start_from=buf.getvalue()))
-    weights = torch.load(io.BytesIO(weights_to_bytes(result.model, dataset.mel_config)),
-                         weights_only=True)  # fmt: skip
+    raw = weights_to_bytes(result.model, dataset.mel_config)
+    weights = torch.load(io.BytesIO(raw), weights_only=True)
     weights["model_config"] = {**weights["model_config"], "warp": 2}
     buf = io.BytesIO()
     torch.save(weights, buf)
