@@ -193,10 +193,11 @@ class JobService:
 
     def _retry(self, msg: dict[str, Any]) -> dict[str, Any]:
         job_id = field(msg, "id", str)
+        record = self.store.get(job_id, with_metrics=False)
         # its inputs are still there, as a submit's must be (else every attempt would fail on
         # the missing one)
-        self._check_artifacts(self.store.get(job_id, with_metrics=False).params)
-        note = self._forget_lost_checkpoint(job_id)
+        self._check_artifacts(record.params)
+        note = self._forget_lost_checkpoint(record)
         record = self.store.retry(job_id)
         self._announce(record)
         self._dirty = True
@@ -205,13 +206,12 @@ class JobService:
             out["note"] = note
         return out
 
-    def _forget_lost_checkpoint(self, job_id: str) -> str | None:
+    def _forget_lost_checkpoint(self, record: JobRecord) -> str | None:
         """A retry resumes from the job's checkpoint; if that artifact is gone (released, or
         deleted by hand), the job starts from scratch, and the reply says so."""
-        record = self.store.get(job_id, with_metrics=False)
         if record.finished is False or not self._checkpoint_gone(record):
             return None
-        self.store.clear_checkpoint(job_id)
+        self.store.clear_checkpoint(record.id)
         return f"checkpoint {record.checkpoint} is no longer stored: the job starts from scratch"
 
     def _checkpoint_gone(self, record: JobRecord) -> bool:

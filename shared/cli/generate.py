@@ -581,7 +581,8 @@ def regenerate(
     # A recipe from an older Distill may lack a rule it was made under: its other readings
     # (inference.readings) are tried in turn, the file as written kept when none matches.
     tried: list[str] = []
-    first: np.ndarray | None = None
+    first: np.ndarray | None = None  # the recipe as written: what the file is left holding
+    written = None
     try:
         export_format(target)  # a bad suffix is refused before the replay's work
         subtype = sf.info(str(audio_file)).subtype
@@ -591,15 +592,16 @@ def regenerate(
             audio = inf.replay(model, meta.kind, recipe)
             export_audio(target, audio, model.mel_config.sample_rate, subtype=subtype, metadata=again)  # type: ignore[arg-type]
             made = sf.read(str(target), always_2d=True)[0]
-            first = made if first is None else first
+            if first is None:
+                first, written = made, audio
             if np.array_equal(original, made):
                 note = "" if how == "as written" else f" (read {how}: its recipe predates that rule)"
                 typer.echo(f"{target}: identical to {audio_file.name}{note}")
                 return
             tried.append(how)
         if len(tried) > 1:  # leave the file as the recipe reads, not the last reading tried
-            export_audio(target, inf.replay(model, meta.kind, meta.data),
-                         model.mel_config.sample_rate, subtype=subtype, metadata=again)  # type: ignore[arg-type]  # fmt: skip
+            export_audio(target, written, model.mel_config.sample_rate, subtype=subtype,  # type: ignore[arg-type]
+                         metadata=again)  # fmt: skip
     except DistillError as e:
         fail(str(e))
     assert first is not None
