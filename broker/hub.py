@@ -125,16 +125,15 @@ class EventHub:
         """Latest events whose topic starts with any prefix (all for ``[""]``), the seq and the
         epoch they stand at."""
         self.sweep()
-        events = [
-            e for (topic, _), e in self._latest.items() if any(topic.startswith(p) for p in prefixes)
-        ]
-        events.sort(key=lambda e: e["seq"], reverse=True)
+        starts = tuple(prefixes)
+        found = [(e["seq"], key) for key, e in self._latest.items() if key[0].startswith(starts)]
+        found.sort(reverse=True)
         kept, size = [], 0
-        for event in events:  # newest first, while they fit
-            size += len(pack(event))
-            if size > MAX_SNAPSHOT_BYTES:
-                break
-            kept.append(event)
+        for _, key in found:  # newest first, while they fit; one too big to fit is skipped
+            if size + self._sizes[key] > MAX_SNAPSHOT_BYTES:
+                continue
+            size += self._sizes[key]
+            kept.append(self._latest[key])
         kept.reverse()
         return {"seq": self.seq, "broker_epoch": self.epoch, "events": kept,
-                "truncated": len(kept) < len(events)}
+                "truncated": len(kept) < len(found)}

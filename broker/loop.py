@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ from distill.shared.errors import (
     DistillError,
     code_of,
 )
+from distill.shared.ids import unprintable
 from distill.shared.logs import Repeats, get_logger
 from distill.shared.version import distill_version
 
@@ -71,6 +73,11 @@ log = get_logger("broker")
 
 InternalHandler = Callable[[bytes, list[bytes]], "list[bytes] | None"]
 ENV_MAX_QUEUED = "DISTILL_MAX_QUEUED_WITHOUT_WORKER"
+# Body bytes of client requests the broker holds for workers (queued or being served), per
+# client and in all: a request is at most a message (16 MiB), so a client has 8 at once.
+MAX_HELD_BYTES_PER_CLIENT = 128 * 1024 * 1024
+MAX_HELD_BYTES = 512 * 1024 * 1024
+MAX_WORKER_META_BYTES = 16 * 1024  # a worker's READY metadata (ours: well under 1 KiB)
 KEYRING_CHECK_S = 1.0  # how often the loop looks for changes in the allowed keys folder
 REBIND_ATTEMPTS, REBIND_WAIT_S = 40, 0.025  # up to 1 s for a closed port to be free again
 HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -154,12 +161,17 @@ class Broker:
         self.keyring = KeyRing(config.security.allowed_dir) if config.security else None
         self.auth: Any = None
         self.outstanding = OutstandingCounter(config.limits.max_outstanding)
-        self._owners: dict[int, bytes] = {}  # request id -> owner, for the outstanding count
+        self._owners: dict[int, tuple[bytes, int]] = {}  # request id -> owner, body bytes
+        self._held_bytes: Counter[bytes] = Counter()  # body bytes of each owner's requests held
+        self.held_bytes = 0  # of all clients' requests, queued or on workers
         self._worker_keys: dict[bytes, bytes] = {}  # worker identity -> its public key
         # The key (or, without CURVE, the socket identity) of the peer whose message is being
         # handled now: what internal services charge quotas to.
         self.current_owner = b""
+        self.current_roles: frozenset[str] | None = None  # the sender's, under CURVE
         self.timers = Periodic()  # the loop's own upkeep: expiry, heartbeats, key ring, jobs
+        self._drop_repeats = Repeats()  # malformed messages, by kind
+        self._send_repeats = Repeats()  # replies that could not be sent, by reason
         self._handshake_repeats = Repeats()  # failed handshakes: logged once a minute each
         self._add_timers()
 
@@ -440,10 +452,14 @@ class Broker:
             return None
         return self.keyring.roles(key) if key else frozenset()
 
+    def caller_is_worker(self) -> bool:
+        """Whether the message being handled came with a worker key (always, without CURVE)."""
+        return self.current_roles is None or ROLE_WORKER in self.current_roles
+
     def _on_router(self, frames: list[bytes], key: bytes | None = None) -> None:
         # the longest envelope is a worker's reply: identity, empty, MDPW, REPLY, client, empty
         if len(frames) < 3 or len(frames) > P.MAX_FRAMES + 6 or frames[1] != b"":
-            self.dropped += 1
+            self._malformed("not an MDP envelope (identity, empty frame, header, ...)", frames)
             return
         identity, header = frames[0], frames[2]
         roles = self._roles(key)
@@ -456,6 +472,7 @@ class Broker:
                                     disconnect=True)
             return
         self.current_owner = key or identity
+        self.current_roles = roles
         if header == P.MDPC:
             self._on_client(identity, frames[3:])
         elif header == P.MDPW:
@@ -467,7 +484,16 @@ class Broker:
             if key is not None and identity in self.registry.workers:
                 self._worker_keys[identity] = key  # to disconnect it if the key is revoked
         else:
-            self.dropped += 1
+            self._malformed("its header is neither MDPC01 nor MDPW01", frames)
+
+    def _malformed(self, what: str, frames: list[bytes]) -> None:
+        """Drop a message that is not MDP (no reply could reach its sender as one), said in
+        the log once a minute for each kind, with how many were held back."""
+        self.dropped += 1
+        held = self._drop_repeats.due(what)
+        if held is not None:
+            log.warning("message_dropped", reason=what, held_back=held,
+                        peer=frames[0].hex()[:32] if frames else None)
 
     def _refuse_worker(self, identity: bytes, key: bytes | None, frames: list[bytes]) -> None:
         """A client key tried to act as a worker: never registered, told to go away."""
@@ -480,8 +506,8 @@ class Broker:
             self._send([identity, b"", P.MDPW, P.W_DISCONNECT])
 
     def _on_client(self, identity: bytes, frames: list[bytes]) -> None:
-        if not frames:
-            self.dropped += 1  # no service frame: a reply would not be an MDP reply
+        if not frames:  # no service frame: a reply would not be an MDP reply
+            self._malformed("an MDP request without a service frame", [identity])
             return
         service, body = frames[0], frames[1:]
         problem = (
@@ -504,6 +530,10 @@ class Broker:
             self._send_client(identity, service, error_body(ERROR, refusal))
         else:
             owner = self.current_owner
+            size = sum(len(frame) for frame in body)
+            if (refusal := self._bytes_refusal(owner, size)) is not None:
+                self._send_client(identity, service, error_body(ERROR, refusal))
+                return
             if not self.outstanding.admit(owner):
                 self._send_client(identity, service, error_body(
                     ERROR, f"too many requests in flight: this client already has "
@@ -513,14 +543,36 @@ class Broker:
             now = time.monotonic()
             request = self.registry.new_request(
                 service, body, ClientOrigin(identity), now, self.config.request_timeout_s)
-            self._owners[request.id] = owner
+            self._owners[request.id] = (owner, size)
+            self._held_bytes[owner] += size
+            self.held_bytes += size
             self.registry.enqueue(request)
             self._dispatch(service)
 
+    def _bytes_refusal(self, owner: bytes, size: int) -> str | None:
+        """Why a request of ``size`` body bytes may not be held now, or None. The count caps
+        alone let 30 requests of 10 MB to a service with no worker hold 300 MB until they
+        expired, and a client without CURVE is a new owner with every socket."""
+        mib = 1024 * 1024
+        if self._held_bytes[owner] + size > MAX_HELD_BYTES_PER_CLIENT:
+            return (f"too much in flight: this client's requests waiting or running on workers "
+                    f"already hold {self._held_bytes[owner] / mib:.0f} MiB (at most "
+                    f"{MAX_HELD_BYTES_PER_CLIENT // mib} MiB): wait for replies before sending more")
+        if self.held_bytes + size > MAX_HELD_BYTES:
+            return (f"the broker is holding {self.held_bytes / mib:.0f} MiB of requests for "
+                    f"workers (at most {MAX_HELD_BYTES // mib} MiB): try again when they have "
+                    "been served")  # fmt: skip
+        return None
+
     def _release(self, request: Request) -> None:
-        owner = self._owners.pop(request.id, None)
-        if owner is not None:
+        held = self._owners.pop(request.id, None)
+        if held is not None:
+            owner, size = held
             self.outstanding.release(owner)
+            self._held_bytes[owner] -= size
+            if self._held_bytes[owner] <= 0:
+                del self._held_bytes[owner]
+            self.held_bytes -= size
 
     def _mmi(self, service: bytes, body: list[bytes]) -> bytes:
         if service != P.MMI_SERVICE:
@@ -546,7 +598,7 @@ class Broker:
     # --- workers -----------------------------------------------------------------------------
     def _on_worker(self, identity: bytes, frames: list[bytes]) -> None:
         if not frames or frames[0] not in P.WORKER_COMMANDS:
-            self.dropped += 1
+            self._malformed("a worker message without a known command", [identity])
             if identity in self.registry.workers:
                 self._remove_worker(identity, "sent an invalid command", disconnect=True)
             return
@@ -580,8 +632,23 @@ class Broker:
             self.dropped += 1
             self._send_worker(identity, [P.W_DISCONNECT])
             return
+        try:
+            bad = unprintable(service.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad = "bytes that are not UTF-8"
+        if bad is not None:  # it would reach every `distill workers` table as it is
+            self.dropped += 1
+            log.warning("worker_refused", service=service.decode(errors="replace"),
+                        reason=f"its service name holds {bad}")
+            self._send_worker(identity, [P.W_DISCONNECT])
+            return
         meta: dict[str, Any] = {}
-        if len(rest) == 2:
+        if len(rest) == 2 and len(rest[1]) > MAX_WORKER_META_BYTES:
+            # it rides on every `distill.workers` reply and worker event: nine megabytes of
+            # it made that reply too big for any client
+            log.warning("worker_metadata_ignored", service=service.decode(errors="replace"),
+                        reason=f"{len(rest[1])} bytes, over {MAX_WORKER_META_BYTES}")
+        elif len(rest) == 2:
             try:
                 known = WorkerMeta.decode(rest[1])  # validates the fields we read
                 meta = {**unpack_map(rest[1]), **known.to_map()}
@@ -684,7 +751,11 @@ class Broker:
             self.router.send_multipart(frames, zmq.NOBLOCK)
             return True
         except zmq.ZMQError as e:  # EHOSTUNREACH (peer gone) or EAGAIN (peer not reading)
-            log.info("send_failed", peer=frames[0].hex(), reason=e.strerror)
+            # a client that sends without reading would get a line per reply: once a minute
+            # for each reason, with how many were held back
+            held = self._send_repeats.due(e.strerror)
+            if held is not None:
+                log.info("send_failed", peer=frames[0].hex(), reason=e.strerror, held_back=held)
             return False
 
     def _send_worker(self, identity: bytes, frames: list[bytes]) -> bool:
@@ -710,8 +781,8 @@ class Broker:
             return
         try:
             topic, event = self.hub.parse(frames)
-        except DecodeError:
-            self.dropped += 1
+        except DecodeError as e:
+            self._malformed(f"an event: {e}", [])
             return
         if not may_publish(topic):
             self.dropped += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import unicodedata
 from pathlib import Path
 from typing import TypeGuard
 
@@ -19,6 +20,16 @@ from distill.shared.errors import ArtifactError
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _READ_BLOCK_BYTES = 1024 * 1024  # large enough to hash at disk speed, small enough to stream
+
+
+def unprintable(text: str) -> str | None:
+    """The first character of ``text`` a name must not hold, as ``U+XXXX``, or None: control
+    characters (a terminal acts on ESC, BEL, NUL) and invisible format characters (U+202E
+    reverses how the rest of a name is shown, U+200B hides in it), line separators too."""
+    for c in text:
+        if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp"):
+            return f"U+{ord(c):04X}"
+    return None
 
 
 def is_sha256(s: object) -> TypeGuard[str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from distill.broker.services.common import field, ok_body
+from distill.broker.services.common import field, ok_body, page
 from distill.broker.services.quota import ArtifactQuota
 from distill.broker.store.artifacts import ArtifactStore, OffsetMismatch
 from distill.shared.bus import protocol as P
@@ -77,9 +77,7 @@ class ArtifactService:
         if op == "stat":
             return ok_body(self.store.stat(field(msg, "sha256", str)).to_dict())
         if op == "list":  # paged: at most MAX_LIST_ARTIFACTS records from ``start``
-            start = field(msg, "start", int, 0) or 0
-            limit = min(field(msg, "limit", int, MAX_LIST_ARTIFACTS) or MAX_LIST_ARTIFACTS,
-                        MAX_LIST_ARTIFACTS)
+            start, limit = page(msg, MAX_LIST_ARTIFACTS, MAX_LIST_ARTIFACTS)
             records = self.store.list(kind=field(msg, "kind", str, None), job=field(msg, "job", str, None),
                                       start=start, limit=limit + 1)
             return ok_body({"artifacts": [r.to_dict() for r in records[:limit]],

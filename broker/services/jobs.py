@@ -8,13 +8,14 @@ timers); it reaches the loop only through :class:`JobHost`, never by importing i
 from __future__ import annotations
 
 import dataclasses
+import math
 import sqlite3
 import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
 from distill.broker.registry import JobOrigin, Registry, Request, WorkerEntry
-from distill.broker.services.common import field, ok_body
+from distill.broker.services.common import field, ok_body, page
 from distill.broker.services.periodic import Periodic
 from distill.broker.services.retention import Retention
 from distill.broker.store.journal import (
@@ -23,12 +24,14 @@ from distill.broker.store.journal import (
     JobStore,
     StaleAttempt,
     artifact_refs,
+    check_params,
 )
 from distill.shared import errors as E
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
 from distill.shared.bus.messages import JobDispatch, JobSubmit
 from distill.shared.errors import DecodeError, JobError
+from distill.shared.ids import is_sha256
 from distill.shared.logs import get_logger
 
 log = get_logger("broker.jobs")
@@ -45,6 +48,10 @@ RESCAN_S = 1.0  # look for newly dispatchable jobs at least this often
 RETENTION_SWEEP_S = 60.0  # make up deletions a crash missed; the usual ones happen at once
 PREVIEW_TRIM_S = 5.0  # how soon old previews go once a job published a new one
 MAX_WAIT_S = 300.0
+# `wait`s parked at once: per job, and in all (each is a client's long poll; past these a wait
+# is refused at once rather than held)
+MAX_WAITERS_PER_JOB = 256
+MAX_WAITERS = 10_000
 MAX_LIST_JOBS = 500  # jobs per list reply
 MAX_ANNOUNCED_KEPT = 10_000  # finished jobs remembered as announced (see _announced_final)
 # A list reply stops adding jobs past this many packed bytes (params may be large), well below
@@ -58,6 +65,7 @@ class JobHost(Protocol):
     registry: Registry
 
     def publish(self, topic: str, event: dict[str, Any]) -> dict[str, Any]: ...
+    def caller_is_worker(self) -> bool: ...
     def submit_internal(self, service: bytes, body: list[bytes], job_id: str) -> Request: ...
     def reply_later(self, identity: bytes, service: bytes, body: list[bytes]) -> bool: ...
 
@@ -113,6 +121,7 @@ class JobService:
             # would wait in the queue for ever
             raise JobError(f"{req.service} is the broker's own service: no worker runs jobs "
                            "for it")  # fmt: skip
+        check_params(req.params)  # its size and shape first: the artifact walk below reads it all
         self._check_artifacts(req.params)
         record = self.store.submit(req.service, req.params, depends_on=req.depends_on,
                                    max_attempts=req.max_attempts, timeout_s=req.timeout_s)
@@ -149,8 +158,7 @@ class JobService:
         """``metrics_page {id, start, limit}`` -> ``{start, rows, count}``; ``rows`` holds at
         most ``limit`` (capped at MAX_METRICS_PAGE) rows from index ``start``."""
         job_id = field(msg, "id", str)
-        start = field(msg, "start", int, 0) or 0
-        limit = field(msg, "limit", int, MAX_METRICS_PAGE) or MAX_METRICS_PAGE
+        start, limit = page(msg, MAX_METRICS_PAGE, MAX_METRICS_PAGE)
         rows = self.store.metrics_page(job_id, start=start, limit=limit)
         return {"id": job_id, "start": start, "rows": rows, "count": self.store.metric_count(job_id)}
 
@@ -158,10 +166,7 @@ class JobService:
         """``list {status?, service?, start?, limit?}`` -> ``{jobs, start, more, truncated}``:
         newest first, at most ``limit`` (capped at MAX_LIST_JOBS) from position ``start``;
         ``more`` says another page follows (``truncated``: this one was cut by its size)."""
-        limit = min(field(msg, "limit", int, 200) or 200, MAX_LIST_JOBS)
-        start = field(msg, "start", int, 0) or 0
-        if start < 0:
-            raise JobError(f"jobs list needs start >= 0, got {start}")
+        start, limit = page(msg, 200, MAX_LIST_JOBS)
         records = self.store.list(status=field(msg, "status", str, None),
                                   service=field(msg, "service", str, None), limit=limit + 1,
                                   start=start)
@@ -220,11 +225,31 @@ class JobService:
         return (record.checkpoint is not None and self.retention is not None
                 and not self.retention.artifacts.has(record.checkpoint))  # fmt: skip
 
+    def _worker_write(self, msg: dict[str, Any], action: str) -> tuple[str, int | None]:
+        """The job id and attempt of a worker's ``checkpoint`` or ``metrics`` request. Under
+        CURVE only a worker key may send one; and the job must be running (with ``attempt``,
+        that attempt: a worker abandoned by the broker cannot write beside its successor;
+        without it, as workers before the attempt was sent do, any running attempt)."""
+        job_id = field(msg, "id", str)
+        attempt = field(msg, "attempt", int, None)
+        if not self.broker.caller_is_worker():
+            raise JobError(f"cannot {action} job {job_id}: only a worker key may (this is a "
+                           "client key)")  # fmt: skip
+        if attempt is None:
+            status = self.store.get(job_id, with_metrics=False).status
+            if status != "running":
+                raise StaleAttempt(f"cannot {action} job {job_id}: it is {status}, not running")
+        return job_id, attempt
+
     def _checkpoint(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """``checkpoint {id, sha256, attempt?}``: with ``attempt``, refused unless it is the
-        running one (a worker abandoned by the broker cannot overwrite its successor's)."""
-        job_id, sha = field(msg, "id", str), field(msg, "sha256", str)
-        previous = self.store.set_checkpoint(job_id, sha, attempt=field(msg, "attempt", int, None))
+        """``checkpoint {id, sha256, attempt}``: the job's latest checkpoint, from the worker
+        running it (see :meth:`_worker_write`); the artifact must be stored."""
+        job_id, attempt = self._worker_write(msg, "set the checkpoint of")
+        sha = field(msg, "sha256", str)
+        if self.retention is not None and is_sha256(sha) and not self.retention.artifacts.has(sha):
+            raise JobError(f"checkpoint {sha[:16]} of job {job_id} is not in the broker's store: "
+                           "upload it first")  # fmt: skip
+        previous = self.store.set_checkpoint(job_id, sha, attempt=attempt)
         if previous is not None and self.retention is not None:
             try:
                 self.retention.superseded(job_id, previous)
@@ -234,20 +259,40 @@ class JobService:
 
     def _metrics(self, msg: dict[str, Any]) -> dict[str, Any]:
         """A metric row sent as a request: stored before the reply, so no row is ever lost to
-        the event stream's best-effort delivery; then published for live viewers. With
-        ``attempt``, refused unless it is the running one (no duplicate rows from a stale one)."""
-        job_id, row = field(msg, "id", str), field(msg, "row", dict)
-        self.store.append_metrics(job_id, row, attempt=field(msg, "attempt", int, None))
+        the event stream's best-effort delivery; then published for live viewers. From the
+        worker running the job only (see :meth:`_worker_write`): no duplicate rows from a
+        stale attempt, none on a job that is not running."""
+        job_id, attempt = self._worker_write(msg, "record metrics of")
+        row = field(msg, "row", dict)
+        self.store.append_metrics(job_id, row, attempt=attempt)
         self.broker.publish(f"job.{job_id}", {"type": "metrics", "job": job_id, "row": row, "recorded": True})
         return {"id": job_id}
 
+    @property
+    def _waiting(self) -> int:
+        return sum(len(parked) for parked in self.waiters.values())
+
     def _wait(self, identity: bytes, msg: dict[str, Any]) -> list[bytes] | None:
+        """``wait {id, timeout_s}``: the record once the job has finished, or after
+        ``timeout_s`` (default 30, at most MAX_WAIT_S; 0: at once) with ``wait_timed_out``."""
         job_id = field(msg, "id", str)
-        timeout_s = min(float(field(msg, "timeout_s", (int, float), 30.0) or 30.0), MAX_WAIT_S)
+        timeout_s = field(msg, "timeout_s", (int, float), None)
+        if timeout_s is None:
+            timeout_s = 30.0
+        if not math.isfinite(timeout_s) or timeout_s < 0:
+            raise DecodeError(f"field 'timeout_s' must be a finite number of seconds >= 0, "
+                              f"got {timeout_s}")  # fmt: skip
         record = self.store.get(job_id, with_metrics=False)
         if record.finished:
             return ok_body(record.to_dict(with_metrics=False))
-        self.waiters.setdefault(job_id, []).append((identity, time.monotonic() + timeout_s))
+        if timeout_s == 0:
+            return ok_body({**record.to_dict(with_metrics=False), "wait_timed_out": True})
+        parked = self.waiters.get(job_id, [])
+        if len(parked) >= MAX_WAITERS_PER_JOB or self._waiting >= MAX_WAITERS:
+            raise JobError(f"too many clients wait on {'job ' + job_id if parked else 'jobs'} "
+                           "already: poll with `get` instead")  # fmt: skip
+        self.waiters.setdefault(job_id, parked).append(
+            (identity, time.monotonic() + min(float(timeout_s), MAX_WAIT_S)))
         return None
 
     # --- events ------------------------------------------------------------------------------
@@ -274,8 +319,11 @@ class JobService:
                 except JobError:
                     pass  # an event for a job this broker does not know
             for job_id, row in self.pending_metrics:
+                # a row published as an event (workers before rows were requests) is kept only
+                # while its job runs: anyone who may publish could otherwise add rows to any job
                 try:
-                    self.store.append_metrics(job_id, row)
+                    if self.store.get(job_id, with_metrics=False).status == "running":
+                        self.store.append_metrics(job_id, row)
                 except JobError:
                     pass
         self.pending_progress.clear()

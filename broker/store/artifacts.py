@@ -69,11 +69,15 @@ from distill.shared.bus.protocol import (
     MAX_MESSAGE_BYTES,
 )
 from distill.shared.errors import OFFSET_MISMATCH, ArtifactDamaged, ArtifactError, StoreFull
-from distill.shared.ids import fsync_dir, require_sha256, sha256_file
+from distill.shared.ids import fsync_dir, require_sha256, sha256_file, unprintable
 
 MAX_KIND_CHARS = 64
 MAX_NAME_CHARS = MAX_ARTIFACT_NAME_CHARS
 MAX_JOB_CHARS = 64
+# Uploads begun and not finished, at once: each is a row and a file until it finishes or
+# idles out (an hour). Without a bound a script could begin ~2 million empty ones an hour.
+MAX_UPLOADS_IN_PROGRESS = 2_000
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 MAX_READ_BYTES = MAX_MESSAGE_BYTES // 2  # a read chunk plus its envelope fits one message
 MAX_FINISH_HASH_BYTES = 64 * 1024**2  # hashed inline at finish (~0.2 s); more: verify_step
 VERIFY_STEP_BYTES = 32 * 1024**2  # re-hashed per verify_step call after a restart (~0.1 s)
@@ -141,8 +145,9 @@ def _check_text(value: object, what: str, max_chars: int, *, empty_ok: bool = Fa
         raise ArtifactError(f"artifact {what} must be a string, got {type(value).__name__}")
     if len(value) > max_chars or (not value and not empty_ok):
         raise ArtifactError(f"artifact {what} must be 1..{max_chars} characters")
-    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
-        raise ArtifactError(f"artifact {what} {value!r} contains control characters")
+    if (bad := unprintable(value)) is not None:
+        raise ArtifactError(f"artifact {what} {value!r} contains a control or format character "
+                            f"({bad})")
     return value
 
 
@@ -314,6 +319,14 @@ class ArtifactStore:
     def _start_upload(self, sha: str, size: int, kind: str, name: str, job: str | None) -> None:
         """A fresh upload (replacing an inconsistent one: another size, an overlong file)."""
         self._discard_upload(sha)
+        if size == 0 and sha != EMPTY_SHA256:
+            raise ArtifactError(f"artifact {sha} cannot be empty: an empty file's id is "
+                                f"{EMPTY_SHA256}")  # fmt: skip
+        (uploading,) = self._db.execute("SELECT COUNT(*) FROM uploads").fetchone()
+        if uploading >= MAX_UPLOADS_IN_PROGRESS:
+            raise StoreFull(f"{uploading} uploads are in progress, the most the store takes at "
+                            "once: finish them (an abandoned one is forgotten after "
+                            f"{self.upload_idle_s / 3600:g} h of no chunks)")  # fmt: skip
         free = self.max_bytes - self.used_bytes()
         if size > free:
             raise StoreFull(

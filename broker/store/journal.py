@@ -41,10 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from distill.shared.bus import codec
 from distill.shared.bus.protocol import MAX_JOB_PARAMS_BYTES
 from distill.shared.errors import DecodeError, JobError
-from distill.shared.ids import is_sha256
+from distill.shared.ids import is_sha256, unprintable
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
@@ -57,6 +59,7 @@ MAX_ATTEMPTS_LIMIT = 100  # a typo such as 1000 would keep a broken job cycling 
 MAX_LOST_ATTEMPTS = 20
 FINAL_ERROR_ATTEMPTS = 4  # attempts a failed job's error lists in full
 MAX_PARAMS_BYTES = MAX_JOB_PARAMS_BYTES  # params name artifacts and settings (shared/bus/protocol)
+MAX_PARAMS_DEPTH = 32  # maps and lists within each other; Distill's own go 4 deep
 MAX_RESULT_BYTES = 1024 * 1024  # a result is a summary (ids, metrics), far below a message
 MAX_METRIC_ROW_BYTES = 16 * 1024  # one epoch's numbers; a loss curve is thousands of these
 MAX_PROGRESS_BYTES = 64 * 1024  # the latest progress line, with per-level codebook use
@@ -201,6 +204,29 @@ def _pack_map(value: Any, what: str, max_bytes: int | None = None) -> bytes:
     return packed
 
 
+def check_params(params: Any) -> bytes:
+    """A job's params packed, or JobError: a map with string keys, at most MAX_PARAMS_BYTES
+    packed, nested at most MAX_PARAMS_DEPTH deep, holding only msgpack's plain values (and
+    arrays). Checked before anything walks them (the artifact check, ``jobs show``): a
+    thousand-deep nest hit Python's recursion limit there."""
+    packed = _pack_map(params, "params", MAX_PARAMS_BYTES)
+    stack: list[tuple[Any, int]] = [(params, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            items: Any = value.values()
+        elif isinstance(value, list):
+            items = value
+        elif value is None or isinstance(value, (str, bytes, int, float, np.ndarray)):
+            continue
+        else:
+            raise JobError(f"params hold a {type(value).__name__}, which a job's params may not")
+        if depth > MAX_PARAMS_DEPTH:
+            raise JobError(f"params nest deeper than {MAX_PARAMS_DEPTH} levels")
+        stack.extend((item, depth + 1) for item in items)
+    return packed
+
+
 def _unpack(blob: bytes | None) -> Any:
     if blob is None:
         return None
@@ -260,6 +286,8 @@ def _check_submit_args(
 ) -> list[str]:
     if not isinstance(service, str) or not 0 < len(service) <= MAX_SERVICE_NAME_CHARS:
         raise JobError(f"service must be a name of 1..{MAX_SERVICE_NAME_CHARS} characters")
+    if (bad := unprintable(service)) is not None:
+        raise JobError(f"service {service!r} contains a control or format character ({bad})")
     if isinstance(depends_on, str) or not all(isinstance(d, str) for d in depends_on):
         raise JobError("depends_on must be a list of job ids")
     if (
@@ -435,8 +463,9 @@ class JobStore:
         row = None
         if isinstance(job_id, str):
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None:
-            raise JobError(f"no job {job_id}")
+        if row is None:  # a job id is ~12 characters: a longer one is not echoed whole
+            shown = job_id if len(str(job_id)) <= 80 else f"{str(job_id)[:40]}… ({len(str(job_id))} characters)"
+            raise JobError(f"no job {shown}")
         return row
 
     def _deps_of(self, ids: Sequence[str]) -> dict[str, builtins.list[str]]:
@@ -630,7 +659,7 @@ class JobStore:
     ) -> JobRecord:
         """Store a new job. It is queued, or cancelled at once if a dependency already failed."""
         deps = _check_submit_args(service, depends_on, max_attempts, timeout_s)
-        packed = _pack_map(params, "params", MAX_PARAMS_BYTES)
+        packed = check_params(params)
         with self._write() as db:
             (queued,) = db.execute(
                 "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND service = ?", (service,)

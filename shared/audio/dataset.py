@@ -261,6 +261,10 @@ def _check_sizes(b: bytes, limit: int) -> None:
 def _read_npz(b: bytes) -> dict[str, np.ndarray]:
     try:
         _check_sizes(b, max_dataset_bytes())
+        if not b.startswith((b"PK", b"\x93NUMPY")):  # numpy reads anything else as a pickle
+            what = ("pickled objects, which are never loaded" if b[:1] == b"\x80"
+                    else f"no .npz archive (it begins {b[:8]!r})")
+            raise DatasetError(f"not a Distill dataset: it holds {what}")
         loaded = np.load(io.BytesIO(b), allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
             raise DatasetError("not a Distill dataset: a single array, not an .npz archive")

@@ -101,17 +101,25 @@ def reply_body(msg: list[bytes], service: bytes) -> list[bytes] | None:
 
 
 def decode_reply(frames: list[bytes], service: str) -> Any:
-    """Unpack a Distill service reply; raise RequestError (with its wire code) for errors."""
+    """Unpack a Distill service reply; raise RequestError (with its wire code) for errors, and
+    with ``bad_reply`` for anything that is not a Distill reply (a third-party or broken
+    worker's answer): never an AttributeError out of a malformed one."""
     if not frames:
-        raise DecodeError(f"empty reply from {service!r}")
-    reply = unpack_map(frames[0], f"reply from {service!r}")
-    if reply.get("ok") is True:
+        raise RequestError(f"{service}: empty reply", code=BAD_REPLY)
+    try:
+        reply = unpack_map(frames[0], f"reply from {service!r}")
+    except DecodeError as e:
+        raise RequestError(f"{service}: the reply is not a Distill reply: {e}",
+                           code=BAD_REPLY) from e
+    ok = reply.get("ok")
+    if ok is True:
         return reply.get("result")
-    if "ok" not in reply:
+    err = reply.get("error")
+    if ok is not False or not isinstance(err, dict):
         raise RequestError(f"{service}: the reply is not a Distill reply ({{ok, result}} or "
-                           "{ok, error}): a raw service such as echo answers with the "
-                           "request's own frames (use request_raw)", code=BAD_REPLY)  # fmt: skip
-    err = reply.get("error") or {}
+                           "{ok, error: {code, message}}): a raw service such as echo answers "
+                           "with the request's own frames (use request_raw)",
+                           code=BAD_REPLY)  # fmt: skip
     code = str(err.get("code", "error"))
     message = str(err.get("message", "unknown error"))
     if reply.get("cancelled"):

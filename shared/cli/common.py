@@ -10,6 +10,8 @@ from typing import Any, NoReturn
 
 import typer
 
+from distill.shared.ids import unprintable
+
 BrokerOpt = typer.Option(None, "--broker", "-b", envvar="DISTILL_BROKER",
                          help="Broker endpoint: tcp://HOST:PORT, HOST:PORT or HOST.")
 
@@ -141,12 +143,24 @@ def human_bytes(n: float | None) -> str:
     return str(n)
 
 
+def shown(value: Any) -> str:
+    """``value`` as text a terminal shows and does not act on: a control or format character
+    (ESC, BEL, NUL, U+202E) written as its escape. Names come from peers and other people's
+    files; an ESC sequence in one could clear the screen or retitle the window."""
+    text = str(value)
+    if unprintable(text) is None:
+        return text
+    return "".join(c if unprintable(c) is None else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
     """Columns padded by the terminal cells a text takes (a CJK character or an emoji takes
-    two: padded by characters, such names shifted the columns after them)."""
+    two: padded by characters, such names shifted the columns after them); control and format
+    characters shown escaped (see :func:`shown`)."""
     from rich.cells import cell_len
 
-    cells = [[str(c) if c is not None else "-" for c in row] for row in rows]
+    cells = [[shown(c) if c is not None else "-" for c in row] for row in rows]
     widths = [max([len(h)] + [cell_len(r[i]) for r in cells]) for i, h in enumerate(headers)]
 
     def pad(text: str, width: int) -> str:

@@ -18,6 +18,7 @@ from distill.shared.cli.common import (
     fail,
     human_bytes,
     print_table,
+    shown,
 )
 from distill.shared.errors import DistillError
 
@@ -102,7 +103,7 @@ def register(app: typer.Typer) -> None:
             return
         for key in ("id", "service", "status", "attempts", "max_attempts", "lost_attempts", "worker",
                     "depends_on", "checkpoint", "error"):
-            typer.echo(f"{key:>13}: {r.get(key)}")
+            typer.echo(f"{key:>13}: {shown(r.get(key))}")
         for key in ("created_at", "started_at", "finished_at"):
             ts = r.get(key)
             typer.echo(f"{key:>13}: {datetime.fromtimestamp(ts).isoformat(' ', 'seconds') if ts else '-'}")

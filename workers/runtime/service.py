@@ -113,10 +113,14 @@ def module_handler(module: ModuleType, device: str) -> Callable[[Delivery, Execu
         if raw and delivery.job_id is None:
             return list(delivery.body)
         try:
+            if len(delivery.body) != 1:  # a Distill request is one msgpack map
+                raise DecodeError(f"a request to {module.SERVICE} is one body frame, got "
+                                  f"{len(delivery.body)}")  # fmt: skip
             msg = unpack_map(delivery.body[0], "request body")
             if delivery.job_id is not None:
                 if run_job is None:
-                    raise DistillError(f"service {module.SERVICE} runs no jobs")
+                    raise DecodeError(f"service {module.SERVICE} runs no jobs (it answers "
+                                      "requests): no other attempt can do better")
                 info = parse_job(msg)
                 result = run_job(RuntimeJobContext(info, delivery, executor, device))
             else:

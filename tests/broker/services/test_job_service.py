@@ -26,6 +26,10 @@ class FakeHost:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.submitted: list[str] = []
         self.replies: list[dict[str, Any]] = []
+        self.worker_key = True  # what the loop says of the sender's key (always, without CURVE)
+
+    def caller_is_worker(self) -> bool:
+        return self.worker_key
 
     def publish(self, topic: str, event: dict[str, Any]) -> dict[str, Any]:
         self.events.append((topic, event))

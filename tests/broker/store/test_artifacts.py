@@ -456,3 +456,22 @@ def test_an_index_of_a_newer_distill_is_refused_naming_it_and_untouched(root: Pa
     raw = sqlite3.connect(index)
     assert raw.execute("PRAGMA user_version").fetchone()[0] == 7
     raw.close()
+
+
+def test_uploads_in_progress_are_bounded(store: ArtifactStore,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Begun, never finished: each a row and a file for an hour. Empty ones of made-up ids
+    came at 535 a second with no bound (the quota charges nothing for them)."""
+    import distill.broker.store.artifacts as A
+
+    with pytest.raises(ArtifactError, match="cannot be empty"):
+        store.begin_put("ab" * 32, 0, kind="audio", name="x.wav", job=None)
+    assert store.begin_put(sha(b""), 0, kind="audio", name="empty.wav", job=None) == 0
+    monkeypatch.setattr(A, "MAX_UPLOADS_IN_PROGRESS", 3)
+    for i in range(2):
+        store.begin_put(sha(bytes([i])), 1, kind="audio", name=f"{i}.wav", job=None)
+    with pytest.raises(StoreFull, match="3 uploads are in progress"):
+        store.begin_put(sha(b"more"), 4, kind="audio", name="more.wav", job=None)
+    store.put_chunk(sha(b"\x00"), 0, b"\x00")
+    store.finish_put(sha(b"\x00"))  # one finishes: room for another
+    assert store.begin_put(sha(b"more"), 4, kind="audio", name="more.wav", job=None) == 0

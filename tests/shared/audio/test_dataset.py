@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import pickle
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -282,6 +283,11 @@ def test_corrupt_truncated_or_foreign_bytes_raise(small: Dataset) -> None:
     np.save(bare, np.zeros(3))
     with pytest.raises(DatasetError, match="not a Distill dataset"):
         Dataset.from_bytes(bare.getvalue())
+    # bytes that are no archive: said so (numpy's reading called them pickled objects)
+    with pytest.raises(DatasetError, match=r"holds no .npz archive \(it begins b'not a mo'\)"):
+        Dataset.from_bytes(b"not a model")
+    with pytest.raises(DatasetError, match="pickled objects"):
+        Dataset.from_bytes(pickle.dumps({"a": 1}))
     flipped = bytearray(good)
     flipped[len(flipped) // 2] ^= 0xFF  # zip CRC catches a flipped byte in an array
     with pytest.raises(DatasetError):

@@ -102,6 +102,16 @@ def test_decode_reply_carries_the_wire_code() -> None:
     assert e.value.code == "bad_reply"
 
 
+def test_a_reply_that_is_not_a_distill_reply_is_bad_reply() -> None:
+    """A broken or third-party worker's answer: always a RequestError with ``bad_reply``
+    (``{ok: false, error: "text"}`` raised a bare AttributeError out of Client.request)."""
+    for frames in ([pack({"ok": False, "error": "str"})], [pack({"ok": "yes"})],
+                   [pack({"ok": False})], [b"\xc1 not msgpack"], [pack([1, 2])], []):
+        with pytest.raises(RequestError) as e:
+            decode_reply(frames, "fz")
+        assert e.value.code == "bad_reply", frames
+
+
 def test_reply_ledger_counts_owed_replies() -> None:
     ledger = ReplyLedger()
     assert ledger.clean

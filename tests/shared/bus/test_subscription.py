@@ -165,3 +165,20 @@ def test_the_remembered_events_are_bounded_by_bytes() -> None:
         hub.stamp(f"job.{i}", {"type": "progress", "blob": "x" * size})
     assert hub.latest_bytes <= hub_module.MAX_LATEST_BYTES
     assert hub.remembered() < hub_module.MAX_LATEST_BYTES // size + 1
+
+
+def test_a_snapshot_skips_an_event_too_big_for_it_and_keeps_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The newest event over the snapshot's bound ended it: a worker's 9 MB READY left
+    `worker.` snapshots empty."""
+    import distill.broker.hub as H
+
+    monkeypatch.setattr(H, "MAX_SNAPSHOT_BYTES", 64 * 1024)
+    hub = EventHub()
+    for i in range(3):
+        hub.stamp(f"worker.w{i}", {"type": "ready", "host": "h"})
+    hub.stamp("worker.big", {"type": "ready", "junk": "x" * 100_000})
+    snap = hub.snapshot(["worker."])
+    assert [e["topic"] for e in snap["events"]] == ["worker.w0", "worker.w1", "worker.w2"]
+    assert snap["truncated"]

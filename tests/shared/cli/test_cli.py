@@ -294,6 +294,17 @@ def test_tables_line_up_with_wide_characters(capsys: pytest.CaptureFixture[str])
     assert len({cell_len(line[: line.rindex("ok")]) for line in lines[1:]}) == 1
 
 
+def test_tables_show_control_characters_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    """A worker's host or an old journal's service name with ESC, BEL, NUL or U+202E reached
+    the terminal as it was (an OSC sequence retitled the window even through a pipe)."""
+    from distill.shared.cli.common import print_table
+
+    print_table(["service", "host"], [["x\x1b]0;TITLE\x07", "a\x00b\u202e"]])
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\x00\u202e")
+    assert "x\\x1b]0;TITLE\\x07" in out and "a\\x00b\\u202e" in out
+
+
 def test_a_live_line_off_a_terminal_is_a_line_every_so_often() -> None:
     """To a file or a pipe (an overnight run's log) each update was a `\\r` on one ever longer
     line (193 kB for one upload): now a line of its own at most every few seconds, the latest
