@@ -49,7 +49,8 @@ edit               session (an EditSession dict: base grid,        session (the 
 =================  ==============================================  =============================
 
 Limits: sounds and grids up to :data:`~distill.shared.model.inference.MAX_SECONDS` (60 s);
-``count`` up to 16 as a request. Errors are the usual ``{"ok": false, "error": {code, message}}``:
+``count`` up to 16 as a request, as many as fit one reply (16 MiB: checked before the work);
+``encode``'s ``search`` times the sound's seconds at most 16 x 60. Errors are the usual ``{"ok": false, "error": {code, message}}``:
 ``bad_request`` for a missing, mistyped or out-of-range field (a code outside 0..K-1, a grid
 with the wrong number of levels, a 10-hour length, an unknown op), ``model_format`` for a corrupt
 model file, ``artifact`` for an unknown artifact id. The worker keeps serving after any of them.
@@ -79,6 +80,7 @@ import torch
 
 from distill.shared.audio.dataset import Dataset
 from distill.shared.audio.export import ExportMetadata, export_audio
+from distill.shared.bus import protocol as P
 from distill.shared.errors import ModelFormatError
 from distill.shared.ids import is_sha256
 from distill.shared.model import inference as inf
@@ -88,6 +90,12 @@ from distill.workers.runtime.context import JobContext
 SERVICE = "distill.infer"
 MODEL_CACHE_SIZE = 4  # a few models: the editor's and a comparison; each is 10-50 MB
 MAX_DIRECT_COUNT = 16  # more sounds than this go as a job (one request should answer in seconds)
+# A generate job's progress: drawing the codes counts as this share of the work, decoding
+# them the rest (a `best` job of 256 sounds: roughly half each on a CPU)
+DRAW_SHARE = 0.5
+# What a reply's arrays may take, checked before the work: the reply must fit one message
+# (16 sounds of 60 s were drawn for 24 s and 2.1 GB, then refused as a 184-MiB reply).
+REPLY_BYTES = P.MAX_MESSAGE_BYTES - 256 * 1024
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "change_temperature", "seed")
 
 
@@ -143,6 +151,15 @@ def _generate(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dic
     params = _sampling(body, model)
     seconds = inf.check_number(body.get("seconds", 2.0), "seconds", inf.MIN_SECONDS, inf.MAX_SECONDS)
     quality = _quality(body)
+    per_sound = _audio_bytes(model, seconds) + _codes_bytes(model, seconds)
+    if count * per_sound > REPLY_BYTES:
+        most = REPLY_BYTES // per_sound
+        raise inf.BadInput(
+            f"generate: {count} sounds of {seconds:g} s make a reply of "
+            f"{count * per_sound / 2**20:.1f} MiB, over the {REPLY_BYTES / 2**20:.1f} MiB one "
+            f"message carries: ask for {'at most ' + str(most) if most else 'shorter'} sounds "
+            "of this length, or submit a generate job (distill.jobs), which stores each sound "
+            "as an artifact")  # fmt: skip
     out = inf.generate(model, count=count, seconds=seconds, params=params, quality=quality,
                        prime=body.get("prime"))  # fmt: skip
     # params: what made the sounds, as a recipe records it (a client's export replays with
@@ -152,6 +169,14 @@ def _generate(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dic
     made = {k: v for k, v in recipe.items() if k not in ("index", "threads", "quality")}
     return {"audio": out.audio, "codes": out.codes, "sample_rate": out.sample_rate,
             "params": made, "quality": quality, "redrawn": out.redrawn}  # fmt: skip
+
+
+def _audio_bytes(model: DistillModel, seconds: float) -> int:
+    return int(seconds * model.mel_config.sample_rate + 1) * 4  # float32 samples
+
+
+def _codes_bytes(model: DistillModel, seconds: float) -> int:
+    return inf.steps_for(model, seconds) * (model.vqvae.config.levels or 1) * 8  # int64 codes
 
 
 def _encode(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
@@ -172,6 +197,14 @@ def _decode(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[
 
 def _progressive(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dict[str, Any]:
     audio = inf.model_audio(model, body.get("audio"), body.get("sample_rate"))
+    levels = model.vqvae.config.levels or 1
+    if levels * audio.shape[-1] * 4 > REPLY_BYTES:  # a reconstruction per level
+        rate = model.mel_config.sample_rate
+        raise inf.BadInput(
+            f"progressive: {levels} reconstructions of {audio.shape[-1] / rate:.1f} s make a "
+            f"reply of {levels * audio.shape[-1] * 4 / 2**20:.1f} MiB, over the "
+            f"{REPLY_BYTES / 2**20:.1f} MiB one message carries: send at most "
+            f"{REPLY_BYTES / (levels * 4 * rate):.1f} s of sound")  # fmt: skip
     codes, outs = inf.progressive(model, audio, _quality(body),
                                   body.get("search", inf.SEARCH_CANDIDATES))  # fmt: skip
     return {"codes": codes, "audio": outs, "sample_rate": model.mel_config.sample_rate}
@@ -281,12 +314,17 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         raise inf.BadInput(f"format must be 'wav' or 'flac', got {fmt!r}")
     params, quality = _sampling(body, model), _quality(body, "best")
 
+    def on_steps(drawn: int, steps: int) -> None:  # drawing all the codes: the first part
+        ctx.check_cancel()
+        ctx.progress(DRAW_SHARE * drawn / max(steps, 1), stage="drawing", step=drawn, steps=steps)
+
     def on_batch(done: int, total: int) -> None:
         ctx.check_cancel()
-        ctx.progress(done / total, done=done, total=total)
+        ctx.progress(DRAW_SHARE + (1 - DRAW_SHARE) * done / total, stage="decoding", done=done,
+                     total=total)  # fmt: skip
 
     out = inf.generate(model, count=count, seconds=seconds, params=params, quality=quality,
-                       on_batch=on_batch)  # fmt: skip
+                       on_batch=on_batch, on_steps=on_steps)  # fmt: skip
     sounds = []
     for i, audio in enumerate(out.audio):
         name = f"gen-{params.seed}-{i:03d}.{fmt}"

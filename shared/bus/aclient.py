@@ -15,12 +15,13 @@ import zmq.asyncio
 
 from distill.shared.bus import contact
 from distill.shared.bus import protocol as P
-from distill.shared.bus.codec import pack, unpack
+from distill.shared.bus.codec import unpack
 from distill.shared.bus.core import (
     ReplyLedger,
     broker_endpoint,
     configure_dealer,
     decode_reply,
+    encode_body,
     events_endpoint,
     is_expiry,
     needs_service_check,
@@ -165,7 +166,8 @@ class AsyncClient:
                       retries: int | None = None) -> Any:
         """Send one msgpack body; return the reply's result or raise its error."""
         name = service_text(service)
-        frames = await self.request_raw(service, [pack(body)], timeout_s=timeout_s, retries=retries)
+        frames = await self.request_raw(service, [encode_body(body, service_text(service))],
+                                        timeout_s=timeout_s, retries=retries)
         try:
             return decode_reply(frames, name)
         except RequestError as e:

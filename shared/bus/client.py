@@ -24,12 +24,13 @@ import zmq
 
 from distill.shared.bus import contact
 from distill.shared.bus import protocol as P
-from distill.shared.bus.codec import pack, unpack
+from distill.shared.bus.codec import unpack
 from distill.shared.bus.core import (
     ReplyLedger,
     broker_endpoint,
     configure_dealer,
     decode_reply,
+    encode_body,
     events_endpoint,
     is_expiry,
     needs_service_check,
@@ -247,7 +248,8 @@ class Client:
                 retries: int | None = None) -> Any:
         """Send one msgpack body; return the reply's result or raise its error."""
         name = service_text(service)
-        frames = self.request_raw(service, [pack(body)], timeout_s=timeout_s, retries=retries)
+        frames = self.request_raw(service, [encode_body(body, name)], timeout_s=timeout_s,
+                                  retries=retries)
         try:
             return decode_reply(frames, name)
         except RequestError as e:
@@ -276,7 +278,7 @@ class Client:
                     except StopIteration:
                         exhausted = True
                         break
-                    self._send(name, [pack(body)])
+                    self._send(name, [encode_body(body, service)])
                     pending += 1
                 if pending == 0:
                     return

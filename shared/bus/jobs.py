@@ -89,6 +89,10 @@ class JobsClient:
 
     def submit(self, service: str, params: dict[str, Any] | None = None, *, depends_on: Sequence[str] = (),
                max_attempts: int = 3, timeout_s: float | None = None) -> dict[str, Any]:
+        if isinstance(depends_on, str):  # list("j-1") is ["j", "-", "1"]: "no such job j"
+            raise RequestError(f"depends_on must be a list of job ids, got the string "
+                               f"{depends_on!r} (write depends_on=[{depends_on!r}])",
+                               code=BAD_REQUEST)  # fmt: skip
         result: dict[str, Any] = self._call("submit", service=service, params=params or {},
                                             depends_on=list(depends_on), max_attempts=max_attempts,
                                             timeout_s=timeout_s)

@@ -44,6 +44,10 @@ MAX_STEPS = 1 << 22  # about 12 hours at 94 steps per second
 # region it changed, so a history is bounded in memory too (a 12-MB request of 20 whole-grid
 # edits on a 3-hour grid took a worker 1.7 GB); hours of editing by hand stay far below it.
 MAX_EDITS = 4096
+# ... and the cells those copies hold, done and undone together: 4096 whole-grid edits of a
+# 60-s grid (a 0.28-MB request) held 2.2 GB and took a worker to 5 GB. 2**25 cells (64 MiB as
+# int16) is ~500 whole-grid edits of a 60-s, 12-level grid, or 50 000 edits of a bar.
+MAX_HISTORY_CELLS = 1 << 25
 
 
 class CodeGridError(DistillError):
@@ -188,7 +192,10 @@ class Region:
     def from_list(cls, value: object) -> Region:
         if not isinstance(value, (list, tuple)) or len(value) != 4:
             raise CodeGridError(f"a region is [level0, level1, t0, t1], got {value!r}")
-        return cls(*(_int(v, "region bound", 0, MAX_STEPS) for v in value))
+        names = ("level0", "level1", "t0", "t1")
+        return cls(*(_int(v, f"region {name}", 0, MAX_LEVELS if name.startswith("level")
+                                               else MAX_STEPS)
+                     for name, v in zip(names, value, strict=True)))
 
 
 def set_cell(grid: CodeGrid, level: int, t: int, code: int) -> CodeGrid:
@@ -414,6 +421,15 @@ _FIELDS: dict[str, tuple[type[Edit], dict[str, str]]] = {
 }
 
 
+_INT_FIELDS: dict[str, tuple[int, int]] = {  # bounds no grid goes past
+    "code": (NO_CODE, MAX_CODEBOOK_SIZE - 1),
+    "level": (0, MAX_LEVELS - 1),
+    "k": (0, MAX_LEVELS),
+    "t": (0, MAX_STEPS - 1),
+    "times": (1, MAX_STEPS),
+}
+
+
 def edit_from_dict(d: object) -> Edit:
     """An :class:`Edit` from its dict; types are checked here, ranges when it is applied."""
     if not isinstance(d, Mapping) or not isinstance(d.get("op"), str) or d["op"] not in _FIELDS:
@@ -426,8 +442,9 @@ def edit_from_dict(d: object) -> Edit:
     kwargs: dict[str, Any] = {}
     for name, kind in spec.items():
         value = d[name]
-        if kind == "int":
-            kwargs[name] = _int(value, f"{d['op']}.{name}", -MAX_STEPS, MAX_STEPS)
+        if kind == "int":  # each field's widest sense here; the grid's own range when applied
+            low, high = _INT_FIELDS.get(name, (-MAX_STEPS, MAX_STEPS))
+            kwargs[name] = _int(value, f"{d['op']}.{name}", low, high)
         elif kind == "region":
             kwargs[name] = Region.from_list(value)
         elif kind == "codes":
@@ -458,6 +475,7 @@ class EditSession:
     grid: CodeGrid = field(init=False)
     _done: list[_Applied] = field(default_factory=list, init=False)
     _undone: list[Edit] = field(default_factory=list, init=False)
+    _held: int = field(default=0, init=False)  # cells in the copies of _done's regions
 
     def __post_init__(self) -> None:
         self.grid = self.base
@@ -480,13 +498,23 @@ class EditSession:
     def _apply(self, edit: Edit) -> None:
         new = edit.apply(self.grid)  # validates before anything is recorded
         region = edit.affected(self.grid)
-        self._done.append(_Applied(edit, region, self.grid.codes[region.index()].copy()))
+        before = self.grid.codes[region.index()]
+        if self._held + before.size > MAX_HISTORY_CELLS:
+            raise CodeGridError(
+                f"the edit history already holds {self._held} cells to undo, and this edit "
+                f"would add {before.size} (at most {MAX_HISTORY_CELLS}): export the sound, or "
+                "start a new session from the current codes")  # fmt: skip
+        # int16 holds every code (codebooks are at most 8192) in a quarter of the space
+        small = before.astype(np.int16) if self.grid.codebook_size <= 1 << 15 else before.copy()
+        self._done.append(_Applied(edit, region, small))
+        self._held += before.size
         self.grid = new
 
     def undo(self) -> CodeGrid:
         if not self._done:
             raise CodeGridError("nothing to undo")
         applied = self._done.pop()
+        self._held -= applied.before.size
         codes = self.grid.codes.copy()
         codes[applied.region.index()] = applied.before
         self.grid = self.grid.with_codes(codes)

@@ -58,6 +58,9 @@ MIN_SECONDS = 0.05
 MAX_COUNT = 256  # sounds per generate call; the worker answers up to 16 directly (see infer.py)
 MAX_CHANNELS = 64  # more is a (samples, channels) array sent the wrong way round
 MAX_SEARCH = 256  # candidates per level and step when encoding (cost grows with it)
+# ... and search x seconds of sound: no more work than the default search over the longest
+# sound (2-7 minutes on one CPU thread); search 256 then goes up to 3.75 s of sound
+MAX_SEARCH_SECONDS = SEARCH_CANDIDATES * MAX_SECONDS
 # Sounds decoded together: bounds memory at any count, and fixes how a batch is split, so the
 # same request decodes the same way whether it came as a request, a job or a regenerate (the
 # phase reconstruction's last bits depend on the batch's shape: ~1e-9).
@@ -232,8 +235,9 @@ def check_grid(model: DistillModel, codes: object, name: str = "codes") -> torch
     except ValueError:  # ragged lists
         array = None
     if array is None or array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-        raise BadInput(f"{name} must be an integer grid (levels, steps), got "
-                       f"{getattr(array, 'shape', type(codes).__name__)}")  # fmt: skip
+        got = (type(codes).__name__ if array is None else f"{array.dtype} {array.shape}"
+               if array.ndim == 2 else f"shape {array.shape}")  # fmt: skip
+        raise BadInput(f"{name} must be an integer grid (levels, steps), got {got}")
     if array.shape[0] != q:
         raise BadInput(f"{name} has {array.shape[0]} levels; this model has {q}")
     max_steps = steps_for(model, MAX_SECONDS)
@@ -369,6 +373,14 @@ def encode(model: DistillModel, audio: torch.Tensor, search: int = SEARCH_CANDID
     codes give ~2.1x, at 2-7 s per second of sound on one CPU thread, which it runs on); 0 or
     1: the quantizer's nearest codes, at once."""
     search = check_int(search, "search", 0, MAX_SEARCH)
+    seconds = audio.shape[-1] / model.mel_config.sample_rate
+    if search * seconds > MAX_SEARCH_SECONDS:
+        # each bound alone allowed 60 s at search 256: ~80 minutes of one worker's time
+        raise BadInput(
+            f"search {search} over {seconds:.1f} s of sound is more work than the default "
+            f"search ({SEARCH_CANDIDATES}) over the longest sound ({MAX_SECONDS:g} s), itself "
+            f"minutes: at this length search at most {int(MAX_SEARCH_SECONDS // seconds)}, "
+            "or encode a shorter sound")  # fmt: skip
     with torch.inference_mode(), _one_cpu_thread(_device(model)):
         mel = log_mel(audio.to(_device(model)), model.mel_config)[None]  # (1, M, frames)
         codes = model.vqvae.search_codes(mel, max(search, 1))  # (1, Q, T)
@@ -406,13 +418,15 @@ def decode(model: DistillModel, codes: object, levels: int | None, quality: Qual
 def generate(model: DistillModel, *, count: int, seconds: float, params: SamplingParams,
              quality: Quality, prime: object = None,
              on_batch: Callable[[int, int], None] | None = None,
+             on_steps: Callable[[int, int], None] | None = None,
              quiet_under_loudest_db: float | None = QUIET_UNDER_LOUDEST_DB,
              exact_length: bool = True,
              render_frames: int | None = BY_DEVICE) -> Generated:  # fmt: skip
     """``count`` new sounds of ``seconds`` each (continuing ``prime``, a (Q, T0) grid, if
     given). Sound i depends on (model, params.seed, count, seconds, prime, quality):
     regenerate with the same values and take item i. ``on_batch(done, count)`` is called
-    after each batch of sounds (:func:`render_batch`) is decoded (progress, cancellation).
+    after each batch of sounds (:func:`render_batch`) is decoded (progress, cancellation), and
+    ``on_steps(drawn, steps)`` while the codes are drawn (``sampling.sample``).
     ``quiet_under_loudest_db`` None: only the absolute floor picks draws to draw again (how
     sounds were drawn before the relative rule; their recipes replay that way).
     ``exact_length`` (see :func:`exact_steps`) False: ``steps_for``'s steps, a hop short at
@@ -436,7 +450,8 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
     if exact_length:
         steps, keep = exact_steps(model, seconds, 0 if prefix is None else prefix.shape[2])
     new = _all_levels(prior_sample(prior, batch=count, steps=steps, params=params,
-                                   prefix=None if prefix is None else prefix[:, :p]), q)  # fmt: skip
+                                   prefix=None if prefix is None else prefix[:, :p],
+                                   on_steps=on_steps), q)  # fmt: skip
     codes = new if prefix is None else torch.cat([prefix.expand(count, -1, -1), new], 2)
     audio = _render_batches(model, codes, quality, on_batch, render_frames)[:, :keep]
     grid = codes.cpu().numpy()  # (B, Q, T)
@@ -449,7 +464,8 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
         redrawn[silent] = True
         seed = (params.seed * 1_000_003 + attempt) % (MAX_SEED + 1)
         again = _all_levels(prior_sample(prior, batch=len(silent), steps=steps,
-                                         params=dataclasses.replace(params, seed=seed)), q)  # fmt: skip
+                                         params=dataclasses.replace(params, seed=seed),
+                                         on_steps=on_steps), q)  # fmt: skip
         grid[silent] = again.cpu().numpy()
         audio[silent] = _render_batches(model, again, quality, None, render_frames)[:, :keep]
     return Generated(audio, grid, model.mel_config.sample_rate, int(redrawn.sum()), render_frames)

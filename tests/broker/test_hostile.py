@@ -191,3 +191,15 @@ def test_requests_held_for_workers_are_bounded_in_bytes(
         wait_until(lambda: broker.held_bytes == 0, 10, what="expired requests to release their bytes")
     finally:
         sock.close(linger=0)
+
+
+def test_depends_on_given_as_one_string_is_refused_naming_it(live: tuple[Broker, str]) -> None:
+    """``depends_on="j-…"`` went as its characters: "cannot depend on job j: no such job"."""
+    from distill.shared.bus.jobs import JobsClient
+
+    _, endpoint = live
+    with Client(endpoint, timeout_s=5) as client:
+        job = client.request("distill.jobs", {"op": "submit", "service": "nobody.depends"})["id"]
+        with pytest.raises(RequestError, match=rf"write depends_on=\['{job}'\]"):
+            JobsClient(client).submit("nobody.depends", {}, depends_on=job)  # type: ignore[arg-type]
+        assert JobsClient(client).submit("nobody.depends", {}, depends_on=[job])["status"] == "queued"

@@ -246,6 +246,13 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
      BAD_REQUEST, "t1"),
     ("edit", {"session": {"nope": 1}}, BAD_REQUEST, "edit history"),
     ("explode", {}, BAD_REQUEST, "unknown op"),
+    # refused before the work (they were done, then refused as too big a reply, or took hours)
+    ("generate", {"count": 16, "seconds": 60}, BAD_REQUEST,
+     r"16 sounds of 60 s make a reply of .* MiB, over the 15.8 MiB one message carries"),
+    ("progressive", {"audio": np.zeros(RATE * 60, dtype=np.float32), "sample_rate": RATE},
+     BAD_REQUEST, "send at most"),
+    ("encode", {"audio": np.zeros(RATE * 5, dtype=np.float32), "sample_rate": RATE,
+                "search": 256}, BAD_REQUEST, r"at this length search at most 192"),
     ("decode", {"codes": np.zeros((Q, 4), dtype=np.int64), "quality": "ultra"}, BAD_REQUEST,
      "quality"),
 ]  # fmt: skip
@@ -295,12 +302,36 @@ def test_generate_job_exports_regenerable_files(tmp_path: Path) -> None:
     ctx.info.params.update({"op": "generate", "model": sha, "count": 18, "seconds": 0.2,
                             "seed": 3, "quality": "preview"})  # fmt: skip
     result = infer.run_job(ctx)  # type: ignore[arg-type]
-    assert len(result["sounds"]) == 18 and ctx.progressed == [16 / 18, 1.0]
+    # drawing 19 steps (one chunk of noise), then two batches decoded
+    assert len(result["sounds"]) == 18 and ctx.progressed == [0.0, 0.5 + 0.5 * 16 / 18, 1.0]
     first = tmp_path / "first.wav"
     first.write_bytes(ctx.artifacts.stored[result["sounds"][1]["artifact"]])
     meta = read_export_metadata(first)
     assert meta.kind == "generate" and meta.model_id == model_id
     assert meta.data["index"] == 1 and meta.data["count"] == 18 and meta.data["seed"] == 3
+
+
+def test_a_generate_job_hears_a_cancel_while_it_draws(tmp_path: Path) -> None:
+    """256 sounds of 60 s drew for two minutes before the first check of a cancel (after the
+    first batch was decoded): now the draw asks every 64 steps, and stops there."""
+    from distill.shared.errors import JobCancelled
+
+    class CancelledMidDraw(FakeContext):
+        def check_cancel(self) -> None:
+            if len(self.progressed) >= 2:  # after the second chunk of steps began
+                raise JobCancelled("cancelled by user")
+
+    infer.CACHE = infer.ModelCache()
+    path = tmp_path / "tiny.distill"
+    save_model(path, tiny_model())
+    ctx = CancelledMidDraw()
+    sha = ctx.artifacts.add(path)
+    ctx.info.params.update({"op": "generate", "model": sha, "count": 4, "seconds": 3.0,
+                            "seed": 3, "quality": "preview"})  # fmt: skip
+    with pytest.raises(JobCancelled):
+        infer.run_job(ctx)  # type: ignore[arg-type]
+    assert len(ctx.progressed) == 2 and all(f is not None and f < 0.5 for f in ctx.progressed)
+    assert not ctx.artifacts.stored  # no sound was decoded or stored
 
 
 def test_model_cache_is_lru(tmp_path: Path) -> None:

@@ -112,6 +112,23 @@ def test_a_reply_that_is_not_a_distill_reply_is_bad_reply() -> None:
         assert e.value.code == "bad_reply", frames
 
 
+def test_a_body_that_cannot_travel_is_a_request_error_before_it_is_packed() -> None:
+    """An 8-GB array was packed for 15 s, then failed on msgpack's 4-GiB bound (a ValueError);
+    an integer of 2**64 raised a TypeError out of Client.request."""
+    import numpy as np
+
+    from distill.shared.bus.core import encode_body
+
+    huge = np.broadcast_to(np.float32(0), (2 * 10**9,))  # 8 GB by its nbytes, no memory
+    with pytest.raises(RequestError, match="carries 7629.4 MiB of arrays") as e:
+        encode_body({"audio": huge, "nested": [{"x": 1}]}, "distill.infer")
+    assert e.value.code == "bad_request"
+    with pytest.raises(RequestError, match="cannot be encoded: cannot encode the integer") as e:
+        encode_body({"seed": 2**64}, "distill.infer")
+    assert e.value.code == "bad_request"
+    assert encode_body({"a": np.zeros(3, np.float32)}, "s") == pack({"a": np.zeros(3, np.float32)})
+
+
 def test_reply_ledger_counts_owed_replies() -> None:
     ledger = ReplyLedger()
     assert ledger.clean

@@ -277,3 +277,26 @@ def test_bad_history_gets_clear_error(bad: Any, match: str) -> None:
 def test_edit_dicts_round_trip() -> None:
     for edit in EDITS:
         assert edit_from_dict(edit.to_dict()) == edit
+
+
+def test_an_edit_history_is_bounded_by_the_cells_it_keeps() -> None:
+    """4096 whole-grid edits of a 60-s grid (a 0.28-MB request) kept 2.2 GB of undo copies
+    and took a worker to 5 GB: the cells kept are bounded, done and undone together, and kept
+    as int16."""
+    import distill.shared.model.codes as C
+
+    grid = CodeGrid(np.zeros((12, 5625), dtype=np.int64), 512)
+    whole = {"op": "reverse", "region": [0, 12, 0, 5625]}
+    fits = C.MAX_HISTORY_CELLS // grid.codes.size
+    history = {"version": C.HISTORY_VERSION, "base": grid.to_dict(),
+               "edits": [whole] * (fits - 1), "undone": [whole]}
+    session = EditSession.from_dict(history)  # the most that fits, redo stack included
+    assert session._done[0].before.dtype == np.int16
+    with pytest.raises(CodeGridError, match="the edit history already holds"):
+        EditSession.from_dict({**history, "edits": [whole] * fits})
+    session.apply(edit_from_dict(whole))  # the last that fits
+    with pytest.raises(CodeGridError, match="cells to undo"):
+        session.apply(edit_from_dict(whole))
+    session.undo()
+    session.apply(edit_from_dict({"op": "set_cell", "level": 0, "t": 0, "code": 3}))
+    assert session.grid.codes[0, 0] == 3
