@@ -32,6 +32,16 @@ def unprintable(text: str) -> str | None:
     return None
 
 
+def escaped(text: str, *, lines: bool = False) -> str:
+    """``text`` with each character :func:`unprintable` refuses written as its escape (``\\x1b``,
+    ``\\u202e``; ``lines``: newlines and tabs kept): shown, never acted on by a terminal."""
+    if unprintable(text) is None:
+        return text
+    kept = "\n\t" if lines else ""
+    return "".join(c if c in kept or unprintable(c) is None
+                   else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def is_sha256(s: object) -> TypeGuard[str]:
     """True for exactly 64 lowercase hex characters (a sha256 digest as Distill writes it)."""
     # fullmatch, not match with "$": "$" also matches before a trailing newline.

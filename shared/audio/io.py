@@ -39,9 +39,11 @@ from distill.shared.errors import AudioError
 MIN_SAMPLE_RATE = 1000  # below this nothing audible survives; it is a broken header
 MAX_SAMPLE_RATE = 768_000  # the highest rate real converters run at
 MIN_DURATION_S = 0.001  # under 1 ms holds no pitch or timbre at any FFT size we use
-# Decoding allocates what the header promises: refuse more than 4 GiB of float32 (about 3 hours
-# of 48 kHz stereo) rather than let a corrupt header exhaust the worker's memory.
-MAX_DECODED_SAMPLES = 2**30
+# Decoding allocates what the header promises, every channel: refuse more than 1 GiB of float32
+# (10 minutes of 7.1 at 48 kHz fit; a 1-MB FLAC of 8 channels at 192 kHz for 5 minutes, mostly
+# silence, does not: it took a worker to 4.2 GB), or what the length limit allows of stereo at
+# 96 kHz if that is more, rather than let a file exhaust the worker's memory.
+MAX_DECODED_SAMPLES = 2**28
 # Ten minutes per file by default: a sound collection holds hits, loops and recordings of
 # seconds to minutes; an hour-long file is almost always a mistake (a whole session), and
 # decoding it would hold ~1.4 GB of float32 stereo. Files past it are skipped with this reason.
@@ -167,13 +169,24 @@ def stated_duration_s(path: str | Path) -> float | None:
     return float(info.frames / info.samplerate)
 
 
+def _max_samples(limit_s: float) -> int:
+    """Samples (frames x channels) one file may decode to (see MAX_DECODED_SAMPLES)."""
+    return max(MAX_DECODED_SAMPLES, int(limit_s * 96_000 * 2))
+
+
 def _read_blocks(f: sf.SoundFile, name: str, limit_s: float) -> np.ndarray:
-    """All frames ``(frames, channels)``, read block by block, stopping past ``limit_s``."""
+    """All frames as ``(channels, frames)``, read block by block, stopping past ``limit_s``.
+
+    Written into one array the header's length sizes (blocks were kept, joined and transposed:
+    three copies of the file at once); a header that under-states the length (or has none)
+    grows it."""
     limit_frames = int(limit_s * f.samplerate)
     if 0 < limit_frames < f.frames and f.frames not in _PLACEHOLDER_SIZES:
         raise _too_long(name, limit_s, f, f.frames / f.samplerate)  # the header says so: nothing is decoded
     block_frames = max(1, int(DECODE_BLOCK_S * f.samplerate))
-    blocks, total = [], 0
+    stated = f.frames if f.frames > 0 and f.frames not in _PLACEHOLDER_SIZES else block_frames
+    out = np.empty((f.channels, stated), dtype=np.float32)
+    total = 0
     while True:
         try:
             block = f.read(block_frames, dtype="float32", always_2d=True)  # (frames, channels)
@@ -181,33 +194,42 @@ def _read_blocks(f: sf.SoundFile, name: str, limit_s: float) -> np.ndarray:
             raise AudioError(f"{name}: truncated or corrupt: {_lib_reason(e)}") from e
         if not len(block):
             break
-        total += len(block)
-        if total > limit_frames:  # a header that under-states the length (or none)
-            raise _too_long(name, limit_s, f, total / f.samplerate)  # at least that long
-        blocks.append(block)
-    if not blocks:
-        return np.zeros((0, f.channels), dtype=np.float32)
-    return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+        end = total + len(block)
+        if end > limit_frames:  # a header that under-states the length (or none)
+            raise _too_long(name, limit_s, f, end / f.samplerate)  # at least that long
+        if end * f.channels > _max_samples(limit_s):
+            raise _too_many_samples(name, f, end)
+        if end > out.shape[1]:
+            grown = np.empty((f.channels, max(end, 2 * out.shape[1])), dtype=np.float32)
+            grown[:, :total] = out[:, :total]
+            out = grown
+        out[:, total:end] = block.T
+        total = end
+    return np.ascontiguousarray(out[:, :total]) if total < out.shape[1] else out
+
+
+def _too_many_samples(name: str, f: sf.SoundFile, frames: int) -> AudioError:
+    return AudioError(
+        f"{name}: too much to decode at once ({frames} frames x {f.channels} channels at "
+        f"{f.samplerate} Hz; at most {MAX_DECODED_SAMPLES} samples): mix it down to stereo "
+        "or a lower rate first",
+        stated=(frames / f.samplerate, int(f.samplerate), int(f.channels)))  # fmt: skip
 
 
 def _decode(src: BinaryIO | str, name: str, data: bytes | None, limit_s: float) -> DecodedAudio:
     try:
         with sf.SoundFile(src) as f:
-            if f.frames * f.channels > MAX_DECODED_SAMPLES:
-                raise AudioError(
-                    f"{name}: too long to decode at once ({f.frames} frames x {f.channels} "
-                    f"channels at {f.samplerate} Hz; the limit is {MAX_DECODED_SAMPLES} samples)",
-                    stated=(f.frames / f.samplerate, int(f.samplerate), int(f.channels)),
-                )
-            block = _read_blocks(f, name, limit_s)
-            problem = _truncation(f, len(block))
+            if (f.frames * f.channels > _max_samples(limit_s)
+                    and f.frames not in _PLACEHOLDER_SIZES):
+                raise _too_many_samples(name, f, f.frames)
+            samples = _read_blocks(f, name, limit_s)  # (channels, frames)
+            problem = _truncation(f, samples.shape[1])
             rate, fmt, subtype = int(f.samplerate), str(f.format), str(f.subtype)
     except sf.LibsndfileError as e:
         raw = data if data is not None else _head_of(src)
         raise AudioError(f"{name}: {_undecodable_reason(raw, e)}") from e
     if problem:
         raise AudioError(f"{name}: {problem}")
-    samples = np.ascontiguousarray(block.T)  # (channels, frames)
     return DecodedAudio(name=name, samples=samples, sample_rate=rate, format=fmt, subtype=subtype)
 
 
@@ -475,14 +497,46 @@ def scan_folder(folder: str | Path) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise AudioError(f"{folder}: not a folder")
-    return [p for p in _visible(root) if p.is_file()]
+    return [p for p in _visible(root) if _why_left_out(root, p) == ""]
+
+
+def left_out(folder: str | Path) -> list[tuple[Path, str]]:
+    """What :func:`scan_folder` leaves out under ``folder`` (hidden files aside), each with its
+    reason, for the person to hear of: links that point at nothing (a moved sample library
+    leaves a folder of them), links to folders (not followed), things that are not files (a
+    FIFO, a device), and links out of the folder to a file soundfile cannot read. That last:
+    a received "sound pack" holding ``kick.wav -> ~/.ssh/id_rsa`` sent the key to the broker's
+    store; a link out of the folder to a sound (a folder of links into a library) is read."""
+    root = Path(folder)
+    found = [(p, _why_left_out(root, p)) for p in _visible(root)]
+    return [(p, why) for p, why in found if why]
 
 
 def broken_links(folder: str | Path) -> list[Path]:
-    """The symbolic links under ``folder`` (hidden ones aside, as in :func:`scan_folder`) that
-    point at nothing: no sound to read, so :func:`scan_folder` cannot list them, but the person
-    should hear of them (a moved sample library leaves a folder of them)."""
+    """The symbolic links under ``folder`` that point at nothing (see :func:`left_out`)."""
     return [p for p in _visible(Path(folder)) if p.is_symlink() and not p.exists()]
+
+
+def _why_left_out(root: Path, path: Path) -> str | None:
+    """Why ``path`` (under ``root``) is not one of the folder's files; "" if it is one, None
+    for a folder (its files are listed on their own)."""
+    if path.is_symlink():
+        if not path.exists():
+            return "a link that points at nothing"
+        if path.is_dir():
+            return "a link to a folder (not followed)"
+    elif path.is_dir():
+        return None
+    if not path.is_file():
+        return "not a file (a pipe, a device or a socket)"
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.is_relative_to(root.resolve()):
+            try:
+                sf.info(str(target))
+            except Exception:  # anything soundfile cannot read: not sent anywhere
+                return f"a link out of the folder to a file that is not audio ({target})"
+    return ""
 
 
 def _visible(root: Path) -> list[Path]:

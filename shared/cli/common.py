@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 
 import typer
 
-from distill.shared.ids import unprintable
+from distill.shared.ids import escaped
 
 BrokerOpt = typer.Option(None, "--broker", "-b", envvar="DISTILL_BROKER",
                          help="Broker endpoint: tcp://HOST:PORT, HOST:PORT or HOST.")
@@ -34,7 +34,7 @@ EXIT_UNUSABLE = 78
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {shown(message, lines=True)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
@@ -96,6 +96,7 @@ class LiveLine:
         self.stream.flush()
 
     def update(self, text: str, width: int | None = None) -> None:
+        text = shown(text)  # a file's name in it is shown, not acted on
         if self.tty:
             self.stream.write("\r" + (text[:width].ljust(width) if width else text))
             self._open = True
@@ -143,15 +144,12 @@ def human_bytes(n: float | None) -> str:
     return str(n)
 
 
-def shown(value: Any) -> str:
+def shown(value: Any, *, lines: bool = False) -> str:
     """``value`` as text a terminal shows and does not act on: a control or format character
-    (ESC, BEL, NUL, U+202E) written as its escape. Names come from peers and other people's
-    files; an ESC sequence in one could clear the screen or retitle the window."""
-    text = str(value)
-    if unprintable(text) is None:
-        return text
-    return "".join(c if unprintable(c) is None else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
+    (ESC, BEL, NUL, U+202E) written as its escape (``lines``: newlines and tabs kept). Names
+    come from peers and other people's files; an ESC sequence in one could clear the screen
+    or retitle the window."""
+    return escaped(str(value), lines=lines)
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:

@@ -18,6 +18,7 @@ from distill.shared.cli.common import (
     fail,
     human_bytes,
     print_table,
+    shown,
 )
 from distill.shared.errors import DistillError
 
@@ -46,14 +47,15 @@ def upload_folder(ac: Any, folder: Path, *, quiet: bool = False) -> list[dict[st
 
     Non-audio files go too: the preprocess job lists each one in the manifest with its reason,
     so every file in the folder is accounted for."""
-    from distill.shared.audio.io import broken_links, scan_folder
+    from distill.shared.audio.io import left_out, scan_folder
 
     paths = scan_folder(folder)
-    broken = [p.relative_to(folder).as_posix() for p in broken_links(folder)]
-    if broken:  # not in the manifest (nothing to upload): said here instead
-        shown = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
-        sys.stderr.write(f"note: {len(broken)} link(s) in {folder} point at nothing and are left "
-                         f"out: {shown}\n")  # fmt: skip
+    skipped = left_out(folder)
+    if skipped:  # not in the manifest (nothing is uploaded): said here instead
+        listed = [f"{p.relative_to(folder).as_posix()}: {why}" for p, why in skipped[:5]]
+        more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        sys.stderr.write(shown(f"note: {len(skipped)} thing(s) in {folder} are left out: "
+                               f"{'; '.join(listed)}{more}") + "\n")  # fmt: skip
     if not paths:
         raise DistillError(f"{folder}: no files in this folder")
     names = [p.relative_to(folder).as_posix() for p in paths]
@@ -64,9 +66,11 @@ def upload_folder(ac: Any, folder: Path, *, quiet: bool = False) -> list[dict[st
         if not quiet:
             live.update(f"uploading {i}/{len(paths)} {name[:60]:<60}")
         # the artifact's name is metadata, bounded: a deep path keeps its end (the manifest
-        # keeps it whole)
-        label = name if len(name) <= P.MAX_ARTIFACT_NAME_CHARS else (
-            "…" + name[-(P.MAX_ARTIFACT_NAME_CHARS - 1):])  # fmt: skip
+        # keeps it whole); a control or format character, which the store refuses in a name
+        # (one such file failed the whole upload midway), is written as its escape
+        label = shown(name)
+        label = label if len(label) <= P.MAX_ARTIFACT_NAME_CHARS else (
+            "…" + label[-(P.MAX_ARTIFACT_NAME_CHARS - 1):])  # fmt: skip
         files.append({"name": name, "sha256": ac.put_file(path, kind="audio", name=label)})
     if not quiet:
         live.end()

@@ -129,3 +129,29 @@ async def test_settings_are_checked_before_anything_is_uploaded_or_submitted(
                     detail=lambda: repr(notices(app)))
         assert screen.pipeline == []
     assert len(_jobs(broker)) == before
+
+
+@pytest.mark.parametrize("name", ["[/red].wav", "[link=https://evil.example]drums[/link]/kick.wav",
+                                  "[reverse blink]kick[/reverse blink].wav", "esc\x1b[2J.wav"])
+async def test_a_file_name_is_shown_as_it_is_not_read_as_markup(name: str) -> None:
+    """A folder's names were Rich markup on the dataset screen: "[/red].wav" crashed it
+    (MarkupError), "[reverse blink]" styled the name."""
+    from textual.widgets import DataTable, Static
+
+    from distill.tui.screens.dataset import DatasetScreen
+
+    app = DistillApp("tcp://127.0.0.1:1", connect=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("s")
+        screen = app.screen
+        assert isinstance(screen, DatasetScreen)
+        screen.show_step(f"uploading 1/2: {name}", 0.5)
+        row = {"name": name, "status": "ok", "split": "train", "duration_s": 1.0, "chunks": 1,
+               "reason": ""}  # fmt: skip
+        screen.show_manifest([row], {"dataset": "ab" * 32})
+        await pilot.pause(0.1)
+        status = str(screen.query_one("#dataset-status", Static).render())
+        cell = screen.query_one("#manifest", DataTable).get_cell_at((0, 0))
+        literal = name.replace("\x1b", "\\x1b")[:32]
+        assert name.replace("\x1b", "") in status.replace("\x1b", "")
+        assert str(cell) == literal and not getattr(cell, "spans", None)

@@ -24,7 +24,7 @@ LOG_LINES = 500  # the log is a window on the stream; the job records hold the h
 class DashboardScreen(DistillScreen):
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static("connecting…", id="connection")
+        yield Static("connecting…", id="connection", markup=False)
         with Vertical(id="tables"):
             yield DataTable(id="workers", cursor_type="row", zebra_stripes=True)
             yield DataTable(id="jobs", cursor_type="row", zebra_stripes=True)

@@ -58,11 +58,11 @@ class DatasetScreen(DistillScreen):
             yield Input(placeholder="~/sounds/drums (→ accepts a suggested folder)", id="folder",
                         suggester=FolderSuggester())
             yield Button("Upload", id="upload", variant="primary")
-        yield Static("choose a folder of sounds on this machine", id="dataset-status",
+        yield Static("choose a folder of sounds on this machine", id="dataset-status", markup=False,
                      classes="status-line")
         yield ProgressBar(id="progress", total=1.0, show_eta=False)
         yield DataTable(id="manifest", cursor_type="row", zebra_stripes=True)
-        yield Static("", id="summary", classes="status-line")
+        yield Static("", id="summary", classes="status-line", markup=False)
         yield Footer()
 
     def on_mount(self) -> None:

@@ -102,7 +102,7 @@ class EditorScreen(DistillScreen):
             yield Waveform(id="edit-wave")
         # Outside the scroll: every result and error is said here, and tall grids (12 levels
         # each) would push it below the fold at 80x24, where the arrow keys never take it.
-        yield Static("encode a sound into grid A (o); tab moves to grid B", id="edit-status",
+        yield Static("encode a sound into grid A (o); tab moves to grid B", id="edit-status", markup=False,
                      classes="status-line")
         yield Footer()
 

@@ -61,7 +61,7 @@ class GenerateScreen(DistillScreen):
                     yield Label(label)
                     yield Input(default, id=f"gen-{key}", type=kind,  # type: ignore[arg-type]
                                 placeholder="model's" if not default else "")  # fmt: skip
-        yield Static("", id="gen-status", classes="status-line")
+        yield Static("", id="gen-status", classes="status-line", markup=False)
         yield DataTable(id="results", cursor_type="row", zebra_stripes=True)
         yield Waveform(id="wave")
         with Horizontal(classes="form row"):

@@ -83,7 +83,7 @@ class TrainingScreen(DistillScreen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static("no job: start one (Start tab) or pick one on the dashboard", id="job-line")
+        yield Static("no job: start one (Start tab) or pick one on the dashboard", id="job-line", markup=False)
         yield ProgressBar(id="train-progress", total=1.0, show_eta=False)
         with TabbedContent(initial="tab-curves"):
             with TabPane("Curves", id="tab-curves"):

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rich.text import Text
 from textual.widgets import DataTable
+
+from distill.shared.ids import escaped
 
 
 def fill_table(table: DataTable[Any], columns: Sequence[str], rows: Sequence[Sequence[Any]],
@@ -21,9 +24,12 @@ def fill_table(table: DataTable[Any], columns: Sequence[str], rows: Sequence[Seq
         key = table.ordered_rows[row].key.value
     table.clear(columns=True)
     for i, label in enumerate(columns):
-        table.add_column(label, width=max([len(label), *(len(str(r[i])) for r in rows)]))
+        table.add_column(label, width=max([len(label), *(len(escaped(str(r[i]))) for r in rows)]))
     for n, cells in enumerate(rows):
-        table.add_row(*cells, key=keys[n] if keys is not None else None)
+        # text as it is: a str cell is read as markup ("[/red].wav" crashed the dataset
+        # screen, "[reverse blink]" styled a name), and a control character is escaped
+        shown = [Text(escaped(c)) if isinstance(c, str) else c for c in cells]
+        table.add_row(*shown, key=keys[n] if keys is not None else None)
     if keys is not None and key is not None and key in keys:
         row = list(keys).index(key)
     if rows:

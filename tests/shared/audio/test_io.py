@@ -315,8 +315,28 @@ def test_a_header_promising_too_much_is_refused_before_decoding() -> None:
     info = int.from_bytes(data[8:42], "big")
     info |= ((1 << 36) - 1) << 128
     data[8:42] = info.to_bytes(34, "big")
-    with pytest.raises(AudioError, match="too long to decode"):
+    with pytest.raises(AudioError, match="too much to decode at once"):
         read_audio(bytes(data), name="huge.flac")
+
+
+def test_many_channels_count_against_the_decoding_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bound was on seconds (and 2**30 samples): a 1-MB FLAC of 8 channels at 192 kHz for
+    5 minutes took a worker to 4.2 GB. Every channel counts, and a file is decoded into one
+    array (the blocks were kept, joined and transposed: three copies)."""
+    import distill.shared.audio.io as io_module
+
+    monkeypatch.setattr(io_module, "MAX_DECODED_SAMPLES", 100_000)
+    rate, frames = 48_000, int(0.35 * 48_000)
+    wide = np.random.default_rng(0).uniform(-0.5, 0.5, (frames, 8)).astype(np.float32)
+    sf.write(tmp_path / "eight.flac", wide, rate, subtype="PCM_24")
+    with pytest.raises(AudioError, match=r"eight.flac: too much to decode at once \(16800 frames x 8"):
+        read_audio(tmp_path / "eight.flac", max_s=0.4)
+    sf.write(tmp_path / "two.flac", wide[:, :2], rate, subtype="PCM_24")
+    two = read_audio(tmp_path / "two.flac", max_s=0.4)
+    expected, _ = sf.read(tmp_path / "two.flac", dtype="float32", always_2d=True)
+    assert two.samples.flags.c_contiguous and np.array_equal(two.samples, expected.T)
 
 
 # --- issue 9: bounded decoding ----------------------------------------------------------------

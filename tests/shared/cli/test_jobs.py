@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 from typer.testing import CliRunner
 
 from distill.broker.loop import BrokerConfig
@@ -88,9 +91,8 @@ def test_dataset_show_of_a_preprocess_job_without_a_dataset_says_why(
 ) -> None:
     """Before: "the preprocess job has not produced a dataset (yet)", also for a failed job."""
     endpoint, jobs = broker
-    with Client(endpoint) as c:
-        job_id = c.request("distill.jobs", {"op": "submit", "service": "distill.preprocess",
-                                            "params": {}, "max_attempts": 1})["id"]  # fmt: skip
+    # straight into the job table: a submit through the broker checks a preprocess job's params
+    job_id = jobs.store.submit("distill.preprocess", {}, max_attempts=1).id
     out = CliRunner().invoke(app, ["dataset", "show", job_id, "--broker", endpoint])
     assert out.exit_code == 1 and "the preprocess job has not finished" in out.output, out.output
     jobs.store.mark_running(job_id, "w")
@@ -133,12 +135,24 @@ def test_upload_folder_names_links_that_point_at_nothing(broker: tuple[str, JobS
     folder.mkdir()
     (folder / "kick.wav").write_bytes(b"RIFF")
     (folder / "gone.flac").symlink_to(tmp_path / "moved" / "gone.flac")
+    # a received pack's link to a secret out of the folder: never uploaded (it was, to the
+    # broker's store); a link out of the folder to a sound is read, as a library's is
+    (tmp_path / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (folder / "hat.wav").symlink_to(tmp_path / "id_rsa")
+    sf.write(tmp_path / "snare.wav", np.zeros(800, np.float32), 8000)
+    (folder / "snare.wav").symlink_to(tmp_path / "snare.wav")
+    os.mkfifo(folder / "pipe.wav")  # a FIFO: left out, said (it vanished without a word)
+    (folder / "esc\x1b[2J.wav").write_bytes(b"RIFF")  # its artifact name is escaped, not refused
     with Client(endpoint) as c:
         files = upload_folder(ArtifactClient(c, ArtifactCache(tmp_path / "cache")), folder,
                               quiet=True)  # fmt: skip
-    assert [f["name"] for f in files] == ["kick.wav"]
+        stored = {a["name"] for a in ArtifactClient(c).list()}
+    assert [f["name"] for f in files] == ["esc\x1b[2J.wav", "kick.wav", "snare.wav"]
+    assert "esc\\x1b[2J.wav" in stored
     err = capsys.readouterr().err
-    assert "1 link(s) in" in err and "point at nothing and are left out: gone.flac" in err
+    assert "3 thing(s) in" in err and "gone.flac: a link that points at nothing" in err
+    assert "hat.wav: a link out of the folder to a file that is not audio" in err
+    assert "pipe.wav: not a file" in err and "\x1b" not in err
 
 
 def test_dataset_show_prints_from_the_preprocess_jobs_result_without_downloading(
@@ -155,9 +169,8 @@ def test_dataset_show_prints_from_the_preprocess_jobs_result_without_downloading
 
     endpoint, jobs = broker
     ds = build_dataset(good_files(2), MelConfig())
+    job_id = jobs.store.submit("distill.preprocess", {}).id  # (params unchecked: not the point)
     with Client(endpoint) as c:
-        job_id = c.request("distill.jobs", {"op": "submit", "service": "distill.preprocess",
-                                            "params": {}})["id"]  # fmt: skip
         sha = ArtifactClient(c, ArtifactCache(tmp_path / "cache")).put_bytes(
             ds.to_bytes(), kind="dataset", name="dataset-2-files.npz", job=job_id)
     result = {"dataset": sha, "chunks": len(ds.mels), "check_chunks": len(ds.check_chunks),
@@ -178,9 +191,7 @@ def test_dataset_show_prints_from_the_preprocess_jobs_result_without_downloading
         assert out.output == downloaded.output
     assert "hit00.wav" in out.output and f"{len(ds.mels)} chunks of" in out.output
     old = {k: v for k, v in result.items() if k != "check_chunks"}  # an earlier worker's result
-    with Client(endpoint) as c:
-        earlier = c.request("distill.jobs", {"op": "submit", "service": "distill.preprocess",
-                                             "params": {}})["id"]  # fmt: skip
+    earlier = jobs.store.submit("distill.preprocess", {}).id
     jobs.store.mark_running(earlier, "w")
     jobs.store.mark_succeeded(earlier, old)
     out = CliRunner().invoke(app, ["dataset", "show", earlier, "--broker", endpoint])
@@ -194,9 +205,8 @@ def test_dataset_ls_lists_each_dataset_with_its_jobs_counts(
     endpoint, jobs = broker
     out = CliRunner().invoke(app, ["dataset", "ls", "--broker", endpoint])
     assert out.exit_code == 0 and "no datasets yet: `distill dataset add FOLDER`" in out.output
+    job_id = jobs.store.submit("distill.preprocess", {}).id  # (params unchecked: not the point)
     with Client(endpoint) as c:
-        job_id = c.request("distill.jobs", {"op": "submit", "service": "distill.preprocess",
-                                            "params": {}})["id"]  # fmt: skip
         store = ArtifactClient(c, ArtifactCache(tmp_path / "cache"))
         made = store.put_bytes(b"d" * 3000, kind="dataset", name="dataset-7-files.npz", job=job_id)
         loose = store.put_bytes(b"e" * 100, kind="dataset", name="by-hand.npz")
