@@ -5,8 +5,12 @@ Job params::
     {"files": [{"name": str, "sha256": str}, ...],   # the uploaded sounds, in folder order
      "mel_config": {...},                              # optional; MelConfig defaults
      "seed": int,                                      # optional; the train/val split seed (0)
-     "silence_threshold_db": float,                    # optional; -60 dBFS
-     "val_fraction": float}                            # optional; 0.1
+     "silence_threshold_db": float,                    # optional; -60 dBFS (-120..0)
+     "val_fraction": float}                            # optional; 0.1, in (0, 1)
+
+Any other key, or a value of the wrong type or range, fails the job at once with a ``config``
+error (:func:`distill.shared.train.jobparams.check_job_params`, which the broker also runs at
+submit).
 
 The work is :func:`distill.shared.audio.dataset.build_dataset`; this module only fetches files one at
 a time (so a 500-file job never holds every file in memory), reports progress per file, checks
@@ -22,8 +26,9 @@ from typing import Any, overload
 
 from distill.shared.audio.dataset import ManifestRow, build_dataset
 from distill.shared.audio.mel import MelConfig
-from distill.shared.errors import JobError
+from distill.shared.errors import ConfigError
 from distill.shared.ids import is_sha256
+from distill.shared.train.jobparams import check_job_params
 from distill.workers.runtime.context import JobContext
 
 SERVICE = "distill.preprocess"
@@ -54,19 +59,20 @@ class _ArtifactFiles(Sequence[tuple[str, bytes]]):
 def _file_refs(params: dict[str, Any]) -> list[tuple[str, str]]:
     files = params.get("files")
     if not isinstance(files, list) or not files:
-        raise JobError("preprocess: params.files must be a non-empty list of {name, sha256}")
+        raise ConfigError("preprocess: params.files must be a non-empty list of {name, sha256}")
     refs = []
     for k, f in enumerate(files):
         name = f.get("name") if isinstance(f, dict) else None
         sha = f.get("sha256") if isinstance(f, dict) else None
         if not isinstance(name, str) or not is_sha256(sha):
-            raise JobError(f"preprocess: params.files[{k}] must be {{name: str, sha256: hex}}")
+            raise ConfigError(f"preprocess: params.files[{k}] must be {{name: str, sha256: hex}}")
         refs.append((name, sha))
     return refs
 
 
 def run_job(ctx: JobContext) -> dict[str, Any]:
     params = ctx.info.params
+    check_job_params(SERVICE, params)  # as the broker does at submit: one final config error
     refs = _file_refs(params)
     cfg = MelConfig.from_dict(params.get("mel_config") or {})
 
@@ -78,7 +84,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     ds = build_dataset(
         _ArtifactFiles(ctx, refs),
         cfg,
-        seed=int(params.get("seed", 0)),
+        seed=params.get("seed", 0),  # checked above: an int >= 0, never a coerced 1.7 or "7"
         val_fraction=float(params.get("val_fraction", 0.1)),
         silence_threshold_db=float(params.get("silence_threshold_db", -60.0)),
         progress=progress,

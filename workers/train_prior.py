@@ -19,6 +19,10 @@ Job params (every key optional)::
      "name": str}          # the model's name (1..64 printable characters, no "/"); default
                            # "model"; the artifact is named NAME.distill
 
+Any other key, or a setting of the wrong type or range, fails the job at once with a ``config``
+error, before any code is encoded (:func:`distill.shared.train.jobparams.check_job_params`,
+which the broker also runs at submit).
+
 Result::
 
     {"model": sha256,      # the .distill file (artifact kind "model", name NAME.distill)
@@ -53,7 +57,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tempfile
 import time
 from dataclasses import asdict
@@ -63,11 +66,12 @@ from typing import Any, cast
 from torch import Tensor
 
 from distill.shared.audio.dataset import Dataset
-from distill.shared.errors import JobError
+from distill.shared.errors import ConfigError
 from distill.shared.ids import is_sha256
 from distill.shared.model import inference as inf
 from distill.shared.model.formats import weights_from_bytes
 from distill.shared.model.modelfile import SUFFIX, DistillModel, save_model
+from distill.shared.train.jobparams import check_job_params, is_model_name
 from distill.shared.train.loop import PreviewLabel, with_default_budget
 from distill.shared.train.prior import (
     CodeSet,
@@ -86,8 +90,7 @@ SERVICE = "distill.train.prior"
 # validation NLL levels off within about three CPU minutes; a GPU gets there several times
 # sooner, MPS about twice.
 DEFAULT_MINUTES = {"cpu": 3.0, "cuda": 1.0, "mps": 1.5}
-DEFAULT_NAME = "model"
-_NAME_RE = re.compile(r"[^/\\\x00-\x1f]{1,64}")  # printable, no path separators
+DEFAULT_NAME = "model"  # a name is 1..64 printable characters, no path separators
 
 
 class JobHooks:
@@ -128,34 +131,35 @@ def _from_deps(ctx: JobContext, params: dict[str, Any]) -> tuple[str, str]:
     if vqvae is None:
         found = [r for r in results if "model" in r]
         if len(found) != 1:
-            raise JobError("train.prior: give params.vqvae, or depend on exactly one "
-                           f"distill.train.vqvae job (found {len(found)} with a model)")  # fmt: skip
+            raise ConfigError("train.prior: give params.vqvae, or depend on exactly one "
+                              f"distill.train.vqvae job (found {len(found)} with a model)")  # fmt: skip
         source, vqvae = found[0], found[0]["model"]
     dataset = params.get("dataset", source.get("dataset"))
     if dataset is None:
         found_ds = {r["dataset"] for r in results if "dataset" in r}
         if len(found_ds) != 1:
-            raise JobError("train.prior: give params.dataset, or depend on a job whose result "
-                           "names the dataset")  # fmt: skip
+            raise ConfigError("train.prior: give params.dataset, or depend on a job whose result "
+                              "names the dataset")  # fmt: skip
         dataset = found_ds.pop()
     for key, value in (("vqvae", vqvae), ("dataset", dataset)):
         if not is_sha256(value):
-            raise JobError(f"train.prior: {key} must be an artifact id (sha256 hex), got {value!r}")
+            raise ConfigError(f"train.prior: {key} must be an artifact id (sha256 hex), got "
+                              f"{value!r}")  # fmt: skip
     return str(vqvae), str(dataset)
 
 
 def _name(params: dict[str, Any]) -> str:
     name = params.get("name", DEFAULT_NAME)
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.strip(". ") == "":
-        raise JobError(f"train.prior: name must be 1..64 printable characters without '/', "
-                       f"got {name!r}")  # fmt: skip
+    if not is_model_name(name):
+        raise ConfigError(f"train.prior: name must be 1..64 printable characters without '/', "
+                          f"got {name!r}")  # fmt: skip
     return name
 
 
 def _maps(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     prior, train = params.get("prior") or {}, params.get("train") or {}
     if not isinstance(prior, dict) or not isinstance(train, dict):
-        raise JobError("train.prior: params.prior and params.train must be maps of settings")
+        raise ConfigError("train.prior: params.prior and params.train must be maps of settings")
     return prior, train
 
 
@@ -179,8 +183,8 @@ def _codes(ctx: JobContext, vqvae_id: str, dataset_id: str) -> tuple[CodeSet, st
         vqvae, mel_config, _ = weights_from_bytes(ctx.artifacts.get_bytes(vqvae_id))
         dataset = Dataset.from_bytes(ctx.artifacts.get_bytes(dataset_id))
         if dataset.mel_config != mel_config:
-            raise JobError("train.prior: the RVQ-VAE was trained on another mel configuration "
-                           "than this dataset's")  # fmt: skip
+            raise ConfigError("train.prior: the RVQ-VAE was trained on another mel configuration "
+                              "than this dataset's")  # fmt: skip
         return encode_dataset(vqvae, dataset, vqvae_id=vqvae_id, dataset_id=dataset_id,
                               device=ctx.device)  # fmt: skip
 
@@ -226,6 +230,8 @@ def _write_model(ctx: JobContext, model: DistillModel, name: str) -> tuple[str, 
 
 
 def run_job(ctx: JobContext) -> dict[str, Any]:
+    # as the broker does at submit, before any code is encoded: one final config error
+    check_job_params(SERVICE, ctx.info.params)
     params = dict(ctx.info.params)
     vqvae_id, dataset_id = _from_deps(ctx, params)
     name = _name(params)

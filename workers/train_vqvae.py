@@ -8,6 +8,10 @@ Job params::
      "train": {...}}             # optional TrainConfig overrides; "minutes" absent: the
                                  # device's default budget (DEFAULT_MINUTES), 0: epochs only
 
+Any other key, or a setting of the wrong type or range, fails the job at once with a ``config``
+error, before the dataset is downloaded (:func:`distill.shared.train.jobparams.check_job_params`,
+which the broker also runs at submit).
+
 The training is :class:`distill.shared.train.vqvae.VQVAETrainer`; this module only adapts the
 job context to its hooks: metrics and progress per epoch, checkpoint artifacts paced by
 ``checkpoint_every_s`` (a retried job resumes from the last one), and Griffin-Lim audio
@@ -36,10 +40,11 @@ from distill.shared.audio.export import within_full_scale
 from distill.shared.audio.io import write_audio
 from distill.shared.audio.mel import MelConfig
 from distill.shared.audio.phase import mel_to_audio
-from distill.shared.errors import JobError
+from distill.shared.errors import ConfigError
 from distill.shared.ids import is_sha256
 from distill.shared.model.formats import weights_to_bytes
 from distill.shared.model.vqvae import VQVAEConfig, choose_size
+from distill.shared.train.jobparams import check_job_params
 from distill.shared.train.loop import PreviewLabel, with_default_budget
 from distill.shared.train.vqvae import TrainConfig, VQVAETrainer
 from distill.workers.runtime.context import JobContext
@@ -104,7 +109,7 @@ def _wav_bytes(audio: Tensor, sample_rate: int, tags: dict[str, str] | None = No
 def _dataset_id(params: dict[str, Any]) -> str:
     sha = params.get("dataset")
     if not is_sha256(sha):
-        raise JobError("train.vqvae: params.dataset must be a dataset artifact id (sha256 hex)")
+        raise ConfigError("train.vqvae: params.dataset must be a dataset artifact id (sha256 hex)")
     return str(sha)
 
 
@@ -115,13 +120,13 @@ def _params(
     ``n_mels``), the budget's note and why the model has its size."""
     model, train = params.get("model") or {}, params.get("train") or {}
     if not isinstance(model, dict):
-        raise JobError("train.vqvae: params.model must be a map of VQVAEConfig settings")
+        raise ConfigError("train.vqvae: params.model must be a map of VQVAEConfig settings")
     if not isinstance(train, dict):
-        raise JobError("train.vqvae: params.train must be a map of TrainConfig settings")
+        raise ConfigError("train.vqvae: params.train must be a map of TrainConfig settings")
     given = model.get("n_mels", n_mels)
     if given != n_mels:
-        raise JobError(f"train.vqvae: params.model.n_mels is {given!r}, but the dataset has "
-                       f"{n_mels} mel bands: leave n_mels out (it is the dataset's)")  # fmt: skip
+        raise ConfigError(f"train.vqvae: params.model.n_mels is {given!r}, but the dataset has "
+                          f"{n_mels} mel bands: leave n_mels out (it is the dataset's)")  # fmt: skip
     model, why_size = choose_size(device, {**model, "n_mels": n_mels})
     train, budget_note = with_default_budget(train, device, DEFAULT_MINUTES, "RVQ-VAE")
     model_config, train_config = VQVAEConfig.from_dict(model), TrainConfig.from_dict(train)
@@ -137,7 +142,7 @@ def _with_dataset_from_deps(ctx: JobContext) -> dict[str, Any]:
             r["dataset"] for r in ctx.info.deps.values() if isinstance(r, dict) and "dataset" in r
         ]
         if len(found) != 1:
-            raise JobError(
+            raise ConfigError(
                 "train.vqvae: give params.dataset, or depend on exactly one preprocess job"
             )
         params["dataset"] = found[0]
@@ -145,6 +150,8 @@ def _with_dataset_from_deps(ctx: JobContext) -> dict[str, Any]:
 
 
 def run_job(ctx: JobContext) -> dict[str, Any]:
+    # as the broker does at submit, before the dataset is downloaded: one final config error
+    check_job_params(SERVICE, ctx.info.params)
     params = _with_dataset_from_deps(ctx)
     sha = _dataset_id(params)
     dataset = Dataset.from_bytes(ctx.artifacts.get_bytes(sha))

@@ -8,6 +8,7 @@ timers); it reaches the loop only through :class:`JobHost`, never by importing i
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import sqlite3
 import time
@@ -33,8 +34,11 @@ from distill.shared.bus.messages import JobDispatch, JobSubmit
 from distill.shared.errors import DecodeError, JobError
 from distill.shared.ids import is_sha256
 from distill.shared.logs import get_logger
+from distill.shared.services import WORKER_SERVICES
+from distill.shared.train.jobparams import check_job_params
 
 log = get_logger("broker.jobs")
+DISTILL_SERVICES = frozenset(s.service for s in WORKER_SERVICES.values())
 # Failures that would repeat on every attempt (the job's own settings or input are wrong): the
 # job fails at once instead of running max_attempts times into the same error.
 # no other attempt can do better: the input is wrong, or (damaged) the broker has removed it,
@@ -121,13 +125,26 @@ class JobService:
             # would wait in the queue for ever
             raise JobError(f"{req.service} is the broker's own service: no worker runs jobs "
                            "for it")  # fmt: skip
+        if req.service.startswith("distill.") and req.service not in DISTILL_SERVICES:
+            # a typo in Distill's own names would wait in the queue for ever without a word
+            near = difflib.get_close_matches(req.service, sorted(DISTILL_SERVICES), n=1)
+            raise JobError(f"no Distill service is called {req.service!r}"
+                           + (f": did you mean {near[0]!r}?" if near else
+                              f" (they are {', '.join(sorted(DISTILL_SERVICES))})"))
         check_params(req.params)  # its size and shape first: the artifact walk below reads it all
+        # a Distill job service's params as its worker will read them (torch-free): a bad
+        # setting of a pipeline's last stage is refused now, not after its first stages ran
+        check_job_params(req.service, req.params)
         self._check_artifacts(req.params)
         record = self.store.submit(req.service, req.params, depends_on=req.depends_on,
                                    max_attempts=req.max_attempts, timeout_s=req.timeout_s)
         self._announce(record)
         self._dirty = True
-        return record.to_dict()
+        out = record.to_dict()
+        if record.status == "queued" and not self.broker.registry.has_workers(req.service.encode()):
+            out["note"] = (f"no worker serves {req.service} now: the job waits until one "
+                           "registers (`distill workers` lists them)")
+        return out
 
     def _check_artifacts(self, params: Any) -> None:
         """JobError unless the store holds every artifact ``params`` names: a job without

@@ -135,11 +135,15 @@ def register(app: typer.Typer) -> None:
         from distill.shared.bus.artifacts import ArtifactClient
         from distill.shared.bus.jobs import JobsClient
 
-        try:
+        from distill.shared.train.jobparams import PREPROCESS, check_job_params
+
+        settings = {"seed": seed, "val_fraction": val_fraction, "silence_threshold_db": silence_db,
+                    "mel_config": {"sample_rate": sample_rate}}  # fmt: skip
+        try:  # the settings as the broker checks them, before anything is uploaded
+            check_job_params(PREPROCESS, {"files": [{"name": "-", "sha256": "0" * 64}], **settings})
             with client(broker, timeout_s=60.0) as c:
                 files = upload_folder(ArtifactClient(c), folder)
-                params = {"files": files, "seed": seed, "val_fraction": val_fraction,
-                          "silence_threshold_db": silence_db, "mel_config": {"sample_rate": sample_rate}}
+                params = {"files": files, **settings}
                 job = JobsClient(c).submit("distill.preprocess", params)
                 typer.echo(f"preprocess job {job['id']}: {len(files)} files")
                 from distill.shared.cli.train import Stage, follow_training, warn_missing_workers

@@ -228,16 +228,15 @@ def check_settings(req: TrainRequest) -> None:
     """The settings checked as the workers will read them, before anything is uploaded: a
     misspelt or misplaced key fails now, not minutes later when its stage starts. A model
     setting given as a training one is named with the option it belongs to. Only imports the
-    configs (and torch) when there are settings to check."""
+    configs (their torch-free settings modules) when there are settings to check."""
     if not (req.vqvae_model or req.prior_model or any(req.train.values())):
         return
     from dataclasses import fields
 
     from distill.shared.configs import config_from_dict
-    from distill.shared.model.prior import PriorConfig, choose_prior_config
-    from distill.shared.model.vqvae import VQVAEConfig
-    from distill.shared.train.prior import PriorTrainConfig
-    from distill.shared.train.vqvae import TrainConfig
+    from distill.shared.model.settings import PriorConfig, VQVAEConfig
+    from distill.shared.train.jobparams import prior_settings
+    from distill.shared.train.settings import PriorTrainConfig, TrainConfig
 
     configs: dict[str, tuple[type, type, str]] = {  # training config, model config, its option
         "vqvae": (TrainConfig, VQVAEConfig, "--vqvae-opt"),
@@ -262,9 +261,8 @@ def check_settings(req: TrainRequest) -> None:
         raise DistillError(f"--prior-opt: unknown keys {unknown}; known keys {sorted(prior_keys)}")
     # types and bounds now, over the sizes the prior stage would choose (those come from the
     # RVQ-VAE's codes: whether levels and codebook_size fit them is the stage's to say)
-    sized, _ = choose_prior_config(1, 2, 0)
     try:
-        PriorConfig.from_dict({**sized.to_dict(), **req.prior_model})
+        prior_settings(req.prior_model)
     except ConfigError as e:
         raise ConfigError(f"--prior-opt: {e}") from None
 

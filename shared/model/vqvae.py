@@ -45,7 +45,7 @@ alike).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -53,10 +53,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from vector_quantize_pytorch import ResidualVQ
 
-from distill.shared.audio.mel import MAX_N_MELS
-from distill.shared.configs import at_most, config_from_dict, require
 from distill.shared.errors import ConfigError
 from distill.shared.model.kmeans import kmeans, lloyd, nearest
+
+# VQVAEConfig lives in settings (no torch there); imported from here as before
+from distill.shared.model.settings import VQVAEConfig as VQVAEConfig
 
 # Encoding a sound by what its codes decode to (VQVAE.search_codes): codes tried per level and
 # step, latent steps decoded either side of the step tried and scored either side of it, and
@@ -75,104 +76,6 @@ SEARCH_LOG_WEIGHT = 0.2
 
 # --------------------------------------------------------------------------------------------
 # Config
-
-
-@dataclass(frozen=True)
-class VQVAEConfig:
-    """Everything that fixes the architecture; travels with the weights. Never mutated."""
-
-    n_mels: int = 128  # must equal the dataset's MelConfig.n_mels
-    channels: int = 256  # with residual blocks; wider trains fewer steps per CPU minute
-    latent_dim: int = 128  # wider codes hold more of 128 bins per step than 64 would
-    # Residual blocks per side. With dilations 1, 3, 9 the encoder sees ±16 frames (its 7-tap
-    # input conv ±3, the blocks ±13) at downsample 1; the decoder, with a 7-tap output conv
-    # too, ±19.
-    blocks: int = 3
-    kernel_size: int = 3  # small kernels, reach from dilation (DAC's residual units)
-    dilations: tuple[int, ...] = (1, 3, 9)  # cycled over the blocks
-    # Time stride of the latents: 1 keeps one code step per mel frame (94 per second). Jobs
-    # get 2 from choose_size (DEVICE_SIZES says why).
-    downsample: int = 1
-    codebook_size: int | None = None  # None: chosen from the training chunks (choose_codebook)
-    levels: int | None = None  # None: chosen from the training chunks
-    commitment_weight: float = 0.25  # DAC/SoundStream's weight; EMA moves the codebook itself
-    ema_decay: float = 0.95  # library default 0.8 is noisy, 0.99 too slow for ~1k-step runs
-    # EMA uses per batch below which a code is replaced by a latent of the batch. None: 2% of
-    # the use an average code gets per batch (dead_code_threshold_for), which the trainer
-    # knows from its batch; with decay 0.95 a code falls that low after ~70 unused steps:
-    # dead, not merely rare. A fixed 1.0 (the library's order) suits 16-64 codes (2-9% of
-    # their average) but on 512 codes, used 0.9-1.5 times per batch (16 chunks x 47 steps),
-    # it replaced half of them every step: they churned among random latents and went unused.
-    # Percussion, 5 min side by side (bench/vqvae.py --threads 1 --quick), at 1.0 / 0.3 / 0.1
-    # / 0.03: codes in use over the training set 0.52-0.74 / 0.85-0.93 / 0.93-0.99 /
-    # 0.98-1.00 per level; training loss 0.048 / 0.041 / 0.038 / 0.037; decoded training
-    # files 1.25x / 1.38x / 1.20x / 1.17x the floor, held-out 2.20x / 2.22x / 2.16x / 2.23x
-    # (noise). On 9 files (64 codes x 2) a fixed 0.03 left 14% of the codes unused and the
-    # training files at 1.34x; 2% of the average (0.16 there) uses them all: 1.10x, held-out
-    # 5.48x (1.15x / 6.75x at 1.0). The share, not a number of uses, is what carries over.
-    dead_code_threshold: float | None = None
-    quantizer_dropout: float = 0.5  # share of items trained on the first k levels only (DAC)
-    rotation_trick: bool = True  # library default; gradients through VQ by rotation
-    # Loudness-weighted L1 (see reconstruction_loss). Off by default: measured on percussion it
-    # lowered decoded spectral convergence on training files but made training unstable at
-    # lr 2e-3 (loss rising for hundreds of steps); plain L1 trained smoothly.
-    spectral_weight: float = 0.0
-    # "weight": weight norm on every conv (DAC, EnCodec). Off: on the CPU size it neither
-    # steadied training at lr 2e-3 nor improved the sound (module docstring).
-    norm: str = "none"
-    # A linear path beside each conv stack, initialised by PCA of the training frames
-    # (pca_init_): at step 0 the model is a PCA codec whose codebooks k-means fits, and the
-    # conv stacks (last layers zero-initialised) learn what the linear map misses.
-    linear_path: bool = False
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.n_mels > 0, "n_mels must be positive"),
-            (self.channels > 0 and self.latent_dim > 0, "channels and latent_dim must be positive"),
-            (self.blocks >= 0, "blocks must be >= 0"),
-            (self.kernel_size % 2 == 1, "kernel_size must be odd"),
-            (len(self.dilations) > 0 and min(self.dilations) >= 1, "dilations must be >= 1"),
-            (self.downsample in (1, 2, 4, 8), "downsample must be 1, 2, 4 or 8"),
-            (self.codebook_size is None or self.codebook_size >= 2, "codebook_size must be >= 2"),
-            (self.levels is None or 1 <= self.levels <= 16, "levels must be in 1..16"),
-            (self.commitment_weight >= 0, "commitment_weight must be >= 0"),
-            (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
-            (self.dead_code_threshold is None or self.dead_code_threshold >= 0,
-             "dead_code_threshold must be >= 0"),
-            (0.0 <= self.quantizer_dropout <= 1.0, "quantizer_dropout must be in [0, 1]"),
-            (self.spectral_weight >= 0, "spectral_weight must be >= 0"),
-            (self.norm in ("none", "weight"), "norm must be 'none' or 'weight'"),
-            *self._bounds(),
-        ]
-        require(checks, "VQVAEConfig")
-
-    def _bounds(self) -> list[tuple[bool, str]]:
-        """Upper bounds, checked before any tensor exists: far above what trains well on the
-        machines Distill runs on (a laptop CPU to one GPU), far below what exhausts them."""
-        return [
-            at_most(self.n_mels, MAX_N_MELS, "n_mels", "a mel image taller than any MelConfig"),
-            at_most(self.channels, 1024, "channels", "4x the default; ~16x its memory"),
-            at_most(self.latent_dim, 1024, "latent_dim", "8x the default"),
-            at_most(self.blocks, 16, "blocks", "5x the default depth"),
-            at_most(self.kernel_size, 31, "kernel_size", "reach comes from dilation"),
-            at_most(len(self.dilations), 16, "number of dilations", "one per block at most"),
-            at_most(max(self.dilations, default=1), 729, "dilation", "3^6: a 15 s reach"),
-            at_most(self.codebook_size or 0, 8192, "codebook_size", "16x the largest chosen"),
-        ]
-
-    @property
-    def resolved(self) -> bool:
-        return self.codebook_size is not None and self.levels is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["dilations"] = list(self.dilations)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VQVAEConfig:
-        """Build from a plain dict (msgpack, JSON); unknown keys or wrong types raise ConfigError."""
-        return config_from_dict(cls, d, "VQVAEConfig")
 
 
 def search_error(out: Tensor, mel: Tensor) -> Tensor:

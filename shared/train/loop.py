@@ -42,18 +42,23 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distill.shared.configs import at_most, require
 from distill.shared.errors import JobError, ModelFormatError, UnknownSettings
 from distill.shared.model.formats import checkpoint_to_bytes, read_checkpoint
 
-MAX_BUDGET_MINUTES = 7 * 24 * 60  # a week: past that a budget is a typo
+# LoopConfig and its bounds live in settings (no torch there); imported from here as before
+from distill.shared.train.settings import MAX_BATCH_SIZE as MAX_BATCH_SIZE
+from distill.shared.train.settings import MAX_BUDGET_MINUTES as MAX_BUDGET_MINUTES
+from distill.shared.train.settings import MAX_EPOCHS as MAX_EPOCHS
+from distill.shared.train.settings import MAX_WARMUP_STEPS as MAX_WARMUP_STEPS
+from distill.shared.train.settings import LoopConfig as LoopConfig
+
 MIN_CHECKPOINT_EVERY_S = 10.0  # the pacing a short budget may bring checkpoints down to
 
 M = TypeVar("M", bound=nn.Module)
@@ -61,61 +66,6 @@ M = TypeVar("M", bound=nn.Module)
 
 # --------------------------------------------------------------------------------------------
 # Config
-
-
-MAX_EPOCHS = 100_000  # bounds on what a request may ask for, checked before anything is built
-MAX_BATCH_SIZE = 4096
-MAX_WARMUP_STEPS = 1_000_000
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """The loop's settings, shared by every trainer's config (which adds its own fields and may
-    change these defaults). Travels in checkpoints. Reasons beside the defaults."""
-
-    epochs: int = 300  # upper bound; early stopping or the time budget usually end sooner
-    batch_size: int = 16  # small batches: more updates per second on a CPU
-    lr: float = 2e-3  # Adam's peak rate; the warmup makes it safe for fresh weights
-    lr_min_ratio: float = 0.05  # the cosine decays to lr x this at the last step
-    warmup_steps: int = 100  # linear warmup: the first steps see freshly initialised weights
-    schedule: str = "cosine"  # "cosine" or "constant" (after warmup)
-    grad_clip: float = 1.0  # global norm; guards against one bad batch
-    patience: int = 40  # epochs without a better validation loss before stopping; 0 = never
-    seed: int = 0  # everything random in the run derives from it
-    max_rollbacks: int = 2  # NaN/inf rollbacks allowed; the next one fails the job
-    minutes: float = 0.0  # time budget (module docstring); 0 = epochs only, deterministic
-    checkpoint_every_s: float = 60.0  # at most one checkpoint a minute: writing ~100 MB after
-    # every few-second epoch costs a fifth of the run; 0 = after every epoch
-
-    def loop_checks(self) -> list[tuple[bool, str]]:
-        """The loop's checks; a subclass adds its own and passes all of them to ``require``."""
-        return [
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
-            (0 <= self.lr_min_ratio <= 1, "lr_min_ratio must be in [0, 1]"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (self.schedule in ("cosine", "constant"), "schedule must be cosine or constant"),
-            (self.grad_clip > 0, "grad_clip must be > 0"),
-            (self.patience >= 0 and self.seed >= 0, "patience and seed must be >= 0"),
-            (self.max_rollbacks >= 0, "max_rollbacks must be >= 0"),
-            (0 <= self.minutes <= MAX_BUDGET_MINUTES,
-             f"minutes must be in 0..{MAX_BUDGET_MINUTES} (0 = no budget)"),
-            (0 <= self.checkpoint_every_s <= 86400, "checkpoint_every_s must be in 0..86400"),
-            at_most(self.epochs, MAX_EPOCHS, "epochs", "the time budget, not epochs, ends long runs"),
-            at_most(self.batch_size, MAX_BATCH_SIZE, "batch_size",
-                    "larger batches do not fit one device's memory for 1-s chunks"),
-            at_most(self.warmup_steps, MAX_WARMUP_STEPS, "warmup_steps", "longer than any run"),
-            at_most(self.patience, MAX_EPOCHS, "patience", "more epochs than a run may have"),
-            at_most(self.lr, 1.0, "lr", "Adam diverges far below this"),
-            at_most(self.max_rollbacks, 16, "max_rollbacks", "each halves the learning rate"),
-        ]  # fmt: skip
-
-    def __post_init__(self) -> None:
-        require(self.loop_checks(), type(self).__name__)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------

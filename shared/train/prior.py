@@ -54,7 +54,6 @@ from torch import Tensor, nn
 
 from distill.shared.audio.augment import gain_mel, move_bands
 from distill.shared.audio.dataset import Dataset
-from distill.shared.configs import config_from_dict, require
 from distill.shared.errors import ConfigError, DatasetError, ModelFormatError
 from distill.shared.model.prior import (
     PRIOR_CODES_PER_SECOND,
@@ -67,7 +66,13 @@ from distill.shared.model.prior import (
     unigram_bits,
 )
 from distill.shared.model.vqvae import VQVAE
-from distill.shared.train.loop import LoopConfig, Trainer, TrainHooks
+from distill.shared.train.loop import Trainer, TrainHooks
+
+# PriorTrainConfig and its defaults live in settings (no torch there); imported here as before
+from distill.shared.train.settings import LABEL_SMOOTHING as LABEL_SMOOTHING
+from distill.shared.train.settings import MAX_PEERS as MAX_PEERS
+from distill.shared.train.settings import PEER_WEIGHT as PEER_WEIGHT
+from distill.shared.train.settings import PriorTrainConfig as PriorTrainConfig
 
 CODES_FORMAT_VERSION = 2  # 2: variant encodings beside each file (1 still reads: none)
 CODES_KIND = "codes"  # the artifact kind of a cached CodeSet
@@ -86,14 +91,7 @@ MIN_STEPS_PER_EPOCH = 25
 # textures trained on their two and the held-out figures printed for them were not).
 MIN_VALIDATION_FILES = 2
 MIN_VALIDATION_STEPS = 200  # ~4 s at 47 code steps per second
-# Label smoothing. With nothing held out, the prior learnt the demo's 10 one-shots by heart
-# without it (0.05 bits per code, 2 pairs of its 8 draws identical at 47 steps/s); smoothing 0.1
-# kept all 8 apart (closest pair 87% equal codes), still audible. With a validation split it
-# lowers validation NLL: percussion at 800 steps, with the variants, 5.18 -> 5.01 bits per code.
-# A smoothed prior leaves a tenth of each step's probability spread over every code, which a
-# draw picks now and then as an odd code, heard as a click: sampling cuts that floor
-# (SamplingParams.min_p), and steps where the sound holds still are never smoothed.
-LABEL_SMOOTHING = 0.1
+# Label smoothing: LABEL_SMOOTHING (distill.shared.train.settings says why).
 # Time stretches of each file's log-mel encoded beside it (linear interpolation along time: a
 # hit that rings 10% shorter or longer). A prior overfits a hundred one-shots' codes within a
 # few hundred steps; measured on percussion at 800 steps, validation bits per code 5.69 plain,
@@ -110,19 +108,7 @@ VARIANT_BAND_SHIFTS = (-4, -2, 2, 4)
 # the default pair in 3 minutes 4.326 -> 4.299, 4.339 -> 4.302. +-1.5 dB 4.397, +-4 4.369,
 # +-6 4.389, +-12 4.400, -3, -1.5, 1.5, 3 4.373: small moves help most.
 VARIANT_GAINS_DB = (-3.0, 3.0)
-# Mutual learning (Zhang et al., "Deep Mutual Learning", 2018): two priors train side by side on
-# the same batches, each minimising (1 - w) x its own loss + w x the cross-entropy of its heads'
-# distribution against the other's (held fixed for that step), and the job keeps the first.
-# What it buys is an ensemble's smoothing in one model that samples as fast as one: on
-# percussion (the same code set, 800 steps) validation 4.434 bits per code alone, 4.354 beside
-# a peer at w 0.5 (4.584 at 0.7; at 1200 steps 4.320); the average of two priors trained apart
-# 4.326. In the 3-minute CPU default budget (two seeds each): w 0.5 4.346 / 4.347, w 0.35
-# 4.326 / 4.339, w 0.25 4.344. Distilling into a third prior from two trained first scored
-# 4.318 at 800 steps but costs the two teachers' steps on top; a teacher that is the prior's
-# own running average (EMA 0.99) scored 4.437 in the 3 minutes. A pair's step costs ~2.2x one
-# prior's, and the budget fits the epochs to that.
-PEER_WEIGHT = 0.35
-MAX_PEERS = 4
+# Mutual learning: PEER_WEIGHT and MAX_PEERS (distill.shared.train.settings says why).
 # Automatic (peers 0): two where the prior reads earlier codes and has under
 # PEERS_MAX_CODE_STEPS training code steps (where it was measured; a larger set needs more
 # steps than a pair makes in a default budget), and the budget leaves the pair enough steps.
@@ -345,53 +331,6 @@ def load_or_encode_codes(
 
 # --------------------------------------------------------------------------------------------
 # Config and result
-
-
-@dataclass(frozen=True)
-class PriorTrainConfig(LoopConfig):
-    """How to train the prior: the loop's settings with the prior's defaults, plus the window.
-    Travels in checkpoints. Reasons beside the defaults."""
-
-    epochs: int = 200  # upper bound; early stopping on validation NLL ends small sets sooner
-    batch_size: int = 16  # windows per step: on a CPU, 32 took twice as long per window
-    # Adam's peak; a one-layer LSTM of this size is stable at it with clipping. A budget of a
-    # minute or two makes a few hundred steps: percussion at 800 steps 4.70 bits per code at
-    # 3e-3, 4.61 at 5e-3, 4.56 at 8e-3 and 1.2e-2 (at 1600 steps 8e-3 peaks at 4.58, no better)
-    lr: float = 8e-3
-    warmup_steps: int = 20  # small sets make few steps per epoch; the LSTM needs little warmup
-    patience: int = 10  # the validation NLL of a small set turns up within a few epochs
-    window: int = 188  # code steps per training window: 2 s at 94 steps/s, longer than a chunk
-    start_weight: float = 1.0  # a sound's first step counts as this many codes in the loss
-    # training targets keep this share spread over every code (not where the sound holds
-    # still); -1, written by earlier versions ("automatic"), reads as LABEL_SMOOTHING
-    label_smoothing: float = LABEL_SMOOTHING
-    # Training sequences go on this long in their final (silent) step, so that a draw past a
-    # sound's end stays silent: 0.5 s at 47 steps/s. 94 taught it no better and, with one-shots
-    # of ~1 s, made two thirds of every training step silence: at 24, a 1.2-minute budget made
-    # 350 steps instead of 250 and validation 0.21 bits per code lower.
-    end_steps: int = 24
-    # Train on each file's variant encodings too (see mel_variants); validation and the
-    # prior's size use the files as they are, the baselines are fitted on what the prior sees.
-    augment: bool = True
-    # Priors trained side by side, each also learning the others' predictions (mutual
-    # learning, see PEER_WEIGHT); the job keeps the first. 0: automatic (AUTO_PEERS).
-    peers: int = 0
-    peer_weight: float = PEER_WEIGHT  # the others' predictions' share of each one's loss
-
-    def __post_init__(self) -> None:
-        checks = [(2 <= self.window <= 100_000, "window must be in 2..100000 code steps"),
-                  (0 <= self.peers <= MAX_PEERS, f"peers must be in 0..{MAX_PEERS} (0: automatic)"),
-                  (0 <= self.peer_weight < 1, "peer_weight must be in [0, 1)"),
-                  (1 <= self.start_weight <= 1000, "start_weight must be in 1..1000"),
-                  (0 <= self.end_steps <= 100_000, "end_steps must be in 0..100000"),
-                  (self.label_smoothing == -1 or 0 <= self.label_smoothing < 1,
-                   "label_smoothing must be in [0, 1), or -1 (automatic)")]  # fmt: skip
-        require(self.loop_checks() + checks, "PriorTrainConfig")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PriorTrainConfig:
-        """From a plain dict; unknown keys or wrong types raise ConfigError."""
-        return config_from_dict(cls, d, "PriorTrainConfig")
 
 
 @dataclass

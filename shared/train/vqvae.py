@@ -32,7 +32,6 @@ from distill.shared.audio.dataset import Dataset
 from distill.shared.audio.mel import MelConfig, log_mel
 from distill.shared.audio.metrics import spectral_convergence
 from distill.shared.audio.phase import mel_to_audio
-from distill.shared.configs import config_from_dict, require
 from distill.shared.errors import ConfigError, DatasetError
 from distill.shared.model.vqvae import (
     DEAD_CODE_SHARE,
@@ -42,7 +41,6 @@ from distill.shared.model.vqvae import (
     resolve_config,
 )
 from distill.shared.train.loop import (
-    LoopConfig,
     PreviewLabel,
     Trainer,
     TrainHooks,
@@ -50,6 +48,9 @@ from distill.shared.train.loop import (
     in_use,
     perplexity,
 )
+
+# TrainConfig lives in settings (no torch there); imported from here as before
+from distill.shared.train.settings import TrainConfig as TrainConfig
 
 MIN_STEPS_PER_EPOCH = 8  # a 5-file collection still gets a few optimiser steps per epoch
 KMEANS_MAX_VECTORS = 65536  # latents pooled for codebook init; more only slows k-means
@@ -81,72 +82,6 @@ REFINE_BUDGET_SHARE = 0.1  # the refinement's time past a spent budget, as a sha
 
 # --------------------------------------------------------------------------------------------
 # Config
-
-
-@dataclass(frozen=True)
-class TrainConfig(LoopConfig):
-    """How to train the RVQ-VAE: the loop's settings (LoopConfig) plus previews and
-    augmentation. Travels in checkpoints. Reasons beside the defaults."""
-
-    # Adam's peak rate. At 2e-3 (the loop's default) validation L1 climbs as the warmup reaches
-    # the peak (test_vqvae_stability: 1.67x its best at downsample 2); weight norm, Adam betas
-    # 0.8/0.99, dead-code threshold 0.2, no rotation trick and re-running k-means after the
-    # warmup all left the climb (1.35-1.93x); 1e-3 removes it (1.10x).
-    lr: float = 1e-3
-    preview_every: int = 25  # epochs between audio previews; 0 = none
-    preview_chunks: int = 2  # validation chunks per preview
-    augment: bool = False  # mel augmentation (distill.shared.audio.augment) of training batches
-    augment_gain: bool = True  # the AugmentConfig switches used when augment is on
-    augment_time_shift: bool = True
-    augment_noise: bool = False  # noise adds texture the reconstruction then has to invent
-    augment_pitch_shift: bool = False
-    # Decoded-audio check (module docstring). 8 chunks x 32 Griffin-Lim iterations every 5
-    # epochs: 0.31 s, 3.8% of the time of those epochs on percussion (2 CPU threads); fewer
-    # chunks make the median noisy (the floors of percussion's first 4 ranged 0.10-0.55 and
-    # their median sat on one file's), fewer iterations raise the floor and hide the model's
-    # own error under Griffin-Lim's.
-    audio_every: int = 5  # epochs between checks; 0 = only for the returned model
-    audio_chunks: int = 8  # validation chunks decoded, the first of each file first
-    audio_iters: int = 32  # Griffin-Lim iterations (seeded: the same chunks, the same phase)
-    adam_beta1: float = 0.9  # Adam's defaults; EnCodec and DAC train with 0.8 / 0.99
-    adam_beta2: float = 0.999
-    # The PCA-initialised linear paths' rate, as a share of lr: slowly, so that the codebooks
-    # fitted to their latents stay fitted (percussion, 3 min: utilisation 0.60-0.84 at 0.1,
-    # 0.48-0.83 at 1; decoded audio alike; frozen at 0: a little worse).
-    linear_lr_share: float = 0.1
-    # Lloyd iterations of the codebooks once training ends (VQVAE.refine_codebooks_), over the
-    # latents of the training chunks as they are, 3 dB softer and louder, and moved two mel
-    # bands down and up; then up to refine_decoder_steps steps of the decoder alone, and the
-    # state kept is the one with the lowest validation loss among those where neither the
-    # training nor the validation loss got worse (VQVAETrainer.refine). The EMA codebooks trail
-    # the encoder. bench/vqvae.py --minutes 10, as trained -> kept:
-    # - percussion: training loss 0.0486 -> 0.0441, validation 0.0696 -> 0.0670 (75 decoder
-    #   steps); decoded training files 1.50x -> 1.25x the Griffin-Lim floor, held-out 2.20x ->
-    #   2.15x. Refined without the decoder steps: 1.33x / 2.20x;
-    # - textures: 0.1869 -> 0.1820, 0.2641 -> 0.2538 (50 steps); held-out 4.35x -> 4.05x. The
-    #   codebooks alone raised the training loss (0.1936);
-    # - 9 percussion files: undone (16 codes a level are the decoder's tokens more than the
-    #   latents' means: refined alone, training files decode at 2.40x instead of 1.15x).
-    refine_iters: int = 10
-    refine_decoder_steps: int = 100  # decoder steps after refinement (VQVAETrainer.refine)
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.preview_every >= 0 and self.preview_chunks >= 1, "bad preview settings"),
-            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "Adam betas must be in [0, 1)"),
-            (self.audio_every >= 0, "audio_every must be >= 0"),
-            (0 <= self.linear_lr_share <= 10, "linear_lr_share must be in 0..10"),
-            (0 <= self.refine_iters <= 100, "refine_iters must be in 0..100"),
-            (0 <= self.refine_decoder_steps <= 10_000, "refine_decoder_steps must be in 0..10000"),
-            (1 <= self.audio_chunks <= 64 and 1 <= self.audio_iters <= 1000,
-             "audio_chunks must be in 1..64 and audio_iters in 1..1000"),
-        ]  # fmt: skip
-        require(self.loop_checks() + checks, "TrainConfig")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """From a plain dict; unknown keys or wrong types raise ConfigError."""
-        return config_from_dict(cls, d, "TrainConfig")
 
 
 # --------------------------------------------------------------------------------------------

@@ -203,3 +203,15 @@ def test_depends_on_given_as_one_string_is_refused_naming_it(live: tuple[Broker,
         with pytest.raises(RequestError, match=rf"write depends_on=\['{job}'\]"):
             JobsClient(client).submit("nobody.depends", {}, depends_on=job)  # type: ignore[arg-type]
         assert JobsClient(client).submit("nobody.depends", {}, depends_on=[job])["status"] == "queued"
+
+
+def test_a_job_for_a_service_nobody_serves_is_said(live: tuple[Broker, str]) -> None:
+    """A typo of a Distill service, or a service with no worker, was queued for ever without
+    a word."""
+    _, endpoint = live
+    with Client(endpoint, timeout_s=5) as client:
+        err = refused(client, "distill.jobs", {"op": "submit", "service": "distill.preproces",
+                                               "params": {}})
+        assert "did you mean 'distill.preprocess'?" in str(err)
+        ok = client.request("distill.jobs", {"op": "submit", "service": "lab.reverb"})
+        assert ok["status"] == "queued" and "no worker serves lab.reverb now" in ok["note"]

@@ -52,7 +52,7 @@ async def _upload(app: DistillApp, pilot: Any, folder: Path) -> str:
     screen.action_upload()
     table = screen.query_one("#manifest", DataTable)
     await until(pilot, lambda: table.row_count == len(FILES) + 1, 120, what="the manifest")
-    rows = [table.get_row_at(i) for i in range(table.row_count)]
+    rows = [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
     skipped = [r for r in rows if r[1] != "ok"]
     assert [r[0] for r in skipped] == ["README.txt"] and skipped[0][5], rows
     assert "skipped" in str(screen.query_one("#summary", Static).render())

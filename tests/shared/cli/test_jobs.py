@@ -225,3 +225,15 @@ def test_dataset_ls_lists_each_dataset_with_its_jobs_counts(
     out = CliRunner().invoke(app, ["artifacts", "ls", "--job", job_id, "--broker", endpoint])
     assert out.exit_code == 0, out.output
     assert "2 artifacts, 3.0 KiB" in out.output and "DISTILL_STORE_MAX_BYTES" not in out.output
+
+
+def test_dataset_add_checks_its_settings_before_uploading(tmp_path: Path) -> None:
+    """`--silence-db -150` was refused by the broker only after every file was uploaded."""
+    folder = tmp_path / "sounds"
+    folder.mkdir()
+    (folder / "kick.wav").write_bytes(b"RIFF")
+    result = CliRunner().invoke(app, ["dataset", "add", str(folder), "--silence-db", "-150",
+                                      "--broker", "tcp://127.0.0.1:1"])  # no broker: not reached
+    assert result.exit_code == 1
+    assert "silence_threshold_db" in result.output and "-120" in result.output
+    assert "connection refused" not in result.output
