@@ -19,6 +19,7 @@ MAX_SAMPLE_RATE = 768_000
 MAX_N_FFT = 16_384
 MAX_N_MELS = 512
 MAX_CHUNK_FRAMES = 2_048
+MAX_FRAMES_PER_SECOND = 1_000  # a 1-ms hop: over 10x the default's 94
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,13 @@ def _validate(c: MelConfig) -> None:
         raise ConfigError(f"mel_config.n_fft must be at least 16, got {c.n_fft}")
     if c.hop_length > c.n_fft:
         raise ConfigError(f"mel_config.hop_length {c.hop_length} exceeds n_fft {c.n_fft}")
+    if c.sample_rate / c.hop_length > MAX_FRAMES_PER_SECOND:
+        # a model file with hop 1 took 54 s and 2.8 GB for half a second of sound
+        raise ConfigError(
+            f"mel_config.hop_length {c.hop_length} at {c.sample_rate} Hz makes "
+            f"{c.sample_rate / c.hop_length:.0f} frames a second, over {MAX_FRAMES_PER_SECOND} "
+            f"(a hop of {c.sample_rate // MAX_FRAMES_PER_SECOND} samples; the default makes 94): "
+            "every second of sound costs that many frames to encode and decode")  # fmt: skip
     if c.n_mels > c.n_fft // 2 + 1:
         raise ConfigError(
             f"mel_config.n_mels {c.n_mels} exceeds n_fft // 2 + 1 = {c.n_fft // 2 + 1}"
