@@ -134,7 +134,6 @@ def register(app: typer.Typer) -> None:
         """Upload FOLDER and preprocess it into a dataset (every file accounted for)."""
         from distill.shared.bus.artifacts import ArtifactClient
         from distill.shared.bus.jobs import JobsClient
-
         from distill.shared.train.jobparams import PREPROCESS, check_job_params
 
         settings = {"seed": seed, "val_fraction": val_fraction, "silence_threshold_db": silence_db,
