@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from distill.shared.cli.common import BrokerOpt, client, fail, output_file_problem
+from distill.shared.cli.common import BrokerOpt, client, fail, output_file_problem, shown
 from distill.shared.errors import DistillError
 
 PRIOR_SERVICE = "distill.train.prior"
@@ -23,12 +23,15 @@ PREPROCESS_SERVICE = "distill.preprocess"
 def print_model_summary(path: Path) -> None:
     """The summary of a ``.distill`` file as a two-column table (``describe_model``'s rows);
     a file whose configs are invalid or do not fit its weights is refused as loading it would
-    be (what `distill generate` would say)."""
+    be (what `distill generate` would say), before its tensors are read. The file may come from
+    anyone: every string it holds (summary keys and values, kind, versions) is shown with its
+    control and format characters escaped, never sent to the terminal as they are."""
     from distill.shared.model.modelfile import build_model, describe_model, read_model_file
 
-    raw = read_model_file(path)
+    raw = read_model_file(path, check_configs=True)
     build_model(raw, path)
     rows = [("file", str(path)), *describe_model(raw)]
+    rows = [(shown(key), shown(value)) for key, value in rows]
     seen: set[str] = set()
     for i, (key, value) in enumerate(rows):  # the summary may repeat a key: "prior" (training)
         if key in seen:
@@ -134,7 +137,7 @@ def register(app: typer.Typer) -> None:
         try:
             print_model_summary(path)
         except (DistillError, OSError) as e:
-            fail(str(e))
+            fail(shown(e))  # a model file's error may quote the file
 
     @model.command("pull")
     def model_pull(
@@ -158,5 +161,5 @@ def register(app: typer.Typer) -> None:
                 path = fetch_model(c, record, path)
             print_model_summary(path)
         except (DistillError, OSError) as e:
-            fail(str(e))
+            fail(shown(e))
         typer.echo(f"wrote {path}")

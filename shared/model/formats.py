@@ -9,6 +9,7 @@ file raises :class:`ModelFormatError`.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,6 +21,35 @@ from distill.shared.model.vqvae import VQVAE, VQVAEConfig
 FORMAT_VERSION = 1  # checkpoints and weights written by this Distill
 CHECKPOINT_KIND = "vqvae-checkpoint"
 WEIGHTS_KIND = "vqvae"
+
+
+Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # tensor name -> (dtype, shape)
+
+
+def state_layout(build: Callable[[], torch.nn.Module]) -> Layout:
+    """The tensors ``build()``'s ``state_dict`` holds, name by name, learnt without allocating
+    them: the module is built on torch's meta device (no memory, no random numbers drawn), so
+    stored weights can be compared with what a config makes before the config costs memory."""
+    with torch.device("meta"):
+        module = build()
+    return {name: (t.dtype, tuple(t.shape)) for name, t in module.state_dict().items()}
+
+
+def layout_differences(expected: Layout, stored: Layout) -> list[str]:
+    """How the tensors both layouts name differ in shape or dtype, one line each (the
+    expected layout's order); empty when they agree."""
+    lines = []
+    for name, (dtype, shape) in expected.items():
+        if name not in stored:
+            continue
+        got_dtype, got_shape = stored[name]
+        if got_shape != shape:
+            lines.append(f"tensor '{name}' is {list(got_shape)} in the file, the configs make "
+                         f"it {list(shape)}")  # fmt: skip
+        elif got_dtype != dtype:
+            lines.append(f"tensor '{name}' holds {str(got_dtype).removeprefix('torch.')} values, "
+                         f"the model {str(dtype).removeprefix('torch.')}")  # fmt: skip
+    return lines
 
 
 def checkpoint_to_bytes(payload: dict[str, Any]) -> bytes:
@@ -80,8 +110,19 @@ def weights_from_bytes(data: bytes) -> tuple[VQVAE, MelConfig, dict[str, Any]]:
     if obj.get("kind") != WEIGHTS_KIND:
         raise ModelFormatError(f"not VQ-VAE weights (kind {obj.get('kind')!r})")
     try:
-        model = VQVAE(VQVAEConfig.from_dict(obj["model_config"]))
-        model.load_state_dict(obj["state_dict"])
+        config = VQVAEConfig.from_dict(obj["model_config"])
+        state = obj["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor)
+                                                  for t in state.values()):  # fmt: skip
+            raise ModelFormatError("VQ-VAE weights: state_dict is not a map of tensors")
+        # the shapes first: a config within its bounds can still ask for many GB
+        expected = state_layout(lambda: VQVAE(config))
+        stored = {name: (t.dtype, tuple(t.shape)) for name, t in state.items()}
+        differences = layout_differences(expected, stored)
+        if differences:
+            raise ModelFormatError(f"VQ-VAE weights do not match their config: {differences[0]}")
+        model = VQVAE(config)
+        model.load_state_dict(state)
         mel_config = MelConfig.from_dict(obj["mel_config"])
     except UnknownSettings as e:
         raise ModelFormatError(e.newer("the VQ-VAE weights' config")) from e
