@@ -29,6 +29,7 @@ import binascii
 import json
 import math
 import os
+import re
 import struct
 import zlib
 from collections.abc import Mapping
@@ -51,6 +52,18 @@ FLAC_COMMENT_LIMIT = 1_000_000  # bytes; measured intact, and far above any edit
 COMPRESSED_PREFIX = "distill-z1:"
 CHUNK_ID = b"dstl"  # the RIFF chunk holding a comment too long for the WAV INFO tag
 MARKER = "distill_export"
+# Bounds on the metadata read from a file (it may come from anyone). The largest real recipe is
+# an edit of a 60-s grid with a long history: measured, a 12-level 60-s grid of 1024 codes and
+# 4096 edits (512 of them 2-s, 12-level replacements) is 5.0 MB of JSON, and 60 replacements of
+# the whole grid (resampling all of it 60 times) 16.1 MB. 32 MiB is twice that; parsing a
+# hostile 32 MiB costs a few hundred MB at most. A compressed recipe is inflated no further
+# (a 1.4-MB WAV held one that inflated to 1 GiB: 2.7 GB to read).
+MAX_RECIPE_BYTES = 32 << 20
+MAX_RECIPE_DEPTH = 32  # real recipes nest 7 deep (an edit's codes in a session in data)
+# lists and maps: a real recipe holds a grid's rows and each edit's (4096 done and undone
+# replacements of 64 levels: 540 000); 64 MiB of "{}," parsed into 1.5 GB
+MAX_RECIPE_CONTAINERS = 1 << 20
+MAX_RIFF_CHUNKS = 1 << 16  # chunks walked looking for the recipe's (an export has five)
 
 Subtype = Literal["PCM_16", "PCM_24", "FLOAT"]
 CommentStorage = Literal["plain", "compressed", "chunk"]
@@ -62,7 +75,8 @@ class ExportError(AudioError):
     """Audio could not be exported, or an exported file's metadata could not be read.
 
     ``reason`` is a short machine-readable code: ``bad_audio``, ``bad_format``, ``write_failed``,
-    ``unreadable``, ``no_metadata``, ``malformed``, ``too_new``.
+    ``unreadable``, ``no_metadata``, ``malformed``, ``too_new``, ``too_large`` (metadata
+    over :data:`MAX_RECIPE_BYTES`).
     """
 
     def __init__(self, message: str, reason: str) -> None:
@@ -290,45 +304,131 @@ def export_audio(
 
 
 def _read_riff_chunk(path: Path, chunk_id: bytes) -> bytes | None:
-    data = path.read_bytes()
-    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        return None
-    pos = 12
-    while pos + 8 <= len(data):
-        cid, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
-        if cid == chunk_id:
-            payload = data[pos + 8 : pos + 8 + size]
-            return payload if len(payload) == size else None
-        pos += 8 + size + (size & 1)
+    """The payload of ``path``'s first ``chunk_id`` chunk, or None (not a RIFF/WAVE file, no
+    such chunk, or one cut short). The chunks are walked by seeking, not by reading the file
+    (the audio before it may be hundreds of MB); a chunk over :data:`MAX_RECIPE_BYTES` is
+    refused before it is read."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        end = os.fstat(f.fileno()).st_size
+        pos = 12
+        for _ in range(MAX_RIFF_CHUNKS):
+            if pos + 8 > end:
+                return None
+            f.seek(pos)
+            header = f.read(8)
+            cid, size = header[:4], struct.unpack("<I", header[4:8])[0]
+            if cid == chunk_id:
+                if size > MAX_RECIPE_BYTES:
+                    raise ExportError(
+                        f"{path.name}: its '{chunk_id.decode()}' chunk is {size} bytes; Distill "
+                        f"metadata is at most {MAX_RECIPE_BYTES} ({_mib(MAX_RECIPE_BYTES)})",
+                        "too_large",
+                    )
+                payload = f.read(size) if pos + 8 + size <= end else b""
+                return payload if len(payload) == size else None
+            pos += 8 + size + (size & 1)
     return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB"
+
+
+def _inflated(name: str, text: str) -> str:
+    """``text``, or the JSON a ``distill-z1:`` text holds: inflated at most to
+    :data:`MAX_RECIPE_BYTES` (a 1.4-MB WAV inflated a 1-GiB recipe), corrupt data refused."""
+    if not text.startswith(COMPRESSED_PREFIX):
+        return text
+    try:
+        packed = base64.b64decode(text[len(COMPRESSED_PREFIX) :], validate=True)
+        inflater = zlib.decompressobj()
+        data = inflater.decompress(packed, MAX_RECIPE_BYTES + 1)
+        if len(data) > MAX_RECIPE_BYTES:
+            raise ExportError(
+                f"{name}: its Distill metadata inflates to over {MAX_RECIPE_BYTES} bytes "
+                f"({_mib(MAX_RECIPE_BYTES)}, far above any real recipe); it was not read further",
+                "too_large",
+            )
+        if not inflater.eof:
+            raise zlib.error("incomplete or truncated stream")
+        return data.decode()
+    except (binascii.Error, zlib.error, UnicodeDecodeError) as e:
+        raise ExportError(f"{name}: Distill metadata is corrupt: {e}", "malformed") from e
+
+
+# A JSON string once its escapes are gone: what the structure check below skips over
+_JSON_STRING = re.compile(r'"[^"]*"')
+
+
+def _structure_problem(text: str) -> str | None:
+    """Why ``text`` cannot be a recipe before it is parsed, or None: over
+    :data:`MAX_RECIPE_BYTES`, nesting deeper than :data:`MAX_RECIPE_DEPTH` (100 000 ``[``
+    ended in a RecursionError), or more than :data:`MAX_RECIPE_CONTAINERS` lists and maps
+    (64 MiB of ``{},`` parsed into 1.5 GB). The brackets are counted outside strings, with
+    numpy: a real 5-MB recipe is checked in milliseconds."""
+    if len(text) > MAX_RECIPE_BYTES:
+        return f"it is {len(text)} bytes; at most {MAX_RECIPE_BYTES} ({_mib(MAX_RECIPE_BYTES)})"
+    # what strings hold does not count: their escapes go first (an escaped quote ends none),
+    # then each string; all linear (a pattern that skipped escapes itself was tried again from
+    # each quote of an unterminated string: quadratic)
+    outside = _JSON_STRING.sub("", text.replace("\\\\", "").replace('\\"', ""))
+    raw = np.frombuffer(outside.encode("utf-8", "replace"), np.uint8)
+    opens = (raw == ord("[")) | (raw == ord("{"))
+    closes = (raw == ord("]")) | (raw == ord("}"))
+    n_open, n_close = int(opens.sum()), int(closes.sum())
+    if max(n_open, n_close) > MAX_RECIPE_CONTAINERS:
+        return f"it holds over {MAX_RECIPE_CONTAINERS} lists and maps"
+    marks = np.flatnonzero(opens | closes)
+    depth = np.cumsum(np.where(opens[marks], 1, -1)) if len(marks) else np.zeros(1, np.int64)
+    if int(depth.max()) > MAX_RECIPE_DEPTH:
+        return f"it nests lists and maps over {MAX_RECIPE_DEPTH} deep"
+    return None
+
+
+def _parsed(name: str, text: str) -> Any:
+    """``text`` parsed, bounded (:func:`_structure_problem`); text that is not JSON is None (a
+    comment that is not Distill's)."""
+    problem = _structure_problem(text)
+    if problem:
+        raise ExportError(f"{name}: Distill metadata is malformed: {problem}", "malformed")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    except (ValueError, RecursionError) as e:  # an int of 5000 digits (Python's str limit)
+        raise ExportError(f"{name}: Distill metadata is malformed: {e}", "malformed") from e
 
 
 def _decode_comment(path: Path, comment: str) -> dict[str, Any]:
     name = path.name
-    if comment.startswith(COMPRESSED_PREFIX):
-        try:
-            comment = zlib.decompress(
-                base64.b64decode(comment[len(COMPRESSED_PREFIX) :], validate=True)
-            ).decode()
-        except (binascii.Error, zlib.error, UnicodeDecodeError) as e:
-            raise ExportError(f"{name}: Distill metadata is corrupt: {e}", "malformed") from e
-    try:
-        parsed = json.loads(comment)
-    except json.JSONDecodeError:
-        parsed = None
+    parsed = _parsed(name, _inflated(name, comment))
     if not isinstance(parsed, dict) or MARKER not in parsed:
         raise ExportError(
             f"{name}: has no Distill metadata (its comment tag is not Distill's)", "no_metadata"
         )
+    if "chunk" not in parsed:
+        return parsed
+    # followed from the comment tag only: a chunk that points to a chunk again (itself) was
+    # followed until Python's recursion limit
+    chunk = CHUNK_ID.decode()
+    payload = _read_riff_chunk(path, CHUNK_ID)
+    if payload is None:
+        raise ExportError(
+            f"{name}: Distill metadata points to a '{chunk}' chunk "
+            "that is missing or cut short (was the file re-saved?)",
+            "malformed",
+        )
+    parsed = _parsed(name, _inflated(name, payload.decode("ascii", errors="replace")))
+    if not isinstance(parsed, dict) or MARKER not in parsed:
+        raise ExportError(f"{name}: its '{chunk}' chunk holds no Distill metadata", "malformed")
     if "chunk" in parsed:
-        payload = _read_riff_chunk(path, CHUNK_ID)
-        if payload is None:
-            raise ExportError(
-                f"{name}: Distill metadata points to a '{CHUNK_ID.decode()}' chunk "
-                "that is missing or cut short (was the file re-saved?)",
-                "malformed",
-            )
-        return _decode_comment(path, payload.decode("ascii", errors="replace"))
+        raise ExportError(
+            f"{name}: Distill metadata is malformed: its '{chunk}' chunk points to a chunk "
+            "again", "malformed",
+        )  # fmt: skip
     return parsed
 
 

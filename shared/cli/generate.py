@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from distill.shared.cli.common import fail, output_file_problem, write_problem
+from distill.shared.cli.common import LiveLine, fail, output_file_problem, shown, write_problem
 
 SUBTYPES = {"16": "PCM_16", "24": "PCM_24", "float": "FLOAT"}
 QualityOpt = typer.Option("best", "--quality", help="Phase quality: preview, fast or best.")
@@ -201,7 +202,7 @@ def _export_all(model: Any, made: Any, recipes: list[dict[str, Any]], kind: str,
         report = export_audio(path, audio, made.sample_rate, subtype=subtype, metadata=meta)  # type: ignore[arg-type]
         gain = f" gain {report.gain_db:.1f} dB" if report.gain_db else ""
         if show:
-            typer.echo(f"{path}  index={i} {_describe(recipe, step_s)}{gain}")
+            typer.echo(shown(f"{path}  index={i} {_describe(recipe, step_s)}{gain}"))
         paths.append(path)
     return paths
 
@@ -263,6 +264,18 @@ def _encode_sound(path: Path, model: Any, name: str = "", search: int | None = N
         fail(f"{name} {path.name}: {e}" if name else f"{path.name}: {e}")
 
 
+def _check_prior_codes(model: Any, codes: Any, path: Path) -> None:
+    """Refuse codes (from a codes file) that the prior cannot go on from: no code (-1) at a
+    step of the levels it draws, naming the file (was: the draw's own error, no file named)."""
+    prior = getattr(model, "prior", None)
+    if prior is None:  # the draw says the model has none
+        return
+    p = prior.config.levels
+    if (codes[:p] < 0).any():
+        fail(f"{path.name}: its codes hold no code (-1) at some step of the first {p} levels, "
+             "which the prior draws from")  # fmt: skip
+
+
 def _step_at(model: Any, seconds: float, name: str) -> int:
     """The code step at ``seconds`` into a sound (0 at 0 s; past MAX_SECONDS: its step)."""
     from distill.shared.model import inference as inf
@@ -296,14 +309,15 @@ def _continued(model: Any, path: Path, start: float | None, seconds: float) -> A
     codes = audio = None
     if path.suffix.lower() == ".npz":
         codes = np.asarray(_read_codes(path, model), dtype=np.int64)
+        _check_prior_codes(model, codes, path)
         total = int(codes.shape[1])
     else:
         audio = _sound(path, model, "--continue")
         total = inf.encoded_steps(model, int(audio.shape[-1]))
     step_s = model.vqvae.config.downsample / model.mel_config.frames_per_second
     if steps is not None and steps > total:
-        typer.echo(f"note: --from {start:g} s is past the end of {path.name} "
-                   f"(~{total * step_s:.2f} s): the whole sound is kept", err=True)  # fmt: skip
+        typer.echo(shown(f"note: --from {start:g} s is past the end of {path.name} "
+                         f"(~{total * step_s:.2f} s): the whole sound is kept"), err=True)  # fmt: skip
     kept = total if steps is None else min(steps, total)
     if kept + inf.steps_for(model, seconds) > inf.steps_for(model, inf.MAX_SECONDS):
         fail(f"--continue keeps ~{kept * step_s:.2f} s of {path.name}; with --seconds "
@@ -412,6 +426,7 @@ def resample(
     _check_count(count)
     model = _load(model_file, device)
     codes = _codes_of(sound, model, "SOUND")
+    _check_prior_codes(model, codes, sound)
     total = codes.shape[1]
     length_s = total / inf.steps_for(model, 1.0)  # the sound's length in seconds
     t0 = _step_at(model, start, "--from")
@@ -421,8 +436,8 @@ def resample(
     if t1 <= t0:
         fail(f"--to must come after --from: the region [{start:g}, {end:g}) s holds no code step")
     if t1 > total:
-        typer.echo(f"note: --to {end:g} s is past the end of {sound.name} (~{length_s:.2f} s): "
-                   "the region runs to the end", err=True)  # fmt: skip
+        typer.echo(shown(f"note: --to {end:g} s is past the end of {sound.name} "
+                         f"(~{length_s:.2f} s): the region runs to the end"), err=True)  # fmt: skip
         t1 = total
     params = _params(model, temperature, top_k, top_p, min_p, seed, change_temperature)
     subtype = _subtype(bits, f".{fmt}")
@@ -488,23 +503,92 @@ def encode(
     )
 
 
-def _read_codes(path: Path, model: Any) -> Any:
-    import zipfile
+# A codes file's model id is a sha256 in hex; one far longer is not a model id
+MAX_MODEL_ID_CHARS = 256
 
-    import numpy as np
+
+def _npy_header(archive: Any, key: str) -> tuple[str, tuple[int, ...], Any] | None:
+    """(member, shape, dtype) of the array ``key`` of an open .npz (``archive``, a ZipFile),
+    read from its .npy header alone, or None when it holds no such array."""
+    from numpy.lib import format as npf
+
+    names = set(archive.namelist())
+    member = next((m for m in (f"{key}.npy", key) if m in names), None)
+    if member is None:
+        return None
+    with archive.open(member) as f:
+        version = npf.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = npf.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = npf.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"its '{key}' is an .npy of version {version[0]}.{version[1]}")
+    return member, tuple(shape), dtype
+
+
+def _codes_in(archive: Any, name: str, model: Any) -> tuple[str | None, Any]:
+    """(None, codes) of an open codes .npz (``archive``, a ZipFile), or (why not, None): its
+    model id and the codes' shape and type are checked from the .npy headers first."""
+    from numpy.lib import format as npf
+
+    from distill.shared.model import inference as inf
+
+    found = _npy_header(archive, "codes")
+    if found is None:
+        return f"{name}: not a codes file from `distill encode` (it holds no 'codes')", None
+    member, shape, dtype = found
+    stated, model_id = _npy_header(archive, "model_id"), ""
+    if stated is not None:  # compared before the codes are read
+        if stated[1] != () or stated[2].kind != "U" or (
+                stated[2].itemsize > 4 * MAX_MODEL_ID_CHARS):  # fmt: skip
+            return f"{name}: its model_id is {stated[2]} {stated[1]}, not a model id", None
+        with archive.open(stated[0]) as f:
+            model_id = str(npf.read_array(f, allow_pickle=False)[()])
+    if model_id and model_id != model.model_id:
+        return (f"{name} was encoded with model {model_id[:12]}, not {model.model_id[:12]} "
+                "(codes mean nothing to another model)"), None  # fmt: skip
+    if len(shape) != 2 or dtype.kind not in "iu":
+        got = f"{dtype} {shape}" if len(shape) == 2 else f"shape {shape}"
+        return f"{name}: codes must be an integer grid (levels, steps), got {got}", None
+    q, most = model.vqvae.config.levels, inf.steps_for(model, inf.MAX_SECONDS)
+    if shape[0] != q or not 1 <= shape[1] <= most:
+        return (f"{name}: codes are {shape[0]} x {shape[1]}; this model takes {q} x at most "
+                f"{most} ({inf.MAX_SECONDS:g} s)"), None  # fmt: skip
+    with archive.open(member) as f:
+        return None, npf.read_array(f, allow_pickle=False)
+
+
+def _read_codes(path: Path, model: Any) -> Any:
+    """The (Q, T) codes of a codes file from `distill encode`, checked against ``model``. Each
+    array's .npy header is read and checked (its shape, type and size against the model's
+    levels and MAX_SECONDS) before the array is: a 2.5-MB .npz inflated to 3.2 GB before any
+    check, and one whose header claimed 30 GB ended in numpy's MemoryError. Errors name the
+    file."""
+    import zipfile
+    import zlib
+
+    from distill.shared.errors import DistillError
+    from distill.shared.model import inference as inf
 
     _check_file(path, "CODES")
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":  # np.load would try it as a pickle and say so
             fail(f"{path.name}: not a codes file from `distill encode` (not an .npz archive)")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            codes, model_id = npz["codes"], str(npz["model_id"]) if "model_id" in npz else ""
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        fail(f"{path.name}: not a codes file from `distill encode` ({e})")
-    if model_id and model_id != model.model_id:
-        fail(f"{path.name} was encoded with model {model_id[:12]}, not {model.model_id[:12]} "
-             "(codes mean nothing to another model)")  # fmt: skip
+        with zipfile.ZipFile(path) as archive:
+            problem, codes = _codes_in(archive, path.name, model)
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError, NotImplementedError,
+            zipfile.BadZipFile, zlib.error) as e:  # fmt: skip
+        problem = f"{path.name}: not a codes file from `distill encode` ({e})"
+    except MemoryError:
+        problem = f"{path.name}: its codes do not fit in memory"
+    if problem:
+        fail(problem)
+    try:  # the codes themselves: each within the codebook (-1: none)
+        inf.check_grid(model, codes)
+    except DistillError as e:
+        fail(f"{path.name}: {e}")
     return codes
 
 
@@ -525,10 +609,16 @@ def decode(
 
     _check_file(codes_file, "CODES")
     _new_file(out, force)
+    _check_quality(quality)
     model = _load(model_file, device)
-    codes = _read_codes(codes_file, model)
+    codes = _read_codes(codes_file, model)  # checked against the model, naming the file
+    if levels is not None:
+        try:
+            inf.check_int(levels, "levels", 1, codes.shape[0])
+        except DistillError as e:
+            fail(f"--{e}")
     try:
-        audio, _ = inf.decode(model, codes, levels, inf.check_quality(quality))
+        audio, _ = inf.decode(model, codes, levels, quality)
         meta = ExportMetadata(kind="decode", model_id=model.model_id, title=out.stem,
                               data=inf.decode_recipe(codes, levels, quality))  # fmt: skip
         export_audio(out, audio, model.mel_config.sample_rate,
@@ -553,6 +643,7 @@ def regenerate(
     import soundfile as sf
 
     from distill.shared.audio.export import (
+        FORMATS,
         ExportMetadata,
         export_audio,
         export_format,
@@ -561,53 +652,227 @@ def regenerate(
     from distill.shared.errors import DistillError
     from distill.shared.model import inference as inf
 
+    name = audio_file.name
     try:
         meta = read_export_metadata(audio_file)
+        info = sf.info(str(audio_file))
     except DistillError as e:
         fail(str(e))
+    except (OSError, RuntimeError) as e:  # read once already: gone or changed since
+        fail(f"{name}: not a readable audio file: {e}")
+    _check_phase(name, meta.data)  # before the model is read
     model = _load(model_file, device)
     if meta.model_id != model.model_id:
-        fail(f"{audio_file.name} was made by model {meta.model_id[:12]}, but {model_file.name} "
+        fail(f"{name} was made by model {meta.model_id[:12]}, but {model_file.name} "
              f"is model {model.model_id[:12]}: pass the model that made it")  # fmt: skip
-    target = Path(out) if out else audio_file.with_name(
-        f"{audio_file.stem}.regenerated{audio_file.suffix}")
+    # an original in a format Distill does not write (someone converted the export: OGG,
+    # AIFF, 8-bit) is regenerated as WAV, the nearest subtype that holds its samples
+    suffix = audio_file.suffix if audio_file.suffix.lower() in FORMATS else ".wav"
+    target = Path(out) if out else audio_file.with_name(f"{audio_file.stem}.regenerated{suffix}")
     if target.is_dir() or (out or "").endswith(("/", os.sep)):  # a folder: the file's name in it
         _writable_folder(target)  # made if it is new (as generate's -o is), before the replay
-        target = target / audio_file.name
+        target = target / f"{audio_file.stem}{suffix}"
     if target.resolve() == audio_file.resolve():
         fail(f"{target}: that is the file being regenerated; choose another --out")
+    try:
+        fmt = export_format(target)  # a bad suffix is refused before the replay's work
+    except DistillError as e:
+        fail(str(e))
+    subtype = _written_subtype(info.subtype, fmt)
     _new_file(target, force)  # before the replay's work
-    original = sf.read(str(audio_file), always_2d=True)[0]
+    # an original in a format or subtype Distill does not write was converted from an export
+    # of some bit depth: the regenerated sound is tried at each depth Distill writes, converted
+    # as the original was
+    converted = (info.format, info.subtype) != (fmt, subtype)
+    subtypes = [subtype] + ([s for s in _writable_subtypes(fmt) if s != subtype] if converted
+                            else [])  # fmt: skip
+    if converted:
+        typer.echo(shown(f"note: {name} is {info.format} {info.subtype}, which Distill does not "
+                         f"write: the sound is regenerated as {fmt} and compared as "
+                         f"{info.format} {info.subtype}"), err=True)  # fmt: skip
+    original = _original_samples(audio_file, info, model)
+    readings = inf.readings(meta.kind, meta.data)
+    note = _replay_note(meta.kind, meta.data, model, len(readings))
+    if note:
+        typer.echo(note, err=True)
     # A recipe from an older Distill may lack a rule it was made under: its other readings
     # (inference.readings) are tried in turn, the file as written kept when none matches.
     tried: list[str] = []
     first: np.ndarray | None = None  # the recipe as written: what the file is left holding
     written = None
+    again = ExportMetadata(kind=meta.kind, model_id=meta.model_id, data=meta.data,
+                           title=meta.title)  # fmt: skip
+    rate = model.mel_config.sample_rate
     try:
-        export_format(target)  # a bad suffix is refused before the replay's work
-        subtype = sf.info(str(audio_file)).subtype
-        again = ExportMetadata(kind=meta.kind, model_id=meta.model_id, data=meta.data,
-                               title=meta.title)  # fmt: skip
-        for how, recipe in inf.readings(meta.kind, meta.data):
-            audio = inf.replay(model, meta.kind, recipe)
-            export_audio(target, audio, model.mel_config.sample_rate, subtype=subtype, metadata=again)  # type: ignore[arg-type]
-            made = sf.read(str(target), always_2d=True)[0]
-            if first is None:
-                first, written = made, audio
-            if np.array_equal(original, made):
-                note = "" if how == "as written" else f" (read {how}: its recipe predates that rule)"
-                typer.echo(f"{target}: identical to {audio_file.name}{note}")
-                return
+        for how, recipe in readings:
+            live = LiveLine() if note else None  # a long replay shows its batches as they go
+            try:
+                audio = inf.replay(model, meta.kind, recipe, _replay_progress(live))
+            except DistillError as e:
+                fail(_recipe_error(name, e))
+            finally:
+                if live is not None:
+                    live.end()
+            for each in subtypes:
+                export_audio(target, audio, rate, subtype=each, metadata=again)  # type: ignore[arg-type]
+                made = _as_original(sf.read(str(target), always_2d=True)[0], info, each)
+                if first is None:
+                    first, written = made, audio
+                if np.array_equal(original, made):
+                    note = ("" if how == "as written"
+                            else f" (read {how}: its recipe predates that rule)")  # fmt: skip
+                    if converted:
+                        note += (f" as {info.format} {info.subtype} holds it (written as {fmt} "
+                                 f"{each})")  # fmt: skip
+                    typer.echo(shown(f"{target}: identical to {name}{note}"))
+                    return
             tried.append(how)
-        if len(tried) > 1:  # leave the file as the recipe reads, not the last reading tried
-            export_audio(target, written, model.mel_config.sample_rate, subtype=subtype,  # type: ignore[arg-type]
-                         metadata=again)  # fmt: skip
+        if len(tried) > 1 or len(subtypes) > 1:  # the file as the recipe reads, not the last tried
+            export_audio(target, written, rate, subtype=subtype, metadata=again)  # type: ignore[arg-type]
     except DistillError as e:
         fail(str(e))
     assert first is not None
-    typer.echo(f"{target}: DIFFERS from {audio_file.name}: {_difference(original, first)}"
-               + (f"; also tried it {'; '.join(tried[1:])}" if len(tried) > 1 else ""))
+    held = f" ({fmt} {subtype})" if converted else ""
+    typer.echo(shown(f"{target}{held}: DIFFERS from {name}: {_difference(original, first)}"
+                     + (f"; also tried it {'; '.join(tried[1:])}" if len(tried) > 1 else "")))
     raise typer.Exit(1)
+
+
+def _recipe_error(name: str, e: Exception) -> str:
+    """A replay's error as a line that names the file and says it is about its recipe (was:
+    "error: count must be in [1, 256], got 1000000", "SamplingParams: seed must be ...")."""
+    text = str(e).removeprefix("SamplingParams: ")
+    if text.startswith(name):
+        return text
+    if not text.startswith(("the ", "cannot ")):
+        text = f"the recipe's {text}"
+    return f"{name}: {text}"
+
+
+# What a regenerated sound is written as when its original's subtype is not one Distill
+# writes: the nearest that holds each of its samples (8-bit in 16; 32-bit and double in float);
+# a lossy one (Vorbis, Opus, MP3, u-law, ADPCM) in Distill's default, 24 bits.
+NEAREST_SUBTYPE = {"PCM_S8": "PCM_16", "PCM_U8": "PCM_16", "PCM_32": "FLOAT", "DOUBLE": "FLOAT"}
+
+
+def _writable_subtypes(fmt: str) -> list[str]:
+    """The subtypes Distill writes in ``fmt`` ("WAV" or "FLAC")."""
+    from distill.shared.audio.export import SUBTYPES as WRITTEN
+
+    return [s for s in WRITTEN if not (fmt == "FLAC" and s == "FLOAT")]
+
+
+def _written_subtype(original: str, fmt: str) -> str:
+    """What a regenerated sound is written as: its original's subtype where Distill writes it in
+    ``fmt``, else :data:`NEAREST_SUBTYPE`'s."""
+    subtype = original if original in _writable_subtypes("WAV") else NEAREST_SUBTYPE.get(
+        original, "PCM_24")  # fmt: skip
+    return "PCM_24" if subtype not in _writable_subtypes(fmt) else subtype
+
+
+def _as_original(made: Any, info: Any, subtype: str) -> Any:
+    """The regenerated samples ``made`` (frames, channels) as the original's format holds them
+    (written there in memory and read back: 8-bit, Vorbis), when it is not ``subtype``."""
+    import io
+
+    import soundfile as sf
+
+    if info.subtype == subtype:
+        return made
+    buffer = io.BytesIO()
+    try:
+        sf.write(buffer, made, info.samplerate, subtype=info.subtype, format=info.format)
+        buffer.seek(0)
+        return sf.read(buffer, always_2d=True)[0]
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):  # one it cannot write
+        return made
+
+
+def _original_samples(path: Path, info: Any, model: Any) -> Any:
+    """The samples of the file being regenerated (frames, channels), refused when it is longer
+    than any sound Distill exports, before it is decoded (a 2-hour FLAC of silence is small and
+    decodes to 2.7 GB), or has more channels than an export can."""
+    import soundfile as sf
+
+    from distill.shared.audio.export import MAX_CHANNELS
+    from distill.shared.model import inference as inf
+
+    rate = max(int(info.samplerate), 1)
+    most = int((inf.MAX_SECONDS + 1.0) * max(rate, model.mel_config.sample_rate))
+    if info.channels > MAX_CHANNELS or info.frames > most:
+        fail(f"{path.name}: {info.channels} channel(s) of {info.frames / rate:.1f} s; no "
+             f"sound Distill exports has over {MAX_CHANNELS} channels or "
+             f"{inf.MAX_SECONDS:g} s")  # fmt: skip
+    try:
+        samples = sf.read(str(path), frames=most + 1, always_2d=True)[0]
+    except (OSError, RuntimeError) as e:
+        fail(f"{path.name}: not a readable audio file: {e}")
+    if len(samples) > most:  # a header that under-states it
+        fail(f"{path.name}: over {inf.MAX_SECONDS:g} s; no sound Distill exports is longer")
+    return samples
+
+
+def _check_phase(name: str, data: Any) -> None:
+    """Refuse a recipe asking for more phase iterations than any Distill recorded (its presets'
+    2, 4 or 8, and 32): 10 000 took 20 minutes a reading of a 60-s sound. (``inference.
+    recorded_phase`` takes up to 10 000; its other checks come with the replay.)"""
+    from distill.shared.audio.phase import QUALITY_PRESETS
+
+    record = data.get("phase")
+    if not isinstance(record, (list, tuple)) or not record:
+        return
+    n = record[0]
+    most, preset = max((p.n_iter, q) for q, p in QUALITY_PRESETS.items())
+    if isinstance(n, int) and not isinstance(n, bool) and n > most:
+        fail(f"{name}: its recipe asks for {n} phase iterations; no Distill ever recorded more "
+             f"than {most} (the '{preset}' preset)")  # fmt: skip
+
+
+# A replay making more audio than this (seconds, every sound of its batch in every reading) is
+# said before it starts: a recipe of 256 sounds of 60 s ran for over 10 minutes with no output
+LONG_REPLAY_S = 120.0
+
+
+def _replay_progress(live: LiveLine | None) -> Callable[[int, int], None] | None:
+    """What shows a long replay's decoded batches on ``live`` (None: nothing shown)."""
+    if live is None:
+        return None
+    return lambda done, total: live.update(f"replaying: {done}/{total} sounds decoded")
+
+
+def _replay_note(kind: str, data: Any, model: Any, readings: int) -> str | None:
+    """What a long replay will do, in words, or None for a short one (or a recipe the replay
+    will refuse)."""
+    from distill.shared.model import inference as inf
+
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    count, index = data.get("count"), data.get("index")
+    if not (isinstance(count, int) and number(count) and 1 <= count <= inf.MAX_COUNT
+            and isinstance(index, int) and number(index)):  # fmt: skip
+        return None
+    step_s = model.vqvae.config.downsample / model.mel_config.frames_per_second
+    if kind == "generate":
+        seconds, prime = data.get("seconds"), data.get("prime")
+        if not number(seconds) or not 0 < seconds <= inf.MAX_SECONDS:
+            return None
+        kept = len(prime[0]) if isinstance(prime, list) and prime and isinstance(
+            prime[0], list) else 0  # fmt: skip
+        length = float(seconds) + kept * step_s
+    elif kind == "resample":
+        codes = data.get("codes")
+        if not isinstance(codes, list) or not codes or not isinstance(codes[0], list):
+            return None
+        length = len(codes[0]) * step_s
+    else:  # a decode or an edit: one grid of at most MAX_SECONDS
+        return None
+    if count * length * readings < LONG_REPLAY_S:
+        return None
+    what = f"{count} sounds of {length:.3g} s" if count > 1 else f"a sound of {length:.3g} s"
+    why = f" to make sound {index} (its batch draws them together)" if count > 1 else ""
+    tries = f", in up to {readings} readings of its older recipe" if readings > 1 else ""
+    return f"replaying {what}{why}{tries}: this takes a while"
 
 
 def _difference(original: object, made: object) -> str:

@@ -154,6 +154,9 @@ def check_quality(value: object) -> str:
 
 
 PHASE_INITS = ("random", "vocoder")
+# The most phase iterations a recipe may record: no Distill wrote more than its presets' (2; 4,
+# 8 in the earliest 'fast'; 32): 10 000 took ~20 minutes a reading of a 60-s sound
+MAX_PHASE_ITERATIONS = max(p.n_iter for p in QUALITY_PRESETS.values())
 
 
 def phase_record(quality: str) -> list[Any]:
@@ -174,7 +177,8 @@ def recorded_phase(data: Mapping[str, Any]) -> Quality:
             or record[1] not in PHASE_INITS):  # fmt: skip
         raise BadInput(f"the recipe's phase must be [iterations, one of {list(PHASE_INITS)}], "
                        f"got {record!r}")
-    return PhasePreset(n_iter=check_int(record[0], "phase iterations", 0, 10_000), init=record[1])
+    return PhasePreset(n_iter=check_int(record[0], "phase iterations", 0, MAX_PHASE_ITERATIONS),
+                       init=record[1])
 
 
 def steps_for(model: DistillModel, seconds: float) -> int:
@@ -662,9 +666,11 @@ def decode_recipe(codes: np.ndarray, levels: int | None, quality: str,
             "phase": phase_record(quality), "threads": threads or torch.get_num_threads()}  # fmt: skip
 
 
-def replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarray:
+def replay(model: DistillModel, kind: str, data: Mapping[str, Any],
+           on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:  # fmt: skip
     """The audio (samples,) a recipe of ``kind`` describes, made again on ``model`` with the
-    torch thread count it records (the process's count is restored after)."""
+    torch thread count it records (the process's count is restored after). ``on_batch(done,
+    count)``: as for :func:`generate`, while a generate or resample recipe's batch is decoded."""
     if kind not in RECIPE_KINDS:
         raise BadInput(f"cannot regenerate a '{kind}' export (known: {', '.join(RECIPE_KINDS)})")
     before = torch.get_num_threads()
@@ -672,12 +678,13 @@ def replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarra
     if threads is not None:
         torch.set_num_threads(check_int(threads, "threads", 1, 1024))
     try:
-        return _replay(model, kind, data)
+        return _replay(model, kind, data, on_batch)
     finally:
         torch.set_num_threads(before)
 
 
-def _replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarray:
+def _replay(model: DistillModel, kind: str, data: Mapping[str, Any],
+            on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:  # fmt: skip
     try:
         quality = recorded_phase(data)
         if kind in ("generate", "resample"):
@@ -696,7 +703,7 @@ def _replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarr
                 frames = check_int(frames, "render_frames", 1, 2**31)
             if kind == "resample":
                 return resample_variants(model, _grid(data["codes"]), data["t0"], data["t1"],
-                                         params, quality, count=count,
+                                         params, quality, count=count, on_batch=on_batch,
                                          render_frames=frames).audio[index]  # fmt: skip
             prime = data.get("prime")
             # the relative redraw rule came later: a recipe without it was drawn without it
@@ -708,7 +715,7 @@ def _replay(model: DistillModel, kind: str, data: Mapping[str, Any]) -> np.ndarr
             out = generate(model, count=count, seconds=data["seconds"], params=params,
                            quality=quality, prime=None if prime is None else _grid(prime),
                            quiet_under_loudest_db=under, exact_length=exact,
-                           render_frames=frames)  # fmt: skip
+                           render_frames=frames, on_batch=on_batch)  # fmt: skip
             return out.audio[index]
         if kind == "decode":
             return decode(model, _grid(data["codes"]), data["levels"], quality)[0]

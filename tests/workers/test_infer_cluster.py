@@ -53,12 +53,14 @@ def test_a_reply_or_request_too_large_to_travel_is_an_error_that_says_so(
         sha = ArtifactClient(c, cache=ArtifactCache(tmp_path / "cache")).put_file(
             path, kind="model", name=path.name
         )
-        with pytest.raises(RequestError, match=r"the reply is 1[789]\.\d MiB, over the") as info:
+        # refused before the work now (it was drawn and decoded first)
+        with pytest.raises(RequestError, match=r"16 sounds of 6 s make a reply of 1[789]\.\d MiB, "
+                                               r"over the 15\.8 MiB") as info:  # fmt: skip
             c.request("distill.infer", {"op": "generate", "model": sha, "count": 16,
                                         "seconds": 6.0, "quality": "preview"})  # fmt: skip
-        assert info.value.code == BAD_REQUEST and "submit a job" in str(info.value)
+        assert info.value.code == BAD_REQUEST and "submit a generate job" in str(info.value)
         audio = np.zeros(48000 * 90, dtype=np.float32)  # 90 s: 16.5 MiB
-        with pytest.raises(RequestError, match="the request to 'distill.infer' is 16.5 MiB"):
+        with pytest.raises(RequestError, match="the request to 'distill.infer' carries 16.5 MiB"):
             c.request("distill.infer", {"op": "encode", "model": sha, "audio": audio,
                                         "sample_rate": 48000})  # fmt: skip
         again = c.request("distill.infer", {"op": "generate", "model": sha, "count": 1,
