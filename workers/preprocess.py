@@ -25,7 +25,7 @@ from dataclasses import asdict
 from typing import Any, overload
 
 from distill.shared.audio.dataset import ManifestRow, build_dataset
-from distill.shared.audio.mel import MelConfig
+from distill.shared.audio.mel import MelConfig, mel_inverts
 from distill.shared.errors import ConfigError
 from distill.shared.ids import is_sha256
 from distill.shared.train.jobparams import check_job_params
@@ -75,6 +75,10 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     check_job_params(SERVICE, params)  # as the broker does at submit: one final config error
     refs = _file_refs(params)
     cfg = MelConfig.from_dict(params.get("mel_config") or {})
+    if not mel_inverts(cfg):  # a model trained on it could never make a sound
+        raise ConfigError(f"preprocess: mel_config with n_fft {cfg.n_fft} has too few frequency "
+                          f"bins for {cfg.n_mels} mel bands at {cfg.sample_rate} Hz: its "
+                          "filterbank cannot be inverted (raise n_fft or lower n_mels)")  # fmt: skip
 
     def progress(done: int, total: int, row: ManifestRow) -> None:
         ctx.progress(done / total, file=row.name, status=row.status, reason=row.reason,

@@ -22,6 +22,7 @@ Shapes: audio is ``(..., samples)``; a log-mel is ``(..., n_mels, frames)`` with
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 
 import torch
@@ -169,3 +170,19 @@ def mel_to_linear(logmel: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
         raise ValueError(f"expected (..., {cfg.n_mels}, frames), got {tuple(logmel.shape)}")
     mel = torch.exp(logmel.float())  # (..., n_mels, frames)
     return _inverse_mel_scale(cfg, str(logmel.device))(mel)  # (..., n_freqs, frames)
+
+
+@lru_cache(maxsize=32)
+def mel_inverts(mel: MelConfig) -> bool:
+    """Whether ``mel_to_linear``, which every sound a model makes goes through, works for
+    ``mel``: a filterbank with empty or indistinguishable filters (too few frequency bins for
+    its mel bands) has no least-squares inverse, and generating failed in torch's lstsq.
+    (MelConfig itself is torch-free: this is checked where mel settings are used, by the
+    preprocess job and by model files.)"""
+    try:
+        with warnings.catch_warnings():  # torchaudio warns of empty filters: said here instead
+            warnings.simplefilter("ignore")
+            linear = mel_to_linear(torch.zeros(1, mel.n_mels, 1), mel)  # (1, n_freqs, 1)
+    except (RuntimeError, ValueError):  # torch.linalg.LinAlgError is a RuntimeError
+        return False
+    return bool(torch.isfinite(linear).all())

@@ -52,7 +52,6 @@ import math
 import os
 import stat
 import struct
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata as importlib_metadata
@@ -63,7 +62,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from distill.shared.audio.mel import MelConfig, mel_to_linear
+from distill.shared.audio.mel import MelConfig, mel_inverts
 from distill.shared.configs import is_int
 from distill.shared.errors import ConfigError, ModelFormatError, UnknownSettings
 from distill.shared.ids import unprintable
@@ -629,26 +628,12 @@ def _model_configs(path: Path, header: dict[str, Any]) -> _Configs:
         raise ModelFileCorrupt(path, f"the configs disagree: the 'prior' config draws "
                                f"{prior.levels} levels, the 'vqvae' config has "
                                f"{vqvae.levels}")  # fmt: skip
-    if not _mel_inverts(mel):
+    if not mel_inverts(mel):
         raise ModelFileCorrupt(path, f"the 'mel' config cannot turn mel back into sound: at "
                                f"{mel.sample_rate} Hz, n_fft {mel.n_fft} gives {mel.n_freqs} "
                                f"frequency bins, too few to tell its {mel.n_mels} mel bands apart "
                                "(the inverse filterbank has no solution)")  # fmt: skip
     return _Configs(mel, vqvae, prior)
-
-
-@lru_cache(maxsize=32)
-def _mel_inverts(mel: MelConfig) -> bool:
-    """Whether ``mel_to_linear``, which every sound a model makes goes through, works for
-    ``mel``: a filterbank with empty or indistinguishable filters (too few frequency bins for
-    its mel bands) has no least-squares inverse, and generating failed in torch's lstsq."""
-    try:
-        with warnings.catch_warnings():  # torchaudio warns of empty filters: said here instead
-            warnings.simplefilter("ignore")
-            linear = mel_to_linear(torch.zeros(1, mel.n_mels, 1), mel)  # (1, n_freqs, 1)
-    except (RuntimeError, ValueError):  # torch.linalg.LinAlgError is a RuntimeError
-        return False
-    return bool(torch.isfinite(linear).all())
 
 
 @lru_cache(maxsize=16)

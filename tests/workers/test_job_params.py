@@ -83,6 +83,9 @@ def test_each_worker_serves_the_service_the_checker_knows() -> None:
     (preprocess, {"files": [{"name": "a.wav", "sha256": SHA}], "val_fracton": 0.5},
      "unknown keys ['val_fracton']"),
     (preprocess, {"files": []}, "params.files must be a non-empty list"),
+    # a filterbank that cannot be inverted: a model trained on it could never make a sound
+    (preprocess, {"files": [{"name": "a.wav", "sha256": SHA}], "mel_config": {"n_fft": 512}},
+     "its filterbank cannot be inverted"),
 ])  # fmt: skip
 def test_bad_params_fail_the_job_at_once_before_any_input_is_fetched(
     module: Any, params: dict[str, Any], message: str,
