@@ -67,7 +67,8 @@ def build_broker(config: BrokerConfig, storage: StorageSettings | None = None) -
         # Without CURVE there are no keys: every peer shares one "anonymous" account.
         owner_of=(lambda: broker.current_owner.decode(errors="replace")) if config.security
         else (lambda: "anonymous"),
-        describe_owner=broker.keyring.describe if broker.keyring is not None else str)
+        describe_owner=broker.keyring.describe if broker.keyring is not None else str,
+        peer_of=lambda: broker.current_owner)
     broker.jobs = jobs
     broker.event_listeners.append(jobs.on_event)
     broker.internal[P.SERVICE_JOBS] = jobs.serve

@@ -20,7 +20,7 @@ from distill.broker.services.quota import ArtifactQuota
 from distill.broker.store.artifacts import ArtifactStore, OffsetMismatch
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
-from distill.shared.errors import OFFSET_MISMATCH, ArtifactDamaged, DecodeError
+from distill.shared.errors import OFFSET_MISMATCH, ArtifactDamaged, ArtifactError, DecodeError
 from distill.shared.logs import get_logger
 
 log = get_logger("artifacts")
@@ -28,30 +28,55 @@ log = get_logger("artifacts")
 # Records per list reply: ~300 bytes each packed, so a page stays near 1 MiB, far below the
 # clients' message limit; ``more`` says another page follows.
 MAX_LIST_ARTIFACTS = 4_000
+# Uploads one client (a CURVE key; a socket without CURVE) may have begun and not finished: the
+# store's own bound is for all clients, and one client holding it (2000 made-up uploads in 5 s)
+# stopped every other upload for the hour an idle upload is kept.
+MAX_UPLOADS_PER_CLIENT = 256
 
 
 class ArtifactService:
     def __init__(self, store: ArtifactStore, in_use: Callable[[], set[str]],
                  quota: ArtifactQuota | None = None,
                  owner_of: Callable[[], str] = lambda: "anonymous",
-                 describe_owner: Callable[[str], str] = str) -> None:  # fmt: skip
+                 describe_owner: Callable[[str], str] = str,
+                 peer_of: Callable[[], bytes] = lambda: b"") -> None:  # fmt: skip
         self.store = store
         self.in_use = in_use  # artifacts a queued or running job needs: refused to delete
         self.quota = quota
         self.owner_of = owner_of  # the key of the peer whose request is being served
         self.describe_owner = describe_owner  # that key as its errors name it (its file)
+        self.peer_of = peer_of  # the sender: its key, or its socket without CURVE
+        self._uploading: dict[bytes, set[str]] = {}  # each sender's uploads begun, not finished
+
+    def _check_uploads(self, sha: str) -> None:
+        """ArtifactError if the sender may not begin another upload (see MAX_UPLOADS_PER_CLIENT);
+        its uploads that finished or idled out since are forgotten first."""
+        peer = self.peer_of()
+        mine = self._uploading.get(peer)
+        if not mine or sha in mine:
+            return
+        mine.intersection_update({s for s in mine if self.store.is_uploading(s)})
+        if not mine:
+            del self._uploading[peer]
+        elif len(mine) >= MAX_UPLOADS_PER_CLIENT and not self.store.is_uploading(sha):
+            raise ArtifactError(f"this client has {len(mine)} uploads begun and not finished, "
+                                f"the most one client may: finish them (an abandoned one is "
+                                "forgotten after an hour of no chunks)")  # fmt: skip
 
     def serve(self, identity: bytes, body: list[bytes]) -> list[bytes]:
         msg = unpack_map(body[0])
         op = msg.get("op")
         if op == "put_begin":
             sha, size = field(msg, "sha256", str), field(msg, "size", int)
+            self._check_uploads(sha)
             if self.quota is not None and not self.store.has(sha):
                 owner = self.owner_of()
                 self.quota.charge(owner, sha, size, label=self.describe_owner(owner))
             offset = self.store.begin_put(sha, size,
                                           kind=field(msg, "kind", str), name=field(msg, "name", str),
                                           job=field(msg, "job", str, None))
+            if offset < size:
+                self._uploading.setdefault(self.peer_of(), set()).add(sha)
             return ok_body({"offset": offset})
         if op == "put_chunk":
             try:
@@ -62,7 +87,10 @@ class ArtifactService:
                                                      "expected": e.expected}})]
             return ok_body({"offset": offset})
         if op == "put_finish":
-            return ok_body(self.store.finish_put(field(msg, "sha256", str)).to_dict())
+            sha = field(msg, "sha256", str)
+            record = self.store.finish_put(sha)
+            self._uploading.get(self.peer_of(), set()).discard(sha)
+            return ok_body(record.to_dict())
         if op == "get":
             sha, offset = field(msg, "sha256", str), field(msg, "offset", int)
             try:

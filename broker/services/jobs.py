@@ -91,7 +91,6 @@ class JobService:
         self.in_registry: set[str] = set()  # job ids with a request queued or held by a worker
         self.waiters: dict[str, list[tuple[bytes, float]]] = {}
         self.pending_progress: dict[str, dict[str, Any]] = {}
-        self.pending_metrics: list[tuple[str, dict[str, Any]]] = []
         self._dirty = True
         self._next_scan = 0.0
         self._previewed: set[str] = set()  # jobs that published previews since the last trim
@@ -322,12 +321,12 @@ class JobService:
             self.pending_progress[job_id] = fields
         elif event.get("type") == "preview":
             self._previewed.add(job_id)
-        elif (event.get("type") == "metrics" and isinstance(event.get("row"), dict)
-              and not event.get("recorded")):  # rows sent as requests are stored already
-            self.pending_metrics.append((job_id, event["row"]))
+        # A metrics row is stored only when its worker sends it as a request (`metrics`, with
+        # its attempt: every Distill worker does); one published as an event is shown live,
+        # never kept: anyone who may publish could add rows to a running job that way.
 
     def _flush_events(self) -> None:
-        if not self.pending_progress and not self.pending_metrics:
+        if not self.pending_progress:
             return
         with self.store.batch():
             for job_id, fields in self.pending_progress.items():
@@ -335,16 +334,7 @@ class JobService:
                     self.store.record_progress(job_id, fields)
                 except JobError:
                     pass  # an event for a job this broker does not know
-            for job_id, row in self.pending_metrics:
-                # a row published as an event (workers before rows were requests) is kept only
-                # while its job runs: anyone who may publish could otherwise add rows to any job
-                try:
-                    if self.store.get(job_id, with_metrics=False).status == "running":
-                        self.store.append_metrics(job_id, row)
-                except JobError:
-                    pass
         self.pending_progress.clear()
-        self.pending_metrics.clear()
 
     # --- dispatch and results (JobHooks) -----------------------------------------------------
     def tick(self, now: float) -> None:

@@ -75,8 +75,9 @@ MAX_KIND_CHARS = 64
 MAX_NAME_CHARS = MAX_ARTIFACT_NAME_CHARS
 MAX_JOB_CHARS = 64
 # Uploads begun and not finished, at once: each is a row and a file until it finishes or
-# idles out (an hour). Without a bound a script could begin ~2 million empty ones an hour.
-MAX_UPLOADS_IN_PROGRESS = 2_000
+# idles out (an hour). Without a bound a script could begin ~2 million empty ones an hour. A
+# guard on the store's files; each client is bounded far lower (services/artifacts.py).
+MAX_UPLOADS_IN_PROGRESS = 20_000
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 MAX_READ_BYTES = MAX_MESSAGE_BYTES // 2  # a read chunk plus its envelope fits one message
 MAX_FINISH_HASH_BYTES = 64 * 1024**2  # hashed inline at finish (~0.2 s); more: verify_step
@@ -270,6 +271,11 @@ class ArtifactStore:
             "SELECT * FROM artifacts WHERE sha256 = ?", (sha,)
         ).fetchone()
         return row
+
+    def is_uploading(self, sha256: str) -> bool:
+        """Whether an upload of ``sha256`` has begun and not finished (nor idled out)."""
+        with self._lock:
+            return self._upload_row(sha256) is not None
 
     def _upload_row(self, sha: str) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self._db.execute(

@@ -7,6 +7,7 @@ failure is a :class:`DecodeError` naming what was wrong.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
@@ -73,12 +74,12 @@ def _ext_hook(code: int, data: bytes) -> Any:
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_ARRAY_DIMS
-        or not all(isinstance(n, int) and n >= 0 for n in shape)
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
     ):
         raise DecodeError(f"malformed array shape {shape!r}")
     if not isinstance(raw, bytes):
         raise DecodeError("array payload is not bytes")
-    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    expected = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no int64 overflow
     if expected != len(raw):
         raise DecodeError(f"array of {dtype}{tuple(shape)} needs {expected} bytes, got {len(raw)}")
     return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()

@@ -215,3 +215,48 @@ def test_a_job_for_a_service_nobody_serves_is_said(live: tuple[Broker, str]) -> 
         assert "did you mean 'distill.preprocess'?" in str(err)
         ok = client.request("distill.jobs", {"op": "submit", "service": "lab.reverb"})
         assert ok["status"] == "queued" and "no worker serves lab.reverb now" in ok["note"]
+
+
+def test_one_client_cannot_hold_every_upload(live: tuple[Broker, str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """2000 made-up uploads from one client (5 s) filled the store's bound and stopped every
+    other upload for the hour an idle upload is kept."""
+    import hashlib
+
+    import distill.broker.services.artifacts as A
+
+    _, endpoint = live
+    monkeypatch.setattr(A, "MAX_UPLOADS_PER_CLIENT", 3)
+    def begin(client: Client, i: int) -> Any:
+        sha = hashlib.sha256(f"made-up {i}".encode()).hexdigest()
+        return client.request("distill.artifacts", {"op": "put_begin", "sha256": sha, "size": 9,
+                                                    "kind": "audio", "name": f"{i}.wav"})
+    with Client(endpoint, timeout_s=5) as greedy, Client(endpoint, timeout_s=5) as other:
+        for i in range(3):
+            begin(greedy, i)
+        with pytest.raises(RequestError, match="this client has 3 uploads begun and not finished"):
+            begin(greedy, 3)
+        assert begin(other, 4)["offset"] == 0  # another client is not held up
+
+
+def test_the_workers_reply_fits_a_message_however_many_workers_say_much(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """1200 fake workers with 16 KiB of metadata each made `distill.workers` too big for any
+    client (`distill workers` and `distill up` timed out)."""
+    import distill.broker.services.workers as W
+    from distill.broker.registry import Registry
+    from distill.shared.bus.codec import unpack_map
+
+    monkeypatch.setattr(W, "MAX_REPLY_BYTES", 64 * 1024)
+    registry = Registry(10.0)
+    for i in range(40):
+        registry.register(f"w{i}".encode(), b"fz.meta", {"host": "h", "junk": "x" * 16_000}, 0.0)
+    reply = unpack_map(W.WorkersService(registry).serve(b"c", [b""])[0])["result"]
+    assert len(pack(reply)) < 64 * 1024 + 4096 and len(reply["workers"]) == 40
+    assert reply["workers"][0]["meta"] == {} and not reply["truncated"]
+    for i in range(40, 4000):
+        registry.register(f"w{i}".encode(), b"fz.meta", {"host": "h"}, 0.0)
+    reply = unpack_map(W.WorkersService(registry).serve(b"c", [b""])[0])["result"]
+    assert reply["truncated"] and 0 < len(reply["workers"]) < 4000
+    assert len(pack(reply)) < 64 * 1024 + 4096

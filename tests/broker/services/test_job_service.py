@@ -357,3 +357,21 @@ def test_a_failure_announces_every_job_it_cancels_at_any_depth(parts: Any) -> No
     assert [r["result"]["id"] for r in host.replies] == [d]  # the waiter is answered
     assert host.replies[0]["result"]["status"] == "cancelled"
     assert [r.id for r in service.store.cancelled_because_of(a)] == [b, d]
+
+
+def test_rows_are_kept_only_from_the_worker_running_the_job(parts: Any) -> None:
+    """A row published as an event was stored into a running job from any publisher (a lost
+    attempt's worker, anyone on the events port); a row as a request needs the running job."""
+    host, service, _ = parts
+    w = worker(b"w1")
+    job_id = start(service, w)
+    service.on_event(f"job.{job_id}", {"type": "metrics", "row": {"spoofed_loss": 123}})
+    service._flush_events()
+    assert service.store.metric_count(job_id) == 0
+    call(service, op="metrics", id=job_id, row={"loss": 1.0}, attempt=1)
+    with pytest.raises(JobError, match="attempt 1 is the current one"):
+        service.serve(b"c", [pack({"op": "metrics", "id": job_id, "row": {}, "attempt": 2})])
+    assert service.store.metric_count(job_id) == 1
+    host.worker_key = False  # under CURVE, a client key
+    with pytest.raises(JobError, match="only a worker key may"):
+        service.serve(b"c", [pack({"op": "metrics", "id": job_id, "row": {}, "attempt": 1})])
