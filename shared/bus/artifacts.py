@@ -26,7 +26,7 @@ from distill.shared.errors import (
     ArtifactError,
     RequestError,
 )
-from distill.shared.ids import require_sha256, sha256_file
+from distill.shared.ids import escaped, require_sha256, sha256_file
 from distill.shared.logs import get_logger
 
 log = get_logger("artifacts")
@@ -40,6 +40,16 @@ TRANSFER_TRIES = 3
 
 class ChunkLost(ArtifactError):
     """A chunk's reply never came but a later one did (its request was lost to a restart)."""
+
+
+def artifact_name(name: str) -> str:
+    """A file's name as an artifact's name: control and format characters written as their
+    escapes (the store refuses them; one such file failed a whole upload midway), and a long
+    path cut to its end (the name is metadata; a manifest keeps the whole path)."""
+    label = escaped(name)
+    if len(label) <= P.MAX_ARTIFACT_NAME_CHARS:
+        return label
+    return "…" + label[-(P.MAX_ARTIFACT_NAME_CHARS - 1):]
 
 
 class ArtifactClient:

@@ -48,12 +48,13 @@ def upload_folder(ac: Any, folder: Path, *, quiet: bool = False) -> list[dict[st
     Non-audio files go too: the preprocess job lists each one in the manifest with its reason,
     so every file in the folder is accounted for."""
     from distill.shared.audio.io import left_out, scan_folder
+    from distill.shared.bus.artifacts import artifact_name
 
     paths = scan_folder(folder)
     skipped = left_out(folder)
     if skipped:  # not in the manifest (nothing is uploaded): said here instead
-        listed = [f"{p.relative_to(folder).as_posix()}: {why}" for p, why in skipped[:5]]
-        more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        listed = [f"{p.relative_to(folder).as_posix()}: {why}" for p, why in skipped[:20]]
+        more = f"; and {len(skipped) - 20} more" if len(skipped) > 20 else ""
         sys.stderr.write(shown(f"note: {len(skipped)} thing(s) in {folder} are left out: "
                                f"{'; '.join(listed)}{more}") + "\n")  # fmt: skip
     if not paths:
@@ -65,13 +66,8 @@ def upload_folder(ac: Any, folder: Path, *, quiet: bool = False) -> list[dict[st
     for i, (path, name) in enumerate(zip(paths, names, strict=True), 1):
         if not quiet:
             live.update(f"uploading {i}/{len(paths)} {name[:60]:<60}")
-        # the artifact's name is metadata, bounded: a deep path keeps its end (the manifest
-        # keeps it whole); a control or format character, which the store refuses in a name
-        # (one such file failed the whole upload midway), is written as its escape
-        label = shown(name)
-        label = label if len(label) <= P.MAX_ARTIFACT_NAME_CHARS else (
-            "…" + label[-(P.MAX_ARTIFACT_NAME_CHARS - 1):])  # fmt: skip
-        files.append({"name": name, "sha256": ac.put_file(path, kind="audio", name=label)})
+        files.append({"name": name, "sha256": ac.put_file(path, kind="audio",
+                                                          name=artifact_name(name))})
     if not quiet:
         live.end()
     return files

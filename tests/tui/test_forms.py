@@ -155,3 +155,23 @@ async def test_a_file_name_is_shown_as_it_is_not_read_as_markup(name: str) -> No
         literal = name.replace("\x1b", "\\x1b")[:32]
         assert name.replace("\x1b", "") in status.replace("\x1b", "")
         assert str(cell) == literal and not getattr(cell, "spans", None)
+
+
+async def test_model_names_and_errors_are_shown_as_they_are() -> None:
+    """A model named "[/red]" crashed the generate screen as it listed models (any user of a
+    shared cluster could do it to everyone); an error quoting "[link=https:]x.wav" crashed the
+    app from its notice."""
+    from textual.widgets import Select
+
+    from distill.tui.screens.generate import GenerateScreen
+
+    app = DistillApp("tcp://127.0.0.1:1", connect=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("g")
+        screen = app.screen
+        assert isinstance(screen, GenerateScreen)
+        screen.set_models([("[/red]", "ab" * 32), ("[link=https:]x", "cd" * 32)])
+        screen.notify_error("encode", "[link=https:]x.wav: not audio: it is a text file")
+        await pilot.pause(0.2)
+        assert screen.query_one("#model", Select).value == "ab" * 32
+        assert any("[link=https:]x.wav" in str(n.message) for n in app._notifications)

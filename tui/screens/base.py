@@ -37,7 +37,8 @@ class DistillScreen(Screen[None]):
                                f"(`distill up`, or `distill worker {service.rsplit('.', 1)[-1]}`)")
 
     def notify_error(self, what: str, error: Any) -> None:
-        self.notify(f"{what}: {error}", severity="error", timeout=8)
+        # markup off: an error may quote a file or model name ("[/red].wav" crashed the app)
+        self.notify(f"{what}: {error}", severity="error", timeout=8, markup=False)
 
     async def fetch_models(self) -> list[tuple[str, str]] | None:
         """The broker's model artifacts as (name, sha256); None (and a notice) on an error."""

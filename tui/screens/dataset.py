@@ -87,7 +87,7 @@ class DatasetScreen(DistillScreen):
             return
         folder = Path(raw).expanduser()
         if not folder.is_dir():
-            self.notify(f"{folder}: not a folder on this machine", severity="error")
+            self.notify(f"{folder}: not a folder on this machine", severity="error", markup=False)
             return
         self.query_one("#manifest", DataTable).clear()
         self.uploading = self.upload(folder)
@@ -101,8 +101,8 @@ class DatasetScreen(DistillScreen):
     def upload(self, folder: Path) -> None:
         """Upload every file, submit the preprocess job, follow it: blocking calls, so in a
         thread; the screen gets each step through ``call_from_thread``."""
-        from distill.shared.audio.io import scan_folder
-        from distill.shared.bus.artifacts import ArtifactClient
+        from distill.shared.audio.io import left_out, scan_folder
+        from distill.shared.bus.artifacts import ArtifactClient, artifact_name
         from distill.shared.bus.client import Client
         from distill.shared.bus.jobs import JobsClient
         from distill.shared.errors import DistillError
@@ -110,6 +110,13 @@ class DatasetScreen(DistillScreen):
         call = self.app.call_from_thread
         try:
             paths = scan_folder(folder)
+            skipped = left_out(folder)
+            if skipped:  # in no manifest (nothing is uploaded): said here, as the CLI says it
+                listed = "; ".join(f"{p.relative_to(folder).as_posix()}: {why}"
+                                   for p, why in skipped[:20])
+                more = f"; and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+                call(self.notify, f"{len(skipped)} left out of {folder}: {listed}{more}",
+                     severity="warning", timeout=15, markup=False)
             if not paths:
                 raise DistillError(f"{folder}: no files in this folder")
             with Client(self.distill.endpoint, timeout_s=60.0) as c:
@@ -118,7 +125,8 @@ class DatasetScreen(DistillScreen):
                 for i, path in enumerate(paths):
                     name = path.relative_to(folder).as_posix()
                     call(self.show_step, f"uploading {i + 1}/{len(paths)}: {name}", i / len(paths))
-                    files.append({"name": name, "sha256": store.put_file(path, kind="audio", name=name)})
+                    files.append({"name": name, "sha256": store.put_file(path, kind="audio",
+                                                                         name=artifact_name(name))})
                 job = jobs.submit("distill.preprocess", {"files": files})
                 call(self.show_step, f"preprocess job {job['id']}: queued", 0.0)
                 record = jobs.follow(job["id"], lambda e: call(self.show_event, job["id"], e))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -14,6 +15,7 @@ from textual.containers import Horizontal
 from textual.widgets import Button, DataTable, Header, Input, Label, Select, Static
 
 from distill.shared.errors import DistillError
+from distill.shared.ids import escaped
 from distill.tui.playback import player_name
 from distill.tui.screens.base import DistillScreen
 from distill.tui.widgets.footer import Footer
@@ -85,7 +87,8 @@ class GenerateScreen(DistillScreen):
 
     def set_models(self, models: list[tuple[str, str]]) -> None:
         select = self.query_one("#model", Select)
-        select.set_options([(f"{name}  {sha[:12]}", sha) for name, sha in models])
+        # a model's name as it is (names may hold brackets: "[/red]" crashed the screen)
+        select.set_options([(Text(f"{escaped(name)}  {sha[:12]}"), sha) for name, sha in models])
         if models:
             select.value = models[0][1]
 
@@ -185,7 +188,7 @@ class GenerateScreen(DistillScreen):
         except (DistillError, OSError) as e:
             self.notify_error("export", e)
             return
-        self.notify(f"exported {len(written)} sounds to {written[0].parent}")
+        self.notify(f"exported {len(written)} sounds to {written[0].parent}", markup=False)
 
 
 def export_sounds(folder: Path, sounds: list[np.ndarray], reply: dict[str, Any]) -> list[Path]:

@@ -363,7 +363,7 @@ class TrainingScreen(DistillScreen):
 
     def follow_pipeline(self, job_ids: list[str]) -> None:
         """Show the first stage; each next stage is shown when the one before succeeds."""
-        self.notify("submitted " + ", ".join(job_ids))
+        self.notify("submitted " + ", ".join(job_ids), markup=False)
         self.pipeline = list(job_ids)
         self.query_one(TabbedContent).active = "tab-curves"
         self.show_job(job_ids[0])
