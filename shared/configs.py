@@ -13,7 +13,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 from distill.shared.errors import ConfigError, UnknownSettings
@@ -86,3 +86,17 @@ def _read(what: str, key: str, value: Any, hint: Any) -> Any:
             return tuple(_read(what, key, v, args[0]) for v in value)
         raise ConfigError(f"{what}: {key} must be a list, got {value!r}")
     raise ConfigError(f"{what}: cannot read {key} of type {hint}")  # pragma: no cover - new type
+
+
+def nested(value: Any) -> Iterator[tuple[Any, int]]:
+    """Every value inside ``value`` (maps' values, lists' items; depth first, without
+    recursion) with how deep it sits, ``value`` itself at 1: what a reader of data from outside
+    walks to bound its nesting before anything recurses into it."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        yield item, depth
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)

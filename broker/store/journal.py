@@ -45,6 +45,7 @@ import numpy as np
 
 from distill.shared.bus import codec
 from distill.shared.bus.protocol import MAX_JOB_PARAMS_BYTES
+from distill.shared.configs import nested
 from distill.shared.errors import DecodeError, JobError
 from distill.shared.ids import is_sha256, unprintable
 
@@ -210,20 +211,12 @@ def check_params(params: Any) -> bytes:
     arrays). Checked before anything walks them (the artifact check, ``jobs show``): a
     thousand-deep nest hit Python's recursion limit there."""
     packed = _pack_map(params, "params", MAX_PARAMS_BYTES)
-    stack: list[tuple[Any, int]] = [(params, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            items: Any = value.values()
-        elif isinstance(value, list):
-            items = value
-        elif value is None or isinstance(value, (str, bytes, int, float, np.ndarray)):
-            continue
-        else:
+    for value, depth in nested(params):
+        if isinstance(value, (dict, list)):
+            if depth > MAX_PARAMS_DEPTH:
+                raise JobError(f"params nest deeper than {MAX_PARAMS_DEPTH} levels")
+        elif value is not None and not isinstance(value, (str, bytes, int, float, np.ndarray)):
             raise JobError(f"params hold a {type(value).__name__}, which a job's params may not")
-        if depth > MAX_PARAMS_DEPTH:
-            raise JobError(f"params nest deeper than {MAX_PARAMS_DEPTH} levels")
-        stack.extend((item, depth + 1) for item in items)
     return packed
 
 

@@ -63,7 +63,7 @@ import safetensors.torch
 import torch
 
 from distill.shared.audio.mel import MelConfig, mel_inverts
-from distill.shared.configs import is_int
+from distill.shared.configs import is_int, nested
 from distill.shared.errors import ConfigError, ModelFormatError, UnknownSettings
 from distill.shared.ids import unprintable
 from distill.shared.model.formats import layout_differences, state_layout
@@ -292,19 +292,12 @@ def _finite_float(text: str) -> float:
 
 def _json_depth(value: Any) -> int:
     """How deeply ``value`` nests (a scalar 0, ``{}`` 1); stops counting past MAX_HEADER_DEPTH."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, depth)
-        if deepest > MAX_HEADER_DEPTH:
-            break
-        stack.extend((child, depth + 1) for child in children)
+    deepest = 0
+    for item, depth in nested(value):
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > MAX_HEADER_DEPTH:
+                break
     return deepest
 
 
