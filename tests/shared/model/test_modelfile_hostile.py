@@ -13,7 +13,6 @@ import io
 import json
 import re
 import struct
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -153,15 +152,12 @@ def test_a_config_asking_for_gigabytes_is_refused_before_anything_is_built(tmp_p
     load_model(_write(tmp_path / "warm.distill", model))  # lazy imports and caches, not timed
     fit = r"weights do not fit the configs: tensor 'vqvae\.encoder\.net\.0\.weight' is \[4, 128, 7\] in the file, the configs make it \[1024, 128, 7\] \(and \d+ more\)"  # fmt: skip
     with _address_space(1 << 30):  # a real build fails here at once
-        start = time.perf_counter()
         _expect(path, ModelFileCorrupt, fit)
         _expect(path, ModelFileCorrupt, fit, lambda p: read_model_file(p, check_configs=True))
         out = CliRunner().invoke(app, ["model", "show", str(path)])
         with pytest.raises(ModelFormatError, match="do not match their config: tensor 'encoder"):
             weights_from_bytes(buf.getvalue())  # the RVQ-VAE artifact a prior job reads
-        elapsed = time.perf_counter() - start
     assert out.exit_code == 1 and "weights do not fit the configs" in out.stderr, out.stderr
-    assert elapsed < 1.0, elapsed
     # the prior alone, and a layer count that adds weights the file lacks
     path = _write(tmp_path / "prior.distill", model, lambda c: c["prior"].update(hidden=4096))
     with _address_space(1 << 30):
@@ -186,10 +182,8 @@ def test_the_header_and_size_are_checked_before_the_tensors_are_read(tmp_path: P
     with path.open("wb") as f:
         f.write(struct.pack("<Q", len(head)) + head)
         f.truncate(8 + len(head) + 2_000_000_000)  # sparse: no disk, 2 GB if read
-    with _address_space(1 << 30):
-        start = time.perf_counter()
+    with _address_space(1 << 30):  # reading the 2 GB would fail under the limit
         _expect(path, NotADistillModel, "format is not 'distill-model'", read_model_file)
-        assert time.perf_counter() - start < 1.0
     # a Distill file one byte longer than its tensors: the size must be what the offsets say
     path = tmp_path / "longer.distill"
     write_model_file(path, _header(), _tensors())
