@@ -20,6 +20,13 @@ VQVAE_SERVICE = "distill.train.vqvae"
 PREPROCESS_SERVICE = "distill.preprocess"
 
 
+MAX_LABEL_CHARS = 40  # the summary table's first column, at most
+
+
+def _label(key: str) -> str:
+    return key if len(key) <= MAX_LABEL_CHARS else key[: MAX_LABEL_CHARS - 1] + "…"
+
+
 def print_model_summary(path: Path) -> None:
     """The summary of a ``.distill`` file as a two-column table (``describe_model``'s rows);
     a file whose configs are invalid or do not fit its weights is refused as loading it would
@@ -31,7 +38,8 @@ def print_model_summary(path: Path) -> None:
     raw = read_model_file(path, check_configs=True)
     build_model(raw, path)
     rows = [("file", str(path)), *describe_model(raw)]
-    rows = [(shown(key), shown(value)) for key, value in rows]
+    # a key is a label: a file's 150-character key pushed every row 140 columns right
+    rows = [(_label(shown(key)), shown(value)) for key, value in rows]
     seen: set[str] = set()
     for i, (key, value) in enumerate(rows):  # the summary may repeat a key: "prior" (training)
         if key in seen:
