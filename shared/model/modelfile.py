@@ -65,7 +65,7 @@ import torch
 from distill.shared.audio.mel import MelConfig, mel_inverts
 from distill.shared.configs import is_int, nested
 from distill.shared.errors import ConfigError, ModelFormatError, UnknownSettings
-from distill.shared.ids import unprintable
+from distill.shared.ids import escaped
 from distill.shared.model.formats import layout_differences, state_layout
 from distill.shared.model.prior import Prior, PriorConfig
 from distill.shared.model.vqvae import VQVAE, VQVAEConfig
@@ -100,7 +100,7 @@ class ModelFileError(ModelFormatError):
 
     def __init__(self, path: str | Path, problem: str) -> None:
         # the name and the problem may quote the file: shown escaped, never acted on
-        super().__init__(_escaped(f"{Path(path).name}: {problem}"))
+        super().__init__(escaped(f"{Path(path).name}: {problem}"))
         self.path = Path(path)
 
 
@@ -138,15 +138,6 @@ class ModelFileIncomplete(ModelFileError):
 
 class ModelFileTampered(ModelFileError):
     reason = "tampered"
-
-
-def _escaped(text: str) -> str:
-    """``text`` with control and format characters (ESC, BEL, U+202E) written as their escapes,
-    as ``distill.shared.cli.common.shown`` shows them: text from a file is shown, not acted on."""
-    if unprintable(text) is None:
-        return text
-    return "".join(c if unprintable(c) is None else c.encode("unicode_escape").decode("ascii")
-                   for c in text)  # fmt: skip
 
 
 def _quoted(value: object, limit: int = 60) -> str:
