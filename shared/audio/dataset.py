@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -226,6 +226,17 @@ def max_dataset_bytes() -> int:
     return int(raw)
 
 
+def npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the ``.npy`` array at ``f``'s position, from its header alone (nothing
+    is allocated: what an archive from outside declares is checked before it is read);
+    ValueError for an ``.npy`` version numpy's header readers do not know."""
+    version = np.lib.format.read_magic(f)
+    if version not in _HEADER_READERS:
+        raise ValueError(f".npy {version}")
+    shape, _, dtype = _HEADER_READERS[version](f)
+    return tuple(shape), dtype
+
+
 def _check_sizes(b: bytes, limit: int) -> None:
     """Refuse an archive whose arrays would inflate past ``limit`` bytes, before inflating.
 
@@ -244,10 +255,10 @@ def _check_sizes(b: bytes, limit: int) -> None:
                 )
             for member in members:
                 with archive.open(member) as f:
-                    version = np.lib.format.read_magic(f)
-                    if version not in _HEADER_READERS:
-                        raise DatasetError(f"dataset array {member.filename}: .npy {version}")
-                    shape, _, dtype = _HEADER_READERS[version](f)
+                    try:
+                        shape, dtype = npy_header(f)
+                    except ValueError as e:
+                        raise DatasetError(f"dataset array {member.filename}: {e}") from e
                 declared = math.prod(shape) * dtype.itemsize
                 if declared > member.file_size:
                     raise DatasetError(

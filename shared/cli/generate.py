@@ -510,21 +510,18 @@ MAX_MODEL_ID_CHARS = 256
 def _npy_header(archive: Any, key: str) -> tuple[str, tuple[int, ...], Any] | None:
     """(member, shape, dtype) of the array ``key`` of an open .npz (``archive``, a ZipFile),
     read from its .npy header alone, or None when it holds no such array."""
-    from numpy.lib import format as npf
+    from distill.shared.audio.dataset import npy_header
 
     names = set(archive.namelist())
     member = next((m for m in (f"{key}.npy", key) if m in names), None)
     if member is None:
         return None
     with archive.open(member) as f:
-        version = npf.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = npf.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, _, dtype = npf.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"its '{key}' is an .npy of version {version[0]}.{version[1]}")
-    return member, tuple(shape), dtype
+        try:
+            shape, dtype = npy_header(f)
+        except ValueError as e:
+            raise ValueError(f"its '{key}' is an {e}") from e
+    return member, shape, dtype
 
 
 def _codes_in(archive: Any, name: str, model: Any) -> tuple[str | None, Any]:
