@@ -60,7 +60,9 @@ Jobs (``distill.jobs`` submit to service ``distill.infer``) run long batches:
 "format": "wav"|"flac"}`` stores each sound as an exported file (artifact kind ``audio``, with
 regenerable metadata), publishes progress per batch decoded (16 sounds, fewer when long), and
 returns ``{"sounds": [{"index", "artifact", "name", "seed"}], "model_id", "params",
-"sample_rate"}``.
+"sample_rate", "redrawn"}``. It holds one batch's audio at a time: each sound is written to a
+file in the worker's temporary folder as it is decoded, and all are stored at the end (the
+files' size on disk there: 256 sounds of 60 s as float WAV, 2.9 GB).
 
 Models are cached per worker by artifact id (LRU, :data:`MODEL_CACHE_SIZE`): a second request
 on the same model loads nothing.
@@ -85,6 +87,7 @@ from distill.shared.errors import ModelFormatError
 from distill.shared.ids import is_sha256
 from distill.shared.model import inference as inf
 from distill.shared.model.modelfile import DistillModel, load_model
+from distill.shared.model.sampling import SamplingParams
 from distill.workers.runtime.context import JobContext
 
 SERVICE = "distill.infer"
@@ -292,13 +295,59 @@ def handle_request(ctx: JobContext, body: dict[str, Any]) -> dict[str, Any]:
 # --- jobs: long batches -------------------------------------------------------------------------
 
 
-def export_bytes(audio: np.ndarray, sample_rate: int, fmt: str, meta: ExportMetadata,
-                 subtype: str) -> bytes:  # fmt: skip
-    """An exported file (with its metadata) as bytes, through a temporary file."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"sound.{fmt}"
-        export_audio(path, audio, sample_rate, subtype=subtype, metadata=meta)  # type: ignore[arg-type]
-        return path.read_bytes()
+class SoundFiles:
+    """A generate job's sounds as exported files in ``folder`` (with their regenerable
+    metadata), one per sound: a sound drawn again overwrites its file."""
+
+    def __init__(self, folder: Path, model: DistillModel, params: SamplingParams, *, count: int,
+                 seconds: float, quality: str, fmt: str) -> None:  # fmt: skip
+        self.folder, self.model, self.params = folder, model, params
+        self.count, self.seconds, self.quality = count, seconds, quality
+        self.subtype = "FLOAT" if fmt == "wav" else "PCM_24"
+        # the frames budget of the model's device, decided here: each recipe records it
+        self.render_frames = inf.render_frames_for(model)
+        self.names = [f"gen-{params.seed}-{i:03d}.{fmt}" for i in range(count)]
+
+    def write(self, indices: np.ndarray, audio: np.ndarray) -> None:
+        """Sounds ``indices`` (a sink of ``inference.generate_each``): a first draw and the
+        draw that replaces it have the same recipe, name and file."""
+        for i, one in zip(indices.tolist(), audio, strict=True):
+            recipe = inf.generate_recipe(self.params, count=self.count, seconds=self.seconds,
+                                         quality=self.quality, index=i,
+                                         render_frames=self.render_frames)  # fmt: skip
+            meta = ExportMetadata(kind="generate", model_id=self.model.model_id,
+                                  title=self.names[i], data=recipe)  # fmt: skip
+            export_audio(self.folder / self.names[i], one, self.model.mel_config.sample_rate,
+                         subtype=self.subtype, metadata=meta)  # type: ignore[arg-type]  # fmt: skip
+
+    def store(self, ctx: JobContext, i: int) -> str:
+        """Sound ``i``'s file in the artifact store (streamed from the file); its sha256."""
+        return ctx.artifacts.put_file(self.folder / self.names[i], kind="audio",
+                                      name=self.names[i], job=ctx.info.job_id)  # fmt: skip
+
+
+class GenerateProgress:
+    """A generate job's progress and cancel checks: ``drawing`` (step, steps) the codes, then
+    ``decoding`` (done, total) them, as a share of the job; then, for the draws that came out
+    silent, ``redrawing`` (step, steps) at the end of the bar (a few sounds, extra work)."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.decoded = False  # every first draw decoded: what is drawn now is drawn again
+
+    def on_steps(self, drawn: int, steps: int) -> None:
+        self.ctx.check_cancel()
+        if self.decoded:
+            self.ctx.progress(1.0, stage="redrawing", step=drawn, steps=steps)
+        else:
+            self.ctx.progress(DRAW_SHARE * drawn / max(steps, 1), stage="drawing", step=drawn,
+                              steps=steps)  # fmt: skip
+
+    def on_batch(self, done: int, total: int) -> None:
+        self.ctx.check_cancel()
+        self.decoded = done == total
+        self.ctx.progress(DRAW_SHARE + (1 - DRAW_SHARE) * done / total, stage="decoding",
+                          done=done, total=total)  # fmt: skip
 
 
 def run_job(ctx: JobContext) -> dict[str, Any]:
@@ -313,29 +362,25 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     if fmt not in ("wav", "flac"):
         raise inf.BadInput(f"format must be 'wav' or 'flac', got {fmt!r}")
     params, quality = _sampling(body, model), _quality(body, "best")
+    # Each sound is exported to a file here as its batch is decoded, and stored once every
+    # first draw's peak is known and the quiet ones are drawn again (a draw is judged against
+    # the loudest first draw of the request): the job holds one batch's audio, not all of it
+    # (256 sounds of 60 s: 2.9 GB), and stores no sound that a redraw replaces.
+    with tempfile.TemporaryDirectory(prefix="distill-generate-") as tmp:
+        files = SoundFiles(Path(tmp), model, params, count=count, seconds=seconds,
+                           quality=quality, fmt=fmt)  # fmt: skip
+        progress = GenerateProgress(ctx)
 
-    def on_steps(drawn: int, steps: int) -> None:  # drawing all the codes: the first part
-        ctx.check_cancel()
-        ctx.progress(DRAW_SHARE * drawn / max(steps, 1), stage="drawing", step=drawn, steps=steps)
+        def write(indices: np.ndarray, audio: np.ndarray) -> None:
+            files.write(indices, audio)
+            ctx.check_cancel()  # also between the batches drawn again, which report no progress
 
-    def on_batch(done: int, total: int) -> None:
-        ctx.check_cancel()
-        ctx.progress(DRAW_SHARE + (1 - DRAW_SHARE) * done / total, stage="decoding", done=done,
-                     total=total)  # fmt: skip
-
-    out = inf.generate(model, count=count, seconds=seconds, params=params, quality=quality,
-                       on_batch=on_batch, on_steps=on_steps)  # fmt: skip
-    sounds = []
-    for i, audio in enumerate(out.audio):
-        name = f"gen-{params.seed}-{i:03d}.{fmt}"
-        recipe = inf.generate_recipe(params, count=count, seconds=seconds, quality=quality,
-                                     index=i, render_frames=out.render_frames)  # fmt: skip
-        meta = ExportMetadata(kind="generate", model_id=model.model_id, title=name, data=recipe)
-        data = export_bytes(
-            audio, out.sample_rate, fmt, meta, "FLOAT" if fmt == "wav" else "PCM_24"
-        )
-        sha = ctx.artifacts.put_bytes(data, kind="audio", name=name, job=ctx.info.job_id)
-        sounds.append({"index": i, "artifact": sha, "name": name, "seed": params.seed})
+        drawn = inf.generate_each(model, write, count=count, seconds=seconds,
+                                  params=params, quality=quality, on_batch=progress.on_batch,
+                                  on_steps=progress.on_steps,
+                                  render_frames=files.render_frames)  # fmt: skip
+        sounds = [{"index": i, "artifact": files.store(ctx, i), "name": files.names[i],
+                   "seed": params.seed} for i in range(count)]  # fmt: skip
     recipe = {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality}
     return {"sounds": sounds, "model_id": model.model_id, "params": recipe,
-            "sample_rate": out.sample_rate, "redrawn": out.redrawn}  # fmt: skip
+            "sample_rate": drawn.sample_rate, "redrawn": drawn.redrawn}  # fmt: skip

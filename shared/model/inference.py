@@ -21,7 +21,7 @@ import dataclasses
 import itertools
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -435,52 +435,139 @@ def generate(model: DistillModel, *, count: int, seconds: float, params: Samplin
     sounds were drawn before the relative rule; their recipes replay that way).
     ``exact_length`` (see :func:`exact_steps`) False: ``steps_for``'s steps, a hop short at
     most, and ``render_frames`` (see :data:`RENDER_FRAMES`) None: RENDER_BATCH sounds decoded
-    together whatever their length (how sounds were made before; their recipes replay so)."""
+    together whatever their length (how sounds were made before; their recipes replay so).
+    Every sound's audio is kept, count x samples of float32: what stores each sound as it is
+    made (a generate job) runs :func:`generate_each`, the same sounds bit for bit."""
+    kept: list[np.ndarray] = []  # the (count, samples) array, made with the first batch
+
+    def keep(indices: np.ndarray, audio: np.ndarray) -> None:
+        if not kept:
+            kept.append(np.empty((int(count), audio.shape[1]), dtype=audio.dtype))
+        kept[0][indices] = audio
+
+    drawn = generate_each(model, keep, count=count, seconds=seconds, params=params,
+                          quality=quality, prime=prime, on_batch=on_batch, on_steps=on_steps,
+                          quiet_under_loudest_db=quiet_under_loudest_db,
+                          exact_length=exact_length, render_frames=render_frames)  # fmt: skip
+    return Generated(kept[0], drawn.grids(), drawn.sample_rate, drawn.redrawn,
+                     drawn.render_frames)  # fmt: skip
+
+
+# What a generate call hands out as it decodes: ``sink(indices, audio)``, the audio (b, samples)
+# of the request's sounds ``indices`` (b,) int64, in that order
+Sink = Callable[[np.ndarray, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """What :func:`generate_each` drew (its audio went to the sink)."""
+
+    codes: np.ndarray  # (B, P, T) int64: the prior's levels of each sound's kept draw, new steps
+    prefix: np.ndarray | None  # (Q, T0) int64: the prime the sounds continue
+    levels: int  # the RVQ-VAE's Q (the levels past the prior's P hold no code)
+    sample_rate: int
+    redrawn: int
+    render_frames: int | None
+
+    def grids(self) -> np.ndarray:
+        """Each sound's whole grid (B, Q, T0 + T) int64, the prime's steps first."""
+        b, p, t = self.codes.shape
+        t0 = 0 if self.prefix is None else self.prefix.shape[1]
+        out = np.full((b, self.levels, t0 + t), -1, dtype=np.int64)
+        if self.prefix is not None:
+            out[:, :, :t0] = self.prefix
+        out[:, :p, t0:] = self.codes
+        return out
+
+
+def generate_each(model: DistillModel, sink: Sink, *, count: int, seconds: float,
+                  params: SamplingParams, quality: Quality, prime: object = None,
+                  on_batch: Callable[[int, int], None] | None = None,
+                  on_steps: Callable[[int, int], None] | None = None,
+                  quiet_under_loudest_db: float | None = QUIET_UNDER_LOUDEST_DB,
+                  exact_length: bool = True, render_frames: int | None = BY_DEVICE) -> Drawn:  # fmt: skip
+    """:func:`generate`'s sounds handed to ``sink`` batch by batch as they are decoded, none
+    kept: one batch's audio at a time (see :func:`render_batch`) and each draw's codes and
+    peak, whatever the count (256 sounds of 60 s kept are 2.9 GB). The first draws come in
+    order, ``on_batch(done, count)`` after each batch; then the batches drawn again (see
+    :func:`quiet_draws`, judged once every first draw's peak is known): a sound handed out
+    again replaces what it was. The arguments are :func:`generate`'s."""
     prior = _prior(model)
     count = check_int(count, "count", 1, MAX_COUNT)
-    quality = quality if isinstance(quality, PhasePreset) else check_quality(quality)  # before the draws, not after them
+    # the quality before the draws, not after them
+    quality = quality if isinstance(quality, PhasePreset) else check_quality(quality)
     if render_frames == BY_DEVICE:
         render_frames = render_frames_for(model)
+    prefix, steps, keep = _to_draw(model, seconds, prime, exact_length)
+    p, q = prior.config.levels, model.vqvae.config.levels  # the prior draws the first p of q
+    assert q is not None  # a loaded model's config is resolved
+    new = prior_sample(prior, batch=count, steps=steps, params=params,
+                       prefix=None if prefix is None else prefix[:, :p], on_steps=on_steps)  # (B, P, T)  # fmt: skip
+    peaks = [0.0] * count  # dBFS, each sound's as handed out: what the redraw rule reads
+
+    def hand_out(indices: np.ndarray, audio: np.ndarray) -> None:
+        audio = audio[:, :keep]
+        for i, one in zip(indices.tolist(), audio, strict=True):
+            peaks[i] = peak_db(torch.from_numpy(one))
+        sink(indices, audio)
+
+    def first(rows: slice, audio: np.ndarray) -> None:
+        hand_out(np.arange(rows.start, rows.stop), audio)
+        if on_batch is not None:
+            on_batch(rows.stop, count)
+
+    _render_each(model, lambda rows: _with_prefix(prefix, _all_levels(new[rows], q)), count,
+                 new.shape[2] + (0 if prefix is None else prefix.shape[2]), quality,
+                 render_frames, first)  # fmt: skip
+    codes = new.cpu().numpy()  # (B, P, T); a draw made again replaces its row
+    loudest = max(peaks)  # of the first draws
+    redrawn = np.zeros(count, dtype=bool)
+    for attempt in range(1, (MAX_REDRAWS if prefix is None else 0) + 1):
+        silent = np.flatnonzero(quiet_draws(peaks, loudest, quiet_under_loudest_db))
+        if not len(silent):
+            break
+        redrawn[silent] = True
+        seed = (params.seed * 1_000_003 + attempt) % (MAX_SEED + 1)
+        again = prior_sample(prior, batch=len(silent), steps=steps,
+                             params=dataclasses.replace(params, seed=seed), on_steps=on_steps)  # fmt: skip
+        codes[silent] = again.cpu().numpy()
+
+        def redrawn_grids(rows: slice, again: torch.Tensor = again) -> torch.Tensor:
+            return _all_levels(again[rows], q)
+
+        def take(rows: slice, audio: np.ndarray, silent: np.ndarray = silent) -> None:
+            hand_out(silent[rows], audio)
+
+        _render_each(model, redrawn_grids, len(silent), steps, quality, render_frames, take)
+    return Drawn(codes, None if prefix is None else prefix[0].cpu().numpy(), q,
+                 model.mel_config.sample_rate, int(redrawn.sum()), render_frames)  # fmt: skip
+
+
+def _to_draw(model: DistillModel, seconds: float, prime: object, exact_length: bool
+             ) -> tuple[torch.Tensor | None, int, int | None]:  # fmt: skip
+    """A generate call's (prime checked (1, Q, T0) or None, code steps to draw, samples to
+    keep: None, what the steps render to, as sounds were made before exact lengths)."""
+    p = _prior(model).config.levels
     steps = steps_for(model, seconds)
     if float(seconds) <= 0.0:  # steps_for would give one step: a 21-ms click, not a sound
         raise BadInput(f"seconds must be more than 0, got {seconds!r}")
-    p, q = prior.config.levels, model.vqvae.config.levels  # the prior draws the first p of q
     prefix = None if prime is None else check_grid(model, prime, "prime")
     if prefix is not None and bool((prefix[:, :p] < 0).any()):
         raise BadInput(f"prime must hold a code at every step of the first {p} levels (no -1)")
     if prefix is not None and prefix.shape[2] + steps > steps_for(model, MAX_SECONDS):
         raise BadInput(f"prime plus seconds exceeds {MAX_SECONDS:g} s")
-    keep = None  # samples; None: what the steps render to (how sounds were made before)
+    keep = None
     if exact_length:
         steps, keep = exact_steps(model, seconds, 0 if prefix is None else prefix.shape[2])
-    new = _all_levels(prior_sample(prior, batch=count, steps=steps, params=params,
-                                   prefix=None if prefix is None else prefix[:, :p],
-                                   on_steps=on_steps), q)  # fmt: skip
-    codes = new if prefix is None else torch.cat([prefix.expand(count, -1, -1), new], 2)
-    audio = _render_batches(model, codes, quality, on_batch, render_frames)[:, :keep]
-    grid = codes.cpu().numpy()  # (B, Q, T)
-    redrawn = np.zeros(count, dtype=bool)
-    loudest = max(peak_db(torch.from_numpy(a)) for a in audio)  # of the first draws
-    for attempt in range(1, (MAX_REDRAWS if prefix is None else 0) + 1):
-        silent = np.flatnonzero(quiet_draws(audio, loudest, quiet_under_loudest_db))
-        if not len(silent):
-            break
-        redrawn[silent] = True
-        seed = (params.seed * 1_000_003 + attempt) % (MAX_SEED + 1)
-        again = _all_levels(prior_sample(prior, batch=len(silent), steps=steps,
-                                         params=dataclasses.replace(params, seed=seed),
-                                         on_steps=on_steps), q)  # fmt: skip
-        grid[silent] = again.cpu().numpy()
-        audio[silent] = _render_batches(model, again, quality, None, render_frames)[:, :keep]
-    return Generated(audio, grid, model.mel_config.sample_rate, int(redrawn.sum()), render_frames)
+    return prefix, steps, keep
 
 
-def quiet_draws(audio: np.ndarray, loudest: float, under_db: float | None) -> list[bool]:
-    """Which sounds of ``audio`` (B, samples) are not sounds: a peak under SILENT_PEAK_DB, or
+def quiet_draws(peaks: Sequence[float], loudest: float, under_db: float | None) -> list[bool]:
+    """Which draws, by their peaks (dBFS), are not sounds: a peak under SILENT_PEAK_DB, or
     ``under_db`` under ``loudest`` (dBFS, the loudest first draw of the request; None: no
     relative rule)."""
     floor = SILENT_PEAK_DB if under_db is None else max(SILENT_PEAK_DB, loudest - under_db)
-    return [peak_db(torch.from_numpy(a)) < floor for a in audio]
+    return [peak < floor for peak in peaks]
 
 
 def _all_levels(drawn: torch.Tensor, levels: int) -> torch.Tensor:
@@ -492,6 +579,11 @@ def _all_levels(drawn: torch.Tensor, levels: int) -> torch.Tensor:
     return torch.cat([drawn, empty], 1)
 
 
+def _with_prefix(prefix: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """Grids (B, Q, T) after the prime's steps (1, Q, T0), if any: (B, Q, T0 + T)."""
+    return new if prefix is None else torch.cat([prefix.expand(len(new), -1, -1), new], 2)
+
+
 def render_batch(model: DistillModel, steps: int, render_frames: int | None) -> int:
     """Sounds of ``steps`` code steps decoded together: RENDER_BATCH, fewer where their frames
     pass ``render_frames`` (None: RENDER_BATCH whatever their length, as before the budget)."""
@@ -501,23 +593,38 @@ def render_batch(model: DistillModel, steps: int, render_frames: int | None) -> 
     return max(1, min(RENDER_BATCH, render_frames // frames))
 
 
+def _render_each(model: DistillModel, grids: Callable[[slice], torch.Tensor], count: int,
+                 steps: int, quality: Quality, render_frames: int | None,
+                 take: Callable[[slice, np.ndarray], None]) -> None:  # fmt: skip
+    """``render`` of ``count`` sounds of ``steps`` code steps, in batches of
+    :func:`render_batch`: ``grids(rows)`` gives a batch's codes (b, Q, steps), ``take(rows,
+    audio)`` its audio (b, samples) as it is made. The batches depend on the count, the steps
+    and the budget alone (a batch's shape changes the phase reconstruction's last bits), so
+    sounds kept, stored as they come or replayed are the same samples."""
+    size = render_batch(model, steps, render_frames)
+    for start in range(0, count, size):
+        rows = slice(start, min(start + size, count))
+        take(rows, render(model, grids(rows), quality)[0])  # (b, samples)
+
+
 def _render_batches(model: DistillModel, codes: torch.Tensor, quality: Quality,
                     on_batch: Callable[[int, int], None] | None,
                     render_frames: int | None) -> np.ndarray:  # fmt: skip
     """``render`` in batches of :func:`render_batch`: audio (B, samples); progress after each.
     Each batch is written into one array (a list of batches joined at the end held the audio
     twice: 2.9 GB more at the peak of a job of 256 sounds of 60 s)."""
-    out: np.ndarray | None = None
-    size = render_batch(model, codes.shape[2], render_frames)
-    for start in range(0, len(codes), size):
-        batch = render(model, codes[start : start + size], quality)[0]  # (b, samples)
-        if out is None:
-            out = np.empty((len(codes), *batch.shape[1:]), dtype=batch.dtype)
-        out[start : start + len(batch)] = batch
+    out: list[np.ndarray] = []  # the one array, made with the first batch
+
+    def take(rows: slice, audio: np.ndarray) -> None:
+        if not out:
+            out.append(np.empty((len(codes), *audio.shape[1:]), dtype=audio.dtype))
+        out[0][rows] = audio
         if on_batch is not None:
-            on_batch(start + len(batch), len(codes))
-    assert out is not None  # codes hold at least one sound
-    return out
+            on_batch(rows.stop, len(codes))
+
+    _render_each(model, lambda rows: codes[rows], len(codes), codes.shape[2], quality,
+                 render_frames, take)  # fmt: skip
+    return out[0]
 
 
 def progressive(model: DistillModel, audio: torch.Tensor, quality: str,
@@ -718,11 +825,17 @@ def _replay(model: DistillModel, kind: str, data: Mapping[str, Any],
                 under = check_number(under, "quiet_under_loudest_db", 0.0, 200.0)
             # so did exact lengths: a recipe without them was drawn a hop short at most
             exact = data.get("exact_length", False) is True
-            out = generate(model, count=count, seconds=data["seconds"], params=params,
-                           quality=quality, prime=None if prime is None else _grid(prime),
-                           quiet_under_loudest_db=under, exact_length=exact,
-                           render_frames=frames, on_batch=on_batch)  # fmt: skip
-            return out.audio[index]
+            kept: list[np.ndarray] = []  # sound ``index`` alone: the others only for their peaks
+
+            def keep(indices: np.ndarray, audio: np.ndarray) -> None:
+                kept.extend(one.copy() for i, one in zip(indices.tolist(), audio, strict=True)
+                            if i == index)  # fmt: skip
+
+            generate_each(model, keep, count=count, seconds=data["seconds"], params=params,
+                          quality=quality, prime=None if prime is None else _grid(prime),
+                          quiet_under_loudest_db=under, exact_length=exact,
+                          render_frames=frames, on_batch=on_batch)  # fmt: skip
+            return kept[-1]  # a sound drawn again: its last draw
         if kind == "decode":
             return decode(model, _grid(data["codes"]), data["levels"], quality)[0]
         session = edit_session(model, data["session"], "none", None)

@@ -67,6 +67,9 @@ class FakeArtifacts:
         self.stored[sha] = data
         return sha
 
+    def put_file(self, path: Path, *, kind: str, name: str, job: str | None = None) -> str:
+        return self.put_bytes(path.read_bytes(), kind=kind, name=name, job=job)
+
 
 class FakeContext:
     def __init__(self, params: dict[str, Any] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""distill.infer through a real broker and worker: upload, decode twice, a bad request, recovery."""
+"""distill.infer through a real broker and worker: upload, decode twice, a bad request, recovery,
+a generate job."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from distill.shared.audio.export import read_export_metadata
 from distill.shared.bus.artifacts import ArtifactClient
 from distill.shared.bus.cache import ArtifactCache
+from distill.shared.bus.jobs import JobsClient
 from distill.shared.errors import BAD_REQUEST, RequestError
 from distill.shared.model.modelfile import save_model
 from tests.conftest import Cluster
@@ -67,3 +70,33 @@ def test_a_reply_or_request_too_large_to_travel_is_an_error_that_says_so(
                                             "seconds": 0.2, "seed": 1})  # fmt: skip
         assert again["audio"].shape[0] == 1  # the same worker, still serving
         assert len(c.workers()["workers"]) == 1
+
+
+def test_a_generate_job_stores_each_sound_from_its_file_and_leaves_none(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A job writes each sound to a file in the worker's temporary folder as it is decoded and
+    stores them from there (put_file) once all are made; the folder goes with the job."""
+    cluster.start_broker()
+    spool = tmp_path / "worker-tmp"
+    spool.mkdir()
+    cluster.start_worker("infer", env={"TMPDIR": str(spool)})
+    path = tmp_path / "tiny.distill"
+    model_id = save_model(path, tiny_model())
+    with cluster.client(timeout_s=60) as c:
+        store = ArtifactClient(c, cache=ArtifactCache(tmp_path / "cache"))
+        sha = store.put_file(path, kind="model", name=path.name)
+        jobs = JobsClient(c)
+        job = jobs.submit("distill.infer", {"op": "generate", "model": sha, "count": 5,
+                                            "seconds": 0.3, "seed": 2, "quality": "preview",
+                                            "format": "flac"})  # fmt: skip
+        record = jobs.wait(job["id"], timeout_s=120)
+        assert record["status"] == "succeeded", record.get("error")
+        sounds = record["result"]["sounds"]
+        assert [s["name"] for s in sounds] == [f"gen-2-{i:03d}.flac" for i in range(5)]
+        stored = {a["sha256"] for a in store.list(kind="audio", job=job["id"])}
+        assert stored == {s["artifact"] for s in sounds}
+        out = store.download(sounds[4]["artifact"], tmp_path / sounds[4]["name"])
+        meta = read_export_metadata(out)
+        assert meta.model_id == model_id and meta.data["index"] == 4 and meta.data["count"] == 5
+    assert not list(spool.glob("distill-generate-*"))

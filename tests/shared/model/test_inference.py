@@ -303,3 +303,34 @@ def test_long_sounds_decode_in_fewer_per_batch_and_old_recipes_replay_sixteen_at
     np.testing.assert_array_equal(one_by_one.codes, before.codes)  # the same draws
     with pytest.raises(BadInput, match="render_frames"):
         replay(model, "generate", {**recipe, "render_frames": 0})
+
+
+def test_generate_each_hands_out_what_generate_keeps_a_batch_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a generate job stores as it goes: the first draws in order, a batch at a time (at
+    most render_batch sounds), then the quiet ones drawn again, each replacing its first
+    draw; assembled, generate's sounds and codes, bit for bit (a prime's steps included)."""
+    model, params = coarse_prior_model(), SamplingParams(seed=7)
+    plain = generate(model, count=7, seconds=1.0, params=params, quality="preview")
+    monkeypatch.setattr(inference, "SILENT_PEAK_DB", float(np.median(peaks(plain.audio))))
+    kept = generate(model, count=7, seconds=1.0, params=params, quality="preview")
+    assert kept.redrawn >= 2
+    handed: list[tuple[list[int], np.ndarray]] = []
+    drawn = inference.generate_each(model, lambda i, a: handed.append((i.tolist(), a.copy())),
+                                    count=7, seconds=1.0, params=params, quality="preview")  # fmt: skip
+    size = inference.render_batch(model, kept.codes.shape[2], inference.CPU_RENDER_FRAMES)
+    assert size == 3 and all(len(i) <= size for i, _ in handed)
+    first = [n for i, _ in handed[:3] for n in i]
+    assert first == list(range(7)) and len(handed) > 3  # then the draws made again
+    audio = np.empty_like(kept.audio)
+    for i, a in handed:
+        audio[i] = a
+    np.testing.assert_array_equal(audio, kept.audio)
+    np.testing.assert_array_equal(drawn.grids(), kept.codes)
+    assert drawn.redrawn == kept.redrawn and drawn.render_frames == kept.render_frames
+    prime = kept.codes[0][:, :5]
+    cont = generate(model, count=2, seconds=0.2, params=params, quality="preview", prime=prime)
+    each = inference.generate_each(model, lambda i, a: None, count=2, seconds=0.2, params=params,
+                                   quality="preview", prime=prime)  # fmt: skip
+    np.testing.assert_array_equal(each.grids(), cont.codes)
