@@ -53,7 +53,7 @@ from distill.broker.services.periodic import Periodic
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
 from distill.shared.bus.messages import WorkerMeta
-from distill.shared.bus.security import ROLE_WORKER, BrokerSecurity, check_exposure
+from distill.shared.bus.security import ROLE_CLIENT, ROLE_WORKER, BrokerSecurity, check_exposure
 from distill.shared.errors import (
     BAD_REQUEST,
     ERROR,
@@ -456,6 +456,10 @@ class Broker:
         """Whether the message being handled came with a worker key (always, without CURVE)."""
         return self.current_roles is None or ROLE_WORKER in self.current_roles
 
+    def caller_is_client(self) -> bool:
+        """Whether the message being handled came with a client key (always, without CURVE)."""
+        return self.current_roles is None or ROLE_CLIENT in self.current_roles
+
     def _on_router(self, frames: list[bytes], key: bytes | None = None) -> None:
         # the longest envelope is a worker's reply: identity, empty, MDPW, REPLY, client, empty
         if len(frames) < 3 or len(frames) > P.MAX_FRAMES + 6 or frames[1] != b"":
@@ -790,6 +794,10 @@ class Broker:
                         reason="only the broker publishes on this topic")
             return
         self.publish(topic, event)
+
+    def forget_events(self, topic: str) -> None:
+        """Drop the events kept for ``topic``'s snapshots (a job removed from the journal)."""
+        self.hub.forget(topic)
 
     def publish(self, topic: str, event: dict[str, Any]) -> dict[str, Any]:
         stamped, frames = self.hub.stamp(topic, event)

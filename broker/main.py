@@ -8,6 +8,7 @@ import os
 import signal
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,7 +25,7 @@ from distill.broker.services.jobs import JobService
 from distill.broker.services.quota import ArtifactQuota
 from distill.broker.services.retention import Retention
 from distill.broker.services.workers import WorkersService
-from distill.broker.store.artifacts import ArtifactStore
+from distill.broker.store.artifacts import ArtifactRecord, ArtifactStore
 from distill.broker.store.journal import JobStore
 from distill.broker.store.settings import StorageSettings
 from distill.shared.bus import protocol as P
@@ -35,6 +36,7 @@ from distill.shared.logs import configure, get_logger
 UPLOAD_EXPIRY_S = 60.0  # how often idle uploads are looked for (they expire after an hour)
 VERIFY_STEP_S = 0.2  # re-hash resumed uploads in steps of VERIFY_STEP_BYTES this often
 LOCK_NAME = "broker.lock"  # in the data folder: which broker process holds it (its pid)
+DAY_S = 86_400.0
 
 
 def build_broker(config: BrokerConfig, storage: StorageSettings | None = None) -> Broker:
@@ -52,12 +54,16 @@ def build_broker(config: BrokerConfig, storage: StorageSettings | None = None) -
                           upload_idle_s=storage.upload_idle_s)
     quota = ArtifactQuota(data_dir / "quota.json", config.limits.artifact_quota_bytes)
 
-    def release(sha: str) -> None:  # retention's deletions free the quota as a user's would
-        store.delete(sha, in_use=journal.referenced_artifacts())
-        quota.forget(sha)
+    def release(shas: Sequence[str], in_use: set[str]) -> list[ArtifactRecord]:
+        # retention's deletions free the quota as a user's would
+        removed = store.delete_many(shas, in_use=in_use)
+        for record in removed:
+            quota.forget(record.sha256)
+        return removed
 
     retention = Retention(journal, store, release, keep_preview_epochs=storage.keep_preview_epochs)
-    jobs = JobService(broker, journal, retention=retention)
+    jobs = JobService(broker, journal, retention=retention,
+                      keep_finished_s=storage.keep_finished_jobs_days * DAY_S)
     jobs.periodic.add("upload_expiry", min(UPLOAD_EXPIRY_S, storage.upload_idle_s / 2),
                       lambda now: _expire_uploads(store, quota))
     jobs.periodic.add("verify_resumed_uploads", VERIFY_STEP_S, lambda now: store.verify_step())

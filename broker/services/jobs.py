@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from distill.broker.registry import JobOrigin, Registry, Request, WorkerEntry
 from distill.broker.services.common import field, ok_body, page
 from distill.broker.services.periodic import Periodic
+from distill.broker.services.removal import JobRemoval, PruneRule, Tally
 from distill.broker.services.retention import Retention
 from distill.broker.store.journal import (
     MAX_METRICS_PAGE,
@@ -61,6 +62,10 @@ MAX_ANNOUNCED_KEPT = 10_000  # finished jobs remembered as announced (see _annou
 # A list reply stops adding jobs past this many packed bytes (params may be large), well below
 # the clients' message limit; the reply then says ``truncated``.
 MAX_LIST_REPLY_BYTES = P.MAX_MESSAGE_BYTES // 4
+# Jobs one `remove` names: all of them go in one transaction, on the loop (more: `prune`,
+# which goes in bounded steps, or several requests).
+MAX_REMOVE_IDS = 100
+PRUNE_EVERY_S = 60.0  # how often automatic pruning looks for jobs past their time
 
 
 class JobHost(Protocol):
@@ -70,16 +75,19 @@ class JobHost(Protocol):
 
     def publish(self, topic: str, event: dict[str, Any]) -> dict[str, Any]: ...
     def caller_is_worker(self) -> bool: ...
+    def caller_is_client(self) -> bool: ...
+    def forget_events(self, topic: str) -> None: ...
     def submit_internal(self, service: bytes, body: list[bytes], job_id: str) -> Request: ...
     def reply_later(self, identity: bytes, service: bytes, body: list[bytes]) -> bool: ...
 
 
 class JobService:
     def __init__(self, broker: JobHost, store: JobStore, *,
-                 retention: Retention | None = None) -> None:
+                 retention: Retention | None = None, keep_finished_s: float = 0.0) -> None:
         self.broker = broker
         self.store = store
         self.retention = retention
+        self.removal = JobRemoval(store, retention)
         self.periodic = Periodic()  # each task guarded: one failing never stops the others
         self.periodic.add("flush_events", 0.0, lambda now: self._flush_events())
         self.periodic.add("dispatch_scan", 0.0, self._scan)
@@ -88,6 +96,15 @@ class JobService:
         if retention is not None:
             self.periodic.add("retention_sweep", RETENTION_SWEEP_S, retention.sweep)
             self.periodic.add("trim_previews", PREVIEW_TRIM_S, lambda now: self._trim_previews())
+        # automatic pruning (0: jobs are kept for ever): one bounded step a loop turn while a
+        # pass lasts, a pass every PRUNE_EVERY_S (sooner for a short keep, as in tests)
+        self._keep_finished_s = keep_finished_s
+        self._prune_every_s = min(PRUNE_EVERY_S, keep_finished_s / 2)
+        self._prune_at = 0.0
+        self._prune_cursor: tuple[float, int] | None = None
+        self._pruned = {"jobs": 0, "artifacts": 0, "bytes": 0, "kept": 0}  # this pass's, so far
+        if keep_finished_s > 0:
+            self.periodic.add("prune_finished_jobs", 0.0, self._auto_prune)
         self.in_registry: set[str] = set()  # job ids with a request queued or held by a worker
         self.waiters: dict[str, list[tuple[bytes, float]]] = {}
         self.pending_progress: dict[str, dict[str, Any]] = {}
@@ -109,12 +126,14 @@ class JobService:
             "submit": self._submit, "get": self._get, "list": self._list, "cancel": self._cancel,
             "retry": self._retry, "checkpoint": self._checkpoint, "counts": self._counts,
             "metrics": self._metrics, "metrics_page": self._metrics_page,
+            "remove": self._remove, "prune": self._prune,
         }.get(op) if isinstance(op, str) else None
         if op == "wait":
             return self._wait(identity, msg)
         if handler is None:
             raise DecodeError(f"distill.jobs has no op {op!r} (ops: submit, get, list, cancel, "
-                              "retry, wait, checkpoint, metrics, metrics_page, counts)")
+                              "retry, wait, checkpoint, metrics, metrics_page, counts, remove, "
+                              "prune)")
         return ok_body(handler(msg))
 
     def _submit(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -226,6 +245,77 @@ class JobService:
         if note:
             out["note"] = note
         return out
+
+    def _remove(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """``remove {ids, artifacts?, dry_run?}``: finished jobs out of the journal, all or
+        none, with their checkpoints and previews (``artifacts``: and their results)."""
+        self._require_client("remove jobs")
+        ids = field(msg, "ids", list)
+        if not ids or len(ids) > MAX_REMOVE_IDS or not all(isinstance(i, str) for i in ids):
+            raise DecodeError(f"field 'ids' must list 1 to {MAX_REMOVE_IDS} job ids (more: "
+                              "`prune`, or several requests)")  # fmt: skip
+        dry_run = bool(field(msg, "dry_run", bool, False))
+        tally = self.removal.remove(ids, results=bool(field(msg, "artifacts", bool, False)),
+                                    dry_run=dry_run)  # fmt: skip
+        if not dry_run:
+            self._forget(tally)
+            log.info("jobs_removed", jobs=len(tally.jobs), artifacts=len(tally.released),
+                     bytes=sum(a.size for a in tally.released))  # fmt: skip
+        return {**tally.to_dict(), "dry_run": dry_run}
+
+    def _prune(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """``prune {older_than_s, status?, artifacts?, dry_run?, cursor?}``: one bounded step
+        of removing the finished jobs the rule names, oldest first. ``more``: ask again with
+        the reply's ``cursor`` (the clients walk every step)."""
+        self._require_client("remove jobs")
+        rule = PruneRule(older_than_s=field(msg, "older_than_s", (int, float)),
+                         status=field(msg, "status", str, None),
+                         results=bool(field(msg, "artifacts", bool, False)),
+                         dry_run=bool(field(msg, "dry_run", bool, False)))  # fmt: skip
+        cursor = field(msg, "cursor", list, None)
+        if cursor is not None and (len(cursor) != 2 or not isinstance(cursor[0], (int, float))
+                                   or not isinstance(cursor[1], int)):  # fmt: skip
+            raise DecodeError("field 'cursor' must be what the previous prune reply gave")
+        after = None if cursor is None else (cursor[0], cursor[1])
+        tally, after = self.removal.prune_step(rule, after)
+        if not rule.dry_run and tally.jobs:
+            self._forget(tally)
+            log.info("jobs_removed", jobs=len(tally.jobs), artifacts=len(tally.released),
+                     bytes=sum(a.size for a in tally.released), rule="prune")  # fmt: skip
+        cursor = None if after is None else list(after)
+        return {**tally.to_dict(), "dry_run": rule.dry_run, "cursor": cursor, "more": bool(cursor)}
+
+    def _require_client(self, action: str) -> None:
+        """Under CURVE, a request that changes what the user keeps comes from a client key: a
+        worker key (a machine that runs jobs) has no business there."""
+        if not self.broker.caller_is_client():
+            raise JobError(f"cannot {action}: only a client key may (this is a worker key)")
+
+    def _forget(self, tally: Tally) -> None:
+        """What the service and the event hub remember of removed jobs."""
+        for job in tally.jobs:
+            self._announced_final.pop(job.id, None)
+            self._previewed.discard(job.id)
+            self.pending_progress.pop(job.id, None)
+            self.broker.forget_events(f"job.{job.id}")
+
+    def _auto_prune(self, now: float) -> None:
+        """One step of automatic pruning (``DISTILL_STORE_KEEP_FINISHED_JOBS_DAYS``): the
+        jobs' checkpoints and previews go, their results stay."""
+        if now < self._prune_at:
+            return
+        rule = PruneRule(older_than_s=self._keep_finished_s)
+        tally, self._prune_cursor = self.removal.prune_step(rule, self._prune_cursor)
+        self._forget(tally)
+        for key, n in (("jobs", len(tally.jobs)), ("artifacts", len(tally.released)),
+                       ("bytes", sum(a.size for a in tally.released)), ("kept", len(tally.pinned))):
+            self._pruned[key] += n
+        if self._prune_cursor is not None:
+            return  # more next turn: the loop serves its sockets in between
+        self._prune_at = now + self._prune_every_s
+        if self._pruned["jobs"]:  # kept: old jobs a queued or running job still depends on
+            log.info("jobs_pruned", **self._pruned, keep_days=self._keep_finished_s / 86_400)
+        self._pruned = dict.fromkeys(self._pruned, 0)
 
     def _forget_lost_checkpoint(self, record: JobRecord) -> str | None:
         """A retry resumes from the job's checkpoint; if that artifact is gone (released, or

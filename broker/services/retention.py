@@ -14,12 +14,15 @@ default model) each time it saves, and audio previews every few epochs. Kept:
 Deletions go through ``delete`` (the artifact service's own, so quotas are released too) and
 never touch an artifact that a queued or running job needs. :meth:`Retention.sweep` applies the
 same rules to the whole store, so a deletion missed by a crash is made up later.
+
+A job removed from the journal takes its checkpoints and previews with it; what else it made
+(its results: a model, sounds, a dataset) stays unless asked for too (:meth:`Retention.of_jobs`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from distill.broker.store.artifacts import ArtifactRecord, ArtifactStore
 from distill.broker.store.journal import JobRecord, JobStore
@@ -30,6 +33,9 @@ log = get_logger("broker.retention")
 
 CHECKPOINT_KIND = "checkpoint"
 PREVIEW_KIND = "preview"
+# What a job keeps only while it can run: gone with the job. Every other kind it made is a
+# result, what the user came for.
+WORKING_KINDS = frozenset({CHECKPOINT_KIND, PREVIEW_KIND})
 _PREVIEW_EPOCH = re.compile(r"^epoch(\d+)-")
 
 
@@ -38,13 +44,15 @@ class Retention:
         self,
         jobs: JobStore,
         artifacts: ArtifactStore,
-        delete: Callable[[str], None],
+        delete: Callable[[Sequence[str], set[str]], list[ArtifactRecord]],
         *,
         keep_preview_epochs: int,
     ) -> None:
         self.jobs = jobs
         self.artifacts = artifacts
-        self.delete = delete  # removes one artifact (and its quota charge); raises ArtifactError
+        # removes the stored artifacts of a list that the set (in use) does not hold, with
+        # their quota charges; returns the records it removed
+        self.delete = delete
         self.keep_preview_epochs = keep_preview_epochs
         self.deleted = 0  # artifacts removed so far, for logs and tests
 
@@ -52,12 +60,33 @@ class Retention:
         if sha in in_use or not self.artifacts.has(sha):
             return
         try:
-            self.delete(sha)
-        except ArtifactError as e:  # gone meanwhile, or in use: nothing to free now
+            removed = self.delete([sha], in_use)
+        except ArtifactError as e:  # nothing to free now
             log.info("retention_skipped", artifact=sha, reason=str(e))
             return
-        self.deleted += 1
-        log.info("artifact_released", artifact=sha, reason=why)
+        if removed:
+            self.deleted += 1
+            log.info("artifact_released", artifact=sha, reason=why)
+
+    def of_jobs(
+        self, job_ids: Sequence[str], *, results: bool
+    ) -> tuple[list[ArtifactRecord], list[ArtifactRecord]]:
+        """What goes from the store when these jobs are removed from the journal, and what
+        stays: their checkpoints and previews go; their results too only if ``results``.
+        Whether another job still needs one is the caller's to check."""
+        goes: list[ArtifactRecord] = []
+        stays: list[ArtifactRecord] = []
+        for artifact in self.artifacts.of_jobs(job_ids):
+            (goes if results or artifact.kind in WORKING_KINDS else stays).append(artifact)
+        return goes, stays
+
+    def release(
+        self, artifacts: Sequence[ArtifactRecord], in_use: set[str]
+    ) -> list[ArtifactRecord]:
+        """Delete ``artifacts`` (all at once) but those ``in_use``; returns those removed."""
+        removed = self.delete([a.sha256 for a in artifacts], in_use)
+        self.deleted += len(removed)
+        return removed
 
     def superseded(self, job_id: str, previous: str) -> None:
         """``previous`` was the job's checkpoint until a newer one was registered just now."""

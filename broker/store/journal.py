@@ -11,7 +11,9 @@ commit, so an acknowledged change survives a power cut, not only a broker crash.
 metric rows commit with ``synchronous=NORMAL``: they are written to the WAL but not fsynced,
 which keeps a training run's stream of events cheap; they survive a broker crash, a power cut
 may lose the last few, and the next FULL commit (the WAL is append-only) makes them durable
-too. The setting is per connection and switches between transactions at no I/O cost.
+too. Removals of finished jobs commit with NORMAL as well (a prune is thousands of them): a
+power cut may bring the last ones back, to be removed again. The setting is per connection
+and switches between transactions at no I/O cost.
 
 Threading. One connection, opened with ``check_same_thread=False`` and guarded by a lock, so
 the store may be created on one thread and used from another (tests run the broker loop in a
@@ -25,6 +27,13 @@ drained burst of events in :meth:`JobStore.batch` makes it one commit for all of
 Metric history is loaded only where asked for: :meth:`JobStore.get` loads it by default,
 :meth:`JobStore.list` and :meth:`JobStore.dispatchable` only with ``with_metrics=True``, and the
 records that state-changing methods return never carry it (``metrics_loaded`` says which).
+
+Removal. A finished job may be removed (:meth:`JobStore.remove`), with its rows in every
+table; one that a queued or running job depends on may not (that job reads its result when it
+starts). A finished job that depended on a removed one keeps the id in ``depends_on`` and
+lists it in ``removed_deps``; it cannot be retried. The artifacts every job names (in its
+params and its result) are indexed in ``job_artifacts``, so that what removed jobs made can
+be checked against every job that stays without decoding the whole journal.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +60,9 @@ from distill.shared.ids import is_sha256, unprintable
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
-SCHEMA_VERSION = 2  # 2: jobs.lost_attempts (losses that were not the job's fault)
+# 2: jobs.lost_attempts (losses that were not the job's fault); 3: jobs may be removed (a
+# dependency need not be in the table), job_artifacts, jobs_by_finished
+SCHEMA_VERSION = 3
 MAX_ATTEMPTS_LIMIT = 100  # a typo such as 1000 would keep a broken job cycling for days
 # Attempts lost to the system (a broker restart, a worker lost while the job resumes from its
 # checkpoint) are not the work's fault and do not use its attempts; they have their own bound,
@@ -70,6 +81,8 @@ MAX_QUEUED_PER_SERVICE = 10_000
 MAX_METRICS_PAGE = 1_000  # rows per metrics page: ~1 MiB at the row limit's typical ~1 KiB
 MAX_SERVICE_NAME_CHARS = 255
 MAX_REASON_CHARS = 2_000  # a reason is a message, not a log: a whole traceback is clipped
+MAX_PRUNE_PAGE = 1_000  # finished jobs looked at per prunable() page
+_IN_BATCH = 500  # ids per "IN (...)" query: well under SQLite's bound-parameter limit
 _EMPTY_LIST = codec.pack([])  # attempt_errors of a new job
 
 _SCHEMA = """
@@ -99,9 +112,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, service, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_cancelled_by ON jobs (cancelled_by);
+CREATE INDEX IF NOT EXISTS jobs_by_finished ON jobs (finished_at);
 CREATE TABLE IF NOT EXISTS job_deps (
     job_id TEXT NOT NULL REFERENCES jobs (id),
-    dep_id TEXT NOT NULL REFERENCES jobs (id),
+    dep_id TEXT NOT NULL,                   -- no reference: a finished job's may be removed
     pos INTEGER NOT NULL,
     PRIMARY KEY (job_id, dep_id)
 ) WITHOUT ROWID;
@@ -112,6 +126,30 @@ CREATE TABLE IF NOT EXISTS job_metrics (
     row BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS job_metrics_by_job ON job_metrics (job_id, n);
+CREATE TABLE IF NOT EXISTS job_artifacts (  -- every artifact id a job's params or result names
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    source TEXT NOT NULL,                   -- 'params' or 'result'
+    sha256 TEXT NOT NULL,
+    PRIMARY KEY (job_id, source, sha256)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS job_artifacts_by_sha256 ON job_artifacts (sha256);
+-- artifacts a removal was to take but kept because other jobs named them: they go with the
+-- last of those jobs
+CREATE TABLE IF NOT EXISTS release_later (sha256 TEXT PRIMARY KEY) WITHOUT ROWID;
+"""
+# Version 2 -> 3: job_deps without the reference on dep_id (SQLite alters no constraint: the
+# table is made again), in the same transaction as the index of artifacts it adds.
+_UPGRADE_DEPS = """
+CREATE TABLE job_deps_v3 (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    dep_id TEXT NOT NULL,
+    pos INTEGER NOT NULL,
+    PRIMARY KEY (job_id, dep_id)
+) WITHOUT ROWID;
+INSERT INTO job_deps_v3 (job_id, dep_id, pos) SELECT job_id, dep_id, pos FROM job_deps;
+DROP TABLE job_deps;
+ALTER TABLE job_deps_v3 RENAME TO job_deps;
+CREATE INDEX job_deps_by_dep ON job_deps (dep_id);
 """
 
 
@@ -142,6 +180,8 @@ class JobRecord:
     cancelled_by: str | None = None  # the dependency that caused this job's cancellation
     metrics_loaded: bool = True  # False: ``metrics`` was not read (it is [] here)
     lost_attempts: int = 0  # attempts lost to a broker restart or a resumable worker loss
+    # the dependencies (in depends_on) removed from the journal since this job finished
+    removed_deps: list[str] = field(default_factory=list)
 
     @property
     def counted_attempts(self) -> int:
@@ -176,10 +216,34 @@ class JobRecord:
             "cancel_reason": self.cancel_reason,
             "cancelled_by": self.cancelled_by,
             "lost_attempts": self.lost_attempts,
+            "removed_deps": list(self.removed_deps),
         }
         if with_metrics and self.metrics_loaded:
             out["metrics"] = list(self.metrics)
         return out
+
+
+@dataclass(frozen=True)
+class FinishedJob:
+    """A finished job as a removal lists it."""
+
+    id: str
+    service: str
+    status: str
+    finished_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "service": self.service, "status": self.status,
+                "finished_at": self.finished_at}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PrunePage:
+    """One page of :meth:`JobStore.prunable`: old finished jobs, oldest first."""
+
+    jobs: list[FinishedJob]  # removable now
+    pinned: list[tuple[str, str]]  # (job id, why it stays): a queued or running job needs it
+    cursor: tuple[float, int] | None  # where the next page starts; None: this page was the last
 
 
 # --- small helpers ------------------------------------------------------------------------------
@@ -220,6 +284,26 @@ def check_params(params: Any) -> bytes:
     return packed
 
 
+def _statements(script: str) -> Iterator[str]:
+    """The statements of an SQL script, one at a time (``executescript`` would commit the
+    transaction they are meant to run in)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending.strip()
+            pending = ""
+    if pending.strip():
+        raise AssertionError(f"an SQL statement without its end: {pending.strip()[:80]}")
+
+
+def _chunks(items: Sequence[str]) -> Iterator[tuple[Sequence[str], str]]:
+    """``items`` in slices of at most _IN_BATCH, each with its ``?,?,...`` marks."""
+    for start in range(0, len(items), _IN_BATCH):
+        batch = items[start : start + _IN_BATCH]
+        yield batch, ",".join("?" * len(batch))
+
+
 def _unpack(blob: bytes | None) -> Any:
     if blob is None:
         return None
@@ -236,6 +320,20 @@ def _clip(reason: object) -> str:
 
 def _dependency_reason(dep_id: str, status: str, error: str | None) -> str:
     return f"dependency {dep_id} {status}: {error}" if error else f"dependency {dep_id} {status}"
+
+
+def _shown_id(job_id: object) -> str:
+    """A job id for a message: a job id is ~12 characters, a longer one is not echoed whole."""
+    text = str(job_id)
+    return text if len(text) <= 80 else f"{text[:40]}… ({len(text)} characters)"
+
+
+def refusal_message(refusals: Sequence[tuple[str, str]], asked: int) -> str:
+    """One line naming every job that cannot be removed, and why."""
+    reasons = "; ".join(f"job {job_id}: {why}" for job_id, why in refusals)
+    if asked == 1:
+        return f"cannot remove {reasons}"
+    return f"cannot remove {len(refusals)} of the {asked} jobs, so none was removed: {reasons}"
 
 
 def _final_error(errors: Sequence[str]) -> str:
@@ -333,16 +431,42 @@ class JobStore:
             )
         self._db.execute("PRAGMA synchronous=FULL")
         self._synchronous = "FULL"
-        # A version 1 table gains its new column in the same transaction as the version bump.
+        # An older table gains what it lacks in the same transaction as the version bump.
         upgrade = (
             "ALTER TABLE jobs ADD COLUMN lost_attempts INTEGER NOT NULL DEFAULT 0;"
             if version == 1
             else ""
         )
-        # One script, one transaction: a half-created schema is never left behind.
-        self._db.executescript(
-            f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{upgrade}\n"
-            f"PRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
+        if 0 < version < 3:
+            upgrade += _UPGRADE_DEPS
+        # One transaction: a half-created or half-upgraded schema is never left behind.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(_SCHEMA + upgrade):
+                self._db.execute(statement)
+            if 0 < version < 3:
+                self._index_every_job(self._db)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _index_every_job(self, db: sqlite3.Connection) -> None:
+        """Fill ``job_artifacts`` from every job's params and result (the upgrade to 3)."""
+        rows = db.execute("SELECT id, params, result FROM jobs")
+        for job_id, params, result in rows:
+            self._index_artifacts(db, job_id, "params", _unpack(params))
+            self._index_artifacts(db, job_id, "result", _unpack(result))
+
+    @staticmethod
+    def _index_artifacts(db: sqlite3.Connection, job_id: str, source: str, value: Any) -> None:
+        found: set[str] = set()
+        _collect_sha256(value, found)
+        db.executemany(
+            "INSERT OR IGNORE INTO job_artifacts (job_id, source, sha256) VALUES (?, ?, ?)",
+            [(job_id, source, sha) for sha in sorted(found)],
         )
 
     def close(self) -> None:
@@ -456,24 +580,31 @@ class JobStore:
         row = None
         if isinstance(job_id, str):
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None:  # a job id is ~12 characters: a longer one is not echoed whole
-            shown = job_id if len(str(job_id)) <= 80 else f"{str(job_id)[:40]}… ({len(str(job_id))} characters)"
-            raise JobError(f"no job {shown}")
+        if row is None:
+            raise JobError(f"no job {_shown_id(job_id)}")
         return row
 
     def _deps_of(self, ids: Sequence[str]) -> dict[str, builtins.list[str]]:
+        return self._dependencies(ids)[0]
+
+    def _dependencies(
+        self, ids: Sequence[str]
+    ) -> tuple[dict[str, builtins.list[str]], dict[str, builtins.list[str]]]:
+        """Each job's dependencies, in order, and those of them no longer in the journal."""
         deps: dict[str, builtins.list[str]] = {i: [] for i in ids}
-        for start in range(0, len(ids), 500):  # stay well under SQLite's bound-parameter limit
-            batch = ids[start : start + 500]
-            marks = ",".join("?" * len(batch))
+        removed: dict[str, builtins.list[str]] = {i: [] for i in ids}
+        for batch, marks in _chunks(ids):
             rows = self._db.execute(
-                f"SELECT job_id, dep_id FROM job_deps WHERE job_id IN ({marks}) "
-                "ORDER BY job_id, pos",
+                "SELECT d.job_id, d.dep_id, p.id IS NULL FROM job_deps d "
+                f"LEFT JOIN jobs p ON p.id = d.dep_id WHERE d.job_id IN ({marks}) "
+                "ORDER BY d.job_id, d.pos",
                 batch,
             )
-            for job_id, dep_id in rows:
+            for job_id, dep_id, gone in rows:
                 deps[job_id].append(dep_id)
-        return deps
+                if gone:
+                    removed[job_id].append(dep_id)
+        return deps, removed
 
     def _metrics_of(self, job_id: str) -> builtins.list[dict[str, Any]]:
         rows = self._db.execute(
@@ -482,10 +613,16 @@ class JobStore:
         return [_unpack(blob) for (blob,) in rows]
 
     def _records(self, rows: Sequence[sqlite3.Row], with_metrics: bool) -> builtins.list[JobRecord]:
-        deps = self._deps_of([r["id"] for r in rows])
-        return [self._record(r, deps[r["id"]], with_metrics) for r in rows]
+        deps, removed = self._dependencies([r["id"] for r in rows])
+        return [self._record(r, deps[r["id"]], removed[r["id"]], with_metrics) for r in rows]
 
-    def _record(self, row: sqlite3.Row, deps: builtins.list[str], with_metrics: bool) -> JobRecord:
+    def _record(
+        self,
+        row: sqlite3.Row,
+        deps: builtins.list[str],
+        removed_deps: builtins.list[str],
+        with_metrics: bool,
+    ) -> JobRecord:
         return JobRecord(
             id=row["id"],
             service=row["service"],
@@ -510,6 +647,7 @@ class JobStore:
             cancelled_by=row["cancelled_by"],
             metrics_loaded=with_metrics,
             lost_attempts=row["lost_attempts"],
+            removed_deps=removed_deps,
         )
 
     def _load(self, job_id: str, with_metrics: bool = False) -> JobRecord:
@@ -639,6 +777,161 @@ class JobStore:
             _collect_sha256(_unpack(result), found)
         return found
 
+    # --- removing ---
+
+    def removal_refusals(self, ids: Sequence[str]) -> builtins.list[tuple[str, str]]:
+        """(job id, why it cannot be removed) for each of ``ids`` that cannot: unknown, not
+        finished, or a dependency of a queued or running job (which reads its result when it
+        starts). Empty: all of them can go."""
+        with self._lock:
+            return self._refusals(self._db, ids)
+
+    def _refusals(
+        self, db: sqlite3.Connection, ids: Sequence[str]
+    ) -> builtins.list[tuple[str, str]]:
+        status: dict[str, str] = {}
+        for batch, marks in _chunks(ids):
+            rows = db.execute(f"SELECT id, status FROM jobs WHERE id IN ({marks})", batch)
+            status.update((job_id, job_status) for job_id, job_status in rows)
+        finished = [i for i in ids if status.get(i) in FINISHED_STATUSES]
+        needed_by = self._active_dependents(db, finished)
+        refusals: builtins.list[tuple[str, str]] = []
+        for job_id in ids:
+            if job_id not in status:
+                refusals.append((_shown_id(job_id), "no such job"))
+            elif status[job_id] not in FINISHED_STATUSES:
+                refusals.append((job_id, f"it is {status[job_id]} (only a finished job can be "
+                                         "removed: cancel it first)"))  # fmt: skip
+            elif job_id in needed_by:
+                child, child_status = needed_by[job_id]
+                refusals.append((job_id, f"{child_status} job {child} depends on it (it reads "
+                                         "this job's result when an attempt starts)"))  # fmt: skip
+        return refusals
+
+    @staticmethod
+    def _active_dependents(
+        db: sqlite3.Connection, ids: Sequence[str]
+    ) -> dict[str, tuple[str, str]]:
+        """For each of ``ids`` that a queued or running job depends on: (that job, its status)."""
+        found: dict[str, tuple[str, str]] = {}
+        for batch, marks in _chunks(ids):
+            rows = db.execute(
+                "SELECT d.dep_id, c.id, c.status FROM job_deps d JOIN jobs c ON c.id = d.job_id "
+                f"WHERE d.dep_id IN ({marks}) AND c.status IN ('queued', 'running') ORDER BY c.seq",
+                batch,
+            )
+            for dep_id, child, status in rows:
+                found.setdefault(dep_id, (child, status))
+        return found
+
+    def remove(
+        self, ids: Sequence[str], *, release_later: Sequence[str] = (), settled: Sequence[str] = ()
+    ) -> int:
+        """Remove finished jobs with their rows in every table (metrics, dependencies, the
+        artifacts they name), in one transaction; all or none: any job that cannot go
+        (:meth:`removal_refusals`) raises :class:`JobError` naming each, and nothing is
+        removed. Returns the metric rows removed with them. A dependent that stays keeps
+        their ids in ``depends_on`` (see ``removed_deps``).
+
+        ``release_later``: artifacts that were to go with them but that other jobs still name,
+        to go with the last of those (:meth:`to_release_with`); ``settled``: such artifacts
+        gone now."""
+        ids = list(dict.fromkeys(ids))
+        with self._write(durable=False) as db:  # see Durability: a prune is thousands of these
+            if refusals := self._refusals(db, ids):
+                raise JobError(refusal_message(refusals, len(ids)))
+            db.executemany("INSERT OR IGNORE INTO release_later (sha256) VALUES (?)",
+                           [(sha,) for sha in release_later])  # fmt: skip
+            db.executemany("DELETE FROM release_later WHERE sha256 = ?", [(sha,) for sha in settled])
+            metric_rows = 0
+            for batch, marks in _chunks(ids):
+                metric_rows += db.execute(
+                    f"DELETE FROM job_metrics WHERE job_id IN ({marks})", batch
+                ).rowcount
+                for table in ("job_deps", "job_artifacts"):
+                    db.execute(f"DELETE FROM {table} WHERE job_id IN ({marks})", batch)
+                db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", batch)
+        return metric_rows
+
+    def prunable(
+        self,
+        *,
+        older_than_s: float,
+        status: str | None = None,
+        after: tuple[float, int] | None = None,
+        limit: int = 100,
+    ) -> PrunePage:
+        """Jobs that finished ``older_than_s`` seconds ago or more (by this store's clock),
+        of ``status`` if given, oldest first, from the cursor ``after`` (a page's
+        ``cursor``) on: at most ``limit`` (capped at MAX_PRUNE_PAGE) looked at. Those a
+        queued or running job depends on are listed as ``pinned``."""
+        if status is not None and status not in FINISHED_STATUSES:
+            raise JobError(f"only finished jobs are removed: status must be one of "
+                           f"{', '.join(sorted(FINISHED_STATUSES))}, got {status!r}")  # fmt: skip
+        if (isinstance(older_than_s, bool) or not isinstance(older_than_s, (int, float))
+                or not math.isfinite(older_than_s) or older_than_s < 0):  # fmt: skip
+            raise JobError(f"the age of jobs to remove must be seconds >= 0, got {older_than_s!r}")
+        # "+status": walk the index by finished_at (the order asked for), not the one by status
+        where = ["finished_at <= ?", "+status IN ('succeeded', 'failed', 'cancelled')"]
+        args: builtins.list[Any] = [self._clock() - older_than_s]
+        if status is not None:
+            where.append("+status = ?")
+            args.append(status)
+        if after is not None:
+            where.append("(finished_at, seq) > (?, ?)")
+            args.extend(after)
+        limit = max(1, min(limit, MAX_PRUNE_PAGE))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id, service, status, finished_at, seq FROM jobs WHERE {' AND '.join(where)}"
+                " ORDER BY finished_at, seq LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+            needed_by = self._active_dependents(self._db, [r["id"] for r in rows])
+        jobs, pinned = [], []
+        for r in rows:
+            if r["id"] in needed_by:
+                child, child_status = needed_by[r["id"]]
+                pinned.append((r["id"], f"{child_status} job {child} depends on it"))
+            else:
+                jobs.append(FinishedJob(r["id"], r["service"], r["status"], r["finished_at"]))
+        cursor = (rows[-1]["finished_at"], rows[-1]["seq"]) if len(rows) == limit else None
+        return PrunePage(jobs, pinned, cursor)
+
+    def to_release_with(self, ids: Sequence[str]) -> set[str]:
+        """The artifacts left to go with the last job that names them (``release_later`` of an
+        earlier :meth:`remove`) that any of ``ids`` names."""
+        found: set[str] = set()
+        with self._lock:
+            for batch, marks in _chunks(list(ids)):
+                rows = self._db.execute(
+                    "SELECT DISTINCT a.sha256 FROM job_artifacts a JOIN release_later r"
+                    f" ON r.sha256 = a.sha256 WHERE a.job_id IN ({marks})",
+                    batch,
+                )
+                found.update(sha for (sha,) in rows)
+        return found
+
+    def needed_artifacts(self, shas: Sequence[str], *, besides: Sequence[str] = ()) -> set[str]:
+        """Those of ``shas`` that a job other than ``besides`` names in its params or result,
+        or that a queued or running job resumes from (its checkpoint): what removing the jobs
+        ``besides`` must not take from the store. Indexed: no job is decoded."""
+        leaving = set(besides)
+        found: set[str] = set()
+        with self._lock:
+            for batch, marks in _chunks(list(dict.fromkeys(shas))):
+                rows = self._db.execute(
+                    f"SELECT sha256, job_id FROM job_artifacts WHERE sha256 IN ({marks})", batch
+                )
+                found.update(sha for sha, job_id in rows if job_id not in leaving)
+                rows = self._db.execute(
+                    f"SELECT checkpoint FROM jobs WHERE status IN ('queued', 'running') "
+                    f"AND checkpoint IN ({marks})",
+                    batch,
+                )
+                found.update(sha for (sha,) in rows)
+        return found
+
     # --- submitting ---
 
     def submit(
@@ -685,18 +978,24 @@ class JobStore:
                 "INSERT INTO job_deps (job_id, dep_id, pos) VALUES (?, ?, ?)",
                 [(job_id, dep, pos) for pos, dep in enumerate(deps)],
             )
+            self._index_artifacts(db, job_id, "params", params)
             if blocker is not None:
                 self._cancel_row(db, job_id, blocker[1], cancelled_by=blocker[0])
         return self._load(job_id)
 
-    def _first_blocker(self, db: sqlite3.Connection, deps: Sequence[str]) -> tuple[str, str] | None:
-        """(dep id, reason) for the first dependency already failed or cancelled; unknown ids raise."""
+    def _first_blocker(
+        self, db: sqlite3.Connection, deps: Sequence[str], *, submitting: bool = True
+    ) -> tuple[str, str] | None:
+        """(dep id, reason) for the first dependency already failed or cancelled, or (for a
+        job already stored, not ``submitting``) removed; unknown ids of a new job raise."""
         blocker = None
         for dep in deps:
             row = db.execute("SELECT status, error FROM jobs WHERE id = ?", (dep,)).fetchone()
-            if row is None:
+            if row is None and submitting:
                 raise JobError(f"cannot depend on job {dep}: no such job")
-            if blocker is None and row["status"] in ("failed", "cancelled"):
+            if row is None:
+                blocker = blocker or (dep, f"dependency {dep} was removed from the journal")
+            elif blocker is None and row["status"] in ("failed", "cancelled"):
                 blocker = (dep, _dependency_reason(dep, row["status"], row["error"]))
         return blocker
 
@@ -758,6 +1057,7 @@ class JobStore:
                 " finished_at = ? WHERE id = ?",
                 (packed, self._clock(), job_id),
             )
+            self._index_artifacts(db, job_id, "result", result)
         return self._load(job_id)
 
     def fail_attempt(
@@ -881,9 +1181,11 @@ class JobStore:
             row = self._row(job_id)
             if row["status"] not in ("failed", "cancelled"):
                 raise JobError(f"cannot retry job {job_id}: it is {row['status']}")
-            blocker = self._first_blocker(db, self._deps_of([job_id])[job_id])
+            blocker = self._first_blocker(db, self._deps_of([job_id])[job_id], submitting=False)
             if blocker is not None:
-                raise JobError(f"cannot retry job {job_id}: {blocker[1]}; retry {blocker[0]}")
+                gone = not db.execute("SELECT 1 FROM jobs WHERE id = ?", (blocker[0],)).fetchone()
+                then = "submit the work again" if gone else f"retry {blocker[0]}"
+                raise JobError(f"cannot retry job {job_id}: {blocker[1]}; {then}")
             self._requeue_row(db, row)
             self._requeue_dependents(db, job_id)
         return self._load(job_id)
@@ -895,6 +1197,7 @@ class JobStore:
             " cancelled_by = NULL WHERE id = ?",
             (row["attempts"] + row["attempt_budget"], row["id"]),
         )
+        db.execute("DELETE FROM job_artifacts WHERE job_id = ? AND source = 'result'", (row["id"],))
 
     def _requeue_dependents(self, db: sqlite3.Connection, root_id: str) -> None:
         frontier = [root_id]
@@ -905,7 +1208,8 @@ class JobStore:
                 (parent,),
             ).fetchall()
             for child in children:
-                blocker = self._first_blocker(db, self._deps_of([child["id"]])[child["id"]])
+                deps = self._deps_of([child["id"]])[child["id"]]
+                blocker = self._first_blocker(db, deps, submitting=False)
                 if blocker is None:
                     self._requeue_row(db, child)
                     frontier.append(child["id"])

@@ -1,8 +1,10 @@
-"""Client side of ``distill.jobs``: submit work, follow it, cancel or retry it.
+"""Client side of ``distill.jobs``: submit work, follow it, cancel, retry or remove it.
 
 Lists and metric histories come in pages (each reply stays below the clients' message
 limit): :meth:`JobsClient.iter_jobs` and :meth:`JobsClient.iter_metrics` walk them all, and
-:func:`metrics_pages` does the same for the asyncio client (the UI).
+:func:`metrics_pages` does the same for the asyncio client (the UI). A prune comes in steps
+(the broker removes jobs a few at a time between its other work): :meth:`JobsClient.prune`
+walks them all and adds them up.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ FINISHED = ("succeeded", "failed", "cancelled")
 # is asked), ~1 MiB at the metric row limit's typical ~1 KiB.
 METRICS_PAGE_ROWS = 1_000
 JOBS_PAGE = 500  # jobs asked for per list page: the broker's cap per reply
+REMOVE_IDS = 100  # job ids per remove request: the broker's cap per request
+
+
+def add_removal(total: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
+    """``total`` (a ``remove`` or ``prune`` reply) with ``reply``'s jobs and artifacts added."""
+    out = {**total, "jobs": [*total["jobs"], *reply["jobs"]],
+           "pinned": [*total.get("pinned", []), *reply.get("pinned", [])]}  # fmt: skip
+    for key in ("released", "kept_in_use", "kept_results"):
+        out[key] = {n: total[key][n] + reply[key][n] for n in ("count", "bytes")}
+    return out
 
 
 def add_metric_row(rows: list[dict[str, Any]], row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -150,6 +162,46 @@ class JobsClient:
     def retry(self, job_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._call("retry", id=job_id)
         return result
+
+    def remove(self, ids: Sequence[str], *, artifacts: bool = False,
+               dry_run: bool = False) -> dict[str, Any]:  # fmt: skip
+        """Remove finished jobs from the broker's journal, with their checkpoints and previews
+        (``artifacts``: and the results they made, a model, sounds, a dataset, unless another
+        job still names them). All or none: a job that is unknown, not finished, or that a
+        queued or running job depends on refuses the call (JobError naming each, and why).
+        Returns ``{jobs, released, kept_in_use, kept_results, dry_run}``: the jobs removed and
+        the artifacts (``count``, ``bytes``) released, kept because a job needs them, and
+        kept as results. ``dry_run``: what would go; nothing changes."""
+        if isinstance(ids, str):
+            raise RequestError(f"ids must be a list of job ids, got the string {ids!r} "
+                               f"(write [{ids!r}])", code=BAD_REQUEST)  # fmt: skip
+        ids = list(dict.fromkeys(ids))
+        batches = [ids[i : i + REMOVE_IDS] for i in range(0, len(ids), REMOVE_IDS)]
+        if len(batches) > 1 and not dry_run:  # all or none over every request: look first
+            self.remove(ids, artifacts=artifacts, dry_run=True)
+        total: dict[str, Any] | None = None
+        for batch in batches:
+            reply = self._call("remove", ids=batch, artifacts=artifacts, dry_run=dry_run)
+            total = reply if total is None else add_removal(total, reply)
+        if total is None:
+            raise RequestError("remove needs at least one job id", code=BAD_REQUEST)
+        return total
+
+    def prune(self, older_than_s: float, *, status: str | None = None, artifacts: bool = False,
+              dry_run: bool = False) -> dict[str, Any]:  # fmt: skip
+        """Remove every job that finished ``older_than_s`` seconds ago or more (of ``status``
+        only, if given), as :meth:`remove` does, step by step until none is left. Jobs a
+        queued or running job depends on stay, listed in ``pinned`` with the reason."""
+        total: dict[str, Any] | None = None
+        cursor = None
+        while True:
+            reply = self._call("prune", older_than_s=older_than_s, status=status,
+                               artifacts=artifacts, dry_run=dry_run, cursor=cursor)  # fmt: skip
+            total = reply if total is None else add_removal(total, reply)
+            cursor = reply.get("cursor")
+            if not reply.get("more") or cursor is None:
+                total.update(cursor=None, more=False)
+                return total
 
     def wait(self, job_id: str, timeout_s: float = 3600.0) -> dict[str, Any]:
         """Long-poll until the job ends (or ``timeout_s``); returns its record."""

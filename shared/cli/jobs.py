@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -60,8 +61,73 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+FINISHED = ("succeeded", "failed", "cancelled")
+SHOWN_JOBS = 20  # jobs a dry run lists; the rest are counted
+
+
+def parse_duration(text: str, option: str = "--older-than") -> float:
+    """``45s``, ``90m``, ``12h``, ``30d``, ``2w`` (a number and a unit; ``1.5d`` too) in
+    seconds; anything else fails with one line naming ``option``."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhdw])\s*", text.lower())
+    if found is None:
+        fail(f"{option} {text!r} is not a duration: give a number and a unit, s, m, h, d or w "
+             "(45s, 90m, 12h, 30d, 2w)")  # fmt: skip
+    return float(found.group(1)) * DURATION_UNITS_S[found.group(2)]
+
+
+def _duration_words(seconds: float) -> str:
+    """``30 days``, ``12 hours``: how a prune's age reads back."""
+    for unit, size in (("week", 7 * 86_400), ("day", 86_400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{seconds:g} seconds"
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
+
+
+def print_removal(reply: dict[str, Any], *, results: bool) -> None:
+    """What a ``remove`` or ``prune`` reply says went (or, in a dry run, would go)."""
+    dry = bool(reply.get("dry_run"))
+    jobs = reply["jobs"]
+    if dry and jobs:
+        shown_jobs = jobs[:SHOWN_JOBS]
+        rows = [[j["id"], j["service"], j["status"], ago(j["finished_at"])] for j in shown_jobs]
+        print_table(["id", "service", "status", "finished"], rows)
+        if len(jobs) > SHOWN_JOBS:
+            typer.echo(f"... and {len(jobs) - SHOWN_JOBS} more")
+    by_status = [f"{n} {s}" for s in FINISHED if (n := sum(j["status"] == s for j in jobs))]
+    line = f"{'would remove' if dry else 'removed'} {_count(len(jobs), 'job')}"
+    if jobs and not dry and len(jobs) <= SHOWN_ITEMS:
+        line += ": " + ", ".join(j["id"] for j in jobs)
+    typer.echo(line + (f" ({', '.join(by_status)})" if jobs else ""))
+    released, kept = reply["released"], reply["kept_results"]
+    keep = "would keep" if dry else "kept"
+    what = "checkpoints, previews and results" if results else "checkpoints and previews"
+    if released["count"]:
+        verb = "would release" if dry else "released"
+        size = human_bytes(released["bytes"])
+        typer.echo(f"{verb} {_count(released['count'], 'artifact')}, {size} ({what})")
+    if kept["count"]:
+        size = human_bytes(kept["bytes"])
+        typer.echo(f"{keep} their {_count(kept['count'], 'result')}, {size} (models, sounds, "
+                   "datasets): --artifacts removes them too")  # fmt: skip
+    if (needed := reply["kept_in_use"])["count"]:
+        size = human_bytes(needed["bytes"])
+        typer.echo(f"{keep} {_count(needed['count'], 'artifact')}, {size}: another job still "
+                   "names or needs them")  # fmt: skip
+    if pinned := reply.get("pinned") or []:
+        listed = "; ".join(f"{p['id']} ({p['reason']})" for p in pinned[:SHOWN_ITEMS])
+        more = f"; and {len(pinned) - SHOWN_ITEMS} more" if len(pinned) > SHOWN_ITEMS else ""
+        typer.echo(f"{keep} {_count(len(pinned), 'job')} that a queued or running job depends "
+                   f"on: {listed}{more}")  # fmt: skip
+
+
 def register(app: typer.Typer) -> None:
-    jobs = typer.Typer(help="Submit, list, follow, cancel and retry jobs.", no_args_is_help=True)
+    jobs = typer.Typer(help="List, follow, cancel, retry and remove jobs.", no_args_is_help=True)
     artifacts = typer.Typer(help="The broker's content-addressed artifact store.", no_args_is_help=True)
     app.add_typer(jobs, name="jobs")
     app.add_typer(artifacts, name="artifacts")
@@ -101,9 +167,12 @@ def register(app: typer.Typer) -> None:
         if full:
             typer.echo(json.dumps(r, indent=1, default=str, ensure_ascii=False))
             return
+        removed = set(r.get("removed_deps") or [])  # removed from the journal since
+        deps = [f"{d} (removed)" if d in removed else d for d in r.get("depends_on") or []]
         for key in ("id", "service", "status", "attempts", "max_attempts", "lost_attempts", "worker",
                     "depends_on", "checkpoint", "error"):
-            typer.echo(f"{key:>13}: {shown(r.get(key))}")
+            value = (", ".join(deps) or "-") if key == "depends_on" else r.get(key)
+            typer.echo(f"{key:>13}: {shown(value)}")
         for key in ("created_at", "started_at", "finished_at"):
             ts = r.get(key)
             typer.echo(f"{key:>13}: {datetime.fromtimestamp(ts).isoformat(' ', 'seconds') if ts else '-'}")
@@ -140,6 +209,58 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"{r['id']}: {r['status']}")
         if r.get("note"):  # e.g. its checkpoint is gone: it starts from scratch
             typer.echo(f"note: {r['note']}")
+
+    @jobs.command("rm")
+    def jobs_rm(job_ids: list[str] = typer.Argument(..., metavar="JOB", help="Finished jobs."),
+                broker: str = BrokerOpt,
+                artifacts: bool = typer.Option(False, "--artifacts", help=(
+                    "Also remove the results the jobs made (models, sounds, datasets) that no "
+                    "other job names.")),
+                dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go; change nothing."),
+                ) -> None:  # fmt: skip
+        """Remove finished jobs from the broker's journal, with their checkpoints and previews
+        (their results stay unless --artifacts). All or none: a job that is unknown, not
+        finished, or that a queued or running job depends on refuses the whole command."""
+        from distill.shared.bus.jobs import JobsClient
+
+        try:
+            with client(broker) as c:
+                reply = JobsClient(c).remove(job_ids, artifacts=artifacts, dry_run=dry_run)
+        except DistillError as e:
+            fail(str(e))
+        print_removal(reply, results=artifacts)
+
+    @jobs.command("prune")
+    def jobs_prune(older_than: str = typer.Option(..., "--older-than", metavar="AGE", help=(
+                       "Jobs that finished at least this long ago: 45s, 90m, 12h, 30d, 2w.")),
+                   status: str = typer.Option(None, help="Only jobs that ended so: succeeded, "
+                                              "failed or cancelled."),
+                   broker: str = BrokerOpt,
+                   artifacts: bool = typer.Option(False, "--artifacts", help=(
+                       "Also remove the results the jobs made (models, sounds, datasets) that no "
+                       "other job names.")),
+                   dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go; change nothing."),
+                   ) -> None:  # fmt: skip
+        """Remove every finished job older than AGE from the broker's journal, with its
+        checkpoints and previews (its results stay unless --artifacts). Jobs that a queued or
+        running job depends on stay, and are named."""
+        from distill.shared.bus.jobs import JobsClient
+
+        seconds = parse_duration(older_than)
+        if status is not None and status not in FINISHED:
+            fail(f"--status {status!r}: only finished jobs are removed; give succeeded, failed "
+                 "or cancelled")  # fmt: skip
+        try:
+            with client(broker, timeout_s=30) as c:
+                reply = JobsClient(c).prune(seconds, status=status, artifacts=artifacts,
+                                            dry_run=dry_run)  # fmt: skip
+        except DistillError as e:
+            fail(str(e))
+        if not reply["jobs"] and not reply.get("pinned"):
+            typer.echo(f"nothing to remove: no {status + ' ' if status else ''}job finished "
+                       f"{_duration_words(seconds)} ago or more")  # fmt: skip
+            return
+        print_removal(reply, results=artifacts)
 
     @jobs.command("watch")
     def jobs_watch(job_id: str, broker: str = BrokerOpt) -> None:

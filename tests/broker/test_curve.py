@@ -536,6 +536,32 @@ def test_an_artifact_quota_breach_is_a_clear_error(secure: SecureCluster) -> Non
         ArtifactClient(c).put_bytes(b"b" * 3000, kind="audio", name="b.wav")
 
 
+def test_only_a_client_key_removes_jobs_and_that_frees_its_quota(secure: SecureCluster) -> None:
+    """A worker key may cancel a job, as before, but not remove jobs: removal is at least as
+    strict as cancel. A client's removal releases the job's checkpoint from its quota."""
+    from distill.shared.bus.jobs import JobsClient
+    from distill.shared.errors import JobError
+
+    secure.start_broker("--artifact-quota", "4K")
+    with secure.client() as c:
+        jobs, store = JobsClient(c), ArtifactClient(c)
+        job = jobs.submit("nobody.serves.this", {})["id"]
+        store.put_bytes(b"c" * 3000, kind="checkpoint", name="ckpt", job=job)
+        with pytest.raises(RequestError, match="artifact quota exceeded"):
+            store.put_bytes(b"d" * 3000, kind="audio", name="d.wav")
+    with secure.client("gpu") as w:
+        assert JobsClient(w).cancel(job)["status"] == "cancelled"
+        for attempt in (lambda: JobsClient(w).remove([job]), lambda: JobsClient(w).prune(0)):
+            with pytest.raises(JobError, match="only a client key may .this is a worker key"):
+                attempt()
+    with secure.client() as c:
+        jobs, store = JobsClient(c), ArtifactClient(c)
+        assert jobs.get(job)["status"] == "cancelled"
+        reply = jobs.remove([job])
+        assert reply["released"] == {"count": 1, "bytes": 3000}
+        store.put_bytes(b"d" * 3000, kind="audio", name="d.wav")  # its quota was freed
+
+
 def test_the_cli_refuses_a_public_address_without_keys_and_warns_when_insecure(
     tmp_path: Path,
 ) -> None:

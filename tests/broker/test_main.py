@@ -26,7 +26,7 @@ def test_the_broker_answers_while_every_periodic_task_fails(tmp_path: Path) -> N
     port = free_port_block()
     broker = build_broker(
         BrokerConfig(port=port, data_dir=tmp_path / "broker"),
-        StorageSettings(max_bytes=10**6, min_free_bytes=0),
+        StorageSettings(max_bytes=10**6, min_free_bytes=0, keep_finished_jobs_days=30),
     )
     jobs = broker.jobs
     assert isinstance(jobs, JobService)
@@ -37,6 +37,7 @@ def test_the_broker_answers_while_every_periodic_task_fails(tmp_path: Path) -> N
         "upload_expiry",
         "retention_sweep",
         "verify_resumed_uploads",
+        "prune_finished_jobs",
     } <= set(names)
 
     def fail(name: str) -> Any:
@@ -77,3 +78,9 @@ def test_storage_settings_come_from_the_environment() -> None:
     assert settings.keep_preview_epochs == StorageSettings().keep_preview_epochs
     with pytest.raises(ConfigError, match="DISTILL_STORE_MIN_FREE_BYTES"):
         StorageSettings.from_env({"DISTILL_STORE_MIN_FREE_BYTES": "lots"})
+    assert StorageSettings().keep_finished_jobs_days == 0  # finished jobs kept for ever
+    keep = StorageSettings.from_env({"DISTILL_STORE_KEEP_FINISHED_JOBS_DAYS": "0.5"})
+    assert keep.keep_finished_jobs_days == 0.5
+    for bad in ("-1", "nan", "a month"):
+        with pytest.raises(ConfigError, match="keep_finished_jobs_days|KEEP_FINISHED_JOBS_DAYS"):
+            StorageSettings.from_env({"DISTILL_STORE_KEEP_FINISHED_JOBS_DAYS": bad})

@@ -6,6 +6,7 @@ Each test names the behaviour before issue 9 that it would have caught.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 from distill.broker.registry import Registry, Request, WorkerEntry
 from distill.broker.services.jobs import JobService
 from distill.broker.services.retention import Retention
-from distill.broker.store.artifacts import ArtifactStore
+from distill.broker.store.artifacts import ArtifactRecord, ArtifactStore
 from distill.broker.store.journal import JobStore
 from distill.shared.bus.codec import pack, unpack_map
 from distill.shared.errors import ArtifactError, JobError
@@ -27,9 +28,17 @@ class FakeHost:
         self.submitted: list[str] = []
         self.replies: list[dict[str, Any]] = []
         self.worker_key = True  # what the loop says of the sender's key (always, without CURVE)
+        self.client_key = True
+        self.forgotten: list[str] = []  # topics whose kept events were dropped
 
     def caller_is_worker(self) -> bool:
         return self.worker_key
+
+    def caller_is_client(self) -> bool:
+        return self.client_key
+
+    def forget_events(self, topic: str) -> None:
+        self.forgotten.append(topic)
 
     def publish(self, topic: str, event: dict[str, Any]) -> dict[str, Any]:
         self.events.append((topic, event))
@@ -60,8 +69,8 @@ def parts(tmp_path: Path) -> tuple[FakeHost, JobService, ArtifactStore]:
     host, journal = FakeHost(), JobStore(tmp_path / "jobs.sqlite3")
     artifacts = ArtifactStore(tmp_path / "artifacts")
 
-    def delete(sha: str) -> None:
-        artifacts.delete(sha, in_use=journal.referenced_artifacts())
+    def delete(shas: Sequence[str], in_use: set[str]) -> list[ArtifactRecord]:
+        return artifacts.delete_many(shas, in_use=in_use)
 
     retention = Retention(journal, artifacts, delete, keep_preview_epochs=2)
     return host, JobService(host, journal, retention=retention), artifacts

@@ -320,3 +320,28 @@ def test_cli_jobs_ls_show_watch_cancel_retry(cluster: Cluster) -> None:
         assert jobs.wait(long["id"], timeout_s=10)["status"] == "cancelled"
         missing = distill("jobs", "show", "j-doesnotexist")
         assert missing.returncode != 0 and "no job" in missing.stderr
+
+
+def test_the_broker_prunes_finished_jobs_by_its_setting_keeping_one_still_needed(
+    cluster: Cluster,
+) -> None:
+    """DISTILL_STORE_KEEP_FINISHED_JOBS_DAYS (here 2 s): the broker process removes finished
+    jobs by itself, but not one that a queued job still depends on."""
+    cluster.start_broker(env={"DISTILL_STORE_KEEP_FINISHED_JOBS_DAYS": str(2 / 86_400)})
+    cluster.start_worker("sleep")
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+        a = jobs.submit("distill.sleep", {"value": "a"})["id"]
+        b = jobs.submit("distill.sleep", {"value": "b"}, depends_on=[a])["id"]
+        waiting = jobs.submit("nobody.serves.this", {}, depends_on=[a])["id"]  # queued for ever
+        assert jobs.wait(b, timeout_s=60)["status"] == "succeeded"
+        assert jobs.get(b)["removed_deps"] == []
+
+        def left() -> set[str]:
+            return {r["id"] for r in jobs.list()}
+
+        wait_until(lambda: left() == {a, waiting}, 30, what="b to be pruned, a kept")
+        jobs.cancel(waiting)
+        wait_until(lambda: left() == set(), 30, what="a and the cancelled job to be pruned")
+    assert cluster.broker is not None
+    assert '"event": "jobs_pruned"' in cluster.broker.log()

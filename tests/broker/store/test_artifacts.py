@@ -221,6 +221,25 @@ def test_delete_is_refused_while_in_use(store: ArtifactStore) -> None:
         store.delete(record.sha256, in_use=set())
 
 
+def test_delete_many_removes_the_jobs_artifacts_but_those_in_use_in_one_call(
+    store: ArtifactStore,
+) -> None:
+    """What a pruned journal releases: thousands at once, never one a job still needs."""
+    kept = store.put_bytes(b"in use", "checkpoint", "step-1", job="j-1")
+    gone = [store.put_bytes(bytes([i]) * 100, "preview", f"epoch{i:04d}-a.wav", job="j-1")
+            for i in range(3)]  # fmt: skip
+    other = store.put_bytes(b"another job's", "checkpoint", "step-1", job="j-2")
+    listed = {a.sha256 for a in store.of_jobs(["j-1", "j-9"])}
+    assert listed == {kept.sha256} | {a.sha256 for a in gone}
+    removed = store.delete_many([kept.sha256, *(a.sha256 for a in gone), "e" * 64],
+                                in_use={kept.sha256})  # fmt: skip
+    assert sorted(a.sha256 for a in removed) == sorted(a.sha256 for a in gone)
+    assert store.has(kept.sha256) and store.has(other.sha256)
+    assert not any(store.has(a.sha256) for a in gone)
+    assert store.used_bytes() == kept.size + other.size
+    assert store.delete_many([a.sha256 for a in gone], in_use=set()) == []  # gone already
+
+
 def test_quota_refuses_uploads_that_do_not_fit(root: Path) -> None:
     with ArtifactStore(root, max_bytes=100) as store:
         store.put_bytes(b"x" * 60, "audio", "a")

@@ -20,6 +20,7 @@ from distill.broker.store.journal import (
     MAX_REASON_CHARS,
     JobStore,
     StaleAttempt,
+    artifact_refs,
 )
 from distill.shared.bus import codec
 from distill.shared.errors import JobError
@@ -525,6 +526,180 @@ def test_referenced_artifacts_covers_what_unfinished_jobs_need(store: JobStore) 
     assert store.referenced_artifacts() == set()
 
 
+# --- removal ------------------------------------------------------------------------------------
+
+
+def _rows_of(store: JobStore, job_id: str) -> dict[str, int]:
+    """How many rows name ``job_id`` in each of the journal's tables."""
+    db = store._db
+    return {
+        "jobs": db.execute("SELECT COUNT(*) FROM jobs WHERE id = ?", (job_id,)).fetchone()[0],
+        **{table: db.execute(f"SELECT COUNT(*) FROM {table} WHERE job_id = ?", (job_id,)).fetchone()[0]
+           for table in ("job_deps", "job_metrics", "job_artifacts")},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("status", ["succeeded", "failed", "cancelled"])
+def test_a_finished_job_is_removed_with_its_rows_in_every_table(
+    store: JobStore, status: str
+) -> None:
+    first = store.submit("s", {})
+    run_to_success(store, first.id, {"dataset": SHA_C})
+    job = store.submit("distill.train.vqvae", {"input": SHA_A}, depends_on=[first.id])
+    store.mark_running(job.id, "w1")
+    store.record_progress(job.id, {"fraction": 0.5})
+    for epoch in range(3):
+        store.append_metrics(job.id, {"epoch": epoch})
+    if status == "succeeded":
+        store.mark_succeeded(job.id, {"model": SHA_B})
+    elif status == "failed":
+        store.fail_attempt(job.id, "boom", final=True)
+    else:
+        store.request_cancel(job.id)
+        store.mark_cancelled(job.id, "cancelled by user")
+    assert store.get(job.id).status == status
+    assert min(_rows_of(store, job.id).values()) > 0  # it has rows everywhere to lose
+    assert store.remove([job.id]) == 3
+    assert set(_rows_of(store, job.id).values()) == {0}
+    with pytest.raises(JobError, match=f"no job {job.id}"):
+        store.get(job.id)
+    assert store.get(first.id).status == "succeeded"  # its dependency stays
+    assert store.counts()["succeeded"] == 1
+
+
+def test_removal_refuses_unknown_unfinished_and_needed_jobs_naming_each_and_removes_none(
+    store: JobStore,
+) -> None:
+    done = store.submit("s", {})
+    run_to_success(store, done.id, {"dataset": SHA_C})
+    waiting = store.submit("s", {}, depends_on=[done.id])  # reads done's result when it starts
+    running = store.submit("s", {})
+    store.mark_running(running.id, "w1")
+    other = store.submit("s", {})
+    run_to_success(store, other.id, {})
+    asked = [other.id, done.id, waiting.id, running.id, "j-nothere"]
+    with pytest.raises(JobError) as refused:
+        store.remove(asked)
+    message = str(refused.value)
+    assert message.startswith("cannot remove 4 of the 5 jobs, so none was removed: "), message
+    assert f"job {done.id}: queued job {waiting.id} depends on it" in message
+    assert f"job {waiting.id}: it is queued (only a finished job can be removed" in message
+    assert f"job {running.id}: it is running" in message
+    assert "job j-nothere: no such job" in message and "\n" not in message
+    assert other.id not in message
+    assert {j.id for j in store.list()} == {done.id, waiting.id, running.id, other.id}
+    assert [why for _, why in store.removal_refusals([other.id])] == []
+    with pytest.raises(JobError, match=f"^cannot remove job {running.id}: it is running"):
+        store.remove([running.id])
+    with pytest.raises(JobError, match=r"job x{40}… \(5000 characters\): no such job$"):
+        store.remove(["x" * 5000])  # a long id is not echoed whole
+
+
+def test_a_dependent_that_stays_shows_its_removed_dependency_and_cannot_be_retried(
+    store: JobStore,
+) -> None:
+    a = store.submit("s", {})
+    run_to_success(store, a.id, {})
+    b = store.submit("s", {})
+    run_to_failure(store, b.id, ["boom"] * 3)
+    child = store.submit("s", {}, depends_on=[a.id, b.id])  # cancelled at once: b failed
+    assert store.get(child.id).status == "cancelled"
+    store.remove([a.id])
+    record = store.get(child.id)
+    assert record.depends_on == [a.id, b.id] and record.removed_deps == [a.id]
+    assert record.to_dict()["removed_deps"] == [a.id]
+    assert store.list()[0].removed_deps == [a.id]
+    with pytest.raises(JobError, match=f"cannot retry job {child.id}: dependency {a.id} was "
+                                       "removed from the journal; submit the work again"):  # fmt: skip
+        store.retry(child.id)
+    # retrying b brings back what it cancelled, but not a dependent of a removed job
+    assert store.retry(b.id).status == "queued"
+    assert store.get(child.id).status == "cancelled"
+    assert store.get(child.id).error == f"dependency {a.id} was removed from the journal"
+    with pytest.raises(JobError, match=f"cannot depend on job {a.id}: no such job"):
+        store.submit("s", {}, depends_on=[a.id])
+
+
+def test_prunable_pages_old_finished_jobs_oldest_first_and_names_the_pinned(
+    store: JobStore, clock: FakeClock
+) -> None:
+    ids = []
+    for i in range(5):
+        job = store.submit("s", {})
+        clock.now += 10
+        if i == 3:
+            run_to_failure(store, job.id, ["boom"] * 3)
+        else:
+            run_to_success(store, job.id, {})
+        ids.append(job.id)
+    waiting = store.submit("s", {}, depends_on=[ids[1]])
+    young = store.submit("s", {})
+    clock.now += 100
+    run_to_success(store, young.id, {})  # finished just now
+    page = store.prunable(older_than_s=50, limit=2)
+    assert [j.id for j in page.jobs] == [ids[0]] and page.pinned == [
+        (ids[1], f"queued job {waiting.id} depends on it")]  # fmt: skip
+    assert page.cursor is not None
+    rest = store.prunable(older_than_s=50, after=page.cursor, limit=10)
+    assert [j.id for j in rest.jobs] == ids[2:] and rest.cursor is None
+    assert [j.status for j in rest.jobs] == ["succeeded", "failed", "succeeded"]
+    assert [j.id for j in store.prunable(older_than_s=50, status="failed").jobs] == [ids[3]]
+    assert young.id in [j.id for j in store.prunable(older_than_s=0).jobs]
+    assert store.prunable(older_than_s=10_000).jobs == []
+    for bad in ({"status": "running"}, {"older_than_s": -1}, {"older_than_s": float("nan")}):
+        with pytest.raises(JobError):
+            store.prunable(**{"older_than_s": 1, **bad})  # type: ignore[arg-type]
+
+
+def test_needed_artifacts_are_those_that_jobs_staying_name(store: JobStore) -> None:
+    made = store.submit("s", {})
+    run_to_success(store, made.id, {"model": SHA_A, "audio": [SHA_B, SHA_C]})
+    again = store.submit("s", {})  # the same bytes made twice: one artifact, two results
+    run_to_success(store, again.id, {"audio": [SHA_B]})
+    user = store.submit("s", {"model": SHA_C})  # a finished job whose params name it
+    run_to_success(store, user.id, {})
+    assert store.needed_artifacts([SHA_A, SHA_B, SHA_C], besides=[made.id]) == {SHA_B, SHA_C}
+    everyone = [made.id, again.id, user.id]
+    assert store.needed_artifacts([SHA_A, SHA_B, SHA_C], besides=everyone) == set()
+    running = store.submit("s", {})
+    store.mark_running(running.id, "w1")
+    store.set_checkpoint(running.id, "d" * 64)  # a running job resumes from it
+    assert store.needed_artifacts(["d" * 64], besides=[running.id]) == {"d" * 64}
+    # a retried job's result is gone: it names what it will make again, not what it made
+    failed = store.submit("s", {"input": SHA_A})
+    run_to_failure(store, failed.id, ["boom"] * 3)
+    store.retry(failed.id)
+    assert store.needed_artifacts([SHA_A], besides=[made.id]) == {SHA_A}  # its params still do
+
+
+def test_a_version_2_table_is_upgraded_indexing_what_its_jobs_name(tmp_path: Path) -> None:
+    """A job table written before jobs could be removed opens, indexes the artifacts its jobs
+    name, and lets a dependency of a finished job go."""
+    path = tmp_path / "jobs.sqlite3"
+    with JobStore(path) as store:
+        a = store.submit("s", {"input": SHA_A})
+        run_to_success(store, a.id, {"model": SHA_B})
+        b = store.submit("s", {}, depends_on=[a.id])
+        run_to_success(store, b.id, {})
+    db = sqlite3.connect(path)
+    db.executescript(
+        "DROP TABLE job_artifacts; DROP INDEX jobs_by_finished;"
+        "CREATE TABLE deps2 (job_id TEXT NOT NULL REFERENCES jobs (id), dep_id TEXT NOT NULL"
+        " REFERENCES jobs (id), pos INTEGER NOT NULL, PRIMARY KEY (job_id, dep_id)) WITHOUT ROWID;"
+        "INSERT INTO deps2 SELECT * FROM job_deps; DROP TABLE job_deps;"
+        "ALTER TABLE deps2 RENAME TO job_deps; PRAGMA user_version=2;"
+    )
+    db.close()
+    with JobStore(path) as store:
+        assert store.needed_artifacts([SHA_A, SHA_B, SHA_C]) == {SHA_A, SHA_B}
+        store.remove([a.id])
+        assert store.get(b.id).removed_deps == [a.id]
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+    db.close()
+
+
 # --- invariants under any sequence of operations ------------------------------------------------
 
 
@@ -542,10 +717,11 @@ class JobTableMachine(RuleBasedStateMachine):
     def _pick(self, data: st.DataObject) -> str | None:
         return data.draw(st.sampled_from(self.ids)) if self.ids else None
 
-    @rule(data=st.data(), n_deps=st.integers(0, 2), max_attempts=st.integers(1, 3))
-    def submit(self, data: st.DataObject, n_deps: int, max_attempts: int) -> None:
+    @rule(data=st.data(), n_deps=st.integers(0, 2), max_attempts=st.integers(1, 3),
+          uses=st.sampled_from([[], [SHA_A], [SHA_A, SHA_B]]))  # fmt: skip
+    def submit(self, data: st.DataObject, n_deps: int, max_attempts: int, uses: list[str]) -> None:
         deps = [d for _ in range(n_deps) if (d := self._pick(data)) is not None]
-        job = self.store.submit("s", {}, depends_on=deps, max_attempts=max_attempts)
+        job = self.store.submit("s", {"in": uses}, depends_on=deps, max_attempts=max_attempts)
         self.ids.append(job.id)
 
     @rule(data=st.data())
@@ -557,7 +733,8 @@ class JobTableMachine(RuleBasedStateMachine):
         self.store.mark_running(job.id, "w")
         outcome = data.draw(st.sampled_from(["succeed", "fail", "cancel", "keep running"]))
         if outcome == "succeed":
-            self.store.mark_succeeded(job.id, {"n": 1})
+            made = data.draw(st.sampled_from([SHA_B, SHA_C]))
+            self.store.mark_succeeded(job.id, {"n": 1, "out": made})
         elif outcome == "fail":
             self.store.fail_attempt(job.id, "boom")
         elif outcome == "cancel":
@@ -576,14 +753,38 @@ class JobTableMachine(RuleBasedStateMachine):
         try:
             self.store.retry(job_id)
         except JobError:
-            assert self.store.get(job_id).status not in ("failed", "cancelled") or any(
-                self.store.get(d).status in ("failed", "cancelled")
-                for d in self.store.get(job_id).depends_on
+            job = self.store.get(job_id)
+            assert (
+                job.status not in ("failed", "cancelled")
+                or job.removed_deps
+                or any(self.store.get(d).status in ("failed", "cancelled") for d in job.depends_on)
             )
+
+    @rule(data=st.data())
+    def remove(self, data: st.DataObject) -> None:
+        picked = {d for _ in range(data.draw(st.integers(1, 3))) if (d := self._pick(data))}
+        refusals = self.store.removal_refusals(sorted(picked))
+        try:
+            self.store.remove(sorted(picked))
+        except JobError:
+            assert refusals
+            return
+        assert not refusals
+        self.ids = [i for i in self.ids if i not in picked]
 
     @rule()
     def restart(self) -> None:
         self.store.requeue_running("restart")
+
+    @invariant()
+    def the_artifact_index_is_what_the_jobs_name(self) -> None:
+        """What needed_artifacts reads (no job decoded) agrees with the jobs' params and results."""
+        jobs = self.store.list(limit=10_000)
+        for job in jobs:
+            named = {sha for _, sha in artifact_refs(job.params)}
+            named |= {sha for _, sha in artifact_refs(job.result)}
+            others = [j.id for j in jobs if j.id != job.id]
+            assert self.store.needed_artifacts([SHA_A, SHA_B, SHA_C], besides=others) == named
 
     @invariant()
     def table_is_consistent(self) -> None:
@@ -593,7 +794,8 @@ class JobTableMachine(RuleBasedStateMachine):
             assert job.attempts <= job.max_attempts
             assert len(job.attempt_errors) <= job.attempts
             if job.status in ("queued", "running"):
-                # nothing waits on a dependency that will never succeed
+                # nothing waits on a dependency that will never succeed, nor on one removed
+                assert not job.removed_deps
                 assert all(jobs[d].status not in ("failed", "cancelled") for d in job.depends_on)
             if job.status == "running":
                 assert all(jobs[d].status == "succeeded" for d in job.depends_on)

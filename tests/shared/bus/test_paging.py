@@ -15,7 +15,7 @@ from distill.broker.store.journal import JobStore
 from distill.shared.bus.artifacts import ArtifactClient
 from distill.shared.bus.codec import pack, unpack_map
 from distill.shared.bus.jobs import JobsClient, metrics_pages, next_metrics_start
-from distill.shared.errors import RequestError
+from distill.shared.errors import JobError, RequestError
 from tests.broker.services.test_job_service import FakeHost
 
 
@@ -115,3 +115,39 @@ def test_a_resumed_attempts_rows_replace_the_older_ones_in_the_drawn_history() -
     drawn = metric_history(stored)
     assert [(r.get("epoch"), r.get("a")) for r in drawn] == [
         (1, 1), (2, 2), (3, 2), (4, 2), (None, None)]
+
+
+def test_remove_of_more_ids_than_a_request_takes_is_still_all_or_none(jobs: JobService) -> None:
+    client = ServiceClient(jobs)
+    ids = []
+    with jobs.store.batch():
+        for _ in range(250):
+            job_id = jobs.store.submit("s", {}).id
+            jobs.store.mark_running(job_id, "w")
+            jobs.store.mark_succeeded(job_id, {})
+            ids.append(job_id)
+    running = jobs.store.submit("s", {}).id
+    jobs.store.mark_running(running, "w")
+    with pytest.raises(JobError, match=f"job {running}: it is running"):
+        JobsClient(client).remove([*ids, running])  # the third request of 100 would refuse
+    assert len(jobs.store.list(limit=1_000)) == 251
+    client.requests = 0
+    reply = JobsClient(client).remove(ids)
+    assert len(reply["jobs"]) == 250 and client.requests == 6  # each request looked first
+    assert [j.id for j in jobs.store.list()] == [running]
+
+
+def test_prune_walks_every_step_and_adds_them_up(jobs: JobService) -> None:
+    from distill.broker.services.removal import JobRemoval
+
+    ticks = iter(range(1_000_000))  # a timer that spends a step's budget at every read
+    jobs.removal = JobRemoval(jobs.store, None, timer=lambda: float(next(ticks)))
+    client = ServiceClient(jobs)
+    with jobs.store.batch():
+        for _ in range(100):
+            job_id = jobs.store.submit("s", {}).id
+            jobs.store.mark_running(job_id, "w")
+            jobs.store.fail_attempt(job_id, "boom", final=True)
+    reply = JobsClient(client).prune(0, status="failed")
+    assert len(reply["jobs"]) == 100 and client.requests > 3 and not reply["more"]
+    assert reply["released"] == {"count": 0, "bytes": 0} and jobs.store.list() == []

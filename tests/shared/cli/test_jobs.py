@@ -6,12 +6,14 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
+from distill.broker.access import Limits
 from distill.broker.loop import BrokerConfig
 from distill.broker.main import build_broker
 from distill.broker.services.jobs import JobService
@@ -20,6 +22,7 @@ from distill.shared.bus.artifacts import ArtifactClient
 from distill.shared.bus.cache import ArtifactCache
 from distill.shared.bus.client import Client
 from distill.shared.cli.main import app
+from distill.shared.errors import DistillError
 from tests.conftest import free_port_block
 
 pytestmark = pytest.mark.integration
@@ -237,3 +240,118 @@ def test_dataset_add_checks_its_settings_before_uploading(tmp_path: Path) -> Non
     assert result.exit_code == 1
     assert "silence_threshold_db" in result.output and "-120" in result.output
     assert "connection refused" not in result.output
+
+
+# --- jobs rm and jobs prune ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def quota_broker(tmp_path: Path) -> Iterator[tuple[str, JobService]]:
+    """A broker in a thread whose artifact quota is 8 000 bytes (one account without CURVE)."""
+    port = free_port_block()
+    b = build_broker(BrokerConfig(port=port, data_dir=tmp_path / "broker",
+                                  limits=Limits(artifact_quota_bytes=8_000)),
+                     StorageSettings(min_free_bytes=0))  # fmt: skip
+    assert isinstance(b.jobs, JobService)
+    b.bind()
+    stop = threading.Event()
+    thread = threading.Thread(target=b.run, args=(stop,), daemon=True)
+    thread.start()
+    yield f"tcp://127.0.0.1:{port}", b.jobs
+    stop.set()
+    thread.join(5)
+
+
+def _cli(endpoint: str, *args: str) -> Any:
+    return CliRunner().invoke(app, [*args, "--broker", endpoint])
+
+
+def test_jobs_rm_removes_finished_jobs_and_releases_their_checkpoints_and_quota(
+    quota_broker: tuple[str, JobService], tmp_path: Path
+) -> None:
+    endpoint, jobs = quota_broker
+    with Client(endpoint) as c:
+        submit = lambda **kw: c.request("distill.jobs", {"op": "submit", "service": "s",  # noqa: E731
+                                                         "params": {}, **kw})["id"]  # fmt: skip
+        done, running = submit(), submit()
+        after = submit(depends_on=[done])
+        store = ArtifactClient(c, ArtifactCache(tmp_path / "cache"))
+        store.put_bytes(b"p" * 5_000, kind="preview", name="epoch0001-a.wav", job=done)
+        model = store.put_bytes(b"m" * 300, kind="vqvae", name="vqvae.pt", job=done)
+        with pytest.raises(DistillError, match="artifact quota exceeded"):
+            store.put_bytes(b"x" * 5_000, kind="audio", name="x.wav")
+    for job_id in (done, running):
+        jobs.store.mark_running(job_id, "w")
+    jobs.store.mark_succeeded(done, {"model": model})
+
+    out = _cli(endpoint, "jobs", "rm", done)
+    assert out.exit_code == 1, out.output
+    assert out.output.strip().endswith(f"cannot remove job {done}: queued job {after} depends on "
+                                       "it (it reads this job's result when an attempt starts)")  # fmt: skip
+    out = _cli(endpoint, "jobs", "rm", running, "j-nothere")
+    assert out.exit_code == 1 and len(out.output.strip().splitlines()) == 1, out.output
+    assert f"job {running}: it is running" in out.output and "j-nothere: no such job" in out.output
+    assert _cli(endpoint, "jobs", "cancel", after).exit_code == 0
+
+    out = _cli(endpoint, "jobs", "rm", done, "--dry-run")
+    assert out.exit_code == 0 and "would remove 1 job (1 succeeded)" in out.output, out.output
+    assert jobs.store.get(done).status == "succeeded"
+    out = _cli(endpoint, "jobs", "rm", done)
+    assert out.exit_code == 0, out.output
+    assert f"removed 1 job: {done} (1 succeeded)" in out.output
+    assert "released 1 artifact, 4.9 KiB (checkpoints and previews)" in out.output
+    assert "kept their 1 result, 300 B (models, sounds, datasets): --artifacts" in out.output
+    with Client(endpoint) as c:  # the checkpoint's quota is free again
+        store = ArtifactClient(c, ArtifactCache(tmp_path / "cache"))
+        store.put_bytes(b"x" * 5_000, kind="audio", name="x.wav")
+        assert store.stat(model)["job"] == done
+    out = _cli(endpoint, "jobs", "show", after)
+    assert out.exit_code == 0 and f"depends_on: {done} (removed)" in out.output, out.output
+    out = _cli(endpoint, "jobs", "retry", after)
+    assert out.exit_code == 1 and f"dependency {done} was removed" in out.output, out.output
+    out = _cli(endpoint, "jobs", "rm", done)
+    assert out.exit_code == 1 and f"job {done}: no such job" in out.output, out.output
+
+
+def test_jobs_prune_removes_old_jobs_by_rule_and_says_what_went(
+    broker: tuple[str, JobService], tmp_path: Path
+) -> None:
+    endpoint, jobs = broker
+    ids = [jobs.store.submit("s", {}).id for _ in range(4)]
+    for job_id in ids:
+        jobs.store.mark_running(job_id, "w")
+    jobs.store.mark_succeeded(ids[0], {})
+    for job_id in ids[1:3]:
+        jobs.store.fail_attempt(job_id, "boom", final=True)
+    with Client(endpoint) as c:
+        store = ArtifactClient(c, ArtifactCache(tmp_path / "cache"))
+        for i, job_id in enumerate(ids[:3]):
+            store.put_bytes(f"epoch {i}".encode(), kind="preview", name=f"epoch{i:04d}-a.wav",
+                            job=job_id)  # fmt: skip
+            store.put_bytes(f"sound {i}".encode(), kind="audio", name="a.wav", job=job_id)
+
+    for bad, said in [("30", "--older-than '30' is not a duration"), ("-1d", "not a duration"),
+                      ("1y", "give a number and a unit, s, m, h, d or w")]:  # fmt: skip
+        out = _cli(endpoint, "jobs", "prune", "--older-than", bad)
+        assert out.exit_code == 1 and said in out.output, out.output
+        assert len(out.output.strip().splitlines()) == 1
+    out = _cli(endpoint, "jobs", "prune", "--older-than", "1d", "--status", "running")
+    assert out.exit_code == 1 and "--status 'running': only finished jobs" in out.output
+    out = _cli(endpoint, "jobs", "prune", "--older-than", "30d")
+    assert out.exit_code == 0, out.output
+    assert out.output.strip() == "nothing to remove: no job finished 30 days ago or more"
+
+    out = _cli(endpoint, "jobs", "prune", "--older-than", "0s", "--status", "failed", "--dry-run")
+    assert out.exit_code == 0, out.output
+    assert ids[1] in out.output and ids[2] in out.output and ids[0] not in out.output
+    assert "would remove 2 jobs (2 failed)" in out.output
+    assert "would release 2 artifacts" in out.output and "would keep their 2 results" in out.output
+    assert len(jobs.store.list()) == 4
+    out = _cli(endpoint, "jobs", "prune", "--older-than", "0s", "--status", "failed", "--artifacts")
+    assert out.exit_code == 0, out.output
+    assert "removed 2 jobs" in out.output
+    assert "released 4 artifacts, 28 B (checkpoints, previews and results)" in out.output
+    assert {j.id for j in jobs.store.list()} == {ids[0], ids[3]}
+    out = _cli(endpoint, "jobs", "prune", "--older-than", "0m")
+    assert out.exit_code == 0 and f"removed 1 job: {ids[0]} (1 succeeded)" in out.output
+    assert [j.id for j in jobs.store.list()] == [ids[3]]  # running: never a prune's
