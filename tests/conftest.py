@@ -206,6 +206,18 @@ def percussion() -> Path:
     return percussion_dir()
 
 
+def held_out(dataset: Any, *names: str) -> Any:
+    """``dataset`` (a Dataset) with the files ``names`` validating and the rest training: a few
+    one-shots hold too little sound to validate on (MIN_VAL_CHUNKS), so a build of them has no
+    validation split; tests of what validation does choose one."""
+    import dataclasses
+
+    rows = [dataclasses.replace(r, split=("val" if r.name in names else "train"))
+            if r.split is not None else r for r in dataset.manifest]  # fmt: skip
+    assert {r.name for r in rows if r.split == "val"} == set(names), "a name is not in the set"
+    return dataclasses.replace(dataset, manifest=rows)
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Tiny models run fastest on one torch thread, and the suite shares two cores with the

@@ -48,6 +48,17 @@ MIN_FILES_FOR_VALIDATION = 5  # below this every usable file trains: each one is
 # A file holding more than this share of the chunks never validates: held out, it would take
 # most of the sound from the codec (five one-shots and a long loop).
 MAX_VAL_FILE_SHARE = 0.25
+# Held-out files holding fewer chunks than this (about 4 s of sound: one-shots, up to ~30 of
+# them at a tenth held out) validate nothing: every file trains. One or two one-shots unlike the
+# rest left the RVQ-VAE's validation loss flat within 1-2% whatever it learnt, lowest at epoch
+# 2-3; the codec kept was the one initialised from the data and early stopping ended the run.
+# Spread percussion subsets, 3 minutes (bench figures, decoded audio over the Griffin-Lim floor):
+# 10 files, one held out: training files 1.68x -> 1.10x, the held-out one 4.43x -> 1.27x (now
+# trained on), 8 unseen files 4.58x -> 4.13x; 15 files, two held out: 1.68x -> 1.11x, 2.90x ->
+# 1.07x, unseen 3.71x -> 3.90x. Keeping later epochs instead (within 2% of the lowest
+# validation loss) kept epoch 7 (1.61x); a third of the learning rate left the rise. The prior
+# folds such files into training too (distill.shared.train.prior, MIN_VALIDATION_STEPS).
+MIN_VAL_CHUNKS = 4
 _ARRAY_KEYS = frozenset({"format_version", "meta", "mels", "chunk_file"})
 _CHECK_KEYS = frozenset({"check_chunks", "check_audio"})  # format 2 on
 # The audio of this many chunks (at most) is kept, in the order of ``Dataset.check_order``: as
@@ -397,7 +408,8 @@ def split_files(shas: Sequence[str], *, seed: int, val_fraction: float,
     With 5 or more files at least one (and about ``val_fraction`` of them) validates; with
     fewer, all train. At least one file always trains. A file holding more than
     MAX_VAL_FILE_SHARE of the ``chunks`` (each file's count) never validates: five kicks and
-    a 15-s loop drew the loop (29 of 34 chunks), and the codec then trained on 5 chunks.
+    a 15-s loop drew the loop (29 of 34 chunks), and the codec then trained on 5 chunks. Files
+    drawn to validate that hold fewer than MIN_VAL_CHUNKS chunks in all train instead.
     """
     n = len(shas)
     n_val = 0 if n < MIN_FILES_FOR_VALIDATION else min(n - 1, max(1, round(n * val_fraction)))
@@ -408,6 +420,8 @@ def split_files(shas: Sequence[str], *, seed: int, val_fraction: float,
     if chunks is not None and total > 0:
         drawn = [i for i in drawn if chunks[i] <= MAX_VAL_FILE_SHARE * total]
     val = set(drawn[:n_val])
+    if chunks is not None and sum(chunks[i] for i in val) < MIN_VAL_CHUNKS:
+        val = set()  # a moment of a sound or two: they train
     return ["val" if i in val else "train" for i in range(n)]
 
 

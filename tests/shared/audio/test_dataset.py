@@ -17,6 +17,7 @@ import torch
 
 from distill.shared.audio.dataset import (
     FORMAT_VERSION,
+    MIN_VAL_CHUNKS,
     Dataset,
     ManifestRow,
     build_dataset,
@@ -210,7 +211,7 @@ def test_short_and_long_files_chunk_as_documented() -> None:
 
 
 def test_split_is_seeded_order_independent_and_needs_five_files() -> None:
-    files = good_files(12)
+    files = good_files(12, seconds=2.5)  # 5 chunks each: enough to validate on
     a = build_dataset(files, CFG, seed=3)
     b = build_dataset(files[::-1], CFG, seed=3)
     val_a = {r.name for r in a.manifest if r.split == "val"}
@@ -228,11 +229,26 @@ def test_a_file_with_most_of_the_sound_never_validates() -> None:
     and the codec trained on 5 chunks. Without such a file the draw is as before."""
     shas = [f"{i:064x}" for i in range(6)]
     for seed in range(20):
-        split = split_files(shas, seed=seed, val_fraction=0.1, chunks=[1, 1, 1, 1, 1, 29])
+        split = split_files(shas, seed=seed, val_fraction=0.1, chunks=[4, 4, 4, 4, 4, 80])
         assert split[5] == "train" and split.count("val") == 1
-        even = split_files(shas, seed=seed, val_fraction=0.1, chunks=[3] * 6)
+        even = split_files(shas, seed=seed, val_fraction=0.1, chunks=[4] * 6)
         assert even == split_files(shas, seed=seed, val_fraction=0.1)
     assert "val" in {split_files(shas, seed=s, val_fraction=0.1)[5] for s in range(20)}
+
+
+def test_held_out_files_with_too_little_sound_train_instead() -> None:
+    """One-shots: the one or two files a small set holds out (a second of sound each) left the
+    codec's validation loss flat, and the codec kept was the one before training; they train."""
+    shas = [f"{i:064x}" for i in range(20)]  # 2 of 20 drawn to validate
+    for seed in range(10):
+        assert split_files(shas, seed=seed, val_fraction=0.1, chunks=[1] * 20) == ["train"] * 20
+        drawn = split_files(shas, seed=seed, val_fraction=0.1)
+        assert split_files(shas, seed=seed, val_fraction=0.1, chunks=[2] * 20) == drawn
+        assert drawn.count("val") == 2  # 2 + 2 chunks: MIN_VAL_CHUNKS
+    hits = good_files(10)  # 0.3 s each: one chunk
+    assert not build_dataset(hits, CFG, seed=0).files_in_split("val")
+    longer = build_dataset(good_files(10, seconds=2.5), CFG, seed=0)  # 5 chunks each
+    assert len(longer.files_in_split("val")) == 1 and len(longer.val_indices()) >= MIN_VAL_CHUNKS
 
 
 def test_split_files_bounds() -> None:

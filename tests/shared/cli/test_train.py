@@ -68,7 +68,9 @@ def test_folder_to_a_model_that_loads_and_samples(cluster: Cluster, drums: Path,
     for stage in ("[1/3] preprocess", "[2/3] vqvae", "[3/3] prior"):
         assert stage in out.stderr
     assert "epoch 2/2" in out.stderr and "util" in out.stderr  # the RVQ-VAE's live line
-    assert "best validation loss" in out.stderr and "x the Griffin-Lim floor: " in out.stderr
+    # eight one-shots hold too little sound to hold any out (MIN_VAL_CHUNKS)
+    assert "best training loss" in out.stderr and "(no files held out)" in out.stderr
+    assert "x the Griffin-Lim floor: " in out.stderr
     assert "codebooks refined" in out.stderr or "codebooks refinement undone" in out.stderr
     assert "codes in use on the training files" in out.stderr
     assert "unigram" in out.stderr and "bigram" in out.stderr and "bits/code" in out.stderr
