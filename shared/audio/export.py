@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import soundfile as sf
@@ -281,6 +281,8 @@ def export_audio(
             f.software = f"distill {distill_version()}"
             f.comment = comment
             f.write((frames * gain).astype(np.float32 if subtype == "FLOAT" else np.float64))
+        if fmt == "WAV":
+            _clear_peak_time(tmp)
         if chunk is not None:
             _append_riff_chunk(tmp, CHUNK_ID, chunk)
         os.replace(tmp, path)
@@ -309,28 +311,51 @@ def _read_riff_chunk(path: Path, chunk_id: bytes) -> bytes | None:
     (the audio before it may be hundreds of MB); a chunk over :data:`MAX_RECIPE_BYTES` is
     refused before it is read."""
     with open(path, "rb") as f:
-        head = f.read(12)
-        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        found = _find_riff_chunk(f, chunk_id)
+        if found is None:
             return None
-        end = os.fstat(f.fileno()).st_size
-        pos = 12
-        for _ in range(MAX_RIFF_CHUNKS):
-            if pos + 8 > end:
-                return None
-            f.seek(pos)
-            header = f.read(8)
-            cid, size = header[:4], struct.unpack("<I", header[4:8])[0]
-            if cid == chunk_id:
-                if size > MAX_RECIPE_BYTES:
-                    raise ExportError(
-                        f"{path.name}: its '{chunk_id.decode()}' chunk is {size} bytes; Distill "
-                        f"metadata is at most {MAX_RECIPE_BYTES} ({_mib(MAX_RECIPE_BYTES)})",
-                        "too_large",
-                    )
-                payload = f.read(size) if pos + 8 + size <= end else b""
-                return payload if len(payload) == size else None
-            pos += 8 + size + (size & 1)
+        pos, size = found
+        if size > MAX_RECIPE_BYTES:
+            raise ExportError(
+                f"{path.name}: its '{chunk_id.decode()}' chunk is {size} bytes; Distill "
+                f"metadata is at most {MAX_RECIPE_BYTES} ({_mib(MAX_RECIPE_BYTES)})",
+                "too_large",
+            )
+        payload = f.read(size) if pos + size <= os.fstat(f.fileno()).st_size else b""
+        return payload if len(payload) == size else None
+
+
+def _find_riff_chunk(f: BinaryIO, chunk_id: bytes) -> tuple[int, int] | None:
+    """Where the payload of the open RIFF/WAVE file's first ``chunk_id`` chunk starts, and its
+    declared size, with ``f`` positioned there; None when it is not a RIFF/WAVE file or has no
+    such chunk. Walked by seeking: the audio before a chunk may be hundreds of MB."""
+    f.seek(0)
+    head = f.read(12)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    end = os.fstat(f.fileno()).st_size
+    pos = 12
+    for _ in range(MAX_RIFF_CHUNKS):
+        if pos + 8 > end:
+            return None
+        f.seek(pos)
+        header = f.read(8)
+        cid, size = header[:4], struct.unpack("<I", header[4:8])[0]
+        if cid == chunk_id:
+            return pos + 8, size
+        pos += 8 + size + (size & 1)
     return None
+
+
+def _clear_peak_time(path: Path) -> None:
+    """Zero the write time libsndfile stamps into a float WAV's PEAK chunk (its second field,
+    seconds since 1970), so that the same sound exported twice is the same bytes: the artifact
+    store keeps one copy, and a file made again from its recipe has the original's checksum."""
+    with open(path, "r+b") as f:
+        found = _find_riff_chunk(f, b"PEAK")
+        if found is not None and found[1] >= 8:
+            f.seek(found[0] + 4)  # after the chunk's version
+            f.write(b"\0\0\0\0")
 
 
 def _mib(n: int) -> str:

@@ -78,6 +78,25 @@ def test_export_is_bit_identical_for_the_same_input(tmp_path: Path) -> None:
     assert sf.read(a.path)[0].tobytes() == sf.read(b.path)[0].tobytes()
 
 
+@pytest.mark.parametrize(("suffix", "subtype"), [(".wav", "FLOAT"), (".wav", "PCM_24"),
+                                                 (".flac", "PCM_24")])  # fmt: skip
+def test_the_same_sound_exported_is_the_same_bytes(tmp_path: Path, suffix: str,
+                                                    subtype: str) -> None:  # fmt: skip
+    """libsndfile stamps a float WAV's PEAK chunk with the time it was written: two jobs that
+    made the same sounds a second apart stored different files. The stamp is zeroed."""
+    a = export_audio(tmp_path / f"a{suffix}", _tone(0.5, 2), SR, subtype=subtype, metadata=META)
+    data = a.path.read_bytes()
+    if subtype == "FLOAT":
+        at = data.index(b"PEAK")
+        assert data[at + 12 : at + 16] == bytes(4)  # after the id, the size and the version
+    b = export_audio(tmp_path / f"b{suffix}", _tone(0.5, 2), SR, subtype=subtype, metadata=META)
+    assert b.path.read_bytes() == data
+    if subtype == "FLOAT":  # the samples as they were
+        back = sf.read(a.path, always_2d=True, dtype="float32")[0].T
+        assert np.array_equal(back, _tone(0.5, 2).astype(np.float32))
+    assert read_export_metadata(a.path).data == META.data
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_audio_is_refused_naming_the_file(tmp_path: Path, bad: float) -> None:
     audio = _tone(0.5)
