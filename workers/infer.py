@@ -56,8 +56,8 @@ with the wrong number of levels, a 10-hour length, an unknown op), ``model_forma
 model file, ``artifact`` for an unknown artifact id. The worker keeps serving after any of them.
 
 Jobs (``distill.jobs`` submit to service ``distill.infer``) run long batches:
-``{"op": "generate", "model", "count" (1..256), "seconds", sampling params, "quality",
-"format": "wav"|"flac"}`` stores each sound as an exported file (artifact kind ``audio``, with
+``{"op": "generate", "model", "count" (1..256), "seconds", sampling params, "quality", "prime"
+(optional: (Q, T0) codes every sound continues), "format": "wav"|"flac"}`` stores each sound as an exported file (artifact kind ``audio``, with
 regenerable metadata), publishes progress per batch decoded (16 sounds, fewer when long), and
 returns ``{"sounds": [{"index", "artifact", "name", "seed"}], "model_id", "params",
 "sample_rate", "redrawn"}``. It holds one batch's audio at a time: each sound is written to a
@@ -300,8 +300,8 @@ class SoundFiles:
     metadata), one per sound: a sound drawn again overwrites its file."""
 
     def __init__(self, folder: Path, model: DistillModel, params: SamplingParams, *, count: int,
-                 seconds: float, quality: str, fmt: str) -> None:  # fmt: skip
-        self.folder, self.model, self.params = folder, model, params
+                 seconds: float, quality: str, fmt: str, prime: np.ndarray | None) -> None:  # fmt: skip
+        self.folder, self.model, self.params, self.prime = folder, model, params, prime
         self.count, self.seconds, self.quality = count, seconds, quality
         self.subtype = "FLOAT" if fmt == "wav" else "PCM_24"
         # the frames budget of the model's device, decided here: each recipe records it
@@ -314,7 +314,7 @@ class SoundFiles:
         for i, one in zip(indices.tolist(), audio, strict=True):
             recipe = inf.generate_recipe(self.params, count=self.count, seconds=self.seconds,
                                          quality=self.quality, index=i,
-                                         render_frames=self.render_frames)  # fmt: skip
+                                         render_frames=self.render_frames, prime=self.prime)  # fmt: skip
             meta = ExportMetadata(kind="generate", model_id=self.model.model_id,
                                   title=self.names[i], data=recipe)  # fmt: skip
             export_audio(self.folder / self.names[i], one, self.model.mel_config.sample_rate,
@@ -362,13 +362,15 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     if fmt not in ("wav", "flac"):
         raise inf.BadInput(f"format must be 'wav' or 'flac', got {fmt!r}")
     params, quality = _sampling(body, model), _quality(body, "best")
+    prime = body.get("prime")  # (Q, T0) codes the sounds continue; each recipe records them
+    prime = None if prime is None else inf.check_grid(model, prime, "prime")[0].cpu().numpy()
     # Each sound is exported to a file here as its batch is decoded, and stored once every
     # first draw's peak is known and the quiet ones are drawn again (a draw is judged against
     # the loudest first draw of the request): the job holds one batch's audio, not all of it
     # (256 sounds of 60 s: 2.9 GB), and stores no sound that a redraw replaces.
     with tempfile.TemporaryDirectory(prefix="distill-generate-") as tmp:
         files = SoundFiles(Path(tmp), model, params, count=count, seconds=seconds,
-                           quality=quality, fmt=fmt)  # fmt: skip
+                           quality=quality, fmt=fmt, prime=prime)  # fmt: skip
         progress = GenerateProgress(ctx)
 
         def write(indices: np.ndarray, audio: np.ndarray) -> None:
@@ -376,11 +378,13 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
             ctx.check_cancel()  # also between the batches drawn again, which report no progress
 
         drawn = inf.generate_each(model, write, count=count, seconds=seconds,
-                                  params=params, quality=quality, on_batch=progress.on_batch,
+                                  params=params, quality=quality, prime=prime,
+                                  on_batch=progress.on_batch,
                                   on_steps=progress.on_steps,
                                   render_frames=files.render_frames)  # fmt: skip
         sounds = [{"index": i, "artifact": files.store(ctx, i), "name": files.names[i],
                    "seed": params.seed} for i in range(count)]  # fmt: skip
-    recipe = {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality}
+    recipe = {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality,
+              "prime_steps": 0 if prime is None else prime.shape[1]}  # fmt: skip
     return {"sounds": sounds, "model_id": model.model_id, "params": recipe,
             "sample_rate": drawn.sample_rate, "redrawn": drawn.redrawn}  # fmt: skip

@@ -117,6 +117,27 @@ def test_a_job_stores_the_in_memory_sounds_with_the_quiet_ones_drawn_again(
     assert ctx.events[-1]["stage"] == "redrawing"
 
 
+def test_a_job_continues_its_prime_and_each_file_records_it(tmp_path: Path) -> None:
+    """A job with ``prime`` continues it, as a request does (the job dropped it: every sound
+    was drawn from nothing); each file's recipe holds the codes it continued and replays."""
+    ctx = FakeContext()
+    model = job(tmp_path, ctx, count=3)
+    q = model.vqvae.config.levels
+    prime = np.random.default_rng(0).integers(0, model.vqvae.config.codebook_size, (q, 12))
+    ctx.info.params["prime"] = prime.tolist()
+    want = inf.generate(model, count=3, seconds=SECONDS, params=params_of(model),
+                        quality="preview", prime=prime)  # fmt: skip
+    np.testing.assert_array_equal(want.codes[:, :, :12], np.broadcast_to(prime, (3, q, 12)))
+    result = infer.run_job(ctx)  # type: ignore[arg-type]
+    for i, s in enumerate(result["sounds"]):
+        path = tmp_path / s["name"]
+        path.write_bytes(ctx.artifacts.stored[s["artifact"]])
+        data = read_export_metadata(path).data
+        assert data["prime"] == prime.tolist()
+        np.testing.assert_array_equal(inf.replay(model, "generate", data), want.audio[i])
+    assert result["params"]["prime_steps"] == 12
+
+
 class HashedArtifacts(FakeArtifacts):
     """A store that keeps the sha256 of what it is given, not the bytes (which would be the
     whole request's audio in this process)."""
