@@ -17,6 +17,15 @@ longest the loop waits. The baseline, on a copy of the same data in the same run
 them all in one call, as one request without steps would. Then a broker process prunes the
 same journal (DISTILL_STORE_KEEP_FINISHED_JOBS_DAYS) while a client times echo round trips
 through it, beside the same client's round trips once the pruning is over.
+
+Referenced artifacts: what the store may not delete (every artifact a queued or running job's
+params name, their checkpoints, their dependencies' results), asked of a journal of N queued
+jobs naming 20 files each, as retention asks it each time a checkpoint is superseded and
+`artifacts rm` asks it: from the journal's artifact index, all of them and one artifact at a
+time (what a deletion asks), beside the baseline of decoding every queued job's params (how it
+was read before the index), in the same run.
+
+    python bench/broker.py --only referenced [--referenced-jobs 5000]
 """
 
 from __future__ import annotations
@@ -109,14 +118,66 @@ def start_curve_cluster(tmp: Path) -> tuple[str, ClientSecurity, list[subprocess
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--only", choices=["rtt", "prune"], default=None)
+    parser.add_argument("--only", choices=["rtt", "prune", "referenced"], default=None)
     parser.add_argument("--prune-jobs", type=int, default=10_000)
+    parser.add_argument("--referenced-jobs", type=int, default=5_000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="distill-bench-") as folder:  # its keys go with it
         if args.only in (None, "rtt"):
             run(args, Path(folder))
         if args.only in (None, "prune"):
             run_prune(args.prune_jobs, Path(folder))
+        if args.only in (None, "referenced"):
+            run_referenced(args.referenced_jobs, Path(folder))
+
+
+def run_referenced(jobs: int, tmp: Path) -> None:
+    import hashlib
+
+    from distill.broker.store.journal import JobStore, _collect_sha256, _unpack
+
+    journal = JobStore(tmp / "referenced.sqlite3")
+    with journal.batch():
+        for i in range(jobs):
+            files = [hashlib.sha256(f"{i}-{k}".encode()).hexdigest() for k in range(20)]
+            journal.submit("distill.preprocess", {"files": [{"name": f"{k}.wav", "sha256": f}
+                                                            for k, f in enumerate(files)]})  # fmt: skip
+
+    def decoded() -> set[str]:  # the baseline: every queued job's params decoded and walked
+        found: set[str] = set()
+        rows = journal._db.execute(
+            "SELECT params, checkpoint FROM jobs WHERE status IN ('queued', 'running')"
+        ).fetchall()
+        for params, checkpoint in rows:
+            _collect_sha256(_unpack(params), found)
+            if checkpoint is not None:
+                found.add(checkpoint)
+        return found
+
+    def seconds(fn: Callable[[], set[str]]) -> float:  # the least disturbed of 5 runs
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    assert decoded() == journal.referenced_artifacts()  # the same answer
+    base, indexed = seconds(decoded), seconds(journal.referenced_artifacts)
+    probes = [hashlib.sha256(f"{i}-0".encode()).hexdigest() for i in (0, jobs // 2, jobs - 1)]
+    probes.append("0" * 64)  # needed by none
+
+    def ask_each() -> set[str]:  # what a deletion asks: is this one in use?
+        in_use = journal.in_use()
+        return {sha for sha in probes if sha in in_use}
+
+    assert ask_each() == set(probes[:3])
+    one = seconds(ask_each) / len(probes)
+    journal.close()
+    print(f"\nreferenced artifacts of {jobs} queued jobs naming 20 files each (best of 5): "
+          f"decoding their params (baseline) {base * 1e3:.0f} ms; all of them from the index "
+          f"{indexed * 1e3:.0f} ms = {indexed / base:.2f}x; whether one is in use (what a "
+          f"deletion asks) {one * 1e3:.2f} ms = {one / base:.4f}x")  # fmt: skip
 
 
 def run(args: argparse.Namespace, tmp: Path) -> None:

@@ -8,7 +8,7 @@ import os
 import signal
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,7 +54,7 @@ def build_broker(config: BrokerConfig, storage: StorageSettings | None = None) -
                           upload_idle_s=storage.upload_idle_s)
     quota = ArtifactQuota(data_dir / "quota.json", config.limits.artifact_quota_bytes)
 
-    def release(shas: Sequence[str], in_use: set[str]) -> list[ArtifactRecord]:
+    def release(shas: Sequence[str], in_use: Container[str]) -> list[ArtifactRecord]:
         # retention's deletions free the quota as a user's would
         removed = store.delete_many(shas, in_use=in_use)
         for record in removed:
@@ -68,7 +68,7 @@ def build_broker(config: BrokerConfig, storage: StorageSettings | None = None) -
                       lambda now: _expire_uploads(store, quota))
     jobs.periodic.add("verify_resumed_uploads", VERIFY_STEP_S, lambda now: store.verify_step())
     artifacts = ArtifactService(
-        store, in_use=jobs.store.referenced_artifacts,
+        store, in_use=jobs.store.in_use,
         quota=quota,
         # Without CURVE there are no keys: every peer shares one "anonymous" account.
         owner_of=(lambda: broker.current_owner.decode(errors="replace")) if config.security

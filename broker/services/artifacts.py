@@ -13,7 +13,7 @@ New uploads are charged to the uploading key's quota (:mod:`distill.broker.servi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 from distill.broker.services.common import field, ok_body, page
 from distill.broker.services.quota import ArtifactQuota
@@ -35,7 +35,7 @@ MAX_UPLOADS_PER_CLIENT = 256
 
 
 class ArtifactService:
-    def __init__(self, store: ArtifactStore, in_use: Callable[[], set[str]],
+    def __init__(self, store: ArtifactStore, in_use: Callable[[], Container[str]],
                  quota: ArtifactQuota | None = None,
                  owner_of: Callable[[], str] = lambda: "anonymous",
                  describe_owner: Callable[[str], str] = str,

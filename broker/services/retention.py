@@ -22,7 +22,7 @@ A job removed from the journal takes its checkpoints and previews with it; what 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 
 from distill.broker.store.artifacts import ArtifactRecord, ArtifactStore
 from distill.broker.store.journal import JobRecord, JobStore
@@ -44,7 +44,7 @@ class Retention:
         self,
         jobs: JobStore,
         artifacts: ArtifactStore,
-        delete: Callable[[Sequence[str], set[str]], list[ArtifactRecord]],
+        delete: Callable[[Sequence[str], Container[str]], list[ArtifactRecord]],
         *,
         keep_preview_epochs: int,
     ) -> None:
@@ -56,7 +56,7 @@ class Retention:
         self.keep_preview_epochs = keep_preview_epochs
         self.deleted = 0  # artifacts removed so far, for logs and tests
 
-    def _remove(self, sha: str, why: str, in_use: set[str]) -> None:
+    def _remove(self, sha: str, why: str, in_use: Container[str]) -> None:
         if sha in in_use or not self.artifacts.has(sha):
             return
         try:
@@ -81,7 +81,7 @@ class Retention:
         return goes, stays
 
     def release(
-        self, artifacts: Sequence[ArtifactRecord], in_use: set[str]
+        self, artifacts: Sequence[ArtifactRecord], in_use: Container[str]
     ) -> list[ArtifactRecord]:
         """Delete ``artifacts`` (all at once) but those ``in_use``; returns those removed."""
         removed = self.delete([a.sha256 for a in artifacts], in_use)
@@ -91,15 +91,15 @@ class Retention:
     def superseded(self, job_id: str, previous: str) -> None:
         """``previous`` was the job's checkpoint until a newer one was registered just now."""
         self._remove(
-            previous, f"checkpoint of {job_id} superseded", self.jobs.referenced_artifacts()
+            previous, f"checkpoint of {job_id} superseded", self.jobs.in_use()
         )
 
     def job_finished(self, record: JobRecord) -> None:
         """A job ended: a succeeded one needs no checkpoint any more (it cannot be retried)."""
         if record.status == "succeeded":
-            self._release_checkpoints(record, self.jobs.referenced_artifacts())
+            self._release_checkpoints(record, self.jobs.in_use())
 
-    def _release_checkpoints(self, record: JobRecord, in_use: set[str]) -> None:
+    def _release_checkpoints(self, record: JobRecord, in_use: Container[str]) -> None:
         current = record.checkpoint if record.status != "succeeded" else None
         current_at = self._created_at(current)
         for artifact in self.artifacts.list(kind=CHECKPOINT_KIND, job=record.id):
@@ -122,7 +122,7 @@ class Retention:
         except ArtifactError:
             return None
 
-    def trim_previews(self, job_id: str, in_use: set[str] | None = None) -> None:
+    def trim_previews(self, job_id: str, in_use: Container[str] | None = None) -> None:
         """Keep the previews of the job's last ``keep_preview_epochs`` preview epochs."""
         by_epoch: dict[int, list[ArtifactRecord]] = {}
         for artifact in self.artifacts.list(kind=PREVIEW_KIND, job=job_id):
@@ -131,14 +131,14 @@ class Retention:
         old = sorted(by_epoch)[: max(0, len(by_epoch) - self.keep_preview_epochs)]
         if not old:
             return
-        in_use = self.jobs.referenced_artifacts() if in_use is None else in_use
+        in_use = self.jobs.in_use() if in_use is None else in_use
         for epoch in old:
             for artifact in by_epoch[epoch]:
                 self._remove(artifact.sha256, f"preview of {job_id} epoch {epoch}", in_use)
 
     def sweep(self, now: float = 0.0) -> None:
         """Apply the rules to every job that has checkpoints or previews in the store."""
-        in_use = self.jobs.referenced_artifacts()
+        in_use = self.jobs.in_use()
         jobs = {
             a.job
             for kind in (CHECKPOINT_KIND, PREVIEW_KIND)

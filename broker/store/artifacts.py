@@ -57,7 +57,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -704,7 +704,7 @@ class ArtifactStore:
         return found
 
     def delete_many(
-        self, shas: Sequence[str], *, in_use: set[str]
+        self, shas: Sequence[str], *, in_use: Container[str]
     ) -> builtins.list[ArtifactRecord]:
         """Remove every stored artifact of ``shas`` that ``in_use`` does not hold, in one
         transaction: one fsync for all, where :meth:`delete` pays one each (a journal pruned
@@ -723,8 +723,8 @@ class ArtifactStore:
                 self._object_path(record.sha256).unlink(missing_ok=True)
         return removed
 
-    def delete(self, sha256: str, *, in_use: set[str]) -> None:
-        """Remove an artifact; refused while ``in_use`` holds it (e.g. JobStore.referenced_artifacts)."""
+    def delete(self, sha256: str, *, in_use: Container[str]) -> None:
+        """Remove an artifact; refused while ``in_use`` holds it (e.g. JobStore.in_use())."""
         sha = require_sha256(sha256)
         if sha in in_use:
             raise ArtifactError(f"artifact {sha} is in use by a queued or running job")

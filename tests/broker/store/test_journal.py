@@ -28,6 +28,7 @@ from distill.shared.errors import JobError
 SHA_A = "a" * 64
 SHA_B = "0123456789abcdef" * 4
 SHA_C = "c" * 64
+SHA_D = "d" * 64  # a checkpoint
 
 
 class FakeClock:
@@ -517,13 +518,17 @@ def test_referenced_artifacts_covers_what_unfinished_jobs_need(store: JobStore) 
     done = store.submit("distill.infer", {"model": "f" * 64})
     run_to_success(store, done.id, {"audio": "e" * 64})
     assert store.referenced_artifacts() == {SHA_A, SHA_B}
+    every = (SHA_A, SHA_B, SHA_C, "d" * 64, "e" * 64, "f" * 64)
+    assert {sha for sha in every if sha in store.in_use()} == {SHA_A, SHA_B}
 
     run_to_success(store, a.id, {"dataset": SHA_C})  # b will read this dataset
     store.set_checkpoint(b.id, "d" * 64)
     assert store.referenced_artifacts() == {SHA_A, SHA_B, SHA_C, "d" * 64}
+    assert {sha for sha in every if sha in store.in_use()} == {SHA_A, SHA_B, SHA_C, "d" * 64}
 
     run_to_success(store, b.id, {})
     assert store.referenced_artifacts() == set()
+    assert not any(sha in store.in_use() for sha in every)
 
 
 # --- removal ------------------------------------------------------------------------------------
@@ -731,7 +736,10 @@ class JobTableMachine(RuleBasedStateMachine):
             return
         job = data.draw(st.sampled_from(ready))
         self.store.mark_running(job.id, "w")
-        outcome = data.draw(st.sampled_from(["succeed", "fail", "cancel", "keep running"]))
+        outcome = data.draw(st.sampled_from(["succeed", "fail", "cancel", "keep running",
+                                             "checkpoint"]))  # fmt: skip
+        if outcome == "checkpoint":  # and keep running
+            self.store.set_checkpoint(job.id, SHA_D)
         if outcome == "succeed":
             made = data.draw(st.sampled_from([SHA_B, SHA_C]))
             self.store.mark_succeeded(job.id, {"n": 1, "out": made})
@@ -785,6 +793,22 @@ class JobTableMachine(RuleBasedStateMachine):
             named |= {sha for _, sha in artifact_refs(job.result)}
             others = [j.id for j in jobs if j.id != job.id]
             assert self.store.needed_artifacts([SHA_A, SHA_B, SHA_C], besides=others) == named
+
+    @invariant()
+    def what_is_in_use_is_what_unfinished_jobs_need(self) -> None:
+        """referenced_artifacts and in_use (both from the index) agree with the records: the
+        params and checkpoint of every queued or running job and its dependencies' results."""
+        jobs = {j.id: j for j in self.store.list(limit=10_000)}
+        needed: set[str] = set()
+        for job in jobs.values():
+            if job.status in ("queued", "running"):
+                needed |= {sha for _, sha in artifact_refs(job.params)}
+                needed |= {job.checkpoint} if job.checkpoint else set()
+                for dep in job.depends_on:
+                    needed |= {sha for _, sha in artifact_refs(jobs[dep].result)}
+        assert self.store.referenced_artifacts() == needed
+        in_use = self.store.in_use()
+        assert {sha for sha in (SHA_A, SHA_B, SHA_C, SHA_D) if sha in in_use} == needed
 
     @invariant()
     def table_is_consistent(self) -> None:
