@@ -135,22 +135,37 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
                    bits: str = "24", prefix: str = "gen", show: bool = True) -> list[Path]:  # fmt: skip
     """``count`` generated sounds (continuing ``prime``, a (Q, T0) grid, if given) written into
     ``out`` with their metadata; their paths."""
+    from distill.shared.audio.export import free_path
     from distill.shared.model import inference as inf
 
     params = _params(model, temperature, top_k, top_p, min_p, seed, change_temperature, show)
     subtype = _subtype(bits, f".{fmt}")
     _check_count(count)
     _writable_folder(out)  # before the draws: a refusal after them would lose their work
-    # The bar moves as each batch of 16 is decoded; sampling the codes comes before.
-    with typer.progressbar(length=count, label="generating", hidden=not show) as bar:
-        made = inf.generate(model, count=count, seconds=seconds, params=params, quality=quality,
-                            prime=prime,
-                            on_batch=lambda done, total: bar.update(done - bar.pos))  # fmt: skip
+    # Each sound is written as its batch is decoded (a sound drawn again overwrites its file),
+    # so that no more than a batch of audio is held (256 sounds of 60 s kept: 2.9 GB).
+    render_frames = inf.render_frames_for(model)  # what each recipe records
     recipes = [inf.generate_recipe(params, count=count, seconds=seconds, quality=quality,
-                                   index=i, render_frames=made.render_frames, prime=prime)
+                                   index=i, render_frames=render_frames, prime=prime)
                for i in range(count)]  # fmt: skip
-    paths = _export_all(model, made, recipes, "generate", out, f"{prefix}-s{seed}", fmt, subtype,
-                        show)  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)  # checked by _writable_folder before the draws
+    paths = [free_path(out / f"{prefix}-s{seed}-{i:03d}.{fmt}") for i in range(count)]
+    gains = [0.0] * count
+
+    def write(indices: Any, audio: Any) -> None:
+        for i, one in zip(indices.tolist(), audio, strict=True):
+            gains[i] = _export_one(model, paths[i], one, recipes[i], "generate", subtype)
+
+    # The bar moves as each batch is decoded; sampling the codes comes before.
+    with typer.progressbar(length=count, label="generating", hidden=not show) as bar:
+        made = inf.generate_each(model, write, count=count, seconds=seconds, params=params,
+                                 quality=quality, prime=prime, render_frames=render_frames,
+                                 on_batch=lambda done, total: bar.update(done - bar.pos))  # fmt: skip
+    if show:
+        step_s = model.vqvae.config.downsample / model.mel_config.frames_per_second
+        for i, path in enumerate(paths):
+            gain = f" gain {gains[i]:.1f} dB" if gains[i] else ""
+            typer.echo(shown(f"{path}  index={i} {_describe(recipes[i], step_s)}{gain}"))
     note = inf.redraw_note(made.redrawn, count)
     if show and note:
         typer.echo(note)
@@ -189,22 +204,32 @@ SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "change_temperature
 def _export_all(model: Any, made: Any, recipes: list[dict[str, Any]], kind: str, out: Path,
                 stem: str, fmt: str, subtype: str, show: bool) -> list[Path]:  # fmt: skip
     """Each sound of ``made`` to ``out/STEM-NNN.FMT`` with its recipe; prints each line."""
-    from distill.shared.audio.export import ExportMetadata, export_audio, free_path
+    from distill.shared.audio.export import free_path
 
     out.mkdir(parents=True, exist_ok=True)  # checked by _writable_folder before the draws
     paths = []
     step_s = model.vqvae.config.downsample / model.mel_config.frames_per_second
     for i, (audio, recipe) in enumerate(zip(made.audio, recipes, strict=True)):
-        # a numbered file's name holds only the model, the seed and the index: never an
-        # earlier run's file (made with other settings)
         path = free_path(out / f"{stem}-{i:03d}.{fmt}")
-        meta = ExportMetadata(kind=kind, model_id=model.model_id, title=path.stem, data=recipe)
-        report = export_audio(path, audio, made.sample_rate, subtype=subtype, metadata=meta)  # type: ignore[arg-type]
-        gain = f" gain {report.gain_db:.1f} dB" if report.gain_db else ""
+        gain_db = _export_one(model, path, audio, recipe, kind, subtype)
+        gain = f" gain {gain_db:.1f} dB" if gain_db else ""
         if show:
             typer.echo(shown(f"{path}  index={i} {_describe(recipe, step_s)}{gain}"))
         paths.append(path)
     return paths
+
+
+def _export_one(model: Any, path: Path, audio: Any, recipe: dict[str, Any], kind: str,
+                subtype: str) -> float:  # fmt: skip
+    """One sound to ``path`` with its recipe; the gain applied (dB, 0: none). A numbered
+    file's name (see free_path) holds only the model, the seed and the index: never an
+    earlier run's file (made with other settings)."""
+    from distill.shared.audio.export import ExportMetadata, export_audio
+
+    meta = ExportMetadata(kind=kind, model_id=model.model_id, title=path.stem, data=recipe)
+    report = export_audio(path, audio, model.mel_config.sample_rate, subtype=subtype,
+                          metadata=meta)  # type: ignore[arg-type]  # fmt: skip
+    return float(report.gain_db)
 
 
 def _check_file(path: Path, name: str) -> None:

@@ -13,7 +13,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from distill.shared.audio.export import read_export_metadata
+from distill.shared.audio.export import headroom_gain, read_export_metadata
 from distill.shared.cli import generate
 from distill.shared.model import inference
 from distill.shared.model.modelfile import save_model
@@ -89,6 +89,39 @@ def test_generate_says_how_many_draws_were_drawn_again(
                "--quality", "preview")  # fmt: skip
     assert ("2 of 2 draws came out silent (peak under 20 dBFS, or 30 dB under the loudest "
             "draw) and were drawn again") in " ".join(text.split())
+
+
+def test_generate_writes_each_sound_as_it_is_made_the_quiet_ones_replaced(
+    model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files are the in-memory path's sounds, a quiet draw's file holding its redraw, and
+    no more than a batch of audio is held (it kept every sound: 256 of 60 s were 2.9 GB)."""
+    import tracemalloc
+
+    from distill.shared.model.modelfile import load_model
+
+    model = load_model(model_file, "cpu")
+    params = generate._params(model, 1.0, 0, 1.0, None, 5, None, False)  # as the command does
+    plain = inference.generate(model, count=64, seconds=0.5, params=params, quality="preview")
+    peaks = 20 * np.log10(np.abs(plain.audio).max(axis=-1))
+    monkeypatch.setattr(inference, "SILENT_PEAK_DB", float(np.median(peaks)))  # half redrawn
+    kept = inference.generate(model, count=64, seconds=0.5, params=params, quality="preview")
+    assert kept.redrawn >= 32  # in batches of 8
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        paths = generate.generate_files(model, tmp_path / "out", count=64, seconds=0.5,
+                                        temperature=1.0, top_k=0, top_p=1.0, seed=5,
+                                        quality="preview", fmt="wav", bits="float", show=False)  # fmt: skip
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [p.name for p in paths]
+    for i, path in enumerate(paths):  # as exported: a peak over full scale scaled down
+        want = kept.audio[i] * headroom_gain(float(np.abs(kept.audio[i]).max()))
+        np.testing.assert_allclose(sf.read(path, dtype="float32")[0], want, rtol=1e-6, atol=1e-7)
+    assert peak < kept.audio.nbytes / 2, f"peak {peak} bytes for {kept.audio.nbytes} of audio"
 
 
 def test_regenerate_with_another_model_says_so(model_file: Path, tmp_path: Path) -> None:
