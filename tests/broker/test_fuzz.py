@@ -84,7 +84,9 @@ def live_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Brok
     thread.join(5)
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+# 1000 examples: up to 5000 messages of every frame shape; the hostile-bus tests aim at each
+# field on purpose (2000 took 11 s of the fast half's two minutes)
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(messages=st.lists(message, min_size=1, max_size=5), oversize=st.booleans())
 def test_random_multipart_messages(
     live_broker: tuple[Broker, str], messages: list[list[bytes]], oversize: bool
