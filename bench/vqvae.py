@@ -2,8 +2,10 @@
 
     /work/venv/bin/python bench/vqvae.py --minutes 4
     /work/venv/bin/python bench/vqvae.py --minutes 4 --model '{"spectral_weight": 0.5}'
+    /work/venv/bin/python bench/vqvae.py --minutes 3 --subset 10 --spread --unseen 8 --quick
 
-Prints, on the validation files and on a sample of training files (whole files, medians):
+Prints, on the validation files and on a sample of training files (whole files, medians; with
+``--unseen K``, on K files of the set outside a ``--subset`` too):
 
 - log-mel L1 of the reconstructed mel against the true mel (the model's own error);
 - spectral convergence and log-mel L1 of the decoded audio (Griffin-Lim from the reconstructed
@@ -195,6 +197,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-files", type=int, default=13, help="training files to evaluate")
     ap.add_argument("--subset", type=int, default=0, help="only the first N usable files (0: all)")
+    ap.add_argument("--spread", action="store_true",
+                    help="with --subset: N files spread evenly over the set, not the first N")
+    ap.add_argument("--unseen", type=int, default=0,
+                    help="with --subset: also decode K files of the set outside the subset")
     ap.add_argument("--quick", action="store_true", help="skip the first-k-levels figures")
     ap.add_argument("--save", type=Path, help="write the trained model here (safetensors)")
     ap.add_argument(
@@ -213,9 +219,14 @@ def main() -> None:
     cfg = MelConfig()
     paths = scan_folder(args.data)
     ds = build_dataset([(p.name, p.read_bytes()) for p in paths], cfg, seed=0)
+    unseen: list[Path] = []
     if args.subset:  # the first N files the dataset took (a folder may hold a README)
         used = {r.name for r in ds.manifest if r.chunks > 0}
-        paths = [p for p in paths if p.name in used][: args.subset]
+        usable = [p for p in paths if p.name in used]
+        step = max(1, len(usable) // args.subset) if args.spread else 1
+        paths = usable[::step][: args.subset]
+        rest = [p for p in usable if p not in paths]
+        unseen = rest[1 :: max(1, len(rest) // args.unseen)][: args.unseen] if args.unseen else []
         ds = build_dataset([(p.name, p.read_bytes()) for p in paths], cfg, seed=0)
     print(f"dataset: {len(ds.files_in_split('train'))} train / {len(ds.files_in_split('val'))} "
           f"val files, {len(ds.train_indices())} / {len(ds.val_indices())} chunks")  # fmt: skip
@@ -283,21 +294,28 @@ def main() -> None:
               f"{ref['train_loss_after']:.4f}, validation loss {ref['val_loss_before']:.4f} -> "
               f"{ref['val_loss_after']:.4f} ({'kept' if ref['kept'] else 'undone'})")  # fmt: skip
     started = time.perf_counter()
-    held_back = evaluate(result.model, val_paths, cfg)
+    held_back = evaluate(result.model, val_paths, cfg) if val_paths else {}
     searched_s = time.perf_counter() - started
     print(f"codes searched by what they decode to ({SEARCH_CANDIDATES} candidates per level and "
           f"step, as `distill encode` and the inference worker encode): "
           f"{searched_s:.1f} s for the held-back files")  # fmt: skip
-    report("val", held_back, 1.5)
+    if val_paths:
+        report("val", held_back, 1.5)
+    else:  # too little sound held out to validate on (MIN_VAL_CHUNKS): every file trained
+        print("       val: none (every file trains)")
     report("train", evaluate(result.model, train_paths, cfg), 1.25)
+    if unseen:  # files of the set the subset's codec never heard
+        report("unseen", evaluate(result.model, unseen, cfg), 1.5)
     print("the quantizer's nearest codes (no search; what the trainer's checks and the prior's "
           "code sets use):")  # fmt: skip
-    for name, paths in (("val", val_paths), ("train", train_paths)):
+    for name, paths in (("val", val_paths), ("train", train_paths), ("unseen", unseen)):
+        if not paths:
+            continue
         m = evaluate(result.model, paths, cfg, search=1)
         print(f"  {name}: decoded SC {m['sc']:.3f} vs floor {m['sc_floor']:.3f} = "
               f"{m['sc'] / m['sc_floor']:.2f}x")  # fmt: skip
     audio_check_cost(trainer, result, hooks)
-    for k in range(1, 1 if args.quick else result.model_config.levels or 1):
+    for k in range(1, 1 if args.quick or not val_paths else result.model_config.levels or 1):
         m = evaluate(result.model, val_paths, cfg, levels=k, search=1)
         print(
             f"  val, first {k} level(s): decoded SC {m['sc']:.3f} ({m['sc'] / m['sc_floor']:.2f}x)"
