@@ -63,6 +63,10 @@ def _fmt(v: Any) -> str:
 
 DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
 FINISHED = ("succeeded", "failed", "cancelled")
+# `jobs rm` and `jobs prune` share these
+ResultsOpt = typer.Option(False, "--artifacts", help=(
+    "Also remove the results the jobs made (models, sounds, datasets) that no other job names."))
+DryRunOpt = typer.Option(False, "--dry-run", help="Say what would go; change nothing.")
 SHOWN_JOBS = 20  # jobs a dry run lists; the rest are counted
 
 
@@ -213,11 +217,7 @@ def register(app: typer.Typer) -> None:
     @jobs.command("rm")
     def jobs_rm(job_ids: list[str] = typer.Argument(..., metavar="JOB", help="Finished jobs."),
                 broker: str = BrokerOpt,
-                artifacts: bool = typer.Option(False, "--artifacts", help=(
-                    "Also remove the results the jobs made (models, sounds, datasets) that no "
-                    "other job names.")),
-                dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go; change nothing."),
-                ) -> None:  # fmt: skip
+                artifacts: bool = ResultsOpt, dry_run: bool = DryRunOpt) -> None:  # fmt: skip
         """Remove finished jobs from the broker's journal, with their checkpoints and previews
         (their results stay unless --artifacts). All or none: a job that is unknown, not
         finished, or that a queued or running job depends on refuses the whole command."""
@@ -236,11 +236,7 @@ def register(app: typer.Typer) -> None:
                    status: str = typer.Option(None, help="Only jobs that ended so: succeeded, "
                                               "failed or cancelled."),
                    broker: str = BrokerOpt,
-                   artifacts: bool = typer.Option(False, "--artifacts", help=(
-                       "Also remove the results the jobs made (models, sounds, datasets) that no "
-                       "other job names.")),
-                   dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go; change nothing."),
-                   ) -> None:  # fmt: skip
+                   artifacts: bool = ResultsOpt, dry_run: bool = DryRunOpt) -> None:  # fmt: skip
         """Remove every finished job older than AGE from the broker's journal, with its
         checkpoints and previews (its results stay unless --artifacts). Jobs that a queued or
         running job depends on stay, and are named."""

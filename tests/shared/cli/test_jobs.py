@@ -28,11 +28,13 @@ from tests.conftest import free_port_block
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[tuple[str, JobService]]:
+def threaded_broker(tmp_path: Path, limits: Limits | None = None
+                    ) -> Iterator[tuple[str, JobService]]:  # fmt: skip
+    """A broker in a thread (its endpoint and jobs service) until the generator is closed."""
     port = free_port_block()
-    b = build_broker(BrokerConfig(port=port, data_dir=tmp_path / "broker"),
-                     StorageSettings(min_free_bytes=0))
+    config = BrokerConfig(port=port, data_dir=tmp_path / "broker",
+                          **({} if limits is None else {"limits": limits}))  # fmt: skip
+    b = build_broker(config, StorageSettings(min_free_bytes=0))
     assert isinstance(b.jobs, JobService)
     b.bind()
     stop = threading.Event()
@@ -41,6 +43,11 @@ def broker(tmp_path: Path) -> Iterator[tuple[str, JobService]]:
     yield f"tcp://127.0.0.1:{port}", b.jobs
     stop.set()
     thread.join(5)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[tuple[str, JobService]]:
+    yield from threaded_broker(tmp_path)
 
 
 def test_jobs_show_prints_the_metric_count_not_one_page(broker: tuple[str, JobService]) -> None:
@@ -248,18 +255,7 @@ def test_dataset_add_checks_its_settings_before_uploading(tmp_path: Path) -> Non
 @pytest.fixture
 def quota_broker(tmp_path: Path) -> Iterator[tuple[str, JobService]]:
     """A broker in a thread whose artifact quota is 8 000 bytes (one account without CURVE)."""
-    port = free_port_block()
-    b = build_broker(BrokerConfig(port=port, data_dir=tmp_path / "broker",
-                                  limits=Limits(artifact_quota_bytes=8_000)),
-                     StorageSettings(min_free_bytes=0))  # fmt: skip
-    assert isinstance(b.jobs, JobService)
-    b.bind()
-    stop = threading.Event()
-    thread = threading.Thread(target=b.run, args=(stop,), daemon=True)
-    thread.start()
-    yield f"tcp://127.0.0.1:{port}", b.jobs
-    stop.set()
-    thread.join(5)
+    yield from threaded_broker(tmp_path, Limits(artifact_quota_bytes=8_000))
 
 
 def _cli(endpoint: str, *args: str) -> Any:
