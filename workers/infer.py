@@ -61,8 +61,9 @@ Jobs (``distill.jobs`` submit to service ``distill.infer``) run long batches:
 regenerable metadata), publishes progress per batch decoded (16 sounds, fewer when long), and
 returns ``{"sounds": [{"index", "artifact", "name", "seed"}], "model_id", "params",
 "sample_rate", "redrawn"}``. It holds one batch's audio at a time: each sound is written to a
-file in the worker's temporary folder as it is decoded, and all are stored at the end (the
-files' size on disk there: 256 sounds of 60 s as float WAV, 2.9 GB).
+file in a scratch folder of the worker's artifact cache as it is decoded (one a killed worker
+leaves goes when the next worker starts), and all are stored at the end (the files' size on
+disk there: 256 sounds of 60 s as float WAV, 2.9 GB).
 
 Models are cached per worker by artifact id (LRU, :data:`MODEL_CACHE_SIZE`): a second request
 on the same model loads nothing.
@@ -70,7 +71,6 @@ on the same model loads nothing.
 
 from __future__ import annotations
 
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -83,6 +83,7 @@ import torch
 from distill.shared.audio.dataset import Dataset
 from distill.shared.audio.export import ExportMetadata, export_audio
 from distill.shared.bus import protocol as P
+from distill.shared.bus.cache import scratch_folder
 from distill.shared.errors import ModelFormatError
 from distill.shared.ids import is_sha256
 from distill.shared.model import inference as inf
@@ -368,7 +369,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     # first draw's peak is known and the quiet ones are drawn again (a draw is judged against
     # the loudest first draw of the request): the job holds one batch's audio, not all of it
     # (256 sounds of 60 s: 2.9 GB), and stores no sound that a redraw replaces.
-    with tempfile.TemporaryDirectory(prefix="distill-generate-") as tmp:
+    with scratch_folder("distill-generate") as tmp:
         files = SoundFiles(Path(tmp), model, params, count=count, seconds=seconds,
                            quality=quality, fmt=fmt, prime=prime)  # fmt: skip
         progress = GenerateProgress(ctx)

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -66,6 +65,7 @@ from typing import Any, cast
 from torch import Tensor
 
 from distill.shared.audio.dataset import Dataset
+from distill.shared.bus.cache import scratch_folder
 from distill.shared.errors import ConfigError
 from distill.shared.ids import is_sha256
 from distill.shared.model import inference as inf
@@ -222,7 +222,7 @@ def _summary(name: str, dataset_id: str, dataset: Dataset, vqvae_summary: dict[s
 
 def _write_model(ctx: JobContext, model: DistillModel, name: str) -> tuple[str, str]:
     """Save the .distill file and upload it (kind "model"); (artifact id, model id)."""
-    with tempfile.TemporaryDirectory(prefix="distill-model-") as tmp:
+    with scratch_folder("distill-model") as tmp:
         path = Path(tmp) / f"{name}{SUFFIX}"
         model_id = save_model(path, model)
         sha = ctx.artifacts.put_file(path, kind="model", name=path.name, job=ctx.info.job_id)

@@ -15,7 +15,8 @@ Size. The cache holds at most ``max_bytes`` (``$DISTILL_CACHE_MAX_BYTES``, defau
 after each new artifact, the least recently used ones go first (a file's modification time is
 its last use: a hit touches it, so the order survives restarts and is shared by every worker on
 the machine). Temporary ``*.part`` files carry their writer's pid; at start, those of writers
-that are no longer running (a worker killed mid-download) are removed.
+that are no longer running (a worker killed mid-download) are removed, and so are the scratch
+folders (``*.dir``, :func:`scratch_folder`) of jobs whose worker was killed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import shutil
 import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -72,6 +75,22 @@ def default_cache_root() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "distill" / "artifacts"
+
+
+def scratch_folder(prefix: str, root: Path | None = None) -> tempfile.TemporaryDirectory[str]:
+    """A private folder for a job's working files (a generate job's sounds before they are
+    stored: up to gigabytes), in the cache's ``tmp/`` as ``<prefix>.<pid>.<random>.dir``.
+    Use as a context manager: the folder goes when the block ends, or, when its process is
+    killed, at the start of the next worker on this machine (:class:`ArtifactCache`)."""
+    tmp = (Path(root) if root is not None else default_cache_root()) / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}.{os.getpid()}.", suffix=".dir", dir=tmp)
+
+
+def _owner_pid(name: str, suffix: str) -> int | None:
+    """The pid in a temporary ``<what>.<pid>.<token><suffix>`` name (None: not such a name)."""
+    fields = name.removesuffix(suffix).split(".")
+    return int(fields[1]) if len(fields) == 3 and fields[1].isdigit() else None
 
 
 class CacheWriter:
@@ -170,13 +189,18 @@ class ArtifactCache:
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
-        """Delete ``*.part`` files whose writer is gone (named ``<sha>.<pid>.<token>.part``)."""
+        """Delete ``*.part`` files whose writer is gone (named ``<sha>.<pid>.<token>.part``) and
+        scratch folders whose job's process is gone (``<prefix>.<pid>.<token>.dir``)."""
         for part in self._tmp_dir.glob("*.part"):
-            fields = part.name.split(".")
-            pid = int(fields[1]) if len(fields) == 4 and fields[1].isdigit() else None
+            pid = _owner_pid(part.name, ".part")
             if pid is None or (pid != os.getpid() and not _pid_alive(pid)):
                 part.unlink(missing_ok=True)
                 log.info("cache_leftover_removed", file=part.name)
+        for folder in self._tmp_dir.glob("*.dir"):
+            pid = _owner_pid(folder.name, ".dir")
+            if pid is not None and pid != os.getpid() and not _pid_alive(pid) and folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+                log.info("cache_leftover_removed", folder=folder.name)
 
     def _entries(self) -> list[tuple[float, int, Path]]:
         """(last use, size, path) of every cached artifact."""

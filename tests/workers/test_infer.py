@@ -48,6 +48,7 @@ class FakeArtifacts:
     def __init__(self) -> None:
         self.files: dict[str, Path] = {}
         self.stored: dict[str, bytes] = {}
+        self.put_folders: set[Path] = set()  # where put_file found its files
 
     def add(self, path: Path) -> str:
         sha = sha256_file(path)
@@ -68,6 +69,7 @@ class FakeArtifacts:
         return sha
 
     def put_file(self, path: Path, *, kind: str, name: str, job: str | None = None) -> str:
+        self.put_folders.add(path.parent)
         return self.put_bytes(path.read_bytes(), kind=kind, name=name, job=job)
 
 
@@ -294,9 +296,12 @@ def test_a_model_without_prior_cannot_generate(ctx: FakeContext, tmp_path: Path)
         call(ctx, "generate", sha, seconds=0.2)
 
 
-def test_generate_job_exports_regenerable_files(tmp_path: Path) -> None:
+def test_generate_job_exports_regenerable_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from distill.shared.audio.export import read_export_metadata
 
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
     infer.CACHE = infer.ModelCache()
     path = tmp_path / "tiny.distill"
     model_id = save_model(path, tiny_model())
@@ -312,6 +317,11 @@ def test_generate_job_exports_regenerable_files(tmp_path: Path) -> None:
     meta = read_export_metadata(first)
     assert meta.kind == "generate" and meta.model_id == model_id
     assert meta.data["index"] == 1 and meta.data["count"] == 18 and meta.data["seed"] == 3
+    # the sounds waited in a scratch folder of the worker's cache (one a killed worker leaves
+    # is removed when the next starts), gone once they are stored
+    (folder,) = ctx.artifacts.put_folders
+    assert folder.parent == tmp_path / "cache" / "tmp" and folder.name.endswith(".dir")
+    assert not folder.exists()
 
 
 def test_a_generate_job_hears_a_cancel_while_it_draws(tmp_path: Path) -> None:

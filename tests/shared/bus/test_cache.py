@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.shared.bus.cache import ArtifactCache
+from distill.shared.bus.cache import ArtifactCache, scratch_folder
 from distill.shared.errors import ArtifactError
 
 DATA = b"a drum hit, more or less" * 1000
@@ -142,6 +142,24 @@ def test_part_leftovers_of_dead_writers_are_removed_at_start(tmp_path: Path) -> 
     assert not dead.exists() and not old_style.exists()
     assert len(list(cache._tmp_dir.glob("*.part"))) == 1  # the live writer's
     live.abort()
+
+
+def test_scratch_folders_of_killed_jobs_are_removed_at_start(tmp_path: Path) -> None:
+    """Before: a worker killed with kill -9 mid-generate left its sounds (up to gigabytes) in
+    TMPDIR for ever. A job's scratch folder lives in the cache's tmp/ under its pid; the next
+    cache opened on the machine removes those of processes that are gone, never a live one's."""
+    root = tmp_path / "cache"
+    with scratch_folder("distill-generate", root) as live:
+        (Path(live) / "sound-000.wav").write_bytes(b"RIFF")
+        dead = root / "tmp" / "distill-generate.999999999.k3j_x9q1.dir"  # no such pid
+        (dead / "nested").mkdir(parents=True)
+        (dead / "nested" / "sound-001.wav").write_bytes(b"RIFF" * 1000)
+        unknown = root / "tmp" / "someone-elses.dir"  # not a scratch name: left alone
+        unknown.mkdir()
+        ArtifactCache(root)
+        assert not dead.exists() and unknown.is_dir()
+        assert Path(live).parent == root / "tmp" and (Path(live) / "sound-000.wav").exists()
+    assert not Path(live).exists()  # the block's end removes it
 
 
 def test_the_size_limit_comes_from_the_environment(
