@@ -207,12 +207,19 @@ class VQVAETrainer(Trainer[VQVAE]):
         self.preview_pool = preview_pool(dataset, val_idx if len(val_idx) else train_idx)
         self.audio_check = self._audio_check(dataset, train_config.audio_chunks)
         self.model_config, why = resolve_config(model_config, len(train_idx))
+        per_batch, size = self.batch_vectors, self.model_config.codebook_size or 1
         if self.model_config.dead_code_threshold is None:  # from the latents of one batch
-            per_batch, size = self.batch_vectors, self.model_config.codebook_size or 1
             threshold = round(dead_code_threshold_for(per_batch, size), 6)
             self.model_config = replace(self.model_config, dead_code_threshold=threshold)
             why += (f" A code whose use falls below {threshold:.3g} per batch of {per_batch} "
                     f"latents ({DEAD_CODE_SHARE:.0%} of an average code's) is replaced.")  # fmt: skip
+        elif self.model_config.dead_code_threshold >= per_batch / size:
+            raise ConfigError(
+                f"dead_code_threshold {self.model_config.dead_code_threshold:g} is at or above "
+                f"an average code's use per batch ({per_batch / size:.3g}: {per_batch} latents "
+                f"over {size} codes): codes in use would be replaced at every step; use a "
+                "threshold below it (unset: 2% of it)"
+            )
         self.chosen = {"codebook_size": self.model_config.codebook_size,
                        "levels": self.model_config.levels,
                        "dead_code_threshold": self.model_config.dead_code_threshold,

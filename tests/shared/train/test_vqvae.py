@@ -21,7 +21,13 @@ from distill.shared.model.formats import read_checkpoint, weights_from_bytes, we
 from distill.shared.model.vqvae import VQVAE, VQVAEConfig, dead_code_threshold_for
 from distill.shared.train import vqvae as vqvae_training
 from distill.shared.train.loop import PreviewLabel, lr_at
-from distill.shared.train.vqvae import TrainConfig, VQVAETrainer, preview_pool, train_vqvae
+from distill.shared.train.vqvae import (
+    TrainConfig,
+    VQVAETrainer,
+    _mean_losses,
+    preview_pool,
+    train_vqvae,
+)
 from tests.conftest import held_out, percussion_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -243,6 +249,17 @@ def test_the_starting_codec_scales_every_bin_alike_and_keeps_loud_bins_closer(
         assert _magnitude_sc(model, mels) < 0.95 * _magnitude_sc(per_bin, mels)
 
 
+def test_a_dead_code_threshold_at_an_average_codes_use_is_refused(dataset: Dataset) -> None:
+    """Batches of 4 chunks of 94 latents over 16 codes: an average code is used 23.5 times a
+    batch. A threshold at or above it would replace codes in use at every step: refused before
+    training, naming the setting and the bound; just below it trains."""
+    hooks = RecordingHooks()
+    with pytest.raises(ConfigError, match=r"dead_code_threshold 23\.5 .*average code's use per batch \(23\.5"):
+        VQVAETrainer(dataset, dataclasses.replace(TINY, dead_code_threshold=23.5), FAST, hooks)
+    trainer = VQVAETrainer(dataset, dataclasses.replace(TINY, dead_code_threshold=23.4), FAST, hooks)
+    assert trainer.batch_vectors / 16 == 23.5
+
+
 @pytest.mark.slow  # trains a model
 def test_codebook_sizes_are_chosen_from_the_dataset_when_unset(dataset: Dataset) -> None:
     model = dataclasses.replace(TINY, codebook_size=None, levels=None)
@@ -278,11 +295,21 @@ def test_weights_artifact_round_trips(dataset: Dataset) -> None:
 
 
 @pytest.mark.slow  # trains a model
-def test_early_stopping_ends_the_run(dataset: Dataset) -> None:
+def test_early_stopping_returns_the_best_epoch_not_the_last(dataset: Dataset) -> None:
+    """Patience 1 ends the run at the first epoch that does not improve on the best: the
+    model returned is the best epoch's (its codebooks refined only where that hurts neither
+    loss), measured as the trainer measured each epoch, not the worse last one's."""
     hooks = RecordingHooks()
     result = run(dataset, hooks, dataclasses.replace(FAST, epochs=30, patience=1))
     assert result.stopped == "early_stopping" and result.epochs < 30
     assert result.epochs == result.best_epoch + 1
+    val_loss = [m["val_recon"] for m in hooks.metrics]
+    best = val_loss[result.best_epoch - 1]
+    assert best == min(val_loss) and val_loss[-1] > best * (1 + 1e-5)
+    x = torch.from_numpy(dataset.mels[dataset.val_indices()])  # (N_val, M, T)
+    with torch.no_grad():
+        returned = _mean_losses(result.model.eval(), x)[0]
+    assert returned <= best * (1 + 1e-5)
 
 
 # -- resume and rollback ----------------------------------------------------------------------

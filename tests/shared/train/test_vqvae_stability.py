@@ -1,7 +1,7 @@
 """Issue 10's stability check: a fixed-seed, fixed-step run of the default RVQ-VAE on a small
 percussion subset, on the CPU, never lets validation log-mel L1 climb past 1.5x its best so far,
 and the model it returns is the best by validation (no worse than the model after its first
-epoch; the last epoch's is worse).
+epoch).
 
 The model is what a CPU job trains (choose_size: 256 channels, 3 blocks, downsample 1, the
 PCA-initialised linear path; the figures below were measured at downsample 2, the default then).
@@ -67,11 +67,10 @@ def test_default_training_is_stable(subset: Dataset) -> None:
     ratios = [v / b for v, b in zip(val_l1, best_so_far, strict=True)]
     assert max(ratios) <= 1.5, f"validation L1 per epoch {val_l1}"
     # The model returned is the best by validation (its codebooks refined only where that
-    # hurts neither loss), not the last epoch's, which is worse here: on ten training files the
-    # PCA codec training starts from is already about as good on held-back sounds as training
-    # makes it (one scale for every bin: VQVAETrainer._init_model_), and the epochs after the
-    # first fit the training files at their cost (validation L1 0.214 -> 0.224; with each bin's
-    # own std it started at 0.224 and its best, epoch 3, was 0.223).
+    # hurts neither loss), no worse than after the first epoch. Which epoch is best depends on
+    # the CPU's arithmetic (the same seed and steps: the last on one machine, 0.5% worse than
+    # the best on another); test_early_stopping_returns_the_best_epoch_not_the_last shows the
+    # best returned where the last is worse, whatever the machine.
     val_loss = [m["val_recon"] for m in hooks.metrics]
     x = torch.from_numpy(subset.mels[subset.val_indices()])  # (N_val, M, T)
     with torch.no_grad():  # measured as the trainer measured each epoch's val_recon
@@ -79,4 +78,3 @@ def test_default_training_is_stable(subset: Dataset) -> None:
     best = min(val_loss)
     assert val_loss.index(best) + 1 == result.best_epoch
     assert returned <= best * (1 + 1e-5) and returned <= val_loss[0] * (1 + 1e-5)
-    assert val_loss[-1] > 1.005 * best  # returning the last epoch would have lost something
