@@ -84,8 +84,9 @@ def live_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Brok
     thread.join(5)
 
 
-# 1000 examples: up to 5000 messages of every frame shape; the hostile-bus tests aim at each
-# field on purpose (2000 took 11 s of the fast half's two minutes)
+# 1000 examples: up to 5000 messages of every frame shape (about 4 s: in the slow half); the
+# hostile-bus tests aim at each field on purpose
+@pytest.mark.slow
 @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(messages=st.lists(message, min_size=1, max_size=5), oversize=st.booleans())
 def test_random_multipart_messages(
@@ -116,6 +117,7 @@ def _socket(endpoint: str) -> zmq.Socket:
     return _sockets[-1]
 
 
+@pytest.mark.slow  # reads what test_random_multipart_messages left
 def test_broker_survives_and_forgets_the_garbage(live_broker: tuple[Broker, str]) -> None:
     broker, endpoint = live_broker
     time.sleep(0.5)

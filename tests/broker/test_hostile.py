@@ -169,6 +169,7 @@ def test_only_the_running_attempt_writes_checkpoints_and_rows(live: tuple[Broker
         assert record["metric_count"] == 0
 
 
+@pytest.mark.slow  # fills the broker's bound on held requests (seconds)
 def test_requests_held_for_workers_are_bounded_in_bytes(
     live: tuple[Broker, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

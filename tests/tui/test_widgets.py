@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from distill.tui.app import DistillApp
 from distill.tui.format import event_line, job_progress
@@ -132,6 +133,7 @@ def test_exporting_twice_keeps_the_first_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen-3-000-2.wav", "gen-3-000.wav"]
 
 
+@pytest.mark.slow  # ten screen switches (seconds)
 async def test_switching_screens_leaves_no_old_footer_keys_alive() -> None:
     """Before: each switch kept the last screen's 18 footer keys alive through watchers that
     Textual's footer never drops (~0.44 MB a switch; 67 -> 245 MB over 400 switches)."""

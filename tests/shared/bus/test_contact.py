@@ -24,6 +24,7 @@ from tests.shared.bus.test_subscription import Running
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # waits out the client's grace before it says a refusal (seconds)
 def test_a_port_nothing_listens_on_is_said_with_its_reason() -> None:
     endpoint = f"tcp://127.0.0.1:{free_port_block()}"
     with Client(endpoint, timeout_s=60, retries=3) as client, pytest.raises(
@@ -48,6 +49,7 @@ async def test_the_asyncio_client_says_why_when_its_request_times_out() -> None:
             await client.request("distill.workers", {"op": "list"})
 
 
+@pytest.mark.slow  # waits out the client's grace before it says a refusal (seconds)
 def test_a_host_name_that_does_not_resolve_is_named() -> None:
     with Client("tcp://no-such-host.invalid:5555", timeout_s=60) as client, pytest.raises(
         BrokerUnreachable, match="the host name 'no-such-host.invalid' does not resolve"):  # fmt: skip
@@ -67,6 +69,7 @@ def test_a_broker_that_starts_within_the_grace_is_reached(tmp_path: Path) -> Non
         running.halt()
 
 
+@pytest.mark.slow  # waits out the client's grace before it says a refusal (seconds)
 def test_a_client_that_reached_the_broker_waits_out_its_restart(tmp_path: Path) -> None:
     """The verdict is for first contact only: a script's client (or a transfer) that has had
     a reply rides through a broker down for longer than the grace, as before."""

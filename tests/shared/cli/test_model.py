@@ -448,6 +448,7 @@ def test_jobs_watch_off_a_terminal_ends_on_the_bar_whatever_order_the_last_event
         assert err.strip().splitlines()[-1].count("100.0%") == 1, err
 
 
+@pytest.mark.slow  # waits out the client's grace (seconds)
 def test_train_without_a_broker_says_so_before_uploading(tmp_path: Path) -> None:
     """Before: the first upload request waited out the client's 60-s timeout (65 s in all)."""
     from tests.conftest import free_port_block

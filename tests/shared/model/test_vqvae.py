@@ -414,6 +414,7 @@ def test_searched_codes_decode_closer_to_the_sound_than_the_nearest_ones(downsam
     assert torch.equal(model.search_codes(mel, candidates=8), searched)  # deterministic
 
 
+@pytest.mark.slow  # searches codes of a sound (seconds)
 @pytest.mark.parametrize("downsample", [1, 2])
 def test_the_search_keeps_a_code_no_trial_beats(downsample: int) -> None:
     # Sounds the codec makes itself, each encoded again: the code a step has is always among
