@@ -95,8 +95,11 @@ SERVICE = "distill.infer"
 MODEL_CACHE_SIZE = 4  # a few models: the editor's and a comparison; each is 10-50 MB
 MAX_DIRECT_COUNT = 16  # more sounds than this go as a job (one request should answer in seconds)
 # A generate job's progress: drawing the codes counts as this share of the work, decoding
-# them the rest (a `best` job of 256 sounds: roughly half each on a CPU)
-DRAW_SHARE = 0.5
+# them the rest, by quality. Measured on a CPU thread (the demo's model, 1-256 sounds of 2-10
+# s): drawing took 3-8% of a `best` job (32 phase iterations), 10-21% of a `fast` one and
+# 22-25% of a `preview` one (a single sound: up to 41%); the default pipeline's larger prior
+# about a sixth of a `fast` job.
+DRAW_SHARE = {"preview": 0.25, "fast": 0.17, "best": 0.05}
 # What a reply's arrays may take, checked before the work: the reply must fit one message
 # (16 sounds of 60 s were drawn for 24 s and 2.1 GB, then refused as a 184-MiB reply).
 REPLY_BYTES = P.MAX_MESSAGE_BYTES - 256 * 1024
@@ -332,8 +335,9 @@ class GenerateProgress:
     ``decoding`` (done, total) them, as a share of the job; then, for the draws that came out
     silent, ``redrawing`` (step, steps) at the end of the bar (a few sounds, extra work)."""
 
-    def __init__(self, ctx: JobContext) -> None:
+    def __init__(self, ctx: JobContext, quality: str) -> None:
         self.ctx = ctx
+        self.share = DRAW_SHARE[quality]  # of the bar: drawing; decoding has the rest
         self.decoded = False  # every first draw decoded: what is drawn now is drawn again
 
     def on_steps(self, drawn: int, steps: int) -> None:
@@ -341,13 +345,13 @@ class GenerateProgress:
         if self.decoded:
             self.ctx.progress(1.0, stage="redrawing", step=drawn, steps=steps)
         else:
-            self.ctx.progress(DRAW_SHARE * drawn / max(steps, 1), stage="drawing", step=drawn,
+            self.ctx.progress(self.share * drawn / max(steps, 1), stage="drawing", step=drawn,
                               steps=steps)  # fmt: skip
 
     def on_batch(self, done: int, total: int) -> None:
         self.ctx.check_cancel()
         self.decoded = done == total
-        self.ctx.progress(DRAW_SHARE + (1 - DRAW_SHARE) * done / total, stage="decoding",
+        self.ctx.progress(self.share + (1 - self.share) * done / total, stage="decoding",
                           done=done, total=total)  # fmt: skip
 
 
@@ -372,7 +376,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     with scratch_folder("distill-generate") as tmp:
         files = SoundFiles(Path(tmp), model, params, count=count, seconds=seconds,
                            quality=quality, fmt=fmt, prime=prime)  # fmt: skip
-        progress = GenerateProgress(ctx)
+        progress = GenerateProgress(ctx, quality)
 
         def write(indices: np.ndarray, audio: np.ndarray) -> None:
             files.write(indices, audio)

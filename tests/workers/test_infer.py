@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from distill.shared.audio.mel import MelConfig
+from distill.shared.audio.phase import QUALITY_PRESETS
 from distill.shared.errors import BAD_REQUEST, MODEL_FORMAT, DistillError, code_of
 from distill.shared.ids import sha256_file
 from distill.shared.model.codes import CodeGrid, EditSession, edit_from_dict
@@ -310,8 +311,11 @@ def test_generate_job_exports_regenerable_files(
     ctx.info.params.update({"op": "generate", "model": sha, "count": 18, "seconds": 0.2,
                             "seed": 3, "quality": "preview"})  # fmt: skip
     result = infer.run_job(ctx)  # type: ignore[arg-type]
-    # drawing 19 steps (one chunk of noise), then two batches decoded
-    assert len(result["sounds"]) == 18 and ctx.progressed == [0.0, 0.5 + 0.5 * 16 / 18, 1.0]
+    # drawing 19 steps (one chunk of noise: its share of the bar at preview), then two batches
+    # decoded; every quality has its share
+    share = infer.DRAW_SHARE["preview"]
+    assert len(result["sounds"]) == 18 and ctx.progressed == [0.0, share + (1 - share) * 16 / 18, 1.0]
+    assert sorted(infer.DRAW_SHARE) == sorted(QUALITY_PRESETS)
     first = tmp_path / "first.wav"
     first.write_bytes(ctx.artifacts.stored[result["sounds"][1]["artifact"]])
     meta = read_export_metadata(first)
