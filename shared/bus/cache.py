@@ -21,6 +21,7 @@ folders (``*.dir``, :func:`scratch_folder`) of jobs whose worker was killed.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import secrets
@@ -77,14 +78,33 @@ def default_cache_root() -> Path:
     return base / "distill" / "artifacts"
 
 
+def pid_folder(parent: Path, prefix: str) -> tempfile.TemporaryDirectory[str]:
+    """A new private folder ``<prefix>.<pid>.<random>.dir`` in ``parent``, as a context manager
+    (gone when the block ends); :func:`remove_dead_pid_folders` removes it once its process is
+    gone (killed before the block could end)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}.{os.getpid()}.", suffix=".dir",
+                                       dir=parent)  # fmt: skip
+
+
+def remove_dead_pid_folders(parent: Path, prefix: str = "") -> list[str]:
+    """Remove the :func:`pid_folder` folders in ``parent`` (of ``prefix`` only, when given)
+    whose process is no longer running; the names removed."""
+    removed = []
+    for folder in parent.glob(f"{glob.escape(prefix)}.*.dir" if prefix else "*.dir"):
+        pid = _owner_pid(folder.name, ".dir")
+        if pid is not None and pid != os.getpid() and not _pid_alive(pid) and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
+
+
 def scratch_folder(prefix: str, root: Path | None = None) -> tempfile.TemporaryDirectory[str]:
     """A private folder for a job's working files (a generate job's sounds before they are
-    stored: up to gigabytes), in the cache's ``tmp/`` as ``<prefix>.<pid>.<random>.dir``.
-    Use as a context manager: the folder goes when the block ends, or, when its process is
-    killed, at the start of the next worker on this machine (:class:`ArtifactCache`)."""
-    tmp = (Path(root) if root is not None else default_cache_root()) / "tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryDirectory(prefix=f"{prefix}.{os.getpid()}.", suffix=".dir", dir=tmp)
+    stored: up to gigabytes), in the cache's ``tmp/`` (:func:`pid_folder`): it goes when the
+    block ends, or, when its process is killed, at the start of the next worker on this
+    machine (:class:`ArtifactCache`)."""
+    return pid_folder((Path(root) if root is not None else default_cache_root()) / "tmp", prefix)
 
 
 def _owner_pid(name: str, suffix: str) -> int | None:
@@ -196,11 +216,8 @@ class ArtifactCache:
             if pid is None or (pid != os.getpid() and not _pid_alive(pid)):
                 part.unlink(missing_ok=True)
                 log.info("cache_leftover_removed", file=part.name)
-        for folder in self._tmp_dir.glob("*.dir"):
-            pid = _owner_pid(folder.name, ".dir")
-            if pid is not None and pid != os.getpid() and not _pid_alive(pid) and folder.is_dir():
-                shutil.rmtree(folder, ignore_errors=True)
-                log.info("cache_leftover_removed", folder=folder.name)
+        for name in remove_dead_pid_folders(self._tmp_dir):
+            log.info("cache_leftover_removed", folder=name)
 
     def _entries(self) -> list[tuple[float, int, Path]]:
         """(last use, size, path) of every cached artifact."""

@@ -26,6 +26,7 @@ from distill.shared.cli.common import fail
 from distill.shared.errors import DistillError
 
 DEMO_SERVICES = ["preprocess", "vqvae", "prior", "infer"]
+DEMO_HOME_PREFIX = "distill-demo"  # the private cluster's folder: see _demo_home
 DEMO_SECONDS = 2.0  # each generated sound: long enough for a hit and its tail
 DEMO_COUNT = 8
 DEMO_SEED = 1
@@ -212,7 +213,7 @@ def demo(
         fail(str(e))
     _say(f"distill demo: {len(sources)} bundled CC0 sounds -> {sounds}; training for about "
          f"{minutes:g} min on a local cluster")  # fmt: skip
-    home = Path(tempfile.mkdtemp(prefix="distill-demo-"))
+    home = _demo_home()
     try:
         log = (out / "cluster.log").resolve()
         _say(f"cluster logs -> {log}")
@@ -231,6 +232,18 @@ def demo(
     finally:
         shutil.rmtree(home, ignore_errors=True)
     _report(out, model, generated, recon, time.monotonic() - started)
+
+
+def _demo_home() -> Path:
+    """The private cluster's folder (its broker's state, uploads, checkpoints: ~40 MB), in the
+    system's temporary folder as ``distill-demo.<pid>.<random>.dir``; the folders of earlier
+    demos whose process was killed before it could remove its own go first."""
+    from distill.shared.bus.cache import remove_dead_pid_folders
+
+    tmp = Path(tempfile.gettempdir())
+    for name in remove_dead_pid_folders(tmp, DEMO_HOME_PREFIX):
+        _say(f"removed {tmp / name}: an earlier demo's, stopped before it could")
+    return Path(tempfile.mkdtemp(prefix=f"{DEMO_HOME_PREFIX}.{os.getpid()}.", suffix=".dir"))
 
 
 def _prepare_folder(out: Path, sounds: Path, sources: list[Path]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.shared.bus.cache import ArtifactCache, scratch_folder
+from distill.shared.bus.cache import ArtifactCache, remove_dead_pid_folders, scratch_folder
 from distill.shared.errors import ArtifactError
 
 DATA = b"a drum hit, more or less" * 1000
@@ -160,6 +160,19 @@ def test_scratch_folders_of_killed_jobs_are_removed_at_start(tmp_path: Path) -> 
         assert not dead.exists() and unknown.is_dir()
         assert Path(live).parent == root / "tmp" and (Path(live) / "sound-000.wav").exists()
     assert not Path(live).exists()  # the block's end removes it
+
+
+def test_dead_pid_folders_are_removed_by_prefix_only(tmp_path: Path) -> None:
+    """What `distill demo` sweeps the system's temporary folder with: only folders of its own
+    prefix and a process that is gone (a name like another program's is never touched)."""
+    mine_dead = tmp_path / "distill-demo.999999999.ab_c.dir"
+    mine_live = tmp_path / f"distill-demo.{os.getpid()}.ab_c.dir"
+    others = [tmp_path / "other.999999999.ab_c.dir", tmp_path / "distill-demo.x.ab_c.dir",
+              tmp_path / "distill-demo[1].999999999.ab_c.dir"]  # fmt: skip
+    for folder in (mine_dead, mine_live, *others):
+        folder.mkdir()
+    assert remove_dead_pid_folders(tmp_path, "distill-demo") == [mine_dead.name]
+    assert not mine_dead.exists() and mine_live.is_dir() and all(p.is_dir() for p in others)
 
 
 def test_the_size_limit_comes_from_the_environment(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,14 @@ def test_demo_short_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     demo.register(app)
     app.command("noop")(lambda: None)  # two commands: typer keeps the "demo" name
     out = tmp_path / "distill-demo"
+    # an earlier demo killed with kill -9 left its cluster's folder (~40 MB) in the system's
+    # temporary folder; this one removes it, and leaves nothing of its own
+    system_tmp = tmp_path / "system-tmp"
+    dead = system_tmp / "distill-demo.999999999.x1y2z3.dir"
+    (dead / "broker").mkdir(parents=True)
+    other = system_tmp / "distill-demo-notes.dir"  # not a demo's folder: stays
+    other.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     cache_before = os.environ.get("DISTILL_CACHE")
     result = CliRunner().invoke(app, [
@@ -44,6 +53,9 @@ def test_demo_short_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert (out / "demo.distill").is_file() and "distill tui" in result.output
+    left_there = [p.name for p in system_tmp.iterdir() if p.name.startswith("distill-demo")]
+    assert left_there == [other.name]  # (torch may put its own folders there)
+    assert f"removed {dead}: an earlier demo's" in result.output
     assert "distill up: broker" not in result.output  # its own cluster is not `distill up`'s
     # its workers' cache variable is put back (the rest of a test run cached into a folder
     # the demo had deleted, and left it behind)
