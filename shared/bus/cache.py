@@ -84,7 +84,7 @@ def pid_folder(parent: Path, prefix: str) -> tempfile.TemporaryDirectory[str]:
     gone (killed before the block could end)."""
     parent.mkdir(parents=True, exist_ok=True)
     return tempfile.TemporaryDirectory(prefix=f"{prefix}.{os.getpid()}.", suffix=".dir",
-                                       dir=parent)  # fmt: skip
+                                       dir=parent, ignore_cleanup_errors=True)  # fmt: skip
 
 
 def remove_dead_pid_folders(parent: Path, prefix: str = "") -> list[str]:

@@ -213,37 +213,36 @@ def demo(
         fail(str(e))
     _say(f"distill demo: {len(sources)} bundled CC0 sounds -> {sounds}; training for about "
          f"{minutes:g} min on a local cluster")  # fmt: skip
-    home = _demo_home()
     try:
-        log = (out / "cluster.log").resolve()
-        _say(f"cluster logs -> {log}")
-        with DemoCluster(home, DEMO_SERVICES, log_file=log) as cluster:
-            from distill.shared.bus.client import Client
+        with _demo_home() as home:
+            log = (out / "cluster.log").resolve()
+            _say(f"cluster logs -> {log}")
+            with DemoCluster(Path(home), DEMO_SERVICES, log_file=log) as cluster:
+                from distill.shared.bus.client import Client
 
-            with Client(cluster.endpoint, timeout_s=120.0) as c:
-                model, sha = train_demo_model(c, req, out / "demo.distill")
-                generated = generate_demo_sounds(c, sha, out / "generated", count, seconds)
-                _say(f"reconstructing the {len(sources)} training sounds")
-                recon = reconstruct(c, sha, [sounds / src.name for src in sources],
-                                    out / "reconstructed")
-        _say("cluster stopped")
+                with Client(cluster.endpoint, timeout_s=120.0) as c:
+                    model, sha = train_demo_model(c, req, out / "demo.distill")
+                    generated = generate_demo_sounds(c, sha, out / "generated", count, seconds)
+                    _say(f"reconstructing the {len(sources)} training sounds")
+                    recon = reconstruct(c, sha, [sounds / src.name for src in sources],
+                                        out / "reconstructed")
+            _say("cluster stopped")
     except (DistillError, OSError, typer.BadParameter) as e:
         fail(str(e))
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
     _report(out, model, generated, recon, time.monotonic() - started)
 
 
-def _demo_home() -> Path:
+def _demo_home() -> tempfile.TemporaryDirectory[str]:
     """The private cluster's folder (its broker's state, uploads, checkpoints: ~40 MB), in the
-    system's temporary folder as ``distill-demo.<pid>.<random>.dir``; the folders of earlier
-    demos whose process was killed before it could remove its own go first."""
-    from distill.shared.bus.cache import remove_dead_pid_folders
+    system's temporary folder as ``distill-demo.<pid>.<random>.dir``, removed when the block
+    ends; the folders of earlier demos whose process was killed before it could remove its own
+    go first."""
+    from distill.shared.bus.cache import pid_folder, remove_dead_pid_folders
 
     tmp = Path(tempfile.gettempdir())
     for name in remove_dead_pid_folders(tmp, DEMO_HOME_PREFIX):
         _say(f"removed {tmp / name}: an earlier demo's, stopped before it could")
-    return Path(tempfile.mkdtemp(prefix=f"{DEMO_HOME_PREFIX}.{os.getpid()}.", suffix=".dir"))
+    return pid_folder(tmp, DEMO_HOME_PREFIX)
 
 
 def _prepare_folder(out: Path, sounds: Path, sources: list[Path]) -> None:

@@ -218,7 +218,7 @@ class VQVAETrainer(Trainer[VQVAE]):
                 f"dead_code_threshold {self.model_config.dead_code_threshold:g} is at or above "
                 f"an average code's use per batch ({per_batch / size:.3g}: {per_batch} latents "
                 f"over {size} codes): codes in use would be replaced at every step; use a "
-                "threshold below it (unset: 2% of it)"
+                f"threshold below it (unset: {DEAD_CODE_SHARE:.0%} of it)"
             )
         self.chosen = {"codebook_size": self.model_config.codebook_size,
                        "levels": self.model_config.levels,
