@@ -218,16 +218,23 @@ class JobsClient:
                timeout_s: float | None = None) -> dict[str, Any]:
         """Call ``on_event`` for each event of the job (snapshot first) until it ends.
 
-        Events are best effort, so the record is polled too; when a poll finds the job ended
-        before its last events came (lost, or still on their way), ``on_event`` gets the end
-        from the record: its last progress, then its status, as events of the same shape."""
+        Events are best effort, so the record is polled too. The job's end is handed out last,
+        from the record once the job has ended: its last progress, unless that came as an
+        event already (it can come after the broker's final status: the worker publishes it on
+        another socket), then its status (the event's, or one of the same shape when a poll
+        found the job ended before its events came)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        ended = False  # the job's end came as an event
+        final: dict[str, Any] | None = None  # the job's end as an event, held until the end
+        fraction: Any = None  # the latest progress event's
 
         def seen(event: dict[str, Any]) -> None:
-            nonlocal ended
+            nonlocal final, fraction
+            if event.get("type") == "status" and event.get("status") in FINISHED:
+                final = event
+                return
+            if event.get("type") == "progress":
+                fraction = event.get("fraction")
             on_event(event)
-            ended = ended or (event.get("type") == "status" and event.get("status") in FINISHED)
 
         # the events with the keys of the client the requests go through (given ones too)
         security = getattr(self.client, "security", AUTO)
@@ -243,12 +250,14 @@ class JobsClient:
                     record = self.get(job_id, metrics=False)  # events are best effort; poll too
                     continue
                 seen(event)
-                if ended:
+                if final is not None:
                     record = self.get(job_id, metrics=False)
-        if record["status"] in FINISHED and not ended:
-            if isinstance(record.get("progress"), dict):
-                on_event({**record["progress"], "type": "progress", "job": job_id})
-            on_event({"type": "status", "job": job_id, "service": record.get("service"),
+        if record["status"] in FINISHED:
+            progress = record.get("progress")
+            if isinstance(progress, dict) and progress.get("fraction") != fraction:
+                on_event({**progress, "type": "progress", "job": job_id})
+            on_event(final if final is not None and final.get("status") == record["status"] else
+                     {"type": "status", "job": job_id, "service": record.get("service"),
                       "status": record["status"], "attempts": record.get("attempts"),
                       "worker": record.get("worker"), "error": record.get("error"),
                       "result": record.get("result")})  # fmt: skip

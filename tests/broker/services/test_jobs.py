@@ -286,6 +286,41 @@ def test_follow_draws_the_end_from_the_record_when_the_last_events_are_lost(
     assert status["result"] == record["result"]
 
 
+def test_follow_ends_with_the_last_progress_when_it_comes_after_the_final_status(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker publishes its progress on another socket than the broker's final status,
+    so the 100% event can come after it: `distill jobs watch` under load once ended on 66.7%.
+    A follower that gets every progress event late (after the status) still ends with the
+    job's last progress, then its status, once each."""
+    from distill.shared.bus import jobs as jobs_module
+
+    class Late(Subscription):
+        held: list[dict[str, Any]] = []
+
+        def next(self, timeout_s: float | None = None) -> dict[str, Any] | None:
+            while True:  # a progress event is kept back (never handed out): the next one comes
+                event = super().next(timeout_s=timeout_s)
+                if event is None or event.get("type") != "progress":
+                    return event
+                Late.held.append(event)
+
+    cluster.start_broker()
+    cluster.start_worker("sleep")
+    monkeypatch.setattr(jobs_module, "Subscription", Late)
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+        job = jobs.submit("distill.sleep", {"sleep_s": 1.5, "steps": 3, "value": "x"})
+        events: list[dict[str, Any]] = []
+        record = jobs.follow(job["id"], events.append, timeout_s=30)
+    assert record["status"] == "succeeded" and Late.held
+    progress, status = events[-2], events[-1]
+    assert progress["type"] == "progress" and progress["fraction"] == 1.0 and progress["step"] == 3
+    assert status["type"] == "status" and status["status"] == "succeeded"
+    assert [e["type"] for e in events].count("progress") == 1  # from the record, once
+    assert [e.get("status") for e in events if e["type"] == "status"].count("succeeded") == 1
+
+
 def test_cli_jobs_ls_show_watch_cancel_retry(cluster: Cluster) -> None:
     import os
     import subprocess
