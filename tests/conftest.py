@@ -18,6 +18,18 @@ REPO = Path(__file__).resolve().parents[1]
 PERCUSSION = (REPO / ".." / "shared" / "data" / "percussion").resolve()
 HEARTBEAT_S = 0.2  # tests use short heartbeats so that death is noticed in under a second
 LIVENESS = 3
+MAX_TEST_PROCESSES = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """How many test processes ``-n auto`` (pyproject's addopts) starts: one per CPU this
+    process may run on, at most MAX_TEST_PROCESSES. Most tests wait on processes they start
+    (brokers, workers, each on one torch thread) and the ones that train hold one thread, so
+    on 2 cores two test processes ran the whole suite in 440 s where one took 905, with every
+    test passing. Each test process may have a broker and a few workers of its own (a few
+    hundred MB each), hence the cap."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_TEST_PROCESSES, cpus or 1))
 
 
 @pytest.fixture(autouse=True)

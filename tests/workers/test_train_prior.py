@@ -16,7 +16,13 @@ from distill.shared.bus.jobs import JobsClient
 from distill.shared.model import inference
 from distill.shared.model.modelfile import load_model
 from tests.conftest import Cluster, wait_until
-from tests.workers.test_train_vqvae import TINY_MODEL, TINY_TRAIN, epochs_of, put_dataset
+from tests.workers.test_train_vqvae import (
+    QUICK_CHECKS,
+    TINY_MODEL,
+    TINY_TRAIN,
+    epochs_of,
+    put_dataset,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,7 +43,7 @@ def test_prior_job_resumes_after_kill_9_and_writes_a_model(cluster: Cluster, per
         # eight levels at the CPU's downsample 1 (94 code steps a second): the prior draws four
         vqvae = jobs.submit("distill.train.vqvae", {"dataset": dataset,
                                                     "model": {**TINY_MODEL, "levels": 8},
-                                                    "train": {**TINY_TRAIN, "epochs": 3}})  # fmt: skip
+                                                    "train": {**TINY_TRAIN, **QUICK_CHECKS, "epochs": 3}})  # fmt: skip
         prior = jobs.submit("distill.train.prior", {"prior": PRIOR, "train": PRIOR_TRAIN,
                                                     "name": "kit"},
                             depends_on=[vqvae["id"]], max_attempts=3)  # fmt: skip
