@@ -68,6 +68,11 @@ MAX_REMOVE_IDS = 100
 PRUNE_EVERY_S = 60.0  # how often automatic pruning looks for jobs past their time
 
 
+def _progress_fields(event: dict[str, Any]) -> dict[str, Any]:
+    """What a job record keeps of a progress event (without its routing fields)."""
+    return {k: v for k, v in event.items() if k not in ("topic", "seq", "broker_ts", "job")}
+
+
 class JobHost(Protocol):
     """What the job service needs from the broker loop."""
 
@@ -114,6 +119,9 @@ class JobService:
         # finished jobs already announced, the newest MAX_ANNOUNCED_KEPT (a set of every job
         # ever finished grew with the broker's history; one forgotten is at most announced twice)
         self._announced_final: OrderedDict[str, None] = OrderedDict()
+        # succeeded jobs whose reply carried their last progress (Reply.progress): a progress
+        # event of theirs that comes later is older news, dropped; as many as _announced_final
+        self._progress_final: OrderedDict[str, None] = OrderedDict()
         self._attempt_of: dict[tuple[str, str], int] = {}  # (job, worker id) -> attempt it holds
         for record in store.requeue_running("the broker restarted while the job was running"):
             log.info("job_requeued_after_restart", job=record.id, status=record.status)
@@ -295,6 +303,7 @@ class JobService:
         """What the service and the event hub remember of removed jobs."""
         for job in tally.jobs:
             self._announced_final.pop(job.id, None)
+            self._progress_final.pop(job.id, None)
             self._previewed.discard(job.id)
             self.pending_progress.pop(job.id, None)
             self.broker.forget_events(f"job.{job.id}")
@@ -407,8 +416,8 @@ class JobService:
             return
         job_id = topic[4:]
         if event.get("type") == "progress":
-            fields = {k: v for k, v in event.items() if k not in ("topic", "seq", "broker_ts", "job")}
-            self.pending_progress[job_id] = fields
+            if job_id not in self._progress_final:
+                self.pending_progress[job_id] = _progress_fields(event)
         elif event.get("type") == "preview":
             self._previewed.add(job_id)
         # A metrics row is stored only when its worker sends it as a request (`metrics`, with
@@ -509,8 +518,22 @@ class JobService:
                       attempt: int | None) -> JobRecord:
         if reply.get("ok") is True:
             result = reply.get("result")
-            return self.store.mark_succeeded(job_id, result if isinstance(result, dict) else {"value": result},
-                                             worker=worker.worker_id, attempt=attempt)
+            progress = reply.get("progress")
+            with self.store.batch():  # the last progress and the result together, or neither
+                if isinstance(progress, dict):
+                    try:
+                        self.store.record_progress(job_id, _progress_fields(progress))
+                    except JobError:  # too large to keep, as its event would be: the result
+                        progress = None  # still counts
+                record = self.store.mark_succeeded(
+                    job_id, result if isinstance(result, dict) else {"value": result},
+                    worker=worker.worker_id, attempt=attempt)  # fmt: skip
+            if isinstance(progress, dict):
+                self.pending_progress.pop(job_id, None)  # older than the one recorded
+                self._progress_final[job_id] = None
+                while len(self._progress_final) > MAX_ANNOUNCED_KEPT:
+                    self._progress_final.popitem(last=False)
+            return record
         if reply.get("cancelled"):
             current = self.store.get(job_id, with_metrics=False)
             if current.status != "running" or current.worker != worker.worker_id:
@@ -579,6 +602,7 @@ class JobService:
     def _announce(self, record: JobRecord) -> None:
         if not record.finished:
             self._announced_final.pop(record.id, None)
+            self._progress_final.pop(record.id, None)
         self.broker.publish(f"job.{record.id}", {
             "type": "status", "job": record.id, "service": record.service, "status": record.status,
             "attempts": record.attempts, "worker": record.worker, "error": record.error,

@@ -108,16 +108,22 @@ class JobDispatch(Message):
 
 @dataclass(frozen=True)
 class Reply(Message):
-    """Every Distill service reply: ``ok`` with a result, or an error (``cancelled`` for jobs)."""
+    """Every Distill service reply: ``ok`` with a result, or an error (``cancelled`` for jobs).
+
+    A job's successful reply also carries the last progress its worker published
+    (``progress``): events travel on another socket than the reply, so the broker may get the
+    last of them after the result, and it records this one with the result instead. Brokers
+    before it ignore the key."""
 
     ok: bool
     result: Any = None
     error: dict[str, Any] | None = None
     cancelled: bool = False
+    progress: dict[str, Any] | None = None
 
     @classmethod
-    def success(cls, result: Any) -> Reply:
-        return cls(ok=True, result=result)
+    def success(cls, result: Any, *, progress: dict[str, Any] | None = None) -> Reply:
+        return cls(ok=True, result=result, progress=progress)
 
     @classmethod
     def failure(cls, code: str, message: str, *, cancelled: bool = False) -> Reply:
@@ -127,6 +133,8 @@ class Reply(Message):
         out: dict[str, Any] = {"ok": self.ok}
         if self.ok:
             out["result"] = self.result
+            if self.progress is not None:
+                out["progress"] = self.progress
         else:
             out["error"] = self.error
             if self.cancelled:

@@ -34,6 +34,7 @@ class RuntimeJobContext:
         self._delivery = delivery
         self._executor = executor
         self._artifacts: ArtifactClient | None = None
+        self.last_progress: dict[str, Any] | None = None  # what the job's reply carries
 
     @property
     def artifacts(self) -> ArtifactClient:
@@ -54,8 +55,9 @@ class RuntimeJobContext:
             raise JobCancelled(f"job {self.info.job_id} was cancelled")
 
     def progress(self, fraction: float | None = None, **fields: Any) -> None:
-        self._executor.publish(self.topic, {"type": "progress", "job": self.info.job_id,
-                                            "fraction": fraction, **fields})
+        event = {"type": "progress", "job": self.info.job_id, "fraction": fraction, **fields}
+        self.last_progress = event
+        self._executor.publish(self.topic, event)
 
     def metrics(self, **values: Any) -> None:
         # A request, not a fire-and-forget event: the broker stores the row before it answers,
@@ -121,15 +123,17 @@ def module_handler(module: ModuleType, device: str) -> Callable[[Delivery, Execu
                 if run_job is None:
                     raise DecodeError(f"service {module.SERVICE} runs no jobs (it answers "
                                       "requests): no other attempt can do better")
-                info = parse_job(msg)
-                result = run_job(RuntimeJobContext(info, delivery, executor, device))
+                ctx = RuntimeJobContext(parse_job(msg), delivery, executor, device)
+                result = run_job(ctx)
+                progress = ctx.last_progress
             else:
                 if handle_request is None:
                     raise DistillError(f"service {module.SERVICE} takes jobs only "
                                        "(submit through distill.jobs)")
                 info = JobInfo(job_id="", service=module.SERVICE, params={})
                 result = handle_request(RuntimeJobContext(info, delivery, executor, device), msg)
-            reply = Reply.success(result).encode()
+                progress = None
+            reply = Reply.success(result, progress=progress).encode()
             # a reply too large to travel would make the broker drop this worker (and give the
             # request to the next one, and the next): an error that says so travels instead
             check_body_size([reply], "the reply")

@@ -7,8 +7,11 @@ import time
 from typing import Any
 
 import pytest
+import zmq
 
+from distill.shared.bus import protocol as P
 from distill.shared.bus.client import Subscription
+from distill.shared.bus.codec import pack
 from distill.shared.bus.jobs import JobsClient
 from tests.conftest import Cluster, wait_until
 
@@ -319,6 +322,64 @@ def test_follow_ends_with_the_last_progress_when_it_comes_after_the_final_status
     assert status["type"] == "status" and status["status"] == "succeeded"
     assert [e["type"] for e in events].count("progress") == 1  # from the record, once
     assert [e.get("status") for e in events if e["type"] == "status"].count("succeeded") == 1
+
+
+def test_a_jobs_record_holds_its_last_progress_when_its_final_status_is_announced(
+    cluster: Cluster,
+) -> None:
+    """A worker's reply carries the last progress it published (events travel on another
+    socket, and the broker could announce the result before the 100% event came: a record
+    that said succeeded at 66.7%). A worker by hand: it publishes no progress before its
+    reply, then an older one after; the record holds the reply's from the moment the status
+    is announced, and keeps it."""
+    cluster.start_broker()
+    assert cluster.endpoint is not None
+    port = int(cluster.endpoint.rsplit(":", 1)[1])
+    ctx = zmq.Context.instance()
+    worker = ctx.socket(zmq.DEALER)
+    worker.setsockopt(zmq.LINGER, 0)
+    worker.connect(cluster.endpoint)
+    worker.send_multipart([b"", P.MDPW, P.W_READY, b"hand.made"])
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.connect(f"tcp://127.0.0.1:{port + 2}")
+    last = {"type": "progress", "fraction": 1.0, "step": 3, "phase": "done"}
+    try:
+        with cluster.client() as c:
+            jobs = JobsClient(c)
+            job = jobs.submit("hand.made", {})["id"]
+            with Subscription(c.endpoint, [f"job.{job}"]) as sub:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:  # heartbeat until the job comes
+                    if worker.poll(100):
+                        frames = worker.recv_multipart()
+                        if frames[2] == P.W_REQUEST:
+                            break
+                    worker.send_multipart([b"", P.MDPW, P.W_HEARTBEAT])
+                else:
+                    pytest.fail("the job never came")
+                address = frames[3]
+                worker.send_multipart([b"", P.MDPW, P.W_REPLY, address, b"",
+                                       pack({"ok": True, "result": {"value": 1},
+                                             "progress": {**last, "job": job}})])  # fmt: skip
+                status = None
+                while status is None and time.monotonic() < deadline:
+                    event = sub.next(timeout_s=1)
+                    if event and event["type"] == "status" and event["status"] == "succeeded":
+                        status = event
+                assert status is not None, "no final status"
+                at_once = jobs.get(job)
+                stale = {"type": "progress", "job": job, "fraction": 0.5, "step": 1}
+                end = time.monotonic() + 1.0
+                while time.monotonic() < end:  # PUB/SUB join: send for a while
+                    pub.send_multipart([f"job.{job}".encode(), pack(stale)])
+                    time.sleep(0.05)
+                later = jobs.get(job)
+    finally:
+        worker.close(linger=0)
+        pub.close(linger=0)
+    assert at_once["status"] == "succeeded" and at_once["progress"] == last
+    assert later["progress"] == last  # the older event came after: dropped
 
 
 def test_cli_jobs_ls_show_watch_cancel_retry(cluster: Cluster) -> None:
