@@ -68,6 +68,13 @@ MAX_REMOVE_IDS = 100
 PRUNE_EVERY_S = 60.0  # how often automatic pruning looks for jobs past their time
 
 
+def _remember(ids: OrderedDict[str, None], job_id: str) -> None:
+    """Add ``job_id`` to a bounded memory of finished jobs (the newest MAX_ANNOUNCED_KEPT)."""
+    ids[job_id] = None
+    while len(ids) > MAX_ANNOUNCED_KEPT:
+        ids.popitem(last=False)
+
+
 def _progress_fields(event: dict[str, Any]) -> dict[str, Any]:
     """What a job record keeps of a progress event (without its routing fields)."""
     return {k: v for k, v in event.items() if k not in ("topic", "seq", "broker_ts", "job")}
@@ -530,9 +537,7 @@ class JobService:
                     worker=worker.worker_id, attempt=attempt)  # fmt: skip
             if isinstance(progress, dict):
                 self.pending_progress.pop(job_id, None)  # older than the one recorded
-                self._progress_final[job_id] = None
-                while len(self._progress_final) > MAX_ANNOUNCED_KEPT:
-                    self._progress_final.popitem(last=False)
+                _remember(self._progress_final, job_id)
             return record
         if reply.get("cancelled"):
             current = self.store.get(job_id, with_metrics=False)
@@ -587,9 +592,7 @@ class JobService:
 
     # --- announcements -----------------------------------------------------------------------
     def _finished(self, record: JobRecord) -> None:
-        self._announced_final[record.id] = None
-        while len(self._announced_final) > MAX_ANNOUNCED_KEPT:
-            self._announced_final.popitem(last=False)
+        _remember(self._announced_final, record.id)
         self._announce(record)
         if self.retention is not None:
             try:
