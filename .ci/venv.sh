@@ -1,4 +1,4 @@
-# Sourced by .ci/run and scripts/dev: create (or reuse) a virtual environment outside the clone,
+# Sourced by .ci/run: create (or reuse) a virtual environment outside the clone,
 # keyed by a hash of pyproject.toml and constraints-ci.txt, and activate it.
 distill_venv() {
     local root="${DISTILL_VENV_ROOT:-$HOME/.cache/distill-venvs}"
