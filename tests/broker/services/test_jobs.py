@@ -255,12 +255,32 @@ def test_waits_from_several_clients(cluster: Cluster) -> None:
     assert results == ["succeeded"] * 3
 
 
+def follow_a_sleep_job(cluster: Cluster, monkeypatch: pytest.MonkeyPatch,
+                       subscription: type[Subscription], *, from_running: bool = False
+                       ) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+    """A broker, a sleep worker and a 3-step job followed with ``JobsClient.follow`` through
+    ``subscription`` (a doctored Subscription; with ``from_running``, once the job runs): the
+    record it returns and the events it handed out."""
+    from distill.shared.bus import jobs as jobs_module
+
+    cluster.start_broker()
+    cluster.start_worker("sleep")
+    monkeypatch.setattr(jobs_module, "Subscription", subscription)
+    with cluster.client() as c:
+        jobs = JobsClient(c)
+        job = jobs.submit("distill.sleep", {"sleep_s": 1.5, "steps": 3, "value": "x"})
+        if from_running:
+            wait_until(lambda: jobs.get(job["id"])["status"] == "running", 10, what="job to start")
+        events: list[dict[str, Any]] = []
+        record = jobs.follow(job["id"], events.append, timeout_s=30)
+    return record, events
+
+
 def test_follow_draws_the_end_from_the_record_when_the_last_events_are_lost(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Events are best effort: a follower that gets none after the first still ends with the
     job's last progress and its status, from the record."""
-    from distill.shared.bus import jobs as jobs_module
 
     class Lossy(Subscription):
         got = 0
@@ -273,15 +293,7 @@ def test_follow_draws_the_end_from_the_record_when_the_last_events_are_lost(
                     return None
             return event
 
-    cluster.start_broker()
-    cluster.start_worker("sleep")
-    monkeypatch.setattr(jobs_module, "Subscription", Lossy)
-    with cluster.client() as c:
-        jobs = JobsClient(c)
-        job = jobs.submit("distill.sleep", {"sleep_s": 1.5, "steps": 3, "value": "x"})
-        wait_until(lambda: jobs.get(job["id"])["status"] == "running", 10, what="job to start")
-        events: list[dict[str, Any]] = []
-        record = jobs.follow(job["id"], events.append, timeout_s=30)
+    record, events = follow_a_sleep_job(cluster, monkeypatch, Lossy, from_running=True)
     assert record["status"] == "succeeded" and Lossy.got > 1
     progress, status = events[-2], events[-1]
     assert progress["type"] == "progress" and progress["fraction"] == 1.0 and progress["step"] == 3
@@ -296,7 +308,6 @@ def test_follow_ends_with_the_last_progress_when_it_comes_after_the_final_status
     so the 100% event can come after it: `distill jobs watch` under load once ended on 66.7%.
     A follower that gets every progress event late (after the status) still ends with the
     job's last progress, then its status, once each."""
-    from distill.shared.bus import jobs as jobs_module
 
     class Late(Subscription):
         held: list[dict[str, Any]] = []
@@ -308,14 +319,7 @@ def test_follow_ends_with_the_last_progress_when_it_comes_after_the_final_status
                     return event
                 Late.held.append(event)
 
-    cluster.start_broker()
-    cluster.start_worker("sleep")
-    monkeypatch.setattr(jobs_module, "Subscription", Late)
-    with cluster.client() as c:
-        jobs = JobsClient(c)
-        job = jobs.submit("distill.sleep", {"sleep_s": 1.5, "steps": 3, "value": "x"})
-        events: list[dict[str, Any]] = []
-        record = jobs.follow(job["id"], events.append, timeout_s=30)
+    record, events = follow_a_sleep_job(cluster, monkeypatch, Late)
     assert record["status"] == "succeeded" and Late.held
     progress, status = events[-2], events[-1]
     assert progress["type"] == "progress" and progress["fraction"] == 1.0 and progress["step"] == 3
