@@ -16,11 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PERCUSSION = (REPO / ".." / "shared" / "data" / "percussion").resolve()
-HEARTBEAT_S = 0.2  # tests use short heartbeats so that death is noticed within a second
-# Missed heartbeats before a peer counts as gone: 1 s. At 3 (0.6 s) the parallel suite once lost
-# a live worker on a loaded machine ("worker lost: unreachable": a job that should have taken
-# two attempts took three).
-LIVENESS = 5
+HEARTBEAT_S = 0.2  # tests use short heartbeats so that death is noticed in under a second
+LIVENESS = 3
 MAX_TEST_PROCESSES = 4
 
 
