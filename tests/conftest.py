@@ -125,14 +125,14 @@ class Cluster:
         self._n = 0
 
     def start_broker(self, request_timeout_s: float = 10.0,
-                     env: dict[str, str] | None = None) -> Proc:  # fmt: skip
+                     env: dict[str, str] | None = None, liveness: int = LIVENESS) -> Proc:  # fmt: skip
         """A broker on this cluster's port and folder; one still running (a module's cluster
         shared by its tests) is stopped first: a second would be refused the folder and the
         port, and the first, no longer referenced, outlive the tests."""
         if self.broker is not None and self.broker.alive():
             self.broker.stop()
         self.broker = Proc(["broker", "--port", str(self.port), "--data-dir", str(self.data_dir),
-                            "--heartbeat-s", str(HEARTBEAT_S), "--liveness", str(LIVENESS),
+                            "--heartbeat-s", str(HEARTBEAT_S), "--liveness", str(liveness),
                             "--request-timeout-s", str(request_timeout_s)],
                            self.tmp / f"broker-{self._next()}.log", env=env)
         from distill.shared.bus.client import Client

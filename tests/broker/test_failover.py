@@ -110,7 +110,10 @@ def test_a_worker_registers_again_only_once_its_abandoned_handler_has_returned(c
     assert cluster.broker is not None
     cluster.broker.kill9()
     time.sleep(0.5)  # the handler's next metric row goes to no broker
-    cluster.start_broker()
+    # The new broker waits 2 s of missed heartbeats before it counts the worker gone (the
+    # worker still counts the old one gone after 0.6 s): with 0.6 s both ways, a loaded machine
+    # (the parallel suite) once lost the live worker on the second attempt, and the job took three.
+    cluster.start_broker(liveness=10)
     with cluster.client(timeout_s=30) as c:
         record = JobsClient(c).wait(job, timeout_s=60)
     assert record["status"] == "succeeded" and record["result"]["attempt"] == 2, record
