@@ -722,6 +722,8 @@ def _fmt(value: Any, depth: int = 0) -> str:
         return f"{value:.4g}"
     if isinstance(value, (dict, list, tuple)) and depth >= FMT_DEPTH:
         return "..."
+    if isinstance(value, (list, tuple, dict)) and not value:
+        return "none"  # an empty list showed as "0: " (a model whose files all trained)
     if isinstance(value, dict):
         items = list(value.items())
         shown = ", ".join(f"{k} {_fmt(v, depth + 1)}" for k, v in items[:FMT_ITEMS])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -288,4 +289,8 @@ def test_describe_model(tmp_path: Path) -> None:
     assert "torch" in rows["written with"]
     in_memory = dict(describe_model(model))
     assert in_memory["model id"] == "(not saved)" and in_memory["rvq-vae"] == rows["rvq-vae"]
+    # a model whose files all trained holds no validation files: said, not "0: "
+    trained_on_all = dataclasses.replace(model, summary={"val_files": [], "sampling": {}})
+    rows = dict(describe_model(trained_on_all))
+    assert rows["val_files"] == "none" and rows["sampling"] == "none"
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in describe_model(model))
