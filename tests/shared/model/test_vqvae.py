@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -246,6 +247,46 @@ def test_the_default_dead_code_threshold_replaces_dead_codes_not_rare_ones() -> 
     assert moved == 0 and error < 0.01  # the noise's own variance is 0.0025
     moved, error = churn(dead_code_threshold=1.0)
     assert moved > 1000 and error > 0.5
+
+
+def test_the_codebooks_keep_the_rules_every_figure_was_measured_with() -> None:
+    """vector-quantize-pytorch 1.34 changed its EMA codebook: buffers starting at zero, a dead
+    code judged against a share of the mean code's use, the EMA update without Laplace
+    smoothing. The RVQ-VAE keeps 1.20-1.32's rules on any version (keep_codebook_rules_): an
+    absolute bound of uses per batch, the smoothed update, ones and the codebook to start."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(8, 16, generator=g) * 3  # (K, D): far apart against the noise below
+
+    def step(threshold: float, sizes: list[float], x: torch.Tensor) -> Any:
+        model = tiny_model(codebook_size=8, levels=1, dead_code_threshold=threshold).train()
+        book = model.rvq.layers[0]._codebook
+        assert torch.equal(book.cluster_size, torch.ones(1, 8))  # 1.34: zeros
+        assert torch.equal(book.embed_avg, book.embed)  # 1.34: zeros
+        with torch.no_grad():
+            book.embed.copy_(centres[None])
+            book.cluster_size.copy_(torch.tensor([sizes]))
+            book.embed_avg.copy_(book.embed * book.cluster_size[..., None])
+            model.quantize(x[None])
+        return book
+
+    # the update: each code to its EMA mean over Laplace-smoothed sizes; a rarely used code whose
+    # latents sit off its vector tells the two formulas apart (1.34: (avg + eps e) / (n + eps))
+    x = torch.cat([centres[:5].repeat(10, 1), centres[5:6].repeat(10, 1) + 0.5])  # (60, D)
+    book = step(0.0, [50.0] * 5 + [0.2, 50.0, 50.0], x)
+    size, total = book.cluster_size[0], book.cluster_size[0].sum()
+    smoothed = (size + book.eps) / (total + 8 * book.eps) * total
+    assert float(size[5]) < 1.0  # rarely used: where the formulas part
+    assert torch.allclose(book.embed[0], book.embed_avg[0] / smoothed[:, None], rtol=1e-6, atol=0)
+
+    # dead codes: under an absolute bound of uses per batch, not under a share of the mean use
+    x = centres[:6].repeat(10, 1) + 0.01 * torch.randn(60, 16, generator=g)
+    book = step(1.0, [200.0] * 6 + [1.5, 0.5], x)  # codes 6 and 7 take no latent
+    size, embed = book.cluster_size[0], book.embed[0]
+    # code 6 (1.2 uses per batch: far under a share of the mean, over the bound) is kept
+    assert torch.allclose(embed[6], centres[6], atol=1e-4) and 1.0 < float(size[6]) < 1.5
+    # code 7 (0.4 uses, under the bound) took one of the batch's latents, its use at the bound
+    assert float((x - embed[7]).norm(dim=1).min()) == 0.0 and float(size[7]) == 1.0
+    assert torch.equal(book.embed_avg[0, 7], embed[7])
 
 
 def test_lloyd_moves_centroids_to_their_means_and_an_empty_one_to_the_data() -> None:

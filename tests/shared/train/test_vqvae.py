@@ -273,7 +273,8 @@ def test_codebook_sizes_are_chosen_from_the_dataset_when_unset(dataset: Dataset)
     threshold = result.chosen["dead_code_threshold"]
     assert threshold == pytest.approx(dead_code_threshold_for(per_batch, 64), rel=1e-5)
     assert result.model_config.dead_code_threshold == threshold and "replaced" in result.chosen["why"]
-    assert result.model.rvq.layers[0]._codebook.threshold_ema_dead_code == threshold
+    assert result.model.dead_code_threshold == threshold  # the bound each codebook replaces by
+    assert result.model.rvq.layers[0]._codebook.expire_codes_.keywords == {"threshold": threshold}
 
 
 @pytest.mark.slow  # trains a model
