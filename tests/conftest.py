@@ -62,8 +62,39 @@ def _port_free(port: int) -> bool:
             return False
 
 
+def _test_ports() -> range:
+    """The ports this test process hands out: a share, by its pytest-xdist number, of those
+    below the kernel's ephemeral range. A port from ``bind(0)`` came from that range, where
+    the kernel hands the same port, once freed, to another test process or to an outgoing
+    connection: a test that stopped its broker and started it again 3 s later found its
+    events port taken (.ci/run at cee1778)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default; macOS's range starts at 49152
+    start, end = 10_000, min(low, 32_768)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    span = (end - start) // max(1, count)
+    return range(start + index * span, start + (index + 1) * span - 2, 3)
+
+
+_next_block = 0  # round the share: a block freed by one test is the last one handed out again
+
+
 def free_port_block() -> int:
-    """A base port P with P, P+1, P+2 free (MDP, events out, events in)."""
+    """A base port P with P, P+1, P+2 free (MDP, events out, events in), from this test
+    process's own share of the ports outside the kernel's ephemeral range (``_test_ports``);
+    from ``bind(0)`` where that share is too small."""
+    global _next_block
+    blocks = _test_ports()
+    if len(blocks) >= 100:
+        for _ in range(len(blocks)):
+            base = blocks[_next_block % len(blocks)]
+            _next_block += 1
+            if all(_port_free(base + i) for i in range(3)):
+                return base
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
