@@ -74,7 +74,7 @@ def build_broker(config: BrokerConfig, storage: StorageSettings | None = None) -
         owner_of=(lambda: broker.current_owner.decode(errors="replace")) if config.security
         else (lambda: "anonymous"),
         describe_owner=broker.keyring.describe if broker.keyring is not None else str,
-        peer_of=lambda: broker.current_owner)
+        peer_of=lambda: broker.current_owner, known_jobs=jobs.store.known)
     broker.jobs = jobs
     broker.event_listeners.append(jobs.on_event)
     broker.internal[P.SERVICE_JOBS] = jobs.serve

@@ -13,7 +13,8 @@ New uploads are charged to the uploading key's quota (:mod:`distill.broker.servi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterable
+from typing import Any
 
 from distill.broker.services.common import field, ok_body, page
 from distill.broker.services.quota import ArtifactQuota
@@ -39,8 +40,12 @@ class ArtifactService:
                  quota: ArtifactQuota | None = None,
                  owner_of: Callable[[], str] = lambda: "anonymous",
                  describe_owner: Callable[[str], str] = str,
-                 peer_of: Callable[[], bytes] = lambda: b"") -> None:  # fmt: skip
+                 peer_of: Callable[[], bytes] = lambda: b"",
+                 known_jobs: Callable[[Iterable[str]], set[str]] | None = None) -> None:  # fmt: skip
         self.store = store
+        # which of these jobs the journal still holds: an artifact whose job was removed (kept
+        # by `jobs rm` without --artifacts) is listed with its job marked removed
+        self.known_jobs = known_jobs
         self.in_use = in_use  # artifacts a queued or running job needs: refused to delete
         self.quota = quota
         self.owner_of = owner_of  # the key of the peer whose request is being served
@@ -62,6 +67,15 @@ class ArtifactService:
             raise ArtifactError(f"this client has {len(mine)} uploads begun and not finished, "
                                 f"the most one client may: finish them (an abandoned one is "
                                 "forgotten after an hour of no chunks)")  # fmt: skip
+
+    def _mark_removed_jobs(self, items: list[dict[str, Any]]) -> None:
+        """``job_removed: true`` on each item whose ``job`` the journal no longer holds."""
+        if self.known_jobs is None:
+            return
+        known = self.known_jobs(item["job"] for item in items if item.get("job"))
+        for item in items:
+            if item.get("job") and item["job"] not in known:
+                item["job_removed"] = True
 
     def serve(self, identity: bytes, body: list[bytes]) -> list[bytes]:
         msg = unpack_map(body[0])
@@ -108,10 +122,13 @@ class ArtifactService:
             start, limit = page(msg, MAX_LIST_ARTIFACTS, MAX_LIST_ARTIFACTS)
             records = self.store.list(kind=field(msg, "kind", str, None), job=field(msg, "job", str, None),
                                       start=start, limit=limit + 1)
-            return ok_body({"artifacts": [r.to_dict() for r in records[:limit]],
-                            "start": start, "more": len(records) > limit})
+            items = [r.to_dict() for r in records[:limit]]
+            self._mark_removed_jobs(items)
+            return ok_body({"artifacts": items, "start": start, "more": len(records) > limit})
         if op == "usage":  # what holds the space (``distill artifacts ls``)
-            return ok_body(self.store.usage())
+            usage = self.store.usage()
+            self._mark_removed_jobs(usage["top_jobs"])
+            return ok_body(usage)
         if op == "delete":
             sha = field(msg, "sha256", str)
             self.store.delete(sha, in_use=self.in_use())

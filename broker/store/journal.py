@@ -44,7 +44,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -686,6 +686,16 @@ class JobStore:
     def get(self, job_id: str, *, with_metrics: bool = True) -> JobRecord:
         """The job ``job_id``; unknown -> :class:`JobError` ``"no job <id>"``."""
         return self._load(job_id, with_metrics)
+
+    def known(self, ids: Iterable[str]) -> set[str]:
+        """Which of ``ids`` are jobs the journal holds (the others were removed, or never were)."""
+        wanted = sorted({i for i in ids if isinstance(i, str)})
+        found: set[str] = set()
+        with self._lock:
+            for part, marks in _chunks(wanted):
+                rows = self._db.execute(f"SELECT id FROM jobs WHERE id IN ({marks})", part)
+                found.update(row[0] for row in rows)
+        return found
 
     def list(
         self,

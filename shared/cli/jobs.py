@@ -287,7 +287,7 @@ def register(app: typer.Typer) -> None:
                 usage = None if kind or job else c.request("distill.artifacts", {"op": "usage"})
         except DistillError as e:
             fail(str(e))
-        rows = [[a["sha256"][:16], a["kind"], a["name"], human_bytes(a["size"]), a.get("job") or "-",
+        rows = [[a["sha256"][:16], a["kind"], a["name"], human_bytes(a["size"]), _job_cell(a),
                  ago(a["created_at"])] for a in items]
         print_table(["id", "kind", "name", "size", "job", "created"], rows)
         if usage is None:  # the whole store's footer would not be about these
@@ -350,6 +350,13 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"removed {sha}")
 
 
+def _job_cell(item: dict[str, Any]) -> str:
+    """The job that made an artifact, "(removed)" after it once `jobs rm` took it from the
+    journal and kept its results (a broker before this mark says nothing of it)."""
+    job = item.get("job") or "-"
+    return f"{job} (removed)" if item.get("job_removed") else job
+
+
 def print_usage(usage: dict[str, Any]) -> None:
     """The store's use against its limits, bytes by kind and the jobs holding the most."""
     typer.echo(f"\nstore: {human_bytes(usage['used_bytes'])} of {human_bytes(usage['max_bytes'])} "
@@ -359,7 +366,7 @@ def print_usage(usage: dict[str, Any]) -> None:
                 [[k["kind"], str(k["count"]), human_bytes(k["bytes"])] for k in usage["by_kind"]])
     if usage["top_jobs"]:
         print_table(["job", "count", "size"],
-                    [[j["job"], str(j["count"]), human_bytes(j["bytes"])] for j in usage["top_jobs"]])
+                    [[_job_cell(j), str(j["count"]), human_bytes(j["bytes"])] for j in usage["top_jobs"]])
     uploads = usage["uploads"]
     if uploads["count"]:
         typer.echo(f"uploads in progress: {uploads['count']}, {human_bytes(uploads['bytes'])} declared")

@@ -301,8 +301,16 @@ def test_jobs_rm_removes_finished_jobs_and_releases_their_checkpoints_and_quota(
         store = ArtifactClient(c, ArtifactCache(tmp_path / "cache"))
         store.put_bytes(b"x" * 5_000, kind="audio", name="x.wav")
         assert store.stat(model)["job"] == done
+        store.put_bytes(b"y" * 100, kind="audio", name="y.wav", job=after)
     out = _cli(endpoint, "jobs", "show", after)
     assert out.exit_code == 0 and f"depends_on: {done} (removed)" in out.output, out.output
+    # the kept model names the job that made it, marked removed (before: the bare id)
+    out = _cli(endpoint, "artifacts", "ls")
+    listed, usage = out.output.split("store:")
+    model_row = next(line for line in listed.splitlines() if line.startswith(model[:16]))
+    assert f"{done} (removed)" in model_row, out.output
+    assert f"{done} (removed)" in usage and f"{after} (removed)" not in out.output, out.output
+    assert after in next(line for line in listed.splitlines() if "y.wav" in line)
     out = _cli(endpoint, "jobs", "retry", after)
     assert out.exit_code == 1 and f"dependency {done} was removed" in out.output, out.output
     out = _cli(endpoint, "jobs", "rm", done)
