@@ -17,9 +17,11 @@ Every reply also holds ``model_id`` (the model's own hash, what exported files r
 op                 params                                          result
 =================  ==============================================  =============================
 generate           count (1..16, default 1), seconds (<= 60),      audio (count, samples) f32,
-                   temperature, top_k, top_p, seed (sampling:      codes (count, Q, T) i64,
-                   see SamplingParams), prime: (Q, T0) codes to    params {the sampling params,
-                   continue (optional), quality                    count, seconds}, sample_rate
+                   temperature, top_k, top_p, seed (sampling:      lengths (count: each sound's
+                   see SamplingParams), prime: (Q, T0) codes to    samples; zeros past them),
+                   continue (optional), quality, trim (optional:   codes (count, Q, T) i64,
+                   dB under its peak where each sound ends,        params {the sampling params,
+                   10..120; see inference.finish)                  count, seconds}, sample_rate
 encode             audio (samples,) or (channels, samples) float,  codes (Q, T) i64, levels,
                    sample_rate (resampled to the model's), search  codebook_size, sample_rate
                    (codes tried per level and step, chosen by
@@ -57,7 +59,8 @@ model file, ``artifact`` for an unknown artifact id. The worker keeps serving af
 
 Jobs (``distill.jobs`` submit to service ``distill.infer``) run long batches:
 ``{"op": "generate", "model", "count" (1..256), "seconds", sampling params, "quality", "prime"
-(optional: (Q, T0) codes every sound continues), "format": "wav"|"flac"}`` stores each sound as an exported file (artifact kind ``audio``, with
+(optional: (Q, T0) codes every sound continues), "format": "wav"|"flac", "trim" (optional: dB
+under its peak where each sound ends, 10..120; see ``inference.finish``)}`` stores each sound as an exported file (artifact kind ``audio``, with
 regenerable metadata), publishes progress per batch decoded (16 sounds, fewer when long), and
 returns ``{"sounds": [{"index", "artifact", "name", "seed"}], "model_id", "params",
 "sample_rate", "redrawn"}``. It holds one batch's audio at a time: each sound is written to a
@@ -167,14 +170,23 @@ def _generate(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dic
             f"message carries: ask for {'at most ' + str(most) if most else 'shorter'} sounds "
             "of this length, or submit a generate job (distill.jobs), which stores each sound "
             "as an artifact")  # fmt: skip
+    trim = inf.check_trim(body.get("trim"))
     out = inf.generate(model, count=count, seconds=seconds, params=params, quality=quality,
                        prime=body.get("prime"))  # fmt: skip
     # params: what made the sounds, as a recipe records it (a client's export replays with
     # the same redraw and length rules); the prime and the thread count go apart
     recipe = inf.generate_recipe(params, count=count, seconds=seconds, quality=quality, index=0,
-                                 render_frames=out.render_frames)  # fmt: skip
+                                 render_frames=out.render_frames, trim=trim)  # fmt: skip
     made = {k: v for k, v in recipe.items() if k not in ("index", "threads", "quality")}
-    return {"audio": out.audio, "codes": out.codes, "sample_rate": out.sample_rate,
+    # sounds ended where they fade (trim) keep their place in one (count, samples) array,
+    # zero past their length
+    audio, lengths = out.audio, [out.audio.shape[-1]] * count
+    if trim is not None:
+        audio = np.zeros_like(out.audio)
+        for i, one in enumerate(out.audio):
+            ended = inf.finish(recipe, one, out.sample_rate)
+            audio[i, : ended.shape[-1]], lengths[i] = ended, ended.shape[-1]
+    return {"audio": audio, "lengths": lengths, "codes": out.codes, "sample_rate": out.sample_rate,
             "params": made, "quality": quality, "redrawn": out.redrawn}  # fmt: skip
 
 
@@ -265,7 +277,7 @@ OPS: dict[str, Callable[[JobContext, DistillModel, dict[str, Any]], dict[str, An
 # The keys each op reads, beside "op" and "model": any other is refused, naming it (a script's
 # "temprature" was ignored without a word, and the sound drawn at the default).
 OP_KEYS: dict[str, frozenset[str]] = {
-    "generate": frozenset({"count", "seconds", "prime", "quality", *SAMPLING_KEYS}),
+    "generate": frozenset({"count", "seconds", "prime", "quality", "trim", *SAMPLING_KEYS}),
     "encode": frozenset({"audio", "sample_rate", "search"}),
     "decode": frozenset({"codes", "levels", "quality"}),
     "progressive": frozenset({"audio", "sample_rate", "quality", "search"}),
@@ -304,8 +316,10 @@ class SoundFiles:
     metadata), one per sound: a sound drawn again overwrites its file."""
 
     def __init__(self, folder: Path, model: DistillModel, params: SamplingParams, *, count: int,
-                 seconds: float, quality: str, fmt: str, prime: np.ndarray | None) -> None:  # fmt: skip
+                 seconds: float, quality: str, fmt: str, prime: np.ndarray | None,
+                 trim: float | None = None) -> None:  # fmt: skip
         self.folder, self.model, self.params, self.prime = folder, model, params, prime
+        self.trim = trim  # dB under its peak where each sound ends (inference.finish), or None
         self.count, self.seconds, self.quality = count, seconds, quality
         self.subtype = "FLOAT" if fmt == "wav" else "PCM_24"
         # the frames budget of the model's device, decided here: each recipe records it
@@ -318,10 +332,12 @@ class SoundFiles:
         for i, one in zip(indices.tolist(), audio, strict=True):
             recipe = inf.generate_recipe(self.params, count=self.count, seconds=self.seconds,
                                          quality=self.quality, index=i,
-                                         render_frames=self.render_frames, prime=self.prime)  # fmt: skip
+                                         render_frames=self.render_frames, prime=self.prime,
+                                         trim=self.trim)  # fmt: skip
             meta = ExportMetadata(kind="generate", model_id=self.model.model_id,
                                   title=self.names[i], data=recipe)  # fmt: skip
-            export_audio(self.folder / self.names[i], one, self.model.mel_config.sample_rate,
+            rate = self.model.mel_config.sample_rate
+            export_audio(self.folder / self.names[i], inf.finish(recipe, one, rate), rate,
                          subtype=self.subtype, metadata=meta)  # type: ignore[arg-type]  # fmt: skip
 
     def store(self, ctx: JobContext, i: int) -> str:
@@ -367,6 +383,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     if fmt not in ("wav", "flac"):
         raise inf.BadInput(f"format must be 'wav' or 'flac', got {fmt!r}")
     params, quality = _sampling(body, model), _quality(body, "best")
+    trim = inf.check_trim(body.get("trim"))
     prime = body.get("prime")  # (Q, T0) codes the sounds continue; each recipe records them
     prime = None if prime is None else inf.check_grid(model, prime, "prime")[0].cpu().numpy()
     # Each sound is exported to a file here as its batch is decoded, and stored once every
@@ -375,7 +392,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
     # (256 sounds of 60 s: 2.9 GB), and stores no sound that a redraw replaces.
     with scratch_folder("distill-generate") as tmp:
         files = SoundFiles(Path(tmp), model, params, count=count, seconds=seconds,
-                           quality=quality, fmt=fmt, prime=prime)  # fmt: skip
+                           quality=quality, fmt=fmt, prime=prime, trim=trim)  # fmt: skip
         progress = GenerateProgress(ctx, quality)
 
         def write(indices: np.ndarray, audio: np.ndarray) -> None:
@@ -390,6 +407,7 @@ def run_job(ctx: JobContext) -> dict[str, Any]:
         sounds = [{"index": i, "artifact": files.store(ctx, i), "name": files.names[i],
                    "seed": params.seed} for i in range(count)]  # fmt: skip
     recipe = {**params.to_dict(), "count": count, "seconds": seconds, "quality": quality,
-              "prime_steps": 0 if prime is None else prime.shape[1]}  # fmt: skip
+              "prime_steps": 0 if prime is None else prime.shape[1],
+              **({} if trim is None else {"trim": trim})}  # fmt: skip
     return {"sounds": sounds, "model_id": model.model_id, "params": recipe,
             "sample_rate": drawn.sample_rate, "redrawn": drawn.redrawn}  # fmt: skip

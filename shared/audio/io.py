@@ -345,6 +345,34 @@ def trim_silence(
     return audio[start:stop]
 
 
+def trim_tail(audio: np.ndarray, sample_rate: int, under_peak_db: float) -> np.ndarray:
+    """End a sound where it has fallen ``under_peak_db`` dB under its peak for good.
+
+    ``(samples,) -> (samples',)``, a new float32 array. What follows the last sample within
+    ``under_peak_db`` of the peak is cut, but for ``TAIL_MARGIN_S``, which fades out along a
+    half cosine so that the cut never clicks (it is already that far down). The start is kept:
+    a drawn sound begins where the model began it, a continued one with its prime. A silent
+    sound, or one that rings to its end, keeps its length (the fade then touches nothing).
+    """
+    if not under_peak_db > 0:
+        raise ValueError(f"under_peak_db must be positive, got {under_peak_db}")
+    x = np.asarray(audio, dtype=np.float32)
+    level = np.abs(x)
+    peak = float(level.max()) if x.size else 0.0
+    if peak == 0.0:
+        return x.copy()
+    last = int(np.flatnonzero(level >= peak * db_to_amplitude(-under_peak_db))[-1])
+    margin = round(TAIL_MARGIN_S * sample_rate)
+    if last + 1 + margin >= x.shape[-1]:
+        return x.copy()
+    out = x[: last + 1 + margin].copy()
+    if margin:
+        # 1 at the last loud sample's neighbour, 0 at the very last sample
+        fade = 0.5 + 0.5 * np.cos(np.pi * np.arange(1, margin + 1) / margin)
+        out[last + 1 :] *= fade.astype(np.float32)
+    return out
+
+
 # torchaudio's polyphase kernel holds ~(new/g) x (orig/g) taps (g their gcd): 23,520 for 44100 ->
 # 48000, but 2.1e9 (17 GB in float64) for 44101 -> 48000, which took a worker down. Past
 # RESAMPLE_MAX_TAPS (~130 MB of kernels at its edge) the ratio is approximated by the nearest

@@ -31,6 +31,8 @@ DEMO_SECONDS = 2.0  # each generated sound: long enough for a hit and its tail
 DEMO_COUNT = 8
 DEMO_SEED = 1
 DEMO_TEMPERATURE = 0.9  # a little below 1: fewer odd draws from a model trained for minutes
+DEMO_TRIM_DB = 60.0  # each sound ends where it has faded 60 dB under its peak: the hit, not the
+# hit and the rest of DEMO_SECONDS in silence (a sound that rings on keeps its length)
 
 
 def bundled_sounds() -> list[Path]:
@@ -135,7 +137,8 @@ def generate_demo_sounds(
     jobs = JobsClient(c)
     job = jobs.submit("distill.infer", {"op": "generate", "model": model_sha, "count": count,
                                         "seconds": seconds, "seed": DEMO_SEED,
-                                        "temperature": DEMO_TEMPERATURE, "quality": "best"})  # fmt: skip
+                                        "temperature": DEMO_TEMPERATURE, "quality": "best",
+                                        "trim": DEMO_TRIM_DB})  # fmt: skip
     _say(f"generating {count} sounds of {seconds:g} s (job {job['id']})")
 
     def on_event(event: dict[str, Any]) -> None:
@@ -185,7 +188,8 @@ def demo(
     minutes: float = typer.Option(4.0, help="Training budget (more: better sounds)."),
     out: Path = typer.Option(Path("distill-demo"), "-o", "--out", help="Where everything goes."),
     count: int = typer.Option(DEMO_COUNT, "-n", "--count", help="Sounds to generate."),
-    seconds: float = typer.Option(DEMO_SECONDS, "--seconds", help="Length of each sound."),
+    seconds: float = typer.Option(DEMO_SECONDS, "--seconds",
+                                  help="Length of each sound (each ends where it fades 60 dB)."),
     vqvae_opt: list[str] = typer.Option([], "--vqvae-opt", help="RVQ-VAE setting KEY=VALUE."),
     prior_opt: list[str] = typer.Option([], "--prior-opt", help="Prior setting KEY=VALUE."),
     train_opt: list[str] = typer.Option([], "--train-opt", help="Training setting KEY=VALUE."),
@@ -275,7 +279,7 @@ def _report(
                f"sounds, through the model)")  # fmt: skip
     typer.echo(f"  training sounds  {out / 'sounds'}")
     typer.echo("next:")
-    typer.echo(f"  distill generate {model} -n 8 --seconds 2 --seed 2 -o {out / 'more'}")
+    typer.echo(f"  distill generate {model} -n 8 --seconds 2 --seed 2 --trim 60 -o {out / 'more'}")
     typer.echo(f"  distill regenerate {generated[0]} --model {model}")
     typer.echo("  distill up            # then, in another terminal:")
     typer.echo("  distill tui           # the terminal UI: jobs, training curves, code editor")

@@ -43,6 +43,12 @@ OutOpt = typer.Option(Path("."), "-o", "--out", help="Folder for the files.")
 FormatOpt = typer.Option("wav", "--format", help="wav or flac.")
 BitsOpt = typer.Option("24", "--bits", help="16, 24 or float (wav only).")
 DeviceOpt = typer.Option("cpu", "--device")
+TrimOpt = typer.Option(
+    None, "--trim", show_default=False, metavar="DB",
+    help="End each sound where it has faded DB under its peak for good (10..120; e.g. 60: a "
+    "drum hit ends with its decay, not after the seconds asked), with a 10-ms fade. Default: "
+    "off, every sound exactly its length.",
+)  # fmt: skip
 ForceOpt = typer.Option(False, "--force", help="Replace the output file if it exists.")
 # An input sound's length is checked against MAX_SECONDS after its silence is trimmed; a header
 # that states more than this much longer is refused before anything is decoded (a 10-minute
@@ -108,13 +114,24 @@ def _describe(params: dict[str, Any], step_s: float) -> str:
     """A recipe on one line; ``step_s``, the seconds per code step, gives the continued start
     (``prime``) and a resampled region (``t0``, ``t1``) in seconds."""
     shown = ("seed", "temperature", "top_k", "top_p", "min_p", "change_temperature", "seconds",
-             "quality")
+             "trim", "quality")
     parts = [f"{k}={params[k]}" for k in shown if k in params]
     if params.get("prime"):
         parts.append(f"continuing={len(params['prime'][0]) * step_s:.2f}s")
     if "t0" in params:
         parts.append(f"region={params['t0'] * step_s:.2f}-{params['t1'] * step_s:.2f}s")
     return " ".join(parts)
+
+
+def _check_trim(trim: float | None) -> None:
+    """``--trim``, before the model is read."""
+    from distill.shared.errors import DistillError
+    from distill.shared.model import inference as inf
+
+    try:
+        inf.check_trim(trim)
+    except DistillError as e:
+        fail(f"--{e}")
 
 
 def _check_quality(quality: str) -> None:
@@ -131,10 +148,11 @@ def _check_quality(quality: str) -> None:
 def generate_files(model: Any, out: Path, *, count: int, seconds: float, temperature: float,
                    top_k: int, top_p: float, seed: int, quality: str, fmt: str = "wav",
                    min_p: float | None = None, change_temperature: float | None = None,
-                   prime: Any = None,
+                   prime: Any = None, trim: float | None = None,
                    bits: str = "24", prefix: str = "gen", show: bool = True) -> list[Path]:  # fmt: skip
     """``count`` generated sounds (continuing ``prime``, a (Q, T0) grid, if given) written into
-    ``out`` with their metadata; their paths."""
+    ``out`` with their metadata, each ended where it fades if ``trim`` (dB under its peak) is
+    given; their paths."""
     from distill.shared.audio.export import free_path
     from distill.shared.model import inference as inf
 
@@ -146,14 +164,18 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
     # so that no more than a batch of audio is held (256 sounds of 60 s kept: 2.9 GB).
     render_frames = inf.render_frames_for(model)  # what each recipe records
     recipes = [inf.generate_recipe(params, count=count, seconds=seconds, quality=quality,
-                                   index=i, render_frames=render_frames, prime=prime)
+                                   index=i, render_frames=render_frames, prime=prime, trim=trim)
                for i in range(count)]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)  # checked by _writable_folder before the draws
     paths = [free_path(out / f"{prefix}-s{seed}-{i:03d}.{fmt}") for i in range(count)]
     gains = [0.0] * count
+    lengths = [0.0] * count
+    rate = model.mel_config.sample_rate
 
     def write(indices: Any, audio: Any) -> None:
         for i, one in zip(indices.tolist(), audio, strict=True):
+            one = inf.finish(recipes[i], one, rate)
+            lengths[i] = one.shape[-1] / rate
             gains[i] = _export_one(model, paths[i], one, recipes[i], "generate", subtype)
 
     # The bar moves as each batch is decoded; sampling the codes comes before.
@@ -165,7 +187,8 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
         step_s = model.vqvae.config.downsample / model.mel_config.frames_per_second
         for i, path in enumerate(paths):
             gain = f" gain {gains[i]:.1f} dB" if gains[i] else ""
-            typer.echo(shown(f"{path}  index={i} {_describe(recipes[i], step_s)}{gain}"))
+            ends = f" length={lengths[i]:.2f}s" if trim is not None else ""
+            typer.echo(shown(f"{path}  index={i} {_describe(recipes[i], step_s)}{ends}{gain}"))
     note = inf.redraw_note(made.redrawn, count)
     if show and note:
         typer.echo(note)
@@ -203,18 +226,23 @@ SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "change_temperature
 
 def _export_all(model: Any, made: Any, recipes: list[dict[str, Any]], kind: str, out: Path,
                 stem: str, fmt: str, subtype: str, show: bool) -> list[Path]:  # fmt: skip
-    """Each sound of ``made`` to ``out/STEM-NNN.FMT`` with its recipe; prints each line."""
+    """Each sound of ``made`` to ``out/STEM-NNN.FMT`` with its recipe (ended as it says, see
+    ``inference.finish``); prints each line."""
     from distill.shared.audio.export import free_path
+    from distill.shared.model import inference as inf
 
     out.mkdir(parents=True, exist_ok=True)  # checked by _writable_folder before the draws
     paths = []
     step_s = model.vqvae.config.downsample / model.mel_config.frames_per_second
+    rate = model.mel_config.sample_rate
     for i, (audio, recipe) in enumerate(zip(made.audio, recipes, strict=True)):
         path = free_path(out / f"{stem}-{i:03d}.{fmt}")
+        audio = inf.finish(recipe, audio, rate)
         gain_db = _export_one(model, path, audio, recipe, kind, subtype)
         gain = f" gain {gain_db:.1f} dB" if gain_db else ""
+        ends = f" length={audio.shape[-1] / rate:.2f}s" if "trim" in recipe else ""
         if show:
-            typer.echo(shown(f"{path}  index={i} {_describe(recipe, step_s)}{gain}"))
+            typer.echo(shown(f"{path}  index={i} {_describe(recipe, step_s)}{ends}{gain}"))
         paths.append(path)
     return paths
 
@@ -378,6 +406,7 @@ def generate(
     bits: str = BitsOpt,
     quality: str = QualityOpt,
     device: str = DeviceOpt,
+    trim: float | None = TrimOpt,
     cont: Path | None = typer.Option(
         None, "--continue", show_default=False,
         help="Continue this sound (or a codes .npz from `distill encode`): each file is its "
@@ -403,6 +432,7 @@ def generate(
     except DistillError as e:
         fail(str(e))
     _check_count(count)
+    _check_trim(trim)
     if start is not None and cont is None:
         fail("--from needs --continue FILE (the sound to continue)")
     model = _load(model_file, device)
@@ -413,7 +443,7 @@ def generate(
     try:
         generate_files(model, out, count=count, seconds=seconds, temperature=temperature,
                        top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, quality=quality,
-                       fmt=fmt, bits=bits, prime=prime, prefix=prefix,
+                       fmt=fmt, bits=bits, prime=prime, prefix=prefix, trim=trim,
                        change_temperature=change_temperature)  # fmt: skip
     except DistillError as e:
         fail(str(e))
@@ -438,6 +468,7 @@ def resample(
     bits: str = BitsOpt,
     quality: str = QualityOpt,
     device: str = DeviceOpt,
+    trim: float | None = TrimOpt,
 ) -> None:
     """A sound with the region [FROM, TO) drawn again by the prior.
 
@@ -449,6 +480,7 @@ def resample(
         fail(f"--format must be wav or flac, got {fmt!r}")
     _check_quality(quality)  # before any sound is encoded or drawn
     _check_count(count)
+    _check_trim(trim)
     model = _load(model_file, device)
     codes = _codes_of(sound, model, "SOUND")
     _check_prior_codes(model, codes, sound)
@@ -473,7 +505,7 @@ def resample(
                                          count=count,
                                          on_batch=lambda done, total: bar.update(done - bar.pos))  # fmt: skip
         recipes = [inf.resample_recipe(params, codes, t0=t0, t1=t1, count=count, quality=quality,
-                                       index=i, render_frames=made.render_frames)
+                                       index=i, render_frames=made.render_frames, trim=trim)
                    for i in range(count)]  # fmt: skip
         stem = f"{sound.stem}-resample-s{seed}"
         _export_all(model, made, recipes, "resample", out, stem, fmt, subtype, show=True)

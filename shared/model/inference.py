@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.shared.audio.io import peak_db, resample, to_mono
+from distill.shared.audio.io import peak_db, resample, to_mono, trim_tail
 from distill.shared.audio.mel import log_mel
 from distill.shared.audio.metrics import Envelope, envelope, envelope_distance
 from distill.shared.audio.phase import QUALITY_PRESETS, PhasePreset, mel_to_audio_quality, preset
@@ -92,6 +92,11 @@ SILENT_PEAK_DB = -60.0
 # the absolute floor.
 QUIET_UNDER_LOUDEST_DB = 30.0
 MAX_REDRAWS = 4
+# A sound may end where it fades (``trim``: the dB under its peak it must stay under from there
+# on, see audio.io.trim_tail): a drawn one-shot is its hit, not the hit and the rest of the
+# seconds asked for in silence. Off unless asked (each sound then keeps exactly its length).
+# 10 dB cuts a decay short; past 120 dB nothing a 24-bit file holds is cut.
+TRIM_DB_RANGE = (10.0, 120.0)
 
 
 class BadInput(DistillError):
@@ -145,6 +150,19 @@ def check_int(value: object, name: str, low: int, high: int) -> int:
 
 # A phase quality: a preset's name, or (replaying a recipe that recorded it) the preset itself
 Quality = str | PhasePreset
+
+
+def check_trim(value: object) -> float | None:
+    """A ``trim`` setting (dB under the peak, see TRIM_DB_RANGE), or None: off."""
+    return None if value is None else check_number(value, "trim", *TRIM_DB_RANGE)
+
+
+def finish(data: Mapping[str, Any], audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """A made sound as its recipe ``data`` ends it: cut where it has faded (``trim``), if the
+    recipe asks. Every path that makes a sound from a recipe, the first time and when it is
+    made again, ends it here."""
+    under = check_trim(data.get("trim"))
+    return audio if under is None else trim_tail(audio, sample_rate, under)
 
 
 def check_quality(value: object) -> str:
@@ -744,10 +762,11 @@ RECIPE_KINDS = ("generate", "decode", "edit", "resample")
 
 
 def generate_recipe(params: SamplingParams, *, count: int, seconds: float, quality: str,
-                    index: int, render_frames: int | None,
-                    prime: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
+                    index: int, render_frames: int | None, prime: np.ndarray | None = None,
+                    trim: float | None = None) -> dict[str, Any]:  # fmt: skip
     """What regenerates sound ``index`` of a generate call (an export's metadata ``data``);
-    ``prime``, the (Q, T0) codes it continued, if any.
+    ``prime``, the (Q, T0) codes it continued, if any; ``trim``, where the sound was ended
+    (see :func:`finish`), recorded only when set.
 
     ``threads`` is recorded because CPU kernels split their sums by thread: measured, the same
     sound made with 1 and 2 torch threads differs in its last bits, so a replay uses the count
@@ -759,17 +778,24 @@ def generate_recipe(params: SamplingParams, *, count: int, seconds: float, quali
               "render_frames": render_frames}  # fmt: skip
     if prime is not None:
         recipe["prime"] = np.asarray(prime).tolist()
+    if trim is not None:
+        recipe["trim"] = trim
     return recipe
 
 
 def resample_recipe(params: SamplingParams, codes: np.ndarray, *, t0: int, t1: int,
-                    count: int, quality: str, index: int,
-                    render_frames: int | None) -> dict[str, Any]:  # fmt: skip
+                    count: int, quality: str, index: int, render_frames: int | None,
+                    trim: float | None = None) -> dict[str, Any]:  # fmt: skip
     """What makes version ``index`` of a ``resample_variants`` call again: the grid before,
-    the region, the sampling parameters (and the thread count, as for a generated sound)."""
-    return {**params.to_dict(), "codes": np.asarray(codes).tolist(), "t0": t0, "t1": t1,
-            "count": count, "quality": quality, "phase": phase_record(quality), "index": index,
-            "threads": torch.get_num_threads(), "render_frames": render_frames}  # fmt: skip
+    the region, the sampling parameters (and the thread count, as for a generated sound), and
+    ``trim`` when set (see :func:`finish`)."""
+    recipe = {**params.to_dict(), "codes": np.asarray(codes).tolist(), "t0": t0, "t1": t1,
+              "count": count, "quality": quality, "phase": phase_record(quality),
+              "index": index, "threads": torch.get_num_threads(),
+              "render_frames": render_frames}  # fmt: skip
+    if trim is not None:
+        recipe["trim"] = trim
+    return recipe
 
 
 def decode_recipe(codes: np.ndarray, levels: int | None, quality: str,
@@ -791,7 +817,7 @@ def replay(model: DistillModel, kind: str, data: Mapping[str, Any],
     if threads is not None:
         torch.set_num_threads(check_int(threads, "threads", 1, 1024))
     try:
-        return _replay(model, kind, data, on_batch)
+        return finish(data, _replay(model, kind, data, on_batch), model.mel_config.sample_rate)
     finally:
         torch.set_num_threads(before)
 

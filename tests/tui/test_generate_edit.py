@@ -56,6 +56,7 @@ async def test_generate_then_edit_a_generated_sound(cluster_with_model: Cluster,
                     30, what="the model listed")
         gen.query_one("#gen-count", Input).value = "2"
         gen.query_one("#gen-seconds", Input).value = "0.5"
+        gen.query_one("#gen-trim", Input).value = "10"  # ended where they fade (regenerated below)
         gen.action_generate()
         results = gen.query_one("#results", DataTable)
         await until(pilot, lambda: results.row_count == 2, 120, what="two sounds")
@@ -66,6 +67,7 @@ async def test_generate_then_edit_a_generated_sound(cluster_with_model: Cluster,
         exported = sorted((tmp_path / "out").glob("*.wav"))
         assert len(exported) == 2 and read_audio(exported[0]).samples.size > 0
         assert read_export_metadata(exported[1]).data["threads"] == 1  # as the editor's (below)
+        assert read_export_metadata(exported[1]).data["trim"] == 10.0
 
         await pilot.press("e")
         ed = app.screen

@@ -13,15 +13,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from distill.shared.audio.mel import MelConfig
 from distill.shared.audio.phase import QUALITY_PRESETS
 from distill.shared.errors import BAD_REQUEST, MODEL_FORMAT, DistillError, code_of
 from distill.shared.ids import sha256_file
+from distill.shared.model import inference
 from distill.shared.model.codes import CodeGrid, EditSession, edit_from_dict
 from distill.shared.model.inference import CPU_RENDER_FRAMES, QUIET_UNDER_LOUDEST_DB
-from distill.shared.model.modelfile import DistillModel, save_model
+from distill.shared.model.modelfile import DistillModel, load_model, save_model
 from distill.shared.model.prior import Prior, PriorConfig
 from distill.shared.model.vqvae import VQVAE, VQVAEConfig
 from distill.workers import infer
@@ -156,6 +158,31 @@ def test_generate_is_seeded_and_carries_its_params(ctx: FakeContext, model_sha: 
     assert a["model_id"] and len(a["model_id"]) == 64
     primed = call(ctx, "generate", model_sha, seconds=0.1, prime=a["codes"][0][:, :5])
     assert np.array_equal(primed["codes"][0][:, :5], a["codes"][0][:, :5])
+    assert a["lengths"] == [round(0.3 * RATE)] * 3
+
+
+def test_generate_with_trim_gives_each_sounds_length_and_records_it(ctx: FakeContext,
+                                                                     model_sha: str) -> None:  # fmt: skip
+    """Each sound ended by ``trim_tail``, zero past its length in the (count, samples) array;
+    the params a client's export records name the trim (and replay it: inference.replay)."""
+    from distill.shared.audio.io import trim_tail
+
+    whole = call(ctx, "generate", model_sha, count=3, seconds=0.3, seed=5)
+    cut = call(ctx, "generate", model_sha, count=3, seconds=0.3, seed=5, trim=10.0)
+    assert cut["params"] == {**whole["params"], "trim": 10.0}
+    assert cut["audio"].shape == whole["audio"].shape and len(cut["lengths"]) == 3
+    for i in range(3):
+        want = trim_tail(whole["audio"][i], RATE, 10.0)
+        assert cut["lengths"][i] == len(want)
+        assert np.array_equal(cut["audio"][i, : len(want)], want)
+        assert not cut["audio"][i, len(want):].any()
+    # a sound that fades: the array is cut where the trim says, the rest zero
+    model = infer.CACHE.get(model_sha, "cpu", ctx.artifacts.get_file)
+    recipe = {**cut["params"], "index": 2, "quality": cut["quality"], "threads": cut["threads"]}
+    assert np.array_equal(inference.replay(model, "generate", recipe),
+                          cut["audio"][2, : cut["lengths"][2]])  # fmt: skip
+    with pytest.raises(inference.BadInput, match="trim must be in"):
+        call(ctx, "generate", model_sha, seconds=0.3, trim=200)
 
 
 def test_blend_at_0_and_1_equals_the_decodes(ctx: FakeContext, model_sha: str) -> None:
@@ -300,7 +327,7 @@ def test_a_model_without_prior_cannot_generate(ctx: FakeContext, tmp_path: Path)
 def test_generate_job_exports_regenerable_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from distill.shared.audio.export import read_export_metadata
+    from distill.shared.audio.export import headroom_gain, read_export_metadata
 
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
     infer.CACHE = infer.ModelCache()
@@ -326,6 +353,20 @@ def test_generate_job_exports_regenerable_files(
     (folder,) = ctx.artifacts.put_folders
     assert folder.parent == tmp_path / "cache" / "tmp" and folder.name.endswith(".dir")
     assert not folder.exists()
+    # with trim: each file ended as its recipe says, which replays it
+    ctx = FakeContext()
+    ctx.artifacts.add(path)
+    ctx.info.params.update({"op": "generate", "model": sha, "count": 2, "seconds": 0.2,
+                            "seed": 3, "quality": "preview", "trim": 10})  # fmt: skip
+    result = infer.run_job(ctx)  # type: ignore[arg-type]
+    assert result["params"]["trim"] == 10
+    first.write_bytes(ctx.artifacts.stored[result["sounds"][1]["artifact"]])
+    meta = read_export_metadata(first)
+    stored = sf.read(first, dtype="float32")[0]
+    assert meta.data["trim"] == 10 and 0 < len(stored) <= round(0.2 * RATE)
+    again = inference.replay(load_model(path), "generate", meta.data)
+    np.testing.assert_allclose(again * headroom_gain(float(np.abs(again).max())), stored,
+                               rtol=1e-6, atol=1e-7)  # as exported: scaled under full scale
 
 
 def test_a_generate_job_hears_a_cancel_while_it_draws(tmp_path: Path) -> None:

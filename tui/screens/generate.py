@@ -33,8 +33,10 @@ FIELDS = (  # (id, label, default, Input type)
     ("top_p", "p", "1.0", "number"),
     ("min_p", "min-p", "0.01", "number"),  # the sampler's default: cuts the smoothing floor
     ("change_temperature", "move-t", "", "number"),  # empty: the model's (chosen in training)
+    ("trim", "trim", "", "number"),  # dB under its peak where a sound ends; empty: off
     ("seed", "seed", "0", "integer"),
 )
+EMPTY_MEANS = {"change_temperature": "model's", "trim": "off"}  # an empty field's placeholder
 
 
 class GenerateScreen(DistillScreen):
@@ -56,13 +58,16 @@ class GenerateScreen(DistillScreen):
         with Horizontal(classes="form row"):
             yield Label("model")
             yield Select[str]([], prompt="no models yet (m: refresh)", id="model")
-        # how many, how long, which seed and how hot; then the filters (four a row at 80 columns)
-        for row in (FIELDS[:2] + FIELDS[-1:] + FIELDS[2:3], FIELDS[3:-1]):
+        # how many, how long, which seed, how hot and where sounds end; then the filters (each
+        # value whole at 80 columns)
+        by_key = {f[0]: f for f in FIELDS}
+        for row in (("count", "seconds", "seed", "temperature", "trim"),
+                    ("top_k", "top_p", "min_p", "change_temperature")):  # fmt: skip
             with Horizontal(classes="form row opts"):
-                for key, label, default, kind in row:
+                for key, label, default, kind in (by_key[k] for k in row):
                     yield Label(label)
                     yield Input(default, id=f"gen-{key}", type=kind,  # type: ignore[arg-type]
-                                placeholder="model's" if not default else "")  # fmt: skip
+                                placeholder=EMPTY_MEANS.get(key, ""))  # fmt: skip
         yield Static("", id="gen-status", classes="status-line", markup=False)
         yield DataTable(id="results", cursor_type="row", zebra_stripes=True)
         yield Waveform(id="wave")
@@ -138,7 +143,9 @@ class GenerateScreen(DistillScreen):
     def show_results(self, reply: dict[str, Any]) -> None:
         self.reply = reply
         audio = np.asarray(reply["audio"], dtype=np.float32)  # (count, samples)
-        self.sounds = [audio[i] for i in range(audio.shape[0])]
+        # a sound ended where it fades (trim) is zero past its length
+        lengths = reply.get("lengths") or [audio.shape[-1]] * audio.shape[0]
+        self.sounds = [audio[i, : int(lengths[i])] for i in range(audio.shape[0])]
         rate = int(reply["sample_rate"])
         self.distill.last_generated = (self.sounds, rate)  # the editor encodes these (gen:N)
         seed = (reply.get("params") or {}).get("seed", "-")

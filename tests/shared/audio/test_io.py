@@ -26,6 +26,7 @@ from distill.shared.audio.io import (
     scan_folder,
     to_mono,
     trim_silence,
+    trim_tail,
     write_audio,
 )
 from distill.shared.errors import AudioError
@@ -190,6 +191,28 @@ def test_trim_threshold_is_configurable() -> None:
     x = torch.cat([loud, tail, torch.zeros(SR // 4)])
     assert len(trim_silence(x, SR, -30)) < len(loud) + SR // 50  # tail counts as silence
     assert len(trim_silence(x, SR, -60)) > len(loud) + len(tail) - SR // 50  # tail kept
+
+
+def test_a_sound_ends_where_it_has_faded_for_good_with_a_fade_and_keeps_its_start() -> None:
+    t = np.arange(SR) / SR  # 1 s: a hit decaying 200 dB a second, after a quiet lead-in
+    hit = (0.8 * np.sin(2 * np.pi * 200 * t) * 10 ** (-200 * t / 20)).astype(np.float32)
+    x = np.concatenate([np.full(SR // 10, 1e-6, np.float32), hit])  # 100 ms nearly silent first
+    before = x.copy()
+    loud = np.flatnonzero(np.abs(x) >= np.abs(x).max() * 10 ** (-40 / 20))[-1]
+    y = trim_tail(x, SR, 40.0)
+    margin = round(0.010 * SR)
+    assert len(y) == loud + 1 + margin  # the last sample within 40 dB of the peak, then 10 ms
+    assert 0.25 * SR < len(y) < 0.35 * SR  # 40 dB down: ~0.2 s into the hit, after 0.1 s
+    assert np.array_equal(y[: loud + 1], x[: loud + 1])  # the start and the hit untouched
+    assert y[-1] == 0.0 and np.all(np.abs(y[loud + 1 :]) <= np.abs(x[loud + 1 : len(y)]))  # faded
+    assert len(trim_tail(x, SR, 80.0)) > len(y)  # further down the decay: more of it kept
+    # a sound that rings to its end, or is silent, keeps its length; the input is never changed
+    ring = np.sin(2 * np.pi * 200 * t).astype(np.float32)
+    assert np.array_equal(trim_tail(ring, SR, 60.0), ring)
+    assert np.array_equal(trim_tail(np.zeros(100, np.float32), SR, 60.0), np.zeros(100))
+    assert np.array_equal(x, before)  # a new array: the sound given is left as it was
+    with pytest.raises(ValueError, match="must be positive"):
+        trim_tail(x, SR, -60.0)
 
 
 def test_normalise_peak_and_rms() -> None:

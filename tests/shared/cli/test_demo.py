@@ -71,7 +71,9 @@ def test_demo_short_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     for i in range(8):
         for j in range(i + 1, 8):
             assert not np.array_equal(audios[i], audios[j])  # distinct
-    assert read_export_metadata(generated[0]).kind == "generate"
+    meta = read_export_metadata(generated[0])
+    assert meta.kind == "generate" and meta.data["trim"] == demo.DEMO_TRIM_DB  # ended where they fade
+    assert all(0 < len(a) <= 48000 for a in audios)  # at most the 1 s asked
     recon = sorted((out / "reconstructed").glob("*.wav"))
     assert len(recon) == len(demo.bundled_sounds())
 

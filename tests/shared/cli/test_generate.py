@@ -599,3 +599,42 @@ def test_no_file_is_replaced_unless_forced(model_file: Path, tmp_path: Path) -> 
                                       tmp_path / "d.wav")  # fmt: skip
     assert (tmp_path / "d.wav").read_bytes() == kept
     run("decode", codes, "--model", model_file, "-o", tmp_path / "d.wav", "--force")
+
+
+def test_trim_is_recorded_applied_and_replayed_by_generate_and_resample(
+    model_file: Path, tmp_path: Path
+) -> None:
+    """--trim ends each sound by ``trim_tail`` and records it, and regenerate ends it the same
+    way. (This random model's sounds ring to their end, so here nothing is cut: a trained
+    model's are, in tests/shared/train/test_prior_small_data.py.)"""
+    from distill.shared.audio.io import trim_tail
+
+    wav = _tone(tmp_path / "in.wav")
+    rate = generate._load(model_file, "cpu").mel_config.sample_rate
+    for command in (["generate", model_file, "-n", "2", "--seconds", "0.3"],
+                    ["resample", wav, "--model", model_file, "--from", "0.2", "-n", "2"]):  # fmt: skip
+        args = [*command, "--seed", "4", "--quality", "preview", "--bits", "float"]
+        text = run(*args, "--trim", "10", "-o", tmp_path / f"{command[0]}-trimmed")
+        run(*args, "-o", tmp_path / f"{command[0]}-whole")
+        trimmed = sorted((tmp_path / f"{command[0]}-trimmed").glob("*.wav"))
+        whole = sorted((tmp_path / f"{command[0]}-whole").glob("*.wav"))
+        assert len(trimmed) == len(whole) == 2 and "trim=10.0" in text
+        for cut, full in zip(trimmed, whole, strict=True):
+            a, b = sf.read(cut, dtype="float32")[0], sf.read(full, dtype="float32")[0]
+            want = trim_tail(b, rate, 10.0)
+            assert len(a) == len(want) and f"length={len(a) / rate:.2f}s" in text
+            np.testing.assert_allclose(a, want, rtol=1e-6, atol=1e-7)
+            assert read_export_metadata(cut).data["trim"] == 10.0
+        assert "trim" not in read_export_metadata(whole[0]).data  # off: not recorded, as before it
+        assert "identical to" in run("regenerate", trimmed[1], "--model", model_file)
+
+@pytest.mark.parametrize("command", ["generate", "resample"])
+def test_a_bad_trim_is_refused_before_anything_is_drawn(model_file: Path, tmp_path: Path,
+                                                        command: str) -> None:  # fmt: skip
+    args = (["generate", str(model_file)] if command == "generate"
+            else ["resample", str(_tone(tmp_path / "in.wav")), "--model", str(model_file),
+                  "--from", "0"])  # fmt: skip
+    for bad, why in (("5", "must be in [10, 120], got 5.0"), ("nan", "must be a finite number")):
+        result = runner.invoke(app, [*args, "--trim", bad, "-o", str(tmp_path / "out")])
+        assert result.exit_code == 1 and f"--trim {why}" in result.output, result.output
+    assert not (tmp_path / "out").exists()

@@ -9,9 +9,12 @@ learnt how a sound starts (figures in test_the_demo_draws_are_audible_and_distin
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
+import typer
 
 from distill.shared.audio.dataset import build_dataset
 from distill.shared.audio.mel import MelConfig
@@ -47,7 +50,7 @@ def dbfs(x: np.ndarray) -> float:
     return 20 * math.log10(float(np.abs(x).max()) + 1e-12)
 
 
-def test_the_demo_draws_are_audible_and_distinct() -> None:
+def test_the_demo_draws_are_audible_and_distinct(tmp_path: Path) -> None:
     files = [(p.name, p.read_bytes()) for p in demo.bundled_sounds()]
     ds = build_dataset(files, MelConfig())
     vqvae = VQVAETrainer(ds, CI_VQVAE, CI_VQVAE_TRAIN, NullHooks()).run().model
@@ -76,3 +79,44 @@ def test_the_demo_draws_are_audible_and_distinct() -> None:
     loud = sum(p > PEAK_FLOOR_DBFS for p in peaks)
     assert loud >= MIN_AUDIBLE * len(peaks), [round(p, 1) for p in peaks]
     assert float(np.median(peaks)) > float(np.median(sounds)) - NEAR_TRAINING_DB, (peaks, sounds)
+    _trimmed_draws_end_where_they_fade(model, tmp_path)
+
+
+def _trimmed_draws_end_where_they_fade(model: DistillModel, tmp_path: Path) -> None:
+    """`distill generate --trim 60` on this trained model: drawn hits end where they have
+    faded 60 dB (measured: all 8 of these draws of 2 s end, at 0.06-1.12 s), each file the
+    untrimmed draw up to there, and `distill regenerate` makes a trimmed file again."""
+    from typer.testing import CliRunner
+
+    from distill.shared.audio.export import read_export_metadata
+    from distill.shared.audio.io import trim_tail
+    from distill.shared.cli import generate
+    from distill.shared.model.modelfile import save_model
+
+    app = typer.Typer()
+    generate.register(app)
+    path = tmp_path / "demo.distill"
+    save_model(path, model)
+    rate = model.mel_config.sample_rate
+
+    def run(*args: object) -> str:
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        return result.output
+
+    common = [path, "-n", "8", "--seconds", "2", "--seed", "1", "--quality", "fast", "--bits", "float"]
+    run("generate", *common, "--trim", "60", "-o", tmp_path / "trimmed")
+    run("generate", *common, "-o", tmp_path / "whole")
+    trimmed = sorted((tmp_path / "trimmed").glob("*.wav"))
+    whole = sorted((tmp_path / "whole").glob("*.wav"))
+    lengths = []
+    for cut, full in zip(trimmed, whole, strict=True):
+        a, b = sf.read(cut, dtype="float32")[0], sf.read(full, dtype="float32")[0]
+        assert len(b) == 2 * rate and len(a) <= len(b)
+        np.testing.assert_allclose(a, trim_tail(b, rate, 60.0), rtol=1e-6, atol=1e-7)
+        lengths.append(len(a) / rate)
+    ended = [i for i, s in enumerate(lengths) if s < 1.5]
+    assert len(ended) >= 3, lengths  # most one-shots fade well within 2 s
+    shortest = trimmed[int(np.argmin(lengths))]
+    assert read_export_metadata(shortest).data["trim"] == 60.0
+    assert "identical to" in run("regenerate", shortest, "--model", path)
