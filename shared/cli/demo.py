@@ -139,7 +139,8 @@ def generate_demo_sounds(
                                         "seconds": seconds, "seed": DEMO_SEED,
                                         "temperature": DEMO_TEMPERATURE, "quality": "best",
                                         "trim": DEMO_TRIM_DB})  # fmt: skip
-    _say(f"generating {count} sounds of {seconds:g} s (job {job['id']})")
+    _say(f"generating {count} sounds of up to {seconds:g} s, each ended where it fades "
+         f"(job {job['id']})")
 
     def on_event(event: dict[str, Any]) -> None:
         if event.get("type") == "progress" and event.get("done") is not None:
