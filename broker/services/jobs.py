@@ -544,7 +544,7 @@ class JobService:
             if current.status != "running" or current.worker != worker.worker_id:
                 raise StaleAttempt(f"job {job_id} is {current.status} on {current.worker}")
             return self.store.mark_cancelled(job_id, current.cancel_reason or "cancelled")
-        error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+        error = reply["error"] if isinstance(reply.get("error"), dict) else {}
         message = str(error.get("message", "unknown error"))
         return self.store.fail_attempt(job_id, f"attempt on {worker.meta.get('host', '?')}: {message}",
                                        worker=worker.worker_id, attempt=attempt,

@@ -20,7 +20,7 @@ log = get_logger("broker.periodic")
 class _Task:
     name: str
     interval_s: float  # 0: every tick
-    run: Callable[[float], None]  # called with the loop's monotonic clock
+    run: Callable[[float], object]  # called with the loop's monotonic clock (what it returns is not used)
     next_at: float = 0.0
     failures: int = field(default=0)
 
@@ -31,7 +31,7 @@ class Periodic:
     def __init__(self) -> None:
         self._tasks: list[_Task] = []
 
-    def add(self, name: str, interval_s: float, run: Callable[[float], None]) -> None:
+    def add(self, name: str, interval_s: float, run: Callable[[float], object]) -> None:
         if any(t.name == name for t in self._tasks):
             raise ValueError(f"periodic task {name!r} is already registered")
         self._tasks.append(_Task(name, interval_s, run))

@@ -355,7 +355,7 @@ class ArtifactStore:
             )
         self._partial_path(sha).touch()
 
-    def put_chunk(self, sha256: str, offset: int, data: bytes) -> int:
+    def put_chunk(self, sha256: str, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Append ``data`` at ``offset``; returns the bytes received after it.
 
         ``offset`` past the bytes received is an :class:`OffsetMismatch` (a gap). A chunk the

@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -237,7 +237,7 @@ def max_dataset_bytes() -> int:
     return int(raw)
 
 
-def npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
+def npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) of the ``.npy`` array at ``f``'s position, from its header alone (nothing
     is allocated: what an archive from outside declares is checked before it is read);
     ValueError for an ``.npy`` version numpy's header readers do not know."""

@@ -129,7 +129,7 @@ class ArtifactClient:
                 raise ArtifactDamaged(str(e)) from None
             raise
 
-    def _fetch(self, sha256: str, size: int, sink: Callable[[bytes], None],
+    def _fetch(self, sha256: str, size: int, sink: Callable[[bytes], object],
                progress: Progress | None) -> None:
         """Every chunk into ``sink`` in order, resuming after the last one received when the
         broker stops answering (a restart), up to TRANSFER_TRIES times in all."""

@@ -91,7 +91,8 @@ class JobsClient:
 
     def _call(self, op: str, request_timeout_s: float | None = None, **fields: Any) -> Any:
         """The op's result; a job error (an unknown id, a bad field) as JobError."""
-        timeout = {} if request_timeout_s is None else {"timeout_s": request_timeout_s}
+        # no timeout_s unless given: the client's own (any object with request(service, body))
+        timeout: dict[str, Any] = {} if request_timeout_s is None else {"timeout_s": request_timeout_s}
         try:
             return self.client.request(SERVICE, {"op": op, **fields}, **timeout)
         except RequestError as e:

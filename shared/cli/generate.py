@@ -255,8 +255,9 @@ def _export_one(model: Any, path: Path, audio: Any, recipe: dict[str, Any], kind
     from distill.shared.audio.export import ExportMetadata, export_audio
 
     meta = ExportMetadata(kind=kind, model_id=model.model_id, title=path.stem, data=recipe)
-    report = export_audio(path, audio, model.mel_config.sample_rate, subtype=subtype,
-                          metadata=meta)  # type: ignore[arg-type]  # fmt: skip
+    report = export_audio(path, audio, model.mel_config.sample_rate,
+                          subtype=subtype,  # type: ignore[arg-type]  # one of SUBTYPES
+                          metadata=meta)  # fmt: skip
     return float(report.gain_db)
 
 
@@ -377,6 +378,7 @@ def _continued(model: Any, path: Path, start: float | None, seconds: float) -> A
              f"{seconds:g} more that is over {inf.MAX_SECONDS:g} s (use --from or fewer "
              "--seconds)")  # fmt: skip
     if codes is None:  # only what is kept is searched, with a second after it for context
+        assert audio is not None  # read above when the codes were not
         end = kept + inf.steps_for(model, CONTINUE_CONTEXT_S)
         hop = model.mel_config.hop_length * model.vqvae.config.downsample
         codes = _encode_sound(path, model, "--continue", audio=audio[..., : end * hop])

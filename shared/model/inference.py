@@ -301,9 +301,10 @@ def model_change_temperature(model: DistillModel) -> float:
     number in [MIN_TEMPERATURE, 100] (a hand-edited file: refusing it would refuse every draw
     that does not name its own; :func:`stored_change_temperature_note` says so)."""
     chosen = _stored_change_temperature(model)
-    ok = (isinstance(chosen, (int, float)) and not isinstance(chosen, bool)
-          and MIN_TEMPERATURE <= chosen <= 100)  # fmt: skip
-    return float(chosen) if ok else CHANGE_TEMPERATURE
+    if (isinstance(chosen, (int, float)) and not isinstance(chosen, bool)
+            and MIN_TEMPERATURE <= chosen <= 100):  # fmt: skip
+        return float(chosen)
+    return CHANGE_TEMPERATURE
 
 
 def _stored_change_temperature(model: DistillModel) -> object:

@@ -35,7 +35,7 @@ import math
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 import torch
@@ -491,7 +491,8 @@ class PriorStepper:
         hidden = F.relu(context)
         history = state.history.unbind(1) if state.history is not None else None  # Q x (1, E)
         from_cache = [False] * q
-        if choice is not None and self.cache_gate is not None and state.cache_total:
+        if (choice is not None and self.cache_gate is not None and self.cache_bias is not None
+                and state.cache_total):  # fmt: skip
             gate_in = hidden[:, None] if state.history is None else hidden[:, None] + state.history[:, 1:]
             gates = ((gate_in * self.cache_gate).sum(-1) + self.cache_bias)[0].tolist()  # Q - 1
             from_cache[1:] = [g > c for g, c in zip(gates, choice, strict=True)]
@@ -528,7 +529,7 @@ def _gate_table(prior: Prior, w_ih: np.ndarray, input_table: np.ndarray) -> np.n
     embeddings (Q*K, E), the prior's as numpy arrays, or None past GATE_TABLE_BYTES; kept with
     the prior until those weights change (in place or replaced), as it takes 1-6 ms to build:
     most of the time a step saves over a 2-s draw."""
-    embed, lstm_w_ih = prior.input_embed.weight, prior.lstm.weight_ih_l0
+    embed, lstm_w_ih = prior.input_embed.weight, cast(Tensor, prior.lstm.weight_ih_l0)
     # identity, version (in-place changes) and sums (changes through .data, which the version
     # does not see): ~0.1 ms
     key = (embed.data_ptr(), embed._version, lstm_w_ih.data_ptr(), lstm_w_ih._version,

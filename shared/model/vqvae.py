@@ -588,11 +588,13 @@ class VQVAE(nn.Module):
         n = min(d, m * ds)  # a latent wider than a frame group keeps its extra rows at zero
         w = torch.zeros(d, m * ds)
         w[:n] = eigvecs.flip(-1)[:, :n].T.float()  # (n, M * ds), largest variance first
+        assert enc.bias is not None and dec.bias is not None  # both made with one
         enc.weight.copy_(w.reshape(d, m, ds))
         enc.bias.copy_(-(w @ mu))
         dec.weight.copy_(w.reshape(d, m, ds))  # transposed conv: (D, M, ds), the same basis
         dec.bias.copy_(mu[::ds])
-        for last in (self.encoder.net[-1], self.decoder.net[-1]):
+        lasts: tuple[Any, ...] = (self.encoder.net[-1], self.decoder.net[-1])  # conv layers
+        for last in lasts:
             if nn.utils.parametrize.is_parametrized(last):  # weight norm: zero its magnitude
                 last.parametrizations.weight.original0.zero_()
                 last.bias.zero_()

@@ -430,7 +430,7 @@ class VQVAETrainer(Trainer[VQVAE]):
                   for p in m.parameters()]  # fmt: skip
         ids = {id(p) for p in linear}
         rest = [p for p in model.parameters() if id(p) not in ids]
-        groups = [{"params": rest}]
+        groups: list[dict[str, Any]] = [{"params": rest}]
         if linear:
             groups.append({"params": linear, "lr_share": cfg.linear_lr_share})
         return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))

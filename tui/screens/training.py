@@ -277,7 +277,7 @@ class TrainingScreen(DistillScreen):
         used: list[float] = next((r["codes_in_use"] for r in reversed(self.rows) if isinstance(r.get("codes_in_use"), list)), [])
         fill_table(table, LEVEL_COLUMNS, [(f"L{i + 1}", _pct(util, i), _pct(used, i), _num(ppl, i), _num(dead, i))
                                           for i in range(max(len(util), len(ppl)))])
-        row = next((r for r in reversed(self.rows) if isinstance(r.get("usage"), list)), {})
+        row: dict[str, Any] = next((r for r in reversed(self.rows) if isinstance(r.get("usage"), list)), {})
         heatmap.set_usage(row.get("usage") or [], last.get("epoch"), int(row.get("usage_group") or 1))
 
     def _draw_previews(self) -> None:
