@@ -813,6 +813,7 @@ def replay(model: DistillModel, kind: str, data: Mapping[str, Any],
     count)``: as for :func:`generate`, while a generate or resample recipe's batch is decoded."""
     if kind not in RECIPE_KINDS:
         raise BadInput(f"cannot regenerate a '{kind}' export (known: {', '.join(RECIPE_KINDS)})")
+    check_trim(data.get("trim"))  # before the work: a bad value would only fail after it
     before = torch.get_num_threads()
     threads = data.get("threads")
     if threads is not None:

@@ -244,6 +244,11 @@ def test_malformed_values_are_bad_input_naming_the_field_not_internal_errors() -
     with pytest.raises(BadInput, match="is it \\(samples, channels\\)"):
         inference.model_audio(model, stereo, 48000)
     assert inference.model_audio(model, stereo.T.copy(), 48000).shape == (4800,)
+    # a recipe's trim, before any of its work (this one lacks the rest: that error would come later)
+    for bad, why in ((5, "must be in \\[10, 120\\]"), ("60", "must be a finite number"),
+                     (True, "must be a finite number")):  # fmt: skip
+        with pytest.raises(BadInput, match=f"trim {why}"):
+            inference.replay(model, "generate", {"trim": bad})
 
 
 @pytest.mark.parametrize("seconds", [0.05, 0.1, 1.0, 2.0, 2.5])
