@@ -396,7 +396,8 @@ def register(app: typer.Typer) -> None:
 def generate(
     model_file: Path = typer.Argument(..., help="A .distill model file."),
     count: int = typer.Option(8, "-n", "--count", help="How many sounds (1..256)."),
-    seconds: float = typer.Option(2.0, "--seconds", help="Length of each sound (<= 60)."),
+    seconds: float = typer.Option(2.0, "--seconds",
+                                 help="Length of each sound (<= 60; with --trim, the most)."),
     temperature: float = TemperatureOpt,
     top_k: int = TopKOpt,
     top_p: float = TopPOpt,
