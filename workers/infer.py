@@ -182,9 +182,12 @@ def _generate(ctx: JobContext, model: DistillModel, body: dict[str, Any]) -> dic
     # zero past their length
     audio, lengths = out.audio, [out.audio.shape[-1]] * count
     if trim is not None:
+        # (a prime stays whole: what the reply's params leave out, the cut needs)
+        prime = body.get("prime")
+        ending = recipe if prime is None else {**recipe, "prime": np.asarray(prime)}
         audio = np.zeros_like(out.audio)
         for i, one in enumerate(out.audio):
-            ended = inf.finish(recipe, one, out.sample_rate)
+            ended = inf.finish(model, ending, one)
             audio[i, : ended.shape[-1]], lengths[i] = ended, ended.shape[-1]
     return {"audio": audio, "lengths": lengths, "codes": out.codes, "sample_rate": out.sample_rate,
             "params": made, "quality": quality, "redrawn": out.redrawn}  # fmt: skip
@@ -337,7 +340,7 @@ class SoundFiles:
             meta = ExportMetadata(kind="generate", model_id=self.model.model_id,
                                   title=self.names[i], data=recipe)  # fmt: skip
             rate = self.model.mel_config.sample_rate
-            export_audio(self.folder / self.names[i], inf.finish(recipe, one, rate), rate,
+            export_audio(self.folder / self.names[i], inf.finish(self.model, recipe, one), rate,
                          subtype=self.subtype, metadata=meta)  # type: ignore[arg-type]  # fmt: skip
 
     def store(self, ctx: JobContext, i: int) -> str:

@@ -345,14 +345,17 @@ def trim_silence(
     return audio[start:stop]
 
 
-def trim_tail(audio: np.ndarray, sample_rate: int, under_peak_db: float) -> np.ndarray:
+def trim_tail(audio: np.ndarray, sample_rate: int, under_peak_db: float, keep: int = 0
+              ) -> np.ndarray:  # fmt: skip
     """End a sound where it has fallen ``under_peak_db`` dB under its peak for good.
 
     ``(samples,) -> (samples',)``, a new float32 array. What follows the last sample within
     ``under_peak_db`` of the peak is cut, but for ``TAIL_MARGIN_S``, which fades out along a
     half cosine so that the cut never clicks (it is already that far down). The start is kept:
-    a drawn sound begins where the model began it, a continued one with its prime. A silent
-    sound, or one that rings to its end, keeps its length (the fade then touches nothing).
+    a drawn sound begins where the model began it; nor is anything before sample ``keep`` cut
+    (what must stay whole: a continuation's prime, a resampled region), the fade starting there
+    at the earliest. A silent sound, or one that rings to its end, keeps its length (the fade
+    then touches nothing).
     """
     if not under_peak_db > 0:
         raise ValueError(f"under_peak_db must be positive, got {under_peak_db}")
@@ -362,6 +365,7 @@ def trim_tail(audio: np.ndarray, sample_rate: int, under_peak_db: float) -> np.n
     if peak == 0.0:
         return x.copy()
     last = int(np.flatnonzero(level >= peak * db_to_amplitude(-under_peak_db))[-1])
+    last = max(last, keep - 1)
     margin = round(TAIL_MARGIN_S * sample_rate)
     if last + 1 + margin >= x.shape[-1]:
         return x.copy()

@@ -154,6 +154,7 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
     ``out`` with their metadata, each ended where it fades if ``trim`` (dB under its peak) is
     given; their paths."""
     from distill.shared.audio.export import free_path
+    from distill.shared.audio.io import TAIL_MARGIN_S
     from distill.shared.model import inference as inf
 
     params = _params(model, temperature, top_k, top_p, min_p, seed, change_temperature, show)
@@ -171,11 +172,15 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
     gains = [0.0] * count
     lengths = [0.0] * count
     rate = model.mel_config.sample_rate
+    # a continuation that ends where its prime does: its whole draw faded under the trim
+    floor = inf.trim_floor(model, recipes[0]) if count and trim is not None else 0
+    at_floor = [False] * count
 
     def write(indices: Any, audio: Any) -> None:
         for i, one in zip(indices.tolist(), audio, strict=True):
-            one = inf.finish(recipes[i], one, rate)
+            one = inf.finish(model, recipes[i], one)
             lengths[i] = one.shape[-1] / rate
+            at_floor[i] = bool(floor) and one.shape[-1] <= floor + round(TAIL_MARGIN_S * rate)
             gains[i] = _export_one(model, paths[i], one, recipes[i], "generate", subtype)
 
     # The bar moves as each batch is decoded; sampling the codes comes before.
@@ -192,6 +197,10 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
     note = inf.redraw_note(made.redrawn, count)
     if show and note:
         typer.echo(note)
+    if show and any(at_floor):  # (files alike but for their seed would look like a bug)
+        typer.echo(f"note: in {sum(at_floor)} of {count} sounds what was drawn stayed {trim:g} dB "
+                   "under the sound's peak, in the part kept: they end where the part kept does "
+                   "(a larger --trim keeps more of the draw)", err=True)  # fmt: skip
     return paths
 
 
@@ -237,7 +246,7 @@ def _export_all(model: Any, made: Any, recipes: list[dict[str, Any]], kind: str,
     rate = model.mel_config.sample_rate
     for i, (audio, recipe) in enumerate(zip(made.audio, recipes, strict=True)):
         path = free_path(out / f"{stem}-{i:03d}.{fmt}")
-        audio = inf.finish(recipe, audio, rate)
+        audio = inf.finish(model, recipe, audio)
         gain_db = _export_one(model, path, audio, recipe, kind, subtype)
         gain = f" gain {gain_db:.1f} dB" if gain_db else ""
         ends = f" length={audio.shape[-1] / rate:.2f}s" if "trim" in recipe else ""

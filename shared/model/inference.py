@@ -157,12 +157,28 @@ def check_trim(value: object) -> float | None:
     return None if value is None else check_number(value, "trim", *TRIM_DB_RANGE)
 
 
-def finish(data: Mapping[str, Any], audio: np.ndarray, sample_rate: int) -> np.ndarray:
+def finish(model: DistillModel, data: Mapping[str, Any], audio: np.ndarray) -> np.ndarray:
     """A made sound as its recipe ``data`` ends it: cut where it has faded (``trim``), if the
-    recipe asks. Every path that makes a sound from a recipe, the first time and when it is
-    made again, ends it here."""
+    recipe asks, but never before what the prior drew has ended: a continuation keeps its
+    prime (``prime``, the (Q, T0) codes) whole, and a resampled sound its region up to ``t1``,
+    however quiet they are against the sound's peak (a loud prime before a quiet continuation
+    would otherwise end inside the prime, the draw cut away). Every path that makes a sound from
+    a recipe, the first time and when it is made again, ends it here."""
     under = check_trim(data.get("trim"))
-    return audio if under is None else trim_tail(audio, sample_rate, under)
+    if under is None:
+        return audio
+    return trim_tail(audio, model.mel_config.sample_rate, under, keep=trim_floor(model, data))
+
+
+def trim_floor(model: DistillModel, data: Mapping[str, Any]) -> int:
+    """The samples :func:`finish` never cuts of a sound made by recipe ``data``: a
+    continuation's prime, a resampled sound up to its region's end, nothing of a new one."""
+    hop = model.mel_config.hop_length * model.vqvae.config.downsample
+    if data.get("prime") is not None:
+        return (len(data["prime"][0]) - 1) * hop  # the prime's own samples (see generate)
+    if isinstance(data.get("t1"), int):
+        return int(data["t1"]) * hop  # the region's last step, and what it reaches
+    return 0
 
 
 def check_quality(value: object) -> str:
@@ -819,7 +835,7 @@ def replay(model: DistillModel, kind: str, data: Mapping[str, Any],
     if threads is not None:
         torch.set_num_threads(check_int(threads, "threads", 1, 1024))
     try:
-        return finish(data, _replay(model, kind, data, on_batch), model.mel_config.sample_rate)
+        return finish(model, data, _replay(model, kind, data, on_batch))
     finally:
         torch.set_num_threads(before)
 

@@ -213,6 +213,11 @@ def test_a_sound_ends_where_it_has_faded_for_good_with_a_fade_and_keeps_its_star
     assert np.array_equal(x, before)  # a new array: the sound given is left as it was
     with pytest.raises(ValueError, match="must be positive"):
         trim_tail(x, SR, -60.0)
+    # nothing before ``keep`` is cut (a continuation's prime): the fade starts there at the earliest
+    kept = trim_tail(x, SR, 40.0, keep=len(y) + SR // 10)
+    assert len(kept) == len(y) + SR // 10 + margin
+    assert np.array_equal(kept[: len(y) + SR // 10], x[: len(y) + SR // 10]) and kept[-1] == 0.0
+    assert np.array_equal(trim_tail(x, SR, 40.0, keep=10), y)  # a keep inside the sound: no change
 
 
 def test_normalise_peak_and_rms() -> None:

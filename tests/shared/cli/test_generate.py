@@ -604,13 +604,12 @@ def test_no_file_is_replaced_unless_forced(model_file: Path, tmp_path: Path) -> 
 def test_trim_is_recorded_applied_and_replayed_by_generate_and_resample(
     model_file: Path, tmp_path: Path
 ) -> None:
-    """--trim ends each sound by ``trim_tail`` and records it, and regenerate ends it the same
-    way. (This random model's sounds ring to their end, so here nothing is cut: a trained
-    model's are, in tests/shared/train/test_prior_small_data.py.)"""
-    from distill.shared.audio.io import trim_tail
-
+    """--trim ends each sound as ``inference.finish`` does and records it, and regenerate ends
+    it the same way. (This random model's sounds ring to their end, so here nothing is cut: a
+    trained model's are, in tests/shared/train/test_prior_small_data.py.)"""
     wav = _tone(tmp_path / "in.wav")
-    rate = generate._load(model_file, "cpu").mel_config.sample_rate
+    model = generate._load(model_file, "cpu")
+    rate = model.mel_config.sample_rate
     for command in (["generate", model_file, "-n", "2", "--seconds", "0.3"],
                     ["resample", wav, "--model", model_file, "--from", "0.2", "-n", "2"]):  # fmt: skip
         args = [*command, "--seed", "4", "--quality", "preview", "--bits", "float"]
@@ -621,7 +620,7 @@ def test_trim_is_recorded_applied_and_replayed_by_generate_and_resample(
         assert len(trimmed) == len(whole) == 2 and "trim=10.0" in text
         for cut, full in zip(trimmed, whole, strict=True):
             a, b = sf.read(cut, dtype="float32")[0], sf.read(full, dtype="float32")[0]
-            want = trim_tail(b, rate, 10.0)
+            want = inference.finish(model, read_export_metadata(cut).data, b)
             assert len(a) == len(want) and f"length={len(a) / rate:.2f}s" in text
             np.testing.assert_allclose(a, want, rtol=1e-6, atol=1e-7)
             assert read_export_metadata(cut).data["trim"] == 10.0

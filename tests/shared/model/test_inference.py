@@ -339,3 +339,25 @@ def test_generate_each_hands_out_what_generate_keeps_a_batch_at_a_time(
     each = inference.generate_each(model, lambda i, a: None, count=2, seconds=0.2, params=params,
                                    quality="preview", prime=prime)  # fmt: skip
     np.testing.assert_array_equal(each.grids(), cont.codes)
+
+
+def test_trim_never_cuts_into_a_prime_or_a_resampled_region() -> None:
+    """A loud kept part and a quiet drawn one (a loud prime, then a continuation 50 dB down):
+    the sound's peak is the prime's, and the cut by it alone fell inside the prime, the draw
+    cut away. The prime (and a resampled region up to t1) stays whole."""
+    model = tiny_model()
+    hop = model.mel_config.hop_length * model.vqvae.config.downsample
+    rate = model.mel_config.sample_rate
+    t = np.arange(rate) / rate
+    tone = np.sin(2 * np.pi * 200 * t)  # 1 s: a hit decaying 40 dB in 0.15 s, then a tone 50 dB down
+    sound = np.where(t < 0.5, 0.9 * tone * np.exp(-30 * t), 0.9 * 10 ** (-50 / 20) * tone)
+    sound = sound.astype(np.float32)
+    margin = round(0.010 * rate)
+    cut = inference.finish(model, {"trim": 40.0}, sound)  # a new sound: by its peak alone
+    assert len(cut) < rate // 4
+    prime = np.zeros((2, 30), dtype=np.int64)  # a continuation of 30 kept steps
+    kept = inference.finish(model, {"trim": 40.0, "prime": prime.tolist()}, sound)
+    assert len(kept) == 29 * hop + margin and np.array_equal(kept[: 29 * hop], sound[: 29 * hop])
+    region = inference.finish(model, {"trim": 40.0, "t0": 5, "t1": 40}, sound)  # resampled to t1
+    assert len(region) == 40 * hop + margin
+    assert np.array_equal(inference.finish(model, {}, sound), sound)  # no trim: as made
