@@ -123,24 +123,27 @@ def _describe(params: dict[str, Any], step_s: float) -> str:
     return " ".join(parts)
 
 
-def _check_trim(trim: float | None) -> None:
-    """``--trim``, before the model is read."""
-    from distill.shared.errors import DistillError
-    from distill.shared.model import inference as inf
-
-    try:
-        inf.check_trim(trim)
-    except DistillError as e:
-        fail(f"--{e}")
-
-
 def _check_quality(quality: str) -> None:
     """``inference.check_quality``, as a CLI error (before any sound is encoded or drawn)."""
-    from distill.shared.errors import DistillError
     from distill.shared.model import inference as inf
 
+    _as_option(inf.check_quality, quality)
+
+
+def _check_trim(trim: float | None) -> None:
+    """``--trim``, before the model is read."""
+    from distill.shared.model import inference as inf
+
+    _as_option(inf.check_trim, trim)
+
+
+def _as_option(check: Callable[[Any], object], value: object) -> None:
+    """An inference check of one option's value; its error as a CLI error naming the option
+    (the check names the field: ``--quality must be one of ...``)."""
+    from distill.shared.errors import DistillError
+
     try:
-        inf.check_quality(quality)
+        check(value)
     except DistillError as e:
         fail(f"--{e}")
 
@@ -170,17 +173,13 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
     out.mkdir(parents=True, exist_ok=True)  # checked by _writable_folder before the draws
     paths = [free_path(out / f"{prefix}-s{seed}-{i:03d}.{fmt}") for i in range(count)]
     gains = [0.0] * count
-    lengths = [0.0] * count
+    lengths = [0] * count  # samples, as each sound was ended (see inference.finish)
     rate = model.mel_config.sample_rate
-    # a continuation that ends where its prime does: its whole draw faded under the trim
-    floor = inf.trim_floor(model, recipes[0]) if count and trim is not None else 0
-    at_floor = [False] * count
 
     def write(indices: Any, audio: Any) -> None:
         for i, one in zip(indices.tolist(), audio, strict=True):
             one = inf.finish(model, recipes[i], one)
-            lengths[i] = one.shape[-1] / rate
-            at_floor[i] = bool(floor) and one.shape[-1] <= floor + round(TAIL_MARGIN_S * rate)
+            lengths[i] = one.shape[-1]
             gains[i] = _export_one(model, paths[i], one, recipes[i], "generate", subtype)
 
     # The bar moves as each batch is decoded; sampling the codes comes before.
@@ -192,13 +191,17 @@ def generate_files(model: Any, out: Path, *, count: int, seconds: float, tempera
         step_s = model.vqvae.config.downsample / model.mel_config.frames_per_second
         for i, path in enumerate(paths):
             gain = f" gain {gains[i]:.1f} dB" if gains[i] else ""
-            ends = f" length={lengths[i]:.2f}s" if trim is not None else ""
+            ends = f" length={lengths[i] / rate:.2f}s" if trim is not None else ""
             typer.echo(shown(f"{path}  index={i} {_describe(recipes[i], step_s)}{ends}{gain}"))
     note = inf.redraw_note(made.redrawn, count)
     if show and note:
         typer.echo(note)
-    if show and any(at_floor):  # (files alike but for their seed would look like a bug)
-        typer.echo(f"note: in {sum(at_floor)} of {count} sounds what was drawn stayed {trim:g} dB "
+    # a continuation that ends where its prime does: its whole draw stayed under the trim
+    # (files alike but for their seed would look like a bug)
+    floor = inf.trim_floor(model, recipes[0]) if count and trim is not None else 0
+    kept_only = sum(n <= floor + round(TAIL_MARGIN_S * rate) for n in lengths) if floor else 0
+    if show and kept_only:
+        typer.echo(f"note: in {kept_only} of {count} sounds what was drawn stayed {trim:g} dB "
                    "under the sound's peak, in the part kept: they end where the part kept does "
                    "(a larger --trim keeps more of the draw)", err=True)  # fmt: skip
     return paths
