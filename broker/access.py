@@ -1,11 +1,13 @@
 """Who may do what on the broker: keys and roles from the allowed folder, the ZAP
 authenticator that checks them at the CURVE handshake, and per-client limits.
 
-Roles. The allowed folder holds ``clients/`` and ``workers/``, each of ``NAME.key`` public
-keys (``distill keys generate`` lays it out). A key in ``clients/`` may make requests and read
-events; a key in ``workers/`` may register as a worker, publish worker events, and make
+Roles. The allowed folder holds ``clients/``, ``workers/`` and ``admins/``, each of ``NAME.key``
+public keys (``distill keys generate`` lays it out). A key in ``clients/`` may make requests and
+read events; a key in ``workers/`` may register as a worker, publish worker events, and make
 requests too (a worker fetches artifacts and stores checkpoints as a client of the broker);
-a key in both folders has both roles. Only the broker publishes ``control.*`` events.
+a key in ``admins/`` is a client key that may also cancel, retry and remove jobs other keys
+submitted (a job belongs to the key that submitted it); a key in several folders has each
+role. Only the broker publishes ``control.*`` events.
 
 Revocation. The folder is read again whenever it changes (checked at every handshake and once
 a second by the loop), so deleting a leaked key's file locks it out without a restart: new
@@ -27,7 +29,13 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from distill.shared.bus.security import ROLE_CLIENT, ROLE_DIRS, ROLE_WORKER, BrokerSecurity
+from distill.shared.bus.security import (
+    ROLE_ADMIN,
+    ROLE_CLIENT,
+    ROLE_DIRS,
+    ROLE_WORKER,
+    BrokerSecurity,
+)
 from distill.shared.logs import get_logger
 
 log = get_logger("broker")
@@ -85,7 +93,9 @@ class KeyRing:
                         log.warning("allowed_key_ignored", file=str(path), reason=str(e))
                         continue
                     if public:
-                        roles.setdefault(public, set()).add(role)
+                        # an admin is a client that may also manage other keys' jobs
+                        roles.setdefault(public, set()).update(
+                            (role, ROLE_CLIENT) if role == ROLE_ADMIN else (role,))
                         files.setdefault(public, f"{sub}/{path.name}")
             self._roles = {k: frozenset(v) for k, v in roles.items()}
             self._files = files
@@ -96,6 +106,7 @@ class KeyRing:
                 folder=str(self.allowed_dir),
                 clients=sum(ROLE_CLIENT in r for r in self._roles.values()),
                 workers=sum(ROLE_WORKER in r for r in self._roles.values()),
+                admins=sum(ROLE_ADMIN in r for r in self._roles.values()),
             )
             return True
 

@@ -53,7 +53,13 @@ from distill.broker.services.periodic import Periodic
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
 from distill.shared.bus.messages import WorkerMeta
-from distill.shared.bus.security import ROLE_CLIENT, ROLE_WORKER, BrokerSecurity, check_exposure
+from distill.shared.bus.security import (
+    ROLE_ADMIN,
+    ROLE_CLIENT,
+    ROLE_WORKER,
+    BrokerSecurity,
+    check_exposure,
+)
 from distill.shared.errors import (
     BAD_REQUEST,
     ERROR,
@@ -459,6 +465,27 @@ class Broker:
     def caller_is_client(self) -> bool:
         """Whether the message being handled came with a client key (always, without CURVE)."""
         return self.current_roles is None or ROLE_CLIENT in self.current_roles
+
+    def caller_key(self) -> str | None:
+        """The z85 public key of the message being handled (None without CURVE): a job's
+        owner."""
+        if self.current_roles is None:
+            return None
+        return self.current_owner.decode(errors="replace")
+
+    def caller_is_admin(self) -> bool:
+        """Whether the message being handled came with an admin key (never, without CURVE:
+        there no job has an owner to guard)."""
+        return self.current_roles is not None and ROLE_ADMIN in self.current_roles
+
+    def key_is_client(self, key: str) -> bool:
+        """Whether the z85 public key ``key`` has the client role now (False once its file
+        left the allowed folder)."""
+        return self.keyring is not None and ROLE_CLIENT in self.keyring.roles(key.encode())
+
+    def describe_key(self, key: str) -> str:
+        """A z85 public key as its errors name it: its allowed file, if any, and the key."""
+        return self.keyring.describe(key) if self.keyring is not None else key
 
     def _on_router(self, frames: list[bytes], key: bytes | None = None) -> None:
         # the longest envelope is a worker's reply: identity, empty, MDPW, REPLY, client, empty

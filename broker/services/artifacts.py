@@ -41,7 +41,8 @@ class ArtifactService:
                  owner_of: Callable[[], str] = lambda: "anonymous",
                  describe_owner: Callable[[str], str] = str,
                  peer_of: Callable[[], bytes] = lambda: b"",
-                 known_jobs: Callable[[Iterable[str]], set[str]] | None = None) -> None:  # fmt: skip
+                 known_jobs: Callable[[Iterable[str]], set[str]] | None = None,
+                 refuse_delete: Callable[[str], str | None] = lambda sha: None) -> None:  # fmt: skip
         self.store = store
         # which of these jobs the journal still holds: an artifact whose job was removed (kept
         # by `jobs rm` without --artifacts) is listed with its job marked removed
@@ -52,6 +53,8 @@ class ArtifactService:
         self.describe_owner = describe_owner  # that key as its errors name it (its file)
         self.peer_of = peer_of  # the sender: its key, or its socket without CURVE
         self._uploading: dict[bytes, set[str]] = {}  # each sender's uploads begun, not finished
+        # why the sender may not delete an artifact (another key's, under CURVE); None: it may
+        self.refuse_delete = refuse_delete
 
     def _check_uploads(self, sha: str) -> None:
         """ArtifactError if the sender may not begin another upload (see MAX_UPLOADS_PER_CLIENT);
@@ -131,6 +134,8 @@ class ArtifactService:
             return ok_body(usage)
         if op == "delete":
             sha = field(msg, "sha256", str)
+            if self.store.has(sha) and (why := self.refuse_delete(sha)):
+                raise ArtifactError(why)
             self.store.delete(sha, in_use=self.in_use())
             if self.quota is not None:
                 self.quota.forget(sha)

@@ -27,6 +27,7 @@ from distill.broker.store.journal import (
     StaleAttempt,
     artifact_refs,
     check_params,
+    refusal_message,
 )
 from distill.shared import errors as E
 from distill.shared.bus import protocol as P
@@ -88,6 +89,10 @@ class JobHost(Protocol):
     def publish(self, topic: str, event: dict[str, Any]) -> dict[str, Any]: ...
     def caller_is_worker(self) -> bool: ...
     def caller_is_client(self) -> bool: ...
+    def caller_key(self) -> str | None: ...
+    def caller_is_admin(self) -> bool: ...
+    def key_is_client(self, key: str) -> bool: ...
+    def describe_key(self, key: str) -> str: ...
     def forget_events(self, topic: str) -> None: ...
     def submit_internal(self, service: bytes, body: list[bytes], job_id: str) -> Request: ...
     def reply_later(self, identity: bytes, service: bytes, body: list[bytes]) -> bool: ...
@@ -170,7 +175,8 @@ class JobService:
         check_job_params(req.service, req.params)
         self._check_artifacts(req.params)
         record = self.store.submit(req.service, req.params, depends_on=req.depends_on,
-                                   max_attempts=req.max_attempts, timeout_s=req.timeout_s)
+                                   max_attempts=req.max_attempts, timeout_s=req.timeout_s,
+                                   owner=self.broker.caller_key())  # fmt: skip
         self._announce(record)
         self._dirty = True
         out = record.to_dict()
@@ -198,6 +204,8 @@ class JobService:
         out = self.store.get(job_id, with_metrics=False).to_dict(with_metrics=False)
         count = self.store.metric_count(job_id)
         out["metric_count"] = count
+        if out.get("owner"):  # as the allowed folder names it ('clients/laptop.key' (z85))
+            out["owner_name"] = self.broker.describe_key(out["owner"])
         if msg.get("metrics", True):
             start = max(0, count - MAX_METRICS_PAGE)
             out["metrics"] = self.store.metrics_page(job_id, start=start)
@@ -235,6 +243,7 @@ class JobService:
 
     def _cancel(self, msg: dict[str, Any]) -> dict[str, Any]:
         job_id = field(msg, "id", str)
+        self._require_owner(self.store.get(job_id, with_metrics=False), "cancel")
         record = self.store.request_cancel(job_id, field(msg, "reason", str, None) or "cancelled by user")
         if record.status == "cancelled":
             self._drop_queued(job_id)
@@ -249,6 +258,7 @@ class JobService:
     def _retry(self, msg: dict[str, Any]) -> dict[str, Any]:
         job_id = field(msg, "id", str)
         record = self.store.get(job_id, with_metrics=False)
+        self._require_owner(record, "retry")
         # its inputs are still there, as a submit's must be (else every attempt would fail on
         # the missing one)
         self._check_artifacts(record.params)
@@ -270,6 +280,8 @@ class JobService:
             raise DecodeError(f"field 'ids' must list 1 to {MAX_REMOVE_IDS} job ids (more: "
                               "`prune`, or several requests)")  # fmt: skip
         dry_run = bool(field(msg, "dry_run", bool, False))
+        if refusals := self._not_owned(ids):
+            raise JobError(refusal_message(refusals, len(set(ids))))
         tally = self.removal.remove(ids, results=bool(field(msg, "artifacts", bool, False)),
                                     dry_run=dry_run)  # fmt: skip
         if not dry_run:
@@ -292,7 +304,7 @@ class JobService:
                                    or not isinstance(cursor[1], int)):  # fmt: skip
             raise DecodeError("field 'cursor' must be what the previous prune reply gave")
         after = None if cursor is None else (cursor[0], cursor[1])
-        tally, after = self.removal.prune_step(rule, after)
+        tally, after = self.removal.prune_step(rule, after, may_remove=self._may_manage)
         if not rule.dry_run and tally.jobs:
             self._forget(tally)
             log.info("jobs_removed", jobs=len(tally.jobs), artifacts=len(tally.released),
@@ -305,6 +317,52 @@ class JobService:
         worker key (a machine that runs jobs) has no business there."""
         if not self.broker.caller_is_client():
             raise JobError(f"cannot {action}: only a client key may (this is a worker key)")
+
+    def _may_manage(self, owner: str | None) -> bool:
+        """Whether the caller may cancel, retry or remove a job of ``owner``: a job without
+        one (submitted without CURVE, or before jobs had owners) is anyone's, as is one whose
+        key has left the allowed folder's clients (else nobody could end it); any other only
+        its owner's or an admin key's."""
+        caller = self.broker.caller_key()
+        return (owner is None or caller is None or caller == owner
+                or self.broker.caller_is_admin() or not self.broker.key_is_client(owner))
+
+    def _owner_refusal(self, owner: str) -> str:
+        return (f"it belongs to the client key {self.broker.describe_key(owner)}, which "
+                "submitted it; only that key or an admin key (in the allowed folder's admins/) "
+                "may")
+
+    def _require_owner(self, record: JobRecord, action: str) -> None:
+        """JobError unless the caller may ``action`` the job (see :meth:`_may_manage`)."""
+        if not self._may_manage(record.owner):
+            assert record.owner is not None
+            raise JobError(f"cannot {action} job {record.id}: {self._owner_refusal(record.owner)}")
+
+    def _not_owned(self, ids: list[str]) -> list[tuple[str, str]]:
+        """(job id, why) for each known job of ``ids`` the caller may not remove."""
+        refusals = []
+        for job_id in dict.fromkeys(ids):
+            owner = self.store.owner_of(job_id)
+            if owner is not None and not self._may_manage(owner):
+                refusals.append((job_id, self._owner_refusal(owner)))
+        return refusals
+
+    def deletion_refusal(self, sha: str, job: str | None, uploader: str | None) -> str | None:
+        """Why the caller may not delete artifact ``sha`` (None: it may): under CURVE an
+        artifact another key uploaded, or that another key's job names (in its params or
+        result, as its checkpoint, or as the job it was stored under), is that key's, as the
+        job is (see :meth:`_may_manage`)."""
+        owners = self.store.owners_naming(sha)
+        if job is not None and (job_owner := self.store.owner_of(job)) is not None:
+            owners.add(job_owner)
+        if uploader is not None:
+            owners.add(uploader)
+        for owner in sorted(owners):
+            if not self._may_manage(owner):
+                return (f"cannot delete artifact {sha[:16]}: it belongs to the client key "
+                        f"{self.broker.describe_key(owner)} (its upload or a job of its); only "
+                        "that key or an admin key (in the allowed folder's admins/) may")
+        return None
 
     def _forget(self, tally: Tally) -> None:
         """What the service and the event hub remember of removed jobs."""

@@ -66,6 +66,7 @@ class Tally:
     kept_in_use: list[ArtifactRecord] = field(default_factory=list)  # another job needs them
     kept_results: list[ArtifactRecord] = field(default_factory=list)  # not asked to remove
     pinned: list[tuple[str, str]] = field(default_factory=list)  # (job, why it stays)
+    others: int = 0  # jobs the rule names that other keys own, left alone (a prune's)
 
     def add(self, other: Tally) -> None:
         self.jobs += other.jobs
@@ -73,6 +74,7 @@ class Tally:
         self.kept_in_use += other.kept_in_use
         self.kept_results += other.kept_results
         self.pinned += other.pinned
+        self.others += other.others
 
     def to_dict(self) -> dict[str, Any]:
         def total(artifacts: list[ArtifactRecord]) -> dict[str, int]:
@@ -84,6 +86,7 @@ class Tally:
             "kept_in_use": total(self.kept_in_use),
             "kept_results": total(self.kept_results),
             "pinned": [{"id": job_id, "reason": why} for job_id, why in self.pinned],
+            "others": self.others,
         }
 
 
@@ -113,21 +116,31 @@ class JobRemoval:
         return self._take(jobs, results=results, dry_run=dry_run)
 
     def prune_step(
-        self, rule: PruneRule, cursor: tuple[float, int] | None, *, budget_s: float = STEP_BUDGET_S
+        self,
+        rule: PruneRule,
+        cursor: tuple[float, int] | None,
+        *,
+        budget_s: float = STEP_BUDGET_S,
+        may_remove: Callable[[str | None], bool] | None = None,
     ) -> tuple[Tally, tuple[float, int] | None]:
         """Remove the jobs ``rule`` names from ``cursor`` on (None: from the oldest), chunk by
         chunk while ``budget_s`` lasts (one chunk at least). Returns what went and where the
-        next step starts; None there: nothing is left to look at."""
+        next step starts; None there: nothing is left to look at. ``may_remove(owner)``: False
+        leaves a job alone, counted in ``others`` (a client's prune takes its own jobs only)."""
         started = self._timer()
         tally = Tally()
         while True:
             page = self.journal.prunable(older_than_s=rule.older_than_s, status=rule.status,
                                          after=cursor, limit=self.chunk)  # fmt: skip
             tally.pinned += page.pinned
-            if page.jobs:
+            jobs = page.jobs
+            if may_remove is not None:
+                jobs = [job for job in page.jobs if may_remove(job.owner)]
+                tally.others += len(page.jobs) - len(jobs)
+            if jobs:
                 took = self._timer()
-                tally.add(self._take(page.jobs, results=rule.results, dry_run=rule.dry_run))
-                self._resize(len(page.jobs), self._timer() - took)
+                tally.add(self._take(jobs, results=rule.results, dry_run=rule.dry_run))
+                self._resize(len(jobs), self._timer() - took)
             cursor = page.cursor
             if cursor is None or self._timer() - started + CHUNK_TARGET_S > budget_s:
                 return tally, cursor

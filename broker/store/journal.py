@@ -61,8 +61,9 @@ from distill.shared.ids import is_sha256, unprintable
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 # 2: jobs.lost_attempts (losses that were not the job's fault); 3: jobs may be removed (a
-# dependency need not be in the table), job_artifacts, jobs_by_finished
-SCHEMA_VERSION = 3
+# dependency need not be in the table), job_artifacts, jobs_by_finished; 4: jobs.owner (the
+# client key that submitted the job, under CURVE)
+SCHEMA_VERSION = 4
 MAX_ATTEMPTS_LIMIT = 100  # a typo such as 1000 would keep a broken job cycling for days
 # Attempts lost to the system (a broker restart, a worker lost while the job resumes from its
 # checkpoint) are not the work's fault and do not use its attempts; they have their own bound,
@@ -108,6 +109,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_reason TEXT,
     cancelled_by TEXT,                      -- the dependency whose failure cancelled this job
     timeout_s REAL,
+    owner TEXT,                             -- the z85 key of the client that submitted it (CURVE)
     lost_attempts INTEGER NOT NULL DEFAULT 0  -- attempts lost to the system, not counted
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, service, seq);
@@ -182,6 +184,9 @@ class JobRecord:
     lost_attempts: int = 0  # attempts lost to a broker restart or a resumable worker loss
     # the dependencies (in depends_on) removed from the journal since this job finished
     removed_deps: list[str] = field(default_factory=list)
+    # the z85 public key of the client that submitted the job under CURVE (None: submitted
+    # without CURVE, or before jobs had owners): who may cancel, retry or remove it
+    owner: str | None = None
 
     @property
     def counted_attempts(self) -> int:
@@ -217,6 +222,7 @@ class JobRecord:
             "cancelled_by": self.cancelled_by,
             "lost_attempts": self.lost_attempts,
             "removed_deps": list(self.removed_deps),
+            "owner": self.owner,
         }
         if with_metrics and self.metrics_loaded:
             out["metrics"] = list(self.metrics)
@@ -231,6 +237,7 @@ class FinishedJob:
     service: str
     status: str
     finished_at: float
+    owner: str | None = None  # see JobRecord.owner
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "service": self.service, "status": self.status,
@@ -468,6 +475,8 @@ class JobStore:
         )
         if 0 < version < 3:
             upgrade += _UPGRADE_DEPS
+        if 0 < version < 4 and "owner" not in self._columns("jobs"):
+            upgrade += "ALTER TABLE jobs ADD COLUMN owner TEXT;"
         # One transaction: a half-created or half-upgraded schema is never left behind.
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -481,6 +490,9 @@ class JobStore:
                 self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    def _columns(self, table: str) -> set[str]:
+        return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
 
     def _index_every_job(self, db: sqlite3.Connection) -> None:
         """Fill ``job_artifacts`` from every job's params and result (the upgrade to 3)."""
@@ -677,6 +689,7 @@ class JobStore:
             metrics_loaded=with_metrics,
             lost_attempts=row["lost_attempts"],
             removed_deps=removed_deps,
+            owner=row["owner"],
         )
 
     def _load(self, job_id: str, with_metrics: bool = False) -> JobRecord:
@@ -686,6 +699,23 @@ class JobStore:
     def get(self, job_id: str, *, with_metrics: bool = True) -> JobRecord:
         """The job ``job_id``; unknown -> :class:`JobError` ``"no job <id>"``."""
         return self._load(job_id, with_metrics)
+
+    def owner_of(self, job_id: str) -> str | None:
+        """The job's owner (see JobRecord.owner); None for an unowned or unknown job."""
+        with self._lock:
+            row = self._db.execute("SELECT owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def owners_naming(self, sha256: str) -> set[str]:
+        """The owners of the jobs that name the artifact in their params or result or resume
+        from it (unowned jobs add none)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT j.owner FROM job_artifacts a JOIN jobs j ON j.id = a.job_id"
+                " WHERE a.sha256 = ? UNION SELECT owner FROM jobs WHERE checkpoint = ?",
+                (sha256, sha256),
+            )
+            return {owner for (owner,) in rows if owner is not None}
 
     def known(self, ids: Iterable[str]) -> set[str]:
         """Which of ``ids`` are jobs the journal holds (the others were removed, or never were)."""
@@ -922,7 +952,8 @@ class JobStore:
         limit = max(1, min(limit, MAX_PRUNE_PAGE))
         with self._lock:
             rows = self._db.execute(
-                f"SELECT id, service, status, finished_at, seq FROM jobs WHERE {' AND '.join(where)}"
+                f"SELECT id, service, status, finished_at, seq, owner FROM jobs "
+                f"WHERE {' AND '.join(where)}"
                 " ORDER BY finished_at, seq LIMIT ?",
                 (*args, limit),
             ).fetchall()
@@ -933,7 +964,8 @@ class JobStore:
                 child, child_status = needed_by[r["id"]]
                 pinned.append((r["id"], f"{child_status} job {child} depends on it"))
             else:
-                jobs.append(FinishedJob(r["id"], r["service"], r["status"], r["finished_at"]))
+                jobs.append(FinishedJob(r["id"], r["service"], r["status"], r["finished_at"],
+                                        r["owner"]))
         cursor = (rows[-1]["finished_at"], rows[-1]["seq"]) if len(rows) == limit else None
         return PrunePage(jobs, pinned, cursor)
 
@@ -981,8 +1013,10 @@ class JobStore:
         depends_on: Sequence[str] = (),
         max_attempts: int = 3,
         timeout_s: float | None = None,
+        owner: str | None = None,
     ) -> JobRecord:
-        """Store a new job. It is queued, or cancelled at once if a dependency already failed."""
+        """Store a new job. It is queued, or cancelled at once if a dependency already failed.
+        ``owner``: the z85 key of the client submitting it (under CURVE)."""
         deps = _check_submit_args(service, depends_on, max_attempts, timeout_s)
         packed = check_params(params)
         with self._write() as db:
@@ -1001,7 +1035,8 @@ class JobStore:
             timeout = None if timeout_s is None else float(timeout_s)
             db.execute(
                 "INSERT INTO jobs (id, service, params, status, max_attempts, attempt_budget,"
-                " created_at, attempt_errors, timeout_s) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                " created_at, attempt_errors, timeout_s, owner)"
+                " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     service,
@@ -1011,6 +1046,7 @@ class JobStore:
                     self._clock(),
                     _EMPTY_LIST,
                     timeout,
+                    owner,
                 ),
             )
             db.executemany(

@@ -36,6 +36,7 @@ def add_removal(total: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
            "pinned": [*total.get("pinned", []), *reply.get("pinned", [])]}  # fmt: skip
     for key in ("released", "kept_in_use", "kept_results"):
         out[key] = {n: total[key][n] + reply[key][n] for n in ("count", "bytes")}
+    out["others"] = total.get("others", 0) + reply.get("others", 0)
     return out
 
 
@@ -192,7 +193,8 @@ class JobsClient:
               dry_run: bool = False) -> dict[str, Any]:  # fmt: skip
         """Remove every job that finished ``older_than_s`` seconds ago or more (of ``status``
         only, if given), as :meth:`remove` does, step by step until none is left. Jobs a
-        queued or running job depends on stay, listed in ``pinned`` with the reason."""
+        queued or running job depends on stay, listed in ``pinned`` with the reason; under CURVE
+        other keys' jobs stay too (an admin key's prune takes them), counted in ``others``."""
         total: dict[str, Any] | None = None
         cursor = None
         while True:

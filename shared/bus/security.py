@@ -9,6 +9,8 @@ copied off the machine it belongs to). ``distill keys generate DIR`` lays out::
     DIR/worker.key, worker.key_secret        a worker pair
     DIR/allowed/clients/client.key           public keys the broker lets in as clients
     DIR/allowed/workers/worker.key           public keys the broker lets in as workers
+    DIR/allowed/admins/NAME.key              client keys that may also manage every job
+                                             (``--admin NAME``; none by default)
 
 A process that connects to the broker finds its keys, first match wins, in: explicit
 arguments (the ``--broker-key``/``--key`` flags), the environment (``DISTILL_BROKER_KEY``,
@@ -50,7 +52,10 @@ ENV_CONFIG = "DISTILL_KEYS_CONFIG"  # another keys.json than the one in the conf
 
 ROLE_CLIENT = "client"
 ROLE_WORKER = "worker"
-ROLE_DIRS = {ROLE_CLIENT: "clients", ROLE_WORKER: "workers"}  # role -> allowed/ sub-folder
+# A client key that may also cancel, retry and remove other keys' jobs (it has the client role
+# too: a key in admins/ need not be in clients/).
+ROLE_ADMIN = "admin"
+ROLE_DIRS = {ROLE_CLIENT: "clients", ROLE_WORKER: "workers", ROLE_ADMIN: "admins"}  # role -> allowed/ sub-folder
 
 
 @dataclass(frozen=True)
@@ -144,13 +149,17 @@ def _load(path: Path) -> tuple[bytes, bytes | None]:
     return public, secret
 
 
-def generate_keys(directory: Path, clients: list[str], workers: list[str]) -> list[Path]:
-    """Write the broker pair, one pair per client and worker name, and the allowed folder.
+def generate_keys(
+    directory: Path, clients: list[str], workers: list[str], admins: list[str] | None = None
+) -> list[Path]:
+    """Write the broker pair, one pair per client, worker and admin name, and the allowed
+    folder (an admin's public key goes in ``admins/`` only: that role includes the client's).
 
     Refuses to overwrite: replacing a key pair silently would lock out every peer that holds
     the old one. Returns the files written."""
     directory = Path(directory).expanduser()
-    names = ["broker", *clients, *workers]
+    admins = list(admins or [])
+    names = ["broker", *clients, *workers, *admins]
     if len(set(names)) != len(names):
         raise ConfigError(f"key names must be distinct (and not 'broker'): {names}")
     existing = [
@@ -166,7 +175,7 @@ def generate_keys(directory: Path, clients: list[str], workers: list[str]) -> li
         Path(secret).chmod(0o600)
         Path(public).chmod(0o644)
         written += [Path(public), Path(secret)]
-    for role, group in ((ROLE_CLIENT, clients), (ROLE_WORKER, workers)):
+    for role, group in ((ROLE_CLIENT, clients), (ROLE_WORKER, workers), (ROLE_ADMIN, admins)):
         folder = directory / "allowed" / ROLE_DIRS[role]
         folder.mkdir(parents=True, exist_ok=True)
         for name in group:

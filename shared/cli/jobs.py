@@ -128,6 +128,9 @@ def print_removal(reply: dict[str, Any], *, results: bool) -> None:
         more = f"; and {len(pinned) - SHOWN_ITEMS} more" if len(pinned) > SHOWN_ITEMS else ""
         typer.echo(f"{keep} {_count(len(pinned), 'job')} that a queued or running job depends "
                    f"on: {listed}{more}")  # fmt: skip
+    if others := reply.get("others") or 0:
+        typer.echo(f"{'would leave' if dry else 'left'} {_count(others, 'job')} of other client "
+                   "keys alone (only a job's own key or an admin key removes it)")  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:
@@ -180,6 +183,8 @@ def register(app: typer.Typer) -> None:
         for key in ("created_at", "started_at", "finished_at"):
             ts = r.get(key)
             typer.echo(f"{key:>13}: {datetime.fromtimestamp(ts).isoformat(' ', 'seconds') if ts else '-'}")
+        if r.get("owner"):  # under CURVE: the client key that submitted it
+            typer.echo(f"{'owner':>13}: {r.get('owner_name') or r['owner']}")
         typer.echo(f"{'params':>13}: {abridged(r.get('params'))}")
         for i, err in enumerate(r.get("attempt_errors") or [], 1):
             typer.echo(f"{'attempt ' + str(i):>13}: {err}")
@@ -252,7 +257,7 @@ def register(app: typer.Typer) -> None:
                                             dry_run=dry_run)  # fmt: skip
         except DistillError as e:
             fail(str(e))
-        if not reply["jobs"] and not reply.get("pinned"):
+        if not reply["jobs"] and not reply.get("pinned") and not reply.get("others"):
             typer.echo(f"nothing to remove: no {status + ' ' if status else ''}job finished "
                        f"{_duration_words(seconds)} ago or more")  # fmt: skip
             return

@@ -18,12 +18,16 @@ def generate(
     directory: Path = typer.Argument(..., help="Folder for the keys (created, mode 700)."),
     client: list[str] = typer.Option(["client"], "--client", help="Client key names (repeat)."),
     worker: list[str] = typer.Option(["worker"], "--worker", help="Worker key names (repeat)."),
+    admin: list[str] = typer.Option(
+        [], "--admin",
+        help="Admin key names (repeat; none by default): client keys that may also cancel, "
+             "retry and remove other keys' jobs."),
 ) -> None:
-    """Write the broker's key pair, one pair per client and worker, and DIR/allowed/."""
+    """Write the broker's key pair, one pair per client, worker and admin, and DIR/allowed/."""
     from distill.shared.bus.security import generate_keys
 
     try:
-        written = generate_keys(directory, client, worker)
+        written = generate_keys(directory, client, worker, admin)
     except DistillError as e:
         fail(str(e))
     for path in written:
@@ -36,4 +40,6 @@ worker machine:  copy broker.key and {worker[0]}.key_secret, then
 client machine:  copy broker.key and {client[0]}.key_secret, then
                  export DISTILL_BROKER_KEY=~/keys/broker.key DISTILL_KEY=~/keys/{client[0]}.key_secret
 Secret keys (*.key_secret) never leave the machine that uses them; to lock a key out, delete
-its file from {d}/allowed/ (the broker notices without a restart).""")
+its file from {d}/allowed/ (the broker notices without a restart).
+A job belongs to the client key that submitted it: only that key, or a key in
+{d}/allowed/admins/, may cancel, retry or remove it.""")

@@ -36,6 +36,25 @@ def test_roles_come_from_the_folders_and_both_is_allowed(keys: Path) -> None:
     assert not ring.refresh()  # nothing changed: nothing re-read
 
 
+def test_an_admin_key_is_a_client_that_may_manage_every_job(tmp_path: Path) -> None:
+    """``--admin NAME`` writes a pair whose public key goes in admins/ only; that role brings
+    the client's with it (an admin need not be listed twice), and passes the MDP handshake."""
+    keys = tmp_path / "keys"
+    generate_keys(keys, ["laptop"], ["gpu"], ["boss"])
+    assert sorted(p.name for p in (keys / "allowed" / "admins").iterdir()) == ["boss.key"]
+    assert not (keys / "allowed" / "clients" / "boss.key").exists()
+    ring = KeyRing(keys / "allowed")
+    ring.refresh()
+    boss = load_public_key(keys / "boss.key")
+    assert ring.roles(boss) == {"admin", "client"}
+    assert ring.roles(load_public_key(keys / "laptop.key")) == {"client"}
+    assert ring.describe(boss.decode()) == f"'admins/boss.key' ({boss.decode()})"
+    assert RoleCallback(ring).callback(DOMAIN_MDP, boss)
+    assert not RoleCallback(ring).callback(DOMAIN_EVENTS_IN, boss)
+    with pytest.raises(ConfigError, match="distinct"):
+        generate_keys(tmp_path / "other", ["laptop"], ["gpu"], ["laptop"])
+
+
 def test_deleting_a_key_file_revokes_it_without_a_restart(keys: Path) -> None:
     ring = KeyRing(keys / "allowed")
     ring.refresh()

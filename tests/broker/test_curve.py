@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -537,8 +538,8 @@ def test_an_artifact_quota_breach_is_a_clear_error(secure: SecureCluster) -> Non
 
 
 def test_only_a_client_key_removes_jobs_and_that_frees_its_quota(secure: SecureCluster) -> None:
-    """A worker key may cancel a job, as before, but not remove jobs: removal is at least as
-    strict as cancel. A client's removal releases the job's checkpoint from its quota."""
+    """A worker key may neither cancel another key's job nor remove jobs. A client's removal
+    releases the job's checkpoint from its quota."""
     from distill.shared.bus.jobs import JobsClient
     from distill.shared.errors import JobError
 
@@ -550,16 +551,82 @@ def test_only_a_client_key_removes_jobs_and_that_frees_its_quota(secure: SecureC
         with pytest.raises(RequestError, match="artifact quota exceeded"):
             store.put_bytes(b"d" * 3000, kind="audio", name="d.wav")
     with secure.client("gpu") as w:
-        assert JobsClient(w).cancel(job)["status"] == "cancelled"
+        with pytest.raises(JobError, match="belongs to the client key 'clients/laptop.key'"):
+            JobsClient(w).cancel(job)
         for attempt in (lambda: JobsClient(w).remove([job]), lambda: JobsClient(w).prune(0)):
             with pytest.raises(JobError, match="only a client key may .this is a worker key"):
                 attempt()
     with secure.client() as c:
         jobs, store = JobsClient(c), ArtifactClient(c)
-        assert jobs.get(job)["status"] == "cancelled"
+        assert jobs.cancel(job)["status"] == "cancelled"
         reply = jobs.remove([job])
         assert reply["released"] == {"count": 1, "bytes": 3000}
         store.put_bytes(b"d" * 3000, kind="audio", name="d.wav")  # its quota was freed
+
+
+def test_a_job_belongs_to_the_key_that_submitted_it(secure: SecureCluster) -> None:
+    """Two people on one broker: one cannot cancel, retry or remove the other's jobs (before,
+    any client key could end anyone's training); an admin key can, and a key that left the
+    allowed folder leaves its jobs to anyone. Through real processes and the CLI."""
+    import zmq.auth
+
+    from distill.shared.bus.jobs import JobsClient
+    from distill.shared.errors import JobError
+
+    for name, role in (("studio", "clients"), ("boss", "admins")):
+        zmq.auth.create_certificates(secure.keys, name)
+        (secure.keys / f"{name}.key_secret").chmod(0o600)
+        (secure.keys / "allowed" / role).mkdir(exist_ok=True)
+        (secure.keys / "allowed" / role / f"{name}.key").write_bytes(
+            (secure.keys / f"{name}.key").read_bytes())
+    secure.start_broker()
+
+    def cli(key: str, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "DISTILL_BROKER_KEY": str(secure.keys / "broker.key"),
+               "DISTILL_KEY": str(secure.keys / f"{key}.key_secret")}
+        return subprocess.run([sys.executable, "-m", "distill.shared.cli", *args, "--broker",
+                               secure.endpoint], capture_output=True, text=True, env=env,
+                              timeout=60)
+
+    with secure.client() as c:
+        mine, done = (JobsClient(c).submit("nobody.serves.this", {})["id"] for _ in range(2))
+        JobsClient(c).cancel(done)
+        upload = ArtifactClient(c).put_bytes(b"laptop's sound", kind="audio", name="a.wav")
+        kept = ArtifactClient(c).put_bytes(b"named by a job", kind="audio", name="b.wav")
+        named = JobsClient(c).submit("nobody.serves.this", {"input": kept})["id"]
+        JobsClient(c).cancel(named)
+    with secure.client("studio") as other:
+        for sha in (upload, kept):  # its upload, or one its job names
+            with pytest.raises(RequestError, match="belongs to the client key 'clients/laptop"):
+                ArtifactClient(other).delete(sha)
+        mine_too = ArtifactClient(other).put_bytes(b"studio's", kind="audio", name="s.wav")
+        ArtifactClient(other).delete(mine_too)  # its own
+    with secure.client("boss") as admin:
+        ArtifactClient(admin).delete(upload)
+    shown = cli("studio", "jobs", "show", mine)
+    assert shown.returncode == 0 and "owner: 'clients/laptop.key' (" in shown.stdout, shown
+    refused = cli("studio", "jobs", "cancel", mine)
+    assert refused.returncode != 0 and "belongs to the client key 'clients/laptop.key'" in (
+        refused.stderr), refused.stderr
+    with secure.client("studio") as other:
+        with pytest.raises(JobError, match="only that key or an admin key"):
+            JobsClient(other).retry(done)
+        with pytest.raises(JobError, match="cannot remove job .*belongs to the client key"):
+            JobsClient(other).remove([done])
+    pruned = cli("studio", "jobs", "prune", "--older-than", "0s")
+    assert pruned.returncode == 0 and "left 2 jobs of other client keys alone" in pruned.stdout, (
+        pruned.stdout)
+    with secure.client() as c:
+        assert JobsClient(c).get(mine)["status"] == "queued"
+        assert JobsClient(c).get(done)["status"] == "cancelled"
+    ended = cli("boss", "jobs", "cancel", mine)  # an admin key ends anyone's job
+    assert ended.returncode == 0, ended.stderr
+    (secure.keys / "allowed" / "clients" / "laptop.key").unlink()  # laptop leaves
+    time.sleep(1.5)  # the loop looks at the folder once a second
+    with secure.client("studio") as other:
+        removed = JobsClient(other).remove([mine, done, named])["jobs"]
+        assert {j["id"] for j in removed} == {mine, done, named}
+        ArtifactClient(other).delete(kept)
 
 
 def test_the_cli_refuses_a_public_address_without_keys_and_warns_when_insecure(

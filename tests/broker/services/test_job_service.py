@@ -30,12 +30,27 @@ class FakeHost:
         self.worker_key = True  # what the loop says of the sender's key (always, without CURVE)
         self.client_key = True
         self.forgotten: list[str] = []  # topics whose kept events were dropped
+        self.key: str | None = None  # the sender's z85 key under CURVE (None: no CURVE)
+        self.admin = False
+        self.clients: set[str] = set()  # keys with the client role now
 
     def caller_is_worker(self) -> bool:
         return self.worker_key
 
     def caller_is_client(self) -> bool:
         return self.client_key
+
+    def caller_key(self) -> str | None:
+        return self.key
+
+    def caller_is_admin(self) -> bool:
+        return self.admin
+
+    def key_is_client(self, key: str) -> bool:
+        return key in self.clients
+
+    def describe_key(self, key: str) -> str:
+        return f"'clients/{key}.key' ({key})"
 
     def forget_events(self, topic: str) -> None:
         self.forgotten.append(topic)
@@ -384,3 +399,86 @@ def test_rows_are_kept_only_from_the_worker_running_the_job(parts: Any) -> None:
     host.worker_key = False  # under CURVE, a client key
     with pytest.raises(JobError, match="only a worker key may"):
         service.serve(b"c", [pack({"op": "metrics", "id": job_id, "row": {}, "attempt": 1})])
+
+
+# --- owners (under CURVE) -----------------------------------------------------------------------
+
+
+def as_key(host: FakeHost, key: str | None, *, admin: bool = False) -> None:
+    host.key, host.admin = key, admin
+
+
+def refused(jobs: JobService, **msg: Any) -> str:
+    with pytest.raises(JobError) as caught:
+        jobs.serve(b"c", [pack(msg)])
+    return str(caught.value)
+
+
+def test_a_job_is_managed_by_the_key_that_submitted_it_or_an_admin(
+    parts: tuple[FakeHost, JobService, ArtifactStore],
+) -> None:
+    """Before, any client key cancelled, retried or removed any job: one person's slip (or a
+    script of theirs) ended another's overnight training."""
+    host, jobs, _ = parts
+    host.clients = {"alice", "bob"}
+    as_key(host, "alice")
+    job = call(jobs, op="submit", service="s", params={})
+    assert job["owner"] == "alice"
+    assert call(jobs, op="get", id=job["id"])["owner_name"] == "'clients/alice.key' (alice)"
+    as_key(host, "bob")
+    for op in ("cancel", "retry"):
+        message = refused(jobs, op=op, id=job["id"])
+        assert message == (f"cannot {op} job {job['id']}: it belongs to the client key "
+                           "'clients/alice.key' (alice), which submitted it; only that key or "
+                           "an admin key (in the allowed folder's admins/) may")
+    assert call(jobs, op="get", id=job["id"])["status"] == "queued"  # nothing changed
+    as_key(host, "alice")
+    assert call(jobs, op="cancel", id=job["id"])["status"] == "cancelled"
+    as_key(host, "bob")
+    assert "belongs to the client key 'clients/alice.key'" in refused(jobs, op="retry", id=job["id"])
+    as_key(host, "carol", admin=True)  # an admin key manages every job
+    assert call(jobs, op="retry", id=job["id"])["status"] == "queued"
+    assert call(jobs, op="cancel", id=job["id"])["status"] == "cancelled"
+    assert call(jobs, op="get", id=job["id"])["owner"] == "alice"  # still alice's
+
+
+def test_removal_takes_only_the_callers_jobs_all_or_none(
+    parts: tuple[FakeHost, JobService, ArtifactStore],
+) -> None:
+    host, jobs, _ = parts
+    host.clients = {"alice", "bob"}
+    owned: dict[str | None, str] = {}
+    for key in ("alice", "bob", None):  # None: a job from before owners, or without CURVE
+        as_key(host, key)
+        owned[key] = call(jobs, op="submit", service="s", params={})["id"]
+        call(jobs, op="cancel", id=owned[key])
+    as_key(host, "bob")
+    message = refused(jobs, op="remove", ids=[owned["bob"], owned["alice"], owned[None]])
+    assert message.startswith("cannot remove 1 of the 3 jobs, so none was removed: job "
+                              f"{owned['alice']}: it belongs to the client key 'clients/alice.key'")
+    assert len(call(jobs, op="list")["jobs"]) == 3
+    pruned = call(jobs, op="prune", older_than_s=0, dry_run=True)
+    assert ({j["id"] for j in pruned["jobs"]}, pruned["others"]) == ({owned["bob"], owned[None]}, 1)
+    pruned = call(jobs, op="prune", older_than_s=0)
+    assert ({j["id"] for j in pruned["jobs"]}, pruned["others"]) == ({owned["bob"], owned[None]}, 1)
+    assert [j["id"] for j in call(jobs, op="list")["jobs"]] == [owned["alice"]]
+    as_key(host, "carol", admin=True)
+    assert call(jobs, op="prune", older_than_s=0)["others"] == 0
+    assert call(jobs, op="list")["jobs"] == []
+
+
+def test_a_revoked_owners_jobs_are_anyones_and_without_curve_nobody_owns_a_job(
+    parts: tuple[FakeHost, JobService, ArtifactStore],
+) -> None:
+    """A key that left the allowed folder cannot end its jobs any more: any client may."""
+    host, jobs, _ = parts
+    host.clients = {"alice", "bob"}
+    as_key(host, "alice")
+    job = call(jobs, op="submit", service="s", params={})["id"]
+    host.clients.discard("alice")
+    as_key(host, "bob")
+    assert call(jobs, op="cancel", id=job)["status"] == "cancelled"
+    assert call(jobs, op="remove", ids=[job])["jobs"][0]["id"] == job
+    as_key(host, None)
+    plain = call(jobs, op="submit", service="s", params={})
+    assert plain["owner"] is None and "owner_name" not in call(jobs, op="get", id=plain["id"])

@@ -18,6 +18,7 @@ from distill.broker.store.journal import (
     MAX_METRIC_ROW_BYTES,
     MAX_PARAMS_BYTES,
     MAX_REASON_CHARS,
+    SCHEMA_VERSION,
     JobStore,
     StaleAttempt,
     artifact_refs,
@@ -700,8 +701,31 @@ def test_a_version_2_table_is_upgraded_indexing_what_its_jobs_name(tmp_path: Pat
         store.remove([a.id])
         assert store.get(b.id).removed_deps == [a.id]
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+    db.close()
+
+
+def test_a_version_3_table_gains_owners_its_jobs_have_none(tmp_path: Path) -> None:
+    """A job table written before jobs had owners opens with its jobs unowned (anyone may
+    manage them, as before); a job submitted now keeps its owner through a prune page."""
+    path = tmp_path / "jobs.sqlite3"
+    with JobStore(path) as store:
+        old = store.submit("s", {"a": 1})
+        run_to_success(store, old.id, {})
+    db = sqlite3.connect(path)
+    db.executescript("ALTER TABLE jobs DROP COLUMN owner; PRAGMA user_version=3;")
+    db.close()
+    with JobStore(path) as store:
+        assert store.get(old.id).owner is None and store.get(old.id).to_dict()["owner"] is None
+        new = store.submit("s", {}, owner="laptop-key")
+        assert store.get(new.id).owner == "laptop-key"
+        assert store.list()[0].to_dict()["owner"] == "laptop-key"
+        run_to_success(store, new.id, {})
+        page = store.prunable(older_than_s=0)
+        assert {(job.id, job.owner) for job in page.jobs} == {(old.id, None), (new.id, "laptop-key")}
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     db.close()
 
 
