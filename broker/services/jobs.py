@@ -263,7 +263,10 @@ class JobService:
         # the missing one)
         self._check_artifacts(record.params)
         note = self._forget_lost_checkpoint(record)
-        record = self.store.retry(job_id)
+        try:
+            record = self.store.retry(job_id)
+        except JobError as e:  # a dependency failed or was cancelled: is it the caller's to retry?
+            raise JobError(str(e) + self._blocker_owner(record)) from None
         self._announce(record)
         self._dirty = True
         out = record.to_dict(with_metrics=False)
@@ -280,8 +283,11 @@ class JobService:
             raise DecodeError(f"field 'ids' must list 1 to {MAX_REMOVE_IDS} job ids (more: "
                               "`prune`, or several requests)")  # fmt: skip
         dry_run = bool(field(msg, "dry_run", bool, False))
-        if refusals := self._not_owned(ids):
-            raise JobError(refusal_message(refusals, len(set(ids))))
+        if refusals := self._removal_refusals(ids):
+            owned = any("it belongs to the client key" in why for _, why in refusals)
+            raise JobError(refusal_message(refusals, len(set(ids))) + (
+                " (another key's job: only that key or an admin key, in the allowed folder's "
+                "admins/, may remove it)" if owned else ""))
         tally = self.removal.remove(ids, results=bool(field(msg, "artifacts", bool, False)),
                                     dry_run=dry_run)  # fmt: skip
         if not dry_run:
@@ -304,7 +310,8 @@ class JobService:
                                    or not isinstance(cursor[1], int)):  # fmt: skip
             raise DecodeError("field 'cursor' must be what the previous prune reply gave")
         after = None if cursor is None else (cursor[0], cursor[1])
-        tally, after = self.removal.prune_step(rule, after, may_remove=self._may_manage)
+        tally, after = self.removal.prune_step(rule, after, may_remove=self._may_manage,
+                                               owner_of=self.store.owner_of)  # fmt: skip
         if not rule.dry_run and tally.jobs:
             self._forget(tally)
             log.info("jobs_removed", jobs=len(tally.jobs), artifacts=len(tally.released),
@@ -338,30 +345,51 @@ class JobService:
             assert record.owner is not None
             raise JobError(f"cannot {action} job {record.id}: {self._owner_refusal(record.owner)}")
 
-    def _not_owned(self, ids: list[str]) -> list[tuple[str, str]]:
-        """(job id, why) for each known job of ``ids`` the caller may not remove."""
-        refusals = []
-        for job_id in dict.fromkeys(ids):
+    def _blocker_owner(self, record: JobRecord) -> str:
+        """Said after a retry refused for a dependency that is not the caller's to retry."""
+        for dep in record.depends_on:
+            owner = self.store.owner_of(dep)
+            if owner is not None and not self._may_manage(owner):
+                status = self.store.get(dep, with_metrics=False).status
+                if status in ("failed", "cancelled"):
+                    return (f" (job {dep} belongs to the client key "
+                            f"{self.broker.describe_key(owner)}: only that key or an admin key "
+                            "may retry it)")
+        return ""
+
+    def _removal_refusals(self, ids: list[str]) -> list[tuple[str, str]]:
+        """(job id, why) for each of ``ids`` that cannot be removed: another key's, or what
+        the journal refuses (unknown, not finished, needed by a queued or running job), all at
+        once so that one answer names every problem."""
+        ids = list(dict.fromkeys(ids))
+        found = dict(self.store.removal_refusals(ids))
+        for job_id in ids:
             owner = self.store.owner_of(job_id)
             if owner is not None and not self._may_manage(owner):
-                refusals.append((job_id, self._owner_refusal(owner)))
+                mine = f"it belongs to the client key {self.broker.describe_key(owner)}"
+                found[job_id] = f"{mine}; {found[job_id]}" if job_id in found else mine
+        refusals = [(job_id, found[job_id]) for job_id in ids if job_id in found]
+        refusals += [(job_id, why) for job_id, why in found.items() if job_id not in ids]
         return refusals
 
-    def deletion_refusal(self, sha: str, job: str | None, uploader: str | None) -> str | None:
+    def deletion_refusal(self, sha: str, job: str | None, uploaders: set[str]) -> str | None:
         """Why the caller may not delete artifact ``sha`` (None: it may): under CURVE an
-        artifact another key uploaded, or that another key's job names (in its params or
-        result, as its checkpoint, or as the job it was stored under), is that key's, as the
-        job is (see :meth:`_may_manage`)."""
-        owners = self.store.owners_naming(sha)
-        if job is not None and (job_owner := self.store.owner_of(job)) is not None:
-            owners.add(job_owner)
-        if uploader is not None:
-            owners.add(uploader)
-        for owner in sorted(owners):
+        artifact that another key's job names (in its params or result, or as its checkpoint)
+        is that key's, as the job is (see :meth:`_may_manage`); so is one stored under another
+        key's job (a worker's checkpoint, preview or result: the job's owner decides, not the
+        worker's key), and one another key uploaded on its own."""
+        holders = [(f"job {job_id} of the client key {{}} names it", owner)
+                   for job_id, owner in self.store.owners_naming(sha)]
+        if job is not None:
+            if (job_owner := self.store.owner_of(job)) is not None:
+                holders.append((f"it was stored for job {job} of the client key {{}}", job_owner))
+        else:
+            holders += [("the client key {} uploaded it", key) for key in sorted(uploaders)]
+        for why, owner in holders:
             if not self._may_manage(owner):
-                return (f"cannot delete artifact {sha[:16]}: it belongs to the client key "
-                        f"{self.broker.describe_key(owner)} (its upload or a job of its); only "
-                        "that key or an admin key (in the allowed folder's admins/) may")
+                return (f"cannot delete artifact {sha[:16]}: "
+                        + why.format(self.broker.describe_key(owner))
+                        + "; only that key or an admin key (in the allowed folder's admins/) may")
         return None
 
     def _forget(self, tally: Tally) -> None:

@@ -108,10 +108,11 @@ class ArtifactQuota:
             self._totals[owner] = used + size
             self._record({"owner": owner, "sha": sha256, "size": size})
 
-    def charged_to(self, sha256: str) -> str | None:
-        """The key that pays for the artifact (its first uploader), if any does."""
+    def charged_to(self, sha256: str) -> set[str]:
+        """The keys that pay for the artifact: its uploader (two keys that began uploading the
+        same bytes before either finished both pay)."""
         with self._lock:
-            return next((owner for owner, shas in self._usage.items() if sha256 in shas), None)
+            return {owner for owner, shas in self._usage.items() if sha256 in shas}
 
     def forget(self, sha256: str) -> None:
         """The artifact was deleted: no key pays for it any more."""

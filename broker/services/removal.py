@@ -122,11 +122,13 @@ class JobRemoval:
         *,
         budget_s: float = STEP_BUDGET_S,
         may_remove: Callable[[str | None], bool] | None = None,
+        owner_of: Callable[[str], str | None] | None = None,
     ) -> tuple[Tally, tuple[float, int] | None]:
         """Remove the jobs ``rule`` names from ``cursor`` on (None: from the oldest), chunk by
         chunk while ``budget_s`` lasts (one chunk at least). Returns what went and where the
         next step starts; None there: nothing is left to look at. ``may_remove(owner)``: False
-        leaves a job alone, counted in ``others`` (a client's prune takes its own jobs only)."""
+        leaves a job alone, counted in ``others`` (a client's prune takes its own jobs only),
+        and keeps it out of ``pinned`` (``owner_of`` gives a pinned job's owner)."""
         started = self._timer()
         tally = Tally()
         while True:
@@ -134,6 +136,11 @@ class JobRemoval:
                                          after=cursor, limit=self.chunk)  # fmt: skip
             tally.pinned += page.pinned
             jobs = page.jobs
+            if may_remove is not None and owner_of is not None:
+                mine = [(job_id, why) for job_id, why in tally.pinned
+                        if may_remove(owner_of(job_id))]  # fmt: skip
+                tally.others += len(tally.pinned) - len(mine)
+                tally.pinned = mine
             if may_remove is not None:
                 jobs = [job for job in page.jobs if may_remove(job.owner)]
                 tally.others += len(page.jobs) - len(jobs)

@@ -482,3 +482,77 @@ def test_a_revoked_owners_jobs_are_anyones_and_without_curve_nobody_owns_a_job(
     as_key(host, None)
     plain = call(jobs, op="submit", service="s", params={})
     assert plain["owner"] is None and "owner_name" not in call(jobs, op="get", id=plain["id"])
+
+
+def test_a_workers_upload_for_a_job_is_the_jobs_owners_and_a_shared_upload_both_keys(
+    parts: tuple[FakeHost, JobService, ArtifactStore],
+) -> None:
+    """A review's finds: a worker key that is a client too locked a job's owner out of its own
+    result (the worker's key paid for it); of two keys that began the same upload at once,
+    whichever the ledger listed first counted as its only uploader."""
+    host, jobs, artifacts = parts
+    host.clients = {"alice", "bob", "gpu"}  # gpu: a worker key copied into clients/ too
+    as_key(host, "alice")
+    job = call(jobs, op="submit", service="s", params={})["id"]
+    result = artifacts.put_bytes(b"model", kind="model", name="m", job=job).sha256
+    as_key(host, "alice")
+    assert jobs.deletion_refusal(result, job, {"gpu"}) is None  # the job's owner decides
+    as_key(host, "bob")
+    assert jobs.deletion_refusal(result, job, {"gpu"}) == (
+        f"cannot delete artifact {result[:16]}: it was stored for job {job} of the client key "
+        "'clients/alice.key' (alice); only that key or an admin key (in the allowed folder's "
+        "admins/) may")
+    both = artifacts.put_bytes(b"same bytes", kind="audio", name="a.wav").sha256
+    for key, other in (("alice", "bob"), ("bob", "alice")):
+        as_key(host, key)
+        assert f"the client key 'clients/{other}.key' ({other}) uploaded it" in (
+            jobs.deletion_refusal(both, None, {"alice", "bob"}) or "")
+    as_key(host, "carol", admin=True)
+    assert jobs.deletion_refusal(both, None, {"alice", "bob"}) is None
+    as_key(host, "alice")
+    named = call(jobs, op="submit", service="s", params={"input": both})["id"]
+    as_key(host, "bob")
+    assert f"job {named} of the client key 'clients/alice.key' (alice) names it" in (
+        jobs.deletion_refusal(both, None, set()) or "")
+
+
+def test_refusals_name_every_problem_at_once_and_whose_job_is_in_the_way(
+    parts: tuple[FakeHost, JobService, ArtifactStore],
+) -> None:
+    """One remove names both another key's job and a queued one (before: two rounds, and the
+    owner's sentence repeated per job); a retry blocked by another key's failed dependency says
+    whose it is (before: "retry X", which was then refused); a prune does not list another
+    key's pinned jobs as its own."""
+    host, jobs, _ = parts
+    host.clients = {"alice", "bob"}
+    as_key(host, "alice")
+    dep = call(jobs, op="submit", service="s", params={})["id"]
+    call(jobs, op="cancel", id=dep)
+    call(jobs, op="retry", id=dep)
+    w = worker(b"w1")
+    jobs.on_dispatched(dep, w)
+    jobs.on_reply(dep, ok({}), w)
+    as_key(host, "bob")
+    child = call(jobs, op="submit", service="s", params={}, depends_on=[dep])["id"]
+    queued = call(jobs, op="submit", service="s", params={})["id"]
+    message = refused(jobs, op="remove", ids=[dep, queued])
+    assert f"job {dep}: it belongs to the client key 'clients/alice.key' (alice); queued job " \
+        f"{child} depends on it" in message
+    assert f"job {queued}: it is queued" in message and message.count("admins/") == 1
+    assert message.endswith("(another key's job: only that key or an admin key, in the allowed "
+                            "folder's admins/, may remove it)")
+    pruned = call(jobs, op="prune", older_than_s=0, dry_run=True)
+    assert (pruned["pinned"], pruned["others"]) == ([], 1)  # dep: alice's, pinned by bob's child
+    as_key(host, "alice")
+    assert [p["id"] for p in call(jobs, op="prune", older_than_s=0, dry_run=True)["pinned"]] == [dep]
+    as_key(host, "alice")
+    other = call(jobs, op="submit", service="s", params={})["id"]
+    as_key(host, "bob")
+    blocked = call(jobs, op="submit", service="s", params={}, depends_on=[other])["id"]
+    as_key(host, "alice")
+    call(jobs, op="cancel", id=other)  # cascades to bob's dependent
+    as_key(host, "bob")
+    assert call(jobs, op="get", id=blocked)["status"] == "cancelled"
+    message = refused(jobs, op="retry", id=blocked)
+    assert message.endswith(f"(job {other} belongs to the client key 'clients/alice.key' "
+                            "(alice): only that key or an admin key may retry it)")
