@@ -221,17 +221,22 @@ class JobService:
         return {"id": job_id, "start": start, "rows": rows, "count": self.store.metric_count(job_id)}
 
     def _list(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """``list {status?, service?, start?, limit?}`` -> ``{jobs, start, more, truncated}``:
-        newest first, at most ``limit`` (capped at MAX_LIST_JOBS) from position ``start``;
-        ``more`` says another page follows (``truncated``: this one was cut by its size)."""
+        """``list {status?, service?, mine?, start?, limit?}`` -> ``{jobs, start, more,
+        truncated}``: newest first, at most ``limit`` (capped at MAX_LIST_JOBS) from position
+        ``start``; ``more`` says another page follows (``truncated``: this one was cut by its
+        size). ``mine``: only the caller's key's jobs (without CURVE every job, as nobody owns
+        one). Each owned job's ``owner_name`` is its owner's allowed file."""
         start, limit = page(msg, 200, MAX_LIST_JOBS)
+        mine = bool(field(msg, "mine", bool, False))
         records = self.store.list(status=field(msg, "status", str, None),
                                   service=field(msg, "service", str, None), limit=limit + 1,
-                                  start=start)
+                                  start=start, owner=self.broker.caller_key() if mine else None)
         jobs: list[dict[str, Any]] = []
         size = 0
         for record in records[:limit]:
             item = record.to_dict(with_metrics=False)
+            if record.owner is not None:
+                item["owner_name"] = self.broker.describe_key(record.owner)
             size += len(pack(item))
             if size > MAX_LIST_REPLY_BYTES:
                 return {"jobs": jobs, "start": start, "more": True, "truncated": True}

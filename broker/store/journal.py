@@ -736,9 +736,10 @@ class JobStore:
         limit: int = 200,
         start: int = 0,
         with_metrics: bool = False,
+        owner: str | None = None,
     ) -> builtins.list[JobRecord]:
-        """Jobs, newest first, optionally of one status and/or service; ``start`` skips that
-        many of them (paging)."""
+        """Jobs, newest first, optionally of one status and/or service and/or owner; ``start``
+        skips that many of them (paging)."""
         if status is not None and status not in JOB_STATUSES:
             raise JobError(f"unknown job status {status!r}; one of {', '.join(JOB_STATUSES)}")
         where, args = [], []
@@ -748,6 +749,9 @@ class JobStore:
         if service is not None:
             where.append("service = ?")
             args.append(service)
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         with self._lock:
             rows = self._db.execute(

@@ -116,10 +116,12 @@ class JobsClient:
         result: dict[str, Any] = self._call("get", id=job_id, metrics=metrics)
         return result
 
-    def list(self, *, status: str | None = None, service: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    def list(self, *, status: str | None = None, service: str | None = None, limit: int = 200,
+             mine: bool = False) -> list[dict[str, Any]]:  # fmt: skip
         """The newest ``limit`` jobs (one page: the broker sends at most JOBS_PAGE; more with
-        :meth:`iter_jobs`)."""
-        return list(self._call("list", status=status, service=service, limit=limit)["jobs"])
+        :meth:`iter_jobs`); ``mine``: only those this client's key submitted (under CURVE)."""
+        return list(self._call("list", status=status, service=service, limit=limit,
+                               mine=mine or None)["jobs"])  # fmt: skip
 
     def iter_jobs(self, *, status: str | None = None, service: str | None = None,
                   page: int = JOBS_PAGE) -> Iterator[dict[str, Any]]:

@@ -93,6 +93,18 @@ def _count(n: int, thing: str) -> str:
     return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
+def owner_cell(record: dict[str, Any]) -> str:
+    """A job's owner in a table: its allowed file's name (``laptop`` for 'clients/laptop.key'),
+    else the start of its key (it left the allowed folder); ``-`` for none."""
+    owner, named = record.get("owner"), record.get("owner_name") or ""
+    if not owner:
+        return "-"
+    if named.startswith("'") and named.count("'") >= 2:
+        file = named[1:named.index("'", 1)]
+        return file.rsplit("/", 1)[-1].removesuffix(".key")
+    return str(owner)[:8] + "…"
+
+
 def print_removal(reply: dict[str, Any], *, results: bool) -> None:
     """What a ``remove`` or ``prune`` reply says went (or, in a dry run, would go)."""
     dry = bool(reply.get("dry_run"))
@@ -141,22 +153,27 @@ def register(app: typer.Typer) -> None:
 
     @jobs.command("ls")
     def jobs_ls(broker: str = BrokerOpt, status: str = typer.Option(None, help="queued, running, …"),
-                service: str = typer.Option(None), limit: int = typer.Option(50, min=1)) -> None:
-        """List jobs, newest first."""
+                service: str = typer.Option(None), limit: int = typer.Option(50, min=1),
+                mine: bool = typer.Option(False, "--mine", help=(
+                    "Only the jobs this client's key submitted (under CURVE; without it "
+                    "nobody owns a job, and every job is listed)."))) -> None:  # fmt: skip
+        """List jobs, newest first (with an owner column when a listed job has one)."""
         from distill.shared.bus.jobs import JobsClient
 
         try:
             with client(broker) as c:
-                records = JobsClient(c).list(status=status, service=service, limit=limit)
+                records = JobsClient(c).list(status=status, service=service, limit=limit, mine=mine)
         except DistillError as e:
             fail(str(e))
+        owners = any(r.get("owner") for r in records)
         rows = []
         for r in records:
             frac = (r.get("progress") or {}).get("fraction")
             rows.append([r["id"], r["service"], r["status"], f"{r['attempts']}/{r['max_attempts']}",
                          f"{frac * 100:.0f}%" if isinstance(frac, (int, float)) else "-", ago(r["created_at"]),
-                         _error_cell(r)])
-        print_table(["id", "service", "status", "attempts", "progress", "created", "error"], rows)
+                         *([owner_cell(r)] if owners else []), _error_cell(r)])
+        print_table(["id", "service", "status", "attempts", "progress", "created",
+                     *(["owner"] if owners else []), "error"], rows)  # fmt: skip
 
     @jobs.command("show")
     def jobs_show(job_id: str, broker: str = BrokerOpt,

@@ -606,6 +606,10 @@ def test_a_job_belongs_to_the_key_that_submitted_it(secure: SecureCluster) -> No
         ArtifactClient(admin).delete(upload)
     shown = cli("studio", "jobs", "show", mine)
     assert shown.returncode == 0 and "owner: 'clients/laptop.key' (" in shown.stdout, shown
+    listed = cli("studio", "jobs", "ls").stdout.splitlines()
+    assert "OWNER" in listed[0].split() and all(
+        "laptop" in line.split() for line in listed[1:]) and len(listed) == 4, listed
+    assert cli("studio", "jobs", "ls", "--mine").stdout.splitlines()[1:] == []
     refused = cli("studio", "jobs", "cancel", mine)
     assert refused.returncode != 0 and "belongs to the client key 'clients/laptop.key'" in (
         refused.stderr), refused.stderr

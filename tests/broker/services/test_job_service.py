@@ -482,6 +482,21 @@ def test_a_revoked_owners_jobs_are_anyones_and_without_curve_nobody_owns_a_job(
     as_key(host, None)
     plain = call(jobs, op="submit", service="s", params={})
     assert plain["owner"] is None and "owner_name" not in call(jobs, op="get", id=plain["id"])
+    assert len(call(jobs, op="list", mine=True)["jobs"]) == 1  # without CURVE: every job
+
+
+def test_a_key_lists_its_own_jobs(parts: tuple[FakeHost, JobService, ArtifactStore]) -> None:
+    host, jobs, _ = parts
+    host.clients = {"alice", "bob"}
+    made = {}
+    for key in ("alice", "bob", "alice"):
+        as_key(host, key)
+        made.setdefault(key, []).append(call(jobs, op="submit", service="s", params={})["id"])
+    as_key(host, "alice")
+    listed = call(jobs, op="list", mine=True)["jobs"]
+    assert [j["id"] for j in listed] == made["alice"][::-1]  # newest first
+    assert {j["owner_name"] for j in listed} == {"'clients/alice.key' (alice)"}
+    assert len(call(jobs, op="list")["jobs"]) == 3
 
 
 def test_a_workers_upload_for_a_job_is_the_jobs_owners_and_a_shared_upload_both_keys(
