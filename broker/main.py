@@ -76,7 +76,8 @@ def build_broker(config: BrokerConfig, storage: StorageSettings | None = None) -
         describe_owner=broker.keyring.describe if broker.keyring is not None else str,
         peer_of=lambda: broker.current_owner, known_jobs=jobs.store.known,
         refuse_delete=lambda sha: jobs.deletion_refusal(sha, store.stat(sha).job,
-                                                        quota.charged_to(sha)))  # fmt: skip
+                                                        quota.charged_to(sha)),  # fmt: skip
+        refuse_store=jobs.storing_refusal)
     broker.jobs = jobs
     broker.event_listeners.append(jobs.on_event)
     broker.internal[P.SERVICE_JOBS] = jobs.serve

@@ -42,7 +42,9 @@ class ArtifactService:
                  describe_owner: Callable[[str], str] = str,
                  peer_of: Callable[[], bytes] = lambda: b"",
                  known_jobs: Callable[[Iterable[str]], set[str]] | None = None,
-                 refuse_delete: Callable[[str], str | None] = lambda sha: None) -> None:  # fmt: skip
+                 refuse_delete: Callable[[str], str | None] = lambda sha: None,
+                 refuse_store: Callable[[str | None], str | None] = lambda job: None,
+                 ) -> None:  # fmt: skip
         self.store = store
         # which of these jobs the journal still holds: an artifact whose job was removed (kept
         # by `jobs rm` without --artifacts) is listed with its job marked removed
@@ -55,6 +57,7 @@ class ArtifactService:
         self._uploading: dict[bytes, set[str]] = {}  # each sender's uploads begun, not finished
         # why the sender may not delete an artifact (another key's, under CURVE); None: it may
         self.refuse_delete = refuse_delete
+        self.refuse_store = refuse_store  # why the sender may not store under that job
 
     def _check_uploads(self, sha: str) -> None:
         """ArtifactError if the sender may not begin another upload (see MAX_UPLOADS_PER_CLIENT);
@@ -85,6 +88,8 @@ class ArtifactService:
         op = msg.get("op")
         if op == "put_begin":
             sha, size = field(msg, "sha256", str), field(msg, "size", int)
+            if why := self.refuse_store(field(msg, "job", str, None)):
+                raise ArtifactError(why)
             self._check_uploads(sha)
             if self.quota is not None and not self.store.has(sha):
                 owner = self.owner_of()

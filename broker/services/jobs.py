@@ -377,6 +377,18 @@ class JobService:
         refusals += [(job_id, why) for job_id, why in found.items() if job_id not in ids]
         return refusals
 
+    def storing_refusal(self, job: str | None) -> str | None:
+        """Why the caller may not store an artifact under job ``job`` (None: it may): what is
+        stored for a job is its owner's (:meth:`deletion_refusal`), so under CURVE only the
+        job's owner, an admin or a worker key (which stores checkpoints, previews and results
+        for the jobs it runs) may; else a key could plant a file among another key's."""
+        if job is None or self.broker.caller_key() is None or self.broker.caller_is_worker():
+            return None
+        owner = self.store.owner_of(job)
+        if owner is None or self._may_manage(owner):
+            return None
+        return (f"cannot store an artifact for job {job}: {self._owner_refusal(owner)}")
+
     def deletion_refusal(self, sha: str, job: str | None, uploaders: set[str]) -> str | None:
         """Why the caller may not delete artifact ``sha`` (None: it may): under CURVE an
         artifact that another key's job names (in its params or result, or as its checkpoint)

@@ -600,6 +600,9 @@ def test_a_job_belongs_to_the_key_that_submitted_it(secure: SecureCluster) -> No
             with pytest.raises(RequestError, match="the client key 'clients/laptop.key' .* "
                                "(uploaded|names) it; only that key or an admin key"):
                 ArtifactClient(other).delete(sha)
+        with pytest.raises(RequestError, match=f"cannot store an artifact for job {mine}: it "
+                           "belongs to the client key 'clients/laptop.key'"):
+            ArtifactClient(other).put_bytes(b"planted", kind="audio", name="p.wav", job=mine)
         mine_too = ArtifactClient(other).put_bytes(b"studio's", kind="audio", name="s.wav")
         ArtifactClient(other).delete(mine_too)  # its own
     with secure.client("boss") as admin:

@@ -571,3 +571,23 @@ def test_refusals_name_every_problem_at_once_and_whose_job_is_in_the_way(
     message = refused(jobs, op="retry", id=blocked)
     assert message.endswith(f"(job {other} belongs to the client key 'clients/alice.key' "
                             "(alice): only that key or an admin key may retry it)")
+
+
+def test_only_a_jobs_owner_an_admin_or_a_worker_stores_files_for_it(
+    parts: tuple[FakeHost, JobService, ArtifactStore],
+) -> None:
+    """A file stored for a job is its owner's: another client key could plant one there."""
+    host, jobs, _ = parts
+    host.clients = {"alice", "bob"}
+    as_key(host, "alice")
+    job = call(jobs, op="submit", service="s", params={})["id"]
+    assert jobs.storing_refusal(job) is None and jobs.storing_refusal(None) is None
+    host.worker_key = False  # bob's key is a client's only
+    as_key(host, "bob")
+    assert jobs.storing_refusal(job) == (
+        f"cannot store an artifact for job {job}: it belongs to the client key "
+        "'clients/alice.key' (alice), which submitted it; only that key or an admin key (in the "
+        "allowed folder's admins/) may")
+    assert jobs.storing_refusal("j-unknown") is None  # a tag of its own choosing
+    host.worker_key = True  # a worker stores checkpoints, previews and results for its jobs
+    assert jobs.storing_refusal(job) is None
