@@ -160,6 +160,8 @@ def generate_keys(
     directory = Path(directory).expanduser()
     admins = list(admins or [])
     names = ["broker", *clients, *workers, *admins]
+    for name in names[1:]:
+        _check_key_name(name)
     if len(set(names)) != len(names):
         raise ConfigError(f"key names must be distinct (and not 'broker'): {names}")
     existing = [
@@ -171,10 +173,7 @@ def generate_keys(
     directory.chmod(0o700)
     written: list[Path] = []
     for name in names:
-        public, secret = zmq.auth.create_certificates(directory, name)
-        Path(secret).chmod(0o600)
-        Path(public).chmod(0o644)
-        written += [Path(public), Path(secret)]
+        written += _write_pair(directory, name)
     for role, group in ((ROLE_CLIENT, clients), (ROLE_WORKER, workers), (ROLE_ADMIN, admins)):
         folder = directory / "allowed" / ROLE_DIRS[role]
         folder.mkdir(parents=True, exist_ok=True)
@@ -183,6 +182,44 @@ def generate_keys(
             target.write_bytes((directory / f"{name}.key").read_bytes())
             written.append(target)
     return written
+
+
+def add_key(directory: Path, name: str, role: str) -> list[Path]:
+    """One more pair in a folder ``generate_keys`` made, its public key in the allowed folder
+    under ``role`` (client, worker or admin): a broker reading that folder lets it in at its
+    next handshake, without a restart. Refuses to overwrite a pair. Returns the files written."""
+    directory = Path(directory).expanduser()
+    _check_key_name(name)
+    if role not in ROLE_DIRS:
+        raise ConfigError(f"unknown role {role!r}: one of {', '.join(ROLE_DIRS)}")
+    if not (directory / "allowed").is_dir():
+        raise ConfigError(f"{directory} has no allowed/ folder: it is not a key folder that "
+                          "`distill keys generate` made (make one with it first)")
+    if (directory / f"{name}.key_secret").exists():
+        raise ConfigError(f"{directory / f'{name}.key_secret'} already exists: choose another "
+                          "name (a new pair under the same name would lock out the machine "
+                          "that holds the old one)")
+    written = _write_pair(directory, name)
+    folder = directory / "allowed" / ROLE_DIRS[role]
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{name}.key"
+    target.write_bytes((directory / f"{name}.key").read_bytes())
+    return [*written, target]
+
+
+def _check_key_name(name: str) -> None:
+    """A key's name becomes its file names: letters, digits, '.', '_' and '-' only."""
+    if (not name or name.startswith(".") or name == "broker" or len(name) > 100
+            or not all(c.isascii() and (c.isalnum() or c in "._-") for c in name)):
+        raise ConfigError(f"key name {name!r}: use letters, digits, '.', '_' and '-' (not "
+                          "starting with '.', at most 100 characters, and not 'broker')")
+
+
+def _write_pair(directory: Path, name: str) -> list[Path]:
+    public, secret = zmq.auth.create_certificates(directory, name)
+    Path(secret).chmod(0o600)
+    Path(public).chmod(0o644)
+    return [Path(public), Path(secret)]
 
 
 # --- where a process finds its keys --------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""``distill keys generate DIR``: CURVE key pairs for the broker, clients and workers, and the
-broker's allowed folder (see :mod:`distill.shared.bus.security` for the layout)."""
+"""``distill keys generate DIR`` and ``distill keys add DIR NAME``: CURVE key pairs for the
+broker, clients, workers and admins, and the broker's allowed folder (see
+:mod:`distill.shared.bus.security` for the layout)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,26 @@ Secret keys (*.key_secret) never leave the machine that uses them; to lock a key
 its file from {d}/allowed/ (the broker notices without a restart).
 A job belongs to the client key that submitted it: only that key, or a key in
 {d}/allowed/admins/, may cancel, retry or remove it.""")
+
+
+@app.command()
+def add(
+    directory: Path = typer.Argument(..., help="A key folder `distill keys generate` made."),
+    name: str = typer.Argument(..., help="The new key's name (its files: NAME.key, NAME.key_secret)."),
+    role: str = typer.Option("client", "--role", help="client, worker or admin."),
+) -> None:
+    """One more key pair, let in by the broker that reads DIR/allowed/ (no restart): a new
+    person's laptop, another GPU box, or a pair to replace one that leaked."""
+    from distill.shared.bus.security import add_key
+
+    try:
+        written = add_key(directory, name, role)
+    except DistillError as e:
+        fail(str(e))
+    for path in written:
+        typer.echo(str(path))
+    d = directory.expanduser().resolve()
+    typer.echo(f"""
+The broker reading {d}/allowed lets {name} in at its next handshake (no restart).
+Copy broker.key and {name}.key_secret to the machine that uses them; the secret key never
+leaves that machine.""")

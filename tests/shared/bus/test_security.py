@@ -44,6 +44,28 @@ def test_generate_refuses_to_overwrite_a_key_pair(keys: Path) -> None:
     assert (keys / "broker.key_secret").read_bytes() == before
 
 
+def test_add_puts_one_more_pair_in_the_allowed_folder_under_its_role(keys: Path) -> None:
+    written = S.add_key(keys, "studio", "admin")
+    assert [p.relative_to(keys).as_posix() for p in written] == [
+        "studio.key", "studio.key_secret", "allowed/admins/studio.key"]
+    assert stat.S_IMODE((keys / "studio.key_secret").stat().st_mode) == 0o600
+    assert S.load_public_key(keys / "allowed" / "admins" / "studio.key") == S.load_public_key(
+        keys / "studio.key")
+    before = (keys / "studio.key_secret").read_bytes()
+    for name, role, problem in (("studio", "client", "already exists"),
+                                ("../evil", "client", "key name '../evil'"),
+                                ("broker", "client", "not 'broker'"),
+                                ("x", "boss", "unknown role 'boss'")):
+        with pytest.raises(ConfigError, match=problem):
+            S.add_key(keys, name, role)
+    assert (keys / "studio.key_secret").read_bytes() == before
+    assert not (keys.parent / "evil.key").exists()
+    with pytest.raises(ConfigError, match="no allowed/ folder"):
+        S.add_key(keys.parent, "x", "client")
+    with pytest.raises(ConfigError, match="key name 'a/b'"):
+        S.generate_keys(keys.parent / "other", ["a/b"], ["gpu"])
+
+
 def test_a_secret_key_others_can_read_is_refused(keys: Path) -> None:
     (keys / "laptop.key_secret").chmod(0o644)
     with pytest.raises(ConfigError, match="readable by other users: chmod 600"):
