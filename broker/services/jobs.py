@@ -205,7 +205,7 @@ class JobService:
         count = self.store.metric_count(job_id)
         out["metric_count"] = count
         if out.get("owner"):  # as the allowed folder names it ('clients/laptop.key' (z85))
-            out["owner_name"] = self.broker.describe_key(out["owner"])
+            out["owner_name"] = self._owner_name(out["owner"])
         if msg.get("metrics", True):
             start = max(0, count - MAX_METRICS_PAGE)
             out["metrics"] = self.store.metrics_page(job_id, start=start)
@@ -236,7 +236,7 @@ class JobService:
         for record in records[:limit]:
             item = record.to_dict(with_metrics=False)
             if record.owner is not None:
-                item["owner_name"] = self.broker.describe_key(record.owner)
+                item["owner_name"] = self._owner_name(record.owner)
             size += len(pack(item))
             if size > MAX_LIST_REPLY_BYTES:
                 return {"jobs": jobs, "start": start, "more": True, "truncated": True}
@@ -248,17 +248,23 @@ class JobService:
 
     def _cancel(self, msg: dict[str, Any]) -> dict[str, Any]:
         job_id = field(msg, "id", str)
-        self._require_owner(self.store.get(job_id, with_metrics=False), "cancel")
-        record = self.store.request_cancel(job_id, field(msg, "reason", str, None) or "cancelled by user")
+        before = self.store.get(job_id, with_metrics=False)
+        self._require_owner(before, "cancel")
+        caller = self.broker.caller_key()
+        default = ("cancelled by user" if caller is None or caller == before.owner
+                   else f"cancelled by the key {self._key_label(caller)}")  # fmt: skip
+        record = self.store.request_cancel(job_id, field(msg, "reason", str, None) or default)
+        cascaded: list[str] = []
         if record.status == "cancelled":
             self._drop_queued(job_id)
             self._finished(record)
             for dep in self._cascaded(record):
                 self._drop_queued(dep.id)
                 self._finished(dep)
+                cascaded.append(dep.id)
         elif record.status == "running":
             self._announce_cancel(job_id)
-        return record.to_dict(with_metrics=False)
+        return {**record.to_dict(with_metrics=False), "cascaded": cascaded}
 
     def _retry(self, msg: dict[str, Any]) -> dict[str, Any]:
         job_id = field(msg, "id", str)
@@ -268,6 +274,7 @@ class JobService:
         # the missing one)
         self._check_artifacts(record.params)
         note = self._forget_lost_checkpoint(record)
+        taken_down = [r.id for r in self.store.cancelled_because_of(job_id)]
         try:
             record = self.store.retry(job_id)
         except JobError as e:  # a dependency failed or was cancelled: is it the caller's to retry?
@@ -275,6 +282,8 @@ class JobService:
         self._announce(record)
         self._dirty = True
         out = record.to_dict(with_metrics=False)
+        # the dependents its end took down, queued again with it (other keys' too)
+        out["requeued"] = [r.id for r in self.store.get_many(taken_down) if r.status == "queued"]
         if note:
             out["note"] = note
         return out
@@ -289,7 +298,7 @@ class JobService:
                               "`prune`, or several requests)")  # fmt: skip
         dry_run = bool(field(msg, "dry_run", bool, False))
         if refusals := self._removal_refusals(ids):
-            owned = any("it belongs to the client key" in why for _, why in refusals)
+            owned = any(why.startswith("it belongs to the key") for _, why in refusals)
             raise JobError(refusal_message(refusals, len(set(ids))) + (
                 " (another key's job: only that key or an admin key, in the allowed folder's "
                 "admins/, may remove it)" if owned else ""))
@@ -340,9 +349,24 @@ class JobService:
                 or self.broker.caller_is_admin() or not self.broker.key_is_client(owner))
 
     def _owner_refusal(self, owner: str) -> str:
-        return (f"it belongs to the client key {self.broker.describe_key(owner)}, which "
-                "submitted it; only that key or an admin key (in the allowed folder's admins/) "
-                "may")
+        return (f"it belongs to the key {self.broker.describe_key(owner)}, which submitted it; "
+                "only that key or an admin key (in the allowed folder's admins/) may")
+
+    def _key_label(self, key: str) -> str:
+        """A key in a short line: its allowed file ('admins/boss.key'), else its first
+        characters."""
+        described = self.broker.describe_key(key)
+        if described.startswith("'") and described.count("'") >= 2:
+            return described[1:described.index("'", 1)]
+        return key[:8] + "…"
+
+    def _owner_name(self, owner: str) -> str:
+        """``owner_name`` of a record: the owner as the allowed folder names it, and whether
+        its jobs are anyone's now."""
+        named = self.broker.describe_key(owner)
+        if not self.broker.key_is_client(owner):
+            named += " (no longer a client key: anyone may manage its jobs)"
+        return named
 
     def _require_owner(self, record: JobRecord, action: str) -> None:
         """JobError unless the caller may ``action`` the job (see :meth:`_may_manage`)."""
@@ -357,7 +381,7 @@ class JobService:
             if owner is not None and not self._may_manage(owner):
                 status = self.store.get(dep, with_metrics=False).status
                 if status in ("failed", "cancelled"):
-                    return (f" (job {dep} belongs to the client key "
+                    return (f" (job {dep} belongs to the key "
                             f"{self.broker.describe_key(owner)}: only that key or an admin key "
                             "may retry it)")
         return ""
@@ -368,11 +392,10 @@ class JobService:
         once so that one answer names every problem."""
         ids = list(dict.fromkeys(ids))
         found = dict(self.store.removal_refusals(ids))
-        for job_id in ids:
+        for job_id in ids:  # another key's: what else stands in the way is not the caller's
             owner = self.store.owner_of(job_id)
             if owner is not None and not self._may_manage(owner):
-                mine = f"it belongs to the client key {self.broker.describe_key(owner)}"
-                found[job_id] = f"{mine}; {found[job_id]}" if job_id in found else mine
+                found[job_id] = f"it belongs to the key {self.broker.describe_key(owner)}"
         refusals = [(job_id, found[job_id]) for job_id in ids if job_id in found]
         refusals += [(job_id, why) for job_id, why in found.items() if job_id not in ids]
         return refusals
@@ -391,17 +414,17 @@ class JobService:
 
     def deletion_refusal(self, sha: str, job: str | None, uploaders: set[str]) -> str | None:
         """Why the caller may not delete artifact ``sha`` (None: it may): under CURVE an
-        artifact that another key's job names (in its params or result, or as its checkpoint)
-        is that key's, as the job is (see :meth:`_may_manage`); so is one stored under another
-        key's job (a worker's checkpoint, preview or result: the job's owner decides, not the
-        worker's key), and one another key uploaded on its own."""
-        holders = [(f"job {job_id} of the client key {{}} names it", owner)
-                   for job_id, owner in self.store.owners_naming(sha)]
+        artifact stored for a job (a worker's checkpoint, preview or result: whatever key the
+        worker uploads with) is that job's owner's, as the job is (see :meth:`_may_manage`), and
+        one uploaded on its own its uploader's. Another key's job that names it does not hold
+        it (else any key could keep anyone's file for ever by naming it); a queued or running
+        job that needs it does, whoever's it is (the store's own rule)."""
+        holders: list[tuple[str, str]] = []
         if job is not None:
             if (job_owner := self.store.owner_of(job)) is not None:
-                holders.append((f"it was stored for job {job} of the client key {{}}", job_owner))
+                holders.append((f"it was stored for job {job} of the key {{}}", job_owner))
         else:
-            holders += [("the client key {} uploaded it", key) for key in sorted(uploaders)]
+            holders += [("the key {} uploaded it", key) for key in sorted(uploaders)]
         for why, owner in holders:
             if not self._may_manage(owner):
                 return (f"cannot delete artifact {sha[:16]}: "

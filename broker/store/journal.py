@@ -115,7 +115,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, service, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_cancelled_by ON jobs (cancelled_by);
 CREATE INDEX IF NOT EXISTS jobs_by_finished ON jobs (finished_at);
-CREATE INDEX IF NOT EXISTS jobs_by_checkpoint ON jobs (checkpoint);
 CREATE TABLE IF NOT EXISTS job_deps (
     job_id TEXT NOT NULL REFERENCES jobs (id),
     dep_id TEXT NOT NULL,                   -- no reference: a finished job's may be removed
@@ -707,16 +706,15 @@ class JobStore:
             row = self._db.execute("SELECT owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else row[0]
 
-    def owners_naming(self, sha256: str) -> builtins.list[tuple[str, str]]:
-        """(job id, owner) of each owned job that names the artifact in its params or result
-        or resumes from it, in submission order."""
+    def get_many(self, ids: Sequence[str]) -> builtins.list[JobRecord]:
+        """The jobs of ``ids`` the journal holds (without metrics), in submission order."""
+        wanted = [i for i in dict.fromkeys(ids) if isinstance(i, str)]
+        rows: builtins.list[sqlite3.Row] = []
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, owner FROM jobs WHERE owner IS NOT NULL AND (checkpoint = ? OR id IN"
-                " (SELECT job_id FROM job_artifacts WHERE sha256 = ?)) ORDER BY seq",
-                (sha256, sha256),
-            )
-            return [(job_id, owner) for job_id, owner in rows]
+            for part, marks in _chunks(wanted):
+                rows += self._db.execute(f"SELECT * FROM jobs WHERE id IN ({marks})", part).fetchall()
+            rows.sort(key=lambda row: row["seq"])
+            return self._records(rows, False)
 
     def known(self, ids: Iterable[str]) -> set[str]:
         """Which of ``ids`` are jobs the journal holds (the others were removed, or never were)."""

@@ -151,4 +151,4 @@ def _host_port(endpoint: str) -> tuple[str | None, int | None]:
 
 
 def unreachable(endpoint: str, why: str) -> BrokerUnreachable:
-    return BrokerUnreachable(f"no broker at {endpoint}: {why}", why)
+    return BrokerUnreachable(f"cannot talk to a broker at {endpoint}: {why}", why)

@@ -159,7 +159,10 @@ class JobsClient:
             at = next_metrics_start(page)
             yield from page["rows"]
 
-    def cancel(self, job_id: str, reason: str = "cancelled by user") -> dict[str, Any]:
+    def cancel(self, job_id: str, reason: str | None = None) -> dict[str, Any]:
+        """Cancel the job (and the queued jobs that depend on it: ``cascaded``). ``reason``
+        defaults to "cancelled by user", or under CURVE, when another key (an admin's) cancels
+        it, "cancelled by the key FILE"."""
         result: dict[str, Any] = self._call("cancel", id=job_id, reason=reason)
         return result
 

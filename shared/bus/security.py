@@ -168,7 +168,8 @@ def generate_keys(
         directory / f"{n}.key_secret" for n in names if (directory / f"{n}.key_secret").exists()
     ]
     if existing:
-        raise ConfigError(f"{existing[0]} already exists: remove it or choose another folder")
+        raise ConfigError(f"{existing[0]} already exists: choose another folder (`distill keys "
+                          "add DIR NAME` adds one more pair to a key folder)")
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     written: list[Path] = []

@@ -101,8 +101,9 @@ def owner_cell(record: dict[str, Any]) -> str:
         return "-"
     if named.startswith("'") and named.count("'") >= 2:
         file = named[1:named.index("'", 1)]
-        return file.rsplit("/", 1)[-1].removesuffix(".key")
-    return str(owner)[:8] + "…"
+        name = file.rsplit("/", 1)[-1].removesuffix(".key")
+        return name if "no longer a client key" not in named else f"{name} (revoked)"
+    return "(revoked)"  # its file left the allowed folder: anyone may manage its jobs
 
 
 def print_removal(reply: dict[str, Any], *, results: bool) -> None:
@@ -141,8 +142,8 @@ def print_removal(reply: dict[str, Any], *, results: bool) -> None:
         typer.echo(f"{keep} {_count(len(pinned), 'job')} that a queued or running job depends "
                    f"on: {listed}{more}")  # fmt: skip
     if others := reply.get("others") or 0:
-        typer.echo(f"{'would leave' if dry else 'left'} {_count(others, 'job')} of other client "
-                   "keys alone (only a job's own key or an admin key removes it)")  # fmt: skip
+        typer.echo(f"{'would leave' if dry else 'left'} {_count(others, 'job')} of other keys "
+                   "alone (only a job's own key or an admin key removes it)")  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:
@@ -163,8 +164,12 @@ def register(app: typer.Typer) -> None:
         try:
             with client(broker) as c:
                 records = JobsClient(c).list(status=status, service=service, limit=limit, mine=mine)
+                plain = c.security is None
         except DistillError as e:
             fail(str(e))
+        if mine and plain:
+            typer.echo("note: this client has no CURVE key, so no job is anyone's: every job is "
+                       "listed", err=True)  # fmt: skip
         owners = any(r.get("owner") for r in records)
         rows = []
         for r in records:
@@ -221,6 +226,8 @@ def register(app: typer.Typer) -> None:
         except DistillError as e:
             fail(str(e))
         typer.echo(f"{r['id']}: {r['status']}{' (cancel requested)' if r['cancel_requested'] else ''}")
+        if cascaded := r.get("cascaded") or []:  # queued jobs that waited on it, anyone's
+            typer.echo(f"also cancelled, as they depend on it: {', '.join(cascaded)}")
 
     @jobs.command("retry")
     def jobs_retry(job_id: str, broker: str = BrokerOpt) -> None:
@@ -233,6 +240,8 @@ def register(app: typer.Typer) -> None:
         except DistillError as e:
             fail(str(e))
         typer.echo(f"{r['id']}: {r['status']}")
+        if requeued := r.get("requeued") or []:  # the dependents its end took down, anyone's
+            typer.echo(f"also queued again, as they depend on it: {', '.join(requeued)}")
         if r.get("note"):  # e.g. its checkpoint is gone: it starts from scratch
             typer.echo(f"note: {r['note']}")
 

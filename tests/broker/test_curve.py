@@ -551,7 +551,7 @@ def test_only_a_client_key_removes_jobs_and_that_frees_its_quota(secure: SecureC
         with pytest.raises(RequestError, match="artifact quota exceeded"):
             store.put_bytes(b"d" * 3000, kind="audio", name="d.wav")
     with secure.client("gpu") as w:
-        with pytest.raises(JobError, match="belongs to the client key 'clients/laptop.key'"):
+        with pytest.raises(JobError, match="belongs to the key 'clients/laptop.key'"):
             JobsClient(w).cancel(job)
         for attempt in (lambda: JobsClient(w).remove([job]), lambda: JobsClient(w).prune(0)):
             with pytest.raises(JobError, match="only a client key may .this is a worker key"):
@@ -593,12 +593,12 @@ def test_a_job_belongs_to_the_key_that_submitted_it(secure: SecureCluster) -> No
         named = JobsClient(c).submit("nobody.serves.this", {"input": kept})["id"]
         JobsClient(c).cancel(named)
     with secure.client("studio") as other:
-        for sha in (upload, kept):  # its upload, or one its job names
-            with pytest.raises(RequestError, match="the client key 'clients/laptop.key' .* "
-                               "(uploaded|names) it; only that key or an admin key"):
+        for sha in (upload, kept):  # laptop's uploads (kept: named by its job too)
+            with pytest.raises(RequestError, match="the key 'clients/laptop.key' .* "
+                               "uploaded it; only that key or an admin key"):
                 ArtifactClient(other).delete(sha)
         with pytest.raises(RequestError, match=f"cannot store an artifact for job {mine}: it "
-                           "belongs to the client key 'clients/laptop.key'"):
+                           "belongs to the key 'clients/laptop.key'"):
             ArtifactClient(other).put_bytes(b"planted", kind="audio", name="p.wav", job=mine)
         mine_too = ArtifactClient(other).put_bytes(b"studio's", kind="audio", name="s.wav")
         ArtifactClient(other).delete(mine_too)  # its own
@@ -611,23 +611,27 @@ def test_a_job_belongs_to_the_key_that_submitted_it(secure: SecureCluster) -> No
         "laptop" in line.split() for line in listed[1:]) and len(listed) == 4, listed
     assert cli("studio", "jobs", "ls", "--mine").stdout.splitlines()[1:] == []
     refused = cli("studio", "jobs", "cancel", mine)
-    assert refused.returncode != 0 and "belongs to the client key 'clients/laptop.key'" in (
+    assert refused.returncode != 0 and "belongs to the key 'clients/laptop.key'" in (
         refused.stderr), refused.stderr
     with secure.client("studio") as other:
         with pytest.raises(JobError, match="only that key or an admin key"):
             JobsClient(other).retry(done)
-        with pytest.raises(JobError, match="cannot remove job .*belongs to the client key"):
+        with pytest.raises(JobError, match="cannot remove job .*belongs to the key"):
             JobsClient(other).remove([done])
     pruned = cli("studio", "jobs", "prune", "--older-than", "0s")
-    assert pruned.returncode == 0 and "left 2 jobs of other client keys alone" in pruned.stdout, (
+    assert pruned.returncode == 0 and "left 2 jobs of other keys alone" in pruned.stdout, (
         pruned.stdout)
     with secure.client() as c:
         assert JobsClient(c).get(mine)["status"] == "queued"
         assert JobsClient(c).get(done)["status"] == "cancelled"
     ended = cli("boss", "jobs", "cancel", mine)  # an admin key ends anyone's job
     assert ended.returncode == 0, ended.stderr
+    with secure.client() as c:  # laptop can tell who ended it
+        assert JobsClient(c).get(mine)["error"] == "cancelled by the key admins/boss.key"
     (secure.keys / "allowed" / "clients" / "laptop.key").unlink()  # laptop leaves
     time.sleep(1.5)  # the loop looks at the folder once a second
+    listed = cli("studio", "jobs", "ls").stdout.splitlines()
+    assert all("(revoked)" in line for line in listed[1:]) and len(listed) == 4, listed
     with secure.client("studio") as other:
         removed = JobsClient(other).remove([mine, done, named])["jobs"]
         assert {j["id"] for j in removed} == {mine, done, named}

@@ -428,14 +428,14 @@ def test_a_job_is_managed_by_the_key_that_submitted_it_or_an_admin(
     as_key(host, "bob")
     for op in ("cancel", "retry"):
         message = refused(jobs, op=op, id=job["id"])
-        assert message == (f"cannot {op} job {job['id']}: it belongs to the client key "
+        assert message == (f"cannot {op} job {job['id']}: it belongs to the key "
                            "'clients/alice.key' (alice), which submitted it; only that key or "
                            "an admin key (in the allowed folder's admins/) may")
     assert call(jobs, op="get", id=job["id"])["status"] == "queued"  # nothing changed
     as_key(host, "alice")
     assert call(jobs, op="cancel", id=job["id"])["status"] == "cancelled"
     as_key(host, "bob")
-    assert "belongs to the client key 'clients/alice.key'" in refused(jobs, op="retry", id=job["id"])
+    assert "belongs to the key 'clients/alice.key'" in refused(jobs, op="retry", id=job["id"])
     as_key(host, "carol", admin=True)  # an admin key manages every job
     assert call(jobs, op="retry", id=job["id"])["status"] == "queued"
     assert call(jobs, op="cancel", id=job["id"])["status"] == "cancelled"
@@ -455,7 +455,7 @@ def test_removal_takes_only_the_callers_jobs_all_or_none(
     as_key(host, "bob")
     message = refused(jobs, op="remove", ids=[owned["bob"], owned["alice"], owned[None]])
     assert message.startswith("cannot remove 1 of the 3 jobs, so none was removed: job "
-                              f"{owned['alice']}: it belongs to the client key 'clients/alice.key'")
+                              f"{owned['alice']}: it belongs to the key 'clients/alice.key'")
     assert len(call(jobs, op="list")["jobs"]) == 3
     pruned = call(jobs, op="prune", older_than_s=0, dry_run=True)
     assert ({j["id"] for j in pruned["jobs"]}, pruned["others"]) == ({owned["bob"], owned[None]}, 1)
@@ -477,6 +477,8 @@ def test_a_revoked_owners_jobs_are_anyones_and_without_curve_nobody_owns_a_job(
     job = call(jobs, op="submit", service="s", params={})["id"]
     host.clients.discard("alice")
     as_key(host, "bob")
+    assert call(jobs, op="get", id=job)["owner_name"] == (
+        "'clients/alice.key' (alice) (no longer a client key: anyone may manage its jobs)")
     assert call(jobs, op="cancel", id=job)["status"] == "cancelled"
     assert call(jobs, op="remove", ids=[job])["jobs"][0]["id"] == job
     as_key(host, None)
@@ -514,21 +516,21 @@ def test_a_workers_upload_for_a_job_is_the_jobs_owners_and_a_shared_upload_both_
     assert jobs.deletion_refusal(result, job, {"gpu"}) is None  # the job's owner decides
     as_key(host, "bob")
     assert jobs.deletion_refusal(result, job, {"gpu"}) == (
-        f"cannot delete artifact {result[:16]}: it was stored for job {job} of the client key "
+        f"cannot delete artifact {result[:16]}: it was stored for job {job} of the key "
         "'clients/alice.key' (alice); only that key or an admin key (in the allowed folder's "
         "admins/) may")
     both = artifacts.put_bytes(b"same bytes", kind="audio", name="a.wav").sha256
     for key, other in (("alice", "bob"), ("bob", "alice")):
         as_key(host, key)
-        assert f"the client key 'clients/{other}.key' ({other}) uploaded it" in (
+        assert f"the key 'clients/{other}.key' ({other}) uploaded it" in (
             jobs.deletion_refusal(both, None, {"alice", "bob"}) or "")
     as_key(host, "carol", admin=True)
     assert jobs.deletion_refusal(both, None, {"alice", "bob"}) is None
-    as_key(host, "alice")
-    named = call(jobs, op="submit", service="s", params={"input": both})["id"]
+    mine = artifacts.put_bytes(b"bob's", kind="audio", name="b.wav").sha256
+    as_key(host, "alice")  # naming bob's file in a job does not keep it from him
+    call(jobs, op="cancel", id=call(jobs, op="submit", service="s", params={"input": mine})["id"])
     as_key(host, "bob")
-    assert f"job {named} of the client key 'clients/alice.key' (alice) names it" in (
-        jobs.deletion_refusal(both, None, set()) or "")
+    assert jobs.deletion_refusal(mine, None, {"bob"}) is None
 
 
 def test_refusals_name_every_problem_at_once_and_whose_job_is_in_the_way(
@@ -548,11 +550,11 @@ def test_refusals_name_every_problem_at_once_and_whose_job_is_in_the_way(
     jobs.on_dispatched(dep, w)
     jobs.on_reply(dep, ok({}), w)
     as_key(host, "bob")
-    child = call(jobs, op="submit", service="s", params={}, depends_on=[dep])["id"]
+    call(jobs, op="submit", service="s", params={}, depends_on=[dep])  # pins alice's dep
     queued = call(jobs, op="submit", service="s", params={})["id"]
     message = refused(jobs, op="remove", ids=[dep, queued])
-    assert f"job {dep}: it belongs to the client key 'clients/alice.key' (alice); queued job " \
-        f"{child} depends on it" in message
+    assert f"job {dep}: it belongs to the key 'clients/alice.key' (alice); job {queued}" in message
+    assert "depends on it" not in message  # what else keeps alice's job is alice's business
     assert f"job {queued}: it is queued" in message and message.count("admins/") == 1
     assert message.endswith("(another key's job: only that key or an admin key, in the allowed "
                             "folder's admins/, may remove it)")
@@ -565,12 +567,14 @@ def test_refusals_name_every_problem_at_once_and_whose_job_is_in_the_way(
     as_key(host, "bob")
     blocked = call(jobs, op="submit", service="s", params={}, depends_on=[other])["id"]
     as_key(host, "alice")
-    call(jobs, op="cancel", id=other)  # cascades to bob's dependent
+    assert call(jobs, op="cancel", id=other)["cascaded"] == [blocked]  # bob's dependent
     as_key(host, "bob")
     assert call(jobs, op="get", id=blocked)["status"] == "cancelled"
     message = refused(jobs, op="retry", id=blocked)
-    assert message.endswith(f"(job {other} belongs to the client key 'clients/alice.key' "
+    assert message.endswith(f"(job {other} belongs to the key 'clients/alice.key' "
                             "(alice): only that key or an admin key may retry it)")
+    as_key(host, "alice")
+    assert call(jobs, op="retry", id=other)["requeued"] == [blocked]  # said, not silent
 
 
 def test_only_a_jobs_owner_an_admin_or_a_worker_stores_files_for_it(
@@ -585,7 +589,7 @@ def test_only_a_jobs_owner_an_admin_or_a_worker_stores_files_for_it(
     host.worker_key = False  # bob's key is a client's only
     as_key(host, "bob")
     assert jobs.storing_refusal(job) == (
-        f"cannot store an artifact for job {job}: it belongs to the client key "
+        f"cannot store an artifact for job {job}: it belongs to the key "
         "'clients/alice.key' (alice), which submitted it; only that key or an admin key (in the "
         "allowed folder's admins/) may")
     assert jobs.storing_refusal("j-unknown") is None  # a tag of its own choosing

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 def test_a_port_nothing_listens_on_is_said_with_its_reason() -> None:
     endpoint = f"tcp://127.0.0.1:{free_port_block()}"
     with Client(endpoint, timeout_s=60, retries=3) as client, pytest.raises(
-        BrokerUnreachable, match=r"no broker at tcp://127\.0\.0\.1:\d+: nothing accepts connections "
+        BrokerUnreachable, match=r"cannot talk to a broker at tcp://127\.0\.0\.1:\d+: nothing accepts connections "
                                  r"there \(connection refused\): is the broker running\? Start one"):  # fmt: skip
         client.request("distill.jobs", {"op": "counts"})
     with pytest.raises(BrokerUnreachable, match=r":\d+ \(its event port\): nothing accepts"):
