@@ -308,11 +308,18 @@ def test_a_peer_with_the_wrong_broker_key_does_not_flood_the_logs(
     wait_until(lambda: failures() > 0, 30, what="the first failed handshake")
     time.sleep(5)  # ~50 more tries
     said = [e for e in secure.broker_log() if e.get("event") == "handshake_failed"]
-    assert len(said) <= 3, said  # one per socket and reason
+    kinds = [(e["socket"], e["reason"]) for e in said]
+    assert len(kinds) == len(set(kinds)) <= 6, said  # each socket and reason once a minute
     assert "ZMTP_CRYPTOGRAPHIC" in said[0]["reason"]  # named, not "protocol error 285212673"
-    worker_said = [line for line in proc.log_path.read_text().splitlines()
-                   if "broker_handshake_failed" in line]  # fmt: skip
-    assert 1 <= len(worker_said) <= 2, worker_said
+
+    def worker_said() -> list[str]:
+        return [line for line in proc.log_path.read_text().splitlines()
+                if "broker_handshake_failed" in line]  # fmt: skip
+
+    # the worker says it once its own monitor has seen a failure: under load that may come
+    # after the broker's first few (a run of the whole suite once found none yet here)
+    wait_until(lambda: worker_said(), 30, what="the worker to say its handshake failed")
+    assert len(worker_said()) <= 2, worker_said()
 
 
 def test_an_unknown_worker_key_never_registers(secure: SecureCluster) -> None:
