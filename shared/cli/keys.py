@@ -4,6 +4,7 @@ broker, clients, workers and admins, and the broker's allowed folder (see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -12,6 +13,18 @@ from distill.shared.cli.common import fail
 from distill.shared.errors import DistillError
 
 app = typer.Typer(no_args_is_help=True, help="CURVE keys for running across machines.")
+
+
+def _written(make: Callable[[], list[Path]], directory: Path) -> Path:
+    """Make the keys (a clear error, not a traceback, when it cannot), print each file
+    written, and return the folder as an absolute path."""
+    try:
+        written = make()
+    except DistillError as e:
+        fail(str(e))
+    for path in written:
+        typer.echo(str(path))
+    return directory.expanduser().resolve()
 
 
 @app.command()
@@ -27,13 +40,7 @@ def generate(
     """Write the broker's key pair, one pair per client, worker and admin, and DIR/allowed/."""
     from distill.shared.bus.security import generate_keys
 
-    try:
-        written = generate_keys(directory, client, worker, admin)
-    except DistillError as e:
-        fail(str(e))
-    for path in written:
-        typer.echo(str(path))
-    d = directory.expanduser().resolve()
+    d = _written(lambda: generate_keys(directory, client, worker, admin), directory)
     typer.echo(f"""
 broker machine:  distill broker --host 0.0.0.0 --secret-key {d}/broker.key_secret --allowed {d}/allowed
 worker machine:  copy broker.key and {worker[0]}.key_secret, then
@@ -56,13 +63,7 @@ def add(
     person's laptop, another GPU box, or a pair to replace one that leaked."""
     from distill.shared.bus.security import add_key
 
-    try:
-        written = add_key(directory, name, role)
-    except DistillError as e:
-        fail(str(e))
-    for path in written:
-        typer.echo(str(path))
-    d = directory.expanduser().resolve()
+    d = _written(lambda: add_key(directory, name, role), directory)
     typer.echo(f"""
 The broker reading {d}/allowed lets {name} in at its next handshake (no restart).
 Copy broker.key and {name}.key_secret to the machine that uses them; the secret key never
