@@ -40,6 +40,20 @@ def add_removal(total: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def owner_label(record: dict[str, Any]) -> str:
+    """A job record's owner in a table cell (the CLI's and the UI's): its allowed file's name
+    (``laptop`` for 'clients/laptop.key'), ``(revoked)`` once it is no longer a client key;
+    ``-`` for none."""
+    owner, named = record.get("owner"), record.get("owner_name") or ""
+    if not owner:
+        return "-"
+    if named.startswith("'") and named.count("'") >= 2:
+        file = named[1:named.index("'", 1)]
+        name = file.rsplit("/", 1)[-1].removesuffix(".key")
+        return name if "no longer a client key" not in named else f"{name} (revoked)"
+    return "(revoked)"  # its file left the allowed folder: anyone may manage its jobs
+
+
 def add_metric_row(rows: list[dict[str, Any]], row: dict[str, Any]) -> list[dict[str, Any]]:
     """A job's metric history (as curves draw it) with ``row`` added, in place (and returned).
     A resumed attempt repeats the epochs after its checkpoint: its rows replace the older ones

@@ -93,19 +93,6 @@ def _count(n: int, thing: str) -> str:
     return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
-def owner_cell(record: dict[str, Any]) -> str:
-    """A job's owner in a table: its allowed file's name (``laptop`` for 'clients/laptop.key'),
-    else the start of its key (it left the allowed folder); ``-`` for none."""
-    owner, named = record.get("owner"), record.get("owner_name") or ""
-    if not owner:
-        return "-"
-    if named.startswith("'") and named.count("'") >= 2:
-        file = named[1:named.index("'", 1)]
-        name = file.rsplit("/", 1)[-1].removesuffix(".key")
-        return name if "no longer a client key" not in named else f"{name} (revoked)"
-    return "(revoked)"  # its file left the allowed folder: anyone may manage its jobs
-
-
 def print_removal(reply: dict[str, Any], *, results: bool) -> None:
     """What a ``remove`` or ``prune`` reply says went (or, in a dry run, would go)."""
     dry = bool(reply.get("dry_run"))
@@ -159,7 +146,7 @@ def register(app: typer.Typer) -> None:
                     "Only the jobs this client's key submitted (under CURVE; without it "
                     "nobody owns a job, and every job is listed)."))) -> None:  # fmt: skip
         """List jobs, newest first (with an owner column when a listed job has one)."""
-        from distill.shared.bus.jobs import JobsClient
+        from distill.shared.bus.jobs import JobsClient, owner_label
 
         try:
             with client(broker) as c:
@@ -176,7 +163,7 @@ def register(app: typer.Typer) -> None:
             frac = (r.get("progress") or {}).get("fraction")
             rows.append([r["id"], r["service"], r["status"], f"{r['attempts']}/{r['max_attempts']}",
                          f"{frac * 100:.0f}%" if isinstance(frac, (int, float)) else "-", ago(r["created_at"]),
-                         *([owner_cell(r)] if owners else []), _error_cell(r)])
+                         *([owner_label(r)] if owners else []), _error_cell(r)])
         print_table(["id", "service", "status", "attempts", "progress", "created",
                      *(["owner"] if owners else []), "error"], rows)  # fmt: skip
 

@@ -136,6 +136,26 @@ async def test_the_cursor_stays_on_its_job_when_a_new_job_arrives() -> None:
         assert table.cursor_row == 4
 
 
+async def test_a_shared_brokers_jobs_show_whose_they_are() -> None:
+    """Under CURVE each job has an owner: the list says whose (a revoked key's as such); without
+    owners (a broker without CURVE) the column is not there."""
+    plain = [{"id": "j-0001", "service": "distill.sleep", "status": "queued"}]
+    owned = [{"id": "j-0003", "service": "distill.train.prior", "status": "running",
+              "owner": "k1", "owner_name": "'clients/laptop.key' (k1)"},
+             {"id": "j-0002", "service": "distill.sleep", "status": "failed", "owner": "k2",
+              "owner_name": "k2 (no longer a client key: anyone may manage its jobs)"}, *plain]
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        app.set_cluster([], {}, plain)
+        await pilot.pause()
+        table = app.screen.query_one("#jobs", DataTable)
+        assert [str(c.label) for c in table.columns.values()] == ["id", "kind", "status", "progress", "ETA"]
+        app.set_cluster([], {}, owned)
+        await pilot.pause()
+        assert str(list(table.columns.values())[-1].label) == "owner"
+        assert table_column(app, "#jobs", 5) == ["laptop", "(revoked)", "-"]
+
+
 async def _slow_request_on_its_way(app: DistillApp, pilot: Any,
                                    seconds: float) -> asyncio.Future[Any]:  # fmt: skip
     """The app connected to a cluster with a sleep worker, and a request of ``seconds`` to it

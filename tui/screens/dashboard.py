@@ -10,6 +10,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Header, RichLog, Static
 
+from distill.shared.bus.jobs import owner_label
 from distill.tui.format import ago, event_line, job_progress, short_job
 from distill.tui.messages import ClusterPolled, ConnectionChanged, EventsArrived
 from distill.tui.screens.base import DistillScreen
@@ -68,9 +69,11 @@ class DashboardScreen(DistillScreen):
         waiting = sum(queued.values())
         table.border_subtitle = f"{len(workers)} workers, {waiting} requests queued"
         jtable = self.query_one("#jobs", DataTable)
+        owners = any(j.get("owner") for j in jobs)  # a shared broker under CURVE: whose job
         jrows = [(j["id"], j.get("service", "?").removeprefix("distill."), j.get("status", "?"),
-                  *job_progress(j)) for j in jobs]
-        fill_table(jtable, JOB_COLUMNS, jrows, [j["id"] for j in jobs])
+                  *job_progress(j), *([owner_label(j)] if owners else [])) for j in jobs]
+        fill_table(jtable, (*JOB_COLUMNS, *(["owner"] if owners else [])), jrows,
+                   [j["id"] for j in jobs])
 
     @on(EventsArrived)
     def _events(self, message: EventsArrived) -> None:
