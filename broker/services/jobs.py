@@ -419,17 +419,17 @@ class JobService:
         one uploaded on its own its uploader's. Another key's job that names it does not hold
         it (else any key could keep anyone's file for ever by naming it); a queued or running
         job that needs it does, whoever's it is (the store's own rule)."""
-        holders: list[tuple[str, str]] = []
+        holders: list[tuple[str, str, str]] = []  # (owner, what is said before and after it)
         if job is not None:
             if (job_owner := self.store.owner_of(job)) is not None:
-                holders.append((f"it was stored for job {job} of the key {{}}", job_owner))
+                holders.append((job_owner, f"it was stored for job {job} of the key ", ""))
         else:
-            holders += [("the key {} uploaded it", key) for key in sorted(uploaders)]
-        for why, owner in holders:
+            holders += [(key, "the key ", " uploaded it") for key in sorted(uploaders)]
+        for owner, before, after in holders:
             if not self._may_manage(owner):
-                return (f"cannot delete artifact {sha[:16]}: "
-                        + why.format(self.broker.describe_key(owner))
-                        + "; only that key or an admin key (in the allowed folder's admins/) may")
+                return (f"cannot delete artifact {sha[:16]}: {before}"
+                        f"{self.broker.describe_key(owner)}{after}; only that key or an admin "
+                        "key (in the allowed folder's admins/) may")
         return None
 
     def _forget(self, tally: Tally) -> None:
