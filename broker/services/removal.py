@@ -134,13 +134,11 @@ class JobRemoval:
         while True:
             page = self.journal.prunable(older_than_s=rule.older_than_s, status=rule.status,
                                          after=cursor, limit=self.chunk)  # fmt: skip
-            tally.pinned += page.pinned
-            jobs = page.jobs
+            pinned, jobs = page.pinned, page.jobs
             if may_remove is not None and owner_of is not None:
-                mine = [(job_id, why) for job_id, why in tally.pinned
-                        if may_remove(owner_of(job_id))]  # fmt: skip
-                tally.others += len(tally.pinned) - len(mine)
-                tally.pinned = mine
+                pinned = [(job_id, why) for job_id, why in pinned if may_remove(owner_of(job_id))]
+                tally.others += len(page.pinned) - len(pinned)
+            tally.pinned += pinned
             if may_remove is not None:
                 jobs = [job for job in page.jobs if may_remove(job.owner)]
                 tally.others += len(page.jobs) - len(jobs)
