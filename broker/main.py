@@ -37,6 +37,7 @@ UPLOAD_EXPIRY_S = 60.0  # how often idle uploads are looked for (they expire aft
 VERIFY_STEP_S = 0.2  # re-hash resumed uploads in steps of VERIFY_STEP_BYTES this often
 LOCK_NAME = "broker.lock"  # in the data folder: which broker process holds it (its pid)
 DAY_S = 86_400.0
+ANONYMOUS = "anonymous"  # the one quota account of every peer when the broker runs without CURVE
 
 
 def build_broker(config: BrokerConfig, storage: StorageSettings | None = None) -> Broker:
@@ -67,17 +68,22 @@ def build_broker(config: BrokerConfig, storage: StorageSettings | None = None) -
     jobs.periodic.add("upload_expiry", min(UPLOAD_EXPIRY_S, storage.upload_idle_s / 2),
                       lambda now: _expire_uploads(store, quota))
     jobs.periodic.add("verify_resumed_uploads", VERIFY_STEP_S, lambda now: store.verify_step())
+    def uploaders(sha: str) -> set[str]:
+        """The keys an artifact is charged to (a store once run without CURVE: not its
+        shared account, which is no key's)."""
+        return quota.charged_to(sha) - {ANONYMOUS}
+
     artifacts = ArtifactService(
         store, in_use=jobs.store.in_use,
         quota=quota,
         # Without CURVE there are no keys: every peer shares one "anonymous" account.
         owner_of=(lambda: broker.current_owner.decode(errors="replace")) if config.security
-        else (lambda: "anonymous"),
+        else (lambda: ANONYMOUS),
         describe_owner=broker.keyring.describe if broker.keyring is not None else str,
         peer_of=lambda: broker.current_owner, known_jobs=jobs.store.known,
-        refuse_delete=lambda sha: jobs.deletion_refusal(sha, store.stat(sha).job,
-                                                        quota.charged_to(sha)),  # fmt: skip
-        refuse_store=jobs.storing_refusal)
+        refuse_delete=lambda sha: jobs.deletion_refusal(sha, store.stat(sha).job, uploaders(sha)),
+        refuse_store=jobs.storing_refusal,
+        name_owners=lambda items: jobs.name_artifact_owners(items, uploaders))
     broker.jobs = jobs
     broker.event_listeners.append(jobs.on_event)
     broker.internal[P.SERVICE_JOBS] = jobs.serve

@@ -44,6 +44,7 @@ class ArtifactService:
                  known_jobs: Callable[[Iterable[str]], set[str]] | None = None,
                  refuse_delete: Callable[[str], str | None] = lambda sha: None,
                  refuse_store: Callable[[str | None], str | None] = lambda job: None,
+                 name_owners: Callable[[list[dict[str, Any]]], None] = lambda items: None,
                  ) -> None:  # fmt: skip
         self.store = store
         # which of these jobs the journal still holds: an artifact whose job was removed (kept
@@ -58,6 +59,7 @@ class ArtifactService:
         # why the sender may not delete an artifact (another key's, under CURVE); None: it may
         self.refuse_delete = refuse_delete
         self.refuse_store = refuse_store  # why the sender may not store under that job
+        self.name_owners = name_owners  # whose each listed artifact is (under CURVE)
 
     def _check_uploads(self, sha: str) -> None:
         """ArtifactError if the sender may not begin another upload (see MAX_UPLOADS_PER_CLIENT);
@@ -132,6 +134,7 @@ class ArtifactService:
                                       start=start, limit=limit + 1)
             items = [r.to_dict() for r in records[:limit]]
             self._mark_removed_jobs(items)
+            self.name_owners(items)
             return ok_body({"artifacts": items, "start": start, "more": len(records) > limit})
         if op == "usage":  # what holds the space (``distill artifacts ls``)
             usage = self.store.usage()

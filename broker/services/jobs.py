@@ -13,6 +13,7 @@ import math
 import sqlite3
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from distill.broker.registry import JobOrigin, Registry, Request, WorkerEntry
@@ -399,6 +400,22 @@ class JobService:
         refusals = [(job_id, found[job_id]) for job_id in ids if job_id in found]
         refusals += [(job_id, why) for job_id, why in found.items() if job_id not in ids]
         return refusals
+
+    def name_artifact_owners(self, items: list[dict[str, Any]],
+                             uploaders: Callable[[str], set[str]]) -> None:
+        """``owner`` and ``owner_name`` on each listed artifact that has an owner (see
+        :meth:`deletion_refusal`: the owner of the job it was stored for, else its uploader;
+        the first of two that began the same upload at once), in place."""
+        if self.broker.caller_key() is None:
+            return  # no keys, no owners (uploads without CURVE are everyone's)
+        of_jobs = self.store.owners(item["job"] for item in items if item.get("job"))
+        for item in items:
+            if item.get("job"):
+                owner = of_jobs.get(item["job"])
+            else:
+                owner = min(uploaders(item["sha256"]), default=None)
+            if owner is not None:
+                item["owner"], item["owner_name"] = owner, self._owner_name(owner)
 
     def storing_refusal(self, job: str | None) -> str | None:
         """Why the caller may not store an artifact under job ``job`` (None: it may): what is

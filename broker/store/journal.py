@@ -700,6 +700,17 @@ class JobStore:
         """The job ``job_id``; unknown -> :class:`JobError` ``"no job <id>"``."""
         return self._load(job_id, with_metrics)
 
+    def owners(self, ids: Iterable[str]) -> dict[str, str]:
+        """The owner of each owned job of ``ids`` (unowned and unknown ones are left out)."""
+        wanted = sorted({i for i in ids if isinstance(i, str)})
+        found: dict[str, str] = {}
+        with self._lock:
+            for part, marks in _chunks(wanted):
+                rows = self._db.execute(
+                    f"SELECT id, owner FROM jobs WHERE owner IS NOT NULL AND id IN ({marks})", part)
+                found.update((job_id, owner) for job_id, owner in rows)
+        return found
+
     def owner_of(self, job_id: str) -> str | None:
         """The job's owner (see JobRecord.owner); None for an unowned or unknown job."""
         with self._lock:

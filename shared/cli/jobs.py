@@ -298,6 +298,7 @@ def register(app: typer.Typer) -> None:
         """List stored artifacts, then what holds the space (by kind, the largest jobs); with
         --kind or --job, the total of those listed."""
         from distill.shared.bus.artifacts import ArtifactClient
+        from distill.shared.bus.jobs import owner_label
 
         try:
             with client(broker) as c:
@@ -305,9 +306,11 @@ def register(app: typer.Typer) -> None:
                 usage = None if kind or job else c.request("distill.artifacts", {"op": "usage"})
         except DistillError as e:
             fail(str(e))
+        owners = any(a.get("owner") for a in items)  # under CURVE: whose each file is
         rows = [[a["sha256"][:16], a["kind"], a["name"], human_bytes(a["size"]), _job_cell(a),
-                 ago(a["created_at"])] for a in items]
-        print_table(["id", "kind", "name", "size", "job", "created"], rows)
+                 ago(a["created_at"]), *([owner_label(a)] if owners else [])] for a in items]
+        print_table(["id", "kind", "name", "size", "job", "created",
+                     *(["owner"] if owners else [])], rows)  # fmt: skip
         if usage is None:  # the whole store's footer would not be about these
             total = sum(int(a["size"]) for a in items)
             typer.echo(f"{len(items)} artifact{'' if len(items) == 1 else 's'}, "

@@ -613,6 +613,8 @@ def test_a_job_belongs_to_the_key_that_submitted_it(secure: SecureCluster) -> No
         ArtifactClient(admin).delete(upload)
     shown = cli("studio", "jobs", "show", mine)
     assert shown.returncode == 0 and "owner: 'clients/laptop.key' (" in shown.stdout, shown
+    stored = cli("studio", "artifacts", "ls").stdout.splitlines()
+    assert "OWNER" in stored[0].split() and stored[1].split()[-1] == "laptop", stored  # kept
     listed = cli("studio", "jobs", "ls").stdout.splitlines()
     assert "OWNER" in listed[0].split() and all(
         "laptop" in line.split() for line in listed[1:]) and len(listed) == 4, listed

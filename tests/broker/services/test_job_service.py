@@ -595,3 +595,24 @@ def test_only_a_jobs_owner_an_admin_or_a_worker_stores_files_for_it(
     assert jobs.storing_refusal("j-unknown") is None  # a tag of its own choosing
     host.worker_key = True  # a worker stores checkpoints, previews and results for its jobs
     assert jobs.storing_refusal(job) is None
+
+
+def test_listed_artifacts_say_whose_they_are(parts: tuple[FakeHost, JobService, ArtifactStore]) -> None:
+    """`artifacts ls` under CURVE: a file stored for a job is its owner's, one uploaded on its
+    own its uploader's (the first of two that began it at once); none without CURVE."""
+    host, jobs, artifacts = parts
+    host.clients = {"alice", "bob"}
+    as_key(host, "alice")
+    job = call(jobs, op="submit", service="s", params={})["id"]
+    items = [{"sha256": "a" * 64, "job": job}, {"sha256": "b" * 64, "job": None},
+             {"sha256": "c" * 64, "job": "j-unknown"}, {"sha256": "d" * 64}]
+    charged = {"b" * 64: {"bob", "carol"}}
+    as_key(host, "bob")
+    jobs.name_artifact_owners(items, lambda sha: charged.get(sha, set()))
+    assert [(i.get("owner"), i.get("owner_name")) for i in items] == [
+        ("alice", "'clients/alice.key' (alice)"),
+        ("bob", "'clients/bob.key' (bob)"), (None, None), (None, None)]
+    as_key(host, None)
+    plain = [{"sha256": "b" * 64, "job": None}]
+    jobs.name_artifact_owners(plain, lambda sha: charged.get(sha, set()))
+    assert plain == [{"sha256": "b" * 64, "job": None}]
