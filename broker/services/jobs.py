@@ -207,6 +207,8 @@ class JobService:
         out["metric_count"] = count
         if out.get("owner"):  # as the allowed folder names it ('clients/laptop.key' (z85))
             out["owner_name"] = self._owner_name(out["owner"])
+        if out.get("checkpoint") and self.retention is not None:  # a finished job's goes
+            out["checkpoint_stored"] = self.retention.artifacts.has(out["checkpoint"])
         if msg.get("metrics", True):
             start = max(0, count - MAX_METRICS_PAGE)
             out["metrics"] = self.store.metrics_page(job_id, start=start)

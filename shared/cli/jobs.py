@@ -188,6 +188,9 @@ def register(app: typer.Typer) -> None:
         for key in ("id", "service", "status", "attempts", "max_attempts", "lost_attempts", "worker",
                     "depends_on", "checkpoint", "error"):
             value = (", ".join(deps) or "-") if key == "depends_on" else r.get(key)
+            if key == "checkpoint" and value and r.get("checkpoint_stored") is False:
+                value = f"{value} (released: the job has finished)" if r.get("finished_at") \
+                    else f"{value} (no longer stored: its next attempt starts from scratch)"
             typer.echo(f"{key:>13}: {shown(value)}")
         for key in ("created_at", "started_at", "finished_at"):
             ts = r.get(key)

@@ -64,6 +64,35 @@ def test_jobs_show_prints_the_metric_count_not_one_page(broker: tuple[str, JobSe
     assert "metrics: 1500 rows" in out.output
 
 
+def test_jobs_show_says_when_the_checkpoint_is_no_longer_stored(
+    broker: tuple[str, JobService],
+) -> None:
+    """Before: a finished job showed the hash of a checkpoint the broker had already released,
+    and `artifacts get` of it said only that there is no such artifact."""
+    endpoint, jobs = broker
+    shas = {}
+    with Client(endpoint) as c:
+        for which in ("running", "finished"):
+            job_id = c.request("distill.jobs", {"op": "submit", "service": "s", "params": {}})["id"]
+            sha = ArtifactClient(c).put_bytes(which.encode(), kind="checkpoint", name="c", job=job_id)
+            jobs.store.mark_running(job_id, "w1")
+            jobs.store.set_checkpoint(job_id, sha)
+            shas[which] = (job_id, sha)
+    jobs.store.mark_succeeded(shas["finished"][0], {})
+
+    def show(which: str) -> str:
+        out = CliRunner().invoke(app, ["jobs", "show", shas[which][0], "--broker", endpoint])
+        assert out.exit_code == 0, out.output
+        return next(line for line in out.output.splitlines() if "checkpoint:" in line)
+
+    assert show("running").endswith(shas["running"][1])  # stored: as it was
+    assert jobs.retention is not None
+    jobs.retention.artifacts.delete_many([sha for _, sha in shas.values()], in_use=set())
+    assert show("finished").endswith(f"{shas['finished'][1]} (released: the job has finished)")
+    assert show("running").endswith(
+        f"{shas['running'][1]} (no longer stored: its next attempt starts from scratch)")
+
+
 def test_artifacts_ls_shows_what_holds_the_space(broker: tuple[str, JobService],
                                                  tmp_path: Path) -> None:
     endpoint, _ = broker
