@@ -408,6 +408,13 @@ def as_key(host: FakeHost, key: str | None, *, admin: bool = False) -> None:
     host.key, host.admin = key, admin
 
 
+def alices_job(host: FakeHost, jobs: JobService) -> str:
+    """Two people's keys, alice's and bob's; a job alice submitted (its id)."""
+    host.clients = {"alice", "bob"}
+    as_key(host, "alice")
+    return str(call(jobs, op="submit", service="s", params={})["id"])
+
+
 def refused(jobs: JobService, **msg: Any) -> str:
     with pytest.raises(JobError) as caught:
         jobs.serve(b"c", [pack(msg)])
@@ -472,9 +479,7 @@ def test_a_revoked_owners_jobs_are_anyones_and_without_curve_nobody_owns_a_job(
 ) -> None:
     """A key that left the allowed folder cannot end its jobs any more: any client may."""
     host, jobs, _ = parts
-    host.clients = {"alice", "bob"}
-    as_key(host, "alice")
-    job = call(jobs, op="submit", service="s", params={})["id"]
+    job = alices_job(host, jobs)
     host.clients.discard("alice")
     as_key(host, "bob")
     assert call(jobs, op="get", id=job)["owner_name"] == (
@@ -582,9 +587,7 @@ def test_only_a_jobs_owner_an_admin_or_a_worker_stores_files_for_it(
 ) -> None:
     """A file stored for a job is its owner's: another client key could plant one there."""
     host, jobs, _ = parts
-    host.clients = {"alice", "bob"}
-    as_key(host, "alice")
-    job = call(jobs, op="submit", service="s", params={})["id"]
+    job = alices_job(host, jobs)
     assert jobs.storing_refusal(job) is None and jobs.storing_refusal(None) is None
     host.worker_key = False  # bob's key is a client's only
     as_key(host, "bob")
@@ -601,9 +604,7 @@ def test_listed_artifacts_say_whose_they_are(parts: tuple[FakeHost, JobService, 
     """`artifacts ls` under CURVE: a file stored for a job is its owner's, one uploaded on its
     own its uploader's (the first of two that began it at once); none without CURVE."""
     host, jobs, artifacts = parts
-    host.clients = {"alice", "bob"}
-    as_key(host, "alice")
-    job = call(jobs, op="submit", service="s", params={})["id"]
+    job = alices_job(host, jobs)
     items = [{"sha256": "a" * 64, "job": job}, {"sha256": "b" * 64, "job": None},
              {"sha256": "c" * 64, "job": "j-unknown"}, {"sha256": "d" * 64}]
     charged = {"b" * 64: {"bob", "carol"}}
