@@ -118,6 +118,10 @@ class KeyRing:
         """The roles of a z85 public key (empty: not allowed)."""
         return self._roles.get(key, frozenset())
 
+    def file_of(self, key: str) -> str | None:
+        """The allowed file that holds a z85 public key (``clients/laptop.key``), if any."""
+        return self._files.get(key.encode(errors="replace"))
+
     def describe(self, key: str) -> str:
         """A z85 public key as a person knows it: the allowed file that holds it
         (``'clients/laptop.key' (z85)``), or the z85 text alone when no file does."""

@@ -483,6 +483,10 @@ class Broker:
         left the allowed folder)."""
         return self.keyring is not None and ROLE_CLIENT in self.keyring.roles(key.encode())
 
+    def key_file(self, key: str) -> str | None:
+        """The allowed file that holds the z85 public key ``key`` (``clients/laptop.key``)."""
+        return self.keyring.file_of(key) if self.keyring is not None else None
+
     def describe_key(self, key: str) -> str:
         """A z85 public key as its errors name it: its allowed file, if any, and the key."""
         return self.keyring.describe(key) if self.keyring is not None else key

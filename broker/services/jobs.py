@@ -94,6 +94,7 @@ class JobHost(Protocol):
     def caller_is_admin(self) -> bool: ...
     def key_is_client(self, key: str) -> bool: ...
     def describe_key(self, key: str) -> str: ...
+    def key_file(self, key: str) -> str | None: ...
     def forget_events(self, topic: str) -> None: ...
     def submit_internal(self, service: bytes, body: list[bytes], job_id: str) -> Request: ...
     def reply_later(self, identity: bytes, service: bytes, body: list[bytes]) -> bool: ...
@@ -206,7 +207,7 @@ class JobService:
         count = self.store.metric_count(job_id)
         out["metric_count"] = count
         if out.get("owner"):  # as the allowed folder names it ('clients/laptop.key' (z85))
-            out["owner_name"] = self._owner_name(out["owner"])
+            out.update(self._owner_fields(out["owner"]))
         if out.get("checkpoint") and self.retention is not None:  # a finished job's goes
             out["checkpoint_stored"] = self.retention.artifacts.has(out["checkpoint"])
         if msg.get("metrics", True):
@@ -228,7 +229,7 @@ class JobService:
         truncated}``: newest first, at most ``limit`` (capped at MAX_LIST_JOBS) from position
         ``start``; ``more`` says another page follows (``truncated``: this one was cut by its
         size). ``mine``: only the caller's key's jobs (without CURVE every job, as nobody owns
-        one). Each owned job's ``owner_name`` is its owner's allowed file."""
+        one). Each owned job carries ``owner_file`` and ``owner_name`` (:meth:`_owner_fields`)."""
         start, limit = page(msg, 200, MAX_LIST_JOBS)
         mine = bool(field(msg, "mine", bool, False))
         records = self.store.list(status=field(msg, "status", str, None),
@@ -239,7 +240,7 @@ class JobService:
         for record in records[:limit]:
             item = record.to_dict(with_metrics=False)
             if record.owner is not None:
-                item["owner_name"] = self._owner_name(record.owner)
+                item.update(self._owner_fields(record.owner))
             size += len(pack(item))
             if size > MAX_LIST_REPLY_BYTES:
                 return {"jobs": jobs, "start": start, "more": True, "truncated": True}
@@ -358,18 +359,17 @@ class JobService:
     def _key_label(self, key: str) -> str:
         """A key in a short line: its allowed file ('admins/boss.key'), else its first
         characters."""
-        described = self.broker.describe_key(key)
-        if described.startswith("'") and described.count("'") >= 2:
-            return described[1:described.index("'", 1)]
-        return key[:8] + "…"
+        return self.broker.key_file(key) or key[:8] + "…"
 
-    def _owner_name(self, owner: str) -> str:
-        """``owner_name`` of a record: the owner as the allowed folder names it, and whether
-        its jobs are anyone's now."""
+    def _owner_fields(self, owner: str) -> dict[str, Any]:
+        """What a reply says of a job's or a file's owner beside its key: ``owner_file``, its
+        allowed file while it is a client key (None once it is not: its jobs are anyone's),
+        and ``owner_name``, the owner in words."""
         named = self.broker.describe_key(owner)
         if not self.broker.key_is_client(owner):
-            named += " (no longer a client key: anyone may manage its jobs)"
-        return named
+            return {"owner_file": None,
+                    "owner_name": f"{named} (no longer a client key: anyone may manage its jobs)"}
+        return {"owner_file": self.broker.key_file(owner), "owner_name": named}
 
     def _require_owner(self, record: JobRecord, action: str) -> None:
         """JobError unless the caller may ``action`` the job (see :meth:`_may_manage`)."""
@@ -405,9 +405,9 @@ class JobService:
 
     def name_artifact_owners(self, items: list[dict[str, Any]],
                              uploaders: Callable[[str], set[str]]) -> None:
-        """``owner`` and ``owner_name`` on each listed artifact that has an owner (see
-        :meth:`deletion_refusal`: the owner of the job it was stored for, else its uploader;
-        the first of two that began the same upload at once), in place."""
+        """``owner`` and its fields (:meth:`_owner_fields`) on each listed artifact that has
+        an owner (see :meth:`deletion_refusal`: the owner of the job it was stored for, else
+        its uploader; the first of two that began the same upload at once), in place."""
         if self.broker.caller_key() is None:
             return  # no keys, no owners (uploads without CURVE are everyone's)
         of_jobs = self.store.owners(item["job"] for item in items if item.get("job"))
@@ -417,7 +417,7 @@ class JobService:
             else:
                 owner = min(uploaders(item["sha256"]), default=None)
             if owner is not None:
-                item["owner"], item["owner_name"] = owner, self._owner_name(owner)
+                item.update(owner=owner, **self._owner_fields(owner))
 
     def storing_refusal(self, job: str | None) -> str | None:
         """Why the caller may not store an artifact under job ``job`` (None: it may): what is

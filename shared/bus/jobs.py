@@ -44,14 +44,11 @@ def owner_label(record: dict[str, Any]) -> str:
     """A job record's owner in a table cell (the CLI's and the UI's): its allowed file's name
     (``laptop`` for 'clients/laptop.key'), ``(revoked)`` once it is no longer a client key;
     ``-`` for none."""
-    owner, named = record.get("owner"), record.get("owner_name") or ""
-    if not owner:
+    if not record.get("owner"):
         return "-"
-    if named.startswith("'") and named.count("'") >= 2:
-        file = named[1:named.index("'", 1)]
-        name = file.rsplit("/", 1)[-1].removesuffix(".key")
-        return name if "no longer a client key" not in named else f"{name} (revoked)"
-    return "(revoked)"  # its file left the allowed folder: anyone may manage its jobs
+    if file := record.get("owner_file"):
+        return str(file).rsplit("/", 1)[-1].removesuffix(".key")
+    return "(revoked)"  # no longer a client key: anyone may manage its jobs
 
 
 def add_metric_row(rows: list[dict[str, Any]], row: dict[str, Any]) -> list[dict[str, Any]]:

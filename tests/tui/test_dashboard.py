@@ -141,8 +141,10 @@ async def test_a_shared_brokers_jobs_show_whose_they_are() -> None:
     owners (a broker without CURVE) the column is not there."""
     plain = [{"id": "j-0001", "service": "distill.sleep", "status": "queued"}]
     owned = [{"id": "j-0003", "service": "distill.train.prior", "status": "running",
-              "owner": "k1", "owner_name": "'clients/laptop.key' (k1)"},
+              "owner": "k1", "owner_file": "clients/laptop.key",
+              "owner_name": "'clients/laptop.key' (k1)"},
              {"id": "j-0002", "service": "distill.sleep", "status": "failed", "owner": "k2",
+              "owner_file": None,
               "owner_name": "k2 (no longer a client key: anyone may manage its jobs)"}, *plain]
     app = DistillApp("tcp://gpu-box:5555", connect=False)
     async with app.run_test(size=(120, 40)) as pilot:

@@ -52,6 +52,9 @@ class FakeHost:
     def describe_key(self, key: str) -> str:
         return f"'clients/{key}.key' ({key})"
 
+    def key_file(self, key: str) -> str | None:
+        return f"clients/{key}.key"
+
     def forget_events(self, topic: str) -> None:
         self.forgotten.append(topic)
 
@@ -431,7 +434,8 @@ def test_a_job_is_managed_by_the_key_that_submitted_it_or_an_admin(
     as_key(host, "alice")
     job = call(jobs, op="submit", service="s", params={})
     assert job["owner"] == "alice"
-    assert call(jobs, op="get", id=job["id"])["owner_name"] == "'clients/alice.key' (alice)"
+    got = call(jobs, op="get", id=job["id"])
+    assert (got["owner_file"], got["owner_name"]) == ("clients/alice.key", "'clients/alice.key' (alice)")
     as_key(host, "bob")
     for op in ("cancel", "retry"):
         message = refused(jobs, op=op, id=job["id"])
@@ -482,7 +486,8 @@ def test_a_revoked_owners_jobs_are_anyones_and_without_curve_nobody_owns_a_job(
     job = alices_job(host, jobs)
     host.clients.discard("alice")
     as_key(host, "bob")
-    assert call(jobs, op="get", id=job)["owner_name"] == (
+    got = call(jobs, op="get", id=job)
+    assert got["owner_file"] is None and got["owner_name"] == (
         "'clients/alice.key' (alice) (no longer a client key: anyone may manage its jobs)")
     assert call(jobs, op="cancel", id=job)["status"] == "cancelled"
     assert call(jobs, op="remove", ids=[job])["jobs"][0]["id"] == job
