@@ -395,9 +395,9 @@ class JobService:
         once so that one answer names every problem."""
         ids = list(dict.fromkeys(ids))
         found = dict(self.store.removal_refusals(ids))
-        for job_id in ids:  # another key's: what else stands in the way is not the caller's
-            owner = self.store.owner_of(job_id)
-            if owner is not None and not self._may_manage(owner):
+        # another key's job: what else stands in its way is not the caller's business
+        for job_id, owner in self.store.owners(ids).items():
+            if not self._may_manage(owner):
                 found[job_id] = f"it belongs to the key {self.broker.describe_key(owner)}"
         refusals = [(job_id, found[job_id]) for job_id in ids if job_id in found]
         refusals += [(job_id, why) for job_id, why in found.items() if job_id not in ids]

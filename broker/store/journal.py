@@ -713,9 +713,7 @@ class JobStore:
 
     def owner_of(self, job_id: str) -> str | None:
         """The job's owner (see JobRecord.owner); None for an unowned or unknown job."""
-        with self._lock:
-            row = self._db.execute("SELECT owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else row[0]
+        return self.owners([job_id]).get(job_id)
 
     def get_many(self, ids: Sequence[str]) -> builtins.list[JobRecord]:
         """The jobs of ``ids`` the journal holds (without metrics), in submission order."""
