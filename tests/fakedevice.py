@@ -17,7 +17,9 @@ patched for the ``with`` block only, in this thread.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -175,18 +177,28 @@ def _generator_class() -> type:
     return Generator
 
 
-@contextlib.contextmanager
-def fake_accelerator(*, no_float64: bool = False) -> Iterator[None]:
-    """``cuda`` on this CPU for the block (this thread): see the module's doc."""
-    patches: list[tuple[Any, str, Any]] = [
+class _Device:
+    name = "stand-in accelerator (tests/fakedevice.py)"
+    total_memory = 16 * 2**30
+
+
+def _patches() -> list[tuple[Any, str, Any]]:
+    return [
         (torch.cuda, "is_available", lambda: True),
         (torch.cuda, "device_count", lambda: 1),
+        (torch.cuda, "get_device_properties", lambda device=None: _Device()),
         (torch.cuda, "get_rng_state", lambda device=None: torch.get_rng_state()),
         (torch.cuda, "set_rng_state", lambda state, device=None: None),
         (torch.accelerator, "current_accelerator", lambda *a, **k: None),
         (torch, "Generator", _generator_class()),
         (torch, "inference_mode", lambda mode=True: torch.no_grad()),  # subclasses can't
     ]
+
+
+@contextlib.contextmanager
+def fake_accelerator(*, no_float64: bool = False) -> Iterator[None]:
+    """``cuda`` on this CPU for the block (this thread): see the module's doc."""
+    patches = _patches()
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
     before = _State.no_float64
     _State.no_float64 = no_float64
@@ -199,3 +211,34 @@ def fake_accelerator(*, no_float64: bool = False) -> Iterator[None]:
         for obj, attr, value in saved:
             setattr(obj, attr, value)
         _State.no_float64 = before
+
+
+# A process started with this variable set (and ``tests/fakedevice_site`` on PYTHONPATH) has
+# the stand-in in every thread for its whole life: "1", or "mps" for the float64 rule too.
+PROCESS_VARIABLE = "DISTILL_TEST_STAND_IN_ACCELERATOR"
+SITE = Path(__file__).parent / "fakedevice_site"
+
+
+def process_env(no_float64: bool = False) -> dict[str, str]:
+    """The environment for a subprocess (a worker, the CLI) with the stand-in installed."""
+    path = os.pathsep.join(p for p in (str(SITE), os.environ.get("PYTHONPATH", "")) if p)
+    return {PROCESS_VARIABLE: "mps" if no_float64 else "1", "PYTHONPATH": path}
+
+
+def install_in_process() -> None:
+    """For ``fakedevice_site/sitecustomize.py``: the stand-in for the rest of this process,
+    in this thread and every thread started from now on."""
+    import threading
+
+    _State.no_float64 = os.environ.get(PROCESS_VARIABLE) == "mps"
+    for obj, attr, value in _patches():
+        setattr(obj, attr, value)
+    _Functions().__enter__()
+    _Dispatch().__enter__()
+    run = threading.Thread.run
+
+    def run_with_the_stand_in(self: threading.Thread) -> None:
+        with _Functions(), _Dispatch():
+            run(self)
+
+    threading.Thread.run = run_with_the_stand_in  # type: ignore[method-assign]

@@ -1,12 +1,17 @@
 """Training and inference with the model on an accelerator, on a machine without one: the
 stand-in device of ``tests/fakedevice.py`` (CPU compute, a GPU's rules on where tensors live;
-with ``no_float64``, MPS's rule on float64 too). An RVQ-VAE job on CUDA or MPS failed at its
-first step (the PCA start multiplied a CPU matrix by the device's mean; MPS has no float64):
-no test could see it here, where every test ran on the CPU."""
+with ``no_float64``, MPS's rule on float64 too), in this process and in worker processes. An
+RVQ-VAE job on CUDA or MPS failed at its first step (the PCA start multiplied a CPU matrix by
+the device's mean; MPS has no float64): no test could see it here, where every test ran on the
+CPU."""
 
 from __future__ import annotations
 
-import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,16 +20,15 @@ import torch
 from distill.shared.audio.dataset import Dataset, build_dataset
 from distill.shared.audio.io import scan_folder
 from distill.shared.audio.mel import MelConfig
+from distill.shared.bus.artifacts import ArtifactClient
+from distill.shared.bus.jobs import JobsClient
 from distill.shared.model import inference as inf
-from distill.shared.model.modelfile import DistillModel
-from distill.shared.model.prior import Prior
+from distill.shared.model.modelfile import DistillModel, load_model, save_model
+from distill.shared.model.prior import Prior, PriorConfig
 from distill.shared.model.sampling import SamplingParams
 from distill.shared.model.vqvae import VQVAE, VQVAEConfig
-from distill.shared.train.loop import NullHooks
-from distill.shared.train.prior import PriorTrainConfig, encode_dataset, train_prior
-from distill.shared.train.vqvae import TrainConfig, VQVAETrainer
-from tests.conftest import percussion_dir
-from tests.fakedevice import DeviceMisuse, OnDevice, fake_accelerator
+from tests.conftest import Cluster, percussion_dir
+from tests.fakedevice import DeviceMisuse, OnDevice, fake_accelerator, process_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -81,31 +85,79 @@ def test_the_codec_starts_from_pca_on_the_device(dataset: Dataset, no_float64: b
         assert torch.equal(got[key], want), key
 
 
-@pytest.mark.slow  # trains two tiny models through the stand-in's dispatch (~35 s)
-def test_train_and_generate_on_the_device(dataset: Dataset) -> None:
-    """Both trainers and the inference operations with the model on the device, under the GPU
-    rules and MPS's float64 rule at once."""
-    train = TrainConfig(epochs=2, batch_size=4, lr=3e-3, warmup_steps=2, preview_every=1,
-                        patience=0, checkpoint_every_s=0)  # fmt: skip
-    with fake_accelerator(no_float64=True):
-        vqvae = VQVAETrainer(dataset, SMALL, train, NullHooks(), device="cuda").run().model
-        codes = encode_dataset(vqvae, dataset, vqvae_id="a" * 64, dataset_id="b" * 64,
-                               device="cuda")  # fmt: skip
-        prior_config = dataclasses.replace(PriorTrainConfig(), epochs=2, warmup_steps=2,
-                                           patience=0, checkpoint_every_s=0)  # fmt: skip
-        prior = train_prior(codes, {}, prior_config, NullHooks(), device="cuda").model
-        assert isinstance(prior, Prior)
-        model = DistillModel(mel_config=dataset.mel_config, vqvae=vqvae.eval(),
-                             prior=prior.eval(), summary={})  # fmt: skip
-        audio = torch.sin(torch.arange(24000) / 7.0) * torch.linspace(1, 0, 24000)  # (samples,)
+def test_inference_with_the_model_on_the_device(tmp_path: Path) -> None:
+    """A model file loaded onto the device, then every inference operation: the code search,
+    decode, generate at batch 2 and 1 (each its own sampling loop), region resampling and a
+    continuation, under the GPU and float64 rules at once; the same samples as on the CPU."""
+    torch.manual_seed(0)
+    vqvae = VQVAE(SMALL)
+    prior = Prior(PriorConfig(levels=3, codebook_size=16, embed_dim=8, hidden=16))
+    path = tmp_path / "tiny.distill"
+    save_model(path, DistillModel(mel_config=MelConfig(), vqvae=vqvae.eval(), prior=prior.eval(),
+                                  summary={}))  # fmt: skip
+    audio = torch.sin(torch.arange(24000) / 7.0) * torch.linspace(1, 0, 24000)  # (samples,)
+    params = SamplingParams(seed=1)
+
+    def run(device: str) -> list[np.ndarray]:
+        model = load_model(path, device)
         grid = inf.encode(model, audio, search=4)  # the code search, on the device
-        sound, _ = inf.decode(model, grid, None, "fast")
-        params = SamplingParams(seed=1)
-        made = inf.generate(model, count=2, seconds=0.3, params=params, quality="fast")
-        batch1 = inf.generate(model, count=1, seconds=0.3, params=params, quality="fast")
-        again = inf.resample_variants(model, grid, 2, 10, params, "fast", count=2)
-        continued = inf.generate(model, count=1, seconds=0.2, params=params, quality="fast",
-                                 prime=grid[:, :10])  # fmt: skip
-    for out in (sound, made.audio, batch1.audio, again.audio, continued.audio):
-        assert isinstance(out, np.ndarray) and np.isfinite(out).all() and np.abs(out).max() > 0
-    assert made.codes.shape[0] == 2 and again.codes.shape == (2, *grid.shape)
+        return [grid, inf.decode(model, grid, None, "fast")[0],
+                inf.generate(model, count=2, seconds=0.3, params=params, quality="fast").audio,
+                inf.generate(model, count=1, seconds=0.3, params=params, quality="fast").audio,
+                inf.resample_variants(model, grid, 2, 10, params, "fast", count=2).audio,
+                inf.generate(model, count=1, seconds=0.2, params=params, quality="fast",
+                             prime=grid[:, :10]).audio]  # fmt: skip
+
+    with fake_accelerator(no_float64=True):
+        got = run("cuda")
+    for out, want in zip(got, run("cpu"), strict=True):
+        assert isinstance(out, np.ndarray) and np.array_equal(out, want)
+    assert np.abs(got[1]).max() > 0
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # a pipeline through worker processes on the stand-in (~1 min)
+def test_a_pipeline_and_a_generate_job_with_the_workers_on_the_device(
+        cluster: Cluster, tmp_path: Path) -> None:  # fmt: skip
+    """`distill train` with the RVQ-VAE, prior and inference workers on `--device cuda` (the
+    stand-in in each worker process and its threads, MPS's float64 rule too): the workers'
+    own steps on the device (previews, the decoded-audio figure, codebook health, the prior's
+    encoding of the dataset and its draws for the change temperature, a generate job)."""
+    on_device = process_env(no_float64=True)
+    cluster.start_broker()
+    cluster.start_worker("preprocess")
+    for service in ("vqvae", "prior", "infer"):
+        cluster.start_worker(service, device="cuda", env=on_device)
+    listed = {w["service"]: w for w in cluster.worker_list()}
+    assert listed["distill.train.vqvae"]["device"] == "cuda:0"  # the stand-in took it
+    sounds = tmp_path / "sounds"
+    sounds.mkdir()
+    for name in FILES:
+        shutil.copy(percussion_dir() / name, sounds / name)
+    tiny = ["--vqvae-opt", "channels=32", "--vqvae-opt", "latent_dim=16", "--vqvae-opt",
+            "blocks=1", "--codebook-size", "16", "--levels", "2", "--prior-opt", "hidden=32",
+            "--prior-opt", "embed_dim=16", "--epochs", "3", "--batch-size", "8",
+            "--train-opt", "patience=0", "--train-opt", "warmup_steps=2",
+            "--train-opt", "minutes=0", "--train-opt", "vqvae.preview_every=1"]  # fmt: skip
+    env = {**os.environ, "DISTILL_BROKER": cluster.endpoint}
+    out = subprocess.run([sys.executable, "-m", "distill.shared.cli", "train", str(sounds),
+                          *tiny], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=400)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "preview at epoch 1" in out.stderr and "x the Griffin-Lim floor: " in out.stderr
+    assert "codes in use on the training files" in out.stderr and "bits/code" in out.stderr
+    with cluster.client(timeout_s=60) as c:
+        model = ArtifactClient(c).put_file(tmp_path / "sounds.distill", kind="model",
+                                           name="sounds.distill")  # fmt: skip
+        jobs = JobsClient(c)
+        job = jobs.submit("distill.infer", {"op": "generate", "model": model, "count": 2,
+                                            "seconds": 0.5, "seed": 1, "trim": 60})  # fmt: skip
+        record = jobs.follow(job["id"], lambda event: None)
+        assert record["status"] == "succeeded", record.get("error")
+        assert len(record["result"]["sounds"]) == 2
+        encoded = c.request("distill.infer", {"op": "encode", "model": model,
+                                              "audio": np.sin(np.arange(12000) / 5.0) * 0.5,
+                                              "sample_rate": 48000})  # fmt: skip
+        decoded = c.request("distill.infer", {"op": "decode", "model": model,
+                                              "codes": encoded["codes"]})  # fmt: skip
+        assert np.isfinite(decoded["audio"]).all() and np.abs(decoded["audio"]).max() > 0
