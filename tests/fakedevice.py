@@ -1,5 +1,5 @@
 """A stand-in accelerator for machines without one: ``with fake_accelerator(): ...`` makes
-``cuda`` a device whose tensors compute on the CPU but, as on a GPU, cannot be mixed with CPU
+``cuda`` (and ``mps``) a device whose tensors compute on the CPU but, as on a GPU, cannot be mixed with CPU
 tensors (other than 0-dim ones), turned into numpy arrays without ``.cpu()``, or drawn with a
 CPU generator; ``no_float64=True`` also refuses float64 on it, as MPS does.
 
@@ -17,6 +17,7 @@ patched for the ``with`` block only, in this thread.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,6 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 FAKE = torch.device("meta")
 CPU = torch.device("cpu")
-CUDA = torch.device("cuda")
 
 # ops that take tensors on two devices on a GPU too: copies, and CPU index tensors
 MAY_MIX = frozenset({
@@ -73,10 +73,13 @@ class OnDevice(torch.Tensor):
         return _run(func, args, kwargs or {})
 
 
+ACCELERATORS = ("cuda", "mps")  # what the stand-in answers for
+
+
 def _on_device(d: object) -> bool:
     if isinstance(d, str):
         d = torch.device(d)
-    return isinstance(d, torch.device) and d.type in ("cuda", "meta")
+    return isinstance(d, torch.device) and d.type in (*ACCELERATORS, "meta")
 
 
 def _cpu(t: Any) -> Any:
@@ -121,9 +124,9 @@ class _Dispatch(TorchDispatchMode):
 
 
 def _to_fake(v: Any) -> Any:
-    if isinstance(v, str) and v.startswith("cuda"):
+    if isinstance(v, str) and v.startswith(ACCELERATORS):
         return FAKE
-    if isinstance(v, torch.device) and v.type == "cuda":
+    if isinstance(v, torch.device) and v.type in ACCELERATORS:
         return FAKE
     return v
 
@@ -182,6 +185,11 @@ class _Device:
     total_memory = 16 * 2**30
 
 
+@functools.cache
+def _available() -> bool:  # cached, as torch's own (torch._dynamo reads its __wrapped__)
+    return True
+
+
 def _patches() -> list[tuple[Any, str, Any]]:
     return [
         (torch.cuda, "is_available", lambda: True),
@@ -189,6 +197,7 @@ def _patches() -> list[tuple[Any, str, Any]]:
         (torch.cuda, "get_device_properties", lambda device=None: _Device()),
         (torch.cuda, "get_rng_state", lambda device=None: torch.get_rng_state()),
         (torch.cuda, "set_rng_state", lambda state, device=None: None),
+        (torch.backends.mps, "is_available", _available),
         (torch.accelerator, "current_accelerator", lambda *a, **k: None),
         (torch, "Generator", _generator_class()),
         (torch, "inference_mode", lambda mode=True: torch.no_grad()),  # subclasses can't

@@ -119,17 +119,17 @@ def test_inference_with_the_model_on_the_device(tmp_path: Path) -> None:
 @pytest.mark.slow  # a pipeline through worker processes on the stand-in (~1 min)
 def test_a_pipeline_and_a_generate_job_with_the_workers_on_the_device(
         cluster: Cluster, tmp_path: Path) -> None:  # fmt: skip
-    """`distill train` with the RVQ-VAE, prior and inference workers on `--device cuda` (the
-    stand-in in each worker process and its threads, MPS's float64 rule too): the workers'
-    own steps on the device (previews, the decoded-audio figure, codebook health, the prior's
+    """`distill train` with the RVQ-VAE, prior and inference workers on `--device mps`, `cuda`
+    and `mps` (the stand-in in each worker process and its threads, MPS's float64 rule on
+    all): the workers' own steps on the device (previews, the decoded-audio figure, codebook health, the prior's
     encoding of the dataset and its draws for the change temperature, a generate job)."""
     on_device = process_env(no_float64=True)
     cluster.start_broker()
     cluster.start_worker("preprocess")
-    for service in ("vqvae", "prior", "infer"):
-        cluster.start_worker(service, device="cuda", env=on_device)
-    listed = {w["service"]: w for w in cluster.worker_list()}
-    assert listed["distill.train.vqvae"]["device"] == "cuda:0"  # the stand-in took it
+    for service, device in (("vqvae", "mps"), ("prior", "cuda"), ("infer", "mps")):
+        cluster.start_worker(service, device=device, env=on_device)
+    listed = {w["service"]: w["device"] for w in cluster.worker_list()}
+    assert listed["distill.train.vqvae"] == "mps" and listed["distill.train.prior"] == "cuda:0"
     sounds = tmp_path / "sounds"
     sounds.mkdir()
     for name in FILES:
