@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from distill.shared.audio.mel import MelConfig
 from distill.shared.bus.artifacts import ArtifactClient
 from distill.shared.bus.jobs import JobsClient
 from distill.shared.model import inference as inf
+from distill.shared.model.codes import CodeGrid, EditSession
 from distill.shared.model.modelfile import DistillModel, load_model, save_model
 from distill.shared.model.prior import Prior, PriorConfig
 from distill.shared.model.sampling import SamplingParams
@@ -121,8 +123,9 @@ def test_a_pipeline_and_a_generate_job_with_the_workers_on_the_device(
         cluster: Cluster, tmp_path: Path) -> None:  # fmt: skip
     """`distill train` with the RVQ-VAE, prior and inference workers on `--device mps`, `cuda`
     and `mps` (the stand-in in each worker process and its threads, MPS's float64 rule on
-    all): the workers' own steps on the device (previews, the decoded-audio figure, codebook health, the prior's
-    encoding of the dataset and its draws for the change temperature, a generate job)."""
+    all): the workers' own steps on the device (previews, the decoded-audio figure, codebook
+    health, the prior's encoding of the dataset and its draws for the change temperature), a
+    generate job and the inference worker's operations (what the UI's editor sends)."""
     on_device = process_env(no_float64=True)
     cluster.start_broker()
     cluster.start_worker("preprocess")
@@ -155,9 +158,20 @@ def test_a_pipeline_and_a_generate_job_with_the_workers_on_the_device(
         record = jobs.follow(job["id"], lambda event: None)
         assert record["status"] == "succeeded", record.get("error")
         assert len(record["result"]["sounds"]) == 2
-        encoded = c.request("distill.infer", {"op": "encode", "model": model,
-                                              "audio": np.sin(np.arange(12000) / 5.0) * 0.5,
-                                              "sample_rate": 48000})  # fmt: skip
-        decoded = c.request("distill.infer", {"op": "decode", "model": model,
-                                              "codes": encoded["codes"]})  # fmt: skip
-        assert np.isfinite(decoded["audio"]).all() and np.abs(decoded["audio"]).max() > 0
+        sound = np.sin(np.arange(12000) / 5.0) * np.linspace(0.5, 0, 12000)
+
+        def infer(op: str, **body: object) -> dict[str, Any]:
+            reply = c.request("distill.infer", {"op": op, "model": model, **body})
+            assert np.isfinite(reply["audio"]).all() and np.abs(reply["audio"]).max() > 0, op
+            return dict(reply)
+
+        codes = c.request("distill.infer", {"op": "encode", "model": model, "audio": sound,
+                                            "sample_rate": 48000})["codes"]  # fmt: skip
+        infer("decode", codes=codes)
+        infer("progressive", audio=sound, sample_rate=48000)
+        infer("blend", a=sound, b=sound[::-1].copy(), sample_rate=48000, amount=0.3)
+        infer("resample_region", codes=codes, t0=2, t1=10, seed=1)
+        session = EditSession(CodeGrid(np.asarray(codes), 16)).to_dict()
+        edited = infer("edit", session=session, action="apply",
+                       edit={"op": "reverse", "region": [0, 2, 2, 12]})  # fmt: skip
+        assert edited["can_undo"]
