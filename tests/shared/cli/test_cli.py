@@ -366,3 +366,20 @@ def test_a_status_or_note_between_updates_is_a_line_of_its_own() -> None:
     assert term.getvalue() == "j-1: running\n\repoch 1\nj-1: succeeded\n"
     row = {"type": "metrics", "row": {"step": 6}, "recorded": True}
     assert progress_line(row) == "step=6"
+
+
+@pytest.mark.parametrize("given, want", [(None, "1"), ("0", "0")])
+def test_mps_operations_it_lacks_fall_back_to_the_cpu(given: str | None, want: str) -> None:
+    """Every `distill` process (workers too) sets PYTORCH_ENABLE_MPS_FALLBACK before torch
+    loads, which is when torch reads it; a value the user set is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_ENABLE_MPS_FALLBACK"}
+    if given is not None:
+        env["PYTORCH_ENABLE_MPS_FALLBACK"] = given
+    code = ("import os, sys, runpy; sys.argv = ['distill', '--help']\n"
+            "try:\n    runpy.run_module('distill.shared.cli', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print(os.environ.get('PYTORCH_ENABLE_MPS_FALLBACK'), 'torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == f"{want} False"
