@@ -11,7 +11,10 @@ How: tensors on the device are wrapper subclasses reporting the ``meta`` device 
 that needs no driver) around a CPU tensor; a dispatch mode checks and runs every op on the
 CPU tensors, and a function mode turns ``cuda`` in a call's arguments into that device. The
 torch globals a CUDA check reads (``torch.cuda.is_available``, ``torch.Generator``, ...) are
-patched for the ``with`` block only, in this thread.
+patched for the ``with`` block, for the whole process (the modes are this thread's: another
+thread started inside the block sees CUDA "available" without them, so tests start none).
+What it does not see: code that branches on ``device.type == "cuda"`` (its tensors report
+``meta``), and results that differ between kernels (a GPU's atomics, cuDNN).
 """
 
 from __future__ import annotations
@@ -52,15 +55,15 @@ class OnDevice(torch.Tensor):
 
     @staticmethod
     def __new__(cls, elem: torch.Tensor) -> OnDevice:
-        r = torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+        r = torch.Tensor._make_wrapper_subclass(
             cls, elem.size(), strides=elem.stride(), storage_offset=elem.storage_offset(),
             dtype=elem.dtype, layout=elem.layout, device=FAKE, requires_grad=elem.requires_grad)
         r.elem = elem
-        return r  # type: ignore[no-any-return]
+        return r
 
     is_meta = property(lambda self: False)  # load_state_dict skips copies into meta tensors
 
-    def __repr__(self, **kwargs: Any) -> str:
+    def __repr__(self, **kwargs: Any) -> str:  # type: ignore[override]
         return f"OnDevice({self.elem!r})"
 
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -69,7 +72,8 @@ class OnDevice(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
     @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (),  # type: ignore[override]
+                           kwargs: Any = None) -> Any:  # fmt: skip
         return _run(func, args, kwargs or {})
 
 
@@ -90,16 +94,32 @@ class _State:
     no_float64 = False
 
 
-def _run(func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-    name = str(func)
+def _check_placement(func: Any, name: str, args: Any, kwargs: dict[str, Any]) -> list[Any]:
+    """The device tensors among the op's arguments, or DeviceMisuse where a GPU would refuse:
+    CPU tensors beside them (a 0-dim one only in an element-wise op), a CPU tensor indexed
+    with device indices or given device values, and a tensor on the real ``meta`` device (made
+    by a path the modes do not see: it would be a false alarm or a miss)."""
     tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    if any(t.device.type == "meta" and not isinstance(t, OnDevice) for t in tensors):
+        raise DeviceMisuse(f"{name}: a tensor on the real meta device slipped past the stand-in")
     on = [t for t in tensors if isinstance(t, OnDevice)]
-    off = [t for t in tensors if not isinstance(t, OnDevice) and t.dim() > 0]
-    if name in INDEXING and on and not isinstance(args[0], OnDevice):
-        raise DeviceMisuse(f"{name}: a CPU tensor indexed with device indices")
-    if on and off and name not in MAY_MIX and name not in INDEXING:
+    pointwise = torch.Tag.pointwise in getattr(func, "tags", ())
+    off = [t for t in tensors if not isinstance(t, OnDevice) and (t.dim() > 0 or not pointwise)]
+    if name in INDEXING and on:
+        if not isinstance(args[0], OnDevice):
+            raise DeviceMisuse(f"{name}: a CPU tensor indexed with device indices")
+        values = args[2] if len(args) > 2 else kwargs.get("values")
+        if isinstance(values, torch.Tensor) and not isinstance(values, OnDevice) and values.dim():
+            raise DeviceMisuse(f"{name}: CPU values written into a device tensor")
+    elif on and off and name not in MAY_MIX:
         raise DeviceMisuse(f"{name} mixes device tensors {[tuple(t.shape) for t in on]} with "
                            f"CPU tensors {[tuple(t.shape) for t in off]}")  # fmt: skip
+    return on
+
+
+def _run(func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    name = str(func)
+    on = _check_placement(func, name, args, kwargs)
     to_device = _on_device(kwargs.get("device"))
     if _State.no_float64 and (any(t.dtype == torch.float64 for t in on) or (
             kwargs.get("dtype") == torch.float64 and (on or to_device))):  # fmt: skip
@@ -141,12 +161,24 @@ class _Functions(TorchFunctionMode):
         kwargs = {k: v if k == "device_type" else _to_fake(v) for k, v in kwargs.items()}
         flat = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         gen = kwargs.get("generator")
-        if gen is not None and not getattr(gen, "on_device", False) and (
-                any(isinstance(t, OnDevice) for t in flat) or _on_device(kwargs.get("device"))):  # fmt: skip
-            raise DeviceMisuse(f"{getattr(func, '__name__', func)}: a CPU generator for the device")
-        if func in (torch.asarray, torch.as_tensor, torch.tensor) and _on_device(
-                kwargs.get("device")):  # fmt: skip
-            return OnDevice(func(*tree_map(_cpu, args), **{**kwargs, "device": CPU}))
+        if gen is not None:
+            for_device = any(isinstance(t, OnDevice) for t in flat) or _on_device(
+                kwargs.get("device"))  # fmt: skip
+            if for_device != getattr(gen, "on_device", False):
+                raise DeviceMisuse(f"{getattr(func, '__name__', func)}: a "
+                                   f"{'CPU' if for_device else 'device'} generator for a "
+                                   f"{'device' if for_device else 'CPU'} draw")  # fmt: skip
+        made_on_device = func in (torch.asarray, torch.as_tensor, torch.tensor) and _on_device(
+            kwargs.get("device"))  # fmt: skip
+        if func is torch.Tensor.new_tensor and isinstance(args[0], OnDevice) and (
+                "device" not in kwargs or _on_device(kwargs["device"])):  # fmt: skip
+            kwargs = {**kwargs, "dtype": kwargs.get("dtype") or args[0].dtype}
+            func, args, made_on_device = torch.tensor, args[1:], True
+        if made_on_device:
+            out = func(*tree_map(_cpu, args), **{**kwargs, "device": CPU})
+            if _State.no_float64 and out.dtype == torch.float64:
+                raise DeviceMisuse(f"{func.__name__}: float64 made on the device (MPS has none)")
+            return OnDevice(out)
         if func in (torch.stft, torch.istft, torch.Tensor.stft, torch.Tensor.istft) and any(
                 isinstance(t, OnDevice) for t in flat):  # fmt: skip
             if not all(isinstance(t, OnDevice) for t in flat):
@@ -166,7 +198,7 @@ def _generator_class() -> type:
         """A CPU generator that counts as the device's when made for it."""
 
         def __new__(cls, device: Any = "cpu") -> Any:
-            g = real.__new__(cls, device="cpu")
+            g = real.__new__(cls, device="cpu")  # type: ignore[call-arg]
             g.on_device = _on_device(device)
             return g
 
@@ -198,7 +230,8 @@ def _patches() -> list[tuple[Any, str, Any]]:
         (torch.cuda, "get_rng_state", lambda device=None: torch.get_rng_state()),
         (torch.cuda, "set_rng_state", lambda state, device=None: None),
         (torch.backends.mps, "is_available", _available),
-        (torch.accelerator, "current_accelerator", lambda *a, **k: None),
+        *([(torch.accelerator, "current_accelerator", lambda *a, **k: None)]
+          if hasattr(torch, "accelerator") else []),  # torch 2.6 on: optimizers ask it
         (torch, "Generator", _generator_class()),
         (torch, "inference_mode", lambda mode=True: torch.no_grad()),  # subclasses can't
     ]

@@ -391,10 +391,14 @@ class PriorStepper:
         if self.decay:
             state.cache = torch.zeros(batch, q, k, device=h.device)
             if prefix is not None:  # step s of T0 weighs decay^(T0-1-s)
-                t0 = prefix.shape[2]
-                weights = _decay_weights(self.decay, t0, h.device)  # (T0,)
-                state.cache.scatter_add_(2, prefix.to(h.device).long().expand(batch, -1, -1),
-                                         weights.expand(batch, q, -1).contiguous())  # fmt: skip
+                # summed on the CPU: a GPU's scatter_add_ adds a code's repeats in any order
+                # (atomics), and the same seed would not draw the same continuation twice
+                t0, cpu = prefix.shape[2], torch.device("cpu")
+                cache = torch.zeros(batch, q, k)
+                cache.scatter_add_(2, prefix.cpu().long().expand(batch, -1, -1),
+                                   _decay_weights(self.decay, t0, cpu).expand(batch, q, -1)
+                                   .contiguous())  # fmt: skip
+                state.cache = cache.to(h.device)
                 state.cache_total = (1 - self.decay**t0) / (1 - self.decay)
         if self.history_table is None:
             return state

@@ -579,7 +579,7 @@ class VQVAE(nn.Module):
         vecs = x.reshape(x.shape[0], m, -1, ds).permute(0, 2, 1, 3).reshape(-1, m * ds)
         if len(vecs) > max_vectors:
             g = torch.Generator().manual_seed(seed)
-            vecs = vecs[torch.randperm(len(vecs), generator=g).to(vecs.device)[:max_vectors]]
+            vecs = vecs[torch.randperm(len(vecs), generator=g)[:max_vectors]]  # CPU indices
         # On the CPU whatever the model's device: float64 (which MPS lacks) for a 128 x 128
         # eigendecomposition, the same components on every device
         vecs = vecs.cpu()

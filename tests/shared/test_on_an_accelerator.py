@@ -65,6 +65,17 @@ def test_the_stand_in_refuses_what_a_gpu_refuses() -> None:
         assert torch.rand(3, device="cuda", generator=torch.Generator(device="cuda")).shape == (3,)
         with pytest.raises(DeviceMisuse, match="float64"):
             x.double()
+        with pytest.raises(DeviceMisuse, match="float64"):
+            torch.tensor([1.0], dtype=torch.float64, device="mps")
+        with pytest.raises(DeviceMisuse, match="mixes"):  # a CPU scalar only element-wise
+            torch.stack([x.sum(), torch.tensor(0.0)])
+        rows = torch.tensor([0, 2])  # CPU indices into a device tensor: as on a GPU
+        x[rows] = torch.tensor(5.0)
+        with pytest.raises(DeviceMisuse, match="CPU values"):
+            x[rows] = torch.ones(2, 4)
+        with pytest.raises(DeviceMisuse, match="device generator for a CPU draw"):
+            torch.randperm(5, generator=torch.Generator(device="cuda"))
+        assert isinstance(x.new_tensor([1.0]), OnDevice)
     assert torch.cuda.is_available() == available  # the patches are put back
 
 
@@ -75,13 +86,13 @@ def test_the_codec_starts_from_pca_on_the_device(dataset: Dataset, no_float64: b
     torch.manual_seed(0)
     on_cpu = VQVAE(SMALL)
     on_cpu.set_normalisation_(mels.mean(dim=(0, 2)), mels.std().expand(mels.shape[1]))
-    on_cpu.pca_init_(mels)
+    on_cpu.pca_init_(mels, max_vectors=300)  # fewer than the frames: the subsample too
     with fake_accelerator(no_float64=no_float64):
         torch.manual_seed(0)
         model = VQVAE(SMALL).to("cuda")
         x = mels.to("cuda")
         model.set_normalisation_(x.mean(dim=(0, 2)), x.std().expand(x.shape[1]))
-        model.pca_init_(x)
+        model.pca_init_(x, max_vectors=300)
         got = {k: v.cpu() for k, v in model.state_dict().items()}
     for key, want in on_cpu.state_dict().items():
         assert torch.equal(got[key], want), key
@@ -125,7 +136,7 @@ def test_a_pipeline_and_a_generate_job_with_the_workers_on_the_device(
     and `mps` (the stand-in in each worker process and its threads, MPS's float64 rule on
     all): the workers' own steps on the device (previews, the decoded-audio figure, codebook
     health, the prior's encoding of the dataset and its draws for the change temperature), a
-    generate job and the inference worker's operations (what the UI's editor sends)."""
+    generate job and the inference worker's other operations (the UI's editor's among them)."""
     on_device = process_env(no_float64=True)
     cluster.start_broker()
     cluster.start_worker("preprocess")
@@ -145,7 +156,7 @@ def test_a_pipeline_and_a_generate_job_with_the_workers_on_the_device(
     env = {**os.environ, "DISTILL_BROKER": cluster.endpoint}
     out = subprocess.run([sys.executable, "-m", "distill.shared.cli", "train", str(sounds),
                           *tiny], capture_output=True, text=True, env=env, cwd=tmp_path,
-                         timeout=400)  # fmt: skip
+                         timeout=240)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "preview at epoch 1" in out.stderr and "x the Griffin-Lim floor: " in out.stderr
     assert "codes in use on the training files" in out.stderr and "bits/code" in out.stderr
@@ -175,3 +186,7 @@ def test_a_pipeline_and_a_generate_job_with_the_workers_on_the_device(
         edited = infer("edit", session=session, action="apply",
                        edit={"op": "reverse", "region": [0, 2, 2, 12]})  # fmt: skip
         assert edited["can_undo"]
+        preprocess = out.stdout.split("preprocess ")[1].split()[0]  # "jobs: preprocess j-…"
+        dataset = jobs.get(preprocess)["result"]["dataset"]
+        usage = c.request("distill.infer", {"op": "codebook", "model": model, "dataset": dataset})
+        assert usage["codes_counted"] > 0 and all(level["used"] > 0 for level in usage["levels"])
