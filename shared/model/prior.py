@@ -388,18 +388,18 @@ class PriorStepper:
         h, c = self.prior.begin_lstm(batch, prefix)  # (layers, B, H) each
         state = PriorState(h=tuple(h.unbind(0)), c=tuple(c.unbind(0)))
         q, k = self.prior.config.levels, self.prior.config.codebook_size
-        if self.decay:
+        if self.decay and prefix is None:
             state.cache = torch.zeros(batch, q, k, device=h.device)
-            if prefix is not None:  # step s of T0 weighs decay^(T0-1-s)
-                # summed on the CPU: a GPU's scatter_add_ adds a code's repeats in any order
-                # (atomics), and the same seed would not draw the same continuation twice
-                t0, cpu = prefix.shape[2], torch.device("cpu")
-                cache = torch.zeros(batch, q, k)
-                cache.scatter_add_(2, prefix.cpu().long().expand(batch, -1, -1),
-                                   _decay_weights(self.decay, t0, cpu).expand(batch, q, -1)
-                                   .contiguous())  # fmt: skip
-                state.cache = cache.to(h.device)
-                state.cache_total = (1 - self.decay**t0) / (1 - self.decay)
+        elif self.decay:  # step s of T0 weighs decay^(T0-1-s)
+            # summed on the CPU: a GPU's scatter_add_ adds a code's repeats in any order
+            # (atomics), and the same seed would not draw the same continuation twice
+            t0, cpu = prefix.shape[2], torch.device("cpu")
+            cache = torch.zeros(batch, q, k)
+            cache.scatter_add_(2, prefix.cpu().long().expand(batch, -1, -1),
+                               _decay_weights(self.decay, t0, cpu).expand(batch, q, -1)
+                               .contiguous())  # fmt: skip
+            state.cache = cache.to(h.device)
+            state.cache_total = (1 - self.decay**t0) / (1 - self.decay)
         if self.history_table is None:
             return state
         back = torch.full((batch, len(self.history_rows), q), k, dtype=torch.long, device=h.device)
