@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import free_port_block, spawn, stop, wait_for  # noqa: E402
 
 from distill.shared.audio.io import load_audio, scan_folder  # noqa: E402
+from distill.shared.bus.artifacts import ArtifactClient  # noqa: E402
 from distill.shared.bus.client import Client  # noqa: E402
 from distill.shared.bus.jobs import JobsClient  # noqa: E402
 from distill.shared.model import inference as inf  # noqa: E402
@@ -76,10 +77,10 @@ def start_cluster(device: str, out: Path) -> tuple[subprocess.Popen[bytes], str]
 
 
 def compare(name: str, a: np.ndarray, b: np.ndarray) -> None:
-    if a.shape == b.shape and np.array_equal(a, b):
-        print(f"  {name:<28} identical")
-    elif a.shape != b.shape:
+    if a.shape != b.shape:
         print(f"  {name:<28} DIFFERENT shapes {a.shape} / {b.shape}")
+    elif np.array_equal(a, b):
+        print(f"  {name:<28} identical")
     else:
         print(f"  {name:<28} DIFFERENT: max |a - b| {float(np.abs(a - b).max()):.3g}, "
               f"{float((a != b).mean()):.1%} of values")  # fmt: skip
@@ -119,10 +120,10 @@ def speed(model: DistillModel, path: Path, device: str, threads: int, seconds: f
     assert cpu is not None
     steps = inf.steps_for(model, seconds)
     print(f"sampling speed ({seconds:g} s of codes, generated seconds per wall second):")
+    torch.set_num_threads(threads)
     for batch in (1, 16):
         rates = {}
         for where, p in ((device, prior), ("cpu", cpu)):
-            torch.set_num_threads(threads)
             sample(p, batch=batch, steps=steps // 4, params=SamplingParams(seed=0)).cpu()  # warm
             start = time.perf_counter()
             sample(p, batch=batch, steps=steps, params=SamplingParams(seed=0)).cpu()  # a sync
@@ -143,8 +144,6 @@ def generate_job(endpoint: str, model_sha: str) -> None:
 
 
 def model_artifact(endpoint: str, path: Path) -> str:
-    from distill.shared.bus.artifacts import ArtifactClient
-
     with Client(endpoint, timeout_s=60) as c:
         return ArtifactClient(c).put_file(path, kind="model", name=path.name)
 
