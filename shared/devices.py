@@ -27,8 +27,18 @@ def check_device_spec(spec: str) -> None:
         raise DeviceError(f"device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps")
 
 
+def _deterministic_cudnn(torch: Any) -> None:
+    # A recipe replays "the same samples on the same device": cuDNN's autotuner may pick another
+    # convolution algorithm from one process to the next, and some of its algorithms (the
+    # decoder's transposed convolutions among them) sum in an order that varies from run to run.
+    # Deterministic algorithms cost little at Distill's sizes.
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def resolve_device(spec: str) -> str:
-    """Turn a device spec into a concrete torch device string, or raise DeviceError."""
+    """Turn a device spec into a concrete torch device string, or raise DeviceError. A CUDA
+    device also sets cuDNN to deterministic algorithms, for this process."""
     check_device_spec(spec)
     if spec == "cpu":
         return "cpu"
@@ -36,6 +46,7 @@ def resolve_device(spec: str) -> str:
 
     if spec == "auto":
         if torch.cuda.is_available():
+            _deterministic_cudnn(torch)
             return "cuda:0"
         if torch.backends.mps.is_available() and _mps_works(torch):
             return "mps"
@@ -48,6 +59,7 @@ def resolve_device(spec: str) -> str:
             raise DeviceError(
                 f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) here"
             )
+        _deterministic_cudnn(torch)
         return f"cuda:{index}"
     if not (torch.backends.mps.is_available() and _mps_works(torch)):
         raise DeviceError("device 'mps': Metal is not available or failed a smoke test")

@@ -23,6 +23,7 @@ from distill.shared.audio.io import scan_folder
 from distill.shared.audio.mel import MelConfig
 from distill.shared.bus.artifacts import ArtifactClient
 from distill.shared.bus.jobs import JobsClient
+from distill.shared.devices import resolve_device
 from distill.shared.model import inference as inf
 from distill.shared.model.codes import CodeGrid, EditSession
 from distill.shared.model.modelfile import DistillModel, load_model, save_model
@@ -77,6 +78,20 @@ def test_the_stand_in_refuses_what_a_gpu_refuses() -> None:
             torch.randperm(5, generator=torch.Generator(device="cuda"))
         assert isinstance(x.new_tensor([1.0]), OnDevice)
     assert torch.cuda.is_available() == available  # the patches are put back
+
+
+@pytest.mark.parametrize("spec", ["cuda", "cuda:0", "auto"])
+def test_a_cuda_device_makes_cudnn_deterministic(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recipe replays the same samples on the same device: a CUDA worker or offline command
+    must not let cuDNN's autotuner pick, nor use its non-deterministic algorithms; the CPU
+    leaves the settings alone."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    assert resolve_device("cpu") == "cpu"
+    assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+    with fake_accelerator():
+        assert resolve_device(spec) == "cuda:0"
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
 
 
 @pytest.mark.parametrize("no_float64", DEVICES)
