@@ -1,6 +1,7 @@
 """msgpack bodies with numpy arrays (and torch tensors) as an ext type. Never pickle.
 
-An array travels as ext type 1 holding a msgpack array ``[dtype, shape, raw bytes]``; only the
+An array travels as ext type 1 holding a msgpack array ``[dtype, shape, raw bytes]`` (the dtype's
+numpy name, e.g. ``"float32"``; the bytes little-endian, C order); only the
 dtypes in ``ALLOWED_DTYPES`` decode, so a peer cannot make us build object arrays. Every decode
 failure is a :class:`DecodeError` naming what was wrong.
 """
@@ -57,7 +58,9 @@ def _pack_array(arr: np.ndarray) -> msgpack.ExtType:
     dtype = arr.dtype.name
     if dtype not in ALLOWED_DTYPES:
         raise TypeError(f"array dtype {dtype!r} is not allowed on the wire")
-    arr = np.ascontiguousarray(arr)
+    # the wire is little-endian whatever the array's own order (a '>f4' array is named
+    # float32 too: its bytes as they are would be read back as other numbers)
+    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
     payload = msgpack.packb([dtype, list(arr.shape), arr.tobytes()], use_bin_type=True)
     return msgpack.ExtType(NDARRAY_EXT, payload)
 
@@ -82,7 +85,8 @@ def _ext_hook(code: int, data: bytes) -> Any:
     expected = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no int64 overflow
     if expected != len(raw):
         raise DecodeError(f"array of {dtype}{tuple(shape)} needs {expected} bytes, got {len(raw)}")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+    wire = np.dtype(dtype).newbyteorder("<")
+    return np.frombuffer(raw, dtype=wire).reshape(shape).astype(np.dtype(dtype))  # native order
 
 
 def pack(obj: Any) -> bytes:

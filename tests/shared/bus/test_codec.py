@@ -20,6 +20,20 @@ def test_arrays_round_trip_with_dtype_and_shape(dtype: str) -> None:
     assert out.flags.writeable
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int64", "complex64", "uint16"])
+def test_arrays_of_either_byte_order_arrive_as_the_same_numbers(dtype: str) -> None:
+    """The wire is little-endian: a big-endian array (also named float32) is sent as the
+    numbers it holds, and a peer in any language writes the documented layout."""
+    arr = (np.arange(12) * 3 - 5).astype(dtype).reshape(3, 4)
+    big = arr.astype(arr.dtype.newbyteorder(">"))
+    out = unpack(pack({"a": big}))["a"]
+    assert out.dtype == np.dtype(dtype) and out.dtype.isnative
+    np.testing.assert_array_equal(out, arr)
+    ext = msgpack.unpackb(pack(big), raw=False, ext_hook=lambda code, data: (code, data))
+    assert ext[0] == NDARRAY_EXT
+    assert msgpack.unpackb(ext[1], raw=False) == [dtype, [3, 4], arr.astype(f"<{arr.dtype.str[1:]}").tobytes()]
+
+
 def test_torch_tensors_travel_as_arrays() -> None:
     t = torch.randn(3, 5)
     out = unpack(pack([t]))[0]
