@@ -153,7 +153,7 @@ async def test_a_file_name_is_shown_as_it_is_not_read_as_markup(name: str) -> No
         status = str(screen.query_one("#dataset-status", Static).render())
         cell = screen.query_one("#manifest", DataTable).get_cell_at((0, 0))
         literal = name.replace("\x1b", "\\x1b")[:32]
-        assert name.replace("\x1b", "") in status.replace("\x1b", "")
+        assert name.replace("\x1b", "\\x1b") in status  # as the table shows it: ESC written out
         assert str(cell) == literal and not getattr(cell, "spans", None)
 
 
@@ -175,3 +175,27 @@ async def test_model_names_and_errors_are_shown_as_they_are() -> None:
         await pilot.pause(0.2)
         assert screen.query_one("#model", Select).value == "ab" * 32
         assert any("[link=https:]x.wav" in str(n.message) for n in app._notifications)
+
+
+@pytest.mark.parametrize("name", ["[/red]evil.distill", "kit [v2].distill", "esc\x1b[2J.distill"])
+async def test_the_editors_model_list_shows_names_as_they_are(name: str) -> None:
+    """Before: the editor listed models as markup ("[/red]evil.distill" crashed the app with a
+    MarkupError, "kit [v2].distill" showed as "kit .distill"); the generate screen escaped."""
+    from textual.widgets import Select, Static
+
+    from distill.tui.screens.editor import EditorScreen
+
+    app = DistillApp("tcp://127.0.0.1:1", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("e")
+        screen = app.screen
+        assert isinstance(screen, EditorScreen)
+        screen.set_models([(name, "ab" * 32), ("drums.distill", "cd" * 32)])
+        await pilot.pause()
+        select = screen.query_one("#edit-model", Select)
+        shown = name.replace("\x1b", "\\x1b")  # an ESC written out, not sent to the terminal
+        assert str(select.query_one("#label", Static).render()) == f"{shown}  {'ab' * 6}"
+        select.focus()
+        await pilot.press("enter", "down", "enter")  # the list drawn, the second one picked
+        await pilot.pause(0.2)
+        assert app.is_running and select.value == "cd" * 32

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
+from rich.text import Text
 from textual.screen import Screen
+
+from distill.shared.ids import escaped
 
 if TYPE_CHECKING:
     from distill.tui.app import DistillApp
@@ -39,6 +42,12 @@ class DistillScreen(Screen[None]):
     def notify_error(self, what: str, error: Any) -> None:
         # markup off: an error may quote a file or model name ("[/red].wav" crashed the app)
         self.notify(f"{what}: {error}", severity="error", timeout=8, markup=False)
+
+    @staticmethod
+    def model_options(models: list[tuple[str, str]]) -> list[tuple[Text, str]]:
+        """A Select's options for (name, sha256) models: each name as it is (a str prompt is
+        markup: "[/red]evil.distill" crashed the list, "kit [v2].distill" showed as "kit .distill")."""
+        return [(Text(f"{escaped(name)}  {sha[:12]}"), sha) for name, sha in models]
 
     async def fetch_models(self) -> list[tuple[str, str]] | None:
         """The broker's model artifacts as (name, sha256); None (and a notice) on an error."""

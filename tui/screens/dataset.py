@@ -14,6 +14,7 @@ from textual.suggester import Suggester
 from textual.widgets import Button, DataTable, Header, Input, Label, ProgressBar, Static
 from textual.worker import Worker
 
+from distill.shared.ids import escaped
 from distill.tui.screens.base import DistillScreen
 from distill.tui.widgets.footer import Footer
 from distill.tui.widgets.tables import fill_table
@@ -137,7 +138,8 @@ class DatasetScreen(DistillScreen):
 
     # --- what the worker shows ---------------------------------------------------------------
     def show_step(self, text: str, fraction: float | None) -> None:
-        self.query_one("#dataset-status", Static).update(text)
+        # it quotes file names and errors: control characters shown, not acted on
+        self.query_one("#dataset-status", Static).update(escaped(text, lines=True))
         if fraction is not None:
             self.query_one("#progress", ProgressBar).update(total=1.0, progress=fraction)
 

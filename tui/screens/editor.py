@@ -27,6 +27,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Header, Input, Label, Select, Static
 
 from distill.shared.errors import DistillError
+from distill.shared.ids import escaped
 from distill.shared.model.codes import CodeGrid, EditSession
 from distill.tui.screens.base import DistillScreen
 from distill.tui.widgets.codegrid import CodeGridView
@@ -126,7 +127,7 @@ class EditorScreen(DistillScreen):
     def set_models(self, models: list[tuple[str, str]]) -> None:
         select = self.query_one("#edit-model", Select)
         current = select.value
-        select.set_options([(f"{name}  {sha[:12]}", sha) for name, sha in models])
+        select.set_options(self.model_options(models))
         shas = [sha for _, sha in models]
         if models:
             select.value = current if current in shas else shas[0]
@@ -273,7 +274,8 @@ class EditorScreen(DistillScreen):
         self.enqueue(what, job)
 
     def status(self, text: str) -> None:
-        self.query_one("#edit-status", Static).update(text)
+        # it quotes file names and errors: control characters shown, not acted on
+        self.query_one("#edit-status", Static).update(escaped(text, lines=True))
 
     # --- edits --------------------------------------------------------------------------------
     def _codes(self, i: int) -> np.ndarray:
@@ -453,7 +455,8 @@ class EditorScreen(DistillScreen):
     def play(self, audio: np.ndarray, rate: int) -> None:
         from distill.tui.playback import play_audio
 
-        self.app.call_from_thread(self.notify, play_audio(audio, rate))
+        # markup off: the message quotes a file's path and a player's own words
+        self.app.call_from_thread(self.notify, play_audio(audio, rate), markup=False)
 
     def action_export(self) -> None:
         def run() -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -79,9 +78,13 @@ class GenerateScreen(DistillScreen):
 
     def on_mount(self) -> None:
         fill_table(self.query_one("#results", DataTable), RESULT_COLUMNS, [])
-        self.query_one("#gen-status", Static).update(_player_line())
+        self.status(_player_line())
         if self.distill.connect:
             self.action_models()
+
+    def status(self, text: str) -> None:
+        # an error may quote a model's name or a path: control characters shown, not acted on
+        self.query_one("#gen-status", Static).update(escaped(text, lines=True))
 
     # --- models -------------------------------------------------------------------------------
     @work(group="models", exclusive=True)
@@ -92,8 +95,7 @@ class GenerateScreen(DistillScreen):
 
     def set_models(self, models: list[tuple[str, str]]) -> None:
         select = self.query_one("#model", Select)
-        # a model's name as it is (names may hold brackets: "[/red]" crashed the screen)
-        select.set_options([(Text(f"{escaped(name)}  {sha[:12]}"), sha) for name, sha in models])
+        select.set_options(self.model_options(models))
         if models:
             select.value = models[0][1]
 
@@ -127,8 +129,7 @@ class GenerateScreen(DistillScreen):
         except DistillError as e:
             self.notify_error("generate", e)
             return
-        self.query_one("#gen-status", Static).update(
-            f"generating {body['count']} × {body['seconds']:g} s …")
+        self.status(f"generating {body['count']} × {body['seconds']:g} s …")
         self.generate(body)
 
     @work(group="generate", exclusive=True)
@@ -136,7 +137,7 @@ class GenerateScreen(DistillScreen):
         try:
             reply = await self.distill.infer_client.request(INFER, body, timeout_s=GENERATE_TIMEOUT_S)
         except DistillError as e:
-            self.query_one("#gen-status", Static).update(f"generate failed: {e}")
+            self.status(f"generate failed: {e}")
             return
         self.show_results(reply)
 
@@ -152,8 +153,7 @@ class GenerateScreen(DistillScreen):
         rows = [(i, seed, f"{sound.size / rate:.2f}", f"{float(np.abs(sound).max()) if sound.size else 0.0:.2f}",
                  thumbnail(sound)) for i, sound in enumerate(self.sounds)]
         fill_table(self.query_one("#results", DataTable), RESULT_COLUMNS, rows)
-        self.query_one("#gen-status", Static).update(
-            f"{len(self.sounds)} sounds at {rate} Hz — {_player_line()}")
+        self.status(f"{len(self.sounds)} sounds at {rate} Hz — {_player_line()}")
         if self.sounds:
             self._show_wave(0)
 
@@ -182,7 +182,8 @@ class GenerateScreen(DistillScreen):
     def play(self, audio: np.ndarray, rate: int) -> None:
         from distill.tui.playback import play_audio
 
-        self.app.call_from_thread(self.notify, play_audio(audio, rate))
+        # markup off: the message quotes a file's path and a player's own words
+        self.app.call_from_thread(self.notify, play_audio(audio, rate), markup=False)
 
     @on(Button.Pressed, "#export")
     def action_export(self) -> None:

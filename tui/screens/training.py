@@ -388,7 +388,7 @@ class TrainingScreen(DistillScreen):
             self.record.update({k: v for k, v in now.items() if k != "metrics"})
         self._draw_line()
         self.notify(f"{job_id}: {record['status']}"
-                    + (" (cancel requested)" if record.get("cancel_requested") else ""))
+                    + (" (cancel requested)" if record.get("cancel_requested") else ""), markup=False)
 
     @work(group="actions")
     async def action_cancel(self) -> None:
@@ -409,7 +409,8 @@ class TrainingScreen(DistillScreen):
     @work(thread=True, group="play")
     def play(self, sha256: str) -> None:
         message = play_artifact(self.distill.endpoint, sha256)
-        self.app.call_from_thread(self.notify, message)
+        # markup off: the message may quote the broker's error or a player's own words
+        self.app.call_from_thread(self.notify, message, markup=False)
 
 
 def form_words(message: str) -> str:

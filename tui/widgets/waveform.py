@@ -8,6 +8,8 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
+from distill.shared.ids import escaped
+
 EIGHTHS = " ▁▂▃▄▅▆▇█"  # filled from the bottom: the upper half's bars grow up from the middle
 HANGING = " ▔▔▀▀▀▀██"  # filled from the top: the lower half's bars hang down (eighths, coarser)
 
@@ -58,5 +60,5 @@ class Waveform(Widget):
                 fill = min(max(p * half - depth, 0.0), 1.0)
                 line.append(blocks[int(round(fill * 8))])
             out.append("".join(line) + "\n")
-        out.append(self.label, style="dim")
+        out.append(escaped(self.label), style="dim")  # it names a file: an ESC in it is shown
         return out
