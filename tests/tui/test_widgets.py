@@ -156,3 +156,41 @@ async def test_switching_screens_leaves_no_old_footer_keys_alive() -> None:
                 await pilot.press(key)
                 await pilot.pause()
         assert alive() <= settled + 20, (settled, alive())  # 10 switches: ~180 more before
+
+
+async def test_the_editor_follows_the_cursor_down_grid_b_at_80x24() -> None:
+    """Before: at 80x24 grid B's cursor went below the fold (L12 of a 12-level grid was 4 rows
+    under it), so an edit changed a cell nobody could see; the preview waveform sat under both
+    grids, never on screen."""
+    from distill.tui.screens.editor import EditorScreen
+    from distill.tui.widgets.waveform import Waveform
+
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("e")
+        screen = app.screen
+        assert isinstance(screen, EditorScreen)
+        codes = (np.arange(12 * 90).reshape(12, 90) * 7) % 512  # (Q, T)
+        screen.slots[0].codes = codes
+        screen.grid(0).set_codes(codes, 512)
+        grid, view = screen.grid(1), screen.query_one("VerticalScroll")
+        screen.grid(0).focus()
+        await pilot.press("tab")  # as a user goes to grid B (empty), then encodes into it
+        assert app.focused is grid
+        screen.slots[1].codes = codes
+        grid.set_codes(codes, 512)
+        screen.query_one("#edit-wave", Waveform).show(np.sin(np.arange(4800) / 9.0), "B: preview")
+        await pilot.pause()
+        for expected in [*range(1, 12), *range(10, -1, -1)]:  # down to L12, and back up to L1
+            await pilot.press("down" if expected > grid.cursor[0] else "up")
+            await pilot.pause()
+            assert grid.cursor[0] == expected
+            row = grid.region.y + grid.styles.gutter.top + expected  # the cursor's row on screen
+            assert view.region.y <= row < view.region.bottom, (expected, row, view.region)
+            info = grid.region.y + grid.styles.gutter.top + 12  # "L12 t0 = …" under the levels
+            assert info < view.region.bottom
+        await pilot.press(*["shift+right"] * 30)  # the steps scroll inside the grid
+        assert grid.cursor[1] == 30 and grid.scroll_t > 0
+        wave = screen.query_one("#edit-wave", Waveform)
+        assert wave in screen._compositor.visible_widgets
+        assert wave.region.height >= 3 and wave.region.bottom <= 24 - 2  # above status and footer

@@ -100,9 +100,10 @@ class EditorScreen(DistillScreen):
                 yield Input(placeholder="~/distill-edits", id="edit-export")
             yield CodeGridView(id="grid-a")
             yield CodeGridView(id="grid-b")
-            yield Waveform(id="edit-wave")
-        # Outside the scroll: every result and error is said here, and tall grids (12 levels
-        # each) would push it below the fold at 80x24, where the arrow keys never take it.
+        # Outside the scroll, the preview (what each edit sounds like) and the status line
+        # (every result and error): two tall grids (12 levels each) pushed them below the fold
+        # at 80x24, where the arrow keys never take them.
+        yield Waveform(id="edit-wave")
         yield Static("encode a sound into grid A (o); tab moves to grid B", id="edit-status", markup=False,
                      classes="status-line")
         yield Footer()

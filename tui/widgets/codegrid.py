@@ -12,6 +12,7 @@ from rich.color import Color
 from rich.style import Style
 from rich.text import Text
 from textual.binding import Binding, BindingType
+from textual.geometry import Region
 from textual.message import Message
 from textual.reactive import reactive
 from textual.widget import Widget
@@ -82,6 +83,7 @@ class CodeGridView(Widget, can_focus=True):
             return
         self.mark = None
         self.cursor = self._clamp(self.cursor[0] + dq, self.cursor[1] + dt)
+        self.show_cursor()
         self.post_message(self.Moved(self))
 
     def action_select(self, dq: int, dt: int) -> None:
@@ -90,11 +92,27 @@ class CodeGridView(Widget, can_focus=True):
         if self.mark is None:
             self.mark = self.cursor
         self.cursor = self._clamp(self.cursor[0] + dq, self.cursor[1] + dt)
+        self.show_cursor()
         self.post_message(self.Moved(self))
 
     def action_jump(self, t: int) -> None:
         if self.codes is not None:
             self.cursor = self._clamp(self.cursor[0], t if t >= 0 else self.codes.shape[1] - 1)
+
+    def show_cursor(self) -> None:
+        """Scroll the container so the cursor's row is on screen, down to the line under the
+        grid that says what the cursor is on (the steps scroll inside the grid, see render).
+        A grid is as tall as its levels: at 80x24 grid B's lower levels were below the fold,
+        and an edit there changed a cell nobody could see."""
+        parent = self.parent
+        if self.codes is None or not isinstance(parent, Widget) or not self.region:
+            return
+        box = self.virtual_region  # in the container's (scrolled) space
+        top = self.styles.gutter.top  # border and padding above level 1
+        row = box.y + top + self.cursor[0]
+        bottom = box.y + top + self.codes.shape[0] + 1 + self.styles.gutter.bottom  # the info line, the border
+        parent.scroll_to_region(Region(box.x, row, box.width, bottom - row), animate=False,
+                                immediate=True)
 
     # --- drawing ------------------------------------------------------------------------------
     def cell_width(self) -> int:
