@@ -194,3 +194,36 @@ async def test_the_editor_follows_the_cursor_down_grid_b_at_80x24() -> None:
         wave = screen.query_one("#edit-wave", Waveform)
         assert wave in screen._compositor.visible_widgets
         assert wave.region.height >= 3 and wave.region.bottom <= 24 - 2  # above status and footer
+
+
+async def test_the_codebooks_tab_scrolls_to_every_level_at_80x24() -> None:
+    """Before: the tab held the levels table and the heatmap in a plain Vertical: at 80x24 a
+    12-level heatmap showed 5 levels, and nothing scrolled to the rest."""
+    from textual.widget import Widget
+    from textual.widgets import TabbedContent
+
+    from distill.tui.widgets.heatmap import CodebookHeatmap
+    from tests.tui.test_snapshots import metric_rows
+
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await app.open_training("j-1")
+        screen = app.screen
+        assert isinstance(screen, TrainingScreen)
+        screen.workers.cancel_group(screen, "history")  # no broker: the record is fed
+        screen.apply_history({"id": "j-1", "service": "distill.train.vqvae", "status": "running",
+                              "metrics": metric_rows(epochs=3, levels=12, codes=512)}, [])
+        screen.query_one(TabbedContent).active = "tab-codebooks"
+        await pilot.pause(0.2)
+        heatmap = screen.query_one(CodebookHeatmap)
+        view = heatmap.parent
+        assert isinstance(view, Widget)
+
+        def shown() -> int:  # the heatmap's rows on screen
+            return heatmap.region.intersection(view.region).height
+
+        assert heatmap.region.height == 13 and shown() < 13  # L1..L12 and the line under them
+        view.focus()
+        await pilot.press("end")  # the keyboard takes it to the bottom
+        await pilot.pause(0.2)
+        assert shown() == 13

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import (
     Button,
     DataTable,
@@ -88,7 +88,8 @@ class TrainingScreen(DistillScreen):
         with TabbedContent(initial="tab-curves"):
             with TabPane("Curves", id="tab-curves"):
                 yield LossCurves(id="curves")
-            with TabPane("Codebooks", id="tab-codebooks"), Vertical():
+            # scrolls: 12 levels need a table and a heatmap of 13 rows each, 18 rows at 80x24
+            with TabPane("Codebooks", id="tab-codebooks"), VerticalScroll(id="codebooks"):
                 yield DataTable(id="levels", cursor_type="none", zebra_stripes=True)
                 yield CodebookHeatmap(id="heatmap")
             with TabPane("Previews", id="tab-previews"):
