@@ -85,6 +85,8 @@ MAX_HELD_BYTES_PER_CLIENT = 128 * 1024 * 1024
 MAX_HELD_BYTES = 512 * 1024 * 1024
 MAX_WORKER_META_BYTES = 16 * 1024  # a worker's READY metadata (ours: well under 1 KiB)
 KEYRING_CHECK_S = 1.0  # how often the loop looks for changes in the allowed keys folder
+REVOKED_CLIENT = ("this client's key was removed from the broker's allowed folder: the broker "
+                  "serves it no more (a new key: `distill keys add` on the broker's key folder)")
 REBIND_ATTEMPTS, REBIND_WAIT_S = 40, 0.025  # up to 1 s for a closed port to be free again
 HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -502,6 +504,8 @@ class Broker:
             self.dropped += 1
             log.warning("message_refused", key=(key or b"").decode(errors="replace"),
                         reason="key no longer allowed")
+            if header == P.MDPC and len(frames) > 4:  # a client is told, not left to its timeout
+                self._send_client(identity, frames[3], error_body(ERROR, REVOKED_CLIENT))
             if identity in self.registry.workers:
                 self._remove_worker(identity, "its key was removed from the allowed folder",
                                     disconnect=True)

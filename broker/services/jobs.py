@@ -364,9 +364,13 @@ class JobService:
     def _owner_fields(self, owner: str) -> dict[str, Any]:
         """What a reply says of a job's or a file's owner beside its key: ``owner_file``, its
         allowed file while it is a client key (None once it is not: its jobs are anyone's),
-        and ``owner_name``, the owner in words."""
+        and ``owner_name``, the owner in words; ``owner_role: "worker"`` for a key allowed as a
+        worker only (a job a worker submitted is anyone's too, but its key is not revoked)."""
         named = self.broker.describe_key(owner)
         if not self.broker.key_is_client(owner):
+            if self.broker.key_file(owner) is not None:  # allowed, but not as a client: a worker
+                return {"owner_file": None, "owner_role": "worker",
+                        "owner_name": f"{named} (a worker's key: anyone may manage its jobs)"}
             return {"owner_file": None,
                     "owner_name": f"{named} (no longer a client key: anyone may manage its jobs)"}
         return {"owner_file": self.broker.key_file(owner), "owner_name": named}

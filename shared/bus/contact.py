@@ -25,12 +25,20 @@ from urllib.parse import urlsplit
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from distill.shared.bus.security import config_path
 from distill.shared.errors import RequestTimeout
 
 GRACE_S = 2.0  # refused connections are said after this long (a broker starting now binds within it)
 POLL_MS = 100  # how often a waiting client reads its monitor
-CURVE_ADVICE = ("set DISTILL_BROKER_KEY and DISTILL_KEY, or write them in "
-                "~/.config/distill/keys.json (`distill keys generate` makes them)")  # fmt: skip
+
+
+def curve_advice() -> str:
+    """Where a client's keys go: the config file named is this process's own (it follows
+    $XDG_CONFIG_HOME and $DISTILL_KEYS_CONFIG)."""
+    return (f"set DISTILL_BROKER_KEY and DISTILL_KEY, or write them in {config_path()} "
+            "(`distill keys generate` makes them)")  # fmt: skip
+
+
 EVENTS = (zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED
           | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
           | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)  # fmt: skip
@@ -101,7 +109,8 @@ class Contact:
         mismatch = protocol and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
         if self.curve and not protocol:
             return ("the broker refused this client's CURVE handshake: is the broker key the "
-                    "right one, and this client's key in the broker's allowed folder?")
+                    "right one, and this client's key in the broker's allowed folder? (A broker "
+                    "started without keys refuses every key in the same way.)")
         if self.curve and mismatch:
             return ("something answers there without CURVE, while this client has keys: a "
                     "broker started without keys, or the wrong address?")
@@ -109,9 +118,9 @@ class Contact:
             return ("something answers there, but the CURVE handshake failed: a broker "
                     "without CURVE, or another program on that port?")
         if mismatch:
-            return f"the broker there runs CURVE and this client has no keys: {CURVE_ADVICE}"
+            return f"the broker there runs CURVE and this client has no keys: {curve_advice()}"
         return ("something answers there, but the handshake failed: a broker that runs CURVE "
-                f"(this client has no keys: {CURVE_ADVICE}), or another program on that port?")
+                f"(this client has no keys: {curve_advice()}), or another program on that port?")
 
     def _not_connected(self) -> str:
         host, port = _host_port(self.endpoint)

@@ -19,6 +19,7 @@ import zmq
 
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import pack, unpack_map
+from distill.shared.bus.contact import curve_advice
 from distill.shared.bus.security import ClientSecurity, apply_client
 from distill.shared.errors import (
     BAD_REPLY,
@@ -169,8 +170,7 @@ def timeout_error(service: str, endpoint: str, timeout_s: float, attempts: int,
         hint = ("; with CURVE a refused key looks the same: is this key in the broker's "
                 "allowed folder, and the broker key the right one?") if curve else (
                 ": is it running there? (a broker that runs CURVE looks the same to a client "
-                "without keys: set DISTILL_BROKER_KEY and DISTILL_KEY, or write them in "
-                "~/.config/distill/keys.json; a worker also takes --broker-key and --key)")
+                f"without keys: {curve_advice()}; a worker also takes --broker-key and --key)")
         return RequestTimeout(f"no broker answered at {endpoint} "
                               f"(request to {service!r}, {attempts} attempt(s)){hint}")
     if known is False:

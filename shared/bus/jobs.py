@@ -42,12 +42,14 @@ def add_removal(total: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
 
 def owner_label(record: dict[str, Any]) -> str:
     """A job record's owner in a table cell (the CLI's and the UI's): its allowed file's name
-    (``laptop`` for 'clients/laptop.key'), ``(revoked)`` once it is no longer a client key;
-    ``-`` for none."""
+    (``laptop`` for 'clients/laptop.key'), ``(worker)`` for a key allowed as a worker only,
+    ``(revoked)`` once it is no longer allowed; ``-`` for none."""
     if not record.get("owner"):
         return "-"
     if file := record.get("owner_file"):
         return str(file).rsplit("/", 1)[-1].removesuffix(".key")
+    if record.get("owner_role") == "worker":
+        return "(worker)"  # anyone may manage its jobs, as for a revoked key
     return "(revoked)"  # no longer a client key: anyone may manage its jobs
 
 

@@ -79,7 +79,7 @@ class BrokerSecurity:
 
     public_key: bytes
     secret_key: bytes
-    allowed_dir: Path  # holds clients/ and workers/, each of NAME.key public keys
+    allowed_dir: Path  # holds clients/, workers/ and admins/, each of NAME.key public keys
 
 
 def apply_client(sock: zmq.Socket, security: ClientSecurity | None) -> None:

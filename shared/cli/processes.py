@@ -73,7 +73,7 @@ def broker(
     secret_key: Path = typer.Option(None, envvar="DISTILL_BROKER_SECRET_KEY",
                                     help="The broker's key pair (broker.key_secret): CURVE on."),
     allowed: Path = typer.Option(None, envvar="DISTILL_ALLOWED_KEYS",
-                                 help="Allowed public keys: clients/ and workers/ subfolders."),
+                                 help="Allowed public keys: clients/, workers/ and admins/ subfolders of NAME.key files."),
     insecure: bool = typer.Option(False, "--insecure", envvar="DISTILL_INSECURE",
                                   help="Allow a non-loopback --host without CURVE (warned)."),
     max_outstanding: int = typer.Option(

@@ -90,7 +90,7 @@ MIN_STEPS_PER_EPOCH = 25
 # its sounds by heart, and its figures are held-out ones (3 files were needed before: the
 # textures trained on their two and the held-out figures printed for them were not).
 MIN_VALIDATION_FILES = 2
-MIN_VALIDATION_STEPS = 200  # ~4 s at 47 code steps per second
+MIN_VALIDATION_STEPS = 200  # ~2 s at the default 94 code steps per second
 # Label smoothing: LABEL_SMOOTHING (distill.shared.train.settings says why).
 # Time stretches of each file's log-mel encoded beside it (linear interpolation along time: a
 # hit that rings 10% shorter or longer). A prior overfits a hundred one-shots' codes within a

@@ -18,6 +18,7 @@ from distill.broker.services.retention import Retention
 from distill.broker.store.artifacts import ArtifactRecord, ArtifactStore
 from distill.broker.store.journal import JobStore
 from distill.shared.bus.codec import pack, unpack_map
+from distill.shared.bus.jobs import owner_label
 from distill.shared.errors import ArtifactError, JobError
 
 
@@ -33,6 +34,7 @@ class FakeHost:
         self.key: str | None = None  # the sender's z85 key under CURVE (None: no CURVE)
         self.admin = False
         self.clients: set[str] = set()  # keys with the client role now
+        self.workers: set[str] = set()  # keys with the worker role only
 
     def caller_is_worker(self) -> bool:
         return self.worker_key
@@ -53,7 +55,9 @@ class FakeHost:
         return f"'clients/{key}.key' ({key})"
 
     def key_file(self, key: str) -> str | None:
-        return f"clients/{key}.key"
+        if key in self.clients:
+            return f"clients/{key}.key"
+        return f"workers/{key}.key" if key in self.workers else None
 
     def forget_events(self, topic: str) -> None:
         self.forgotten.append(topic)
@@ -495,6 +499,26 @@ def test_a_revoked_owners_jobs_are_anyones_and_without_curve_nobody_owns_a_job(
     plain = call(jobs, op="submit", service="s", params={})
     assert plain["owner"] is None and "owner_name" not in call(jobs, op="get", id=plain["id"])
     assert len(call(jobs, op="list", mine=True)["jobs"]) == 1  # without CURVE: every job
+
+
+def test_a_job_a_worker_key_submitted_is_anyones_but_not_called_revoked(
+    parts: tuple[FakeHost, JobService, ArtifactStore],
+) -> None:
+    """`jobs ls` called a worker key's job "(revoked)", and `jobs show` its key "no longer a
+    client key", while the key was allowed all along (as a worker)."""
+    host, jobs, _ = parts
+    host.clients, host.workers = {"bob"}, {"gpu"}
+    as_key(host, "gpu")
+    job = call(jobs, op="submit", service="s", params={})["id"]
+    as_key(host, "bob")
+    got = call(jobs, op="get", id=job)
+    assert (got["owner_file"], got["owner_role"]) == (None, "worker")
+    assert got["owner_name"].endswith("(a worker's key: anyone may manage its jobs)")
+    assert owner_label(got) == "(worker)"
+    assert call(jobs, op="cancel", id=job)["status"] == "cancelled"
+    host.workers.clear()  # its file removed: revoked
+    got = call(jobs, op="get", id=job)
+    assert "owner_role" not in got and owner_label(got) == "(revoked)"
 
 
 def test_a_key_lists_its_own_jobs(parts: tuple[FakeHost, JobService, ArtifactStore]) -> None:
