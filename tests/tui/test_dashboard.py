@@ -218,3 +218,39 @@ async def test_a_request_to_a_service_with_no_worker_is_refused_at_once() -> Non
             screen.check_worker("distill.infer")  # type: ignore[attr-defined]
         app.set_cluster([{"service": "distill.infer", "id": "w2"}], {}, [])
         screen.check_worker("distill.infer")  # type: ignore[attr-defined]
+
+
+LONG_ERROR = ("failed after 3 attempts: " + "; ".join(
+    f"attempt {n}: RuntimeError: [red]boom[/red] while reading chunk {n} of the set" for n in (1, 2, 3))
+    + "\nsecond line: the worker's own words, ending here: THE-REASON-ENDS")
+
+
+def screen_text(app: DistillApp) -> str:
+    """What the screen shows, as plain text (lines joined with spaces: wrapped words rejoin)."""
+    strips = app.screen._compositor.render_strips()
+    return " ".join("".join(seg.text for seg in strip).strip() for strip in strips)
+
+
+async def test_the_dashboard_shows_why_the_job_under_the_cursor_failed() -> None:
+    """Before: the jobs table had no room for a reason and nothing else showed it: a failed
+    job's "why" was on no screen of the dashboard."""
+    jobs = [{"id": "j-0002", "service": "distill.sleep", "status": "running"},
+            {"id": "j-0001", "service": "distill.sleep", "status": "failed", "error": LONG_ERROR}]
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.set_cluster([], {}, jobs)
+        await pilot.pause()
+        assert "THE-REASON" not in screen_text(app)  # the running job under the cursor: none
+        app.screen.query_one("#jobs", DataTable).focus()
+        await pilot.press("down")
+        await pilot.pause()
+        shown = screen_text(app)
+        assert "j-0001 failed: failed after 3 attempts" in shown and "[red]boom[/red]" in shown
+        detail = app.screen.query_one("#job-detail")
+        assert detail.region.height > 1  # wrapped, not cut at 80 columns
+        detail.scroll_end(animate=False)  # past a few lines it scrolls
+        await pilot.pause()
+        assert "THE-REASON-ENDS" in screen_text(app)
+        await pilot.press("up")
+        await pilot.pause()
+        assert "THE-REASON" not in screen_text(app) and not detail.display

@@ -227,3 +227,38 @@ async def test_the_codebooks_tab_scrolls_to_every_level_at_80x24() -> None:
         await pilot.press("end")  # the keyboard takes it to the bottom
         await pilot.pause(0.2)
         assert shown() == 13
+
+
+async def test_a_failed_jobs_reason_is_shown_whole_on_the_training_and_dataset_screens() -> None:
+    """Before: the training screen's one-row job line kept the first 80 characters of the
+    reason, and the dataset screen's status line cut it at 80 columns."""
+    from distill.tui.screens.dataset import DatasetScreen
+    from tests.tui.test_dashboard import LONG_ERROR, screen_text
+
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await app.open_training("j-1")
+        screen = app.screen
+        assert isinstance(screen, TrainingScreen)
+        screen.workers.cancel_group(screen, "history")  # no broker: the record is fed
+        screen.apply_history({"id": "j-1", "service": "distill.sleep", "status": "failed",
+                              "error": LONG_ERROR, "metrics": []}, [])
+        await pilot.pause()
+        reason = screen.query_one("#job-error")
+        assert reason.region.height == 5  # wrapped over a few rows
+        assert "[red]boom[/red]" in screen_text(app)
+        reason.scroll_end(animate=False)  # and the rest a scroll away (tab reaches it)
+        await pilot.pause()
+        assert "THE-REASON-ENDS" in screen_text(app)
+        screen.apply_history({"id": "j-1", "service": "distill.sleep", "status": "running",
+                              "metrics": []}, [])  # retried: no reason any more
+        await pilot.pause()
+        assert not reason.display
+
+        await pilot.press("s")
+        dataset = app.screen
+        assert isinstance(dataset, DatasetScreen)
+        dataset.show_record({"id": "j-2", "status": "failed", "error": "no audio: " + "x" * 100
+                             + " THE-END"})  # fmt: skip
+        await pilot.pause()
+        assert "THE-END" in screen_text(app)

@@ -15,6 +15,7 @@ from distill.tui.format import ago, event_line, job_progress, short_job
 from distill.tui.messages import ClusterPolled, ConnectionChanged, EventsArrived
 from distill.tui.screens.base import DistillScreen
 from distill.tui.widgets.footer import Footer
+from distill.tui.widgets.reason import Reason
 from distill.tui.widgets.tables import fill_table
 
 WORKER_COLUMNS = ("service", "host", "device", "state", "job", "heartbeat")
@@ -23,12 +24,17 @@ LOG_LINES = 500  # the log is a window on the stream; the job records hold the h
 
 
 class DashboardScreen(DistillScreen):
+    def __init__(self) -> None:
+        super().__init__()
+        self.jobs: list[dict[str, Any]] = []  # as the jobs table lists them
+
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("connecting…", id="connection", markup=False)
         with Vertical(id="tables"):
             yield DataTable(id="workers", cursor_type="row", zebra_stripes=True)
             yield DataTable(id="jobs", cursor_type="row", zebra_stripes=True)
+            yield Reason(id="job-detail")  # why the job under the cursor failed (no column holds it)
         yield RichLog(id="events", max_lines=LOG_LINES, markup=False, wrap=False)
         yield Footer()
 
@@ -74,6 +80,21 @@ class DashboardScreen(DistillScreen):
                   *job_progress(j), *([owner_label(j)] if owners else [])) for j in jobs]
         fill_table(jtable, (*JOB_COLUMNS, *(["owner"] if owners else [])), jrows,
                    [j["id"] for j in jobs])
+        self.jobs = jobs
+        self._show_detail()
+
+    @on(DataTable.RowHighlighted, "#jobs")
+    def _show_detail(self) -> None:
+        """The reason of the job under the cursor, when it has one (a failed job's), whole."""
+        row = self.query_one("#jobs", DataTable).cursor_row
+        job: dict[str, Any] = self.jobs[row] if 0 <= row < len(self.jobs) else {}
+        error = job.get("error")
+        detail = self.query_one("#job-detail", Reason)
+        shown = detail.display
+        detail.show(f"{job.get('id')} {job.get('status', '?')}: {error}" if error else "")
+        if detail.display != shown:  # the table grows or shrinks: its cursor's row stays in view
+            table = self.query_one("#jobs", DataTable)
+            table.call_after_refresh(lambda: table.move_cursor(row=table.cursor_row))
 
     @on(EventsArrived)
     def _events(self, message: EventsArrived) -> None:

@@ -17,6 +17,7 @@ from textual.worker import Worker
 from distill.shared.ids import escaped
 from distill.tui.screens.base import DistillScreen
 from distill.tui.widgets.footer import Footer
+from distill.tui.widgets.reason import Reason
 from distill.tui.widgets.tables import fill_table
 
 MANIFEST_COLUMNS = ("file", "status", "split", "seconds", "chunks", "reason")
@@ -61,6 +62,7 @@ class DatasetScreen(DistillScreen):
             yield Button("Upload", id="upload", variant="primary")
         yield Static("choose a folder of sounds on this machine", id="dataset-status", markup=False,
                      classes="status-line")
+        yield Reason(id="dataset-error")  # why the preprocess job failed, whole
         yield ProgressBar(id="progress", total=1.0, show_eta=False)
         yield DataTable(id="manifest", cursor_type="row", zebra_stripes=True)
         yield Static("", id="summary", classes="status-line", markup=False)
@@ -91,6 +93,7 @@ class DatasetScreen(DistillScreen):
             self.notify(f"{folder}: not a folder on this machine", severity="error", markup=False)
             return
         self.query_one("#manifest", DataTable).clear()
+        self.query_one("#dataset-error", Reason).show("")  # the last upload's
         self.uploading = self.upload(folder)
 
     @on(Button.Pressed, "#upload")
@@ -154,7 +157,8 @@ class DatasetScreen(DistillScreen):
 
     def show_record(self, record: dict[str, Any]) -> None:
         if record.get("status") != "succeeded":
-            self.show_step(f"preprocess job {record['id']} {record['status']}: {record.get('error')}", None)
+            self.show_step(f"preprocess job {record['id']} {record['status']}", None)
+            self.query_one("#dataset-error", Reason).show(str(record.get("error") or "no reason given"))
             return
         result = record.get("result") or {}
         self.show_step(f"preprocess job {record['id']}: succeeded", 1.0)

@@ -37,6 +37,7 @@ from distill.tui.screens.base import DistillScreen
 from distill.tui.widgets.curves import LossCurves
 from distill.tui.widgets.footer import Footer
 from distill.tui.widgets.heatmap import CodebookHeatmap
+from distill.tui.widgets.reason import Reason
 from distill.tui.widgets.tables import fill_table
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class TrainingScreen(DistillScreen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("no job: start one (Start tab) or pick one on the dashboard", id="job-line", markup=False)
+        yield Reason(id="job-error")  # why it failed, whole (the job line is one row)
         yield ProgressBar(id="train-progress", total=1.0, show_eta=False)
         with TabbedContent(initial="tab-curves"):
             with TabPane("Curves", id="tab-curves"):
@@ -257,9 +259,9 @@ class TrainingScreen(DistillScreen):
             parts.append(f"ETA {duration(last.get('eta_s', progress.get('eta_s')))}")
         if self.loading and isinstance(rec.get("metric_count"), int):
             parts.append(f"history {rec.get('history_loaded', 0)}/{rec['metric_count']}")
-        if rec.get("error"):
-            parts.append(str(rec["error"])[:80])
         self.query_one("#job-line", Static).update("  ".join(p for p in parts if p))
+        error = rec.get("error")
+        self.query_one("#job-error", Reason).show(str(error) if error else "")  # the line says its status
         fraction = progress.get("fraction")
         if rec.get("status") == "succeeded":
             fraction = 1.0
