@@ -29,7 +29,7 @@ from tests.conftest import Cluster
 from tests.tui.conftest import notices, until
 from tests.workers.test_infer import tiny_model
 
-pytestmark = [pytest.mark.slow]
+slow = pytest.mark.slow
 cli_app = typer.Typer()
 generate.register(cli_app)
 
@@ -46,6 +46,7 @@ def cluster_with_model(module_cluster: Cluster, tmp_path_factory: pytest.TempPat
     return module_cluster
 
 
+@slow
 async def test_generate_then_edit_a_generated_sound(cluster_with_model: Cluster, tmp_path: Path) -> None:
     app = DistillApp(cluster_with_model.endpoint)
     async with app.run_test(size=(120, 40)) as pilot:
@@ -143,6 +144,7 @@ async def _encode(ed: EditorScreen, pilot: Any, i: int, source: str) -> None:
     await pilot.press("o")
 
 
+@slow
 async def test_edits_queue_in_order_and_a_key_never_cancels_an_encode(cluster_with_model: Cluster) -> None:
     """Before: each edit key cancelled the request in flight (an encode included, silently)
     and built its edit from the grid as it was before that request came back."""
@@ -170,6 +172,7 @@ async def test_edits_queue_in_order_and_a_key_never_cancels_an_encode(cluster_wi
         assert ed.slots[0].codes[0, 1] == base[0, 1] and ed.slots[0].codes[0, 0] == after[0, 0]
 
 
+@slow
 async def test_a_swap_that_fails_halfway_changes_neither_grid(cluster_with_model: Cluster) -> None:
     """Before: the swap committed grid B's half as soon as it came back; a failure (or a
     cancel) before grid A's half left the two grids half swapped."""
@@ -205,6 +208,7 @@ async def test_a_swap_that_fails_halfway_changes_neither_grid(cluster_with_model
         assert np.array_equal(ed.slots[1].codes[:2, :2], before[0][:2, :2])
 
 
+@slow
 async def test_blend_sends_the_sounds_at_their_own_rate(cluster_with_model: Cluster,
                                                        tmp_path: Path) -> None:
     """Before: the request said the model's rate (the preview's), so sounds read at 22.05 kHz
@@ -240,3 +244,77 @@ async def test_blend_sends_the_sounds_at_their_own_rate(cluster_with_model: Clus
         assert blend["sample_rate"] == RATE and len(blend["b"]) == len(blend["a"])  # both 0.5 s
         reply = sent[sent.index(blend) + 1]
         assert np.asarray(reply["codes"]).shape == ed.slots[0].codes.shape  # the same length
+
+
+# --- without a worker -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("screen_key", ["g", "e", "s"])
+async def test_a_status_lines_end_is_on_screen_at_80x24(screen_key: str) -> None:
+    """Before: each screen's status line was one row: an error's end (often what to do about
+    it) was cut at 80 columns."""
+    from textual.widgets import Static
+
+    from tests.tui.test_dashboard import screen_text
+
+    said = ("generate failed: distill.infer: SamplingParams: move-t (change_temperature) must "
+            "be > 0 (at least 1e-06) and <= 100 (1 = off), got 0.0: THE-END")  # fmt: skip
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press(screen_key)
+        line = {"g": "#gen-status", "e": "#edit-status", "s": "#dataset-status"}[screen_key]
+        app.screen.query_one(line, Static).update(said)
+        await pilot.pause()
+        assert "THE-END" in screen_text(app)
+        assert app.screen.query_one(line).region.height == 2
+
+
+async def test_a_bad_number_is_refused_by_the_fields_label() -> None:
+    """Before: "change_temperature: '1e' is not a number", where the form labels it move-t;
+    the worker's own refusals named it so too."""
+    from distill.tui.screens.generate import form_words
+
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("g")
+        gen = app.screen
+        assert isinstance(gen, GenerateScreen)
+        gen.set_models([("drums.distill", "ab" * 32)])
+        gen.query_one("#gen-change_temperature", Input).value = "1e"
+        gen.action_generate()
+        await pilot.pause()
+        assert any("move-t (change_temperature): '1e' is not a number" in m for m in notices(app))
+    said = "distill.infer: SamplingParams: change_temperature must be > 0, got 0.0"
+    assert form_words(said) == "distill.infer: SamplingParams: move-t (change_temperature) must be > 0, got 0.0"
+    assert form_words("count must be 1..16; top_k and min_p") == "count must be 1..16; k (top_k) and min-p (min_p)"
+
+
+async def test_a_sound_too_long_for_the_editor_is_refused_with_its_limit(tmp_path: Path) -> None:
+    """Before: a 150-s file was decoded, then refused by the request's size, with advice that is
+    not the UI's ("… or submit a job"). The limit is the worker's (and `distill encode`'s): 60 s
+    once the sound's silence is trimmed."""
+    import soundfile
+
+    from distill.tui.screens.editor import file_audio
+
+    rate = 8000
+    tone = (0.5 * np.sin(np.arange(50 * rate) / 7.0)).astype(np.float32)
+    soundfile.write(tmp_path / "long150.wav", np.tile(tone, 3), rate)  # over the header's bound
+    soundfile.write(tmp_path / "tone80.wav", np.concatenate([tone, tone[: 30 * rate]]), rate)
+    soundfile.write(tmp_path / "quiet70.wav", np.concatenate([np.zeros(20 * rate, np.float32), tone]), rate)
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("e")
+        ed = app.screen
+        assert isinstance(ed, EditorScreen)
+        ed.set_models([("drums.distill", "ab" * 32)])
+        for name, seconds in (("long150.wav", "150.0 s long"), ("tone80.wav", "80.0 s once its silence is trimmed")):
+            ed.query_one("#source", Input).value = str(tmp_path / name)
+            ed.action_encode()
+            await until(pilot, lambda: any(name in m for m in notices(app)), 10, what="the refusal",  # noqa: B023
+                        detail=lambda: repr(notices(app)) + str(ed.query_one("#edit-status").render()))
+            said = next(m for m in notices(app) if name in m)
+            assert seconds in said and "at most 60 s of a sound once its silence is trimmed" in said
+            assert "submit a job" not in said and not ed.encoding
+    audio, got_rate, name = file_audio(tmp_path / "quiet70.wav")  # 70 s, 50 of them sound: encoded
+    assert got_rate == rate and name == "quiet70.wav" and 50 <= audio.size / rate < 50.2

@@ -215,10 +215,7 @@ class EditorScreen(DistillScreen):
             if generated is None or not 0 <= index < len(generated[0]):
                 raise DistillError(f"{raw}: no such generated sound (generate some first)")
             return generated[0][index], generated[1], raw
-        from distill.shared.audio.io import read_audio
-
-        decoded = read_audio(Path(raw).expanduser())
-        return decoded.samples.mean(axis=0), decoded.sample_rate, Path(raw).name  # (samples,) mono
+        return file_audio(Path(raw).expanduser())
 
     async def encode(self, i: int, audio: np.ndarray, rate: int, name: str) -> None:
         seconds = len(audio) / rate
@@ -496,3 +493,27 @@ class EditorScreen(DistillScreen):
             self.status(f"export: {e}")
             return
         self.status(f"exported {report.path}")
+
+
+def file_audio(path: Path) -> tuple[np.ndarray, int, str]:
+    """A file here as the editor encodes it, as ``distill encode`` prepares one: mono, its
+    leading and trailing silence trimmed, at most MAX_SECONDS once trimmed (the worker's
+    bound), at its own rate; (samples,), the rate, its name. Past the bound it says so: the
+    request was refused by its size instead, with advice ("submit a job") that is not the UI's."""
+    import torch
+
+    from distill.shared.audio.io import read_audio, stated_duration_s, trim_silence
+    from distill.shared.cli.generate import INPUT_SLACK_S
+    from distill.shared.model.inference import MAX_SECONDS
+
+    limit = f"the editor encodes at most {MAX_SECONDS:g} s of a sound once its silence is trimmed"
+    stated = stated_duration_s(path)
+    if stated is not None and stated > MAX_SECONDS + INPUT_SLACK_S:  # not decoded for nothing
+        raise DistillError(f"{path.name}: {stated:.1f} s long; {limit}")
+    decoded = read_audio(path, max_s=MAX_SECONDS + INPUT_SLACK_S)
+    mono = torch.from_numpy(np.ascontiguousarray(decoded.samples.mean(axis=0)))  # (samples,)
+    trimmed = trim_silence(mono, decoded.sample_rate).numpy()
+    if trimmed.size > MAX_SECONDS * decoded.sample_rate:
+        raise DistillError(f"{path.name}: {trimmed.size / decoded.sample_rate:.1f} s once its "
+                           f"silence is trimmed; {limit}")  # fmt: skip
+    return trimmed, decoded.sample_rate, path.name

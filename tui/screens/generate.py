@@ -3,6 +3,7 @@ list them with a waveform drawn in the terminal, play them here, export them to 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -112,7 +113,7 @@ class GenerateScreen(DistillScreen):
             try:
                 body[key] = int(raw) if kind == "integer" else float(raw)
             except ValueError:
-                raise DistillError(f"{key}: {raw!r} is not a number") from None
+                raise DistillError(f"{field_name(key)}: {raw!r} is not a number") from None
         return body
 
     @on(Input.Submitted)
@@ -137,7 +138,7 @@ class GenerateScreen(DistillScreen):
         try:
             reply = await self.distill.infer_client.request(INFER, body, timeout_s=GENERATE_TIMEOUT_S)
         except DistillError as e:
-            self.status(f"generate failed: {e}")
+            self.status(f"generate failed: {form_words(str(e))}")
             return
         self.show_results(reply)
 
@@ -197,6 +198,21 @@ class GenerateScreen(DistillScreen):
             self.notify_error("export", e)
             return
         self.notify(f"exported {len(written)} sounds to {written[0].parent}", markup=False)
+
+
+def field_name(key: str) -> str:
+    """A field as the form labels it, with the worker's name for it where the two differ
+    ("move-t (change_temperature)"): the one the user typed into, and the one the docs use."""
+    label = next(f[1] for f in FIELDS if f[0] == key)
+    return key if label == key else f"{label} ({key})"
+
+
+def form_words(message: str) -> str:
+    """The worker's error with its parameters named as the form's fields: "change_temperature
+    must be > 0" named no field on the screen (its label is move-t). Only the names with an
+    underscore: "count" and "seconds" are words too."""
+    keys = "|".join(f[0] for f in FIELDS if "_" in f[0])
+    return re.sub(rf"\b({keys})\b", lambda m: field_name(m.group(1)), message)
 
 
 def export_sounds(folder: Path, sounds: list[np.ndarray], reply: dict[str, Any]) -> list[Path]:
