@@ -318,3 +318,21 @@ async def test_a_sound_too_long_for_the_editor_is_refused_with_its_limit(tmp_pat
             assert "submit a job" not in said and not ed.encoding
     audio, got_rate, name = file_audio(tmp_path / "quiet70.wav")  # 70 s, 50 of them sound: encoded
     assert got_rate == rate and name == "quiet70.wav" and 50 <= audio.size / rate < 50.2
+
+
+async def test_the_generate_screen_lists_several_sounds_at_80x24() -> None:
+    """Before: the form's bordered fields took 9 rows and the results list (1fr under them)
+    showed one sound at a time at 80x24."""
+    sounds = np.stack([np.sin(np.arange(4800) / (3.0 + i)) * 0.5 for i in range(16)]).astype(np.float32)
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("g")
+        gen = app.screen
+        assert isinstance(gen, GenerateScreen)
+        gen.show_results({"audio": sounds, "sample_rate": 4800, "params": {"seed": 1}})
+        await pilot.pause()
+        results = gen.query_one("#results", DataTable)
+        rows = results.region.height - 3  # its border and its header
+        assert rows >= 8, results.region
+        for selector in ("#gen-count", "#gen-change_temperature", "#wave", "#export-dir"):
+            assert gen.query_one(selector).region.bottom <= 23  # the rest still on screen

@@ -90,14 +90,17 @@ class EditorScreen(DistillScreen):
     def compose(self) -> ComposeResult:
         yield Header()
         with VerticalScroll():
-            with Horizontal(classes="form row"):
+            # compact fields, as the generate screen's: the grids get the rows at 80x24
+            with Horizontal(classes="form row compact"):
                 yield Label("model")
-                yield Select[str]([], prompt="no models (m on the generate screen)", id="edit-model")
-            with Horizontal(classes="form row"):
+                yield Select[str]([], prompt="no models (m on the generate screen)", id="edit-model",
+                                  compact=True)  # fmt: skip
+            with Horizontal(classes="form row compact"):
                 yield Label("sound")
-                yield Input(placeholder="a file here, or gen:N (a generated sound)", id="source")
+                yield Input(placeholder="a file here, or gen:N (a generated sound)", id="source",
+                            compact=True)  # fmt: skip
                 yield Label("export")
-                yield Input(placeholder="~/distill-edits", id="edit-export")
+                yield Input(placeholder="~/distill-edits", id="edit-export", compact=True)
             yield CodeGridView(id="grid-a")
             yield CodeGridView(id="grid-b")
         # Outside the scroll, the preview (what each edit sounds like) and the status line

@@ -55,26 +55,28 @@ class GenerateScreen(DistillScreen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        with Horizontal(classes="form row"):
+        # Compact fields (a row each, no borders): with bordered ones the form took 9 rows and
+        # the results list showed one sound at a time at 80x24.
+        with Horizontal(classes="form row compact"):
             yield Label("model")
-            yield Select[str]([], prompt="no models yet (m: refresh)", id="model")
+            yield Select[str]([], prompt="no models yet (m: refresh)", id="model", compact=True)
         # how many, how long, which seed, how hot and where sounds end; then the filters (each
         # value whole at 80 columns)
         by_key = {f[0]: f for f in FIELDS}
         for row in (("count", "seconds", "seed", "temperature", "trim"),
                     ("top_k", "top_p", "min_p", "change_temperature")):  # fmt: skip
-            with Horizontal(classes="form row opts"):
+            with Horizontal(classes="form row opts compact"):
                 for key, label, default, kind in (by_key[k] for k in row):
                     yield Label(label)
                     yield Input(default, id=f"gen-{key}", type=kind,  # type: ignore[arg-type]
-                                placeholder=EMPTY_MEANS.get(key, ""))  # fmt: skip
+                                placeholder=EMPTY_MEANS.get(key, ""), compact=True)  # fmt: skip
         yield Static("", id="gen-status", classes="status-line", markup=False)
         yield DataTable(id="results", cursor_type="row", zebra_stripes=True)
         yield Waveform(id="wave")
-        with Horizontal(classes="form row"):
+        with Horizontal(classes="form row compact"):
             yield Label("export to")
-            yield Input(placeholder="~/distill-sounds", id="export-dir")
-            yield Button("Export", id="export")
+            yield Input(placeholder="~/distill-sounds", id="export-dir", compact=True)
+            yield Button("Export", id="export", compact=True)
         yield Footer()
 
     def on_mount(self) -> None:
