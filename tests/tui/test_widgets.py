@@ -262,3 +262,40 @@ async def test_a_failed_jobs_reason_is_shown_whole_on_the_training_and_dataset_s
                              + " THE-END"})  # fmt: skip
         await pilot.pause()
         assert "THE-END" in screen_text(app)
+
+
+def test_a_sound_not_played_is_kept_where_the_notice_says_until_exit(tmp_path: Path) -> None:
+    """Before: "no audio player …; file at /tmp/distill-play-…/sound.wav" named a file in a
+    TemporaryDirectory already deleted when the notice was shown. A process of its own with no
+    player on its PATH: the files it names are there while it runs, and gone once it exits."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = """if True:
+        import json, re, sys
+        import numpy as np
+        from distill.shared.audio.io import read_audio
+        from distill.tui.playback import play_audio, player_name
+        if player_name() is not None:
+            print(json.dumps({"player": player_name()}))
+            sys.exit(0)
+        said = [play_audio(np.sin(np.arange(4800) / 5.0).astype(np.float32), 48000),
+                play_audio(np.zeros(480, dtype=np.float32), 48000)]
+        paths = [re.search(r"file at (\\S+)", s).group(1) for s in said]
+        print(json.dumps({"said": said, "paths": paths,
+                          "frames": [read_audio(p).frames for p in paths]}))
+    """
+    env = {**os.environ, "PATH": str(tmp_path)}  # no system player on its PATH
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    if "player" in out:
+        pytest.skip(f"this machine plays sound ({out['player']})")
+    assert all("kept until the UI exits" in s for s in out["said"])
+    assert out["frames"] == [4800, 480]  # each there, whole, while the process ran
+    paths = [Path(p) for p in out["paths"]]
+    assert paths[0] != paths[1]
+    assert not any(p.exists() for p in paths) and not paths[0].parent.exists()  # gone at exit
