@@ -85,6 +85,24 @@ def _writable_folder(out: Path) -> None:
         fail(problem)
 
 
+def _check_folder(out: Path) -> None:
+    """``-o`` checked as :func:`_writable_folder` will make it, without making it yet: before a
+    sound is encoded (minutes for a long one: a bad -o was refused only after that), and
+    leaving no new folder behind when a later check refuses the input."""
+    if out.is_dir():
+        problem = write_problem(out, "-o", out)
+    elif out.exists() or out.is_symlink():
+        problem = f"-o {out}: that is a file, not a folder"
+    else:  # made later, in the nearest folder that exists
+        parent = out.parent
+        while not (parent.exists() or parent.is_symlink()) and parent != parent.parent:
+            parent = parent.parent
+        problem = (write_problem(parent, "-o", out) if parent.is_dir()
+                   else f"-o {out}: cannot make the folder ({parent} is a file)")  # fmt: skip
+    if problem:
+        fail(problem)
+
+
 def _new_file(path: Path, force: bool, name: str = "-o") -> None:
     """Refuse the output file ``path`` before any work (``output_file_problem``)."""
     problem = output_file_problem(path, force, name)
@@ -102,11 +120,12 @@ def _check_count(count: int) -> None:
         fail(str(e))
 
 
-def _subtype(bits: str, suffix: str) -> str:
+def _subtype(bits: str, suffix: str, wav: str = "--format wav") -> str:
+    """``--bits`` as a subtype for a ``suffix`` file; ``wav``: how the command asks for WAV."""
     if bits not in SUBTYPES:
         fail(f"--bits must be one of {', '.join(SUBTYPES)}, got {bits!r}")
     if suffix == ".flac" and bits == "float":
-        fail("FLAC holds integer samples: use --bits 16 or 24, or --format wav")
+        fail(f"FLAC holds integer samples: use --bits 16 or 24, or {wav}")
     return SUBTYPES[bits]
 
 
@@ -448,11 +467,16 @@ def generate(
         fail(str(e))
     _check_count(count)
     _check_trim(trim)
+    _subtype(bits, f".{fmt}")
     if start is not None and cont is None:
         fail("--from needs --continue FILE (the sound to continue)")
+    _check_folder(out)
     model = _load(model_file, device)
     prime, prefix = None, model_file.stem
     if cont is not None:
+        # every option before the sound is encoded (a 15-s loop: a minute and more), as
+        # generate_files checks them again before the draws (the note said there, once)
+        _params(model, temperature, top_k, top_p, min_p, seed, change_temperature, show=False)
         prime = _continued(model, cont, start, seconds)
         prefix = f"{model_file.stem}-{cont.stem}-cont"
     try:
@@ -496,23 +520,27 @@ def resample(
     _check_quality(quality)  # before any sound is encoded or drawn
     _check_count(count)
     _check_trim(trim)
+    subtype = _subtype(bits, f".{fmt}")
+    _check_folder(out)
     model = _load(model_file, device)
+    # every option before the sound is encoded (a 15-s loop: a minute and more)
+    params = _params(model, temperature, top_k, top_p, min_p, seed, change_temperature)
+    t0 = _step_at(model, start, "--from")
+    t1 = None if end is None else _step_at(model, end, "--to")
+    if t1 is not None and t1 <= t0:
+        fail(f"--to must come after --from: the region [{start:g}, {end:g}) s holds no code step")
     codes = _codes_of(sound, model, "SOUND")
     _check_prior_codes(model, codes, sound)
     total = codes.shape[1]
     length_s = total / inf.steps_for(model, 1.0)  # the sound's length in seconds
-    t0 = _step_at(model, start, "--from")
-    t1 = total if end is None else _step_at(model, end, "--to")
     if t0 >= total:
         fail(f"--from {start:g} s is at or past the end of {sound.name} (~{length_s:.2f} s)")
-    if t1 <= t0:
-        fail(f"--to must come after --from: the region [{start:g}, {end:g}) s holds no code step")
-    if t1 > total:
+    if t1 is None:
+        t1 = total
+    elif t1 > total:
         typer.echo(shown(f"note: --to {end:g} s is past the end of {sound.name} "
                          f"(~{length_s:.2f} s): the region runs to the end"), err=True)  # fmt: skip
         t1 = total
-    params = _params(model, temperature, top_k, top_p, min_p, seed, change_temperature)
-    subtype = _subtype(bits, f".{fmt}")
     _writable_folder(out)  # before the draws: a refusal after them would lose their work
     try:
         with typer.progressbar(length=count, label="resampling") as bar:
@@ -672,12 +700,17 @@ def decode(
     force: bool = ForceOpt,
 ) -> None:
     """Decode a code grid to a sound file."""
-    from distill.shared.audio.export import ExportMetadata, export_audio
+    from distill.shared.audio.export import ExportMetadata, export_audio, export_format
     from distill.shared.errors import DistillError
     from distill.shared.model import inference as inf
 
     _check_file(codes_file, "CODES")
     _new_file(out, force)
+    try:  # the format and depth before the decoding, whose work a refusal would lose
+        export_format(out)
+    except DistillError as e:
+        fail(str(e))
+    subtype = _subtype(bits, out.suffix.lower(), wav="a .wav -o")
     _check_quality(quality)
     model = _load(model_file, device)
     codes = _read_codes(codes_file, model)  # checked against the model, naming the file
@@ -691,7 +724,7 @@ def decode(
         meta = ExportMetadata(kind="decode", model_id=model.model_id, title=out.stem,
                               data=inf.decode_recipe(codes, levels, quality))  # fmt: skip
         export_audio(out, audio, model.mel_config.sample_rate,
-                     subtype=_subtype(bits, out.suffix.lower()), metadata=meta)  # type: ignore[arg-type]  # fmt: skip
+                     subtype=subtype, metadata=meta)  # type: ignore[arg-type]  # fmt: skip
     except DistillError as e:
         fail(str(e))
     typer.echo(f"{out}: {audio.shape[0] / model.mel_config.sample_rate:.2f} s")

@@ -490,6 +490,49 @@ def test_bad_paths_devices_and_numbers_are_one_line_errors_before_any_draw(
     assert "index=0" in run(*gen, "--device", "auto", "-o", tmp_path / "auto")
 
 
+def test_continue_resample_and_decode_check_every_option_before_the_sound(
+    model_file: Path, tmp_path: Path
+) -> None:
+    """Before: `generate --continue` and `resample` checked their sampling options, --bits and
+    -o only after encoding the sound (a 15-s loop: 37 s to 2 min 15 s, then the error), and
+    `decode` its -o suffix and --bits after decoding. The input here is one the encoding (or
+    the codes' reading) refuses: a refusal naming the option shows the option came first."""
+    notes = tmp_path / "notes.wav"
+    notes.write_text("not a sound")
+    afile = tmp_path / "afile.txt"
+    afile.write_text("a file, not a folder")
+    o = tmp_path / "o"
+    cases = [
+        (["--temperature", "0"], "--temperature: temperature must be > 0"),
+        (["--top-k", "-1"], "--top-k: top_k must be >= 0"),
+        (["--top-p", "2"], "--top-p: top_p must be in (0, 1]"),
+        (["--min-p", "2"], "--min-p: min_p must be in [0, 1)"),
+        (["--change-temperature", "0"], "--change-temperature: change_temperature must be > 0"),
+        (["--seed", "-1"], "--seed: seed must be in 0.."),
+        (["--bits", "8"], "--bits must be one of 16, 24, float, got '8'"),
+        (["--format", "flac", "--bits", "float"],
+         "FLAC holds integer samples: use --bits 16 or 24, or --format wav"),
+        (["-o", afile], f"-o {afile}: that is a file, not a folder"),
+        (["-o", afile / "sub"], f"-o {afile / 'sub'}: cannot make the folder ({afile} is a file)"),
+    ]  # fmt: skip
+    for command in (["generate", model_file, "--continue", notes, "--seconds", "0.2"],
+                    ["resample", notes, "--model", model_file, "--from", "0"]):  # fmt: skip
+        for args, says in cases:
+            output = _refused(*command, "-n", "1", "-o", o, *args)
+            assert says in output and "not audio" not in output, (command[0], args, output)
+    output = _refused("resample", notes, "--model", model_file, "--from", "0.5", "--to", "0.2",
+                      "-o", o)  # fmt: skip
+    assert "--to must come after --from" in output
+    assert not o.exists()
+    for args, says in ((["-o", tmp_path / "x.mp3"], "cannot export to '.mp3' files"),
+                       (["-o", tmp_path / "x.flac", "--bits", "float"],
+                        "FLAC holds integer samples: use --bits 16 or 24, or a .wav -o"),
+                       (["--bits", "12", "-o", tmp_path / "x.wav"], "--bits must be one of")):  # fmt: skip
+        output = _refused("decode", notes, "--model", model_file, *args)
+        assert says in output and "not a codes file" not in output, output
+        assert "--format" not in output  # decode has none
+
+
 def test_tiny_temperatures_are_refused_and_the_bound_draws_cleanly(
     model_file: Path, tmp_path: Path
 ) -> None:
