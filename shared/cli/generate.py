@@ -598,9 +598,9 @@ def encode(
                  model_id=np.array(model.model_id))  # fmt: skip
     except OSError as e:
         fail(f"{target}: could not write ({e.strerror or e})")
-    typer.echo(
+    typer.echo(shown(  # the file's name may hold control characters: shown, not acted on
         f"{target}: {codes.shape[0]} levels x {codes.shape[1]} steps, model {model.model_id[:12]}"
-    )
+    ))  # fmt: skip
 
 
 # A codes file's model id is a sha256 in hex; one far longer is not a model id
@@ -727,7 +727,7 @@ def decode(
                      subtype=subtype, metadata=meta)  # type: ignore[arg-type]  # fmt: skip
     except DistillError as e:
         fail(str(e))
-    typer.echo(f"{out}: {audio.shape[0] / model.mel_config.sample_rate:.2f} s")
+    typer.echo(shown(f"{out}: {audio.shape[0] / model.mel_config.sample_rate:.2f} s"))
 
 
 def regenerate(

@@ -185,6 +185,19 @@ def test_strings_from_files_are_shown_escaped(model_file: Path, tmp_path: Path) 
         assert "\\x1b[2J" in result.output, result.output
 
 
+def test_encode_and_decode_show_the_names_they_print_escaped(model_file: Path, tmp_path: Path) -> None:
+    """Before: `encode` and `decode` printed the file they wrote raw (the rest of the CLI
+    escapes names): a name holding ESC sequences cleared the screen."""
+    bad = "bad_\x1b[2J\x1b[31mRED"
+    tone = _tone(tmp_path / f"{bad}.wav")
+    for args in (["encode", tone, "-o", tmp_path / f"{bad}.npz", "--search", "0"],
+                 ["decode", tmp_path / f"{bad}.npz", "-o", tmp_path / f"{bad}-out.wav",
+                  "--quality", "preview"]):  # fmt: skip
+        result = runner.invoke(app, [str(a) for a in args] + ["--model", str(model_file)])
+        assert result.exit_code == 0, result.output
+        assert "\x1b" not in result.output and "bad_\\x1b[2J\\x1b[31mRED" in result.output, result.output
+
+
 # --- 21: errors name the file; originals Distill does not write -----------------------------------
 
 
