@@ -42,7 +42,14 @@ class AsyncClient:
     :class:`Client`."""
 
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, retries: int = 0,
-                 context: zmq.asyncio.Context | None = None, security: SecurityArg = AUTO) -> None:
+                 context: zmq.asyncio.Context | None = None, security: SecurityArg = AUTO,
+                 first_contact_s: float | None = contact.GRACE_S) -> None:
+        """``first_contact_s``: as the blocking client's: until this client has reached the
+        broker, a request fails with BrokerUnreachable (saying why) as soon as the socket's
+        monitor is sure, refusals once they have gone on this long; None: no such check."""
+        self.first_contact_s = first_contact_s
+        self._reached = first_contact_s is None  # a reply came (or no check is wanted)
+        self._trying_since: float | None = None  # the first request sent before that
         self.endpoint = broker_endpoint(endpoint)
         self.security = resolve(security, self.endpoint)
         self.timeout_s = timeout_s
@@ -110,21 +117,64 @@ class AsyncClient:
                 self._abort.clear()  # an abort is for the request on its way, not a later one
                 await sock.send_multipart(request_frames(name, frames))
                 self._ledger.sent()
+                if self._trying_since is None and not self._reached:
+                    self._trying_since = time.monotonic()
                 try:
-                    body = await asyncio.wait_for(self._recv_or_abort(sock, name), timeout)
+                    body = await self._await_reply(sock, name, timeout)
                 except asyncio.TimeoutError:
                     self._timed_out()
                     continue
-                except RequestTimeout:  # aborted: no reply will come
+                except RequestTimeout:  # aborted, or the monitor said why: no reply will come
                     self._reset()
                     raise
                 self._ledger.received()
+                self._reached = True
                 self._drop_contact()
                 self._why = None
                 return body
         if self._why is not None:  # the monitor knows why: no need to ask mmi.service
             raise contact.unreachable(self.endpoint, self._why)
         raise await self._timeout_error(service_text(name), timeout, attempts)
+
+    async def _await_reply(self, sock: zmq.asyncio.Socket, name: bytes, timeout: float) -> list[bytes]:
+        """The reply, or asyncio.TimeoutError after ``timeout``; until the broker has been
+        reached, the monitor is read every POLL_MS meanwhile and BrokerUnreachable raised as
+        soon as it is sure, as the blocking client does (a request to a broker that is not
+        there waited out its whole timeout, 30 s for the UI's, where the blocking client said
+        why in 2)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        reply = asyncio.ensure_future(self._recv_or_abort(sock, name))
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                watching = self._contact is not None and not self._reached
+                done, _ = await asyncio.wait(
+                    {reply}, timeout=min(remaining, contact.POLL_MS / 1000) if watching else remaining)
+                if done:
+                    return reply.result()
+                self._check_contact()
+        finally:
+            if not reply.done():
+                reply.cancel()
+                await asyncio.wait({reply})  # its own futures cancelled before the socket goes
+
+    def _check_contact(self) -> None:
+        """Raise BrokerUnreachable when this client never reached the broker and the socket's
+        monitor says why (the blocking client's ``_check_contact``)."""
+        watch = self._contact
+        if watch is None or self._reached or self.first_contact_s is None:
+            return
+        watch.read()
+        if watch.reached:
+            self._reached = True
+            return
+        waited = time.monotonic() - (self._trying_since or time.monotonic())
+        why = watch.verdict(waited, self.first_contact_s)
+        if why is not None:
+            raise contact.unreachable(self.endpoint, why)
 
     def abort_pending(self, reason: str) -> None:
         """Fail the request on its way now with RequestTimeout(``reason``) instead of at its

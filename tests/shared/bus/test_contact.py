@@ -50,6 +50,47 @@ async def test_the_asyncio_client_says_why_when_its_request_times_out() -> None:
 
 
 @pytest.mark.slow  # waits out the client's grace before it says a refusal (seconds)
+async def test_the_asyncio_client_says_why_in_seconds_not_after_its_timeout() -> None:
+    """Before: the UI's requests (a 30-s timeout) to a broker that is not there waited the 30 s
+    out, where the blocking client said why in 2: the asyncio client read its monitor only
+    once the timeout had passed."""
+    import time
+
+    from distill.shared.bus.aclient import AsyncClient
+
+    async with AsyncClient(f"tcp://127.0.0.1:{free_port_block()}", timeout_s=30) as client:
+        for _ in range(2):  # and the next request as soon (the grace is from the first)
+            start = time.monotonic()
+            with pytest.raises(BrokerUnreachable, match="nothing accepts connections there"):
+                await client.request("distill.jobs", {"op": "counts"})
+            assert time.monotonic() - start < 10
+
+
+@pytest.mark.slow  # waits out the client's grace before it says a refusal (seconds)
+async def test_an_asyncio_client_that_reached_the_broker_waits_out_its_restart(tmp_path: Path) -> None:
+    """As the blocking client: the verdict is for first contact only (the UI's requests ride
+    through a broker restarting; its link says "disconnected" meanwhile)."""
+    import asyncio
+
+    from distill.shared.bus.aclient import AsyncClient
+
+    running = Running(free_port_block(), tmp_path / "broker")
+    running.start()
+    snapshot = {"op": "snapshot", "prefixes": ["none."]}
+    try:
+        async with AsyncClient(f"tcp://127.0.0.1:{running.port}", timeout_s=30) as client:
+            first = (await client.request(P.SERVICE_EVENTS, snapshot))["broker_epoch"]
+            running.halt()
+            restarter = threading.Timer(3.0, running.start)  # down for longer than the grace
+            restarter.start()
+            second = (await client.request(P.SERVICE_EVENTS, snapshot))["broker_epoch"]
+            await asyncio.to_thread(restarter.join)
+    finally:
+        running.halt()
+    assert second != first  # answered by the broker started again
+
+
+@pytest.mark.slow  # waits out the client's grace before it says a refusal (seconds)
 def test_a_host_name_that_does_not_resolve_is_named() -> None:
     with Client("tcp://no-such-host.invalid:5555", timeout_s=60) as client, pytest.raises(
         BrokerUnreachable, match="the host name 'no-such-host.invalid' does not resolve"):  # fmt: skip
