@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import math
 import os
@@ -258,10 +259,14 @@ def export_audio(
     *,
     subtype: Subtype = "PCM_24",
     metadata: ExportMetadata,
+    scale: bool = True,
 ) -> ExportReport:
     """Write ``audio`` ((samples,) or (channels, samples), float) to a WAV or FLAC file.
 
     Written to a temporary file beside ``path`` and renamed, so a failure leaves no half file.
+    ``scale=False`` writes samples an export already scaled (read back from one) as they are:
+    its peak may be a rounding step over the headroom's ceiling, and scaling it again would
+    change the last bit of every sample.
     """
     path = Path(path)
     fmt = _format_for(path, subtype)
@@ -271,7 +276,8 @@ def export_audio(
         )
     frames = _as_frames(audio, path.name)  # (samples, channels)
     peak = float(np.abs(frames).max())
-    gain = headroom_gain(peak)
+    gain = headroom_gain(peak) if scale else 1.0
+    written = _as_written(frames, gain, subtype)
     comment, chunk, storage = _encode_comment(metadata, fmt, path.name)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -280,7 +286,7 @@ def export_audio(
                 f.title = metadata.title
             f.software = f"distill {distill_version()}"
             f.comment = comment
-            f.write((frames * gain).astype(np.float32 if subtype == "FLOAT" else np.float64))
+            f.write(written)
         if fmt == "WAV":
             _clear_peak_time(tmp)
         if chunk is not None:
@@ -300,6 +306,26 @@ def export_audio(
         gain_db=20.0 * math.log10(gain),
         comment_storage=storage,
     )
+
+
+def _as_written(frames: np.ndarray, gain: float, subtype: str) -> np.ndarray:
+    """(samples, channels) as handed to libsndfile, which converts them to ``subtype``."""
+    return (frames * gain).astype(np.float32 if subtype == "FLOAT" else np.float64)
+
+
+def exported_samples(audio: np.ndarray | torch.Tensor, sample_rate: int, fmt: str,
+                     subtype: Subtype) -> np.ndarray:  # fmt: skip
+    """The samples an export of ``audio`` as ``fmt`` ("WAV" or "FLAC") ``subtype`` holds, read
+    back: float64 (samples, channels), scaled and converted as :func:`export_audio` does, in
+    memory. libsndfile rounds floats to integers differently for WAV and FLAC (one step of
+    the last bit now and then), so a sound is only ever compared as one format holds it."""
+    frames = _as_frames(audio, "audio")
+    buffer = io.BytesIO()
+    with sf.SoundFile(buffer, "w", sample_rate, frames.shape[1], subtype=subtype,
+                      format=fmt) as f:  # fmt: skip
+        f.write(_as_written(frames, headroom_gain(float(np.abs(frames).max())), subtype))
+    buffer.seek(0)
+    return sf.read(buffer, dtype="float64", always_2d=True)[0]
 
 
 # --- reading -------------------------------------------------------------------------------------

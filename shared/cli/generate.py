@@ -749,6 +749,7 @@ def regenerate(
         ExportMetadata,
         export_audio,
         export_format,
+        exported_samples,
         read_export_metadata,
     )
     from distill.shared.errors import DistillError
@@ -782,13 +783,11 @@ def regenerate(
         fail(str(e))
     subtype = _written_subtype(info.subtype, fmt)
     _new_file(target, force)  # before the replay's work
-    # an original in a format or subtype Distill does not write was converted from an export
-    # of some bit depth: the regenerated sound is tried at each depth Distill writes, converted
-    # as the original was
-    converted = (info.format, info.subtype) != (fmt, subtype)
-    subtypes = [subtype] + ([s for s in _writable_subtypes(fmt) if s != subtype] if converted
-                            else [])  # fmt: skip
-    if converted:
+    # an original in a format or subtype Distill does not write was converted from an export:
+    # the regenerated sound is compared as each export Distill writes would hold it, converted
+    # as the original was (one in WAV or FLAC is compared as its own format holds it first)
+    foreign = not _distill_writes(info.format, info.subtype)
+    if foreign:
         typer.echo(shown(f"note: {name} is {info.format} {info.subtype}, which Distill does not "
                          f"write: the sound is regenerated as {fmt} and compared as "
                          f"{info.format} {info.subtype}"), err=True)  # fmt: skip
@@ -800,8 +799,9 @@ def regenerate(
     # A recipe from an older Distill may lack a rule it was made under: its other readings
     # (inference.readings) are tried in turn, the file as written kept when none matches.
     tried: list[str] = []
-    first: np.ndarray | None = None  # the recipe as written: what the file is left holding
-    written = None
+    first: np.ndarray | None = None  # the recipe as written, as the original would hold it
+    written: Any = None  # the recipe as written: what the file is left holding
+    match: tuple[str, str, str, np.ndarray] | None = None  # how, format, subtype, samples
     again = ExportMetadata(kind=meta.kind, model_id=meta.model_id, data=meta.data,
                            title=meta.title)  # fmt: skip
     rate = model.mel_config.sample_rate
@@ -815,27 +815,42 @@ def regenerate(
             finally:
                 if live is not None:
                     live.end()
-            for each in subtypes:
-                export_audio(target, audio, rate, subtype=each, metadata=again)  # type: ignore[arg-type]
-                made = _as_original(sf.read(str(target), always_2d=True)[0], info, each)
-                if first is None:
-                    first, written = made, audio
-                if np.array_equal(original, made):
-                    note = ("" if how == "as written"
-                            else f" (read {how}: its recipe predates that rule)")  # fmt: skip
-                    if converted:
-                        note += (f" as {info.format} {info.subtype} holds it (written as {fmt} "
-                                 f"{each})")  # fmt: skip
-                    typer.echo(shown(f"{target}: identical to {name}{note}"))
-                    return
+            written = audio if written is None else written
+            for as_fmt, as_subtype in _exports_tried(info, fmt):
+                samples = exported_samples(audio, rate, as_fmt, as_subtype)  # type: ignore[arg-type]
+                held = _as_original(samples, info, as_subtype)
+                first = held if first is None else first
+                if np.array_equal(original, held):
+                    match = how, as_fmt, as_subtype, samples
+                    break
+            if match is not None:
+                break
             tried.append(how)
-        if len(tried) > 1 or len(subtypes) > 1:  # the file as the recipe reads, not the last tried
+        if match is not None:  # the file holds what the original holds, where its depth can
+            subtype = match[2] if match[2] in _writable_subtypes(fmt) else subtype
+            export_audio(target, match[3].T, rate, subtype=subtype, metadata=again,  # type: ignore[arg-type]
+                         scale=False)  # fmt: skip
+        else:
             export_audio(target, written, rate, subtype=subtype, metadata=again)  # type: ignore[arg-type]
     except DistillError as e:
         fail(str(e))
     assert first is not None
-    held = f" ({fmt} {subtype})" if converted else ""
-    typer.echo(shown(f"{target}{held}: DIFFERS from {name}: {_difference(original, first)}"
+    # a header at another rate is another sound (played faster or slower), whatever its samples
+    rates = (f"{rate} Hz against its {info.samplerate} Hz"
+             if info.samplerate != rate else "")  # fmt: skip
+    if match is not None and not rates:
+        how = match[0]
+        said = "" if how == "as written" else f" (read {how}: its recipe predates that rule)"
+        if foreign:
+            said += f" as {info.format} {info.subtype} holds it (written as {fmt} {subtype})"
+        elif subtype != info.subtype:  # e.g. a float WAV's sound written as FLAC
+            said += f" (written as {fmt} {subtype})"
+        typer.echo(shown(f"{target}: identical to {name}{said}"))
+        return
+    held_as = f" ({fmt} {subtype})" if foreign else ""
+    why = (f"{rates}, its samples otherwise identical" if match is not None
+           else "; ".join(filter(None, [rates, _difference(original, first)])))  # fmt: skip
+    typer.echo(shown(f"{target}{held_as}: DIFFERS from {name}: {why}"
                      + (f"; also tried it {'; '.join(tried[1:])}" if len(tried) > 1 else "")))
     raise typer.Exit(1)
 
@@ -864,6 +879,12 @@ def _writable_subtypes(fmt: str) -> list[str]:
     return [s for s in WRITTEN if not (fmt == "FLAC" and s == "FLOAT")]
 
 
+def _distill_writes(fmt: str, subtype: str) -> bool:
+    """Whether Distill exports files of ``fmt`` and ``subtype`` (WAV 16, 24, float; FLAC 16,
+    24): a file of another (OGG, AIFF, 8-bit) was converted from an export."""
+    return fmt in ("WAV", "FLAC") and subtype in _writable_subtypes(fmt)
+
+
 def _written_subtype(original: str, fmt: str) -> str:
     """What a regenerated sound is written as: its original's subtype where Distill writes it in
     ``fmt``, else :data:`NEAREST_SUBTYPE`'s."""
@@ -872,9 +893,25 @@ def _written_subtype(original: str, fmt: str) -> str:
     return "PCM_24" if subtype not in _writable_subtypes(fmt) else subtype
 
 
+def _exports_tried(info: Any, fmt: str) -> list[tuple[str, str]]:
+    """The exports (format, subtype) an original described by ``info`` may hold the samples of,
+    in the order they are tried: its own format (else ``fmt``, what is written), at its own
+    depth (else the nearest), then the rest. WAV and FLAC round a float to an integer apart
+    (one step of the last bit, now and then): a FLAC converted losslessly from a WAV export
+    holds the WAV's samples, and compared as a FLAC export the same sound "differed"."""
+    first = info.format if info.format in ("WAV", "FLAC") else fmt
+    tried = []
+    for each in (first, *(f for f in ("WAV", "FLAC") if f != first)):
+        nearest = _written_subtype(info.subtype, each)
+        tried += [(each, s) for s in (nearest, *(s for s in _writable_subtypes(each)
+                                                 if s != nearest))]  # fmt: skip
+    return tried
+
+
 def _as_original(made: Any, info: Any, subtype: str) -> Any:
-    """The regenerated samples ``made`` (frames, channels) as the original's format holds them
-    (written there in memory and read back: 8-bit, Vorbis), when it is not ``subtype``."""
+    """The samples ``made`` (frames, channels) of a ``subtype`` export as the original's format
+    holds them (written there in memory and read back: 8-bit, Vorbis), when its subtype is
+    another (WAV and FLAC at one depth hold the same samples)."""
     import io
 
     import soundfile as sf
@@ -983,9 +1020,17 @@ def _difference(original: object, made: object) -> str:
     import numpy as np
 
     a, b = np.asarray(original, dtype=np.float64), np.asarray(made, dtype=np.float64)
-    if a.shape != b.shape:
-        return f"{b.shape[0]} samples against its {a.shape[0]}"
+    if a.shape != b.shape:  # (frames, channels) each
+        def channels(n: int) -> str:
+            return f"{n} channel" + ("" if n == 1 else "s")
+
+        return ", ".join(part for part in (
+            f"{b.shape[0]} samples against its {a.shape[0]}" if a.shape[0] != b.shape[0] else "",
+            f"{channels(b.shape[1])} against its {a.shape[1]}" if a.shape[1:] != b.shape[1:]
+            else "") if part)  # fmt: skip
     largest = float(np.abs(a - b).max())
     peak = float(np.abs(a).max())
     under = 20 * np.log10(peak / largest) if largest > 0 and peak > 0 else float("inf")
+    if under < 0:  # a difference larger than the original's peak (a sound nearly silent)
+        return f"largest difference {largest:.2g} ({-under:.0f} dB over its peak)"
     return f"largest difference {largest:.2g} ({under:.0f} dB under its peak)"

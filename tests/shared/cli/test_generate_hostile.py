@@ -269,3 +269,66 @@ def test_a_real_continued_sound_still_regenerates(model_file: Path, tmp_path: Pa
         "-n", "1", "-o", tmp_path / "o", "--quality", "preview")  # fmt: skip
     (made,) = (tmp_path / "o").glob("*.wav")
     assert "identical to" in run("regenerate", made, "--model", model_file)
+
+
+def _rewritten(made: Path, path: Path, samples: Any, rate: int, fmt: str, subtype: str) -> Path:
+    """``samples`` at ``path`` as ``fmt`` ``subtype`` at ``rate``, with ``made``'s recipe."""
+    with sf.SoundFile(made) as f:
+        comment = f.comment
+    with sf.SoundFile(path, "w", rate, samples.shape[1], subtype=subtype, format=fmt) as f:
+        f.comment = comment
+        f.write(samples)
+    return path
+
+
+def test_wav_and_flac_mixed_between_file_and_out_regenerate_identical(
+    model_file: Path, tmp_path: Path
+) -> None:
+    """Before: a WAV regenerated as FLAC (or the other way) said DIFFERS (exit code 1), with a
+    note that "FILE is WAV PCM_24, which Distill does not write": libsndfile rounds a float to
+    an integer apart for WAV and FLAC, and the replay was compared as the target format read it
+    back. It is compared as the original's format holds it, and the file written holds the
+    original's samples. A FLAC converted losslessly from a WAV export is the WAV's sound."""
+    def made(name: str, *args: str) -> Path:
+        run("generate", model_file, "-n", "1", "--seconds", "0.3", "--quality", "preview",
+            "-o", tmp_path / name, *args)  # fmt: skip
+        return next((tmp_path / name).iterdir())
+
+    wav = made("wav")  # PCM_24
+    flac = made("flac", "--format", "flac", "--bits", "16")
+    floats = made("float", "--bits", "float")
+    lossless = _rewritten(wav, tmp_path / "lossless.flac", sf.read(wav, always_2d=True)[0],
+                          48000, "FLAC", "PCM_24")  # fmt: skip
+    for original, out, says in ((wav, "a.flac", ""), (flac, "b.wav", ""),
+                                (floats, "c.flac", " (written as FLAC PCM_24)"),
+                                (lossless, "d.flac", ""), (lossless, "e.wav", "")):  # fmt: skip
+        result = runner.invoke(app, ["regenerate", str(original), "--model", str(model_file),
+                                     "-o", str(tmp_path / out)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert result.output.strip() == f"{tmp_path / out}: identical to {original.name}{says}"
+        if not says:
+            assert np.array_equal(sf.read(tmp_path / out)[0], sf.read(original)[0])
+    assert sf.info(tmp_path / "b.wav").subtype == "PCM_16"  # the original's depth
+
+
+def test_a_header_at_another_rate_or_channel_count_differs(model_file: Path, tmp_path: Path) -> None:
+    """Before: an export's samples under a 44100-Hz header were called identical (the rate was
+    never compared), and a stereo copy said "DIFFERS: 14400 samples against its 14400"."""
+    made = _made(model_file, tmp_path)
+    samples = sf.read(made, always_2d=True)[0]
+    def differs(path: Path) -> str:
+        result = runner.invoke(app, ["regenerate", str(path), "--model", str(model_file)])
+        assert result.exit_code == 1 and "DIFFERS" in result.output, result.output
+        return result.output
+
+    rated = _rewritten(made, tmp_path / "sr44.wav", samples, 44100, "WAV", "PCM_24")
+    output = differs(rated)
+    assert ("sr44.regenerated.wav: DIFFERS from sr44.wav: 48000 Hz against its 44100 Hz, its "
+            "samples otherwise identical") in output, output
+    stereo = _rewritten(made, tmp_path / "st.wav", np.repeat(samples, 2, axis=1), 48000, "WAV",
+                        "PCM_24")  # fmt: skip
+    output = differs(stereo)
+    assert "DIFFERS from st.wav: 1 channel against its 2\n" in output, output
+    loud = _rewritten(made, tmp_path / "loud.wav", samples * 1e-3 + 0.5, 48000, "WAV", "FLOAT")
+    output = differs(loud)
+    assert "dB over its peak)" in output and "dB under" not in output, output
