@@ -11,7 +11,8 @@ The path from file to model input, in :func:`prepare_audio`:
 2. downmix to mono (mean of channels, so a stereo file keeps its level);
 3. reject files whose peak is below the silence threshold (dBFS);
 4. trim leading and trailing silence: samples more than ``threshold`` dB below the file's own
-   peak, keeping a few milliseconds before the onset so attacks stay whole;
+   peak, keeping a few milliseconds before the onset so attacks stay whole; silence that sits
+   at a constant offset (DC) is judged as it stands from the offset, which is then removed;
 5. resample to the model rate with ``torchaudio.functional.resample``;
 6. normalise the peak to -1 dBFS (see :func:`normalise` for why peak and not RMS).
 
@@ -54,6 +55,10 @@ DEFAULT_SILENCE_THRESHOLD_DB = -60.0
 DEFAULT_PEAK_DB = -1.0  # 1 dB of headroom keeps resampled or augmented audio off full scale
 ONSET_MARGIN_S = 0.005  # kept before the first loud sample: the very start of an attack
 TAIL_MARGIN_S = 0.010  # kept after the last loud sample: the end of a decay
+# The stretch at each end of a file that says whether its silence sits at an offset (DC: a bad
+# converter, a synth's bias). A hit's 2 s of silence at +0.05 counted as sound (0.2 s of hit
+# encoded to 207 code steps, not 20), and a file of a constant 0.5 was trained on.
+EDGE_S = 0.010
 AUDIO_EXTENSIONS = frozenset(
     {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc",
      ".caf", ".w64", ".rf64", ".au", ".snd"}
@@ -321,6 +326,43 @@ def peak_db(audio: torch.Tensor) -> float:
     return 20.0 * math.log10(peak) if peak > 0 else -math.inf
 
 
+def _edge_levels(audio: torch.Tensor, sample_rate: int, floor: float) -> list[float | None]:
+    """Per end of ``audio`` (start, end): the level it sits still at over EDGE_S (its median,
+    its samples within half of it of each other), 0.0 where that is under ``floor`` (silent as
+    it is), None where it moves (sound)."""
+    k = max(1, min(int(audio.shape[-1]), round(EDGE_S * sample_rate)))
+    levels: list[float | None] = []
+    for edge in (audio[:k], audio[-k:]):
+        level = float(edge.median()) if edge.numel() else 0.0
+        if abs(level) < floor:
+            levels.append(0.0)
+        else:
+            still = float(edge.max() - edge.min()) < abs(level) / 2
+            levels.append(level if still else None)
+    return levels
+
+
+def silence_offset(audio: torch.Tensor, sample_rate: int, floor: float) -> float:
+    """The constant offset (DC) the silence of ``audio`` ``(samples,)`` sits at: the mean of
+    the levels its still ends sit at ``floor`` or more from zero, or 0.0. Sound at an end
+    swings through far more than half its level (of the 148 percussion and texture files, no
+    end passes for an offset), and an end within ``floor`` of zero is silent as it is: a file
+    without an offset gets 0.0 and is judged exactly as before offsets were looked for."""
+    found = [v for v in _edge_levels(audio, sample_rate, floor) if v]
+    return sum(found) / len(found) if found else 0.0
+
+
+def edge_offsets(audio: torch.Tensor, sample_rate: int, floor: float) -> tuple[float, float]:
+    """What the start and the end of ``audio`` are judged silent against (:func:`trim_silence`):
+    (0.0, 0.0) unless one sits at an offset (:func:`silence_offset`); then each end's own
+    level, an end with sound in it (the DC under it) the offset."""
+    offset = silence_offset(audio, sample_rate, floor)
+    if not offset:
+        return 0.0, 0.0
+    head, tail = (offset if v is None else v for v in _edge_levels(audio, sample_rate, floor))
+    return head, tail
+
+
 def trim_silence(
     audio: torch.Tensor,
     sample_rate: int,
@@ -330,7 +372,10 @@ def trim_silence(
 
     ``(samples,) -> (samples',)``. Relative to the file's own peak, so a quiet recording loses
     as much of its tail as a loud one. Keeps ``ONSET_MARGIN_S`` before the first loud sample
-    and ``TAIL_MARGIN_S`` after the last. An all-zero input is returned unchanged.
+    and ``TAIL_MARGIN_S`` after the last. An end whose silence sits at an offset (DC, see
+    :func:`edge_offsets`) is judged by how far each sample stands from that offset; the offset
+    itself stays (:func:`prepare_audio` removes it). An all-zero input, or one of nothing but
+    an offset, is returned unchanged.
     """
     if threshold_db >= 0:
         raise ValueError(f"threshold_db must be negative, got {threshold_db}")
@@ -338,8 +383,16 @@ def trim_silence(
     peak = float(level.max()) if audio.numel() else 0.0
     if peak == 0.0:
         return audio
-    loud = torch.nonzero(level >= peak * db_to_amplitude(threshold_db)).squeeze(-1)
-    first, last = int(loud[0]), int(loud[-1])
+    head, tail = edge_offsets(audio, sample_rate, peak * db_to_amplitude(threshold_db))
+    lead = (audio - head).abs() if head else level
+    trail = (audio - tail).abs() if tail else level
+    if head or tail:  # the peak as the sound stands from its offset
+        peak = max(float(lead.max()), float(trail.max()))
+    floor = peak * db_to_amplitude(threshold_db)
+    loud_lead, loud_trail = torch.nonzero(lead >= floor), torch.nonzero(trail >= floor)
+    if peak == 0.0 or not len(loud_lead) or not len(loud_trail):  # nothing but the offset
+        return audio
+    first, last = int(loud_lead[0, 0]), int(loud_trail[-1, 0])
     start = max(0, first - round(ONSET_MARGIN_S * sample_rate))
     stop = min(audio.shape[-1], last + 1 + round(TAIL_MARGIN_S * sample_rate))
     return audio[start:stop]
@@ -445,9 +498,22 @@ def prepare_audio(
     """
     mono = to_mono(decoded.samples)  # (frames,)
     level = peak_db(mono)
+    # silence at an offset is silence: a file of nothing but a constant 0.5 was trained on
+    offsets = {v for v in edge_offsets(mono, decoded.sample_rate,
+                                       db_to_amplitude(silence_threshold_db)) if v}  # fmt: skip
+    # (each end's: an offset that drifts between them is no constant to stand out from)
+    if offsets:
+        level = max(peak_db(mono - v) for v in offsets)
     if level < silence_threshold_db:
         shown = "-inf" if level == -math.inf else f"{level:.1f}"
         loudest = peak_db(torch.as_tensor(decoded.samples, dtype=torch.float32))
+        if offsets:
+            dc = ", ".join(f"{v:+.3g}" for v in sorted(offsets))
+            raise AudioError(
+                f"{decoded.name}: all silent but for a constant offset (DC {dc}): around it, "
+                f"its peak {shown} dBFS is below the {silence_threshold_db:g} dBFS silence "
+                "threshold"
+            )  # fmt: skip
         if loudest >= silence_threshold_db:  # loud channels that cancel in the mix
             raise AudioError(
                 f"{decoded.name}: its channels cancel when mixed to mono (they peak at "
@@ -459,6 +525,16 @@ def prepare_audio(
             f"{silence_threshold_db:g} dBFS silence threshold)"
         )
     trimmed = trim_silence(mono, decoded.sample_rate, silence_threshold_db)
+    # The offset its silence sat at is taken off the sound too: it is inaudible, the mel
+    # features cannot carry it, and kept, the sound would start and end with a step to it (a
+    # click, at every chunk's padding). Only a file whose edges sit at an offset loses it: any
+    # other file's samples are as before, bit for bit, and so are the datasets made of them.
+    # (Codes already made of an offset file stay theirs: a continued sound's recipe holds
+    # the codes it kept.)
+    floor = float(mono.abs().max()) * db_to_amplitude(silence_threshold_db)  # as trimmed
+    offset = silence_offset(mono, decoded.sample_rate, floor)
+    if offset:
+        trimmed = trimmed - offset
     audio = resample(trimmed, decoded.sample_rate, sample_rate)
     return normalise(audio, normalisation).contiguous()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -183,6 +184,55 @@ def test_trim_cuts_silence_and_keeps_margins() -> None:
     # after the last loud sample
     assert len(body) <= len(y) <= len(body) + round(0.016 * SR)
     assert torch.equal(trim_silence(torch.zeros(100), SR), torch.zeros(100))
+
+
+def _hit() -> np.ndarray:
+    """0.2 s of a decaying 80-Hz hit with noise, then 2 s of digital silence."""
+    t = np.arange(round(0.2 * SR)) / SR
+    rng = np.random.default_rng(0)
+    hit = 0.8 * np.sin(2 * np.pi * 80 * t) * np.exp(-t * 30) + 0.1 * rng.standard_normal(
+        len(t)) * np.exp(-t * 60)  # fmt: skip
+    return np.concatenate([hit, np.zeros(2 * SR)]).astype(np.float32)
+
+
+def test_silence_at_a_dc_offset_is_trimmed_and_the_offset_removed() -> None:
+    """Before: a DC offset defeated the trim (a 0.2-s hit and 2 s of silence at +0.05 was kept
+    whole: 207 code steps, not 20), and a file of nothing but a constant counted as sound."""
+    plain = _hit()
+    want = prepare_audio(read_audio(encode(plain, subtype="FLOAT"), name="hit.wav"), SR)
+    assert len(want) < 0.3 * SR
+    for dc in (0.05, -0.3):
+        decoded = read_audio(encode(plain + np.float32(dc), subtype="FLOAT"), name="dc.wav")
+        trimmed = trim_silence(to_mono(decoded.samples), SR)
+        assert abs(len(trimmed) - len(want)) <= 8, (dc, len(trimmed), len(want))  # ~0.2 ms
+        got = prepare_audio(decoded, SR)  # the offset removed, then normalised: the same sound
+        assert abs(len(got) - len(want)) <= 8 and abs(float(got.mean() - want.mean())) < 1e-4
+        n = min(len(got), len(want))
+        assert torch.allclose(got[:n], want[:n], atol=1e-4)
+    for level in (0.5, -1.0):
+        only = read_audio(encode(np.full(SR, level, np.float32), subtype="FLOAT"), name="dc.wav")
+        with pytest.raises(AudioError, match=re.escape(
+                f"dc.wav: all silent but for a constant offset (DC {level:+.3g})")):  # fmt: skip
+            prepare_audio(only, SR)
+    # an offset with only faint noise on it (-70 dBFS) is as silent as the noise alone
+    hiss = np.full(SR, 0.25, np.float32) + sine(1000, 1.0, amp=10 ** (-70 / 20))
+    with pytest.raises(AudioError, match="all silent but for a constant offset"):
+        prepare_audio(read_audio(encode(hiss, subtype="FLOAT"), name="hiss.wav"), SR)
+
+
+def test_sounds_without_an_offset_are_prepared_as_before() -> None:
+    """The offset is looked for at a file's still, loud edges only: no real sound's edge is one
+    (sound swings), so every other file's samples and datasets stay what they were."""
+    from distill.shared.audio.io import silence_offset
+
+    for path in scan_folder(percussion_dir()):
+        if path.suffix == ".flac":
+            decoded = read_audio(path)
+            mono = to_mono(decoded.samples)
+            assert silence_offset(mono, decoded.sample_rate, 0.0) == 0.0, path.name
+    loop = torch.from_numpy(sine(50, 1.0) + 0.2)  # a low tone at an offset, loud at both ends
+    assert silence_offset(torch.from_numpy(_hit()), SR, 1e-6) == 0.0
+    assert silence_offset(loop, SR, 1e-6) == 0.0 and torch.equal(trim_silence(loop, SR), loop)
 
 
 def test_trim_threshold_is_configurable() -> None:

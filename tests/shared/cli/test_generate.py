@@ -561,6 +561,24 @@ def test_tiny_temperatures_are_refused_and_the_bound_draws_cleanly(
     assert "stores change temperature 1e-300" in text and "change_temperature=1.0" in text
 
 
+def test_encode_trims_silence_that_sits_at_a_dc_offset(model_file: Path, tmp_path: Path) -> None:
+    """Before: a 0.2-s hit and 2 s of silence encoded to 20 steps, the same at +0.05 DC to 207
+    (the offset counted as sound), and a file of a constant 0.5 was encoded as a sound."""
+    t = np.arange(round(0.2 * 48000)) / 48000
+    hit = np.concatenate([0.8 * np.sin(2 * math.pi * 80 * t) * np.exp(-t * 30), np.zeros(96000)])
+    steps = {}
+    for name, sound in (("hit", hit), ("dc", hit + 0.05)):
+        sf.write(tmp_path / f"{name}.wav", sound.astype(np.float32), 48000, subtype="FLOAT")
+        text = run("encode", tmp_path / f"{name}.wav", "--model", model_file, "-o",
+                   tmp_path / f"{name}.npz", "--search", "0")  # fmt: skip
+        steps[name] = text.split(" steps")[0].rsplit(" ", 1)[1]
+    assert steps["dc"] == steps["hit"], steps
+    sf.write(tmp_path / "only.wav", np.full(48000, 0.5, np.float32), 48000, subtype="FLOAT")
+    output = _refused("encode", tmp_path / "only.wav", "--model", model_file, "-o",
+                      tmp_path / "only.npz", "--search", "0")  # fmt: skip
+    assert "only.wav: all silent but for a constant offset (DC +0.5)" in output
+
+
 def test_encode_prints_the_path_it_wrote(model_file: Path, tmp_path: Path) -> None:
     wav = _tone(tmp_path / "in.wav")
     text = run("encode", wav, "--model", model_file, "-o", tmp_path / "noext", "--search", "0")
