@@ -17,10 +17,13 @@ from distill.shared.bus import contact
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import unpack
 from distill.shared.bus.core import (
+    DROPPED,
     ReplyLedger,
+    after_drop,
     broker_endpoint,
     configure_dealer,
     decode_reply,
+    drop_monitor_address,
     encode_body,
     events_endpoint,
     is_expiry,
@@ -231,7 +234,8 @@ class AsyncClient:
 
     async def subscribe(self, topics: list[str], *, timeout_s: float = 10.0) -> AsyncIterator[dict[str, Any]]:
         """Snapshot, then stream: every event on ``topics`` once, in sequence order; a new
-        broker epoch (a restart) brings a fresh snapshot."""
+        broker epoch (a restart) brings a fresh snapshot, and so does a dropped connection (see
+        :func:`~distill.shared.bus.core.after_drop`)."""
         sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         apply_client(sub, self.security)
@@ -241,16 +245,42 @@ class AsyncClient:
         hello = f"hello.{uuid.uuid4().hex}".encode()
         sub.setsockopt(zmq.SUBSCRIBE, hello)
         sub.connect(events_endpoint(self.endpoint))
+        drops: zmq.asyncio.Socket | None = None
         try:
             await asyncio.wait_for(_await_topic(sub, hello), timeout_s)
             sub.setsockopt(zmq.UNSUBSCRIBE, hello)
+            drops = sub.get_monitor_socket(DROPPED, addr=drop_monitor_address())
+            poller = zmq.asyncio.Poller()
+            poller.register(sub, zmq.POLLIN)
+            poller.register(drops, zmq.POLLIN)
             snap = await self.request(P.SERVICE_EVENTS, {"op": "snapshot", "prefixes": prefixes})
             last, epoch = int(snap["seq"]), snap.get("broker_epoch")
             for event in snap["events"]:
                 yield event
+            resync: bytes | None = None  # the hello awaited after a drop
+            held: list[dict[str, Any]] = []  # what the stream brought meanwhile
             while True:
+                ready = dict(await poller.poll())
+                if drops in ready:
+                    await _drain(drops)
+                    if resync is None:
+                        resync = f"hello.{uuid.uuid4().hex}".encode()
+                        sub.setsockopt(zmq.SUBSCRIBE, resync)
+                if sub not in ready:
+                    continue
                 frames = await sub.recv_multipart()
-                if len(frames) != 2 or frames[0].startswith(b"hello."):
+                if len(frames) != 2:
+                    continue
+                if resync is not None and frames[0] == resync:
+                    sub.setsockopt(zmq.UNSUBSCRIBE, resync)
+                    resync, kept, held = None, held, []
+                    snap = await self.request(P.SERVICE_EVENTS, {"op": "snapshot", "prefixes": prefixes})
+                    events, last = after_drop(snap, kept, last, epoch)
+                    epoch = snap.get("broker_epoch")
+                    for event in events:
+                        yield event
+                    continue
+                if frames[0].startswith(b"hello."):
                     continue
                 try:
                     event = unpack(frames[1])
@@ -258,7 +288,9 @@ class AsyncClient:
                     continue
                 if not isinstance(event, dict):
                     continue
-                if epoch is not None and event.get("broker_epoch", epoch) != epoch:
+                if resync is not None:
+                    held.append(event)
+                elif epoch is not None and event.get("broker_epoch", epoch) != epoch:
                     # The broker restarted (its numbers start again): a fresh snapshot holds this.
                     snap = await self.request(P.SERVICE_EVENTS, {"op": "snapshot", "prefixes": prefixes})
                     last, epoch = int(snap["seq"]), snap.get("broker_epoch")
@@ -270,7 +302,19 @@ class AsyncClient:
         except asyncio.TimeoutError:
             raise RequestTimeout(f"the broker's event port at {self.endpoint} did not answer") from None
         finally:
+            if drops is not None:
+                sub.disable_monitor()
+                drops.close(linger=0)
             sub.close(linger=0)
+
+
+async def _drain(sock: zmq.asyncio.Socket) -> None:
+    """Take every message ``sock`` holds now (never waits)."""
+    while True:
+        try:
+            await sock.recv_multipart(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
 
 
 async def _await_topic(sub: zmq.asyncio.Socket, topic: bytes) -> None:

@@ -26,10 +26,13 @@ from distill.shared.bus import contact
 from distill.shared.bus import protocol as P
 from distill.shared.bus.codec import unpack
 from distill.shared.bus.core import (
+    DROPPED,
     ReplyLedger,
+    after_drop,
     broker_endpoint,
     configure_dealer,
     decode_reply,
+    drop_monitor_address,
     encode_body,
     events_endpoint,
     is_expiry,
@@ -315,6 +318,13 @@ class Subscription:
     broker's XPUB, asks for the snapshot, then yields the snapshot's events followed by stream
     events newer than the snapshot's sequence number: no gap, no duplicate. An event of another
     broker ``epoch`` (the broker restarted; its numbers start again) brings a fresh snapshot.
+
+    A dropped connection does too: when the broker restarts or binds its event port afresh (a
+    key left its allowed folder), ZeroMQ reconnects by itself but subscribes again only once
+    this socket is next used, and the events published meanwhile never arrive; their epoch
+    (the same, after a rebind) could not tell. So the socket's monitor is watched for a
+    disconnect, after which the subscription is proved live again (a new hello) and a fresh
+    snapshot covers what was missed: the latest event of each topic, as for a late viewer.
     """
 
     def __init__(self, endpoint: str | None, topics: list[str], *, events: str | None = None,
@@ -340,6 +350,11 @@ class Subscription:
             watch.close()
         self.sub.setsockopt(zmq.UNSUBSCRIBE, hello.encode())
         self._pending: list[dict[str, Any]] = []
+        # after the first hello: a disconnect from here on means events may have been missed
+        self._drops: zmq.Socket | None = self.sub.get_monitor_socket(
+            DROPPED, addr=drop_monitor_address())
+        self._resync: bytes | None = None  # the hello awaited after a disconnect
+        self._held: list[dict[str, Any]] = []  # stream events that came while it was awaited
         self._take_snapshot()
 
     def _take_snapshot(self) -> None:
@@ -368,23 +383,62 @@ class Subscription:
                 return
             # earlier stream events are covered by the snapshot that follows
 
+    def _dropped(self) -> bool:
+        """Whether the monitor saw the connection drop since it was last asked (never blocks)."""
+        dropped = False
+        while self._drops is not None and self._drops.poll(0):
+            self._drops.recv_multipart()
+            dropped = True
+        return dropped
+
+    def _resynced(self) -> None:
+        """The new hello came back: the stream flows again. A fresh snapshot covers the gap;
+        the events held meanwhile join it, each once, in order."""
+        assert self._resync is not None
+        self.sub.setsockopt(zmq.UNSUBSCRIBE, self._resync)
+        self._resync, held, self._held = None, self._held, []
+        snap = self.client.request(P.SERVICE_EVENTS, {"op": "snapshot", "prefixes": self.topics})
+        events, self.last_seq = after_drop(snap, held, self.last_seq, self.epoch)
+        self.snapshot_seq, self.epoch = snap["seq"], snap.get("broker_epoch")
+        self._pending.extend(events)
+
     def next(self, timeout_s: float | None = None) -> dict[str, Any] | None:
         """The next event, or None if none arrives within ``timeout_s`` (None: wait forever)."""
         if self._pending:
             return self._pending.pop(0)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        poller = zmq.Poller()
+        poller.register(self.sub, zmq.POLLIN)
+        if self._drops is not None:
+            poller.register(self._drops, zmq.POLLIN)
         while True:
+            if self._dropped() and self._resync is None:  # (always drained: no busy loop)
+                self._resync = f"hello.{uuid.uuid4().hex}".encode()
+                self.sub.setsockopt(zmq.SUBSCRIBE, self._resync)  # (also makes ZeroMQ resubscribe)
             remaining = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            if not self.sub.poll(remaining):
-                return None
+            ready = dict(poller.poll(remaining))
+            if self.sub not in ready:
+                if not ready:
+                    return None
+                continue  # the monitor spoke: see above
             frames = self.sub.recv_multipart()
-            if len(frames) != 2 or frames[0].startswith(b"hello."):
+            if len(frames) != 2:
+                continue
+            if self._resync is not None and frames[0] == self._resync:
+                self._resynced()
+                if self._pending:
+                    return self._pending.pop(0)
+                continue
+            if frames[0].startswith(b"hello."):
                 continue
             try:
                 event = unpack(frames[1])
             except DecodeError:
                 continue
             if not isinstance(event, dict):
+                continue
+            if self._resync is not None:
+                self._held.append(event)
                 continue
             if self.epoch is not None and event.get("broker_epoch", self.epoch) != self.epoch:
                 self._take_snapshot()  # the broker restarted: its snapshot holds this event too
@@ -403,6 +457,10 @@ class Subscription:
                 yield event
 
     def close(self) -> None:
+        if self._drops is not None:
+            self.sub.disable_monitor()
+            self._drops.close(linger=0)
+            self._drops = None
         self.sub.close(linger=0)
         self.client.close()
 

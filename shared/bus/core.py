@@ -13,6 +13,7 @@ any call that finds the count above zero, so a stale reply is never taken for a 
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import zmq
@@ -154,6 +155,37 @@ def decode_reply(frames: list[bytes], service: str) -> Any:
     if reply.get("cancelled"):
         code = CANCELLED
     raise RequestError(f"{service}: {message}", code=code)
+
+
+# --- subscriptions: a dropped connection --------------------------------------------------------
+# When the broker restarts or binds its event port afresh, ZeroMQ reconnects a SUB socket by
+# itself but subscribes it again only when its owner next uses it: events published meanwhile
+# never arrive, and their epoch (the same, after a rebind) cannot tell. Subscribers watch their
+# socket's monitor for this event, prove the subscription live again with a new hello, and
+# take a fresh snapshot (:func:`after_drop`).
+DROPPED = zmq.EVENT_DISCONNECTED
+
+
+def drop_monitor_address() -> str:
+    """An inproc address of its own for a subscriber's monitor (pyzmq's default is named by
+    the socket's fd, which the first contact's monitor held)."""
+    return f"inproc://subscription-drops.{uuid.uuid4().hex}"
+
+
+def after_drop(snapshot: dict[str, Any], held: list[dict[str, Any]], last_seq: int,
+               epoch: str | None) -> tuple[list[dict[str, Any]], int]:
+    """The events to yield once a subscription is live again after a drop: the fresh
+    snapshot's and those the stream brought while its hello was awaited, newer than ``last_seq``
+    (all of the new epoch's, when the broker restarted), each once, in order; and the new last
+    sequence number."""
+    new_epoch = snapshot.get("broker_epoch")
+    floor = last_seq if new_epoch == epoch else -1
+    events: dict[Any, dict[str, Any]] = {}
+    for event in [*snapshot["events"], *held]:
+        if event.get("broker_epoch", new_epoch) == new_epoch and event.get("seq", 0) > floor:
+            events.setdefault(event.get("seq"), event)
+    ordered = sorted(events.values(), key=lambda e: e.get("seq", 0))
+    return ordered, max([int(snapshot["seq"]), *(e.get("seq", 0) for e in ordered)])
 
 
 def unknown_service(service: str, endpoint: str) -> UnknownService:

@@ -24,8 +24,10 @@ from distill.shared.bus.artifacts import ArtifactClient
 from distill.shared.bus.client import Client, Subscription, events_endpoint
 from distill.shared.bus.codec import pack, unpack
 from distill.shared.bus.contact import BrokerUnreachable
+from distill.shared.bus.jobs import JobsClient
 from distill.shared.bus.security import (
     ClientSecurity,
+    add_key,
     generate_keys,
     load_key_pair,
     load_public_key,
@@ -175,8 +177,6 @@ def test_an_allowed_client_and_worker_work_and_events_flow(secure: SecureCluster
 def test_following_a_job_uses_the_clients_own_keys(secure: SecureCluster) -> None:
     """Before: JobsClient.follow opened its event subscription with the keys of the
     environment, not those its client was given, and timed out on a CURVE broker."""
-    from distill.shared.bus.jobs import JobsClient
-
     secure.start_broker()
     secure.start_worker("sleep")
     with secure.client(timeout_s=10) as client:
@@ -493,6 +493,23 @@ def test_removing_a_key_file_locks_it_out_without_a_restart(secure: SecureCluste
         client.close()
 
 
+def test_the_other_subscribers_miss_nothing_while_the_event_port_is_bound_afresh(
+        secure: SecureCluster) -> None:  # fmt: skip
+    """Before: a subscriber that was not reading when a key's removal rebound the event port
+    lost the events published until it next read (ZeroMQ subscribes a reconnected socket again
+    only then), and nothing told it: a job submitted meanwhile was never seen."""
+    add_key(secure.keys, "studio", "client")
+    secure.start_broker()
+    with Subscription(secure.endpoint, ["job."], security=secure.security("studio")) as kept:
+        (secure.keys / "allowed" / "clients" / "laptop.key").unlink()
+        wait_until(lambda: secure.logged("events_out_rebound"), 10, what="the events port to rebind")
+        time.sleep(1.5)  # reconnected meanwhile, not read from
+        with secure.client("studio") as c:
+            job = JobsClient(c).submit("distill.sleep", {"sleep_s": 1.0})["id"]
+        event = kept.next(timeout_s=5)
+        assert event is not None and event["job"] == job and event["status"] == "queued"
+
+
 def test_a_revoked_key_stops_receiving_events(secure: SecureCluster) -> None:
     secure.start_broker()
     revoked = Subscription(secure.endpoint, ["worker."], security=secure.security("laptop"))
@@ -566,7 +583,6 @@ def test_an_artifact_quota_breach_is_a_clear_error(secure: SecureCluster) -> Non
 def test_only_a_client_key_removes_jobs_and_that_frees_its_quota(secure: SecureCluster) -> None:
     """A worker key may neither cancel another key's job nor remove jobs. A client's removal
     releases the job's checkpoint from its quota."""
-    from distill.shared.bus.jobs import JobsClient
     from distill.shared.errors import JobError
 
     secure.start_broker("--artifact-quota", "4K")
@@ -594,7 +610,6 @@ def test_a_job_belongs_to_the_key_that_submitted_it(secure: SecureCluster) -> No
     """Two people on one broker: one cannot cancel, retry or remove the other's jobs (before,
     any client key could end anyone's training); an admin key can, and a key that left the
     allowed folder leaves its jobs to anyone. Through real processes and the CLI."""
-    from distill.shared.bus.jobs import JobsClient
     from distill.shared.errors import JobError
 
     secure.start_broker()
