@@ -293,11 +293,25 @@ def _export_one(model: Any, path: Path, audio: Any, recipe: dict[str, Any], kind
 
 
 def _check_file(path: Path, name: str) -> None:
-    """Refuse an input ``path`` (``name``: the option) that is missing or a folder."""
+    """Refuse an input ``path`` (``name``: the option) that is missing, a link to nothing, a
+    folder, not a regular file (reading a FIFO waits for a writer: regenerate hung), empty or
+    unreadable, in one line each (regenerate said "not a readable audio file: ... System
+    error." or "Format not recognised")."""
     if path.is_dir():
         fail(f"{name} {path}: that is a folder, not a file")
-    if not path.is_file():
+    if path.is_symlink() and not path.exists():
+        fail(f"{name} {path}: a link to nothing ({os.readlink(path)})")
+    if not path.exists():
         fail(f"{name} {path}: no such file")
+    if not path.is_file():
+        fail(f"{name} {path}: not a regular file (a pipe, a device or a socket)")
+    try:
+        with open(path, "rb") as f:  # a regular file: opening it does not wait
+            empty = not f.read(1)
+    except OSError as e:
+        fail(f"{name} {path}: cannot read it ({e.strerror or e})")
+    if empty:
+        fail(f"{name} {path}: empty file (0 bytes)")
 
 
 def _codes_of(path: Path, model: Any, name: str) -> Any:
@@ -590,6 +604,9 @@ def encode(
         except inf.BadInput as e:
             fail(f"--{e}")
     _check_file(audio_file, "FILE")
+    if audio_file.suffix.lower() == ".npz":  # it would be refused as "not an audio format"
+        fail(f"FILE {audio_file}: a codes file (.npz) is already encoded: `distill decode` "
+             "makes it a sound")  # fmt: skip
     _new_file(target, force)  # before the encoding's search, which takes a while
     model = _load(model_file, device)
     codes = _encode_sound(audio_file, model, search=search)
@@ -756,6 +773,7 @@ def regenerate(
     from distill.shared.model import inference as inf
 
     name = audio_file.name
+    _check_file(audio_file, "FILE")
     try:
         meta = read_export_metadata(audio_file)
         info = sf.info(str(audio_file))

@@ -198,6 +198,30 @@ def test_encode_and_decode_show_the_names_they_print_escaped(model_file: Path, t
         assert "\x1b" not in result.output and "bad_\\x1b[2J\\x1b[31mRED" in result.output, result.output
 
 
+def test_inputs_that_are_no_file_to_read_are_refused_alike(model_file: Path, tmp_path: Path) -> None:
+    """Before: regenerate said "not a readable audio file: ... System error." for a missing
+    file or a dangling link, "Format not recognised" for a folder or an empty file (encode:
+    "no such file", "empty file (0 bytes)"), and read a FIFO forever. encode given a codes
+    file said it was no audio format."""
+    import os
+
+    (tmp_path / "gone.wav").symlink_to(tmp_path / "nothing.wav")
+    (tmp_path / "zero.wav").write_bytes(b"")
+    (tmp_path / "dir.wav").mkdir()
+    os.mkfifo(tmp_path / "fifo.wav")
+    np.savez(tmp_path / "c.npz", codes=np.zeros((Q, 5), dtype=np.int64))
+    cases = [("gone.wav", "a link to nothing"), ("missing.wav", "no such file"),
+             ("zero.wav", "empty file (0 bytes)"), ("dir.wav", "that is a folder, not a file"),
+             ("fifo.wav", "not a regular file (a pipe, a device or a socket)")]  # fmt: skip
+    for command in ("regenerate", "encode"):
+        for name, says in cases:
+            output = _refused(command, tmp_path / name, "--model", model_file, "-o",
+                              tmp_path / "out")  # fmt: skip
+            assert f"FILE {tmp_path / name}: {says}" in output, output
+    output = _refused("encode", tmp_path / "c.npz", "--model", model_file, "-o", tmp_path / "x")
+    assert "c.npz: a codes file (.npz) is already encoded: `distill decode` makes it" in output
+
+
 # --- 21: errors name the file; originals Distill does not write -----------------------------------
 
 
