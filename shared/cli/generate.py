@@ -89,10 +89,16 @@ def _check_folder(out: Path) -> None:
     """``-o`` checked as :func:`_writable_folder` will make it, without making it yet: before a
     sound is encoded (minutes for a long one: a bad -o was refused only after that), and
     leaving no new folder behind when a later check refuses the input."""
+    from distill.shared.audio.io import AUDIO_EXTENSIONS
+
     if out.is_dir():
         problem = write_problem(out, "-o", out)
     elif out.exists() or out.is_symlink():
         problem = f"-o {out}: that is a file, not a folder"
+    elif out.suffix.lower() in AUDIO_EXTENSIONS | {".npz"}:  # -o kick.wav made a folder so named
+        problem = (f"-o {out}: -o is the folder the files go in (each is named for what made "
+                   f"it), and a new folder named '{out.name}' would look like a file: give a "
+                   "folder's name (an existing folder is used whatever its name)")  # fmt: skip
     else:  # made later, in the nearest folder that exists
         parent = out.parent
         while not (parent.exists() or parent.is_symlink()) and parent != parent.parent:

@@ -533,6 +533,23 @@ def test_continue_resample_and_decode_check_every_option_before_the_sound(
         assert "--format" not in output  # decode has none
 
 
+def test_a_new_out_folder_named_like_a_sound_file_is_refused(model_file: Path, tmp_path: Path) -> None:
+    """Before: `generate -o kick.wav` made a folder named kick.wav, and `resample -o x.flac` a
+    folder of .wav files. -o is a folder for these commands: a new one named like a file is
+    refused before anything is made; an existing folder is used whatever its name."""
+    wav = _tone(tmp_path / "in.wav")
+    for command in (["generate", model_file, "--seconds", "0.2"],
+                    ["resample", wav, "--model", model_file, "--from", "0.5"]):  # fmt: skip
+        for name in ("kick.wav", "x.FLAC", "codes.npz"):
+            output = _refused(*command, "-n", "1", "--quality", "preview", "-o", tmp_path / name)
+            assert f"-o {tmp_path / name}: -o is the folder the files go in" in output, output
+            assert not (tmp_path / name).exists()
+    (tmp_path / "old.wav").mkdir()
+    run("generate", model_file, "-n", "1", "--seconds", "0.2", "--quality", "preview", "-o",
+        tmp_path / "old.wav")  # fmt: skip
+    assert len(list((tmp_path / "old.wav").iterdir())) == 1
+
+
 def test_tiny_temperatures_are_refused_and_the_bound_draws_cleanly(
     model_file: Path, tmp_path: Path
 ) -> None:
