@@ -346,7 +346,15 @@ def _sound(path: Path, model: Any, name: str = "") -> Any:
         if stated is not None and stated > most:
             raise inf.BadInput(f"audio is {stated:.1f} s long; at most {inf.MAX_SECONDS:g} s")
         audio = load_audio(path, rate, max_s=most)  # max_s: a header that under-states it
-        return inf.model_audio(model, audio.numpy(), rate)
+        prepared = inf.model_audio(model, audio.numpy(), rate)
+        # less than a code step's hop encodes to one step, which decodes to a single sample:
+        # a 1-ms file was taken silently, and its codes made nothing
+        step = model.mel_config.hop_length * model.vqvae.config.downsample
+        if prepared.shape[-1] < step:
+            raise inf.BadInput(f"{prepared.shape[-1] / rate * 1000:.1f} ms once its silence is "
+                               f"trimmed; this model encodes a sound of one code step at least, "
+                               f"{step / rate * 1000:.1f} ms ({step} samples at {rate} Hz)")  # fmt: skip
+        return prepared
     except DistillError as e:
         if str(e).startswith(path.name):
             fail(str(e))

@@ -596,6 +596,25 @@ def test_encode_trims_silence_that_sits_at_a_dc_offset(model_file: Path, tmp_pat
     assert "only.wav: all silent but for a constant offset (DC +0.5)" in output
 
 
+def test_a_sound_shorter_than_one_code_step_is_refused(model_file: Path, tmp_path: Path) -> None:
+    """Before: 1-10 ms files encoded to one step, which decodes to a single sample, silently.
+    The tiny model's step is 512 samples (10.7 ms at 48 kHz); one of exactly that is taken."""
+    noise = np.random.default_rng(0).uniform(0.3, 0.6, 512) * np.resize([1, -1], 512)
+    for n in (48, 511):
+        sf.write(tmp_path / f"n{n}.wav", noise[:n], 48000, subtype="FLOAT")
+        for command in (["encode", tmp_path / f"n{n}.wav", "--model", model_file, "--search", "0"],
+                        ["generate", model_file, "--continue", tmp_path / f"n{n}.wav", "-n", "1"],
+                        ["resample", tmp_path / f"n{n}.wav", "--model", model_file, "--from",
+                         "0"]):  # fmt: skip
+            output = _refused(*command, "-o", tmp_path / "out")
+            assert (f"n{n}.wav: {n / 48:.1f} ms once its silence is trimmed; this model encodes "
+                    "a sound of one code step at least, 10.7 ms (512 samples at 48000 Hz)"
+                    ) in " ".join(output.split()), output  # fmt: skip
+    sf.write(tmp_path / "whole.wav", noise, 48000, subtype="FLOAT")
+    assert "x 2 steps" in run("encode", tmp_path / "whole.wav", "--model", model_file, "-o",
+                              tmp_path / "whole.npz", "--search", "0")  # fmt: skip
+
+
 def test_encode_prints_the_path_it_wrote(model_file: Path, tmp_path: Path) -> None:
     wav = _tone(tmp_path / "in.wav")
     text = run("encode", wav, "--model", model_file, "-o", tmp_path / "noext", "--search", "0")
