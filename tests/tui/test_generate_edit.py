@@ -4,6 +4,8 @@ editor an edited cell decodes to a different sound and undo restores the grid.""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +67,10 @@ async def test_generate_then_edit_a_generated_sound(cluster_with_model: Cluster,
         assert any(c in str(results.get_row_at(0)[4]) for c in "▁▂▃▄▅▆▇█")  # a waveform thumbnail
         gen.query_one("#export-dir", Input).value = str(tmp_path / "out")
         gen.action_export()
-        exported = sorted((tmp_path / "out").glob("*.wav"))
+        exported = await until(pilot, lambda: sorted((tmp_path / "out").glob("*.wav")), 30,
+                               what="the export (written in a thread)")  # fmt: skip
+        await until(pilot, lambda: any("exported 2 sounds" in m for m in notices(app)), 30,
+                    what="the export's notice")  # fmt: skip
         assert len(exported) == 2 and read_audio(exported[0]).samples.size > 0
         assert read_export_metadata(exported[1]).data["threads"] == 1  # as the editor's (below)
         assert read_export_metadata(exported[1]).data["trim"] == 10.0
@@ -336,3 +341,73 @@ async def test_the_generate_screen_lists_several_sounds_at_80x24() -> None:
         assert rows >= 8, results.region
         for selector in ("#gen-count", "#gen-change_temperature", "#wave", "#export-dir"):
             assert gen.query_one(selector).region.bottom <= 23  # the rest still on screen
+
+
+class Stall:
+    """The event loop's longest pause between two ticks of 10 ms, while it runs."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self.start = self.took = 0.0
+        self.task: asyncio.Task[None] | None = None
+
+    async def _tick(self, last: float) -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            self.longest = max(self.longest, now - last - 0.01)
+            last = now
+
+    def __enter__(self) -> Stall:
+        # from now: what runs before the ticker's first turn is measured too
+        self.start = time.monotonic()
+        self.task = asyncio.get_running_loop().create_task(self._tick(self.start))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        self.took = time.monotonic() - self.start  # the whole of what was measured
+
+
+async def test_exporting_and_reading_a_long_file_leave_the_screen_responsive(tmp_path: Path) -> None:
+    """Before: the generate screen's export (16 sounds of 5 s: 1.7 s on the audit's machine; of
+    15 s here, 0.5 s) and the editor's read of a file (the first one imports torch; this one
+    decodes for 0.4 s) ran on the event loop: the screen froze meanwhile. Both run in a thread
+    now, their words in order."""
+    import soundfile
+
+    rate = 48_000
+    sounds = (0.5 * np.sin(np.arange(15 * rate) / 9.0)).astype(np.float32)
+    sounds = np.stack([sounds * (1 - i / 20) for i in range(16)])  # (16, 15 s)
+    long = tmp_path / "long.flac"  # 96 kHz stereo, 115 s: decoded whole, then refused (over 60 s)
+    soundfile.write(long, np.stack([np.tile(sounds[0], 16)[: 115 * 2 * rate]] * 2, axis=1), 2 * rate)
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("g")
+        gen = app.screen
+        assert isinstance(gen, GenerateScreen)
+        gen.show_results({"audio": sounds, "sample_rate": rate, "params": {"seed": 5}})
+        gen.query_one("#export-dir", Input).value = str(tmp_path / "out")
+        await pilot.pause()
+        with Stall() as stall:
+            gen.action_export()
+            gen.action_export()  # twice: one after the other, each file name its own
+            await until(pilot, lambda: sum("exported 16 sounds" in m for m in notices(app)) == 2, 60,
+                        what="both exports", detail=lambda: repr(notices(app)))
+        assert len(list((tmp_path / "out").glob("*.wav"))) == 32
+        # on the loop, the export stalled it for as long as it took; a machine loaded by
+        # others pauses the loop now and then too, but for a fraction of that
+        assert stall.longest < max(0.15, stall.took / 3), f"the loop stalled {stall.longest:.2f} s of {stall.took:.2f}"
+
+        await pilot.press("e")
+        ed = app.screen
+        assert isinstance(ed, EditorScreen)
+        ed.set_models([("drums.distill", "ab" * 32)])
+        ed.query_one("#source", Input).value = str(long)
+        with Stall() as stall:
+            ed.action_encode()
+            await until(pilot, lambda: any("long.flac: 115.0 s" in m for m in notices(app)), 60,
+                        what="the refusal", detail=lambda: repr(notices(app)))
+        assert stall.longest < max(0.15, stall.took / 3), f"the loop stalled {stall.longest:.2f} s of {stall.took:.2f}"
+        assert not ed.encoding and ed.pending == 0

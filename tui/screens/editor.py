@@ -196,15 +196,18 @@ class EditorScreen(DistillScreen):
         if i in self.encoding:
             self.notify(f"grid {'AB'[i]} is being encoded already", severity="warning")
             return
-        try:
-            audio, rate, name = self.source_audio(raw)
-        except (DistillError, OSError) as e:
-            self.notify_error("sound", e)
-            return
+        # Read in a thread from now on (the first read imports torch, and a long file decodes
+        # for a second or more: both froze the screen), its sound taken in the queue's order.
+        reading = asyncio.ensure_future(asyncio.to_thread(self.source_audio, raw))
         self.encoding.add(i)
 
         async def job() -> None:
             try:
+                try:
+                    audio, rate, name = await reading
+                except (DistillError, OSError) as e:
+                    self.notify_error("sound", e)
+                    return
                 await self.encode(i, audio, rate, name)
             finally:
                 self.encoding.discard(i)
