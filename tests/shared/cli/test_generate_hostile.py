@@ -241,7 +241,8 @@ def test_recipe_and_codes_errors_name_the_file(model_file: Path, tmp_path: Path)
         (["decode", codes], "c.npz: codes: code 99 at level 0, step 0 is outside 0..15"),
         (["resample", codes, "--from", "0"], "c.npz: codes: code 99 at level 0"),
     ):  # fmt: skip
-        output = _refused(*args, "--model", model_file, "-o", tmp_path / "out.wav")
+        out = tmp_path / ("out" if args[0] == "resample" else "out.wav")  # resample's -o: a folder
+        output = _refused(*args, "--model", model_file, "-o", out)
         assert says in output, output
 
 
