@@ -411,3 +411,24 @@ async def test_exporting_and_reading_a_long_file_leave_the_screen_responsive(tmp
                         what="the refusal", detail=lambda: repr(notices(app)))
         assert stall.longest < max(0.15, stall.took / 3), f"the loop stalled {stall.longest:.2f} s of {stall.took:.2f}"
         assert not ed.encoding and ed.pending == 0
+
+
+async def test_refreshing_the_models_keeps_the_one_chosen() -> None:
+    """Before: `m` (refresh) set the list again and chose its first model, whatever was chosen."""
+    from textual.widgets import Select
+
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("g")
+        gen = app.screen
+        assert isinstance(gen, GenerateScreen)
+        models = [("drums.distill", "ab" * 32), ("pads.distill", "cd" * 32)]
+        gen.set_models(models)
+        select = gen.query_one("#model", Select)
+        select.value = "cd" * 32
+        gen.set_models([("new.distill", "ef" * 32), *models])  # refreshed: one more, first
+        await pilot.pause()
+        assert select.value == "cd" * 32
+        gen.set_models([("new.distill", "ef" * 32)])  # gone: the first one listed
+        await pilot.pause()
+        assert select.value == "ef" * 32

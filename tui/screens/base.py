@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from rich.text import Text
 from textual.screen import Screen
+from textual.widgets import Select
 
 from distill.shared.ids import escaped
 
@@ -44,10 +45,15 @@ class DistillScreen(Screen[None]):
         self.notify(f"{what}: {error}", severity="error", timeout=8, markup=False)
 
     @staticmethod
-    def model_options(models: list[tuple[str, str]]) -> list[tuple[Text, str]]:
-        """A Select's options for (name, sha256) models: each name as it is (a str prompt is
-        markup: "[/red]evil.distill" crashed the list, "kit [v2].distill" showed as "kit .distill")."""
-        return [(Text(f"{escaped(name)}  {sha[:12]}"), sha) for name, sha in models]
+    def fill_models(select: Select[str], models: list[tuple[str, str]]) -> None:
+        """List (name, sha256) models in ``select``, each name as it is (a str prompt is markup:
+        "[/red]evil.distill" crashed the list, "kit [v2].distill" showed as "kit .distill");
+        the model chosen stays chosen while it is listed (a refresh chose the first)."""
+        current = select.value
+        select.set_options([(Text(f"{escaped(name)}  {sha[:12]}"), sha) for name, sha in models])
+        shas = [sha for _, sha in models]
+        if models:
+            select.value = current if current in shas else shas[0]
 
     async def fetch_models(self) -> list[tuple[str, str]] | None:
         """The broker's model artifacts as (name, sha256); None (and a notice) on an error."""

@@ -129,12 +129,7 @@ class EditorScreen(DistillScreen):
             self.set_models(models)
 
     def set_models(self, models: list[tuple[str, str]]) -> None:
-        select = self.query_one("#edit-model", Select)
-        current = select.value
-        select.set_options(self.model_options(models))
-        shas = [sha for _, sha in models]
-        if models:
-            select.value = current if current in shas else shas[0]
+        self.fill_models(self.query_one("#edit-model", Select), models)
 
     # --- which grid ---------------------------------------------------------------------------
     @property

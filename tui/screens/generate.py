@@ -99,10 +99,7 @@ class GenerateScreen(DistillScreen):
             self.set_models(models)
 
     def set_models(self, models: list[tuple[str, str]]) -> None:
-        select = self.query_one("#model", Select)
-        select.set_options(self.model_options(models))
-        if models:
-            select.value = models[0][1]
+        self.fill_models(self.query_one("#model", Select), models)
 
     # --- generate -----------------------------------------------------------------------------
     def request_body(self) -> dict[str, Any]:
