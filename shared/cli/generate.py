@@ -796,6 +796,11 @@ def regenerate(
     except (OSError, RuntimeError) as e:  # read once already: gone or changed since
         fail(f"{name}: not a readable audio file: {e}")
     _check_phase(name, meta.data)  # before the model is read
+    unknown = inf.unknown_recipe_keys(meta.kind, meta.data)
+    if unknown:  # replayed still: if it differs, this says why it may
+        typer.echo(shown(f"note: {name}'s recipe holds {', '.join(map(repr, unknown))}, which "
+                         "this Distill does not know: a newer Distill probably made it, and "
+                         "the sound is replayed without that rule"), err=True)  # fmt: skip
     model = _load(model_file, device)
     if meta.model_id != model.model_id:
         fail(f"{name} was made by model {meta.model_id[:12]}, but {model_file.name} "

@@ -776,6 +776,25 @@ def edit_session(model: DistillModel, session: object, action: object, edit: obj
 # --- recipes: what an exported file records, and replaying it ------------------------------------
 
 RECIPE_KINDS = ("generate", "decode", "edit", "resample")
+# The keys each kind of recipe is written with, by this Distill and the earlier ones (the CLI,
+# the infer worker's generate job, the UI's exports). A recipe holding another was written
+# by a newer Distill, whose rule this one would replay without: regenerate says so (and
+# replays it still, as a newer file's extra note or label changes nothing).
+_DRAWN_KEYS = frozenset(SamplingParams.__dataclass_fields__) | {
+    "count", "quality", "phase", "index", "threads", "render_frames", "trim"}  # fmt: skip
+RECIPE_KEYS = {
+    "generate": _DRAWN_KEYS | {"seconds", "quiet_under_loudest_db", "exact_length", "prime",
+                               "prime_steps"},
+    "resample": _DRAWN_KEYS | {"codes", "t0", "t1"},
+    "decode": frozenset({"codes", "levels", "quality", "phase", "threads"}),
+    "edit": frozenset({"session", "levels", "quality", "phase", "threads"}),
+}  # fmt: skip
+
+
+def unknown_recipe_keys(kind: str, data: Mapping[str, Any]) -> list[str]:
+    """The keys of a ``kind`` recipe this Distill does not know (see RECIPE_KEYS), sorted."""
+    known = RECIPE_KEYS.get(kind)
+    return [] if known is None else sorted(str(k) for k in data if k not in known)
 
 
 def generate_recipe(params: SamplingParams, *, count: int, seconds: float, quality: str,
@@ -868,7 +887,9 @@ def _replay(model: DistillModel, kind: str, data: Mapping[str, Any],
             if under is not None:
                 under = check_number(under, "quiet_under_loudest_db", 0.0, 200.0)
             # so did exact lengths: a recipe without them was drawn a hop short at most
-            exact = data.get("exact_length", False) is True
+            exact = data.get("exact_length", False)
+            if not isinstance(exact, bool):  # "yes" was read as false: a hop short, silently
+                raise BadInput(f"exact_length must be true or false, got {exact!r}")
             kept: list[np.ndarray] = []  # sound ``index`` alone: the others only for their peaks
 
             def keep(indices: np.ndarray, audio: np.ndarray) -> None:
@@ -876,7 +897,7 @@ def _replay(model: DistillModel, kind: str, data: Mapping[str, Any],
                             if i == index)  # fmt: skip
 
             generate_each(model, keep, count=count, seconds=data["seconds"], params=params,
-                          quality=quality, prime=None if prime is None else _grid(prime),
+                          quality=quality, prime=None if prime is None else _grid(prime, "prime"),
                           quiet_under_loudest_db=under, exact_length=exact,
                           render_frames=frames, on_batch=on_batch)  # fmt: skip
             return kept[-1]  # a sound drawn again: its last draw
@@ -927,18 +948,21 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _grid(codes: object) -> np.ndarray:
-    """A recipe's code grid (nested lists from JSON) as int64, checked against the model later."""
+def _grid(codes: object, name: str = "codes") -> np.ndarray:
+    """A recipe's code grid (nested lists from JSON) as int64, checked against the model later;
+    ``name``: its key, for errors (a bad ``prime`` was called "the recipe's codes")."""
+    what = "codes are" if name == "codes" else f"{name} is"
     try:
         grid = np.array(codes)
     except (TypeError, ValueError, OverflowError) as e:
-        raise BadInput(f"the recipe's codes are not an integer grid ({e})") from e
+        raise BadInput(f"the recipe's {what} not an integer grid ({e})") from e
     # whole numbers only: int64 of 1.5 would be 1, a code the file never held (an empty grid
     # is float to numpy: its shape is refused later)
     if grid.dtype.kind not in "iu" and grid.size:
-        raise BadInput(f"the recipe's codes are not an integer grid (they hold {grid.dtype} "
+        holds = "they hold" if name == "codes" else "it holds"
+        raise BadInput(f"the recipe's {what} not an integer grid ({holds} {grid.dtype} "
                        "values)")  # fmt: skip
     try:
         return grid.astype(np.int64, casting="safe" if grid.size else "unsafe")
     except TypeError as e:  # uint64 past int64
-        raise BadInput(f"the recipe's codes are not an integer grid ({e})") from e
+        raise BadInput(f"the recipe's {what} not an integer grid ({e})") from e

@@ -246,6 +246,30 @@ def test_recipe_and_codes_errors_name_the_file(model_file: Path, tmp_path: Path)
         assert says in output, output
 
 
+def test_recipe_values_are_read_strictly_and_unknown_keys_named(model_file: Path, tmp_path: Path) -> None:
+    """Before: `exact_length: "yes"` was read as false (a hop short, silently), `prime: true`
+    was reported as "the recipe's codes", and a key this Distill does not know (a newer one's
+    rule) was ignored without a word."""
+    made = _made(model_file, tmp_path)
+    for data, says in (({"exact_length": "yes"},
+                         "y.wav: the recipe's exact_length must be true or false, got 'yes'"),
+                       ({"prime": True},
+                        "y.wav: the recipe's prime is not an integer grid (it holds bool")):  # fmt: skip
+        output = _refused("regenerate", _crafted(made, tmp_path / "y.wav", **data), "--model",
+                          model_file, "-o", tmp_path / "out.wav")  # fmt: skip
+        assert says in output, output
+    meta = read_export_metadata(made)  # its samples as they are, with two keys more
+    newer = tmp_path / "newer.wav"
+    export_audio(newer, sf.read(made)[0], 48000, subtype="PCM_24", scale=False,
+                 metadata=ExportMetadata(kind=meta.kind, model_id=meta.model_id,
+                                         data={**meta.data, "swing": 0.2, "zz_rule": [1]}))  # fmt: skip
+    text = run("regenerate", newer, "--model", model_file)
+    assert ("note: newer.wav's recipe holds 'swing', 'zz_rule', which this Distill does not "
+            "know: a newer Distill probably made it") in " ".join(text.split()), text
+    assert "identical to newer.wav" in text  # replayed still
+    assert "does not know" not in run("regenerate", made, "--model", model_file)
+
+
 @pytest.mark.parametrize(("fmt", "subtype", "suffix"), [
     ("AIFF", "PCM_24", ".aiff"), ("WAV", "PCM_U8", ".wav"), ("OGG", "VORBIS", ".ogg"),
 ])  # fmt: skip
