@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from distill.shared.ids import escaped
+
 
 def ago(seconds: float | None) -> str:
     if not isinstance(seconds, (int, float)):
@@ -29,15 +31,23 @@ def job_progress(job: dict[str, Any]) -> tuple[str, str]:
     """(progress, ETA) cells for a job record or a progress event."""
     progress = job.get("progress") or {}
     fraction = progress.get("fraction")
-    if job.get("status") == "succeeded":
+    status = job.get("status")
+    if status == "succeeded":
         return "100%", "-"
+    if status in ("failed", "cancelled") and isinstance(fraction, (int, float)) and fraction >= 1:
+        fraction = None  # "failed 100%" read as done: how far it got says nothing there
     cell = f"{fraction * 100:.0f}%" if isinstance(fraction, (int, float)) else "-"
     eta = progress.get("eta_s") if job.get("status") == "running" else None
     return cell, duration(eta)
 
 
 def event_line(event: dict[str, Any]) -> str:
-    """One log line for a bus event; empty for events not worth a line."""
+    """One log line for a bus event; empty for events not worth a line. One line: a newline
+    (or an ESC) in an error is written out, as the rest of the UI writes names."""
+    return escaped(_event_line(event))
+
+
+def _event_line(event: dict[str, Any]) -> str:
     kind = event.get("type", "?")
     topic = str(event.get("topic", ""))
     head = f"{event.get('seq', 0):>7} {topic[:28]:<28} {kind:<9}"
@@ -56,7 +66,10 @@ def event_line(event: dict[str, Any]) -> str:
         part, count = event.get("file_chunk"), event.get("file_chunks")
         where = f" chunk {part} of {count}" if isinstance(count, int) and count > 1 else ""
         return f"{head}{event.get('which', '')} of {event.get('file', '')}{where} (epoch {event.get('epoch')})"
-    if kind in ("ready", "idle", "busy"):
+    if kind == "busy":  # the broker says which job, not where (the ready event said that)
+        job = f" with job {event['job']}" if event.get("job") else ""
+        return f"{head}{event.get('service', '')}{job}"
+    if kind in ("ready", "idle"):
         return f"{head}{event.get('service', '')} on {event.get('host', '?')} ({event.get('device', '?')})"
     if kind == "gone":
         return f"{head}{event.get('reason', '')}"

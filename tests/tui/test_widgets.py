@@ -299,3 +299,34 @@ def test_a_sound_not_played_is_kept_where_the_notice_says_until_exit(tmp_path: P
     paths = [Path(p) for p in out["paths"]]
     assert paths[0] != paths[1]
     assert not any(p.exists() for p in paths) and not paths[0].parent.exists()  # gone at exit
+
+
+def test_a_failed_job_is_not_shown_done_and_log_lines_stay_one_line() -> None:
+    """Before: a job that failed after reporting all its work showed "failed 100%"; a `busy`
+    event read "distill.sleep on ? (?)" (it names the job, not the host); an error holding a
+    newline broke the event log's layout (and an ESC reached the terminal)."""
+    assert job_progress({"status": "failed", "progress": {"fraction": 1.0}}) == ("-", "-")
+    assert job_progress({"status": "cancelled", "progress": {"fraction": 0.14}}) == ("14%", "-")
+    busy = {"seq": 3, "topic": "worker.w-1", "type": "busy", "service": "distill.sleep",
+            "job": "j-0042", "request": "r-1"}
+    assert event_line(busy).endswith("distill.sleep with job j-0042") and "?" not in event_line(busy)
+    failed = {"seq": 4, "topic": "job.j-0042", "type": "status", "status": "failed", "attempts": 1,
+              "error": "boom\nsecond line \x1b[31mred"}
+    line = event_line(failed)
+    assert "\n" not in line and "\x1b" not in line
+    assert line.endswith("failed (attempt 1) — boom\\nsecond line \\x1b[31mred")
+
+
+async def test_the_disconnected_banner_says_the_whole_reason_at_80x24() -> None:
+    """Before: the reason was cut at 160 characters, mid-word ("… or point --broker (or
+    DISTILL_)")."""
+    from tests.tui.test_dashboard import screen_text
+
+    why = ("nothing accepts connections there (connection refused): is the broker running? "
+           "Start one with `distill up` (or `distill broker`), or point --broker (or "
+           "DISTILL_BROKER) at it")  # fmt: skip
+    app = DistillApp("tcp://127.0.0.1:18790", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.set_connection(False, why)
+        await pilot.pause()
+        assert "(or DISTILL_BROKER) at it)" in screen_text(app)

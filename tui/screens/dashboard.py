@@ -11,6 +11,7 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Header, RichLog, Static
 
 from distill.shared.bus.jobs import owner_label
+from distill.shared.ids import escaped
 from distill.tui.format import ago, event_line, job_progress, short_job
 from distill.tui.messages import ClusterPolled, ConnectionChanged, EventsArrived
 from distill.tui.screens.base import DistillScreen
@@ -58,8 +59,9 @@ class DashboardScreen(DistillScreen):
         if connected:
             box.update(f"● connected to {self.distill.endpoint}")
         else:
+            # whole, wrapped (cut at 160 characters it stopped mid-word, "DISTILL_")
             box.update(f"✖ disconnected from {self.distill.endpoint} — retrying"
-                       + (f" ({detail[:160]})" if detail else ""))
+                       + (f" ({escaped(detail)})" if detail else ""))
 
     @on(ClusterPolled)
     def _polled(self, message: ClusterPolled) -> None:
