@@ -330,3 +330,29 @@ async def test_the_disconnected_banner_says_the_whole_reason_at_80x24() -> None:
         app.set_connection(False, why)
         await pilot.pause()
         assert "(or DISTILL_BROKER) at it)" in screen_text(app)
+
+
+async def test_a_prior_job_says_why_it_has_no_codebooks_and_plots_bits() -> None:
+    """Before: a prior job's Codebooks tab said usage "comes with each epoch's metrics" (it never
+    does: a prior has no codebooks), and its curves of bits per code were titled "loss"."""
+    from distill.tui.widgets.curves import curve_title
+    from distill.tui.widgets.heatmap import CodebookHeatmap
+
+    assert curve_title(["train_bits", "val_bits", "unigram_bits"]) == "bits per code per epoch"
+    assert curve_title(["train_recon", "val_recon"]) == "reconstruction loss per epoch"
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await app.open_training("j-prior")
+        screen = app.screen
+        assert isinstance(screen, TrainingScreen)
+        screen.workers.cancel_group(screen, "history")  # no broker: the record is fed
+        rows = [{"epoch": e, "train_bits": 5.0 - e / 4, "val_bits": 5.2 - e / 5} for e in (1, 2, 3)]
+        screen.apply_history({"id": "j-prior", "service": "distill.train.prior", "status": "running",
+                              "metrics": rows}, [])
+        await pilot.pause()
+        heatmap = screen.query_one(CodebookHeatmap)
+        assert "a prior has no codebooks of its own" in str(heatmap.render())
+        screen.apply_history({"id": "j-prior", "service": "distill.train.vqvae", "status": "running",
+                              "metrics": []}, [])
+        await pilot.pause()
+        assert "it comes with each epoch's metrics" in str(heatmap.render())

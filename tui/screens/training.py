@@ -36,7 +36,7 @@ from distill.tui.playback import play_artifact
 from distill.tui.screens.base import DistillScreen
 from distill.tui.widgets.curves import LossCurves
 from distill.tui.widgets.footer import Footer
-from distill.tui.widgets.heatmap import CodebookHeatmap
+from distill.tui.widgets.heatmap import NO_USAGE, CodebookHeatmap
 from distill.tui.widgets.reason import Reason
 from distill.tui.widgets.tables import fill_table
 
@@ -275,6 +275,10 @@ class TrainingScreen(DistillScreen):
         if last is None:
             fill_table(table, LEVEL_COLUMNS, [])
             heatmap.set_usage([], None)
+            # a prior's metrics never carry codebook usage: it learns the RVQ-VAE's codes
+            prior = self.record.get("service") == "distill.train.prior"
+            heatmap.empty = ("a prior has no codebooks of its own: its RVQ-VAE's job shows them"
+                             if prior else NO_USAGE)  # fmt: skip
             return
         util, ppl, dead = last.get("utilisation") or [], last.get("perplexity") or [], last.get("dead_codes") or []
         used: list[float] = next((r["codes_in_use"] for r in reversed(self.rows) if isinstance(r.get("codes_in_use"), list)), [])

@@ -18,6 +18,17 @@ def curve_keys(rows: list[dict[str, Any]]) -> list[str]:
     return keys + bits
 
 
+def curve_title(keys: list[str]) -> str:
+    """What the curves are: a prior's are bits per code (and its baselines'), not a loss."""
+    if not keys:
+        return "no metrics yet"
+    if all(k.endswith("_bits") for k in keys):
+        return "bits per code per epoch"
+    if all(k in VQVAE_CURVES for k in keys):
+        return "reconstruction loss per epoch"
+    return "loss per epoch"
+
+
 class LossCurves(PlotextPlot):
     DEFAULT_CSS = """
     LossCurves { min-height: 8; }
@@ -28,7 +39,7 @@ class LossCurves(PlotextPlot):
         plt.clear_data()
         plt.clear_figure()
         keys = curve_keys(rows)
-        plt.title("loss per epoch" if keys else "no metrics yet")
+        plt.title(curve_title(keys))
         plt.xlabel("epoch")
         for key in keys:
             points = [(r.get("epoch", i + 1), r[key]) for i, r in enumerate(rows)

@@ -16,6 +16,7 @@ from textual.widget import Widget
 LOW = (24, 30, 80)  # rarely used: dark blue
 HIGH = (250, 220, 60)  # most used in its level: yellow
 LABEL_W = 4  # "L1  "
+NO_USAGE = "no codebook usage yet (it comes with each epoch's metrics)"
 
 
 def shade(t: float) -> Color:
@@ -54,6 +55,7 @@ class CodebookHeatmap(Widget):
     usage: reactive[list[list[float]]] = reactive(list, layout=True)
     epoch: reactive[int | None] = reactive(None)
     group: int = 1  # codes summed in each count
+    empty: reactive[str] = reactive(NO_USAGE)  # what it says with no usage
 
     def set_usage(self, usage: list[list[float]], epoch: int | None, group: int = 1) -> None:
         """Per level, code counts; ``group``: codes summed in each count (large codebooks)."""
@@ -66,7 +68,7 @@ class CodebookHeatmap(Widget):
 
     def render(self) -> Text:
         if not self.usage:
-            return Text("no codebook usage yet (it comes with each epoch's metrics)", style="dim")
+            return Text(self.empty, style="dim")
         width = max(8, self.content_size.width - LABEL_W)
         codes = len(self.usage[0]) * self.group
         per = max(1, math.ceil(len(self.usage[0]) / width)) * self.group
