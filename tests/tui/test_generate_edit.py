@@ -438,3 +438,22 @@ async def test_refreshing_the_models_keeps_the_one_chosen() -> None:
         gen.set_models([("new.distill", "ef" * 32)])  # gone: the first one listed
         await pilot.pause()
         assert select.value == "ef" * 32
+
+
+async def test_enter_in_the_sound_field_encodes_into_the_grid_one_came_from() -> None:
+    """Before: enter in the editor's sound field did nothing (the generate screen's fields take
+    it); only `o` on a grid encoded."""
+    app = DistillApp("tcp://127.0.0.1:1", connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("e")
+        ed = app.screen
+        assert isinstance(ed, EditorScreen)
+        ed.set_models([("drums.distill", "ab" * 32)])
+        app.last_generated = ([np.zeros(4800, dtype=np.float32)], 48_000)
+        await pilot.press("tab")  # grid A (focused at first) to grid B
+        assert app.focused is ed.grid(1)
+        ed.query_one("#source", Input).focus()
+        await pilot.press(*"gen:0", "enter")
+        status = ed.query_one("#edit-status")
+        await until(pilot, lambda: "encoding gen:0 into B" in str(status.render()), 10,
+                    what="the encode", detail=lambda: str(status.render()))

@@ -356,3 +356,25 @@ async def test_a_prior_job_says_why_it_has_no_codebooks_and_plots_bits() -> None
                               "metrics": []}, [])
         await pilot.pause()
         assert "it comes with each epoch's metrics" in str(heatmap.render())
+
+
+def test_the_help_lists_every_key_of_the_editor_and_its_grid() -> None:
+    """The editor's footer shows the first of its keys at 80 columns; `?` must list them all
+    (it lacked home and end, and enter in the sound field)."""
+    from textual.binding import Binding
+
+    from distill.tui.screens.editor import EditorScreen
+    from distill.tui.screens.help import HELP
+    from distill.tui.widgets.codegrid import CodeGridView
+
+    rows = " ".join(line for line in HELP.splitlines() if "editor" in line)
+    for binding in [*EditorScreen.BINDINGS, *CodeGridView.BINDINGS]:
+        assert isinstance(binding, Binding)
+        key = binding.key.split(",")[0].removeprefix("shift+")
+        if key in ("left", "right", "up", "down"):
+            assert "arrows / shift+arrows" in rows
+        elif key != "question_mark":  # `?` opens this help
+            shown = {"plus": "+", "minus": "-"}.get(key, key)
+            assert f"`{shown}`" in rows, key
+    rows = [line for line in HELP.splitlines() if "editor" in line]
+    assert any("`enter`" in r for r in rows)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
@@ -62,20 +62,24 @@ Job = Callable[[], Awaitable[None]]
 
 class EditorScreen(DistillScreen):
     AUTO_FOCUS = "#grid-a"
+    # Short descriptions, the keys of the encode-edit-listen loop first, and `?` ahead of them:
+    # thirteen keys share the footer with the screens' and most were cut at 80 columns (`?`
+    # among them); the help lists every key in full.
     BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("question_mark", "app.help", "Help", key_display="?"),
         Binding("o", "encode", "Encode"),
-        Binding("plus,equals_sign", "bump(1)", "Code +1", key_display="+"),
-        Binding("minus", "bump(-1)", "Code -1", key_display="-"),
-        Binding("y", "copy", "Copy"),
-        Binding("v", "paste", "Paste"),
-        Binding("w", "swap", "Swap A/B"),
-        Binding("b", "blend", "Blend"),
-        Binding("a", "resample", "Resample"),
-        Binding("k", "keep_levels", "Keep k"),
+        Binding("plus,equals_sign", "bump(1)", "+1", key_display="+"),
+        Binding("minus", "bump(-1)", "-1", key_display="-"),
         Binding("u", "undo", "Undo"),
         Binding("r", "redo", "Redo"),
         Binding("p", "play", "Play"),
         Binding("x", "export", "Export"),
+        Binding("y", "copy", "Copy"),
+        Binding("v", "paste", "Paste"),
+        Binding("w", "swap", "Swap"),
+        Binding("b", "blend", "Blend"),
+        Binding("a", "resample", "Resample"),
+        Binding("k", "keep_levels", "Keep"),
     ]
 
     def __init__(self) -> None:
@@ -86,6 +90,7 @@ class EditorScreen(DistillScreen):
         self.jobs: asyncio.Queue[tuple[str, Job]] = asyncio.Queue()
         self.pending = 0  # jobs queued or running
         self.encoding: set[int] = set()  # grids with an encode queued or running
+        self.last_grid = 0  # the grid focused last (see active)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -134,7 +139,23 @@ class EditorScreen(DistillScreen):
     # --- which grid ---------------------------------------------------------------------------
     @property
     def active(self) -> int:
-        return 1 if self.focused is self.query_one("#grid-b", CodeGridView) else 0
+        """The grid a key acts on: the focused one, else the one focused last (enter in the
+        sound field encodes into the grid one came from)."""
+        if isinstance(self.focused, CodeGridView):
+            return 1 if self.focused is self.grid(1) else 0
+        return self.last_grid
+
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        if isinstance(event.widget, CodeGridView):
+            self.last_grid = 1 if event.widget is self.grid(1) else 0
+
+    @on(Input.Submitted, "#source")
+    def _source_submitted(self) -> None:
+        self.action_encode()  # as generate takes enter in its fields
+
+    @on(Input.Submitted, "#edit-export")
+    def _export_submitted(self) -> None:
+        self.action_export()
 
     def grid(self, i: int) -> CodeGridView:
         return self.query_one("#grid-b" if i else "#grid-a", CodeGridView)

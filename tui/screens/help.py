@@ -29,7 +29,9 @@ HELP = """\
 | `m` | generate | refresh the list of models |
 | `p` / `x` | generate | play the selected sound here / export all to the folder |
 | `o` | editor | encode the sound named in the field (a file, or `gen:N`) into the grid |
+| `enter` | editor sound field | encode it into the grid focused last (in the export field: export) |
 | arrows / shift+arrows | editor grid | move / select a region; `tab` moves to the other grid |
+| `home` `end` | editor grid | the cursor to the grid's first / last step |
 | `+` `-` | editor | change the code under the cursor |
 | `y` `v` `w` | editor | copy the selection, paste at the cursor, swap it with the other grid |
 | `b` `a` `k` | editor | blend with the other sound, resample the selection with the prior, keep the first k levels (k = cursor's level) |
