@@ -13,6 +13,7 @@ any call that finds the count above zero, so a stale reply is never taken for a 
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -27,6 +28,7 @@ from distill.shared.errors import (
     BAD_REQUEST,
     CANCELLED,
     EXPIRED,
+    ConfigError,
     DecodeError,
     RequestError,
     RequestTimeout,
@@ -35,14 +37,42 @@ from distill.shared.errors import (
 
 
 def broker_endpoint(host_or_endpoint: str | None = None, port: int = P.PORT_MDP) -> str:
-    """Accept ``tcp://host:port``, ``host:port`` or ``host``."""
+    """Accept ``tcp://host:port``, ``host:port`` or ``host``; ConfigError, naming the value,
+    for anything else (what ``--broker`` or ``$DISTILL_BROKER`` said): ZeroMQ refused
+    ``http://…`` or ``not a url`` with a ZMQError from deep in the first request, a traceback
+    out of every command and the UI."""
     if not host_or_endpoint:
         return f"tcp://{P.DEFAULT_HOST}:{port}"
     if "://" in host_or_endpoint:
-        return host_or_endpoint
-    if ":" in host_or_endpoint:
-        return f"tcp://{host_or_endpoint}"
-    return f"tcp://{host_or_endpoint}:{port}"
+        endpoint = host_or_endpoint
+    elif ":" not in host_or_endpoint or host_or_endpoint.endswith("]"):  # a host alone ([::1] too)
+        endpoint = f"tcp://{host_or_endpoint}:{port}"
+    else:
+        endpoint = f"tcp://{host_or_endpoint}"
+    why = _endpoint_problem(endpoint)
+    if why is not None:
+        raise ConfigError(f"broker address {host_or_endpoint!r} is not tcp://HOST:PORT (nor "
+                          f"HOST:PORT, nor HOST): {why}")  # fmt: skip
+    return endpoint
+
+
+# a host name or IPv4 address, or an IPv6 address in brackets (as ZeroMQ reads them)
+_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9._-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+(%[A-Za-z0-9]+)?\]")
+
+
+def _endpoint_problem(endpoint: str) -> str | None:
+    """Why ``endpoint`` is not ``tcp://HOST:PORT``, or None."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme != "tcp":
+        return f"{scheme}:// is not ZeroMQ's tcp://"
+    host, colon, number = rest.rpartition(":")
+    if not colon or not number:
+        return "no port after the host"
+    if not number.isdigit() or not 0 < int(number) < 65536:
+        return f"port {number!r} is not a number from 1 to 65535"
+    if not _HOST.fullmatch(host):
+        return f"{host!r} is not a host name or address" if host else "no host"
+    return None
 
 
 def events_endpoint(mdp_endpoint: str, direction: str = "out") -> str:

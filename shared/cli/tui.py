@@ -5,6 +5,7 @@ imported by module path when the command runs, never at import time."""
 
 from __future__ import annotations
 
+import errno
 import importlib
 import shlex
 import sys
@@ -44,12 +45,43 @@ def tui(
     port: int = typer.Option(8000, help="With --serve: HTTP port."),
 ) -> None:
     """The terminal UI: dashboard, datasets, training (keyboard first; ? for help)."""
+    from distill.shared.bus.core import broker_endpoint
+    from distill.shared.errors import DistillError
+
+    try:
+        broker_endpoint(broker)  # a malformed address in one line, not a traceback from the UI
+    except DistillError as e:
+        fail(str(e))
     if not serve:
         _entry()(broker)
         return
+    problem = listen_problem(host, port)
+    if problem is not None:
+        fail(problem)
     try:
         from textual_serve.server import Server
     except ImportError:
         fail("--serve needs textual-serve: pip install 'distill[serve]'")
     typer.echo(f"serving the Distill UI on http://{host}:{port} (Ctrl-C stops)")
-    Server(serve_command(broker), host=host, port=port, title="Distill").serve()
+    try:
+        Server(serve_command(broker), host=host, port=port, title="Distill").serve()
+    except OSError as e:  # taken since listen_problem looked
+        fail(f"--serve: cannot listen on {host}:{port}: {e.strerror or e}")
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on ``host``:``port`` (taken by another program, a host
+    not of this machine), or None: said in one line before it starts (aiohttp's bind error was
+    a 50-line traceback)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            probe.bind(address)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return f"--serve: port {port} on {host} is in use by another program: give another with --port"
+        return f"--serve: cannot listen on {host}:{port}: {e.strerror or e}"
+    return None

@@ -15,8 +15,8 @@ from distill.shared.bus.artifacts import ArtifactClient
 from distill.shared.bus.cache import ArtifactCache
 from distill.shared.bus.client import Client
 from distill.shared.bus.codec import pack
-from distill.shared.bus.core import ReplyLedger, decode_reply
-from distill.shared.errors import ARTIFACT, CANCELLED, RequestError
+from distill.shared.bus.core import ReplyLedger, broker_endpoint, decode_reply
+from distill.shared.errors import ARTIFACT, CANCELLED, ConfigError, RequestError
 from tests.conftest import free_port_block
 
 pytestmark = pytest.mark.integration
@@ -138,3 +138,31 @@ def test_reply_ledger_counts_owed_replies() -> None:
     assert not ledger.clean
     ledger.reset()
     assert ledger.clean
+
+
+@pytest.mark.parametrize(("given", "endpoint"), [
+    (None, "tcp://127.0.0.1:5555"), ("gpu-box", "tcp://gpu-box:5555"),
+    ("gpu-box:6000", "tcp://gpu-box:6000"), ("tcp://10.0.0.7:5555", "tcp://10.0.0.7:5555"),
+    ("[::1]", "tcp://[::1]:5555"), ("[::1]:6000", "tcp://[::1]:6000"),
+    ("tcp://[fe80::1%eth0]:5555", "tcp://[fe80::1%eth0]:5555"),
+])
+def test_a_broker_address_is_read_as_tcp_host_port(given: str | None, endpoint: str) -> None:
+    assert broker_endpoint(given) == endpoint
+
+
+@pytest.mark.parametrize(("given", "why"), [
+    ("http://127.0.0.1:18750", "http:// is not ZeroMQ's tcp://"),
+    ("not a url", "'not a url' is not a host name or address"),
+    ("tcp://gpu-box", "no port after the host"),
+    ("gpu-box:99999", "port '99999' is not a number from 1 to 65535"),
+    ("tcp://:5555", "no host"),
+])
+def test_a_malformed_broker_address_is_refused_naming_it(given: str, why: str) -> None:
+    """Before: taken as it was, and ZeroMQ refused it in the first request with a ZMQError
+    (a traceback out of every command and the UI)."""
+    with pytest.raises(ConfigError) as refused:
+        broker_endpoint(given)
+    assert str(refused.value) == (f"broker address {given!r} is not tcp://HOST:PORT (nor HOST:PORT, "
+                                  f"nor HOST): {why}")  # fmt: skip
+    with pytest.raises(ConfigError):
+        Client(given)  # where a client is made from --broker or $DISTILL_BROKER
