@@ -258,10 +258,15 @@ async def test_a_failed_jobs_reason_is_shown_whole_on_the_training_and_dataset_s
         await pilot.press("s")
         dataset = app.screen
         assert isinstance(dataset, DatasetScreen)
+        dataset.show_event("j-2", {"type": "progress", "done": 3, "total": 3, "fraction": 1.0})
         dataset.show_record({"id": "j-2", "status": "failed", "error": "no audio: " + "x" * 100
                              + " THE-END"})  # fmt: skip
         await pilot.pause()
         assert "THE-END" in screen_text(app)
+        assert "100%" not in screen_text(app)  # every file read, then failed: not shown done
+        dataset.show_step("uploading 1/2: a.wav", 0.0)  # the next upload shows its bar again
+        await pilot.pause()
+        assert "0%" in screen_text(app)
 
 
 def test_a_sound_not_played_is_kept_where_the_notice_says_until_exit(tmp_path: Path) -> None:

@@ -144,7 +144,9 @@ class DatasetScreen(DistillScreen):
         # it quotes file names and errors: control characters shown, not acted on
         self.query_one("#dataset-status", Static).update(escaped(text, lines=True))
         if fraction is not None:
-            self.query_one("#progress", ProgressBar).update(total=1.0, progress=fraction)
+            bar = self.query_one("#progress", ProgressBar)
+            bar.update(total=1.0, progress=fraction)
+            bar.display = True
 
     def show_event(self, job_id: str, event: dict[str, Any]) -> None:
         if event.get("type") == "progress":
@@ -158,6 +160,8 @@ class DatasetScreen(DistillScreen):
     def show_record(self, record: dict[str, Any]) -> None:
         if record.get("status") != "succeeded":
             self.show_step(f"preprocess job {record['id']} {record['status']}", None)
+            # a bar left full (every file read, then the job failed) would read as done
+            self.query_one("#progress", ProgressBar).display = False
             self.query_one("#dataset-error", Reason).show(str(record.get("error") or "no reason given"))
             return
         result = record.get("result") or {}
