@@ -390,7 +390,7 @@ class PriorStepper:
         q, k = self.prior.config.levels, self.prior.config.codebook_size
         if self.decay and prefix is None:
             state.cache = torch.zeros(batch, q, k, device=h.device)
-        elif self.decay:  # step s of T0 weighs decay^(T0-1-s)
+        elif self.decay and prefix is not None:  # step s of T0 weighs decay^(T0-1-s)
             # summed on the CPU: a GPU's scatter_add_ adds a code's repeats in any order
             # (atomics), and the same seed would not draw the same continuation twice
             t0, cpu = prefix.shape[2], torch.device("cpu")
