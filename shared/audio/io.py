@@ -12,7 +12,8 @@ The path from file to model input, in :func:`prepare_audio`:
 3. reject files whose peak is below the silence threshold (dBFS);
 4. trim leading and trailing silence: samples more than ``threshold`` dB below the file's own
    peak, keeping a few milliseconds before the onset so attacks stay whole; silence that sits
-   at a constant offset (DC) is judged as it stands from the offset, which is then removed;
+   at a constant offset (DC) is judged as it stands from the offset, which is then removed
+   (:func:`trim_to_sound`);
 5. resample to the model rate with ``torchaudio.functional.resample``;
 6. normalise the peak to -1 dBFS (see :func:`normalise` for why peak and not RMS).
 
@@ -348,7 +349,11 @@ def silence_offset(audio: torch.Tensor, sample_rate: int, floor: float) -> float
     swings through far more than half its level (of the 148 percussion and texture files, no
     end passes for an offset), and an end within ``floor`` of zero is silent as it is: a file
     without an offset gets 0.0 and is judged exactly as before offsets were looked for."""
-    found = [v for v in _edge_levels(audio, sample_rate, floor) if v]
+    return _offset(_edge_levels(audio, sample_rate, floor))
+
+
+def _offset(levels: list[float | None]) -> float:
+    found = [v for v in levels if v]
     return sum(found) / len(found) if found else 0.0
 
 
@@ -356,10 +361,11 @@ def edge_offsets(audio: torch.Tensor, sample_rate: int, floor: float) -> tuple[f
     """What the start and the end of ``audio`` are judged silent against (:func:`trim_silence`):
     (0.0, 0.0) unless one sits at an offset (:func:`silence_offset`); then each end's own
     level, an end with sound in it (the DC under it) the offset."""
-    offset = silence_offset(audio, sample_rate, floor)
+    levels = _edge_levels(audio, sample_rate, floor)  # (looked at once)
+    offset = _offset(levels)
     if not offset:
         return 0.0, 0.0
-    head, tail = (offset if v is None else v for v in _edge_levels(audio, sample_rate, floor))
+    head, tail = (offset if v is None else v for v in levels)
     return head, tail
 
 
@@ -374,15 +380,41 @@ def trim_silence(
     as much of its tail as a loud one. Keeps ``ONSET_MARGIN_S`` before the first loud sample
     and ``TAIL_MARGIN_S`` after the last. An end whose silence sits at an offset (DC, see
     :func:`edge_offsets`) is judged by how far each sample stands from that offset; the offset
-    itself stays (:func:`prepare_audio` removes it). An all-zero input, or one of nothing but
+    itself stays (:func:`trim_to_sound` removes it). An all-zero input, or one of nothing but
     an offset, is returned unchanged.
     """
+    return _trim(audio, sample_rate, threshold_db)[0]
+
+
+def trim_to_sound(
+    audio: torch.Tensor,
+    sample_rate: int,
+    threshold_db: float = DEFAULT_SILENCE_THRESHOLD_DB,
+) -> torch.Tensor:
+    """:func:`trim_silence`, then the levels its ends' silence sat at taken off, along the line
+    from the start's to the end's, so that the sound starts and ends at zero.
+
+    The offset is inaudible and the mel features cannot carry it; kept, the sound would start
+    and end with a step to it (a click, at every chunk's padding). Taken off whole where only one
+    end sat at it, it would make that step at the other end (a clean start then began at -0.05);
+    along the line, an end that was clean stays as it was. A file whose ends are both clean (all
+    148 percussion and texture files) is returned as :func:`trim_silence` returns it, bit for bit.
+    """
+    trimmed, head, tail = _trim(audio, sample_rate, threshold_db)
+    if not (head or tail):
+        return trimmed
+    return trimmed - torch.linspace(head, tail, trimmed.shape[-1], dtype=trimmed.dtype)
+
+
+def _trim(audio: torch.Tensor, sample_rate: int, threshold_db: float) -> tuple[torch.Tensor, float, float]:
+    """:func:`trim_silence`'s cut, and the levels (:func:`edge_offsets`) it judged the start
+    and the end against."""
     if threshold_db >= 0:
         raise ValueError(f"threshold_db must be negative, got {threshold_db}")
     level = audio.abs()
     peak = float(level.max()) if audio.numel() else 0.0
     if peak == 0.0:
-        return audio
+        return audio, 0.0, 0.0
     head, tail = edge_offsets(audio, sample_rate, peak * db_to_amplitude(threshold_db))
     lead = (audio - head).abs() if head else level
     trail = (audio - tail).abs() if tail else level
@@ -391,11 +423,11 @@ def trim_silence(
     floor = peak * db_to_amplitude(threshold_db)
     loud_lead, loud_trail = torch.nonzero(lead >= floor), torch.nonzero(trail >= floor)
     if peak == 0.0 or not len(loud_lead) or not len(loud_trail):  # nothing but the offset
-        return audio
+        return audio, 0.0, 0.0
     first, last = int(loud_lead[0, 0]), int(loud_trail[-1, 0])
     start = max(0, first - round(ONSET_MARGIN_S * sample_rate))
     stop = min(audio.shape[-1], last + 1 + round(TAIL_MARGIN_S * sample_rate))
-    return audio[start:stop]
+    return audio[start:stop], head, tail
 
 
 def trim_tail(audio: np.ndarray, sample_rate: int, under_peak_db: float, keep: int = 0
@@ -524,17 +556,9 @@ def prepare_audio(
             f"{decoded.name}: all silent (peak {shown} dBFS is below the "
             f"{silence_threshold_db:g} dBFS silence threshold)"
         )
-    trimmed = trim_silence(mono, decoded.sample_rate, silence_threshold_db)
-    # The offset its silence sat at is taken off the sound too: it is inaudible, the mel
-    # features cannot carry it, and kept, the sound would start and end with a step to it (a
-    # click, at every chunk's padding). Only a file whose edges sit at an offset loses it: any
-    # other file's samples are as before, bit for bit, and so are the datasets made of them.
-    # (Codes already made of an offset file stay theirs: a continued sound's recipe holds
-    # the codes it kept.)
-    floor = float(mono.abs().max()) * db_to_amplitude(silence_threshold_db)  # as trimmed
-    offset = silence_offset(mono, decoded.sample_rate, floor)
-    if offset:
-        trimmed = trimmed - offset
+    # (an offset its silence sat at is taken off: see trim_to_sound. Codes already made of an
+    # offset file stay theirs: a continued sound's recipe holds the codes it kept.)
+    trimmed = trim_to_sound(mono, decoded.sample_rate, silence_threshold_db)
     audio = resample(trimmed, decoded.sample_rate, sample_rate)
     return normalise(audio, normalisation).contiguous()
 

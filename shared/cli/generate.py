@@ -50,10 +50,6 @@ TrimOpt = typer.Option(
     "off, every sound exactly its length.",
 )  # fmt: skip
 ForceOpt = typer.Option(False, "--force", help="Replace the output file if it exists.")
-# An input sound's length is checked against MAX_SECONDS after its silence is trimmed; a header
-# that states more than this much longer is refused before anything is decoded (a 10-minute
-# 192 kHz file took 4.5 GB to decode, trim and resample just to be refused).
-INPUT_SLACK_S = 60.0
 
 
 def _load(path: Path, device: str) -> Any:
@@ -333,14 +329,14 @@ def _codes_of(path: Path, model: Any, name: str) -> Any:
 
 def _sound(path: Path, model: Any, name: str = "") -> Any:
     """The sound ``path`` prepared as for training, at the model's rate: (samples,). One whose
-    header states far more than MAX_SECONDS (INPUT_SLACK_S for the silence trimmed) is refused
+    header states far more than MAX_SECONDS (inf.INPUT_SLACK_S for the silence trimmed) is refused
     before a sample is decoded; the exact check is ``inference.model_audio``'s, after the trim.
     An error names ``name`` (the option) and the file unless it names the file already."""
     from distill.shared.audio.io import load_audio, stated_duration_s
     from distill.shared.errors import DistillError
     from distill.shared.model import inference as inf
 
-    rate, most = model.mel_config.sample_rate, inf.MAX_SECONDS + INPUT_SLACK_S
+    rate, most = model.mel_config.sample_rate, inf.MAX_SECONDS + inf.INPUT_SLACK_S
     try:
         stated = stated_duration_s(path)
         if stated is not None and stated > most:

@@ -51,6 +51,10 @@ from distill.shared.model.vqvae import SEARCH_CANDIDATES
 # preview`, a percussion model): 1.7 GB at its peak, ~0.9 GB of it the process with the model
 # loaded; the decoder and Griffin-Lim's batch (see RENDER_FRAMES) hold the rest. -n 1: ~1.3 GB.
 MAX_SECONDS = 60.0
+# An input sound's length is checked against MAX_SECONDS after its silence is trimmed; a header
+# that states more than this much longer is refused before anything is decoded (a 10-minute
+# 192 kHz file took 4.5 GB to decode, trim and resample just to be refused).
+INPUT_SLACK_S = 60.0
 # The shortest sound asked for anew (the CLI, the inference worker's ops): a request of a few
 # ms drew one code step, which renders as a single sample (a click). Recipes of shorter sounds
 # written before still replay.

@@ -324,6 +324,12 @@ async def test_a_sound_too_long_for_the_editor_is_refused_with_its_limit(tmp_pat
             assert "submit a job" not in said and not ed.encoding
     audio, got_rate, name = file_audio(tmp_path / "quiet70.wav")  # 70 s, 50 of them sound: encoded
     assert got_rate == rate and name == "quiet70.wav" and 50 <= audio.size / rate < 50.2
+    # as `distill encode` prepares it: silence at a DC offset trimmed, the offset taken off
+    hit = tone[: rate // 5] * np.exp(-np.arange(rate // 5) / 300.0).astype(np.float32)
+    soundfile.write(tmp_path / "dc.wav", np.concatenate([hit, np.zeros(2 * rate, np.float32)]) + 0.05,
+                    rate, subtype="FLOAT")  # fmt: skip
+    audio, _, _ = file_audio(tmp_path / "dc.wav")
+    assert audio.size < 0.25 * rate and abs(float(audio[-1])) < 1e-3
 
 
 async def test_the_generate_screen_lists_several_sounds_at_80x24() -> None:

@@ -383,3 +383,19 @@ def test_the_help_lists_every_key_of_the_editor_and_its_grid() -> None:
             assert f"`{shown}`" in rows, key
     rows = [line for line in HELP.splitlines() if "editor" in line]
     assert any("`enter`" in r for r in rows)
+
+
+async def test_every_screens_notices_are_plain_text() -> None:
+    """Notices quote file and model names, job errors and the broker's words: each call
+    passed markup=False, and one that did not crashed the app on a name holding "[/red]".
+    Every screen's notice is now plain text unless it asks for markup."""
+    from tests.tui.conftest import notices
+
+    app = DistillApp("tcp://gpu-box:5555", connect=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        for key in ("g", "e", "s", "t"):
+            await pilot.press(key)
+            app.screen.notify(f"{key}: kit [/red]evil.distill [b]x[/b]")
+            await pilot.pause()
+            assert f"{key}: kit [/red]evil.distill [b]x[/b]" in notices(app)
+        assert not any(n.markup for n in app._notifications)  # shown as written, never parsed

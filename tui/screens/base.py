@@ -12,6 +12,8 @@ from textual.widgets import Select
 from distill.shared.ids import escaped
 
 if TYPE_CHECKING:
+    from textual.notifications import SeverityLevel
+
     from distill.tui.app import DistillApp
 
 
@@ -40,9 +42,14 @@ class DistillScreen(Screen[None]):
             raise DistillError(f"no {service} worker is registered with the broker: start one "
                                f"(`distill up`, or `distill worker {service.rsplit('.', 1)[-1]}`)")
 
+    def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
+               timeout: float | None = None, markup: bool = False) -> None:
+        """Textual's notice, plain text by default: notices quote file and model names, job
+        errors and the broker's words ("[/red].wav" crashed the app), and none needs markup."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+
     def notify_error(self, what: str, error: Any) -> None:
-        # markup off: an error may quote a file or model name ("[/red].wav" crashed the app)
-        self.notify(f"{what}: {error}", severity="error", timeout=8, markup=False)
+        self.notify(f"{what}: {error}", severity="error", timeout=8)
 
     @staticmethod
     def fill_models(select: Select[str], models: list[tuple[str, str]]) -> None:

@@ -90,7 +90,7 @@ class DatasetScreen(DistillScreen):
             return
         folder = Path(raw).expanduser()
         if not folder.is_dir():
-            self.notify(f"{folder}: not a folder on this machine", severity="error", markup=False)
+            self.notify(f"{folder}: not a folder on this machine", severity="error")
             return
         self.query_one("#manifest", DataTable).clear()
         self.query_one("#dataset-error", Reason).show("")  # the last upload's
@@ -120,7 +120,7 @@ class DatasetScreen(DistillScreen):
                                    for p, why in skipped[:20])
                 more = f"; and {len(skipped) - 20} more" if len(skipped) > 20 else ""
                 call(self.notify, f"{len(skipped)} left out of {folder}: {listed}{more}",
-                     severity="warning", timeout=15, markup=False)
+                     severity="warning", timeout=15)
             if not paths:
                 raise DistillError(f"{folder}: no files in this folder")
             with Client(self.distill.endpoint, timeout_s=60.0) as c:

@@ -476,7 +476,7 @@ class EditorScreen(DistillScreen):
         from distill.tui.playback import play_audio
 
         # markup off: the message quotes a file's path and a player's own words
-        self.app.call_from_thread(self.notify, play_audio(audio, rate), markup=False)
+        self.app.call_from_thread(self.notify, play_audio(audio, rate))
 
     def action_export(self) -> None:
         def run() -> None:
@@ -519,14 +519,14 @@ class EditorScreen(DistillScreen):
 
 def file_audio(path: Path) -> tuple[np.ndarray, int, str]:
     """A file here as the editor encodes it, as ``distill encode`` prepares one: mono, its
-    leading and trailing silence trimmed, at most MAX_SECONDS once trimmed (the worker's
+    leading and trailing silence trimmed (and a DC offset it sat at taken off), not
+    normalised, at most MAX_SECONDS once trimmed (the worker's
     bound), at its own rate; (samples,), the rate, its name. Past the bound it says so: the
     request was refused by its size instead, with advice ("submit a job") that is not the UI's."""
     import torch
 
-    from distill.shared.audio.io import read_audio, stated_duration_s, trim_silence
-    from distill.shared.cli.generate import INPUT_SLACK_S
-    from distill.shared.model.inference import MAX_SECONDS
+    from distill.shared.audio.io import read_audio, stated_duration_s, trim_to_sound
+    from distill.shared.model.inference import INPUT_SLACK_S, MAX_SECONDS
 
     limit = f"the editor encodes at most {MAX_SECONDS:g} s of a sound once its silence is trimmed"
     stated = stated_duration_s(path)
@@ -534,7 +534,7 @@ def file_audio(path: Path) -> tuple[np.ndarray, int, str]:
         raise DistillError(f"{path.name}: {stated:.1f} s long; {limit}")
     decoded = read_audio(path, max_s=MAX_SECONDS + INPUT_SLACK_S)
     mono = torch.from_numpy(np.ascontiguousarray(decoded.samples.mean(axis=0)))  # (samples,)
-    trimmed = trim_silence(mono, decoded.sample_rate).numpy()
+    trimmed = trim_to_sound(mono, decoded.sample_rate).numpy()  # (a DC offset taken off too)
     if trimmed.size > MAX_SECONDS * decoded.sample_rate:
         raise DistillError(f"{path.name}: {trimmed.size / decoded.sample_rate:.1f} s once its "
                            f"silence is trimmed; {limit}")  # fmt: skip

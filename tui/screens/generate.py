@@ -185,7 +185,7 @@ class GenerateScreen(DistillScreen):
         from distill.tui.playback import play_audio
 
         # markup off: the message quotes a file's path and a player's own words
-        self.app.call_from_thread(self.notify, play_audio(audio, rate), markup=False)
+        self.app.call_from_thread(self.notify, play_audio(audio, rate))
 
     @on(Button.Pressed, "#export")
     def action_export(self) -> None:
@@ -208,7 +208,7 @@ class GenerateScreen(DistillScreen):
                 self.notify_error("export", e)
                 return
         self.status(f"exported {len(written)} sounds to {written[0].parent} — {_player_line()}")
-        self.notify(f"exported {len(written)} sounds to {written[0].parent}", markup=False)
+        self.notify(f"exported {len(written)} sounds to {written[0].parent}")
 
 
 def field_name(key: str) -> str:

@@ -370,7 +370,7 @@ class TrainingScreen(DistillScreen):
 
     def follow_pipeline(self, job_ids: list[str]) -> None:
         """Show the first stage; each next stage is shown when the one before succeeds."""
-        self.notify("submitted " + ", ".join(job_ids), markup=False)
+        self.notify("submitted " + ", ".join(job_ids))
         self.pipeline = list(job_ids)
         self.query_one(TabbedContent).active = "tab-curves"
         self.show_job(job_ids[0])
@@ -395,7 +395,7 @@ class TrainingScreen(DistillScreen):
             self.record.update({k: v for k, v in now.items() if k != "metrics"})
         self._draw_line()
         self.notify(f"{job_id}: {record['status']}"
-                    + (" (cancel requested)" if record.get("cancel_requested") else ""), markup=False)
+                    + (" (cancel requested)" if record.get("cancel_requested") else ""))
 
     @work(group="actions")
     async def action_cancel(self) -> None:
@@ -417,7 +417,7 @@ class TrainingScreen(DistillScreen):
     def play(self, sha256: str) -> None:
         message = play_artifact(self.distill.endpoint, sha256)
         # markup off: the message may quote the broker's error or a player's own words
-        self.app.call_from_thread(self.notify, message, markup=False)
+        self.app.call_from_thread(self.notify, message)
 
 
 def form_words(message: str) -> str:

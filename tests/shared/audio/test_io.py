@@ -220,6 +220,25 @@ def test_silence_at_a_dc_offset_is_trimmed_and_the_offset_removed() -> None:
         prepare_audio(read_audio(encode(hiss, subtype="FLOAT"), name="hiss.wav"), SR)
 
 
+def test_an_offset_at_one_end_only_leaves_the_clean_end_as_it_was() -> None:
+    """A clean lead-in, a hit, then silence at +0.05 (a converter's bias after the sound): the
+    offset taken off the whole sound made the clean start begin at -0.05, the step to it (a
+    click) that taking it off was meant to prevent. Along the line from end to end, both ends
+    are at zero (within a thousandth), and no sample moves by more than the offset."""
+    lead_in = np.zeros(round(0.1 * SR), np.float32)
+    tail = np.full(SR, 0.05, np.float32)
+    whole = np.concatenate([lead_in, _hit()[: round(0.2 * SR)], tail])
+    decoded = read_audio(encode(whole, subtype="FLOAT"), name="x.wav")
+    got = prepare_audio(decoded, SR, normalisation="none")
+    kept = trim_silence(to_mono(decoded.samples), SR)  # the same cut, the offset still on
+    assert len(got) == len(kept) < 0.25 * SR
+    edge = round(0.002 * SR)  # the first and the last 2 ms
+    # (the line rises 0.05 over the sound's ~10k samples: under 1e-3 in its first 2 ms)
+    assert float(got[:edge].abs().max()) < 1e-3, "the clean start was moved (it began at -0.05)"
+    assert float(got[-edge:].abs().max()) < 1e-3, "the offset end was left on"
+    assert float((got - kept).abs().max()) <= 0.05 + 1e-6
+
+
 def test_sounds_without_an_offset_are_prepared_as_before() -> None:
     """The offset is looked for at a file's still, loud edges only: no real sound's edge is one
     (sound swings), so every other file's samples and datasets stay what they were."""
