@@ -334,6 +334,14 @@ class Subscription:
         self.client = Client(endpoint, timeout_s=timeout_s, context=self.ctx, security=security)
         self.topics = topics or [""]
         self.sub = self.ctx.socket(zmq.SUB)
+        self._drops: zmq.Socket | None = None
+        try:  # a subscription that cannot start leaves no socket open behind it
+            self._start(events, timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, events: str | None, timeout_s: float) -> None:
         apply_client(self.sub, self.client.security)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, P.SOCKET_HWM)
@@ -351,8 +359,7 @@ class Subscription:
         self.sub.setsockopt(zmq.UNSUBSCRIBE, hello.encode())
         self._pending: list[dict[str, Any]] = []
         # after the first hello: a disconnect from here on means events may have been missed
-        self._drops: zmq.Socket | None = self.sub.get_monitor_socket(
-            DROPPED, addr=drop_monitor_address())
+        self._drops = self.sub.get_monitor_socket(DROPPED, addr=drop_monitor_address())
         self._resync: bytes | None = None  # the hello awaited after a disconnect
         self._held: list[dict[str, Any]] = []  # stream events that came while it was awaited
         self._take_snapshot()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from distill.broker.hub import EventHub
 from distill.broker.loop import Broker, BrokerConfig
@@ -17,6 +18,7 @@ from distill.broker.main import build_broker
 from distill.shared.bus.aclient import AsyncClient
 from distill.shared.bus.client import Client, Subscription
 from distill.shared.bus.codec import pack
+from distill.shared.errors import RequestTimeout
 from tests.conftest import free_port_block
 
 pytestmark = pytest.mark.integration
@@ -232,3 +234,20 @@ def test_a_snapshot_skips_an_event_too_big_for_it_and_keeps_the_rest(
     snap = hub.snapshot(["worker."])
     assert [e["topic"] for e in snap["events"]] == ["worker.w0", "worker.w1", "worker.w2"]
     assert snap["truncated"]
+
+
+def test_a_subscription_that_cannot_start_leaves_no_socket_open() -> None:
+    """Before: a subscription refused at its start (no broker there) raised from its
+    constructor with its SUB socket and its client's socket still open (nothing could close
+    them): a context holding them never terminates."""
+    ctx = zmq.Context()
+    with pytest.raises(RequestTimeout) as caught:  # (BrokerUnreachable: nothing listens there)
+        Subscription(f"tcp://127.0.0.1:{free_port_block()}", ["job."], context=ctx, timeout_s=5,
+                     security=None)  # fmt: skip
+    # the error a caller holds (its traceback holds the half-made subscription) must not hold
+    # sockets open: only garbage collection closed them
+    ended = threading.Thread(target=ctx.term, daemon=True)
+    ended.start()
+    ended.join(5)
+    assert not ended.is_alive(), "sockets were left open"
+    assert caught.value is not None
