@@ -39,3 +39,16 @@ async def until(pilot: Any, predicate: Callable[[], Any], timeout_s: float = 30.
 def notices(app: Any) -> list[str]:
     """The messages of the app's notifications (toasts) still shown."""
     return [n.message for n in app._notifications]
+
+
+async def fed_training(app: Any, record: dict[str, Any], previews: list[dict[str, Any]] | None = None) -> Any:
+    """The training screen of ``record``'s job, opened with no broker behind it: its history
+    request cancelled and the record (and ``previews``) fed instead. The screen."""
+    from distill.tui.screens.training import TrainingScreen
+
+    await app.open_training(record["id"])
+    screen = app.screen
+    assert isinstance(screen, TrainingScreen)
+    screen.workers.cancel_group(screen, "history")
+    screen.apply_history(record, previews or [])
+    return screen

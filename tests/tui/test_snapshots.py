@@ -15,8 +15,8 @@ from distill.tui.app import DistillApp
 from distill.tui.screens.dataset import DatasetScreen
 from distill.tui.screens.editor import EditorScreen
 from distill.tui.screens.generate import GenerateScreen
-from distill.tui.screens.training import TrainingScreen
 from distill.tui.widgets.waveform import Waveform
+from tests.tui.conftest import fed_training
 
 SIZES = [(80, 24), (160, 48)]
 ENDPOINT = "tcp://gpu-box:5555"
@@ -99,14 +99,10 @@ async def feed_dataset(pilot: Pilot[None]) -> None:
 async def feed_training(pilot: Pilot[None], tab: str) -> None:
     app = pilot.app
     assert isinstance(app, DistillApp)
-    await app.open_training("j-7f3a")
-    screen = app.screen
-    assert isinstance(screen, TrainingScreen)
-    screen.workers.cancel_group(screen, "history")  # no broker here: feed the record instead
-    screen.apply_history({"id": "j-7f3a", "service": "distill.train.vqvae", "status": "running",
-                          "progress": {"fraction": 0.4, "eta_s": 144.0}, "metrics": metric_rows()},
-                         [{"sha256": "cd" * 32, "name": "epoch0004-0-original.wav"},
-                          {"sha256": "ef" * 32, "name": "epoch0004-0-reconstruction.wav"}])
+    screen = await fed_training(app, {"id": "j-7f3a", "service": "distill.train.vqvae", "status": "running",
+                                      "progress": {"fraction": 0.4, "eta_s": 144.0}, "metrics": metric_rows()},
+                                [{"sha256": "cd" * 32, "name": "epoch0004-0-original.wav"},
+                                 {"sha256": "ef" * 32, "name": "epoch0004-0-reconstruction.wav"}])  # fmt: skip
     screen.query_one(TabbedContent).active = tab
     await settle(pilot)
 

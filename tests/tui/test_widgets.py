@@ -14,6 +14,7 @@ from distill.tui.screens.training import TrainingScreen
 from distill.tui.widgets.curves import curve_keys
 from distill.tui.widgets.heatmap import bin_counts, heat_line
 from distill.tui.widgets.waveform import column_peaks, thumbnail
+from tests.tui.conftest import fed_training
 
 
 def test_curves_pick_the_vqvae_losses_and_the_priors_bits_with_baselines() -> None:
@@ -207,12 +208,8 @@ async def test_the_codebooks_tab_scrolls_to_every_level_at_80x24() -> None:
 
     app = DistillApp("tcp://gpu-box:5555", connect=False)
     async with app.run_test(size=(80, 24)) as pilot:
-        await app.open_training("j-1")
-        screen = app.screen
-        assert isinstance(screen, TrainingScreen)
-        screen.workers.cancel_group(screen, "history")  # no broker: the record is fed
-        screen.apply_history({"id": "j-1", "service": "distill.train.vqvae", "status": "running",
-                              "metrics": metric_rows(epochs=3, levels=12, codes=512)}, [])
+        screen = await fed_training(app, {"id": "j-1", "service": "distill.train.vqvae", "status": "running",
+                                          "metrics": metric_rows(epochs=3, levels=12, codes=512)})
         screen.query_one(TabbedContent).active = "tab-codebooks"
         await pilot.pause(0.2)
         heatmap = screen.query_one(CodebookHeatmap)
@@ -237,12 +234,8 @@ async def test_a_failed_jobs_reason_is_shown_whole_on_the_training_and_dataset_s
 
     app = DistillApp("tcp://gpu-box:5555", connect=False)
     async with app.run_test(size=(80, 24)) as pilot:
-        await app.open_training("j-1")
-        screen = app.screen
-        assert isinstance(screen, TrainingScreen)
-        screen.workers.cancel_group(screen, "history")  # no broker: the record is fed
-        screen.apply_history({"id": "j-1", "service": "distill.sleep", "status": "failed",
-                              "error": LONG_ERROR, "metrics": []}, [])
+        screen = await fed_training(app, {"id": "j-1", "service": "distill.sleep", "status": "failed",
+                                          "error": LONG_ERROR, "metrics": []})
         await pilot.pause()
         reason = screen.query_one("#job-error")
         assert reason.region.height == 5  # wrapped over a few rows
@@ -347,13 +340,9 @@ async def test_a_prior_job_says_why_it_has_no_codebooks_and_plots_bits() -> None
     assert curve_title(["train_recon", "val_recon"]) == "reconstruction loss per epoch"
     app = DistillApp("tcp://gpu-box:5555", connect=False)
     async with app.run_test(size=(80, 24)) as pilot:
-        await app.open_training("j-prior")
-        screen = app.screen
-        assert isinstance(screen, TrainingScreen)
-        screen.workers.cancel_group(screen, "history")  # no broker: the record is fed
         rows = [{"epoch": e, "train_bits": 5.0 - e / 4, "val_bits": 5.2 - e / 5} for e in (1, 2, 3)]
-        screen.apply_history({"id": "j-prior", "service": "distill.train.prior", "status": "running",
-                              "metrics": rows}, [])
+        screen = await fed_training(app, {"id": "j-prior", "service": "distill.train.prior",
+                                          "status": "running", "metrics": rows})
         await pilot.pause()
         heatmap = screen.query_one(CodebookHeatmap)
         assert "a prior has no codebooks of its own" in str(heatmap.render())
